@@ -1,0 +1,19 @@
+"""sketchfisher: circuit-level interference analysis of transformers.
+
+Per-sample Fisher contributions C_i = g_i ⊙ g_i (Stage 1) and head-resolved, Fisher-normalised
+interference scores between samples of two tasks (Stage 6), sliced by each architecture's QK-OV
+layout. See SEMANTICS.md for the normative formulas.
+"""
+
+from ._version import __version__
+from .compress import Exact
+from .errors import GradientError, InputError, LayoutError, SketchfisherError
+from .interference import InterferenceResult, ScoreConfig
+from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
+from .pipeline import analyze
+
+__all__ = [
+    "BLOCKS", "AttentionSpec", "Dims", "Exact", "GradientError", "HeadBlock", "HeadKey", "InputError",
+    "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "SketchfisherError", "__version__", "analyze",
+    "layout_for", "register_layout",
+]

@@ -1,0 +1,91 @@
+"""The slow, obviously-correct per-sample gradient oracle.
+
+One forward pass per batch, then one ``torch.autograd.grad`` call per sample's loss. It is the
+reference every fast path is tested against, and the engine behind ``sf.Exact()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import GradientError, InputError
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode (dropout off) and restore each one's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def check_losses(losses: Any, where: str) -> torch.Tensor:
+    """``loss_fn`` must return one finite loss per sample: a 1-D floating tensor ``[B]``."""
+    if not isinstance(losses, torch.Tensor):
+        raise InputError(f"loss_fn must return a torch.Tensor of shape [B], got {type(losses).__name__} ({where})")
+    if losses.ndim != 1 or losses.shape[0] == 0:
+        raise InputError(
+            f"loss_fn must return one loss per sample, shape [B] with B >= 1; got shape {tuple(losses.shape)} "
+            f"({where}). Use reduction='none' and reduce over tokens only."
+        )
+    if not losses.is_floating_point():
+        raise InputError(f"loss_fn must return a floating tensor, got dtype {losses.dtype} ({where})")
+    if not losses.requires_grad:
+        raise InputError(f"loss_fn's losses do not require grad ({where}); are the parameters frozen or is it under no_grad?")
+    bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+    if bad:
+        raise GradientError(f"loss_fn returned non-finite losses for batch positions {bad} ({where})")
+    return losses
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    param_names: Sequence[str],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield, per batch, ``{param_name: Tensor[B, *param.shape]}`` of per-sample gradients in fp32.
+
+    Gradients are of each sample's own loss ``loss_fn(model, batch)[b]``; the model runs in eval
+    mode. Parameters that the loss does not reach get exact zeros. NaN/inf raises
+    :class:`GradientError` naming the sample and parameter.
+    """
+    named = dict(model.named_parameters())
+    missing = [n for n in param_names if n not in named]
+    if missing:
+        raise InputError(f"parameters {missing[:3]} not found in {type(model).__name__}")
+    params = [named[n] for n in param_names]
+    frozen = [n for n, p in zip(param_names, params) if not p.requires_grad]
+    if frozen:
+        raise InputError(f"parameters {frozen[:3]} have requires_grad=False; unfreeze them or leave them out")
+    seen = 0
+    with eval_mode(model):
+        for batch_no, batch in enumerate(batches):
+            losses = check_losses(loss_fn(model, batch), f"batch {batch_no}")
+            out = {n: torch.empty((losses.shape[0], *p.shape), dtype=torch.float32, device=p.device)
+                   for n, p in zip(param_names, params)}
+            for b in range(losses.shape[0]):
+                grads = torch.autograd.grad(losses[b], params, retain_graph=b + 1 < losses.shape[0],
+                                            allow_unused=True)
+                for name, g in zip(param_names, grads):
+                    if g is None:
+                        out[name][b].zero_()
+                        continue
+                    if not torch.isfinite(g).all():
+                        raise GradientError(
+                            f"non-finite gradient for sample {seen + b} (batch {batch_no}, position {b}) "
+                            f"in {name!r}"
+                        )
+                    out[name][b].copy_(g)
+            seen += losses.shape[0]
+            yield out

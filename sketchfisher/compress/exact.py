@@ -1,0 +1,56 @@
+"""``sf.Exact()``: full-shape per-sample gradients of the layout's parameters. The reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..layout import Layout
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Keep every sample's full-shape gradient g_i (fp32). Memory grows as n × |θ_attn|: small models only."""
+
+    name = "exact"
+
+    def to_dict(self) -> dict:
+        return {"codec": self.name}
+
+
+@dataclass
+class ExactContributions:
+    """Stacked per-sample gradients ``{param_name: Tensor[n, *shape]}``; absent names are missing data."""
+
+    grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def append(self, batch: dict[str, torch.Tensor]) -> None:
+        for name, g in batch.items():
+            self.grads.setdefault(name, []).append(g)
+
+    def __len__(self) -> int:
+        if not self.grads:
+            return 0
+        return sum(g.shape[0] for g in next(iter(self.grads.values())))
+
+    def full(self, name: str) -> torch.Tensor:
+        """All samples' gradients of ``name``: ``[n, *shape]``."""
+        parts = self.grads[name]
+        if len(parts) > 1:
+            self.grads[name] = [torch.cat(parts)]
+        return self.grads[name][0]
+
+    def block(self, layout: Layout, layer: int, block: str) -> torch.Tensor | None:
+        """Per-sample gradients of the distinct head blocks: ``[n, H_b, S]``; None when not collected."""
+        name = layout.head_blocks(layer, block)[0].param_name
+        if name not in self.grads:
+            return None
+        return layout.gather(layer, block, self.full(name))
+
+    def nbytes_per_sample(self) -> int:
+        n = len(self)
+        if n == 0:
+            raise InputError("no samples collected")
+        return sum(self.full(name).nbytes for name in self.grads) // n

@@ -1,0 +1,167 @@
+"""QK-OV layout: which entries of which parameter belong to (layer, block, head).
+
+Conventions (SEMANTICS §3): a linear layer is ``y = x Wᵀ`` with ``W ∈ R^{out×in}``. A Q/K/V head
+owns a contiguous range of *output* rows, an O head a contiguous range of *input* columns.
+HF ``Conv1D`` stores ``Wᵀ``, so the storage axis flips while the logical role does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import LayoutError
+from .spec import Dims
+
+BLOCKS: tuple[str, ...] = ("Q", "K", "V", "O")
+Role = Literal["out", "in"]
+
+
+def block_index(block: str) -> int:
+    """Position of ``block`` in the score tensor's last axis (Q, K, V, O)."""
+    try:
+        return BLOCKS.index(block)
+    except ValueError:
+        raise LayoutError(f"block must be one of {BLOCKS}, got {block!r}") from None
+
+
+@dataclass(frozen=True, order=True)
+class HeadKey:
+    """A query head's block in one layer. For K/V under GQA several keys share one storage block."""
+
+    layer: int
+    block: str
+    head: int
+
+
+@dataclass(frozen=True)
+class HeadBlock:
+    """The entries of ``param_name`` that belong to one head block.
+
+    ``role="out"``: logical rows ``[start, stop)`` of ``W`` (Q/K/V); ``role="in"``: logical
+    columns (O). ``transposed`` marks Conv1D storage (``Wᵀ``).
+    """
+
+    key: HeadKey
+    param_name: str
+    param_shape: tuple[int, int]
+    role: Role
+    start: int
+    stop: int
+    transposed: bool = False
+
+    @property
+    def storage_axis(self) -> int:
+        """Axis of the stored weight that the head range indexes (0 rows, 1 columns)."""
+        logical = 0 if self.role == "out" else 1
+        return 1 - logical if self.transposed else logical
+
+    @property
+    def width(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def numel(self) -> int:
+        other = self.param_shape[1 - self.storage_axis]
+        return self.width * other
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """The head's entries of ``t``, shaped ``[..., *param_shape]`` (leading batch dims allowed).
+
+        Returns a view with the head axis narrowed; rank and other axes are unchanged.
+        """
+        if tuple(t.shape[-2:]) != self.param_shape:
+            raise LayoutError(
+                f"{self.key}: tensor of shape {tuple(t.shape)} does not end in the shape of "
+                f"{self.param_name} {self.param_shape}"
+            )
+        axis = t.ndim - 2 + self.storage_axis
+        return t.narrow(axis, self.start, self.width)
+
+    def select_bias(self, b: torch.Tensor) -> torch.Tensor:
+        """The head's entries of a bias shaped ``[..., out]``. The O bias is not head-attributable."""
+        if self.role != "out":
+            raise LayoutError(f"{self.key}: the O-projection bias is shared by all heads and has no head block")
+        out = self.param_shape[1] if self.transposed else self.param_shape[0]
+        if b.ndim == 0 or b.shape[-1] != out:
+            raise LayoutError(f"{self.key}: bias of shape {tuple(b.shape)} does not end in {out}")
+        return b.narrow(b.ndim - 1, self.start, self.width)
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """``select(t)`` flattened over the parameter axes: ``[..., numel]`` (storage order)."""
+        s = self.select(t)
+        return s.reshape(*s.shape[:-2], -1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved QK-OV layout of one model: head blocks for every (layer, block, head).
+
+    Built by :func:`sketchfisher.layout_for`; ``blocks[(layer, block)]`` holds the *distinct*
+    storage blocks (H for Q/O, H_kv for K/V) and ``head_index(block)`` maps query heads onto them.
+    """
+
+    model_type: str
+    dims: Dims
+    blocks: dict
+    params: tuple[str, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return self.dims.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.dims.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.dims.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dims.head_dim
+
+    def _check(self, layer: int, block: str, head: int | None = None) -> None:
+        block_index(block)
+        if not 0 <= layer < self.num_layers:
+            raise LayoutError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if head is not None and not 0 <= head < self.num_heads:
+            raise LayoutError(f"head must be in [0, {self.num_heads}), got {head}")
+
+    def head_blocks(self, layer: int, block: str) -> tuple[HeadBlock, ...]:
+        """The distinct storage blocks of (layer, block): H for Q/O, H_kv for K/V."""
+        self._check(layer, block)
+        return self.blocks[(layer, block)]
+
+    def head_index(self, block: str) -> torch.Tensor:
+        """``LongTensor[H]``: query head → index into :meth:`head_blocks` (κ(h) for K/V)."""
+        heads = torch.arange(self.num_heads)
+        return heads // self.dims.group_size if block in ("K", "V") else heads
+
+    def head_block(self, layer: int, block: str, head: int) -> HeadBlock:
+        """The entries of query head ``head``'s ``block`` in ``layer`` (K/V: its kv head's block)."""
+        self._check(layer, block, head)
+        shared = self.blocks[(layer, block)][int(self.head_index(block)[head])]
+        return HeadBlock(HeadKey(layer, block, head), shared.param_name, shared.param_shape,
+                         shared.role, shared.start, shared.stop, shared.transposed)
+
+    def gather(self, layer: int, block: str, t: torch.Tensor) -> torch.Tensor:
+        """Stack the distinct head blocks of ``t`` (``[n, *param_shape]``) into ``[n, H_b, |S|]``."""
+        parts = [hb.flat(t) for hb in self.head_blocks(layer, block)]
+        return torch.stack(parts, dim=-2)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable description, stored beside every artifact for mismatch checks."""
+        d = self.dims
+        return {
+            "model_type": self.model_type,
+            "dims": [d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, d.hidden_size, d.v_head_dim],
+            "blocks": {
+                f"{layer}.{block}": [[hb.param_name, list(hb.param_shape), hb.role, hb.start, hb.stop, hb.transposed]
+                                     for hb in hbs]
+                for (layer, block), hbs in sorted(self.blocks.items(), key=lambda kv: (kv[0][0], block_index(kv[0][1])))
+            },
+        }

@@ -1,0 +1,146 @@
+"""Registry of architecture layouts keyed by ``config.model_type`` and the resolver ``layout_for``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import LayoutError
+from .core import BLOCKS, HeadBlock, HeadKey, Layout
+from .spec import AttentionSpec, Dims
+
+_REGISTRY: dict[str, AttentionSpec] = {}
+
+HOW_TO_DECLARE = (
+    "declare it with sf.layout_for(model, spec=sf.AttentionSpec(layer='blocks.{layer}.attn', q='q', k='k', "
+    "v='v', o='out'), dims=sf.Dims(...)) or register it once with sf.register_layout('<model_type>', spec)"
+)
+
+
+def register_layout(model_types: str | tuple[str, ...], spec: AttentionSpec, *, overwrite: bool = False) -> None:
+    """Declare the attention layout of one or more ``config.model_type`` values."""
+    if not isinstance(spec, AttentionSpec):
+        raise LayoutError(f"register_layout needs an AttentionSpec, got {type(spec).__name__}")
+    for model_type in (model_types,) if isinstance(model_types, str) else model_types:
+        if model_type in _REGISTRY and not overwrite and _REGISTRY[model_type] != spec:
+            raise LayoutError(f"a layout for model_type {model_type!r} is already registered; pass overwrite=True")
+        _REGISTRY[model_type] = spec
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """Name prefix of the HF base model inside its task wrapper ('' for a bare base model)."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return ""
+    for name, module in model.named_modules():
+        if module is base:
+            return name + "."
+    raise LayoutError(f"{type(model).__name__}.base_model is not a submodule of the model")
+
+
+def _qkv_ranges(spec: AttentionSpec, dims: Dims, block: str, kv: int, head: int) -> tuple[str, int, int]:
+    """(module name, start, stop) of a Q/K/V head block in logical output rows."""
+    dk, dv, H, Hkv = dims.head_dim, dims.v_head_dim, dims.num_heads, dims.num_kv_heads
+    if not spec.fused:
+        name = {"Q": spec.q, "K": spec.k, "V": spec.v}[block]
+        start = head * dk if block == "Q" else kv * (dk if block == "K" else dv)
+        return name, start, start + (dv if block == "V" else dk)
+    if spec.qkv_style == "blocked":
+        start = {"Q": head * dk, "K": H * dk + kv * dk, "V": H * dk + Hkv * dk + kv * dv}[block]
+    else:  # interleaved [q_h | k_h | v_h] per kv head; only meaningful without GQA
+        if H != Hkv:
+            raise LayoutError(f"interleaved fused QKV needs num_kv_heads == num_heads, got {Hkv} and {H}")
+        group = 2 * dk + dv
+        start = {"Q": head * group, "K": kv * group + dk, "V": kv * group + 2 * dk}[block]
+    return spec.qkv, start, start + (dv if block == "V" else dk)
+
+
+def _expected_shapes(spec: AttentionSpec, dims: Dims) -> dict[str, tuple[int, int]]:
+    """Logical (out, in) shape of each projection module the spec names."""
+    D, H, Hkv, dk, dv = dims.hidden_size, dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.v_head_dim
+    shapes = {spec.o: (D, H * dv)}
+    if spec.fused:
+        shapes[spec.qkv] = (H * dk + Hkv * (dk + dv), D)
+    else:
+        shapes.update({spec.q: (H * dk, D), spec.k: (Hkv * dk, D), spec.v: (Hkv * dv, D)})
+    return shapes
+
+
+def build_layout(model: nn.Module, spec: AttentionSpec, dims: Dims, model_type: str) -> Layout:
+    """Resolve ``spec`` against ``model``'s parameters and validate every shape once."""
+    params = dict(model.named_parameters())
+    prefix = _base_prefix(model)
+    expected = _expected_shapes(spec, dims)
+    blocks: dict[tuple[int, str], tuple[HeadBlock, ...]] = {}
+    names: list[str] = []
+    for layer in range(dims.num_layers):
+        base = prefix + spec.layer.format(layer=layer) + "."
+        resolved = {}
+        for module, (out_f, in_f) in expected.items():
+            pname = base + module + ".weight"
+            if pname not in params:
+                near = [n for n in params if n.endswith(module + ".weight")][:3]
+                raise LayoutError(
+                    f"{model_type} layout: parameter {pname!r} not found in {type(model).__name__} "
+                    f"(parameters ending like it: {near or 'none'}); {HOW_TO_DECLARE}"
+                )
+            want = (in_f, out_f) if spec.weight_format == "conv1d" else (out_f, in_f)
+            got = tuple(params[pname].shape)
+            if got != want:
+                raise LayoutError(
+                    f"{model_type} layout: {pname!r} has shape {got}, expected {want} from "
+                    f"hidden={dims.hidden_size}, heads={dims.num_heads}, kv_heads={dims.num_kv_heads}, "
+                    f"head_dim={dims.head_dim} ({spec.weight_format} storage)"
+                )
+            resolved[module] = (pname, got)
+            if pname not in names:
+                names.append(pname)
+        transposed = spec.weight_format == "conv1d"
+        for block in BLOCKS:
+            count = dims.num_kv_heads if block in ("K", "V") else dims.num_heads
+            hbs = []
+            for idx in range(count):
+                head = idx * dims.group_size if block in ("K", "V") else idx
+                if block == "O":
+                    module, start, stop, role = spec.o, idx * dims.v_head_dim, (idx + 1) * dims.v_head_dim, "in"
+                else:
+                    (module, start, stop), role = _qkv_ranges(spec, dims, block, idx, head), "out"
+                pname, shape = resolved[module]
+                hbs.append(HeadBlock(HeadKey(layer, block, head), pname, shape, role, start, stop, transposed))
+            blocks[(layer, block)] = tuple(hbs)
+    return Layout(model_type=model_type, dims=dims, blocks=blocks, params=tuple(names))
+
+
+def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Optional[Dims] = None) -> Layout:
+    """The validated QK-OV layout of ``model``.
+
+    Dispatches on ``model.config.model_type`` unless ``spec`` is given; head counts come from
+    ``model.config`` unless ``dims`` is given. Raises :class:`LayoutError` for an unknown type or
+    weights that do not match the declared geometry.
+    """
+    from . import archs  # noqa: F401  (registers the built-in architectures)
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    if spec is None:
+        if model_type not in _REGISTRY:
+            raise LayoutError(
+                f"no QK-OV layout for model_type {model_type!r} ({type(model).__name__}); supported: "
+                f"{', '.join(supported_model_types())}; {HOW_TO_DECLARE}"
+            )
+        spec = _REGISTRY[model_type]
+    if dims is None:
+        if config is None:
+            raise LayoutError(f"{type(model).__name__} has no .config; pass dims=sf.Dims(...) to layout_for")
+        dims = Dims.from_config(config)
+    if not isinstance(model, nn.Module):
+        raise LayoutError(f"layout_for needs a torch.nn.Module, got {type(model).__name__}")
+    return build_layout(model, spec, dims, model_type)
+
+

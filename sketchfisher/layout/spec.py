@@ -1,0 +1,120 @@
+"""Declarative description of where an architecture keeps its attention projections.
+
+An :class:`AttentionSpec` names the Q/K/V/O modules of one layer, relative to the base model
+(``GPT2Model``, ``LlamaModel``, ``BertModel``, ...), and says how heads are arranged inside them.
+:class:`Dims` holds the head counts. Neither looks at weights; :func:`sketchfisher.layout_for`
+combines them with a model and validates the result against the real parameter shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from ..errors import LayoutError
+
+QKVStyle = Literal["blocked", "interleaved"]
+WeightFormat = Literal["linear", "conv1d"]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where one layer's attention projections live.
+
+    Attributes
+    ----------
+    layer:
+        Format string for a layer's attention module path relative to the base model,
+        with ``{layer}`` for the layer index, e.g. ``"layers.{layer}.self_attn"``.
+    q, k, v:
+        Names of separate Q/K/V projections under ``layer`` (Llama, BERT). Leave ``None`` when
+        ``qkv`` names a fused projection.
+    qkv:
+        Name of a fused projection. ``qkv_style="blocked"`` stores rows
+        ``[Q heads | K kv-heads | V kv-heads]`` (GPT-2, Phi-3); ``"interleaved"`` groups rows per
+        head ``[q_h | k_h | v_h]`` (GPT-NeoX/Pythia, BLOOM).
+    o:
+        Name of the output projection; a head owns *input* columns ``[h·d_v, (h+1)·d_v)``.
+    weight_format:
+        ``"linear"`` for ``W ∈ R^{out×in}`` (``nn.Linear``), ``"conv1d"`` for HF ``Conv1D`` which
+        stores ``Wᵀ`` (``[in, out]``).
+    """
+
+    layer: str
+    o: str
+    q: Optional[str] = None
+    k: Optional[str] = None
+    v: Optional[str] = None
+    qkv: Optional[str] = None
+    qkv_style: QKVStyle = "blocked"
+    weight_format: WeightFormat = "linear"
+
+    def __post_init__(self) -> None:
+        split = (self.q, self.k, self.v)
+        if self.qkv is None and any(s is None for s in split):
+            raise LayoutError(
+                f"AttentionSpec needs either qkv=<fused module> or all of q, k, v; got q={self.q!r}, "
+                f"k={self.k!r}, v={self.v!r}, qkv=None"
+            )
+        if self.qkv is not None and any(s is not None for s in split):
+            raise LayoutError(
+                f"AttentionSpec takes qkv={self.qkv!r} or q/k/v, not both; got q={self.q!r}, k={self.k!r}, v={self.v!r}"
+            )
+        if "{layer}" not in self.layer:
+            raise LayoutError(f"AttentionSpec.layer must contain '{{layer}}', got {self.layer!r}")
+        if self.qkv_style not in ("blocked", "interleaved"):
+            raise LayoutError(f"AttentionSpec.qkv_style must be 'blocked' or 'interleaved', got {self.qkv_style!r}")
+        if self.weight_format not in ("linear", "conv1d"):
+            raise LayoutError(f"AttentionSpec.weight_format must be 'linear' or 'conv1d', got {self.weight_format!r}")
+
+    @property
+    def fused(self) -> bool:
+        return self.qkv is not None
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Head geometry of an attention stack. ``num_kv_heads`` < ``num_heads`` means GQA/MQA."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    v_head_dim: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"Dims.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise LayoutError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.v_head_dim is None:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head: κ(h) = h // group_size."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Dims":
+        """Read head counts from an HF-style config: ``config.head_dim`` when set, else hidden/H."""
+        try:
+            layers = int(config.num_hidden_layers)
+            heads = int(config.num_attention_heads)
+            hidden = int(config.hidden_size)
+        except AttributeError as exc:
+            raise LayoutError(
+                f"config of type {type(config).__name__} lacks {exc.name!r}; pass dims=sf.Dims(...) explicitly"
+            ) from None
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise LayoutError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+            head_dim = hidden // heads
+        return cls(num_layers=layers, num_heads=heads, num_kv_heads=int(kv), head_dim=int(head_dim), hidden_size=hidden)

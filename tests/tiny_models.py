@@ -1,0 +1,72 @@
+"""Tiny randomly initialised HF models of every covered architecture, and a generic per-sample loss."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+import transformers as hf
+
+VOCAB = 64
+
+# name -> (config class, base class, wrapper class, config kwargs)
+ARCHS = {
+    "gpt2": (hf.GPT2Config, hf.GPT2Model, hf.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4)),
+    "llama_gqa": (hf.LlamaConfig, hf.LlamaModel, hf.LlamaForCausalLM,
+                  dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                       intermediate_size=48)),
+    "mistral_mqa": (hf.MistralConfig, hf.MistralModel, hf.MistralForCausalLM,
+                    dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                         intermediate_size=48)),
+    "qwen2_headdim": (hf.Qwen2Config, hf.Qwen2Model, hf.Qwen2ForCausalLM,
+                      dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=12, intermediate_size=48)),
+    "bert": (hf.BertConfig, hf.BertModel, hf.BertForMaskedLM,
+             dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)),
+    "roberta": (hf.RobertaConfig, hf.RobertaModel, hf.RobertaForMaskedLM,
+                dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     pad_token_id=1, max_position_embeddings=40)),
+    "gpt_neox": (hf.GPTNeoXConfig, hf.GPTNeoXModel, hf.GPTNeoXForCausalLM,
+                 dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)),
+    "phi3_fused_gqa": (hf.Phi3Config, hf.Phi3Model, hf.Phi3ForCausalLM,
+                       dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                            intermediate_size=48, pad_token_id=0)),
+    "bloom": (hf.BloomConfig, hf.BloomModel, hf.BloomForCausalLM, dict(hidden_size=32, n_layer=2, n_head=4)),
+}
+
+
+def make_model(arch: str, wrapper: bool = False, seed: int = 0) -> torch.nn.Module:
+    cfg_cls, base_cls, wrap_cls, kw = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = cfg_cls(vocab_size=VOCAB, **kw)
+    for key in ("bos_token_id", "eos_token_id"):
+        if getattr(config, key, None) is not None:
+            setattr(config, key, 0)
+    model = (wrap_cls if wrapper else base_cls)(config)
+    return model.float().eval()
+
+
+def make_batches(n: int, batch_size: int, seed: int = 0, min_len: int = 4, max_len: int = 9) -> list[dict]:
+    """Right-padded token batches with varying lengths (pad id 2; masked out)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for lo in range(0, n, batch_size):
+        b = min(batch_size, n - lo)
+        lengths = torch.randint(min_len, max_len + 1, (b,), generator=g)
+        ids = torch.randint(3, VOCAB, (b, max_len), generator=g)
+        mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+        batches.append({"input_ids": torch.where(mask.bool(), ids, torch.full_like(ids, 2)), "attention_mask": mask})
+    return batches
+
+
+def generic_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """A per-sample loss that depends on every head: masked mean over tokens of a fixed quadratic form."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    h = out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+    g = torch.Generator().manual_seed(123)
+    u = torch.randn(h.shape[-1], generator=g).to(h)
+    m = batch["attention_mask"].to(h.dtype)
+    per_token = (h @ u) ** 2 + (h @ u)
+    return (per_token * m).sum(1) / m.sum(1)
