@@ -1,0 +1,76 @@
+"""Bad input raises a clear error naming what was expected and found."""
+
+import pytest
+import torch
+
+import sketchfisher as sf
+from tiny_models import generic_loss, make_batches, make_model
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity whose backward turns any non-zero incoming gradient into inf."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.where(g != 0, torch.full_like(g, float("inf")), g)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("gpt2")
+
+
+def test_loss_fn_must_return_per_sample_losses(model):
+    batches = make_batches(2, 2)
+    with pytest.raises(sf.InputError, match=r"one loss per sample, shape \[B\].*got shape \(\)"):
+        sf.analyze(model, lambda m, b: generic_loss(m, b).mean(), batches, batches)
+    with pytest.raises(sf.InputError, match=r"got shape \(2, 1\)"):
+        sf.analyze(model, lambda m, b: generic_loss(m, b)[:, None], batches, batches)
+    with pytest.raises(sf.InputError, match="must return a torch.Tensor"):
+        sf.analyze(model, lambda m, b: 1.0, batches, batches)
+
+
+def test_nan_loss_and_gradients_are_reported(model):
+    batches = make_batches(3, 3)
+
+    def nan_loss(m, b):
+        loss = generic_loss(m, b)
+        return loss * torch.tensor([1.0, float("nan"), 1.0])
+
+    with pytest.raises(sf.GradientError, match=r"non-finite losses for batch positions \[1\]"):
+        sf.analyze(model, nan_loss, batches, batches)
+
+    def inf_grad_loss(m, b):
+        loss = generic_loss(m, b)
+        w = m.h[0].attn.c_attn.weight
+        return loss + torch.stack([w.sum() * 0, w.sum() * 0, InfGrad.apply(w.sum() * 0)])
+
+    with pytest.raises(sf.GradientError, match=r"non-finite gradient for sample 2 .*h.0.attn.c_attn.weight"):
+        sf.analyze(model, inf_grad_loss, batches, batches)
+
+
+def test_bad_options(model):
+    batches = make_batches(2, 2)
+    with pytest.raises(sf.InputError, match="variant must be one of"):
+        sf.analyze(model, generic_loss, batches, batches, variant="fancy")
+    with pytest.raises(sf.InputError, match="normalizer must be one of"):
+        sf.analyze(model, generic_loss, batches, batches, normalizer="b")
+    with pytest.raises(sf.InputError, match="eps must be a finite number"):
+        sf.analyze(model, generic_loss, batches, batches, eps=-1.0)
+    with pytest.raises(sf.InputError, match="codec must be one of"):
+        sf.analyze(model, generic_loss, batches, batches, codec="exact")
+
+
+def test_empty_task(model):
+    with pytest.raises(sf.InputError, match="yielded no samples"):
+        sf.analyze(model, generic_loss, [], make_batches(2, 2))
+
+
+def test_unsupported_architecture_in_analyze():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(sf.LayoutError, match="no QK-OV layout"):
+        sf.analyze(model, lambda m, b: m(b).sum(-1), [torch.zeros(2, 3)], [torch.zeros(2, 3)])

@@ -1,0 +1,182 @@
+"""Exact pipeline: scores equal a direct per-pair computation from the oracle's gradients."""
+
+import math
+
+import pytest
+import torch
+
+import sketchfisher as sf
+from sketchfisher.capture import per_sample_gradients
+from tiny_models import generic_loss, make_batches, make_model
+
+EPS = 1e-10
+
+
+def oracle(model, layout, batches):
+    """Per-sample full gradients of the layout's parameters, as a list of dicts (fp64)."""
+    out = []
+    for grads in per_sample_gradients(model, generic_loss, batches, layout.params):
+        n = next(iter(grads.values())).shape[0]
+        out += [{k: v[b].double() for k, v in grads.items()} for b in range(n)]
+    return out
+
+
+def direct_score(gi, gj, fisher, variant):
+    """One (i, j) score over one head block by the formula, in fp64."""
+    denom = fisher + EPS
+    if variant == "paper":
+        return float((gi * gi / denom * gj.abs()).sum())
+    if variant == "signed":
+        return float((gi * gj / denom).sum())
+    return float((gi.abs() * gj.abs() / denom).sum())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa", "bert"])
+@pytest.mark.parametrize("variant,normalizer", [("paper", "a"), ("paper", "pooled"), ("signed", "a"),
+                                                ("symmetric", "pooled")])
+def test_exact_scores_equal_direct_per_pair(arch, variant, normalizer):
+    model = make_model(arch)
+    layout = sf.layout_for(model)
+    ta, tb = make_batches(5, 2, seed=1), make_batches(4, 3, seed=2)
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Exact(), variant=variant, normalizer=normalizer)
+    ga, gb = oracle(model, layout, ta), oracle(model, layout, tb)
+    pool = ga + gb if normalizer == "pooled" else ga
+    assert res.scores.shape == (5, 4, layout.num_layers, layout.num_heads, 4)
+    for layer in range(layout.num_layers):
+        for b, block in enumerate(sf.BLOCKS):
+            for h in range(layout.num_heads):
+                hb = layout.head_block(layer, block, h)
+                fisher = hb.select(torch.stack([g[hb.param_name] ** 2 for g in pool]).mean(0))
+                for i in range(5):
+                    for j in range(4):
+                        want = direct_score(hb.select(ga[i][hb.param_name]), hb.select(gb[j][hb.param_name]),
+                                            fisher, variant)
+                        got = float(res.scores[i, j, layer, h, b])
+                        assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-9 * abs(want) + 1e-12), \
+                            (hb.key, i, j, got, want)
+
+
+@pytest.fixture(scope="module")
+def llama_setup():
+    model = make_model("llama_gqa")
+    return model, make_batches(4, 2, seed=3), make_batches(3, 3, seed=4)
+
+
+def test_kv_scores_shared_by_query_heads_of_a_group(llama_setup):
+    model, ta, tb = llama_setup
+    s = sf.analyze(model, generic_loss, ta, tb).scores
+    for b in (1, 2):  # K, V
+        assert torch.equal(s[..., 0:4, b], s[..., 0:1, b].expand_as(s[..., 0:4, b]))
+    assert not torch.equal(s[..., 0, 0], s[..., 1, 0])  # Q heads differ
+
+
+def test_head_additivity(llama_setup):
+    """Σ over distinct head blocks equals the score over the whole projection slice."""
+    model, ta, tb = llama_setup
+    layout = sf.layout_for(model)
+    res = sf.analyze(model, generic_loss, ta, tb)
+    ga, gb = oracle(model, layout, ta), oracle(model, layout, tb)
+    for b, block in enumerate(sf.BLOCKS):
+        name = layout.head_block(0, block, 0).param_name
+        fisher = torch.stack([g[name] ** 2 for g in ga]).mean(0)
+        # unsliced: all entries of the projection at once
+        whole = torch.tensor([[direct_score(gi[name], gj[name], fisher, "paper") for gj in gb] for gi in ga])
+        heads = layout.head_index(block).unique(sorted=True)
+        first = [int((layout.head_index(block) == k).nonzero()[0]) for k in heads]
+        summed = res.scores[:, :, 0, first, b].sum(-1)
+        torch.testing.assert_close(summed, whole.to(summed.dtype), rtol=1e-6, atol=1e-12)
+
+
+def test_symmetric_variant_is_symmetric(llama_setup):
+    model, ta, _ = llama_setup
+    s = sf.analyze(model, generic_loss, ta, ta, variant="symmetric").scores
+    torch.testing.assert_close(s, s.transpose(0, 1), rtol=1e-12, atol=0)
+
+
+def test_pooled_symmetric_swaps_tasks(llama_setup):
+    model, ta, tb = llama_setup
+    ab = sf.analyze(model, generic_loss, ta, tb, variant="symmetric", normalizer="pooled").scores
+    ba = sf.analyze(model, generic_loss, tb, ta, variant="symmetric", normalizer="pooled").scores
+    torch.testing.assert_close(ab, ba.transpose(0, 1), rtol=1e-10, atol=0)
+
+
+def test_loss_scaling(llama_setup):
+    """Scaling task A's loss leaves C_i/Î unchanged; M is linear in task B's loss scale."""
+    model, ta, tb = llama_setup
+    base = sf.analyze(model, generic_loss, ta, tb).scores
+    a3 = sf.analyze(model, lambda m, b: 3.0 * generic_loss(m, b), ta, tb,
+                    normalizer="a").scores  # both sides scaled by 3 -> only the |g_j| factor scales
+    torch.testing.assert_close(a3, 3.0 * base, rtol=1e-5, atol=0)
+    ta_scaled = [dict(b, scale=5.0) for b in ta]
+
+    def loss(m, b):
+        return b.get("scale", 1.0) * generic_loss(m, {k: v for k, v in b.items() if k != "scale"})
+
+    torch.testing.assert_close(sf.analyze(model, loss, ta_scaled, tb).scores, base, rtol=1e-5, atol=0)
+    tb_scaled = [dict(b, scale=7.0) for b in tb]
+    torch.testing.assert_close(sf.analyze(model, loss, ta, tb_scaled).scores, 7.0 * base, rtol=1e-5, atol=0)
+
+
+def test_leave_one_out_normalizer(llama_setup):
+    model, ta, tb = llama_setup
+    layout = sf.layout_for(model)
+    res = sf.analyze(model, generic_loss, ta, tb, normalizer="loo")
+    ga, gb = oracle(model, layout, ta), oracle(model, layout, tb)
+    hb = layout.head_block(1, "V", 5)
+    for i in range(len(ga)):
+        others = [g for k, g in enumerate(ga) if k != i]
+        fisher = hb.select(torch.stack([g[hb.param_name] ** 2 for g in others]).mean(0))
+        want = direct_score(hb.select(ga[i][hb.param_name]), hb.select(gb[0][hb.param_name]), fisher, "paper")
+        assert math.isclose(float(res.scores[i, 0, 1, 5, 2]), want, rel_tol=1e-6)
+
+
+def test_ridge_relative_uses_block_median(llama_setup):
+    model, ta, tb = llama_setup
+    layout = sf.layout_for(model)
+    res = sf.analyze(model, generic_loss, ta, tb, ridge_rel=0.5, ridge_abs=1e-12)
+    ga, gb = oracle(model, layout, ta), oracle(model, layout, tb)
+    hb = layout.head_block(0, "Q", 3)
+    fisher = hb.select(torch.stack([g[hb.param_name] ** 2 for g in ga]).mean(0))
+    lam = max(1e-12, 0.5 * float(fisher.flatten().median()))
+    gi, gj = hb.select(ga[1][hb.param_name]), hb.select(gb[2][hb.param_name])
+    want = float((gi ** 2 / (fisher + EPS + lam) * gj.abs()).sum())
+    assert math.isclose(float(res.scores[1, 2, 0, 3, 0]), want, rel_tol=1e-6)
+
+
+def test_frozen_parameters_give_nan_not_zero(llama_setup):
+    model, ta, tb = llama_setup
+    layout = sf.layout_for(model)
+    p = dict(model.named_parameters())[layout.head_block(1, "O", 0).param_name]
+    p.requires_grad_(False)
+    try:
+        s = sf.analyze(model, generic_loss, ta, tb).scores
+    finally:
+        p.requires_grad_(True)
+    assert torch.isnan(s[:, :, 1, :, 3]).all()
+    assert torch.isfinite(s[:, :, 0]).all() and torch.isfinite(s[:, :, 1, :, :3]).all()
+
+
+def test_top_conflicts_is_tidy_and_sorted(llama_setup):
+    model, ta, tb = llama_setup
+    res = sf.analyze(model, generic_loss, ta, tb)
+    df = res.top_conflicts(10)
+    assert list(df.columns) == ["block", "layer", "head", "sample_i", "sample_j", "score", "stderr"]
+    assert len(df) == 10 and df["score"].is_monotonic_decreasing
+    row = df.iloc[0]
+    b = sf.BLOCKS.index(row["block"])
+    assert row["score"] == float(res.scores[row.sample_i, row.sample_j, row.layer, row["head"], b])
+    assert row["score"] == float(res.scores.nan_to_num(-1).max())
+    only_v = res.top_conflicts(3, block="V")
+    assert (only_v["block"] == "V").all()
+    signed = sf.analyze(model, generic_loss, ta, tb, variant="signed")
+    assert signed.top_conflicts(1)["score"].iloc[0] == float(signed.scores.min())
+
+
+def test_model_mode_restored(llama_setup):
+    model, ta, tb = llama_setup
+    model.train()
+    try:
+        sf.analyze(model, generic_loss, ta[:1], tb[:1])
+        assert model.training and all(m.training for m in model.modules())
+    finally:
+        model.eval()
