@@ -6,14 +6,14 @@ layout. See SEMANTICS.md for the normative formulas.
 """
 
 from ._version import __version__
-from .compress import Exact
+from .compress import Exact, Factors
 from .errors import GradientError, InputError, LayoutError, SketchfisherError
 from .interference import InterferenceResult, ScoreConfig
 from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
 from .pipeline import analyze
 
 __all__ = [
-    "BLOCKS", "AttentionSpec", "Dims", "Exact", "GradientError", "HeadBlock", "HeadKey", "InputError",
+    "BLOCKS", "AttentionSpec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock", "HeadKey", "InputError",
     "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "SketchfisherError", "__version__", "analyze",
     "layout_for", "register_layout",
 ]

@@ -48,22 +48,40 @@ def make_model(arch: str, wrapper: bool = False, seed: int = 0) -> torch.nn.Modu
     return model.float().eval()
 
 
-def make_batches(n: int, batch_size: int, seed: int = 0, min_len: int = 4, max_len: int = 9) -> list[dict]:
-    """Right-padded token batches with varying lengths (pad id 2; masked out)."""
+def make_samples(n: int, seed: int = 0, min_len: int = 4, max_len: int = 9) -> list[torch.Tensor]:
+    """n token sequences of random lengths."""
     g = torch.Generator().manual_seed(seed)
-    batches = []
-    for lo in range(0, n, batch_size):
-        b = min(batch_size, n - lo)
-        lengths = torch.randint(min_len, max_len + 1, (b,), generator=g)
-        ids = torch.randint(3, VOCAB, (b, max_len), generator=g)
-        mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
-        batches.append({"input_ids": torch.where(mask.bool(), ids, torch.full_like(ids, 2)), "attention_mask": mask})
-    return batches
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
+    return [torch.randint(3, VOCAB, (int(t),), generator=g) for t in lengths]
 
 
-def generic_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def pad_batch(samples: list[torch.Tensor], side: str = "right", extra: int = 0) -> dict:
+    """Pad sequences (pad id 2, masked out) to the longest plus ``extra``, on the given side."""
+    width = max(len(s) for s in samples) + extra
+    ids = torch.full((len(samples), width), 2, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for b, s in enumerate(samples):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[b, sl], mask[b, sl] = s, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def make_batches(n: int, batch_size: int, seed: int = 0, min_len: int = 4, max_len: int = 9,
+                 side: str = "right") -> list[dict]:
+    """Padded token batches with varying lengths."""
+    samples = make_samples(n, seed, min_len, max_len)
+    return [pad_batch(samples[lo:lo + batch_size], side) for lo in range(0, n, batch_size)]
+
+
+def positional_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """``generic_loss`` with position ids from the attention mask, so left padding is harmless."""
+    pos = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    return generic_loss(model, batch, position_ids=pos)
+
+
+def generic_loss(model: torch.nn.Module, batch: dict, **kw) -> torch.Tensor:
     """A per-sample loss that depends on every head: masked mean over tokens of a fixed quadratic form."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
     h = out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
     g = torch.Generator().manual_seed(123)
     u = torch.randn(h.shape[-1], generator=g).to(h)

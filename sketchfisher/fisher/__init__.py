@@ -1,5 +1,6 @@
 """Fisher estimators: per-task sufficient statistics of per-sample contributions C_i = g_i ⊙ g_i."""
 
-from .stats import TaskStats
+from .views import channel_view, head_view, param_view
+from .welford import EMAFisher, FisherStats, Welford
 
-__all__ = ["TaskStats"]
+__all__ = ["EMAFisher", "FisherStats", "Welford", "channel_view", "head_view", "param_view"]

@@ -89,6 +89,21 @@ class HeadBlock:
             raise LayoutError(f"{self.key}: bias of shape {tuple(b.shape)} does not end in {out}")
         return b.narrow(b.ndim - 1, self.start, self.width)
 
+    def select_factors(self, A: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slice token factors ``A [..., T, in]``, ``D [..., T, out]``: Q/K/V narrow D, O narrows A."""
+        if self.role == "out":
+            return A, D.narrow(-1, self.start, self.width)
+        return A.narrow(-1, self.start, self.width), D
+
+    def grad_from_factors(self, A: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        """This block of ``g = Dᵀ A`` in storage orientation, formed only for the block: ``[..., rows, cols]``.
+
+        Equals ``select(g_storage)``; for Conv1D (``transposed``) that is ``Aᵀ D`` restricted to the block.
+        """
+        A, D = self.select_factors(A, D)
+        left, right = (A, D) if self.transposed else (D, A)
+        return left.transpose(-1, -2).float() @ right.float()
+
     def flat(self, t: torch.Tensor) -> torch.Tensor:
         """``select(t)`` flattened over the parameter axes: ``[..., numel]`` (storage order)."""
         s = self.select(t)

@@ -1,0 +1,181 @@
+"""Batched capture of per-sample gradient factors with forward hooks.
+
+For a linear map ``y = x Wᵀ`` applied to tokens, sample i's weight gradient is
+``g_i = D_iᵀ A_i`` with ``A_i = x`` (inputs, ``[T, in]``) and ``D_i = ∂loss_i/∂y`` (``[T, out]``).
+One ordinary batched forward pass records every hooked module's inputs and outputs; one
+``torch.autograd.grad`` of ``Σ_b loss_b`` with respect to those outputs gives every sample's
+``D_i`` at once (samples are independent, so ∂(Σ_b loss_b)/∂y_i = ∂loss_i/∂y_i). No parameter
+``.grad`` is written and no weight gradient is formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import GradientError, InputError
+from .oracle import LossFn, check_losses
+
+
+def _conv1d_type() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return ()
+    return (Conv1D,)
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for HF ``Conv1D``, which stores ``Wᵀ`` (``[in, out]``)."""
+    return isinstance(module, _conv1d_type())
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` and HF ``Conv1D`` of the model, by module name.
+
+    A module whose weight is tied to another parameter (an LM head sharing the input embedding)
+    is left out: its gradient is not the module's factor product alone.
+    """
+    kinds = (nn.Linear, *_conv1d_type())
+    owned = dict(model.named_parameters())
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, kinds) and owned.get(name + ".weight") is m.weight}
+
+
+@dataclass
+class BatchFactors:
+    """Factors of one batch: per module ``A [B, T, in]`` and ``D [B, T, out]`` (fp32, padded rows zero)."""
+
+    losses: torch.Tensor
+    A: dict[str, torch.Tensor]
+    D: dict[str, torch.Tensor]
+    lengths: torch.Tensor  # real tokens per sample, [B]
+    transposed: dict[str, bool]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.losses.shape[0])
+
+    def grad(self, module: str) -> torch.Tensor:
+        """Per-sample weight gradients of one module in the weight's storage orientation ``[B, *weight.shape]``."""
+        a, d = self.A[module], self.D[module]
+        return torch.bmm(a.transpose(1, 2), d) if self.transposed[module] else torch.bmm(d.transpose(1, 2), a)
+
+
+def token_mask_of(batch: Any) -> Optional[torch.Tensor]:
+    """The batch's ``attention_mask`` (``[B, T]``) when it is a mapping that has one."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return batch["attention_mask"]
+    return None
+
+
+class FactorCapture:
+    """Context manager that hooks ``modules`` and yields per-sample factors for each batch.
+
+    Entering puts the model in eval mode and makes the hooked weights require grad; leaving
+    removes every hook and restores modes and ``requires_grad`` flags. It cannot be entered twice.
+    """
+
+    def __init__(self, model: nn.Module, modules: Iterable[str]):
+        self.model = model
+        named = dict(model.named_modules())
+        self.names = list(modules)
+        missing = [n for n in self.names if n not in named]
+        if missing:
+            raise InputError(f"modules {missing[:3]} not found in {type(model).__name__}")
+        self.modules = {n: named[n] for n in self.names}
+        bad = [n for n, m in self.modules.items() if getattr(m, "weight", None) is None or m.weight.ndim != 2]
+        if bad:
+            raise InputError(f"modules {bad[:3]} have no 2-D weight; only linear maps have gradient factors")
+        self._handles: list[Any] = []
+        self._active = False
+        self._records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def __enter__(self) -> "FactorCapture":
+        if self._active:
+            raise RuntimeError("FactorCapture is already active; it cannot be entered twice")
+        self._modes = [(m, m.training) for m in self.model.modules()]
+        self._flags = [(m.weight, m.weight.requires_grad) for m in self.modules.values()]
+        try:
+            self.model.eval()
+            for weight, _ in self._flags:
+                weight.requires_grad_(True)
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, training in getattr(self, "_modes", []):
+            module.training = training
+        for weight, flag in getattr(self, "_flags", []):
+            weight.requires_grad_(flag)
+        self._records.clear()
+        self._active = False
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled():
+                self._records.setdefault(name, []).append((args[0].detach(), output))
+        return hook
+
+    def run(self, loss_fn: LossFn, batch: Any, token_mask: Optional[torch.Tensor] = None) -> BatchFactors:
+        """Forward and backward one batch; return every sample's factors for every hooked module."""
+        if not self._active:
+            raise RuntimeError("FactorCapture.run must be called inside 'with FactorCapture(...)'")
+        self._records.clear()
+        try:
+            losses = check_losses(loss_fn(self.model, batch), "FactorCapture.run")
+            B = losses.shape[0]
+            calls = [(name, x, y) for name in self.names for x, y in self._records.get(name, [])]
+            absent = [n for n in self.names if n not in self._records]
+            if absent:
+                raise InputError(f"modules {absent[:3]} were not called by loss_fn's forward pass")
+            grads = torch.autograd.grad(losses.sum(), [y for _, _, y in calls], allow_unused=True)
+        finally:
+            self._records.clear()
+        mask = token_mask if token_mask is not None else token_mask_of(batch)
+        A: dict[str, list[torch.Tensor]] = {}
+        D: dict[str, list[torch.Tensor]] = {}
+        for (name, x, y), dy in zip(calls, grads):
+            dy = torch.zeros_like(y) if dy is None else dy
+            a, d = _tokens(x, B, name), _tokens(dy.detach(), B, name)
+            if mask is not None and a.shape[1] == mask.shape[1]:
+                keep = mask.to(device=a.device, dtype=torch.float32)[:, :, None]
+                a, d = a * keep, d * keep
+            A.setdefault(name, []).append(a)
+            D.setdefault(name, []).append(d)
+        out_a = {n: torch.cat(v, dim=1) for n, v in A.items()}  # several calls: more tokens
+        out_d = {n: torch.cat(v, dim=1) for n, v in D.items()}
+        for name, d in out_d.items():
+            bad = (~torch.isfinite(d).all(dim=(1, 2))) | (~torch.isfinite(out_a[name]).all(dim=(1, 2)))
+            if bad.any():
+                raise GradientError(f"non-finite factors in {name!r} for batch positions {bad.nonzero().flatten().tolist()}")
+        if mask is not None:
+            lengths = mask.sum(1).to(torch.long).cpu()
+        else:
+            lengths = torch.full((B,), next(iter(out_a.values())).shape[1], dtype=torch.long)
+        return BatchFactors(losses=losses.detach(), A=out_a, D=out_d, lengths=lengths,
+                            transposed={n: is_transposed(m) for n, m in self.modules.items()})
+
+
+def _tokens(t: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+    """Reshape a module input/output-grad to ``[B, T, features]`` in fp32 (``[B, f]`` becomes T = 1)."""
+    if t.ndim < 2 or t.shape[0] != batch_size:
+        raise InputError(
+            f"module {name!r} saw a tensor of shape {tuple(t.shape)}; expected batch-first [B={batch_size}, ..., features]"
+        )
+    return t.reshape(batch_size, -1, t.shape[-1]).float()

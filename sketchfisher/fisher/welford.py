@@ -1,0 +1,150 @@
+"""Per-task Fisher statistics over full-shape parameters (SEMANTICS §2).
+
+For each parameter, over the task's samples: the Welford state of ``C_i = g_i²`` (count, mean, M2),
+and ``Σ_i |g_i|`` (pass-1 statistic used for sketch balancing). ``Î = mean``; the variance of
+``C`` across samples is ``M2 / (n − 1)``. Batches enter as a whole (batch mean and M2) and are
+merged with Chan et al.'s exact pairwise formula, so shards, batch sizes and resumption give the
+same state up to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..layout import Layout
+
+
+@dataclass
+class Welford:
+    """Elementwise (count, mean, M2) of a stream of equally shaped tensors."""
+
+    count: int = 0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
+        """Add a batch ``x [B, *shape]``."""
+        x = x.to(dtype)
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean = x.mean(0)
+        m2 = (x - mean).square().sum(0)
+        self._merge(n, mean, m2)
+
+    def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean.clone(), m2.clone()
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def merged(self, other: "Welford") -> "Welford":
+        out = Welford(self.count, None if self.mean is None else self.mean.clone(),
+                      None if self.m2 is None else self.m2.clone())
+        if other.count:
+            out._merge(other.count, other.mean, other.m2)
+        return out
+
+    def variance(self) -> torch.Tensor:
+        """Unbiased variance across samples, ``M2 / (n − 1)``."""
+        if self.count < 2:
+            raise InputError(f"variance needs at least 2 samples, have {self.count}")
+        return self.m2 / (self.count - 1)
+
+
+@dataclass
+class FisherStats:
+    """Pass-1 statistics of one task: per parameter Welford state of g² and Σ|g|, full shape."""
+
+    dtype: torch.dtype = torch.float64
+    welford: dict[str, Welford] = field(default_factory=dict)
+    sum_abs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        counts = {w.count for w in self.welford.values()}
+        if len(counts) > 1:
+            raise InputError(f"parameters saw different sample counts: {sorted(counts)}")
+        return counts.pop() if counts else 0
+
+    def update(self, grads: dict[str, torch.Tensor]) -> None:
+        """Add per-sample gradients ``{name: Tensor[B, *shape]}`` (storage orientation)."""
+        sizes = {g.shape[0] for g in grads.values()}
+        if len(sizes) != 1:
+            raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
+        for name, g in grads.items():
+            self.welford.setdefault(name, Welford()).update(g.to(self.dtype).square(), self.dtype)
+            a = g.to(self.dtype).abs().sum(0)
+            self.sum_abs[name] = self.sum_abs[name] + a if name in self.sum_abs else a
+
+    def merge(self, other: "FisherStats") -> "FisherStats":
+        """Statistics of the union of both sample sets (exact)."""
+        if set(self.welford) != set(other.welford):
+            raise InputError("cannot merge FisherStats over different parameter sets")
+        return FisherStats(self.dtype, {n: w.merged(other.welford[n]) for n, w in self.welford.items()},
+                           {n: self.sum_abs[n] + other.sum_abs[n] for n in self.sum_abs})
+
+    def names(self) -> list[str]:
+        return list(self.welford)
+
+    def fisher(self, name: str) -> torch.Tensor:
+        """Î = (1/n) Σ_i g_i² for one parameter, full shape."""
+        w = self.welford.get(name)
+        if w is None or w.count == 0:
+            raise InputError(f"no statistics for {name!r} (0 samples)")
+        return w.mean
+
+    def sum_sq(self, name: str) -> torch.Tensor:
+        return self.fisher(name) * self.welford[name].count
+
+    def mean_abs(self, name: str) -> torch.Tensor:
+        return self.sum_abs[name] / self.welford[name].count
+
+    def fisher_block(self, layout: Layout, layer: int, block: str) -> torch.Tensor | None:
+        """Î over the distinct head blocks of (layer, block): ``[H_b, S]``; None if not collected."""
+        name = layout.head_blocks(layer, block)[0].param_name
+        if name not in self.welford:
+            return None
+        return layout.gather(layer, block, self.fisher(name).unsqueeze(0))[0]
+
+
+@dataclass
+class EMAFisher:
+    """Exponential moving average ``F_t = β F_{t−1} + (1−β) C_t`` with ``F_0 = 0``.
+
+    :meth:`value` is the bias-corrected ``F̂_t = F_t / (1 − β^t)``; a constant stream returns the
+    constant at every step.
+    """
+
+    beta: float = 0.99
+    steps: int = 0
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta < 1.0:
+            raise InputError(f"EMAFisher.beta must be in [0, 1), got {self.beta!r}")
+
+    def update(self, grads: dict[str, torch.Tensor]) -> None:
+        """Add per-sample gradients ``{name: Tensor[B, *shape]}``: B steps in batch order."""
+        sizes = {g.shape[0] for g in grads.values()}
+        if len(sizes) != 1:
+            raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
+        for name, g in grads.items():
+            f = self.state.get(name)
+            f = torch.zeros(g.shape[1:], dtype=torch.float64, device=g.device) if f is None else f
+            for c in g.to(torch.float64).square():
+                f = self.beta * f + (1.0 - self.beta) * c
+            self.state[name] = f
+        self.steps += sizes.pop()
+
+    def value(self, name: str) -> torch.Tensor:
+        if self.steps == 0:
+            raise InputError("EMAFisher has seen no samples")
+        return self.state[name] / (1.0 - self.beta ** self.steps)
