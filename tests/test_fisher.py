@@ -1,0 +1,152 @@
+"""Fisher accumulators: Welford merge, EMA bias correction, group views, pass-1 statistics from factors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sketchfisher as sf
+from sketchfisher.capture import FactorCapture, per_sample_gradients
+from sketchfisher.collect import collect
+from sketchfisher.fisher import EMAFisher, FisherStats, Welford, channel_view, head_view, param_view
+from tiny_models import generic_loss, make_batches, make_model
+
+
+def test_welford_shards_merge_to_one_pass():
+    x = torch.randn(37, 5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 2
+    one = Welford()
+    one.update(x)
+    shards = [Welford() for _ in range(3)]
+    for w, part in zip(shards, (x[:1], x[1:20], x[20:])):
+        for chunk in part.split(4):
+            w.update(chunk)
+    merged = shards[0].merged(shards[1]).merged(shards[2])
+    assert merged.count == one.count == 37
+    torch.testing.assert_close(merged.mean, x.mean(0))
+    torch.testing.assert_close(merged.m2, one.m2)
+    torch.testing.assert_close(merged.variance(), x.var(0, unbiased=True))
+
+
+def test_ema_constant_stream_returns_constant_every_step():
+    ema = EMAFisher(beta=0.9)
+    g = torch.full((1, 2, 3), 3.0)  # C = 9
+    for step in range(1, 6):
+        ema.update({"w": g})
+        torch.testing.assert_close(ema.value("w"), torch.full((2, 3), 9.0, dtype=torch.float64))
+        assert ema.steps == step
+    with pytest.raises(sf.InputError, match=r"beta must be in \[0, 1\)"):
+        EMAFisher(beta=1.0)
+
+
+def test_ema_matches_recursion():
+    cs = torch.rand(6, 4, dtype=torch.float64)
+    ema = EMAFisher(beta=0.7)
+    ema.update({"w": cs.sqrt()[:2]})
+    ema.update({"w": cs.sqrt()[2:]})
+    f = torch.zeros(4, dtype=torch.float64)
+    for c in cs:
+        f = 0.7 * f + 0.3 * c
+    torch.testing.assert_close(ema.value("w"), f / (1 - 0.7 ** 6))
+
+
+@pytest.fixture(scope="module")
+def gpt2_stats():
+    model = make_model("gpt2")
+    layout = sf.layout_for(model)
+    batches = make_batches(7, 3, seed=9)
+    _, stats = collect(model, generic_loss, batches, layout, sf.Factors(), modules="all")
+    oracle = {}
+    names = stats.names()
+    for part in per_sample_gradients(model, generic_loss, batches, names):
+        for n, g in part.items():
+            oracle.setdefault(n, []).append(g.double())
+    return model, layout, stats, {n: torch.cat(v) for n, v in oracle.items()}
+
+
+def test_pass1_statistics_from_factors_equal_oracle(gpt2_stats):
+    model, layout, stats, oracle = gpt2_stats
+    assert any(".mlp." in n for n in stats.names())  # modules="all" covers MLP weights
+    assert stats.count == 7
+    for n, g in oracle.items():
+        scale = float(g.square().mean(0).abs().max())
+        torch.testing.assert_close(stats.fisher(n), g.square().mean(0), rtol=1e-5, atol=1e-7 * scale)
+        torch.testing.assert_close(stats.mean_abs(n), g.abs().mean(0), rtol=1e-5, atol=1e-7 * float(g.abs().max()))
+        w = stats.welford[n]
+        torch.testing.assert_close(w.variance(), g.square().var(0), rtol=1e-4, atol=1e-7 * scale ** 2)
+
+
+def test_group_views_sum_the_right_entries(gpt2_stats):
+    model, layout, stats, oracle = gpt2_stats
+    heads = head_view(layout, stats.fisher)
+    fisher = {n: g.square().mean(0) for n, g in oracle.items()}
+    c_attn = fisher["h.1.attn.c_attn.weight"]  # Conv1D [in, out]: head h's Q = columns h*8:(h+1)*8
+    torch.testing.assert_close(heads[1, 2, 0], c_attn[:, 16:24].sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(heads[1, 2, 2], c_attn[:, 64 + 16:64 + 24].sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(heads[1, 3, 3], fisher["h.1.attn.c_proj.weight"][24:32].sum(), rtol=1e-5, atol=0)
+    # all four blocks together cover the two attention weights exactly once
+    total = fisher["h.1.attn.c_attn.weight"].sum() + fisher["h.1.attn.c_proj.weight"].sum()
+    torch.testing.assert_close(heads[1].sum(), total, rtol=1e-5, atol=0)
+    w = torch.arange(12.0).reshape(3, 4)
+    assert channel_view(w).tolist() == [6.0, 22.0, 38.0]
+    assert channel_view(w.T, transposed=True).tolist() == [6.0, 22.0, 38.0]
+    assert float(param_view(w)) == 66.0
+
+
+def test_fisher_stats_merge_equals_joint():
+    model = make_model("bert")
+    layout = sf.layout_for(model)
+    b1, b2 = make_batches(3, 3, seed=1), make_batches(4, 2, seed=2)
+    _, s1 = collect(model, generic_loss, b1, layout, sf.Factors())
+    _, s2 = collect(model, generic_loss, b2, layout, sf.Factors())
+    _, s12 = collect(model, generic_loss, b1 + b2, layout, sf.Factors())
+    merged = s1.merge(s2)
+    for n in s12.names():
+        torch.testing.assert_close(merged.fisher(n), s12.fisher(n))
+        torch.testing.assert_close(merged.welford[n].m2, s12.welford[n].m2)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, d_in, d_hidden, d_out):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(d_in, d_hidden), torch.nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 4), T=st.integers(1, 5), d_in=st.integers(1, 6), d_h=st.integers(1, 6),
+       d_out=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+def test_factor_capture_property_any_shape(B, T, d_in, d_h, d_out, seed):
+    torch.manual_seed(seed)
+    model = MLP(d_in, d_h, d_out)
+    x = torch.randn(B, T, d_in)
+
+    def loss(m, batch):
+        return m(batch).square().sum((1, 2))
+
+    want = next(per_sample_gradients(model, loss, [x], ["fc1.weight", "fc2.weight"]))
+    with FactorCapture(model, ["fc1", "fc2"]) as cap:
+        bf = cap.run(loss, x)
+    for m in ("fc1", "fc2"):
+        torch.testing.assert_close(bf.grad(m), want[m + ".weight"], rtol=1e-5, atol=1e-6)
+    stats = FisherStats()
+    stats.update({m: bf.grad(m) for m in ("fc1", "fc2")})
+    torch.testing.assert_close(stats.fisher("fc1"), want["fc1.weight"].double().square().mean(0), rtol=1e-5,
+                               atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 6), d_in=st.integers(1, 6), d_out=st.integers(1, 6),
+       rank=st.integers(1, 7), seed=st.integers(0, 2 ** 16))
+def test_truncation_property_any_shape(B, T, d_in, d_out, rank, seed):
+    from sketchfisher.compress import truncate
+
+    g = torch.Generator().manual_seed(seed)
+    A, D = torch.randn(B, T, d_in, generator=g), torch.randn(B, T, d_out, generator=g)
+    a, d = truncate(A, D, rank)
+    full = D.transpose(1, 2).double() @ A.double()
+    approx = d.transpose(1, 2).double() @ a.double()
+    tail = torch.linalg.svdvals(full)[:, rank:].square().sum(-1).sqrt()
+    err = (approx - full).flatten(1).norm(dim=1)
+    torch.testing.assert_close(err, tail, rtol=1e-5, atol=1e-6)
