@@ -6,7 +6,7 @@ layout. See SEMANTICS.md for the normative formulas.
 """
 
 from ._version import __version__
-from .compress import Exact, Factors
+from .compress import Exact, Factors, Sketch
 from .errors import GradientError, InputError, LayoutError, SketchfisherError
 from .interference import InterferenceResult, ScoreConfig
 from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
@@ -14,6 +14,6 @@ from .pipeline import analyze
 
 __all__ = [
     "BLOCKS", "AttentionSpec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock", "HeadKey", "InputError",
-    "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "SketchfisherError", "__version__", "analyze",
+    "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch", "SketchfisherError", "__version__", "analyze",
     "layout_for", "register_layout",
 ]

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="exact QK-OV interference of math vs code samples on the offline MiniLM")
     demo.add_argument("--out", default="demo_out", help="output folder for heatmap.png and top_conflicts.csv")
-    demo.add_argument("--samples", type=int, default=None, help="samples per task (default: all 32)")
+    demo.add_argument("--samples", type=int, default=None, help="samples per task (default: all 48)")
     demo.add_argument("--top", type=int, default=10, help="rows to print")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)

@@ -9,14 +9,14 @@ from torch import nn
 
 from .capture import FactorCapture, linear_modules, per_sample_gradients
 from .capture.oracle import LossFn
-from .compress import Exact, ExactContributions, FactorContributions, Factors
+from .compress import Exact, ExactContributions, FactorContributions, Factors, Sketch
 from .errors import InputError
 from .fisher import FisherStats
 from .layout import Layout
 from .progress import progress
 
 logger = logging.getLogger(__name__)
-CODECS = (Exact, Factors)
+CODECS = (Exact, Factors, Sketch)
 
 
 def _weights(model: nn.Module, layout: Layout, modules: str) -> list[str]:
@@ -41,10 +41,13 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
             modules: str = "attention", desc: str = "collect", show_progress: bool = False):
     """Per-sample representation (``codec``) and :class:`FisherStats` of one task.
 
-    Parameters with ``requires_grad=False`` are not collected; their scores come out NaN.
+    For ``sf.Sketch`` this is pass 1 only (statistics; the representation is None): the sketches
+    need both tasks' statistics first (:mod:`sketchfisher.sketching`). Parameters with
+    ``requires_grad=False`` are not collected; their scores come out NaN.
     """
     if not isinstance(codec, CODECS):
-        raise InputError(f"codec must be one of: sf.Exact(), sf.Factors(rank=None); got {codec!r}")
+        raise InputError(f"codec must be one of: sf.Exact(), sf.Factors(rank=None), sf.Sketch(k, kind, seed); "
+                         f"got {codec!r}")
     names = _weights(model, layout, modules)
     stats = FisherStats()
     if isinstance(codec, Exact):
@@ -53,14 +56,15 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
             rep.append(grads)
             stats.update(grads)
     else:
-        rep = FactorContributions(rank=codec.rank)
+        rep = FactorContributions(rank=codec.rank) if isinstance(codec, Factors) else None
         module_names = [n.rsplit(".", 1)[0] for n in names]
         with FactorCapture(model, module_names) as cap:
             for batch in progress(batches, desc=desc, enabled=show_progress):
                 bf = cap.run(loss_fn, batch)
                 for module, name in zip(module_names, names):  # stream: one module's gradients at a time
                     stats.update({name: bf.grad(module)})
-                rep.append(bf.A, bf.D, bf.lengths)
+                if rep is not None:
+                    rep.append(bf.A, bf.D, bf.lengths)
     if stats.count == 0:
         raise InputError(f"{desc}: the task yielded no samples")
     return rep, stats

@@ -2,5 +2,7 @@
 
 from .exact import Exact, ExactContributions
 from .factors import FactorContributions, Factors, truncate
+from .sketch import Sketch, SketchSide
+from .sketchmaps import SketchMap
 
-__all__ = ["Exact", "ExactContributions", "FactorContributions", "Factors", "truncate"]
+__all__ = ["Exact", "ExactContributions", "FactorContributions", "Factors", "Sketch", "SketchMap", "SketchSide", "truncate"]

@@ -66,6 +66,7 @@ class FisherStats:
     dtype: torch.dtype = torch.float64
     welford: dict[str, Welford] = field(default_factory=dict)
     sum_abs: dict[str, torch.Tensor] = field(default_factory=dict)
+    sum_g: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -81,15 +82,17 @@ class FisherStats:
             raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
         for name, g in grads.items():
             self.welford.setdefault(name, Welford()).update(g.to(self.dtype).square(), self.dtype)
-            a = g.to(self.dtype).abs().sum(0)
-            self.sum_abs[name] = self.sum_abs[name] + a if name in self.sum_abs else a
+            gd = g.to(self.dtype)
+            for acc, value in ((self.sum_abs, gd.abs().sum(0)), (self.sum_g, gd.sum(0))):
+                acc[name] = acc[name] + value if name in acc else value
 
     def merge(self, other: "FisherStats") -> "FisherStats":
         """Statistics of the union of both sample sets (exact)."""
         if set(self.welford) != set(other.welford):
             raise InputError("cannot merge FisherStats over different parameter sets")
         return FisherStats(self.dtype, {n: w.merged(other.welford[n]) for n, w in self.welford.items()},
-                           {n: self.sum_abs[n] + other.sum_abs[n] for n in self.sum_abs})
+                           {n: self.sum_abs[n] + other.sum_abs[n] for n in self.sum_abs},
+                           {n: self.sum_g[n] + other.sum_g[n] for n in self.sum_g})
 
     def names(self) -> list[str]:
         return list(self.welford)
@@ -107,12 +110,20 @@ class FisherStats:
     def mean_abs(self, name: str) -> torch.Tensor:
         return self.sum_abs[name] / self.welford[name].count
 
-    def fisher_block(self, layout: Layout, layer: int, block: str) -> torch.Tensor | None:
-        """Î over the distinct head blocks of (layer, block): ``[H_b, S]``; None if not collected."""
+    def mean_grad(self, name: str) -> torch.Tensor:
+        return self.sum_g[name] / self.welford[name].count
+
+    def block(self, layout: Layout, layer: int, block: str, what: str = "fisher") -> torch.Tensor | None:
+        """A statistic (``fisher``, ``mean_abs``, ``mean_grad``) over the distinct head blocks of
+        (layer, block): ``[H_b, S]``; None if not collected."""
         name = layout.head_blocks(layer, block)[0].param_name
         if name not in self.welford:
             return None
-        return layout.gather(layer, block, self.fisher(name).unsqueeze(0))[0]
+        return layout.gather(layer, block, getattr(self, what)(name).unsqueeze(0))[0]
+
+    def fisher_block(self, layout: Layout, layer: int, block: str) -> torch.Tensor | None:
+        """Î over the distinct head blocks of (layer, block): ``[H_b, S]``; None if not collected."""
+        return self.block(layout, layer, block, "fisher")
 
 
 @dataclass

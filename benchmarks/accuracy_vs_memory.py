@@ -1,0 +1,91 @@
+"""Sketch accuracy versus memory on real MiniLM gradients (two shipped task sets).
+
+Exact scores (paper variant, normalizer a) against every requested sketch configuration:
+Spearman over all scores, median relative error, top-50 recall, nominal-95% interval coverage,
+and bytes per sample; plus the memory ratio against full fp16 C_i and g_j per head block on MiniLM
+and, from the same formula, at Llama-7B shapes.
+
+    python benchmarks/accuracy_vs_memory.py [--samples 48] [--ks 64,256,1024] [--kinds gaussian,sjlt,srht]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
+
+import torch
+from scipy.stats import spearmanr
+
+import sketchfisher as sf
+from sketchfisher.demo import load_minilm, load_task, make_batches, masked_token_loss
+
+
+def metrics(exact: torch.Tensor, est: torch.Tensor, stderr: torch.Tensor, top: int = 50) -> dict:
+    e, s, se = exact.flatten().double(), est.flatten().double(), stderr.flatten().double()
+    rel = (s - e).abs() / e.abs().clamp_min(1e-30)
+    top_e = set(torch.topk(e, top).indices.tolist())
+    top_s = set(torch.topk(s, top).indices.tolist())
+    cover = ((s - e).abs() <= 1.959964 * se).double().mean()
+    return {"spearman": spearmanr(e.numpy(), s.numpy()).statistic, "median_rel_err": float(rel.median()),
+            f"top{top}_recall": len(top_e & top_s) / top, "coverage95": float(cover)}
+
+
+def bytes_full_fp16_per_sample(layout: sf.Layout) -> int:
+    """Full fp16 C_i (task A) or g_j (task B) for every head block: one vector per head block."""
+    total = 0
+    for layer in range(layout.num_layers):
+        for block in sf.BLOCKS:
+            total += sum(hb.numel for hb in layout.head_blocks(layer, block)) * 2
+    return total
+
+
+def sketch_bytes_per_sample(layout: sf.Layout, codec: sf.Sketch) -> int:
+    """Sketch vector + 2 exact fp64 scalars (norm², cross term) per distinct head block."""
+    blocks = sum(len(layout.head_blocks(layer, block)) for layer in range(layout.num_layers) for block in sf.BLOCKS)
+    return blocks * (codec.bytes_per_vector() + 16)
+
+
+def llama7b_ratio(codec: sf.Sketch) -> float:
+    layers, heads, block = 32, 32, 128 * 4096
+    full = layers * 4 * heads * block * 2
+    return full / (layers * 4 * heads * (codec.bytes_per_vector() + 16))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--ks", default="64,256,1024")
+    p.add_argument("--kinds", default="gaussian,sjlt,srht")
+    p.add_argument("--dtypes", default="fp16")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    model, tok = load_minilm()
+    layout = sf.layout_for(model)
+    ta = make_batches(load_task("math", args.samples), tok)
+    tb = make_batches(load_task("code", args.samples), tok)
+    t0 = time.perf_counter()
+    exact = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Factors())
+    print(f"# MiniLM, math vs code, {exact.n_a}x{exact.n_b} samples, {exact.scores.numel()} scores; "
+          f"exact in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}")
+    full = bytes_full_fp16_per_sample(layout)
+    print("| kind | k | dtype | VR | Spearman | median rel err | top-50 recall | 95% coverage | bytes/sample "
+          "| x vs full fp16 (MiniLM) | x at Llama-7B |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for kind in args.kinds.split(","):
+        for k in map(int, args.ks.split(",")):
+            for dtype in args.dtypes.split(","):
+                for vr in (False, True):
+                    codec = sf.Sketch(k=k, kind=kind, seed=args.seed, dtype=dtype, variance_reduction=vr)
+                    res = sf.analyze(model, masked_token_loss, ta, tb, codec=codec)
+                    m = metrics(exact.scores, res.scores, res.stderr)
+                    nbytes = sketch_bytes_per_sample(layout, codec)
+                    print(f"| {kind} | {k} | {dtype} | {'on' if vr else 'off'} | {m['spearman']:.4f} "
+                          f"| {m['median_rel_err']:.4f} | {m['top50_recall']:.2f} | {m['coverage95']:.3f} "
+                          f"| {nbytes} | {full / nbytes:.0f} | {llama7b_ratio(codec):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""``sf.Sketch``: per-head randomized sketches of the variant's i-side and j-side vectors.
+
+For one head block S and the chosen variant, task-A samples keep ``x_i`` and task-B samples keep
+``y_j`` (SEMANTICS §4; ``paper``: x = g²/(Î+ε+λ), y = |g|). With variance reduction (default):
+
+* balancing: x' = x·√m, y' = y/√m with m = mean|g| over A ∪ B from pass 1 (r = m^(−1/2));
+  ⟨x', y'⟩ = ⟨x, y⟩ entry by entry.
+* centering: sketch x̃ = x' − x̄' and ỹ = y' − ȳ', with x̄, ȳ the task means known from pass 1,
+  and keep the exact scalars c_i = ⟨x'_i, ȳ'⟩, d_j = ⟨x̄', y'_j⟩, e = ⟨x̄', ȳ'⟩. Then
+  ⟨x_i, y_j⟩ = ⟨x̃_i, ỹ_j⟩ + c_i + d_j − e, and only the first term is estimated.
+
+Estimate: ⟨R x̃_i, R ỹ_j⟩ + c_i + d_j − e. Standard error: the JL variance of the sketched term with
+exact norms, √((t̂² + ‖x̃_i‖²‖ỹ_j‖²)/k) (× (P−k)/(P−1) for srht, sampling without replacement), where
+t̂ is the sketched term. This is exact for Gaussian maps and an upper bound for sjlt/CountSketch
+(whose variance lacks the ``−2Σ x̃²ỹ²`` term only); it needs no extra sketches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import InputError
+from .sketchmaps import KINDS, SketchMap
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """Per-head-block sketch of width ``k`` (``kind`` in gaussian/sjlt/srht, ``s`` non-zeros for sjlt),
+    stored as ``dtype`` (fp32/fp16/bf16/int8 with per-vector scale)."""
+
+    k: int = 256
+    kind: str = "sjlt"
+    seed: int = 0
+    dtype: str = "fp16"
+    variance_reduction: bool = True
+    s: int = 4
+    name = "sketch"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise InputError(f"Sketch.k must be a positive int, got {self.k!r}")
+        if self.kind not in KINDS:
+            raise InputError(f"Sketch.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"Sketch.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"Sketch.seed must be an int >= 0, got {self.seed!r}")
+        if self.kind == "sjlt" and (self.s < 1 or self.k % self.s):
+            raise InputError(f"Sketch(kind='sjlt') needs k divisible by s >= 1; got k={self.k}, s={self.s}")
+
+    def to_dict(self) -> dict:
+        return {"codec": self.name, "k": self.k, "kind": self.kind, "seed": self.seed, "dtype": self.dtype,
+                "variance_reduction": self.variance_reduction, "s": self.s}
+
+    def map(self, layer: int, block: int, head: int, size: int) -> SketchMap:
+        return SketchMap(self.kind, self.k, size, self.seed, (layer, block, head), self.s)
+
+    def bytes_per_vector(self) -> int:
+        """Stored bytes of one sketched head-block vector (+ 4 for the int8 scale)."""
+        size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return self.k * size + (4 if self.dtype == "int8" else 0)
+
+
+def quantize(v: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Cast sketched vectors ``[..., k]``; int8 uses a per-vector scale max|v|/127."""
+    if dtype != "int8":
+        return v.to(DTYPES[dtype]), None
+    scale = v.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    return torch.round(v / scale).to(torch.int8), scale.squeeze(-1).float()
+
+
+def dequantize(q: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    v = q.to(torch.float64)
+    return v if scale is None else v * scale.to(torch.float64)[..., None]
+
+
+@dataclass
+class SketchSide:
+    """Sketches of one side (i or j) for every (layer, block): vectors, exact norms and cross terms."""
+
+    codec: Sketch
+    parts: dict[tuple[int, str], list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]]] = \
+        field(default_factory=dict)
+    n: int = 0
+
+    def add(self, key: tuple[int, str], vectors: torch.Tensor, norm2: torch.Tensor, cross: torch.Tensor) -> None:
+        """Add a batch for one (layer, block): sketched ``[B, H_b, k]``, ``‖·‖² [B, H_b]``, cross ``[B, H_b]``."""
+        q, scale = quantize(vectors, self.codec.dtype)
+        self.parts.setdefault(key, []).append((q, scale, norm2.double(), cross.double()))
+
+    def get(self, key: tuple[int, str]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(dequantized sketches ``[n, H_b, k]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``)."""
+        parts = self.parts.get(key)
+        if not parts:
+            return None
+        vec = torch.cat([dequantize(q, s) for q, s, _, _ in parts])
+        return vec, torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
+
+    def nbytes_per_sample(self) -> float:
+        """Stored bytes per sample: sketched vectors (+ int8 scales) and the two exact fp64 scalars."""
+        if self.n == 0:
+            raise InputError("no samples sketched")
+        total = 0
+        for parts in self.parts.values():
+            for q, scale, norm2, cross in parts:
+                total += q.numel() * q.element_size() + (0 if scale is None else scale.numel() * 4)
+                total += norm2.numel() * 8 + cross.numel() * 8
+        return total / self.n

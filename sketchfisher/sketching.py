@@ -1,0 +1,140 @@
+"""Two-pass sketch collection and sketched Stage 6 scores (SEMANTICS §5).
+
+Pass 1 accumulates exact per-task statistics (Welford of g², Σ|g|, Σg) for both tasks. Pass 2 runs
+the model again, forms each sample's head-block gradients from its factors (one block at a time),
+turns them into the variant's i-side (task A) or j-side (task B) vectors, and sketches them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .capture import FactorCapture
+from .capture.oracle import LossFn
+from .compress.sketch import Sketch, SketchSide
+from .errors import InputError
+from .fisher import FisherStats
+from .interference.metric import ScoreConfig, ridge
+from .layout import BLOCKS, Layout, block_index
+from .progress import progress
+
+
+@dataclass
+class BlockPrep:
+    """Pass-1 quantities of one (layer, block), all ``[H_b, S]`` except ``e [H_b]``."""
+
+    denom: torch.Tensor      # Î + ε + λ (normaliser)
+    fisher_a: torch.Tensor   # task A's Î (for leave-one-out)
+    balance: torch.Tensor    # √m, m = mean|g| over A ∪ B (ones without variance reduction)
+    x_bar: torch.Tensor      # balanced i-side centre (zeros without variance reduction)
+    y_bar: torch.Tensor      # balanced j-side centre
+    e: torch.Tensor          # ⟨x̄', ȳ'⟩
+
+
+def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: FisherStats, count: int,
+            cfg: ScoreConfig, codec: Sketch) -> Optional[BlockPrep]:
+    norm_stats = stats_a.merge(stats_b) if cfg.normalizer == "pooled" else stats_a
+    fisher = norm_stats.block(layout, layer, block, "fisher")
+    if fisher is None:
+        return None
+    fisher_a = stats_a.block(layout, layer, block, "fisher")
+    denom = fisher + cfg.eps + ridge(fisher, cfg)
+    if not codec.variance_reduction:
+        zeros = torch.zeros_like(fisher)
+        return BlockPrep(denom, fisher_a, torch.ones_like(fisher), zeros, zeros, zeros.sum(-1))
+    n_a, n_b = stats_a.count, stats_b.count
+    abs_a, abs_b = stats_a.block(layout, layer, block, "mean_abs"), stats_b.block(layout, layer, block, "mean_abs")
+    m = (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
+    balance = torch.where(m > 0, m.sqrt(), torch.ones_like(m))
+    if cfg.variant == "paper":
+        x_bar, y_bar = fisher_a / denom, abs_b
+    elif cfg.variant == "signed":
+        x_bar, y_bar = stats_a.block(layout, layer, block, "mean_grad") / denom, \
+            stats_b.block(layout, layer, block, "mean_grad")
+    else:
+        x_bar, y_bar = abs_a / denom, abs_b
+    x_bar, y_bar = x_bar * balance, y_bar / balance
+    return BlockPrep(denom, fisher_a, balance, x_bar, y_bar, (x_bar * y_bar).sum(-1))
+
+
+def side_vector(g: torch.Tensor, prep: BlockPrep, side: str, count: int, cfg: ScoreConfig) -> torch.Tensor:
+    """Balanced i-side (``"a"``) or j-side (``"b"``) vectors ``[B, H_b, S]`` from block gradients."""
+    g = g.double()
+    if side == "b":
+        y = g if cfg.variant == "signed" else g.abs()
+        return y / prep.balance
+    denom = prep.denom
+    if cfg.normalizer == "loo":
+        if count < 2:
+            raise InputError(f"normalizer='loo' needs at least 2 task-A samples, got {count}")
+        denom = ((count * prep.fisher_a - g.square()) / (count - 1)).clamp_min(0) + (prep.denom - prep.fisher_a)
+    num = {"paper": g.square(), "signed": g, "symmetric": g.abs()}[cfg.variant]
+    return num / denom * prep.balance
+
+
+def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
+                preps: dict, side: str, count: int, cfg: ScoreConfig, desc: str, show_progress: bool) -> SketchSide:
+    """Pass 2 over one task: sketch every sample's ``side`` vectors for every collected (layer, block)."""
+    out = SketchSide(codec)
+    keys = [key for key, prep in preps.items() if prep is not None]
+    modules = sorted({layout.head_blocks(*key)[0].param_name.rsplit(".", 1)[0] for key in keys})
+    with FactorCapture(model, modules) as cap:
+        for batch in progress(batches, desc=desc, enabled=show_progress):
+            bf = cap.run(loss_fn, batch)
+            for layer, block in keys:
+                prep = preps[(layer, block)]
+                hbs = layout.head_blocks(layer, block)
+                module = hbs[0].param_name.rsplit(".", 1)[0]
+                g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
+                v = side_vector(g, prep, side, count, cfg)
+                centre = prep.x_bar if side == "a" else prep.y_bar
+                other = prep.y_bar if side == "a" else prep.x_bar
+                cross = (v * other).sum(-1)
+                v = v - centre
+                sk = torch.stack([codec.map(layer, block_index(block), h, v.shape[-1]).apply(v[:, h])
+                                  for h in range(v.shape[1])], 1)
+                out.add((layer, block), sk, v.square().sum(-1), cross)
+            out.n += bf.batch_size
+    return out
+
+
+def sketch_scorer(layout: Layout, side_a: SketchSide, side_b: SketchSide, preps: dict, codec: Sketch):
+    """Scorer for :func:`sketchfisher.interference.assemble` from the two sides' sketches."""
+    def scorer(layer: int, block: str):
+        prep = preps.get((layer, block))
+        a, b = side_a.get((layer, block)), side_b.get((layer, block))
+        if prep is None or a is None or b is None:
+            return None
+        (xa, na, ca), (yb, nb, db) = a, b
+        term = torch.einsum("ihk,jhk->ijh", xa, yb)
+        scores = term + ca[:, None, :] + db[None, :, :] - prep.e.double()[None, None, :]
+        var = (term.square() + na[:, None, :] * nb[None, :, :]) / codec.k
+        if codec.kind == "srht":
+            P = codec.map(layer, 0, 0, layout.head_blocks(layer, block)[0].numel).padded
+            var = var * max(P - codec.k, 0) / max(P - 1, 1)
+        return scores, var.sqrt()
+    return scorer
+
+
+def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any],
+                     layout: Layout, codec: Sketch, cfg: ScoreConfig, stats_a: FisherStats, stats_b: FisherStats,
+                     show_progress: bool = False):
+    """Pass 2 for both tasks given their pass-1 statistics; returns a scorer and the two sides."""
+    for name, task in (("task_a", task_a), ("task_b", task_b)):
+        if iter(task) is task:
+            raise InputError(f"{name} is a one-shot iterator; Sketch needs two passes, pass a list or a DataLoader")
+    preps = {(layer, block): prepare(layout, layer, block, stats_a, stats_b, stats_a.count, cfg, codec)
+             for layer in range(layout.num_layers) for block in BLOCKS}
+    side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "sketch A",
+                         show_progress)
+    side_b = sketch_task(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count, cfg, "sketch B",
+                         show_progress)
+    if side_a.n != stats_a.count or side_b.n != stats_b.count:
+        raise InputError(f"pass 2 saw {side_a.n}/{side_b.n} samples but pass 1 saw {stats_a.count}/{stats_b.count}: "
+                         "the tasks must yield the same batches on every pass")
+    return sketch_scorer(layout, side_a, side_b, preps, codec), side_a, side_b
+
