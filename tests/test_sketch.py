@@ -1,0 +1,165 @@
+"""Sketch maps and the Sketch codec: statistical properties (fixed seeds, stated false-failure rates)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sketchfisher as sf
+from sketchfisher.compress.sketch import dequantize, quantize
+from sketchfisher.compress.sketchmaps import SketchMap, block_generator, fwht
+from tiny_models import generic_loss, make_batches, make_model
+
+KINDS = ("gaussian", "sjlt", "srht")
+
+
+def _xy(size=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(size, generator=g, dtype=torch.float64), torch.randn(size, generator=g, dtype=torch.float64)
+
+
+def _estimates(kind, k, x, y, seeds=range(300), key=(0, 1, 2)):
+    out = []
+    for seed in seeds:
+        m = SketchMap(kind, k, x.shape[-1], seed, key)
+        out.append(float(m.apply(x) @ m.apply(y)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unbiased_mean_over_seeds(kind):
+    # 300 independent seeds; the mean is within 4 standard errors of the truth (false-failure rate ~6e-5).
+    x, y = _xy()
+    est = _estimates(kind, 16, x, y)
+    se = est.std() / math.sqrt(len(est))
+    assert abs(float(est.mean()) - float(x @ y)) < 4 * float(se)
+
+
+@pytest.mark.parametrize("kind", ("gaussian", "sjlt"))
+def test_variance_scales_as_one_over_k(kind):
+    # Var(k=8)/Var(k=32) should be 4; with 300 seeds the ratio of sample variances lies in [2, 8]
+    # with probability > 0.999 (F-distribution with 299, 299 d.o.f.).
+    x, y = _xy(seed=1)
+    v8, v32 = _estimates(kind, 8, x, y).var(), _estimates(kind, 32, x, y).var()
+    assert 2.0 < float(v8 / v32) < 8.0
+    jl = (float(x @ y) ** 2 + float(x @ x) * float(y @ y)) / 32
+    assert 0.6 < float(v32) / jl < 1.5  # matches the JL variance formula used for the standard error
+
+
+def test_srht_recovers_exact_at_full_width():
+    x, y = _xy(size=100)
+    m = SketchMap("srht", 128, 100, 3, (1, 2, 3))
+    assert math.isclose(float(m.apply(x) @ m.apply(y)), float(x @ y), rel_tol=1e-10)
+    assert torch.equal(fwht(torch.eye(2)), torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deterministic_per_seed_and_independent_across_blocks(kind):
+    x = torch.randn(3, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = SketchMap(kind, 16, 64, 7, (0, 1, 2)).apply(x)
+    assert torch.equal(a, SketchMap(kind, 16, 64, 7, (0, 1, 2)).apply(x))
+    others = [SketchMap(kind, 16, 64, 8, (0, 1, 2)).apply(x), SketchMap(kind, 16, 64, 7, (0, 1, 3)).apply(x),
+              SketchMap(kind, 16, 64, 7, (1, 1, 2)).apply(x)]
+    for b in others:
+        assert not torch.allclose(a, b)
+    # independence: products of sketches from two different blocks average to ~0 cross-correlation
+    corr = [float(torch.corrcoef(torch.stack([SketchMap(kind, 16, 64, s, (0, 0, 0)).apply(x[0]),
+                                               SketchMap(kind, 16, 64, s, (0, 0, 1)).apply(x[0])]))[0, 1])
+            for s in range(200)]
+    assert abs(sum(corr) / len(corr)) < 0.05  # sd of the mean ≈ 0.26/√200 ≈ 0.018: ~3σ
+    seeds = {int(block_generator(0, 0, b, h).initial_seed()) for b in range(4) for h in range(8)}
+    assert len(seeds) == 32
+
+
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(KINDS), size=st.integers(1, 70), k=st.sampled_from([4, 8, 16]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), rows=st.integers(1, 3))
+def test_dtype_and_shape_preserved(kind, size, k, dtype, rows):
+    if kind == "srht" and k > 1 << math.ceil(math.log2(size)):
+        with pytest.raises(sf.InputError, match="srht needs k"):
+            SketchMap(kind, k, size, 0, (0, 0, 0))
+        return
+    m = SketchMap(kind, k, size, 0, (0, 0, 0))
+    out = m.apply(torch.randn(rows, 2, size, dtype=dtype))
+    assert out.dtype == dtype and out.shape == (rows, 2, k)
+
+
+def test_quantisation_roundtrip():
+    v = torch.randn(5, 3, 64, dtype=torch.float64)
+    for dtype, tol in (("fp32", 1e-6), ("fp16", 1e-3), ("bf16", 1e-2), ("int8", 1e-2)):
+        q, scale = quantize(v, dtype)
+        err = (dequantize(q, scale) - v).abs().max() / v.abs().max()
+        assert err < tol, dtype
+    assert quantize(v, "int8")[0].dtype == torch.int8
+
+
+def test_codec_validation():
+    with pytest.raises(sf.InputError, match="Sketch.kind must be one of"):
+        sf.Sketch(kind="fourier")
+    with pytest.raises(sf.InputError, match="divisible by s"):
+        sf.Sketch(k=10, kind="sjlt", s=4)
+    with pytest.raises(sf.InputError, match="Sketch.dtype"):
+        sf.Sketch(dtype="fp8")
+    assert sf.Sketch(k=256, dtype="fp16").bytes_per_vector() == 512
+    assert sf.Sketch(k=256, dtype="int8").bytes_per_vector() == 260
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(4, 2, seed=21), make_batches(3, 3, seed=22)
+    return model, ta, tb, sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors())
+
+
+@pytest.mark.parametrize("vr", [False, True])
+def test_sketch_codec_unbiased_over_seeds(small, vr):
+    # Mean over 24 seeds of every score is within 5 combined standard errors of the exact score
+    # for >= 99% of scores (each check alone fails with prob ~6e-7 under normality).
+    model, ta, tb, exact = small
+    runs = [sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16, kind="sjlt", seed=s, dtype="fp32",
+                                                                       variance_reduction=vr)) for s in range(24)]
+    est = torch.stack([r.scores for r in runs])
+    se = est.std(0) / math.sqrt(len(runs))
+    ok = (est.mean(0) - exact.scores).abs() <= 5 * se + 1e-9 * exact.scores.abs()
+    assert ok.double().mean() > 0.99
+
+
+def test_sketch_kv_shared_and_stderr_present(small):
+    model, ta, tb, exact = small
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, kind="gaussian", seed=1))
+    assert res.stderr.shape == res.scores.shape and (res.stderr > 0).all()
+    assert torch.equal(res.scores[..., 0:4, 1], res.scores[..., 0:1, 1].expand(-1, -1, -1, 4))
+    df = res.top_conflicts(5)
+    assert (df["stderr"] > 0).all()
+
+
+def test_sketch_needs_reiterable_tasks(small):
+    model, ta, tb, _ = small
+    with pytest.raises(sf.InputError, match="one-shot iterator"):
+        sf.analyze(model, generic_loss, iter(ta), tb, codec=sf.Sketch(k=8))
+
+
+def test_srht_full_width_codec_equals_exact(small):
+    model, ta, tb, exact = small
+    # head blocks of this model have 4 x 32 = 128 entries; k = 128 = P samples every Hadamard row
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=128, kind="srht", dtype="fp32",
+                                                                   variance_reduction=False))
+    torch.testing.assert_close(res.scores, exact.scores, rtol=1e-5, atol=1e-6 * float(exact.scores.abs().max()))
+    assert float(res.stderr.abs().max()) == 0.0
+
+
+@pytest.mark.slow
+def test_minilm_error_bars_cover_exact_scores():
+    """On real MiniLM gradients the nominal 95% intervals cover 90-98% of exact scores."""
+    from sketchfisher.demo import load_minilm, load_task, make_batches as mb, masked_token_loss
+
+    model, tok = load_minilm()
+    ta, tb = mb(load_task("math", 12), tok), mb(load_task("code", 12), tok)
+    exact = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Factors())
+    res = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Sketch(k=256, kind="sjlt", seed=0))
+    cover = float(((res.scores - exact.scores).abs() <= 1.96 * res.stderr).double().mean())
+    assert 0.90 <= cover <= 0.98, cover
+    rel = ((res.scores - exact.scores).abs() / exact.scores.abs()).median()
+    assert rel < 0.12
