@@ -13,6 +13,7 @@ spawn_key=(layer, block, head))`` and moved to the data's device, so CPU and CUD
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -82,12 +83,11 @@ class SketchMap:
         return rows, signs
 
     def _sjlt(self, x: torch.Tensor) -> torch.Tensor:
-        rows, signs = self.sjlt_indices()
-        rows, signs = rows.to(x.device), signs.to(device=x.device, dtype=x.dtype)
+        rows, signs = _sjlt_cached(self, x.device, x.dtype)
         out = torch.zeros(x.shape[0], self.k, dtype=x.dtype, device=x.device)
         for b in range(self.s):
             out.index_add_(1, rows[b], x * signs[b])
-        return out / math.sqrt(self.s)
+        return out
 
     def _srht(self, x: torch.Tensor) -> torch.Tensor:
         g = self._gen()
@@ -98,6 +98,13 @@ class SketchMap:
         y[:, : self.size] = x * signs
         y = fwht(y) / math.sqrt(P)
         return y[:, rows] * math.sqrt(P / self.k)
+
+
+@functools.lru_cache(maxsize=64)
+def _sjlt_cached(m: SketchMap, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sjlt rows and scaled signs (±1/√s) on the data's device, cached for recent head blocks."""
+    rows, signs = m.sjlt_indices()
+    return rows.to(device), (signs.to(torch.float64) / math.sqrt(m.s)).to(device=device, dtype=dtype)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
