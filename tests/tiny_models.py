@@ -33,6 +33,12 @@ ARCHS = {
     "phi3_fused_gqa": (hf.Phi3Config, hf.Phi3Model, hf.Phi3ForCausalLM,
                        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                             intermediate_size=48, pad_token_id=0)),
+    "qwen3": (hf.Qwen3Config, hf.Qwen3Model, hf.Qwen3ForCausalLM,
+              dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   intermediate_size=48)),
+    "gemma": (hf.GemmaConfig, hf.GemmaModel, hf.GemmaForCausalLM,
+              dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                   intermediate_size=48, pad_token_id=0)),
     "bloom": (hf.BloomConfig, hf.BloomModel, hf.BloomForCausalLM, dict(hidden_size=32, n_layer=2, n_head=4)),
 }
 
