@@ -1,10 +1,11 @@
 """sjlt throughput on one head block of 524,288 entries (128 x 4096), beside a plain copy.
 
-Reports GB/s of input read for: a plain copy (clone) of the same tensor, ``SketchMap.apply``
-(``index_add_`` per band, indices cached after first use), the bare scatter loop, and the same map as
-a CSR sparse-dense matmul (an alternative that was measured and not adopted on CPU).
+Reports time and GB/s of input read for: a copy of the same tensor into a preallocated buffer
+(``copy_``: one read and one write, no allocation), ``SketchMap.apply`` (the Triton kernel on CUDA,
+the sign-folded ``index_add_`` on CPU), the ``index_add_`` path alone, and the same map as a CSR
+sparse-dense matmul (an alternative). All in one run, best of ``--repeats``.
 
-    python benchmarks/sketch_throughput.py [--rows 16] [--k 256] [--s 4] [--device cpu]
+    python benchmarks/sketch_throughput.py [--rows 16] [--k 256] [--s 4] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ import torch
 from sketchfisher.compress.sketchmaps import SketchMap
 
 
-def bench(fn, device, repeats=5):
+def bench(fn, device: torch.device, repeats: int) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -39,32 +39,37 @@ def main() -> None:
     p.add_argument("--s", type=int, default=4)
     p.add_argument("--size", type=int, default=524288)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
-    device = torch.device(args.device)
-    x = torch.randn(args.rows, args.size, device=device)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    x = torch.randn(args.rows, args.size, device=device).to(dtype)
+    buf = torch.empty_like(x)
     m = SketchMap("sjlt", args.k, args.size, 0, (0, 0, 0), args.s)
     rows, signs = m.sjlt_indices()
-    rows, signs = rows.to(device), signs.to(device=device, dtype=x.dtype)
+    folded = (rows + args.k * (signs < 0)).to(device)
 
-    def cached():
-        out = torch.zeros(args.rows, args.k, device=device)
+    def index_add():  # the CPU path: sign-folded index_add_ per band
+        bins = torch.zeros(args.rows, 2 * args.k, device=device, dtype=dtype)
         for b in range(args.s):
-            out.index_add_(1, rows[b], x * signs[b])
-        return out / math.sqrt(args.s)
+            bins.index_add_(1, folded[b], x)
+        return bins[:, :args.k] - bins[:, args.k:]
 
-    gb = x.numel() * x.element_size() / 1e9
     csr = torch.sparse_coo_tensor(torch.stack([rows.flatten().cpu(), torch.arange(args.size).repeat(args.s)]),
-                                  signs.flatten().cpu() / math.sqrt(args.s), (args.k, args.size),
-                                  check_invariants=False).coalesce().to_sparse_csr().to(device)
-    results = [("copy (clone)", bench(lambda: x.clone(), device)),
-               ("sjlt SketchMap.apply (index_add_, indices cached)", bench(lambda: m.apply(x), device)),
-               ("sjlt index_add_ loop alone", bench(cached, device)),
-               ("sjlt as CSR SpMM (alternative)", bench(lambda: csr @ x.T, device))]
-    print(f"# {args.rows} x {args.size} fp32 on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"k={args.k}, s={args.s}, torch {torch.__version__}")
-    print("| operation | ms | GB/s of input | x copy time |\n| --- | --- | --- | --- |")
-    for name, sec in results:
-        print(f"| {name} | {1000 * sec:.2f} | {gb / sec:.1f} | {sec / results[0][1]:.1f} |")
+                                  signs.flatten().double() / math.sqrt(args.s), (args.k, args.size),
+                                  check_invariants=False).coalesce().to_sparse_csr().to(device=device, dtype=dtype)
+    results = [("copy_ into a preallocated buffer", bench(lambda: buf.copy_(x), device, args.repeats)),
+               ("sjlt SketchMap.apply (Triton kernel on CUDA, index_add_ on CPU)",
+                bench(lambda: m.apply(x), device, args.repeats)),
+               ("sjlt sign-folded index_add_ per band", bench(index_add, device, args.repeats)),
+               ("sjlt as CSR SpMM", bench(lambda: csr @ x.T, device, args.repeats))]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"# {args.rows} x {args.size} {args.dtype} on {device} ({name}), k={args.k}, s={args.s}, "
+          f"torch {torch.__version__}, best of {args.repeats}")
+    gb = x.numel() * x.element_size() / 1e9
+    print("| operation | ms | GB/s of input read | x copy_ time |\n| --- | --- | --- | --- |")
+    for label, sec in results:
+        print(f"| {label} | {1000 * sec:.3f} | {gb / sec:.1f} | {sec / results[0][1]:.2f} |")
 
 
 if __name__ == "__main__":

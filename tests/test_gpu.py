@@ -27,3 +27,17 @@ def test_scores_identical_on_cpu_and_cuda():
         gpu = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), codec=codec)
         model.cpu()
         torch.testing.assert_close(gpu.scores, cpu.scores, rtol=1e-4, atol=1e-6 * float(cpu.scores.abs().max()))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("size,k", [(524288, 256), (3001, 64), (40, 1024)])
+def test_triton_sjlt_matches_cpu_map(dtype, tol, size, k):
+    from sketchfisher.compress import kernels
+
+    assert kernels.supports(k, 4)
+    x = torch.randn(5, size, generator=torch.Generator().manual_seed(1))
+    m = SketchMap("sjlt", k, size, 11, (2, 3, 4))
+    want = m.apply(x.double())
+    got = m.apply(x.to(dtype).cuda()).double().cpu()
+    assert got.dtype == torch.float64 and m.apply(x.to(dtype).cuda()).dtype == dtype
+    assert float((got - want).norm() / want.norm()) < tol

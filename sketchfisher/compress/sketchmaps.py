@@ -6,7 +6,9 @@ spawn_key=(layer, block, head))`` and moved to the data's device, so CPU and CUD
 
 * ``gaussian``: i.i.d. N(0, 1/k) entries (dense JL), generated in column chunks.
 * ``sjlt``: sparse JL / CountSketch with ``s`` non-zeros per column, one in each of ``s`` row bands
-  of height k/s, signs ±1/√s. Never materialised: applied with ``index_add_``.
+  of height k/s, signs ±1/√s, bucket and sign from a counter-based hash of (key, band, entry)
+  (:mod:`sketchfisher.compress.hashing`). Never materialised: ``index_add_`` on the CPU, a Triton
+  kernel on CUDA (:mod:`sketchfisher.compress.kernels`), identical maps on both.
 * ``srht``: random signs, normalised Walsh–Hadamard transform over |S| padded to P = 2^⌈log2 |S|⌉,
   then k of the P rows sampled without replacement, scaled by √(P/k). k = P recovers x·y exactly.
 """
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from . import kernels
+from .hashing import sjlt_codes
 
 KINDS = ("gaussian", "sjlt", "srht")
 
@@ -74,20 +78,25 @@ class SketchMap:
             out += x[:, lo:hi] @ r
         return out / math.sqrt(self.k)
 
+    def hash_key(self) -> tuple[int, int]:
+        """Two 31-bit halves of this block's key for the counter-based sjlt hash."""
+        state = np.random.SeedSequence(self.seed, spawn_key=self.key).generate_state(2, dtype=np.uint32)
+        return int(state[0]) & 0x7FFFFFFF, int(state[1]) & 0x7FFFFFFF
+
     def sjlt_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``[s, size]`` (band b holds rows b·k/s .. (b+1)·k/s − 1) and signs ``[s, size]``."""
-        g = self._gen()
-        band = self.k // self.s
-        rows = torch.randint(0, band, (self.s, self.size), generator=g) + band * torch.arange(self.s)[:, None]
-        signs = torch.randint(0, 2, (self.s, self.size), generator=g) * 2 - 1
-        return rows, signs
+        """Rows ``[s, size]`` (band b holds rows b·k/s .. (b+1)·k/s − 1) and signs ±1 ``[s, size]``."""
+        return sjlt_codes(self.hash_key(), self.size, self.s, self.k)
 
     def _sjlt(self, x: torch.Tensor) -> torch.Tensor:
-        rows, signs = _sjlt_cached(self, x.device, x.dtype)
-        out = torch.zeros(x.shape[0], self.k, dtype=x.dtype, device=x.device)
+        if x.is_cuda and x.dtype in kernels.DTYPES and kernels.supports(self.k, self.s):
+            return kernels.sjlt_cuda(x, self.hash_key(), self.k, self.s)
+        # Signs are folded into the index (negative entries go to k extra bins) so that x is scattered
+        # as is, with no signed temporary: out = (bins[:, :k] − bins[:, k:]) / √s.
+        index = _sjlt_cached(self, x.device)
+        bins = torch.zeros(x.shape[0], 2 * self.k, dtype=x.dtype, device=x.device)
         for b in range(self.s):
-            out.index_add_(1, rows[b], x * signs[b])
-        return out
+            bins.index_add_(1, index[b], x)
+        return (bins[:, : self.k] - bins[:, self.k:]) / math.sqrt(self.s)
 
     def _srht(self, x: torch.Tensor) -> torch.Tensor:
         g = self._gen()
@@ -101,10 +110,10 @@ class SketchMap:
 
 
 @functools.lru_cache(maxsize=64)
-def _sjlt_cached(m: SketchMap, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sjlt rows and scaled signs (±1/√s) on the data's device, cached for recent head blocks."""
+def _sjlt_cached(m: SketchMap, device: torch.device) -> torch.Tensor:
+    """sjlt scatter index ``[s, size]``: row + k for negative signs; cached for recent head blocks."""
     rows, signs = m.sjlt_indices()
-    return rows.to(device), (signs.to(torch.float64) / math.sqrt(m.s)).to(device=device, dtype=dtype)
+    return (rows + m.k * (signs < 0)).to(device)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
