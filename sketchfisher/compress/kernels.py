@@ -80,17 +80,25 @@ def supports(k: int, s: int) -> bool:
     return available() and k >= 16 and pow2(k) and pow2(s) and pow2(k // s)
 
 
-def sjlt_cuda(x: torch.Tensor, key: tuple[int, int], k: int, s: int, span: int = 8192) -> torch.Tensor:
-    """sjlt of ``x [n, size]`` on CUDA; returns ``[n, k]`` in x's dtype, scaled by 1/√s."""
+def sjlt_cuda(x: torch.Tensor, key: tuple[int, int], k: int, s: int, *, block_rows: int | None = None,
+              block_cols: int = 32, programs: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """sjlt of ``x [n, size]`` on CUDA; returns ``[n, k]`` in x's dtype, scaled by 1/√s.
+
+    The column range is split so that about ``programs`` programs run (default 4 per SM).
+    """
     import triton
 
     n, size = x.shape
     x = x.contiguous()
     out = torch.zeros(n, k, dtype=torch.float32, device=x.device)
-    BR = 16 if n <= 16 else 64
-    BC = 32
-    span = min(span, triton.cdiv(size, BC) * BC)
-    grid = (triton.cdiv(n, BR), triton.cdiv(size, span))
+    BR = block_rows or (16 if n <= 16 else 32 if n <= 32 else 64)
+    BC = block_cols
+    row_tiles = triton.cdiv(n, BR)
+    if programs is None:
+        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    col_tiles = max(1, programs // row_tiles)
+    span = max(BC, triton.cdiv(triton.cdiv(size, col_tiles), BC) * BC)
+    grid = (row_tiles, triton.cdiv(size, span))
     _kernel()[grid](x, out, n, size, x.stride(0), key[0], key[1], span, K=k, S=s, BR=BR, BC=BC,
-                    IEEE=x.dtype == torch.float32)
+                    IEEE=x.dtype == torch.float32, num_warps=num_warps)
     return (out / math.sqrt(s)).to(x.dtype)

@@ -1,0 +1,52 @@
+"""Tune the CUDA sjlt kernel's tile sizes on one head block (524,288 entries), beside copy_.
+
+    python benchmarks/sjlt_tune.py
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from sketchfisher.compress.kernels import sjlt_cuda
+
+
+def bench(fn, repeats=30):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    size, k, s = 524288, 256, 4
+    print(f"# {torch.cuda.get_device_name()}, size {size}, k {k}, s {s}; median ms; ratio to copy_")
+    print("| n | dtype | copy_ | best kernel | BC | programs | warps | x copy_ |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, dtype in itertools.product((16, 64, 256), (torch.bfloat16, torch.float32)):
+        x = torch.randn(n, size, device="cuda").to(dtype)
+        buf = torch.empty_like(x)
+        t_copy = bench(lambda: buf.copy_(x))
+        best = None
+        for bc, programs, warps in itertools.product((16, 32, 64), (264, 528, 1056, 2112), (2, 4, 8)):
+            try:
+                t = bench(lambda: sjlt_cuda(x, (123, 456), k, s, block_cols=bc, programs=programs, num_warps=warps))
+            except Exception as exc:  # a tile shape the compiler rejects (e.g. out of shared memory)
+                print(f"  skip BC={bc} programs={programs} warps={warps}: {type(exc).__name__}")
+                continue
+            if best is None or t < best[0]:
+                best = (t, bc, programs, warps)
+        t, bc, programs, warps = best
+        print(f"| {n} | {str(dtype).split('.')[-1]} | {t_copy:.4f} | {t:.4f} | {bc} | {programs} | {warps} "
+              f"| {t / t_copy:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
