@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from sketchfisher.compress.kernels import sjlt_cuda
+from sketchfisher.compress.kernels import sjlt_cuda, sjlt_cuda_scatter
 
 
 def bench(fn, repeats=30):
@@ -29,22 +29,33 @@ def bench(fn, repeats=30):
 def main() -> None:
     size, k, s = 524288, 256, 4
     print(f"# {torch.cuda.get_device_name()}, size {size}, k {k}, s {s}; median ms; ratio to copy_")
-    print("| n | dtype | copy_ | best kernel | BC | programs | warps | x copy_ |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for n, dtype in itertools.product((16, 64, 256), (torch.bfloat16, torch.float32)):
+    print("| n | dtype | variant | copy_ | best kernel | BC | programs | warps | x copy_ |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    variants = {"one-hot dot": (sjlt_cuda, (16,), (528,), (8,)),
+                "scatter": (sjlt_cuda_scatter, (64, 128, 256), (528, 1056, 2112), (4, 8))}
+    for (n, dtype), (variant, (fn, bcs, progs, warpss)) in itertools.product(
+            itertools.product((4, 16, 64), (torch.bfloat16, torch.float32)), variants.items()):
         x = torch.randn(n, size, device="cuda").to(dtype)
         buf = torch.empty_like(x)
         t_copy = bench(lambda: buf.copy_(x))
+        ref = sjlt_cuda(x.float(), (123, 456), k, s)
         best = None
-        for bc, programs, warps in itertools.product((16, 32, 64), (264, 528, 1056, 2112), (2, 4, 8)):
+        for bc, programs, warps in itertools.product(bcs, progs, warpss):
             try:
-                t = bench(lambda: sjlt_cuda(x, (123, 456), k, s, block_cols=bc, programs=programs, num_warps=warps))
-            except Exception as exc:  # a tile shape the compiler rejects (e.g. out of shared memory)
-                print(f"  skip BC={bc} programs={programs} warps={warps}: {type(exc).__name__}")
+                out = fn(x, (123, 456), k, s, block_cols=bc, programs=programs, num_warps=warps)
+                err = float((out.float() - ref).norm() / ref.norm())
+                assert err < 1e-2, err
+                t = bench(lambda: fn(x, (123, 456), k, s, block_cols=bc, programs=programs, num_warps=warps))
+            except (AssertionError, RuntimeError) as exc:  # a tile shape the compiler rejects (e.g. out of shared memory)
+                print(f"  skip BC={bc} programs={programs} warps={warps}: {type(exc).__name__} {exc}"[:200])
                 continue
             if best is None or t < best[0]:
                 best = (t, bc, programs, warps)
+        if best is None:
+            print(f"| {n} | {dtype} | {variant} | no configuration ran |")
+            continue
         t, bc, programs, warps = best
-        print(f"| {n} | {str(dtype).split('.')[-1]} | {t_copy:.4f} | {t:.4f} | {bc} | {programs} | {warps} "
+        print(f"| {n} | {str(dtype).split('.')[-1]} | {variant} | {t_copy:.4f} | {t:.4f} | {bc} | {programs} | {warps} "
               f"| {t / t_copy:.2f} |", flush=True)
 
 
