@@ -102,28 +102,54 @@ def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layou
     return out
 
 
-def sketch_scorer(layout: Layout, side_a: SketchSide, side_b: SketchSide, preps: dict, codec: Sketch):
-    """Scorer for :func:`sketchfisher.interference.assemble` from the two sides' sketches."""
-    def scorer(layer: int, block: str):
+@dataclass
+class SketchBlock:
+    """Sketched scores of one (layer, block): ⟨R x̃_i, R ỹ_j⟩ + c_i + d_j − e with JL standard errors."""
+
+    xa: torch.Tensor   # [nA, H_b, k]
+    na: torch.Tensor   # ‖x̃_i‖² [nA, H_b]
+    ca: torch.Tensor   # ⟨x'_i, ȳ'⟩ [nA, H_b]
+    yb: torch.Tensor   # [nB, H_b, k]
+    nb: torch.Tensor
+    db: torch.Tensor
+    e: torch.Tensor    # [H_b]
+    k: int
+    fpc: float         # finite-population correction (srht), else 1
+
+    @property
+    def n_a(self) -> int:
+        return self.xa.shape[0]
+
+    @property
+    def row_bytes(self) -> int:
+        return 8 * (self.xa.shape[1] * self.xa.shape[2] + 3 * self.yb.shape[0] * self.xa.shape[1])
+
+    def rows(self, lo: int, hi: int):
+        term = torch.einsum("ihk,jhk->ijh", self.xa[lo:hi], self.yb)
+        scores = term + self.ca[lo:hi, None, :] + self.db[None, :, :] - self.e[None, None, :]
+        var = (term.square() + self.na[lo:hi, None, :] * self.nb[None, :, :]) / self.k * self.fpc
+        return scores, var.sqrt()
+
+
+def sketch_provider(layout: Layout, side_a: SketchSide, side_b: SketchSide, preps: dict, codec: Sketch):
+    """Provider for :mod:`sketchfisher.interference.engine` from the two sides' sketches."""
+    def provider(layer: int, block: str) -> Optional[SketchBlock]:
         prep = preps.get((layer, block))
         a, b = side_a.get((layer, block)), side_b.get((layer, block))
         if prep is None or a is None or b is None:
             return None
-        (xa, na, ca), (yb, nb, db) = a, b
-        term = torch.einsum("ihk,jhk->ijh", xa, yb)
-        scores = term + ca[:, None, :] + db[None, :, :] - prep.e.double()[None, None, :]
-        var = (term.square() + na[:, None, :] * nb[None, :, :]) / codec.k
+        fpc = 1.0
         if codec.kind == "srht":
             P = codec.map(layer, 0, 0, layout.head_blocks(layer, block)[0].numel).padded
-            var = var * max(P - codec.k, 0) / max(P - 1, 1)
-        return scores, var.sqrt()
-    return scorer
+            fpc = max(P - codec.k, 0) / max(P - 1, 1)
+        return SketchBlock(*a, *b, prep.e.double(), codec.k, fpc)
+    return provider
 
 
 def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any],
                      layout: Layout, codec: Sketch, cfg: ScoreConfig, stats_a: FisherStats, stats_b: FisherStats,
                      show_progress: bool = False):
-    """Pass 2 for both tasks given their pass-1 statistics; returns a scorer and the two sides."""
+    """Pass 2 for both tasks given their pass-1 statistics; returns a score provider and the two sides."""
     for name, task in (("task_a", task_a), ("task_b", task_b)):
         if iter(task) is task:
             raise InputError(f"{name} is a one-shot iterator; Sketch needs two passes, pass a list or a DataLoader")
@@ -136,5 +162,5 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
     if side_a.n != stats_a.count or side_b.n != stats_b.count:
         raise InputError(f"pass 2 saw {side_a.n}/{side_b.n} samples but pass 1 saw {stats_a.count}/{stats_b.count}: "
                          "the tasks must yield the same batches on every pass")
-    return sketch_scorer(layout, side_a, side_b, preps, codec), side_a, side_b
+    return sketch_provider(layout, side_a, side_b, preps, codec), side_a, side_b
 

@@ -1,46 +1,93 @@
-"""Assemble ``scores[nA, nB, L, H, 4]`` (and standard errors) from per-(layer, block) scorers."""
+"""Stream Stage 6 scores block by block and row chunk by row chunk, with bounded memory.
+
+A *provider* maps (layer, block) to a :class:`BlockScores` (or None when that block was not
+collected). ``BlockScores.rows(lo, hi)`` scores task-A samples ``lo:hi`` against every task-B
+sample over the block's distinct head blocks. :func:`iter_chunks` walks all of them, expanding
+K/V kv-head scores to the query heads that share them, so reducers (full tensor, means, top-k,
+per-sample summaries) never need the whole ``[nA, nB, L, H, 4]`` tensor.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 
 from ..layout import BLOCKS, Layout
-from .metric import ScoreConfig, block_scores
+from .metric import ScoreConfig, contract, x_side, y_side
 
-BlockFn = Callable[[int, str], Optional[torch.Tensor]]
-BlockScorer = Callable[[int, str], Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]]
+DEFAULT_MAX_BYTES = 1 << 28
 
 
-def assemble(layout: Layout, n_a: int, n_b: int, scorer: BlockScorer,
-             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores and standard errors for every (layer, block, query head); NaN where data is missing.
+class BlockScores(Protocol):
+    n_a: int
+    row_bytes: int
 
-    ``scorer(layer, block)`` returns ``(scores [nA, nB, H_b], stderr [nA, nB, H_b] or None)`` over the
-    distinct head blocks, or None when that block was not collected. K/V blocks are scored once per
-    kv head and broadcast to the query heads that share it; a None stderr means exact (0).
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Scores ``[hi − lo, nB, H_b]`` and standard errors (None when exact)."""
+
+
+Provider = Callable[[int, str], Optional[BlockScores]]
+
+
+@dataclass
+class ExactBlock:
+    """Exact scores of one (layer, block) from per-sample block gradients ``[n, H_b, S]``."""
+
+    ga: torch.Tensor
+    y: torch.Tensor
+    fisher: torch.Tensor
+    count: int
+    cfg: ScoreConfig
+
+    @classmethod
+    def build(cls, ga: torch.Tensor, gb: torch.Tensor, fisher: torch.Tensor, count: int, cfg: ScoreConfig):
+        return cls(ga, y_side(gb, cfg), fisher.to(cfg.dtype), count, cfg)
+
+    @property
+    def n_a(self) -> int:
+        return self.ga.shape[0]
+
+    @property
+    def row_bytes(self) -> int:
+        heads, size = self.ga.shape[1:]
+        item = torch.empty((), dtype=self.cfg.dtype).element_size()
+        return 3 * heads * size * item + self.y.shape[0] * heads * item
+
+    def rows(self, lo: int, hi: int):
+        x = x_side(self.ga[lo:hi], self.fisher, self.count, self.cfg)
+        return contract(x, self.y), None
+
+
+def iter_chunks(layout: Layout, provider: Provider, max_bytes: int = DEFAULT_MAX_BYTES
+                ) -> Iterator[tuple[int, int, int, int, torch.Tensor, Optional[torch.Tensor]]]:
+    """Yield ``(layer, b, lo, hi, scores [c, nB, H], stderr or None)`` over every collected block.
+
+    ``b`` indexes (Q, K, V, O). Rows are chunked so that one chunk's working set stays under
+    ``max_bytes`` (at least one row per chunk).
     """
+    for layer in range(layout.num_layers):
+        for b, block in enumerate(BLOCKS):
+            scores = provider(layer, block)
+            if scores is None:
+                continue
+            heads = layout.head_index(block)
+            step = max(1, int(max_bytes // max(1, scores.row_bytes)))
+            for lo in range(0, scores.n_a, step):
+                hi = min(scores.n_a, lo + step)
+                s, se = scores.rows(lo, hi)
+                idx = heads.to(s.device)
+                yield layer, b, lo, hi, s[:, :, idx], None if se is None else se[:, :, idx]
+
+
+def assemble(layout: Layout, n_a: int, n_b: int, provider: Provider, dtype: torch.dtype = torch.float64,
+             max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full ``scores`` and ``stderr`` tensors ``[nA, nB, L, H, 4]``; NaN where data is missing."""
     shape = (n_a, n_b, layout.num_layers, layout.num_heads, len(BLOCKS))
     scores = torch.full(shape, float("nan"), dtype=dtype)
     stderr = torch.full(shape, float("nan"), dtype=dtype)
-    for layer in range(layout.num_layers):
-        for b, block in enumerate(BLOCKS):
-            out = scorer(layer, block)
-            if out is None:
-                continue
-            s, se = out
-            heads = layout.head_index(block).to(s.device)
-            scores[:, :, layer, :, b] = s[:, :, heads].cpu().to(dtype)
-            stderr[:, :, layer, :, b] = 0.0 if se is None else se[:, :, heads].cpu().to(dtype)
+    for layer, b, lo, hi, s, se in iter_chunks(layout, provider, max_bytes):
+        scores[lo:hi, :, layer, :, b] = s.cpu().to(dtype)
+        stderr[lo:hi, :, layer, :, b] = 0.0 if se is None else se.cpu().to(dtype)
     return scores, stderr
-
-
-def exact_scorer(grads_a: BlockFn, grads_b: BlockFn, fisher: BlockFn, count: int, cfg: ScoreConfig) -> BlockScorer:
-    """Scorer from exact per-sample block gradients ``[n, H_b, S]`` and the normaliser ``[H_b, S]``."""
-    def scorer(layer: int, block: str):
-        ga, gb, fi = grads_a(layer, block), grads_b(layer, block), fisher(layer, block)
-        if ga is None or gb is None or fi is None:
-            return None
-        return block_scores(ga, gb, fi, count, cfg), None
-    return scorer

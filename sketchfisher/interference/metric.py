@@ -61,27 +61,33 @@ def ridge(fisher: torch.Tensor, cfg: ScoreConfig) -> torch.Tensor:
     return lam
 
 
-def side_vectors(ga: torch.Tensor, gb: torch.Tensor, fisher: torch.Tensor, count: int, cfg: ScoreConfig,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The variant's i-side and j-side vectors ``x [nA, H_b, S]``, ``y [nB, H_b, S]``.
+def x_side(ga: torch.Tensor, fisher: torch.Tensor, count: int, cfg: ScoreConfig) -> torch.Tensor:
+    """The variant's i-side vectors ``x [nA, H_b, S]`` of task-A block gradients.
 
     ``fisher`` is the normaliser Î ``[H_b, S]``; ``count`` the number of samples it averages
-    (needed for leave-one-out).
+    (needed for leave-one-out, where Î₋ᵢ = (n Î − g_i²)/(n − 1)).
     """
-    ga = ga.to(cfg.dtype)
-    gb = gb.to(cfg.dtype)
-    fisher = fisher.to(cfg.dtype)
-    denom = fisher + (cfg.eps + ridge(fisher, cfg))
+    ga, fisher = ga.to(cfg.dtype), fisher.to(cfg.dtype)
+    lam = cfg.eps + ridge(fisher, cfg)
+    denom = fisher + lam
     if cfg.normalizer == "loo":
         if count < 2:
             raise InputError(f"normalizer='loo' needs at least 2 task-A samples, got {count}")
-        loo = (count * fisher - ga.square()) / (count - 1)
-        denom = loo.clamp_min(0) + (cfg.eps + ridge(fisher, cfg))
-    if cfg.variant == "paper":
-        return ga.square() / denom, gb.abs()
-    if cfg.variant == "signed":
-        return ga / denom, gb
-    return ga.abs() / denom, gb.abs()
+        denom = ((count * fisher - ga.square()) / (count - 1)).clamp_min(0) + lam
+    num = {"paper": ga.square(), "signed": ga, "symmetric": ga.abs()}[cfg.variant]
+    return num / denom
+
+
+def y_side(gb: torch.Tensor, cfg: ScoreConfig) -> torch.Tensor:
+    """The variant's j-side vectors ``y [nB, H_b, S]``: ``g_j`` for signed, else ``|g_j|``."""
+    gb = gb.to(cfg.dtype)
+    return gb if cfg.variant == "signed" else gb.abs()
+
+
+def side_vectors(ga: torch.Tensor, gb: torch.Tensor, fisher: torch.Tensor, count: int, cfg: ScoreConfig,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides at once: ``(x_side(ga, ...), y_side(gb, ...))``."""
+    return x_side(ga, fisher, count, cfg), y_side(gb, cfg)
 
 
 def contract(x: torch.Tensor, y: torch.Tensor, max_bytes: int = 1 << 28) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``InterferenceResult``: the score tensor with its metadata and tidy views."""
+"""``InterferenceResult``: Stage 6 scores as a lazily materialised tensor plus streaming views."""
 
 from __future__ import annotations
 
@@ -10,45 +10,148 @@ import torch
 
 from ..errors import InputError
 from ..layout import BLOCKS, Layout, block_index
+from .engine import DEFAULT_MAX_BYTES, Provider, assemble, iter_chunks
+
+COLUMNS = ["block", "layer", "head", "sample_i", "sample_j", "score", "stderr"]
 
 
 @dataclass
 class InterferenceResult:
-    """Stage 6 output.
+    """Stage 6 output over ``nA`` task-A and ``nB`` task-B samples.
 
-    ``scores[i, j, layer, head, b]`` with ``b`` in (Q, K, V, O) order and samples in iteration
-    order; NaN marks missing data. ``stderr`` has the same shape (exactly 0 for exact codecs).
-    For ``variant="signed"`` a *negative* score is a conflict; for the others a large score is.
+    ``scores[i, j, layer, head, b]`` with ``b`` in (Q, K, V, O) order and samples in iteration order;
+    NaN marks missing data; ``stderr`` has the same shape (0 for exact codecs). Both are computed on
+    first access. ``head_means``, ``top_conflicts``, ``block_summary`` and ``sample_summary`` stream
+    over (layer, block, row chunk) when the full tensor has not been materialised, so they work when
+    it would not fit in memory. For ``variant="signed"`` a *negative* score is a conflict; for the
+    others a large score is.
     """
 
-    scores: torch.Tensor
-    stderr: torch.Tensor
     layout: Layout
+    n_a: int
+    n_b: int
+    provider: Provider
     config: dict[str, Any] = field(default_factory=dict)
+    max_bytes: int = DEFAULT_MAX_BYTES
+    dtype: torch.dtype = torch.float64
+    context: dict[str, Any] = field(default_factory=dict, repr=False)
+    _scores: Optional[torch.Tensor] = field(default=None, repr=False)
+    _stderr: Optional[torch.Tensor] = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.scores.shape != self.stderr.shape:
-            raise InputError(f"stderr shape {tuple(self.stderr.shape)} != scores shape {tuple(self.scores.shape)}")
+    # -- the full tensor ---------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.n_a, self.n_b, self.layout.num_layers, self.layout.num_heads, len(BLOCKS))
+
+    def materialize(self) -> "InterferenceResult":
+        if self._scores is None:
+            self._scores, self._stderr = assemble(self.layout, self.n_a, self.n_b, self.provider, self.dtype,
+                                                  self.max_bytes)
+        return self
 
     @property
-    def n_a(self) -> int:
-        return self.scores.shape[0]
+    def scores(self) -> torch.Tensor:
+        return self.materialize()._scores
 
     @property
-    def n_b(self) -> int:
-        return self.scores.shape[1]
+    def stderr(self) -> torch.Tensor:
+        return self.materialize()._stderr
 
+    @property
+    def materialized(self) -> bool:
+        return self._scores is not None
+
+    def _chunks(self):
+        if self.materialized:
+            for layer in range(self.layout.num_layers):
+                for b in range(len(BLOCKS)):
+                    s = self._scores[:, :, layer, :, b]
+                    if torch.isnan(s).all():
+                        continue
+                    yield layer, b, 0, self.n_a, s, self._stderr[:, :, layer, :, b]
+            return
+        for layer, b, lo, hi, s, se in iter_chunks(self.layout, self.provider, self.max_bytes):
+            yield layer, b, lo, hi, s.cpu().to(self.dtype), None if se is None else se.cpu().to(self.dtype)
+
+    # -- streaming reductions ----------------------------------------------------------------
     def head_means(self) -> torch.Tensor:
-        """Mean over sample pairs per (layer, head, block): ``[L, H, 4]``, NaN-aware."""
-        return self.scores.nanmean(dim=(0, 1))
+        """Mean over sample pairs per (layer, head, block): ``[L, H, 4]``; NaN where missing."""
+        L, H = self.layout.num_layers, self.layout.num_heads
+        sums = torch.zeros(L, H, len(BLOCKS), dtype=torch.float64)
+        counts = torch.zeros(L, H, len(BLOCKS), dtype=torch.float64)
+        for layer, b, _, _, s, _ in self._chunks():
+            sums[layer, :, b] += s.double().nansum((0, 1))
+            counts[layer, :, b] += (~torch.isnan(s)).sum((0, 1))
+        return sums / counts  # 0/0 -> NaN for missing blocks
 
     def pair(self, i: int, j: int, layer: int, head: int) -> dict[str, float]:
         """The four block scores of one (i, j, layer, head)."""
+        if not (0 <= i < self.n_a and 0 <= j < self.n_b):
+            raise InputError(f"pair ({i}, {j}) is outside [0, {self.n_a}) x [0, {self.n_b})")
         return {blk: float(self.scores[i, j, layer, head, b]) for b, blk in enumerate(BLOCKS)}
+
+    def top_conflicts(self, k: int = 20, block: Optional[str] = None) -> pd.DataFrame:
+        """The ``k`` strongest conflicts (largest scores; most negative for ``signed``), NaN excluded."""
+        if not isinstance(k, int) or k < 1:
+            raise InputError(f"k must be a positive int, got {k!r}")
+        only = None if block is None else block_index(block)
+        sign = -1.0 if self.config.get("variant") == "signed" else 1.0
+        best_key = torch.empty(0, dtype=torch.float64)
+        best_rows: list[list] = []
+        for layer, b, lo, hi, s, se in self._chunks():
+            if only is not None and b != only:
+                continue
+            key = (sign * s.double()).nan_to_num(nan=-float("inf")).reshape(-1)
+            top = torch.topk(key, min(k, key.numel()))
+            keep = torch.isfinite(top.values)
+            vals, flat = top.values[keep], top.indices[keep]
+            ci, cj, ch = torch.unravel_index(flat, s.shape)
+            rows = [[BLOCKS[b], layer, h, lo + i, j, float(s[i, j, h]), 0.0 if se is None else float(se[i, j, h])]
+                    for i, j, h in zip(ci.tolist(), cj.tolist(), ch.tolist())]
+            best_key = torch.cat([best_key, vals])
+            best_rows += rows
+            if len(best_rows) > k:
+                order = torch.topk(best_key, k).indices.tolist()
+                best_key, best_rows = best_key[order], [best_rows[o] for o in order]
+        order = torch.argsort(best_key, descending=True, stable=True).tolist()
+        return pd.DataFrame([best_rows[o] for o in order], columns=COLUMNS)
+
+    def block_summary(self) -> pd.DataFrame:
+        """Per block: mean and max score over all (pair, layer, head), and the fraction missing."""
+        total = self.n_a * self.n_b * self.layout.num_layers * self.layout.num_heads
+        acc = {b: [0.0, 0, -float("inf")] for b in range(len(BLOCKS))}
+        for _, b, _, _, s, _ in self._chunks():
+            ok = ~torch.isnan(s)
+            acc[b][0] += float(s[ok].double().sum())
+            acc[b][1] += int(ok.sum())
+            if ok.any():
+                acc[b][2] = max(acc[b][2], float(s[ok].max()))
+        return pd.DataFrame([{"block": BLOCKS[b], "mean": s / n if n else float("nan"),
+                              "max": m if n else float("nan"), "missing_fraction": 1 - n / total}
+                             for b, (s, n, m) in acc.items()])
+
+    def sample_summary(self) -> pd.DataFrame:
+        """Per sample and block: the mean score of that sample against the other task (NaN-aware)."""
+        sums = {side: torch.zeros(n, len(BLOCKS), dtype=torch.float64) for side, n in (("a", self.n_a), ("b", self.n_b))}
+        counts = {side: torch.zeros_like(t) for side, t in sums.items()}
+        for _, b, lo, hi, s, _ in self._chunks():
+            ok = (~torch.isnan(s)).double()
+            v = s.double().nan_to_num()
+            sums["a"][lo:hi, b] += v.sum((1, 2))
+            counts["a"][lo:hi, b] += ok.sum((1, 2))
+            sums["b"][:, b] += v.sum((0, 2))
+            counts["b"][:, b] += ok.sum((0, 2))
+        rows = []
+        for side in ("a", "b"):
+            mean = sums[side] / counts[side]
+            for i in range(mean.shape[0]):
+                rows += [{"task": side.upper(), "sample": i, "block": BLOCKS[b], "mean_score": float(mean[i, b])}
+                         for b in range(len(BLOCKS))]
+        return pd.DataFrame(rows)
 
     def to_frame(self) -> pd.DataFrame:
         """Every score as a tidy row: block, layer, head, sample_i, sample_j, score, stderr."""
-        n_a, n_b, L, H, B = self.scores.shape
+        n_a, n_b, L, H, B = self.shape
         idx = torch.cartesian_prod(*(torch.arange(s) for s in (n_a, n_b, L, H, B)))
         return pd.DataFrame({
             "block": [BLOCKS[b] for b in idx[:, 4].tolist()],
@@ -57,23 +160,11 @@ class InterferenceResult:
             "score": self.scores.reshape(-1).numpy(), "stderr": self.stderr.reshape(-1).numpy(),
         })
 
-    def top_conflicts(self, k: int = 20, block: Optional[str] = None) -> pd.DataFrame:
-        """The ``k`` strongest conflicts (largest scores; most negative for ``signed``), NaN excluded."""
-        if not isinstance(k, int) or k < 1:
-            raise InputError(f"k must be a positive int, got {k!r}")
-        scores, stderr = self.scores, self.stderr
-        blocks = list(range(len(BLOCKS)))
-        if block is not None:
-            blocks = [block_index(block)]
-        sub = scores[..., blocks]
-        key = -sub if self.config.get("variant") == "signed" else sub
-        key = torch.where(torch.isnan(key), torch.full_like(key, -float("inf")), key).reshape(-1)
-        valid = int((~torch.isnan(sub)).sum())
-        top = torch.topk(key, min(k, valid)).indices
-        coords = torch.stack(torch.unravel_index(top, sub.shape), dim=1).tolist()
-        rows = []
-        for i, j, layer, head, b in coords:
-            rows.append({"block": BLOCKS[blocks[b]], "layer": layer, "head": head, "sample_i": i, "sample_j": j,
-                         "score": float(sub[i, j, layer, head, b]),
-                         "stderr": float(stderr[i, j, layer, head, blocks[b]])})
-        return pd.DataFrame(rows, columns=["block", "layer", "head", "sample_i", "sample_j", "score", "stderr"])
+    def verify_top(self, k: int = 100, budget: int = 1000, **sources: Any) -> pd.DataFrame:
+        """Re-score the ``budget`` best candidates exactly and report which of the top ``k`` held.
+
+        See :func:`sketchfisher.interference.verify.verify_top` for the sources it accepts.
+        """
+        from .verify import verify_top
+
+        return verify_top(self, k=k, budget=budget, **sources)
