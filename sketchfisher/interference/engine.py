@@ -60,12 +60,13 @@ class ExactBlock:
         return contract(x, self.y), None
 
 
-def iter_chunks(layout: Layout, provider: Provider, max_bytes: int = DEFAULT_MAX_BYTES
+def iter_chunks(layout: Layout, provider: Provider, max_bytes: int = DEFAULT_MAX_BYTES, expand: bool = True
                 ) -> Iterator[tuple[int, int, int, int, torch.Tensor, Optional[torch.Tensor]]]:
     """Yield ``(layer, b, lo, hi, scores [c, nB, H], stderr or None)`` over every collected block.
 
     ``b`` indexes (Q, K, V, O). Rows are chunked so that one chunk's working set stays under
-    ``max_bytes`` (at least one row per chunk).
+    ``max_bytes`` (at least one row per chunk). With ``expand=False`` the last axis holds the
+    distinct head blocks (H_kv for K/V) instead of query heads.
     """
     for layer in range(layout.num_layers):
         for b, block in enumerate(BLOCKS):
@@ -77,6 +78,9 @@ def iter_chunks(layout: Layout, provider: Provider, max_bytes: int = DEFAULT_MAX
             for lo in range(0, scores.n_a, step):
                 hi = min(scores.n_a, lo + step)
                 s, se = scores.rows(lo, hi)
+                if not expand:
+                    yield layer, b, lo, hi, s, se
+                    continue
                 idx = heads.to(s.device)
                 yield layer, b, lo, hi, s[:, :, idx], None if se is None else se[:, :, idx]
 

@@ -61,16 +61,23 @@ class InterferenceResult:
     def materialized(self) -> bool:
         return self._scores is not None
 
-    def _chunks(self):
+    def _first_heads(self, b: int) -> list[int]:
+        """The first query head of each distinct head block of block ``b`` (K/V: of each kv group)."""
+        idx = self.layout.head_index(BLOCKS[b]).tolist()
+        return [idx.index(d) for d in range(max(idx) + 1)]
+
+    def _chunks(self, expand: bool = True):
+        """``(layer, b, lo, hi, scores, stderr)`` chunks; ``expand=False`` keeps distinct head blocks."""
         if self.materialized:
             for layer in range(self.layout.num_layers):
                 for b in range(len(BLOCKS)):
-                    s = self._scores[:, :, layer, :, b]
+                    heads = slice(None) if expand else self._first_heads(b)
+                    s = self._scores[:, :, layer, heads, b]
                     if torch.isnan(s).all():
                         continue
-                    yield layer, b, 0, self.n_a, s, self._stderr[:, :, layer, :, b]
+                    yield layer, b, 0, self.n_a, s, self._stderr[:, :, layer, heads, b]
             return
-        for layer, b, lo, hi, s, se in iter_chunks(self.layout, self.provider, self.max_bytes):
+        for layer, b, lo, hi, s, se in iter_chunks(self.layout, self.provider, self.max_bytes, expand):
             yield layer, b, lo, hi, s.cpu().to(self.dtype), None if se is None else se.cpu().to(self.dtype)
 
     # -- streaming reductions ----------------------------------------------------------------
@@ -91,30 +98,34 @@ class InterferenceResult:
         return {blk: float(self.scores[i, j, layer, head, b]) for b, blk in enumerate(BLOCKS)}
 
     def top_conflicts(self, k: int = 20, block: Optional[str] = None) -> pd.DataFrame:
-        """The ``k`` strongest conflicts (largest scores; most negative for ``signed``), NaN excluded."""
+        """The ``k`` strongest conflicts (largest scores; most negative for ``signed``), NaN excluded.
+
+        Each storage head block appears once: a K/V block shared by a group of query heads (GQA)
+        is listed under the group's first query head. Ties are broken by position (layer, block,
+        head, i, j), so the list does not depend on chunking.
+        """
         if not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive int, got {k!r}")
         only = None if block is None else block_index(block)
         sign = -1.0 if self.config.get("variant") == "signed" else 1.0
         best_key = torch.empty(0, dtype=torch.float64)
         best_rows: list[list] = []
-        for layer, b, lo, hi, s, se in self._chunks():
+        for layer, b, lo, hi, s, se in self._chunks(expand=False):
             if only is not None and b != only:
                 continue
             key = (sign * s.double()).nan_to_num(nan=-float("inf")).reshape(-1)
-            top = torch.topk(key, min(k, key.numel()))
-            keep = torch.isfinite(top.values)
-            vals, flat = top.values[keep], top.indices[keep]
+            # keep every entry tied with the k-th value so that the tie-break below sees them all
+            kth = torch.topk(key, min(k, key.numel())).values[-1]
+            flat = ((key >= kth) & torch.isfinite(key)).nonzero().flatten()
             ci, cj, ch = torch.unravel_index(flat, s.shape)
-            rows = [[BLOCKS[b], layer, h, lo + i, j, float(s[i, j, h]), 0.0 if se is None else float(se[i, j, h])]
+            first = self._first_heads(b)
+            rows = [[BLOCKS[b], layer, first[h], lo + i, j, float(s[i, j, h]), 0.0 if se is None else float(se[i, j, h])]
                     for i, j, h in zip(ci.tolist(), cj.tolist(), ch.tolist())]
-            best_key = torch.cat([best_key, vals])
+            best_key = torch.cat([best_key, key[flat]])
             best_rows += rows
-            if len(best_rows) > k:
-                order = torch.topk(best_key, k).indices.tolist()
-                best_key, best_rows = best_key[order], [best_rows[o] for o in order]
-        order = torch.argsort(best_key, descending=True, stable=True).tolist()
-        return pd.DataFrame([best_rows[o] for o in order], columns=COLUMNS)
+            best_key, best_rows = _select(best_key, best_rows, k)
+        best_key, best_rows = _select(best_key, best_rows, k)
+        return pd.DataFrame(best_rows, columns=COLUMNS)
 
     def block_summary(self) -> pd.DataFrame:
         """Per block: mean and max score over all (pair, layer, head), and the fraction missing."""
@@ -168,3 +179,10 @@ class InterferenceResult:
         from .verify import verify_top
 
         return verify_top(self, k=k, budget=budget, **sources)
+
+
+def _select(key: torch.Tensor, rows: list[list], k: int) -> tuple[torch.Tensor, list[list]]:
+    """The k best rows by key (descending), ties broken by (layer, block, head, i, j) ascending."""
+    order = sorted(range(len(rows)), key=lambda r: (-float(key[r]), rows[r][1], BLOCKS.index(rows[r][0]),
+                                                    rows[r][2], rows[r][3], rows[r][4]))[:k]
+    return key[order] if order else key[:0], [rows[o] for o in order]
