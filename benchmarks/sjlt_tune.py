@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from sketchfisher.compress.kernels import sjlt_cuda, sjlt_cuda_scatter
+from sketchfisher.compress.kernels import sjlt_cuda, sjlt_cuda_scatter, sjlt_cuda_shared
 
 
 def bench(fn, repeats=30):
@@ -29,12 +29,17 @@ def bench(fn, repeats=30):
 def main() -> None:
     size, k, s = 524288, 256, 4
     print(f"# {torch.cuda.get_device_name()}, size {size}, k {k}, s {s}; median ms; ratio to copy_")
+    print("(for the CUDA C++ kernel, BC = rows per block and programs = columns per block)")
     print("| n | dtype | variant | copy_ | best kernel | BC | programs | warps | x copy_ |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    variants = {"one-hot dot": (sjlt_cuda, (16,), (528,), (8,)),
-                "scatter": (sjlt_cuda_scatter, (64, 128, 256), (528, 1056, 2112), (4, 8))}
+    def shared(x, key, k, s, block_cols, programs, num_warps):  # block_cols = rows per block, programs = span
+        return sjlt_cuda_shared(x, key, k, s, span=programs, rows_per_block=block_cols, threads=32 * num_warps)
+
+    variants = {"one-hot dot (Triton)": (sjlt_cuda, (16,), (528,), (8,)),
+                "scatter (Triton)": (sjlt_cuda_scatter, (128,), (1056,), (8,)),
+                "shared histogram (CUDA C++)": (shared, (16, 64), (512, 1024, 2048, 4096), (4, 8))}
     for (n, dtype), (variant, (fn, bcs, progs, warpss)) in itertools.product(
-            itertools.product((4, 16, 64), (torch.bfloat16, torch.float32)), variants.items()):
+            itertools.product((4, 16, 64, 256), (torch.bfloat16, torch.float32)), variants.items()):
         x = torch.randn(n, size, device="cuda").to(dtype)
         buf = torch.empty_like(x)
         t_copy = bench(lambda: buf.copy_(x))

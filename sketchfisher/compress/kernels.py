@@ -101,6 +101,31 @@ def _kernel():
     return sjlt_kernel, sjlt_scatter_kernel
 
 
+@functools.lru_cache(maxsize=1)
+def _extension():
+    """JIT-compile the CUDA C++ sjlt kernel once (cached by torch in ~/.cache/torch_extensions)."""
+    import logging
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load
+
+    logging.getLogger(__name__).info("compiling the CUDA sjlt kernel (first use only)")
+    src = Path(__file__).with_name("sjlt_cuda.cu")
+    return load(name="sketchfisher_sjlt", sources=[str(src)], extra_cuda_cflags=["-O3"], verbose=False)
+
+
+def sjlt_cuda_shared(x: torch.Tensor, key: tuple[int, int], k: int, s: int, *, span: int | None = None,
+                     rows_per_block: int = 32, threads: int = 256) -> torch.Tensor:
+    """sjlt via the CUDA C++ shared-memory-histogram kernel; ``[n, k]`` in x's dtype, scaled by 1/√s."""
+    n, size = x.shape
+    if span is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        blocks_wanted = max(1, 8 * sms // max(1, -(-n // rows_per_block)))
+        span = max(threads, -(-size // blocks_wanted))
+    out = _extension().sjlt(x, k, s, key[0], key[1], span, rows_per_block, threads)
+    return (out / math.sqrt(s)).to(x.dtype)
+
+
 def supports(k: int, s: int) -> bool:
     """The kernel needs k and k/s to be powers of two (and k >= 16)."""
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
