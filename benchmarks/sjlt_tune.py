@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from sketchfisher.compress.kernels import sjlt_cuda, sjlt_cuda_scatter, sjlt_cuda_shared
+from sketchfisher.compress.kernels import sjlt_cuda, sjlt_cuda_shared
 
 
 def bench(fn, repeats=30):
@@ -36,7 +36,6 @@ def main() -> None:
         return sjlt_cuda_shared(x, key, k, s, span=programs, rows_per_block=block_cols, threads=32 * num_warps)
 
     variants = {"one-hot dot (Triton)": (sjlt_cuda, (16,), (528,), (8,)),
-                "scatter (Triton)": (sjlt_cuda_scatter, (128,), (1056,), (8,)),
                 "shared histogram (CUDA C++)": (shared, (16, 64), (512, 1024, 2048, 4096), (4, 8))}
     for (n, dtype), (variant, (fn, bcs, progs, warpss)) in itertools.product(
             itertools.product((4, 16, 64, 256), (torch.bfloat16, torch.float32)), variants.items()):

@@ -31,13 +31,16 @@ def test_scores_identical_on_cpu_and_cuda():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("size,k", [(524288, 256), (3001, 64), (40, 1024)])
-def test_triton_sjlt_matches_cpu_map(dtype, tol, size, k):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_sjlt_kernels_match_cpu_map(dtype, tol, size, k, backend):
     from sketchfisher.compress import kernels
 
-    assert kernels.supports(k, 4)
+    if backend == "cuda":
+        assert kernels.extension_available(), "the CUDA C++ kernel did not build on the device"
     x = torch.randn(5, size, generator=torch.Generator().manual_seed(1))
     m = SketchMap("sjlt", k, size, 11, (2, 3, 4))
-    want = m.apply(x.double())
-    got = m.apply(x.to(dtype).cuda()).double().cpu()
-    assert got.dtype == torch.float64 and m.apply(x.to(dtype).cuda()).dtype == dtype
+    want = m.apply(x.double())  # the CPU index_add_ path
+    out = kernels.sjlt_on_cuda(x.to(dtype).cuda(), m.hash_key(), k, 4, backend=backend)
+    assert out is not None and out.dtype == dtype
+    got = out.double().cpu()
     assert float((got - want).norm() / want.norm()) < tol

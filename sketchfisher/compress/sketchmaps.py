@@ -7,8 +7,8 @@ spawn_key=(layer, block, head))`` and moved to the data's device, so CPU and CUD
 * ``gaussian``: i.i.d. N(0, 1/k) entries (dense JL), generated in column chunks.
 * ``sjlt``: sparse JL / CountSketch with ``s`` non-zeros per column, one in each of ``s`` row bands
   of height k/s, signs ±1/√s, bucket and sign from a counter-based hash of (key, band, entry)
-  (:mod:`sketchfisher.compress.hashing`). Never materialised: ``index_add_`` on the CPU, a Triton
-  kernel on CUDA (:mod:`sketchfisher.compress.kernels`), identical maps on both.
+  (:mod:`sketchfisher.compress.hashing`). Never materialised: ``index_add_`` on the CPU, a CUDA
+  kernel on GPUs (:mod:`sketchfisher.compress.kernels`), identical maps on both.
 * ``srht``: random signs, normalised Walsh–Hadamard transform over |S| padded to P = 2^⌈log2 |S|⌉,
   then k of the P rows sampled without replacement, scaled by √(P/k). k = P recovers x·y exactly.
 """
@@ -88,8 +88,10 @@ class SketchMap:
         return sjlt_codes(self.hash_key(), self.size, self.s, self.k)
 
     def _sjlt(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in kernels.DTYPES and kernels.supports(self.k, self.s):
-            return kernels.sjlt_cuda(x, self.hash_key(), self.k, self.s)
+        if x.is_cuda:
+            out = kernels.sjlt_on_cuda(x, self.hash_key(), self.k, self.s)
+            if out is not None:
+                return out
         # Signs are folded into the index (negative entries go to k extra bins) so that x is scattered
         # as is, with no signed temporary: out = (bins[:, :k] − bins[:, k:]) / √s.
         index = _sjlt_cached(self, x.device)
