@@ -90,14 +90,13 @@ def _extension():
     return load(name="sketchfisher_sjlt", sources=[str(src)], extra_cuda_cflags=["-O3"], verbose=False)
 
 
-def sjlt_cuda_shared(x: torch.Tensor, key: tuple[int, int], k: int, s: int, *, span: int | None = None,
-                     rows_per_block: int = 32, threads: int = 256) -> torch.Tensor:
-    """sjlt via the CUDA C++ shared-memory-histogram kernel; ``[n, k]`` in x's dtype, scaled by 1/√s."""
-    n, size = x.shape
-    if span is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        blocks_wanted = max(1, 8 * sms // max(1, -(-n // rows_per_block)))
-        span = max(threads, -(-size // blocks_wanted))
+def sjlt_cuda_shared(x: torch.Tensor, key: tuple[int, int], k: int, s: int, *, span: int = 1024,
+                     rows_per_block: int = 16, threads: int = 256) -> torch.Tensor:
+    """sjlt via the CUDA C++ shared-memory-histogram kernel; ``[n, k]`` in x's dtype, scaled by 1/√s.
+
+    Defaults (1024 columns and 16 rows per 256-thread block) are the best of
+    ``benchmarks/sjlt_tune.py`` on an H100 for n ≤ 256 rows.
+    """
     out = _extension().sjlt(x, k, s, key[0], key[1], span, rows_per_block, threads)
     return (out / math.sqrt(s)).to(x.dtype)
 
