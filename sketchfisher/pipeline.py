@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any], *,
             codec: Any = None, variant: str = "paper", normalizer: str = "a", eps: float = 1e-10,
             ridge_abs: float = 0.0, ridge_rel: float = 0.0, layout: Optional[Layout] = None,
-            modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES,
+            modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES, dtype: Any = None,
             progress: bool = False) -> InterferenceResult:
     """Head-resolved interference between every task-A sample i and task-B sample j.
 
@@ -30,11 +30,13 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     over batches. ``codec`` is ``sf.Exact()`` (default; autograd oracle), ``sf.Factors(rank=None)``
     (batched hooks) or ``sf.Sketch(k, kind, seed, ...)`` (two passes: the tasks must be re-iterable;
     ``res.stderr`` then holds each score's standard error). ``modules="all"`` also collects Fisher
-    statistics of every linear weight. ``max_bytes`` bounds the working set of one Stage 6 chunk. Returns an
+    statistics of every linear weight. ``max_bytes`` bounds the working set of one Stage 6 chunk;
+    ``dtype`` (``torch.float32`` by default, or ``torch.float64``) is the Stage 6 arithmetic. Returns an
     :class:`InterferenceResult` whose ``scores`` are ``[nA, nB, L, H, 4]`` (SEMANTICS §4).
     """
     codec = Exact() if codec is None else codec
-    cfg = ScoreConfig(variant=variant, normalizer=normalizer, eps=eps, ridge_abs=ridge_abs, ridge_rel=ridge_rel)
+    cfg = ScoreConfig(variant=variant, normalizer=normalizer, eps=eps, ridge_abs=ridge_abs, ridge_rel=ridge_rel,
+                      **({} if dtype is None else {"dtype": dtype}))
     layout = layout_for(model) if layout is None else layout
     rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="task A",
                              show_progress=progress)

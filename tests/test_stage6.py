@@ -28,7 +28,7 @@ def test_streaming_equals_materialised(setup, codec):
     full = sf.analyze(model, generic_loss, ta, tb, codec=codec).materialize()
     assert not lazy.materialized
     torch.testing.assert_close(lazy.head_means(), full.head_means())
-    torch.testing.assert_close(lazy.head_means(), full.scores.nanmean((0, 1)))
+    torch.testing.assert_close(lazy.head_means(), full.scores.double().nanmean((0, 1)), rtol=1e-6, atol=0)
     pd.testing.assert_frame_equal(lazy.top_conflicts(15), full.top_conflicts(15))
     pd.testing.assert_frame_equal(lazy.block_summary(), full.block_summary())
     pd.testing.assert_frame_equal(lazy.sample_summary(), full.sample_summary())
@@ -56,7 +56,7 @@ def test_verify_top_on_exact_result_holds_everything(setup):
     _, _, _, exact = setup
     v = exact.verify_top(k=10, budget=30)
     assert v.attrs["held_fraction"] == 1.0
-    np.testing.assert_allclose(v["exact_score"], v["score"], rtol=1e-10)
+    np.testing.assert_allclose(v["exact_score"], v["score"], rtol=1e-5)  # fp32 arithmetic, two summation orders
 
 
 def test_verify_top_recovers_exact_top_k_from_sketches(setup):
@@ -66,7 +66,7 @@ def test_verify_top_recovers_exact_top_k_from_sketches(setup):
     truth = exact.top_conflicts(10)
     key = lambda df: set(map(tuple, df[["block", "layer", "head", "sample_i", "sample_j"]].values.tolist()))  # noqa
     assert key(v.head(10)) == key(truth)
-    np.testing.assert_allclose(v.head(10)["exact_score"].to_numpy(), truth["score"].to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(v.head(10)["exact_score"].to_numpy(), truth["score"].to_numpy(), rtol=1e-5)
     with pytest.raises(sf.InputError, match="pass model="):
         sk.verify_top(k=5, budget=10)
 

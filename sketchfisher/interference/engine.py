@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 
 from ..layout import BLOCKS, Layout
-from .metric import ScoreConfig, contract, x_side, y_side
+from .metric import ScoreConfig, contract, ridge, x_side, y_side
 
 DEFAULT_MAX_BYTES = 1 << 28
 
@@ -33,17 +33,26 @@ Provider = Callable[[int, str], Optional[BlockScores]]
 
 @dataclass
 class ExactBlock:
-    """Exact scores of one (layer, block) from per-sample block gradients ``[n, H_b, S]``."""
+    """Exact scores of one (layer, block) from per-sample block gradients ``[n, H_b, S]``.
+
+    Unless the normaliser depends on i (leave-one-out), 1/(Î + ε + λ) is folded into the j side
+    once per block, so each row chunk only squares (or takes |·| of) its own gradients.
+    """
 
     ga: torch.Tensor
     y: torch.Tensor
     fisher: torch.Tensor
     count: int
     cfg: ScoreConfig
+    folded: bool = False
 
     @classmethod
     def build(cls, ga: torch.Tensor, gb: torch.Tensor, fisher: torch.Tensor, count: int, cfg: ScoreConfig):
-        return cls(ga, y_side(gb, cfg), fisher.to(cfg.dtype), count, cfg)
+        fisher = fisher.to(cfg.dtype)
+        if cfg.normalizer == "loo":
+            return cls(ga, y_side(gb, cfg), fisher, count, cfg)
+        inv = 1.0 / (fisher + (cfg.eps + ridge(fisher, cfg)))
+        return cls(ga, y_side(gb, cfg).mul_(inv), fisher, count, cfg, folded=True)
 
     @property
     def n_a(self) -> int:
@@ -56,7 +65,14 @@ class ExactBlock:
         return 3 * heads * size * item + self.y.shape[0] * heads * item
 
     def rows(self, lo: int, hi: int):
-        x = x_side(self.ga[lo:hi], self.fisher, self.count, self.cfg)
+        if self.folded:
+            x = self.ga[lo:hi].to(self.cfg.dtype, copy=True)  # a private copy: safe to modify in place
+            if self.cfg.variant == "paper":
+                x.square_()
+            elif self.cfg.variant == "symmetric":
+                x.abs_()
+        else:
+            x = x_side(self.ga[lo:hi], self.fisher, self.count, self.cfg)
         return contract(x, self.y), None
 
 
