@@ -10,10 +10,11 @@ from .compress import Exact, Factors, Sketch
 from .errors import GradientError, InputError, LayoutError, SketchfisherError
 from .interference import InterferenceResult, ScoreConfig
 from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
+from .interference.checks import run_sanity_checks
 from .pipeline import analyze
 
 __all__ = [
     "BLOCKS", "AttentionSpec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock", "HeadKey", "InputError",
     "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch", "SketchfisherError", "__version__", "analyze",
-    "layout_for", "register_layout",
+    "layout_for", "register_layout", "run_sanity_checks",
 ]

@@ -104,6 +104,7 @@ def test_permutation_pvalues_match_brute_force(setup):
     q = false_discovery_control(distinct["p_value"], method="bh")
     np.testing.assert_allclose(distinct["q_value"], q)
     assert df["p_value"].min() >= 1 / 13
+    pd.testing.assert_frame_equal(exact.permutation_test(12, seed=5), df)
 
 
 class _Synthetic:

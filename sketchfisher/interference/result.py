@@ -171,6 +171,19 @@ class InterferenceResult:
             "score": self.scores.reshape(-1).numpy(), "stderr": self.stderr.reshape(-1).numpy(),
         })
 
+    def permutation_test(self, n_permutations: int = 999, seed: int = 0) -> pd.DataFrame:
+        """Permutation p-values and BH q-values per cell (exact codecs only); see
+        :func:`sketchfisher.interference.stats.permutation_test`."""
+        from .stats import permutation_test, result_grads
+
+        return permutation_test(self.layout, result_grads(self), self.context["cfg"], n_permutations, seed)
+
+    def bootstrap_ci(self, confidence_level: float = 0.95, n_resamples: int = 999, seed: int = 0) -> pd.DataFrame:
+        """Bootstrap intervals of each cell's mean score over samples (``scipy.stats.bootstrap``)."""
+        from .stats import bootstrap_ci
+
+        return bootstrap_ci(self, confidence_level, n_resamples, seed)
+
     def verify_top(self, k: int = 100, budget: int = 1000, **sources: Any) -> pd.DataFrame:
         """Re-score the ``budget`` best candidates exactly and report which of the top ``k`` held.
 
