@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from sketchfisher.compress.kernels import sjlt_cuda, sjlt_cuda_shared, sjlt_cuda_warp
+from sketchfisher.compress.kernels import sjlt_cuda, sjlt_cuda_shared
 
 
 def bench(fn, repeats=30):
@@ -29,18 +29,14 @@ def bench(fn, repeats=30):
 def main() -> None:
     size, k, s = 524288, 256, 4
     print(f"# {torch.cuda.get_device_name()}, size {size}, k {k}, s {s}; median ms; ratio to copy_")
-    print("(CUDA C++ kernels: BC = rows per block (shared) or per warp (warp); programs = columns per block)")
+    print("(CUDA C++ kernel: BC = rows per block, programs = columns per block)")
     print("| n | dtype | variant | copy_ | best kernel | BC | programs | warps | x copy_ |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     def shared(x, key, k, s, block_cols, programs, num_warps):  # block_cols = rows per block, programs = span
         return sjlt_cuda_shared(x, key, k, s, span=programs, rows_per_block=block_cols, threads=32 * num_warps)
 
-    def warp(x, key, k, s, block_cols, programs, num_warps):  # block_cols = rows per warp, programs = span
-        return sjlt_cuda_warp(x, key, k, s, span=programs, rows_per_warp=block_cols, threads=32 * num_warps)
-
     variants = {"one-hot dot (Triton)": (sjlt_cuda, (16,), (528,), (8,)),
-                "warp per column (CUDA C++)": (warp, (4, 8, 16, 32), (2048, 4096, 8192, 16384), (4, 8)),
-                "shared histogram (CUDA C++)": (shared, (16,), (1024,), (8,))}
+                "shared histogram (CUDA C++)": (shared, (16, 64), (512, 1024, 2048, 4096), (4, 8))}
     for (n, dtype), (variant, (fn, bcs, progs, warpss)) in itertools.product(
             itertools.product((4, 16, 64, 256), (torch.bfloat16, torch.float32)), variants.items()):
         x = torch.randn(n, size, device="cuda").to(dtype)

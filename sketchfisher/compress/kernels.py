@@ -101,15 +101,6 @@ def sjlt_cuda_shared(x: torch.Tensor, key: tuple[int, int], k: int, s: int, *, s
     return (out / math.sqrt(s)).to(x.dtype)
 
 
-def sjlt_cuda_warp(x: torch.Tensor, key: tuple[int, int], k: int, s: int, *, span: int = 4096,
-                   rows_per_warp: int | None = None, threads: int = 256) -> torch.Tensor:
-    """sjlt via the warp-per-column CUDA C++ kernel; ``[n, k]`` in x's dtype, scaled by 1/√s."""
-    n = x.shape[0]
-    rp = rows_per_warp or min(32, 1 << max(0, (n - 1).bit_length()))
-    out = _extension().sjlt_warp(x, k, s, key[0], key[1], span, rp, threads)
-    return (out / math.sqrt(s)).to(x.dtype)
-
-
 def supports(k: int, s: int) -> bool:
     """The Triton kernel needs k and k/s to be powers of two (and k >= 16)."""
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731

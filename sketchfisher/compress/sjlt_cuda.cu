@@ -38,60 +38,6 @@ __global__ void sjlt_kernel(const T* __restrict__ x, float* __restrict__ out, in
   for (int t = threadIdx.x; t < nr * k; t += blockDim.x) atomicAdd(&out[(r0 + t / k) * k + t % k], bins[t]);
 }
 
-// Warp-per-column variant: lanes are (row, column-group) pairs, so the s shared atomics of one
-// instruction go to RP different rows of the same few buckets; rows are padded to k + 1 bins, so
-// lanes of different rows fall in different banks. Each warp walks a contiguous column range.
-template <typename T>
-__global__ void sjlt_warp_kernel(const T* __restrict__ x, float* __restrict__ out, int n, int64_t size,
-                                 int64_t stride, int k, int s, uint32_t lo, uint32_t hi, int64_t span, int rp) {
-  extern __shared__ float bins[];  // [rp][k + 1]
-  const int band = k / s;
-  const int kp = k + 1;
-  const int r0 = blockIdx.y * rp;
-  const int nr = min(rp, n - r0);
-  for (int t = threadIdx.x; t < rp * kp; t += blockDim.x) bins[t] = 0.f;
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int r = lane % rp, group = lane / rp, groups = 32 / rp;
-  const int64_t c0 = blockIdx.x * span;
-  const int64_t c1 = min(size, c0 + span);
-  const int64_t per_warp = (span + warps - 1) / warps;
-  const int64_t w0 = c0 + warp * per_warp;
-  const int64_t w1 = min(c1, w0 + per_warp);
-  const bool row_ok = r < nr;
-  const T* xr = x + (r0 + r) * stride;
-  for (int64_t c = w0 + group; c < w1; c += groups) {
-    const float v = row_ok ? to_float(xr[c]) : 0.f;
-    for (int b = 0; b < s; ++b) {
-      const uint32_t h = fmix32(fmix32(static_cast<uint32_t>(c * s + b) ^ lo) ^ hi);
-      const int bucket = b * band + static_cast<int>((h & 0x7FFFFFFFu) % static_cast<uint32_t>(band));
-      if (row_ok) atomicAdd(&bins[r * kp + bucket], (h >> 31) ? -v : v);
-    }
-  }
-  __syncthreads();
-  for (int t = threadIdx.x; t < nr * k; t += blockDim.x) atomicAdd(&out[(r0 + t / k) * k + t % k], bins[(t / k) * kp + t % k]);
-}
-
-torch::Tensor sjlt_warp(torch::Tensor x, int64_t k, int64_t s, int64_t lo, int64_t hi, int64_t span, int64_t rp,
-                        int64_t threads) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "sjlt: x must be a 2-D CUDA tensor");
-  TORCH_CHECK(rp >= 1 && rp <= 32 && (32 % rp) == 0, "sjlt: rows per warp must divide 32");
-  x = x.contiguous();
-  const int n = x.size(0);
-  const int64_t size = x.size(1);
-  auto out = torch::zeros({n, k}, x.options().dtype(torch::kFloat32));
-  dim3 grid((size + span - 1) / span, (n + rp - 1) / rp);
-  const size_t smem = static_cast<size_t>(rp) * (k + 1) * sizeof(float);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sjlt_warp", [&] {
-    auto kern = sjlt_warp_kernel<scalar_t>;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    kern<<<grid, threads, smem, stream>>>(x.data_ptr<scalar_t>(), out.data_ptr<float>(), n, size, x.stride(0), k, s,
-                                          static_cast<uint32_t>(lo), static_cast<uint32_t>(hi), span, static_cast<int>(rp));
-  });
-  return out;
-}
-
 torch::Tensor sjlt(torch::Tensor x, int64_t k, int64_t s, int64_t lo, int64_t hi, int64_t span, int64_t rows_per_block,
                    int64_t threads) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "sjlt: x must be a 2-D CUDA tensor");
@@ -112,7 +58,4 @@ torch::Tensor sjlt(torch::Tensor x, int64_t k, int64_t s, int64_t lo, int64_t hi
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sjlt", &sjlt, "sjlt sketch (CUDA, shared histogram per block)");
-  m.def("sjlt_warp", &sjlt_warp, "sjlt sketch (CUDA, warp per column group)");
-}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("sjlt", &sjlt, "sjlt sketch (CUDA, shared histogram per block)"); }
