@@ -8,7 +8,7 @@ turns them into the variant's i-side (task A) or j-side (task B) vectors, and sk
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -61,6 +61,12 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     return BlockPrep(denom, fisher_a, balance, x_bar, y_bar, (x_bar * y_bar).sum(-1))
 
 
+def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch) -> dict:
+    """:func:`prepare` for every (layer, block)."""
+    return {(layer, block): prepare(layout, layer, block, stats_a, stats_b, stats_a.count, cfg, codec)
+            for layer in range(layout.num_layers) for block in BLOCKS}
+
+
 def side_vector(g: torch.Tensor, prep: BlockPrep, side: str, count: int, cfg: ScoreConfig) -> torch.Tensor:
     """Balanced i-side (``"a"``) or j-side (``"b"``) vectors ``[B, H_b, S]`` from block gradients."""
     g = g.double()
@@ -76,15 +82,20 @@ def side_vector(g: torch.Tensor, prep: BlockPrep, side: str, count: int, cfg: Sc
     return num / denom * prep.balance
 
 
-def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
-                preps: dict, side: str, count: int, cfg: ScoreConfig, desc: str, show_progress: bool) -> SketchSide:
-    """Pass 2 over one task: sketch every sample's ``side`` vectors for every collected (layer, block)."""
-    out = SketchSide(codec)
+def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
+                   preps: dict, side: str, count: int, cfg: ScoreConfig, skip: Callable[[int], bool] = lambda i: False,
+                   ) -> Iterator[tuple[int, int, dict]]:
+    """Pass 2 over one task, batch by batch: ``(batch index, batch size, {(layer, block): (sketches
+    [B, H_b, k], ‖x̃‖² [B, H_b], cross [B, H_b])})``. Batches for which ``skip(index)`` is true are
+    not run (resumption) and yield nothing."""
     keys = [key for key, prep in preps.items() if prep is not None]
     modules = sorted({layout.head_blocks(*key)[0].param_name.rsplit(".", 1)[0] for key in keys})
     with FactorCapture(model, modules) as cap:
-        for batch in progress(batches, desc=desc, enabled=show_progress):
+        for index, batch in enumerate(batches):
+            if skip(index):
+                continue
             bf = cap.run(loss_fn, batch)
+            out = {}
             for layer, block in keys:
                 prep = preps[(layer, block)]
                 hbs = layout.head_blocks(layer, block)
@@ -97,8 +108,19 @@ def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layou
                 v = v - centre
                 sk = torch.stack([codec.map(layer, block_index(block), h, v.shape[-1]).apply(v[:, h])
                                   for h in range(v.shape[1])], 1)
-                out.add((layer, block), sk, v.square().sum(-1), cross)
-            out.n += bf.batch_size
+                out[(layer, block)] = (sk, v.square().sum(-1), cross)
+            yield index, bf.batch_size, out
+
+
+def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
+                preps: dict, side: str, count: int, cfg: ScoreConfig, desc: str, show_progress: bool) -> SketchSide:
+    """Pass 2 over one task in memory: every sample's sketched ``side`` vectors."""
+    out = SketchSide(codec)
+    for _, size, blocks in progress(sketch_batches(model, loss_fn, batches, layout, codec, preps, side, count, cfg),
+                                    desc=desc, enabled=show_progress):
+        for key, (sk, norm2, cross) in blocks.items():
+            out.add(key, sk, norm2, cross)
+        out.n += size
     return out
 
 
@@ -153,8 +175,7 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
     for name, task in (("task_a", task_a), ("task_b", task_b)):
         if iter(task) is task:
             raise InputError(f"{name} is a one-shot iterator; Sketch needs two passes, pass a list or a DataLoader")
-    preps = {(layer, block): prepare(layout, layer, block, stats_a, stats_b, stats_a.count, cfg, codec)
-             for layer in range(layout.num_layers) for block in BLOCKS}
+    preps = prepare_all(layout, stats_a, stats_b, cfg, codec)
     side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "sketch A",
                          show_progress)
     side_b = sketch_task(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count, cfg, "sketch B",

@@ -95,11 +95,15 @@ class SketchSide:
 
     def get(self, key: tuple[int, str]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(dequantized sketches ``[n, H_b, k]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``)."""
-        parts = self.parts.get(key)
-        if not parts:
-            return None
-        vec = torch.cat([dequantize(q, s) for q, s, _, _ in parts])
-        return vec, torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
+        return decode(self.parts.get(key))
+
+
+def decode(parts: Optional[list]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Concatenate stored batches ``(q, scale, norm2, cross)`` into fp64 tensors; None when absent."""
+    if not parts:
+        return None
+    vec = torch.cat([dequantize(q, s) for q, s, _, _ in parts])
+    return vec, torch.cat([p[2].double() for p in parts]), torch.cat([p[3].double() for p in parts])
 
     def nbytes_per_sample(self) -> float:
         """Stored bytes per sample: sketched vectors (+ int8 scales) and the two exact fp64 scalars."""
