@@ -12,9 +12,11 @@ from .interference import InterferenceResult, ScoreConfig
 from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
 from .interference.checks import run_sanity_checks
 from .pipeline import analyze
+from .store import Store, StoreError, StoreMismatchError, open_store
 
 __all__ = [
     "BLOCKS", "AttentionSpec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock", "HeadKey", "InputError",
     "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch", "SketchfisherError", "__version__", "analyze",
-    "layout_for", "register_layout", "run_sanity_checks",
+    "Store", "StoreError", "StoreMismatchError", "layout_for", "open_store", "register_layout",
+    "run_sanity_checks",
 ]

@@ -10,6 +10,7 @@ from torch import nn
 from .capture.oracle import LossFn
 from .collect import collect
 from .compress import Exact, Sketch
+from .errors import InputError
 from .fisher import FisherStats
 from .interference import InterferenceResult, ScoreConfig
 from .interference.engine import DEFAULT_MAX_BYTES, ExactBlock
@@ -23,7 +24,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             codec: Any = None, variant: str = "paper", normalizer: str = "a", eps: float = 1e-10,
             ridge_abs: float = 0.0, ridge_rel: float = 0.0, layout: Optional[Layout] = None,
             modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES, dtype: Any = None,
-            progress: bool = False) -> InterferenceResult:
+            store: Optional[str] = None, progress: bool = False) -> InterferenceResult:
     """Head-resolved interference between every task-A sample i and task-B sample j.
 
     ``loss_fn(model, batch)`` returns one loss per sample (``[B]``); ``task_a``/``task_b`` iterate
@@ -31,13 +32,22 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     (batched hooks) or ``sf.Sketch(k, kind, seed, ...)`` (two passes: the tasks must be re-iterable;
     ``res.stderr`` then holds each score's standard error). ``modules="all"`` also collects Fisher
     statistics of every linear weight. ``max_bytes`` bounds the working set of one Stage 6 chunk;
-    ``dtype`` (``torch.float32`` by default, or ``torch.float64``) is the Stage 6 arithmetic. Returns an
+    ``dtype`` (``torch.float32`` by default, or ``torch.float64``) is the Stage 6 arithmetic.
+    ``store=path`` (sketches only) streams the per-sample sketches to a resumable store directory and
+    scores from it; rerunning the same call after a crash finishes the collection. Returns an
     :class:`InterferenceResult` whose ``scores`` are ``[nA, nB, L, H, 4]`` (SEMANTICS §4).
     """
     codec = Exact() if codec is None else codec
     cfg = ScoreConfig(variant=variant, normalizer=normalizer, eps=eps, ridge_abs=ridge_abs, ridge_rel=ridge_rel,
                       **({} if dtype is None else {"dtype": dtype}))
     layout = layout_for(model) if layout is None else layout
+    if store is not None:
+        from .store import collect_to_store, open_store
+
+        if modules != "attention":
+            raise InputError("stores collect the attention layout only; use modules='attention' with store=")
+        collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress)
+        return open_store(store).result(max_bytes=max_bytes)
     rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="task A",
                              show_progress=progress)
     rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="task B",

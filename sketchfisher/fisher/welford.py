@@ -9,6 +9,7 @@ same state up to rounding.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,27 @@ class FisherStats:
 
     def names(self) -> list[str]:
         return list(self.welford)
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Flat tensors and string metadata for safetensors (``name::mean`` etc.)."""
+        tensors, counts = {}, {}
+        for name, w in self.welford.items():
+            if w.count == 0:
+                continue
+            tensors.update({f"{name}::mean": w.mean, f"{name}::m2": w.m2, f"{name}::sum_abs": self.sum_abs[name],
+                            f"{name}::sum_g": self.sum_g[name]})
+            counts[name] = w.count
+        return {k: v.contiguous() for k, v in tensors.items()}, {"counts": json.dumps(counts), "dtype": str(self.dtype)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "FisherStats":
+        counts = json.loads(metadata["counts"])
+        out = cls(dtype=getattr(torch, metadata["dtype"].replace("torch.", "")))
+        for name, count in counts.items():
+            out.welford[name] = Welford(int(count), tensors[f"{name}::mean"], tensors[f"{name}::m2"])
+            out.sum_abs[name] = tensors[f"{name}::sum_abs"]
+            out.sum_g[name] = tensors[f"{name}::sum_g"]
+        return out
 
     def fisher(self, name: str) -> torch.Tensor:
         """Î = (1/n) Σ_i g_i² for one parameter, full shape."""

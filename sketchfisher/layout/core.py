@@ -168,6 +168,24 @@ class Layout:
         parts = [hb.flat(t) for hb in self.head_blocks(layer, block)]
         return torch.stack(parts, dim=-2)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layout":
+        """Inverse of :meth:`to_dict` (used by stores, which hold no model)."""
+        L, H, Hkv, dk, hidden, dv = d["dims"]
+        dims = Dims(num_layers=L, num_heads=H, num_kv_heads=Hkv, head_dim=dk, hidden_size=hidden, v_head_dim=dv)
+        blocks, params = {}, []
+        group = H // Hkv
+        for key, rows in d["blocks"].items():
+            layer, block = key.split(".")
+            hbs = []
+            for idx, (name, shape, role, start, stop, transposed) in enumerate(rows):
+                head = idx * group if block in ("K", "V") else idx
+                hbs.append(HeadBlock(HeadKey(int(layer), block, head), name, tuple(shape), role, start, stop, transposed))
+                if name not in params:
+                    params.append(name)
+            blocks[(int(layer), block)] = tuple(hbs)
+        return cls(model_type=d["model_type"], dims=dims, blocks=blocks, params=tuple(params))
+
     def to_dict(self) -> dict:
         """JSON-serialisable description, stored beside every artifact for mismatch checks."""
         d = self.dims

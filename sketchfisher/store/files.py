@@ -1,0 +1,69 @@
+"""Safe file primitives for stores: atomic writes, safetensors/JSON only, errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import SketchfisherError
+
+
+class StoreError(SketchfisherError):
+    """A store file is missing, truncated, corrupt or not a safetensors/JSON file."""
+
+
+class StoreMismatchError(SketchfisherError):
+    """A store was written with another codec, seed, layout, model or format version."""
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file completely under a temporary name, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file (never unpickles); any defect raises :class:`StoreError` naming the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise StoreError(f"cannot read store file {path}: {exc} (it may be truncated, corrupt or not safetensors)") from None
+
+
+def load_named(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of one file whose names start with ``prefix``, read lazily (never unpickles)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise StoreError(f"cannot read store file {path}: {exc} (it may be truncated, corrupt or not safetensors)") from None
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path} does not exist: not a sketchfisher store (or an incomplete one)") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None

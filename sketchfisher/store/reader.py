@@ -1,0 +1,113 @@
+"""Reopening a store without the model: statistics, lazily loaded sketches, Stage 6 results."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..compress import Sketch
+from ..compress.sketch import decode
+from ..fisher import FisherStats
+from ..interference import InterferenceResult, ScoreConfig
+from ..layout import Layout
+from ..sketching import prepare_all, sketch_provider
+from .files import StoreError, load_named, load_tensors, read_json
+from .manifest import FORMAT_VERSION, check_same
+
+TASKS = ("a", "b")
+
+
+class LazySide:
+    """One side's sketches, read from the shards one (layer, block) at a time."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def get(self, key: tuple[int, str]):
+        layer, block = key
+        name = f"{layer}.{block}"
+        parts = []
+        for path in self.files:
+            tensors = load_named(path, name + ".")
+            if f"{name}.vec" not in tensors:
+                return None
+            parts.append((tensors[f"{name}.vec"], tensors.get(f"{name}.scale"), tensors[f"{name}.norm2"],
+                          tensors[f"{name}.cross"]))
+        return decode(parts)
+
+
+class Store:
+    """A complete sketch store. ``sf.open_store(path)`` returns one; it needs no model."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_json(self.path / "manifest.json")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: store format version {version!r}, this library reads {FORMAT_VERSION}")
+        if not self.manifest.get("complete"):
+            raise StoreError(f"{self.path}: collection has not finished; rerun the same collect command to resume")
+        self.layout = Layout.from_dict(self.manifest["layout"])
+        codec = dict(self.manifest["codec"])
+        if codec.pop("codec", None) != "sketch":
+            raise StoreError(f"{self.path}: unknown codec {self.manifest['codec']!r}")
+        self.codec = Sketch(**codec)
+        score = dict(self.manifest["score"])
+        score["dtype"] = getattr(torch, score["dtype"])
+        self.cfg = ScoreConfig(**score)
+        self.shards = {t: self._shards(t) for t in TASKS}
+
+    def _shards(self, task: str) -> list[Path]:
+        files = sorted((self.path / "pass2" / task).glob("*.safetensors"))
+        indices = [int(p.stem) for p in files]
+        if indices != list(range(len(indices))):
+            raise StoreError(f"{self.path}/pass2/{task}: shards {indices[:8]}... are not the batches 0..{len(files) - 1}")
+        return files
+
+    @functools.cached_property
+    def stats(self) -> dict[str, FisherStats]:
+        return {t: FisherStats.from_tensors(*load_tensors(self.path / "pass1" / f"{t}.safetensors")) for t in TASKS}
+
+    def check(self, model: Any = None, codec: Any = None, cfg: Optional[ScoreConfig] = None) -> None:
+        """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
+        from .manifest import build_manifest
+
+        if model is not None:
+            from ..layout import layout_for
+
+            wanted = build_manifest(model, layout_for(model), codec or self.codec, cfg or self.cfg)
+            check_same(self.manifest, wanted, f"store {self.path}")
+
+    def result(self, max_bytes: Optional[int] = None) -> InterferenceResult:
+        """The Stage 6 result, scored lazily from the shards."""
+        stats = self.stats
+        counts = {t: self.manifest["tasks"][t]["samples"] for t in TASKS}
+        if {t: stats[t].count for t in TASKS} != counts:
+            raise StoreError(f"{self.path}: pass-1 statistics disagree with the manifest's sample counts {counts}")
+        preps = prepare_all(self.layout, stats["a"], stats["b"], self.cfg, self.codec)
+        sides = {t: LazySide(self.shards[t]) for t in TASKS}
+        provider = sketch_provider(self.layout, sides["a"], sides["b"], preps, self.codec)
+        config = {"codec": self.codec.to_dict(), **self.manifest["score"], "store": str(self.path)}
+        kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+        return InterferenceResult(layout=self.layout, n_a=counts["a"], n_b=counts["b"], provider=provider,
+                                  config=config, dtype=self.cfg.dtype,
+                                  context={"cfg": self.cfg, "codec": self.codec, "stats_a": stats["a"],
+                                           "stats_b": stats["b"], "store": self}, **kw)
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        nbytes = sum(p.stat().st_size for t in TASKS for p in self.shards[t])
+        samples = sum(m["tasks"][t]["samples"] for t in TASKS)
+        return {"path": str(self.path), "format_version": m["format_version"], "library_version": m["library_version"],
+                "model": m["model"]["class"], "layout": m["layout"]["model_type"], "codec": m["codec"],
+                "score": m["score"], "samples": {t: m["tasks"][t]["samples"] for t in TASKS},
+                "shards": {t: len(self.shards[t]) for t in TASKS}, "sketch_bytes": nbytes,
+                "bytes_per_sample": nbytes / max(1, samples)}
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a complete store for Stage 6 (no model needed)."""
+    return Store(path)

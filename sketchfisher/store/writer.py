@@ -1,0 +1,124 @@
+"""Resumable two-pass collection of sketches into a store directory.
+
+Layout of a store::
+
+    manifest.json                 settings, layout, model fingerprint, per-task sample counts
+    pass1/<task>.safetensors      final pass-1 statistics of task a or b
+    pass1/<task>.partial.safetensors   checkpoint while pass 1 runs (statistics + batches done)
+    pass2/<task>/<batch>.safetensors   one shard per batch of sketches (written, then renamed)
+
+Every file is written under a temporary name and renamed, so a file is either complete or absent.
+A run killed at any point and restarted with the same arguments skips what is complete: pass-1
+checkpoints resume from the batches they recorded (Welford states merge exactly) and pass 2 skips
+batches whose shard exists. Every sample is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+from torch import nn
+
+from ..capture import FactorCapture
+from ..capture.oracle import LossFn
+from ..compress import Sketch
+from ..compress.sketch import quantize
+from ..errors import InputError
+from ..fisher import FisherStats
+from ..interference.metric import ScoreConfig
+from ..layout import Layout
+from ..progress import progress
+from ..sketching import prepare_all, sketch_batches
+from .files import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .manifest import build_manifest, check_same
+
+logger = logging.getLogger(__name__)
+TASKS = ("a", "b")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:07d}.safetensors"
+
+
+def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
+           checkpoint_every: int, show_progress: bool) -> FisherStats:
+    final = root / "pass1" / f"{task}.safetensors"
+    if final.exists():
+        return FisherStats.from_tensors(*load_tensors(final))
+    partial = root / "pass1" / f"{task}.partial.safetensors"
+    stats, done = FisherStats(), 0
+    if partial.exists():
+        tensors, meta = load_tensors(partial)
+        stats, done = FisherStats.from_tensors(tensors, meta), int(meta["batches_done"])
+        logger.info("task %s: resuming pass 1 after %d batches", task, done)
+    named = dict(model.named_parameters())
+    names = [n for n in layout.params if named[n].requires_grad]
+    modules = [n.rsplit(".", 1)[0] for n in names]
+    index = -1
+    with FactorCapture(model, modules) as cap:
+        for index, batch in enumerate(progress(batches, desc=f"pass 1 {task}", enabled=show_progress)):
+            if index < done:
+                continue
+            bf = cap.run(loss_fn, batch)
+            for module, name in zip(modules, names):
+                stats.update({name: bf.grad(module)})
+            if (index + 1) % checkpoint_every == 0:
+                tensors, meta = stats.to_tensors()
+                atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1)})
+    if index + 1 < done:
+        raise InputError(f"task {task} yielded {index + 1} batches, fewer than the {done} recorded in {partial}")
+    if stats.count == 0:
+        raise InputError(f"task {task} yielded no samples")
+    tensors, meta = stats.to_tensors()
+    atomic_save_tensors(tensors, final, {**meta, "batches": str(index + 1)})
+    partial.unlink(missing_ok=True)
+    return stats
+
+
+def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
+                     task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
+                     checkpoint_every: int = 16, show_progress: bool = False) -> Path:
+    """Collect (or finish collecting) a sketch store at ``path``; returns the path."""
+    if not isinstance(codec, Sketch):
+        raise InputError(f"stores hold sketches; got codec {codec!r} (use sf.Sketch(...))")
+    for name, task in (("task_a", task_a), ("task_b", task_b)):
+        if iter(task) is task:
+            raise InputError(f"{name} is a one-shot iterator; a store needs two passes, pass a list or a DataLoader")
+    root = Path(path)
+    wanted = build_manifest(model, layout, codec, cfg)
+    manifest_path = root / "manifest.json"
+    if manifest_path.exists():
+        manifest = read_json(manifest_path)
+        check_same(manifest, wanted, f"store {root}")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = wanted
+        atomic_write_json(manifest, manifest_path)
+    for sub in ("pass1", "pass2/a", "pass2/b"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    tasks = dict(zip(TASKS, (task_a, task_b)))
+    stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress) for t in TASKS}
+    preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec)
+    for t in TASKS:
+        folder = root / "pass2" / t
+        done = {p.name for p in folder.glob("*.safetensors")}
+        it = sketch_batches(model, loss_fn, tasks[t], layout, codec, preps, t, stats["a"].count, cfg,
+                            skip=lambda i: shard_name(i) in done)
+        for index, size, blocks in progress(it, desc=f"pass 2 {t}", enabled=show_progress):
+            tensors = {}
+            for (layer, block), (sk, norm2, cross) in blocks.items():
+                q, scale = quantize(sk, codec.dtype)
+                tensors[f"{layer}.{block}.vec"] = q
+                if scale is not None:
+                    tensors[f"{layer}.{block}.scale"] = scale
+                tensors[f"{layer}.{block}.norm2"] = norm2.double()
+                tensors[f"{layer}.{block}.cross"] = cross.double()
+            atomic_save_tensors(tensors, folder / shard_name(index), {"batch": str(index), "samples": str(size)})
+    manifest["tasks"] = {t: {"samples": stats[t].count} for t in TASKS}
+    manifest["complete"] = True
+    atomic_write_json(manifest, manifest_path)
+    return root
+
+
