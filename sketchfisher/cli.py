@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
-
-from .errors import SketchfisherError
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,26 +27,165 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .planner import plan
+
+    source = args.preset
+    if args.config:
+        from transformers import AutoConfig
+
+        source = AutoConfig.from_pretrained(args.config, local_files_only=True)
+    df = plan(source, samples=args.samples, tokens=args.tokens, k=args.k, rank=args.rank, sketch_dtype=args.dtype)
+    print(f"plan for {args.config or args.preset}: {args.samples} samples, {args.tokens} tokens each")
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from .store import collect_to_store
+    from .tasks import load_hf, loss_for, read_task, task_batches, to_device
+
+    model, tok = load_hf(args.model, args.loss, args.device)
+    tasks = [to_device(task_batches(read_task(p), tok, args.loss, args.batch_size, args.max_length), args.device)
+             for p in (args.task_a, args.task_b)]
+    codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.dtype,
+                      variance_reduction=not args.no_variance_reduction)
+    cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
+    path = collect_to_store(args.out, model, loss_for(args.loss), tasks[0], tasks[1], sf.layout_for(model), codec,
+                            cfg, max_bytes=args.max_bytes, show_progress=not args.quiet)
+    print(json.dumps(sf.open_store(path).summary(), indent=1))
+    return 0
+
+
+def _interfere(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from .plots import plot_block_heatmaps
+
+    res = sf.open_store(args.store).result()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res.top_conflicts(args.top).to_csv(out / "top_conflicts.csv", index=False)
+    means = res.head_means()
+    rows = [{"layer": layer, "head": h, "block": b, "mean_score": float(means[layer, h, i])}
+            for layer in range(means.shape[0]) for h in range(means.shape[1]) for i, b in enumerate(sf.BLOCKS)]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "head_means.csv", index=False)
+    res.block_summary().to_csv(out / "block_summary.csv", index=False)
+    if args.all_scores:
+        res.to_frame().to_csv(out / "scores.csv", index=False)
+    plot_block_heatmaps(means, out / "heatmap.png", title=f"mean score per head ({args.store})")
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from .tasks import load_hf, loss_for, read_task, task_batches, to_device
+
+    store = sf.open_store(args.store)
+    loss = args.loss
+    model, tok = load_hf(args.model, loss, args.device)
+    store.check(model)
+    tasks = [to_device(task_batches(read_task(p), tok, loss, args.batch_size, args.max_length), args.device)
+             for p in (args.task_a, args.task_b)]
+    v = store.result().verify_top(args.k, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
+                                  task_b=tasks[1])
+    v.to_csv(args.out, index=False)
+    print(f"{v.attrs['held_fraction']:.0%} of the sketched top-{args.k} held among {len(v)} re-scored candidates; "
+          f"wrote {args.out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+
+    print(json.dumps(sf.open_store(args.store).summary(), indent=1))
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local HF model directory (config, weights, tokenizer)")
+    p.add_argument("--task-a", required=True, help="task A samples: .jsonl with a 'text' field, or one per line")
+    p.add_argument("--task-b", required=True, help="task B samples, same format")
+    p.add_argument("--loss", choices=["mlm", "clm"], default="mlm",
+                   help="mlm: masked tokens decoded with the tied embeddings; clm: next-token cross-entropy")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (never chosen for you)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sketchfisher", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="exact QK-OV interference of math vs code samples on the offline MiniLM")
-    demo.add_argument("--out", default="demo_out", help="output folder for heatmap.png and top_conflicts.csv")
-    demo.add_argument("--samples", type=int, default=None, help="samples per task (default: all 48)")
-    demo.add_argument("--top", type=int, default=10, help="rows to print")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=_demo)
+
+    p = sub.add_parser("demo", help="exact QK-OV interference of math vs code samples on the offline MiniLM")
+    p.add_argument("--out", default="demo_out", help="output folder for heatmap.png and top_conflicts.csv")
+    p.add_argument("--samples", type=int, default=None, help="samples per task (default: all 48)")
+    p.add_argument("--top", type=int, default=10, help="rows to print")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("plan", help="disk and device memory of each codec for a model and sample count")
+    p.add_argument("--preset", default="llama-7b", help="gpt2, minilm, llama-7b, llama-13b or llama-70b")
+    p.add_argument("--config", help="a local HF config directory instead of a preset")
+    p.add_argument("--samples", type=int, default=768, help="samples over both tasks")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per sample")
+    p.add_argument("--k", type=int, default=256, help="sketch width per head block")
+    p.add_argument("--rank", type=int, default=16, help="rank of truncated factors")
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"], help="sketch storage")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("collect", help="sketch two tasks into a resumable store (rerun the same command to resume)")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--kind", default="sjlt", choices=["gaussian", "sjlt", "srht"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--no-variance-reduction", action="store_true")
+    p.add_argument("--variant", default="paper", choices=["paper", "signed", "symmetric"])
+    p.add_argument("--normalizer", default="a", choices=["a", "pooled", "loo"])
+    p.add_argument("--eps", type=float, default=1e-10)
+    p.add_argument("--max-bytes", type=int, default=None, help="refuse to collect a store larger than this")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_collect)
+
+    p = sub.add_parser("interfere", help="Stage 6 from a store: top conflicts, head means, heatmap")
+    p.add_argument("store")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--top", type=int, default=100)
+    p.add_argument("--all-scores", action="store_true", help="also write every score (can be large)")
+    p.set_defaults(func=_interfere)
+
+    p = sub.add_parser("verify", help="re-score a store's top candidates exactly by recomputing their gradients")
+    p.add_argument("store")
+    _model_args(p)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--budget", type=int, default=1000)
+    p.add_argument("--out", default="verified.csv")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("inspect", help="summary of a store")
+    p.add_argument("store")
+    p.set_defaults(func=_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from .errors import SketchfisherError
+
     try:
         return args.func(args)
     except SketchfisherError as exc:
         print(f"sketchfisher: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as exc:
+        print(f"sketchfisher: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -16,6 +16,7 @@ batches whose shard exists. Every sample is counted exactly once.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,7 +29,7 @@ from ..compress.sketch import quantize
 from ..errors import InputError
 from ..fisher import FisherStats
 from ..interference.metric import ScoreConfig
-from ..layout import Layout
+from ..layout import BLOCKS, Layout
 from ..progress import progress
 from ..sketching import prepare_all, sketch_batches
 from .files import atomic_save_tensors, atomic_write_json, load_tensors, read_json
@@ -77,10 +78,29 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
     return stats
 
 
+def _check_space(root: Path, layout: Layout, codec: Sketch, samples: int, max_bytes: int | None) -> None:
+    blocks = sum(len(layout.head_blocks(layer, block)) for layer in range(layout.num_layers) for block in BLOCKS)
+    planned = samples * blocks * (codec.bytes_per_vector() + 16)
+    already = sum(p.stat().st_size for p in (root / "pass2").rglob("*.safetensors"))
+    needed = max(0, planned - already)
+    free = shutil.disk_usage(root).free
+    if max_bytes is not None and planned > max_bytes:
+        raise InputError(f"planned sketch store is {planned:,} bytes ({samples} samples x {blocks} head blocks x "
+                         f"{codec.bytes_per_vector() + 16} bytes), over max_bytes={max_bytes:,}")
+    if needed > free:
+        raise InputError(f"planned sketch store needs {needed:,} more bytes but {root} has {free:,} free")
+
+
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
                      task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
-                     checkpoint_every: int = 16, show_progress: bool = False) -> Path:
-    """Collect (or finish collecting) a sketch store at ``path``; returns the path."""
+                     checkpoint_every: int = 16, max_bytes: int | None = None,
+                     show_progress: bool = False) -> Path:
+    """Collect (or finish collecting) a sketch store at ``path``; returns the path.
+
+    Before pass 2 writes anything, the planned size of the sketches (known once pass 1 has counted
+    the samples) is compared with ``max_bytes`` and with the free disk; collection refuses to go on
+    with the numbers in the error.
+    """
     if not isinstance(codec, Sketch):
         raise InputError(f"stores hold sketches; got codec {codec!r} (use sf.Sketch(...))")
     for name, task in (("task_a", task_a), ("task_b", task_b)):
@@ -98,8 +118,11 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
         atomic_write_json(manifest, manifest_path)
     for sub in ("pass1", "pass2/a", "pass2/b"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    for stale in root.rglob("*.tmp"):  # half-written files of a killed run; never read
+        stale.unlink()
     tasks = dict(zip(TASKS, (task_a, task_b)))
     stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress) for t in TASKS}
+    _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
     preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec)
     for t in TASKS:
         folder = root / "pass2" / t

@@ -1,0 +1,92 @@
+"""Reading task files and turning them into batches and per-sample losses for HF models (CLI helpers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+LOSSES = ("mlm", "clm")
+
+
+def read_task(path: str | Path) -> list[str]:
+    """Samples of a task: a ``.jsonl`` file with a ``"text"`` field per line, or a text file, one per line."""
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise InputError(f"cannot read task file {path}: {exc}") from None
+    if path.suffix != ".jsonl":
+        return [line.strip() for line in lines]
+    texts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise InputError(f"{path}:{n}: not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(f"{path}:{n}: each JSON line needs a string field 'text'")
+        texts.append(record["text"])
+    if not texts:
+        raise InputError(f"{path} holds no samples")
+    return texts
+
+
+def load_hf(model_dir: str | Path, loss: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
+    """A local HF model (no network) and its tokenizer, for ``loss`` in ("mlm", "clm")."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if loss not in LOSSES:
+        raise InputError(f"loss must be one of {LOSSES}, got {loss!r}")
+    cls = AutoModelForCausalLM if loss == "clm" else AutoModel
+    try:
+        model = cls.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a local HF model and tokenizer from {model_dir}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.float().to(device).eval(), tokenizer
+
+
+def clm_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_length: int = 128) -> list[dict]:
+    batches = []
+    for lo in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[lo:lo + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches
+
+
+def clm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Per-sample mean next-token cross-entropy over real (unpadded) positions."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    target = batch["input_ids"][:, 1:]
+    mask = batch["attention_mask"][:, 1:].to(logits.dtype)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def to_device(batches: list[dict], device: str) -> list[dict]:
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def task_batches(texts: list[str], tokenizer: Any, loss: str, batch_size: int, max_length: int) -> list[dict]:
+    from .demo import make_batches
+
+    if loss == "mlm":
+        return make_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)
+    return clm_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def loss_for(loss: str):
+    from .demo import masked_token_loss
+
+    return masked_token_loss if loss == "mlm" else clm_loss

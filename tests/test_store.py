@@ -1,0 +1,205 @@
+"""Stores: round trip, resume after SIGKILL, mismatches, corrupt and hostile files, planner, CLI."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sketchfisher as sf
+from sketchfisher.planner import plan
+from sketchfisher.store import collect_to_store
+from tiny_models import generic_loss, make_batches, make_model
+
+TESTS = Path(__file__).parent
+CODEC = sf.Sketch(k=32, kind="sjlt", seed=4)
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = make_model("llama_gqa", seed=3)
+    return model, make_batches(6, 2, seed=1), make_batches(5, 2, seed=2)
+
+
+def test_round_trip_equals_in_memory(small, tmp_path):
+    model, ta, tb = small
+    mem = sf.analyze(model, generic_loss, ta, tb, codec=CODEC)
+    stored = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    torch.testing.assert_close(stored.scores, mem.scores, rtol=0, atol=0)
+    torch.testing.assert_close(stored.stderr, mem.stderr, rtol=0, atol=0)
+    reopened = sf.open_store(tmp_path / "s")  # another "process": no model needed
+    torch.testing.assert_close(reopened.result().scores, mem.scores, rtol=0, atol=0)
+    summary = reopened.summary()
+    assert summary["samples"] == {"a": 6, "b": 5} and summary["codec"]["seed"] == 4
+    again = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")  # complete: nothing rerun
+    torch.testing.assert_close(again.scores, mem.scores, rtol=0, atol=0)
+
+
+def _run_worker(path, kill_when=None, timeout=120):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(TESTS / "store_worker.py"), str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if kill_when is not None and kill_when(Path(path)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return "killed"
+        time.sleep(0.02)
+    out = proc.communicate(timeout=timeout)[0].decode()
+    assert proc.returncode == 0, out
+    return "finished"
+
+
+def test_resume_after_sigkill_counts_every_sample_once(tmp_path):
+    ref = tmp_path / "ref"
+    assert _run_worker(ref) == "finished"
+    run = tmp_path / "run"
+    in_pass1 = lambda p: (p / "pass1" / "a.partial.safetensors").exists()  # noqa: E731
+    in_pass2 = lambda p: len(list((p / "pass2" / "b").glob("*.safetensors"))) >= 3  # noqa: E731
+    assert _run_worker(run, kill_when=in_pass1) == "killed"
+    with pytest.raises(sf.StoreError, match="has not finished"):
+        sf.open_store(run)
+    assert _run_worker(run, kill_when=in_pass2) == "killed"
+    assert _run_worker(run) == "finished"
+    assert not list(run.rglob("*.tmp"))  # leftovers of the killed runs are removed on restart
+    a, b = sf.open_store(ref), sf.open_store(run)
+    assert b.summary()["samples"] == {"a": 24, "b": 20}
+    for t in ("a", "b"):
+        for name in a.stats[t].names():
+            assert torch.equal(a.stats[t].fisher(name), b.stats[t].fisher(name))
+    torch.testing.assert_close(b.result().scores, a.result().scores, rtol=0, atol=0)
+
+
+def test_mismatched_settings_and_model_are_refused(small, tmp_path):
+    model, ta, tb = small
+    sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    with pytest.raises(sf.StoreMismatchError, match=r"codec \(seed: stored 4 vs requested 5\)"):
+        sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, kind="sjlt", seed=5), store=tmp_path / "s")
+    with pytest.raises(sf.StoreMismatchError, match=r"score \(variant"):
+        sf.analyze(model, generic_loss, ta, tb, codec=CODEC, variant="signed", store=tmp_path / "s")
+    other = make_model("llama_gqa", seed=9)
+    with pytest.raises(sf.StoreMismatchError, match=r"model \(weights_sha256"):
+        sf.analyze(other, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    with pytest.raises(sf.StoreMismatchError, match="layout"):
+        sf.open_store(tmp_path / "s").check(make_model("gpt2"))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(sf.StoreError, match="format version 99"):
+        sf.open_store(tmp_path / "s")
+
+
+class _Marker:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["SF_PICKLE_MARKER"]),))
+
+
+def test_corrupt_truncated_and_pickled_shards_are_rejected(small, tmp_path, monkeypatch):
+    model, ta, tb = small
+    sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    shard = tmp_path / "s" / "pass2" / "a" / "0000001.safetensors"
+    backup = shard.read_bytes()
+    shard.write_bytes(backup[: len(backup) // 2])
+    with pytest.raises(sf.StoreError, match="0000001.safetensors"):
+        sf.open_store(tmp_path / "s").result().scores
+    marker = tmp_path / "executed"
+    monkeypatch.setenv("SF_PICKLE_MARKER", str(marker))
+    shard.write_bytes(pickle.dumps(_Marker()))
+    with pytest.raises(sf.StoreError, match="not safetensors"):
+        sf.open_store(tmp_path / "s").result().scores
+    assert not marker.exists()
+    shard.write_bytes(backup)
+    (tmp_path / "s" / "pass2" / "a" / "0000000.safetensors").unlink()
+    with pytest.raises(sf.StoreError, match="are not the batches"):
+        sf.open_store(tmp_path / "s")
+
+
+def test_collection_refuses_over_max_bytes(small, tmp_path):
+    model, ta, tb = small
+    layout = sf.layout_for(model)
+    with pytest.raises(sf.InputError, match=r"35,200 bytes \(11 samples x 40 head blocks x 80 bytes\), over max_bytes=1,000"):
+        collect_to_store(tmp_path / "s", model, generic_loss, ta, tb, layout, CODEC, sf.ScoreConfig(), max_bytes=1000)
+    assert not list((tmp_path / "s" / "pass2").rglob("*.safetensors"))
+
+
+def test_planner_matches_hand_computation():
+    df = plan("llama-7b", samples=768, tokens=512, k=256, rank=16).set_index("codec")
+    assert df.loc["design note: 50 matrices x 60 MB (fp16) x samples", "disk_bytes"] == pytest.approx(2.304e12)
+    exact = 32 * 4 * 4096 * 4096 * 2 * 768
+    assert df.loc["Exact: full fp16 per-sample attention gradients", "disk_bytes"] == exact
+    assert df.loc["Sketch(k=256, fp16)", "disk_bytes"] == 32 * (2 * 32 + 2 * 32) * (256 * 2 + 16) * 768
+    assert df.loc["Factors (lossless, fp32)", "disk_bytes"] == 512 * 32 * (4 * (4096 + 4096)) * 4 * 768
+    assert df.loc["Factors(rank=16, fp32)", "disk_bytes"] == 16 * 32 * (4 * (4096 + 4096)) * 4 * 768
+    gqa = plan("llama-70b", samples=1, k=256).set_index("codec")
+    assert gqa.loc["Sketch(k=256, fp16)", "disk_bytes"] == 80 * (2 * 64 + 2 * 8) * 528
+    with pytest.raises(sf.InputError, match="unknown preset"):
+        plan("gpt5")
+
+
+def test_store_sizes_match_the_planner(small, tmp_path):
+    model, ta, tb = small
+    sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    summary = sf.open_store(tmp_path / "s").summary()
+    layout = sf.layout_for(model)
+    per_sample = layout.num_layers * (2 * 8 + 2 * 2) * (32 * 2 + 16)
+    # shards add a small safetensors header per file; the payload is exactly the planned bytes
+    assert per_sample * 11 <= summary["sketch_bytes"] <= per_sample * 11 + 6 * 4096
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT saved with MiniLM's tokenizer: a local HF model directory for the CLI."""
+    import transformers as hf
+    from sketchfisher.demo import load_minilm
+
+    _, tok = load_minilm()
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    hf.BertModel(hf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=48)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
+    from sketchfisher.cli import main
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"what is {i} plus {i + 1}?"}) for i in range(5)))
+    (tmp_path / "b.txt").write_text("\n".join(f"def f{i}(x): return x * {i}" for i in range(4)))
+    common = ["--model", str(tiny_bert_dir), "--task-a", str(tmp_path / "a.jsonl"), "--task-b", str(tmp_path / "b.txt"),
+              "--batch-size", "2"]
+    assert main(["collect", *common, "--out", str(tmp_path / "store"), "--k", "16", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == {"a": 5, "b": 4}
+    assert main(["inspect", str(tmp_path / "store")]) == 0
+    assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--top", "7"]) == 0
+    assert {"top_conflicts.csv", "head_means.csv", "block_summary.csv", "heatmap.png"} <= \
+        {p.name for p in (tmp_path / "out").iterdir()}
+    assert (tmp_path / "out" / "top_conflicts.csv").read_text().count("\n") == 8
+    assert main(["verify", str(tmp_path / "store"), *common, "--k", "5", "--budget", "20",
+                 "--out", str(tmp_path / "v.csv")]) == 0
+    assert "held among 20 re-scored candidates" in capsys.readouterr().out
+    assert main(["plan", "--preset", "gpt2", "--samples", "10"]) == 0
+    # a different seed on an existing store: one-line error, exit 1
+    assert main(["collect", *common, "--out", str(tmp_path / "store"), "--k", "16", "--seed", "1", "--quiet"]) == 1
+    assert "written with different settings" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "nothing")]) == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["collect", "--model", "x"])
+    assert exc.value.code == 2
+
+
+def test_cli_subprocess_exit_codes(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sketchfisher", *a], capture_output=True, text=True)  # noqa
+    ok = run("--help")
+    assert ok.returncode == 0 and "collect" in ok.stdout
+    bad = run("inspect", str(tmp_path))
+    assert bad.returncode == 1 and bad.stderr.startswith("sketchfisher: error:") and bad.stderr.count("\n") == 1
+    assert run("nonsense").returncode == 2
