@@ -43,6 +43,17 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise StoreError(f"cannot read store file {path}: {exc} (it may be truncated, corrupt or not safetensors)") from None
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise StoreError(f"cannot read store file {path}: {exc} (it may be truncated, corrupt or not safetensors)") from None
+
+
 def load_named(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors of one file whose names start with ``prefix``, read lazily (never unpickles)."""
     from safetensors import safe_open

@@ -32,7 +32,7 @@ from ..interference.metric import ScoreConfig
 from ..layout import BLOCKS, Layout
 from ..progress import progress
 from ..sketching import prepare_all, sketch_batches
-from .files import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .files import atomic_save_tensors, atomic_write_json, load_tensors, read_json, read_metadata
 from .manifest import build_manifest, check_same
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,13 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
                 tensors[f"{layer}.{block}.norm2"] = norm2.double()
                 tensors[f"{layer}.{block}.cross"] = cross.double()
             atomic_save_tensors(tensors, folder / shard_name(index), {"batch": str(index), "samples": str(size)})
-    manifest["tasks"] = {t: {"samples": stats[t].count} for t in TASKS}
+    manifest["tasks"] = {}
+    for t in TASKS:  # sample id = position in iteration order; batch b holds ids [start_b, start_b + size_b)
+        sizes = [int(read_metadata(p)["samples"]) for p in sorted((root / "pass2" / t).glob("*.safetensors"))]
+        manifest["tasks"][t] = {"samples": stats[t].count, "batch_sizes": sizes}
+        if sum(sizes) != stats[t].count:
+            raise InputError(f"task {t}: pass 2 saw {sum(sizes)} samples but pass 1 saw {stats[t].count}; "
+                             "the task must yield the same batches on every pass")
     manifest["complete"] = True
     atomic_write_json(manifest, manifest_path)
     return root
