@@ -74,7 +74,7 @@ def main() -> None:
     base = rows[0][1]
     print(f"# Stage 1, CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"GPT-2-small shape, T={args.tokens}, batch {args.batch}, {args.samples} samples, torch {torch.__version__}")
-    print(f"| method | ms/sample | x plain |\n| --- | --- | --- |")
+    print("| method | ms/sample | x plain |\n| --- | --- | --- |")
     for name, sec in rows:
         print(f"| {name} | {1000 * sec / args.samples:.1f} | {sec / base:.2f} |")
 
@@ -82,7 +82,7 @@ def main() -> None:
     rep_f, _ = collect(model, lm_loss, [{"input_ids": small}], layout, sf.Factors())
     rep_r, _ = collect(model, lm_loss, [{"input_ids": small}], layout, sf.Factors(rank=16))
     exact = sum(p.numel() for p in attn) * 4
-    print(f"\n| codec (attention weights, fp32) | bytes/sample | x smaller than Exact |\n| --- | --- | --- |")
+    print("\n| codec (attention weights, fp32) | bytes/sample | x smaller than Exact |\n| --- | --- | --- |")
     for name, nbytes in (("Exact", exact), ("Factors", rep_f.nbytes_per_sample()),
                          ("Factors(rank=16)", rep_r.nbytes_per_sample())):
         print(f"| {name} | {nbytes / 2**20:.2f} MiB | {exact / nbytes:.1f} |")

@@ -18,7 +18,7 @@ from .capture.oracle import LossFn
 from .compress.sketch import Sketch, SketchSide
 from .errors import InputError
 from .fisher import FisherStats
-from .interference.metric import ScoreConfig, ridge
+from .metric import ScoreConfig, ridge
 from .layout import BLOCKS, Layout, block_index
 from .progress import progress
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layout import BLOCKS
-from .metric import ScoreConfig, contract, x_side, y_side
+from ..metric import ScoreConfig, contract, x_side, y_side
 
 RTOL = 1e-6
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 
 from ..layout import BLOCKS, Layout
-from .metric import ScoreConfig, contract, ridge, x_side, y_side
+from ..metric import ScoreConfig, contract, ridge, x_side, y_side
 
 DEFAULT_MAX_BYTES = 1 << 28
 

@@ -18,7 +18,7 @@ from scipy.stats import bootstrap, false_discovery_control
 
 from ..errors import InputError
 from ..layout import BLOCKS, Layout
-from .metric import ScoreConfig, ridge, y_side
+from ..metric import ScoreConfig, ridge, y_side
 
 BlockGrads = Callable[[int, str], Optional[tuple[torch.Tensor, torch.Tensor]]]
 

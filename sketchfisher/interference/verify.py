@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..layout import BLOCKS, Layout
-from .metric import x_side, y_side
+from ..metric import x_side, y_side
 
 
 def factor_subset(model: nn.Module, loss_fn: Any, batches: Iterable[Any], layout: Layout, wanted: set[int]):

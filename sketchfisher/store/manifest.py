@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from .._version import __version__
-from ..interference.metric import ScoreConfig
+from ..metric import ScoreConfig
 from ..layout import Layout
 from .files import StoreMismatchError
 

@@ -11,9 +11,8 @@ import torch
 from ..compress import Sketch
 from ..compress.sketch import decode
 from ..fisher import FisherStats
-from ..interference import InterferenceResult, ScoreConfig
+from ..metric import ScoreConfig
 from ..layout import Layout
-from ..sketching import prepare_all, sketch_provider
 from .files import StoreError, load_named, load_tensors, read_json
 from .manifest import FORMAT_VERSION, check_same
 
@@ -81,21 +80,14 @@ class Store:
             wanted = build_manifest(model, layout_for(model), codec or self.codec, cfg or self.cfg)
             check_same(self.manifest, wanted, f"store {self.path}")
 
-    def result(self, max_bytes: Optional[int] = None) -> InterferenceResult:
-        """The Stage 6 result, scored lazily from the shards."""
-        stats = self.stats
-        counts = {t: self.manifest["tasks"][t]["samples"] for t in TASKS}
-        if {t: stats[t].count for t in TASKS} != counts:
-            raise StoreError(f"{self.path}: pass-1 statistics disagree with the manifest's sample counts {counts}")
-        preps = prepare_all(self.layout, stats["a"], stats["b"], self.cfg, self.codec)
-        sides = {t: LazySide(self.shards[t]) for t in TASKS}
-        provider = sketch_provider(self.layout, sides["a"], sides["b"], preps, self.codec)
-        config = {"codec": self.codec.to_dict(), **self.manifest["score"], "store": str(self.path)}
-        kw = {} if max_bytes is None else {"max_bytes": max_bytes}
-        return InterferenceResult(layout=self.layout, n_a=counts["a"], n_b=counts["b"], provider=provider,
-                                  config=config, dtype=self.cfg.dtype,
-                                  context={"cfg": self.cfg, "codec": self.codec, "stats_a": stats["a"],
-                                           "stats_b": stats["b"], "store": self}, **kw)
+    def result(self, max_bytes: Optional[int] = None):
+        """The Stage 6 result, scored lazily from the shards (see :mod:`sketchfisher.interference.stored`)."""
+        from ..interference.stored import result_from_store  # Stage 6 sits above the store layer
+
+        return result_from_store(self, max_bytes)
+
+    def sides(self) -> dict[str, LazySide]:
+        return {t: LazySide(self.shards[t]) for t in TASKS}
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest

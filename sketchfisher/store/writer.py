@@ -28,7 +28,7 @@ from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
 from ..fisher import FisherStats
-from ..interference.metric import ScoreConfig
+from ..metric import ScoreConfig
 from ..layout import BLOCKS, Layout
 from ..progress import progress
 from ..sketching import prepare_all, sketch_batches

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from .errors import InputError
 
 VARIANTS = ("paper", "signed", "symmetric")
 NORMALIZERS = ("a", "pooled", "loo")
