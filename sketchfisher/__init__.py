@@ -12,11 +12,12 @@ from .interference import InterferenceResult, ScoreConfig
 from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
 from .interference.checks import run_sanity_checks
 from .pipeline import analyze
+from .planner import plan
 from .store import Store, StoreError, StoreMismatchError, open_store
 
 __all__ = [
     "BLOCKS", "AttentionSpec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock", "HeadKey", "InputError",
     "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch", "SketchfisherError", "__version__", "analyze",
-    "Store", "StoreError", "StoreMismatchError", "layout_for", "open_store", "register_layout",
+    "Store", "StoreError", "StoreMismatchError", "layout_for", "open_store", "plan", "register_layout",
     "run_sanity_checks",
 ]
