@@ -17,20 +17,14 @@ import time
 os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
 
 import torch
-from scipy.stats import spearmanr
 
 import sketchfisher as sf
+from sketchfisher.evaluation import compare
 from sketchfisher.demo import load_minilm, load_task, make_batches, masked_token_loss
 
 
-def metrics(exact: torch.Tensor, est: torch.Tensor, stderr: torch.Tensor, top: int = 50) -> dict:
-    e, s, se = exact.flatten().double(), est.flatten().double(), stderr.flatten().double()
-    rel = (s - e).abs() / e.abs().clamp_min(1e-30)
-    top_e = set(torch.topk(e, top).indices.tolist())
-    top_s = set(torch.topk(s, top).indices.tolist())
-    cover = ((s - e).abs() <= 1.959964 * se).double().mean()
-    return {"spearman": spearmanr(e.numpy(), s.numpy()).statistic, "median_rel_err": float(rel.median()),
-            f"top{top}_recall": len(top_e & top_s) / top, "coverage95": float(cover)}
+def metrics(exact, est, stderr, top: int = 50) -> dict:
+    return compare(exact, est, stderr, top)
 
 
 def bytes_full_fp16_per_sample(layout: sf.Layout) -> int:

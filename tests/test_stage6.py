@@ -208,3 +208,15 @@ def test_plots_render(setup, tmp_path):
                  plot_frontier(pd.DataFrame({"bytes_per_sample": [1e3, 1e4, 1e3, 1e4], "median_rel_err": [.3, .1, .2, .05],
                                              "label": ["a", "a", "b", "b"]}), tmp_path / "f.png")):
         assert path.stat().st_size > 2000
+
+
+def test_compare_metrics():
+    from sketchfisher.evaluation import compare
+
+    e = torch.arange(1.0, 101.0)
+    m = compare(e, e * 1.1, stderr=torch.full_like(e, 100.0), top=10)
+    assert m == {"spearman": pytest.approx(1.0), "median_rel_err": pytest.approx(0.1), "top10_recall": 1.0,
+                 "coverage95": 1.0}
+    assert compare(e, -e, top=10)["top10_recall"] == 0.0
+    with pytest.raises(sf.InputError, match="shapes differ"):
+        compare(e, e[:3])

@@ -86,8 +86,11 @@ def head_masking(analyze: Any, model: nn.Module, loss_fn: Any, task_a: Iterable[
 def loss_scaling(analyze: Any, model: nn.Module, loss_fn: Any, task_a: list, task_b: list, factor: float = 3.0,
                  **kw: Any) -> list[dict]:
     """Scaling task A's loss leaves scores unchanged; scaling task B's multiplies them by the factor
-    (``paper`` and ``symmetric`` use |g_j|; use a positive factor)."""
-    base = analyze(model, loss_fn, task_a, task_b, **kw).scores
+    (``paper`` and ``symmetric`` use |g_j|; use a positive factor).
+
+    C_i/(Î + ε) is scale-free only if ε scales with the loss² too, so the A-scaled run uses
+    ε·factor²; otherwise a model whose Î is near ε (a converged one) shows an ε effect, not a bug.
+    """
     marked_a = [("A", b) for b in task_a]
     marked_b = [("B", b) for b in task_b]
 
@@ -98,8 +101,10 @@ def loss_scaling(analyze: Any, model: nn.Module, loss_fn: Any, task_a: list, tas
         return fn
 
     plain = [("-", b) for b in task_b]
-    sa = analyze(model, scaled("A"), marked_a, plain, **kw).scores
-    sb = analyze(model, scaled("B"), [("-", b) for b in task_a], marked_b, **kw).scores
+    eps = kw.pop("eps", 1e-10)
+    base = analyze(model, loss_fn, task_a, task_b, eps=eps, **kw).scores
+    sa = analyze(model, scaled("A"), marked_a, plain, eps=eps * factor ** 2, **kw).scores
+    sb = analyze(model, scaled("B"), [("-", b) for b in task_a], marked_b, eps=eps, **kw).scores
     da, db = _dev(sa, base), _dev(sb, factor * base)
     return [{"check": "loss_scale_A_invariant", "passed": da <= 1e-4, "deviation": da, "detail": f"×{factor} on A"},
             {"check": "loss_scale_B_linear", "passed": db <= 1e-4, "deviation": db, "detail": f"×{factor} on B"}]

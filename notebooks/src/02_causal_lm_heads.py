@@ -1,0 +1,125 @@
+# %% [markdown]
+# # Which heads do two tasks fight over? A tiny GQA language model
+#
+# A Llama-style model with grouped-query attention (2 layers, 8 query heads, 2 key/value heads) is
+# trained here, on the CPU, on two synthetic tasks that must share its heads:
+#
+# * task A, **copy**: `[A] x1 … x6 [SEP] x1 … x6`
+# * task B, **reverse**: `[B] x1 … x6 [SEP] x6 … x1`
+#
+# We then compute the head-resolved interference between every copy sample (i) and every reverse
+# sample (j), exactly (`sf.Factors`) and from per-head sketches (`sf.Sketch`), look at the most
+# contested heads and sample pairs, verify the sketched top conflicts exactly, and test which cells
+# differ from a permutation null with false-discovery-rate control. The training script is
+# `examples/tiny_gqa.py`.
+
+# %%
+import os
+import sys
+import time
+
+os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
+FAST = os.environ.get("SKETCHFISHER_FAST") == "1"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath("")), "examples"))
+sys.path.insert(0, os.path.abspath(os.path.join("..", "examples")))
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+import sketchfisher as sf
+import tiny_gqa
+from sketchfisher.evaluation import compare
+from sketchfisher.plots import plot_block_heatmaps, plot_sketch_vs_exact
+
+start = time.perf_counter()
+model = tiny_gqa.train(steps=200, seed=0)  # a few seconds; both tasks are learned, loss not yet 0
+n = 12 if FAST else 32
+copy_tokens, reverse_tokens = tiny_gqa.make_task("copy", n, 1), tiny_gqa.make_task("reverse", n, 2)
+for name, tokens in (("copy", copy_tokens), ("reverse", reverse_tokens)):
+    with torch.no_grad():
+        loss = tiny_gqa.answer_loss(model, {"input_ids": tokens}).mean().item()
+    print(f"{name}: answer loss {loss:.4f}, exact-match accuracy {tiny_gqa.accuracy(model, tokens):.2f}")
+print(f"trained in {time.perf_counter() - start:.1f} s")
+layout = sf.layout_for(model)
+print(layout.num_layers, "layers,", layout.num_heads, "query heads,", layout.num_kv_heads, "kv heads")
+
+# %%
+task_a = tiny_gqa.batches(copy_tokens, 8)
+task_b = tiny_gqa.batches(reverse_tokens, 8)
+exact = sf.analyze(model, tiny_gqa.answer_loss, task_a, task_b, codec=sf.Factors())
+sketch = sf.analyze(model, tiny_gqa.answer_loss, task_a, task_b, codec=sf.Sketch(k=64, kind="sjlt", seed=0))
+pd.DataFrame([compare(exact.scores, sketch.scores, sketch.stderr, top=50)]).round(4)
+
+# %% [markdown]
+# ## Exact versus sketched heatmaps
+#
+# Mean score over all (copy, reverse) pairs, per layer × head, for each block. K and V are shared by
+# the four query heads of a key/value group, so their columns come in identical groups of four.
+
+# %%
+plot_block_heatmaps(exact.head_means(), "heads_exact.png", title="exact (Factors)")
+plot_block_heatmaps(sketch.head_means(), "heads_sketch.png", title="sketch sjlt k=64")
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
+for ax, path in zip(axes, ("heads_exact.png", "heads_sketch.png")):
+    ax.imshow(plt.imread(path))
+    ax.axis("off")
+plt.show()
+plot_sketch_vs_exact(exact.scores, sketch.scores, sketch.stderr, "scatter.png", title="sketch vs exact")
+plt.imshow(plt.imread("scatter.png"))
+plt.axis("off")
+plt.show()
+
+# %% [markdown]
+# ## The most contested heads and blocks
+
+# %%
+means = exact.head_means()
+cells = [(float(means[l, h, b]), l, h, blk) for l in range(means.shape[0]) for h in range(means.shape[1])
+         for b, blk in enumerate(sf.BLOCKS)]
+pd.DataFrame(sorted(cells, reverse=True)[:10], columns=["mean_score", "layer", "head", "block"]).round(4)
+
+# %% [markdown]
+# ## Top conflicting sample pairs, sketched then verified
+#
+# `verify_top` recomputes the gradients of only the candidate samples and re-scores the sketched top
+# candidates exactly; `held` marks the sketched top-20 that are also in the exact top-20.
+
+# %%
+verified = sketch.verify_top(k=20, budget=200, model=model, loss_fn=tiny_gqa.answer_loss, task_a=task_a,
+                             task_b=task_b)
+truth = exact.top_conflicts(20)
+key = lambda df: set(map(tuple, df[["block", "layer", "head", "sample_i", "sample_j"]].values.tolist()))
+print(f"held fraction {verified.attrs['held_fraction']:.2f}; exact top-20 recovered after verification: "
+      f"{len(key(verified.head(20)) & key(truth)) / 20:.2f}")
+verified.head(10).round(4)
+
+# %% [markdown]
+# ## Which cells differ from chance? Permutation test with FDR control
+#
+# The null re-deals the copy/reverse labels over the pooled samples (recomputing task A's Fisher);
+# q-values are Benjamini–Hochberg over the distinct head blocks.
+
+# %%
+tests = exact.permutation_test(n_permutations=199 if FAST else 999, seed=0)
+significant = tests[tests["q_value"] < 0.05].sort_values("p_value")
+print(f"{len(significant.drop_duplicates(['layer', 'block', 'statistic']))} of "
+      f"{len(tests.drop_duplicates(['layer', 'block', 'statistic']))} head blocks at q < 0.05")
+significant.head(12).round(4)
+
+# %% [markdown]
+# ## Sanity checks (SEMANTICS §4)
+
+# %%
+sf.run_sanity_checks(model, tiny_gqa.answer_loss, task_a[:1], task_b[:1], layer=1, heads=[0, 1, 2, 3])
+
+# %% [markdown]
+# ## Reading
+#
+# * The sketch (k = 64 per head block; each head block here has only 512 or 128 entries) reproduces
+#   the exact heatmaps closely, and `verify_top` turns its candidates into the exact top conflicts.
+# * The permutation test is the guard against reading structure into noise: cells that survive FDR
+#   are those where copy and reverse samples interfere more than relabelled samples would.
+# * Averaged over task-A samples, the "paper" score of a head block is Σ_S Î_A/(Î_A+ε) · mean_B |g|,
+#   so head *means* mostly reflect how strongly task B's gradients load on that head; the pair-level
+#   scores (top conflicts) carry the A-specific part.

@@ -1,0 +1,31 @@
+"""The generated references are up to date, and the notebooks' committed cells match their sources."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_and_api_references_are_current():
+    gen = _load(ROOT / "docs" / "gen_reference.py", "gen_reference")
+    assert (ROOT / "docs" / "cli.md").read_text() == gen.cli_reference(), "run python docs/gen_reference.py"
+    assert (ROOT / "docs" / "api.md").read_text() == gen.api_reference(), "run python docs/gen_reference.py"
+
+
+@pytest.mark.parametrize("src", sorted((ROOT / "notebooks" / "src").glob("*.py")), ids=lambda p: p.stem)
+def test_committed_notebooks_match_sources(src):
+    nbformat = pytest.importorskip("nbformat")
+    build = _load(ROOT / "notebooks" / "build.py", "nb_build")
+    committed = nbformat.read(ROOT / "notebooks" / f"{src.stem}.ipynb", as_version=4)
+    fresh = build.build(src)
+    assert [c.source for c in committed.cells] == [c.source for c in fresh.cells], \
+        f"notebooks/{src.stem}.ipynb is stale: run python notebooks/build.py --execute {src.stem}"
