@@ -20,8 +20,8 @@ import time
 
 os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
 FAST = os.environ.get("SKETCHFISHER_FAST") == "1"
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath("")), "examples"))
-sys.path.insert(0, os.path.abspath(os.path.join("..", "examples")))
+ROOT = os.environ.get("SKETCHFISHER_ROOT", os.path.abspath(".."))  # the repository (notebooks/ is cwd)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -33,7 +33,7 @@ from sketchfisher.evaluation import compare
 from sketchfisher.plots import plot_block_heatmaps, plot_sketch_vs_exact
 
 start = time.perf_counter()
-model = tiny_gqa.train(steps=200, seed=0)  # a few seconds; both tasks are learned, loss not yet 0
+model = tiny_gqa.train(steps=150, seed=0)  # a few seconds: copy is nearly learned, reverse is still being learned
 n = 12 if FAST else 32
 copy_tokens, reverse_tokens = tiny_gqa.make_task("copy", n, 1), tiny_gqa.make_task("reverse", n, 2)
 for name, tokens in (("copy", copy_tokens), ("reverse", reverse_tokens)):
@@ -97,11 +97,16 @@ verified.head(10).round(4)
 # %% [markdown]
 # ## Which cells differ from chance? Permutation test with FDR control
 #
-# The null re-deals the copy/reverse labels over the pooled samples (recomputing task A's Fisher);
-# q-values are Benjamini–Hochberg over the distinct head blocks.
+# For "do the tasks fight over this head block" the `signed` variant is the right statistic: its mean
+# over pairs is the Fisher-weighted alignment of the two tasks' mean gradients, negative when a step
+# that helps copy hurts reverse. The null re-deals the copy/reverse labels over the pooled samples;
+# p-values count permutations at least as negative; q-values are Benjamini–Hochberg over the distinct
+# head blocks. (The `paper` cell mean mostly measures task B's gradient mass on a head, see
+# docs/concepts.md, so it is not the statistic to test here.)
 
 # %%
-tests = exact.permutation_test(n_permutations=199 if FAST else 999, seed=0)
+signed = sf.analyze(model, tiny_gqa.answer_loss, task_a, task_b, codec=sf.Factors(), variant="signed")
+tests = signed.permutation_test(n_permutations=199 if FAST else 999, seed=0)
 significant = tests[tests["q_value"] < 0.05].sort_values("p_value")
 print(f"{len(significant.drop_duplicates(['layer', 'block', 'statistic']))} of "
       f"{len(tests.drop_duplicates(['layer', 'block', 'statistic']))} head blocks at q < 0.05")
@@ -116,8 +121,11 @@ sf.run_sanity_checks(model, tiny_gqa.answer_loss, task_a[:1], task_b[:1], layer=
 # %% [markdown]
 # ## Reading
 #
-# * The sketch (k = 64 per head block; each head block here has only 512 or 128 entries) reproduces
-#   the exact heatmaps closely, and `verify_top` turns its candidates into the exact top conflicts.
+# * This model's head blocks are tiny (512 entries) and its contributions are concentrated in a few
+#   entries, so a k = 64 sketch of a single pair is noisy (low Spearman over all scores, large median
+#   relative error on the many near-zero scores) although its error bars stay calibrated. The
+#   averaged heatmaps and the top of the ranking survive, and `verify_top` turns the sketched
+#   candidates into the exact top conflicts. On real models (notebook 01) head blocks are far larger.
 # * The permutation test is the guard against reading structure into noise: cells that survive FDR
 #   are those where copy and reverse samples interfere more than relabelled samples would.
 # * Averaged over task-A samples, the "paper" score of a head block is Σ_S Î_A/(Î_A+ε) · mean_B |g|,

@@ -98,6 +98,39 @@ class FisherStats:
     def names(self) -> list[str]:
         return list(self.welford)
 
+    def all_reduce(self, names: list[str]) -> "FisherStats":
+        """Statistics of the union over all ``torch.distributed`` ranks (every rank gets the result).
+
+        Each rank contributes (n, n·mean, M2 + n·mean², Σ|g|, Σg) per parameter; the sums are
+        all-reduced in fp64 and turned back into a Welford state. Ranks that saw no sample
+        contribute zeros; the shapes come from the ranks that did.
+        """
+        import torch.distributed as dist
+
+        out = FisherStats(self.dtype)
+        for name in names:
+            w = self.welford.get(name, Welford())
+            shape = torch.tensor(list(w.mean.shape) if w.count else [], dtype=torch.long)
+            dims = torch.tensor([shape.numel()], dtype=torch.long)
+            dist.all_reduce(dims, op=dist.ReduceOp.MAX)
+            full = torch.zeros(int(dims), dtype=torch.long)
+            full[: shape.numel()] = shape
+            dist.all_reduce(full, op=dist.ReduceOp.MAX)
+            size = tuple(full.tolist())
+            zeros = torch.zeros(size, dtype=torch.float64)
+            mean = w.mean.double() if w.count else zeros
+            parts = [torch.tensor([float(w.count)], dtype=torch.float64), w.count * mean,
+                     (w.m2.double() if w.count else zeros) + w.count * mean.square(),
+                     self.sum_abs[name].double() if w.count else zeros.clone(),
+                     self.sum_g[name].double() if w.count else zeros.clone()]
+            for t in parts:
+                dist.all_reduce(t)
+            n = int(parts[0].item())
+            mean = parts[1] / max(n, 1)
+            out.welford[name] = Welford(n, mean, (parts[2] - n * mean.square()).clamp_min(0))
+            out.sum_abs[name], out.sum_g[name] = parts[3], parts[4]
+        return out
+
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Flat tensors and string metadata for safetensors (``name::mean`` etc.)."""
         tensors, counts = {}, {}

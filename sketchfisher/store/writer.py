@@ -11,12 +11,18 @@ Every file is written under a temporary name and renamed, so a file is either co
 A run killed at any point and restarted with the same arguments skips what is complete: pass-1
 checkpoints resume from the batches they recorded (Welford states merge exactly) and pass 2 skips
 batches whose shard exists. Every sample is counted exactly once.
+
+Under ``torch.distributed`` (``torchrun``; NCCL on GPUs, gloo on CPU) every rank runs this with the
+same tasks: batch i belongs to rank i % world; pass-1 statistics are all-reduced; each rank writes its
+own pass-2 shards into the one store; rank 0 writes the manifest. The sketches are those of a
+single-process run (same seeds), up to the rounding of the statistics' reduction order.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,12 +49,38 @@ def shard_name(index: int) -> str:
     return f"{index:07d}.safetensors"
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's share of the batches: batch ``i`` belongs to rank ``i % world``."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def mine(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
 def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
-           checkpoint_every: int, show_progress: bool) -> FisherStats:
+           checkpoint_every: int, show_progress: bool, ranks: Ranks) -> FisherStats:
     final = root / "pass1" / f"{task}.safetensors"
     if final.exists():
         return FisherStats.from_tensors(*load_tensors(final))
-    partial = root / "pass1" / f"{task}.partial.safetensors"
+    suffix = "" if ranks.world == 1 else f".rank{ranks.rank}-of-{ranks.world}"
+    partial = root / "pass1" / f"{task}{suffix}.partial.safetensors"
     stats, done = FisherStats(), 0
     if partial.exists():
         tensors, meta = load_tensors(partial)
@@ -60,7 +92,7 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
     index = -1
     with FactorCapture(model, modules) as cap:
         for index, batch in enumerate(progress(batches, desc=f"pass 1 {task}", enabled=show_progress)):
-            if index < done:
+            if index < done or not ranks.mine(index):
                 continue
             bf = cap.run(loss_fn, batch)
             for module, name in zip(modules, names):
@@ -70,10 +102,14 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
                 atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1)})
     if index + 1 < done:
         raise InputError(f"task {task} yielded {index + 1} batches, fewer than the {done} recorded in {partial}")
+    if ranks.world > 1:
+        stats = stats.all_reduce(names)
     if stats.count == 0:
         raise InputError(f"task {task} yielded no samples")
-    tensors, meta = stats.to_tensors()
-    atomic_save_tensors(tensors, final, {**meta, "batches": str(index + 1)})
+    if ranks.rank == 0:
+        tensors, meta = stats.to_tensors()
+        atomic_save_tensors(tensors, final, {**meta, "batches": str(index + 1)})
+    ranks.barrier()
     partial.unlink(missing_ok=True)
     return stats
 
@@ -107,28 +143,31 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
         if iter(task) is task:
             raise InputError(f"{name} is a one-shot iterator; a store needs two passes, pass a list or a DataLoader")
     root = Path(path)
+    ranks = Ranks.current()
     wanted = build_manifest(model, layout, codec, cfg)
     manifest_path = root / "manifest.json"
-    if manifest_path.exists():
-        manifest = read_json(manifest_path)
-        check_same(manifest, wanted, f"store {root}")
-    else:
+    if ranks.rank == 0 and not manifest_path.exists():
         root.mkdir(parents=True, exist_ok=True)
-        manifest = wanted
-        atomic_write_json(manifest, manifest_path)
+        atomic_write_json(wanted, manifest_path)
+    ranks.barrier()
+    manifest = read_json(manifest_path)
+    check_same(manifest, wanted, f"store {root}")
     for sub in ("pass1", "pass2/a", "pass2/b"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    for stale in root.rglob("*.tmp"):  # half-written files of a killed run; never read
-        stale.unlink()
+    if ranks.rank == 0:
+        for stale in root.rglob("*.tmp"):  # half-written files of a killed run; never read
+            stale.unlink()
+    ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
-    stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress) for t in TASKS}
+    stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress, ranks)
+             for t in TASKS}
     _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
     preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec)
     for t in TASKS:
         folder = root / "pass2" / t
         done = {p.name for p in folder.glob("*.safetensors")}
         it = sketch_batches(model, loss_fn, tasks[t], layout, codec, preps, t, stats["a"].count, cfg,
-                            skip=lambda i: shard_name(i) in done)
+                            skip=lambda i: shard_name(i) in done or not ranks.mine(i))
         for index, size, blocks in progress(it, desc=f"pass 2 {t}", enabled=show_progress):
             tensors = {}
             for (layer, block), (sk, norm2, cross) in blocks.items():
@@ -139,6 +178,10 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
                 tensors[f"{layer}.{block}.norm2"] = norm2.double()
                 tensors[f"{layer}.{block}.cross"] = cross.double()
             atomic_save_tensors(tensors, folder / shard_name(index), {"batch": str(index), "samples": str(size)})
+    ranks.barrier()
+    if ranks.rank != 0:
+        ranks.barrier()
+        return root
     manifest["tasks"] = {}
     for t in TASKS:  # sample id = position in iteration order; batch b holds ids [start_b, start_b + size_b)
         sizes = [int(read_metadata(p)["samples"]) for p in sorted((root / "pass2" / t).glob("*.safetensors"))]
@@ -148,6 +191,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
                              "the task must yield the same batches on every pass")
     manifest["complete"] = True
     atomic_write_json(manifest, manifest_path)
+    ranks.barrier()
     return root
 
 

@@ -1,0 +1,26 @@
+"""One rank of the distributed-collection test: gloo on loopback, the same tasks on every rank."""
+
+import os
+import sys
+
+import torch.distributed as dist
+
+import sketchfisher as sf
+from sketchfisher.store import collect_to_store
+from tiny_models import generic_loss, make_batches, make_model
+
+
+def main(path: str) -> None:
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo", init_method="env://")
+    model = make_model("gpt2", seed=5)
+    ta, tb = make_batches(9, 2, seed=1), make_batches(7, 3, seed=2)
+    collect_to_store(path, model, generic_loss, ta, tb, sf.layout_for(model), sf.Sketch(k=16, kind="sjlt", seed=2),
+                     sf.ScoreConfig(), checkpoint_every=2)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
