@@ -1,0 +1,120 @@
+"""Collection cost on one GPU at Llama-7B layer shapes: plain forward+backward vs pass 1 vs pass 2.
+
+LlamaConfig(hidden 4096, 32 heads, intermediate 11008, vocabulary 32000), ``--layers`` layers, bf16
+weights, random tokens, T tokens per sample, per-sample next-token cross-entropy. For each of MHA
+(32 kv heads) and GQA (8 kv heads) it times, per sample and side by side in one run:
+plain forward+backward; pass 1 (factor capture + Welford/Σ|g|/Σg statistics); pass 2 with
+Sketch(sjlt, k=256); pass 2 with lossless Factors kept on the GPU. Peak GPU memory per phase.
+
+    python3 benchmarks/gpu_collect.py [--layers 4] [--tokens 512] [--batch 4] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+import transformers as hf
+
+import sketchfisher as sf
+from sketchfisher.capture import FactorCapture
+from sketchfisher.compress import FactorContributions
+from sketchfisher.fisher import FisherStats
+from sketchfisher.sketching import prepare_all, sketch_batches
+
+
+def lm_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    return ce.mean(1)
+
+
+def timed(fn, repeats):
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def run(kv_heads: int, args) -> list:
+    config = hf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
+                            num_attention_heads=32, num_key_value_heads=kv_heads, vocab_size=32000,
+                            max_position_embeddings=max(2048, args.tokens))
+    torch.manual_seed(0)
+    model = hf.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    layout = sf.layout_for(model)
+    ids = torch.randint(0, 32000, (args.batch, args.tokens), device="cuda")
+    batches = [{"input_ids": ids}]
+    names = list(layout.params)
+    modules = [n.rsplit(".", 1)[0] for n in names]
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        lm_loss(model, batches[0]).sum().backward()
+
+    def pass1():
+        stats = FisherStats(dtype=torch.float32)
+        with FactorCapture(model, modules) as cap:
+            bf = cap.run(lm_loss, batches[0])
+            for module, name in zip(modules, names):
+                stats.update({name: bf.grad(module)})
+        return stats
+
+    stats = pass1()
+    codec = sf.Sketch(k=256, kind="sjlt", seed=0)
+    cfg = sf.ScoreConfig()
+    preps = prepare_all(layout, stats, stats, cfg, codec)
+
+    def pass2_sketch():
+        for _ in sketch_batches(model, lm_loss, batches, layout, codec, preps, "a", stats.count, cfg):
+            pass
+
+    def pass2_factors():
+        rep = FactorContributions()
+        with FactorCapture(model, modules) as cap:
+            bf = cap.run(lm_loss, batches[0])
+            rep.append(bf.A, bf.D, bf.lengths)
+
+    rows = []
+    for name, fn in (("plain forward+backward", plain), ("pass 1 (statistics)", pass1),
+                     ("pass 2 Sketch(sjlt, k=256)", pass2_sketch), ("pass 2 Factors (lossless)", pass2_factors)):
+        sec, peak = timed(fn, args.repeats)
+        rows.append((f"{kv_heads} kv heads", name, 1000 * sec / args.batch, peak))
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    rows = []
+    for kv in (32, 8):
+        rows += run(kv, args)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, Llama-7B layer shapes x {args.layers}, "
+          f"bf16, T={args.tokens}, batch {args.batch}, median of {args.repeats}")
+    print("| model | phase | ms/sample | x plain | peak GiB |\n| --- | --- | --- | --- | --- |")
+    base = {}
+    for model, phase, ms, peak in rows:
+        base.setdefault(model, ms)
+        print(f"| {model} | {phase} | {ms:.1f} | {ms / base[model]:.2f} | {peak:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
