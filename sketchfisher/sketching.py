@@ -45,7 +45,7 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     denom = fisher + cfg.eps + ridge(fisher, cfg)
     if not codec.variance_reduction:
         zeros = torch.zeros_like(fisher)
-        return BlockPrep(denom, fisher_a, torch.ones_like(fisher), zeros, zeros, zeros.sum(-1))
+        return _cast(BlockPrep(denom, fisher_a, torch.ones_like(fisher), zeros, zeros, zeros.sum(-1)), cfg)
     n_a, n_b = stats_a.count, stats_b.count
     abs_a, abs_b = stats_a.block(layout, layer, block, "mean_abs"), stats_b.block(layout, layer, block, "mean_abs")
     m = (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
@@ -58,7 +58,13 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     else:
         x_bar, y_bar = abs_a / denom, abs_b
     x_bar, y_bar = x_bar * balance, y_bar / balance
-    return BlockPrep(denom, fisher_a, balance, x_bar, y_bar, (x_bar * y_bar).sum(-1))
+    return _cast(BlockPrep(denom, fisher_a, balance, x_bar, y_bar, (x_bar * y_bar).sum(-1)), cfg)
+
+
+def _cast(prep: BlockPrep, cfg: ScoreConfig) -> BlockPrep:
+    """Side vectors are built in ``cfg.dtype``; the exact scalar e keeps fp64."""
+    t = lambda x: x.to(cfg.dtype)  # noqa: E731
+    return BlockPrep(t(prep.denom), t(prep.fisher_a), t(prep.balance), t(prep.x_bar), t(prep.y_bar), prep.e.double())
 
 
 def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch) -> dict:
@@ -69,7 +75,7 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg:
 
 def side_vector(g: torch.Tensor, prep: BlockPrep, side: str, count: int, cfg: ScoreConfig) -> torch.Tensor:
     """Balanced i-side (``"a"``) or j-side (``"b"``) vectors ``[B, H_b, S]`` from block gradients."""
-    g = g.double()
+    g = g.to(cfg.dtype)  # fp32 by default: the CUDA sjlt kernels take fp32/bf16/fp16, not fp64
     if side == "b":
         y = g if cfg.variant == "signed" else g.abs()
         return y / prep.balance
