@@ -103,21 +103,23 @@ frontier = frontier[frontier["median_rel_err"] <= frontier["median_rel_err"].cum
 frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]].round(4)
 
 # %% [markdown]
-# ## Reading
+# ## Reading (full run, 32 × 32 samples)
 #
-# * **Variance reduction is the lever.** At equal bytes, balancing + centering cuts the median
-#   relative error of every sketch kind by about 2.5× (0.18 → 0.074 at k = 256) and lifts Spearman
-#   from ≈0.91 to ≈0.995. The kinds (gaussian, sjlt, srht) are indistinguishable at equal k, so the
-#   cheapest to apply (sjlt) is the default.
-# * **Error ∝ 1/√k.** Quadrupling k halves the error (0.147 → 0.074 → 0.037 with variance
-#   reduction). k = 256 with fp16 storage meets the project's target (Spearman ≥ 0.99, median error
-#   ≤ 0.08) at ~47× less memory than full fp16 contributions on MiniLM; int8 storage keeps the same
-#   accuracy at ~89×.
-# * **Error bars are honest.** The nominal 95% intervals cover the exact score for ≈95% of scores at
-#   every k; a user can trust `res.stderr` and re-score the top candidates exactly with `verify_top`.
-# * **Truncated factors are the wrong tool for accuracy per byte here**: a rank-r gradient keeps the
-#   dominant directions of g_i but the score weights entries by C_i/Î, so small ranks lose the
-#   ordering; they are useful for exact verification and long-term storage at moderate rank.
-#
-# (In fast mode the numbers above come from 8 × 8 samples and are noisy; the statements refer to the
-# full run.)
+# * **Variance reduction is the lever for sketches.** At equal bytes, balancing + centering cuts the
+#   median relative error by about 2.5× at every k (sjlt: 0.35 → 0.14 at k = 64, 0.18 → 0.071 at
+#   k = 256, 0.090 → 0.035 at k = 1024) and lifts Spearman from ≈0.91 to ≈0.995 at k = 256. The kinds
+#   (gaussian, sjlt, srht) are indistinguishable at equal k, so the cheapest to apply (sjlt) is the
+#   default. Error falls as 1/√k.
+# * **Storage precision does not matter down to int8**: int8 keeps the fp16 accuracy at 89× less
+#   memory than full fp16 contributions.
+# * **Error bars are honest**: the nominal 95% intervals cover the exact score for 0.95 of all scores
+#   at every k and kind.
+# * **Top-k lists need verification**: sketches rank the top-50 cells only moderately well
+#   (recall 0.6–0.84 at k = 256); `verify_top` re-scores the candidates exactly (notebook 02,
+#   `docs/benchmarks.md`: 100% of the exact top-100 from 1,000 candidates).
+# * **Truncated factors are strong on short sequences.** MiniLM samples here have about 15–20 tokens,
+#   so rank 4 already keeps most of each per-sample gradient: 24× smaller than full fp16, median
+#   error 0.068 and perfect top-50 recall; rank 16 is essentially lossless. Their size grows with the
+#   rank and the layer widths, a sketch's does not: at Llama-7B shapes Factors(rank 16) need 51 GB
+#   for 768 samples against 1.7 GB for k = 256 sketches (notebook 03). Sketches are the choice below
+#   ≈0.15 MB per sample here and at scale; factors when exactness matters and memory allows.
