@@ -103,9 +103,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kv", type=int, nargs="+", default=[32, 8], help="key/value head counts to run")
     args = p.parse_args()
     rows = []
-    for kv in (32, 8):
+    for kv in args.kv:
         rows += run(kv, args)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, Llama-7B layer shapes x {args.layers}, "
           f"bf16, T={args.tokens}, batch {args.batch}, median of {args.repeats}")
