@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
 from .capture import FactorCapture, linear_modules, per_sample_gradients
@@ -38,18 +39,21 @@ def _weights(model: nn.Module, layout: Layout, modules: str) -> list[str]:
 
 
 def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Any, *,
-            modules: str = "attention", desc: str = "collect", show_progress: bool = False):
+            modules: str = "attention", desc: str = "collect", show_progress: bool = False,
+            stats_dtype: torch.dtype = torch.float64):
     """Per-sample representation (``codec``) and :class:`FisherStats` of one task.
 
     For ``sf.Sketch`` this is pass 1 only (statistics; the representation is None): the sketches
     need both tasks' statistics first (:mod:`sketchfisher.sketching`). Parameters with
-    ``requires_grad=False`` are not collected; their scores come out NaN.
+    ``requires_grad=False`` are not collected; their scores come out NaN. ``stats_dtype`` is the
+    precision of the model-sized pass-1 statistics (fp64 by default; fp32 halves their memory, which
+    matters on GPUs at 7B scale: 4 tensors of the attention size).
     """
     if not isinstance(codec, CODECS):
         raise InputError(f"codec must be one of: sf.Exact(), sf.Factors(rank=None), sf.Sketch(k, kind, seed); "
                          f"got {codec!r}")
     names = _weights(model, layout, modules)
-    stats = FisherStats()
+    stats = FisherStats(dtype=stats_dtype)
     if isinstance(codec, Exact):
         rep = ExactContributions()
         for grads in progress(per_sample_gradients(model, loss_fn, batches, names), desc=desc, enabled=show_progress):

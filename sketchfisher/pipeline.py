@@ -24,7 +24,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             codec: Any = None, variant: str = "paper", normalizer: str = "a", eps: float = 1e-10,
             ridge_abs: float = 0.0, ridge_rel: float = 0.0, layout: Optional[Layout] = None,
             modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES, dtype: Any = None,
-            store: Optional[str] = None, progress: bool = False) -> InterferenceResult:
+            store: Optional[str] = None, stats_dtype: Any = None, progress: bool = False) -> InterferenceResult:
     """Head-resolved interference between every task-A sample i and task-B sample j.
 
     ``loss_fn(model, batch)`` returns one loss per sample (``[B]``); ``task_a``/``task_b`` iterate
@@ -34,7 +34,8 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     statistics of every linear weight. ``max_bytes`` bounds the working set of one Stage 6 chunk;
     ``dtype`` (``torch.float32`` by default, or ``torch.float64``) is the Stage 6 arithmetic.
     ``store=path`` (sketches only) streams the per-sample sketches to a resumable store directory and
-    scores from it; rerunning the same call after a crash finishes the collection. Returns an
+    scores from it; rerunning the same call after a crash finishes the collection. ``stats_dtype``
+    (fp64 by default) is the precision of the pass-1 Fisher statistics. Returns an
     :class:`InterferenceResult` whose ``scores`` are ``[nA, nB, L, H, 4]`` (SEMANTICS §4).
     """
     codec = Exact() if codec is None else codec
@@ -46,12 +47,14 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
 
         if modules != "attention":
             raise InputError("stores collect the attention layout only; use modules='attention' with store=")
-        collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress)
+        collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
+                         **({} if stats_dtype is None else {"stats_dtype": stats_dtype}))
         return open_store(store).result(max_bytes=max_bytes)
+    kw = {} if stats_dtype is None else {"stats_dtype": stats_dtype}
     rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="task A",
-                             show_progress=progress)
+                             show_progress=progress, **kw)
     rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="task B",
-                             show_progress=progress)
+                             show_progress=progress, **kw)
     context = {"cfg": cfg, "codec": codec, "stats_a": stats_a, "stats_b": stats_b}
     if isinstance(codec, Sketch):
         provider, side_a, side_b = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a,

@@ -150,3 +150,14 @@ def test_truncation_property_any_shape(B, T, d_in, d_out, rank, seed):
     tail = torch.linalg.svdvals(full)[:, rank:].square().sum(-1).sqrt()
     err = (approx - full).flatten(1).norm(dim=1)
     torch.testing.assert_close(err, tail, rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_statistics_option():
+    model = make_model("llama_gqa")
+    layout = sf.layout_for(model)
+    batches = make_batches(5, 2, seed=3)
+    _, s64 = collect(model, generic_loss, batches, layout, sf.Factors())
+    _, s32 = collect(model, generic_loss, batches, layout, sf.Factors(), stats_dtype=torch.float32)
+    for name in s64.names():
+        assert s32.fisher(name).dtype == torch.float32 and s64.fisher(name).dtype == torch.float64
+        torch.testing.assert_close(s32.fisher(name).double(), s64.fisher(name), rtol=1e-5, atol=0)

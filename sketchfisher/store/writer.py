@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
 from ..capture import FactorCapture
@@ -75,13 +76,13 @@ class Ranks:
 
 
 def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
-           checkpoint_every: int, show_progress: bool, ranks: Ranks) -> FisherStats:
+           checkpoint_every: int, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype) -> FisherStats:
     final = root / "pass1" / f"{task}.safetensors"
     if final.exists():
         return FisherStats.from_tensors(*load_tensors(final))
     suffix = "" if ranks.world == 1 else f".rank{ranks.rank}-of-{ranks.world}"
     partial = root / "pass1" / f"{task}{suffix}.partial.safetensors"
-    stats, done = FisherStats(), 0
+    stats, done = FisherStats(dtype=stats_dtype), 0
     if partial.exists():
         tensors, meta = load_tensors(partial)
         stats, done = FisherStats.from_tensors(tensors, meta), int(meta["batches_done"])
@@ -130,7 +131,7 @@ def _check_space(root: Path, layout: Layout, codec: Sketch, samples: int, max_by
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
                      task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
                      checkpoint_every: int = 16, max_bytes: int | None = None,
-                     show_progress: bool = False) -> Path:
+                     show_progress: bool = False, stats_dtype: torch.dtype = torch.float64) -> Path:
     """Collect (or finish collecting) a sketch store at ``path``; returns the path.
 
     Before pass 2 writes anything, the planned size of the sketches (known once pass 1 has counted
@@ -159,7 +160,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
             stale.unlink()
     ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
-    stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress, ranks)
+    stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress, ranks, stats_dtype)
              for t in TASKS}
     _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
     preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec)
