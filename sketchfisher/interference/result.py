@@ -77,8 +77,9 @@ class InterferenceResult:
                         continue
                     yield layer, b, 0, self.n_a, s, self._stderr[:, :, layer, heads, b]
             return
+        # chunks stay on the device they were scored on; reductions move only their small results
         for layer, b, lo, hi, s, se in iter_chunks(self.layout, self.provider, self.max_bytes, expand):
-            yield layer, b, lo, hi, s.cpu().to(self.dtype), None if se is None else se.cpu().to(self.dtype)
+            yield layer, b, lo, hi, s.to(self.dtype), None if se is None else se.to(self.dtype)
 
     # -- streaming reductions ----------------------------------------------------------------
     def head_means(self) -> torch.Tensor:
@@ -87,8 +88,8 @@ class InterferenceResult:
         sums = torch.zeros(L, H, len(BLOCKS), dtype=torch.float64)
         counts = torch.zeros(L, H, len(BLOCKS), dtype=torch.float64)
         for layer, b, _, _, s, _ in self._chunks():
-            sums[layer, :, b] += s.double().nansum((0, 1))
-            counts[layer, :, b] += (~torch.isnan(s)).sum((0, 1))
+            sums[layer, :, b] += s.double().nansum((0, 1)).cpu()
+            counts[layer, :, b] += (~torch.isnan(s)).sum((0, 1)).cpu()
         return sums / counts  # 0/0 -> NaN for missing blocks
 
     def pair(self, i: int, j: int, layer: int, head: int) -> dict[str, float]:
@@ -117,11 +118,12 @@ class InterferenceResult:
             # keep every entry tied with the k-th value so that the tie-break below sees them all
             kth = torch.topk(key, min(k, key.numel())).values[-1]
             flat = ((key >= kth) & torch.isfinite(key)).nonzero().flatten()
-            ci, cj, ch = torch.unravel_index(flat, s.shape)
+            vals = s.reshape(-1)[flat].double().cpu().tolist()
+            errs = [0.0] * len(vals) if se is None else se.reshape(-1)[flat].double().cpu().tolist()
+            ci, cj, ch = (t.cpu().tolist() for t in torch.unravel_index(flat, s.shape))
             first = self._first_heads(b)
-            rows = [[BLOCKS[b], layer, first[h], lo + i, j, float(s[i, j, h]), 0.0 if se is None else float(se[i, j, h])]
-                    for i, j, h in zip(ci.tolist(), cj.tolist(), ch.tolist())]
-            best_key = torch.cat([best_key, key[flat]])
+            rows = [[BLOCKS[b], layer, first[h], lo + i, j, v, e] for i, j, h, v, e in zip(ci, cj, ch, vals, errs)]
+            best_key = torch.cat([best_key, key[flat].cpu()])
             best_rows += rows
             best_key, best_rows = _select(best_key, best_rows, k)
         best_key, best_rows = _select(best_key, best_rows, k)
@@ -133,9 +135,10 @@ class InterferenceResult:
         acc = {b: [0.0, 0, -float("inf")] for b in range(len(BLOCKS))}
         for _, b, _, _, s, _ in self._chunks():
             ok = ~torch.isnan(s)
+            count = int(ok.sum())
             acc[b][0] += float(s[ok].double().sum())
-            acc[b][1] += int(ok.sum())
-            if ok.any():
+            acc[b][1] += count
+            if count:
                 acc[b][2] = max(acc[b][2], float(s[ok].max()))
         return pd.DataFrame([{"block": BLOCKS[b], "mean": s / n if n else float("nan"),
                               "max": m if n else float("nan"), "missing_fraction": 1 - n / total}
@@ -148,10 +151,10 @@ class InterferenceResult:
         for _, b, lo, hi, s, _ in self._chunks():
             ok = (~torch.isnan(s)).double()
             v = s.double().nan_to_num()
-            sums["a"][lo:hi, b] += v.sum((1, 2))
-            counts["a"][lo:hi, b] += ok.sum((1, 2))
-            sums["b"][:, b] += v.sum((0, 2))
-            counts["b"][:, b] += ok.sum((0, 2))
+            sums["a"][lo:hi, b] += v.sum((1, 2)).cpu()
+            counts["a"][lo:hi, b] += ok.sum((1, 2)).cpu()
+            sums["b"][:, b] += v.sum((0, 2)).cpu()
+            counts["b"][:, b] += ok.sum((0, 2)).cpu()
         rows = []
         for side in ("a", "b"):
             mean = sums[side] / counts[side]
