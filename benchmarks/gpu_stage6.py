@@ -15,7 +15,6 @@ import time
 
 import torch
 
-import sketchfisher as sf
 from sketchfisher.interference import ExactBlock, InterferenceResult, ScoreConfig
 from sketchfisher.layout import AttentionSpec, Dims, HeadBlock, HeadKey, Layout
 from sketchfisher.sketching import SketchBlock
