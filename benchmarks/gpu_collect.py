@@ -92,8 +92,6 @@ def run(kv_heads: int, args) -> list:
                      ("pass 2 Sketch(sjlt, k=256)", pass2_sketch), ("pass 2 Factors (lossless)", pass2_factors)):
         sec, peak = timed(fn, args.repeats)
         rows.append((f"{kv_heads} kv heads", name, 1000 * sec / args.batch, peak))
-    del model
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -108,6 +106,7 @@ def main() -> None:
     rows = []
     for kv in args.kv:
         rows += run(kv, args)
+        torch.cuda.empty_cache()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, Llama-7B layer shapes x {args.layers}, "
           f"bf16, T={args.tokens}, batch {args.batch}, median of {args.repeats}")
     print("| model | phase | ms/sample | x plain | peak GiB |\n| --- | --- | --- | --- | --- |")

@@ -16,7 +16,7 @@ import time
 import torch
 
 from sketchfisher.interference import ExactBlock, InterferenceResult, ScoreConfig
-from sketchfisher.layout import AttentionSpec, Dims, HeadBlock, HeadKey, Layout
+from sketchfisher.layout import Dims, HeadBlock, HeadKey, Layout
 from sketchfisher.sketching import SketchBlock
 
 
@@ -31,7 +31,6 @@ def llama7b_layout(layers: int = 32) -> Layout:
             blocks[(layer, block)] = tuple(HeadBlock(HeadKey(layer, block, h), base + module + ".weight", (d, d), role,
                                                      h * dh, (h + 1) * dh) for h in range(H))
     names = tuple(dict.fromkeys(hb.param_name for hbs in blocks.values() for hb in hbs))
-    _ = AttentionSpec  # the same geometry sf.layout_for derives from a LlamaConfig
     return Layout("llama", Dims(layers, H, H, dh, d), blocks, names)
 
 

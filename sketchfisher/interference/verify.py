@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..layout import BLOCKS, Layout
+from ..layout import Layout
 from ..metric import x_side, y_side
 
 
@@ -99,5 +99,4 @@ def verify_top(result: Any, k: int = 100, budget: int = 1000, *, model: Optional
     cands["held"] = (cands["sketch_rank"] < k) & (cands["exact_rank"] < k)
     out = cands.sort_values("exact_rank").reset_index(drop=True)
     out.attrs["held_fraction"] = float(cands["held"].sum()) / min(k, len(cands))
-    out.attrs["blocks"] = BLOCKS
     return out
