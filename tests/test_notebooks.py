@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom in fast mode (few samples) under a time limit."""
 
-import os
 from pathlib import Path
 
 import pytest

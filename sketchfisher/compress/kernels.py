@@ -23,7 +23,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (availability check only)
     except ImportError:
         return False
     return torch.cuda.is_available()
