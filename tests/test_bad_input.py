@@ -74,3 +74,16 @@ def test_unsupported_architecture_in_analyze():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
     with pytest.raises(sf.LayoutError, match="no QK-OV layout"):
         sf.analyze(model, lambda m, b: m(b).sum(-1), [torch.zeros(2, 3)], [torch.zeros(2, 3)])
+
+
+def test_factor_path_reports_non_finite_gradients(model):
+    batches = make_batches(3, 3)
+
+    def inf_hidden(m, b):
+        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        poison = InfGrad.apply(out[2].sum() * 0)  # only sample 2's hidden states get an inf gradient
+        loss = generic_loss(m, b)
+        return loss + torch.stack([loss[0] * 0, loss[1] * 0, poison])
+
+    with pytest.raises(sf.GradientError, match=r"non-finite factors in .* for batch positions \[2\]"):
+        sf.analyze(model, inf_hidden, batches, batches, codec=sf.Factors())

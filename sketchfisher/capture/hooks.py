@@ -6,6 +6,11 @@ One ordinary batched forward pass records every hooked module's inputs and outpu
 ``torch.autograd.grad`` of ``Σ_b loss_b`` with respect to those outputs gives every sample's
 ``D_i`` at once (samples are independent, so ∂(Σ_b loss_b)/∂y_i = ∂loss_i/∂y_i). No parameter
 ``.grad`` is written and no weight gradient is formed.
+
+Assumption: a hooked weight reaches the loss only through its module's forward (possibly called
+several times). A loss that also uses the weight directly (a penalty on W, a weight tied to an
+embedding) has gradient terms that factors do not see; tied LM heads are therefore excluded from
+:func:`linear_modules`, and the exact oracle (``sf.Exact()``) remains the reference.
 """
 
 from __future__ import annotations
