@@ -107,22 +107,24 @@ class FisherStats:
         """
         import torch.distributed as dist
 
+        # NCCL reduces CUDA tensors only; gloo takes CPU tensors
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         out = FisherStats(self.dtype)
         for name in names:
             w = self.welford.get(name, Welford())
-            shape = torch.tensor(list(w.mean.shape) if w.count else [], dtype=torch.long)
-            dims = torch.tensor([shape.numel()], dtype=torch.long)
+            shape = torch.tensor(list(w.mean.shape) if w.count else [], dtype=torch.long, device=dev)
+            dims = torch.tensor([shape.numel()], dtype=torch.long, device=dev)
             dist.all_reduce(dims, op=dist.ReduceOp.MAX)
-            full = torch.zeros(int(dims), dtype=torch.long)
+            full = torch.zeros(int(dims), dtype=torch.long, device=dev)
             full[: shape.numel()] = shape
             dist.all_reduce(full, op=dist.ReduceOp.MAX)
             size = tuple(full.tolist())
-            zeros = torch.zeros(size, dtype=torch.float64)
-            mean = w.mean.double() if w.count else zeros
-            parts = [torch.tensor([float(w.count)], dtype=torch.float64), w.count * mean,
-                     (w.m2.double() if w.count else zeros) + w.count * mean.square(),
-                     self.sum_abs[name].double() if w.count else zeros.clone(),
-                     self.sum_g[name].double() if w.count else zeros.clone()]
+            zeros = torch.zeros(size, dtype=torch.float64, device=dev)
+            mean = w.mean.double().to(dev) if w.count else zeros
+            parts = [torch.tensor([float(w.count)], dtype=torch.float64, device=dev), w.count * mean,
+                     (w.m2.double().to(dev) if w.count else zeros) + w.count * mean.square(),
+                     self.sum_abs[name].double().to(dev) if w.count else zeros.clone(),
+                     self.sum_g[name].double().to(dev) if w.count else zeros.clone()]
             for t in parts:
                 dist.all_reduce(t)
             n = int(parts[0].item())
