@@ -3,6 +3,7 @@
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 import sketchfisher as sf
@@ -12,10 +13,15 @@ from tiny_models import generic_loss, make_batches, make_model
 
 def main(path: str) -> None:
     distributed = "WORLD_SIZE" in os.environ
+    backend = os.environ.get("SF_BACKEND", "gloo")  # "nccl": one GPU per rank (device runs)
     if distributed:
-        dist.init_process_group("gloo", init_method="env://")
-    model = make_model("gpt2", seed=5)
-    ta, tb = make_batches(9, 2, seed=1), make_batches(7, 3, seed=2)
+        dist.init_process_group(backend, init_method="env://")
+    device = torch.device("cuda", int(os.environ.get("RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = make_model("gpt2", seed=5).to(device)
+    to = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
+    ta, tb = to(make_batches(9, 2, seed=1)), to(make_batches(7, 3, seed=2))
     collect_to_store(path, model, generic_loss, ta, tb, sf.layout_for(model), sf.Sketch(k=16, kind="sjlt", seed=2),
                      sf.ScoreConfig(), checkpoint_every=2)
     if distributed:
