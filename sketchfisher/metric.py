@@ -75,7 +75,9 @@ def x_side(ga: torch.Tensor, fisher: torch.Tensor, count: int, cfg: ScoreConfig)
     if cfg.normalizer == "loo":
         if count < 2:
             raise InputError(f"normalizer='loo' needs at least 2 task-A samples, got {count}")
-        denom = ((count * fisher - ga.square()) / (count - 1)).clamp_min(0) + lam
+        # subtract in fp64: when sample i dominates an entry, n·Î − g_i² cancels
+        loo = (count * fisher.double() - ga.double().square()) / (count - 1)
+        denom = loo.clamp_min(0).to(cfg.dtype) + lam
     num = {"paper": ga.square(), "signed": ga, "symmetric": ga.abs()}[cfg.variant]
     return num / denom
 

@@ -18,8 +18,8 @@ from .capture.oracle import LossFn
 from .compress.sketch import Sketch, SketchSide
 from .errors import InputError
 from .fisher import FisherStats
-from .metric import ScoreConfig, ridge
 from .layout import BLOCKS, Layout, block_index
+from .metric import ScoreConfig, ridge
 from .progress import progress
 
 
@@ -35,9 +35,9 @@ class BlockPrep:
     e: torch.Tensor          # ⟨x̄', ȳ'⟩
 
 
-def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: FisherStats, count: int,
-            cfg: ScoreConfig, codec: Sketch) -> Optional[BlockPrep]:
-    norm_stats = stats_a.merge(stats_b) if cfg.normalizer == "pooled" else stats_a
+def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: FisherStats,
+            norm_stats: FisherStats, cfg: ScoreConfig, codec: Sketch) -> Optional[BlockPrep]:
+    """Pass-1 quantities of one (layer, block); ``norm_stats`` holds the normaliser Î (A, or A ∪ B)."""
     fisher = norm_stats.block(layout, layer, block, "fisher")
     if fisher is None:
         return None
@@ -69,7 +69,8 @@ def _cast(prep: BlockPrep, cfg: ScoreConfig) -> BlockPrep:
 
 def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch) -> dict:
     """:func:`prepare` for every (layer, block)."""
-    return {(layer, block): prepare(layout, layer, block, stats_a, stats_b, stats_a.count, cfg, codec)
+    norm_stats = stats_a.merge(stats_b) if cfg.normalizer == "pooled" else stats_a  # merged once
+    return {(layer, block): prepare(layout, layer, block, stats_a, stats_b, norm_stats, cfg, codec)
             for layer in range(layout.num_layers) for block in BLOCKS}
 
 
@@ -83,7 +84,8 @@ def side_vector(g: torch.Tensor, prep: BlockPrep, side: str, count: int, cfg: Sc
     if cfg.normalizer == "loo":
         if count < 2:
             raise InputError(f"normalizer='loo' needs at least 2 task-A samples, got {count}")
-        denom = ((count * prep.fisher_a - g.square()) / (count - 1)).clamp_min(0) + (prep.denom - prep.fisher_a)
+        loo = (count * prep.fisher_a.double() - g.double().square()) / (count - 1)  # fp64: cancellation
+        denom = loo.clamp_min(0).to(cfg.dtype) + (prep.denom - prep.fisher_a)
     num = {"paper": g.square(), "signed": g, "symmetric": g.abs()}[cfg.variant]
     return num / denom * prep.balance
 
