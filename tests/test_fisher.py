@@ -149,7 +149,8 @@ def test_truncation_property_any_shape(B, T, d_in, d_out, rank, seed):
     approx = d.transpose(1, 2).double() @ a.double()
     tail = torch.linalg.svdvals(full)[:, rank:].square().sum(-1).sqrt()
     err = (approx - full).flatten(1).norm(dim=1)
-    torch.testing.assert_close(err, tail, rtol=1e-5, atol=1e-6)
+    # factors come back in fp32: allow fp32 rounding relative to the size of g
+    torch.testing.assert_close(err, tail, rtol=1e-5, atol=1e-6 * max(1.0, float(full.flatten(1).norm(dim=1).max())))
 
 
 def test_fp32_statistics_option():
