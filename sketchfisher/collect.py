@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 CODECS = (Exact, Factors, Sketch)
 
 
-def _weights(model: nn.Module, layout: Layout, modules: str) -> list[str]:
+def trainable_weights(model: nn.Module, layout: Layout, modules: str = "attention") -> list[str]:
     """Trainable weight names to collect: the layout's (``"attention"``) or every linear map (``"all"``)."""
     if modules == "attention":
         names = list(layout.params)
@@ -52,7 +52,7 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
     if not isinstance(codec, CODECS):
         raise InputError(f"codec must be one of: sf.Exact(), sf.Factors(rank=None), sf.Sketch(k, kind, seed); "
                          f"got {codec!r}")
-    names = _weights(model, layout, modules)
+    names = trainable_weights(model, layout, modules)
     stats = FisherStats(dtype=stats_dtype)
     if isinstance(codec, Exact):
         rep = ExactContributions()

@@ -23,8 +23,9 @@ def factor_subset(model: nn.Module, loss_fn: Any, batches: Iterable[Any], layout
     from ..capture import FactorCapture
     from ..compress import FactorContributions
 
-    named = dict(model.named_parameters())
-    modules = [n.rsplit(".", 1)[0] for n in layout.params if named[n].requires_grad]
+    from ..collect import trainable_weights
+
+    modules = [n.rsplit(".", 1)[0] for n in trainable_weights(model, layout)]
     rep, positions, seen = FactorContributions(), {}, 0
     with FactorCapture(model, modules) as cap:
         for batch in batches:

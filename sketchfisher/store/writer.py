@@ -31,6 +31,7 @@ from torch import nn
 
 from ..capture import FactorCapture
 from ..capture.oracle import LossFn
+from ..collect import trainable_weights
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
@@ -87,8 +88,7 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
         tensors, meta = load_tensors(partial)
         stats, done = FisherStats.from_tensors(tensors, meta), int(meta["batches_done"])
         logger.info("task %s: resuming pass 1 after %d batches", task, done)
-    named = dict(model.named_parameters())
-    names = [n for n in layout.params if named[n].requires_grad]
+    names = trainable_weights(model, layout)
     modules = [n.rsplit(".", 1)[0] for n in names]
     index = -1
     with FactorCapture(model, modules) as cap:
