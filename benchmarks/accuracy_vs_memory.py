@@ -5,12 +5,13 @@ Spearman over all scores, median relative error, top-50 recall, nominal-95% inte
 and bytes per sample; plus the memory ratio against full fp16 C_i and g_j per head block on MiniLM
 and, from the same formula, at Llama-7B shapes.
 
-    python benchmarks/accuracy_vs_memory.py [--samples 48] [--ks 64,256,1024] [--kinds gaussian,sjlt,srht]
+    python benchmarks/accuracy_vs_memory.py [--samples 48] [--ks 64,256,1024] [--kinds gaussian,sjlt,srht] [--s 1,4]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--kinds", default="gaussian,sjlt,srht")
     p.add_argument("--dtypes", default="fp16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--s", default="1", help="non-zeros per column for sjlt (comma-separated list)")
     args = p.parse_args()
     model, tok = load_minilm()
     layout = sf.layout_for(model)
@@ -65,18 +67,20 @@ def main() -> None:
     print(f"# MiniLM, math vs code, {exact.n_a}x{exact.n_b} samples, {exact.scores.numel()} scores; "
           f"exact in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}")
     full = bytes_full_fp16_per_sample(layout)
-    print("| kind | k | dtype | VR | Spearman | median rel err | top-50 recall | 95% coverage | bytes/sample "
+    print("| kind | k | s | dtype | VR | Spearman | median rel err | top-50 recall | 95% coverage | bytes/sample "
           "| x vs full fp16 (MiniLM) | x at Llama-7B |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind in args.kinds.split(","):
         for k in map(int, args.ks.split(",")):
-            for dtype in args.dtypes.split(","):
+            for dtype, s in itertools.product(args.dtypes.split(","), map(int, args.s.split(","))):
+                if kind != "sjlt" and s != int(args.s.split(",")[0]):
+                    continue  # s only matters for sjlt
                 for vr in (False, True):
-                    codec = sf.Sketch(k=k, kind=kind, seed=args.seed, dtype=dtype, variance_reduction=vr)
+                    codec = sf.Sketch(k=k, kind=kind, seed=args.seed, dtype=dtype, variance_reduction=vr, s=s)
                     res = sf.analyze(model, masked_token_loss, ta, tb, codec=codec)
                     m = metrics(exact.scores, res.scores, res.stderr)
                     nbytes = sketch_bytes_per_sample(layout, codec)
-                    print(f"| {kind} | {k} | {dtype} | {'on' if vr else 'off'} | {m['spearman']:.4f} "
+                    print(f"| {kind} | {k} | {s if kind == 'sjlt' else '-'} | {dtype} | {'on' if vr else 'off'} | {m['spearman']:.4f} "
                           f"| {m['median_rel_err']:.4f} | {m['top50_recall']:.2f} | {m['coverage95']:.3f} "
                           f"| {nbytes} | {full / nbytes:.0f} | {llama7b_ratio(codec):.0f} |", flush=True)
 

@@ -6,7 +6,7 @@ weights, random tokens, T tokens per sample, per-sample next-token cross-entropy
 plain forward+backward; pass 1 (factor capture + Welford/Σ|g|/Σg statistics); pass 2 with
 Sketch(sjlt, k=256); pass 2 with lossless Factors kept on the GPU. Peak GPU memory per phase.
 
-    python3 benchmarks/gpu_collect.py [--layers 4] [--tokens 512] [--batch 4] [--repeats 3]
+    python3 benchmarks/gpu_collect.py [--layers 4] [--tokens 512] [--batch 4] [--repeats 3] [--profile]
 """
 
 from __future__ import annotations
@@ -87,6 +87,16 @@ def run(kv_heads: int, args) -> list:
             bf = cap.run(lm_loss, batches[0])
             rep.append(bf.A, bf.D, bf.lengths)
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for label, fn in (("pass 1", pass1), ("pass 2 sketch", pass2_sketch), ("plain", plain)):
+            fn()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            print(f"## profile: {label}, {kv_heads} kv heads")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     rows = []
     for name, fn in (("plain forward+backward", plain), ("pass 1 (statistics)", pass1),
                      ("pass 2 Sketch(sjlt, k=256)", pass2_sketch), ("pass 2 Factors (lossless)", pass2_factors)):
@@ -102,6 +112,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kv", type=int, nargs="+", default=[32, 8], help="key/value head counts to run")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of each phase first")
     args = p.parse_args()
     rows = []
     for kv in args.kv:

@@ -1,18 +1,24 @@
-"""Tune the CUDA sjlt kernel's tile sizes on one head block (524,288 entries), beside copy_.
+"""sjlt throughput on one head block (524,288 entries) beside a plain copy and a plain read, on CUDA.
 
-    python benchmarks/sjlt_tune.py
+For each row count n and dtype: ``copy_`` into a preallocated buffer (reads and writes x), ``x.sum``
+(reads x once), and the Triton sjlt kernel (``SketchMap.apply``, s = 1 and s = 4) with the best of a
+few launch shapes; then the fused pass-2 side kernel (square, weight, centre, cross term, norm and
+sketch) on 32 head blocks of a Llama-7B Q projection gradient. GB/s count the bytes of x read.
+
+    python benchmarks/sjlt_tune.py [--repeats 30]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import torch
 
-from sketchfisher.compress.kernels import sjlt_cuda, sjlt_cuda_shared
+from sketchfisher.compress import kernels
 
 
-def bench(fn, repeats=30):
+def bench(fn, repeats):
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -26,41 +32,62 @@ def bench(fn, repeats=30):
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
-    size, k, s = 524288, 256, 4
-    print(f"# {torch.cuda.get_device_name()}, size {size}, k {k}, s {s}; median ms; ratio to copy_")
-    print("(CUDA C++ kernel: BC = rows per block, programs = columns per block)")
-    print("| n | dtype | variant | copy_ | best kernel | BC | programs | warps | x copy_ |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    def shared(x, key, k, s, block_cols, programs, num_warps):  # block_cols = rows per block, programs = span
-        return sjlt_cuda_shared(x, key, k, s, span=programs, rows_per_block=block_cols, threads=32 * num_warps)
+def best_sketch(x, key, k, s, repeats):
+    """Best (ms, config) over launch shapes; every shape gives the same sketch (checked)."""
+    n, size = x.shape
+    offsets = torch.zeros(1, dtype=torch.int64, device=x.device)
+    keys = torch.tensor([key], dtype=torch.int64, device=x.device)
+    ref = None
+    best = None
+    for chunks, warps, rows in itertools.product((None, 264, 528, 1056), (4, 8), (None, 1, 4, 16)):
+        if rows is not None and rows > n:
+            continue
+        fn = lambda: kernels.sketch_heads(x, keys, offsets, size, size, size, k, s, chunks=chunks,  # noqa: E731
+                                          block_rows=rows, num_warps=warps)[0]
+        out = fn()
+        ref = out if ref is None else ref
+        assert float((out - ref).norm() / ref.norm()) < 1e-5
+        t = bench(fn, repeats)
+        if best is None or t < best[0]:
+            best = (t, f"chunks={chunks or 'auto'} warps={warps} rows={rows or 'auto'}")
+    return best
 
-    variants = {"one-hot dot (Triton)": (sjlt_cuda, (16,), (528,), (8,)),
-                "shared histogram (CUDA C++)": (shared, (16, 64), (512, 1024, 2048, 4096), (4, 8))}
-    for (n, dtype), (variant, (fn, bcs, progs, warpss)) in itertools.product(
-            itertools.product((4, 16, 64, 256), (torch.bfloat16, torch.float32)), variants.items()):
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    size, k = 524288, 256
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, one head block of {size} entries, k = {k}; "
+          f"median of {args.repeats} CUDA-event timings")
+    print("| n | dtype | copy_ ms | x.sum ms | sjlt s=1 ms | GB/s | x copy_ | x sum | sjlt s=4 ms | x copy_ | best launch (s=1) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, dtype in itertools.product((1, 4, 16, 64), (torch.bfloat16, torch.float32)):
         x = torch.randn(n, size, device="cuda").to(dtype)
         buf = torch.empty_like(x)
-        t_copy = bench(lambda: buf.copy_(x))
-        ref = sjlt_cuda(x.float(), (123, 456), k, s)
-        best = None
-        for bc, programs, warps in itertools.product(bcs, progs, warpss):
-            try:
-                out = fn(x, (123, 456), k, s, block_cols=bc, programs=programs, num_warps=warps)
-                err = float((out.float() - ref).norm() / ref.norm())
-                assert err < 1e-2, err
-                t = bench(lambda: fn(x, (123, 456), k, s, block_cols=bc, programs=programs, num_warps=warps))
-            except (AssertionError, RuntimeError) as exc:  # a tile shape the compiler rejects (e.g. out of shared memory)
-                print(f"  skip BC={bc} programs={programs} warps={warps}: {type(exc).__name__} {exc}"[:200])
-                continue
-            if best is None or t < best[0]:
-                best = (t, bc, programs, warps)
-        if best is None:
-            print(f"| {n} | {dtype} | {variant} | no configuration ran |")
-            continue
-        t, bc, programs, warps = best
-        print(f"| {n} | {str(dtype).split('.')[-1]} | {variant} | {t_copy:.4f} | {t:.4f} | {bc} | {programs} | {warps} "
-              f"| {t / t_copy:.2f} |", flush=True)
+        t_copy = bench(lambda: buf.copy_(x), args.repeats)
+        t_sum = bench(lambda: x.sum(), args.repeats)
+        t1, cfg1 = best_sketch(x, (123, 456), k, 1, args.repeats)
+        t4, _ = best_sketch(x, (123, 456), k, 4, args.repeats)
+        gbs = x.numel() * x.element_size() / t1 / 1e6
+        print(f"| {n} | {str(dtype).split('.')[-1]} | {t_copy:.4f} | {t_sum:.4f} | {t1:.4f} | {gbs:.0f} | {t1 / t_copy:.2f} "
+              f"| {t1 / t_sum:.2f} | {t4:.4f} | {t4 / t_copy:.2f} | {cfg1} |", flush=True)
+
+    # the fused pass-2 side kernel on a whole Q projection: 32 heads x (128 x 4096), batch 4, fp32 gradient
+    B, H, d, hidden = 4, 32, 128, 4096
+    g = torch.randn(B, H * d, hidden, device="cuda")
+    size = d * hidden
+    keys = torch.randint(0, 2**31 - 1, (H, 2), device="cuda")
+    offsets = torch.arange(H, device="cuda") * size
+    w, c, o = (torch.rand(H, size, device="cuda") for _ in range(3))
+    buf = torch.empty_like(g)
+    t_copy = bench(lambda: buf.copy_(g), args.repeats)
+    t_fused = bench(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1, transform="square",
+                                                 weight=w, centre=c, other=o), args.repeats)
+    t_plain = bench(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1), args.repeats)
+    print(f"\nfused side kernel, Q projection [{B}, {H * d}, {hidden}] fp32 + 3 fp32 [H, S] vectors: copy_ of g "
+          f"{t_copy:.3f} ms; sketch only {t_plain:.3f} ms ({t_plain / t_copy:.2f}x copy_); fused side "
+          f"{t_fused:.3f} ms ({t_fused / t_copy:.2f}x copy_; it also reads 3 vectors of g's per-sample size)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 
 from .capture import FactorCapture
 from .capture.oracle import LossFn
+from .compress import kernels
 from .compress.sketch import Sketch, SketchSide
 from .errors import InputError
 from .fisher import FisherStats
@@ -98,16 +99,24 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
     not run (resumption) and yield nothing."""
     keys = [key for key, prep in preps.items() if prep is not None]
     modules = sorted({layout.head_blocks(*key)[0].param_name.rsplit(".", 1)[0] for key in keys})
+    fused = FusedSides(layout, codec, cfg, side)
     with FactorCapture(model, modules) as cap:
         for index, batch in enumerate(batches):
             if skip(index):
                 continue
             bf = cap.run(loss_fn, batch)
             out = {}
+            last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
             for layer, block in keys:
                 prep = preps[(layer, block)]
                 hbs = layout.head_blocks(layer, block)
                 module = hbs[0].param_name.rsplit(".", 1)[0]
+                if fused.applies(bf.A[module]):
+                    if last[0] != module:
+                        last = (None, None)  # free the previous module's gradient first
+                        last = (module, bf.grad(module))
+                    out[(layer, block)] = fused(last[1], layer, block, prep)
+                    continue
                 g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
                 v = side_vector(g, prep, side, count, cfg)
                 centre = prep.x_bar if side == "a" else prep.y_bar
@@ -118,6 +127,51 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                                   for h in range(v.shape[1])], 1)
                 out[(layer, block)] = (sk, v.square().sum(-1), cross)
             yield index, bf.batch_size, out
+
+
+class FusedSides:
+    """Pass 2 for sjlt on CUDA in one Triton kernel per (layer, block): the side vectors, their cross
+    terms and norms and the sketches, read straight out of the module's per-sample gradient
+    (:func:`sketchfisher.compress.kernels.sketch_heads`). Computes what the torch path of
+    :func:`sketch_batches` computes (``tests/test_gpu.py``); leave-one-out task-A sides and
+    non-fp32 score dtypes take the torch path."""
+
+    def __init__(self, layout: Layout, codec: Sketch, cfg: ScoreConfig, side: str):
+        self.layout, self.codec, self.cfg, self.side = layout, codec, cfg, side
+        self.enabled = (codec.kind == "sjlt" and cfg.dtype == torch.float32 and kernels.available()
+                        and not (side == "a" and cfg.normalizer == "loo"))
+        self._geometry: dict = {}
+
+    def applies(self, factor: torch.Tensor) -> bool:
+        return self.enabled and factor.is_cuda
+
+    def geometry(self, layer: int, block: str, device: torch.device):
+        """Hash keys ``[H_b, 2]``, element offsets ``[H_b]``, size, columns and row stride of the head blocks."""
+        if (layer, block) not in self._geometry:
+            hbs = self.layout.head_blocks(layer, block)
+            hb = hbs[0]
+            size, cols_p = hb.numel, hb.param_shape[1]
+            if hb.storage_axis == 0:
+                offsets, cols = [b.start * cols_p for b in hbs], cols_p
+            else:
+                offsets, cols = [b.start for b in hbs], hb.width
+            keys = [self.codec.map(layer, block_index(block), h, size).hash_key() for h in range(len(hbs))]
+            self._geometry[(layer, block)] = (torch.tensor(keys, dtype=torch.int64, device=device),
+                                              torch.tensor(offsets, dtype=torch.int64, device=device),
+                                              size, cols, cols_p)
+        return self._geometry[(layer, block)]
+
+    def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
+        keys, offsets, size, cols, row_stride = self.geometry(layer, block, grad.device)
+        variant = self.cfg.variant
+        if self.side == "a":
+            transform = {"paper": "square", "signed": "identity", "symmetric": "abs"}[variant]
+            weight, centre, other = prep.balance / prep.denom, prep.x_bar, prep.y_bar
+        else:
+            transform = "identity" if variant == "signed" else "abs"
+            weight, centre, other = prep.balance.reciprocal(), prep.y_bar, prep.x_bar
+        return kernels.sketch_heads(grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
+                                    transform=transform, weight=weight, centre=centre, other=other)
 
 
 def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,

@@ -27,12 +27,18 @@ def _env(**extra):
 
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
+    two_ranks_equal_single_process(tmp_path, "gloo")
+
+
+def two_ranks_equal_single_process(tmp_path, backend: str) -> None:
+    """Collect one store in one process and one with 2 ranks (``backend``: gloo on CPU, nccl on 2 GPUs); compare."""
     single = subprocess.run([sys.executable, str(TESTS / "dist_worker.py"), str(tmp_path / "single")],
-                            env=_env(), capture_output=True, text=True, timeout=300)
+                            env=_env(SF_BACKEND=backend), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(TESTS / "dist_worker.py"), str(tmp_path / "dist")],
-                              env=_env(RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              env=_env(RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                       SF_BACKEND=backend),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs

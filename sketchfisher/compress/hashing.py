@@ -1,9 +1,23 @@
-"""Counter-based hashing for sjlt: bucket and sign of every (band, entry) from a 62-bit map key.
+"""The sjlt map: a tiled-shift CountSketch drawn from a counter-based hash of the head block's key.
 
-``h = fmix32(fmix32((e·s + b) XOR lo) XOR hi)`` with MurmurHash3's 32-bit finaliser, where
-``(lo, hi)`` are two 31-bit halves of the head block's key. Bucket = (h & 0x7fffffff) mod (k/s),
-sign = − when bit 31 of h is set. Nothing is stored or drawn from a generator, so the CPU code here
-and the CUDA kernel in :mod:`sketchfisher.compress.kernels` compute the same map.
+``k`` rows are split into ``s`` bands of height ``m = k/s``; every entry has one non-zero ±1/√s in
+each band. Within band ``b`` the entries are cut into tiles of ``m`` consecutive entries; tile ``t``
+is cyclically shifted by ``c_{b,t}`` so that its entry ``o`` lands in row
+``b·m + (o + c_{b,t}) mod m``, and that row's sign is bit ``j mod 32`` of a hash word,
+``j = (o + c_{b,t}) mod m``. The shifts and sign words come from
+
+    H(ctr) = fmix32(fmix32(ctr XOR lo) XOR hi')
+
+(MurmurHash3's 32-bit finaliser) with ``(lo, hi)`` two 31-bit halves of the block key and
+``hi' = hi`` for signs (counter ``(b·T + t)·⌈m/32⌉ + j div 32``) or ``hi XOR SHIFT_TWEAK`` for shifts
+(counter ``b·T + t``, ``c = H mod m``), ``T = ⌈size/m⌉`` tiles.
+
+Why this structure: two entries of one tile never share a row and two entries of different tiles
+share a row with probability exactly 1/m (the shifts are independent and uniform), signs are
+independent per (band, entry), so ``⟨R x, R y⟩`` is unbiased with variance at most that of an
+ordinary CountSketch. And a kernel computes every output row from one coalesced, rotated read of a
+tile with no scatter and no atomics (:mod:`sketchfisher.compress.kernels`). Nothing is stored or
+drawn from a generator, so the CPU code here and the CUDA kernel give the same map.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import torch
 
 MASK32 = 0xFFFFFFFF
 C1, C2 = 0x85EBCA6B, 0xC2B2AE35
+SHIFT_TWEAK = 0x2545F491
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
@@ -28,20 +43,23 @@ def fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def sjlt_hash(key: tuple[int, int], size: int, s: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[s, size]`` int64 hashes of every (band, entry) of one head block."""
-    lo, hi = key
-    e = torch.arange(size, dtype=torch.int64, device=device)
-    b = torch.arange(s, dtype=torch.int64, device=device)[:, None]
-    h = fmix32(((e[None, :] * s + b) & MASK32) ^ lo)
-    return fmix32(h ^ hi)
+def block_hash(ctr: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``H(ctr)`` for an int64 tensor of counters (< 2³²)."""
+    return fmix32(fmix32((ctr & MASK32) ^ lo) ^ hi)
 
 
 def sjlt_codes(key: tuple[int, int], size: int, s: int, k: int, device: torch.device | str = "cpu"
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``[s, size]`` (band b owns rows b·k/s … (b+1)·k/s − 1) and signs ±1 ``[s, size]``."""
-    band = k // s
-    h = sjlt_hash(key, size, s, device)
-    rows = (h & 0x7FFFFFFF) % band + band * torch.arange(s, device=h.device)[:, None]
-    signs = 1 - 2 * (h >> 31)
-    return rows, signs
+    """Rows ``[s, size]`` (band b owns rows b·m … (b+1)·m − 1, m = k/s) and signs ±1 ``[s, size]``."""
+    lo, hi = key
+    m = k // s
+    tiles = -(-size // m)
+    words = -(-m // 32)
+    e = torch.arange(size, dtype=torch.int64, device=device)
+    t, o = e // m, e % m
+    band = torch.arange(s, dtype=torch.int64, device=device)[:, None]
+    shift = block_hash(band * tiles + t, lo, hi ^ SHIFT_TWEAK) % m        # [s, size]
+    j = (o + shift) % m
+    word = block_hash((band * tiles + t) * words + (j >> 5), lo, hi)
+    signs = 1 - 2 * ((word >> (j & 31)) & 1)
+    return band * m + j, signs

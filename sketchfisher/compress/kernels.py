@@ -1,27 +1,38 @@
-"""sjlt on CUDA: the same hashed map as :mod:`sketchfisher.compress.hashing`, without index tensors.
+"""Triton kernels for CUDA tensors: the fused sjlt side sketch (pass 2) and the fused pass-1 statistics.
 
-Two kernels, chosen by :func:`sjlt_on_cuda` (see docs/benchmarks.md for the measurements):
+Both are optional accelerations of torch code that computes the same thing on any device
+(:func:`sketchfisher.sketching.side_vector` + :class:`~sketchfisher.compress.sketchmaps.SketchMap`,
+:meth:`sketchfisher.fisher.FisherStats.update`); ``tests/test_gpu.py`` checks them against it.
 
-* ``sjlt_cuda.cu`` (CUDA C++, JIT-compiled by ``torch.utils.cpp_extension`` on first use, needs
-  nvcc): each thread block accumulates a shared-memory histogram ``[rows, k]`` of its column span
-  with shared atomics, then adds it to the output. The fastest: 2–3.4× a ``copy_`` of x on an H100.
-* Triton (ships with CUDA builds of torch): per column tile, a ±1 one-hot matrix ``[BC, k]`` built
-  in registers and ``tl.dot`` (exact for bf16/fp16 inputs, IEEE fp32 for fp32). Used, with a
-  logged warning, when the C++ extension cannot be built.
+``sketch_heads`` reads each head block of a per-sample gradient once, straight out of the whole
+module's gradient ``[B, out, in]`` (a head block is a rectangle of it), and in the same pass forms
+the variant's side vector ``v = f(g)·w`` (f = identity, square or abs; ``w`` the per-entry weight),
+its cross term ``Σ v·other``, the centred ``ṽ = v − centre``, ``‖ṽ‖²`` and the sjlt sketch of
+``ṽ``. The sjlt map's tiled-shift structure (:mod:`sketchfisher.compress.hashing`) makes each output
+row a gather: output row ``b·m + j`` of tile ``t`` reads entry ``(j − c_{b,t}) mod m``, so a program
+loads a rotated, coalesced tile and accumulates into registers: no scatter, no atomics, and partial
+sums per column chunk are added in a fixed order (bitwise reproducible).
+
+``welford_update`` folds a batch of per-sample gradients into a Welford state of g², Σ|g| and Σg
+in one read of the batch.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+from typing import Optional
 
 import torch
 
+from .hashing import SHIFT_TWEAK
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}
 
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
+    """Triton is importable and a CUDA device is present (Triton ships with CUDA builds of torch)."""
     try:
         import triton  # noqa: F401  (availability check only)
     except ImportError:
@@ -30,128 +41,73 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel():
-    import triton
-    import triton.language as tl
+def _kernels():
+    from . import _triton
 
-    @triton.jit
-    def _fmix32(h):  # h: uint32; multiplications wrap modulo 2**32
-        h = h ^ (h >> 16)
-        h = h * tl.full(h.shape, 0x85EBCA6B, tl.uint32)
-        h = h ^ (h >> 13)
-        h = h * tl.full(h.shape, 0xC2B2AE35, tl.uint32)
-        return h ^ (h >> 16)
-
-    @triton.jit
-    def sjlt_kernel(x_ptr, out_ptr, n, size, stride_x, lo, hi, span,
-                    K: tl.constexpr, S: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                    IEEE: tl.constexpr):
-        BAND: tl.constexpr = K // S
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rows = pid_r * BR + tl.arange(0, BR)
-        row_ok = rows < n
-        bins = tl.arange(0, K)
-        local_bin = (bins % BAND).to(tl.uint32)
-        bands = tl.arange(0, S).to(tl.uint32)
-        lo32 = lo.to(tl.uint32)
-        hi32 = hi.to(tl.uint32)
-        acc = tl.zeros((BR, K), dtype=tl.float32)
-        start = pid_c * span
-        for c0 in range(start, start + span, BC):
-            cols = c0 + tl.arange(0, BC)
-            col_ok = cols < size
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            h = _fmix32(_fmix32((cols.to(tl.uint32)[:, None] * S + bands[None, :]) ^ lo32) ^ hi32)  # [BC, S]
-            h = tl.reshape(tl.broadcast_to(h[:, :, None], (BC, S, BAND)), (BC, K), can_reorder=False)
-            hit = ((h & 0x7FFFFFFF) & (BAND - 1)) == local_bin[None, :]
-            sign = 1.0 - 2.0 * (h >> 31).to(tl.float32)
-            onehot = tl.where(hit & col_ok[:, None], sign, 0.0).to(x.dtype)
-            if IEEE:
-                acc += tl.dot(x, onehot, input_precision="ieee")
-            else:
-                acc += tl.dot(x, onehot)
-        tl.atomic_add(out_ptr + rows[:, None] * K + bins[None, :], acc, mask=row_ok[:, None])
-
-    return sjlt_kernel
+    return _triton.sketch_kernel, _triton.welford_kernel
 
 
-@functools.lru_cache(maxsize=1)
-def _extension():
-    """JIT-compile the CUDA C++ sjlt kernel once (cached by torch in ~/.cache/torch_extensions)."""
-    import logging
-    from pathlib import Path
-
-    from torch.utils.cpp_extension import load
-
-    logging.getLogger(__name__).info("compiling the CUDA sjlt kernel (first use only)")
-    src = Path(__file__).with_name("sjlt_cuda.cu")
-    return load(name="sketchfisher_sjlt", sources=[str(src)], extra_cuda_cflags=["-O3"], verbose=False)
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
 
 
-def sjlt_cuda_shared(x: torch.Tensor, key: tuple[int, int], k: int, s: int, *, span: int = 1024,
-                     rows_per_block: int = 16, threads: int = 256) -> torch.Tensor:
-    """sjlt via the CUDA C++ shared-memory-histogram kernel; ``[n, k]`` in x's dtype, scaled by 1/√s.
+def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, size: int, cols: int, row_stride: int,
+                 k: int, s: int, *, transform: str = "identity", weight: Optional[torch.Tensor] = None,
+                 centre: Optional[torch.Tensor] = None, other: Optional[torch.Tensor] = None,
+                 chunks: Optional[int] = None, block_rows: Optional[int] = None, num_warps: int = 4):
+    """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H])``.
 
-    Defaults (1024 columns and 16 rows per 256-thread block) are the best of
-    ``benchmarks/sjlt_tune.py`` on an H100 for n ≤ 256 rows.
+    ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
+    entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
+    elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
+    hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
+    ``centre``, ``other`` are fp32 ``[H, size]``); cross is ``Σ transform(g)·weight·other``. The sketch
+    is scaled by 1/√s and returned in fp32.
     """
-    out = _extension().sjlt(x, k, s, key[0], key[1], span, rows_per_block, threads)
-    return (out / math.sqrt(s)).to(x.dtype)
+    if g.dtype not in DTYPES:
+        raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
+    sketch_kernel, _ = _kernels()
+    n, H = g.shape[0], keys.shape[0]
+    m = k // s
+    BM = _next_pow2(m)
+    BW = max(1, BM // 32)
+    tiles = -(-size // m)
+    BR = block_rows or min(_next_pow2(n), 8 if BM * s <= 256 else 4)
+    row_blocks = -(-n // BR)
+    if chunks is None:  # about four programs per SM, at least 8 tiles each
+        sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 2
+        chunks = max(1, min(tiles // 8, -(-4 * sms // (H * row_blocks))))
+    per = -(-tiles // chunks)
+    chunks = -(-tiles // per)
+    dev = g.device
+    out = torch.empty(chunks, n, H, s, BM, dtype=torch.float32, device=dev)
+    norm = torch.empty(chunks, n, H, dtype=torch.float32, device=dev)
+    cross = torch.empty(chunks, n, H, dtype=torch.float32, device=dev)
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    prep = [t.contiguous().float() if t is not None else dummy for t in (weight, centre, other)]
+    contig = cols == size or (row_stride == cols)
+    sketch_kernel[(chunks, H, row_blocks)](
+        g, *prep, keys.to(device=dev, dtype=torch.int64).contiguous(), offsets.to(device=dev, dtype=torch.int64),
+        out, norm, cross, n, H, size, tiles, g.stride(0), row_stride, per,
+        COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, WORDS=-(-m // 32), BW=BW, BR=BR,
+        F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
+        TWEAK=SHIFT_TWEAK, num_warps=num_warps)
+    sk = out.sum(0)[..., :m].reshape(n, H, k) / s ** 0.5
+    return sk, norm.sum(0), cross.sum(0)
 
 
-def supports(k: int, s: int) -> bool:
-    """The Triton kernel needs k and k/s to be powers of two (and k >= 16)."""
-    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
-    return available() and k >= 16 and pow2(k) and pow2(s) and pow2(k // s)
-
-
-@functools.lru_cache(maxsize=1)
-def extension_available() -> bool:
-    """Whether the CUDA C++ kernel builds here (tried once per process; a failure is logged)."""
-    import logging
-
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _extension()
-    except Exception as exc:  # no nvcc or no compiler: the Triton kernel computes the same map
-        logging.getLogger(__name__).warning("CUDA sjlt kernel unavailable (%s); using the Triton kernel", exc)
-        return False
-    return True
-
-
-def sjlt_on_cuda(x: torch.Tensor, key: tuple[int, int], k: int, s: int, backend: str = "auto") -> torch.Tensor | None:
-    """sjlt of a CUDA ``x`` by the fastest available kernel, or None when neither applies."""
-    if x.dtype not in DTYPES or backend not in ("auto", "cuda", "triton"):
-        return None
-    if backend in ("auto", "cuda") and extension_available():
-        return sjlt_cuda_shared(x, key, k, s)
-    if backend in ("auto", "triton") and supports(k, s):
-        return sjlt_cuda(x, key, k, s)
-    return None
-
-
-def sjlt_cuda(x: torch.Tensor, key: tuple[int, int], k: int, s: int, *, block_rows: int | None = None,
-              block_cols: int = 32, programs: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """sjlt of ``x [n, size]`` on CUDA; returns ``[n, k]`` in x's dtype, scaled by 1/√s.
-
-    The column range is split so that about ``programs`` programs run (default 4 per SM).
-    """
-    import triton
-
-    n, size = x.shape
+def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
+    """sjlt of one head block ``x [n, size]`` (CUDA); ``[n, k]`` in x's dtype."""
     x = x.contiguous()
-    out = torch.zeros(n, k, dtype=torch.float32, device=x.device)
-    BR = block_rows or (16 if n <= 16 else 32 if n <= 32 else 64)
-    BC = block_cols
-    row_tiles = triton.cdiv(n, BR)
-    if programs is None:
-        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    col_tiles = max(1, programs // row_tiles)
-    span = max(BC, triton.cdiv(triton.cdiv(size, col_tiles), BC) * BC)
-    grid = (row_tiles, triton.cdiv(size, span))
-    _kernel()[grid](x, out, n, size, x.stride(0), key[0], key[1], span, K=k, S=s, BR=BR, BC=BC,
-                    IEEE=x.dtype == torch.float32, num_warps=num_warps)
-    return (out / math.sqrt(s)).to(x.dtype)
+    keys = torch.tensor([key], dtype=torch.int64)
+    sk, _, _ = sketch_heads(x, keys, torch.zeros(1, dtype=torch.int64), x.shape[1], x.shape[1], x.shape[1], k, s)
+    return sk[:, 0].to(x.dtype)
+
+
+def welford_update(g: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, sum_abs: torch.Tensor,
+                   sum_g: torch.Tensor, count: int, block: int = 1024) -> None:
+    """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place."""
+    _, welford_kernel = _kernels()
+    n, N = g.shape
+    grid = (-(-N // block),)
+    welford_kernel[grid](g, mean, m2, sum_abs, sum_g, n, N, g.stride(0), count, BLOCK=block, num_warps=4)

@@ -38,7 +38,7 @@ class Sketch:
     seed: int = 0
     dtype: str = "fp16"
     variance_reduction: bool = True
-    s: int = 4
+    s: int = 1
     name = "sketch"
 
     def __post_init__(self) -> None:

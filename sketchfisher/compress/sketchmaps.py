@@ -5,10 +5,11 @@ choices are drawn on the CPU from a generator keyed by ``numpy.random.SeedSequen
 spawn_key=(layer, block, head))`` and moved to the data's device, so CPU and CUDA give the same map.
 
 * ``gaussian``: i.i.d. N(0, 1/k) entries (dense JL), generated in column chunks.
-* ``sjlt``: sparse JL / CountSketch with ``s`` non-zeros per column, one in each of ``s`` row bands
-  of height k/s, signs ±1/√s, bucket and sign from a counter-based hash of (key, band, entry)
-  (:mod:`sketchfisher.compress.hashing`). Never materialised: ``index_add_`` on the CPU, a CUDA
-  kernel on GPUs (:mod:`sketchfisher.compress.kernels`), identical maps on both.
+* ``sjlt``: sparse JL / CountSketch with ``s`` non-zeros per column (default 1), one in each of ``s``
+  row bands of height k/s, signs ±1/√s, laid out as cyclically shifted tiles drawn from a
+  counter-based hash of the block key (:mod:`sketchfisher.compress.hashing`). Never materialised:
+  ``index_add_`` on the CPU, a Triton gather kernel on GPUs (:mod:`sketchfisher.compress.kernels`),
+  identical maps on both.
 * ``srht``: random signs, normalised Walsh–Hadamard transform over |S| padded to P = 2^⌈log2 |S|⌉,
   then k of the P rows sampled without replacement, scaled by √(P/k). k = P recovers x·y exactly.
 """
@@ -44,7 +45,7 @@ class SketchMap:
     size: int
     seed: int
     key: tuple[int, int, int]
-    s: int = 4
+    s: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -88,10 +89,8 @@ class SketchMap:
         return sjlt_codes(self.hash_key(), self.size, self.s, self.k)
 
     def _sjlt(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            out = kernels.sjlt_on_cuda(x, self.hash_key(), self.k, self.s)
-            if out is not None:
-                return out
+        if x.is_cuda and x.dtype in kernels.DTYPES and kernels.available():
+            return kernels.sjlt(x, self.hash_key(), self.k, self.s)
         # Signs are folded into the index (negative entries go to k extra bins) so that x is scattered
         # as is, with no signed temporary: out = (bins[:, :k] − bins[:, k:]) / √s.
         index = _sjlt_cached(self, x.device)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compress import kernels
 from ..errors import InputError
 from ..layout import Layout
 
@@ -82,10 +83,31 @@ class FisherStats:
         if len(sizes) != 1:
             raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
         for name, g in grads.items():
+            if self._fused_update(name, g):
+                continue
             self.welford.setdefault(name, Welford()).update(g.to(self.dtype).square(), self.dtype)
             gd = g.to(self.dtype)
             for acc, value in ((self.sum_abs, gd.abs().sum(0)), (self.sum_g, gd.sum(0))):
                 acc[name] = acc[name] + value if name in acc else value
+
+    def _fused_update(self, name: str, g: torch.Tensor) -> bool:
+        """The same update in one Triton kernel for CUDA batches (one read of ``g``); False where it does not apply."""
+        if not (g.is_cuda and g.shape[0] > 0 and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
+                and kernels.available()):
+            return False
+        w = self.welford.setdefault(name, Welford())
+        shape = g.shape[1:]
+        if w.count == 0:
+            w.mean, w.m2 = (torch.zeros(shape, dtype=self.dtype, device=g.device) for _ in range(2))
+        if name not in self.sum_abs:
+            self.sum_abs[name] = torch.zeros(shape, dtype=self.dtype, device=g.device)
+            self.sum_g[name] = torch.zeros(shape, dtype=self.dtype, device=g.device)
+        state = (w.mean, w.m2, self.sum_abs[name], self.sum_g[name])
+        if any(s.device != g.device or s.dtype != self.dtype or not s.is_contiguous() or s.shape != shape for s in state):
+            return False  # state from elsewhere (another device or dtype): the torch update below
+        kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
+        w.count += g.shape[0]
+        return True
 
     def merge(self, other: "FisherStats") -> "FisherStats":
         """Statistics of the union of both sample sets (exact)."""

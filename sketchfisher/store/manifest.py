@@ -13,7 +13,7 @@ from ..metric import ScoreConfig
 from ..layout import Layout
 from .files import StoreMismatchError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tiled-shift sjlt map (stores of version 1 used the earlier hash)
 CHECKED = ("format_version", "codec", "score", "layout", "model")
 
 

@@ -1,0 +1,112 @@
+"""The Triton kernels behind :mod:`sketchfisher.compress.kernels` (imported only where Triton is)."""
+
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def _fmix32(h):  # h: uint32; multiplications wrap modulo 2**32
+    h = h ^ (h >> 16)
+    h = h * tl.full(h.shape, 0x85EBCA6B, tl.uint32)
+    h = h ^ (h >> 13)
+    h = h * tl.full(h.shape, 0xC2B2AE35, tl.uint32)
+    return h ^ (h >> 16)
+
+@triton.jit
+def _hash(ctr, lo, hi):
+    return _fmix32(_fmix32(ctr ^ lo) ^ hi)
+
+@triton.jit
+def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr, norm_ptr, cross_ptr,
+                  n, H, size, tiles, stride_n, row_stride, tiles_per_prog,
+                  COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+                  S: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
+                  F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
+                  TWEAK: tl.constexpr):
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    rb = tl.program_id(2)
+    rows = rb * BR + tl.arange(0, BR)
+    row_ok = rows < n
+    lo = tl.load(keys_ptr + 2 * h).to(tl.uint32)
+    hi = tl.load(keys_ptr + 2 * h + 1).to(tl.uint32)
+    hoff = tl.load(hoff_ptr + h)
+    poff = h.to(tl.int64) * size
+    bands = tl.arange(0, S)
+    j = tl.arange(0, BM)
+    j3 = j[None, None, :]
+    rows3 = rows[:, None, None].to(tl.int64) * stride_n
+    rok3 = row_ok[:, None, None]
+    acc = tl.zeros((BR, S, BM), dtype=tl.float32)
+    nacc = tl.zeros((BR, S, BM), dtype=tl.float32)
+    cacc = tl.zeros((BR, S, BM), dtype=tl.float32)
+    t0 = chunk * tiles_per_prog
+    t1 = tl.minimum(t0 + tiles_per_prog, tiles)
+    for t in range(t0, t1):
+        tile_ctr = (bands * tiles + t).to(tl.uint32)                       # [S]
+        c = (_hash(tile_ctr, lo, hi ^ TWEAK) % M).to(tl.int32)
+        o = (j3 - c[None, :, None] + M) % M                                  # [1, S, BM]
+        e = o + t * M  # int32: a head block has < 2**31 entries
+        ok = (j3 < M) & (e < size)
+        if CONTIG:
+            addr = hoff + e
+        else:
+            addr = hoff + (e // COLS) * row_stride + e % COLS
+        x = tl.load(g_ptr + rows3 + addr, mask=rok3 & ok, other=0.0).to(tl.float32)
+        if F == 1:
+            x = x * x
+        elif F == 2:
+            x = tl.abs(x)
+        if HAS_W:
+            x = x * tl.load(w_ptr + poff + e, mask=ok, other=0.0)
+        if HAS_O:
+            cacc += x * tl.load(o_ptr + poff + e, mask=ok, other=0.0)
+        if HAS_C:
+            x = x - tl.load(c_ptr + poff + e, mask=ok, other=0.0)
+        nacc += x * x
+        wctr = tile_ctr[:, None] * WORDS + tl.arange(0, BW)[None, :]          # [S, BW]
+        words = _hash(wctr.to(tl.uint32), lo, hi)
+        if BW == 1:
+            wj = tl.broadcast_to(words, (S, BM))
+        else:
+            wj = tl.reshape(tl.broadcast_to(words[:, :, None], (S, BW, 32)), (S, BM), can_reorder=False)
+        neg = ((wj >> (j[None, :] & 31).to(tl.uint32)) & 1) != 0
+        acc += tl.where(neg[None, :, :], -x, x)
+    # partial sums of this column chunk: out [chunks, n, H, S, BM], norm/cross [chunks, n, H]
+    base = (chunk.to(tl.int64) * n + rows[:, None, None]) * H + h
+    tl.store(out_ptr + base * (S * BM) + bands[None, :, None] * BM + j3, acc, mask=rok3)
+    nsum = tl.sum(tl.sum(nacc, axis=2), axis=1) / S   # every band visits each entry once
+    csum = tl.sum(tl.sum(cacc, axis=2), axis=1) / S
+    flat = (chunk.to(tl.int64) * n + rows) * H + h
+    tl.store(norm_ptr + flat, nsum, mask=row_ok)
+    tl.store(cross_ptr + flat, csum, mask=row_ok)
+
+@triton.jit
+def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, count, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    dt = mean_ptr.dtype.element_ty
+    sx = tl.zeros((BLOCK,), dtype=dt)
+    sa = tl.zeros((BLOCK,), dtype=dt)
+    sg = tl.zeros((BLOCK,), dtype=dt)
+    for r in range(n):
+        g = tl.load(g_ptr + r * stride_n + offs, mask=ok, other=0.0).to(dt)
+        sx += g * g
+        sa += tl.abs(g)
+        sg += g
+    nf = n.to(dt)
+    mb = sx / nf
+    m2b = tl.zeros((BLOCK,), dtype=dt)
+    for r in range(n):
+        g = tl.load(g_ptr + r * stride_n + offs, mask=ok, other=0.0).to(dt)
+        d = g * g - mb
+        m2b += d * d
+    mean = tl.load(mean_ptr + offs, mask=ok, other=0.0)
+    m2 = tl.load(m2_ptr + offs, mask=ok, other=0.0)
+    cf = count.to(dt)
+    delta = mb - mean
+    tl.store(mean_ptr + offs, mean + delta * (nf / (cf + nf)), mask=ok)
+    tl.store(m2_ptr + offs, m2 + m2b + delta * delta * (cf * nf / (cf + nf)), mask=ok)
+    tl.store(sabs_ptr + offs, tl.load(sabs_ptr + offs, mask=ok, other=0.0) + sa, mask=ok)
+    tl.store(sg_ptr + offs, tl.load(sg_ptr + offs, mask=ok, other=0.0) + sg, mask=ok)

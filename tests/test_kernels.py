@@ -1,0 +1,94 @@
+"""The Triton kernels (fused pass-2 sjlt sides, fused pass-1 statistics) against the torch code, on the CPU.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels' code on CPU tensors, so CI checks
+their semantics; ``tests/test_gpu.py`` checks the compiled kernels on the device.
+"""
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("a CUDA device runs these kernels compiled: tests/test_gpu.py", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py does)", allow_module_level=True)
+pytest.importorskip("triton")
+
+import sketchfisher as sf  # noqa: E402
+from sketchfisher import sketching  # noqa: E402
+from sketchfisher.compress import kernels  # noqa: E402
+from sketchfisher.compress.sketchmaps import SketchMap  # noqa: E402
+from sketchfisher.fisher import FisherStats  # noqa: E402
+from tiny_models import generic_loss, make_batches, make_model  # noqa: E402
+
+
+@pytest.mark.parametrize("k,s,size,n", [(16, 1, 100, 3), (16, 4, 77, 2), (64, 2, 300, 5), (48, 1, 200, 2), (8, 8, 33, 1)])
+def test_sketch_kernel_is_the_cpu_map(k, s, size, n):
+    m = SketchMap("sjlt", k, size, 3, (1, 2, 3), s=s)
+    x = torch.randn(n, size, generator=torch.Generator().manual_seed(k + s))
+    for chunks in (1, 3):
+        sk, norm, cross = kernels.sketch_heads(x, torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64),
+                                               size, size, size, k, s, chunks=chunks)
+        torch.testing.assert_close(sk[:, 0], m.apply(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(norm[:, 0], x.square().sum(-1), rtol=1e-5, atol=1e-5)
+        assert float(cross.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("transform", ["identity", "square", "abs"])
+def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
+    H, width, other_dim, k, s, B = 3, 4, 10, 16, 2, 2
+    gen = torch.Generator().manual_seed(axis)
+    G = torch.randn(B, H * width, other_dim, generator=gen) if axis == 0 else torch.randn(B, other_dim, H * width, generator=gen)
+    size = width * other_dim
+    maps = [SketchMap("sjlt", k, size, 0, (0, 3, h), s=s) for h in range(H)]
+    w, c, o = torch.rand(H, size, generator=gen), torch.randn(H, size, generator=gen), torch.randn(H, size, generator=gen)
+    if axis == 0:
+        offsets, cols, row_stride = [h * width * other_dim for h in range(H)], other_dim, other_dim
+    else:
+        offsets, cols, row_stride = [h * width for h in range(H)], width, H * width
+    sk, norm, cross = kernels.sketch_heads(G, torch.tensor([m.hash_key() for m in maps]), torch.tensor(offsets), size,
+                                           cols, row_stride, k, s, transform=transform, weight=w, centre=c, other=o,
+                                           chunks=2)
+    f = {"identity": lambda t: t, "square": torch.square, "abs": torch.abs}[transform]
+    for h in range(H):
+        block = G[:, h * width:(h + 1) * width] if axis == 0 else G[:, :, h * width:(h + 1) * width]
+        v = f(block.reshape(B, -1)) * w[h]
+        torch.testing.assert_close(cross[:, h], (v * o[h]).sum(-1), rtol=1e-5, atol=1e-5)
+        v = v - c[h]
+        torch.testing.assert_close(norm[:, h], v.square().sum(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sk[:, h], maps[h].apply(v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_welford_kernel_is_the_torch_update(dtype):
+    ref = FisherStats(dtype=dtype)
+    state = [torch.zeros(7, 5, dtype=dtype) for _ in range(4)]
+    count = 0
+    for B in (3, 1, 4):
+        g = torch.randn(B, 7, 5, generator=torch.Generator().manual_seed(B))
+        ref.update({"w": g})
+        kernels.welford_update(g.reshape(B, -1), *state, count=count, block=16)
+        count += B
+    w = ref.welford["w"]
+    for got, want in zip(state, (w.mean, w.m2, ref.sum_abs["w"], ref.sum_g["w"])):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch,variant,normalizer", [("gpt2", "paper", "a"), ("llama_gqa", "signed", "pooled"),
+                                                     ("llama_gqa", "symmetric", "loo")])
+def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, normalizer):
+    model = make_model(arch)
+    ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
+    codec = sf.Sketch(k=64, kind="sjlt", seed=1, dtype="fp32", s=2)
+    kw = dict(codec=codec, variant=variant, normalizer=normalizer)
+    want = sf.analyze(model, generic_loss, ta, tb, **kw)
+    calls = []
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(sketching.FusedSides, "applies", lambda self, factor: calls.append(1) or self.enabled)
+    got = sf.analyze(model, generic_loss, ta, tb, **kw)
+    assert calls, "the fused path was not taken"
+    scale = float(want.scores.abs().max())
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(got.stderr, want.stderr, rtol=1e-4, atol=1e-5 * scale)
