@@ -32,6 +32,20 @@ def bench(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
+def graphed(fn, repeats, calls=10):
+    """GPU time per call of ``fn`` captured ``calls`` times in a CUDA graph (no Python launch overhead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return bench(graph.replay, repeats) / calls
+
+
 def best_sketch(x, key, k, s, repeats):
     """Best (ms, config) over launch shapes; every shape gives the same sketch (checked)."""
     n, size = x.shape
@@ -39,17 +53,15 @@ def best_sketch(x, key, k, s, repeats):
     keys = torch.tensor([key], dtype=torch.int64, device=x.device)
     ref = None
     best = None
-    for chunks, warps, rows in itertools.product((None, 264, 528, 1056), (4, 8), (None, 1, 4, 16)):
-        if rows is not None and rows > n:
-            continue
+    for chunks, warps, step in itertools.product((None, 264, 1056), (4, 8), (None, 1, 4, 8)):
         fn = lambda: kernels.sketch_heads(x, keys, offsets, size, size, size, k, s, chunks=chunks,  # noqa: E731
-                                          block_rows=rows, num_warps=warps)[0]
+                                          tiles_per_step=step, num_warps=warps)[0]
         out = fn()
         ref = out if ref is None else ref
         assert float((out - ref).norm() / ref.norm()) < 1e-5
-        t = bench(fn, repeats)
+        t = graphed(fn, repeats)
         if best is None or t < best[0]:
-            best = (t, f"chunks={chunks or 'auto'} warps={warps} rows={rows or 'auto'}")
+            best = (t, f"chunks={chunks or 'auto'} warps={warps} tiles/step={step or 'auto'}", bench(fn, repeats))
     return best
 
 
@@ -60,18 +72,20 @@ def main() -> None:
     size, k = 524288, 256
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, one head block of {size} entries, k = {k}; "
           f"median of {args.repeats} CUDA-event timings")
-    print("| n | dtype | copy_ ms | x.sum ms | sjlt s=1 ms | GB/s | x copy_ | x sum | sjlt s=4 ms | x copy_ | best launch (s=1) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("GPU time per call from CUDA graphs of 10 calls; the last column is one eager call with Python overhead")
+    print("| n | dtype | copy_ ms | x.sum ms | sjlt s=1 ms | GB/s | x copy_ | x sum | sjlt s=4 ms | x copy_ "
+          "| best launch (s=1) | eager sjlt s=1 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, dtype in itertools.product((1, 4, 16, 64), (torch.bfloat16, torch.float32)):
         x = torch.randn(n, size, device="cuda").to(dtype)
         buf = torch.empty_like(x)
-        t_copy = bench(lambda: buf.copy_(x), args.repeats)
-        t_sum = bench(lambda: x.sum(), args.repeats)
-        t1, cfg1 = best_sketch(x, (123, 456), k, 1, args.repeats)
-        t4, _ = best_sketch(x, (123, 456), k, 4, args.repeats)
+        t_copy = graphed(lambda: buf.copy_(x), args.repeats)
+        t_sum = graphed(lambda: x.sum(), args.repeats)
+        t1, cfg1, eager1 = best_sketch(x, (123, 456), k, 1, args.repeats)
+        t4, _, _ = best_sketch(x, (123, 456), k, 4, args.repeats)
         gbs = x.numel() * x.element_size() / t1 / 1e6
         print(f"| {n} | {str(dtype).split('.')[-1]} | {t_copy:.4f} | {t_sum:.4f} | {t1:.4f} | {gbs:.0f} | {t1 / t_copy:.2f} "
-              f"| {t1 / t_sum:.2f} | {t4:.4f} | {t4 / t_copy:.2f} | {cfg1} |", flush=True)
+              f"| {t1 / t_sum:.2f} | {t4:.4f} | {t4 / t_copy:.2f} | {cfg1} | {eager1:.4f} |", flush=True)
 
     # the fused pass-2 side kernel on a whole Q projection: 32 heads x (128 x 4096), batch 4, fp32 gradient
     B, H, d, hidden = 4, 32, 128, 4096
@@ -81,10 +95,10 @@ def main() -> None:
     offsets = torch.arange(H, device="cuda") * size
     w, c, o = (torch.rand(H, size, device="cuda") for _ in range(3))
     buf = torch.empty_like(g)
-    t_copy = bench(lambda: buf.copy_(g), args.repeats)
-    t_fused = bench(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1, transform="square",
-                                                 weight=w, centre=c, other=o), args.repeats)
-    t_plain = bench(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1), args.repeats)
+    t_copy = graphed(lambda: buf.copy_(g), args.repeats)
+    t_fused = graphed(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1, transform="square",
+                                                   weight=w, centre=c, other=o), args.repeats)
+    t_plain = graphed(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1), args.repeats)
     print(f"\nfused side kernel, Q projection [{B}, {H * d}, {hidden}] fp32 + 3 fp32 [H, S] vectors: copy_ of g "
           f"{t_copy:.3f} ms; sketch only {t_plain:.3f} ms ({t_plain / t_copy:.2f}x copy_); fused side "
           f"{t_fused:.3f} ms ({t_fused / t_copy:.2f}x copy_; it also reads 3 vectors of g's per-sample size)")

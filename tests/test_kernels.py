@@ -23,13 +23,13 @@ from sketchfisher.fisher import FisherStats  # noqa: E402
 from tiny_models import generic_loss, make_batches, make_model  # noqa: E402
 
 
-@pytest.mark.parametrize("k,s,size,n", [(16, 1, 100, 3), (16, 4, 77, 2), (64, 2, 300, 5), (48, 1, 200, 2), (8, 8, 33, 1)])
+@pytest.mark.parametrize("k,s,size,n", [(16, 1, 100, 3), (16, 4, 77, 2), (64, 2, 300, 5), (48, 1, 200, 2), (8, 8, 33, 1), (96, 3, 500, 3)])
 def test_sketch_kernel_is_the_cpu_map(k, s, size, n):
     m = SketchMap("sjlt", k, size, 3, (1, 2, 3), s=s)
     x = torch.randn(n, size, generator=torch.Generator().manual_seed(k + s))
-    for chunks in (1, 3):
+    for chunks, step in ((1, None), (3, 1), (2, 4)):
         sk, norm, cross = kernels.sketch_heads(x, torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64),
-                                               size, size, size, k, s, chunks=chunks)
+                                               size, size, size, k, s, chunks=chunks, tiles_per_step=step)
         torch.testing.assert_close(sk[:, 0], m.apply(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(norm[:, 0], x.square().sum(-1), rtol=1e-5, atol=1e-5)
         assert float(cross.abs().max()) == 0.0

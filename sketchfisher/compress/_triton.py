@@ -21,9 +21,12 @@ def _hash(ctr, lo, hi):
 def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr, norm_ptr, cross_ptr,
                   n, H, size, tiles, stride_n, row_stride, tiles_per_prog,
                   COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
-                  S: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
+                  S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
                   F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
                   TWEAK: tl.constexpr):
+    # One program: rows [rb·BR, +BR) of head h over tiles [chunk·tiles_per_prog, +tiles_per_prog).
+    # Each step handles TT tiles x S bands at once (axis q = tile·S + band) so that many loads are in flight.
+    Q: tl.constexpr = TT * SP  # SP: S padded to a power of two
     chunk = tl.program_id(0)
     h = tl.program_id(1)
     rb = tl.program_id(2)
@@ -33,22 +36,24 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr, norm_
     hi = tl.load(keys_ptr + 2 * h + 1).to(tl.uint32)
     hoff = tl.load(hoff_ptr + h)
     poff = h.to(tl.int64) * size
-    bands = tl.arange(0, S)
+    q = tl.arange(0, Q)
+    tq, band = q // SP, q % SP
     j = tl.arange(0, BM)
     j3 = j[None, None, :]
     rows3 = rows[:, None, None].to(tl.int64) * stride_n
     rok3 = row_ok[:, None, None]
-    acc = tl.zeros((BR, S, BM), dtype=tl.float32)
-    nacc = tl.zeros((BR, S, BM), dtype=tl.float32)
-    cacc = tl.zeros((BR, S, BM), dtype=tl.float32)
+    acc = tl.zeros((BR, Q, BM), dtype=tl.float32)
+    nacc = tl.zeros((BR, Q), dtype=tl.float32)
+    cacc = tl.zeros((BR, Q), dtype=tl.float32)
     t0 = chunk * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, tiles)
-    for t in range(t0, t1):
-        tile_ctr = (bands * tiles + t).to(tl.uint32)                       # [S]
+    for tb in range(t0, t1, TT):
+        t = tb + tq                                                           # [Q]
+        tile_ctr = (band * tiles + t).to(tl.uint32)
         c = (_hash(tile_ctr, lo, hi ^ TWEAK) % M).to(tl.int32)
-        o = (j3 - c[None, :, None] + M) % M                                  # [1, S, BM]
-        e = o + t * M  # int32: a head block has < 2**31 entries
-        ok = (j3 < M) & (e < size)
+        o = (j3 - c[None, :, None] + M) % M                                  # [1, Q, BM]
+        e = o + (t * M)[None, :, None]  # int32: a head block has < 2**31 entries
+        ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]
         if CONTIG:
             addr = hoff + e
         else:
@@ -61,26 +66,29 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr, norm_
         if HAS_W:
             x = x * tl.load(w_ptr + poff + e, mask=ok, other=0.0)
         if HAS_O:
-            cacc += x * tl.load(o_ptr + poff + e, mask=ok, other=0.0)
+            cacc += tl.sum(x * tl.load(o_ptr + poff + e, mask=ok, other=0.0), axis=2)
         if HAS_C:
             x = x - tl.load(c_ptr + poff + e, mask=ok, other=0.0)
-        nacc += x * x
-        wctr = tile_ctr[:, None] * WORDS + tl.arange(0, BW)[None, :]          # [S, BW]
+        nacc += tl.sum(x * x, axis=2)
+        wctr = tile_ctr[:, None] * WORDS + tl.arange(0, BW)[None, :]          # [Q, BW]
         words = _hash(wctr.to(tl.uint32), lo, hi)
         if BW == 1:
-            wj = tl.broadcast_to(words, (S, BM))
+            wj = tl.broadcast_to(words, (Q, BM))
         else:
-            wj = tl.reshape(tl.broadcast_to(words[:, :, None], (S, BW, 32)), (S, BM), can_reorder=False)
+            wj = tl.reshape(tl.broadcast_to(words[:, :, None], (Q, BW, 32)), (Q, BM), can_reorder=False)
         neg = ((wj >> (j[None, :] & 31).to(tl.uint32)) & 1) != 0
         acc += tl.where(neg[None, :, :], -x, x)
     # partial sums of this column chunk: out [chunks, n, H, S, BM], norm/cross [chunks, n, H]
+    out = tl.sum(tl.reshape(acc, (BR, TT, SP, BM), can_reorder=False), axis=1)    # [BR, SP, BM]
+    bands = tl.arange(0, SP)
     base = (chunk.to(tl.int64) * n + rows[:, None, None]) * H + h
-    tl.store(out_ptr + base * (S * BM) + bands[None, :, None] * BM + j3, acc, mask=rok3)
-    nsum = tl.sum(tl.sum(nacc, axis=2), axis=1) / S   # every band visits each entry once
-    csum = tl.sum(tl.sum(cacc, axis=2), axis=1) / S
+    tl.store(out_ptr + base * (S * BM) + bands[None, :, None] * BM + j3, out, mask=rok3 & (bands < S)[None, :, None])
+    nsum = tl.sum(nacc, axis=1) / S   # every band visits each entry once
+    csum = tl.sum(cacc, axis=1) / S
     flat = (chunk.to(tl.int64) * n + rows) * H + h
     tl.store(norm_ptr + flat, nsum, mask=row_ok)
     tl.store(cross_ptr + flat, csum, mask=row_ok)
+
 
 @triton.jit
 def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, count, BLOCK: tl.constexpr):

@@ -54,7 +54,8 @@ def _next_pow2(v: int) -> int:
 def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, size: int, cols: int, row_stride: int,
                  k: int, s: int, *, transform: str = "identity", weight: Optional[torch.Tensor] = None,
                  centre: Optional[torch.Tensor] = None, other: Optional[torch.Tensor] = None,
-                 chunks: Optional[int] = None, block_rows: Optional[int] = None, num_warps: int = 4):
+                 chunks: Optional[int] = None, block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None,
+                 num_warps: int = 4):
     """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H])``.
 
     ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
@@ -72,7 +73,8 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     BM = _next_pow2(m)
     BW = max(1, BM // 32)
     tiles = -(-size // m)
-    BR = block_rows or min(_next_pow2(n), 8 if BM * s <= 256 else 4)
+    BR = block_rows or min(_next_pow2(n), 4)
+    TT = tiles_per_step or max(1, 4096 // (BR * BM * _next_pow2(s)))  # about 4096 elements per step
     row_blocks = -(-n // BR)
     if chunks is None:  # about four programs per SM, at least 8 tiles each
         sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 2
@@ -89,7 +91,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     sketch_kernel[(chunks, H, row_blocks)](
         g, *prep, keys.to(device=dev, dtype=torch.int64).contiguous(), offsets.to(device=dev, dtype=torch.int64),
         out, norm, cross, n, H, size, tiles, g.stride(0), row_stride, per,
-        COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, WORDS=-(-m // 32), BW=BW, BR=BR,
+        COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
         F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
         TWEAK=SHIFT_TWEAK, num_warps=num_warps)
     sk = out.sum(0)[..., :m].reshape(n, H, k) / s ** 0.5
