@@ -18,12 +18,12 @@ def _hash(ctr, lo, hi):
     return _fmix32(_fmix32(ctr ^ lo) ^ hi)
 
 @triton.jit
-def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr, norm_ptr, cross_ptr,
-                  n, H, size, tiles, stride_n, row_stride, tiles_per_prog,
+def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
+                  n, H, size, tiles, stride_n, row_stride, tiles_per_prog, scale,
                   COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
                   S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
                   F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
-                  TWEAK: tl.constexpr):
+                  TWEAK: tl.constexpr, GATHER: tl.constexpr):
     # One program: rows [rb·BR, +BR) of head h over tiles [chunk·tiles_per_prog, +tiles_per_prog).
     # Each step handles TT tiles x S bands at once (axis q = tile·S + band) so that many loads are in flight.
     Q: tl.constexpr = TT * SP  # SP: S padded to a power of two
@@ -52,7 +52,10 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr, norm_
         tile_ctr = (band * tiles + t).to(tl.uint32)
         c = (_hash(tile_ctr, lo, hi ^ TWEAK) % M).to(tl.int32)
         o = (j3 - c[None, :, None] + M) % M                                  # [1, Q, BM]
-        e = o + (t * M)[None, :, None]  # int32: a head block has < 2**31 entries
+        if GATHER:  # load the tile as stored (vectorisable) and rotate it in registers below
+            e = j3 + (t * M)[None, :, None]
+        else:  # load it rotated
+            e = o + (t * M)[None, :, None]  # int32: a head block has < 2**31 entries
         ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]
         if CONTIG:
             addr = hoff + e
@@ -70,6 +73,8 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr, norm_
         if HAS_C:
             x = x - tl.load(c_ptr + poff + e, mask=ok, other=0.0)
         nacc += tl.sum(x * x, axis=2)
+        if GATHER:
+            x = tl.gather(x, tl.broadcast_to(o, (BR, Q, BM)), axis=2)
         wctr = tile_ctr[:, None] * WORDS + tl.arange(0, BW)[None, :]          # [Q, BW]
         words = _hash(wctr.to(tl.uint32), lo, hi)
         if BW == 1:
@@ -78,16 +83,15 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr, norm_
             wj = tl.reshape(tl.broadcast_to(words[:, :, None], (Q, BW, 32)), (Q, BM), can_reorder=False)
         neg = ((wj >> (j[None, :] & 31).to(tl.uint32)) & 1) != 0
         acc += tl.where(neg[None, :, :], -x, x)
-    # partial sums of this column chunk: out [chunks, n, H, S, BM], norm/cross [chunks, n, H]
-    out = tl.sum(tl.reshape(acc, (BR, TT, SP, BM), can_reorder=False), axis=1)    # [BR, SP, BM]
+    # partial sums of this column chunk into out [chunks, n, H, S·BM + 2]: sketch, then ‖ṽ‖², cross
+    W: tl.constexpr = S * BM + 2
+    out = tl.sum(tl.reshape(acc, (BR, TT, SP, BM), can_reorder=False), axis=1) * scale    # [BR, SP, BM]
     bands = tl.arange(0, SP)
-    base = (chunk.to(tl.int64) * n + rows[:, None, None]) * H + h
-    tl.store(out_ptr + base * (S * BM) + bands[None, :, None] * BM + j3, out, mask=rok3 & (bands < S)[None, :, None])
-    nsum = tl.sum(nacc, axis=1) / S   # every band visits each entry once
-    csum = tl.sum(cacc, axis=1) / S
-    flat = (chunk.to(tl.int64) * n + rows) * H + h
-    tl.store(norm_ptr + flat, nsum, mask=row_ok)
-    tl.store(cross_ptr + flat, csum, mask=row_ok)
+    base = ((chunk.to(tl.int64) * n + rows) * H + h) * W
+    tl.store(out_ptr + base[:, None, None] + bands[None, :, None] * BM + j3, out,
+             mask=rok3 & (bands < S)[None, :, None])
+    tl.store(out_ptr + base + S * BM, tl.sum(nacc, axis=1) / S, mask=row_ok)   # every band visits each entry once
+    tl.store(out_ptr + base + S * BM + 1, tl.sum(cacc, axis=1) / S, mask=row_ok)
 
 
 @triton.jit
@@ -103,7 +107,7 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, co
         sx += g * g
         sa += tl.abs(g)
         sg += g
-    nf = n.to(dt)
+    nf = n + tl.zeros((BLOCK,), dtype=dt)  # n, count may arrive as constexpr ints (Triton specialises 1)
     mb = sx / nf
     m2b = tl.zeros((BLOCK,), dtype=dt)
     for r in range(n):
@@ -112,7 +116,7 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, co
         m2b += d * d
     mean = tl.load(mean_ptr + offs, mask=ok, other=0.0)
     m2 = tl.load(m2_ptr + offs, mask=ok, other=0.0)
-    cf = count.to(dt)
+    cf = count + tl.zeros((BLOCK,), dtype=dt)
     delta = mb - mean
     tl.store(mean_ptr + offs, mean + delta * (nf / (cf + nf)), mask=ok)
     tl.store(m2_ptr + offs, m2 + m2b + delta * delta * (cf * nf / (cf + nf)), mask=ok)
