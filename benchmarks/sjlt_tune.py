@@ -53,16 +53,15 @@ def best_sketch(x, key, k, s, repeats):
     keys = torch.tensor([key], dtype=torch.int64, device=x.device)
     ref = None
     best = None
-    for chunks, warps, step, gather in itertools.product((None, 264), (4, 8), (None, 1, 4), (False, True)):
+    for chunks, warps, step in itertools.product((None, 264), (4, 8), (None, 1, 4)):
         fn = lambda: kernels.sketch_heads(x, keys, offsets, size, size, size, k, s, chunks=chunks,  # noqa: E731
-                                          tiles_per_step=step, gather=gather, num_warps=warps)[0]
+                                          tiles_per_step=step, num_warps=warps)[0]
         out = fn()
         ref = out if ref is None else ref
         assert float((out - ref).norm() / ref.norm()) < 1e-5
         t = graphed(fn, repeats)
         if best is None or t < best[0]:
-            best = (t, f"chunks={chunks or 'auto'} warps={warps} tiles/step={step or 'auto'} gather={gather}",
-                    bench(fn, repeats))
+            best = (t, f"chunks={chunks or 'auto'} warps={warps} tiles/step={step or 'auto'}", bench(fn, repeats))
     return best
 
 
@@ -99,15 +98,12 @@ def main() -> None:
     t_copy = graphed(lambda: buf.copy_(g), args.repeats)
     print(f"\nfused side kernel, Q projection [{B}, {H * d}, {hidden}] fp32 + 3 fp32 [H, S] vectors (weight, centre, "
           f"other: 1.75x the bytes of g read in all); copy_ of g {t_copy:.3f} ms")
-    print("| kernel | gather | ms | x copy_ of g |\n| --- | --- | --- | --- |")
-    for gather in (False, True):
-        t_plain = graphed(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1, gather=gather),
-                          args.repeats)
-        t_fused = graphed(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1, transform="square",
-                                                       weight=w, centre=c, other=o, gather=gather), args.repeats)
-        print(f"| sketch only | {gather} | {t_plain:.3f} | {t_plain / t_copy:.2f} |")
-        print(f"| fused side (square, weight, centre, cross, norm, sketch) | {gather} | {t_fused:.3f} "
-              f"| {t_fused / t_copy:.2f} |", flush=True)
+    print("| kernel | ms | x copy_ of g |\n| --- | --- | --- |")
+    t_plain = graphed(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1), args.repeats)
+    t_fused = graphed(lambda: kernels.sketch_heads(g, keys, offsets, size, hidden, hidden, k, 1, transform="square",
+                                                   weight=w, centre=c, other=o), args.repeats)
+    print(f"| sketch only | {t_plain:.3f} | {t_plain / t_copy:.2f} |")
+    print(f"| fused side (square, weight, centre, cross, norm, sketch) | {t_fused:.3f} | {t_fused / t_copy:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
                   COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
                   S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
                   F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
-                  TWEAK: tl.constexpr, GATHER: tl.constexpr):
+                  TWEAK: tl.constexpr):
     # One program: rows [rb·BR, +BR) of head h over tiles [chunk·tiles_per_prog, +tiles_per_prog).
     # Each step handles TT tiles x S bands at once (axis q = tile·S + band) so that many loads are in flight.
     Q: tl.constexpr = TT * SP  # SP: S padded to a power of two
@@ -52,10 +52,7 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
         tile_ctr = (band * tiles + t).to(tl.uint32)
         c = (_hash(tile_ctr, lo, hi ^ TWEAK) % M).to(tl.int32)
         o = (j3 - c[None, :, None] + M) % M                                  # [1, Q, BM]
-        if GATHER:  # load the tile as stored (vectorisable) and rotate it in registers below
-            e = j3 + (t * M)[None, :, None]
-        else:  # load it rotated
-            e = o + (t * M)[None, :, None]  # int32: a head block has < 2**31 entries
+        e = o + (t * M)[None, :, None]  # the tile, loaded rotated; int32: a head block has < 2**31 entries
         ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]
         if CONTIG:
             addr = hoff + e
@@ -73,8 +70,6 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
         if HAS_C:
             x = x - tl.load(c_ptr + poff + e, mask=ok, other=0.0)
         nacc += tl.sum(x * x, axis=2)
-        if GATHER:
-            x = tl.gather(x, tl.broadcast_to(o, (BR, Q, BM)), axis=2)
         wctr = tile_ctr[:, None] * WORDS + tl.arange(0, BW)[None, :]          # [Q, BW]
         words = _hash(wctr.to(tl.uint32), lo, hi)
         if BW == 1:

@@ -55,7 +55,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
                  k: int, s: int, *, transform: str = "identity", weight: Optional[torch.Tensor] = None,
                  centre: Optional[torch.Tensor] = None, other: Optional[torch.Tensor] = None,
                  chunks: Optional[int] = None, block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None,
-                 gather: bool = False, num_warps: int = 4):
+                 num_warps: int = 4):
     """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H])``.
 
     ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
@@ -91,7 +91,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
         part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
         COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
         F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
-        TWEAK=SHIFT_TWEAK, GATHER=gather, num_warps=num_warps)
+        TWEAK=SHIFT_TWEAK, num_warps=num_warps)
     total = part.sum(0) if chunks > 1 else part[0]  # fixed order: bitwise reproducible
     sk = total[..., : s * BM].view(n, H, s, BM)[..., :m].reshape(n, H, k)
     return sk, total[..., s * BM], total[..., s * BM + 1]
