@@ -29,9 +29,12 @@ from sketchfisher.sketching import prepare_all, sketch_batches
 
 
 def lm_loss(model, batch):
-    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-    return ce.mean(1)
+    """Per-sample mean next-token cross-entropy (softmax over the contiguous vocabulary axis)."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                           reduction="none")
+    return ce.view(ids.shape[0], -1).mean(1)
 
 
 def timed(fn, repeats):
@@ -90,13 +93,19 @@ def run(kv_heads: int, args) -> list:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for label, fn in (("pass 1", pass1), ("pass 2 sketch", pass2_sketch), ("plain", plain)):
+        for label, fn in (("pass 1", pass1), ("pass 2 sketch", pass2_sketch), ("pass 2 factors", pass2_factors),
+                          ("plain", plain)):
             fn()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
                 torch.cuda.synchronize()
-            print(f"## profile: {label}, {kv_heads} kv heads")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+            events = prof.key_averages()
+            busy = sum(e.self_device_time_total for e in events) / 1e3
+            print(f"## profile: {label}, {kv_heads} kv heads; GPU busy {busy:.1f} ms per batch")
+            for key in ("self_device_time_total", "self_cpu_time_total"):
+                print(f"top by {key}: " + "; ".join(
+                    f"{e.key[:40]} x{e.count} cpu {e.self_cpu_time_total / 1e3:.1f} gpu {e.self_device_time_total / 1e3:.1f}"
+                    for e in sorted(events, key=lambda e: -getattr(e, key))[:8]))
     rows = []
     for name, fn in (("plain forward+backward", plain), ("pass 1 (statistics)", pass1),
                      ("pass 2 Sketch(sjlt, k=256)", pass2_sketch), ("pass 2 Factors (lossless)", pass2_factors)):

@@ -60,13 +60,14 @@ class FactorContributions:
 
     def append(self, A: dict[str, torch.Tensor], D: dict[str, torch.Tensor], lengths: torch.Tensor) -> None:
         """Add a batch: ``A[m] [B, T, in]``, ``D[m] [B, T, out]``; real tokens are kept, padding dropped."""
-        for module in A:
-            a, d = A[module], D[module]
-            if self.rank is not None:
-                a, d = truncate(a, d, self.rank)
-            keep = (a.abs().sum(-1) > 0) & (d.abs().sum(-1) > 0)  # rows that contribute to g
-            self.A.setdefault(module, []).extend(a[b][keep[b]] for b in range(a.shape[0]))
-            self.D.setdefault(module, []).extend(d[b][keep[b]] for b in range(d.shape[0]))
+        pairs = {m: (A[m], D[m]) if self.rank is None else truncate(A[m], D[m], self.rank) for m in A}
+        keeps = {m: (a.abs().sum(-1) > 0) & (d.abs().sum(-1) > 0) for m, (a, d) in pairs.items()}  # rows that count
+        # one device sync for the whole batch: samples with no zero row are kept as views, without indexing
+        full = torch.stack([k.all(-1) for k in keeps.values()]).cpu() if keeps else None
+        for i, (module, (a, d)) in enumerate(pairs.items()):
+            keep = keeps[module]
+            self.A.setdefault(module, []).extend(a[b] if full[i, b] else a[b][keep[b]] for b in range(a.shape[0]))
+            self.D.setdefault(module, []).extend(d[b] if full[i, b] else d[b][keep[b]] for b in range(d.shape[0]))
         self.n += int(lengths.shape[0])
 
     def __len__(self) -> int:
