@@ -6,7 +6,7 @@ weights, random tokens, T tokens per sample, per-sample next-token cross-entropy
 plain forward+backward; pass 1 (factor capture + Welford/Σ|g|/Σg statistics); pass 2 with
 Sketch(sjlt, k=256); pass 2 with lossless Factors kept on the GPU. Peak GPU memory per phase.
 
-    python3 benchmarks/gpu_collect.py [--layers 4] [--tokens 512] [--batch 4] [--repeats 3] [--profile]
+    python3 benchmarks/gpu_collect.py [--layers 4] [--tokens 512] [--batch 4] [--steps 4] [--repeats 3] [--profile]
 """
 
 from __future__ import annotations
@@ -58,21 +58,24 @@ def run(kv_heads: int, args) -> list:
     torch.manual_seed(0)
     model = hf.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
     layout = sf.layout_for(model)
-    ids = torch.randint(0, 32000, (args.batch, args.tokens), device="cuda")
-    batches = [{"input_ids": ids}]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 32000, (args.batch, args.tokens), device="cuda", generator=gen)}
+               for _ in range(args.steps)]
     names = list(layout.params)
     modules = [n.rsplit(".", 1)[0] for n in names]
 
     def plain():
-        model.zero_grad(set_to_none=True)
-        lm_loss(model, batches[0]).sum().backward()
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            lm_loss(model, batch).sum().backward()
 
-    def pass1():
+    def pass1():  # what sf.collect / the store writer run: one capture, one FisherStats, every batch
         stats = FisherStats(dtype=torch.float32)
         with FactorCapture(model, modules) as cap:
-            bf = cap.run(lm_loss, batches[0])
-            for module, name in zip(modules, names):
-                stats.update({name: bf.grad(module)})
+            for batch in batches:
+                bf = cap.run(lm_loss, batch)
+                for module, name in zip(modules, names):
+                    stats.update({name: bf.grad(module)})
         return stats
 
     stats = pass1()
@@ -87,8 +90,9 @@ def run(kv_heads: int, args) -> list:
     def pass2_factors():
         rep = FactorContributions()
         with FactorCapture(model, modules) as cap:
-            bf = cap.run(lm_loss, batches[0])
-            rep.append(bf.A, bf.D, bf.lengths)
+            for batch in batches:
+                bf = cap.run(lm_loss, batch)
+                rep.append(bf.A, bf.D, bf.lengths)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -100,8 +104,7 @@ def run(kv_heads: int, args) -> list:
                 fn()
                 torch.cuda.synchronize()
             events = prof.key_averages()
-            busy = sum(e.self_device_time_total for e in events) / 1e3
-            print(f"## profile: {label}, {kv_heads} kv heads; GPU busy {busy:.1f} ms per batch")
+            print(f"## profile: {label}, {kv_heads} kv heads, one run of {args.steps} batches (ms)")
             for key in ("self_device_time_total", "self_cpu_time_total"):
                 print(f"top by {key}: " + "; ".join(
                     f"{e.key[:40]} x{e.count} cpu {e.self_cpu_time_total / 1e3:.1f} gpu {e.self_device_time_total / 1e3:.1f}"
@@ -110,7 +113,7 @@ def run(kv_heads: int, args) -> list:
     for name, fn in (("plain forward+backward", plain), ("pass 1 (statistics)", pass1),
                      ("pass 2 Sketch(sjlt, k=256)", pass2_sketch), ("pass 2 Factors (lossless)", pass2_factors)):
         sec, peak = timed(fn, args.repeats)
-        rows.append((f"{kv_heads} kv heads", name, 1000 * sec / args.batch, peak))
+        rows.append((f"{kv_heads} kv heads", name, 1000 * sec / (args.batch * args.steps), peak))
     return rows
 
 
@@ -120,6 +123,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="batches per timed run (statistics and maps persist across them)")
     p.add_argument("--kv", type=int, nargs="+", default=[32, 8], help="key/value head counts to run")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of each phase first")
     args = p.parse_args()
@@ -128,7 +132,7 @@ def main() -> None:
         rows += run(kv, args)
         torch.cuda.empty_cache()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, Llama-7B layer shapes x {args.layers}, "
-          f"bf16, T={args.tokens}, batch {args.batch}, median of {args.repeats}")
+          f"bf16, T={args.tokens}, batch {args.batch}, {args.steps} batches per run, median of {args.repeats}")
     print("| model | phase | ms/sample | x plain | peak GiB |\n| --- | --- | --- | --- | --- |")
     base = {}
     for model, phase, ms, peak in rows:

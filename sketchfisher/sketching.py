@@ -156,8 +156,8 @@ class FusedSides:
             else:
                 offsets, cols = [b.start for b in hbs], hb.width
             keys = [self.codec.map(layer, block_index(block), h, size).hash_key() for h in range(len(hbs))]
-            self._geometry[(layer, block)] = (torch.tensor(keys, dtype=torch.int64, device=device),
-                                              torch.tensor(offsets, dtype=torch.int64, device=device),
+            self._geometry[(layer, block)] = (_to_device(torch.tensor(keys, dtype=torch.int64), device),
+                                              _to_device(torch.tensor(offsets, dtype=torch.int64), device),
                                               size, cols, cols_p)
         return self._geometry[(layer, block)]
 
@@ -172,6 +172,11 @@ class FusedSides:
             weight, centre, other = prep.balance.reciprocal(), prep.y_bar, prep.x_bar
         return kernels.sketch_heads(grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
                                     transform=transform, weight=weight, centre=centre, other=other)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a blocking copy (pinned memory, asynchronous)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
