@@ -94,6 +94,18 @@ def run(kv_heads: int, args) -> list:
                 bf = cap.run(lm_loss, batch)
                 rep.append(bf.A, bf.D, bf.lengths)
 
+    def capture_only():  # the share of pass 1 and 2 that is factor capture (forward, backward to module outputs)
+        with FactorCapture(model, modules) as cap:
+            for batch in batches:
+                cap.run(lm_loss, batch)
+
+    def capture_grads():  # capture + every module's per-sample gradients (bmm), nothing else
+        with FactorCapture(model, modules) as cap:
+            for batch in batches:
+                bf = cap.run(lm_loss, batch)
+                for module in modules:
+                    bf.grad(module)
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -111,7 +123,9 @@ def run(kv_heads: int, args) -> list:
                     for e in sorted(events, key=lambda e: -getattr(e, key))[:8]))
     rows = []
     for name, fn in (("plain forward+backward", plain), ("pass 1 (statistics)", pass1),
-                     ("pass 2 Sketch(sjlt, k=256)", pass2_sketch), ("pass 2 Factors (lossless)", pass2_factors)):
+                     ("pass 2 Sketch(sjlt, k=256)", pass2_sketch), ("pass 2 Factors (lossless)", pass2_factors),
+                     ("(part) factor capture only", capture_only),
+                     ("(part) capture + per-sample gradients", capture_grads)):
         sec, peak = timed(fn, args.repeats)
         rows.append((f"{kv_heads} kv heads", name, 1000 * sec / (args.batch * args.steps), peak))
     return rows

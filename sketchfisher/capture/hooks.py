@@ -177,8 +177,8 @@ class FactorCapture:
                 a, d = a * keep, d * keep
             A.setdefault(name, []).append(a)
             D.setdefault(name, []).append(d)
-        out_a = {n: torch.cat(v, dim=1) for n, v in A.items()}  # several calls: more tokens
-        out_d = {n: torch.cat(v, dim=1) for n, v in D.items()}
+        out_a = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in A.items()}  # several calls: more tokens
+        out_d = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in D.items()}
         bad = {name: (~torch.isfinite(d).all(dim=(1, 2))) | (~torch.isfinite(out_a[name]).all(dim=(1, 2)))
                for name, d in out_d.items()}
         if torch.stack(list(bad.values())).any():  # one device sync for all modules
