@@ -92,3 +92,13 @@ def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, nor
     scale = float(want.scores.abs().max())
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(got.stderr, want.stderr, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_sketch_kernel_empty_batch_and_strided_rows():
+    m = SketchMap("sjlt", 32, 90, 0, (0, 0, 0))
+    keys, offsets = torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64)
+    sk, norm, cross = kernels.sketch_heads(torch.zeros(0, 90), keys, offsets, 90, 90, 90, 32, 1)
+    assert sk.shape == (0, 1, 32) and norm.shape == cross.shape == (0, 1)
+    x = torch.randn(3, 180)[:, ::2]  # rows strided and not dense
+    sk, _, _ = kernels.sketch_heads(x, keys, offsets, 90, 90, 90, 32, 1)
+    torch.testing.assert_close(sk[:, 0], m.apply(x.contiguous()), rtol=1e-5, atol=1e-5)

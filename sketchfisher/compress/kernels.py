@@ -67,8 +67,13 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     """
     if g.dtype not in DTYPES:
         raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
-    sketch_kernel, _ = _kernels()
     n, H = g.shape[0], keys.shape[0]
+    if n == 0:
+        z = torch.zeros(0, H, dtype=torch.float32, device=g.device)
+        return torch.zeros(0, H, k, dtype=torch.float32, device=g.device), z, z.clone()
+    if g.ndim > 1 and not g[0].is_contiguous():
+        g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
+    sketch_kernel, _ = _kernels()
     m = k // s
     BM = _next_pow2(m)
     BW = max(1, BM // 32)
