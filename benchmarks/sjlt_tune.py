@@ -3,7 +3,9 @@
 For each row count n and dtype: ``copy_`` into a preallocated buffer (reads and writes x), ``x.sum``
 (reads x once), and the Triton sjlt kernel (``SketchMap.apply``, s = 1 and s = 4) with the best of a
 few launch shapes; then the fused pass-2 side kernel (square, weight, centre, cross term, norm and
-sketch) on 32 head blocks of a Llama-7B Q projection gradient. GB/s count the bytes of x read.
+sketch) on 32 head blocks of a Llama-7B Q projection gradient, beside the GEMM-shaped alternative
+(torch elementwise side vectors, then a bf16 matmul with one shared Gaussian map). GB/s count the
+bytes of x read.
 
     python benchmarks/sjlt_tune.py [--repeats 30]
 """
@@ -104,6 +106,24 @@ def main() -> None:
                                                    weight=w, centre=c, other=o), args.repeats)
     print(f"| sketch only | {t_plain:.3f} | {t_plain / t_copy:.2f} |")
     print(f"| fused side (square, weight, centre, cross, norm, sketch) | {t_fused:.3f} | {t_fused / t_copy:.2f} |")
+
+    # the GEMM-shaped alternative of issue 8: one Gaussian map [S, k] in bf16 shared by the block type,
+    # the side vectors formed by torch elementwise ops, then [B·H, S] @ [S, k] on tensor cores
+    R = (torch.randn(size, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+    gh = g.view(B, H, size)
+    v = (gh.square() * w - c).to(torch.bfloat16)
+    t_mm = graphed(lambda: v.view(B * H, size) @ R, args.repeats)
+
+    def gemm_side():
+        x = gh.square() * w
+        cross = (x * o).sum(-1)
+        x = x - c
+        return (x.to(torch.bfloat16).view(B * H, size) @ R), x.square().sum(-1), cross
+
+    t_gemm = graphed(gemm_side, args.repeats)
+    print(f"| GEMM-shaped: bf16 [B·H, S] @ [S, k] only (shared Gaussian map) | {t_mm:.3f} | {t_mm / t_copy:.2f} |")
+    print(f"| GEMM-shaped side: torch elementwise (square, weight, cross, centre, norm) + GEMM | {t_gemm:.3f} "
+          f"| {t_gemm / t_copy:.2f} |")
 
 if __name__ == "__main__":
     main()
