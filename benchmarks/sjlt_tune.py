@@ -7,7 +7,7 @@ sketch) on 32 head blocks of a Llama-7B Q projection gradient, beside the GEMM-s
 (torch elementwise side vectors, then a bf16 matmul with one shared Gaussian map). GB/s count the
 bytes of x read.
 
-    python benchmarks/sjlt_tune.py [--repeats 30]
+    python benchmarks/sjlt_tune.py [--repeats 30] [--rows 1 4 16 64]
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def best_sketch(x, key, k, s, repeats):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--rows", type=int, nargs="*", default=[1, 4, 16, 64], help="row counts of the single-block sweep")
     args = p.parse_args()
     size, k = 524288, 256
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, one head block of {size} entries, k = {k}; "
@@ -78,7 +79,7 @@ def main() -> None:
     print("| n | dtype | copy_ ms | x.sum ms | sjlt s=1 ms | GB/s | x copy_ | x sum | sjlt s=4 ms | x copy_ "
           "| best launch (s=1) | eager sjlt s=1 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for n, dtype in itertools.product((1, 4, 16, 64), (torch.bfloat16, torch.float32)):
+    for n, dtype in itertools.product(args.rows, (torch.bfloat16, torch.float32)):
         x = torch.randn(n, size, device="cuda").to(dtype)
         buf = torch.empty_like(x)
         t_copy = graphed(lambda: buf.copy_(x), args.repeats)
