@@ -106,8 +106,8 @@ frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]]
 # ## Reading (full run, 32 × 32 samples)
 #
 # * **Variance reduction is the lever for sketches.** At equal bytes, balancing + centering cuts the
-#   median relative error by about 2.5× at every k (sjlt: 0.35 → 0.14 at k = 64, 0.18 → 0.071 at
-#   k = 256, 0.090 → 0.035 at k = 1024) and lifts Spearman from ≈0.91 to ≈0.995 at k = 256. The kinds
+#   median relative error by about 2.5× at every k (sjlt: 0.35 → 0.14 at k = 64, 0.18 → 0.070 at
+#   k = 256, 0.086 → 0.034 at k = 1024) and lifts Spearman from ≈0.91 to ≈0.995 at k = 256. The kinds
 #   (gaussian, sjlt, srht) are indistinguishable at equal k, so the cheapest to apply (sjlt) is the
 #   default. Error falls as 1/√k.
 # * **Storage precision does not matter down to int8**: int8 keeps the fp16 accuracy at 89× less
@@ -115,7 +115,7 @@ frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]]
 # * **Error bars are honest**: the nominal 95% intervals cover the exact score for 0.95 of all scores
 #   at every k and kind.
 # * **Top-k lists need verification**: sketches rank the top-50 cells only moderately well
-#   (recall 0.6–0.84 at k = 256); `verify_top` re-scores the candidates exactly (notebook 02,
+#   (recall 0.76–0.82 at k = 256 with VR); `verify_top` re-scores the candidates exactly (notebook 02,
 #   `docs/benchmarks.md`: 100% of the exact top-100 from 1,000 candidates).
 # * **Truncated factors are strong on short sequences.** MiniLM samples here have about 15–20 tokens,
 #   so rank 4 already keeps most of each per-sample gradient: 24× smaller than full fp16, median
