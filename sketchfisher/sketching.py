@@ -29,7 +29,7 @@ class BlockPrep:
     """Pass-1 quantities of one (layer, block), all ``[H_b, S]`` except ``e [H_b]``."""
 
     denom: torch.Tensor      # Î + ε + λ (normaliser)
-    fisher_a: torch.Tensor   # task A's Î (for leave-one-out)
+    fisher_a: Optional[torch.Tensor]  # task A's Î, kept only for leave-one-out (it is model-sized)
     balance: torch.Tensor    # √m, m = mean|g| over A ∪ B (ones without variance reduction)
     x_bar: torch.Tensor      # balanced i-side centre (zeros without variance reduction)
     y_bar: torch.Tensor      # balanced j-side centre
@@ -46,7 +46,8 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     denom = fisher + cfg.eps + ridge(fisher, cfg)
     if not codec.variance_reduction:
         zeros = torch.zeros_like(fisher)
-        return _cast(BlockPrep(denom, fisher_a, torch.ones_like(fisher), zeros, zeros, zeros.sum(-1)), cfg)
+        kept_a = fisher_a if cfg.normalizer == "loo" else None
+        return _cast(BlockPrep(denom, kept_a, torch.ones_like(fisher), zeros, zeros, zeros.sum(-1)), cfg)
     n_a, n_b = stats_a.count, stats_b.count
     abs_a, abs_b = stats_a.block(layout, layer, block, "mean_abs"), stats_b.block(layout, layer, block, "mean_abs")
     m = (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
@@ -59,12 +60,13 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     else:
         x_bar, y_bar = abs_a / denom, abs_b
     x_bar, y_bar = x_bar * balance, y_bar / balance
-    return _cast(BlockPrep(denom, fisher_a, balance, x_bar, y_bar, (x_bar * y_bar).sum(-1)), cfg)
+    kept_a = fisher_a if cfg.normalizer == "loo" else None
+    return _cast(BlockPrep(denom, kept_a, balance, x_bar, y_bar, (x_bar * y_bar).sum(-1)), cfg)
 
 
 def _cast(prep: BlockPrep, cfg: ScoreConfig) -> BlockPrep:
     """Side vectors are built in ``cfg.dtype``; the exact scalar e keeps fp64."""
-    t = lambda x: x.to(cfg.dtype)  # noqa: E731
+    t = lambda x: None if x is None else x.to(cfg.dtype)  # noqa: E731
     return BlockPrep(t(prep.denom), t(prep.fisher_a), t(prep.balance), t(prep.x_bar), t(prep.y_bar), prep.e.double())
 
 
