@@ -1,11 +1,11 @@
 """sjlt throughput on one head block of 524,288 entries (128 x 4096), beside a plain copy.
 
 Reports time and GB/s of input read for: a copy of the same tensor into a preallocated buffer
-(``copy_``: one read and one write, no allocation), ``SketchMap.apply`` (the CUDA kernel on GPUs,
+(``copy_``: one read and one write, no allocation), ``SketchMap.apply`` (the Triton kernel on GPUs,
 the sign-folded ``index_add_`` on CPU), the ``index_add_`` path alone, and the same map as a CSR
 sparse-dense matmul (an alternative). All in one run, best of ``--repeats``.
 
-    python benchmarks/sketch_throughput.py [--rows 16] [--k 256] [--s 4] [--device cpu|cuda]
+    python benchmarks/sketch_throughput.py [--rows 16] [--k 256] [--s 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--k", type=int, default=256)
-    p.add_argument("--s", type=int, default=4)
+    p.add_argument("--s", type=int, default=1)
     p.add_argument("--size", type=int, default=524288)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -59,7 +59,7 @@ def main() -> None:
                                   signs.flatten().double() / math.sqrt(args.s), (args.k, args.size),
                                   check_invariants=False).coalesce().to_sparse_csr().to(device=device, dtype=dtype)
     results = [("copy_ into a preallocated buffer", bench(lambda: buf.copy_(x), device, args.repeats)),
-               ("sjlt SketchMap.apply (CUDA C++ kernel on GPU, index_add_ on CPU)",
+               ("sjlt SketchMap.apply (Triton kernel on GPU, index_add_ on CPU)",
                 bench(lambda: m.apply(x), device, args.repeats)),
                ("sjlt sign-folded index_add_ per band", bench(index_add, device, args.repeats)),
                ("sjlt as CSR SpMM", bench(lambda: csr @ x.T, device, args.repeats))]

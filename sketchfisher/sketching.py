@@ -77,19 +77,25 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg:
             for layer in range(layout.num_layers) for block in BLOCKS}
 
 
+def side_transform(side: str, variant: str) -> str:
+    """The entry-wise function of g in the variant's i-side (``"a"``) or j-side (``"b"``) vector."""
+    if side == "b":
+        return "identity" if variant == "signed" else "abs"
+    return {"paper": "square", "signed": "identity", "symmetric": "abs"}[variant]
+
+
 def side_vector(g: torch.Tensor, prep: BlockPrep, side: str, count: int, cfg: ScoreConfig) -> torch.Tensor:
     """Balanced i-side (``"a"``) or j-side (``"b"``) vectors ``[B, H_b, S]`` from block gradients."""
     g = g.to(cfg.dtype)  # fp32 by default: the CUDA sjlt kernels take fp32/bf16/fp16, not fp64
+    num = kernels.TRANSFORM_FNS[side_transform(side, cfg.variant)](g)
     if side == "b":
-        y = g if cfg.variant == "signed" else g.abs()
-        return y / prep.balance
+        return num / prep.balance
     denom = prep.denom
     if cfg.normalizer == "loo":
         if count < 2:
             raise InputError(f"normalizer='loo' needs at least 2 task-A samples, got {count}")
         loo = (count * prep.fisher_a.double() - g.double().square()) / (count - 1)  # fp64: cancellation
         denom = loo.clamp_min(0).to(cfg.dtype) + (prep.denom - prep.fisher_a)
-    num = {"paper": g.square(), "signed": g, "symmetric": g.abs()}[cfg.variant]
     return num / denom * prep.balance
 
 
@@ -158,27 +164,20 @@ class FusedSides:
             else:
                 offsets, cols = [b.start for b in hbs], hb.width
             keys = [self.codec.map(layer, block_index(block), h, size).hash_key() for h in range(len(hbs))]
-            self._geometry[(layer, block)] = (_to_device(torch.tensor(keys, dtype=torch.int64), device),
-                                              _to_device(torch.tensor(offsets, dtype=torch.int64), device),
+            self._geometry[(layer, block)] = (kernels.to_device(torch.tensor(keys, dtype=torch.int64), device),
+                                              kernels.to_device(torch.tensor(offsets, dtype=torch.int64), device),
                                               size, cols, cols_p)
         return self._geometry[(layer, block)]
 
     def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
         keys, offsets, size, cols, row_stride = self.geometry(layer, block, grad.device)
-        variant = self.cfg.variant
         if self.side == "a":
-            transform = {"paper": "square", "signed": "identity", "symmetric": "abs"}[variant]
             weight, centre, other = prep.balance / prep.denom, prep.x_bar, prep.y_bar
         else:
-            transform = "identity" if variant == "signed" else "abs"
             weight, centre, other = prep.balance.reciprocal(), prep.y_bar, prep.x_bar
         return kernels.sketch_heads(grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
-                                    transform=transform, weight=weight, centre=centre, other=other)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device`` without a blocking copy (pinned memory, asynchronous)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+                                    transform=side_transform(self.side, self.cfg.variant), weight=weight,
+                                    centre=centre, other=other)
 
 
 def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,

@@ -80,7 +80,7 @@ class BatchFactors:
         if left.is_cuda and low in (torch.bfloat16, torch.float16):
             try:
                 return torch.bmm(left.transpose(1, 2).to(low), right.to(low), out_dtype=torch.float32)
-            except (TypeError, RuntimeError):  # torch without bmm(out_dtype=): fp32 product below
+            except TypeError:  # torch without bmm(out_dtype=): the fp32 product below
                 pass
         return torch.bmm(left.transpose(1, 2), right)
 

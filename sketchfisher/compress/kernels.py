@@ -14,7 +14,7 @@ loads a rotated, coalesced tile and accumulates into registers: no scatter, no a
 sums per column chunk are added in a fixed order (bitwise reproducible).
 
 ``welford_update`` folds a batch of per-sample gradients into a Welford state of g², Σ|g| and Σg
-in one read of the batch.
+in one pass over the batch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,15 @@ import torch
 from .hashing import SHIFT_TWEAK
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}
+TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w
+TRANSFORM_FNS = {"identity": lambda g: g, "square": torch.square, "abs": torch.abs}  # the same f in torch
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a blocking copy (pinned memory, asynchronous)."""
+    if t.device == device:
+        return t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,7 +100,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     prep = [t.contiguous().float() if t is not None else dummy for t in (weight, centre, other)]
     contig = cols == size or (row_stride == cols)
     sketch_kernel[(chunks, H, row_blocks)](
-        g, *prep, keys.to(device=dev, dtype=torch.int64).contiguous(), offsets.to(device=dev, dtype=torch.int64),
+        g, *prep, to_device(keys.to(torch.int64).contiguous(), dev), to_device(offsets.to(torch.int64), dev),
         part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
         COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
         F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
@@ -112,7 +120,10 @@ def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
 
 def welford_update(g: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, sum_abs: torch.Tensor,
                    sum_g: torch.Tensor, count: int, block: int = 1024) -> None:
-    """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place."""
+    """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place.
+
+    One pass over the batch from memory: each program reads its slice of the n rows twice (Σg², then
+    Σ(g² − mean)²), the second time from cache."""
     _, welford_kernel = _kernels()
     n, N = g.shape
     grid = (-(-N // block),)

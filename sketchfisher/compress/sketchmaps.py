@@ -30,17 +30,24 @@ from .hashing import sjlt_codes
 KINDS = ("gaussian", "sjlt", "srht")
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def block_state(seed: int, layer: int, block: int, head: int) -> tuple[int, int]:
+    """Two 32-bit words for one head block, independent across (layer, block, head) (cached:
+    ``SeedSequence`` costs ~20 µs and pass 2 asks for every head block of every batch)."""
+    state = np.random.SeedSequence(seed, spawn_key=(layer, block, head)).generate_state(2, dtype=np.uint32)
+    return int(state[0]), int(state[1])
+
+
 def block_generator(seed: int, layer: int, block: int, head: int) -> torch.Generator:
     """A CPU generator for one head block, independent across (layer, block, head)."""
-    state = np.random.SeedSequence(seed, spawn_key=(layer, block, head)).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    a, b = block_state(seed, layer, block, head)
+    return torch.Generator().manual_seed(a << 32 | b)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def block_hash_key(seed: int, layer: int, block: int, head: int) -> tuple[int, int]:
-    """The sjlt hash key of one head block (cached: ``SeedSequence`` costs ~20 µs, pass 2 asks per batch)."""
-    state = np.random.SeedSequence(seed, spawn_key=(layer, block, head)).generate_state(2, dtype=np.uint32)
-    return int(state[0]) & 0x7FFFFFFF, int(state[1]) & 0x7FFFFFFF
+    """The sjlt hash key of one head block: two 31-bit halves of its state."""
+    a, b = block_state(seed, layer, block, head)
+    return a & 0x7FFFFFFF, b & 0x7FFFFFFF
 
 
 @dataclass(frozen=True)

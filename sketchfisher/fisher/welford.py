@@ -91,7 +91,7 @@ class FisherStats:
                 acc[name] = acc[name] + value if name in acc else value
 
     def _fused_update(self, name: str, g: torch.Tensor) -> bool:
-        """The same update in one Triton kernel for CUDA batches (one read of ``g``); False where it does not apply."""
+        """The same update in one Triton kernel for CUDA batches (one pass over ``g``); False where it does not apply."""
         if not (g.is_cuda and g.shape[0] > 0 and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
                 and kernels.available()):
             return False
