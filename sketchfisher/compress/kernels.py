@@ -75,6 +75,8 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     """
     if g.dtype not in DTYPES:
         raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
+    if size >= 2**31:
+        raise ValueError(f"sketch_heads indexes a head block with int32; {size} entries is too many")
     n, H = g.shape[0], keys.shape[0]
     if n == 0:
         z = torch.zeros(0, H, dtype=torch.float32, device=g.device)
