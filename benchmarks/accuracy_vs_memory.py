@@ -40,13 +40,13 @@ def bytes_full_fp16_per_sample(layout: sf.Layout) -> int:
 def sketch_bytes_per_sample(layout: sf.Layout, codec: sf.Sketch) -> int:
     """Sketch vector + 2 exact fp64 scalars (norm², cross term) per distinct head block."""
     blocks = sum(len(layout.head_blocks(layer, block)) for layer in range(layout.num_layers) for block in sf.BLOCKS)
-    return blocks * (codec.bytes_per_vector() + 16)
+    return blocks * codec.bytes_per_block()
 
 
 def llama7b_ratio(codec: sf.Sketch) -> float:
     layers, heads, block = 32, 32, 128 * 4096
     full = layers * 4 * heads * block * 2
-    return full / (layers * 4 * heads * (codec.bytes_per_vector() + 16))
+    return full / (layers * 4 * heads * codec.bytes_per_block())
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import sketchfisher as sf
 from sketchfisher.capture import FactorCapture
 from sketchfisher.compress import FactorContributions
 from sketchfisher.fisher import FisherStats
-from sketchfisher.sketching import prepare_all, sketch_batches
+from sketchfisher.collect import prepare_all, sketch_batches
 
 
 def lm_loss(model, batch):

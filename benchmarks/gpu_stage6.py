@@ -17,7 +17,7 @@ import torch
 
 from sketchfisher.interference import ExactBlock, InterferenceResult, ScoreConfig
 from sketchfisher.layout import Dims, HeadBlock, HeadKey, Layout
-from sketchfisher.sketching import SketchBlock
+from sketchfisher.compress.sketch_scores import SketchBlock
 
 
 def llama7b_layout(layers: int = 32) -> Layout:
@@ -60,8 +60,7 @@ def main() -> None:
     g = torch.Generator(device=device).manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     blk = SketchBlock(r(n, H, k), r(n, H).abs(), r(n, H), r(n, H, k), r(n, H).abs(), r(n, H), r(H).double(), k, 1.0)
-    res = InterferenceResult(layout, n, n, lambda layer, block: blk, {"variant": "paper"}, dtype=torch.float32,
-                             max_bytes=1 << 31)
+    res = InterferenceResult(layout, n, n, lambda layer, block: blk, ScoreConfig(), max_bytes=1 << 31)
     rows = [("head means (streamed)", *timed(res.head_means, device)),
             ("top-100 conflicts (streamed)", *timed(lambda: res.top_conflicts(100), device)),
             ("block summary (streamed)", *timed(res.block_summary, device))]
@@ -76,7 +75,7 @@ def main() -> None:
     fisher = ga.square().mean(0)
     cfg = ScoreConfig()
     one = InterferenceResult(llama7b_layout(1), m, m, lambda layer, block: ExactBlock.build(ga, gb, fisher, m, cfg),
-                             {"variant": "paper"}, dtype=torch.float32, max_bytes=1 << 31)
+                             cfg, max_bytes=1 << 31)
     sec, _ = timed(one.head_means, device)
     per_pair_layer = sec / (m * m)
     print(f"| exact engine, one layer, {m} x {m} | {sec:.2f} |")

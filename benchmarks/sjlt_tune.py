@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from sketchfisher.compress import kernels
+from sketchfisher import kernels
 
 
 def bench(fn, repeats):

@@ -28,7 +28,7 @@ import transformers as hf
 
 import sketchfisher as sf
 from sketchfisher.interference import ExactBlock, InterferenceResult, ScoreConfig
-from sketchfisher.sketching import SketchBlock
+from sketchfisher.compress.sketch_scores import SketchBlock
 
 
 def gpt2_layout() -> sf.Layout:
@@ -43,7 +43,7 @@ def exact_result(layout, n, dtype, seed=0):
     fisher = ga.square().mean(0)
     cfg = ScoreConfig(dtype=dtype)
     provider = lambda layer, block: ExactBlock.build(ga, gb, fisher, n, cfg)  # noqa: E731
-    return InterferenceResult(layout, n, n, provider, {"variant": "paper"}, dtype=dtype), (ga, gb, fisher)
+    return InterferenceResult(layout, n, n, provider, cfg), (ga, gb, fisher)
 
 
 def sketch_result(layout, n, k=256, seed=0):
@@ -51,7 +51,7 @@ def sketch_result(layout, n, k=256, seed=0):
     hb = layout.num_heads
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     blk = SketchBlock(r(n, hb, k), r(n, hb).abs(), r(n, hb), r(n, hb, k), r(n, hb).abs(), r(n, hb), r(hb), k, 1.0)
-    return InterferenceResult(layout, n, n, lambda layer, block: blk, {"variant": "paper"})
+    return InterferenceResult(layout, n, n, lambda layer, block: blk, ScoreConfig(dtype=torch.float64))
 
 
 def predecessor_loop(layout, full_a, full_b, fisher, eps=1e-10):

@@ -2,22 +2,22 @@
 
 Per-sample Fisher contributions C_i = g_i ⊙ g_i (Stage 1) and head-resolved, Fisher-normalised
 interference scores between samples of two tasks (Stage 6), sliced by each architecture's QK-OV
-layout. See SEMANTICS.md for the normative formulas.
+layout. ``docs/concepts.md`` states the formulas.
 """
 
 from ._version import __version__
-from .compress import Exact, Factors, Sketch
+from .compress import Codec, Exact, Factors, Sketch
 from .errors import GradientError, InputError, LayoutError, SketchfisherError
-from .interference import InterferenceResult, ScoreConfig
+from .interference import VARIANTS, InterferenceResult, ScoreConfig, Variant
+from .interference.stored import Store, open_store
 from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
-from .interference.checks import run_sanity_checks
-from .pipeline import analyze
+from .pipeline import analyze, run_sanity_checks
 from .planner import plan
-from .store import Store, StoreError, StoreMismatchError, open_store
+from .store import StoreError, StoreMismatchError
 
 __all__ = [
-    "BLOCKS", "AttentionSpec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock", "HeadKey", "InputError",
-    "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch", "SketchfisherError", "__version__", "analyze",
-    "Store", "StoreError", "StoreMismatchError", "layout_for", "open_store", "plan", "register_layout",
-    "run_sanity_checks",
+    "BLOCKS", "VARIANTS", "AttentionSpec", "Codec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock",
+    "HeadKey", "InputError", "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch",
+    "SketchfisherError", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze",
+    "layout_for", "open_store", "plan", "register_layout", "run_sanity_checks",
 ]

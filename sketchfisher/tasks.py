@@ -1,7 +1,13 @@
-"""Reading task files and turning them into batches and per-sample losses for HF models (CLI helpers)."""
+"""Ready losses and batchers for HF models, and reading task files (the CLI's and the demo's inputs).
+
+* masked LMs: :func:`make_batches` (deterministic, text-seeded 15% masking) and
+  :func:`masked_token_loss` (masked tokens decoded with the tied input embeddings);
+* causal LMs: :func:`clm_batches` and :func:`clm_loss` (next-token cross-entropy on real tokens).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -78,15 +84,45 @@ def to_device(batches: list[dict], device: str) -> list[dict]:
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def task_batches(texts: list[str], tokenizer: Any, loss: str, batch_size: int, max_length: int) -> list[dict]:
-    from .demo import make_batches
+def _mask_positions(text: str, n_tokens: int, rate: float = 0.15) -> list[int]:
+    """Deterministic (text-seeded) choice of content positions 1..n_tokens-2 to mask; at least one."""
+    content = list(range(1, n_tokens - 1))
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    order = torch.randperm(len(content), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = max(1, round(rate * len(content)))
+    return sorted(content[k] for k in order[:count])
 
+
+def make_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_length: int = 48) -> list[dict]:
+    """Right-padded batches with masked inputs and per-sample target positions."""
+    batches = []
+    for lo in range(0, len(texts), batch_size):
+        chunk = texts[lo:lo + batch_size]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        targets = torch.full_like(ids, -100)
+        for b, text in enumerate(chunk):
+            for pos in _mask_positions(text, int(attn[b].sum())):
+                targets[b, pos] = ids[b, pos]
+                ids[b, pos] = tokenizer.mask_token_id
+        batches.append({"input_ids": ids, "attention_mask": attn, "labels": targets})
+    return batches
+
+
+def masked_token_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Per-sample mean cross-entropy of the masked tokens, decoded with the tied word embeddings."""
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = hidden @ model.get_input_embeddings().weight.T
+    labels = batch["labels"]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return ce.sum(1) / (labels != -100).sum(1).clamp_min(1)
+
+
+def task_batches(texts: list[str], tokenizer: Any, loss: str, batch_size: int, max_length: int) -> list[dict]:
     if loss == "mlm":
         return make_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)
     return clm_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def loss_for(loss: str):
-    from .demo import masked_token_loss
-
     return masked_token_loss if loss == "mlm" else clm_loss

@@ -32,7 +32,7 @@ def test_scores_identical_on_cpu_and_cuda():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("size,k,s", [(524288, 256, 1), (524288, 256, 4), (3001, 64, 2), (40, 1024, 1), (999, 96, 1)])
 def test_cuda_sjlt_kernel_matches_cpu_map(dtype, tol, size, k, s):
-    from sketchfisher.compress import kernels
+    from sketchfisher import kernels
 
     assert kernels.available(), "Triton is not usable on the device"
     x = torch.randn(5, size, generator=torch.Generator().manual_seed(1))
@@ -51,7 +51,7 @@ def test_cuda_sjlt_kernel_matches_cpu_map(dtype, tol, size, k, s):
                                                      ("llama_gqa", "symmetric", "loo")])
 def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch, variant, normalizer):
     """Fused pass 1 (Welford kernel) and pass 2 (side sketch kernel) against the torch code on the same GPU."""
-    from sketchfisher import sketching
+    from sketchfisher.collect import sketches as sketching
     from sketchfisher.fisher import FisherStats
 
     model = make_model(arch).cuda().to(model_dtype)

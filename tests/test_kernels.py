@@ -16,8 +16,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import sketchfisher as sf  # noqa: E402
-from sketchfisher import sketching  # noqa: E402
-from sketchfisher.compress import kernels  # noqa: E402
+from sketchfisher.collect import sketches as sketching  # noqa: E402
+from sketchfisher import kernels  # noqa: E402
 from sketchfisher.compress.sketchmaps import SketchMap  # noqa: E402
 from sketchfisher.fisher import FisherStats  # noqa: E402
 from tiny_models import generic_loss, make_batches, make_model  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import bootstrap, false_discovery_control
 
 import sketchfisher as sf
-from sketchfisher.interference.checks import run_sanity_checks
+from sketchfisher import run_sanity_checks
 from sketchfisher.interference.stats import bootstrap_ci, permutation_test, result_grads
 from sketchfisher.plots import plot_block_comparison, plot_block_heatmaps, plot_frontier, plot_sketch_vs_exact
 from tiny_models import generic_loss, make_batches, make_model
@@ -90,7 +90,7 @@ def _brute_force_pvalues(model, ta, tb, layout, perms, variant="paper"):
 def test_permutation_pvalues_match_brute_force(setup):
     model, ta, tb, exact = setup
     layout = exact.layout
-    cfg = exact.context["cfg"]
+    cfg = exact.context.cfg
     df = permutation_test(layout, result_grads(exact), cfg, n_permutations=12, seed=5)
     rng = np.random.default_rng(5)
     perms = np.stack([rng.permutation(11) for _ in range(12)])

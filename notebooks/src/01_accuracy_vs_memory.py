@@ -52,7 +52,7 @@ full_fp16 = sum(hb.numel for l in range(layout.num_layers) for b in sf.BLOCKS fo
 
 
 def sketch_bytes(codec):
-    return head_blocks * (codec.bytes_per_vector() + 16)
+    return head_blocks * codec.bytes_per_block()
 
 
 configs = [("Factors", f"rank {r}", sf.Factors(rank=r)) for r in ([2, 8] if FAST else [1, 4, 16])]
@@ -71,7 +71,7 @@ for family, setting, codec in configs:
     res = sf.analyze(model, masked_token_loss, task_a, task_b, codec=codec)
     is_sketch = isinstance(codec, sf.Sketch)
     m = compare(exact.scores, res.scores, res.stderr if is_sketch else None, top=TOP)
-    nbytes = sketch_bytes(codec) if is_sketch else res.context["rep_a"].nbytes_per_sample()
+    nbytes = sketch_bytes(codec) if is_sketch else res.context.rep_a.nbytes_per_sample()
     rows.append({"label": family, "setting": setting, "bytes_per_sample": nbytes,
                  "x_smaller_than_full_fp16": full_fp16 / nbytes, **m})
 table = pd.DataFrame(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -14,10 +15,15 @@ from ..layout import Layout
 class Exact:
     """Keep every sample's full-shape gradient g_i (fp32). Memory grows as n × |θ_attn|: small models only."""
 
-    name = "exact"
+    name: ClassVar[str] = "exact"
+    source: ClassVar[str] = "gradients"
+    two_pass: ClassVar[bool] = False
 
     def to_dict(self) -> dict:
         return {"codec": self.name}
+
+    def representation(self) -> "ExactContributions":
+        return ExactContributions()
 
 
 @dataclass
@@ -26,7 +32,8 @@ class ExactContributions:
 
     grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
-    def append(self, batch: dict[str, torch.Tensor]) -> None:
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        """Add one batch of per-sample gradients ``{param_name: [B, *shape]}``."""
         for name, g in batch.items():
             self.grads.setdefault(name, []).append(g)
 
@@ -44,7 +51,7 @@ class ExactContributions:
 
     def block(self, layout: Layout, layer: int, block: str) -> torch.Tensor | None:
         """Per-sample gradients of the distinct head blocks: ``[n, H_b, S]``; None when not collected."""
-        name = layout.head_blocks(layer, block)[0].param_name
+        name = layout.param_of(layer, block)
         if name not in self.grads:
             return None
         return layout.gather(layer, block, self.full(name))

@@ -9,7 +9,7 @@ again a factor pair with r pseudo-tokens, so every consumer treats both the same
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -23,7 +23,9 @@ class Factors:
     """Store per-sample factors; ``rank=None`` is lossless, ``rank=r`` keeps the best rank-r gradient."""
 
     rank: Optional[int] = None
-    name = "factors"
+    name: ClassVar[str] = "factors"
+    source: ClassVar[str] = "factors"
+    two_pass: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
@@ -31,6 +33,9 @@ class Factors:
 
     def to_dict(self) -> dict:
         return {"codec": self.name, "rank": self.rank}
+
+    def representation(self) -> "FactorContributions":
+        return FactorContributions(rank=self.rank)
 
 
 def truncate(A: torch.Tensor, D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +63,10 @@ class FactorContributions:
     D: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     n: int = 0
 
+    def add(self, captured: Any) -> None:
+        """Add one captured batch (a ``BatchFactors``: ``A``, ``D`` and ``lengths``)."""
+        self.append(captured.A, captured.D, captured.lengths)
+
     def append(self, A: dict[str, torch.Tensor], D: dict[str, torch.Tensor], lengths: torch.Tensor) -> None:
         """Add a batch: ``A[m] [B, T, in]``, ``D[m] [B, T, out]``; real tokens are kept, padding dropped."""
         pairs = {m: (A[m], D[m]) if self.rank is None else truncate(A[m], D[m], self.rank) for m in A}
@@ -80,7 +89,7 @@ class FactorContributions:
     def block(self, layout: Layout, layer: int, block: str) -> torch.Tensor | None:
         """Per-sample gradients of the distinct head blocks ``[n, H_b, S]``, formed block by block."""
         hbs = layout.head_blocks(layer, block)
-        module = hbs[0].param_name.rsplit(".", 1)[0]
+        module = hbs[0].module_name
         if module not in self.A:
             return None
         A, D = self.padded(module)

@@ -18,7 +18,7 @@ t̂ is the sketched term. This is exact for Gaussian maps and an upper bound for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -39,7 +39,9 @@ class Sketch:
     dtype: str = "fp16"
     variance_reduction: bool = True
     s: int = 1
-    name = "sketch"
+    name: ClassVar[str] = "sketch"
+    source: ClassVar[str] = "factors"
+    two_pass: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
@@ -57,6 +59,10 @@ class Sketch:
         return {"codec": self.name, "k": self.k, "kind": self.kind, "seed": self.seed, "dtype": self.dtype,
                 "variance_reduction": self.variance_reduction, "s": self.s}
 
+    def representation(self) -> None:
+        """None: sketches are written in pass 2, once both tasks' pass-1 statistics are known."""
+        return None
+
     def map(self, layer: int, block: int, head: int, size: int) -> SketchMap:
         return SketchMap(self.kind, self.k, size, self.seed, (layer, block, head), self.s)
 
@@ -64,6 +70,11 @@ class Sketch:
         """Stored bytes of one sketched head-block vector (+ 4 for the int8 scale)."""
         size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
         return self.k * size + (4 if self.dtype == "int8" else 0)
+
+    def bytes_per_block(self) -> int:
+        """Stored bytes of one sample's head block: the sketched vector and its two exact fp64 scalars
+        (‖x̃‖² and the cross term)."""
+        return self.bytes_per_vector() + 16
 
 
 def quantize(v: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -105,13 +116,3 @@ def decode(parts: Optional[list]) -> Optional[tuple[torch.Tensor, torch.Tensor, 
     vec = torch.cat([dequantize(q, s) for q, s, _, _ in parts])
     return vec, torch.cat([p[2].double() for p in parts]), torch.cat([p[3].double() for p in parts])
 
-    def nbytes_per_sample(self) -> float:
-        """Stored bytes per sample: sketched vectors (+ int8 scales) and the two exact fp64 scalars."""
-        if self.n == 0:
-            raise InputError("no samples sketched")
-        total = 0
-        for parts in self.parts.values():
-            for q, scale, norm2, cross in parts:
-                total += q.numel() * q.element_size() + (0 if scale is None else scale.numel() * 4)
-                total += norm2.numel() * 8 + cross.numel() * 8
-        return total / self.n

@@ -7,8 +7,8 @@ spawn_key=(layer, block, head))`` and moved to the data's device, so CPU and CUD
 * ``gaussian``: i.i.d. N(0, 1/k) entries (dense JL), generated in column chunks.
 * ``sjlt``: sparse JL / CountSketch with ``s`` non-zeros per column (default 1), one in each of ``s``
   row bands of height k/s, signs ±1/√s, laid out as cyclically shifted tiles drawn from a
-  counter-based hash of the block key (:mod:`sketchfisher.compress.hashing`). Never materialised:
-  ``index_add_`` on the CPU, a Triton gather kernel on GPUs (:mod:`sketchfisher.compress.kernels`),
+  counter-based hash of the block key (:mod:`sketchfisher.kernels.hashing`). Never materialised:
+  ``index_add_`` on the CPU, a Triton gather kernel on GPUs (:mod:`sketchfisher.kernels`),
   identical maps on both.
 * ``srht``: random signs, normalised Walsh–Hadamard transform over |S| padded to P = 2^⌈log2 |S|⌉,
   then k of the P rows sampled without replacement, scaled by √(P/k). k = P recovers x·y exactly.
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from . import kernels
-from .hashing import sjlt_codes
+from .. import kernels
+from ..kernels.hashing import sjlt_codes
 
 KINDS = ("gaussian", "sjlt", "srht")
 

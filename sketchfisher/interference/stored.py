@@ -1,31 +1,43 @@
-"""Stage 6 results scored from a sketch store (no model needed)."""
+"""Stage 6 results scored from a sketch store (no model needed).
+
+The store layer reads files (:class:`sketchfisher.store.StoreReader`); this module adds what a
+store means for Stage 6: :class:`Store` is a reader whose :meth:`Store.result` scores it.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from pathlib import Path
+from typing import Optional
 
-from ..sketching import prepare_all, sketch_provider
+from ..collect import prepare_all
+from ..store import StoreError, StoreReader
+from .context import ResultContext, SketchSource
+from .engine import DEFAULT_MAX_BYTES
 from .result import InterferenceResult
 
 TASKS = ("a", "b")
 
 
-def result_from_store(store: Any, max_bytes: Optional[int] = None) -> InterferenceResult:
-    """An :class:`InterferenceResult` whose sketches are read lazily, one (layer, block) at a time."""
-    from ..store import StoreError
+class Store(StoreReader):
+    """A complete sketch store. ``sf.open_store(path)`` returns one; it needs no model."""
 
-    stats = store.stats
-    counts = {t: store.manifest["tasks"][t]["samples"] for t in TASKS}
-    if {t: stats[t].count for t in TASKS} != counts:
-        raise StoreError(f"{store.path}: pass-1 statistics disagree with the manifest's sample counts {counts}")
-    preps = prepare_all(store.layout, stats["a"], stats["b"], store.cfg, store.codec)
-    sides = store.sides()
-    provider = sketch_provider(store.layout, sides["a"], sides["b"], preps, store.codec)
-    config = {"codec": store.codec.to_dict(), **store.manifest["score"], "store": str(store.path)}
-    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
-    return InterferenceResult(layout=store.layout, n_a=counts["a"], n_b=counts["b"], provider=provider, config=config,
-                              dtype=store.cfg.dtype,
-                              context={"cfg": store.cfg, "codec": store.codec, "stats_a": stats["a"],
-                                       "stats_b": stats["b"], "store": store}, **kw)
+    def context(self) -> ResultContext:
+        """Settings, statistics and lazily read sketches of the store."""
+        stats = self.stats
+        counts = {t: self.manifest["tasks"][t]["samples"] for t in TASKS}
+        if {t: stats[t].count for t in TASKS} != counts:
+            raise StoreError(f"{self.path}: pass-1 statistics disagree with the manifest's sample counts {counts}")
+        preps = prepare_all(self.layout, stats["a"], stats["b"], self.cfg, self.codec)
+        sides = self.sides()
+        return ResultContext(layout=self.layout, cfg=self.cfg, codec=self.codec, stats_a=stats["a"],
+                             stats_b=stats["b"], source=SketchSource(sides["a"], sides["b"], preps),
+                             store=str(self.path))
+
+    def result(self, max_bytes: Optional[int] = None) -> InterferenceResult:
+        """The Stage 6 result, scored lazily from the shards, one (layer, block) at a time."""
+        return InterferenceResult.from_context(self.context(), DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
 
 
+def open_store(path: str | Path) -> Store:
+    """Open a complete store for Stage 6 (no model needed)."""
+    return Store(path)

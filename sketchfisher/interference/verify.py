@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..collect import factor_pass, trainable_weights
+from ..compress import FactorContributions
 from ..errors import InputError
 from ..layout import Layout
 from ..metric import x_side, y_side
@@ -20,23 +22,15 @@ from ..metric import x_side, y_side
 
 def factor_subset(model: nn.Module, loss_fn: Any, batches: Iterable[Any], layout: Layout, wanted: set[int]):
     """Factors of the samples ``wanted`` (iteration order) only, and their positions in the subset."""
-    from ..capture import FactorCapture
-    from ..compress import FactorContributions
-
-    from ..collect import trainable_weights
-
-    modules = [n.rsplit(".", 1)[0] for n in trainable_weights(model, layout)]
     rep, positions, seen = FactorContributions(), {}, 0
-    with FactorCapture(model, modules) as cap:
-        for batch in batches:
-            bf = cap.run(loss_fn, batch)
-            sel = [b for b in range(bf.batch_size) if seen + b in wanted]
-            if sel:
-                idx = torch.tensor(sel)
-                rep.append({m: a[idx] for m, a in bf.A.items()}, {m: d[idx] for m, d in bf.D.items()}, bf.lengths[idx])
-                start = len(positions)
-                positions.update({seen + b: start + n for n, b in enumerate(sel)})
-            seen += bf.batch_size
+    for _, bf in factor_pass(model, loss_fn, batches, trainable_weights(model, layout)):
+        sel = [b for b in range(bf.batch_size) if seen + b in wanted]
+        if sel:
+            idx = torch.tensor(sel)
+            rep.append({m: a[idx] for m, a in bf.A.items()}, {m: d[idx] for m, d in bf.D.items()}, bf.lengths[idx])
+            start = len(positions)
+            positions.update({seen + b: start + n for n, b in enumerate(sel)})
+        seen += bf.batch_size
     missing = wanted - set(positions)
     if missing:
         raise InputError(f"samples {sorted(missing)[:5]} were not produced by the task (it yielded {seen})")
@@ -45,9 +39,9 @@ def factor_subset(model: nn.Module, loss_fn: Any, batches: Iterable[Any], layout
 
 def _sources(result: Any, cands: pd.DataFrame, model: Optional[nn.Module], loss_fn: Any, task_a: Any, task_b: Any):
     ctx = result.context
-    if "rep_a" in ctx:
+    if ctx is not None and ctx.exact is not None:
         identity = lambda n: {i: i for i in range(n)}  # noqa: E731
-        return ctx["rep_a"], identity(result.n_a), ctx["rep_b"], identity(result.n_b)
+        return ctx.rep_a, identity(result.n_a), ctx.rep_b, identity(result.n_b)
     if model is None or loss_fn is None or task_a is None or task_b is None:
         raise InputError("this result holds no exact representation; pass model=, loss_fn=, task_a= and task_b= "
                          "(the same batches, in the same order) so the candidates' gradients can be recomputed")
@@ -59,8 +53,10 @@ def _sources(result: Any, cands: pd.DataFrame, model: Optional[nn.Module], loss_
 def exact_candidate_scores(result: Any, cands: pd.DataFrame, **sources: Any) -> torch.Tensor:
     """Exact scores of the rows of ``cands`` (block, layer, head, sample_i, sample_j)."""
     layout, ctx = result.layout, result.context
-    cfg, stats_a = ctx["cfg"], ctx["stats_a"]
-    stats = stats_a.merge(ctx["stats_b"]) if cfg.normalizer == "pooled" else stats_a
+    if ctx is None:
+        raise InputError("this result carries no statistics (it was built from a bare score provider)")
+    cfg, stats_a = ctx.cfg, ctx.stats_a
+    stats = ctx.normalizer_stats()
     rep_a, pos_a, rep_b, pos_b = _sources(result, cands, **sources)
     out = torch.full((len(cands),), float("nan"), dtype=torch.float64)
     for (layer, block), group in cands.groupby(["layer", "block"], sort=False):
@@ -92,7 +88,7 @@ def verify_top(result: Any, k: int = 100, budget: int = 1000, *, model: Optional
     cands["sketch_rank"] = range(len(cands))
     exact = exact_candidate_scores(result, cands, model=model, loss_fn=loss_fn, task_a=task_a, task_b=task_b)
     cands["exact_score"] = exact.numpy()
-    key = -exact if result.config.get("variant") == "signed" else exact
+    key = result.cfg.spec.conflict_key(exact)
     order = torch.argsort(key.nan_to_num(nan=-float("inf")), descending=True, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from einops import rearrange
 
 from ..errors import LayoutError
 from .spec import Dims
@@ -51,6 +52,11 @@ class HeadBlock:
     start: int
     stop: int
     transposed: bool = False
+
+    @property
+    def module_name(self) -> str:
+        """The module that owns the weight (``param_name`` without its final ``.weight``)."""
+        return self.param_name.rsplit(".", 1)[0]
 
     @property
     def storage_axis(self) -> int:
@@ -163,9 +169,20 @@ class Layout:
         return HeadBlock(HeadKey(layer, block, head), shared.param_name, shared.param_shape,
                          shared.role, shared.start, shared.stop, shared.transposed)
 
+    def param_of(self, layer: int, block: str) -> str:
+        """The parameter that holds (layer, block)'s head blocks."""
+        return self.head_blocks(layer, block)[0].param_name
+
+    def module_of(self, layer: int, block: str) -> str:
+        """The module that owns (layer, block)'s weight."""
+        return self.head_blocks(layer, block)[0].module_name
+
     def gather(self, layer: int, block: str, t: torch.Tensor) -> torch.Tensor:
-        """Stack the distinct head blocks of ``t`` (``[n, *param_shape]``) into ``[n, H_b, |S|]``."""
-        parts = [hb.flat(t) for hb in self.head_blocks(layer, block)]
+        """Stack the distinct head blocks of ``t`` (``[n, *param_shape]``) into ``[n, H_b, |S|]``.
+
+        Each head block is a rectangle ``rows × cols`` of the stored weight; its entries are
+        flattened row-major (storage order)."""
+        parts = [rearrange(hb.select(t), "n rows cols -> n (rows cols)") for hb in self.head_blocks(layer, block)]
         return torch.stack(parts, dim=-2)
 
     @classmethod

@@ -9,8 +9,8 @@ from typing import Any
 from torch import nn
 
 from .._version import __version__
-from ..metric import ScoreConfig
 from ..layout import Layout
+from ..metric import ScoreConfig
 from .files import StoreMismatchError
 
 FORMAT_VERSION = 2  # 2: tiled-shift sjlt map (stores of version 1 used the earlier hash)
@@ -30,14 +30,9 @@ def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
             "params_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "weights_sha256": weights.hexdigest()}
 
 
-def score_dict(cfg: ScoreConfig) -> dict[str, Any]:
-    return {"variant": cfg.variant, "normalizer": cfg.normalizer, "eps": cfg.eps, "ridge_abs": cfg.ridge_abs,
-            "ridge_rel": cfg.ridge_rel, "dtype": str(cfg.dtype).replace("torch.", "")}
-
-
 def build_manifest(model: nn.Module, layout: Layout, codec: Any, cfg: ScoreConfig) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "library_version": __version__, "codec": codec.to_dict(),
-            "score": score_dict(cfg), "layout": layout.to_dict(), "model": model_fingerprint(model, layout),
+            "score": cfg.to_dict(), "layout": layout.to_dict(), "model": model_fingerprint(model, layout),
             "tasks": {}, "complete": False}
 
 

@@ -1,4 +1,7 @@
-"""Reopening a store without the model: statistics, lazily loaded sketches, Stage 6 results."""
+"""Reopening a store without the model: settings, statistics and lazily loaded sketches.
+
+Scoring a store is Stage 6's business: :class:`sketchfisher.interference.stored.Store` extends
+:class:`StoreReader` with ``result()``."""
 
 from __future__ import annotations
 
@@ -6,15 +9,14 @@ import functools
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-from ..compress import Sketch
+from ..compress import Sketch, codec_from_dict
 from ..compress.sketch import decode
+from ..errors import InputError
 from ..fisher import FisherStats
+from ..layout import Layout, layout_for
 from ..metric import ScoreConfig
-from ..layout import Layout
 from .files import StoreError, load_named, load_tensors, read_json
-from .manifest import FORMAT_VERSION, check_same
+from .manifest import FORMAT_VERSION, build_manifest, check_same
 
 TASKS = ("a", "b")
 
@@ -38,8 +40,8 @@ class LazySide:
         return decode(parts)
 
 
-class Store:
-    """A complete sketch store. ``sf.open_store(path)`` returns one; it needs no model."""
+class StoreReader:
+    """A complete sketch store's files: manifest, settings, statistics and shards (no model needed)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -50,13 +52,13 @@ class Store:
         if not self.manifest.get("complete"):
             raise StoreError(f"{self.path}: collection has not finished; rerun the same collect command to resume")
         self.layout = Layout.from_dict(self.manifest["layout"])
-        codec = dict(self.manifest["codec"])
-        if codec.pop("codec", None) != "sketch":
-            raise StoreError(f"{self.path}: unknown codec {self.manifest['codec']!r}")
-        self.codec = Sketch(**codec)
-        score = dict(self.manifest["score"])
-        score["dtype"] = getattr(torch, score["dtype"])
-        self.cfg = ScoreConfig(**score)
+        try:
+            self.codec = codec_from_dict(self.manifest["codec"])
+            self.cfg = ScoreConfig.from_dict(self.manifest["score"])
+        except InputError as exc:
+            raise StoreError(f"{self.path}: manifest settings are invalid: {exc}") from None
+        if not isinstance(self.codec, Sketch):
+            raise StoreError(f"{self.path}: stores hold sketches, the manifest names codec {self.manifest['codec']!r}")
         self.shards = {t: self._shards(t) for t in TASKS}
 
     def _shards(self, task: str) -> list[Path]:
@@ -72,19 +74,9 @@ class Store:
 
     def check(self, model: Any = None, codec: Any = None, cfg: Optional[ScoreConfig] = None) -> None:
         """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
-        from .manifest import build_manifest
-
         if model is not None:
-            from ..layout import layout_for
-
             wanted = build_manifest(model, layout_for(model), codec or self.codec, cfg or self.cfg)
             check_same(self.manifest, wanted, f"store {self.path}")
-
-    def result(self, max_bytes: Optional[int] = None):
-        """The Stage 6 result, scored lazily from the shards (see :mod:`sketchfisher.interference.stored`)."""
-        from ..interference.stored import result_from_store  # Stage 6 sits above the store layer
-
-        return result_from_store(self, max_bytes)
 
     def sides(self) -> dict[str, LazySide]:
         return {t: LazySide(self.shards[t]) for t in TASKS}
@@ -99,7 +91,3 @@ class Store:
                 "shards": {t: len(self.shards[t]) for t in TASKS}, "sketch_bytes": nbytes,
                 "bytes_per_sample": nbytes / max(1, samples)}
 
-
-def open_store(path: str | Path) -> Store:
-    """Open a complete store for Stage 6 (no model needed)."""
-    return Store(path)

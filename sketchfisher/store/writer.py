@@ -24,22 +24,20 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..capture import FactorCapture
 from ..capture.oracle import LossFn
-from ..collect import trainable_weights
+from ..collect import factor_pass, fold_factors, prepare_all, sketch_batches, trainable_weights
+from ..collect.sketches import check_reiterable
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
 from ..fisher import FisherStats
-from ..metric import ScoreConfig
 from ..layout import BLOCKS, Layout
-from ..progress import progress
-from ..sketching import prepare_all, sketch_batches
+from ..metric import ScoreConfig
 from .files import atomic_save_tensors, atomic_write_json, load_tensors, read_json, read_metadata
 from .manifest import build_manifest, check_same
 
@@ -89,18 +87,14 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
         stats, done = FisherStats.from_tensors(tensors, meta), int(meta["batches_done"])
         logger.info("task %s: resuming pass 1 after %d batches", task, done)
     names = trainable_weights(model, layout)
-    modules = [n.rsplit(".", 1)[0] for n in names]
-    index = -1
-    with FactorCapture(model, modules) as cap:
-        for index, batch in enumerate(progress(batches, desc=f"pass 1 {task}", enabled=show_progress)):
-            if index < done or not ranks.mine(index):
-                continue
-            bf = cap.run(loss_fn, batch)
-            for module, name in zip(modules, names):
-                stats.update({name: bf.grad(module)})
-            if (index + 1) % checkpoint_every == 0:
-                tensors, meta = stats.to_tensors()
-                atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1)})
+    seen = Counter()
+    for index, bf in factor_pass(model, loss_fn, _counted(batches, seen), names, desc=f"pass 1 {task}",
+                                 show_progress=show_progress, skip=lambda i: i < done or not ranks.mine(i)):
+        fold_factors(stats, bf, names)
+        if (index + 1) % checkpoint_every == 0:
+            tensors, meta = stats.to_tensors()
+            atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1)})
+    index = seen.batches - 1
     if index + 1 < done:
         raise InputError(f"task {task} yielded {index + 1} batches, fewer than the {done} recorded in {partial}")
     if ranks.world > 1:
@@ -115,15 +109,28 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
     return stats
 
 
+@dataclass
+class Counter:
+    """How many batches a task yielded (including those skipped)."""
+
+    batches: int = 0
+
+
+def _counted(batches: Iterable[Any], counter: Counter) -> Iterator[Any]:
+    for batch in batches:
+        counter.batches += 1
+        yield batch
+
+
 def _check_space(root: Path, layout: Layout, codec: Sketch, samples: int, max_bytes: int | None) -> None:
     blocks = sum(len(layout.head_blocks(layer, block)) for layer in range(layout.num_layers) for block in BLOCKS)
-    planned = samples * blocks * (codec.bytes_per_vector() + 16)
+    planned = samples * blocks * codec.bytes_per_block()
     already = sum(p.stat().st_size for p in (root / "pass2").rglob("*.safetensors"))
     needed = max(0, planned - already)
     free = shutil.disk_usage(root).free
     if max_bytes is not None and planned > max_bytes:
         raise InputError(f"planned sketch store is {planned:,} bytes ({samples} samples x {blocks} head blocks x "
-                         f"{codec.bytes_per_vector() + 16} bytes), over max_bytes={max_bytes:,}")
+                         f"{codec.bytes_per_block()} bytes), over max_bytes={max_bytes:,}")
     if needed > free:
         raise InputError(f"planned sketch store needs {needed:,} more bytes but {root} has {free:,} free")
 
@@ -140,9 +147,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     """
     if not isinstance(codec, Sketch):
         raise InputError(f"stores hold sketches; got codec {codec!r} (use sf.Sketch(...))")
-    for name, task in (("task_a", task_a), ("task_b", task_b)):
-        if iter(task) is task:
-            raise InputError(f"{name} is a one-shot iterator; a store needs two passes, pass a list or a DataLoader")
+    check_reiterable(task_a=task_a, task_b=task_b)
     root = Path(path)
     ranks = Ranks.current()
     wanted = build_manifest(model, layout, codec, cfg)
@@ -168,8 +173,9 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
         folder = root / "pass2" / t
         done = {p.name for p in folder.glob("*.safetensors")}
         it = sketch_batches(model, loss_fn, tasks[t], layout, codec, preps, t, stats["a"].count, cfg,
-                            skip=lambda i: shard_name(i) in done or not ranks.mine(i))
-        for index, size, blocks in progress(it, desc=f"pass 2 {t}", enabled=show_progress):
+                            skip=lambda i: shard_name(i) in done or not ranks.mine(i), desc=f"pass 2 {t}",
+                            show_progress=show_progress)
+        for index, size, blocks in it:
             tensors = {}
             for (layer, block), (sk, norm2, cross) in blocks.items():
                 q, scale = quantize(sk, codec.dtype)

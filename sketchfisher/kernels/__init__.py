@@ -1,14 +1,16 @@
-"""Triton kernels for CUDA tensors: the fused sjlt side sketch (pass 2) and the fused pass-1 statistics.
+"""GPU kernels (Triton, CUDA tensors): the fused sjlt side sketch (pass 2) and the fused pass-1 statistics.
 
-Both are optional accelerations of torch code that computes the same thing on any device
-(:func:`sketchfisher.sketching.side_vector` + :class:`~sketchfisher.compress.sketchmaps.SketchMap`,
+A leaf package: it depends on torch (and Triton where present) only, so both the codecs
+(:mod:`sketchfisher.compress`) and the Fisher statistics (:mod:`sketchfisher.fisher`) build on it.
+Both kernels are optional accelerations of torch code that computes the same thing on any device
+(:func:`sketchfisher.compress.sketch_scores.side_vector` + :class:`~sketchfisher.compress.sketchmaps.SketchMap`,
 :meth:`sketchfisher.fisher.FisherStats.update`); ``tests/test_gpu.py`` checks them against it.
 
 ``sketch_heads`` reads each head block of a per-sample gradient once, straight out of the whole
 module's gradient ``[B, out, in]`` (a head block is a rectangle of it), and in the same pass forms
 the variant's side vector ``v = f(g)·w`` (f = identity, square or abs; ``w`` the per-entry weight),
 its cross term ``Σ v·other``, the centred ``ṽ = v − centre``, ``‖ṽ‖²`` and the sjlt sketch of
-``ṽ``. The sjlt map's tiled-shift structure (:mod:`sketchfisher.compress.hashing`) makes each output
+``ṽ``. The sjlt map's tiled-shift structure (:mod:`sketchfisher.kernels.hashing`) makes each output
 row a gather: output row ``b·m + j`` of tile ``t`` reads entry ``(j − c_{b,t}) mod m``, so a program
 loads a rotated, coalesced tile and accumulates into registers: no scatter, no atomics, and partial
 sums per column chunk are added in a fixed order (bitwise reproducible).
@@ -27,8 +29,7 @@ import torch
 from .hashing import SHIFT_TWEAK
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w
-TRANSFORM_FNS = {"identity": lambda g: g, "square": torch.square, "abs": torch.abs}  # the same f in torch
+TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w (metric.variants)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

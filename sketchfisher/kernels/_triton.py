@@ -1,4 +1,4 @@
-"""The Triton kernels behind :mod:`sketchfisher.compress.kernels` (imported only where Triton is)."""
+"""The Triton kernels behind :mod:`sketchfisher.kernels` (imported only where Triton is)."""
 
 import triton
 import triton.language as tl

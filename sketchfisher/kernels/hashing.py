@@ -16,7 +16,7 @@ Why this structure: two entries of one tile never share a row and two entries of
 share a row with probability exactly 1/m (the shifts are independent and uniform), signs are
 independent per (band, entry), so ``⟨R x, R y⟩`` is unbiased with variance at most that of an
 ordinary CountSketch. And a kernel computes every output row from one coalesced, rotated read of a
-tile with no scatter and no atomics (:mod:`sketchfisher.compress.kernels`). Nothing is stored or
+tile with no scatter and no atomics (:mod:`sketchfisher.kernels`). Nothing is stored or
 drawn from a generator, so the CPU code here and the CUDA kernel give the same map.
 """
 

@@ -1,0 +1,12 @@
+"""Collection passes: run a model over a task's batches and keep what a codec and the Fisher need.
+
+:mod:`.passes` holds the one capture loop every pass uses; :mod:`.stage1` the in-memory collection
+(representation + statistics); :mod:`.sketches` pass 2 of the sketch codec.
+"""
+
+from .passes import factor_pass, fold_factors, gradient_pass, module_of, trainable_weights
+from .sketches import FusedSides, collect_sketches, prepare_all, sketch_batches
+from .stage1 import collect
+
+__all__ = ["FusedSides", "collect", "collect_sketches", "factor_pass", "fold_factors", "gradient_pass", "module_of",
+           "prepare_all", "sketch_batches", "trainable_weights"]

@@ -1,0 +1,75 @@
+"""One collection pass: run the model over a task's batches and hand each batch's capture to a consumer.
+
+Every pass in the library goes through here: in-memory collection (:mod:`.stage1`), pass 2 of
+the sketches (:mod:`.sketches`), the store writer, exact re-scoring of candidates and the
+benchmarks. A pass is (model, loss, batches, weights) plus what to capture per batch: token
+factors from batched hooks (:func:`factor_pass`) or full per-sample gradients from the autograd
+oracle (:func:`gradient_pass`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..capture import BatchFactors, FactorCapture, linear_modules, per_sample_gradients
+from ..capture.oracle import LossFn
+from ..errors import InputError
+from ..fisher import FisherStats
+from ..layout import Layout
+from ..progress import progress
+
+logger = logging.getLogger(__name__)
+Skip = Callable[[int], bool]
+
+
+def trainable_weights(model: nn.Module, layout: Layout, modules: str = "attention") -> list[str]:
+    """Trainable weight names to collect: the layout's (``"attention"``) or every linear map (``"all"``)."""
+    if modules == "attention":
+        names = list(layout.params)
+    elif modules == "all":
+        names = list(dict.fromkeys([*layout.params, *(m + ".weight" for m in linear_modules(model))]))
+    else:
+        raise InputError(f"modules must be 'attention' or 'all', got {modules!r}")
+    named = dict(model.named_parameters())
+    frozen = [n for n in names if not named[n].requires_grad]
+    if frozen:
+        logger.info("not collecting %d frozen parameters (their scores are NaN): %s", len(frozen), frozen[:3])
+    names = [n for n in names if named[n].requires_grad]
+    if not names:
+        raise InputError("every weight to collect is frozen (requires_grad=False); nothing to score")
+    return names
+
+
+def module_of(weight: str) -> str:
+    """The module that owns a weight parameter (``blocks.0.attn.q.weight`` → ``blocks.0.attn.q``)."""
+    return weight.rsplit(".", 1)[0]
+
+
+def factor_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weights: list[str], *,
+                skip: Skip = lambda index: False, desc: str = "pass", show_progress: bool = False,
+                total: int | None = None) -> Iterator[tuple[int, BatchFactors]]:
+    """``(batch index, factors)`` of every batch whose index ``skip`` does not reject, with hooks on
+    the modules owning ``weights`` (entered once for the whole pass)."""
+    modules = list(dict.fromkeys(module_of(w) for w in weights))
+    with FactorCapture(model, modules) as cap:
+        for index, batch in enumerate(progress(batches, desc=desc, enabled=show_progress, total=total)):
+            if skip(index):
+                continue
+            yield index, cap.run(loss_fn, batch)
+
+
+def gradient_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weights: list[str], *,
+                  desc: str = "pass", show_progress: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """``(batch index, {weight: per-sample gradients [B, *shape]})`` from the autograd oracle."""
+    grads = per_sample_gradients(model, loss_fn, batches, weights)
+    yield from enumerate(progress(grads, desc=desc, enabled=show_progress))
+
+
+def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str]) -> None:
+    """Fold a batch into ``stats``, one module's per-sample gradients at a time (bounded memory)."""
+    for weight in weights:
+        stats.update({weight: captured.grad(module_of(weight))})

@@ -1,0 +1,157 @@
+"""Pass 2 of the sketch codec: sketch every sample's side vectors once both tasks' statistics are known.
+
+Pass 1 (:func:`sketchfisher.collect.collect`, or the store writer) accumulates exact per-task
+statistics (Welford of g², Σ|g|, Σg). :func:`prepare_all` turns them into each (layer, block)'s
+:class:`~sketchfisher.compress.sketch_scores.BlockPrep`; pass 2 runs the model again, forms each
+sample's head-block gradients from its factors (one block at a time), turns them into the
+variant's i-side (task A) or j-side (task B) vectors, and sketches them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..capture.oracle import LossFn
+from ..compress import Sketch, SketchSide
+from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector, sketch_sides
+from ..errors import InputError
+from ..fisher import FisherStats
+from ..layout import BLOCKS, Layout, block_index
+from ..metric import MEAN_OF, ScoreConfig
+from ..progress import progress
+from .passes import Skip, factor_pass, trainable_weights
+
+Preps = dict[tuple[int, str], Optional[BlockPrep]]
+
+
+def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: FisherStats,
+            norm_stats: FisherStats, cfg: ScoreConfig, codec: Sketch) -> Optional[BlockPrep]:
+    """Pass-1 quantities of one (layer, block); ``norm_stats`` holds the normaliser Î (A, or A ∪ B)."""
+    fisher = norm_stats.block(layout, layer, block, "fisher")
+    if fisher is None:
+        return None
+    get = lambda stats, what: stats.block(layout, layer, block, what)  # noqa: E731
+    vr = codec.variance_reduction
+    return prepare_block(fisher, get(stats_a, "fisher"),
+                         get(stats_a, MEAN_OF[cfg.spec.i_side]) if vr else None,
+                         get(stats_b, MEAN_OF[cfg.spec.j_side]) if vr else None,
+                         get(stats_a, "mean_abs") if vr else None, get(stats_b, "mean_abs") if vr else None,
+                         stats_a.count, stats_b.count, cfg, codec)
+
+
+def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch) -> Preps:
+    """:func:`prepare` for every (layer, block)."""
+    norm_stats = stats_a.merge(stats_b) if cfg.normalizer == "pooled" else stats_a  # merged once
+    return {(layer, block): prepare(layout, layer, block, stats_a, stats_b, norm_stats, cfg, codec)
+            for layer in range(layout.num_layers) for block in BLOCKS}
+
+
+def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
+                   preps: Preps, side: Side, count: int, cfg: ScoreConfig, skip: Skip = lambda i: False,
+                   desc: str = "pass 2", show_progress: bool = False) -> Iterator[tuple[int, int, dict]]:
+    """Pass 2 over one task, batch by batch: ``(batch index, batch size, {(layer, block): (sketches
+    [B, H_b, k], ‖x̃‖² [B, H_b], cross [B, H_b])})``. Batches for which ``skip(index)`` is true are
+    not run (resumption) and yield nothing. ``count`` is task A's sample count."""
+    keys = [key for key, prep in preps.items() if prep is not None]
+    weights = sorted({layout.param_of(*key) for key in keys})
+    fused = FusedSides(layout, codec, cfg, side)
+    for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
+        out = {}
+        last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
+        for layer, block in keys:
+            prep = preps[(layer, block)]
+            hbs = layout.head_blocks(layer, block)
+            module = hbs[0].module_name
+            if fused.applies(bf.A[module]):
+                if last[0] != module:
+                    last = (None, None)  # free the previous module's gradient first
+                    last = (module, bf.grad(module))
+                out[(layer, block)] = fused(last[1], layer, block, prep)
+                continue
+            g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
+            v = side_vector(g, prep, side, count, cfg)
+            out[(layer, block)] = sketch_sides(v, prep, side, codec, layer, block_index(block))
+        yield index, bf.batch_size, out
+
+
+class FusedSides:
+    """Pass 2 for sjlt on CUDA in one Triton kernel per (layer, block): the side vectors, their cross
+    terms and norms and the sketches, read straight out of the module's per-sample gradient
+    (:func:`sketchfisher.kernels.sketch_heads`). Computes what the torch path of
+    :func:`sketch_batches` computes (``tests/test_gpu.py``); leave-one-out task-A sides and
+    non-fp32 score dtypes take the torch path."""
+
+    def __init__(self, layout: Layout, codec: Sketch, cfg: ScoreConfig, side: Side):
+        self.layout, self.codec, self.cfg, self.side = layout, codec, cfg, side
+        self.enabled = (codec.kind == "sjlt" and cfg.dtype == torch.float32 and kernels.available()
+                        and not (side == "a" and cfg.normalizer == "loo"))
+        self._geometry: dict = {}
+
+    def applies(self, factor: torch.Tensor) -> bool:
+        return self.enabled and factor.is_cuda
+
+    def geometry(self, layer: int, block: str, device: torch.device):
+        """Hash keys ``[H_b, 2]``, element offsets ``[H_b]``, size, columns and row stride of the head blocks."""
+        if (layer, block) not in self._geometry:
+            hbs = self.layout.head_blocks(layer, block)
+            hb = hbs[0]
+            size, cols_p = hb.numel, hb.param_shape[1]
+            if hb.storage_axis == 0:
+                offsets, cols = [b.start * cols_p for b in hbs], cols_p
+            else:
+                offsets, cols = [b.start for b in hbs], hb.width
+            keys = [self.codec.map(layer, block_index(block), h, size).hash_key() for h in range(len(hbs))]
+            self._geometry[(layer, block)] = (kernels.to_device(torch.tensor(keys, dtype=torch.int64), device),
+                                              kernels.to_device(torch.tensor(offsets, dtype=torch.int64), device),
+                                              size, cols, cols_p)
+        return self._geometry[(layer, block)]
+
+    def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
+        keys, offsets, size, cols, row_stride = self.geometry(layer, block, grad.device)
+        return kernels.sketch_heads(grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
+                                    transform=getattr(self.cfg.spec, "i_side" if self.side == "a" else "j_side"),
+                                    weight=prep.weight(self.side), centre=prep.centre(self.side),
+                                    other=prep.other(self.side))
+
+
+def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
+                preps: Preps, side: Side, count: int, cfg: ScoreConfig, desc: str, show_progress: bool) -> SketchSide:
+    """Pass 2 over one task in memory: every sample's sketched ``side`` vectors."""
+    out = SketchSide(codec)
+    for _, size, blocks in sketch_batches(model, loss_fn, batches, layout, codec, preps, side, count, cfg,
+                                          desc=desc, show_progress=show_progress):
+        for key, (sk, norm2, cross) in blocks.items():
+            out.add(key, sk, norm2, cross)
+        out.n += size
+    return out
+
+
+def check_reiterable(**tasks: Iterable[Any]) -> None:
+    """Two-pass collection needs tasks it can iterate twice (a list or a DataLoader, not a generator)."""
+    for name, task in tasks.items():
+        if iter(task) is task:
+            raise InputError(f"{name} is a one-shot iterator; Sketch needs two passes, pass a list or a DataLoader")
+
+
+def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any],
+                     layout: Layout, codec: Sketch, cfg: ScoreConfig, stats_a: FisherStats, stats_b: FisherStats,
+                     show_progress: bool = False) -> tuple[SketchSide, SketchSide, Preps]:
+    """Pass 2 for both tasks given their pass-1 statistics; returns the two sides and the preparations."""
+    check_reiterable(task_a=task_a, task_b=task_b)
+    preps = prepare_all(layout, stats_a, stats_b, cfg, codec)
+    side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "sketch A",
+                         show_progress)
+    side_b = sketch_task(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count, cfg, "sketch B",
+                         show_progress)
+    if side_a.n != stats_a.count or side_b.n != stats_b.count:
+        raise InputError(f"pass 2 saw {side_a.n}/{side_b.n} samples but pass 1 saw {stats_a.count}/{stats_b.count}: "
+                         "the tasks must yield the same batches on every pass")
+    return side_a, side_b, preps
+
+
+__all__ = ["FusedSides", "Preps", "check_reiterable", "collect_sketches", "prepare", "prepare_all", "sketch_batches",
+           "sketch_task", "trainable_weights"]

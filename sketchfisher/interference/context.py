@@ -1,0 +1,109 @@
+"""What a result was computed from, typed: settings, statistics and the per-sample representation.
+
+One :class:`ResultContext` per result, built the same way for in-memory (``sf.analyze``) and
+store-backed (``sf.open_store(...).result()``) results; :func:`provider_for` turns it into the
+engine's score provider, so both kinds of result score through one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..compress import Codec, Representation, SketchSide
+from ..compress.sketch_scores import BlockPrep, SketchBlock, finite_population_correction
+from ..fisher import FisherStats
+from ..layout import Layout
+from ..metric import ExactBlock, Provider, ScoreConfig
+
+
+@dataclass(frozen=True)
+class ExactSource:
+    """Exact per-sample representations of both tasks (``sf.Exact`` / ``sf.Factors``)."""
+
+    rep_a: Representation
+    rep_b: Representation
+
+
+@dataclass(frozen=True)
+class SketchSource:
+    """Both tasks' sketched sides (in memory, or read lazily from a store) and their preparations."""
+
+    side_a: Any  # SketchSide or a store's lazy side: ``get((layer, block))``
+    side_b: Any
+    preps: dict[tuple[int, str], Optional[BlockPrep]]
+
+
+@dataclass(frozen=True)
+class ResultContext:
+    """Everything a result was computed from. ``source`` is an :class:`ExactSource` or a :class:`SketchSource`;
+    ``store`` the store directory when the result is read from one."""
+
+    layout: Layout
+    cfg: ScoreConfig
+    codec: Codec
+    stats_a: FisherStats
+    stats_b: FisherStats
+    source: ExactSource | SketchSource
+    store: Optional[str] = None
+
+    @property
+    def exact(self) -> Optional[ExactSource]:
+        return self.source if isinstance(self.source, ExactSource) else None
+
+    @property
+    def rep_a(self) -> Optional[Representation]:
+        return None if self.exact is None else self.exact.rep_a
+
+    @property
+    def rep_b(self) -> Optional[Representation]:
+        return None if self.exact is None else self.exact.rep_b
+
+    def normalizer_stats(self) -> FisherStats:
+        """The statistics Î comes from: task A's, or A ∪ B's for ``normalizer="pooled"``."""
+        return self.stats_a.merge(self.stats_b) if self.cfg.normalizer == "pooled" else self.stats_a
+
+    def config(self) -> dict[str, Any]:
+        """The settings as one flat JSON-serialisable dict (codec, score options, layout, store)."""
+        out = {"codec": self.codec.to_dict(), **self.cfg.to_dict(), "layout": self.layout.model_type}
+        if self.store is not None:
+            out["store"] = self.store
+        return out
+
+
+def provider_for(ctx: ResultContext) -> Provider:
+    """The engine's (layer, block) → scores provider for a context."""
+    if ctx.exact is not None:
+        return exact_provider(ctx)
+    return sketch_provider(ctx)
+
+
+def exact_provider(ctx: ResultContext) -> Provider:
+    """Exact block scores from two exact representations (Exact or Factors)."""
+    stats, layout = ctx.normalizer_stats(), ctx.layout
+
+    def provider(layer: int, block: str) -> Optional[ExactBlock]:
+        ga, gb = ctx.rep_a.block(layout, layer, block), ctx.rep_b.block(layout, layer, block)
+        fisher = stats.fisher_block(layout, layer, block)
+        if ga is None or gb is None or fisher is None:
+            return None
+        return ExactBlock.build(ga, gb, fisher, ctx.stats_a.count, ctx.cfg)
+    return provider
+
+
+def sketch_provider(ctx: ResultContext) -> Provider:
+    """Sketched block scores with standard errors from the two sides' sketches."""
+    src, codec, layout = ctx.source, ctx.codec, ctx.layout
+
+    def provider(layer: int, block: str) -> Optional[SketchBlock]:
+        prep = src.preps.get((layer, block))
+        a, b = src.side_a.get((layer, block)), src.side_b.get((layer, block))
+        if prep is None or a is None or b is None:
+            return None
+        fpc = finite_population_correction(codec, layout.head_blocks(layer, block)[0].numel)
+        return SketchBlock(*a, *b, prep.e.double(), codec.k, fpc)
+    return provider
+
+
+__all__ = ["ExactSource", "ResultContext", "SketchSide", "SketchSource", "exact_provider", "provider_for",
+           "sketch_provider"]
