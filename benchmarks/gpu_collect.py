@@ -7,6 +7,9 @@ plain forward+backward; pass 1 (factor capture + Welford/Σ|g|/Σg statistics); 
 Sketch(sjlt, k=256); pass 2 with lossless Factors kept on the GPU. Peak GPU memory per phase.
 
     python3 benchmarks/gpu_collect.py [--layers 4] [--tokens 512] [--batch 4] [--steps 4] [--repeats 3] [--profile]
+
+``--device cpu`` with ``--hidden/--heads/--intermediate/--vocab`` runs the same phases on a small
+shape (the test suite does, so a refactor cannot break the script silently).
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ import torch
 import transformers as hf
 
 import sketchfisher as sf
-from sketchfisher.capture import FactorCapture
+from sketchfisher.collect import factor_pass, fold_factors, prepare_all, sketch_batches
 from sketchfisher.compress import FactorContributions
 from sketchfisher.fisher import FisherStats
-from sketchfisher.collect import prepare_all, sketch_batches
 
 
 def lm_loss(model, batch):
@@ -37,33 +39,38 @@ def lm_loss(model, batch):
     return ce.view(ids.shape[0], -1).mean(1)
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, device):
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
 
 def run(kv_heads: int, args) -> list:
-    config = hf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
-                            num_attention_heads=32, num_key_value_heads=kv_heads, vocab_size=32000,
+    device = torch.device(args.device)
+    config = hf.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                            num_attention_heads=args.heads, num_key_value_heads=kv_heads, vocab_size=args.vocab,
                             max_position_embeddings=max(2048, args.tokens))
     torch.manual_seed(0)
-    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes for deep models
+    with device:  # random init on the GPU: seconds instead of minutes for deep models
         model = hf.LlamaForCausalLM(config).to(dtype=torch.bfloat16).eval()
     layout = sf.layout_for(model)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 32000, (args.batch, args.tokens), device="cuda", generator=gen)}
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, args.vocab, (args.batch, args.tokens), device=device, generator=gen)}
                for _ in range(args.steps)]
     names = list(layout.params)
-    modules = [n.rsplit(".", 1)[0] for n in names]
+    modules = list(dict.fromkeys(layout.head_blocks(layer, b)[0].module_name
+                                 for layer in range(layout.num_layers) for b in sf.BLOCKS))
 
     def plain():
         for batch in batches:
@@ -72,11 +79,8 @@ def run(kv_heads: int, args) -> list:
 
     def pass1():  # what sf.collect / the store writer run: one capture, one FisherStats, every batch
         stats = FisherStats(dtype=torch.float32)
-        with FactorCapture(model, modules) as cap:
-            for batch in batches:
-                bf = cap.run(lm_loss, batch)
-                for module, name in zip(modules, names):
-                    stats.update({name: bf.grad(module)})
+        for _, bf in factor_pass(model, lm_loss, batches, names):
+            fold_factors(stats, bf, names)
         return stats
 
     stats = pass1()
@@ -90,22 +94,17 @@ def run(kv_heads: int, args) -> list:
 
     def pass2_factors():
         rep = FactorContributions()
-        with FactorCapture(model, modules) as cap:
-            for batch in batches:
-                bf = cap.run(lm_loss, batch)
-                rep.append(bf.A, bf.D, bf.lengths)
+        for _, bf in factor_pass(model, lm_loss, batches, names):
+            rep.add(bf)
 
     def capture_only():  # the share of pass 1 and 2 that is factor capture (forward, backward to module outputs)
-        with FactorCapture(model, modules) as cap:
-            for batch in batches:
-                cap.run(lm_loss, batch)
+        for _ in factor_pass(model, lm_loss, batches, names):
+            pass
 
     def capture_grads():  # capture + every module's per-sample gradients (bmm), nothing else
-        with FactorCapture(model, modules) as cap:
-            for batch in batches:
-                bf = cap.run(lm_loss, batch)
-                for module in modules:
-                    bf.grad(module)
+        for _, bf in factor_pass(model, lm_loss, batches, names):
+            for module in modules:
+                bf.grad(module)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -127,7 +126,7 @@ def run(kv_heads: int, args) -> list:
                      ("pass 2 Sketch(sjlt, k=256)", pass2_sketch), ("pass 2 Factors (lossless)", pass2_factors),
                      ("(part) factor capture only", capture_only),
                      ("(part) capture + per-sample gradients", capture_grads)):
-        sec, peak = timed(fn, args.repeats)
+        sec, peak = timed(fn, args.repeats, device)
         rows.append((f"{kv_heads} kv heads", name, 1000 * sec / (args.batch * args.steps), peak))
     return rows
 
@@ -141,13 +140,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="batches per timed run (statistics and maps persist across them)")
     p.add_argument("--kv", type=int, nargs="+", default=[32, 8], help="key/value head counts to run")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of each phase first")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--vocab", type=int, default=32000)
     args = p.parse_args()
     rows = []
     for kv in args.kv:
         rows += run(kv, args)
-        torch.cuda.empty_cache()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, Llama-7B layer shapes x {args.layers}, "
-          f"bf16, T={args.tokens}, batch {args.batch}, {args.steps} batches per run, median of {args.repeats}")
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"# {name}, torch {torch.__version__}, hidden {args.hidden}, {args.heads} heads, intermediate "
+          f"{args.intermediate} x {args.layers} layers, bf16, T={args.tokens}, batch {args.batch}, {args.steps} batches per run, median of {args.repeats}")
     print("| model | phase | ms/sample | x plain | peak GiB |\n| --- | --- | --- | --- | --- |")
     base = {}
     for model, phase, ms, peak in rows:

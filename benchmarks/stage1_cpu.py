@@ -45,9 +45,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--layers", type=int, default=12)
     args = p.parse_args()
     torch.manual_seed(0)
-    model = hf.GPT2LMHeadModel(hf.GPT2Config()).eval()
+    model = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=args.layers)).eval()
     layout = sf.layout_for(model)
     ids = torch.randint(0, model.config.vocab_size, (args.samples, args.tokens))
     batches = [{"input_ids": ids[i:i + args.batch]} for i in range(0, args.samples, args.batch)]

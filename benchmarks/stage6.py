@@ -76,41 +76,42 @@ def timed(fn):
     return time.perf_counter() - start, value
 
 
-def part1() -> None:
+def part1(n: int = 100, n_old: int = 10) -> None:
     layout = gpt2_layout()
     print(f"# Stage 6 on CPU ({torch.get_num_threads()} threads), GPT-2-small layout, torch {torch.__version__}")
     print("| what | samples | seconds | per pair (ms) |\n| --- | --- | --- | --- |")
     rows = []
     for label, dtype in (("exact engine, fp64 contraction", torch.float64),
                          ("exact engine, fp32 contraction", torch.float32)):
-        res, _ = exact_result(layout, 100, dtype)
+        res, _ = exact_result(layout, n, dtype)
         sec, _ = timed(lambda: res.materialize())
-        rows.append((label, "100 x 100", sec, 1000 * sec / 1e4))
-    res = sketch_result(layout, 100)
+        rows.append((label, f"{n} x {n}", sec, 1000 * sec / n**2))
+    res = sketch_result(layout, n)
     sec, _ = timed(lambda: res.materialize())
-    rows.append(("sketch engine, k = 256", "100 x 100", sec, 1000 * sec / 1e4))
+    rows.append(("sketch engine, k = 256", f"{n} x {n}", sec, 1000 * sec / n**2))
     # predecessor vs ours on 10 x 10: full-shape per-sample tensors of every attention weight
     g = torch.Generator().manual_seed(1)
     shapes = {hb.param_name: hb.param_shape for layer in range(layout.num_layers) for block in sf.BLOCKS
               for hb in layout.head_blocks(layer, block)}
-    full_a = [{n: torch.randn(s, generator=g).square() for n, s in shapes.items()} for _ in range(10)]
-    full_b = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(10)]
-    fisher = {n: torch.stack([fa[n] for fa in full_a]).mean(0) for n in shapes}
+    full_a = [{p: torch.randn(s, generator=g).square() for p, s in shapes.items()} for _ in range(n_old)]
+    full_b = [{p: torch.randn(s, generator=g) for p, s in shapes.items()} for _ in range(n_old)]
+    fisher = {p: torch.stack([fa[p] for fa in full_a]).mean(0) for p in shapes}
     sec_old, _ = timed(lambda: predecessor_loop(layout, full_a, full_b, fisher))
-    rows.append(("predecessor per-pair Python loop", "10 x 10", sec_old, 1000 * sec_old / 100))
+    small = f"{n_old} x {n_old}"
+    rows.append(("predecessor per-pair Python loop", small, sec_old, 1000 * sec_old / n_old**2))
     for label, dtype in (("exact engine, fp64 contraction", torch.float64),
                          ("exact engine, fp32 contraction", torch.float32)):
-        res10, _ = exact_result(layout, 10, dtype)
+        res10, _ = exact_result(layout, n_old, dtype)
         sec_new, _ = timed(lambda: res10.materialize())
-        rows.append((label, "10 x 10", sec_new, 1000 * sec_new / 100))
-    for label, n, sec, per_pair in rows:
-        print(f"| {label} | {n} | {sec:.2f} | {per_pair:.3f} |")
-    per_pair = {(label, n): pp for label, n, _, pp in rows}
-    old = per_pair[("predecessor per-pair Python loop", "10 x 10")]
-    print(f"\nper-pair cost of the predecessor (10 x 10) over: exact fp32 engine at 10 x 10 "
-          f"{old / per_pair[('exact engine, fp32 contraction', '10 x 10')]:.1f}x, at 100 x 100 "
-          f"{old / per_pair[('exact engine, fp32 contraction', '100 x 100')]:.0f}x; sketch engine at 100 x 100 "
-          f"{old / per_pair[('sketch engine, k = 256', '100 x 100')]:.0f}x")
+        rows.append((label, small, sec_new, 1000 * sec_new / n_old**2))
+    for label, size, sec, pp in rows:
+        print(f"| {label} | {size} | {sec:.2f} | {pp:.3f} |")
+    per_pair = {(label, size): pp for label, size, _, pp in rows}
+    old, big = per_pair[("predecessor per-pair Python loop", small)], f"{n} x {n}"
+    print(f"\nper-pair cost of the predecessor ({small}) over: exact fp32 engine at {small} "
+          f"{old / per_pair[('exact engine, fp32 contraction', small)]:.1f}x, at {big} "
+          f"{old / per_pair[('exact engine, fp32 contraction', big)]:.0f}x; sketch engine at {big} "
+          f"{old / per_pair[('sketch engine, k = 256', big)]:.0f}x")
 
 
 def part2() -> None:
@@ -138,9 +139,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minilm", action="store_true", help="also run the MiniLM verify_top part")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--samples", type=int, default=100, help="samples per task of the engine timings")
+    p.add_argument("--old-samples", type=int, default=10, help="samples per task of the predecessor comparison")
     args = p.parse_args()
     if not args.skip_speed:
-        part1()
+        part1(args.samples, args.old_samples)
     if args.minilm:
         part2()
 

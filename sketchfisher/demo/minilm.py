@@ -46,7 +46,9 @@ def load_task(name: str, limit: int | None = None) -> list[str]:
 def run_demo(out_dir: str | Path = "demo_out", samples: int | None = None, top: int = 10,
              show_progress: bool = True) -> dict:
     """Exact interference of math (task A) vs code (task B) on MiniLM; writes a heatmap and a CSV."""
-    from .. import BLOCKS, Exact, analyze
+    from ..compress import Exact
+    from ..layout import BLOCKS
+    from ..pipeline import analyze
     from ..plots import plot_block_heatmaps
 
     out = Path(out_dir)

@@ -1,0 +1,42 @@
+"""Every benchmark script runs on a tiny configuration, so a refactor cannot break one silently.
+
+Speed and memory are not asserted here (benchmarks are not tests); only that each script runs to
+the end on its smallest setting and prints its table. ``sjlt_tune.py`` times Triton kernels with
+CUDA graphs and events, which have no CPU form: it is imported and its ``--help`` run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = {
+    "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16"],
+    "gpu_collect.py": ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "4", "--kv", "4", "2",
+                       "--intermediate", "64", "--vocab", "50", "--tokens", "6", "--batch", "2", "--steps", "1",
+                       "--repeats", "1"],
+    "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
+    "sjlt_tune.py": ["--help"],
+    "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],
+    "stage1_cpu.py": ["--samples", "2", "--batch", "2", "--tokens", "6", "--repeats", "1", "--layers", "1"],
+    "stage6.py": ["--samples", "3", "--old-samples", "1"],
+}
+
+
+def test_every_benchmark_has_a_tiny_configuration():
+    assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(TINY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_runs_on_a_tiny_configuration(script):
+    env = {**os.environ, "SKETCHFISHER_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, str(BENCH / script), *TINY[script]], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert ("|" in done.stdout) or ("usage" in done.stdout), f"{script} printed no table:\n{done.stdout[-2000:]}"
