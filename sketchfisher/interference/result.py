@@ -148,7 +148,9 @@ class InterferenceResult:
             best_rows += rows
             best_key, best_rows = _select(best_key, best_rows, k)
         best_key, best_rows = _select(best_key, best_rows, k)
-        return pd.DataFrame(best_rows, columns=COLUMNS)
+        out = pd.DataFrame(best_rows, columns=COLUMNS)
+        out.attrs.update(variant=variant.name, formula=variant.formula, conflict=variant.conflict)
+        return out
 
     def block_summary(self) -> pd.DataFrame:
         """Per block: mean and max score over all (pair, layer, head), and the fraction missing."""
