@@ -56,7 +56,7 @@ def _collect(args: argparse.Namespace) -> int:
 
     path = collect_to_store(args.out, model, loss_for(args.loss), tasks[0], tasks[1], sf.layout_for(model), codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
-                            stats_dtype=getattr(torch, args.stats_dtype))
+                            stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype))
     print(json.dumps(sf.open_store(path).summary(), indent=1))
     return 0
 
@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalizer", default="a", choices=["a", "pooled", "loo"])
     p.add_argument("--eps", type=float, default=1e-10)
     p.add_argument("--max-bytes", type=int, default=None, help="refuse to collect a store larger than this")
-    p.add_argument("--stats-dtype", default="float64", choices=["float64", "float32"],
-                   help="precision of the model-sized pass-1 statistics (float32 halves their memory)")
+    p.add_argument("--stats-dtype", default="auto", choices=["auto", "float64", "float32"],
+                   help="precision of the model-sized pass-1 statistics (auto: float64 on the CPU, float32 on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_collect)
 

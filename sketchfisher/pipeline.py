@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .capture.oracle import LossFn
-from .collect import collect, collect_sketches
+from .collect import collect, collect_sketches, needed_statistics
 from .compress import Exact, Factors, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
@@ -43,8 +43,9 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     ``modules="all"`` also collects Fisher statistics of every linear weight. ``max_bytes`` bounds
     the working set of one Stage 6 chunk. ``store=path`` (sketches only) streams the per-sample
     sketches to a resumable store directory and scores from it; rerunning the same call after a
-    crash finishes the collection. ``stats_dtype`` (fp64 by default) is the precision of the pass-1
-    Fisher statistics. Returns an :class:`InterferenceResult` whose ``scores`` are
+    crash finishes the collection. ``stats_dtype`` is the precision of the pass-1 Fisher statistics
+    (None: fp64 for a model on the CPU, fp32 on a GPU); only the statistics these settings need are
+    kept (:func:`sketchfisher.collect.needed_statistics`). Returns an :class:`InterferenceResult` whose ``scores`` are
     ``[nA, nB, L, H, 4]``.
     """
     codec = check_codec(Exact() if codec is None else codec)
@@ -58,14 +59,15 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
                          **stats_kw)
         return open_store(store).result(max_bytes=max_bytes)
+    needs = needed_statistics(cfg, codec)
     rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="task A",
-                             show_progress=progress, **stats_kw)
+                             show_progress=progress, quantities=needs["a"], **stats_kw)
     rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="task B",
-                             show_progress=progress, **stats_kw)
+                             show_progress=progress, quantities=needs["b"], **stats_kw)
     if codec.two_pass:
-        side_a, side_b, preps = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a,
-                                                 stats_b, show_progress=progress)
-        source = SketchSource(side_a, side_b, preps)
+        side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, stats_b,
+                                             show_progress=progress)
+        source = SketchSource(side_a, side_b, e)
     else:
         source = ExactSource(rep_a, rep_b)
     context = ResultContext(layout=layout, cfg=cfg, codec=codec, stats_a=stats_a, stats_b=stats_b, source=source)

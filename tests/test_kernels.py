@@ -61,10 +61,15 @@ def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
         torch.testing.assert_close(sk[:, h], maps[h].apply(v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantities", [("fisher", "m2", "abs", "sum"), ("fisher", "abs"), ("abs",), ("sum",),
+                                        ("fisher",)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_welford_kernel_is_the_torch_update(dtype):
-    ref = FisherStats(dtype=dtype)
-    state = [torch.zeros(7, 5, dtype=dtype) for _ in range(4)]
+def test_welford_kernel_is_the_torch_update(dtype, quantities):
+    """The kernel updates exactly the kept statistics (the others are passed as None and stay untouched)."""
+    ref = FisherStats(dtype=dtype, quantities=quantities)
+    keep = dict(zip(("fisher", "m2", "abs", "sum"), (True,) * 4))
+    keep = {q: q in quantities for q in keep}
+    state = [torch.zeros(7, 5, dtype=dtype) if keep[q] else None for q in ("fisher", "m2", "abs", "sum")]
     count = 0
     for B in (3, 1, 4):
         g = torch.randn(B, 7, 5, generator=torch.Generator().manual_seed(B))
@@ -72,8 +77,12 @@ def test_welford_kernel_is_the_torch_update(dtype):
         kernels.welford_update(g.reshape(B, -1), *state, count=count, block=16)
         count += B
     w = ref.welford["w"]
-    for got, want in zip(state, (w.mean, w.m2, ref.sum_abs["w"], ref.sum_g["w"])):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert w.count == count
+    want = (w.mean, w.m2, ref.sum_abs.get("w"), ref.sum_g.get("w"))
+    for q, got, exp in zip(("fisher", "m2", "abs", "sum"), state, want):
+        assert (got is None) == (exp is None) == (not keep[q])
+        if got is not None:
+            torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("arch,variant,normalizer", [("gpt2", "paper", "a"), ("llama_gqa", "signed", "pooled"),

@@ -5,8 +5,8 @@
 """
 
 from .passes import factor_pass, fold_factors, gradient_pass, module_of, trainable_weights
-from .sketches import FusedSides, collect_sketches, prepare_all, sketch_batches
-from .stage1 import collect
+from .sketches import FusedSides, collect_sketches, needed_statistics, prepare_all, sketch_batches
+from .stage1 import collect, default_stats_dtype
 
-__all__ = ["FusedSides", "collect", "collect_sketches", "factor_pass", "fold_factors", "gradient_pass", "module_of",
+__all__ = ["FusedSides", "collect", "collect_sketches", "default_stats_dtype", "factor_pass", "needed_statistics", "fold_factors", "gradient_pass", "module_of",
            "prepare_all", "sketch_batches", "trainable_weights"]

@@ -19,7 +19,7 @@ from ..capture.oracle import LossFn
 from ..compress import Sketch, SketchSide
 from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector, sketch_sides
 from ..errors import InputError
-from ..fisher import FisherStats
+from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats
 from ..layout import BLOCKS, Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from ..progress import progress
@@ -28,26 +28,56 @@ from .passes import Skip, factor_pass, trainable_weights
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
 
 
+def needed_statistics(cfg: ScoreConfig, codec: Any) -> dict[str, tuple[str, ...]]:
+    """The pass-1 statistics (:data:`sketchfisher.fisher.QUANTITIES`) each task must keep for these settings.
+
+    Task A always keeps its Fisher (the normaliser, and exact re-scoring); task B only for the pooled
+    normaliser. The sketch codec with variance reduction adds Σ|g| of both tasks (balancing) and the
+    task mean of each side's transform (centering: the i-side's over A, the j-side's over B). The
+    Welford M2 (variance across samples) is never needed for scores.
+    """
+    a, b = {"fisher"}, {"fisher"} if cfg.normalizer == "pooled" else set()
+    if codec.two_pass and codec.variance_reduction:
+        a |= {"abs", MEAN_OF[cfg.spec.i_side]}
+        b |= {"abs", MEAN_OF[cfg.spec.j_side]}
+    return {"a": tuple(q for q in QUANTITIES if q in a), "b": tuple(q for q in QUANTITIES if q in b)}
+
+
 def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: FisherStats,
-            norm_stats: FisherStats, cfg: ScoreConfig, codec: Sketch) -> Optional[BlockPrep]:
-    """Pass-1 quantities of one (layer, block); ``norm_stats`` holds the normaliser Î (A, or A ∪ B)."""
-    fisher = norm_stats.block(layout, layer, block, "fisher")
-    if fisher is None:
+            cfg: ScoreConfig, codec: Sketch) -> Optional[BlockPrep]:
+    """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device)."""
+    if layout.param_of(layer, block) not in stats_a.welford:
         return None
     get = lambda stats, what: stats.block(layout, layer, block, what)  # noqa: E731
+    fisher_a = get(stats_a, "fisher")
+    fisher = fisher_a
+    if cfg.normalizer == "pooled":  # the Welford merge of the two means, entry by entry (as FisherStats.merge)
+        fisher = fisher_a + (get(stats_b, "fisher") - fisher_a) * (stats_b.count / (stats_a.count + stats_b.count))
     vr = codec.variance_reduction
-    return prepare_block(fisher, get(stats_a, "fisher"),
-                         get(stats_a, MEAN_OF[cfg.spec.i_side]) if vr else None,
-                         get(stats_b, MEAN_OF[cfg.spec.j_side]) if vr else None,
+    return prepare_block(fisher, fisher_a if cfg.normalizer == "loo" else None,
+                         get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.i_side]]) if vr else None,
+                         get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if vr else None,
                          get(stats_a, "mean_abs") if vr else None, get(stats_b, "mean_abs") if vr else None,
                          stats_a.count, stats_b.count, cfg, codec)
 
 
-def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch) -> Preps:
-    """:func:`prepare` for every (layer, block)."""
-    norm_stats = stats_a.merge(stats_b) if cfg.normalizer == "pooled" else stats_a  # merged once
-    return {(layer, block): prepare(layout, layer, block, stats_a, stats_b, norm_stats, cfg, codec)
-            for layer in range(layout.num_layers) for block in BLOCKS}
+def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch,
+                offload: bool = False) -> Preps:
+    """:func:`prepare` for every (layer, block), layer by layer.
+
+    With ``offload=True`` each parameter's statistics move to host memory as soon as all of its
+    blocks are prepared, so device memory holds the statistics or the preparations of a parameter,
+    never both for the whole model (at 7B the two together would not fit one 80 GB card)."""
+    keys = [(layer, block) for layer in range(layout.num_layers) for block in BLOCKS]
+    last_use = {layout.param_of(*key): key for key in keys}
+    preps: Preps = {}
+    for key in keys:
+        preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec)
+        name = layout.param_of(*key)
+        if offload and last_use[name] == key:
+            for stats in (stats_a, stats_b):
+                stats.offload(name)
+    return preps
 
 
 def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
@@ -63,9 +93,11 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
         out = {}
         last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
         for layer, block in keys:
-            prep = preps[(layer, block)]
             hbs = layout.head_blocks(layer, block)
             module = hbs[0].module_name
+            prep = preps[(layer, block)]
+            if prep.w_a.device != bf.A[module].device:  # statistics read from disk, or another card's
+                prep = preps[(layer, block)] = prep.to(bf.A[module].device)
             if fused.applies(bf.A[module]):
                 if last[0] != module:
                     last = (None, None)  # free the previous module's gradient first
@@ -139,10 +171,11 @@ def check_reiterable(**tasks: Iterable[Any]) -> None:
 
 def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any],
                      layout: Layout, codec: Sketch, cfg: ScoreConfig, stats_a: FisherStats, stats_b: FisherStats,
-                     show_progress: bool = False) -> tuple[SketchSide, SketchSide, Preps]:
-    """Pass 2 for both tasks given their pass-1 statistics; returns the two sides and the preparations."""
+                     show_progress: bool = False) -> tuple[SketchSide, SketchSide, dict]:
+    """Pass 2 for both tasks given their pass-1 statistics; returns the two sides and each block's exact
+    scalar ``e`` (all the scores need of the preparations, which are freed)."""
     check_reiterable(task_a=task_a, task_b=task_b)
-    preps = prepare_all(layout, stats_a, stats_b, cfg, codec)
+    preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True)
     side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "sketch A",
                          show_progress)
     side_b = sketch_task(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count, cfg, "sketch B",
@@ -150,8 +183,13 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
     if side_a.n != stats_a.count or side_b.n != stats_b.count:
         raise InputError(f"pass 2 saw {side_a.n}/{side_b.n} samples but pass 1 saw {stats_a.count}/{stats_b.count}: "
                          "the tasks must yield the same batches on every pass")
-    return side_a, side_b, preps
+    return side_a, side_b, centre_products(preps)
 
 
-__all__ = ["FusedSides", "Preps", "check_reiterable", "collect_sketches", "prepare", "prepare_all", "sketch_batches",
-           "sketch_task", "trainable_weights"]
+def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:
+    """``e = ⟨x̄', ȳ'⟩ [H_b]`` per collected block: what sketched scores need of the preparations."""
+    return {key: prep.e for key, prep in preps.items() if prep is not None}
+
+
+__all__ = ["FusedSides", "Preps", "check_reiterable", "collect_sketches", "needed_statistics", "prepare",
+           "prepare_all", "sketch_batches", "sketch_task", "trainable_weights"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,25 +10,26 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..compress import check_codec
 from ..errors import InputError
-from ..fisher import FisherStats
+from ..fisher import QUANTITIES, FisherStats
 from ..layout import Layout
 from .passes import factor_pass, fold_factors, gradient_pass, trainable_weights
 
 
 def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Any, *,
             modules: str = "attention", desc: str = "collect", show_progress: bool = False,
-            stats_dtype: torch.dtype = torch.float64):
+            stats_dtype: Optional[torch.dtype] = None, quantities: Sequence[str] = QUANTITIES):
     """Per-sample representation (``codec.representation()``) and :class:`FisherStats` of one task.
 
     For a two-pass codec (``sf.Sketch``) this is pass 1 only (statistics; the representation is
     None): the sketches need both tasks' statistics first (:mod:`sketchfisher.collect.sketches`).
     Parameters with ``requires_grad=False`` are not collected; their scores come out NaN.
-    ``stats_dtype`` is the precision of the model-sized pass-1 statistics (fp64 by default; fp32
-    halves their memory, which matters on GPUs at 7B scale: 4 tensors of the attention size).
+    ``stats_dtype`` is the precision of the model-sized pass-1 statistics (:func:`default_stats_dtype`
+    when None) and ``quantities`` which of them to keep (all by default;
+    :func:`~sketchfisher.collect.sketches.needed_statistics` gives what given settings need).
     """
     codec = check_codec(codec)
     weights = trainable_weights(model, layout, modules)
-    stats = FisherStats(dtype=stats_dtype)
+    stats = FisherStats(dtype=stats_dtype or default_stats_dtype(model), quantities=tuple(quantities))
     rep = codec.representation()
     if codec.source == "gradients":
         for _, grads in gradient_pass(model, loss_fn, batches, weights, desc=desc, show_progress=show_progress):
@@ -42,3 +43,12 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
     if stats.count == 0:
         raise InputError(f"{desc}: the task yielded no samples")
     return rep, stats
+
+
+def default_stats_dtype(model: nn.Module) -> torch.dtype:
+    """fp32 for a model on a GPU, fp64 on the CPU.
+
+    On the CPU the statistics are small next to the time a pass takes and fp64 makes them exact to
+    rounding; on a GPU at 7B scale each statistic is 8.6 GB in fp32 (attention weights alone), and
+    fp32 Welford updates of batch means lose nothing the sketches can see (docs/benchmarks.md)."""
+    return torch.float32 if any(p.is_cuda for p in model.parameters()) else torch.float64

@@ -22,54 +22,63 @@ Side = str  # "a": task A's i-side vectors, "b": task B's j-side vectors
 
 @dataclass
 class BlockPrep:
-    """Pass-1 quantities of one (layer, block), all ``[H_b, S]`` except ``lam [H_b, 1]`` and ``e [H_b]``."""
+    """What pass 2 needs of one (layer, block), all ``[H_b, S]`` except ``e [H_b]``: the side vectors are
+    ``x'_i = f_i(g_i)·w_a`` and ``y'_j = f_j(g_j)·w_b`` (so ``x'·y' = f_i f_j / (Î + ε + λ)``), centred by
+    ``x̄'`` and ``ȳ'``. Without variance reduction ``w_b``, ``x̄'`` and ``ȳ'`` are None (1, 0, 0).
+    Leave-one-out keeps ``(Î_A, ε + λ, balance)`` to form each sample's own denominator."""
 
-    denom: torch.Tensor      # Î + ε + λ (normaliser)
-    lam: torch.Tensor        # ε + λ
-    fisher_a: Optional[torch.Tensor]  # task A's Î, kept only for leave-one-out (it is model-sized)
-    balance: torch.Tensor    # √m, m = mean|g| over A ∪ B (ones without variance reduction)
-    x_bar: torch.Tensor      # balanced i-side centre (zeros without variance reduction)
-    y_bar: torch.Tensor      # balanced j-side centre
-    e: torch.Tensor          # ⟨x̄', ȳ'⟩ (fp64)
+    w_a: torch.Tensor                 # balance / (Î + ε + λ)
+    w_b: Optional[torch.Tensor]       # 1 / balance
+    x_bar: Optional[torch.Tensor]     # balanced i-side centre
+    y_bar: Optional[torch.Tensor]     # balanced j-side centre
+    e: torch.Tensor                   # ⟨x̄', ȳ'⟩ (fp64)
+    loo: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (Î_A, ε + λ [H_b, 1], balance)
 
-    def centre(self, side: Side) -> torch.Tensor:
+    def centre(self, side: Side) -> Optional[torch.Tensor]:
         return self.x_bar if side == "a" else self.y_bar
 
-    def other(self, side: Side) -> torch.Tensor:
+    def other(self, side: Side) -> Optional[torch.Tensor]:
         return self.y_bar if side == "a" else self.x_bar
 
-    def weight(self, side: Side) -> torch.Tensor:
-        """Per-entry factor of the transformed gradient: balance/denominator (i-side), 1/balance (j-side)."""
-        return self.balance / self.denom if side == "a" else self.balance.reciprocal()
+    def weight(self, side: Side) -> Optional[torch.Tensor]:
+        """Per-entry factor of the transformed gradient (None: 1)."""
+        return self.w_a if side == "a" else self.w_b
+
+    def to(self, device: torch.device) -> "BlockPrep":
+        """The same preparation on ``device`` (the statistics may live elsewhere than a layer's gradients)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return BlockPrep(move(self.w_a), move(self.w_b), move(self.x_bar), move(self.y_bar), self.e,
+                         None if self.loo is None else tuple(move(t) for t in self.loo))
+
+    def nbytes(self) -> int:
+        ts = [self.w_a, self.w_b, self.x_bar, self.y_bar, *(self.loo or ())]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def prepare_block(fisher: torch.Tensor, fisher_a: torch.Tensor, mean_i_a: torch.Tensor, mean_j_b: torch.Tensor,
-                  abs_a: Optional[torch.Tensor], abs_b: Optional[torch.Tensor], n_a: int, n_b: int,
-                  cfg: ScoreConfig, codec: Sketch) -> BlockPrep:
-    """Pass-1 quantities of one (layer, block) from plain ``[H_b, S]`` statistics.
+def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i_a: Optional[torch.Tensor],
+                  mean_j_b: Optional[torch.Tensor], abs_a: Optional[torch.Tensor], abs_b: Optional[torch.Tensor],
+                  n_a: int, n_b: int, cfg: ScoreConfig, codec: Sketch) -> BlockPrep:
+    """Pass-2 quantities of one (layer, block) from plain ``[H_b, S]`` statistics.
 
-    ``fisher`` is the normaliser Î (A, or A ∪ B), ``fisher_a`` task A's; ``mean_i_a`` the mean of the
-    i-side transform over task A and ``mean_j_b`` of the j-side transform over task B
-    (:data:`sketchfisher.metric.MEAN_OF`); ``abs_a``/``abs_b`` the mean |g| per task (balancing).
-    Without variance reduction only the denominator is used.
+    ``fisher`` is the normaliser Î (A, or A ∪ B), ``fisher_a`` task A's (leave-one-out only);
+    ``mean_i_a`` the mean of the i-side transform over task A and ``mean_j_b`` of the j-side transform
+    over task B (:data:`sketchfisher.metric.MEAN_OF`); ``abs_a``/``abs_b`` the mean |g| per task
+    (balancing). Without variance reduction only the denominator is used. Built in ``cfg.dtype``.
     """
+    dt = cfg.dtype
     lam = shift(fisher, cfg)
     denom = fisher + lam
-    kept_a = fisher_a if cfg.normalizer == "loo" else None
-    if not codec.variance_reduction:
-        zeros = torch.zeros_like(fisher)
-        return _cast(BlockPrep(denom, lam, kept_a, torch.ones_like(fisher), zeros, zeros, zeros.sum(-1)), cfg)
-    m = (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
-    balance = torch.where(m > 0, m.sqrt(), torch.ones_like(m))
-    x_bar, y_bar = mean_i_a / denom * balance, mean_j_b / balance
-    return _cast(BlockPrep(denom, lam, kept_a, balance, x_bar, y_bar, (x_bar * y_bar).sum(-1)), cfg)
-
-
-def _cast(prep: BlockPrep, cfg: ScoreConfig) -> BlockPrep:
-    """Side vectors are built in ``cfg.dtype``; the exact scalar e keeps fp64."""
-    t = lambda x: None if x is None else x.to(cfg.dtype)  # noqa: E731
-    return BlockPrep(t(prep.denom), t(prep.lam), t(prep.fisher_a), t(prep.balance), t(prep.x_bar), t(prep.y_bar),
-                     prep.e.double())
+    if codec.variance_reduction:
+        m = (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
+        balance = torch.where(m > 0, m.sqrt(), torch.ones_like(m))
+        x_bar, y_bar = mean_i_a / denom * balance, mean_j_b / balance
+        e = (x_bar * y_bar).sum(-1).double()
+        w_b, x_bar, y_bar = balance.reciprocal().to(dt), x_bar.to(dt), y_bar.to(dt)
+    else:
+        balance, w_b, x_bar, y_bar = torch.ones_like(fisher), None, None, None
+        e = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
+    loo = (fisher_a.to(dt), lam.to(dt), balance.to(dt)) if cfg.normalizer == "loo" else None
+    return BlockPrep((balance / denom).to(dt), w_b, x_bar, y_bar, e, loo)
 
 
 def side_vector(g: torch.Tensor, prep: BlockPrep, side: Side, count: int, cfg: ScoreConfig) -> torch.Tensor:
@@ -78,18 +87,22 @@ def side_vector(g: torch.Tensor, prep: BlockPrep, side: Side, count: int, cfg: S
     ``count`` is task A's sample count (leave-one-out needs it)."""
     g = g.to(cfg.dtype)  # fp32 by default: the CUDA sjlt kernels take fp32/bf16/fp16, not fp64
     if side == "b":
-        return cfg.spec.j_side_of(g) / prep.balance
-    if cfg.normalizer == "loo":
-        return i_side(g, prep.fisher_a, prep.lam, count, cfg, weight=prep.balance)
-    return cfg.spec.i_numerator(g) / prep.denom * prep.balance
+        v = cfg.spec.j_side_of(g)
+        return v if prep.w_b is None else v * prep.w_b
+    if prep.loo is not None:
+        fisher_a, lam, balance = prep.loo
+        return i_side(g, fisher_a, lam, count, cfg, weight=balance)
+    return cfg.spec.i_numerator(g) * prep.w_a
 
 
 def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, layer: int, block: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centre side vectors ``v [B, H_b, S]`` and sketch them: ``(sketches [B, H_b, k], ‖ṽ‖² [B, H_b],
     cross [B, H_b])`` where cross is ``⟨v, other side's centre⟩``."""
-    cross = (v * prep.other(side)).sum(-1)
-    v = v - prep.centre(side)
+    other, centre = prep.other(side), prep.centre(side)
+    cross = torch.zeros(v.shape[:2], dtype=v.dtype, device=v.device) if other is None else (v * other).sum(-1)
+    if centre is not None:
+        v = v - centre
     sk = torch.stack([codec.map(layer, block, h, v.shape[-1]).apply(v[:, h]) for h in range(v.shape[1])], 1)
     return sk, v.square().sum(-1), cross
 

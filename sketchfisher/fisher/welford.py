@@ -1,16 +1,20 @@
-"""Per-task Fisher statistics over full-shape parameters (SEMANTICS §2).
+"""Per-task Fisher statistics over full-shape parameters.
 
 For each parameter, over the task's samples: the Welford state of ``C_i = g_i²`` (count, mean, M2),
-and ``Σ_i |g_i|`` (pass-1 statistic used for sketch balancing). ``Î = mean``; the variance of
+``Σ_i |g_i|`` and ``Σ_i g_i`` (pass-1 statistics of the sketch codec). ``Î = mean``; the variance of
 ``C`` across samples is ``M2 / (n − 1)``. Batches enter as a whole (batch mean and M2) and are
 merged with Chan et al.'s exact pairwise formula, so shards, batch sizes and resumption give the
 same state up to rounding.
+
+Each is a model-sized tensor, so a collection keeps only the ones its settings need
+(``quantities``): at 7B scale each costs 8.6 GB in fp32 for the attention weights alone.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -18,33 +22,46 @@ from .. import kernels
 from ..errors import InputError
 from ..layout import Layout
 
+QUANTITIES = ("fisher", "m2", "abs", "sum")
+"""``fisher``: Welford mean of g² (Î); ``m2``: its Welford M2 (variance across samples); ``abs``: Σ|g|;
+``sum``: Σg. The sample count is always kept."""
+MEAN_ACCESSOR = {"fisher": "fisher", "abs": "mean_abs", "sum": "mean_grad"}
+"""The :class:`FisherStats` method that gives the task mean a quantity provides (mean g², |g|, g)."""
+
 
 @dataclass
 class Welford:
-    """Elementwise (count, mean, M2) of a stream of equally shaped tensors."""
+    """Elementwise (count, mean, M2) of a stream of equally shaped tensors. ``mean`` and ``m2`` may be
+    left out (None): then only the count (and the mean) are tracked."""
 
     count: int = 0
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
-        """Add a batch ``x [B, *shape]``."""
-        x = x.to(dtype)
+    def update(self, x: torch.Tensor, dtype: torch.dtype = torch.float64, moments: int = 2) -> None:
+        """Add a batch ``x [B, *shape]``; ``moments`` 2 tracks mean and M2, 1 the mean, 0 the count."""
         n = x.shape[0]
         if n == 0:
             return
+        if moments == 0:
+            self._merge(n, None, None)
+            return
+        x = x.to(dtype)
         mean = x.mean(0)
-        m2 = (x - mean).square().sum(0)
-        self._merge(n, mean, m2)
+        self._merge(n, mean, (x - mean).square().sum(0) if moments == 2 else None)
 
-    def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    def _merge(self, n: int, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor]) -> None:
         if self.count == 0:
-            self.count, self.mean, self.m2 = n, mean.clone(), m2.clone()
+            self.count = n
+            self.mean = None if mean is None else mean.clone()
+            self.m2 = None if m2 is None else m2.clone()
             return
         total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        if mean is not None:
+            delta = mean - self.mean
+            if m2 is not None:
+                self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+            self.mean = self.mean + delta * (n / total)
         self.count = total
 
     def merged(self, other: "Welford") -> "Welford":
@@ -58,17 +75,29 @@ class Welford:
         """Unbiased variance across samples, ``M2 / (n − 1)``."""
         if self.count < 2:
             raise InputError(f"variance needs at least 2 samples, have {self.count}")
+        if self.m2 is None:
+            raise InputError("this Welford state keeps no M2 (collected without the 'm2' quantity)")
         return self.m2 / (self.count - 1)
 
 
 @dataclass
 class FisherStats:
-    """Pass-1 statistics of one task: per parameter Welford state of g² and Σ|g|, full shape."""
+    """Pass-1 statistics of one task: per parameter the sample count and the kept ``quantities``
+    (:data:`QUANTITIES`), full shape, in ``dtype``."""
 
     dtype: torch.dtype = torch.float64
     welford: dict[str, Welford] = field(default_factory=dict)
     sum_abs: dict[str, torch.Tensor] = field(default_factory=dict)
     sum_g: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantities: tuple[str, ...] = QUANTITIES
+
+    def __post_init__(self) -> None:
+        unknown = set(self.quantities) - set(QUANTITIES)
+        if unknown:
+            raise InputError(f"unknown statistics {sorted(unknown)}; choose from {QUANTITIES}")
+        if "m2" in self.quantities and "fisher" not in self.quantities:
+            raise InputError("the 'm2' statistic needs 'fisher' (the Welford mean) too")
+        self.quantities = tuple(q for q in QUANTITIES if q in self.quantities)
 
     @property
     def count(self) -> int:
@@ -76,6 +105,16 @@ class FisherStats:
         if len(counts) > 1:
             raise InputError(f"parameters saw different sample counts: {sorted(counts)}")
         return counts.pop() if counts else 0
+
+    @property
+    def moments(self) -> int:
+        return 2 if "m2" in self.quantities else 1 if "fisher" in self.quantities else 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the statistics' tensors."""
+        ts = [t for w in self.welford.values() for t in (w.mean, w.m2) if t is not None]
+        ts += list(self.sum_abs.values()) + list(self.sum_g.values())
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def update(self, grads: dict[str, torch.Tensor]) -> None:
         """Add per-sample gradients ``{name: Tensor[B, *shape]}`` (storage orientation)."""
@@ -85,10 +124,13 @@ class FisherStats:
         for name, g in grads.items():
             if self._fused_update(name, g):
                 continue
-            self.welford.setdefault(name, Welford()).update(g.to(self.dtype).square(), self.dtype)
             gd = g.to(self.dtype)
-            for acc, value in ((self.sum_abs, gd.abs().sum(0)), (self.sum_g, gd.sum(0))):
-                acc[name] = acc[name] + value if name in acc else value
+            self.welford.setdefault(name, Welford()).update(gd.square() if self.moments else gd, self.dtype,
+                                                           self.moments)
+            if "abs" in self.quantities:
+                self.sum_abs[name] = gd.abs().sum(0) + (self.sum_abs[name] if name in self.sum_abs else 0)
+            if "sum" in self.quantities:
+                self.sum_g[name] = gd.sum(0) + (self.sum_g[name] if name in self.sum_g else 0)
 
     def _fused_update(self, name: str, g: torch.Tensor) -> bool:
         """The same update in one Triton kernel for CUDA batches (one pass over ``g``); False where it does not apply."""
@@ -97,97 +139,153 @@ class FisherStats:
             return False
         w = self.welford.setdefault(name, Welford())
         shape = g.shape[1:]
+        zeros = lambda: torch.zeros(shape, dtype=self.dtype, device=g.device)  # noqa: E731
         if w.count == 0:
-            w.mean, w.m2 = (torch.zeros(shape, dtype=self.dtype, device=g.device) for _ in range(2))
-        if name not in self.sum_abs:
-            self.sum_abs[name] = torch.zeros(shape, dtype=self.dtype, device=g.device)
-            self.sum_g[name] = torch.zeros(shape, dtype=self.dtype, device=g.device)
-        state = (w.mean, w.m2, self.sum_abs[name], self.sum_g[name])
-        if any(s.device != g.device or s.dtype != self.dtype or not s.is_contiguous() or s.shape != shape for s in state):
+            w.mean = zeros() if self.moments >= 1 else None
+            w.m2 = zeros() if self.moments == 2 else None
+        if "abs" in self.quantities and name not in self.sum_abs:
+            self.sum_abs[name] = zeros()
+        if "sum" in self.quantities and name not in self.sum_g:
+            self.sum_g[name] = zeros()
+        state = (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name))
+        kept = [s for s in state if s is not None]
+        if any(s.device != g.device or s.dtype != self.dtype or not s.is_contiguous() or s.shape != shape for s in kept):
             return False  # state from elsewhere (another device or dtype): the torch update below
-        kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
+        if kept:
+            kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
         w.count += g.shape[0]
         return True
 
     def merge(self, other: "FisherStats") -> "FisherStats":
-        """Statistics of the union of both sample sets (exact)."""
+        """Statistics of the union of both sample sets (exact), over the quantities both keep."""
         if set(self.welford) != set(other.welford):
             raise InputError("cannot merge FisherStats over different parameter sets")
-        return FisherStats(self.dtype, {n: w.merged(other.welford[n]) for n, w in self.welford.items()},
-                           {n: self.sum_abs[n] + other.sum_abs[n] for n in self.sum_abs},
-                           {n: self.sum_g[n] + other.sum_g[n] for n in self.sum_g})
+        kept = tuple(q for q in self.quantities if q in other.quantities)
+        out = FisherStats(self.dtype, quantities=kept)
+        for n, w in self.welford.items():
+            o = other.welford[n]
+            moments = out.moments
+            out.welford[n] = Welford(w.count, w.mean if moments else None, w.m2 if moments == 2 else None).merged(
+                Welford(o.count, o.mean if moments else None, o.m2 if moments == 2 else None))
+        if "abs" in kept:
+            out.sum_abs = {n: self.sum_abs[n] + other.sum_abs[n] for n in self.sum_abs}
+        if "sum" in kept:
+            out.sum_g = {n: self.sum_g[n] + other.sum_g[n] for n in self.sum_g}
+        return out
 
     def names(self) -> list[str]:
         return list(self.welford)
 
+    def offload(self, name: str) -> None:
+        """Move one parameter's statistics to host memory (a no-op when they are there already)."""
+        w = self.welford.get(name)
+        if w is None:
+            return
+        host = lambda t: t if t is None or t.device.type == "cpu" else t.to("cpu")  # noqa: E731
+        w.mean, w.m2 = host(w.mean), host(w.m2)
+        for acc in (self.sum_abs, self.sum_g):
+            if name in acc:
+                acc[name] = host(acc[name])
+
     def all_reduce(self, names: list[str]) -> "FisherStats":
         """Statistics of the union over all ``torch.distributed`` ranks (every rank gets the result).
 
-        Each rank contributes (n, n·mean, M2 + n·mean², Σ|g|, Σg) per parameter; the sums are
-        all-reduced in fp64 and turned back into a Welford state. Ranks that saw no sample
+        Each rank contributes (n, n·mean, M2 + n·mean², Σ|g|, Σg) per parameter (the kept ones); the
+        sums are all-reduced in fp64 and turned back into a Welford state. Ranks that saw no sample
         contribute zeros; the shapes come from the ranks that did.
         """
         import torch.distributed as dist
 
         # NCCL reduces CUDA tensors only; gloo takes CPU tensors
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        out = FisherStats(self.dtype)
+        out = FisherStats(self.dtype, quantities=self.quantities)
         for name in names:
             w = self.welford.get(name, Welford())
-            shape = torch.tensor(list(w.mean.shape) if w.count else [], dtype=torch.long, device=dev)
+            local = self._any_tensor(name) if w.count else None
+            shape = torch.tensor(list(local.shape) if local is not None else [], dtype=torch.long, device=dev)
             dims = torch.tensor([shape.numel()], dtype=torch.long, device=dev)
             dist.all_reduce(dims, op=dist.ReduceOp.MAX)
             full = torch.zeros(int(dims), dtype=torch.long, device=dev)
             full[: shape.numel()] = shape
             dist.all_reduce(full, op=dist.ReduceOp.MAX)
-            size = tuple(full.tolist())
-            zeros = torch.zeros(size, dtype=torch.float64, device=dev)
-            mean = w.mean.double().to(dev) if w.count else zeros
-            parts = [torch.tensor([float(w.count)], dtype=torch.float64, device=dev), w.count * mean,
-                     (w.m2.double().to(dev) if w.count else zeros) + w.count * mean.square(),
-                     self.sum_abs[name].double().to(dev) if w.count else zeros.clone(),
-                     self.sum_g[name].double().to(dev) if w.count else zeros.clone()]
-            for t in parts:
-                dist.all_reduce(t)
-            n = int(parts[0].item())
-            mean = parts[1] / max(n, 1)
-            out.welford[name] = Welford(n, mean, (parts[2] - n * mean.square()).clamp_min(0))
-            out.sum_abs[name], out.sum_g[name] = parts[3], parts[4]
+            zeros = torch.zeros(tuple(full.tolist()), dtype=torch.float64, device=dev)
+            got = lambda t: t.double().to(dev) if w.count and t is not None else zeros.clone()  # noqa: E731
+            count = torch.tensor([float(w.count)], dtype=torch.float64, device=dev)
+            dist.all_reduce(count)
+            n = int(count.item())
+            mean = m2 = None
+            if self.moments:
+                local_mean = got(w.mean)
+                parts = [w.count * local_mean] + ([got(w.m2) + w.count * local_mean.square()] if self.moments == 2 else [])
+                for t in parts:
+                    dist.all_reduce(t)
+                mean = parts[0] / max(n, 1)
+                m2 = (parts[1] - n * mean.square()).clamp_min(0) if self.moments == 2 else None
+            out.welford[name] = Welford(n, mean, m2)
+            for q, src, dst in (("abs", self.sum_abs, out.sum_abs), ("sum", self.sum_g, out.sum_g)):
+                if q in self.quantities:
+                    t = got(src.get(name))
+                    dist.all_reduce(t)
+                    dst[name] = t
         return out
 
+    def _any_tensor(self, name: str) -> Optional[torch.Tensor]:
+        w = self.welford[name]
+        for t in (w.mean, self.sum_abs.get(name), self.sum_g.get(name)):
+            if t is not None:
+                return t
+        return None
+
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Flat tensors and string metadata for safetensors (``name::mean`` etc.)."""
+        """Flat tensors and string metadata for safetensors (``name::mean`` etc., the kept ones)."""
         tensors, counts = {}, {}
         for name, w in self.welford.items():
             if w.count == 0:
                 continue
-            tensors.update({f"{name}::mean": w.mean, f"{name}::m2": w.m2, f"{name}::sum_abs": self.sum_abs[name],
-                            f"{name}::sum_g": self.sum_g[name]})
+            for key, t in (("mean", w.mean), ("m2", w.m2), ("sum_abs", self.sum_abs.get(name)),
+                           ("sum_g", self.sum_g.get(name))):
+                if t is not None:
+                    tensors[f"{name}::{key}"] = t
             counts[name] = w.count
-        return {k: v.contiguous() for k, v in tensors.items()}, {"counts": json.dumps(counts), "dtype": str(self.dtype)}
+        meta = {"counts": json.dumps(counts), "dtype": str(self.dtype), "quantities": json.dumps(self.quantities)}
+        return {k: v.contiguous() for k, v in tensors.items()}, meta
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "FisherStats":
+        """Inverse of :meth:`to_tensors`; a missing tensor raises :class:`~sketchfisher.InputError`."""
         counts = json.loads(metadata["counts"])
-        out = cls(dtype=getattr(torch, metadata["dtype"].replace("torch.", "")))
+        quantities = tuple(json.loads(metadata["quantities"])) if "quantities" in metadata else QUANTITIES
+        out = cls(dtype=getattr(torch, metadata["dtype"].replace("torch.", "")), quantities=quantities)
+        need = {"fisher": "mean", "m2": "m2", "abs": "sum_abs", "sum": "sum_g"}
         for name, count in counts.items():
-            out.welford[name] = Welford(int(count), tensors[f"{name}::mean"], tensors[f"{name}::m2"])
-            out.sum_abs[name] = tensors[f"{name}::sum_abs"]
-            out.sum_g[name] = tensors[f"{name}::sum_g"]
+            missing = [f"{name}::{need[q]}" for q in out.quantities if f"{name}::{need[q]}" not in tensors]
+            if missing:
+                raise InputError(f"statistics lack tensors {missing[:3]}")
+            out.welford[name] = Welford(int(count), tensors.get(f"{name}::mean"), tensors.get(f"{name}::m2"))
+            if "abs" in out.quantities:
+                out.sum_abs[name] = tensors[f"{name}::sum_abs"]
+            if "sum" in out.quantities:
+                out.sum_g[name] = tensors[f"{name}::sum_g"]
         return out
 
-    def fisher(self, name: str) -> torch.Tensor:
-        """Î = (1/n) Σ_i g_i² for one parameter, full shape."""
+    def _require(self, quantity: str, name: str) -> Welford:
         w = self.welford.get(name)
         if w is None or w.count == 0:
             raise InputError(f"no statistics for {name!r} (0 samples)")
-        return w.mean
+        if quantity not in self.quantities:
+            raise InputError(f"the statistic {quantity!r} of {name!r} was not collected (these statistics keep "
+                             f"{self.quantities}; the settings they were collected for did not need it)")
+        return w
+
+    def fisher(self, name: str) -> torch.Tensor:
+        """Î = (1/n) Σ_i g_i² for one parameter, full shape."""
+        return self._require("fisher", name).mean
 
     def mean_abs(self, name: str) -> torch.Tensor:
-        return self.sum_abs[name] / self.welford[name].count
+        return self.sum_abs[name] / self._require("abs", name).count
 
     def mean_grad(self, name: str) -> torch.Tensor:
-        return self.sum_g[name] / self.welford[name].count
+        return self.sum_g[name] / self._require("sum", name).count
 
     def block(self, layout: Layout, layer: int, block: str, what: str = "fisher") -> torch.Tensor | None:
         """A statistic (``fisher``, ``mean_abs``, ``mean_grad``) over the distinct head blocks of

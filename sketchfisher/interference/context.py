@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..compress import Codec, Representation, SketchSide
-from ..compress.sketch_scores import BlockPrep, SketchBlock, finite_population_correction
+from ..compress.sketch_scores import SketchBlock, finite_population_correction
 from ..fisher import FisherStats
 from ..layout import Layout
 from ..metric import ExactBlock, Provider, ScoreConfig
@@ -27,11 +27,12 @@ class ExactSource:
 
 @dataclass(frozen=True)
 class SketchSource:
-    """Both tasks' sketched sides (in memory, or read lazily from a store) and their preparations."""
+    """Both tasks' sketched sides (in memory, or read lazily from a store) and each block's exact scalar
+    ``e = ⟨x̄', ȳ'⟩`` (the centres' inner product)."""
 
     side_a: Any  # SketchSide or a store's lazy side: ``get((layer, block))``
     side_b: Any
-    preps: dict[tuple[int, str], Optional[BlockPrep]]
+    e: dict[tuple[int, str], Any]
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,12 @@ def sketch_provider(ctx: ResultContext) -> Provider:
     src, codec, layout = ctx.source, ctx.codec, ctx.layout
 
     def provider(layer: int, block: str) -> Optional[SketchBlock]:
-        prep = src.preps.get((layer, block))
+        e = src.e.get((layer, block))
         a, b = src.side_a.get((layer, block)), src.side_b.get((layer, block))
-        if prep is None or a is None or b is None:
+        if e is None or a is None or b is None:
             return None
         fpc = finite_population_correction(codec, layout.head_blocks(layer, block)[0].numel)
-        return SketchBlock(*a, *b, prep.e.double(), codec.k, fpc)
+        return SketchBlock(*a, *b, e.double().to(a[0].device), codec.k, fpc)
     return provider
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..collect import prepare_all
+from ..collect.sketches import centre_products
 from ..store import StoreError, StoreReader
 from .context import ResultContext, SketchSource
 from .engine import DEFAULT_MAX_BYTES
@@ -30,7 +31,7 @@ class Store(StoreReader):
         preps = prepare_all(self.layout, stats["a"], stats["b"], self.cfg, self.codec)
         sides = self.sides()
         return ResultContext(layout=self.layout, cfg=self.cfg, codec=self.codec, stats_a=stats["a"],
-                             stats_b=stats["b"], source=SketchSource(sides["a"], sides["b"], preps),
+                             stats_b=stats["b"], source=SketchSource(sides["a"], sides["b"], centre_products(preps)),
                              store=str(self.path))
 
     def result(self, max_bytes: Optional[int] = None) -> InterferenceResult:

@@ -121,13 +121,16 @@ def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
     return sk[:, 0].to(x.dtype)
 
 
-def welford_update(g: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, sum_abs: torch.Tensor,
-                   sum_g: torch.Tensor, count: int, block: int = 1024) -> None:
+def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
+                   sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor], count: int, block: int = 1024) -> None:
     """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place.
 
-    One pass over the batch from memory: each program reads its slice of the n rows twice (Σg², then
-    Σ(g² − mean)²), the second time from cache."""
+    Each state tensor may be None (not kept; ``m2`` needs ``mean``). One pass over the batch from
+    memory: each program reads its slice of the n rows once, and a second time from cache for M2."""
     _, welford_kernel = _kernels()
     n, N = g.shape
+    dummy = next(t for t in (mean, m2, sum_abs, sum_g) if t is not None)
     grid = (-(-N // block),)
-    welford_kernel[grid](g, mean, m2, sum_abs, sum_g, n, N, g.stride(0), count, BLOCK=block, num_warps=4)
+    welford_kernel[grid](g, *(dummy if t is None else t for t in (mean, m2, sum_abs, sum_g)), n, N, g.stride(0), count,
+                         BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None, HAS_ABS=sum_abs is not None,
+                         HAS_SUM=sum_g is not None, num_warps=4)

@@ -90,7 +90,8 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
 
 
 @triton.jit
-def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, count, BLOCK: tl.constexpr):
+def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, count, BLOCK: tl.constexpr,
+                   HAS_MEAN: tl.constexpr, HAS_M2: tl.constexpr, HAS_ABS: tl.constexpr, HAS_SUM: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     dt = mean_ptr.dtype.element_ty
@@ -99,21 +100,28 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, co
     sg = tl.zeros((BLOCK,), dtype=dt)
     for r in range(n):
         g = tl.load(g_ptr + r * stride_n + offs, mask=ok, other=0.0).to(dt)
-        sx += g * g
-        sa += tl.abs(g)
-        sg += g
+        if HAS_MEAN:
+            sx += g * g
+        if HAS_ABS:
+            sa += tl.abs(g)
+        if HAS_SUM:
+            sg += g
     nf = n + tl.zeros((BLOCK,), dtype=dt)  # n, count may arrive as constexpr ints (Triton specialises 1)
-    mb = sx / nf
-    m2b = tl.zeros((BLOCK,), dtype=dt)
-    for r in range(n):
-        g = tl.load(g_ptr + r * stride_n + offs, mask=ok, other=0.0).to(dt)
-        d = g * g - mb
-        m2b += d * d
-    mean = tl.load(mean_ptr + offs, mask=ok, other=0.0)
-    m2 = tl.load(m2_ptr + offs, mask=ok, other=0.0)
     cf = count + tl.zeros((BLOCK,), dtype=dt)
-    delta = mb - mean
-    tl.store(mean_ptr + offs, mean + delta * (nf / (cf + nf)), mask=ok)
-    tl.store(m2_ptr + offs, m2 + m2b + delta * delta * (cf * nf / (cf + nf)), mask=ok)
-    tl.store(sabs_ptr + offs, tl.load(sabs_ptr + offs, mask=ok, other=0.0) + sa, mask=ok)
-    tl.store(sg_ptr + offs, tl.load(sg_ptr + offs, mask=ok, other=0.0) + sg, mask=ok)
+    if HAS_MEAN:
+        mb = sx / nf
+        mean = tl.load(mean_ptr + offs, mask=ok, other=0.0)
+        delta = mb - mean
+        tl.store(mean_ptr + offs, mean + delta * (nf / (cf + nf)), mask=ok)
+        if HAS_M2:
+            m2b = tl.zeros((BLOCK,), dtype=dt)
+            for r in range(n):
+                g = tl.load(g_ptr + r * stride_n + offs, mask=ok, other=0.0).to(dt)
+                d = g * g - mb
+                m2b += d * d
+            m2 = tl.load(m2_ptr + offs, mask=ok, other=0.0)
+            tl.store(m2_ptr + offs, m2 + m2b + delta * delta * (cf * nf / (cf + nf)), mask=ok)
+    if HAS_ABS:
+        tl.store(sabs_ptr + offs, tl.load(sabs_ptr + offs, mask=ok, other=0.0) + sa, mask=ok)
+    if HAS_SUM:
+        tl.store(sg_ptr + offs, tl.load(sg_ptr + offs, mask=ok, other=0.0) + sg, mask=ok)

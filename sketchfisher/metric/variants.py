@@ -8,8 +8,8 @@ and differs only in the entry-wise functions ``f_i`` (the *i-side*) and ``f_j`` 
 in which sign means conflict. The exact engine, the sketch path (torch and Triton), the statistics,
 verification and the result all read this table; adding a variant is one entry (plus its tests).
 
-The mean of ``f(g)`` over a task is a pass-1 statistic (``MEAN_OF``): the Fisher Î for ``square``,
-the mean |g| for ``abs``, the mean g for ``identity``. Sketch centering uses it.
+The mean of ``f(g)`` over a task comes from a pass-1 statistic (``MEAN_OF``): the Fisher Î (``fisher``)
+for ``square``, Σ|g| (``abs``) for ``abs``, Σg (``sum``) for ``identity``. Sketch centering uses it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..errors import InputError
 Transform = Literal["identity", "square", "abs"]
 TRANSFORM_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda g: g, "square": torch.square, "abs": torch.abs}
-MEAN_OF: dict[str, str] = {"square": "fisher", "abs": "mean_abs", "identity": "mean_grad"}
+MEAN_OF: dict[str, str] = {"square": "fisher", "abs": "abs", "identity": "sum"}
 
 
 @dataclass(frozen=True)

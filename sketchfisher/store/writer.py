@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..capture.oracle import LossFn
-from ..collect import factor_pass, fold_factors, prepare_all, sketch_batches, trainable_weights
+from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_statistics, prepare_all, sketch_batches
+from ..collect import trainable_weights
 from ..collect.sketches import check_reiterable
 from ..compress import Sketch
 from ..compress.sketch import quantize
@@ -75,13 +76,14 @@ class Ranks:
 
 
 def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
-           checkpoint_every: int, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype) -> FisherStats:
+           checkpoint_every: int, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype,
+           quantities: tuple[str, ...]) -> FisherStats:
     final = root / "pass1" / f"{task}.safetensors"
     if final.exists():
         return FisherStats.from_tensors(*load_tensors(final))
     suffix = "" if ranks.world == 1 else f".rank{ranks.rank}-of-{ranks.world}"
     partial = root / "pass1" / f"{task}{suffix}.partial.safetensors"
-    stats, done = FisherStats(dtype=stats_dtype), 0
+    stats, done = FisherStats(dtype=stats_dtype, quantities=quantities), 0
     if partial.exists():
         tensors, meta = load_tensors(partial)
         stats, done = FisherStats.from_tensors(tensors, meta), int(meta["batches_done"])
@@ -138,7 +140,7 @@ def _check_space(root: Path, layout: Layout, codec: Sketch, samples: int, max_by
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
                      task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
                      checkpoint_every: int = 16, max_bytes: int | None = None,
-                     show_progress: bool = False, stats_dtype: torch.dtype = torch.float64) -> Path:
+                     show_progress: bool = False, stats_dtype: torch.dtype | None = None) -> Path:
     """Collect (or finish collecting) a sketch store at ``path``; returns the path.
 
     Before pass 2 writes anything, the planned size of the sketches (known once pass 1 has counted
@@ -165,10 +167,12 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
             stale.unlink()
     ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
-    stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress, ranks, stats_dtype)
-             for t in TASKS}
+    needs = needed_statistics(cfg, codec)
+    stats_dtype = stats_dtype or default_stats_dtype(model)
+    stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress, ranks, stats_dtype,
+                       needs[t]) for t in TASKS}
     _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
-    preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec)
+    preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True)
     for t in TASKS:
         folder = root / "pass2" / t
         done = {p.name for p in folder.glob("*.safetensors")}
