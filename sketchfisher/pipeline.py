@@ -19,6 +19,7 @@ from .interference.context import ExactSource, ResultContext, SketchSource
 from .interference.engine import DEFAULT_MAX_BYTES
 from .interference.stored import open_store
 from .layout import Layout, layout_for
+from .phases import PhaseLog
 from .store import collect_to_store
 
 logger = logging.getLogger(__name__)
@@ -60,18 +61,23 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
                          **stats_kw)
         return open_store(store).result(max_bytes=max_bytes)
     needs = needed_statistics(cfg, codec)
-    rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="task A",
-                             show_progress=progress, quantities=needs["a"], **stats_kw)
-    rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="task B",
-                             show_progress=progress, quantities=needs["b"], **stats_kw)
+    log = PhaseLog.for_devices([p.device for p in model.parameters()])
+    with log.phase("pass 1 A"):
+        rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="pass 1 A",
+                                 show_progress=progress, quantities=needs["a"], **stats_kw)
+    with log.phase("pass 1 B"):
+        rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="pass 1 B",
+                                 show_progress=progress, quantities=needs["b"], **stats_kw)
     if codec.two_pass:
         side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, stats_b,
-                                             show_progress=progress)
+                                             show_progress=progress, log=log)
         source = SketchSource(side_a, side_b, e)
     else:
         source = ExactSource(rep_a, rep_b)
     context = ResultContext(layout=layout, cfg=cfg, codec=codec, stats_a=stats_a, stats_b=stats_b, source=source)
-    return InterferenceResult.from_context(context, max_bytes)
+    res = InterferenceResult.from_context(context, max_bytes)
+    res.phases = log
+    return res
 
 
 def score_config(config: Optional[ScoreConfig] = None, **overrides: Any) -> ScoreConfig:

@@ -4,7 +4,7 @@ Each top-level unit of ``sketchfisher`` has a rank; a module may import its own 
 lower rank, never a sibling of the same rank or anything above it. The chain (also in the README and
 ``docs/design.md``)::
 
-    errors, progress ← layout, metric, kernels ← capture ← compress, fisher ← collect ← store
+    errors, progress, phases ← layout, metric, kernels ← capture ← compress, fisher ← collect ← store
       ← interference ← pipeline, planner, evaluation, tasks, plots ← demo ← sketchfisher ← cli ← __main__
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sketchfisher"
 RANK = {
-    "_version": 0, "errors": 0, "progress": 0,
+    "_version": 0, "errors": 0, "progress": 0, "phases": 0,
     "layout": 1, "metric": 1, "kernels": 1,
     "capture": 2,
     "compress": 3, "fisher": 3,

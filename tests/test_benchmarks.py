@@ -20,6 +20,7 @@ TINY = {
     "gpu_collect.py": ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "4", "--kv", "4", "2",
                        "--intermediate", "64", "--vocab", "50", "--tokens", "6", "--batch", "2", "--steps", "1",
                        "--repeats", "1"],
+    "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
     "sjlt_tune.py": ["--help"],
     "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],

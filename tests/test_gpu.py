@@ -86,3 +86,45 @@ def test_two_nccl_ranks_equal_single_process(tmp_path):
     from test_distributed import two_ranks_equal_single_process
 
     two_ranks_equal_single_process(tmp_path, "nccl")
+
+
+def test_statistics_move_to_host_once_consumed_and_scores_do_not_change():
+    """Building the preparations moves each parameter's statistics to host memory: same scores, bitwise."""
+    from sketchfisher.collect import collect, collect_sketches, needed_statistics, prepare_all
+
+    model = make_model("llama_gqa").cuda()
+    ta = [{k: v.cuda() for k, v in b.items()} for b in make_batches(5, 2, seed=1)]
+    tb = [{k: v.cuda() for k, v in b.items()} for b in make_batches(4, 3, seed=2)]
+    layout, codec, cfg = sf.layout_for(model), sf.Sketch(k=32, dtype="fp32"), sf.ScoreConfig()
+    needs = needed_statistics(cfg, codec)
+    stats = [collect(model, generic_loss, t, layout, codec, quantities=needs[k])[1] for t, k in ((ta, "a"), (tb, "b"))]
+    kept = prepare_all(layout, *stats, cfg, codec, offload=False)
+    assert all(w.mean is None or w.mean.is_cuda for w in stats[0].welford.values())
+    moved = prepare_all(layout, *stats, cfg, codec, offload=True)
+    assert all(t.device.type == "cpu" for s in stats for t in [*s.sum_abs.values()]
+               + [w.mean for w in s.welford.values() if w.mean is not None])
+    for key, prep in kept.items():
+        assert prep.w_a.is_cuda and torch.equal(prep.w_a, moved[key].w_a) and torch.equal(prep.e, moved[key].e)
+    side_a, side_b, e = collect_sketches(model, generic_loss, ta, tb, layout, codec, cfg, *stats)
+    assert all(v.device.type == "cuda" for v in e.values())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_model_dispatched_over_two_devices_equals_one_device():
+    """Layers on different cards: statistics, preparations and sketches live on each layer's card, and the
+    scores equal those of the same model on one card."""
+    from accelerate import dispatch_model
+
+    model = make_model("llama_gqa", wrapper=True)
+    ta, tb = make_batches(5, 2, seed=1), make_batches(4, 3, seed=2)
+    to = lambda bs: [{k: v.cuda(0) for k, v in b.items()} for b in bs]  # noqa: E731
+    for codec in (sf.Factors(), sf.Sketch(k=32, kind="sjlt", seed=0, dtype="fp32")):
+        one = sf.analyze(model.cuda(0), generic_loss, to(ta), to(tb), codec=codec)
+        device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1,
+                      "model.rotary_emb": 0, "lm_head": 1}
+        two = sf.analyze(dispatch_model(model, device_map=device_map), generic_loss, to(ta), to(tb), codec=codec)
+        if codec.two_pass:
+            q1 = two.layout.param_of(1, "Q")
+            assert two.context.stats_a.welford[q1].count == one.context.stats_a.welford[q1].count
+        torch.testing.assert_close(two.scores, one.scores, rtol=1e-5, atol=1e-6 * float(one.scores.abs().max()))
+        model = make_model("llama_gqa", wrapper=True)

@@ -91,6 +91,6 @@ def generic_loss(model: torch.nn.Module, batch: dict, **kw) -> torch.Tensor:
     h = out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
     g = torch.Generator().manual_seed(123)
     u = torch.randn(h.shape[-1], generator=g).to(h)
-    m = batch["attention_mask"].to(h.dtype)
+    m = batch["attention_mask"].to(h)  # h's dtype and device (the last layer's card under a device map)
     per_token = (h @ u) ** 2 + (h @ u)
     return (per_token * m).sum(1) / m.sum(1)

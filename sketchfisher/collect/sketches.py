@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats
 from ..layout import BLOCKS, Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
+from ..phases import PhaseLog
 from ..progress import progress
 from .passes import Skip, factor_pass, trainable_weights
 
@@ -171,15 +172,19 @@ def check_reiterable(**tasks: Iterable[Any]) -> None:
 
 def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any],
                      layout: Layout, codec: Sketch, cfg: ScoreConfig, stats_a: FisherStats, stats_b: FisherStats,
-                     show_progress: bool = False) -> tuple[SketchSide, SketchSide, dict]:
+                     show_progress: bool = False, log: Optional[PhaseLog] = None) -> tuple[SketchSide, SketchSide, dict]:
     """Pass 2 for both tasks given their pass-1 statistics; returns the two sides and each block's exact
     scalar ``e`` (all the scores need of the preparations, which are freed)."""
     check_reiterable(task_a=task_a, task_b=task_b)
-    preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True)
-    side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "sketch A",
-                         show_progress)
-    side_b = sketch_task(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count, cfg, "sketch B",
-                         show_progress)
+    log = log or PhaseLog()
+    with log.phase("preparation"):
+        preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True)
+    with log.phase("pass 2 A"):
+        side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "pass 2 A",
+                             show_progress)
+    with log.phase("pass 2 B"):
+        side_b = sketch_task(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count, cfg, "pass 2 B",
+                             show_progress)
     if side_a.n != stats_a.count or side_b.n != stats_b.count:
         raise InputError(f"pass 2 saw {side_a.n}/{side_b.n} samples but pass 1 saw {stats_a.count}/{stats_b.count}: "
                          "the tasks must yield the same batches on every pass")

@@ -11,6 +11,7 @@ import torch
 from ..errors import InputError
 from ..layout import BLOCKS, Layout, block_index
 from ..metric import Provider, ScoreConfig
+from ..phases import PhaseLog
 from .context import ResultContext, provider_for
 from .engine import DEFAULT_MAX_BYTES, assemble, iter_chunks
 
@@ -41,6 +42,7 @@ class InterferenceResult:
     context: Optional[ResultContext] = field(default=None, repr=False)
     _scores: Optional[torch.Tensor] = field(default=None, repr=False)
     _stderr: Optional[torch.Tensor] = field(default=None, repr=False)
+    phases: Optional[PhaseLog] = field(default=None, repr=False)  # time and device memory per collection phase
 
     @classmethod
     def from_context(cls, context: ResultContext, max_bytes: int = DEFAULT_MAX_BYTES) -> "InterferenceResult":

@@ -1,0 +1,158 @@
+"""The user path end to end on one GPU (or the GPUs of one host): ``sf.analyze`` with ``Sketch(k=256)``
+on a full-depth Llama-shaped model, beside one plain forward+backward over the same data.
+
+Random bf16 weights (no download), random token ids, per-sample next-token cross-entropy. Reports
+wall time of ``sf.analyze`` (both passes, both tasks, scoring of the head means) as a multiple of one
+plain forward+backward over the same batches, the peak device memory of each, and the planner's
+prediction beside the measured peak.
+
+    python3 benchmarks/gpu_e2e.py --shape llama-7b --samples 256 --tokens 512 --batch 4
+    python3 benchmarks/gpu_e2e.py --shape llama3-8b ...          # GQA, 8 kv heads, vocabulary 128256
+    python3 benchmarks/gpu_e2e.py --shape llama-13b --device-map auto   # layers spread over the GPUs
+    python3 benchmarks/gpu_e2e.py --device cpu --shape tiny      # the test suite's smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+import transformers as hf
+
+import sketchfisher as sf
+
+SHAPES = {  # hidden, heads, kv heads, intermediate, vocabulary, layers
+    "llama-7b": (4096, 32, 32, 11008, 32000, 32),
+    "llama3-8b": (4096, 32, 8, 14336, 128256, 32),
+    "llama-13b": (5120, 40, 40, 13824, 32000, 40),
+    "llama-70b": (8192, 64, 8, 28672, 32000, 80),
+    "tiny": (64, 4, 2, 128, 100, 2),
+}
+
+
+def lm_loss(model, batch):
+    """Per-sample mean next-token cross-entropy (softmax over the contiguous vocabulary axis)."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                           ids[:, 1:].reshape(-1).to(logits.device), reduction="none")
+    return ce.view(ids.shape[0], -1).mean(1)
+
+
+def build_model(args) -> torch.nn.Module:
+    hidden, heads, kv, inter, vocab, layers = SHAPES[args.shape]
+    config = hf.LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
+                            intermediate_size=inter, vocab_size=vocab, num_hidden_layers=args.layers or layers,
+                            max_position_embeddings=max(4096, args.tokens))
+    torch.manual_seed(0)
+    if args.device_map != "auto":
+        with torch.device(args.device):  # random init on the GPU: seconds instead of minutes
+            return hf.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    with init_empty_weights():
+        model = hf.LlamaForCausalLM(config).to(torch.bfloat16)
+    n_dev, L = torch.cuda.device_count(), config.num_hidden_layers
+    device_map = {"model.embed_tokens": 0, "model.norm": n_dev - 1, "model.rotary_emb": 0, "lm_head": n_dev - 1}
+    device_map.update({f"model.layers.{i}": i * n_dev // L for i in range(L)})
+    owner = lambda name: next(d for k, d in device_map.items() if name == k or name.startswith(k + "."))  # noqa
+    for name, p in list(model.named_parameters()):
+        value = torch.empty(p.shape, dtype=torch.bfloat16, device=f"cuda:{owner(name)}").normal_(0, 0.02)
+        set_module_tensor_to_device(model, name, f"cuda:{owner(name)}", value=value)
+    return dispatch_model(model, device_map=device_map).eval()
+
+
+def timed(fn, devices):
+    for d in devices:
+        torch.cuda.synchronize(d)
+        torch.cuda.reset_peak_memory_stats(d)
+    start = time.perf_counter()
+    out = fn()
+    for d in devices:
+        torch.cuda.synchronize(d)
+    peaks = [torch.cuda.max_memory_allocated(d) / 2**30 for d in devices]
+    return time.perf_counter() - start, peaks, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="override the shape's depth")
+    p.add_argument("--samples", type=int, default=256, help="samples per task")
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--device-map", default="none", choices=["none", "auto"])
+    p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--compare-stats-dtype", action="store_true",
+                   help="also run with fp64 statistics and report how far the default (fp32 on GPUs) moves the scores")
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = p.parse_args()
+    model = build_model(args)
+    devices = sorted({q.device for q in model.parameters()}, key=str)
+    cuda = [d for d in devices if d.type == "cuda"]
+    first = devices[0]
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=first).manual_seed(0)
+    make = lambda: [{"input_ids": torch.randint(0, vocab, (args.batch, args.tokens), device=first, generator=gen)}  # noqa
+                    for _ in range(-(-args.samples // args.batch))]
+    task_a, task_b = make(), make()
+    sync = (lambda: [torch.cuda.synchronize(d) for d in cuda]) if cuda else (lambda: None)
+    measure = (lambda fn: timed(fn, cuda)) if cuda else (lambda fn: (lambda t0: (lambda out: (time.perf_counter() - t0, [float("nan")], out))(fn()))(time.perf_counter()))  # noqa
+
+    def plain():
+        for batch in task_a + task_b:
+            model.zero_grad(set_to_none=True)
+            lm_loss(model, batch).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    rows = []
+    if not args.skip_plain:
+        lm_loss(model, task_a[0]).sum().backward()  # warm-up
+        model.zero_grad(set_to_none=True)
+        sec, peaks, _ = measure(plain)
+        rows.append(("plain forward+backward (both tasks)", sec, peaks))
+    codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
+    sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec))
+    rows.append(("sf.analyze: both passes, both tasks", sec, peaks))
+    sec_s, peaks_s, means = measure(res.head_means)
+    rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
+    sync()
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    hidden, heads, kv, inter, vocab, layers = SHAPES[args.shape]
+    print(f"# {name} x {len(cuda)}, torch {torch.__version__}, {args.shape} ({args.layers or layers} layers, hidden "
+          f"{hidden}, {heads} heads, {kv} kv heads, intermediate {inter}, vocabulary {vocab}), bf16 weights, "
+          f"{args.samples} + {args.samples} samples, T={args.tokens}, batch {args.batch}, Sketch(sjlt, k={args.k})")
+    base = rows[0][1] if not args.skip_plain else float("nan")
+    print("| what | seconds | x plain | peak GiB per device |\n| --- | --- | --- | --- |")
+    for label, sec, peaks in rows:
+        print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
+    print("| phase of sf.analyze | seconds | | peak GiB (max over devices) |")
+    for row in res.phases.rows():
+        print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
+    finite = torch.isfinite(means).all().item()
+    print(f"head means finite: {finite}; stats {res.context.stats_a.dtype}, kept A {res.context.stats_a.quantities}, "
+          f"B {res.context.stats_b.quantities}")
+    if args.compare_stats_dtype:
+        ref = sf.analyze(model, lm_loss, task_a, task_b, codec=codec, stats_dtype=torch.float64)
+        a, b, se = res.scores.double(), ref.scores.double(), ref.stderr.double()
+        ok = torch.isfinite(a) & torch.isfinite(b)
+        diff = (a - b).abs()[ok]
+        print(f"statistics {res.context.stats_a.dtype} vs float64: max |Δscore| / max |score| "
+              f"{float(diff.max() / b[ok].abs().max()):.2e}, median |Δscore| / stderr {float((diff / se[ok]).median()):.2e}, "
+              f"max |Δscore| / stderr {float((diff / se[ok]).max()):.2e}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "rows": rows, "phases": res.phases.rows(), "device": name}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
