@@ -28,28 +28,42 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .planner import plan
+    import sketchfisher as sf
+    from .planner import format_bytes, plan, plan_phases
 
     source = args.preset
     if args.config:
         from transformers import AutoConfig
 
         source = AutoConfig.from_pretrained(args.config, local_files_only=True)
-    df = plan(source, samples=args.samples, tokens=args.tokens, k=args.k, rank=args.rank, sketch_dtype=args.dtype)
-    print(f"plan for {args.config or args.preset}: {args.samples} samples, {args.tokens} tokens each")
-    print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    stats_bytes = 4 if args.stats_dtype == "float32" else 8
+    df = plan(source, samples=args.samples, tokens=args.tokens, k=args.k, rank=args.rank, sketch_dtype=args.sketch_dtype,
+              batch_size=args.batch_size, stats_bytes=stats_bytes, devices=args.devices)
+    print(f"plan for {args.config or args.preset}: {args.samples} samples of {args.tokens} tokens, batch "
+          f"{args.batch_size}, {args.stats_dtype} statistics, {args.devices} device(s)")
+    table = df[["codec", "disk", "peak_device", "x_smaller_than_exact"]].rename(
+        columns={"disk": "disk (representation)", "peak_device": "peak device memory", "x_smaller_than_exact":
+                 "x smaller than Exact"})
+    print(table.to_string(index=False, float_format=lambda x: f"{x:,.1f}"))
+    phases = plan_phases(source, samples=args.samples, tokens=args.tokens, batch_size=args.batch_size,
+                         codec=sf.Sketch(k=args.k, dtype=args.sketch_dtype), stats_bytes=stats_bytes,
+                         devices=args.devices)
+    print(f"\nSketch(k={args.k}) with sf.analyze / collect, peak device memory per phase (busiest device):")
+    for row in phases.itertuples():
+        print(f"  {row.phase:<12} {format_bytes(row.peak_device_bytes)}")
     return 0
 
 
 def _collect(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from .store import collect_to_store
-    from .tasks import load_hf, loss_for, read_task, task_batches, to_device
+    from .tasks import input_device, load_hf, loss_for, read_task, task_batches, to_device
 
-    model, tok = load_hf(args.model, args.loss, args.device)
-    tasks = [to_device(task_batches(read_task(p), tok, args.loss, args.batch_size, args.max_length), args.device)
+    model, tok = load_hf(args.model, args.loss, args.device, args.dtype, _device_map(args))
+    device = input_device(model)
+    tasks = [to_device(task_batches(read_task(p), tok, args.loss, args.batch_size, args.max_length), device)
              for p in (args.task_a, args.task_b)]
-    codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.dtype,
+    codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.sketch_dtype,
                       variance_reduction=not args.no_variance_reduction)
     cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
     import torch
@@ -85,13 +99,13 @@ def _interfere(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     import sketchfisher as sf
-    from .tasks import load_hf, loss_for, read_task, task_batches, to_device
+    from .tasks import input_device, load_hf, loss_for, read_task, task_batches, to_device
 
     store = sf.open_store(args.store)
     loss = args.loss
-    model, tok = load_hf(args.model, loss, args.device)
+    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     store.check(model)
-    tasks = [to_device(task_batches(read_task(p), tok, loss, args.batch_size, args.max_length), args.device)
+    tasks = [to_device(task_batches(read_task(p), tok, loss, args.batch_size, args.max_length), input_device(model))
              for p in (args.task_a, args.task_b)]
     v = store.result().verify_top(args.k, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
                                   task_b=tasks[1])
@@ -117,6 +131,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (never chosen for you)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="precision of the model's weights (default: float32)")
+    p.add_argument("--device-map", default="none", choices=["none", "auto"],
+                   help="auto: spread the layers over every visible GPU (needs accelerate); default: none")
+
+
+def _device_map(args: argparse.Namespace) -> str | None:
+    return None if args.device_map == "none" else args.device_map
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,13 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("plan", help="disk and device memory of each codec for a model and sample count")
-    p.add_argument("--preset", default="llama-7b", help="gpt2, minilm, llama-7b, llama-13b or llama-70b")
+    p.add_argument("--preset", default="llama-7b", help="gpt2, minilm, llama-7b, llama3-8b, llama-13b or llama-70b")
     p.add_argument("--config", help="a local HF config directory instead of a preset")
     p.add_argument("--samples", type=int, default=768, help="samples over both tasks")
     p.add_argument("--tokens", type=int, default=512, help="tokens per sample")
     p.add_argument("--k", type=int, default=256, help="sketch width per head block")
     p.add_argument("--rank", type=int, default=16, help="rank of truncated factors")
-    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"], help="sketch storage")
+    p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="storage precision of the sketches (default: fp16)")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per batch (default: 4)")
+    p.add_argument("--devices", type=int, default=1, help="devices the layers are spread over (default: 1)")
+    p.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
+                   help="precision of the pass-1 statistics (default: float32, the GPU default)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("collect", help="sketch two tasks into a resumable store (rerun the same command to resume)")
@@ -147,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--kind", default="sjlt", choices=["gaussian", "sjlt", "srht"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="storage precision of the sketches (default: fp16)")
     p.add_argument("--no-variance-reduction", action="store_true")
     p.add_argument("--variant", default="paper", choices=["paper", "signed", "symmetric"])
     p.add_argument("--normalizer", default="a", choices=["a", "pooled", "loo"])

@@ -17,6 +17,8 @@ import torch
 from .errors import InputError
 
 LOSSES = ("mlm", "clm")
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_task(path: str | Path) -> list[str]:
@@ -42,8 +44,13 @@ def read_task(path: str | Path) -> list[str]:
     return texts
 
 
-def load_hf(model_dir: str | Path, loss: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
-    """A local HF model (no network) and its tokenizer, for ``loss`` in ("mlm", "clm")."""
+def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = "float32",
+            device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """A local HF model (no network) and its tokenizer, for ``loss`` in ("mlm", "clm").
+
+    ``dtype`` is the weights' precision (float32, bfloat16 or float16); ``device_map="auto"`` spreads
+    the layers over every visible GPU (transformers + accelerate) instead of moving the model to
+    ``device``."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,15 +58,25 @@ def load_hf(model_dir: str | Path, loss: str, device: str = "cpu") -> tuple[torc
 
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if dtype not in MODEL_DTYPES:
+        raise InputError(f"dtype must be one of {tuple(MODEL_DTYPES)}, got {dtype!r}")
     cls = AutoModelForCausalLM if loss == "clm" else AutoModel
+    kw = {"torch_dtype": MODEL_DTYPES[dtype]} | ({"device_map": device_map} if device_map else {})
     try:
-        model = cls.from_pretrained(model_dir, local_files_only=True)
+        model = cls.from_pretrained(model_dir, local_files_only=True, **kw)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load a local HF model and tokenizer from {model_dir}: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.float().to(device).eval(), tokenizer
+    model = model.to(MODEL_DTYPES[dtype])
+    return (model if device_map else model.to(device)).eval(), tokenizer
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its input embedding's device (the first card under a device map)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.device if emb is not None else next(model.parameters()).device
 
 
 def clm_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_length: int = 128) -> list[dict]:
@@ -74,9 +91,10 @@ def clm_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_lengt
 def clm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-sample mean next-token cross-entropy over real (unpadded) positions."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    target = batch["input_ids"][:, 1:]
-    mask = batch["attention_mask"][:, 1:].to(logits.dtype)
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    target = batch["input_ids"][:, 1:].to(logits.device)
+    mask = batch["attention_mask"][:, 1:].to(device=logits.device, dtype=torch.float32)
+    flat = logits.reshape(-1, logits.shape[-1]).float()  # the vocabulary axis contiguous: a fast softmax
+    ce = torch.nn.functional.cross_entropy(flat, target.reshape(-1), reduction="none").view(target.shape)
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
@@ -112,8 +130,8 @@ def make_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_leng
 def masked_token_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-sample mean cross-entropy of the masked tokens, decoded with the tied word embeddings."""
     hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = hidden @ model.get_input_embeddings().weight.T
-    labels = batch["labels"]
+    logits = hidden @ model.get_input_embeddings().weight.to(hidden.device).T
+    labels = batch["labels"].to(hidden.device)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     return ce.sum(1) / (labels != -100).sum(1).clamp_min(1)
 

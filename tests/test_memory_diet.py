@@ -49,6 +49,7 @@ def test_preparations_from_needed_statistics_equal_those_from_all(llama, variant
     slim = [collect(model, generic_loss, t, layout, codec, quantities=needs[k])[1] for t, k in ((ta, "a"), (tb, "b"))]
     assert slim[1].nbytes() < full[1].nbytes() and slim[0].nbytes() < full[0].nbytes()
     p_full, p_slim = prepare_all(layout, *full, cfg, codec), prepare_all(layout, *slim, cfg, codec, offload=True)
+    assert slim[0].quantities == ("fisher",) and slim[1].quantities == (("fisher",) if normalizer == "pooled" else ())
     for key, want in p_full.items():
         got = p_slim[key]
         for field in ("w_a", "w_b", "x_bar", "y_bar", "e"):
@@ -61,9 +62,9 @@ def test_preparations_from_needed_statistics_equal_those_from_all(llama, variant
 def test_analyze_keeps_only_the_needed_statistics(llama):
     model, ta, tb = llama
     res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8))
-    assert res.context.stats_a.quantities == ("fisher", "abs")
-    assert res.context.stats_b.quantities == ("abs",)
-    with pytest.raises(sf.InputError, match="was not collected"):
+    assert res.context.stats_a.quantities == ("fisher",)  # Σ|g| was consumed by the preparations and freed
+    assert res.context.stats_b.quantities == ()
+    with pytest.raises(sf.InputError, match="not kept"):
         res.context.stats_b.fisher(res.layout.param_of(0, "Q"))
 
 
@@ -87,3 +88,48 @@ def test_subset_statistics_round_trip_and_merge():
     counts_only.update({"w": g})
     assert counts_only.count == 5 and counts_only.nbytes() == 0
     assert QUANTITIES == ("fisher", "m2", "abs", "sum")
+
+
+def test_phase_plan_matches_hand_computation():
+    """Each phase of the planner, term by term, for the Llama-7B shape (fp32 statistics, bf16 weights)."""
+    from sketchfisher.planner import plan_phases
+
+    L, h, I, V, B, T, n = 32, 4096, 11008, 32000, 4, 512, 512
+    attn = L * 4 * h * h
+    params = L * (4 * h * h + 3 * h * I) + V * h
+    weights, stat = params * 2, attn * 4
+    running = B * T * L * 8 * h * 4 + B * T * L * (26 * h + 11 * I) + B * T * V * 10 + 2 * B * h * h * 4
+    preps = 4 * attn * 4
+    sketches = L * 128 * (256 * 2 + 16) * n
+    want = {"pass 1 A": weights + 2 * stat + running, "pass 1 B": weights + 3 * stat + running,
+            "preparation": weights + max(3 * stat, preps), "pass 2 A": weights + preps + running,
+            "pass 2 B": weights + preps + running + sketches / 2, "scoring": weights + sketches + 2 * B * h * h * 4}
+    df = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B).set_index("phase")
+    for phase, value in want.items():
+        assert df.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
+    two = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, devices=2).set_index("phase")
+    # layer-proportional terms halve; the logits and one module's per-sample gradient do not
+    logits, grad = B * T * V * 10, 2 * B * h * h * 4
+    assert two.loc["pass 2 B", "peak_device_bytes"] == pytest.approx(
+        (weights + preps + running - logits - grad + sketches / 2) / 2 + logits + grad)
+    # pooled normaliser: task B keeps its Fisher too; fp64 statistics double them
+    pooled = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, cfg=sf.ScoreConfig(normalizer="pooled"),
+                         stats_bytes=8).set_index("phase")
+    assert pooled.loc["pass 1 B", "peak_device_bytes"] == pytest.approx(weights + 4 * 2 * stat + running)
+
+
+def test_a_run_that_would_not_fit_is_refused_with_numbers_and_alternatives():
+    from sketchfisher.collect.memory import refuse_over_budget
+
+    kw = dict(devices=1, samples=512, tokens=512, batch_size=4, codec=sf.Sketch(), cfg=sf.ScoreConfig(),
+              model_bytes_per_param=2)
+    ok = refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float32, **kw)
+    assert ok["peak_device_bytes"].max() < 72 * 2**30
+    with pytest.raises(sf.InputError) as err:
+        refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **kw)
+    text = str(err.value)
+    assert "GiB on a device in pass 2 B but 80.0 GiB is available" in text
+    assert "float64 statistics" in text and "stats_dtype=torch.float32" in text and "2 devices" in text
+    assert "e+" not in text  # human units, no scientific notation
+    with pytest.raises(sf.InputError, match="spread over 2 devices"):
+        refuse_over_budget("llama-13b", 80 * 2**30, stats_dtype=torch.float32, **kw)

@@ -66,18 +66,24 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg:
                 offload: bool = False) -> Preps:
     """:func:`prepare` for every (layer, block), layer by layer.
 
-    With ``offload=True`` each parameter's statistics move to host memory as soon as all of its
-    blocks are prepared, so device memory holds the statistics or the preparations of a parameter,
-    never both for the whole model (at 7B the two together would not fit one 80 GB card)."""
+    With ``offload=True`` each parameter's statistics are released as soon as all of its blocks are
+    prepared: the Fisher (needed later to re-score candidates exactly) moves to host memory, the
+    statistics consumed here (Σ|g|, Σg) are freed. Device memory then holds the statistics or the
+    preparations of a parameter, never both for the whole model (at 7B the two together would not fit
+    one 80 GB card)."""
     keys = [(layer, block) for layer in range(layout.num_layers) for block in BLOCKS]
     last_use = {layout.param_of(*key): key for key in keys}
     preps: Preps = {}
+    later = ("fisher",)  # what results use after collection: the normaliser (exact re-scoring)
     for key in keys:
         preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec)
         name = layout.param_of(*key)
         if offload and last_use[name] == key:
             for stats in (stats_a, stats_b):
-                stats.offload(name)
+                stats.offload(name, keep=later)
+    if offload:
+        for stats in (stats_a, stats_b):
+            stats.settle(later)
     return preps
 
 

@@ -176,16 +176,25 @@ class FisherStats:
     def names(self) -> list[str]:
         return list(self.welford)
 
-    def offload(self, name: str) -> None:
-        """Move one parameter's statistics to host memory (a no-op when they are there already)."""
+    def offload(self, name: str, keep: tuple[str, ...] = QUANTITIES) -> None:
+        """Move one parameter's statistics to host memory (a no-op when they are there already) and free
+        those not in ``keep`` (statistics already consumed). Call :meth:`settle` after the last one."""
         w = self.welford.get(name)
         if w is None:
             return
         host = lambda t: t if t is None or t.device.type == "cpu" else t.to("cpu")  # noqa: E731
-        w.mean, w.m2 = host(w.mean), host(w.m2)
-        for acc in (self.sum_abs, self.sum_g):
+        w.mean = host(w.mean) if "fisher" in keep else None
+        w.m2 = host(w.m2) if "m2" in keep else None
+        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
             if name in acc:
-                acc[name] = host(acc[name])
+                if q in keep:
+                    acc[name] = host(acc[name])
+                else:
+                    del acc[name]
+
+    def settle(self, keep: tuple[str, ...]) -> None:
+        """Declare that only ``keep`` remains (after :meth:`offload` freed the rest for every parameter)."""
+        self.quantities = tuple(q for q in self.quantities if q in keep)
 
     def all_reduce(self, names: list[str]) -> "FisherStats":
         """Statistics of the union over all ``torch.distributed`` ranks (every rank gets the result).
@@ -273,8 +282,8 @@ class FisherStats:
         if w is None or w.count == 0:
             raise InputError(f"no statistics for {name!r} (0 samples)")
         if quantity not in self.quantities:
-            raise InputError(f"the statistic {quantity!r} of {name!r} was not collected (these statistics keep "
-                             f"{self.quantities}; the settings they were collected for did not need it)")
+            raise InputError(f"the statistic {quantity!r} of {name!r} is not kept (these statistics keep "
+                             f"{self.quantities}: the settings did not need it, or it was freed once consumed)")
         return w
 
     def fisher(self, name: str) -> torch.Tensor:

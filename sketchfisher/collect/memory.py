@@ -1,0 +1,207 @@
+"""Device memory of a collection, predicted per phase before anything runs, and the check that refuses
+a run that would not fit.
+
+``plan_phases(...)`` predicts the peak device memory of each phase of ``sf.analyze`` (pass 1 of
+each task, the preparation, pass 2, scoring) for the settings actually used: the statistics the
+variant/normaliser/codec keep (:func:`sketchfisher.collect.needed_statistics`) and their precision,
+the batch, and the number of devices the layers are spread over. Its terms:
+
+* weights: parameters × bytes per parameter (bf16: 2), split over the devices;
+* statistics: kept quantities × attention parameters × 4 (fp32) or 8 (fp64) bytes;
+* preparations (pass 2 of sketches): 4 fp32 tensors of the attention size (2 without variance
+  reduction); the statistics have then been released;
+* capture: fp32 factors of every hooked projection, B·T·Σ(in + out)·4 bytes per layer;
+* activations kept for the backward pass: B·T·(26·hidden + 11·intermediate) bytes per layer for a
+  bf16 model with PyTorch's fused attention, plus B·T·vocabulary·10 bytes for the logits and their
+  fp32 loss (fitted on Llama-7B and Llama-3-8B shapes on an H200; docs/benchmarks.md compares the
+  prediction with every measured run);
+* one module's per-sample gradient: 2·B·out·in·4 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .sketches import needed_statistics
+
+PRESETS = {
+    "gpt2": dict(num_layers=12, hidden=768, heads=12, kv_heads=12, head_dim=64, intermediate=3072, vocab=50257),
+    "minilm": dict(num_layers=6, hidden=384, heads=12, kv_heads=12, head_dim=32, intermediate=1536, vocab=30522),
+    "llama-7b": dict(num_layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000),
+    "llama3-8b": dict(num_layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
+                      vocab=128256),
+    "llama-13b": dict(num_layers=40, hidden=5120, heads=40, kv_heads=40, head_dim=128, intermediate=13824,
+                      vocab=32000),
+    "llama-70b": dict(num_layers=80, hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672,
+                      vocab=32000),
+}
+TB = 1e12
+GiB = 2**30
+ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, LOGIT_BYTES = 26, 11, 10  # bytes per token and layer / per logit
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, source: Any) -> "Shape":
+        if isinstance(source, Shape):
+            return source
+        if isinstance(source, str):
+            if source not in PRESETS:
+                raise InputError(f"unknown preset {source!r}; presets: {', '.join(PRESETS)}")
+            return cls(**PRESETS[source])
+        config = getattr(source, "config", source)
+        try:
+            heads = int(config.num_attention_heads)
+            hidden = int(config.hidden_size)
+            return cls(num_layers=int(config.num_hidden_layers), hidden=hidden, heads=heads,
+                       kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+                       head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
+                       intermediate=int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                                        or 4 * hidden),
+                       vocab=int(getattr(config, "vocab_size", 0)))
+        except (AttributeError, TypeError) as exc:
+            raise InputError(f"cannot read a model shape from {type(source).__name__}: {exc}") from None
+
+    @property
+    def attn_params_per_layer(self) -> int:
+        q = self.heads * self.head_dim * self.hidden
+        kv = 2 * self.kv_heads * self.head_dim * self.hidden
+        return 2 * q + kv  # Q and O, K and V
+
+    @property
+    def attn_in_out_per_layer(self) -> int:
+        """Σ (in + out) over the Q, K, V, O projections of one layer (the per-token factor width)."""
+        qd, kvd = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return (self.hidden + qd) * 2 + (self.hidden + kvd) * 2
+
+    @property
+    def head_blocks_per_layer(self) -> int:
+        return 2 * self.heads + 2 * self.kv_heads
+
+    @property
+    def params(self) -> int:
+        mlp = 3 * self.hidden * self.intermediate
+        return self.num_layers * (self.attn_params_per_layer + mlp) + self.vocab * self.hidden
+
+
+
+def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Any = None,
+                cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1) -> pd.DataFrame:
+    """Predicted peak device memory of each phase of ``sf.analyze`` (busiest device), in bytes and GiB."""
+    from ..compress import Sketch, check_codec
+    from ..metric import ScoreConfig
+
+    codec = check_codec(Sketch() if codec is None else codec)
+    cfg = cfg or ScoreConfig()
+    if min(samples, tokens, batch_size, devices) < 1 or stats_bytes not in (4, 8):
+        raise InputError(f"samples, tokens, batch_size and devices must be >= 1 and stats_bytes 4 or 8; got "
+                         f"{samples}, {tokens}, {batch_size}, {devices}, {stats_bytes}")
+    s = Shape.of(source)
+    attn = s.num_layers * s.attn_params_per_layer
+    needs = needed_statistics(cfg, codec)
+    stat = attn * stats_bytes
+    per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
+    weights = per_layer(s.params * model_bytes_per_param)
+    tokens_b = batch_size * tokens
+    capture = per_layer(tokens_b * s.num_layers * s.attn_in_out_per_layer * 4)
+    acts = per_layer(tokens_b * s.num_layers * (ACT_PER_HIDDEN * s.hidden + ACT_PER_INTERMEDIATE * s.intermediate))
+    acts += tokens_b * s.vocab * LOGIT_BYTES
+    grad = 2 * batch_size * max(s.heads * s.head_dim, s.hidden) * s.hidden * 4
+    running = capture + acts + grad
+    rep = 0.0
+    if not codec.two_pass:  # one-pass codecs keep every sample's representation on the device
+        per_sample = (attn * 4 if codec.name == "exact"
+                      else (codec.rank or tokens) * s.num_layers * s.attn_in_out_per_layer * 4)
+        rep = per_layer(per_sample * samples)
+    stats_a, stats_b = per_layer(len(needs["a"]) * stat), per_layer(len(needs["b"]) * stat)
+    rows = [("pass 1 A", weights + stats_a + running + rep / 2), ("pass 1 B", weights + stats_a + stats_b + running + rep)]
+    if codec.two_pass:
+        preps = per_layer((4 if codec.variance_reduction else 1) * attn * 4)
+        sketches = per_layer(s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples)
+        rows += [("preparation", weights + max(stats_a + stats_b, preps)),
+                 ("pass 2 A", weights + preps + running), ("pass 2 B", weights + preps + running + sketches / 2),
+                 ("scoring", weights + sketches + grad)]
+    else:
+        rows.append(("scoring", weights + rep + grad))
+    df = pd.DataFrame(rows, columns=["phase", "peak_device_bytes"])
+    df["peak_GiB"] = df["peak_device_bytes"] / GiB
+    return df
+
+
+def format_bytes(n: float) -> str:
+    """Human units: B, KiB, MiB, GiB, TiB (never scientific notation)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def batch_geometry(batch: Any) -> Optional[tuple[int, int]]:
+    """(batch size, tokens) of a batch holding ``input_ids`` (a mapping), else None."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    return tuple(ids.shape[:2]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
+
+
+def check_device_memory(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, first_batch: Any,
+                        samples: int) -> Optional[pd.DataFrame]:
+    """Refuse, before the first batch, a collection whose predicted peak exceeds a device's memory.
+
+    The prediction is :func:`plan_phases` for this model's shape and settings; a device's budget is
+    its free memory plus what the model's weights already take on it. Returns the plan (None when
+    the model is not on CUDA or the batch's geometry cannot be read); raises :class:`InputError` with
+    the numbers and the settings that would fit otherwise.
+    """
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    geometry = batch_geometry(first_batch)
+    if not cuda or geometry is None or getattr(model, "config", None) is None:
+        return None
+    batch, tokens = geometry
+    weights = {d: sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda and (p.device.index or 0) == d)
+               for d in cuda}
+    budget = min(torch.cuda.mem_get_info(d)[0] + weights[d] for d in cuda)
+    return refuse_over_budget(model, budget, devices=len(cuda), samples=samples, tokens=tokens, batch_size=batch,
+                              codec=codec, cfg=cfg, stats_dtype=stats_dtype,
+                              model_bytes_per_param=next(model.parameters()).element_size())
+
+
+def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Any,
+                       cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int) -> pd.DataFrame:
+    """The plan when its busiest phase fits ``budget`` bytes per device; else :class:`InputError` with the
+    numbers and the settings that would fit (fp32 statistics, a smaller batch, more devices)."""
+    stats_bytes = torch.empty((), dtype=stats_dtype).element_size()
+    args = dict(samples=samples, tokens=tokens, codec=codec, cfg=cfg, model_bytes_per_param=model_bytes_per_param)
+    peak = lambda **kw: plan_phases(source, **{**args, "batch_size": batch_size, "stats_bytes": stats_bytes,  # noqa
+                                               "devices": devices, **kw})
+    df = peak()
+    worst = df.loc[df["peak_device_bytes"].idxmax()]
+    if worst["peak_device_bytes"] <= budget:
+        return df
+    hints = []
+    if stats_bytes == 8 and peak(stats_bytes=4)["peak_device_bytes"].max() <= budget:
+        hints.append("stats_dtype=torch.float32 (--stats-dtype float32)")
+    if batch_size > 1 and peak(batch_size=batch_size // 2)["peak_device_bytes"].max() <= budget:
+        hints.append(f"batch size {batch_size // 2}")
+    more = next((n for n in (2, 4, 8) if n > devices and peak(devices=n)["peak_device_bytes"].max() <= budget), None)
+    if more:
+        hints.append(f"the layers spread over {more} devices (device_map / --device-map auto)")
+    batch, stats_dtype_name = batch_size, str(stats_dtype).replace("torch.", "")
+    phases = ", ".join(f"{r.phase} {format_bytes(r.peak_device_bytes)}" for r in df.itertuples())
+    raise InputError(f"this collection needs about {format_bytes(worst['peak_device_bytes'])} on a device in "
+                     f"{worst['phase']} but {format_bytes(budget)} is available (free plus the weights already "
+                     f"there), batch {batch} x {tokens} tokens, {stats_dtype_name} statistics, {devices} device(s): "
+                     f"{phases}. What would fit: {'; '.join(hints) or 'more or larger devices, or fewer layers'}")
