@@ -69,6 +69,44 @@ def build_model(args) -> torch.nn.Module:
     return dispatch_model(model, device_map=device_map).eval()
 
 
+def save_for_cli(model, args) -> None:
+    """Save the model with a word-level tokenizer and write two task files of random words."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = Path(args.cli)
+    words = [f"w{i}" for i in range(min(model.config.vocab_size, 5000) - 3)]
+    vocab = {"[UNK]": 0, "<pad>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = hf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>")
+    model.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        lines = [" ".join(words[i] for i in torch.randint(0, len(words), (args.tokens + 16,), generator=g).tolist())
+                 for _ in range(args.samples)]
+        (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+
+
+def run_cli(args) -> dict:
+    """``sketchfisher collect`` on what :func:`save_for_cli` wrote; its JSON summary."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(args.cli)
+    cmd = [sys.executable, "-m", "sketchfisher", "collect", "--model", str(root / "model"), "--task-a",
+           str(root / "a.txt"), "--task-b", str(root / "b.txt"), "--out", str(root / "store"), "--loss", "clm",
+           "--device", args.device, "--dtype", "bf16", "--max-length", str(args.tokens), "--batch-size",
+           str(args.batch), "--k", str(args.k), "--quiet"] + (["--device-map", "auto"] if args.device_map == "auto" else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"CLI failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
 def timed(fn, devices):
     for d in devices:
         torch.cuda.synchronize(d)
@@ -95,6 +133,9 @@ def main() -> None:
     p.add_argument("--compare-stats-dtype", action="store_true",
                    help="also run with fp64 statistics and report how far the default (fp32 on GPUs) moves the scores")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument("--cli", default=None, metavar="DIR",
+                   help="also save the model and a word-level tokenizer to DIR and run the CLI's collect on the same "
+                        "shape of data (random words, truncated to --tokens)")
     args = p.parse_args()
     model = build_model(args)
     devices = sorted({q.device for q in model.parameters()}, key=str)
@@ -149,6 +190,15 @@ def main() -> None:
         print(f"statistics {res.context.stats_a.dtype} vs float64: max |Δscore| / max |score| "
               f"{float(diff.max() / b[ok].abs().max()):.2e}, median |Δscore| / stderr {float((diff / se[ok]).median()):.2e}, "
               f"max |Δscore| / stderr {float((diff / se[ok]).max()):.2e}")
+    if args.cli:
+        save_for_cli(model, args)
+        del model, res, means  # the CLI runs in its own process: give it the device memory
+        torch.cuda.empty_cache() if cuda else None
+        cli = run_cli(args)
+        peaks = cli.get("peak_device_GiB", [float("nan")])
+        rows.append(("CLI collect (both passes, both tasks)", cli["collection_seconds"], peaks))
+        print(f"| CLI collect, same data shape | {cli['collection_seconds']:.1f} | "
+              f"{cli['collection_seconds'] / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows, "phases": res.phases.rows(), "device": name}, fh, indent=1)

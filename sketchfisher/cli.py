@@ -68,10 +68,18 @@ def _collect(args: argparse.Namespace) -> int:
     cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
     import torch
 
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    for d in cuda:
+        torch.cuda.reset_peak_memory_stats(d)
+    start = time.perf_counter()
     path = collect_to_store(args.out, model, loss_for(args.loss), tasks[0], tasks[1], sf.layout_for(model), codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype))
-    print(json.dumps(sf.open_store(path).summary(), indent=1))
+    summary = sf.open_store(path).summary()
+    summary["collection_seconds"] = round(time.perf_counter() - start, 2)
+    if cuda:
+        summary["peak_device_GiB"] = [round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in cuda]
+    print(json.dumps(summary, indent=1))
     return 0
 
 

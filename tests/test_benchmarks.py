@@ -20,7 +20,8 @@ TINY = {
     "gpu_collect.py": ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "4", "--kv", "4", "2",
                        "--intermediate", "64", "--vocab", "50", "--tokens", "6", "--batch", "2", "--steps", "1",
                        "--repeats", "1"],
-    "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8"],
+    "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8",
+                   "--cli", "{tmp}"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
     "sjlt_tune.py": ["--help"],
     "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],
@@ -35,9 +36,11 @@ def test_every_benchmark_has_a_tiny_configuration():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(TINY))
-def test_benchmark_runs_on_a_tiny_configuration(script):
-    env = {**os.environ, "SKETCHFISHER_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, str(BENCH / script), *TINY[script]], capture_output=True, text=True,
+def test_benchmark_runs_on_a_tiny_configuration(script, tmp_path):
+    env = {**os.environ, "SKETCHFISHER_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": str(BENCH.parent)}
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in TINY[script]]
+    done = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True,
                           env=env, timeout=600)
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert ("|" in done.stdout) or ("usage" in done.stdout), f"{script} printed no table:\n{done.stdout[-2000:]}"

@@ -21,6 +21,7 @@ in one pass over the batch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -102,12 +103,14 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     prep = [t.contiguous().float() if t is not None else dummy for t in (weight, centre, other)]
     contig = cols == size or (row_stride == cols)
-    sketch_kernel[(chunks, H, row_blocks)](
-        g, *prep, to_device(keys.to(torch.int64).contiguous(), dev), to_device(offsets.to(torch.int64), dev),
-        part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
-        COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
-        F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
-        TWEAK=SHIFT_TWEAK, num_warps=num_warps)
+    on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with on_device:  # Triton launches on the current device: make it the tensors' (layers on several cards)
+        sketch_kernel[(chunks, H, row_blocks)](
+            g, *prep, to_device(keys.to(torch.int64).contiguous(), dev), to_device(offsets.to(torch.int64), dev),
+            part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
+            COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
+            F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
+            TWEAK=SHIFT_TWEAK, num_warps=num_warps)
     total = part.sum(0) if chunks > 1 else part[0]  # fixed order: bitwise reproducible
     sk = total[..., : s * BM].view(n, H, s, BM)[..., :m].reshape(n, H, k)
     return sk, total[..., s * BM], total[..., s * BM + 1]
@@ -131,6 +134,7 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
     n, N = g.shape
     dummy = next(t for t in (mean, m2, sum_abs, sum_g) if t is not None)
     grid = (-(-N // block),)
-    welford_kernel[grid](g, *(dummy if t is None else t for t in (mean, m2, sum_abs, sum_g)), n, N, g.stride(0), count,
-                         BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None, HAS_ABS=sum_abs is not None,
-                         HAS_SUM=sum_g is not None, num_warps=4)
+    with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
+        welford_kernel[grid](g, *(dummy if t is None else t for t in (mean, m2, sum_abs, sum_g)), n, N, g.stride(0), count,
+                             BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None,
+                             HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None, num_warps=4)
