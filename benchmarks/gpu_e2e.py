@@ -119,6 +119,31 @@ def timed(fn, devices):
     return time.perf_counter() - start, peaks, out
 
 
+def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
+    """Run and print ``sf.analyze`` (and, on request, its fp64-statistics reference); the phase rows."""
+    codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
+    sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec))
+    rows.append(("sf.analyze: both passes, both tasks", sec, peaks))
+    sec_s, peaks_s, means = measure(res.head_means)
+    rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
+    for label, sec, peaks in rows[-2:]:
+        print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
+    print("| phase of sf.analyze | seconds | | peak GiB (max over devices) |")
+    for row in res.phases.rows():
+        print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
+    print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
+          f"collection: A {res.context.stats_a.quantities}, B {res.context.stats_b.quantities}")
+    if args.compare_stats_dtype:
+        ref = sf.analyze(model, lm_loss, task_a, task_b, codec=codec, stats_dtype=torch.float64)
+        a, b, se = res.scores.double(), ref.scores.double(), ref.stderr.double()
+        ok = torch.isfinite(a) & torch.isfinite(b)
+        diff = (a - b).abs()[ok]
+        print(f"statistics {res.context.stats_a.dtype} vs float64: max |Δscore| / max |score| "
+              f"{float(diff.max() / b[ok].abs().max()):.2e}, median |Δscore| / stderr {float((diff / se[ok]).median()):.2e}, "
+              f"max |Δscore| / stderr {float((diff / se[ok]).max()):.2e}")
+    return res.phases.rows()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
@@ -130,6 +155,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--device-map", default="none", choices=["none", "auto"])
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--plain-seconds", type=float, default=None, help="a plain time measured before (with --cli-only)")
+    p.add_argument("--cli-only", action="store_true", help="skip sf.analyze; run only the CLI path (needs --cli)")
     p.add_argument("--compare-stats-dtype", action="store_true",
                    help="also run with fp64 statistics and report how far the default (fp32 on GPUs) moves the scores")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -146,7 +173,6 @@ def main() -> None:
     make = lambda: [{"input_ids": torch.randint(0, vocab, (args.batch, args.tokens), device=first, generator=gen)}  # noqa
                     for _ in range(-(-args.samples // args.batch))]
     task_a, task_b = make(), make()
-    sync = (lambda: [torch.cuda.synchronize(d) for d in cuda]) if cuda else (lambda: None)
     measure = (lambda fn: timed(fn, cuda)) if cuda else (lambda fn: (lambda t0: (lambda out: (time.perf_counter() - t0, [float("nan")], out))(fn()))(time.perf_counter()))  # noqa
 
     def plain():
@@ -161,38 +187,21 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         sec, peaks, _ = measure(plain)
         rows.append(("plain forward+backward (both tasks)", sec, peaks))
-    codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
-    sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec))
-    rows.append(("sf.analyze: both passes, both tasks", sec, peaks))
-    sec_s, peaks_s, means = measure(res.head_means)
-    rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
-    sync()
     name = torch.cuda.get_device_name() if cuda else "CPU"
     hidden, heads, kv, inter, vocab, layers = SHAPES[args.shape]
     print(f"# {name} x {len(cuda)}, torch {torch.__version__}, {args.shape} ({args.layers or layers} layers, hidden "
           f"{hidden}, {heads} heads, {kv} kv heads, intermediate {inter}, vocabulary {vocab}), bf16 weights, "
           f"{args.samples} + {args.samples} samples, T={args.tokens}, batch {args.batch}, Sketch(sjlt, k={args.k})")
-    base = rows[0][1] if not args.skip_plain else float("nan")
+    base = rows[0][1] if rows else (args.plain_seconds or float("nan"))
     print("| what | seconds | x plain | peak GiB per device |\n| --- | --- | --- | --- |")
     for label, sec, peaks in rows:
         print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
-    print("| phase of sf.analyze | seconds | | peak GiB (max over devices) |")
-    for row in res.phases.rows():
-        print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
-    finite = torch.isfinite(means).all().item()
-    print(f"head means finite: {finite}; stats {res.context.stats_a.dtype}, kept A {res.context.stats_a.quantities}, "
-          f"B {res.context.stats_b.quantities}")
-    if args.compare_stats_dtype:
-        ref = sf.analyze(model, lm_loss, task_a, task_b, codec=codec, stats_dtype=torch.float64)
-        a, b, se = res.scores.double(), ref.scores.double(), ref.stderr.double()
-        ok = torch.isfinite(a) & torch.isfinite(b)
-        diff = (a - b).abs()[ok]
-        print(f"statistics {res.context.stats_a.dtype} vs float64: max |Δscore| / max |score| "
-              f"{float(diff.max() / b[ok].abs().max()):.2e}, median |Δscore| / stderr {float((diff / se[ok]).median()):.2e}, "
-              f"max |Δscore| / stderr {float((diff / se[ok]).max()):.2e}")
+    phases = []
+    if not args.cli_only:
+        phases = analyze_rows(model, task_a, task_b, args, base, measure, rows)
     if args.cli:
         save_for_cli(model, args)
-        del model, res, means  # the CLI runs in its own process: give it the device memory
+        del model  # the CLI runs in its own process: give it the device memory
         torch.cuda.empty_cache() if cuda else None
         cli = run_cli(args)
         peaks = cli.get("peak_device_GiB", [float("nan")])
@@ -201,7 +210,7 @@ def main() -> None:
               f"{cli['collection_seconds'] / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "rows": rows, "phases": res.phases.rows(), "device": name}, fh, indent=1)
+            json.dump({"args": vars(args), "rows": rows, "phases": phases, "device": name}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ class FactorCapture:
         out_d = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in D.items()}
         bad = {name: (~torch.isfinite(d).all(dim=(1, 2))) | (~torch.isfinite(out_a[name]).all(dim=(1, 2)))
                for name, d in out_d.items()}
-        if torch.stack(list(bad.values())).any():  # one device sync for all modules
+        here = next(iter(bad.values())).device  # modules may sit on several cards (device maps)
+        if torch.stack([b.to(here) for b in bad.values()]).any():  # one device sync for all modules
             name = next(n for n, b in bad.items() if b.any())
             raise GradientError(f"non-finite factors in {name!r} for batch positions {bad[name].nonzero().flatten().tolist()}")
         if mask is not None:

@@ -72,7 +72,8 @@ class FactorContributions:
         pairs = {m: (A[m], D[m]) if self.rank is None else truncate(A[m], D[m], self.rank) for m in A}
         keeps = {m: (a.abs().sum(-1) > 0) & (d.abs().sum(-1) > 0) for m, (a, d) in pairs.items()}  # rows that count
         # one device sync for the whole batch: samples with no zero row are kept as views, without indexing
-        full = torch.stack([k.all(-1) for k in keeps.values()]).cpu() if keeps else None
+        here = next(iter(keeps.values())).device if keeps else None  # modules may sit on several cards
+        full = torch.stack([k.all(-1).to(here) for k in keeps.values()]).cpu() if keeps else None
         for i, (module, (a, d)) in enumerate(pairs.items()):
             keep = keeps[module]
             self.A.setdefault(module, []).extend(a[b] if full[i, b] else a[b][keep[b]] for b in range(a.shape[0]))

@@ -229,13 +229,14 @@ class FisherStats:
                 for t in parts:
                     dist.all_reduce(t)
                 mean = parts[0] / max(n, 1)
-                m2 = (parts[1] - n * mean.square()).clamp_min(0) if self.moments == 2 else None
+                m2 = (parts[1] - n * mean.square()).clamp_min(0).to(self.dtype) if self.moments == 2 else None
+                mean = mean.to(self.dtype)  # reduced in fp64, kept in the statistics' own precision
             out.welford[name] = Welford(n, mean, m2)
             for q, src, dst in (("abs", self.sum_abs, out.sum_abs), ("sum", self.sum_g, out.sum_g)):
                 if q in self.quantities:
                     t = got(src.get(name))
                     dist.all_reduce(t)
-                    dst[name] = t
+                    dst[name] = t.to(self.dtype)
         return out
 
     def _any_tensor(self, name: str) -> Optional[torch.Tensor]:

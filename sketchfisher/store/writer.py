@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -77,7 +78,7 @@ class Ranks:
 
 
 def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
-           checkpoint_every: int, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype,
+           checkpoint_every: int | None, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype,
            quantities: tuple[str, ...]) -> FisherStats:
     final = root / "pass1" / f"{task}.safetensors"
     if final.exists():
@@ -90,13 +91,15 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
         stats, done = FisherStats.from_tensors(tensors, meta), int(meta["batches_done"])
         logger.info("task %s: resuming pass 1 after %d batches", task, done)
     names = trainable_weights(model, layout)
-    seen = Counter()
+    seen, policy = Counter(), Checkpoints(checkpoint_every)
     for index, bf in factor_pass(model, loss_fn, _counted(batches, seen), names, desc=f"pass 1 {task}",
                                  show_progress=show_progress, skip=lambda i: i < done or not ranks.mine(i)):
         fold_factors(stats, bf, names)
-        if (index + 1) % checkpoint_every == 0:
+        if policy.due(index + 1):
+            start = time.perf_counter()
             tensors, meta = stats.to_tensors()
             atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1)})
+            policy.saved(time.perf_counter() - start)
     index = seen.batches - 1
     if index + 1 < done:
         raise InputError(f"task {task} yielded {index + 1} batches, fewer than the {done} recorded in {partial}")
@@ -110,6 +113,26 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
     ranks.barrier()
     partial.unlink(missing_ok=True)
     return stats
+
+
+class Checkpoints:
+    """When pass 1 writes its resumable checkpoint: every ``every`` batches, or (``every=None``) by time,
+    once the work since the last checkpoint is at least 20 times what the last one cost to write and at
+    least a minute: at 7B the statistics are tens of GB, and writing them every few batches would cost
+    more than the pass itself. A crash loses at most that much work; every sample still counts once."""
+
+    def __init__(self, every: int | None):
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise InputError(f"checkpoint_every must be a positive int or None, got {every!r}")
+        self.every, self.cost, self.last = every, 0.0, time.perf_counter()
+
+    def due(self, batches_done: int) -> bool:
+        if self.every is not None:
+            return batches_done % self.every == 0
+        return time.perf_counter() - self.last >= max(60.0, 20 * self.cost)
+
+    def saved(self, seconds: float) -> None:
+        self.cost, self.last = seconds, time.perf_counter()
 
 
 @dataclass
@@ -140,7 +163,7 @@ def _check_space(root: Path, layout: Layout, codec: Sketch, samples: int, max_by
 
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
                      task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
-                     checkpoint_every: int = 16, max_bytes: int | None = None,
+                     checkpoint_every: int | None = None, max_bytes: int | None = None,
                      show_progress: bool = False, stats_dtype: torch.dtype | None = None) -> Path:
     """Collect (or finish collecting) a sketch store at ``path``; returns the path.
 
