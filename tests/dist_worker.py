@@ -22,8 +22,9 @@ def main(path: str) -> None:
     model = make_model("gpt2", seed=5).to(device)
     to = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
     ta, tb = to(make_batches(9, 2, seed=1)), to(make_batches(7, 3, seed=2))
+    stats_dtype = getattr(torch, os.environ["SF_STATS_DTYPE"]) if "SF_STATS_DTYPE" in os.environ else None
     collect_to_store(path, model, generic_loss, ta, tb, sf.layout_for(model), sf.Sketch(k=16, kind="sjlt", seed=2),
-                     sf.ScoreConfig(), checkpoint_every=2)
+                     sf.ScoreConfig(), checkpoint_every=2, stats_dtype=stats_dtype)
     if distributed:
         dist.destroy_process_group()
 

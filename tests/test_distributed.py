@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import sketchfisher as sf
@@ -26,19 +27,25 @@ def _env(**extra):
     return env
 
 
-def test_two_gloo_ranks_equal_single_process(tmp_path):
-    two_ranks_equal_single_process(tmp_path, "gloo")
+@pytest.mark.parametrize("stats_dtype", ["float64", "float32"])  # the CPU default, and the GPU default
+def test_two_gloo_ranks_equal_single_process(tmp_path, stats_dtype):
+    two_ranks_equal_single_process(tmp_path, "gloo", stats_dtype)
 
 
-def two_ranks_equal_single_process(tmp_path, backend: str) -> None:
-    """Collect one store in one process and one with 2 ranks (``backend``: gloo on CPU, nccl on 2 GPUs); compare."""
+def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | None = None) -> None:
+    """Collect one store in one process and one with 2 ranks (``backend``: gloo on CPU, nccl on 2 GPUs); compare.
+
+    In fp64 the statistics agree to 1e-12 and the scores to 1e-5; in fp32 the reduction order moves the
+    statistics by a few ulp, and scores (a small difference of large centred terms) by up to 1e-3 of
+    their standard error."""
+    extra = {} if stats_dtype is None else {"SF_STATS_DTYPE": stats_dtype}
     single = subprocess.run([sys.executable, str(TESTS / "dist_worker.py"), str(tmp_path / "single")],
-                            env=_env(SF_BACKEND=backend), capture_output=True, text=True, timeout=300)
+                            env=_env(SF_BACKEND=backend, **extra), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(TESTS / "dist_worker.py"), str(tmp_path / "dist")],
                               env=_env(RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                       SF_BACKEND=backend),
+                                       SF_BACKEND=backend, **extra),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -57,5 +64,8 @@ def two_ranks_equal_single_process(tmp_path, backend: str) -> None:
                 torch.testing.assert_close(b.stats[t].fisher(name), a.stats[t].fisher(name), rtol=rtol, atol=0)
             torch.testing.assert_close(b.stats[t].mean_abs(name), a.stats[t].mean_abs(name), rtol=rtol, atol=0)
     ra, rb = a.result(), b.result()
-    torch.testing.assert_close(rb.scores, ra.scores, rtol=1e-5, atol=1e-6 * float(ra.scores.abs().max()))
+    fp32 = a.stats["a"].dtype == torch.float32
+    allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max()) + (1e-3 * ra.stderr if fp32 else 0)
+    worst = float(((rb.scores - ra.scores).abs() / allowed).max())
+    assert worst <= 1, f"scores differ by up to {worst:.2f} x the allowed difference"
     torch.testing.assert_close(rb.stderr, ra.stderr, rtol=1e-4, atol=1e-6 * float(ra.stderr.abs().max()))
