@@ -71,13 +71,19 @@ class FactorContributions:
         """Add a batch: ``A[m] [B, T, in]``, ``D[m] [B, T, out]``; real tokens are kept, padding dropped."""
         pairs = {m: (A[m], D[m]) if self.rank is None else truncate(A[m], D[m], self.rank) for m in A}
         keeps = {m: (a.abs().sum(-1) > 0) & (d.abs().sum(-1) > 0) for m, (a, d) in pairs.items()}  # rows that count
-        # one device sync for the whole batch: samples with no zero row are kept as views, without indexing
+        # one device sync for the whole batch (every module's row mask to the host at once); then each sample
+        # keeps a view of its leading rows (right padding, a last token without loss) or, rarely, gathers
+        # scattered rows with an index sent ahead asynchronously
         here = next(iter(keeps.values())).device if keeps else None  # modules may sit on several cards
-        full = torch.stack([k.all(-1).to(here) for k in keeps.values()]).cpu() if keeps else None
-        for i, (module, (a, d)) in enumerate(pairs.items()):
-            keep = keeps[module]
-            self.A.setdefault(module, []).extend(a[b] if full[i, b] else a[b][keep[b]] for b in range(a.shape[0]))
-            self.D.setdefault(module, []).extend(d[b] if full[i, b] else d[b][keep[b]] for b in range(d.shape[0]))
+        flat = torch.cat([k.reshape(-1).to(here) for k in keeps.values()]).cpu() if keeps else None
+        offset = 0
+        for module, (a, d) in pairs.items():
+            B, T = keeps[module].shape
+            mask = flat[offset:offset + B * T].view(B, T)
+            offset += B * T
+            rows = [_rows(mask[b], a.device) for b in range(B)]
+            self.A.setdefault(module, []).extend(_take(a[b], r) for b, r in enumerate(rows))
+            self.D.setdefault(module, []).extend(_take(d[b], r) for b, r in enumerate(rows))
         self.n += int(lengths.shape[0])
 
     def __len__(self) -> int:
@@ -102,3 +108,17 @@ class FactorContributions:
             raise InputError("no samples collected")
         total = sum(t.numel() * t.element_size() for side in (self.A, self.D) for ts in side.values() for t in ts)
         return total / self.n
+
+
+def _rows(mask: torch.Tensor, device: torch.device) -> int | torch.Tensor:
+    """The kept rows of one sample from its host mask: a count when they are the leading rows, else an
+    index tensor on ``device`` (sent from pinned memory, without a device sync)."""
+    count = int(mask.sum())
+    if bool(mask[:count].all()):
+        return count
+    idx = mask.nonzero().flatten()
+    return idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
+
+
+def _take(t: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
+    return t[:rows] if isinstance(rows, int) else t.index_select(0, rows)
