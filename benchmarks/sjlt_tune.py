@@ -108,7 +108,7 @@ def main() -> None:
     print(f"| sketch only | {t_plain:.3f} | {t_plain / t_copy:.2f} |")
     print(f"| fused side (square, weight, centre, cross, norm, sketch) | {t_fused:.3f} | {t_fused / t_copy:.2f} |")
 
-    # the GEMM-shaped alternative of issue 8: one Gaussian map [S, k] in bf16 shared by the block type,
+    # the GEMM-shaped alternative: one Gaussian map [S, k] in bf16 shared by the block type,
     # the side vectors formed by torch elementwise ops, then [B·H, S] @ [S, k] on tensor cores
     R = (torch.randn(size, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
     gh = g.view(B, H, size)

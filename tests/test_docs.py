@@ -29,3 +29,21 @@ def test_committed_notebooks_match_sources(src):
     fresh = build.build(src)
     assert [c.source for c in committed.cells] == [c.source for c in fresh.cells], \
         f"notebooks/{src.stem}.ipynb is stale: run python notebooks/build.py --execute {src.stem}"
+
+
+def test_the_repository_stands_on_its_own():
+    """No tracked file points at material outside the repository (a shared spec, the tracker's issue numbers)."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    outside = re.compile(r"(?-i:SEMANTICS)\.md|(?-i:SEMANTICS) §|\.\./shared|\bissues? #?\d+\b", re.IGNORECASE)
+    hits = []
+    for name in files:
+        path = ROOT / name
+        if path.suffix not in {".py", ".md", ".ipynb", ".sh", ".toml", ".txt", ".cfg"} or not path.is_file():
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if outside.search(line) and "outside = re.compile" not in line:
+                hits.append(f"{name}:{n}: {line.strip()[:80]}")
+    assert not hits, "references to material outside the repository:\n" + "\n".join(hits)

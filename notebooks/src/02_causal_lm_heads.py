@@ -113,7 +113,7 @@ print(f"{len(significant.drop_duplicates(['layer', 'block', 'statistic']))} of "
 significant.head(12).round(4)
 
 # %% [markdown]
-# ## Sanity checks (SEMANTICS §4)
+# ## Sanity checks (the properties every score must have)
 
 # %%
 sf.run_sanity_checks(model, tiny_gqa.answer_loss, task_a[:1], task_b[:1], layer=1, heads=[0, 1, 2, 3])

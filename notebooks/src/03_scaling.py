@@ -39,7 +39,7 @@ plt.show()
 # GPT-2-small layout (576 head-block cells per pair) on the 2-core CPU, i.e. about
 # 0.18 / (10⁴ · 576) seconds per (pair, head block). Scoring is one k-length dot product per
 # (pair, head block), so the time scales with pairs × head blocks × k. This is a CPU projection;
-# the GPU measurement belongs to issue 8.
+# the GPU measurements are in docs/benchmarks.md.
 
 # %%
 rate = 0.18 / (100 * 100 * 12 * 48)  # seconds per (pair, head block) at k = 256, measured on CPU

@@ -1,7 +1,7 @@
 """``sf.Sketch``: per-head randomized sketches of the variant's i-side and j-side vectors.
 
 For one head block S and the chosen variant, task-A samples keep ``x_i`` and task-B samples keep
-``y_j`` (SEMANTICS §4; ``paper``: x = g²/(Î+ε+λ), y = |g|). With variance reduction (default):
+``y_j`` (docs/semantics.md; ``paper``: x = g²/(Î+ε+λ), y = |g|). With variance reduction (default):
 
 * balancing: x' = x·√m, y' = y/√m with m = mean|g| over A ∪ B from pass 1 (r = m^(−1/2));
   ⟨x', y'⟩ = ⟨x, y⟩ entry by entry.

@@ -1,6 +1,6 @@
 """QK-OV layout: which entries of which parameter belong to (layer, block, head).
 
-Conventions (SEMANTICS §3): a linear layer is ``y = x Wᵀ`` with ``W ∈ R^{out×in}``. A Q/K/V head
+Conventions (docs/semantics.md, "Layout"): a linear layer is ``y = x Wᵀ`` with ``W ∈ R^{out×in}``. A Q/K/V head
 owns a contiguous range of *output* rows, an O head a contiguous range of *input* columns.
 HF ``Conv1D`` stores ``Wᵀ``, so the storage axis flips while the logical role does not.
 """
