@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._version import __version__
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -59,9 +61,10 @@ def _collect(args: argparse.Namespace) -> int:
     from .store import collect_to_store
     from .tasks import input_device, load_hf, loss_for, read_task, task_batches, to_device
 
-    model, tok = load_hf(args.model, args.loss, args.device, args.dtype, _device_map(args))
+    loss = _loss(args)
+    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     device = input_device(model)
-    tasks = [to_device(task_batches(read_task(p), tok, args.loss, args.batch_size, args.max_length), device)
+    tasks = [to_device(task_batches(read_task(p), tok, loss, args.batch_size, args.max_length), device)
              for p in (args.task_a, args.task_b)]
     codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.sketch_dtype,
                       variance_reduction=not args.no_variance_reduction)
@@ -72,8 +75,9 @@ def _collect(args: argparse.Namespace) -> int:
     for d in cuda:
         torch.cuda.reset_peak_memory_stats(d)
     start = time.perf_counter()
-    path = collect_to_store(args.out, model, loss_for(args.loss), tasks[0], tasks[1], sf.layout_for(model), codec,
+    path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], sf.layout_for(model), codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
+                            inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype))
     summary = sf.open_store(path).summary()
     summary["collection_seconds"] = round(time.perf_counter() - start, 2)
@@ -110,7 +114,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .tasks import input_device, load_hf, loss_for, read_task, task_batches, to_device
 
     store = sf.open_store(args.store)
-    loss = args.loss
+    loss = _loss(args, store)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     store.check(model)
     tasks = [to_device(task_batches(read_task(p), tok, loss, args.batch_size, args.max_length), input_device(model))
@@ -134,10 +138,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local HF model directory (config, weights, tokenizer)")
     p.add_argument("--task-a", required=True, help="task A samples: .jsonl with a 'text' field, or one per line")
     p.add_argument("--task-b", required=True, help="task B samples, same format")
-    p.add_argument("--loss", choices=["mlm", "clm"], default="mlm",
-                   help="mlm: masked tokens decoded with the tied embeddings; clm: next-token cross-entropy")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--loss", choices=["mlm", "clm"], default=None,
+                   help="clm: next-token cross-entropy; mlm: masked tokens decoded with the tied embeddings "
+                        "(default: what the model directory was trained for, from its config)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default: 128)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (never chosen for you)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                    help="precision of the model's weights (default: float32)")
@@ -149,9 +154,22 @@ def _device_map(args: argparse.Namespace) -> str | None:
     return None if args.device_map == "none" else args.device_map
 
 
+def _loss(args: argparse.Namespace, store=None) -> str:
+    """``--loss``, else the loss the store was collected with, else the model directory's objective."""
+    from .tasks import infer_loss
+
+    recorded = None if store is None else store.manifest.get("inputs", {}).get("loss")
+    if args.loss and recorded and args.loss != recorded:
+        raise SystemExit(f"sketchfisher: error: --loss {args.loss} but the store was collected with --loss {recorded}")
+    return args.loss or recorded or infer_loss(args.model)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sketchfisher", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sketchfisher", description="Which attention heads, and which Q/K/V/O blocks, do the samples of two "
+        "tasks fight over? Run 'sketchfisher COMMAND --help' for each command; exit codes: 0 ok, 1 failure, 2 usage.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"sketchfisher {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="exact QK-OV interference of math vs code samples on the offline MiniLM")
@@ -179,15 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="sketch two tasks into a resumable store (rerun the same command to resume)")
     _model_args(p)
     p.add_argument("--out", required=True, help="store directory")
-    p.add_argument("--k", type=int, default=256)
-    p.add_argument("--kind", default="sjlt", choices=["gaussian", "sjlt", "srht"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=256, help="sketch width per head block (default: 256)")
+    p.add_argument("--kind", default="sjlt", choices=["gaussian", "sjlt", "srht"],
+                   help="random map: sparse JL (default), dense Gaussian, or subsampled Hadamard")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random maps (default: 0)")
     p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
                    help="storage precision of the sketches (default: fp16)")
-    p.add_argument("--no-variance-reduction", action="store_true")
-    p.add_argument("--variant", default="paper", choices=["paper", "signed", "symmetric"])
-    p.add_argument("--normalizer", default="a", choices=["a", "pooled", "loo"])
-    p.add_argument("--eps", type=float, default=1e-10)
+    p.add_argument("--no-variance-reduction", action="store_true",
+                   help="plain sketches, without balancing and centering (less accurate at equal bytes)")
+    p.add_argument("--variant", default="paper", choices=["paper", "signed", "symmetric"],
+                   help="score: paper (default) C_i/(I+eps)*|g_j|, signed g_i g_j/(I+eps), symmetric |g_i||g_j|/(I+eps)")
+    p.add_argument("--normalizer", default="a", choices=["a", "pooled", "loo"],
+                   help="Fisher in the denominator: task A's (default), A and B pooled, or A without sample i")
+    p.add_argument("--eps", type=float, default=1e-10, help="added to the Fisher in the denominator (default: 1e-10)")
     p.add_argument("--max-bytes", type=int, default=None, help="refuse to collect a store larger than this")
     p.add_argument("--stats-dtype", default="auto", choices=["auto", "float64", "float32"],
                    help="precision of the model-sized pass-1 statistics (auto: float64 on the CPU, float32 on a GPU)")
@@ -195,22 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_collect)
 
     p = sub.add_parser("interfere", help="Stage 6 from a store: top conflicts, head means, heatmap")
-    p.add_argument("store")
+    p.add_argument("store", help="a store directory written by collect")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--top", type=int, default=100)
+    p.add_argument("--top", type=int, default=100, help="conflicting pairs to list (default: 100)")
     p.add_argument("--all-scores", action="store_true", help="also write every score (can be large)")
     p.set_defaults(func=_interfere)
 
     p = sub.add_parser("verify", help="re-score a store's top candidates exactly by recomputing their gradients")
-    p.add_argument("store")
+    p.add_argument("store", help="a store directory written by collect")
     _model_args(p)
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--budget", type=int, default=1000)
-    p.add_argument("--out", default="verified.csv")
+    p.add_argument("--k", type=int, default=100, help="top conflicts to confirm (default: 100)")
+    p.add_argument("--budget", type=int, default=1000, help="sketched candidates to re-score exactly (default: 1000)")
+    p.add_argument("--out", default="verified.csv", help="output CSV (default: verified.csv)")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("inspect", help="summary of a store")
-    p.add_argument("store")
+    p.add_argument("store", help="a store directory written by collect")
     p.set_defaults(func=_inspect)
     return parser
 

@@ -12,6 +12,7 @@ from torch import nn
 from .capture.oracle import LossFn
 from .collect import collect, collect_sketches, default_stats_dtype, needed_statistics
 from .collect.memory import check_device_memory
+from .collect.sketches import check_sketch_width
 from .compress import Exact, Factors, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
@@ -62,6 +63,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
                          **stats_kw)
         return open_store(store).result(max_bytes=max_bytes)
     needs = needed_statistics(cfg, codec)
+    check_sketch_width(layout, codec)
     check_memory(model, codec, cfg, stats_dtype, task_a, task_b)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])
     with log.phase("pass 1 A"):

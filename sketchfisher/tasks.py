@@ -44,6 +44,34 @@ def read_task(path: str | Path) -> list[str]:
     return texts
 
 
+def infer_loss(model_dir: str | Path) -> str:
+    """The objective a local HF model directory was trained for: ``"clm"`` (next-token) for a causal LM,
+    ``"mlm"`` (masked-token) for a masked LM; an architecture that is neither raises with the choices."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read a local HF config from {model_dir}: {exc}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) and not a.endswith("ForMaskedLM") for a in archs):
+        return "clm"
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "mlm"
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "mlm"  # an encoder saved without its head (e.g. a sentence-embedding BERT)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "clm"
+    raise InputError(f"{model_dir}: cannot tell whether {archs or model_type!r} is a causal or a masked LM; "
+                     f"pass --loss clm or --loss mlm")
+
+
 def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = "float32",
             device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
     """A local HF model (no network) and its tokenizer, for ``loss`` in ("mlm", "clm").

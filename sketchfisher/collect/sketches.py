@@ -169,6 +169,22 @@ def sketch_task(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layou
     return out
 
 
+def check_sketch_width(layout: Layout, codec: Any) -> None:
+    """A sketch must be smaller than the head blocks it sketches (else it stores more than the data).
+
+    The one exception is srht at its full width k = P (the block size padded to a power of two), which
+    recovers exact scores and is how sketches are checked against the exact answer."""
+    if not codec.two_pass:
+        return
+    smallest = min(hb.numel for layer in range(layout.num_layers) for block in BLOCKS
+                   for hb in layout.head_blocks(layer, block))
+    full = 1 << (smallest - 1).bit_length()
+    if codec.k >= smallest and not (codec.kind == "srht" and codec.k <= full):
+        raise InputError(f"Sketch(k={codec.k}) is not smaller than the smallest head block ({smallest:,} entries): "
+                         f"the sketch would be larger than the data; use k < {smallest:,}, or sf.Factors() for exact "
+                         "scores")
+
+
 def check_reiterable(**tasks: Iterable[Any]) -> None:
     """Two-pass collection needs tasks it can iterate twice (a list or a DataLoader, not a generator)."""
     for name, task in tasks.items():
@@ -182,6 +198,7 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
     """Pass 2 for both tasks given their pass-1 statistics; returns the two sides and each block's exact
     scalar ``e`` (all the scores need of the preparations, which are freed)."""
     check_reiterable(task_a=task_a, task_b=task_b)
+    check_sketch_width(layout, codec)
     log = log or PhaseLog()
     with log.phase("preparation"):
         preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True)

@@ -14,7 +14,7 @@ from ..metric import ScoreConfig
 from .files import StoreMismatchError
 
 FORMAT_VERSION = 2  # 2: tiled-shift sjlt map (stores of version 1 used the earlier hash)
-CHECKED = ("format_version", "codec", "score", "layout", "model")
+CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs")
 
 
 def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
@@ -30,8 +30,10 @@ def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
             "params_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "weights_sha256": weights.hexdigest()}
 
 
-def build_manifest(model: nn.Module, layout: Layout, codec: Any, cfg: ScoreConfig) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "library_version": __version__, "codec": codec.to_dict(),
+def build_manifest(model: nn.Module, layout: Layout, codec: Any, cfg: ScoreConfig,
+                   inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that produced a store; ``inputs`` records how the CLI made the batches (loss, lengths)."""
+    return {"inputs": inputs or {},"format_version": FORMAT_VERSION, "library_version": __version__, "codec": codec.to_dict(),
             "score": cfg.to_dict(), "layout": layout.to_dict(), "model": model_fingerprint(model, layout),
             "tasks": {}, "complete": False}
 
@@ -41,6 +43,8 @@ def check_same(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> No
     diffs = []
     for key in CHECKED:
         a, b = stored.get(key), wanted.get(key)
+        if key == "inputs":  # stores written by the library (not the CLI) record none
+            a, b = a or {}, b or {}
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):

@@ -75,7 +75,8 @@ class StoreReader:
     def check(self, model: Any = None, codec: Any = None, cfg: Optional[ScoreConfig] = None) -> None:
         """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
         if model is not None:
-            wanted = build_manifest(model, layout_for(model), codec or self.codec, cfg or self.cfg)
+            wanted = build_manifest(model, layout_for(model), codec or self.codec, cfg or self.cfg,
+                                    self.manifest.get("inputs"))
             check_same(self.manifest, wanted, f"store {self.path}")
 
     def sides(self) -> dict[str, LazySide]:

@@ -34,7 +34,7 @@ from ..capture.oracle import LossFn
 from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_statistics, prepare_all, sketch_batches
 from ..collect import trainable_weights
 from ..collect.memory import batch_geometry, check_device_memory
-from ..collect.sketches import check_reiterable
+from ..collect.sketches import check_reiterable, check_sketch_width
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
@@ -164,7 +164,8 @@ def _check_space(root: Path, layout: Layout, codec: Sketch, samples: int, max_by
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
                      task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
                      checkpoint_every: int | None = None, max_bytes: int | None = None,
-                     show_progress: bool = False, stats_dtype: torch.dtype | None = None) -> Path:
+                     show_progress: bool = False, stats_dtype: torch.dtype | None = None,
+                     inputs: dict[str, Any] | None = None) -> Path:
     """Collect (or finish collecting) a sketch store at ``path``; returns the path.
 
     Before pass 2 writes anything, the planned size of the sketches (known once pass 1 has counted
@@ -174,9 +175,10 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     if not isinstance(codec, Sketch):
         raise InputError(f"stores hold sketches; got codec {codec!r} (use sf.Sketch(...))")
     check_reiterable(task_a=task_a, task_b=task_b)
+    check_sketch_width(layout, codec)
     root = Path(path)
     ranks = Ranks.current()
-    wanted = build_manifest(model, layout, codec, cfg)
+    wanted = build_manifest(model, layout, codec, cfg, inputs)
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
         root.mkdir(parents=True, exist_ok=True)
