@@ -55,6 +55,7 @@ def factor_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weigh
     """``(batch index, factors)`` of every batch whose index ``skip`` does not reject, with hooks on
     the modules owning ``weights`` (entered once for the whole pass)."""
     modules = list(dict.fromkeys(module_of(w) for w in weights))
+    total = total if total is not None else sized(batches)
     with FactorCapture(model, modules) as cap:
         for index, batch in enumerate(progress(batches, desc=desc, enabled=show_progress, total=total)):
             if skip(index):
@@ -66,7 +67,15 @@ def gradient_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], wei
                   desc: str = "pass", show_progress: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """``(batch index, {weight: per-sample gradients [B, *shape]})`` from the autograd oracle."""
     grads = per_sample_gradients(model, loss_fn, batches, weights)
-    yield from enumerate(progress(grads, desc=desc, enabled=show_progress))
+    yield from enumerate(progress(grads, desc=desc, enabled=show_progress, total=sized(batches)))
+
+
+def sized(batches: Iterable[Any]) -> int | None:
+    """The number of batches when the iterable knows it (a list, a DataLoader), for progress totals."""
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str]) -> None:

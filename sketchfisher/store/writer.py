@@ -33,6 +33,7 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_statistics, prepare_all, sketch_batches
 from ..collect import trainable_weights
+from ..collect.passes import sized
 from ..collect.memory import batch_geometry, check_device_memory
 from ..collect.sketches import check_reiterable, check_sketch_width
 from ..compress import Sketch
@@ -93,7 +94,8 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
     names = trainable_weights(model, layout)
     seen, policy = Counter(), Checkpoints(checkpoint_every)
     for index, bf in factor_pass(model, loss_fn, _counted(batches, seen), names, desc=f"pass 1 {task}",
-                                 show_progress=show_progress, skip=lambda i: i < done or not ranks.mine(i)):
+                                 show_progress=show_progress, skip=lambda i: i < done or not ranks.mine(i),
+                                 total=sized(batches)):
         fold_factors(stats, bf, names)
         if policy.due(index + 1):
             start = time.perf_counter()
