@@ -51,6 +51,21 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 3600) -> nbform
     from nbclient import NotebookClient
 
     NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return clean(nb)
+
+
+NOISE = ("TqdmWarning", "Loading weights", "Writing model shards")
+
+
+def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop stderr noise of other libraries (tqdm's widget warning, transformers' loading bars, which also
+    carry the machine's paths) from the outputs; the notebook's own outputs stay."""
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        cell["outputs"] = [o for o in cell.get("outputs", [])
+                           if not (o.get("output_type") == "stream" and o.get("name") == "stderr"
+                                   and any(n in o.get("text", "") for n in NOISE))]
     return nb
 
 
