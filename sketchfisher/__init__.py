@@ -12,12 +12,12 @@ from .interference import VARIANTS, InterferenceResult, ScoreConfig, Variant
 from .interference.stored import Store, open_store
 from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
 from .pipeline import analyze, run_sanity_checks
-from .planner import plan
+from .planner import plan, plan_phases
 from .store import StoreError, StoreMismatchError
 
 __all__ = [
     "BLOCKS", "VARIANTS", "AttentionSpec", "Codec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock",
     "HeadKey", "InputError", "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch",
     "SketchfisherError", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze",
-    "layout_for", "open_store", "plan", "register_layout", "run_sanity_checks",
+    "layout_for", "open_store", "plan", "plan_phases", "register_layout", "run_sanity_checks",
 ]
