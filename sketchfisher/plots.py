@@ -1,62 +1,92 @@
-"""Matplotlib figures from result tables only (no model access)."""
+"""Matplotlib figures from result tables only (no model access).
+
+Every function returns the :class:`matplotlib.figure.Figure` (shown inline in a notebook when it is
+a cell's value) and also writes it to ``path`` when one is given. The backend is never switched:
+matplotlib picks a non-interactive one by itself where there is no display.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
 from .layout import BLOCKS
 
 
-def plot_block_heatmaps(values: torch.Tensor, path: str | Path, title: str = "") -> Path:
-    """One layer×head heatmap per block (Q, K, V, O) from ``values[L, H, 4]``; NaN cells blank."""
-    plt = _pyplot()
-    v = values.detach().cpu().double().numpy()
-    fig, axes = plt.subplots(1, len(BLOCKS), figsize=(4 * len(BLOCKS), 3.2), constrained_layout=True)
-    for ax, (b, block) in zip(axes, enumerate(BLOCKS)):
-        im = ax.imshow(v[:, :, b], aspect="auto", cmap="viridis", origin="lower")
-        ax.set_title(block)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax, shrink=0.85)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'sketchfisher[plots]'") from None
     return plt
 
 
-def plot_block_comparison(values: torch.Tensor, path: str | Path, title: str = "") -> Path:
+def _finish(fig: Any, path: Optional[str | Path], title: str = "") -> Any:
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        fig.savefig(Path(path), dpi=130)
+    _pyplot().close(fig)  # no second copy from the notebook's automatic display; the returned figure shows
+    return fig
+
+
+def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "",
+                        significant: Optional[torch.Tensor] = None, label: str = "score") -> Any:
+    """One layer × head heatmap per block (Q, K, V, O) from ``values[L, H, 4]`` on one shared colour scale.
+
+    Layers and heads are integer ticks; NaN cells (not collected) are grey. Values of both signs get a
+    diverging scale centred at 0. ``significant [L, H, 4]`` (bool) marks cells with a dot."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    v = values.detach().cpu().double()
+    finite = v[torch.isfinite(v)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+    if lo < 0 < hi:
+        lim = max(-lo, hi)
+        cmap, lo, hi = "RdBu_r", -lim, lim
+    else:
+        cmap = "viridis"
+    cm = plt.get_cmap(cmap).with_extremes(bad="0.85")
+    L, H = v.shape[:2]
+    fig, axes = plt.subplots(1, len(BLOCKS), figsize=(3.2 * len(BLOCKS) + 1.2, 0.28 * L + 2.2),
+                             constrained_layout=True, sharey=True)
+    for ax, (b, block) in zip(axes, enumerate(BLOCKS)):
+        im = ax.imshow(v[:, :, b].numpy(), aspect="auto", cmap=cm, origin="lower", vmin=lo, vmax=hi,
+                       extent=(-0.5, H - 0.5, -0.5, L - 0.5), interpolation="nearest")
+        if significant is not None:
+            ys, xs = significant[:, :, b].nonzero(as_tuple=True)
+            ax.scatter(xs.numpy(), ys.numpy(), s=8, c="k", marker="o", label="significant")
+        ax.set_title(block)
+        ax.set_xlabel("head")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=list(axes), shrink=0.9, label=label)
+    return _finish(fig, path, title)
+
+
+def plot_block_comparison(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "") -> Any:
     """Mean score per layer for each block (lines), from ``values[L, H, 4]`` (e.g. ``res.head_means()``)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     v = values.detach().cpu().double()
     per_layer = v.nanmean(dim=1).numpy()
     fig, ax = plt.subplots(figsize=(5.5, 3.5), constrained_layout=True)
     for b, block in enumerate(BLOCKS):
         ax.plot(range(v.shape[0]), per_layer[:, b], marker="o", label=block)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("mean score over heads")
-    ax.legend()
-    ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.legend(loc="best", fontsize=8)
+    return _finish(fig, path, title)
 
 
-def plot_sketch_vs_exact(exact: torch.Tensor, sketched: torch.Tensor, stderr: torch.Tensor, path: str | Path,
-                         max_points: int = 2000, seed: int = 0, title: str = "") -> Path:
+def plot_sketch_vs_exact(exact: torch.Tensor, sketched: torch.Tensor, stderr: torch.Tensor,
+                         path: Optional[str | Path] = None, max_points: int = 2000, seed: int = 0, title: str = "") -> Any:
     """Scatter of sketched against exact scores with ±1.96·stderr bars (a random subset of points)."""
     plt = _pyplot()
     e, s, se = (t.detach().cpu().double().reshape(-1) for t in (exact, sketched, stderr))
@@ -69,27 +99,22 @@ def plot_sketch_vs_exact(exact: torch.Tensor, sketched: torch.Tensor, stderr: to
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
     ax.set_xlabel("exact score")
     ax.set_ylabel("sketched score (±95%)")
-    ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title)
 
 
-def plot_frontier(table, path: str | Path, x: str = "bytes_per_sample", y: str = "median_rel_err",
-                  hue: str = "label", title: str = "") -> Path:
-    """Accuracy-versus-memory frontier from a table (DataFrame) with one row per configuration."""
+def plot_frontier(table, path: Optional[str | Path] = None, x: str = "bytes_per_sample", y: str = "median_rel_err",
+                  hue: str = "label", title: str = "") -> Any:
+    """Accuracy-versus-memory frontier from a table (DataFrame) with one row per configuration; each
+    family gets its own marker and line style, so overlapping lines stay visible."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
-    for label, group in table.groupby(hue):
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
+    for n, (label, group) in enumerate(table.groupby(hue)):
         group = group.sort_values(x)
-        ax.plot(group[x], group[y], marker="o", label=str(label))
+        marker, line = styles[n % len(styles)]
+        ax.plot(group[x], group[y], marker=marker, linestyle=line, label=str(label), alpha=0.85)
     ax.set_xscale("log")
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y.replace("_", " "))
-    ax.legend(fontsize=7)
-    ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    return _finish(fig, path, title)

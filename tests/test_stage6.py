@@ -203,11 +203,18 @@ def test_plots_render(setup, tmp_path):
     model, ta, tb, exact = setup
     sk = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32))
     means = exact.head_means()
-    for path in (plot_block_heatmaps(means, tmp_path / "h.png"), plot_block_comparison(means, tmp_path / "b.png"),
-                 plot_sketch_vs_exact(exact.scores, sk.scores, sk.stderr, tmp_path / "s.png"),
-                 plot_frontier(pd.DataFrame({"bytes_per_sample": [1e3, 1e4, 1e3, 1e4], "median_rel_err": [.3, .1, .2, .05],
-                                             "label": ["a", "a", "b", "b"]}), tmp_path / "f.png")):
-        assert path.stat().st_size > 2000
+    figs = {"h": plot_block_heatmaps(means, tmp_path / "h.png", significant=means > means.nanmedian()),
+            "b": plot_block_comparison(means, tmp_path / "b.png"),
+            "s": plot_sketch_vs_exact(exact.scores, sk.scores, sk.stderr, tmp_path / "s.png"),
+            "f": plot_frontier(pd.DataFrame({"bytes_per_sample": [1e3, 1e4, 1e3, 1e4], "median_rel_err": [.3, .1, .2, .05],
+                                             "label": ["a", "a", "b", "b"]}), tmp_path / "f.png")}
+    for name, fig in figs.items():
+        assert (tmp_path / f"{name}.png").stat().st_size > 2000
+        assert hasattr(fig, "savefig")  # a Figure, for inline display
+    heat = figs["h"].axes[:4]
+    # one colour scale for the four panels, integer layer/head ticks
+    assert len({ax.images[0].get_clim() for ax in heat}) == 1
+    assert all(float(t).is_integer() for ax in heat for t in ax.get_xticks())
 
 
 def test_compare_metrics():

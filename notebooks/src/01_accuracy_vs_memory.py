@@ -97,7 +97,7 @@ plt.show()
 # Median relative error against bytes per sample, one line per family (lower left is better).
 
 # %%
-path = plot_frontier(table, "frontier.png", title="MiniLM: error vs memory")
+display(plot_frontier(table, title="MiniLM: error vs memory"))
 frontier = table.sort_values("bytes_per_sample")
 frontier = frontier[frontier["median_rel_err"] <= frontier["median_rel_err"].cummin()]
 frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]].round(4)

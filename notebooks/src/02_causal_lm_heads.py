@@ -23,7 +23,6 @@ FAST = os.environ.get("SKETCHFISHER_FAST") == "1"
 ROOT = os.environ.get("SKETCHFISHER_ROOT", os.path.abspath(".."))  # the repository (notebooks/ is cwd)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
@@ -58,17 +57,9 @@ pd.DataFrame([compare(exact.scores, sketch.scores, sketch.stderr, top=50)]).roun
 # the four query heads of a key/value group, so their columns come in identical groups of four.
 
 # %%
-plot_block_heatmaps(exact.head_means(), "heads_exact.png", title="exact (Factors)")
-plot_block_heatmaps(sketch.head_means(), "heads_sketch.png", title="sketch sjlt k=64")
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
-for ax, path in zip(axes, ("heads_exact.png", "heads_sketch.png")):
-    ax.imshow(plt.imread(path))
-    ax.axis("off")
-plt.show()
-plot_sketch_vs_exact(exact.scores, sketch.scores, sketch.stderr, "scatter.png", title="sketch vs exact")
-plt.imshow(plt.imread("scatter.png"))
-plt.axis("off")
-plt.show()
+display(plot_block_heatmaps(exact.head_means(), title="exact (Factors)"))
+display(plot_block_heatmaps(sketch.head_means(), title="sketch sjlt k=64"))
+plot_sketch_vs_exact(exact.scores, sketch.scores, sketch.stderr, title="sketch vs exact")
 
 # %% [markdown]
 # ## The most contested heads and blocks

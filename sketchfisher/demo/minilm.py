@@ -64,8 +64,9 @@ def run_demo(out_dir: str | Path = "demo_out", samples: int | None = None, top: 
     top_pairs = res.top_conflicts(top)
     top_pairs.insert(5, "text_i", [task_a[i][:40] for i in top_pairs["sample_i"]])
     top_pairs.insert(6, "text_j", [task_b[j][:40] for j in top_pairs["sample_j"]])
-    heatmap = plot_block_heatmaps(means, out / "heatmap.png",
-                                  title=f"MiniLM: math (A, n={res.n_a}) vs code (B, n={res.n_b}), mean paper score")
+    heatmap = out / "heatmap.png"
+    plot_block_heatmaps(means, heatmap, title=f"MiniLM: math (A, n={res.n_a}) vs code (B, n={res.n_b}), "
+                        "mean paper score")
     csv = out / "top_conflicts.csv"
     top_pairs.to_csv(csv, index=False)
     return {"result": res, "top_cells": cells[:top], "top_pairs": top_pairs, "heatmap": heatmap, "csv": csv}
