@@ -5,6 +5,7 @@ interference scores between samples of two tasks (Stage 6), sliced by each archi
 layout. ``docs/concepts.md`` states the formulas.
 """
 
+from . import tasks
 from ._version import __version__
 from .compress import Codec, Exact, Factors, Sketch
 from .errors import GradientError, InputError, LayoutError, SketchfisherError
@@ -18,6 +19,6 @@ from .store import StoreError, StoreMismatchError
 __all__ = [
     "BLOCKS", "VARIANTS", "AttentionSpec", "Codec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock",
     "HeadKey", "InputError", "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch",
-    "SketchfisherError", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze",
+    "SketchfisherError", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze", "tasks",
     "layout_for", "open_store", "plan", "plan_phases", "register_layout", "run_sanity_checks",
 ]

@@ -59,7 +59,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _collect(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from .store import collect_to_store
-    from .tasks import input_device, load_hf, loss_for, read_task, task_batches, to_device
+    from .tasks import file_sha256, input_device, load_hf, loss_for, read_task, task_batches, to_device
 
     loss = _loss(args)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
@@ -77,7 +77,9 @@ def _collect(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], sf.layout_for(model), codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
-                            inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size},
+                            inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
+                                    **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
+                                       for s, p in (("a", args.task_a), ("b", args.task_b))}},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype))
     summary = sf.open_store(path).summary()
     summary["collection_seconds"] = round(time.perf_counter() - start, 2)
@@ -91,22 +93,38 @@ def _interfere(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from .plots import plot_block_heatmaps
 
-    res = sf.open_store(args.store).result()
+    store = sf.open_store(args.store)
+    res = store.result()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res.top_conflicts(args.top).to_csv(out / "top_conflicts.csv", index=False)
+    top = res.top_conflicts(args.top)
+    for side, column, at in (("a", "text_i", 5), ("b", "text_j", 6)):  # the samples' text when the task file is there
+        texts = _task_texts(store, side)
+        if texts is not None:
+            top.insert(at, column, [texts[i][:80] for i in top[f"sample_{'i' if side == 'a' else 'j'}"]])
+    top.to_csv(out / "top_conflicts.csv", index=False, float_format="%.6g")
     means = res.head_means()
     rows = [{"layer": layer, "head": h, "block": b, "mean_score": float(means[layer, h, i])}
             for layer in range(means.shape[0]) for h in range(means.shape[1]) for i, b in enumerate(sf.BLOCKS)]
     import pandas as pd
 
-    pd.DataFrame(rows).to_csv(out / "head_means.csv", index=False)
-    res.block_summary().to_csv(out / "block_summary.csv", index=False)
+    pd.DataFrame(rows).to_csv(out / "head_means.csv", index=False, float_format="%.6g")
+    res.block_summary().to_csv(out / "block_summary.csv", index=False, float_format="%.6g")
     if args.all_scores:
-        res.to_frame().to_csv(out / "scores.csv", index=False)
+        res.to_frame().to_csv(out / "scores.csv", index=False, float_format="%.6g")
     plot_block_heatmaps(means, out / "heatmap.png", title=f"mean score per head ({args.store})")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0
+
+
+def _task_texts(store, side: str) -> list[str] | None:
+    """The texts of a task as collect read them, if its file is still there unchanged (checked by hash)."""
+    from .tasks import file_sha256, read_task
+
+    record = store.manifest.get("inputs", {}).get(f"task_{side}")
+    if not record or not Path(record["path"]).is_file() or file_sha256(record["path"]) != record["sha256"]:
+        return None
+    return read_task(record["path"])
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -121,9 +139,10 @@ def _verify(args: argparse.Namespace) -> int:
              for p in (args.task_a, args.task_b)]
     v = store.result().verify_top(args.k, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
                                   task_b=tasks[1])
-    v.to_csv(args.out, index=False)
+    target = Path(args.out) if args.out else Path(args.store) / "verified.csv"
+    v.to_csv(target, index=False, float_format="%.6g")
     print(f"{v.attrs['held_fraction']:.0%} of the sketched top-{args.k} held among {len(v)} re-scored candidates; "
-          f"wrote {args.out}")
+          f"wrote {target}")
     return 0
 
 
@@ -160,7 +179,9 @@ def _loss(args: argparse.Namespace, store=None) -> str:
 
     recorded = None if store is None else store.manifest.get("inputs", {}).get("loss")
     if args.loss and recorded and args.loss != recorded:
-        raise SystemExit(f"sketchfisher: error: --loss {args.loss} but the store was collected with --loss {recorded}")
+        from .errors import InputError
+
+        raise InputError(f"--loss {args.loss}, but the store was collected with --loss {recorded}")
     return args.loss or recorded or infer_loss(args.model)
 
 
@@ -228,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--k", type=int, default=100, help="top conflicts to confirm (default: 100)")
     p.add_argument("--budget", type=int, default=1000, help="sketched candidates to re-score exactly (default: 1000)")
-    p.add_argument("--out", default="verified.csv", help="output CSV (default: verified.csv)")
+    p.add_argument("--out", default=None, help="output CSV (default: verified.csv inside the store)")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("inspect", help="summary of a store")
@@ -239,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        import os
+
+        os.environ["SKETCHFISHER_PROGRESS"] = "0"
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' loading bars too
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from .errors import SketchfisherError
 

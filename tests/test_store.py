@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -184,10 +185,17 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--top", "7"]) == 0
     assert {"top_conflicts.csv", "head_means.csv", "block_summary.csv", "heatmap.png"} <= \
         {p.name for p in (tmp_path / "out").iterdir()}
-    assert (tmp_path / "out" / "top_conflicts.csv").read_text().count("\n") == 8
-    assert main(["verify", str(tmp_path / "store"), *common, "--k", "5", "--budget", "20",
-                 "--out", str(tmp_path / "v.csv")]) == 0
+    top = pd.read_csv(tmp_path / "out" / "top_conflicts.csv")
+    assert len(top) == 7
+    # the store recorded the loss (inferred: a BERT encoder -> masked-token) and the task files with their hashes
+    inputs = sf.open_store(tmp_path / "store").manifest["inputs"]
+    assert inputs["loss"] == "mlm" and inputs["task_a"]["path"].endswith("a.jsonl")
+    assert top["text_i"].iloc[0].startswith("what is") and top["text_j"].iloc[0].startswith("def f")
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "store"), *common, "--k", "5", "--budget", "20"]) == 0
     assert "held among 20 re-scored candidates" in capsys.readouterr().out
+    assert (tmp_path / "store" / "verified.csv").exists()  # outputs go under the store, not the working directory
+    assert main(["verify", str(tmp_path / "store"), *common, "--loss", "clm", "--k", "5"]) != 0  # not what was collected
     assert main(["plan", "--preset", "gpt2", "--samples", "10"]) == 0
     # a different seed on an existing store: one-line error, exit 1
     assert main(["collect", *common, "--out", str(tmp_path / "store"), "--k", "16", "--seed", "1", "--quiet"]) == 1
