@@ -64,8 +64,8 @@ def _collect(args: argparse.Namespace) -> int:
     loss = _loss(args)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     device = input_device(model)
-    tasks = [to_device(task_batches(read_task(p), tok, loss, args.batch_size, args.max_length), device)
-             for p in (args.task_a, args.task_b)]
+    tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
+                       device) for p in (args.task_a, args.task_b)]
     codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.sketch_dtype,
                       variance_reduction=not args.no_variance_reduction)
     cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
@@ -78,6 +78,7 @@ def _collect(args: argparse.Namespace) -> int:
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], sf.layout_for(model), codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
                             inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
+                                    "text_field": args.text_field,
                                     **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
                                        for s, p in (("a", args.task_a), ("b", args.task_b))}},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype))
@@ -124,7 +125,8 @@ def _task_texts(store, side: str) -> list[str] | None:
     record = store.manifest.get("inputs", {}).get(f"task_{side}")
     if not record or not Path(record["path"]).is_file() or file_sha256(record["path"]) != record["sha256"]:
         return None
-    return read_task(record["path"])
+    samples = read_task(record["path"], store.manifest["inputs"].get("text_field", "text"))
+    return [" -> ".join(s) if isinstance(s, tuple) else s for s in samples]
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -135,8 +137,8 @@ def _verify(args: argparse.Namespace) -> int:
     loss = _loss(args, store)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     store.check(model)
-    tasks = [to_device(task_batches(read_task(p), tok, loss, args.batch_size, args.max_length), input_device(model))
-             for p in (args.task_a, args.task_b)]
+    tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
+                       input_device(model)) for p in (args.task_a, args.task_b)]
     v = store.result().verify_top(args.k, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
                                   task_b=tasks[1])
     target = Path(args.out) if args.out else Path(args.store) / "verified.csv"
@@ -160,6 +162,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["mlm", "clm"], default=None,
                    help="clm: next-token cross-entropy; mlm: masked tokens decoded with the tied embeddings "
                         "(default: what the model directory was trained for, from its config)")
+    p.add_argument("--text-field", default="text", help="field of a .jsonl/.parquet record holding the text "
+                   "(default: text); records with 'prompt' and 'completion' fields are scored on the completion")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default: 128)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (never chosen for you)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 
@@ -21,27 +21,59 @@ MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def read_task(path: str | Path) -> list[str]:
-    """Samples of a task: a ``.jsonl`` file with a ``"text"`` field per line, or a text file, one per line."""
+Sample = Union[str, tuple[str, str]]  # a text, or a (prompt, completion) pair: the loss on the completion only
+
+
+def read_task(path: str | Path, text_field: str = "text", prompt_field: str = "prompt",
+              completion_field: str = "completion") -> list[Sample]:
+    """Samples of a task: a text file (one sample per line), or records (``.jsonl``, or ``.parquet`` /
+    ``.arrow`` through the ``datasets`` package) with a string ``text_field``, or with
+    ``prompt_field`` and ``completion_field`` (a prompt/completion pair: the causal-LM loss is taken on
+    the completion's tokens only)."""
     path = Path(path)
+    if path.suffix in (".parquet", ".arrow"):
+        return _records(path, _dataset_rows(path), text_field, prompt_field, completion_field)
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read task file {path}: {exc}") from None
     if path.suffix != ".jsonl":
         return [line.strip() for line in lines]
-    texts = []
+    rows = []
     for n, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
+            rows.append((n, json.loads(line)))
         except ValueError:
             raise InputError(f"{path}:{n}: not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InputError(f"{path}:{n}: each JSON line needs a string field 'text'")
-        texts.append(record["text"])
-    if not texts:
+    return _records(path, rows, text_field, prompt_field, completion_field)
+
+
+def _dataset_rows(path: Path) -> list[tuple[int, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"{path}: reading {path.suffix} task files needs the 'datasets' package "
+                         "(pip install datasets), or give a .jsonl file") from None
+    kind = "parquet" if path.suffix == ".parquet" else "arrow"
+    data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    return [(n, row) for n, row in enumerate(data, 1)]
+
+
+def _records(path: Path, rows: list[tuple[int, Any]], text_field: str, prompt_field: str,
+             completion_field: str) -> list[Sample]:
+    out: list[Sample] = []
+    for n, record in rows:
+        if isinstance(record, dict) and isinstance(record.get(prompt_field), str) \
+                and isinstance(record.get(completion_field), str):
+            out.append((record[prompt_field], record[completion_field]))
+        elif isinstance(record, dict) and isinstance(record.get(text_field), str):
+            out.append(record[text_field])
+        else:
+            raise InputError(f"{path}:{n}: each record needs a string field {text_field!r}, or the string fields "
+                             f"{prompt_field!r} and {completion_field!r}")
+    if not out:
         raise InputError(f"{path} holds no samples")
-    return texts
+    return out
 
 
 def file_sha256(path: str | Path) -> str:
@@ -62,8 +94,9 @@ def from_texts(texts: Any, tokenizer: Any, loss: str = "clm", batch_size: int = 
         if text_field not in texts.column_names:
             raise InputError(f"the dataset has no column {text_field!r}; its columns: {texts.column_names}")
         texts = list(texts[text_field])
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise InputError("from_texts takes a list of strings (or a datasets.Dataset with a text column)")
+    if isinstance(texts, str) or not all(isinstance(t, str) or (isinstance(t, tuple) and len(t) == 2) for t in texts):
+        raise InputError("from_texts takes a list of strings or (prompt, completion) pairs (or a datasets.Dataset "
+                         "with a text column)")
     if not texts:
         raise InputError("from_texts got no texts")
     if loss == "clm" and tokenizer.pad_token is None:
@@ -134,20 +167,39 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return emb.weight.device if emb is not None else next(model.parameters()).device
 
 
-def clm_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_length: int = 128) -> list[dict]:
+def clm_batches(texts: list[Sample], tokenizer: Any, batch_size: int = 8, max_length: int = 128) -> list[dict]:
+    """Right-padded batches for :func:`clm_loss`. A (prompt, completion) pair is tokenized as one text and
+    gets a ``loss_mask`` that keeps only the completion's tokens (by character offsets)."""
     batches = []
     for lo in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[lo:lo + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        chunk = texts[lo:lo + batch_size]
+        pairs = any(isinstance(t, tuple) for t in chunk)
+        joined = [t[0] + t[1] if isinstance(t, tuple) else t for t in chunk]
+        enc = tokenizer(joined, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                        return_offsets_mapping=pairs)
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if pairs:
+            start = torch.tensor([len(t[0]) if isinstance(t, tuple) else 0 for t in chunk])[:, None]
+            offsets = enc["offset_mapping"]
+            is_pair = torch.tensor([isinstance(t, tuple) for t in chunk])[:, None]
+            completion = (offsets[..., 0] >= start) & (offsets[..., 1] > offsets[..., 0])
+            # a plain text in the same batch keeps every real token, as without pairs
+            batch["loss_mask"] = torch.where(is_pair, completion.long() * enc["attention_mask"], enc["attention_mask"])
+            empty = [i for i in range(len(chunk)) if isinstance(chunk[i], tuple) and batch["loss_mask"][i].sum() == 0]
+            if empty:
+                raise InputError(f"samples {[lo + i for i in empty]}: no completion token is left within "
+                                 f"max_length={max_length}; raise --max-length or shorten the prompts")
+        batches.append(batch)
     return batches
 
 
 def clm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Per-sample mean next-token cross-entropy over real (unpadded) positions."""
+    """Per-sample mean next-token cross-entropy over real (unpadded) positions, or over the completion's
+    tokens when the batch has a ``loss_mask`` (prompt/completion pairs)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     target = batch["input_ids"][:, 1:].to(logits.device)
-    mask = batch["attention_mask"][:, 1:].to(device=logits.device, dtype=torch.float32)
+    keep = batch.get("loss_mask", batch["attention_mask"])
+    mask = keep[:, 1:].to(device=logits.device, dtype=torch.float32)
     flat = logits.reshape(-1, logits.shape[-1]).float()  # the vocabulary axis contiguous: a fast softmax
     ce = torch.nn.functional.cross_entropy(flat, target.reshape(-1), reduction="none").view(target.shape)
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -191,7 +243,10 @@ def masked_token_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return ce.sum(1) / (labels != -100).sum(1).clamp_min(1)
 
 
-def task_batches(texts: list[str], tokenizer: Any, loss: str, batch_size: int, max_length: int) -> list[dict]:
+def task_batches(texts: list[Sample], tokenizer: Any, loss: str, batch_size: int, max_length: int) -> list[dict]:
+    """Batches of a task for ``loss`` ("mlm": masked-token, "clm": next-token)."""
+    if loss == "mlm" and any(isinstance(t, tuple) for t in texts):
+        raise InputError("prompt/completion pairs are scored with the causal-LM loss (--loss clm / loss='clm')")
     if loss == "mlm":
         return make_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)
     return clm_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)

@@ -58,3 +58,38 @@ def test_from_texts_and_clear_errors_for_raw_inputs():
         sf.analyze(model, generic_loss, ["a text"], ["b text"])
     with pytest.raises(sf.InputError, match="one mapping"):
         sf.analyze(model, generic_loss, tok(["a text"], return_tensors="pt"), batches)
+
+
+def test_prompt_completion_pairs_score_the_completion_only(tmp_path):
+    """A (prompt, completion) pair's loss is the loss of the same text restricted to the completion's tokens,
+    and it does not depend on the prompt's own next-token terms."""
+    import json
+
+    import torch
+
+    from sketchfisher.demo import load_minilm
+    from sketchfisher.tasks import clm_batches, clm_loss, read_task
+
+    _, tok = load_minilm()
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "what is two plus two ?", "completion": " four"}) + "\n"
+                    + json.dumps({"text": "a plain sample"}) + "\n")
+    samples = read_task(path)
+    assert samples == [("what is two plus two ?", " four"), "a plain sample"]
+    batch = clm_batches(samples, tok, batch_size=2)[0]
+    completion = batch["loss_mask"][0].nonzero().flatten().tolist()
+    ids = batch["input_ids"][0, completion].tolist()
+    assert tok.decode(ids).strip() == "four"
+    assert torch.equal(batch["loss_mask"][1], batch["attention_mask"][1])  # a plain text keeps every real token
+    torch.manual_seed(0)
+    model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=tok.vocab_size, n_layer=1, n_embd=16, n_head=2)).eval()
+    loss = clm_loss(model, batch)
+    full = clm_loss(model, {k: v for k, v in batch.items() if k != "loss_mask"})
+    assert loss.shape == (2,) and not torch.isclose(loss[0], full[0])
+    with pytest.raises(sf.InputError, match="causal-LM loss"):
+        sf.tasks.task_batches(samples, tok, "mlm", 2, 32)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(sf.InputError, match="needs a string field 'text'"):
+        read_task(tmp_path / "bad.jsonl")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
+    assert read_task(tmp_path / "q.jsonl", text_field="question") == ["x"]
