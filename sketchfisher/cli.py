@@ -18,12 +18,13 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = run_demo(args.out, samples=args.samples, top=args.top, show_progress=not args.quiet)
     res = out["result"]
-    print(f"sketchfisher demo: MiniLM (6 layers x 12 heads), math n={res.n_a} vs code n={res.n_b}, "
-          f"exact paper scores, normalizer 'a'")
-    print("\nTop (layer, head, block) cells by mean score over all sample pairs:")
-    for score, block, layer, head in out["top_cells"]:
-        print(f"  layer {layer}  head {head:2d}  {block}  {score:.4g}")
-    print("\nTop conflicting sample pairs:")
+    print(f"sketchfisher demo: MiniLM (6 layers x 12 heads), math n={res.n_a} vs code n={res.n_b}, exact scores")
+    print("\nHead blocks where the two tasks pull the weights apart most (alignment of the tasks' mean gradients,"
+          "\nFisher-normalised: -1 opposite, +1 the same; q: permutation test, Benjamini-Hochberg):")
+    table = out["conflicts"].head(args.top)[["layer", "head", "block", "alignment", "p_value", "q_value"]]
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    print(f"{out['significant']} head blocks in significant conflict (q <= 0.05)")
+    print("\nTop conflicting sample pairs (paper score: C_i / I_A * |g_j|):")
     print(out["top_pairs"].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"\nheatmap: {out['heatmap']}\ntable:   {out['csv']}\ntook {time.perf_counter() - start:.1f} s")
     return 0

@@ -206,6 +206,14 @@ class InterferenceResult:
 
         return permutation_test(self.layout, result_grads(self), self.cfg, n_permutations, seed)
 
+    def head_conflicts(self, n_permutations: int = 999, seed: int = 0) -> pd.DataFrame:
+        """Per (layer, head, block): the Fisher-normalised alignment of the two tasks' mean gradients
+        (negative = conflict) with permutation p- and BH q-values; most conflicting first (exact codecs
+        only). See :func:`sketchfisher.interference.stats.head_conflicts`."""
+        from .stats import head_conflicts
+
+        return head_conflicts(self, n_permutations, seed)
+
     def bootstrap_ci(self, confidence_level: float = 0.95, n_resamples: int = 999, seed: int = 0) -> pd.DataFrame:
         """Bootstrap intervals of each cell's mean score over samples (``scipy.stats.bootstrap``)."""
         from .stats import bootstrap_ci

@@ -10,6 +10,7 @@ keeping the pooled one (``"pooled"``), so it breaks exactly the A/B structure. p
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -87,6 +88,39 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
     q = pd.Series(false_discovery_control(distinct["p_value"].to_numpy(), method="bh"), index=distinct["test"])
     df["q_value"] = df["test"].map(q).to_numpy()
     return df.drop(columns="test")
+
+
+def head_conflicts(result: Any, n_permutations: int = 999, seed: int = 0) -> pd.DataFrame:
+    """Do the two tasks pull each head block's weights in opposite directions?
+
+    The statistic of a (layer, head, block) cell is the mean ``signed`` score over all pairs,
+    ``T = Σ_S ḡ_A ḡ_B / (Î + ε + λ)``: the Fisher-weighted inner product of the two tasks' mean
+    gradients (negative: the tasks' average updates oppose each other on this head; positive: they
+    agree). ``alignment`` is T divided by the two means' Fisher-weighted norms (a cosine in [−1, 1],
+    comparable across heads); ``p_value`` is the one-sided permutation test for conflict (re-dealing
+    the A/B labels; the normaliser is recomputed per permutation for ``"a"``) and ``q_value`` its
+    Benjamini–Hochberg adjustment. Unlike the mean ``paper`` score, which averages ``C_i/Î_A`` to 1
+    and so reflects task B alone, every quantity here involves both tasks. Needs an exact codec.
+    """
+    cfg = replace(result.cfg, variant="signed", normalizer="a" if result.cfg.normalizer == "loo" else result.cfg.normalizer)
+    grads = result_grads(result)
+    df = permutation_test(result.layout, grads, cfg, n_permutations, seed)
+    stats = result.context.normalizer_stats()
+    cosine = {}
+    for layer in range(result.layout.num_layers):
+        for block in BLOCKS:
+            pair, fisher = grads(layer, block), stats.fisher_block(result.layout, layer, block)
+            if pair is None or fisher is None:
+                continue
+            ma, mb = (g.to(torch.float64).mean(0) for g in pair)
+            w = 1.0 / (fisher.double() + cfg.eps + ridge(fisher.double(), cfg))
+            t = (ma * mb * w).sum(-1)
+            norm = ((ma.square() * w).sum(-1) * (mb.square() * w).sum(-1)).sqrt()
+            for head in range(result.layout.num_heads):
+                h = int(result.layout.head_index(block)[head])
+                cosine[(layer, head, block)] = float(t[h] / norm[h]) if norm[h] > 0 else float("nan")
+    df.insert(3, "alignment", [cosine[(r.layer, r.head, r.block)] for r in df.itertuples()])
+    return df.sort_values(["alignment", "layer", "head"]).reset_index(drop=True)
 
 
 def result_grads(result: Any) -> BlockGrads:
