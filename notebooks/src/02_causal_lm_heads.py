@@ -51,6 +51,24 @@ sketch = sf.analyze(model, tiny_gqa.answer_loss, task_a, task_b, codec=sf.Sketch
 pd.DataFrame([compare(exact.scores, sketch.scores, sketch.stderr, top=50)]).round(4)
 
 # %% [markdown]
+# ## Do copying and reversing fight over a head?
+#
+# Per head block, the Fisher-normalised alignment of the two tasks' mean gradients (a cosine: −1 the
+# tasks pull the weights in opposite directions, +1 the same way), with a permutation test that
+# re-deals the task labels and Benjamini–Hochberg q-values. Dots mark conflicts with q ≤ 0.05.
+
+# %%
+conflicts = exact.head_conflicts(n_permutations=99 if FAST else 499)
+align = torch.full((layout.num_layers, layout.num_heads, 4), float("nan"))
+marked = torch.zeros(align.shape, dtype=torch.bool)
+for r in conflicts.itertuples():
+    align[r.layer, r.head, sf.BLOCKS.index(r.block)] = r.alignment
+    marked[r.layer, r.head, sf.BLOCKS.index(r.block)] = r.q_value <= 0.05 and r.alignment < 0
+display(plot_block_heatmaps(align, significant=marked, label="alignment (cosine)",
+                            title="copy vs reverse: blue = the tasks pull apart"))
+conflicts.head(8).round(4)
+
+# %% [markdown]
 # ## Exact versus sketched heatmaps
 #
 # Mean score over all (copy, reverse) pairs, per layer × head, for each block. K and V are shared by
