@@ -79,7 +79,7 @@ def _collect(args: argparse.Namespace) -> int:
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], sf.layout_for(model), codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
                             inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
-                                    "text_field": args.text_field,
+                                    "text_field": args.text_field, "model": str(Path(args.model).resolve()),
                                     **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
                                        for s, p in (("a", args.task_a), ("b", args.task_b))}},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype))
@@ -135,6 +135,16 @@ def _verify(args: argparse.Namespace) -> int:
     from .tasks import input_device, load_hf, loss_for, read_task, task_batches, to_device
 
     store = sf.open_store(args.store)
+    recorded = store.manifest.get("inputs", {})
+    for flag, key in (("model", "model"), ("task_a", "task_a"), ("task_b", "task_b")):
+        if getattr(args, flag) is None:
+            value = recorded.get(key)
+            value = value.get("path") if isinstance(value, dict) else value
+            if not value:
+                from .errors import InputError
+
+                raise InputError(f"the store does not record --{flag.replace('_', '-')}; pass it")
+            setattr(args, flag, value)
     loss = _loss(args, store)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     store.check(model)
@@ -156,10 +166,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local HF model directory (config, weights, tokenizer)")
-    p.add_argument("--task-a", required=True, help="task A samples: .jsonl with a 'text' field, or one per line")
-    p.add_argument("--task-b", required=True, help="task B samples, same format")
+def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
+    later = " (default: the one the store was collected with)" if from_store else ""
+    p.add_argument("--model", required=not from_store, help="local HF model directory (config, weights, tokenizer)"
+                   + later)
+    p.add_argument("--task-a", required=not from_store,
+                   help="task A samples: .jsonl/.parquet records with a 'text' field, or one per line" + later)
+    p.add_argument("--task-b", required=not from_store, help="task B samples, same format" + later)
     p.add_argument("--loss", choices=["mlm", "clm"], default=None,
                    help="clm: next-token cross-entropy; mlm: masked tokens decoded with the tied embeddings "
                         "(default: what the model directory was trained for, from its config)")
@@ -251,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-score a store's top candidates exactly by recomputing their gradients")
     p.add_argument("store", help="a store directory written by collect")
-    _model_args(p)
+    _model_args(p, from_store=True)
     p.add_argument("--k", type=int, default=100, help="top conflicts to confirm (default: 100)")
     p.add_argument("--budget", type=int, default=1000, help="sketched candidates to re-score exactly (default: 1000)")
     p.add_argument("--out", default=None, help="output CSV (default: verified.csv inside the store)")

@@ -192,7 +192,7 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert inputs["loss"] == "mlm" and inputs["task_a"]["path"].endswith("a.jsonl")
     assert top["text_i"].iloc[0].startswith("what is") and top["text_j"].iloc[0].startswith("def f")
     capsys.readouterr()
-    assert main(["verify", str(tmp_path / "store"), *common, "--k", "5", "--budget", "20"]) == 0
+    assert main(["verify", str(tmp_path / "store"), "--k", "5", "--budget", "20"]) == 0  # model, tasks from the store
     assert "held among 20 re-scored candidates" in capsys.readouterr().out
     assert (tmp_path / "store" / "verified.csv").exists()  # outputs go under the store, not the working directory
     assert main(["verify", str(tmp_path / "store"), *common, "--loss", "clm", "--k", "5"]) != 0  # not what was collected
