@@ -69,7 +69,7 @@ def test_resume_after_sigkill_counts_every_sample_once(tmp_path):
         sf.open_store(run)
     assert _run_worker(run, kill_when=in_pass2) == "killed"
     assert _run_worker(run) == "finished"
-    assert not list(run.rglob("*.tmp"))  # leftovers of the killed runs are removed on restart
+    assert not list(run.rglob("*.sketchfisher-tmp"))  # leftovers of the killed runs are removed on restart
     a, b = sf.open_store(ref), sf.open_store(run)
     assert b.summary()["samples"] == {"a": 24, "b": 20}
     for t in ("a", "b"):
@@ -213,3 +213,21 @@ def test_cli_subprocess_exit_codes(tmp_path):
     bad = run("inspect", str(tmp_path))
     assert bad.returncode == 1 and bad.stderr.startswith("sketchfisher: error:") and bad.stderr.count("\n") == 1
     assert run("nonsense").returncode == 2
+
+
+
+def test_cleanup_never_touches_user_files(small, tmp_path):
+    """Only the store's own temporary names in its own folders are removed on restart."""
+    from sketchfisher.store.files import remove_stale_temps
+
+    model, ta, tb = small
+    root = tmp_path / "d"
+    (root / "p" / "sub").mkdir(parents=True)
+    (root / "p" / "sub" / "notes.tmp").write_text("mine")
+    (root / "pass1").mkdir()
+    (root / "pass1" / "notes.tmp").write_text("mine too")
+    (root / "pass1" / "a.safetensors.123.sketchfisher-tmp").write_text("half-written")
+    assert remove_stale_temps(root) == 1
+    collect_to_store(root, model, generic_loss, ta, tb, sf.layout_for(model), CODEC, sf.ScoreConfig())
+    assert (root / "p" / "sub" / "notes.tmp").read_text() == "mine"
+    assert (root / "pass1" / "notes.tmp").read_text() == "mine too"

@@ -22,9 +22,30 @@ class StoreMismatchError(SketchfisherError):
     """A store was written with another codec, seed, layout, model or format version."""
 
 
+TEMP_SUFFIX = ".sketchfisher-tmp"
+STORE_FOLDERS = (".", "pass1", "pass2/a", "pass2/b")  # where a store writes; the only places it cleans up
+
+
+def temp_name(path: Path) -> Path:
+    """This process's temporary name for ``path`` (unique per process, recognisable as the store's own)."""
+    return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Delete the temporary files a killed run of the store left behind, and nothing else: only names the
+    store itself makes, only in its own folders (never a user's ``*.tmp``, never below them)."""
+    removed = 0
+    for folder in STORE_FOLDERS:
+        for stale in (root / folder).glob(f"*{TEMP_SUFFIX}"):
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink()
+                removed += 1
+    return removed
+
+
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file completely under a temporary name, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -66,7 +87,7 @@ def load_named(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name(path)
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
 

@@ -42,7 +42,7 @@ from ..errors import InputError
 from ..fisher import FisherStats
 from ..layout import BLOCKS, Layout
 from ..metric import ScoreConfig
-from .files import atomic_save_tensors, atomic_write_json, load_tensors, read_json, read_metadata
+from .files import atomic_save_tensors, atomic_write_json, load_tensors, read_json, read_metadata, remove_stale_temps
 from .manifest import build_manifest, check_same
 
 logger = logging.getLogger(__name__)
@@ -191,8 +191,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     for sub in ("pass1", "pass2/a", "pass2/b"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     if ranks.rank == 0:
-        for stale in root.rglob("*.tmp"):  # half-written files of a killed run; never read
-            stale.unlink()
+        remove_stale_temps(root)  # half-written files of a killed run (the store's own names only); never read
     ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
     needs = needed_statistics(cfg, codec)
