@@ -166,6 +166,24 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind: type, low: float, name: str):
+    """An argparse type: a finite ``kind`` ≥ ``low``; anything else is a usage error (exit 2, before any work)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (value >= low) or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, "this option")
+NONNEGATIVE = _number(int, 0, "this option")
+
+
 def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
     later = " (default: the one the store was collected with)" if from_store else ""
     p.add_argument("--model", required=not from_store, help="local HF model directory (config, weights, tokenizer)"
@@ -178,8 +196,8 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
                         "(default: what the model directory was trained for, from its config)")
     p.add_argument("--text-field", default="text", help="field of a .jsonl/.parquet record holding the text "
                    "(default: text); records with 'prompt' and 'completion' fields are scored on the completion")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default: 128)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="samples per batch (default: 8)")
+    p.add_argument("--max-length", type=_number(int, 2, "--max-length"), default=128, help="tokens per sample after truncation (default: 128)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (never chosen for you)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                    help="precision of the model's weights (default: float32)")
@@ -213,22 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="exact QK-OV interference of math vs code samples on the offline MiniLM")
     p.add_argument("--out", default="demo_out", help="output folder for heatmap.png and top_conflicts.csv")
-    p.add_argument("--samples", type=int, default=None, help="samples per task (default: all 48)")
-    p.add_argument("--top", type=int, default=10, help="rows to print")
+    p.add_argument("--samples", type=POSITIVE, default=None, help="samples per task (default: all 48)")
+    p.add_argument("--top", type=POSITIVE, default=10, help="rows to print")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("plan", help="disk and device memory of each codec for a model and sample count")
     p.add_argument("--preset", default="llama-7b", help="gpt2, minilm, llama-7b, llama3-8b, llama-13b or llama-70b")
     p.add_argument("--config", help="a local HF config directory instead of a preset")
-    p.add_argument("--samples", type=int, default=768, help="samples over both tasks")
-    p.add_argument("--tokens", type=int, default=512, help="tokens per sample")
-    p.add_argument("--k", type=int, default=256, help="sketch width per head block")
-    p.add_argument("--rank", type=int, default=16, help="rank of truncated factors")
+    p.add_argument("--samples", type=POSITIVE, default=768, help="samples over both tasks")
+    p.add_argument("--tokens", type=POSITIVE, default=512, help="tokens per sample")
+    p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block")
+    p.add_argument("--rank", type=POSITIVE, default=16, help="rank of truncated factors")
     p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
                    help="storage precision of the sketches (default: fp16)")
-    p.add_argument("--batch-size", type=int, default=4, help="samples per batch (default: 4)")
-    p.add_argument("--devices", type=int, default=1, help="devices the layers are spread over (default: 1)")
+    p.add_argument("--batch-size", type=POSITIVE, default=4, help="samples per batch (default: 4)")
+    p.add_argument("--devices", type=POSITIVE, default=1, help="devices the layers are spread over (default: 1)")
     p.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
                    help="precision of the pass-1 statistics (default: float32, the GPU default)")
     p.set_defaults(func=_plan)
@@ -236,10 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="sketch two tasks into a resumable store (rerun the same command to resume)")
     _model_args(p)
     p.add_argument("--out", required=True, help="store directory")
-    p.add_argument("--k", type=int, default=256, help="sketch width per head block (default: 256)")
+    p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block (default: 256)")
     p.add_argument("--kind", default="sjlt", choices=["gaussian", "sjlt", "srht"],
                    help="random map: sparse JL (default), dense Gaussian, or subsampled Hadamard")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random maps (default: 0)")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random maps (default: 0)")
     p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
                    help="storage precision of the sketches (default: fp16)")
     p.add_argument("--no-variance-reduction", action="store_true",
@@ -248,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score: paper (default) C_i/(I+eps)*|g_j|, signed g_i g_j/(I+eps), symmetric |g_i||g_j|/(I+eps)")
     p.add_argument("--normalizer", default="a", choices=["a", "pooled", "loo"],
                    help="Fisher in the denominator: task A's (default), A and B pooled, or A without sample i")
-    p.add_argument("--eps", type=float, default=1e-10, help="added to the Fisher in the denominator (default: 1e-10)")
-    p.add_argument("--max-bytes", type=int, default=None, help="refuse to collect a store larger than this")
+    p.add_argument("--eps", type=_number(float, 0, "--eps"), default=1e-10, help="added to the Fisher in the denominator (default: 1e-10)")
+    p.add_argument("--max-bytes", type=POSITIVE, default=None, help="refuse to collect a store larger than this")
     p.add_argument("--stats-dtype", default="auto", choices=["auto", "float64", "float32"],
                    help="precision of the model-sized pass-1 statistics (auto: float64 on the CPU, float32 on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -258,15 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("interfere", help="Stage 6 from a store: top conflicts, head means, heatmap")
     p.add_argument("store", help="a store directory written by collect")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--top", type=int, default=100, help="conflicting pairs to list (default: 100)")
+    p.add_argument("--top", type=POSITIVE, default=100, help="conflicting pairs to list (default: 100)")
     p.add_argument("--all-scores", action="store_true", help="also write every score (can be large)")
     p.set_defaults(func=_interfere)
 
     p = sub.add_parser("verify", help="re-score a store's top candidates exactly by recomputing their gradients")
     p.add_argument("store", help="a store directory written by collect")
     _model_args(p, from_store=True)
-    p.add_argument("--k", type=int, default=100, help="top conflicts to confirm (default: 100)")
-    p.add_argument("--budget", type=int, default=1000, help="sketched candidates to re-score exactly (default: 1000)")
+    p.add_argument("--k", type=POSITIVE, default=100, help="top conflicts to confirm (default: 100)")
+    p.add_argument("--budget", type=POSITIVE, default=1000, help="sketched candidates to re-score exactly (default: 1000)")
     p.add_argument("--out", default=None, help="output CSV (default: verified.csv inside the store)")
     p.set_defaults(func=_verify)
 

@@ -93,3 +93,15 @@ def test_prompt_completion_pairs_score_the_completion_only(tmp_path):
         read_task(tmp_path / "bad.jsonl")
     (tmp_path / "q.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
     assert read_task(tmp_path / "q.jsonl", text_field="question") == ["x"]
+
+
+@pytest.mark.parametrize("flag,value", [("--k", "0"), ("--k", "-5"), ("--seed", "-1"), ("--eps", "-1"),
+                                        ("--eps", "nan"), ("--eps", "inf"), ("--batch-size", "-1"),
+                                        ("--batch-size", "0"), ("--max-length", "1"), ("--max-length", "-3"),
+                                        ("--k", "ten")])
+def test_nonsensical_numbers_are_usage_errors_before_any_work(flag, value, capsys):
+    argv = ["collect", "--model", "/nonexistent", "--task-a", "a", "--task-b", "b", "--out", "o", flag, value]
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2  # argparse's usage error, before the (missing) model is opened
+    assert flag in capsys.readouterr().err
