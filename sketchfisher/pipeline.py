@@ -12,7 +12,7 @@ from torch import nn
 
 from .capture.oracle import LossFn
 from .collect import collect, collect_sketches, default_stats_dtype, needed_statistics
-from .collect.memory import check_device_memory
+from .collect.memory import check_tasks_fit
 from .collect.sketches import check_sketch_width
 from .compress import Exact, Factors, check_codec
 from .errors import InputError
@@ -66,7 +66,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         return open_store(store).result(max_bytes=max_bytes)
     needs = needed_statistics(cfg, codec)
     check_sketch_width(layout, codec)
-    check_memory(model, codec, cfg, stats_dtype, task_a, task_b)
+    check_tasks_fit(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a, task_b)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])
     with log.phase("pass 1 A"):
         rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="pass 1 A",
@@ -95,16 +95,6 @@ def check_batches(**tasks: Any) -> None:
         if isinstance(task, Mapping):
             raise InputError(f"{name} is one mapping (a tokenizer's output?), not an iterable of batches: pass "
                              f"[batch], or build batches with sf.tasks.from_texts(texts, tokenizer)")
-
-
-def check_memory(model: nn.Module, codec: Any, cfg: ScoreConfig, stats_dtype: Optional[torch.dtype],
-                 task_a: Iterable[Any], task_b: Iterable[Any]) -> None:
-    """The planner's check before the first batch (tasks that can be measured without consuming them)."""
-    if not all(isinstance(t, (list, tuple)) for t in (task_a, task_b)) or not task_a:
-        return
-    samples = sum(int(b["input_ids"].shape[0]) if isinstance(b, dict) and "input_ids" in b else 0
-                  for t in (task_a, task_b) for b in t)
-    check_device_memory(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a[0], samples)
 
 
 def score_config(config: Optional[ScoreConfig] = None, **overrides: Any) -> ScoreConfig:

@@ -157,6 +157,16 @@ def batch_geometry(batch: Any) -> Optional[tuple[int, int]]:
     return tuple(ids.shape[:2]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
 
 
+def check_tasks_fit(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, task_a: Any,
+                    task_b: Any) -> Optional[pd.DataFrame]:
+    """:func:`check_device_memory` for two tasks given as lists of batches (others cannot be counted
+    without consuming them, and are not checked)."""
+    if not all(isinstance(t, (list, tuple)) for t in (task_a, task_b)) or not task_a:
+        return None
+    samples = sum(geo[0] for t in (task_a, task_b) for geo in map(batch_geometry, t) if geo)
+    return check_device_memory(model, codec, cfg, stats_dtype, task_a[0], samples)
+
+
 def check_device_memory(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, first_batch: Any,
                         samples: int) -> Optional[pd.DataFrame]:
     """Refuse, before the first batch, a collection whose predicted peak exceeds a device's memory.

@@ -49,7 +49,14 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device)."""
     if layout.param_of(layer, block) not in stats_a.welford:
         return None
-    get = lambda stats, what: stats.block(layout, layer, block, what)  # noqa: E731
+    gathered: dict = {}  # one gather per (task, statistic): variants reuse the Fisher or Σ|g| as a centre
+
+    def get(stats: FisherStats, what: str) -> torch.Tensor:
+        key = (id(stats), what)
+        if key not in gathered:
+            gathered[key] = stats.block(layout, layer, block, what)
+        return gathered[key]
+
     fisher_a = get(stats_a, "fisher")
     fisher = fisher_a
     if cfg.normalizer == "pooled":  # the Welford merge of the two means, entry by entry (as FisherStats.merge)

@@ -34,13 +34,14 @@ def _cell_statistic(num_a: torch.Tensor, sq_a: torch.Tensor, y_b: torch.Tensor, 
 
 
 def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_permutations: int = 999,
-                     seed: int = 0, chunk: int = 64) -> pd.DataFrame:
+                     seed: int = 0, chunk: int = 64, alignment: bool = False) -> pd.DataFrame:
     """Permutation p-values and BH q-values for every (layer, head, block) cell.
 
     ``grads(layer, block)`` returns exact block gradients ``(g_A [nA, H_b, S], g_B [nB, H_b, S])`` or
     None. Returns a tidy frame: layer, head, block, statistic, p_value, q_value (BH over all cells,
     ``scipy.stats.false_discovery_control`` over the distinct storage head blocks). K/V rows of
-    query heads that share a kv head repeat that head block's single test.
+    query heads that share a kv head repeat that head block's single test. ``alignment=True`` adds the
+    cosine of the two tasks' mean gradients under the normaliser's metric (:func:`head_conflicts`).
     """
     if cfg.normalizer not in ("a", "pooled"):
         raise InputError(f"permutation_test supports normalizer 'a' or 'pooled', got {cfg.normalizer!r}")
@@ -76,10 +77,12 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
             null = torch.cat([stat(labels[lo:lo + chunk]) for lo in range(0, n_permutations, chunk)])
             extreme = cfg.spec.at_least_as_extreme(null, observed)
             p = (1 + extreme.sum(0)).double() / (1 + n_permutations)
+            cosine = _alignment(ga, gb, fisher_pool, cfg) if alignment else None
             for head in range(layout.num_heads):
                 h = int(layout.head_index(block)[head])
                 rows.append({"layer": layer, "head": head, "block": block, "statistic": float(observed[h]),
-                             "p_value": float(p[h]), "test": f"{layer}.{block}.{h}"})
+                             "p_value": float(p[h]), "test": f"{layer}.{block}.{h}",
+                             **({} if cosine is None else {"alignment": float(cosine[h])})})
     if not rows:
         raise InputError("no collected blocks to test")
     df = pd.DataFrame(rows)
@@ -88,6 +91,15 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
     q = pd.Series(false_discovery_control(distinct["p_value"].to_numpy(), method="bh"), index=distinct["test"])
     df["q_value"] = df["test"].map(q).to_numpy()
     return df.drop(columns="test")
+
+
+def _alignment(ga: torch.Tensor, gb: torch.Tensor, fisher_pool: torch.Tensor, cfg: ScoreConfig) -> torch.Tensor:
+    """``[H_b]``: cosine of the tasks' mean gradients with weights 1/(Î + ε + λ) (NaN for a zero mean)."""
+    fisher = (ga.double().square().mean(0) if cfg.normalizer == "a" else fisher_pool.double())
+    w = 1.0 / (fisher + cfg.eps + ridge(fisher, cfg))
+    ma, mb = ga.double().mean(0), gb.double().mean(0)
+    norm = ((ma.square() * w).sum(-1) * (mb.square() * w).sum(-1)).sqrt()
+    return torch.where(norm > 0, (ma * mb * w).sum(-1) / norm, torch.full_like(norm, float("nan")))
 
 
 def head_conflicts(result: Any, n_permutations: int = 999, seed: int = 0) -> pd.DataFrame:
@@ -103,23 +115,8 @@ def head_conflicts(result: Any, n_permutations: int = 999, seed: int = 0) -> pd.
     and so reflects task B alone, every quantity here involves both tasks. Needs an exact codec.
     """
     cfg = replace(result.cfg, variant="signed", normalizer="a" if result.cfg.normalizer == "loo" else result.cfg.normalizer)
-    grads = result_grads(result)
-    df = permutation_test(result.layout, grads, cfg, n_permutations, seed)
-    stats = result.context.normalizer_stats()
-    cosine = {}
-    for layer in range(result.layout.num_layers):
-        for block in BLOCKS:
-            pair, fisher = grads(layer, block), stats.fisher_block(result.layout, layer, block)
-            if pair is None or fisher is None:
-                continue
-            ma, mb = (g.to(torch.float64).mean(0) for g in pair)
-            w = 1.0 / (fisher.double() + cfg.eps + ridge(fisher.double(), cfg))
-            t = (ma * mb * w).sum(-1)
-            norm = ((ma.square() * w).sum(-1) * (mb.square() * w).sum(-1)).sqrt()
-            for head in range(result.layout.num_heads):
-                h = int(result.layout.head_index(block)[head])
-                cosine[(layer, head, block)] = float(t[h] / norm[h]) if norm[h] > 0 else float("nan")
-    df.insert(3, "alignment", [cosine[(r.layer, r.head, r.block)] for r in df.itertuples()])
+    df = permutation_test(result.layout, result_grads(result), cfg, n_permutations, seed, alignment=True)
+    df = df[["layer", "head", "block", "alignment", "statistic", "p_value", "q_value"]]
     return df.sort_values(["alignment", "layer", "head"]).reset_index(drop=True)
 
 

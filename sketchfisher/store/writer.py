@@ -34,7 +34,7 @@ from ..capture.oracle import LossFn
 from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_statistics, prepare_all, sketch_batches
 from ..collect import trainable_weights
 from ..collect.passes import sized
-from ..collect.memory import batch_geometry, check_device_memory
+from ..collect.memory import check_tasks_fit
 from ..collect.sketches import check_reiterable, check_sketch_width
 from ..compress import Sketch
 from ..compress.sketch import quantize
@@ -196,9 +196,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     tasks = dict(zip(TASKS, (task_a, task_b)))
     needs = needed_statistics(cfg, codec)
     stats_dtype = stats_dtype or default_stats_dtype(model)
-    if isinstance(task_a, (list, tuple)) and isinstance(task_b, (list, tuple)) and task_a:
-        samples = sum(int(geo[0]) for t in (task_a, task_b) for geo in map(batch_geometry, t) if geo)
-        check_device_memory(model, codec, cfg, stats_dtype, task_a[0], samples)
+    check_tasks_fit(model, codec, cfg, stats_dtype, task_a, task_b)
     stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress, ranks, stats_dtype,
                        needs[t]) for t in TASKS}
     _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
