@@ -209,9 +209,13 @@ def main() -> None:
         rows.append(("CLI collect (both passes, both tasks)", cli["collection_seconds"], peaks))
         print(f"| CLI collect, same data shape | {cli['collection_seconds']:.1f} | "
               f"{cli['collection_seconds'] / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
+        print("\nCLI phases:\n| phase | seconds | x plain | peak GiB |\n| --- | --- | --- | --- |")
+        for row in cli.get("phases", []):
+            print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "rows": rows, "phases": phases, "device": name}, fh, indent=1)
+            json.dump({"args": vars(args), "rows": rows, "phases": phases, "device": name,
+                       "cli_phases": cli.get("phases") if args.cli else None}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     import sketchfisher as sf
+    from .phases import PhaseLog
     from .store import collect_to_store
     from .tasks import file_sha256, input_device, load_hf, loss_for, read_task, task_batches, to_device
 
@@ -75,16 +76,18 @@ def _collect(args: argparse.Namespace) -> int:
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     for d in cuda:
         torch.cuda.reset_peak_memory_stats(d)
-    start = time.perf_counter()
+    start, log = time.perf_counter(), PhaseLog.for_devices([p.device for p in model.parameters()])
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], sf.layout_for(model), codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
                             inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
                                     "text_field": args.text_field, "model": str(Path(args.model).resolve()),
                                     **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
                                        for s, p in (("a", args.task_a), ("b", args.task_b))}},
-                            stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype))
+                            stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype),
+                            log=log)
     summary = sf.open_store(path).summary()
     summary["collection_seconds"] = round(time.perf_counter() - start, 2)
+    summary["phases"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in log.rows()]
     if cuda:
         summary["peak_device_GiB"] = [round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in cuda]
     print(json.dumps(summary, indent=1))

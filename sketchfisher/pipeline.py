@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any, Iterable, Optional
 
 import pandas as pd
@@ -13,7 +14,7 @@ from torch import nn
 from .capture.oracle import LossFn
 from .collect import collect, collect_sketches, default_stats_dtype, needed_statistics
 from .collect.memory import check_tasks_fit
-from .collect.sketches import check_sketch_width
+from .collect.sketches import check_sketch_width, host_staging
 from .compress import Exact, Factors, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
@@ -68,18 +69,21 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     check_sketch_width(layout, codec)
     check_tasks_fit(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a, task_b)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])
-    with log.phase("pass 1 A"):
-        rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="pass 1 A",
-                                 show_progress=progress, quantities=needs["a"], **stats_kw)
-    with log.phase("pass 1 B"):
-        rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="pass 1 B",
-                                 show_progress=progress, quantities=needs["b"], **stats_kw)
-    if codec.two_pass:
-        side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, stats_b,
-                                             show_progress=progress, log=log)
-        source = SketchSource(side_a, side_b, e)
-    else:
-        source = ExactSource(rep_a, rep_b)
+    # task A's Fisher leaves the GPU after pass 1; its host memory is made ready while the passes run
+    staging = host_staging(model, layout, stats_dtype or default_stats_dtype(model), 1) if codec.two_pass else None
+    with staging or nullcontext():
+        with log.phase("pass 1 A"):
+            rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="pass 1 A",
+                                     show_progress=progress, quantities=needs["a"], **stats_kw)
+        with log.phase("pass 1 B"):
+            rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="pass 1 B",
+                                     show_progress=progress, quantities=needs["b"], **stats_kw)
+        if codec.two_pass:
+            side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, stats_b,
+                                                 show_progress=progress, log=log, staging=staging)
+            source = SketchSource(side_a, side_b, e)
+        else:
+            source = ExactSource(rep_a, rep_b)
     context = ResultContext(layout=layout, cfg=cfg, codec=codec, stats_a=stats_a, stats_b=stats_b, source=source)
     res = InterferenceResult.from_context(context, max_bytes)
     res.phases = log

@@ -108,6 +108,30 @@ def test_statistics_move_to_host_once_consumed_and_scores_do_not_change():
         assert prep.w_a.is_cuda and torch.equal(prep.w_a, moved[key].w_a) and torch.equal(prep.e, moved[key].e)
 
 
+def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path):
+    """Statistics copied into host buffers made ready in the background, and a store whose pass-1 files and
+    shards are written by a background thread (one transfer per shard), give the in-memory scores bitwise."""
+    from sketchfisher.collect.sketches import host_staging
+    from sketchfisher.store.files import host_tensors
+
+    model = make_model("llama_gqa").cuda()
+    ta = [{k: v.cuda() for k, v in b.items()} for b in make_batches(5, 2, seed=1)]
+    tb = [{k: v.cuda() for k, v in b.items()} for b in make_batches(4, 3, seed=2)]
+    layout, codec = sf.layout_for(model), sf.Sketch(k=32, kind="sjlt", seed=0, dtype="fp32")
+    staging = host_staging(model, layout, torch.float32, 2)
+    assert staging is not None
+    w = model.get_parameter(layout.params[0]).detach().float()
+    assert torch.equal(staging.copy(w), w.cpu())
+    staging.close()
+    ts = {"x": torch.randn(3, 5, device="cuda"), "n": torch.randn(4, device="cuda").double(), "y": torch.ones(2).cuda()}
+    moved = host_tensors(ts)
+    assert all(moved[k].device.type == "cpu" and torch.equal(moved[k], v.cpu()) for k, v in ts.items())
+    mem = sf.analyze(model, generic_loss, ta, tb, codec=codec)
+    stored = sf.analyze(model, generic_loss, ta, tb, codec=codec, store=tmp_path / "s")
+    torch.testing.assert_close(stored.scores, mem.scores, rtol=0, atol=0)
+    assert mem.context.stats_a.welford[layout.params[0]].mean.device.type == "cpu"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_model_dispatched_over_two_devices_equals_one_device():
     """Layers on different cards: statistics, preparations and sketches live on each layer's card, and the

@@ -81,6 +81,40 @@ def test_resume_after_sigkill_counts_every_sample_once(tmp_path):
     torch.testing.assert_close(b.result().scores, a.result().scores, rtol=0, atol=0)
 
 
+def test_shards_without_saved_statistics_are_redone(small, tmp_path):
+    """The final pass-1 statistics are written while pass 2 runs; a run killed before they reached the disk
+    leaves shards from a preparation no file records: the restart deletes them and collects them again."""
+    model, ta, tb = small
+    ref = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "ref")
+    run = tmp_path / "run"
+    sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.pop("complete")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    (run / "pass1" / "b.safetensors").unlink()  # killed before B's statistics were written
+    shard = sorted((run / "pass2" / "a").glob("*.safetensors"))[0]
+    torch.save({"not": "the sketches"}, shard)  # stands for a shard of another preparation: must not be read
+    again = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=run)
+    torch.testing.assert_close(again.scores, ref.scores, rtol=0, atol=0)
+
+
+def test_host_copies_and_batched_transfers_keep_values():
+    from sketchfisher.fisher import FisherStats, HostStaging
+    from sketchfisher.store.files import host_tensors
+
+    ts = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.float64), "c": torch.randn(2, 2).half()}
+    assert all(torch.equal(host_tensors(ts)[k], v) for k, v in ts.items())
+    with HostStaging([(12, torch.float32), (12, torch.float32)]) as staging:
+        assert staging.copy(ts["a"]) is ts["a"]  # host tensors are not copied
+        assert torch.equal(staging._take((12, torch.float32)), torch.zeros(12))  # ready buffers are touched
+    stats = FisherStats(torch.float32, quantities=("fisher", "abs"))
+    stats.update({"w": torch.randn(4, 3, 2)})
+    host = stats.to_host()
+    assert torch.equal(host.fisher("w"), stats.fisher("w")) and torch.equal(host.mean_abs("w"), stats.mean_abs("w"))
+    stats.release(("fisher",))
+    assert stats.quantities == ("fisher",) and not stats.sum_abs and torch.equal(stats.fisher("w"), host.fisher("w"))
+
+
 def test_mismatched_settings_and_model_are_refused(small, tmp_path):
     model, ta, tb = small
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")

@@ -19,7 +19,8 @@ from ..capture.oracle import LossFn
 from ..compress import Sketch, SketchSide
 from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector, sketch_sides
 from ..errors import InputError
-from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats
+from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats, HostStaging
+from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
@@ -70,28 +71,40 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
 
 
 def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch,
-                offload: bool = False) -> Preps:
+                offload: bool = False, keep: tuple[str, ...] = ("fisher",),
+                staging: Optional[HostStaging] = None) -> Preps:
     """:func:`prepare` for every (layer, block), layer by layer.
 
     With ``offload=True`` each parameter's statistics are released as soon as all of its blocks are
-    prepared: the Fisher (needed later to re-score candidates exactly) moves to host memory, the
-    statistics consumed here (Σ|g|, Σg) are freed. Device memory then holds the statistics or the
-    preparations of a parameter, never both for the whole model (at 7B the two together would not fit
-    one 80 GB card)."""
+    prepared: those in ``keep`` (by default the Fisher, needed later to re-score candidates exactly)
+    move to host memory (into ``staging``'s buffers when given), the others are freed. Device memory
+    then holds the statistics or the preparations of a parameter, never both for the whole model (at
+    7B the two together would not fit one 80 GB card)."""
     keys = [(layer, block) for layer in range(layout.num_layers) for block in BLOCKS]
     last_use = {layout.param_of(*key): key for key in keys}
     preps: Preps = {}
-    later = ("fisher",)  # what results use after collection: the normaliser (exact re-scoring)
+    copy = staging.copy if staging is not None else host_copy
     for key in keys:
         preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec)
         name = layout.param_of(*key)
         if offload and last_use[name] == key:
             for stats in (stats_a, stats_b):
-                stats.offload(name, keep=later)
+                stats.offload(name, keep=keep, copy=copy)
     if offload:
         for stats in (stats_a, stats_b):
-            stats.settle(later)
+            stats.settle(keep)
     return preps
+
+
+def host_staging(model: nn.Module, layout: Layout, dtype: torch.dtype, copies: int,
+                 modules: str = "attention") -> Optional[HostStaging]:
+    """Host buffers for ``copies`` model-sized statistics of the collected weights, touched in the
+    background while the passes run (:class:`~sketchfisher.fisher.HostStaging`); None when the model's
+    collected weights are all on the host already."""
+    weights = [model.get_parameter(name) for name in trainable_weights(model, layout, modules)]
+    if copies < 1 or not any(w.is_cuda for w in weights):
+        return None
+    return HostStaging.for_tensors(weights, dtype, copies)
 
 
 def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
@@ -201,14 +214,16 @@ def check_reiterable(**tasks: Iterable[Any]) -> None:
 
 def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any],
                      layout: Layout, codec: Sketch, cfg: ScoreConfig, stats_a: FisherStats, stats_b: FisherStats,
-                     show_progress: bool = False, log: Optional[PhaseLog] = None) -> tuple[SketchSide, SketchSide, dict]:
+                     show_progress: bool = False, log: Optional[PhaseLog] = None,
+                     staging: Optional[HostStaging] = None) -> tuple[SketchSide, SketchSide, dict]:
     """Pass 2 for both tasks given their pass-1 statistics; returns the two sides and each block's exact
-    scalar ``e`` (all the scores need of the preparations, which are freed)."""
+    scalar ``e`` (all the scores need of the preparations, which are freed). Task A's Fisher moves to
+    host memory (``staging``'s buffers when given)."""
     check_reiterable(task_a=task_a, task_b=task_b)
     check_sketch_width(layout, codec)
     log = log or PhaseLog()
     with log.phase("preparation"):
-        preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True)
+        preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True, staging=staging)
     with log.phase("pass 2 A"):
         side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "pass 2 A",
                              show_progress)
@@ -226,5 +241,5 @@ def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:
     return {key: prep.e for key, prep in preps.items() if prep is not None}
 
 
-__all__ = ["FusedSides", "Preps", "check_reiterable", "collect_sketches", "needed_statistics", "prepare",
+__all__ = ["FusedSides", "Preps", "check_reiterable", "collect_sketches", "host_staging", "needed_statistics", "prepare",
            "prepare_all", "sketch_batches", "sketch_task", "trainable_weights"]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .. import kernels
 from ..errors import InputError
 from ..layout import Layout
+from .host import host_copy
 
 QUANTITIES = ("fisher", "m2", "abs", "sum")
 """``fisher``: Welford mean of g² (Î); ``m2``: its Welford M2 (variance across samples); ``abs``: Σ|g|;
@@ -176,13 +177,16 @@ class FisherStats:
     def names(self) -> list[str]:
         return list(self.welford)
 
-    def offload(self, name: str, keep: tuple[str, ...] = QUANTITIES) -> None:
+    def offload(self, name: str, keep: tuple[str, ...] = QUANTITIES,
+                copy: Callable[[torch.Tensor], torch.Tensor] = host_copy) -> None:
         """Move one parameter's statistics to host memory (a no-op when they are there already) and free
-        those not in ``keep`` (statistics already consumed). Call :meth:`settle` after the last one."""
+        those not in ``keep`` (statistics already consumed). ``copy`` makes the host copy (e.g.
+        :meth:`HostStaging.copy <sketchfisher.fisher.host.HostStaging.copy>`). Call :meth:`settle` after
+        the last one."""
         w = self.welford.get(name)
         if w is None:
             return
-        host = lambda t: t if t is None or t.device.type == "cpu" else t.to("cpu")  # noqa: E731
+        host = lambda t: None if t is None else copy(t)  # noqa: E731
         w.mean = host(w.mean) if "fisher" in keep else None
         w.m2 = host(w.m2) if "m2" in keep else None
         for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
@@ -191,6 +195,22 @@ class FisherStats:
                     acc[name] = host(acc[name])
                 else:
                     del acc[name]
+
+    def to_host(self, copy: Callable[[torch.Tensor], torch.Tensor] = host_copy) -> "FisherStats":
+        """A copy of these statistics in host memory (``copy`` makes each tensor's host copy)."""
+        out = FisherStats(self.dtype, quantities=self.quantities)
+        for name, w in self.welford.items():
+            out.welford[name] = Welford(w.count, None if w.mean is None else copy(w.mean),
+                                        None if w.m2 is None else copy(w.m2))
+        out.sum_abs = {name: copy(t) for name, t in self.sum_abs.items()}
+        out.sum_g = {name: copy(t) for name, t in self.sum_g.items()}
+        return out
+
+    def release(self, keep: tuple[str, ...]) -> None:
+        """Free every statistic not in ``keep``, for every parameter (where they are)."""
+        for name in list(self.welford):
+            self.offload(name, keep, copy=lambda t: t)
+        self.settle(keep)
 
     def settle(self, keep: tuple[str, ...]) -> None:
         """Declare that only ``keep`` remains (after :meth:`offload` freed the rest for every parameter)."""

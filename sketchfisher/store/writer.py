@@ -35,14 +35,17 @@ from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_sta
 from ..collect import trainable_weights
 from ..collect.passes import sized
 from ..collect.memory import check_tasks_fit
-from ..collect.sketches import check_reiterable, check_sketch_width
+from ..collect.sketches import check_reiterable, check_sketch_width, host_staging
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
 from ..fisher import FisherStats
+from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout
 from ..metric import ScoreConfig
-from .files import atomic_save_tensors, atomic_write_json, load_tensors, read_json, read_metadata, remove_stale_temps
+from ..phases import PhaseLog
+from .files import Writes, atomic_save_tensors, atomic_write_json, host_tensors, load_tensors, read_json, read_metadata
+from .files import remove_stale_temps
 from .manifest import build_manifest, check_same
 
 logger = logging.getLogger(__name__)
@@ -80,12 +83,15 @@ class Ranks:
 
 def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
            checkpoint_every: int | None, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype,
-           quantities: tuple[str, ...]) -> FisherStats:
-    final = root / "pass1" / f"{task}.safetensors"
+           quantities: tuple[str, ...]) -> tuple[FisherStats, int | None]:
+    """Pass 1 of one task: ``(statistics, batches)``; ``batches`` (how many the task yielded) when they
+    were computed now and their final file is still to be written (:func:`_save_pass1`), None when they
+    were read from the store."""
+    final = _final(root, task)
+    partial = _partial(root, task, ranks)
     if final.exists():
-        return FisherStats.from_tensors(*load_tensors(final))
-    suffix = "" if ranks.world == 1 else f".rank{ranks.rank}-of-{ranks.world}"
-    partial = root / "pass1" / f"{task}{suffix}.partial.safetensors"
+        partial.unlink(missing_ok=True)  # a checkpoint of a run killed after the final file was written
+        return FisherStats.from_tensors(*load_tensors(final)), None
     stats, done = FisherStats(dtype=stats_dtype, quantities=quantities), 0
     if partial.exists():
         tensors, meta = load_tensors(partial)
@@ -102,19 +108,27 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
             tensors, meta = stats.to_tensors()
             atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1)})
             policy.saved(time.perf_counter() - start)
-    index = seen.batches - 1
-    if index + 1 < done:
-        raise InputError(f"task {task} yielded {index + 1} batches, fewer than the {done} recorded in {partial}")
+    if seen.batches < done:
+        raise InputError(f"task {task} yielded {seen.batches} batches, fewer than the {done} recorded in {partial}")
     if ranks.world > 1:
         stats = stats.all_reduce(names)
     if stats.count == 0:
         raise InputError(f"task {task} yielded no samples")
-    if ranks.rank == 0:
-        tensors, meta = stats.to_tensors()
-        atomic_save_tensors(tensors, final, {**meta, "batches": str(index + 1)})
-    ranks.barrier()
-    partial.unlink(missing_ok=True)
-    return stats
+    return stats, seen.batches
+
+
+def _final(root: Path, task: str) -> Path:
+    return root / "pass1" / f"{task}.safetensors"
+
+
+def _partial(root: Path, task: str, ranks: Ranks) -> Path:
+    suffix = "" if ranks.world == 1 else f".rank{ranks.rank}-of-{ranks.world}"
+    return root / "pass1" / f"{task}{suffix}.partial.safetensors"
+
+
+def _save_pass1(stats: FisherStats, path: Path, batches: int) -> None:
+    tensors, meta = stats.to_tensors()
+    atomic_save_tensors(tensors, path, {**meta, "batches": str(batches)})
 
 
 class Checkpoints:
@@ -150,6 +164,30 @@ def _counted(batches: Iterable[Any], counter: Counter) -> Iterator[Any]:
         yield batch
 
 
+def _shard(blocks: dict, codec: Sketch) -> dict[str, torch.Tensor]:
+    """The tensors of one pass-2 shard: per (layer, block) the quantised sketches, their scale, ‖x̃‖² and
+    the cross term."""
+    tensors = {}
+    for (layer, block), (sk, norm2, cross) in blocks.items():
+        q, scale = quantize(sk, codec.dtype)
+        tensors[f"{layer}.{block}.vec"] = q
+        if scale is not None:
+            tensors[f"{layer}.{block}.scale"] = scale
+        tensors[f"{layer}.{block}.norm2"] = norm2.double()
+        tensors[f"{layer}.{block}.cross"] = cross.double()
+    return tensors
+
+
+def _drop_stale_shards(root: Path) -> None:
+    """Pass-2 shards without both final pass-1 files come from a run killed before its statistics reached the
+    disk: pass 1 will be finished again, so they would mix two preparations. They are deleted."""
+    stale = [p for t in TASKS for p in (root / "pass2" / t).glob("*.safetensors")]
+    if stale:
+        logger.warning("deleting %d pass-2 shards written before the run's pass-1 statistics were saved", len(stale))
+    for p in stale:
+        p.unlink()
+
+
 def _check_space(root: Path, layout: Layout, codec: Sketch, samples: int, max_bytes: int | None) -> None:
     blocks = sum(len(layout.head_blocks(layer, block)) for layer in range(layout.num_layers) for block in BLOCKS)
     planned = samples * blocks * codec.bytes_per_block()
@@ -167,8 +205,12 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
                      task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
                      checkpoint_every: int | None = None, max_bytes: int | None = None,
                      show_progress: bool = False, stats_dtype: torch.dtype | None = None,
-                     inputs: dict[str, Any] | None = None) -> Path:
+                     inputs: dict[str, Any] | None = None, log: PhaseLog | None = None) -> Path:
     """Collect (or finish collecting) a sketch store at ``path``; returns the path.
+
+    ``log`` (a :class:`~sketchfisher.phases.PhaseLog`) records each phase's time and peak device memory.
+    The final pass-1 statistics and the pass-2 shards are written by a background thread while the GPU
+    goes on; the call returns when everything is on disk.
 
     Before pass 2 writes anything, the planned size of the sketches (known once pass 1 has counted
     the samples) is compared with ``max_bytes`` and with the free disk; collection refuses to go on
@@ -194,29 +236,53 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
         remove_stale_temps(root)  # half-written files of a killed run (the store's own names only); never read
     ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
+    log = log if log is not None else PhaseLog.for_devices([p.device for p in model.parameters()])
     needs = needed_statistics(cfg, codec)
     stats_dtype = stats_dtype or default_stats_dtype(model)
     check_tasks_fit(model, codec, cfg, stats_dtype, task_a, task_b)
-    stats = {t: _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every, show_progress, ranks, stats_dtype,
-                       needs[t]) for t in TASKS}
-    _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
-    preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True)
+    if ranks.rank == 0 and not all(_final(root, t).exists() for t in TASKS):
+        _drop_stale_shards(root)
+    ranks.barrier()
+    # the final pass-1 statistics are written to disk in the background while pass 2 runs; their host
+    # memory is made ready while pass 1 runs
+    copies = sum(len(needs[t]) for t in TASKS if not _final(root, t).exists()) if ranks.rank == 0 else 0
+    staging = host_staging(model, layout, stats_dtype, copies)
+    writes = Writes()
+    try:
+        stats = {}
+        for t in TASKS:
+            with log.phase(f"pass 1 {t.upper()}"):
+                stats[t], batches = _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
+                                           show_progress, ranks, stats_dtype, needs[t])
+                if batches is not None and ranks.rank == 0:
+                    host = stats[t].to_host(staging.copy if staging is not None else host_copy)
+                    writes.submit(_save_pass1, host, _final(root, t), batches)
+        if staging is not None:
+            staging.close()
+        _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
+        with log.phase("preparation"):
+            # every statistic is on disk (or on its way there): the device copies are freed as consumed
+            preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True, keep=())
+        for t in TASKS:
+            folder = root / "pass2" / t
+            done = {p.name for p in folder.glob("*.safetensors")}
+            with log.phase(f"pass 2 {t.upper()}"):
+                it = sketch_batches(model, loss_fn, tasks[t], layout, codec, preps, t, stats["a"].count, cfg,
+                                    skip=lambda i: shard_name(i) in done or not ranks.mine(i), desc=f"pass 2 {t}",
+                                    show_progress=show_progress)
+                for index, size, blocks in it:
+                    writes.submit(atomic_save_tensors, host_tensors(_shard(blocks, codec)),
+                                  folder / shard_name(index), {"batch": str(index), "samples": str(size)})
+        del preps
+        with log.phase("writes"):  # what the disk still owes once the GPU is done
+            writes.wait()
+    finally:
+        writes.close()
+        if staging is not None:
+            staging.close()
+    ranks.barrier()
     for t in TASKS:
-        folder = root / "pass2" / t
-        done = {p.name for p in folder.glob("*.safetensors")}
-        it = sketch_batches(model, loss_fn, tasks[t], layout, codec, preps, t, stats["a"].count, cfg,
-                            skip=lambda i: shard_name(i) in done or not ranks.mine(i), desc=f"pass 2 {t}",
-                            show_progress=show_progress)
-        for index, size, blocks in it:
-            tensors = {}
-            for (layer, block), (sk, norm2, cross) in blocks.items():
-                q, scale = quantize(sk, codec.dtype)
-                tensors[f"{layer}.{block}.vec"] = q
-                if scale is not None:
-                    tensors[f"{layer}.{block}.scale"] = scale
-                tensors[f"{layer}.{block}.norm2"] = norm2.double()
-                tensors[f"{layer}.{block}.cross"] = cross.double()
-            atomic_save_tensors(tensors, folder / shard_name(index), {"batch": str(index), "samples": str(size)})
+        _partial(root, t, ranks).unlink(missing_ok=True)
     ranks.barrier()
     if ranks.rank != 0:
         ranks.barrier()

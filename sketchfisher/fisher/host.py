@@ -1,0 +1,99 @@
+"""Host memory for statistics that leave the GPU, made ready while the GPU is busy.
+
+At 7B scale one statistic is 8.6 GB. Copying it into a *fresh* host tensor is dominated by the
+operating system faulting in and zeroing the pages (measured on an H200 host: 4.7 s for 8.6 GB),
+while a copy into memory that was already touched takes 0.5 s. :class:`HostStaging` allocates and
+touches the host tensors in a background thread as soon as their sizes are known (at the start of
+pass 1), so that the copies after pass 1 run at transfer speed. Page faulting releases the GIL; the
+thread competes with nothing on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+Key = tuple[int, torch.dtype]  # (number of elements, dtype): buffers are flat and take any shape
+
+
+class HostStaging:
+    """Touched host buffers for the given ``(numel, dtype)`` sizes (one buffer per entry, in order).
+
+    :meth:`copy` moves a device tensor into a matching buffer, waiting for the background thread if
+    that buffer is not ready yet; a tensor for which no buffer was reserved is copied the ordinary way
+    (same result, slower). :meth:`close` stops the thread and drops the buffers not taken.
+    """
+
+    def __init__(self, sizes: Iterable[Key]):
+        self._todo = list(sizes)
+        self._pending = Counter(self._todo)
+        self._ready: dict[Key, list[torch.Tensor]] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._fill, name="sketchfisher-host-staging", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_tensors(cls, like: Iterable[torch.Tensor], dtype: torch.dtype, copies: int = 1) -> "HostStaging":
+        """Buffers for ``copies`` statistics of ``dtype`` shaped like each tensor (the largest first)."""
+        sizes = sorted((t.numel() for t in like), reverse=True)
+        return cls([(n, dtype) for n in sizes for _ in range(copies)])
+
+    def _fill(self) -> None:
+        for key in self._todo:
+            with self._cond:
+                if self._stop:
+                    break
+            try:
+                buf = torch.empty(key[0], dtype=key[1])
+                buf.zero_()  # touch every page now, not during the copy
+            except (RuntimeError, MemoryError) as exc:  # out of host memory: copies take the ordinary way
+                logger.warning("host staging stopped after allocation failure: %s", exc)
+                break
+            with self._cond:
+                self._pending[key] -= 1
+                self._ready.setdefault(key, []).append(buf)
+                self._cond.notify_all()
+        with self._cond:
+            self._pending.clear()
+            self._cond.notify_all()
+
+    def _take(self, key: Key) -> torch.Tensor | None:
+        with self._cond:
+            while not self._ready.get(key) and self._pending.get(key, 0) > 0:
+                self._cond.wait()
+            return self._ready[key].pop() if self._ready.get(key) else None
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``t`` (``t`` itself when it is on the host already)."""
+        if t.device.type == "cpu":
+            return t
+        buf = self._take((t.numel(), t.dtype))
+        if buf is None:
+            return t.to("cpu")
+        out = buf.view(t.shape)
+        out.copy_(t)
+        return out
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+    def __enter__(self) -> "HostStaging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """The ordinary host copy (the default where no :class:`HostStaging` is given)."""
+    return t if t.device.type == "cpu" else t.to("cpu")
