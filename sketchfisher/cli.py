@@ -73,9 +73,6 @@ def _collect(args: argparse.Namespace) -> int:
     cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
     import torch
 
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-    for d in cuda:
-        torch.cuda.reset_peak_memory_stats(d)
     start, log = time.perf_counter(), PhaseLog.for_devices([p.device for p in model.parameters()])
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], sf.layout_for(model), codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
@@ -88,8 +85,8 @@ def _collect(args: argparse.Namespace) -> int:
     summary = sf.open_store(path).summary()
     summary["collection_seconds"] = round(time.perf_counter() - start, 2)
     summary["phases"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in log.rows()]
-    if cuda:
-        summary["peak_device_GiB"] = [round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in cuda]
+    if log.devices:
+        summary["peak_device_GiB"] = [round(b / 2**30, 2) for b in log.device_peaks()]
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 class Phase:
     name: str
     seconds: float
-    peak_bytes: int  # 0 when no CUDA device was used
+    peak_bytes: int  # the largest over the devices; 0 when no CUDA device was used
+    device_peaks: tuple[int, ...] = ()  # per tracked device, in the order of PhaseLog.devices
 
 
 @dataclass
@@ -46,12 +47,17 @@ class PhaseLog:
         yield
         for d in self.devices:
             torch.cuda.synchronize(d)
-        peak = max((torch.cuda.max_memory_allocated(d) for d in self.devices), default=0)
-        self.phases.append(Phase(name, time.perf_counter() - start, peak))
+        peaks = tuple(torch.cuda.max_memory_allocated(d) for d in self.devices)
+        peak = max(peaks, default=0)
+        self.phases.append(Phase(name, time.perf_counter() - start, peak, peaks))
         logger.info("%s: %.2f s, peak %.2f GiB", name, self.phases[-1].seconds, peak / 2**30)
 
     def peak_bytes(self) -> int:
         return max((p.peak_bytes for p in self.phases), default=0)
+
+    def device_peaks(self) -> list[int]:
+        """The peak of each tracked device over all phases."""
+        return [max((p.device_peaks[i] for p in self.phases), default=0) for i in range(len(self.devices))]
 
     def rows(self) -> list[dict]:
         return [{"phase": p.name, "seconds": p.seconds, "peak_GiB": p.peak_bytes / 2**30} for p in self.phases]

@@ -110,7 +110,7 @@ def test_statistics_move_to_host_once_consumed_and_scores_do_not_change():
 
 def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path):
     """Statistics copied into host buffers made ready in the background, and a store whose pass-1 files and
-    shards are written by a background thread (one transfer per shard), give the in-memory scores bitwise."""
+    shards are written by a background thread (one transfer per shard), give the in-memory scores."""
     from sketchfisher.collect.sketches import host_staging
     from sketchfisher.store.files import host_tensors
 
@@ -128,7 +128,8 @@ def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path)
     assert all(moved[k].device.type == "cpu" and torch.equal(moved[k], v.cpu()) for k, v in ts.items())
     mem = sf.analyze(model, generic_loss, ta, tb, codec=codec)
     stored = sf.analyze(model, generic_loss, ta, tb, codec=codec, store=tmp_path / "s")
-    torch.testing.assert_close(stored.scores, mem.scores, rtol=0, atol=0)
+    # the store's reader forms the centre products from the saved statistics on the host: rounding only
+    torch.testing.assert_close(stored.scores, mem.scores, rtol=1e-5, atol=1e-6 * float(mem.scores.abs().max()))
     assert mem.context.stats_a.welford[layout.params[0]].mean.device.type == "cpu"
 
 

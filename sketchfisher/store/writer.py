@@ -247,16 +247,19 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     # memory is made ready while pass 1 runs
     copies = sum(len(needs[t]) for t in TASKS if not _final(root, t).exists()) if ranks.rank == 0 else 0
     staging = host_staging(model, layout, stats_dtype, copies)
-    writes = Writes()
+    # two writers: the statistics (tens of GB at 7B) must not hold up the shards behind them
+    stat_writes, writes = Writes(), Writes()
     try:
         stats = {}
         for t in TASKS:
             with log.phase(f"pass 1 {t.upper()}"):
                 stats[t], batches = _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
                                            show_progress, ranks, stats_dtype, needs[t])
-                if batches is not None and ranks.rank == 0:
+            if batches is not None and ranks.rank == 0:
+                with log.phase(f"statistics {t.upper()} to host"):
                     host = stats[t].to_host(staging.copy if staging is not None else host_copy)
-                    writes.submit(_save_pass1, host, _final(root, t), batches)
+                stat_writes.submit(_save_pass1, host, _final(root, t), batches)
+                del host
         if staging is not None:
             staging.close()
         _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
@@ -276,8 +279,10 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
         del preps
         with log.phase("writes"):  # what the disk still owes once the GPU is done
             writes.wait()
+            stat_writes.wait()
     finally:
         writes.close()
+        stat_writes.close()
         if staging is not None:
             staging.close()
     ranks.barrier()
