@@ -112,7 +112,7 @@ def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path)
     """Statistics copied into host buffers made ready in the background, and a store whose pass-1 files and
     shards are written by a background thread (one transfer per shard), give the in-memory scores."""
     from sketchfisher.collect.sketches import host_staging
-    from sketchfisher.store.files import host_tensors
+    from sketchfisher.store.writer import ShardParts
 
     model = make_model("llama_gqa").cuda()
     ta = [{k: v.cuda() for k, v in b.items()} for b in make_batches(5, 2, seed=1)]
@@ -123,9 +123,9 @@ def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path)
     w = model.get_parameter(layout.params[0]).detach().float()
     assert torch.equal(staging.copy(w), w.cpu())
     staging.close()
-    ts = {"x": torch.randn(3, 5, device="cuda"), "n": torch.randn(4, device="cuda").double(), "y": torch.ones(2).cuda()}
-    moved = host_tensors(ts)
-    assert all(moved[k].device.type == "cpu" and torch.equal(moved[k], v.cpu()) for k, v in ts.items())
+    blocks = {(0, "Q"): (torch.randn(3, 4, 8, device="cuda"), torch.rand(3, 4, device="cuda"), torch.randn(3, 4, device="cuda"))}
+    shard = ShardParts.of(blocks, sf.Sketch(k=8, dtype="int8")).tensors()  # asynchronous copy, then waited for
+    assert shard["0.Q.norm2"].device.type == "cpu" and torch.equal(shard["0.Q.norm2"], blocks[(0, "Q")][1].double().cpu())
     mem = sf.analyze(model, generic_loss, ta, tb, codec=codec)
     stored = sf.analyze(model, generic_loss, ta, tb, codec=codec, store=tmp_path / "s")
     # the store's reader forms the centre products from the saved statistics on the host: rounding only

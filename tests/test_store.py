@@ -98,14 +98,26 @@ def test_shards_without_saved_statistics_are_redone(small, tmp_path):
     torch.testing.assert_close(again.scores, ref.scores, rtol=0, atol=0)
 
 
-def test_host_copies_and_batched_transfers_keep_values():
+def test_host_copies_and_stacked_shards_keep_values():
+    from sketchfisher.compress.sketch import quantize
     from sketchfisher.fisher import FisherStats, HostStaging
-    from sketchfisher.store.files import host_tensors
+    from sketchfisher.store.writer import ShardParts
 
-    ts = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.float64), "c": torch.randn(2, 2).half()}
-    assert all(torch.equal(host_tensors(ts)[k], v) for k, v in ts.items())
+    g = torch.Generator().manual_seed(0)
+    blocks = {(0, "Q"): (torch.randn(3, 4, 8, generator=g), torch.rand(3, 4, generator=g), torch.randn(3, 4, generator=g)),
+              (1, "K"): (torch.randn(3, 2, 8, generator=g) * 1e3, torch.rand(3, 2, generator=g), torch.randn(3, 2, generator=g))}
+    for dtype in ("int8", "fp16", "fp32"):
+        shard = ShardParts.of(blocks, sf.Sketch(k=8, dtype=dtype)).tensors()
+        for (layer, block), (sk, norm2, cross) in blocks.items():  # stacked, quantised once: as block by block
+            q, scale = quantize(sk, dtype)
+            assert torch.equal(shard[f"{layer}.{block}.vec"], q) and shard[f"{layer}.{block}.vec"].is_contiguous()
+            assert (scale is None) == (f"{layer}.{block}.scale" not in shard)
+            assert scale is None or torch.equal(shard[f"{layer}.{block}.scale"], scale)
+            assert torch.equal(shard[f"{layer}.{block}.norm2"], norm2.double())
+            assert torch.equal(shard[f"{layer}.{block}.cross"], cross.double())
     with HostStaging([(12, torch.float32), (12, torch.float32)]) as staging:
-        assert staging.copy(ts["a"]) is ts["a"]  # host tensors are not copied
+        t = torch.randn(3, 4)
+        assert staging.copy(t) is t  # host tensors are not copied
         assert torch.equal(staging._take((12, torch.float32)), torch.zeros(12))  # ready buffers are touched
     stats = FisherStats(torch.float32, quantities=("fisher", "abs"))
     stats.update({"w": torch.randn(4, 3, 2)})

@@ -52,48 +52,34 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     os.replace(tmp, path)
 
 
-def host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same tensors in host memory, with one device-to-host transfer per (device, dtype) instead of one
-    (and one synchronisation) per tensor: a pass-2 shard holds thousands of small tensors."""
-    out, groups = {}, {}
-    for name, t in tensors.items():
-        if t.device.type == "cpu":
-            out[name] = t.detach().contiguous()
-        else:
-            groups.setdefault((t.device, t.dtype), []).append(name)
-    for names in groups.values():
-        flat = torch.cat([tensors[n].detach().reshape(-1) for n in names]).cpu()
-        for name, part in zip(names, flat.split([tensors[n].numel() for n in names])):
-            out[name] = part.view(tensors[name].shape).clone()  # safetensors refuses tensors that share memory
-    return {name: out[name] for name in tensors}
-
-
 class Writes:
     """Store files written by one background thread while the GPU goes on (writing releases the GIL).
 
-    At most ``pending`` writes wait at a time (their tensors are held in host memory until written); the
-    first failure is raised by the next :meth:`submit` or by :meth:`wait`. :meth:`close` lets the write
-    in progress finish (it writes under a temporary name, so a file is complete or absent) and drops
-    the ones not started."""
+    Submitted writes wait in host memory until written, at most ``max_bytes`` of them (and at least
+    one): when the disk is slower than the GPU the caller then waits, never the memory grows. The first
+    failure is raised by the next :meth:`submit` or by :meth:`wait`. :meth:`close` lets the write in
+    progress finish (it writes under a temporary name, so a file is complete or absent) and drops the
+    ones not started."""
 
-    def __init__(self, pending: int = 8):
+    def __init__(self, max_bytes: int = 1 << 30):
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sketchfisher-store-writes")
-        self._futures: list = []
-        self._pending = pending
+        self._futures: list = []  # (future, bytes)
+        self._max = max_bytes
 
-    def submit(self, fn, *args) -> None:
-        self._futures.append(self._pool.submit(fn, *args))
-        self._reap(keep=self._pending)
+    def submit(self, fn, *args, nbytes: int = 0) -> None:
+        self._futures.append((self._pool.submit(fn, *args), nbytes))
+        self._reap(self._max)
 
-    def _reap(self, keep: int) -> None:
-        while self._futures and (self._futures[0].done() or len(self._futures) > keep):
-            self._futures.pop(0).result()
+    def _reap(self, limit: int) -> None:
+        while self._futures and (self._futures[0][0].done() or len(self._futures) > 1 and
+                                 sum(n for _, n in self._futures) > limit or limit == 0):
+            self._futures.pop(0)[0].result()
 
     def wait(self) -> None:
         """Block until every submitted write is on disk; raises the first failure."""
-        self._reap(keep=0)
+        self._reap(0)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -44,7 +44,7 @@ from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
-from .files import Writes, atomic_save_tensors, atomic_write_json, host_tensors, load_tensors, read_json, read_metadata
+from .files import Writes, atomic_save_tensors, atomic_write_json, load_tensors, read_json, read_metadata
 from .files import remove_stale_temps
 from .manifest import build_manifest, check_same
 
@@ -164,18 +164,48 @@ def _counted(batches: Iterable[Any], counter: Counter) -> Iterator[Any]:
         yield batch
 
 
-def _shard(blocks: dict, codec: Sketch) -> dict[str, torch.Tensor]:
-    """The tensors of one pass-2 shard: per (layer, block) the quantised sketches, their scale, ‖x̃‖² and
-    the cross term."""
-    tensors = {}
-    for (layer, block), (sk, norm2, cross) in blocks.items():
-        q, scale = quantize(sk, codec.dtype)
-        tensors[f"{layer}.{block}.vec"] = q
-        if scale is not None:
-            tensors[f"{layer}.{block}.scale"] = scale
-        tensors[f"{layer}.{block}.norm2"] = norm2.double()
-        tensors[f"{layer}.{block}.cross"] = cross.double()
-    return tensors
+@dataclass
+class ShardParts:
+    """A batch's pass-2 results on their way to the host: per device, the blocks' sketches (quantised), ‖x̃‖²
+    and cross terms stacked along the head axis, copied asynchronously; :meth:`tensors` (in the writer
+    thread) waits for the copies and cuts the shard's per-block tensors out of them."""
+
+    groups: list[tuple[list[tuple[int, str]], list[int], dict[str, torch.Tensor], Any]]
+
+    @classmethod
+    def of(cls, blocks: dict, codec: Sketch) -> "ShardParts":
+        by_device: dict = {}
+        for key, value in blocks.items():
+            by_device.setdefault(value[0].device, []).append(key)
+        groups = []
+        for device, keys in by_device.items():
+            q, scale = quantize(torch.cat([blocks[k][0] for k in keys], 1), codec.dtype)  # per-vector: as per block
+            parts = {"vec": q, "scale": scale, "norm2": torch.cat([blocks[k][1] for k in keys], 1).double(),
+                     "cross": torch.cat([blocks[k][2] for k in keys], 1).double()}
+            moved = {name: t.to("cpu", non_blocking=True) for name, t in parts.items() if t is not None}
+            event = None
+            if device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+            groups.append((keys, [blocks[k][0].shape[1] for k in keys], moved, event))
+        return cls(groups)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, _, moved, _ in self.groups for t in moved.values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for keys, widths, moved, event in self.groups:
+            if event is not None:
+                event.synchronize()
+            for name, t in moved.items():
+                for (layer, block), piece in zip(keys, t.split(widths, 1)):
+                    out[f"{layer}.{block}.{name}"] = piece.contiguous()
+        return out
+
+
+def _write_shard(parts: ShardParts, path: Path, metadata: dict[str, str]) -> None:
+    atomic_save_tensors(parts.tensors(), path, metadata)
 
 
 def _drop_stale_shards(root: Path) -> None:
@@ -274,8 +304,9 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
                                     skip=lambda i: shard_name(i) in done or not ranks.mine(i), desc=f"pass 2 {t}",
                                     show_progress=show_progress)
                 for index, size, blocks in it:
-                    writes.submit(atomic_save_tensors, host_tensors(_shard(blocks, codec)),
-                                  folder / shard_name(index), {"batch": str(index), "samples": str(size)})
+                    parts = ShardParts.of(blocks, codec)
+                    writes.submit(_write_shard, parts, folder / shard_name(index),
+                                  {"batch": str(index), "samples": str(size)}, nbytes=parts.nbytes())
         del preps
         with log.phase("writes"):  # what the disk still owes once the GPU is done
             writes.wait()
