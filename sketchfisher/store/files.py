@@ -68,12 +68,9 @@ class Writes:
         self._futures: list = []  # (future, bytes)
         self._max = max_bytes
 
-    def submit(self, fn, *args, nbytes: int = 0):
-        """Queue ``fn(*args)``; returns its future."""
-        future = self._pool.submit(fn, *args)
-        self._futures.append((future, nbytes))
+    def submit(self, fn, *args, nbytes: int = 0) -> None:
+        self._futures.append((self._pool.submit(fn, *args), nbytes))
         self._reap(self._max)
-        return future
 
     def _reap(self, limit: int) -> None:
         while self._futures and (self._futures[0][0].done() or len(self._futures) > 1 and

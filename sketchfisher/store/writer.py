@@ -39,7 +39,7 @@ from ..collect.sketches import check_reiterable, check_sketch_width, host_stagin
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
-from ..fisher import FisherStats, HostStaging
+from ..fisher import FisherStats
 from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout
 from ..metric import ScoreConfig
@@ -126,38 +126,8 @@ def _partial(root: Path, task: str, ranks: Ranks) -> Path:
     return root / "pass1" / f"{task}{suffix}.partial.safetensors"
 
 
-def _recorded(stats: FisherStats) -> dict[torch.device, torch.cuda.Event]:
-    """An event on each CUDA device holding ``stats``, recorded now (after the work that made them)."""
-    events = {}
-    for t in stats.to_tensors()[0].values():
-        if t.is_cuda and t.device not in events:
-            events[t.device] = torch.cuda.Event()
-            events[t.device].record(torch.cuda.current_stream(t.device))
-    return events
-
-
-def _copy_to_host(stats: FisherStats, staging: HostStaging | None,
-                  ready: dict[torch.device, torch.cuda.Event]) -> FisherStats:
-    """In a background thread: ``stats`` copied to the host on a side stream per device, after ``ready``,
-    overlapping the pass that goes on (the device copies stay alive until the caller has waited)."""
-    copy = staging.copy if staging is not None else host_copy
-    streams: dict = {}
-
-    def on_side_stream(t: torch.Tensor) -> torch.Tensor:
-        if not t.is_cuda:
-            return copy(t)
-        if t.device not in streams:
-            streams[t.device] = torch.cuda.Stream(t.device)
-            streams[t.device].wait_event(ready[t.device])
-        with torch.cuda.stream(streams[t.device]):
-            return copy(t)
-
-    return stats.to_host(on_side_stream)
-
-
-def _save_pass1(copied: Any, path: Path, batches: int) -> None:
-    """Write the host copy of the final pass-1 statistics once :func:`_copy_to_host` has made it."""
-    tensors, meta = copied.result().to_tensors()
+def _save_pass1(stats: FisherStats, path: Path, batches: int) -> None:
+    tensors, meta = stats.to_tensors()
     atomic_save_tensors(tensors, path, {**meta, "batches": str(batches)})
 
 
@@ -308,19 +278,18 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     copies = sum(len(needs[t]) for t in TASKS if not _final(root, t).exists()) if ranks.rank == 0 else 0
     staging = host_staging(model, layout, stats_dtype, copies)
     # two writers: the statistics (tens of GB at 7B) must not hold up the shards behind them
-    stat_copies, stat_writes, writes, copies = Writes(), Writes(), Writes(), []
+    stat_writes, writes = Writes(), Writes()
     try:
         stats = {}
         for t in TASKS:
             with log.phase(f"pass 1 {t.upper()}"):
                 stats[t], batches = _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
                                            show_progress, ranks, stats_dtype, needs[t])
-            if batches is not None and ranks.rank == 0:  # copied and written while the GPU goes on
-                copies.append(stat_copies.submit(_copy_to_host, stats[t], staging, _recorded(stats[t])))
-                stat_writes.submit(_save_pass1, copies[-1], _final(root, t), batches)
-        with log.phase("statistics to host"):  # what the copies still need once pass 1 is done
-            for copy in copies:
-                copy.result()
+            if batches is not None and ranks.rank == 0:
+                with log.phase(f"statistics {t.upper()} to host"):
+                    host = stats[t].to_host(staging.copy if staging is not None else host_copy)
+                stat_writes.submit(_save_pass1, host, _final(root, t), batches)
+                del host
         if staging is not None:
             staging.close()
         _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
@@ -343,7 +312,6 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
             writes.wait()
             stat_writes.wait()
     finally:
-        stat_copies.close()
         writes.close()
         stat_writes.close()
         if staging is not None:
