@@ -124,38 +124,83 @@ def _task_texts(store, side: str) -> list[str] | None:
     from .tasks import file_sha256, read_task
 
     record = store.manifest.get("inputs", {}).get(f"task_{side}")
-    if not record or not Path(record["path"]).is_file() or file_sha256(record["path"]) != record["sha256"]:
+    if not record or not Path(record["path"]).is_file():
+        return None
+    if file_sha256(record["path"]) != record["sha256"]:
+        print(f"note: {record['path']} changed since collect; the sample texts are left out of top_conflicts.csv",
+              file=sys.stderr)
         return None
     samples = read_task(record["path"], store.manifest["inputs"].get("text_field", "text"))
     return [" -> ".join(s) if isinstance(s, tuple) else s for s in samples]
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _recompute_inputs(args: argparse.Namespace, store):
+    """Model, loss name and both tasks' batches as ``collect`` made them: every input not given on the command
+    line comes from the store's record (model, task files, text field, batch size, max length, loss)."""
     import sketchfisher as sf
-    from .tasks import input_device, load_hf, loss_for, read_task, task_batches, to_device
+    from .errors import InputError
+    from .tasks import file_sha256, input_device, load_hf, read_task, task_batches, to_device
 
-    store = sf.open_store(args.store)
     recorded = store.manifest.get("inputs", {})
-    for flag, key in (("model", "model"), ("task_a", "task_a"), ("task_b", "task_b")):
+    for flag in ("model", "task_a", "task_b", "text_field", "batch_size", "max_length"):
         if getattr(args, flag) is None:
-            value = recorded.get(key)
+            value = recorded.get(flag)
             value = value.get("path") if isinstance(value, dict) else value
-            if not value:
-                from .errors import InputError
-
-                raise InputError(f"the store does not record --{flag.replace('_', '-')}; pass it")
+            if value is None:
+                defaults = {"text_field": "text", "batch_size": 8, "max_length": 128}
+                if flag not in defaults:
+                    raise InputError(f"the store does not record --{flag.replace('_', '-')}; pass it")
+                value = defaults[flag]
             setattr(args, flag, value)
+    changed = [side for side in ("a", "b") if isinstance(recorded.get(f"task_{side}"), dict)
+               and Path(getattr(args, f"task_{side}")).resolve() == Path(recorded[f"task_{side}"]["path"])
+               and Path(recorded[f"task_{side}"]["path"]).is_file()
+               and file_sha256(recorded[f"task_{side}"]["path"]) != recorded[f"task_{side}"]["sha256"]]
+    if changed:
+        raise InputError(f"task file(s) {', '.join(recorded[f'task_{s}']['path'] for s in changed)} changed since "
+                         "collect (their hash differs): the samples would not be the ones in the store")
     loss = _loss(args, store)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     store.check(model)
     tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
                        input_device(model)) for p in (args.task_a, args.task_b)]
+    return model, loss, tasks
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from .tasks import loss_for
+
+    store = sf.open_store(args.store)
+    model, loss, tasks = _recompute_inputs(args, store)
     v = store.result().verify_top(args.k, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
                                   task_b=tasks[1])
     target = Path(args.out) if args.out else Path(args.store) / "verified.csv"
     v.to_csv(target, index=False, float_format="%.6g")
     print(f"{v.attrs['held_fraction']:.0%} of the sketched top-{args.k} held among {len(v)} re-scored candidates; "
           f"wrote {target}")
+    return 0
+
+
+def _conflicts(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from .plots import plot_head_conflicts
+    from .tasks import loss_for
+
+    store = sf.open_store(args.store)
+    model, loss, tasks = _recompute_inputs(args, store)
+    res = sf.analyze(model, loss_for(loss), tasks[0], tasks[1], codec=sf.Factors(), config=store.cfg,
+                     progress=not args.quiet)
+    conflicts = res.head_conflicts(n_permutations=args.permutations, seed=args.seed)
+    out = Path(args.out) if args.out else Path(args.store) / "conflicts"
+    out.mkdir(parents=True, exist_ok=True)
+    conflicts.to_csv(out / "head_conflicts.csv", index=False, float_format="%.6g")
+    significant = int(((conflicts.q_value <= args.q) & (conflicts.alignment < 0)).sum())
+    plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads, out / "conflicts.png", q=args.q,
+                        title=f"{args.store}: A (n={res.n_a}) vs B (n={res.n_b}); blue = the tasks pull apart, "
+                              f"dots: conflict with q ≤ {args.q:g}")
+    print(f"{significant} head blocks where the tasks pull apart (q ≤ {args.q:g}, {args.permutations} permutations); "
+          f"wrote head_conflicts.csv and conflicts.png to {out}")
     return 0
 
 
@@ -194,10 +239,15 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
     p.add_argument("--loss", choices=["mlm", "clm"], default=None,
                    help="clm: next-token cross-entropy; mlm: masked tokens decoded with the tied embeddings "
                         "(default: what the model directory was trained for, from its config)")
-    p.add_argument("--text-field", default="text", help="field of a .jsonl/.parquet record holding the text "
-                   "(default: text); records with 'prompt' and 'completion' fields are scored on the completion")
-    p.add_argument("--batch-size", type=POSITIVE, default=8, help="samples per batch (default: 8)")
-    p.add_argument("--max-length", type=_number(int, 2, "--max-length"), default=128, help="tokens per sample after truncation (default: 128)")
+    p.add_argument("--text-field", default=None if from_store else "text",
+                   help="field of a .jsonl/.parquet record holding the text (default: text" + (", or the store's" if
+                        from_store else "") + "); records with 'prompt' and 'completion' fields are scored on the "
+                        "completion")
+    p.add_argument("--batch-size", type=POSITIVE, default=None if from_store else 8,
+                   help="samples per batch (default: 8" + (", or the store's" if from_store else "") + ")")
+    p.add_argument("--max-length", type=_number(int, 2, "--max-length"), default=None if from_store else 128,
+                   help="tokens per sample after truncation (default: 128" + (", or the store's" if from_store else "")
+                        + ")")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (never chosen for you)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                    help="precision of the model's weights (default: float32)")
@@ -287,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=POSITIVE, default=1000, help="sketched candidates to re-score exactly (default: 1000)")
     p.add_argument("--out", default=None, help="output CSV (default: verified.csv inside the store)")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("conflicts", help="do the two tasks pull each head's weights apart? alignment of their mean "
+                       "gradients per head block with permutation q-values (recomputes the gradients)")
+    p.add_argument("store", help="a store directory written by collect")
+    _model_args(p, from_store=True)
+    p.add_argument("--permutations", type=POSITIVE, default=999, help="label permutations per test (default: 999)")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the permutations (default: 0)")
+    p.add_argument("--q", type=_number(float, 0, "--q"), default=0.05,
+                   help="false discovery rate that marks a conflict in the figure (default: 0.05)")
+    p.add_argument("--out", default=None, help="output folder (default: conflicts/ inside the store)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_conflicts)
 
     p = sub.add_parser("inspect", help="summary of a store")
     p.add_argument("store", help="a store directory written by collect")

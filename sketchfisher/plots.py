@@ -68,6 +68,21 @@ def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None,
     return _finish(fig, path, title)
 
 
+def plot_head_conflicts(conflicts, num_layers: int, num_heads: int, path: Optional[str | Path] = None,
+                        title: str = "", q: float = 0.05) -> Any:
+    """The head-level answer at a glance: :meth:`InterferenceResult.head_conflicts`' alignment of the two
+    tasks' mean gradients per (layer, head, block) (blue: they pull apart), with a dot on every conflict
+    whose q-value is at most ``q``."""
+    align = torch.full((num_layers, num_heads, len(BLOCKS)), float("nan"))
+    marked = torch.zeros((num_layers, num_heads, len(BLOCKS)), dtype=torch.bool)
+    for r in conflicts.itertuples():
+        b = BLOCKS.index(r.block)
+        align[r.layer, r.head, b] = r.alignment
+        marked[r.layer, r.head, b] = bool(r.q_value <= q and r.alignment < 0)
+    return plot_block_heatmaps(align, path, title=title, significant=marked,
+                               label="alignment of the task means (cosine)")
+
+
 def plot_block_comparison(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "") -> Any:
     """Mean score per layer for each block (lines), from ``values[L, H, 4]`` (e.g. ``res.head_means()``)."""
     plt = _pyplot()

@@ -242,6 +242,23 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert "held among 20 re-scored candidates" in capsys.readouterr().out
     assert (tmp_path / "store" / "verified.csv").exists()  # outputs go under the store, not the working directory
     assert main(["verify", str(tmp_path / "store"), *common, "--loss", "clm", "--k", "5"]) != 0  # not what was collected
+    from sketchfisher.cli import _recompute_inputs, build_parser
+
+    args = build_parser().parse_args(["verify", str(tmp_path / "store")])
+    _recompute_inputs(args, sf.open_store(tmp_path / "store"))  # batch size and truncation as collect used them
+    assert (args.batch_size, args.max_length, args.text_field) == (2, inputs["max_length"], "text")
+    # the head-level answer from a store: the gradients recomputed with everything the store recorded
+    capsys.readouterr()
+    assert main(["conflicts", str(tmp_path / "store"), "--permutations", "19", "--quiet"]) == 0
+    assert "head blocks where the tasks pull apart" in capsys.readouterr().out
+    conflicts = pd.read_csv(tmp_path / "store" / "conflicts" / "head_conflicts.csv")
+    assert set(conflicts.columns) >= {"layer", "head", "block", "alignment", "p_value", "q_value"}
+    assert conflicts.alignment.between(-1, 1).all() and (tmp_path / "store" / "conflicts" / "conflicts.png").exists()
+    (tmp_path / "b.txt").write_text("def changed(): pass\n" * 4)  # a task file edited after collect
+    assert main(["verify", str(tmp_path / "store"), "--k", "5"]) == 1
+    assert "changed since collect" in capsys.readouterr().err
+    assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / "out2")]) == 0
+    assert "changed since collect" in capsys.readouterr().err
     assert main(["plan", "--preset", "gpt2", "--samples", "10"]) == 0
     # a different seed on an existing store: one-line error, exit 1
     assert main(["collect", *common, "--out", str(tmp_path / "store"), "--k", "16", "--seed", "1", "--quiet"]) == 1

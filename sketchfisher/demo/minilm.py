@@ -52,9 +52,8 @@ def run_demo(out_dir: str | Path = "demo_out", samples: int | None = None, top: 
     apart) with permutation q-values; it is what the heatmap shows, significant conflicts dotted. The
     pair-level answer is the ``paper`` score's top sample pairs. Writes the heatmap and two CSVs."""
     from ..compress import Exact
-    from ..layout import BLOCKS
     from ..pipeline import analyze
-    from ..plots import plot_block_heatmaps
+    from ..plots import plot_head_conflicts
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,22 +62,15 @@ def run_demo(out_dir: str | Path = "demo_out", samples: int | None = None, top: 
     res = analyze(model, masked_token_loss, make_batches(task_a, tok), make_batches(task_b, tok),
                      codec=Exact(), progress=show_progress)
     conflicts = res.head_conflicts(n_permutations=n_permutations, seed=0)
-    L, H = res.layout.num_layers, res.layout.num_heads
-    align = torch.full((L, H, len(BLOCKS)), float("nan"))
-    marked = torch.zeros((L, H, len(BLOCKS)), dtype=torch.bool)
-    for r in conflicts.itertuples():
-        b = BLOCKS.index(r.block)
-        align[r.layer, r.head, b] = r.alignment
-        marked[r.layer, r.head, b] = r.q_value <= 0.05 and r.alignment < 0
     top_pairs = res.top_conflicts(top)
     top_pairs.insert(5, "text_i", [task_a[i][:40] for i in top_pairs["sample_i"]])
     top_pairs.insert(6, "text_j", [task_b[j][:40] for j in top_pairs["sample_j"]])
     heatmap = out / "heatmap.png"
-    plot_block_heatmaps(align, heatmap, significant=marked, label="alignment of the task means (cosine)",
+    plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads, heatmap,
                         title=f"MiniLM: math (A, n={res.n_a}) vs code (B, n={res.n_b}): blue = the tasks pull "
                         "apart; dots: conflict with q ≤ 0.05")
     csv = out / "top_conflicts.csv"
     top_pairs.to_csv(csv, index=False, float_format="%.6g")
     conflicts.to_csv(out / "head_conflicts.csv", index=False, float_format="%.6g")
     return {"result": res, "conflicts": conflicts, "top_pairs": top_pairs, "heatmap": heatmap, "csv": csv,
-            "significant": int(marked.sum())}
+            "significant": int(((conflicts.q_value <= 0.05) & (conflicts.alignment < 0)).sum())}
