@@ -95,6 +95,14 @@ def _interfere(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from .plots import plot_block_heatmaps
 
+    if args.all_scores and args.scores_format == "parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            from .errors import InputError
+
+            raise InputError("--all-scores writes Parquet, which needs pyarrow: pip install 'sketchfisher[parquet]', "
+                             "or pass --scores-format csv")
     store = sf.open_store(args.store)
     res = store.result()
     out = Path(args.out)
@@ -105,15 +113,19 @@ def _interfere(args: argparse.Namespace) -> int:
         if texts is not None:
             top.insert(at, column, [texts[i][:80] for i in top[f"sample_{'i' if side == 'a' else 'j'}"]])
     top.to_csv(out / "top_conflicts.csv", index=False, float_format="%.6g")
-    means = res.head_means()
-    rows = [{"layer": layer, "head": h, "block": b, "mean_score": float(means[layer, h, i])}
+    means, errors = res.head_means(), res.head_means_stderr()
+    rows = [{"layer": layer, "head": h, "block": b, "mean_score": float(means[layer, h, i]),
+             "stderr": float(errors[layer, h, i])}
             for layer in range(means.shape[0]) for h in range(means.shape[1]) for i, b in enumerate(sf.BLOCKS)]
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(out / "head_means.csv", index=False, float_format="%.6g")
     res.block_summary().to_csv(out / "block_summary.csv", index=False, float_format="%.6g")
     if args.all_scores:
-        res.to_frame().to_csv(out / "scores.csv", index=False, float_format="%.6g")
+        if args.scores_format == "parquet":
+            res.to_frame().to_parquet(out / "scores.parquet", index=False)
+        else:
+            res.to_frame().to_csv(out / "scores.csv.gz", index=False, float_format="%.6g")
     plot_block_heatmaps(means, out / "heatmap.png", title=f"mean score per head ({args.store})")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0
@@ -327,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="a store directory written by collect")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--top", type=POSITIVE, default=100, help="conflicting pairs to list (default: 100)")
-    p.add_argument("--all-scores", action="store_true", help="also write every score (can be large)")
+    p.add_argument("--all-scores", action="store_true",
+                   help="also write every score with its stderr, one row per (pair, layer, head, block): can be large")
+    p.add_argument("--scores-format", default="parquet", choices=["parquet", "csv"],
+                   help="format of --all-scores: parquet (default; needs pyarrow) or gzipped csv")
     p.set_defaults(func=_interfere)
 
     p = sub.add_parser("verify", help="re-score a store's top candidates exactly by recomputing their gradients")

@@ -252,3 +252,23 @@ def test_head_conflicts_is_the_mean_signed_score_and_finds_a_planted_conflict():
     other = sf.analyze(model, generic_loss, base, make_batches(12, 4, seed=7), codec=sf.Factors())
     df2 = other.head_conflicts(n_permutations=99)
     assert df2["alignment"].abs().max() < 1 and df2["p_value"].between(0.01, 1).all()
+
+
+def test_head_mean_stderr_is_calibrated_and_zero_when_exact(setup):
+    """The stderr of a sketched head mean covers the exact head mean as a JL error bar should (plain sketches,
+    over seeds); centred sketches make the mean exact (stderr ~ 0); exact codecs report 0."""
+    model, ta, tb, exact = setup
+    truth = exact.head_means()
+    assert torch.equal(exact.head_means_stderr().nan_to_num(), torch.zeros_like(truth).nan_to_num())
+    z = []
+    for seed in range(6):
+        sk = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, seed=seed, variance_reduction=False, dtype="fp32"))
+        se = sk.head_means_stderr()
+        assert (se > 0).all()
+        z.append(((sk.head_means() - truth) / se).flatten())
+    z = torch.cat(z)
+    assert 0.85 <= float((z.abs() <= 2).double().mean()) <= 1.0 and float(z.abs().max()) < 6
+    vr = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, seed=0, dtype="fp32"))
+    scale = float(truth.abs().max())
+    assert float(vr.head_means_stderr().max()) < 1e-4 * scale
+    torch.testing.assert_close(vr.head_means(), truth, rtol=1e-4, atol=1e-5 * scale)

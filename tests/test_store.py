@@ -233,6 +233,22 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
         {p.name for p in (tmp_path / "out").iterdir()}
     top = pd.read_csv(tmp_path / "out" / "top_conflicts.csv")
     assert len(top) == 7
+    means = pd.read_csv(tmp_path / "out" / "head_means.csv")
+    assert list(means.columns) == ["layer", "head", "block", "mean_score", "stderr"] and (means.stderr >= 0).all()
+    for fmt, name in (("parquet", "scores.parquet"), ("csv", "scores.csv.gz")):
+        assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / fmt), "--all-scores",
+                     "--scores-format", fmt]) == 0
+        table = pd.read_parquet(tmp_path / fmt / name) if fmt == "parquet" else pd.read_csv(tmp_path / fmt / name)
+        assert len(table) == 5 * 4 * 2 * 4 * 4 and {"score", "stderr", "sample_i"} <= set(table.columns)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name == "pyarrow" else real(name, *a)
+    try:  # without pyarrow: one line saying what to install, before any work
+        assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / "x"), "--all-scores"]) == 1
+    finally:
+        importlib.util.find_spec = real
+    assert "needs pyarrow" in capsys.readouterr().err and not (tmp_path / "x").exists()
     # the store recorded the loss (inferred: a BERT encoder -> masked-token) and the task files with their hashes
     inputs = sf.open_store(tmp_path / "store").manifest["inputs"]
     assert inputs["loss"] == "mlm" and inputs["task_a"]["path"].endswith("a.jsonl")

@@ -129,6 +129,15 @@ class SketchBlock:
     def row_bytes(self) -> int:
         return 8 * (self.xa.shape[1] * self.xa.shape[2] + 3 * self.yb.shape[0] * self.xa.shape[1])
 
+    def mean_stderr(self) -> torch.Tensor:
+        """Standard error ``[H_b]`` of the mean score over all pairs. By linearity that mean's sketched term is
+        ⟨R X̄, R Ȳ⟩ of the sides' mean centred vectors, one JL inner product (the pairs' errors are not
+        independent, so it is not the pairs' stderr over √(nA·nB)); with variance reduction X̄ ≈ 0 and the
+        mean is exact up to rounding."""
+        xm, ym = self.xa.double().mean(0), self.yb.double().mean(0)
+        term = (xm * ym).sum(-1)
+        return ((term.square() + xm.square().sum(-1) * ym.square().sum(-1)) / self.k * self.fpc).sqrt()
+
     def rows(self, lo: int, hi: int):
         term = torch.einsum("ihk,jhk->ijh", self.xa[lo:hi], self.yb)
         scores = term + self.ca[lo:hi, None, :] + self.db[None, :, :] - self.e[None, None, :]

@@ -114,6 +114,23 @@ class InterferenceResult:
             counts[layer, :, b] += (~torch.isnan(s)).sum((0, 1)).cpu()
         return sums / counts  # 0/0 -> NaN for missing blocks
 
+    def head_means_stderr(self) -> torch.Tensor:
+        """Standard error of :meth:`head_means` ``[L, H, 4]`` from the sketch (0 for exact codecs; NaN where
+        missing): the error of the one inner product the mean over pairs reduces to, not the pairs'
+        errors averaged (they are correlated)."""
+        L, H = self.layout.num_layers, self.layout.num_heads
+        out = torch.full((L, H, len(BLOCKS)), float("nan"), dtype=torch.float64)
+        for layer in range(L):
+            for b, block in enumerate(BLOCKS):
+                scores = self.provider(layer, block)
+                if scores is None:
+                    continue
+                per_block = getattr(scores, "mean_stderr", None)
+                se = per_block().cpu() if per_block is not None else torch.zeros(int(self.layout.head_index(block).max()) + 1,
+                                                                                  dtype=torch.float64)
+                out[layer, :, b] = se[self.layout.head_index(block)]
+        return out
+
     def pair(self, i: int, j: int, layer: int, head: int) -> dict[str, float]:
         """The four block scores of one (i, j, layer, head)."""
         if not (0 <= i < self.n_a and 0 <= j < self.n_b):
