@@ -136,7 +136,7 @@ def _task_texts(store, side: str) -> list[str] | None:
     from .tasks import file_sha256, read_task
 
     record = store.manifest.get("inputs", {}).get(f"task_{side}")
-    if not record or not Path(record["path"]).is_file():
+    if not record or not Path(record["path"]).exists():
         return None
     if file_sha256(record["path"]) != record["sha256"]:
         print(f"note: {record['path']} changed since collect; the sample texts are left out of top_conflicts.csv",
@@ -166,7 +166,7 @@ def _recompute_inputs(args: argparse.Namespace, store):
             setattr(args, flag, value)
     changed = [side for side in ("a", "b") if isinstance(recorded.get(f"task_{side}"), dict)
                and Path(getattr(args, f"task_{side}")).resolve() == Path(recorded[f"task_{side}"]["path"])
-               and Path(recorded[f"task_{side}"]["path"]).is_file()
+               and Path(recorded[f"task_{side}"]["path"]).exists()
                and file_sha256(recorded[f"task_{side}"]["path"]) != recorded[f"task_{side}"]["sha256"]]
     if changed:
         raise InputError(f"task file(s) {', '.join(recorded[f'task_{s}']['path'] for s in changed)} changed since "
@@ -246,7 +246,8 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
     p.add_argument("--model", required=not from_store, help="local HF model directory (config, weights, tokenizer)"
                    + later)
     p.add_argument("--task-a", required=not from_store,
-                   help="task A samples: .jsonl/.parquet records with a 'text' field, or one per line" + later)
+                   help="task A samples: .jsonl/.parquet records with a 'text' field, one per line of a text "
+                        "file, or a local dataset folder" + later)
     p.add_argument("--task-b", required=not from_store, help="task B samples, same format" + later)
     p.add_argument("--loss", choices=["mlm", "clm"], default=None,
                    help="clm: next-token cross-entropy; mlm: masked tokens decoded with the tied embeddings "

@@ -24,14 +24,23 @@ MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 Sample = Union[str, tuple[str, str]]  # a text, or a (prompt, completion) pair: the loss on the completion only
 
 
+TASK_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+
+
 def read_task(path: str | Path, text_field: str = "text", prompt_field: str = "prompt",
               completion_field: str = "completion") -> list[Sample]:
-    """Samples of a task: a text file (one sample per line), or records (``.jsonl``, or ``.parquet`` /
-    ``.arrow`` through the ``datasets`` package) with a string ``text_field``, or with
-    ``prompt_field`` and ``completion_field`` (a prompt/completion pair: the causal-LM loss is taken on
-    the completion's tokens only)."""
+    """Samples of a task: a text file (one sample per line), or records (``.jsonl``; ``.parquet``
+    through pandas/pyarrow; ``.arrow`` through the ``datasets`` package) with a string ``text_field``,
+    or with ``prompt_field`` and ``completion_field`` (a prompt/completion pair: the causal-LM loss is
+    taken on the completion's tokens only). A directory is a local dataset: one written by
+    ``datasets.Dataset.save_to_disk``, or a folder of such files, read in name order (what
+    ``datasets.load_dataset(folder)`` takes as its train split)."""
     path = Path(path)
-    if path.suffix in (".parquet", ".arrow"):
+    if path.is_dir():
+        return _read_folder(path, text_field, prompt_field, completion_field)
+    if path.suffix == ".parquet":
+        return _records(path, _parquet_rows(path), text_field, prompt_field, completion_field)
+    if path.suffix == ".arrow":
         return _records(path, _dataset_rows(path), text_field, prompt_field, completion_field)
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -48,14 +57,45 @@ def read_task(path: str | Path, text_field: str = "text", prompt_field: str = "p
     return _records(path, rows, text_field, prompt_field, completion_field)
 
 
+def _read_folder(path: Path, text_field: str, prompt_field: str, completion_field: str) -> list[Sample]:
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():  # Dataset.save_to_disk
+        try:
+            import datasets
+        except ImportError:
+            raise InputError(f"{path} was written by datasets' save_to_disk; reading it needs the 'datasets' "
+                             "package (pip install datasets)") from None
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if "train" not in data:
+                raise InputError(f"{path} holds splits {sorted(data)}; give one split's folder")
+            data = data["train"]
+        return _records(path, [(n, row) for n, row in enumerate(data, 1)], text_field, prompt_field, completion_field)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TASK_SUFFIXES)
+    if not files:
+        raise InputError(f"{path} is a folder without task files ({', '.join(TASK_SUFFIXES)})")
+    return [sample for f in files for sample in read_task(f, text_field, prompt_field, completion_field)]
+
+
+def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except ImportError:
+        raise InputError(f"{path}: reading .parquet task files needs pyarrow (pip install pyarrow), or give a "
+                         ".jsonl file") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read task file {path}: {exc}") from None
+    return [(n, row) for n, row in enumerate(frame.to_dict("records"), 1)]
+
+
 def _dataset_rows(path: Path) -> list[tuple[int, Any]]:
     try:
         import datasets
     except ImportError:
-        raise InputError(f"{path}: reading {path.suffix} task files needs the 'datasets' package "
+        raise InputError(f"{path}: reading .arrow task files needs the 'datasets' package "
                          "(pip install datasets), or give a .jsonl file") from None
-    kind = "parquet" if path.suffix == ".parquet" else "arrow"
-    data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    data = datasets.load_dataset("arrow", data_files=str(path), split="train")
     return [(n, row) for n, row in enumerate(data, 1)]
 
 
@@ -77,8 +117,15 @@ def _records(path: Path, rows: list[tuple[int, Any]], text_field: str, prompt_fi
 
 
 def file_sha256(path: str | Path) -> str:
-    """Content hash of a task file (stores record it, so later commands can tell the file is unchanged)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Content hash of a task file, or of a folder's files with their relative names (stores record it, so
+    later commands can tell the input is unchanged)."""
+    path = Path(path)
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(path)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def from_texts(texts: Any, tokenizer: Any, loss: str = "clm", batch_size: int = 8, max_length: int = 128,

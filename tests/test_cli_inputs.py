@@ -105,3 +105,37 @@ def test_nonsensical_numbers_are_usage_errors_before_any_work(flag, value, capsy
         main(argv)
     assert done.value.code == 2  # argparse's usage error, before the (missing) model is opened
     assert flag in capsys.readouterr().err
+
+
+def test_parquet_files_and_dataset_folders_are_tasks(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from sketchfisher.tasks import file_sha256, read_task
+
+    pd.DataFrame({"text": ["one", "two"], "n": [1, 2]}).to_parquet(tmp_path / "a.parquet")
+    assert read_task(tmp_path / "a.parquet") == ["one", "two"]
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    pd.DataFrame({"prompt": ["p"], "completion": ["c"]}).to_parquet(folder / "b.parquet")
+    (folder / "a.jsonl").write_text(json.dumps({"text": "first"}) + "\n")
+    (folder / "sub" / "c.txt").write_text("last line\n")
+    (folder / "notes.md").write_text("not a task file")
+    assert read_task(folder) == ["first", ("p", "c"), "last line"]  # name order, as load_dataset's train split
+    before = file_sha256(folder)
+    (folder / "sub" / "c.txt").write_text("edited\n")
+    assert file_sha256(folder) != before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(sf.InputError, match="without task files"):
+        read_task(empty)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{}")
+    (saved / "dataset_info.json").write_text("{}")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(sf.InputError, match="needs the 'datasets' package"):
+            read_task(saved)
