@@ -14,4 +14,9 @@ class InputError(SketchfisherError):
 
 
 class GradientError(SketchfisherError):
-    """A per-sample gradient (or loss) is NaN or infinite."""
+    """A per-sample gradient (or loss) is NaN or infinite. ``positions`` are the offending samples'
+    positions in their batch (when known), so that a caller that knows the batch can name the samples."""
+
+    def __init__(self, message: str, positions: list[int] | None = None):
+        super().__init__(message)
+        self.positions = positions

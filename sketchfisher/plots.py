@@ -120,14 +120,17 @@ def plot_sketch_vs_exact(exact: torch.Tensor, sketched: torch.Tensor, stderr: to
 def plot_frontier(table, path: Optional[str | Path] = None, x: str = "bytes_per_sample", y: str = "median_rel_err",
                   hue: str = "label", title: str = "") -> Any:
     """Accuracy-versus-memory frontier from a table (DataFrame) with one row per configuration; each
-    family gets its own marker and line style, so overlapping lines stay visible."""
+    family gets its own marker and line style, and a smaller marker than the one before, so overlapping
+    lines and coinciding points stay visible."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
     for n, (label, group) in enumerate(table.groupby(hue)):
         group = group.sort_values(x)
         marker, line = styles[n % len(styles)]
-        ax.plot(group[x], group[y], marker=marker, linestyle=line, label=str(label), alpha=0.85)
+        # later families are drawn smaller, so a point that coincides with an earlier one shows as a ring
+        ax.plot(group[x], group[y], marker=marker, linestyle=line, label=str(label), alpha=0.85,
+                markersize=max(3.0, 10 - 0.8 * n))
     ax.set_xscale("log")
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y.replace("_", " "))

@@ -87,3 +87,31 @@ def test_factor_path_reports_non_finite_gradients(model):
 
     with pytest.raises(sf.GradientError, match=r"non-finite factors in .* for batch positions \[2\]"):
         sf.analyze(model, inf_hidden, batches, batches, codec=sf.Factors())
+
+
+@pytest.mark.parametrize("codec", [sf.Exact(), sf.Factors(), sf.Sketch(k=8, seed=0)])
+@pytest.mark.parametrize("extra", [1, -1])
+def test_a_loss_per_sample_or_a_clear_error_in_every_codec(model, codec, extra):
+    batches = make_batches(4, 3)
+
+    def wrong_length(m, b):
+        loss = generic_loss(m, b)
+        return torch.cat([loss, loss[:1]]) if extra > 0 else loss[:-1]
+
+    with pytest.raises(sf.InputError, match=r"pass 1 A.*returned \d losses for a batch of 3 samples"):
+        sf.analyze(model, wrong_length, batches, batches, codec=codec)
+
+
+def test_factor_errors_name_the_task_batch_and_sample_ids(model):
+    batches = make_batches(6, 3)  # two batches of 3: the poisoned sample of batch 1 is sample id 5
+
+    def inf_in_second_batch(m, b):
+        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        loss = generic_loss(m, b)
+        if b["input_ids"] is batches[1]["input_ids"]:
+            return loss + torch.stack([loss[0] * 0, loss[1] * 0, InfGrad.apply(out[2].sum() * 0)])
+        return loss
+
+    with pytest.raises(sf.GradientError, match=r"pass 1 B, batch 1, sample ids \[5\]: non-finite factors"):
+        sf.analyze(model, inf_in_second_batch, make_batches(3, 3), batches,
+                   codec=sf.Factors())

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import GradientError, InputError
-from .oracle import LossFn, check_losses
+from .oracle import LossFn, batch_size_of, check_losses
 
 
 def _conv1d_type() -> tuple[type, ...]:
@@ -157,7 +157,7 @@ class FactorCapture:
             raise RuntimeError("FactorCapture.run must be called inside 'with FactorCapture(...)'")
         self._records.clear()
         try:
-            losses = check_losses(loss_fn(self.model, batch), "FactorCapture.run")
+            losses = check_losses(loss_fn(self.model, batch), "FactorCapture.run", batch_size_of(batch))
             B = losses.shape[0]
             calls = [(name, x, y) for name in self.names for x, y in self._records.get(name, [])]
             absent = [n for n in self.names if n not in self._records]
@@ -184,7 +184,8 @@ class FactorCapture:
         here = next(iter(bad.values())).device  # modules may sit on several cards (device maps)
         if torch.stack([b.to(here) for b in bad.values()]).any():  # one device sync for all modules
             name = next(n for n, b in bad.items() if b.any())
-            raise GradientError(f"non-finite factors in {name!r} for batch positions {bad[name].nonzero().flatten().tolist()}")
+            positions = bad[name].nonzero().flatten().tolist()
+            raise GradientError(f"non-finite factors in {name!r} for batch positions {positions}", positions)
         if mask is not None:
             lengths = mask.sum(1).to(torch.long).cpu()
         else:

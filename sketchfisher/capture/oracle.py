@@ -6,6 +6,8 @@ reference every fast path is tested against, and the engine behind ``sf.Exact()`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import contextlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -29,8 +31,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def check_losses(losses: Any, where: str) -> torch.Tensor:
-    """``loss_fn`` must return one finite loss per sample: a 1-D floating tensor ``[B]``."""
+def batch_size_of(batch: Any) -> int | None:
+    """Samples in a batch, when its layout says so: a tensor's first axis, or that of a mapping's
+    ``input_ids`` (else its first tensor) or of a sequence's first tensor; None when it cannot tell."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else None
+    if isinstance(batch, Mapping):
+        first = batch.get("input_ids")
+        if not isinstance(first, torch.Tensor):
+            first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim), None)
+        return None if first is None or not first.ndim else int(first.shape[0])
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].ndim:
+        return int(batch[0].shape[0])
+    return None
+
+
+def check_losses(losses: Any, where: str, expected: int | None = None) -> torch.Tensor:
+    """``loss_fn`` must return one finite loss per sample: a 1-D floating tensor ``[B]``, with ``B`` the
+    batch's sample count ``expected`` when that is known."""
     if not isinstance(losses, torch.Tensor):
         raise InputError(f"loss_fn must return a torch.Tensor of shape [B], got {type(losses).__name__} ({where})")
     if losses.ndim != 1 or losses.shape[0] == 0:
@@ -38,13 +56,16 @@ def check_losses(losses: Any, where: str) -> torch.Tensor:
             f"loss_fn must return one loss per sample, shape [B] with B >= 1; got shape {tuple(losses.shape)} "
             f"({where}). Use reduction='none' and reduce over tokens only."
         )
+    if expected is not None and losses.shape[0] != expected:
+        raise InputError(f"loss_fn returned {losses.shape[0]} losses for a batch of {expected} samples ({where}); "
+                         "it must return exactly one loss per sample")
     if not losses.is_floating_point():
         raise InputError(f"loss_fn must return a floating tensor, got dtype {losses.dtype} ({where})")
     if not losses.requires_grad:
         raise InputError(f"loss_fn's losses do not require grad ({where}); are the parameters frozen or is it under no_grad?")
     bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
     if bad:
-        raise GradientError(f"loss_fn returned non-finite losses for batch positions {bad} ({where})")
+        raise GradientError(f"loss_fn returned non-finite losses for batch positions {bad} ({where})", bad)
     return losses
 
 
@@ -71,7 +92,7 @@ def per_sample_gradients(
     seen = 0
     with eval_mode(model):
         for batch_no, batch in enumerate(batches):
-            losses = check_losses(loss_fn(model, batch), f"batch {batch_no}")
+            losses = check_losses(loss_fn(model, batch), f"batch {batch_no}", batch_size_of(batch))
             out = {n: torch.empty((losses.shape[0], *p.shape), dtype=torch.float32, device=p.device)
                    for n, p in zip(param_names, params)}
             for b in range(losses.shape[0]):
@@ -84,7 +105,7 @@ def per_sample_gradients(
                     if not torch.isfinite(g).all():
                         raise GradientError(
                             f"non-finite gradient for sample {seen + b} (batch {batch_no}, position {b}) "
-                            f"in {name!r}"
+                            f"in {name!r}", [b]
                         )
                     out[name][b].copy_(g)
             seen += losses.shape[0]

@@ -10,14 +10,15 @@ oracle (:func:`gradient_pass`).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..capture import BatchFactors, FactorCapture, linear_modules, per_sample_gradients
-from ..capture.oracle import LossFn
-from ..errors import InputError
+from ..capture.oracle import LossFn, batch_size_of
+from ..errors import GradientError, InputError
 from ..fisher import FisherStats
 from ..layout import Layout
 from ..progress import progress
@@ -56,18 +57,39 @@ def factor_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weigh
     the modules owning ``weights`` (entered once for the whole pass)."""
     modules = list(dict.fromkeys(module_of(w) for w in weights))
     total = total if total is not None else sized(batches)
+    start: int | None = 0  # sample id of the batch's first sample (None once a batch's size is unknown)
     with FactorCapture(model, modules) as cap:
         for index, batch in enumerate(progress(batches, desc=desc, enabled=show_progress, total=total)):
-            if skip(index):
-                continue
-            yield index, cap.run(loss_fn, batch)
+            size = batch_size_of(batch)
+            if not skip(index):
+                with naming_samples(desc, index, start):
+                    captured = cap.run(loss_fn, batch)
+                size = captured.batch_size
+                yield index, captured
+            start = None if start is None or size is None else start + size
+
+
+@contextmanager
+def naming_samples(desc: str, index: int, start: int | None) -> Iterator[None]:
+    """Errors raised for a batch name the pass, the batch and, where known, the samples' ids (their
+    positions in the task's iteration order)."""
+    try:
+        yield
+    except GradientError as exc:
+        ids = "" if start is None or exc.positions is None else f", sample ids {[start + p for p in exc.positions]}"
+        raise GradientError(f"{desc}, batch {index}{ids}: {exc}", exc.positions) from None
+    except InputError as exc:
+        raise InputError(f"{desc}, batch {index}: {exc}") from None
 
 
 def gradient_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weights: list[str], *,
                   desc: str = "pass", show_progress: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """``(batch index, {weight: per-sample gradients [B, *shape]})`` from the autograd oracle."""
     grads = per_sample_gradients(model, loss_fn, batches, weights)
-    yield from enumerate(progress(grads, desc=desc, enabled=show_progress, total=sized(batches)))
+    try:
+        yield from enumerate(progress(grads, desc=desc, enabled=show_progress, total=sized(batches)))
+    except (GradientError, InputError) as exc:  # the oracle names batch and sample ids itself
+        raise type(exc)(f"{desc}: {exc}") from None
 
 
 def sized(batches: Iterable[Any]) -> int | None:
