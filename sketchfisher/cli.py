@@ -61,10 +61,12 @@ def _collect(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from .phases import PhaseLog
     from .store import collect_to_store
-    from .tasks import file_sha256, input_device, load_hf, loss_for, read_task, task_batches, to_device
+    from .tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, read_task, task_batches
+    from .tasks import to_device
 
     loss = _loss(args)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
+    check_max_length(model, args.max_length)
     device = input_device(model)
     tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
                        device) for p in (args.task_a, args.task_b)]
@@ -151,7 +153,7 @@ def _recompute_inputs(args: argparse.Namespace, store):
     line comes from the store's record (model, task files, text field, batch size, max length, loss)."""
     import sketchfisher as sf
     from .errors import InputError
-    from .tasks import file_sha256, input_device, load_hf, read_task, task_batches, to_device
+    from .tasks import check_max_length, file_sha256, input_device, load_hf, read_task, task_batches, to_device
 
     recorded = store.manifest.get("inputs", {})
     for flag in ("model", "task_a", "task_b", "text_field", "batch_size", "max_length"):
@@ -174,6 +176,7 @@ def _recompute_inputs(args: argparse.Namespace, store):
     loss = _loss(args, store)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     store.check(model)
+    check_max_length(model, args.max_length)
     tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
                        input_device(model)) for p in (args.task_a, args.task_b)]
     return model, loss, tasks

@@ -225,6 +225,10 @@ def clm_batches(texts: list[Sample], tokenizer: Any, batch_size: int = 8, max_le
         enc = tokenizer(joined, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
                         return_offsets_mapping=pairs)
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        short = [lo + i for i, n in enumerate(enc["attention_mask"].sum(1).tolist()) if n < 2]
+        if short:
+            raise InputError(f"samples {short}: fewer than 2 tokens within max_length={max_length}, so there is no "
+                             "next token to predict; raise --max-length or drop empty samples")
         if pairs:
             start = torch.tensor([len(t[0]) if isinstance(t, tuple) else 0 for t in chunk])[:, None]
             offsets = enc["offset_mapping"]
@@ -270,11 +274,18 @@ def make_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_leng
     batches = []
     for lo in range(0, len(texts), batch_size):
         chunk = texts[lo:lo + batch_size]
+        if tokenizer.mask_token_id is None:
+            raise InputError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token, so the masked-token "
+                             "loss cannot be formed; a causal LM takes --loss clm / loss='clm'")
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         ids, attn = enc["input_ids"], enc["attention_mask"]
         targets = torch.full_like(ids, -100)
         for b, text in enumerate(chunk):
-            for pos in _mask_positions(text, int(attn[b].sum())):
+            positions = _mask_positions(text, int(attn[b].sum()))
+            if not positions:
+                raise InputError(f"sample {lo + b}: nothing to mask within max_length={max_length} (the masked-token "
+                                 "loss needs a token between the special tokens); raise --max-length")
+            for pos in positions:
                 targets[b, pos] = ids[b, pos]
                 ids[b, pos] = tokenizer.mask_token_id
         batches.append({"input_ids": ids, "attention_mask": attn, "labels": targets})
@@ -297,6 +308,16 @@ def task_batches(texts: list[Sample], tokenizer: Any, loss: str, batch_size: int
     if loss == "mlm":
         return make_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)
     return clm_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def check_max_length(model: torch.nn.Module, max_length: int) -> None:
+    """Refuse a truncation length beyond the positions the model has embeddings for."""
+    config = getattr(model, "config", None)
+    limit = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if isinstance(getattr(config, a, None), int)), None)
+    if limit is not None and max_length > limit:
+        raise InputError(f"--max-length {max_length} is beyond the {limit} positions {type(model).__name__} has "
+                         f"embeddings for; use --max-length {limit} or less")
 
 
 def loss_for(loss: str):

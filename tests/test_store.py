@@ -285,6 +285,25 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_settings_without_a_meaningful_result_are_refused(tiny_bert_dir, tmp_path, capsys):
+    from sketchfisher.cli import main
+    from sketchfisher.tasks import clm_batches
+    from sketchfisher.demo import load_minilm
+
+    (tmp_path / "a.txt").write_text("what is one plus two\n")
+    common = ["--model", str(tiny_bert_dir), "--task-a", str(tmp_path / "a.txt"), "--task-b", str(tmp_path / "a.txt")]
+    assert main(["collect", *common, "--out", str(tmp_path / "s1"), "--max-length", "2", "--quiet"]) == 1
+    assert "nothing to mask" in capsys.readouterr().err  # [CLS] [SEP] only: every gradient would be 0
+    assert main(["collect", *common, "--out", str(tmp_path / "s2"), "--max-length", "100000", "--quiet"]) == 1
+    assert "beyond the 512 positions" in capsys.readouterr().err
+    _, tok = load_minilm()
+    with pytest.raises(sf.InputError, match="fewer than 2 tokens"):
+        clm_batches(["fine text"], tok, max_length=1)
+    tok.mask_token = None
+    with pytest.raises(sf.InputError, match="has no mask token"):
+        sf.tasks.make_batches(["x y"], tok)
+
+
 def test_cli_subprocess_exit_codes(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "sketchfisher", *a], capture_output=True, text=True)  # noqa
     ok = run("--help")
