@@ -297,8 +297,12 @@ def test_settings_without_a_meaningful_result_are_refused(tiny_bert_dir, tmp_pat
     assert main(["collect", *common, "--out", str(tmp_path / "s2"), "--max-length", "100000", "--quiet"]) == 1
     assert "beyond the 512 positions" in capsys.readouterr().err
     _, tok = load_minilm()
-    with pytest.raises(sf.InputError, match="fewer than 2 tokens"):
-        clm_batches(["fine text"], tok, max_length=1)
+    def one_token_each(texts, **_):  # a tokenizer that keeps one token per text (no special tokens)
+        n = len(texts)
+        return {"input_ids": torch.ones(n, 1, dtype=torch.long), "attention_mask": torch.ones(n, 1, dtype=torch.long)}
+
+    with pytest.raises(sf.InputError, match=r"samples \[0, 1\]: fewer than 2 tokens"):
+        clm_batches(["fine text", "more"], one_token_each, max_length=1)
     tok.mask_token = None
     with pytest.raises(sf.InputError, match="has no mask token"):
         sf.tasks.make_batches(["x y"], tok)
