@@ -93,10 +93,21 @@ def _collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_plots(args: argparse.Namespace) -> None:
+    """The figure needs matplotlib (an optional extra): say so before any work, not after the CSVs."""
+    import importlib.util
+
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        from .errors import InputError
+
+        raise InputError("the figure needs matplotlib: pip install 'sketchfisher[plots]', or pass --no-plot")
+
+
 def _interfere(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from .plots import plot_block_heatmaps
 
+    _need_plots(args)
     if args.all_scores and args.scores_format == "parquet":
         import importlib.util
 
@@ -128,7 +139,8 @@ def _interfere(args: argparse.Namespace) -> int:
             res.to_frame().to_parquet(out / "scores.parquet", index=False)
         else:
             res.to_frame().to_csv(out / "scores.csv.gz", index=False, float_format="%.6g")
-    plot_block_heatmaps(means, out / "heatmap.png", title=f"mean score per head ({args.store})")
+    if not args.no_plot:
+        plot_block_heatmaps(means, out / "heatmap.png", title=f"mean score per head ({args.store})")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0
 
@@ -202,6 +214,7 @@ def _conflicts(args: argparse.Namespace) -> int:
     from .plots import plot_head_conflicts
     from .tasks import loss_for
 
+    _need_plots(args)
     store = sf.open_store(args.store)
     model, loss, tasks = _recompute_inputs(args, store)
     res = sf.analyze(model, loss_for(loss), tasks[0], tasks[1], codec=sf.Factors(), config=store.cfg,
@@ -211,18 +224,23 @@ def _conflicts(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     conflicts.to_csv(out / "head_conflicts.csv", index=False, float_format="%.6g")
     significant = int(((conflicts.q_value <= args.q) & (conflicts.alignment < 0)).sum())
-    plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads, out / "conflicts.png", q=args.q,
-                        title=f"{args.store}: A (n={res.n_a}) vs B (n={res.n_b}); blue = the tasks pull apart, "
-                              f"dots: conflict with q ≤ {args.q:g}")
+    if not args.no_plot:
+        plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads, out / "conflicts.png", q=args.q,
+                            title=f"{args.store}: A (n={res.n_a}) vs B (n={res.n_b}); blue = the tasks pull apart, "
+                                  f"dots: conflict with q ≤ {args.q:g}")
     print(f"{significant} head blocks where the tasks pull apart (q ≤ {args.q:g}, {args.permutations} permutations); "
-          f"wrote head_conflicts.csv and conflicts.png to {out}")
+          f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     import sketchfisher as sf
 
-    print(json.dumps(sf.open_store(args.store).summary(), indent=1))
+    store = sf.open_store(args.store)
+    summary = store.summary()
+    if not args.no_verify:
+        summary["verified_files"] = store.verify()  # every file read and checked against its digest
+    print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -292,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sketchfisher", description="Which attention heads, and which Q/K/V/O blocks, do the samples of two "
         "tasks fight over? Run 'sketchfisher COMMAND --help' for each command; exit codes: 0 ok, 1 failure, 2 usage.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--version", action="version", version=f"sketchfisher {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -343,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="a store directory written by collect")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--top", type=POSITIVE, default=100, help="conflicting pairs to list (default: 100)")
+    p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     p.add_argument("--all-scores", action="store_true",
                    help="also write every score with its stderr, one row per (pair, layer, head, block): can be large")
     p.add_argument("--scores-format", default="parquet", choices=["parquet", "csv"],
@@ -361,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "gradients per head block with permutation q-values (recomputes the gradients)")
     p.add_argument("store", help="a store directory written by collect")
     _model_args(p, from_store=True)
+    p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     p.add_argument("--permutations", type=POSITIVE, default=999, help="label permutations per test (default: 999)")
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the permutations (default: 0)")
     p.add_argument("--q", type=_number(float, 0, "--q"), default=0.05,
@@ -369,9 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_conflicts)
 
-    p = sub.add_parser("inspect", help="summary of a store")
+    p = sub.add_parser("inspect", help="summary of a store, after reading every file and checking its digest")
     p.add_argument("store", help="a store directory written by collect")
+    p.add_argument("--no-verify", action="store_true", help="summary from the headers only (no full read)")
     p.set_defaults(func=_inspect)
+    for command in sub.choices.values():  # also accepted after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
     return parser
 
 
@@ -388,11 +413,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except SketchfisherError as exc:
-        print(f"sketchfisher: error: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError) as exc:
-        print(f"sketchfisher: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("sketchfisher: interrupted (a store resumes when the same command is run again)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for every failure; --debug shows the traceback
+        if args.debug:
+            raise
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        kind = "" if isinstance(exc, SketchfisherError) else f"{type(exc).__name__}: "
+        hint = "" if isinstance(exc, SketchfisherError) else " (run with --debug for the traceback)"
+        print(f"sketchfisher: error: {kind}{what}{hint}", file=sys.stderr)
         return 1
 
 

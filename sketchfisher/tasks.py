@@ -195,6 +195,7 @@ def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = 
         raise InputError(f"loss must be one of {LOSSES}, got {loss!r}")
     if dtype not in MODEL_DTYPES:
         raise InputError(f"dtype must be one of {tuple(MODEL_DTYPES)}, got {dtype!r}")
+    check_device(device if not device_map else "cuda")
     cls = AutoModelForCausalLM if loss == "clm" else AutoModel
     kw = {"dtype": MODEL_DTYPES[dtype]} | ({"device_map": device_map} if device_map else {})
     try:
@@ -206,6 +207,21 @@ def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = 
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(MODEL_DTYPES[dtype])
     return (model if device_map else model.to(device)).eval(), tokenizer
+
+
+def check_device(device: str) -> None:
+    """A device string this machine has: refused before anything is loaded."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"--device {device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: this torch build or machine has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise InputError(f"--device {device}: use cpu or cuda[:N]")
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

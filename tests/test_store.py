@@ -88,9 +88,10 @@ def test_shards_without_saved_statistics_are_redone(small, tmp_path):
     ref = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "ref")
     run = tmp_path / "run"
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=run)
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest.pop("complete")
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    from sketchfisher.store.manifest import seal
+
+    manifest = json.loads((run / "manifest.json").read_text())  # as the run wrote it before finishing
+    (run / "manifest.json").write_text(json.dumps(seal({**manifest, "complete": False, "files": {}, "tasks": {}})))
     (run / "pass1" / "b.safetensors").unlink()  # killed before B's statistics were written
     shard = sorted((run / "pass2" / "a").glob("*.safetensors"))[0]
     torch.save({"not": "the sketches"}, shard)  # stands for a shard of another preparation: must not be read
@@ -167,7 +168,7 @@ def test_corrupt_truncated_and_pickled_shards_are_rejected(small, tmp_path, monk
     assert not marker.exists()
     shard.write_bytes(backup)
     (tmp_path / "s" / "pass2" / "a" / "0000000.safetensors").unlink()
-    with pytest.raises(sf.StoreError, match="are not the batches"):
+    with pytest.raises(sf.StoreError, match="not the recorded ones"):
         sf.open_store(tmp_path / "s")
 
 
@@ -316,6 +317,166 @@ def test_cli_subprocess_exit_codes(tmp_path):
     assert bad.returncode == 1 and bad.stderr.startswith("sketchfisher: error:") and bad.stderr.count("\n") == 1
     assert run("nonsense").returncode == 2
 
+
+
+@pytest.fixture(scope="module")
+def cli_store(tiny_bert_dir, tmp_path_factory):
+    """A complete store collected by the CLI (tasks of 5 and 4 samples, batch size 2)."""
+    from sketchfisher.cli import main
+
+    d = tmp_path_factory.mktemp("cli_store")
+    (d / "a.txt").write_text("\n".join(f"what is {i} plus {i + 1}?" for i in range(5)))
+    (d / "b.txt").write_text("\n".join(f"def f{i}(x): return x * {i}" for i in range(4)))
+    assert main(["collect", "--model", str(tiny_bert_dir), "--task-a", str(d / "a.txt"), "--task-b", str(d / "b.txt"),
+                 "--batch-size", "2", "--out", str(d / "store"), "--k", "16", "--quiet"]) == 0
+    return d / "store"
+
+
+def _edited_copy(store, tmp_path, edit):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    edit(copy)
+    return copy
+
+
+def _manifest_edit(change):
+    def edit(root):
+        m = json.loads((root / "manifest.json").read_text())
+        (root / "manifest.json").write_text(json.dumps(change(m)))
+    return edit
+
+
+ONE_LINE_CASES = {
+    "manifest is a list": _manifest_edit(lambda m: [m]),
+    "manifest lacks the layout": _manifest_edit(lambda m: {k: v for k, v in m.items() if k != "layout"}),
+    "manifest has an extra codec key": _manifest_edit(lambda m: {**m, "codec": {**m["codec"], "extra": 1}}),
+    "manifest's dims edited": _manifest_edit(lambda m: {**m, "layout": {**m["layout"], "num_heads": 3}}),
+    "a stray shard name": lambda root: (root / "pass2" / "a" / "evil.safetensors").write_bytes(b"junk"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_LINE_CASES))
+def test_damaged_stores_give_one_line_errors(cli_store, tmp_path, capsys, case):
+    from sketchfisher.cli import main
+
+    root = _edited_copy(cli_store, tmp_path, ONE_LINE_CASES[case])
+    capsys.readouterr()
+    for command in (["inspect", str(root)], ["interfere", str(root), "--out", str(tmp_path / "o"), "--no-plot"]):
+        assert main(command) == 1, (case, command)
+        err = capsys.readouterr().err
+        assert err.startswith("sketchfisher: error:") and err.count("\n") == 1 and "Traceback" not in err, (case, err)
+
+
+def _flip_data_byte(path, at=0.5):
+    """Flip one byte inside a safetensors file's tensor data (not its header)."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    pos = start + int((len(raw) - start) * at)
+    raw[pos] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def _other_store(tmp_path, cli_store):
+    """The same collection again: another store id, otherwise the same files."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(cli_store, other)
+    m = json.loads((other / "manifest.json").read_text())
+    from sketchfisher.store.manifest import seal
+    from sketchfisher.store.files import load_tensors
+    from safetensors.torch import save_file
+
+    for path in [*(other / "pass2").rglob("*.safetensors"), *(other / "pass1").glob("*.safetensors")]:
+        tensors, meta = load_tensors(path)
+        save_file(tensors, str(path), metadata={**meta, "store_id": "f" * 32})
+    (other / "manifest.json").write_text(json.dumps(seal({**m, "store_id": "f" * 32})))
+    return other
+
+
+def _swap(a, b):
+    tmp = a.with_name("swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def _symlink_outside(root, tmp_path):
+    import shutil
+
+    outside = tmp_path / "outside.safetensors"
+    shard = root / "pass2" / "a" / "0000001.safetensors"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+
+
+INTEGRITY_CASES = {
+    "shard duplicated under the next number": lambda r, t, s: __import__("shutil").copy(
+        r / "pass2" / "a" / "0000002.safetensors", r / "pass2" / "a" / "0000003.safetensors"),
+    "flipped byte in a shard's data": lambda r, t, s: _flip_data_byte(r / "pass2" / "a" / "0000001.safetensors"),
+    "flipped byte in the pass-1 statistics": lambda r, t, s: _flip_data_byte(r / "pass1" / "a.safetensors", 0.3),
+    "last shard deleted": lambda r, t, s: (r / "pass2" / "b" / "0000001.safetensors").unlink(),
+    "two shards swapped": lambda r, t, s: _swap(r / "pass2" / "a" / "0000000.safetensors",
+                                                r / "pass2" / "a" / "0000001.safetensors"),
+    "shard copied from task B": lambda r, t, s: __import__("shutil").copy(
+        r / "pass2" / "b" / "0000000.safetensors", r / "pass2" / "a" / "0000000.safetensors"),
+    "shard from another store": lambda r, t, s: __import__("shutil").copy(
+        _other_store(t, s) / "pass2" / "a" / "0000000.safetensors", r / "pass2" / "a" / "0000000.safetensors"),
+    "statistics from another store": lambda r, t, s: __import__("shutil").copy(
+        _other_store(t, s) / "pass1" / "a.safetensors", r / "pass1" / "a.safetensors"),
+    "shard symlinked outside the store": lambda r, t, s: _symlink_outside(r, t),
+    "manifest's k edited": lambda r, t, s: _manifest_edit(lambda m: {**m, "codec": {**m["codec"], "k": 8}})(r),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTEGRITY_CASES))
+def test_a_store_that_was_tampered_with_is_refused(cli_store, tmp_path, capsys, case):
+    """Each defect is refused with a message naming the file and the check, by interfere and by inspect."""
+    from sketchfisher.cli import main
+
+    root = _edited_copy(cli_store, tmp_path, lambda r: INTEGRITY_CASES[case](r, tmp_path, cli_store))
+    capsys.readouterr()
+    assert main(["interfere", str(root), "--out", str(tmp_path / "o"), "--no-plot"]) == 1, case
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(root) in err, (case, err)
+    assert main(["inspect", str(root)]) == 1, case  # inspect verifies every digest by default
+
+
+def test_inspect_verifies_a_sound_store(cli_store, capsys):
+    from sketchfisher.cli import main
+
+    assert main(["inspect", str(cli_store)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["verified_files"] == 2 + 3 + 2
+    assert sf.open_store(cli_store).verify() == 7
+
+
+def test_cli_errors_are_one_line_with_a_debug_switch(cli_store, tiny_bert_dir, tmp_path, capsys, monkeypatch):
+    from sketchfisher.cli import main
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    args = ["collect", "--model", str(tiny_bert_dir), "--task-a", str(tmp_path / "latin1.txt"), "--task-b",
+            str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "s"), "--quiet"]
+    capsys.readouterr()
+    assert main(args) == 1 and "cannot read task file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args[:-3], "--out", str(tmp_path / "s"), "--device", "cuda:0"]) == 1
+        assert capsys.readouterr().err.count("\n") == 1
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["interfere", str(cli_store), "--out", str(tmp_path / "o")]) == 1  # before any work
+    assert "pip install 'sketchfisher[plots]'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(sf.Store, "summary", lambda self: {}["boom"])  # an unexpected failure
+    assert main(["inspect", str(cli_store)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "KeyError" in err and "--debug" in err
+    with pytest.raises(KeyError):
+        main(["inspect", str(cli_store), "--debug"])
 
 
 def test_cleanup_never_touches_user_files(small, tmp_path):

@@ -79,16 +79,24 @@ table.round(4)
 
 # %%
 metrics = [c for c in table.columns if c in ("spearman", "median_rel_err", f"top{TOP}_recall", "coverage95")]
-fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), constrained_layout=True)
+from matplotlib.ticker import NullFormatter
+
+fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.9), constrained_layout=True)
+markers = "osD^vPX*"
 for ax, metric in zip(axes, metrics):
-    for label, group in table.groupby("label"):
+    for n, (label, group) in enumerate(table.groupby("label")):
         group = group.dropna(subset=[metric]).sort_values("bytes_per_sample")
-        if len(group):
-            ax.plot(group["bytes_per_sample"], group[metric], marker="o", label=label)
+        if len(group):  # later families drawn smaller: coinciding points stay visible as rings
+            ax.plot(group["bytes_per_sample"], group[metric], marker=markers[n % len(markers)], color=f"C{n}",
+                    markersize=9 - 0.6 * n, alpha=0.85, label=label)
+    if metric == "coverage95":
+        ax.axhline(0.95, color="0.4", linestyle="--", linewidth=1, label="nominal 95%")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # no overlapping minor labels
     ax.set_xlabel("bytes per sample")
     ax.set_title(metric)
-axes[0].legend(fontsize=6)
+handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
+fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=5, fontsize=8)
 plt.show()
 
 # %% [markdown]

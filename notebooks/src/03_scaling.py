@@ -27,7 +27,9 @@ plan[["model", "codec", "disk_GB", "peak_device_GB", "x_smaller_than_exact"]].ro
 
 # %%
 pivot = plan[~plan["codec"].str.startswith("design note")].pivot(index="model", columns="codec", values="disk_GB")
-ax = pivot.loc[["gpt2", "llama-7b", "llama-13b", "llama-70b"]].plot.bar(logy=True, figsize=(8, 4), rot=0)
+ax = pivot.loc[["gpt2", "llama-7b", "llama-13b", "llama-70b"]].plot.bar(logy=True, figsize=(8, 4.6), rot=0)
+ax.legend(title="codec", fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below the bars
+ax.figure.tight_layout()
 ax.set_ylabel("disk, GB (log)")
 ax.set_title(f"{SAMPLES} samples, {TOKENS} tokens each, sketch k={K}")
 plt.show()

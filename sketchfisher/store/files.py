@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -83,6 +84,35 @@ class Writes:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: what a file's content must
+    hash to, whatever its layout on disk."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def block_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """:func:`content_digest` of each ``layer.block`` group of a shard's tensors (read one group at a time)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        groups.setdefault(name.rsplit(".", 1)[0], {})[name] = t
+    return {group: content_digest(ts) for group, ts in groups.items()}
+
+
+def check_inside(root: Path, path: Path) -> Path:
+    """``path`` itself, if it is a regular file of the store (no symlink, nothing resolving outside ``root``)."""
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        raise StoreError(f"{path} is a symlink or leaves the store {root}; stores hold their own files only")
+    if not path.is_file():
+        raise StoreError(f"{path} is missing or not a file")
+    return path
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

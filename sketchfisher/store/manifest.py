@@ -4,30 +4,64 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._version import __version__
 from ..layout import Layout
 from ..metric import ScoreConfig
-from .files import StoreMismatchError
+from .files import StoreError, StoreMismatchError
 
-FORMAT_VERSION = 2  # 2: tiled-shift sjlt map (stores of version 1 used the earlier hash)
+FORMAT_VERSION = 3  # 3: integrity records (store id, content digests, sealed manifest); 2 is still read
+READABLE_VERSIONS = (2, 3)
 CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs")
+VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
+                   "_attn_implementation_autoset", "torch_dtype", "dtype")  # where and how it was loaded, not what
 
 
 def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
-    """Hashes of the model's config, parameter names/shapes/dtypes, and a slice of each attention weight."""
+    """What determines a model's gradients, not where it was loaded from: the config without paths and
+    versions, every parameter's name, shape and dtype, and 1,024 evenly spaced values of every parameter."""
     config = getattr(model, "config", None)
-    config_text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
-    shapes = "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters())
-    named = dict(model.named_parameters())
+    if hasattr(config, "to_dict"):
+        fields = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG}
+        config_text = json.dumps(fields, sort_keys=True, default=str)
+    else:
+        config_text = repr(config)
+    params = list(model.named_parameters())
+    shapes = "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in params)
     weights = hashlib.sha256()
-    for name in layout.params:
-        weights.update(named[name].detach().flatten()[:64].float().cpu().numpy().tobytes())
+    for name, p in params:
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(1024, flat.numel()), device=flat.device).long()
+        weights.update(name.encode() + flat[idx].float().cpu().numpy().tobytes())
     return {"class": type(model).__name__, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
             "params_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "weights_sha256": weights.hexdigest()}
+
+
+def new_store_id() -> str:
+    """A random id for a new store: every file the store writes carries it."""
+    return uuid.uuid4().hex
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its own digest (of everything else in it), so that an edit is detected."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return {**body, "digest": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+
+
+def check_seal(manifest: dict[str, Any], where: str) -> None:
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        return  # a version this library cannot read: the reader says so
+    if version < 3 and "digest" not in manifest:
+        return  # written before stores were sealed
+    if seal(manifest).get("digest") != manifest.get("digest"):
+        raise StoreError(f"{where}: manifest.json was changed after collection (its digest does not match); "
+                         "the settings it states cannot be trusted")
 
 
 def build_manifest(model: nn.Module, layout: Layout, codec: Any, cfg: ScoreConfig,
@@ -61,3 +95,21 @@ def check_same(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> No
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+REQUIRED = ("format_version", "codec", "score", "layout", "model", "tasks", "complete")
+
+
+def read_manifest(path) -> dict[str, Any]:
+    """A store's manifest, checked to be one: a JSON object with every required field, unedited."""
+    from .files import read_json
+
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path} is not a store manifest (a JSON object); found a {type(manifest).__name__}")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise StoreError(f"{path} lacks the fields {missing}: not a complete store manifest")
+    check_seal(manifest, str(path))
+    return manifest
+

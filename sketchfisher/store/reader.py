@@ -6,6 +6,7 @@ Scoring a store is Stage 6's business: :class:`sketchfisher.interference.stored.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,62 +16,127 @@ from ..errors import InputError
 from ..fisher import FisherStats
 from ..layout import Layout, layout_for
 from ..metric import ScoreConfig
-from .files import StoreError, load_named, load_tensors, read_json
-from .manifest import FORMAT_VERSION, build_manifest, check_same
+from .files import StoreError, check_inside, load_named, load_tensors, read_metadata
+from .integrity import check_digest, check_header, index_entry
+from .manifest import READABLE_VERSIONS, build_manifest, check_same, read_manifest
 
 TASKS = ("a", "b")
 
 
 class LazySide:
-    """One side's sketches, read from the shards one (layer, block) at a time."""
+    """One side's sketches, read from the shards one (layer, block) at a time. With ``digests`` (one dict
+    per shard: ``layer.block`` → digest) every block read is checked against what was written."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
+    def __init__(self, files: list[Path], digests: Optional[list[dict[str, str]]] = None, k: Optional[int] = None):
+        self.files, self.digests, self.k = files, digests, k
 
     def get(self, key: tuple[int, str]):
         layer, block = key
         name = f"{layer}.{block}"
         parts = []
-        for path in self.files:
+        for n, path in enumerate(self.files):
             tensors = load_named(path, name + ".")
             if f"{name}.vec" not in tensors:
+                if self.digests is not None and name in self.digests[n]:
+                    raise StoreError(f"{path}: block {name} is recorded but its tensors are missing")
                 return None
+            if self.digests is not None:
+                check_digest(path, tensors, self.digests[n].get(name, ""), f"block {name}")
+            if self.k is not None and tensors[f"{name}.vec"].shape[-1] != self.k:
+                raise StoreError(f"{path}: block {name} has sketches of width {tensors[f'{name}.vec'].shape[-1]}, "
+                                 f"the manifest says k={self.k}")
             parts.append((tensors[f"{name}.vec"], tensors.get(f"{name}.scale"), tensors[f"{name}.norm2"],
                           tensors[f"{name}.cross"]))
         return decode(parts)
 
 
 class StoreReader:
-    """A complete sketch store's files: manifest, settings, statistics and shards (no model needed)."""
+    """A complete sketch store's files: manifest, settings, statistics and shards (no model needed).
+
+    Opening checks the manifest (sealed, complete, readable version), that the shards are exactly the
+    recorded ones, each naming this store, its task and its batch, and no file is a symlink or leaves the
+    store (reading only the files' headers); contents are checked against their digests as they are read,
+    and :meth:`verify` reads and checks everything."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest = read_json(self.path / "manifest.json")
+        self.manifest = read_manifest(self.path / "manifest.json")
         version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format version {version!r}, this library reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"{self.path}: store format version {version!r}, this library reads {READABLE_VERSIONS}")
         if not self.manifest.get("complete"):
             raise StoreError(f"{self.path}: collection has not finished; rerun the same collect command to resume")
-        self.layout = Layout.from_dict(self.manifest["layout"])
+        self.checked = version >= 3  # stores written before integrity records are read as they are
         try:
+            self.layout = Layout.from_dict(self.manifest["layout"])
             self.codec = codec_from_dict(self.manifest["codec"])
             self.cfg = ScoreConfig.from_dict(self.manifest["score"])
-        except InputError as exc:
-            raise StoreError(f"{self.path}: manifest settings are invalid: {exc}") from None
+        except (InputError, KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{self.path}: manifest settings are invalid: {type(exc).__name__}: {exc}") from None
         if not isinstance(self.codec, Sketch):
             raise StoreError(f"{self.path}: stores hold sketches, the manifest names codec {self.manifest['codec']!r}")
+        self.digests: dict[str, list[dict[str, str]]] = {}
         self.shards = {t: self._shards(t) for t in TASKS}
 
     def _shards(self, task: str) -> list[Path]:
-        files = sorted((self.path / "pass2" / task).glob("*.safetensors"))
-        indices = [int(p.stem) for p in files]
-        if indices != list(range(len(indices))):
-            raise StoreError(f"{self.path}/pass2/{task}: shards {indices[:8]}... are not the batches 0..{len(files) - 1}")
+        folder = self.path / "pass2" / task
+        files = sorted(folder.glob("*.safetensors"))
+        if not self.checked:
+            indices = [int(p.stem) if p.stem.isdigit() else -1 for p in files]
+            if indices != list(range(len(indices))):
+                raise StoreError(f"{folder}: shards {[p.name for p in files][:8]} are not the batches 0..{len(files) - 1}")
+            return files
+        recorded = sorted(k.rsplit("/", 1)[1] for k in self.manifest.get("files", {}) if k.startswith(f"pass2/{task}/"))
+        found = sorted(p.name for p in files)
+        if found != recorded:
+            extra, missing = sorted(set(found) - set(recorded)), sorted(set(recorded) - set(found))
+            raise StoreError(f"{folder}: the shards are not the recorded ones (extra: {extra[:4]}, missing: "
+                             f"{missing[:4]})")
+        sizes = self.manifest["tasks"][task]["batch_sizes"]
+        if len(sizes) != len(files) or sum(sizes) != self.manifest["tasks"][task]["samples"]:
+            raise StoreError(f"{folder}: {len(files)} shards for {len(sizes)} recorded batches of "
+                             f"{self.manifest['tasks'][task]['samples']} samples")
+        self.digests[task] = []
+        for index, path in enumerate(files):
+            check_inside(self.path, path)
+            meta = read_metadata(path)
+            check_header(path, meta, self.manifest["store_id"], task, index, sizes[index])
+            if index_entry(meta) != self.manifest["files"][f"pass2/{task}/{path.name}"]:
+                raise StoreError(f"{path}: its block digests are not the recorded ones (changed or replaced)")
+            self.digests[task].append(json.loads(meta["blocks"]))
         return files
 
     @functools.cached_property
     def stats(self) -> dict[str, FisherStats]:
-        return {t: FisherStats.from_tensors(*load_tensors(self.path / "pass1" / f"{t}.safetensors")) for t in TASKS}
+        out = {}
+        for t in TASKS:
+            path = self.path / "pass1" / f"{t}.safetensors"
+            tensors, meta = load_tensors(check_inside(self.path, path) if self.checked else path)
+            if self.checked:
+                check_header(path, meta, self.manifest["store_id"], t)
+                if meta.get("digest") != self.manifest["files"].get(f"pass1/{path.name}"):
+                    raise StoreError(f"{path}: not the statistics this store recorded (replaced)")
+                check_digest(path, tensors, meta["digest"])
+            out[t] = FisherStats.from_tensors(tensors, meta)
+        return out
+
+    def verify(self) -> int:
+        """Read every file and check every digest (statistics, every block of every shard); the number of
+        files checked. A store written before integrity records cannot be verified (StoreError)."""
+        if not self.checked:
+            raise StoreError(f"{self.path}: format version {self.manifest['format_version']} stores carry no "
+                             "integrity records to verify against")
+        self.__dict__.pop("stats", None)
+        self.stats  # noqa: B018 (reads and checks both statistics files)
+        for t, side in self.sides().items():
+            for path, digests in zip(side.files, side.digests):
+                tensors, _ = load_tensors(path)
+                for group, digest in digests.items():
+                    check_digest(path, {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == group}, digest,
+                                 f"block {group}")
+                if {k.rsplit(".", 1)[0] for k in tensors} != set(digests):
+                    raise StoreError(f"{path}: holds blocks that are not recorded")
+        return 2 + sum(len(self.shards[t]) for t in TASKS)
 
     def check(self, model: Any = None, codec: Any = None, cfg: Optional[ScoreConfig] = None) -> None:
         """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
@@ -80,7 +146,8 @@ class StoreReader:
             check_same(self.manifest, wanted, f"store {self.path}")
 
     def sides(self) -> dict[str, LazySide]:
-        return {t: LazySide(self.shards[t]) for t in TASKS}
+        return {t: LazySide(self.shards[t], self.digests.get(t), self.codec.k if self.checked else None)
+                for t in TASKS}
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest

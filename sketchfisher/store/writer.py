@@ -44,9 +44,10 @@ from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
-from .files import Writes, atomic_save_tensors, atomic_write_json, load_tensors, read_json, read_metadata
+from .files import Writes, atomic_save_tensors, atomic_write_json, load_tensors, read_metadata
 from .files import remove_stale_temps
-from .manifest import build_manifest, check_same
+from .integrity import check_digest, check_header, index_entry, shard_metadata, stats_metadata
+from .manifest import build_manifest, check_same, new_store_id, read_manifest, seal
 
 logger = logging.getLogger(__name__)
 TASKS = ("a", "b")
@@ -83,7 +84,7 @@ class Ranks:
 
 def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
            checkpoint_every: int | None, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype,
-           quantities: tuple[str, ...]) -> tuple[FisherStats, int | None]:
+           quantities: tuple[str, ...], store_id: str) -> tuple[FisherStats, int | None]:
     """Pass 1 of one task: ``(statistics, batches)``; ``batches`` (how many the task yielded) when they
     were computed now and their final file is still to be written (:func:`_save_pass1`), None when they
     were read from the store."""
@@ -91,10 +92,14 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
     partial = _partial(root, task, ranks)
     if final.exists():
         partial.unlink(missing_ok=True)  # a checkpoint of a run killed after the final file was written
-        return FisherStats.from_tensors(*load_tensors(final)), None
+        tensors, meta = load_tensors(final)
+        check_header(final, meta, store_id, task)
+        check_digest(final, tensors, meta.get("digest", ""))
+        return FisherStats.from_tensors(tensors, meta), None
     stats, done = FisherStats(dtype=stats_dtype, quantities=quantities), 0
     if partial.exists():
         tensors, meta = load_tensors(partial)
+        check_header(partial, meta, store_id, task)
         stats, done = FisherStats.from_tensors(tensors, meta), int(meta["batches_done"])
         logger.info("task %s: resuming pass 1 after %d batches", task, done)
     names = trainable_weights(model, layout)
@@ -106,7 +111,8 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
         if policy.due(index + 1):
             start = time.perf_counter()
             tensors, meta = stats.to_tensors()
-            atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1)})
+            atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1), "store_id": store_id,
+                                                   "task": task})
             policy.saved(time.perf_counter() - start)
     if seen.batches < done:
         raise InputError(f"task {task} yielded {seen.batches} batches, fewer than the {done} recorded in {partial}")
@@ -126,9 +132,9 @@ def _partial(root: Path, task: str, ranks: Ranks) -> Path:
     return root / "pass1" / f"{task}{suffix}.partial.safetensors"
 
 
-def _save_pass1(stats: FisherStats, path: Path, batches: int) -> None:
+def _save_pass1(stats: FisherStats, path: Path, batches: int, store_id: str, task: str) -> None:
     tensors, meta = stats.to_tensors()
-    atomic_save_tensors(tensors, path, {**meta, "batches": str(batches)})
+    atomic_save_tensors(tensors, path, {**meta, "batches": str(batches), **stats_metadata(tensors, store_id, task)})
 
 
 class Checkpoints:
@@ -204,8 +210,9 @@ class ShardParts:
         return out
 
 
-def _write_shard(parts: ShardParts, path: Path, metadata: dict[str, str]) -> None:
-    atomic_save_tensors(parts.tensors(), path, metadata)
+def _write_shard(parts: ShardParts, path: Path, store_id: str, task: str, batch: int, samples: int) -> None:
+    tensors = parts.tensors()
+    atomic_save_tensors(tensors, path, shard_metadata(tensors, store_id, task, batch, samples))
 
 
 def _drop_stale_shards(root: Path) -> None:
@@ -256,10 +263,11 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(wanted, manifest_path)
+        atomic_write_json(seal({**wanted, "store_id": new_store_id()}), manifest_path)
     ranks.barrier()
-    manifest = read_json(manifest_path)
+    manifest = read_manifest(manifest_path)
     check_same(manifest, wanted, f"store {root}")
+    store_id = manifest["store_id"]
     for sub in ("pass1", "pass2/a", "pass2/b"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     if ranks.rank == 0:
@@ -284,11 +292,11 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
         for t in TASKS:
             with log.phase(f"pass 1 {t.upper()}"):
                 stats[t], batches = _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
-                                           show_progress, ranks, stats_dtype, needs[t])
+                                           show_progress, ranks, stats_dtype, needs[t], store_id)
             if batches is not None and ranks.rank == 0:
                 with log.phase(f"statistics {t.upper()} to host"):
                     host = stats[t].to_host(staging.copy if staging is not None else host_copy)
-                stat_writes.submit(_save_pass1, host, _final(root, t), batches)
+                stat_writes.submit(_save_pass1, host, _final(root, t), batches, store_id, t)
                 del host
         if staging is not None:
             staging.close()
@@ -305,8 +313,8 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
                                     show_progress=show_progress)
                 for index, size, blocks in it:
                     parts = ShardParts.of(blocks, codec)
-                    writes.submit(_write_shard, parts, folder / shard_name(index),
-                                  {"batch": str(index), "samples": str(size)}, nbytes=parts.nbytes())
+                    writes.submit(_write_shard, parts, folder / shard_name(index), store_id, t, index, size,
+                                  nbytes=parts.nbytes())
         del preps
         with log.phase("writes"):  # what the disk still owes once the GPU is done
             writes.wait()
@@ -323,16 +331,25 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     if ranks.rank != 0:
         ranks.barrier()
         return root
-    manifest["tasks"] = {}
+    manifest["tasks"], manifest["files"] = {}, {}
     for t in TASKS:  # sample id = position in iteration order; batch b holds ids [start_b, start_b + size_b)
-        sizes = [int(read_metadata(p)["samples"]) for p in sorted((root / "pass2" / t).glob("*.safetensors"))]
+        shards = sorted((root / "pass2" / t).glob("*.safetensors"))
+        if [p.name for p in shards] != [shard_name(i) for i in range(len(shards))]:
+            raise InputError(f"task {t}: the shards {[p.name for p in shards][:5]}... are not the batches "
+                             f"0..{len(shards) - 1}")
+        sizes = []
+        for index, path in enumerate(shards):
+            meta = read_metadata(path)
+            check_header(path, meta, store_id, t, index, meta.get("samples"))
+            sizes.append(int(meta["samples"]))
+            manifest["files"][f"pass2/{t}/{path.name}"] = index_entry(meta)
+        final = _final(root, t)
+        manifest["files"][f"pass1/{final.name}"] = index_entry(read_metadata(final))
         manifest["tasks"][t] = {"samples": stats[t].count, "batch_sizes": sizes}
         if sum(sizes) != stats[t].count:
             raise InputError(f"task {t}: pass 2 saw {sum(sizes)} samples but pass 1 saw {stats[t].count}; "
                              "the task must yield the same batches on every pass")
     manifest["complete"] = True
-    atomic_write_json(manifest, manifest_path)
+    atomic_write_json(seal(manifest), manifest_path)
     ranks.barrier()
     return root
-
-
