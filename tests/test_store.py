@@ -494,3 +494,43 @@ def test_cleanup_never_touches_user_files(small, tmp_path):
     collect_to_store(root, model, generic_loss, ta, tb, sf.layout_for(model), CODEC, sf.ScoreConfig())
     assert (root / "p" / "sub" / "notes.tmp").read_text() == "mine"
     assert (root / "pass1" / "notes.tmp").read_text() == "mine too"
+
+
+def test_model_identity_is_content_not_path(tiny_bert_dir, tmp_path):
+    """The same weights under another path are the same model; other weights at the same path are not."""
+    import shutil
+
+    import transformers as hf
+    from sketchfisher.store.manifest import model_fingerprint
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_bert_dir, moved)
+    load = lambda d: hf.BertModel.from_pretrained(str(d))  # noqa: E731
+    a, b = load(tiny_bert_dir), load(moved)
+    assert model_fingerprint(a, sf.layout_for(a)) == model_fingerprint(b, sf.layout_for(b))
+    with torch.no_grad():
+        b.embeddings.word_embeddings.weight.mul_(1.01)  # perturbed embeddings, nothing else
+    assert model_fingerprint(a, sf.layout_for(a))["weights_sha256"] != model_fingerprint(b, sf.layout_for(b))["weights_sha256"]
+    bigger = hf.BertModel(hf.BertConfig(**{**a.config.to_dict(), "intermediate_size": 3 * a.config.intermediate_size}))
+    assert model_fingerprint(bigger, sf.layout_for(bigger))["config_sha256"] != model_fingerprint(a, sf.layout_for(a))["config_sha256"]
+
+
+def test_one_writer_at_a_time_and_a_stale_lock_is_taken_over(small, tmp_path):
+    import socket
+
+    model, ta, tb = small
+    root = tmp_path / "s"
+    root.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live writer on this host: refused, naming it
+        (root / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "started": "t"}))
+        with pytest.raises(sf.StoreError, match=f"being written by pid {sleeper.pid} on this host"):
+            sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=root)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    res = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=root)  # its process is gone: taken over
+    assert res.n_a == 6 and not (root / "lock.json").exists()  # released at the end
+    (root / "lock.json").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "t"}))
+    with pytest.raises(sf.StoreError, match="host 'elsewhere'.*delete"):
+        sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=root)

@@ -86,6 +86,67 @@ class Writes:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+class StoreLock:
+    """``lock.json`` in a store while a process writes it: host, pid and start time of the writer.
+
+    A second writer is refused with the first one's identity; a lock left by a process that no longer
+    runs on this host (a crash, a kill) is taken over with a warning. A lock from another host cannot be
+    checked: the error says how to remove it once that run is known to be gone."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / "lock.json"
+        self.held = False
+
+    def __enter__(self) -> "StoreLock":
+        import logging
+        import socket
+        import time
+
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self._holder()
+                if other.get("host") == me["host"] and not _alive(other.get("pid")):
+                    logging.getLogger(__name__).warning("taking over the lock of a writer that is gone: %s", other)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                where = "this host" if other.get("host") == me["host"] else f"host {other.get('host')!r}"
+                raise StoreError(f"{self.path.parent} is being written by pid {other.get('pid')} on {where} since "
+                                 f"{other.get('started')}; wait for it to finish (if that run is gone, delete "
+                                 f"{self.path})") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return self
+        raise StoreError(f"cannot take the lock {self.path}")
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def content_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: what a file's content must
     hash to, whatever its layout on disk."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -45,7 +46,7 @@ from ..layout import BLOCKS, Layout
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
 from .files import Writes, atomic_save_tensors, atomic_write_json, load_tensors, read_metadata
-from .files import remove_stale_temps
+from .files import StoreLock, remove_stale_temps
 from .integrity import check_digest, check_header, index_entry, shard_metadata, stats_metadata
 from .manifest import build_manifest, check_same, new_store_id, read_manifest, seal
 
@@ -259,6 +260,17 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     check_sketch_width(layout, codec)
     root = Path(path)
     ranks = Ranks.current()
+    if ranks.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    with StoreLock(root) if ranks.rank == 0 else nullcontext():  # one writer (one run's rank 0) at a time
+        return _collect(root, ranks, model, loss_fn, task_a, task_b, layout, codec, cfg, checkpoint_every,
+                        max_bytes, show_progress, stats_dtype, inputs, log)
+
+
+def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
+             task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, checkpoint_every: int | None,
+             max_bytes: int | None, show_progress: bool, stats_dtype: torch.dtype | None,
+             inputs: dict[str, Any] | None, log: PhaseLog | None) -> Path:
     wanted = build_manifest(model, layout, codec, cfg, inputs)
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
