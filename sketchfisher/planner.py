@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from .collect.memory import GiB, PRESETS, TB, Shape, format_bytes, plan_phases
+from .collect.memory import GiB, PRESETS, TB, Shape, format_bytes, plan_phases, store_disk_bytes
 from .compress.sketch import DTYPES
 from .errors import InputError
 
@@ -52,6 +52,8 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
         (f"Factors(rank={rank}, fp32)", rank * s.num_layers * s.attn_in_out_per_layer * 4 * samples,
          peak(Factors(rank=rank))),
         (f"Sketch(k={k}, {sketch_dtype})", s.num_layers * s.head_blocks_per_layer * per_vec * samples, peak(sketch)),
+        (f"Sketch(k={k}, {sketch_dtype}) store: + headers, statistics, pass-1 checkpoint",
+         store_disk_bytes(s, sketch, samples, -(-samples // batch_size), 3, stats_bytes)["total"], peak(sketch)),
     ]
     df = pd.DataFrame(rows, columns=["codec", "disk_bytes", "peak_device_bytes"])
     exact = df.loc[df["codec"].str.startswith("Exact"), "disk_bytes"].iloc[0]

@@ -143,6 +143,26 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
     return df
 
 
+def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_copies: int,
+                     stats_bytes: int = 4) -> dict[str, int]:
+    """Everything a sketch store writes, in bytes, as an upper bound: the sketches (``samples`` over both
+    tasks), each shard's safetensors header and integrity records (``batches`` over both tasks), the
+    final pass-1 statistics (``stats_copies`` model-sized tensors over both tasks, in ``stats_bytes``) and,
+    while pass 1 runs, a checkpoint of the largest task with the temporary file that replaces it."""
+    s = Shape.of(shape)
+    groups = s.num_layers * 4  # (layer, block) groups per shard
+    tensors = 4 if codec.dtype == "int8" else 3
+    header = groups * (tensors * 96 + 96) + 1024  # per tensor name/dtype/shape/offsets; per group its digest
+    statistics = stats_copies * s.num_layers * s.attn_params_per_layer * stats_bytes
+    per_tensor = s.num_layers * 4 * 128  # the statistics files' headers
+    checkpoint = 2 * max(1, stats_copies - 1) * s.num_layers * s.attn_params_per_layer * stats_bytes
+    out = {"sketches": s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples,
+           "shard_headers": header * batches, "statistics": statistics + stats_copies * per_tensor,
+           "pass1_checkpoint": checkpoint, "manifest": 4096 + 200 * batches}
+    out["total"] = sum(out.values())
+    return out
+
+
 def format_bytes(n: float) -> str:
     """Human units: B, KiB, MiB, GiB, TiB (never scientific notation)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):

@@ -31,11 +31,11 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..capture.oracle import LossFn
+from ..capture.oracle import LossFn, batch_size_of
 from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_statistics, prepare_all, sketch_batches
 from ..collect import trainable_weights
 from ..collect.passes import sized
-from ..collect.memory import check_tasks_fit
+from ..collect.memory import check_tasks_fit, format_bytes, store_disk_bytes
 from ..collect.sketches import check_reiterable, check_sketch_width, host_staging
 from ..compress import Sketch
 from ..compress.sketch import quantize
@@ -226,17 +226,33 @@ def _drop_stale_shards(root: Path) -> None:
         p.unlink()
 
 
-def _check_space(root: Path, layout: Layout, codec: Sketch, samples: int, max_bytes: int | None) -> None:
-    blocks = sum(len(layout.head_blocks(layer, block)) for layer in range(layout.num_layers) for block in BLOCKS)
-    planned = samples * blocks * codec.bytes_per_block()
-    already = sum(p.stat().st_size for p in (root / "pass2").rglob("*.safetensors"))
-    needed = max(0, planned - already)
+def _check_space(root: Path, model: nn.Module, codec: Sketch, samples: int | None, batches: int | None,
+                 stats_copies: int, stats_dtype: torch.dtype, max_bytes: int | None) -> None:
+    """Refuse before writing when the store would not fit the disk (or ``max_bytes``): everything it writes
+    (:func:`~sketchfisher.collect.memory.store_disk_bytes`), less what is already there. Skipped while the
+    sample counts are unknown (tasks that are not lists of batches, before pass 1 has counted them)."""
+    if samples is None or batches is None:
+        return
+    plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8)
+    stored = plan["sketches"] + plan["shard_headers"] + plan["statistics"] + plan["manifest"]
+    already = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file())
+    needed = max(0, plan["total"] - already)
     free = shutil.disk_usage(root).free
-    if max_bytes is not None and planned > max_bytes:
-        raise InputError(f"planned sketch store is {planned:,} bytes ({samples} samples x {blocks} head blocks x "
-                         f"{codec.bytes_per_block()} bytes), over max_bytes={max_bytes:,}")
+    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in plan.items() if k != "total")
+    if max_bytes is not None and stored > max_bytes:
+        raise InputError(f"the planned store is {stored:,} bytes ({format_bytes(stored)}: {parts}; {samples} samples), "
+                         f"over max_bytes={max_bytes:,}")
     if needed > free:
-        raise InputError(f"planned sketch store needs {needed:,} more bytes but {root} has {free:,} free")
+        raise InputError(f"the store needs {format_bytes(needed)} more on disk ({parts}) but {root} has "
+                         f"{format_bytes(free)} free")
+
+
+def _counts(*tasks: Iterable[Any]) -> tuple[int | None, int | None]:
+    """(samples, batches) over the tasks when they are lists of batches whose sizes can be read."""
+    if not all(isinstance(t, (list, tuple)) for t in tasks):
+        return None, None
+    sizes = [batch_size_of(b) for t in tasks for b in t]
+    return (None, None) if any(n is None for n in sizes) else (sum(sizes), len(sizes))
 
 
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
@@ -293,6 +309,8 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     if ranks.rank == 0 and not all(_final(root, t).exists() for t in TASKS):
         _drop_stale_shards(root)
     ranks.barrier()
+    stats_copies = sum(len(needs[t]) for t in TASKS)
+    _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes)
     # the final pass-1 statistics are written to disk in the background while pass 2 runs; their host
     # memory is made ready while pass 1 runs
     copies = sum(len(needs[t]) for t in TASKS if not _final(root, t).exists()) if ranks.rank == 0 else 0
@@ -312,7 +330,8 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
                 del host
         if staging is not None:
             staging.close()
-        _check_space(root, layout, codec, stats["a"].count + stats["b"].count, max_bytes)
+        _check_space(root, model, codec, stats["a"].count + stats["b"].count, _counts(task_a, task_b)[1] or
+                     stats["a"].count + stats["b"].count, stats_copies, stats_dtype, max_bytes)
         with log.phase("preparation"):
             # every statistic is on disk (or on its way there): the device copies are freed as consumed
             preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True, keep=())
