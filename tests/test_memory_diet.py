@@ -100,7 +100,7 @@ def test_phase_plan_matches_hand_computation():
     weights, stat = params * 2, attn * 4
     running = B * T * L * 8 * h * 4 + B * T * L * (26 * h + 11 * I) + B * T * V * 10 + 2 * B * h * h * 4
     preps = 4 * attn * 4
-    sketches = L * 128 * (256 * 2 + 16) * n
+    sketches = L * 128 * (256 * 2 + 4 + 16) * n
     want = {"pass 1 A": weights + 2 * stat + running, "pass 1 B": weights + 3 * stat + running,
             "preparation": weights + max(3 * stat, preps), "pass 2 A": weights + preps + running,
             "pass 2 B": weights + preps + running + sketches / 2, "scoring": weights + sketches + 2 * B * h * h * 4}

@@ -102,7 +102,7 @@ def test_codec_validation():
         sf.Sketch(k=10, kind="sjlt", s=4)
     with pytest.raises(sf.InputError, match="Sketch.dtype"):
         sf.Sketch(dtype="fp8")
-    assert sf.Sketch(k=256, dtype="fp16").bytes_per_vector() == 512
+    assert sf.Sketch(k=256, dtype="fp16").bytes_per_vector() == 512 + 4  # + the per-vector scale
     assert sf.Sketch(k=256, dtype="int8").bytes_per_vector() == 260
 
 

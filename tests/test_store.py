@@ -175,7 +175,7 @@ def test_corrupt_truncated_and_pickled_shards_are_rejected(small, tmp_path, monk
 def test_collection_refuses_over_max_bytes(small, tmp_path):
     model, ta, tb = small
     layout = sf.layout_for(model)
-    with pytest.raises(sf.InputError, match=r"planned store is [\d,]+ bytes .*sketches 34.4 KiB, shard headers .*"
+    with pytest.raises(sf.InputError, match=r"planned store is [\d,]+ bytes .*sketches 36.1 KiB, shard headers .*"
                                             r"statistics .*11 samples\), over max_bytes=1,000"):
         collect_to_store(tmp_path / "s", model, generic_loss, ta, tb, layout, CODEC, sf.ScoreConfig(), max_bytes=1000)
     assert not list((tmp_path / "s").rglob("*.safetensors"))  # refused before pass 1: lists of batches are counted
@@ -186,11 +186,11 @@ def test_planner_matches_hand_computation():
     assert df.loc["design note: 50 matrices x 60 MB (fp16) x samples", "disk_bytes"] == pytest.approx(2.304e12)
     exact = 32 * 4 * 4096 * 4096 * 2 * 768
     assert df.loc["Exact: full fp16 per-sample attention gradients", "disk_bytes"] == exact
-    assert df.loc["Sketch(k=256, fp16)", "disk_bytes"] == 32 * (2 * 32 + 2 * 32) * (256 * 2 + 16) * 768
+    assert df.loc["Sketch(k=256, fp16)", "disk_bytes"] == 32 * (2 * 32 + 2 * 32) * (256 * 2 + 4 + 16) * 768
     assert df.loc["Factors (lossless, fp32)", "disk_bytes"] == 512 * 32 * (4 * (4096 + 4096)) * 4 * 768
     assert df.loc["Factors(rank=16, fp32)", "disk_bytes"] == 16 * 32 * (4 * (4096 + 4096)) * 4 * 768
     gqa = plan("llama-70b", samples=1, k=256).set_index("codec")
-    assert gqa.loc["Sketch(k=256, fp16)", "disk_bytes"] == 80 * (2 * 64 + 2 * 8) * 528
+    assert gqa.loc["Sketch(k=256, fp16)", "disk_bytes"] == 80 * (2 * 64 + 2 * 8) * 532
     with pytest.raises(sf.InputError, match="unknown preset"):
         plan("gpt5")
 
@@ -200,7 +200,7 @@ def test_store_sizes_match_the_planner(small, tmp_path):
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
     summary = sf.open_store(tmp_path / "s").summary()
     layout = sf.layout_for(model)
-    per_sample = layout.num_layers * (2 * 8 + 2 * 2) * (32 * 2 + 16)
+    per_sample = layout.num_layers * (2 * 8 + 2 * 2) * (32 * 2 + 4 + 16)
     from sketchfisher.collect.memory import store_disk_bytes
 
     plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=3, stats_bytes=8)

@@ -151,7 +151,7 @@ def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_c
     while pass 1 runs, a checkpoint of the largest task with the temporary file that replaces it."""
     s = Shape.of(shape)
     groups = s.num_layers * 4  # (layer, block) groups per shard
-    tensors = 4 if codec.dtype == "int8" else 3
+    tensors = 4 if codec.dtype in ("int8", "fp16") else 3  # vectors, scale, ‖x̃‖², cross
     header = groups * (tensors * 96 + 96) + 1024  # per tensor name/dtype/shape/offsets; per group its digest
     statistics = stats_copies * s.num_layers * s.attn_params_per_layer * stats_bytes
     per_tensor = s.num_layers * 4 * 128  # the statistics files' headers

@@ -18,7 +18,7 @@ from .. import kernels
 from ..capture.oracle import LossFn
 from ..compress import Sketch, SketchSide
 from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector, sketch_sides
-from ..errors import InputError
+from ..errors import GradientError, InputError
 from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats, HostStaging
 from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout, block_index
@@ -134,7 +134,24 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
             g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
             v = side_vector(g, prep, side, count, cfg)
             out[(layer, block)] = sketch_sides(v, prep, side, codec, layer, block_index(block))
+        check_finite_sides(out, desc, index, cfg)
         yield index, bf.batch_size, out
+
+
+def check_finite_sides(out: dict, desc: str, index: int, cfg: ScoreConfig) -> None:
+    """Finite gradients must give finite sketches: a sample whose side vectors overflow the score precision
+    (|g|² beyond float32 for gradients of ~1e19) is refused with the reason, not turned into NaN scores."""
+    if not out:
+        return
+    bad = None
+    for sk, norm2, cross in out.values():
+        rows = ~(torch.isfinite(sk).flatten(1).all(1) & torch.isfinite(norm2).all(1) & torch.isfinite(cross).all(1))
+        bad = rows if bad is None else bad | rows.to(bad.device)
+    if bool(bad.any()):  # one synchronisation per batch
+        positions = bad.nonzero().flatten().tolist()
+        raise GradientError(f"{desc}, batch {index}: the sketched side vectors of batch positions {positions} overflow "
+                            f"{str(cfg.dtype).replace('torch.', '')} (their gradients are too large for it); score in "
+                            "float64 (dtype=torch.float64) or scale the loss down", positions)
 
 
 class FusedSides:

@@ -42,6 +42,7 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
                 rep.add(captured)
     if stats.count == 0:
         raise InputError(f"{desc}: the task yielded no samples")
+    stats.check_finite(desc)
     return rep, stats
 
 

@@ -67,9 +67,9 @@ class Sketch:
         return SketchMap(self.kind, self.k, size, self.seed, (layer, block, head), self.s)
 
     def bytes_per_vector(self) -> int:
-        """Stored bytes of one sketched head-block vector (+ 4 for the int8 scale)."""
+        """Stored bytes of one sketched head-block vector (+ 4 for the int8 and fp16 scales)."""
         size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
-        return self.k * size + (4 if self.dtype == "int8" else 0)
+        return self.k * size + (4 if self.dtype in SCALED else 0)
 
     def bytes_per_block(self) -> int:
         """Stored bytes of one sample's head block: the sketched vector and its two exact fp64 scalars
@@ -77,8 +77,19 @@ class Sketch:
         return self.bytes_per_vector() + 16
 
 
+SCALED = ("int8", "fp16")  # storage dtypes that keep a per-vector scale
+FP16_HEADROOM = 2.0 ** 14  # fp16 vectors are scaled so that their largest entry is at most this (max 65504)
+
+
 def quantize(v: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Cast sketched vectors ``[..., k]``; int8 uses a per-vector scale max|v|/127."""
+    """Cast sketched vectors ``[..., k]``; int8 uses a per-vector scale max|v|/127. fp16 (whose largest
+    value is 65504) divides each vector whose largest entry exceeds 2¹⁴ by a power of two (exact, so a
+    vector within range is stored bit for bit as before) and keeps that scale: any finite vector fits."""
+    if dtype == "fp16":
+        peak = v.abs().amax(-1, keepdim=True).float()
+        shift = torch.where(peak > FP16_HEADROOM, torch.ceil(torch.log2(peak / FP16_HEADROOM)), torch.zeros_like(peak))
+        scale = torch.exp2(shift)
+        return (v / scale.to(v.dtype)).to(torch.float16), scale.squeeze(-1)
     if dtype != "int8":
         return v.to(DTYPES[dtype]), None
     scale = v.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0

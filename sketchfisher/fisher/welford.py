@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import kernels
-from ..errors import InputError
+from ..errors import GradientError, InputError
 from ..layout import Layout
 from .host import host_copy
 
@@ -173,6 +173,19 @@ class FisherStats:
         if "sum" in kept:
             out.sum_g = {n: self.sum_g[n] + other.sum_g[n] for n in self.sum_g}
         return out
+
+    def check_finite(self, where: str) -> None:
+        """Finite gradients whose squares overflow the statistics' precision leave an infinite Fisher: refused
+        with the reason (a later NaN score would not say why)."""
+        ts = [t for w in self.welford.values() for t in (w.mean, w.m2) if t is not None]
+        ts += [*self.sum_abs.values(), *self.sum_g.values()]
+        if not ts:
+            return
+        here = ts[0].device
+        if not bool(torch.stack([torch.isfinite(t).all().to(here) for t in ts]).all()):
+            raise GradientError(f"{where}: the pass-1 statistics overflow {str(self.dtype).replace('torch.', '')} "
+                                "(some gradient's square is beyond its range); use float64 statistics "
+                                "(stats_dtype=torch.float64) or scale the loss down")
 
     def names(self) -> list[str]:
         return list(self.welford)

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
+from ..errors import GradientError
 from .config import ScoreConfig
 from .sides import contract, shift, x_side, y_side
 
@@ -67,4 +68,9 @@ class ExactBlock:
             x = self.cfg.spec.i_numerator(self.ga[lo:hi].to(self.cfg.dtype))
         else:
             x = x_side(self.ga[lo:hi], self.fisher, self.count, self.cfg)
-        return contract(x, self.y), None
+        scores = contract(x, self.y)
+        if not bool(torch.isfinite(scores).all()) and bool(torch.isfinite(self.ga[lo:hi]).all()):
+            raise GradientError(f"scores of task-A samples {lo}..{hi - 1} overflow {str(self.cfg.dtype).replace('torch.', '')}"
+                                " although their gradients are finite (they are too large for it); score in float64 "
+                                "(dtype=torch.float64) or scale the loss down")
+        return scores, None

@@ -121,6 +121,7 @@ def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: It
         stats = stats.all_reduce(names)
     if stats.count == 0:
         raise InputError(f"task {task} yielded no samples")
+    stats.check_finite(f"pass 1 {task}")
     return stats, seen.batches
 
 
