@@ -140,8 +140,15 @@ def _interfere(args: argparse.Namespace) -> int:
         else:
             res.to_frame().to_csv(out / "scores.csv.gz", index=False, float_format="%.6g")
     if not args.no_plot:
-        plot_block_heatmaps(means, out / "heatmap.png", title=f"mean score per head ({args.store})")
+        what = {"paper": "task B's Fisher-normalised gradient mass (A enters through Î)",
+                "signed": "the Fisher-weighted alignment of the two task means (negative: they pull apart)",
+                "symmetric": "the tasks' Fisher-normalised shared gradient mass"}.get(res.cfg.variant, "")
+        plot_block_heatmaps(means, out / "heatmap.png", label=f"mean {res.cfg.variant} score",
+                            title=f"{args.store}: mean {res.cfg.variant} score per head = {what}")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    if res.cfg.variant == "paper":
+        print(f"the head means of the paper score reflect task B's gradients; for 'do A and B pull this head apart?' "
+              f"run: sketchfisher conflicts {args.store}")
     return 0
 
 
