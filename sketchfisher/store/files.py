@@ -148,14 +148,28 @@ def _alive(pid: object) -> bool:
 
 
 def content_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: what a file's content must
-    hash to, whatever its layout on disk."""
+    """sha256 over the tensors' names, dtypes, shapes and the sha256 of each one's bytes, in name order: what
+    a file's content must hash to, whatever its layout on disk. Large tensors are hashed in parallel
+    threads (hashlib releases the GIL): at 7B a statistics file is tens of GB."""
+    names = sorted(tensors)
+    host = {n: tensors[n].detach().contiguous().cpu() for n in names}
+
+    def one(name: str) -> str:
+        t = host[name]
+        return hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"").hexdigest()
+
+    big = sum(t.numel() * t.element_size() for t in host.values()) > (64 << 20)
+    if big and len(names) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(one, names))
+    else:
+        digests = [one(n) for n in names]
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    for name, digest in zip(names, digests):
+        t = host[name]
+        h.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}|{digest}\n".encode())
     return h.hexdigest()
 
 
