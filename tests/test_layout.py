@@ -63,6 +63,12 @@ def _masked_head_grads(model, layout, layer, heads):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if n in layout.params}
 
 
+# OLMo-2 normalises the whole Q and K projections (all heads together) before splitting them into heads: a
+# masked head's Q/K rows still receive gradient through the other heads' normalisation. Its V and O blocks
+# are the head's own; its Q/K blocks are sliced correctly but not isolated from the other heads.
+CROSS_HEAD_QK_NORM = {"olmo2"}
+
+
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_masking_a_head_zeroes_exactly_its_blocks(arch):
     model = make_model(arch)
@@ -77,7 +83,7 @@ def test_masking_a_head_zeroes_exactly_its_blocks(arch):
             for h in range(layout.num_heads):
                 hb = layout.head_block(layer, block, h)
                 part = hb.select(grads[hb.param_name])
-                if h in masked:
+                if h in masked and not (arch in CROSS_HEAD_QK_NORM and block in ("Q", "K")):
                     assert torch.count_nonzero(part) == 0, f"{hb.key} should have zero gradient"
                 else:
                     assert part.abs().sum() > 0, f"{hb.key} unexpectedly has zero gradient"
@@ -198,3 +204,39 @@ def test_spec_validation_messages():
         sf.layout_for(make_model("bert")).head_block(5, "Q", 0)
     with pytest.raises(sf.LayoutError, match="block must be one of"):
         sf.layout_for(make_model("bert")).head_block(0, "X", 0)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_models_collect_attention_and_every_linear(arch, caplog):
+    """Attention is dense in MoE models: head blocks work as for Llama; with modules='all' the dense linear
+    layers (shared experts, router) are collected, and fused expert tensors are named as not collected."""
+    model = make_model(arch, wrapper=True)
+    batches = make_batches(4, 2, seed=3)
+    exact = sf.analyze(model, generic_loss, batches, batches, codec=sf.Factors(), modules="all")
+    assert torch.isfinite(exact.head_means()).all()
+    names = exact.context.stats_a.names()
+    linear_mlp = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".mlp." in n]
+    assert all(f"{n}.weight" in names for n in linear_mlp)  # shared experts and linear routers are collected
+    fused = [n for n, p in model.named_parameters() if p.ndim >= 3]
+    if fused:  # experts stored as one tensor per layer: said, and not collected
+        assert "not collected" in caplog.text and not set(fused) & set(names)
+
+
+def test_vit_on_image_inputs():
+    """The same machinery on pixels: a tiny ViT, random images, a per-sample loss on the [CLS] state."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    model = hf.ViTModel(hf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                     image_size=16, patch_size=8, num_channels=3)).eval()
+    u = torch.randn(32)
+
+    def cls_loss(m, batch):
+        return (m(pixel_values=batch["pixel_values"]).last_hidden_state[:, 0] @ u) ** 2
+
+    images = [{"pixel_values": torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(s))} for s in (1, 2)]
+    layout = sf.layout_for(model)
+    assert layout.model_type == "vit" and layout.num_heads == 4
+    exact = sf.analyze(model, cls_loss, images[:1], images[1:], codec=sf.Exact())
+    factors = sf.analyze(model, cls_loss, images[:1], images[1:], codec=sf.Factors())
+    torch.testing.assert_close(factors.scores, exact.scores, rtol=1e-4, atol=1e-6 * float(exact.scores.abs().max()))

@@ -171,7 +171,8 @@ class FactorCapture:
         D: dict[str, list[torch.Tensor]] = {}
         for (name, x, y), dy in zip(calls, grads):
             dy = torch.zeros_like(y) if dy is None else dy
-            a, d = _tokens(x, B, name), _tokens(dy.detach(), B, name)
+            seq_len = mask.shape[1] if mask is not None else batch_geometry_len(batch)
+            a, d = _tokens(x, B, name, seq_len), _tokens(dy.detach(), B, name, seq_len)
             if mask is not None and a.shape[1] == mask.shape[1]:
                 keep = mask.to(device=a.device, dtype=torch.float32)[:, :, None]
                 a, d = a * keep, d * keep
@@ -195,10 +196,24 @@ class FactorCapture:
                             source_dtype={name: y.dtype for name, _, y in calls})
 
 
-def _tokens(t: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
-    """Reshape a module input/output-grad to ``[B, T, features]`` in fp32 (``[B, f]`` becomes T = 1)."""
+def batch_geometry_len(batch: Any) -> Optional[int]:
+    """The sequence length of a batch of token ids (``input_ids [B, T]``), when it has one."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    return int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
+
+
+def _tokens(t: torch.Tensor, batch_size: int, name: str, seq_len: Optional[int] = None) -> torch.Tensor:
+    """Reshape a module input/output-grad to ``[B, T, features]`` in fp32 (``[B, f]`` becomes T = 1).
+
+    Modules that see the batch's tokens flattened, ``[B·T, f]`` (OPT's MLP, MoE shared experts), are
+    unflattened with the batch's sequence length ``seq_len``. A module that sees another number of
+    tokens (routed experts: a varying subset) cannot be attributed to samples and is refused."""
+    if t.ndim == 2 and seq_len is not None and t.shape[0] == batch_size * seq_len and seq_len > 1:
+        return t.reshape(batch_size, seq_len, t.shape[-1]).float()
     if t.ndim < 2 or t.shape[0] != batch_size:
         raise InputError(
-            f"module {name!r} saw a tensor of shape {tuple(t.shape)}; expected batch-first [B={batch_size}, ..., features]"
+            f"module {name!r} saw a tensor of shape {tuple(t.shape)}; expected batch-first [B={batch_size}, ..., "
+            f"features] or the batch's tokens flattened [B·T={batch_size}·{seq_len}, features]; a module that sees "
+            "a routed subset of tokens (MoE experts) cannot be attributed to samples: collect modules='attention'"
         )
     return t.reshape(batch_size, -1, t.shape[-1]).float()

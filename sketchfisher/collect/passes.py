@@ -33,6 +33,12 @@ def trainable_weights(model: nn.Module, layout: Layout, modules: str = "attentio
         names = list(layout.params)
     elif modules == "all":
         names = list(dict.fromkeys([*layout.params, *(m + ".weight" for m in linear_modules(model))]))
+        other = [f"{m}.{n}" if m else n for m, mod in model.named_modules()
+                 if not isinstance(mod, (nn.Linear, nn.Embedding))
+                 for n, p in mod.named_parameters(recurse=False) if p.ndim >= 2 and (f"{m}.{n}" if m else n) not in names]
+        if other:  # e.g. MoE experts kept as one [experts, out, in] tensor, custom routers, convolutions
+            logger.warning("modules='all' collects nn.Linear weights; %d matrix parameters of other modules (MoE "
+                           "experts stored fused, routers, convolutions) are not collected: %s", len(other), other[:3])
     else:
         raise InputError(f"modules must be 'attention' or 'all', got {modules!r}")
     named = dict(model.named_parameters())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -10,7 +10,9 @@ from ..errors import LayoutError
 from .core import BLOCKS, HeadBlock, HeadKey, Layout
 from .spec import AttentionSpec, Dims
 
-_REGISTRY: dict[str, AttentionSpec] = {}
+SpecFor = Callable[[Any], AttentionSpec]  # a layout that depends on the config (one model_type, several layouts)
+Registered = AttentionSpec | SpecFor | tuple[AttentionSpec, ...]  # a tuple: the module names of several versions
+_REGISTRY: dict[str, Registered] = {}
 
 HOW_TO_DECLARE = (
     "declare it with sf.layout_for(model, spec=sf.AttentionSpec(layer='blocks.{layer}.attn', q='q', k='k', "
@@ -18,10 +20,15 @@ HOW_TO_DECLARE = (
 )
 
 
-def register_layout(model_types: str | tuple[str, ...], spec: AttentionSpec, *, overwrite: bool = False) -> None:
-    """Declare the attention layout of one or more ``config.model_type`` values."""
-    if not isinstance(spec, AttentionSpec):
-        raise LayoutError(f"register_layout needs an AttentionSpec, got {type(spec).__name__}")
+def register_layout(model_types: str | tuple[str, ...], spec: Registered, *, overwrite: bool = False) -> None:
+    """Declare the attention layout of one or more ``config.model_type`` values: an :class:`AttentionSpec`;
+    a function of the config returning one (a type whose layout depends on its configuration); or a tuple
+    of specs, the first whose modules the model has wins (a library version that renamed the modules)."""
+    if isinstance(spec, tuple) and spec and all(isinstance(s, AttentionSpec) for s in spec):
+        pass
+    elif not isinstance(spec, AttentionSpec) and not callable(spec):
+        raise LayoutError(f"register_layout needs an AttentionSpec (or a function of the config returning one), "
+                          f"got {type(spec).__name__}")
     for model_type in (model_types,) if isinstance(model_types, str) else model_types:
         if model_type in _REGISTRY and not overwrite and _REGISTRY[model_type] != spec:
             raise LayoutError(f"a layout for model_type {model_type!r} is already registered; pass overwrite=True")
@@ -52,6 +59,11 @@ def _qkv_ranges(spec: AttentionSpec, dims: Dims, block: str, kv: int, head: int)
         return name, start, start + (dv if block == "V" else dk)
     if spec.qkv_style == "blocked":
         start = {"Q": head * dk, "K": H * dk + kv * dk, "V": H * dk + Hkv * dk + kv * dv}[block]
+    elif spec.qkv_style == "grouped":  # per kv head g: [q heads of group g | k_g | v_g]
+        gs = H // Hkv
+        group = gs * dk + dk + dv
+        g = head // gs if block == "Q" else kv
+        start = {"Q": g * group + (head % gs) * dk, "K": g * group + gs * dk, "V": g * group + gs * dk + dk}[block]
     else:  # interleaved [q_h | k_h | v_h] per kv head; only meaningful without GQA
         if H != Hkv:
             raise LayoutError(f"interleaved fused QKV needs num_kv_heads == num_heads, got {Hkv} and {H}")
@@ -134,10 +146,16 @@ def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Opt
                 f"{', '.join(supported_model_types())}; {HOW_TO_DECLARE}"
             )
         spec = _REGISTRY[model_type]
+        if isinstance(spec, tuple):
+            names = {n for n, _ in model.named_parameters()}
+            prefix = _base_prefix(model)
+            spec = next((s for s in spec if f"{prefix}{s.layer.format(layer=0)}.{s.o}.weight" in names), spec[0])
+        elif not isinstance(spec, AttentionSpec):
+            spec = spec(config)
     if dims is None:
         if config is None:
             raise LayoutError(f"{type(model).__name__} has no .config; pass dims=sf.Dims(...) to layout_for")
-        dims = Dims.from_config(config)
+        dims = Dims.from_config(config, spec)
     if not isinstance(model, nn.Module):
         raise LayoutError(f"layout_for needs a torch.nn.Module, got {type(model).__name__}")
     return build_layout(model, spec, dims, model_type)

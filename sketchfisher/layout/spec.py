@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 from ..errors import LayoutError
 
-QKVStyle = Literal["blocked", "interleaved"]
+QKVStyle = Literal["blocked", "interleaved", "grouped"]
 WeightFormat = Literal["linear", "conv1d"]
 
 
@@ -31,13 +31,24 @@ class AttentionSpec:
         ``qkv`` names a fused projection.
     qkv:
         Name of a fused projection. ``qkv_style="blocked"`` stores rows
-        ``[Q heads | K kv-heads | V kv-heads]`` (GPT-2, Phi-3); ``"interleaved"`` groups rows per
-        head ``[q_h | k_h | v_h]`` (GPT-NeoX/Pythia, BLOOM).
+        ``[Q heads | K kv-heads | V kv-heads]`` (GPT-2, Phi-3, GPT-BigCode's multi-query ``c_attn``,
+        MPT, ModernBERT); ``"interleaved"`` groups rows per head ``[q_h | k_h | v_h]`` (GPT-NeoX/Pythia,
+        BLOOM); ``"grouped"`` per kv head ``[q heads of the group | k_g | v_g]`` (Falcon's new
+        decoder architecture).
     o:
         Name of the output projection; a head owns *input* columns ``[h·d_v, (h+1)·d_v)``.
     weight_format:
         ``"linear"`` for ``W ∈ R^{out×in}`` (``nn.Linear``), ``"conv1d"`` for HF ``Conv1D`` which
         stores ``Wᵀ`` (``[in, out]``).
+    kv_heads:
+        The config attribute holding the number of key/value heads (default ``num_key_value_heads``;
+        Falcon: ``num_kv_heads``); absent or None means one per query head.
+    multi_query:
+        A boolean config attribute that, when true, means a single key/value head (GPT-BigCode's and
+        the original Falcon's ``multi_query``).
+    layers:
+        The config attribute holding the number of distinct attention weight sets, the "layers" of the
+        scores (default ``num_hidden_layers``; ALBERT, whose layers share one set: ``num_hidden_groups``).
     """
 
     layer: str
@@ -48,6 +59,9 @@ class AttentionSpec:
     qkv: Optional[str] = None
     qkv_style: QKVStyle = "blocked"
     weight_format: WeightFormat = "linear"
+    kv_heads: str = "num_key_value_heads"
+    multi_query: Optional[str] = None
+    layers: str = "num_hidden_layers"
 
     def __post_init__(self) -> None:
         split = (self.q, self.k, self.v)
@@ -62,8 +76,9 @@ class AttentionSpec:
             )
         if "{layer}" not in self.layer:
             raise LayoutError(f"AttentionSpec.layer must contain '{{layer}}', got {self.layer!r}")
-        if self.qkv_style not in ("blocked", "interleaved"):
-            raise LayoutError(f"AttentionSpec.qkv_style must be 'blocked' or 'interleaved', got {self.qkv_style!r}")
+        if self.qkv_style not in ("blocked", "interleaved", "grouped"):
+            raise LayoutError(f"AttentionSpec.qkv_style must be 'blocked', 'interleaved' or 'grouped', got "
+                              f"{self.qkv_style!r}")
         if self.weight_format not in ("linear", "conv1d"):
             raise LayoutError(f"AttentionSpec.weight_format must be 'linear' or 'conv1d', got {self.weight_format!r}")
 
@@ -101,17 +116,20 @@ class Dims:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_config(cls, config: Any) -> "Dims":
-        """Read head counts from an HF-style config: ``config.head_dim`` when set, else hidden/H."""
+    def from_config(cls, config: Any, spec: Optional[AttentionSpec] = None) -> "Dims":
+        """Read head counts from an HF-style config: ``config.head_dim`` when set, else hidden/H; the kv
+        heads from the attribute ``spec`` names (one when its ``multi_query`` flag is set)."""
         try:
-            layers = int(config.num_hidden_layers)
+            layers = int(getattr(config, spec.layers) if spec is not None else config.num_hidden_layers)
             heads = int(config.num_attention_heads)
             hidden = int(config.hidden_size)
         except AttributeError as exc:
             raise LayoutError(
                 f"config of type {type(config).__name__} lacks {exc.name!r}; pass dims=sf.Dims(...) explicitly"
             ) from None
-        kv = getattr(config, "num_key_value_heads", None) or heads
+        kv = getattr(config, spec.kv_heads if spec is not None else "num_key_value_heads", None) or heads
+        if spec is not None and spec.multi_query is not None and getattr(config, spec.multi_query, False):
+            kv = 1
         head_dim = getattr(config, "head_dim", None)
         if head_dim is None:
             if hidden % heads:
