@@ -38,7 +38,7 @@ def magnitude(gi, gj, fisher, variant):
 
 # fp32 arithmetic: error relative to Σ|x y| below 3e-5; fp64: below 1e-10
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 3e-5), (torch.float64, 1e-10)])
-@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa", "bert", "deberta_v2", "falcon_new_gqa"])
 @pytest.mark.parametrize("variant,normalizer", [("paper", "a"), ("paper", "pooled"), ("signed", "a"),
                                                 ("symmetric", "pooled")])
 def test_exact_scores_equal_direct_per_pair(arch, variant, normalizer, dtype, rtol):

@@ -210,6 +210,10 @@ def _tokens(t: torch.Tensor, batch_size: int, name: str, seq_len: Optional[int] 
     tokens (routed experts: a varying subset) cannot be attributed to samples and is refused."""
     if t.ndim == 2 and seq_len is not None and t.shape[0] == batch_size * seq_len and seq_len > 1:
         return t.reshape(batch_size, seq_len, t.shape[-1]).float()
+    if t.ndim >= 2 and t.shape[0] == 1 and batch_size > 1:
+        raise InputError(f"module {name!r} was also called on an input shared by the whole batch (shape "
+                         f"{tuple(t.shape)}; e.g. DeBERTa's relative-position embeddings through query_proj/key_proj): "
+                         "batched per-sample factors cannot separate it; use sf.Exact() for this model")
     if t.ndim < 2 or t.shape[0] != batch_size:
         raise InputError(
             f"module {name!r} saw a tensor of shape {tuple(t.shape)}; expected batch-first [B={batch_size}, ..., "
