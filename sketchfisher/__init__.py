@@ -11,7 +11,7 @@ from .compress import Codec, Exact, Factors, Sketch
 from .errors import GradientError, InputError, LayoutError, SketchfisherError
 from .interference import VARIANTS, InterferenceResult, ScoreConfig, Variant
 from .interference.stored import Store, open_store
-from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, layout_for, register_layout
+from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, Stacks, layout_for, register_layout
 from .pipeline import analyze, run_sanity_checks
 from .planner import plan, plan_phases
 from .store import StoreError, StoreMismatchError
@@ -19,6 +19,6 @@ from .store import StoreError, StoreMismatchError
 __all__ = [
     "BLOCKS", "VARIANTS", "AttentionSpec", "Codec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock",
     "HeadKey", "InputError", "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch",
-    "SketchfisherError", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze", "tasks",
+    "SketchfisherError", "Stacks", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze", "tasks",
     "layout_for", "open_store", "plan", "plan_phases", "register_layout", "run_sanity_checks",
 ]

@@ -14,15 +14,17 @@ def test_head_blocks_tile_each_projection_exactly_once(arch):
     model = make_model(arch)
     layout = sf.layout_for(model)
     params = dict(model.named_parameters())
+    owners = {}
     for layer in range(layout.num_layers):
         counts = {}
         for block in sf.BLOCKS:
             for hb in layout.head_blocks(layer, block):
                 c = counts.setdefault(hb.param_name, torch.zeros_like(params[hb.param_name], dtype=torch.int32))
                 hb.select(c).add_(1)
-        assert set(counts) == {n for n in layout.params if f".{layer}." in n}
         for name, c in counts.items():
             assert torch.equal(c, torch.ones_like(c)), f"{name}: entries covered {c.unique().tolist()} times"
+            assert owners.setdefault(name, layer) == layer, f"{name} belongs to layers {owners[name]} and {layer}"
+    assert set(owners) == set(layout.params)  # every projection of the layout, each in one layer
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -36,7 +38,7 @@ def test_base_model_and_wrapper_agree(arch):
         for block in sf.BLOCKS:
             for h in range(lb.num_heads):
                 a, b = lb.head_block(layer, block, h), lw.head_block(layer, block, h)
-                assert b.param_name.endswith(a.param_name) and b.param_name != a.param_name
+                assert b.param_name.endswith(a.param_name)  # the wrapper's prefix (none when it is its own base)
                 assert b.param_name in wnames
                 assert (a.start, a.stop, a.role, a.transposed) == (b.start, b.stop, b.role, b.transposed)
 
@@ -240,3 +242,21 @@ def test_vit_on_image_inputs():
     exact = sf.analyze(model, cls_loss, images[:1], images[1:], codec=sf.Exact())
     factors = sf.analyze(model, cls_loss, images[:1], images[1:], codec=sf.Factors())
     torch.testing.assert_close(factors.scores, exact.scores, rtol=1e-4, atol=1e-6 * float(exact.scores.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_stacks(arch):
+    """Encoder self-attention, decoder self-attention and cross-attention follow each other; every
+    attention projection of the model is in exactly one stack."""
+    model = make_model(arch, wrapper=True)
+    layout = sf.layout_for(model)
+    assert [s[0] for s in layout.stacks] == ["encoder", "decoder", "cross"]
+    assert layout.num_layers == 2 + 1 + 1 and layout.layer_name(3) == "cross 0" and layout.layer_name(0) == "encoder 0"
+    again = sf.Layout.from_dict(layout.to_dict())
+    assert again.stacks == layout.stacks and again.to_dict() == layout.to_dict()
+    batches = make_batches(4, 2, seed=5)
+    exact = sf.analyze(model, generic_loss, batches, batches, codec=sf.Exact())
+    factors = sf.analyze(model, generic_loss, batches, batches, codec=sf.Factors())
+    torch.testing.assert_close(factors.scores, exact.scores, rtol=1e-4, atol=1e-6 * float(exact.scores.abs().max()))
+    assert torch.isfinite(exact.head_means()[3]).all()  # cross-attention scored
+

@@ -59,6 +59,11 @@ ARCHS = {
                    dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                         relative_attention=True, position_buckets=8, max_relative_positions=16,
                         pos_att_type=["p2c", "c2p"], share_att_key=True)),
+    "t5": (hf.T5Config, hf.T5Model, hf.T5ForConditionalGeneration,
+           dict(d_model=32, d_kv=6, d_ff=48, num_layers=2, num_decoder_layers=1, num_heads=4, decoder_start_token_id=0)),
+    "bart": (hf.BartConfig, hf.BartModel, hf.BartForConditionalGeneration,
+             dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=40, pad_token_id=1)),
     "modernbert": (hf.ModernBertConfig, hf.ModernBertModel, hf.ModernBertForMaskedLM,
                    dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                         pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0,
@@ -139,6 +144,8 @@ def positional_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def generic_loss(model: torch.nn.Module, batch: dict, **kw) -> torch.Tensor:
     """A per-sample loss that depends on every head: masked mean over tokens of a fixed quadratic form."""
+    if getattr(model.config, "is_encoder_decoder", False):  # the decoder reads the same tokens
+        kw = {"decoder_input_ids": batch["input_ids"], "decoder_attention_mask": batch["attention_mask"], **kw}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
     h = out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
     g = torch.Generator().manual_seed(123)

@@ -128,6 +128,37 @@ class Layout:
     dims: Dims
     blocks: dict
     params: tuple[str, ...]
+    stacks: tuple = ()  # ((name, first layer, layer count), ...) for models with several attention stacks
+
+    @classmethod
+    def concat(cls, model_type: str, parts: list[tuple[str, "Layout"]]) -> "Layout":
+        """One layout whose layers are those of ``parts`` one after the other (an encoder-decoder's encoder
+        self-attention, decoder self-attention and cross-attention); ``stacks`` names their ranges."""
+        dims0 = parts[0][1].dims
+        for name, part in parts:
+            d = part.dims
+            if (d.num_heads, d.num_kv_heads, d.head_dim, d.v_head_dim) != (dims0.num_heads, dims0.num_kv_heads,
+                                                                          dims0.head_dim, dims0.v_head_dim):
+                raise LayoutError(f"stack {name!r} has other head geometry than {parts[0][0]!r}; stacks must share it")
+        blocks, params, stacks, first = {}, [], [], 0
+        for name, part in parts:
+            for (layer, block), hbs in part.blocks.items():
+                blocks[(first + layer, block)] = tuple(
+                    HeadBlock(HeadKey(first + layer, block, hb.key.head), hb.param_name, hb.param_shape, hb.role,
+                              hb.start, hb.stop, hb.transposed) for hb in hbs)
+            params += [p for p in part.params if p not in params]
+            stacks.append((name, first, part.num_layers))
+            first += part.num_layers
+        dims = Dims(num_layers=first, num_heads=dims0.num_heads, num_kv_heads=dims0.num_kv_heads,
+                    head_dim=dims0.head_dim, hidden_size=dims0.hidden_size, v_head_dim=dims0.v_head_dim)
+        return cls(model_type=model_type, dims=dims, blocks=blocks, params=tuple(params), stacks=tuple(stacks))
+
+    def layer_name(self, layer: int) -> str:
+        """``"7"``, or for a model with several stacks ``"decoder 3"``/``"cross 3"`` (the layer within its stack)."""
+        for name, first, count in self.stacks:
+            if first <= layer < first + count:
+                return f"{name} {layer - first}"
+        return str(layer)
 
     @property
     def num_layers(self) -> int:
@@ -201,7 +232,8 @@ class Layout:
                 if name not in params:
                     params.append(name)
             blocks[(int(layer), block)] = tuple(hbs)
-        return cls(model_type=d["model_type"], dims=dims, blocks=blocks, params=tuple(params))
+        return cls(model_type=d["model_type"], dims=dims, blocks=blocks, params=tuple(params),
+                   stacks=tuple(tuple(x) for x in d.get("stacks", ())))
 
     def to_dict(self) -> dict:
         """JSON-serialisable description, stored beside every artifact for mismatch checks."""
@@ -214,4 +246,5 @@ class Layout:
                                      for hb in hbs]
                 for (layer, block), hbs in sorted(self.blocks.items(), key=lambda kv: (kv[0][0], block_index(kv[0][1])))
             },
+            **({"stacks": [list(x) for x in self.stacks]} if self.stacks else {}),
         }

@@ -8,10 +8,10 @@ from torch import nn
 
 from ..errors import LayoutError
 from .core import BLOCKS, HeadBlock, HeadKey, Layout
-from .spec import AttentionSpec, Dims
+from .spec import AttentionSpec, Dims, Stacks
 
 SpecFor = Callable[[Any], AttentionSpec]  # a layout that depends on the config (one model_type, several layouts)
-Registered = AttentionSpec | SpecFor | tuple[AttentionSpec, ...]  # a tuple: the module names of several versions
+Registered = AttentionSpec | SpecFor | tuple[AttentionSpec, ...] | Stacks  # a tuple: the module names of several versions
 _REGISTRY: dict[str, Registered] = {}
 
 HOW_TO_DECLARE = (
@@ -24,7 +24,7 @@ def register_layout(model_types: str | tuple[str, ...], spec: Registered, *, ove
     """Declare the attention layout of one or more ``config.model_type`` values: an :class:`AttentionSpec`;
     a function of the config returning one (a type whose layout depends on its configuration); or a tuple
     of specs, the first whose modules the model has wins (a library version that renamed the modules)."""
-    if isinstance(spec, tuple) and spec and all(isinstance(s, AttentionSpec) for s in spec):
+    if isinstance(spec, Stacks) or (isinstance(spec, tuple) and spec and all(isinstance(s, AttentionSpec) for s in spec)):
         pass
     elif not isinstance(spec, AttentionSpec) and not callable(spec):
         raise LayoutError(f"register_layout needs an AttentionSpec (or a function of the config returning one), "
@@ -150,8 +150,13 @@ def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Opt
             names = {n for n, _ in model.named_parameters()}
             prefix = _base_prefix(model)
             spec = next((s for s in spec if f"{prefix}{s.layer.format(layer=0)}.{s.o}.weight" in names), spec[0])
-        elif not isinstance(spec, AttentionSpec):
+        elif not isinstance(spec, (AttentionSpec, Stacks)):
             spec = spec(config)
+    if isinstance(spec, Stacks):
+        if config is None:
+            raise LayoutError(f"{type(model).__name__} has no .config; a model with several stacks needs one")
+        return Layout.concat(model_type, [(name, build_layout(model, part, Dims.from_config(config, part), model_type))
+                                          for name, part in spec.parts])
     if dims is None:
         if config is None:
             raise LayoutError(f"{type(model).__name__} has no .config; pass dims=sf.Dims(...) to layout_for")

@@ -48,7 +48,11 @@ class AttentionSpec:
         the original Falcon's ``multi_query``).
     layers:
         The config attribute holding the number of distinct attention weight sets, the "layers" of the
-        scores (default ``num_hidden_layers``; ALBERT, whose layers share one set: ``num_hidden_groups``).
+        scores (default ``num_hidden_layers``; ALBERT, whose layers share one set: ``num_hidden_groups``;
+        an encoder-decoder's stacks: ``encoder_layers``, ``decoder_layers``...).
+    head_dim:
+        The config attribute holding the head width when it is not hidden/H (default ``head_dim``; T5:
+        ``d_kv``).
     """
 
     layer: str
@@ -62,6 +66,7 @@ class AttentionSpec:
     kv_heads: str = "num_key_value_heads"
     multi_query: Optional[str] = None
     layers: str = "num_hidden_layers"
+    head_dim: str = "head_dim"
 
     def __post_init__(self) -> None:
         split = (self.q, self.k, self.v)
@@ -130,9 +135,24 @@ class Dims:
         kv = getattr(config, spec.kv_heads if spec is not None else "num_key_value_heads", None) or heads
         if spec is not None and spec.multi_query is not None and getattr(config, spec.multi_query, False):
             kv = 1
-        head_dim = getattr(config, "head_dim", None)
+        head_dim = getattr(config, spec.head_dim if spec is not None else "head_dim", None)
         if head_dim is None:
             if hidden % heads:
                 raise LayoutError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads}")
             head_dim = hidden // heads
         return cls(num_layers=layers, num_heads=heads, num_kv_heads=int(kv), head_dim=int(head_dim), hidden_size=hidden)
+
+
+@dataclass(frozen=True)
+class Stacks:
+    """Several attention stacks of one model, in layout order: an encoder-decoder's encoder self-attention,
+    decoder self-attention and decoder cross-attention, each an :class:`AttentionSpec` whose ``layers``
+    names its config count. Their layers follow each other in the layout and in ``scores``;
+    ``Layout.stacks`` and ``Layout.layer_name`` tell them apart."""
+
+    parts: tuple[tuple[str, AttentionSpec], ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts or not all(isinstance(s, AttentionSpec) for _, s in self.parts):
+            raise LayoutError("Stacks takes ((name, AttentionSpec), ...)")
+
