@@ -540,3 +540,17 @@ def test_one_writer_at_a_time_and_a_stale_lock_is_taken_over(small, tmp_path):
     (root / "lock.json").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "t"}))
     with pytest.raises(sf.StoreError, match="host 'elsewhere'.*delete"):
         sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=root)
+
+
+def test_fingerprint_samples_stay_inside_large_parameters():
+    """Past 2^24 entries a float32 linspace rounds its last index up, out of the tensor (seen on a GPU with a
+    32000 x 4096 embedding); the samples are integer-spaced and include the last entry."""
+    from sketchfisher.store.manifest import model_fingerprint
+
+    model = torch.nn.Module()
+    model.big = torch.nn.Parameter(torch.zeros(2 ** 24 + 2))  # last index 2^24 + 1: not a float32
+    before = model_fingerprint(model, sf.Layout("x", sf.Dims(1, 1, 1, 1, 1), {}, ()))
+    with torch.no_grad():
+        model.big[-1] = 1.0  # the last entry is sampled
+    assert model_fingerprint(model, sf.Layout("x", sf.Dims(1, 1, 1, 1, 1), {}, ()))["weights_sha256"] != \
+        before["weights_sha256"]

@@ -36,7 +36,8 @@ def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
     weights = hashlib.sha256()
     for name, p in params:
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(1024, flat.numel()), device=flat.device).long()
+        n = min(1024, flat.numel())  # evenly spaced, in integers (a float linspace overshoots past 2^24 entries)
+        idx = torch.arange(n, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // max(n - 1, 1)
         weights.update(name.encode() + flat[idx].float().cpu().numpy().tobytes())
     return {"class": type(model).__name__, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
             "params_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "weights_sha256": weights.hexdigest()}
