@@ -28,7 +28,7 @@ def test_loss_fn_must_return_per_sample_losses(model):
     batches = make_batches(2, 2)
     with pytest.raises(sf.InputError, match=r"one loss per sample, shape \[B\].*got shape \(\)"):
         sf.analyze(model, lambda m, b: generic_loss(m, b).mean(), batches, batches)
-    with pytest.raises(sf.InputError, match=r"got shape \(2, 1\)"):
+    with pytest.raises(sf.InputError, match=r"got shape \([12], 1\)"):  # the Exact codec runs samples alone
         sf.analyze(model, lambda m, b: generic_loss(m, b)[:, None], batches, batches)
     with pytest.raises(sf.InputError, match="must return a torch.Tensor"):
         sf.analyze(model, lambda m, b: 1.0, batches, batches)
@@ -36,18 +36,23 @@ def test_loss_fn_must_return_per_sample_losses(model):
 
 def test_nan_loss_and_gradients_are_reported(model):
     batches = make_batches(3, 3)
+    second, third = batches[0]["input_ids"][1], batches[0]["input_ids"][2]
+    is_row = lambda b, row: torch.tensor([torch.equal(r, row) for r in b["input_ids"]])  # noqa: E731 (works alone too)
 
-    def nan_loss(m, b):
+    def nan_loss(m, b):  # per sample: the second sample's loss is NaN, in a batch or alone
         loss = generic_loss(m, b)
-        return loss * torch.tensor([1.0, float("nan"), 1.0])
+        return torch.where(is_row(b, second), torch.full_like(loss, float("nan")), loss)
 
-    with pytest.raises(sf.GradientError, match=r"non-finite losses for batch positions \[1\]"):
-        sf.analyze(model, nan_loss, batches, batches)
+    for codec in (sf.Exact(), sf.Factors()):
+        with pytest.raises(sf.GradientError, match=r"non-finite losses for batch positions \[[01]\]"):
+            sf.analyze(model, nan_loss, batches, batches, codec=codec)
 
     def inf_grad_loss(m, b):
         loss = generic_loss(m, b)
         w = m.h[0].attn.c_attn.weight
-        return loss + torch.stack([w.sum() * 0, w.sum() * 0, InfGrad.apply(w.sum() * 0)])
+        poison = torch.stack([InfGrad.apply(w.sum() * 0) if bool(is_row(b, third)[i]) else w.sum() * 0
+                              for i in range(loss.shape[0])])
+        return loss + poison
 
     with pytest.raises(sf.GradientError, match=r"non-finite gradient for sample 2 .*h.0.attn.c_attn.weight"):
         sf.analyze(model, inf_grad_loss, batches, batches)
@@ -98,7 +103,8 @@ def test_a_loss_per_sample_or_a_clear_error_in_every_codec(model, codec, extra):
         loss = generic_loss(m, b)
         return torch.cat([loss, loss[:1]]) if extra > 0 else loss[:-1]
 
-    with pytest.raises(sf.InputError, match=r"pass 1 A.*returned \d losses for a batch of 3 samples"):
+    # the Exact codec runs each sample alone (one loss for a batch of 1); the batched codecs see the batch of 3
+    with pytest.raises(sf.InputError, match=r"pass 1 A.*(returned \d losses for a batch of [13] samples|got shape \(0,\))"):
         sf.analyze(model, wrong_length, batches, batches, codec=codec)
 
 

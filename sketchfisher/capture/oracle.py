@@ -74,12 +74,19 @@ def per_sample_gradients(
     loss_fn: LossFn,
     batches: Iterable[Any],
     param_names: Sequence[str],
+    sliced: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield, per batch, ``{param_name: Tensor[B, *param.shape]}`` of per-sample gradients in fp32.
 
     Gradients are of each sample's own loss ``loss_fn(model, batch)[b]``; the model runs in eval
     mode. Parameters that the loss does not reach get exact zeros. NaN/inf raises
     :class:`GradientError` naming the sample and parameter.
+
+    By default (the test oracle) the batch runs forward once and each sample's loss backward through
+    the whole batch's graph: B backward passes of the full batch. ``sliced=True`` (the Exact codec) runs
+    each sample forward and backward on its own (its batch row, padding width unchanged) where the batch
+    is a mapping of batch-first tensors (or one tensor): B passes of one sample, the cost of a plain
+    per-sample loop.
     """
     named = dict(model.named_parameters())
     missing = [n for n in param_names if n not in named]
@@ -92,6 +99,11 @@ def per_sample_gradients(
     seen = 0
     with eval_mode(model):
         for batch_no, batch in enumerate(batches):
+            if sliced and sliceable(batch):
+                out = _one_at_a_time(model, loss_fn, batch, param_names, params, batch_no, seen)
+                seen += batch_size_of(batch)
+                yield out
+                continue
             losses = check_losses(loss_fn(model, batch), f"batch {batch_no}", batch_size_of(batch))
             out = {n: torch.empty((losses.shape[0], *p.shape), dtype=torch.float32, device=p.device)
                    for n, p in zip(param_names, params)}
@@ -110,3 +122,35 @@ def per_sample_gradients(
                     out[name][b].copy_(g)
             seen += losses.shape[0]
             yield out
+
+
+def sliceable(batch: Any) -> bool:
+    """A batch whose samples can be cut out one by one: a tensor, or a mapping of batch-first tensors."""
+    n = batch_size_of(batch)
+    if n is None:
+        return False
+    if isinstance(batch, torch.Tensor):
+        return True
+    return isinstance(batch, Mapping) and all(not isinstance(v, torch.Tensor) or (v.ndim and v.shape[0] == n)
+                                              for v in batch.values())
+
+
+def _one_at_a_time(model: nn.Module, loss_fn: LossFn, batch: Any, names: Sequence[str], params: list,
+                   batch_no: int, seen: int) -> dict[str, torch.Tensor]:
+    n = batch_size_of(batch)
+    out = {name: torch.empty((n, *p.shape), dtype=torch.float32, device=p.device) for name, p in zip(names, params)}
+    for b in range(n):
+        one = batch[b:b + 1] if isinstance(batch, torch.Tensor) else \
+            {k: v[b:b + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loss = check_losses(loss_fn(model, one), f"batch {batch_no}, sample {seen + b} alone", 1)
+        grads = torch.autograd.grad(loss[0], params, allow_unused=True)
+        for name, g in zip(names, grads):
+            if g is None:
+                out[name][b].zero_()
+                continue
+            if not torch.isfinite(g).all():
+                raise GradientError(f"non-finite gradient for sample {seen + b} (batch {batch_no}, position {b}) "
+                                    f"in {name!r}", [b])
+            out[name][b].copy_(g)
+    return out
+

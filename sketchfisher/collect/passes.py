@@ -91,7 +91,7 @@ def naming_samples(desc: str, index: int, start: int | None) -> Iterator[None]:
 def gradient_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weights: list[str], *,
                   desc: str = "pass", show_progress: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """``(batch index, {weight: per-sample gradients [B, *shape]})`` from the autograd oracle."""
-    grads = per_sample_gradients(model, loss_fn, batches, weights)
+    grads = per_sample_gradients(model, loss_fn, batches, weights, sliced=True)
     try:
         yield from enumerate(progress(grads, desc=desc, enabled=show_progress, total=sized(batches)))
     except (GradientError, InputError) as exc:  # the oracle names batch and sample ids itself

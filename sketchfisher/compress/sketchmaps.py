@@ -16,7 +16,9 @@ spawn_key=(layer, block, head))`` and moved to the data's device, so CPU and CUD
 
 from __future__ import annotations
 
+import collections
 import functools
+import os
 import math
 from dataclasses import dataclass
 
@@ -123,11 +125,39 @@ class SketchMap:
         return y[:, rows] * math.sqrt(P / self.k)
 
 
-@functools.lru_cache(maxsize=64)
+class _IndexCache:
+    """The sjlt scatter indices of recently used head blocks, up to ``budget`` bytes (int32: 4 bytes per
+    entry and band). A model's every head block fits (GPT-2 small: 113 MB) so that pass 2 on the CPU
+    hashes each block once per run, not once per batch (the old 64-entry cache missed every lookup on a
+    576-block model)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.entries: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+    def get(self, m: SketchMap, device: torch.device) -> torch.Tensor:
+        key = (m, device)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        rows, signs = m.sjlt_indices()
+        index = (rows + m.k * (signs < 0)).to(device=device, dtype=torch.int32)
+        size = index.numel() * index.element_size()
+        while self.entries and self.used + size > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+        if size <= self.budget:
+            self.entries[key] = index
+            self.used += size
+        return index
+
+
+_INDEX_CACHE = _IndexCache(int(os.environ.get("SKETCHFISHER_SJLT_CACHE_MB", "512")) << 20)
+
+
 def _sjlt_cached(m: SketchMap, device: torch.device) -> torch.Tensor:
-    """sjlt scatter index ``[s, size]``: row + k for negative signs; cached for recent head blocks."""
-    rows, signs = m.sjlt_indices()
-    return (rows + m.k * (signs < 0)).to(device)
+    """sjlt scatter index ``[s, size]`` (row + k for negative signs), from :data:`_INDEX_CACHE`."""
+    return _INDEX_CACHE.get(m, device)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

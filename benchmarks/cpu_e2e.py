@@ -1,0 +1,160 @@
+"""The user path on the CPU: ``sf.analyze`` (and a store) beside a plain forward+backward, in one run.
+
+Models: the real MiniLM (masked-token loss on the demo's math/code sentences) and a GPT-2-small-shaped
+random model (12 layers, 768 hidden, 12 heads; next-token loss on random ids, T tokens). Each
+configuration runs interleaved with its plain baseline ``--repeats`` times; the table reports medians,
+the ratio, and the process's peak resident memory. Also: projecting samples with the sjlt map versus
+scoring them (the projection should cost no more than the scoring), and the Exact codec versus a plain
+per-sample ``torch.func`` loop.
+
+    python benchmarks/cpu_e2e.py [--samples 64] [--tokens 128] [--threads 2] [--repeats 3] [--models minilm,gpt2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
+
+import torch
+import transformers as hf
+
+import sketchfisher as sf
+
+
+def gpt2_loss(model, batch):
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return ce.mean(1)
+
+
+def build(name: str, args):
+    """(model, loss, task A batches, task B batches)."""
+    if name == "minilm":
+        from sketchfisher.demo import load_minilm, load_task
+        from sketchfisher.tasks import make_batches, masked_token_loss
+
+        model, tok = load_minilm()
+        a = load_task("math", args.samples) * (1 + args.samples // 48)
+        b = load_task("code", args.samples) * (1 + args.samples // 48)
+        return (model, masked_token_loss, make_batches(a[:args.samples], tok, args.batch),
+                make_batches(b[:args.samples], tok, args.batch))
+    torch.manual_seed(0)
+    model = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=args.layers or 12, n_embd=768, n_head=12)).eval()
+    g = torch.Generator().manual_seed(0)
+    make = lambda: [{"input_ids": torch.randint(0, 50257, (args.batch, args.tokens), generator=g)}  # noqa: E731
+                    for _ in range(-(-args.samples // args.batch))]
+    return model, gpt2_loss, make(), make()
+
+
+def plain(model, loss, batches):
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        loss(model, batch).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def clock(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=64, help="samples per task")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=128, help="tokens per sample (GPT-2 shape)")
+    p.add_argument("--layers", type=int, default=None, help="GPT-2 depth (default 12)")
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", default="minilm,gpt2")
+    p.add_argument("--exact-samples", type=int, default=8, help="samples per task for the Exact-codec comparison")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| model | what | plain s | sketchfisher s | x plain | peak RSS GiB |\n| --- | --- | --- | --- | --- | --- |")
+    codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
+    for name in args.models.split(","):
+        model, loss, ta, tb = build(name, args)
+        plain(model, loss, ta[:1])  # warm-up
+        runs = {"sf.analyze (in memory)": lambda: sf.analyze(model, loss, ta, tb, codec=codec).head_means(),
+                "sf.analyze(store=...)": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
+                                                            store=tempfile.mkdtemp()).head_means()}
+        for label, run in runs.items():
+            base, ours = [], []
+            for _ in range(args.repeats):  # interleaved: the machine's load drifts
+                base.append(clock(lambda: plain(model, loss, ta + tb)))
+                ours.append(clock(run))
+            b, o = statistics.median(base), statistics.median(ours)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            print(f"| {name} | {label}, {len(ta) * args.batch}+{len(tb) * args.batch} samples | {b:.2f} | {o:.2f} | "
+                  f"{o / b:.2f} | {rss:.2f} |")
+        # projection versus scoring: every head block of the layout, ``--samples`` vectors each
+        layout = sf.layout_for(model)
+        res = sf.analyze(model, loss, ta, tb, codec=codec)
+        sizes = [(layer, b, len(layout.head_blocks(layer, block)), layout.head_blocks(layer, block)[0].numel)
+                 for layer in range(layout.num_layers) for b, block in enumerate(sf.BLOCKS)]
+        vectors = {size: torch.randn(res.n_a, size) for *_, size in sizes}
+
+        def project():
+            for layer, b, heads, size in sizes:
+                for h in range(heads):
+                    codec.map(layer, b, h, size).apply(vectors[size])
+
+        t_project = statistics.median(clock(project) for _ in range(args.repeats))
+        t_score = statistics.median(clock(lambda: sf.InterferenceResult(layout, res.n_a, res.n_b, res.provider,
+                                                                       res.cfg).materialize())
+                                    for _ in range(args.repeats))
+        print(f"| {name} | sjlt projection of {res.n_a} samples (every head block) vs scoring all {res.n_a}x{res.n_b} "
+              f"pairs | {t_score:.2f} (scoring) | {t_project:.2f} | {t_project / t_score:.2f} | |")
+        # the Exact codec versus a plain per-sample torch.func loop over the same weights
+        k = max(1, args.exact_samples // args.batch)
+        small_a, small_b = ta[:k], tb[:k]
+        params = {n: p.detach() for n, p in model.named_parameters() if n in layout.params}
+
+        def func_loop():
+            from torch.func import grad
+
+            for batch in small_a + small_b:
+                for i in range(next(iter(batch.values())).shape[0]):
+                    one = {key: v[i:i + 1] for key, v in batch.items()}
+                    grad(lambda ps: loss(_Bound(model, ps), one).sum())(params)
+
+        t_func = statistics.median(clock(func_loop) for _ in range(args.repeats))
+        t_exact = statistics.median(clock(lambda: sf.analyze(model, loss, small_a, small_b, codec=sf.Exact()).scores)
+                                    for _ in range(args.repeats))
+        n = sum(next(iter(batch.values())).shape[0] for batch in small_a + small_b)
+        print(f"| {name} | Exact codec vs a per-sample torch.func loop ({n} samples) | {t_func:.2f} (loop) | "
+              f"{t_exact:.2f} | {t_exact / t_func:.2f} | |")
+
+
+class _Bound(torch.nn.Module):
+    """``model`` called with ``params`` substituted (torch.func.functional_call), so ``loss(model, batch)`` works."""
+
+    def __init__(self, model, params):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_params", params)
+
+    def __call__(self, *a, **kw):
+        from torch.func import functional_call
+
+        return functional_call(self._model, self._params, a, kw)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_model"), name)
+
+
+if __name__ == "__main__":
+    main()
