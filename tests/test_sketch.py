@@ -173,3 +173,11 @@ def test_minilm_error_bars_cover_exact_scores():
     assert 0.90 <= cover <= 0.98, cover
     rel = ((res.scores - exact.scores).abs() / exact.scores.abs()).median()
     assert rel < 0.12
+
+
+@pytest.mark.parametrize("kind,s", [("sjlt", 1), ("sjlt", 3), ("gaussian", 1), ("srht", 1)])
+def test_all_heads_at_once_equals_each_head_by_its_map(kind, s):
+    codec = sf.Sketch(k=48, kind=kind, seed=5, s=s)
+    v = torch.randn(4, 5, 700, dtype=torch.float64)
+    each = torch.stack([codec.map(1, 2, h, 700).apply(v[:, h]) for h in range(5)], 1)
+    assert torch.equal(codec.apply_heads(1, 2, v), each)

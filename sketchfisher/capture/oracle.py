@@ -147,10 +147,13 @@ def _one_at_a_time(model: nn.Module, loss_fn: LossFn, batch: Any, names: Sequenc
         for name, g in zip(names, grads):
             if g is None:
                 out[name][b].zero_()
-                continue
-            if not torch.isfinite(g).all():
-                raise GradientError(f"non-finite gradient for sample {seen + b} (batch {batch_no}, position {b}) "
-                                    f"in {name!r}", [b])
-            out[name][b].copy_(g)
+            else:
+                out[name][b].copy_(g)
+    for name, t in out.items():  # one check per parameter and batch
+        bad = (~torch.isfinite(t)).flatten(1).any(1)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise GradientError(f"non-finite gradient for sample {seen + b} (batch {batch_no}, position {b}) "
+                                f"in {name!r}", bad.nonzero().flatten().tolist())
     return out
 

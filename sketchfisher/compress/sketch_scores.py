@@ -103,7 +103,7 @@ def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, la
     cross = torch.zeros(v.shape[:2], dtype=v.dtype, device=v.device) if other is None else (v * other).sum(-1)
     if centre is not None:
         v = v - centre
-    sk = torch.stack([codec.map(layer, block, h, v.shape[-1]).apply(v[:, h]) for h in range(v.shape[1])], 1)
+    sk = codec.apply_heads(layer, block, v)
     return sk, v.square().sum(-1), cross
 
 

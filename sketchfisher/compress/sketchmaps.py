@@ -126,9 +126,9 @@ class SketchMap:
 
 
 class _IndexCache:
-    """The sjlt scatter indices of recently used head blocks, up to ``budget`` bytes (int32: 4 bytes per
-    entry and band). A model's every head block fits (GPT-2 small: 113 MB) so that pass 2 on the CPU
-    hashes each block once per run, not once per batch (the old 64-entry cache missed every lookup on a
+    """The sjlt scatter indices of recently used head blocks, up to ``budget`` bytes (int64: 8 bytes per
+    entry and band). A model's every head block fits (GPT-2 small: 226 MB) so that pass 2 on the CPU
+    hashes each block once per run, not once per batch (a 64-entry cache missed every lookup on a
     576-block model)."""
 
     def __init__(self, budget: int):
@@ -136,12 +136,17 @@ class _IndexCache:
         self.entries: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
 
     def get(self, m: SketchMap, device: torch.device) -> torch.Tensor:
-        key = (m, device)
+        def make() -> torch.Tensor:
+            rows, signs = m.sjlt_indices()
+            return rows + m.k * (signs < 0)
+        return self.get_or_make(m, device, make)
+
+    def get_or_make(self, key: object, device: torch.device, make) -> torch.Tensor:
+        key = (key, device)
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
-        rows, signs = m.sjlt_indices()
-        index = (rows + m.k * (signs < 0)).to(device=device, dtype=torch.int32)
+        index = make().to(device=device, dtype=torch.int64)  # index_add_ is ~20x slower with int32 on the CPU
         size = index.numel() * index.element_size()
         while self.entries and self.used + size > self.budget:
             _, old = self.entries.popitem(last=False)
@@ -153,6 +158,19 @@ class _IndexCache:
 
 
 _INDEX_CACHE = _IndexCache(int(os.environ.get("SKETCHFISHER_SJLT_CACHE_MB", "512")) << 20)
+
+
+def sjlt_block_index(codec, layer: int, block: int, heads: int, size: int, device: torch.device) -> torch.Tensor:
+    """One scatter index ``[s, heads·size]`` for all heads of a (layer, block): head ``h``'s entries go to
+    bins ``h·2k + row`` (``+ k`` for a negative sign), so one ``index_add_`` sketches every head."""
+    key = ("block", codec.kind, codec.k, codec.seed, codec.s, layer, block, heads, size)
+    def make() -> torch.Tensor:
+        parts = []
+        for h in range(heads):
+            rows, signs = codec.map(layer, block, h, size).sjlt_indices()
+            parts.append(rows + codec.k * (signs < 0) + h * 2 * codec.k)
+        return torch.cat(parts, 1)
+    return _INDEX_CACHE.get_or_make(key, device, make)
 
 
 def _sjlt_cached(m: SketchMap, device: torch.device) -> torch.Tensor:
