@@ -170,7 +170,6 @@ def _task_texts(store, side: str) -> list[str] | None:
 def _recompute_inputs(args: argparse.Namespace, store):
     """Model, loss name and both tasks' batches as ``collect`` made them: every input not given on the command
     line comes from the store's record (model, task files, text field, batch size, max length, loss)."""
-    import sketchfisher as sf
     from .errors import InputError
     from .tasks import check_max_length, file_sha256, input_device, load_hf, read_task, task_batches, to_device
 

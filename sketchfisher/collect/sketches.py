@@ -24,7 +24,6 @@ from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
-from ..progress import progress
 from .passes import Skip, factor_pass, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]

@@ -42,7 +42,7 @@ from ..compress.sketch import quantize
 from ..errors import InputError
 from ..fisher import FisherStats
 from ..fisher.host import host_copy
-from ..layout import BLOCKS, Layout
+from ..layout import Layout
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
 from .files import Writes, atomic_save_tensors, atomic_write_json, load_tensors, read_metadata
