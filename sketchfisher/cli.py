@@ -223,7 +223,8 @@ def _conflicts(args: argparse.Namespace) -> int:
     _need_plots(args)
     store = sf.open_store(args.store)
     model, loss, tasks = _recompute_inputs(args, store)
-    res = sf.analyze(model, loss_for(loss), tasks[0], tasks[1], codec=sf.Factors(), config=store.cfg,
+    codec = sf.Exact() if args.gradients == "exact" else sf.Factors()
+    res = sf.analyze(model, loss_for(loss), tasks[0], tasks[1], codec=codec, config=store.cfg,
                      progress=not args.quiet)
     conflicts = res.head_conflicts(n_permutations=args.permutations, seed=args.seed)
     out = Path(args.out) if args.out else Path(args.store) / "conflicts"
@@ -389,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, from_store=True)
     p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     p.add_argument("--permutations", type=POSITIVE, default=999, help="label permutations per test (default: 999)")
+    p.add_argument("--gradients", default="factors", choices=["factors", "exact"],
+                   help="how per-sample gradients are formed: batched low-rank factors (default) or one sample at a "
+                        "time (models whose projections also see batch-shared inputs, e.g. DeBERTa-v2)")
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the permutations (default: 0)")
     p.add_argument("--q", type=_number(float, 0, "--q"), default=0.05,
                    help="false discovery rate that marks a conflict in the figure (default: 0.05)")

@@ -274,6 +274,11 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["conflicts", str(tmp_path / "store"), "--permutations", "19", "--quiet"]) == 0
     assert "head blocks where the tasks pull apart" in capsys.readouterr().out
+    factors = pd.read_csv(tmp_path / "store" / "conflicts" / "head_conflicts.csv")
+    assert main(["conflicts", str(tmp_path / "store"), "--permutations", "19", "--quiet", "--gradients", "exact",
+                 "--out", str(tmp_path / "exact_conflicts")]) == 0
+    exact = pd.read_csv(tmp_path / "exact_conflicts" / "head_conflicts.csv")
+    pd.testing.assert_series_equal(exact.alignment, factors.alignment, atol=1e-4, rtol=1e-3)
     conflicts = pd.read_csv(tmp_path / "store" / "conflicts" / "head_conflicts.csv")
     assert set(conflicts.columns) >= {"layer", "head", "block", "alignment", "p_value", "q_value"}
     assert conflicts.alignment.between(-1, 1).all() and (tmp_path / "store" / "conflicts" / "conflicts.png").exists()
