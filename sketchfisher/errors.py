@@ -20,3 +20,9 @@ class GradientError(SketchfisherError):
     def __init__(self, message: str, positions: list[int] | None = None):
         super().__init__(message)
         self.positions = positions
+
+
+class CaptureUnsupported(InputError):
+    """Batched factor capture cannot attribute a module's use to samples (a call on batch-shared inputs, or on
+    a routed subset of tokens); per-sample autograd can."""
+

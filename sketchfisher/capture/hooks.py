@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import GradientError, InputError
+from ..errors import CaptureUnsupported, GradientError, InputError
 from .oracle import LossFn, batch_size_of, check_losses
 
 
@@ -66,6 +66,7 @@ class BatchFactors:
         return int(self.losses.shape[0])
 
     source_dtype: dict[str, torch.dtype] = field(default_factory=dict)  # the model's activation dtype
+    batch_grads: list = field(default_factory=list)  # whole-batch gradients of FactorCapture.run's ``check``
 
     def grad(self, module: str) -> torch.Tensor:
         """Per-sample weight gradients of one module in the weight's storage orientation ``[B, *weight.shape]``, fp32.
@@ -151,8 +152,13 @@ class FactorCapture:
                 self._records.setdefault(name, []).append((args[0].detach(), output))
         return hook
 
-    def run(self, loss_fn: LossFn, batch: Any, token_mask: Optional[torch.Tensor] = None) -> BatchFactors:
-        """Forward and backward one batch; return every sample's factors for every hooked module."""
+    def run(self, loss_fn: LossFn, batch: Any, token_mask: Optional[torch.Tensor] = None,
+            check: Sequence[torch.Tensor] = ()) -> BatchFactors:
+        """Forward and backward one batch; return every sample's factors for every hooked module.
+
+        ``check``: weights whose whole-batch gradient is also computed (``BatchFactors.batch_grads``), so
+        that a caller can verify that the per-sample gradients formed from the factors sum to it (they do
+        not when the loss reaches a weight other than through its module's output)."""
         if not self._active:
             raise RuntimeError("FactorCapture.run must be called inside 'with FactorCapture(...)'")
         self._records.clear()
@@ -163,7 +169,9 @@ class FactorCapture:
             absent = [n for n in self.names if n not in self._records]
             if absent:
                 raise InputError(f"modules {absent[:3]} were not called by loss_fn's forward pass")
-            grads = torch.autograd.grad(losses.sum(), [y for _, _, y in calls], allow_unused=True)
+            grads = torch.autograd.grad(losses.sum(), [y for _, _, y in calls] + list(check), allow_unused=True)
+            batch_grads = list(grads[len(calls):])
+            grads = grads[:len(calls)]
         finally:
             self._records.clear()
         mask = token_mask if token_mask is not None else token_mask_of(batch)
@@ -193,7 +201,7 @@ class FactorCapture:
             lengths = torch.full((B,), next(iter(out_a.values())).shape[1], dtype=torch.long)
         return BatchFactors(losses=losses.detach(), A=out_a, D=out_d, lengths=lengths,
                             transposed={n: is_transposed(m) for n, m in self.modules.items()},
-                            source_dtype={name: y.dtype for name, _, y in calls})
+                            source_dtype={name: y.dtype for name, _, y in calls}, batch_grads=batch_grads)
 
 
 def batch_geometry_len(batch: Any) -> Optional[int]:
@@ -211,11 +219,11 @@ def _tokens(t: torch.Tensor, batch_size: int, name: str, seq_len: Optional[int] 
     if t.ndim == 2 and seq_len is not None and t.shape[0] == batch_size * seq_len and seq_len > 1:
         return t.reshape(batch_size, seq_len, t.shape[-1]).float()
     if t.ndim >= 2 and t.shape[0] == 1 and batch_size > 1:
-        raise InputError(f"module {name!r} was also called on an input shared by the whole batch (shape "
+        raise CaptureUnsupported(f"module {name!r} was also called on an input shared by the whole batch (shape "
                          f"{tuple(t.shape)}; e.g. DeBERTa's relative-position embeddings through query_proj/key_proj): "
                          "batched per-sample factors cannot separate it; use sf.Exact() for this model")
     if t.ndim < 2 or t.shape[0] != batch_size:
-        raise InputError(
+        raise CaptureUnsupported(
             f"module {name!r} saw a tensor of shape {tuple(t.shape)}; expected batch-first [B={batch_size}, ..., "
             f"features] or the batch's tokens flattened [B·T={batch_size}·{seq_len}, features]; a module that sees "
             "a routed subset of tokens (MoE experts) cannot be attributed to samples: collect modules='attention'"

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..capture import BatchFactors, FactorCapture, linear_modules, per_sample_gradients
 from ..capture.oracle import LossFn, batch_size_of
-from ..errors import GradientError, InputError
+from ..errors import CaptureUnsupported, GradientError, InputError
 from ..fisher import FisherStats
 from ..layout import Layout
 from ..progress import progress
@@ -90,12 +90,48 @@ def naming_samples(desc: str, index: int, start: int | None) -> Iterator[None]:
 
 def gradient_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weights: list[str], *,
                   desc: str = "pass", show_progress: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """``(batch index, {weight: per-sample gradients [B, *shape]})`` from the autograd oracle."""
-    grads = per_sample_gradients(model, loss_fn, batches, weights, sliced=True)
+    """``(batch index, {weight: full per-sample gradients [B, *shape]})`` for the Exact codec.
+
+    Each batch runs once with batched factor capture, the full per-sample gradients are formed from the
+    factors, and their sum is checked against the batch's own autograd gradient of every weight. Where
+    the capture cannot attribute a module to samples (batch-shared or routed inputs), or the sum differs
+    (the loss reaches a weight other than through its module's output: a penalty on the weight, a tied
+    use), the batch is redone by per-sample autograd, each sample alone. Either way every sample's
+    gradient is exact (tests compare it with the autograd oracle)."""
+    modules = list(dict.fromkeys(module_of(w) for w in weights))
+    named = dict(model.named_parameters())
+    start: int | None = 0
+    for index, batch in enumerate(progress(batches, desc=desc, enabled=show_progress, total=sized(batches))):
+        with naming_samples(desc, index, start):
+            grads = _from_factors(model, loss_fn, batch, modules, weights, named)
+            if grads is None:
+                grads = next(per_sample_gradients(model, loss_fn, [batch], weights, sliced=True))
+        yield index, grads
+        size = next(iter(grads.values())).shape[0] if grads else None
+        start = None if start is None or size is None else start + size
+
+
+def _from_factors(model, loss_fn, batch, modules, weights, named) -> dict[str, torch.Tensor] | None:
+    """Per-sample gradients from one batched capture, or None where they would not be exact."""
     try:
-        yield from enumerate(progress(grads, desc=desc, enabled=show_progress, total=sized(batches)))
-    except (GradientError, InputError) as exc:  # the oracle names batch and sample ids itself
-        raise type(exc)(f"{desc}: {exc}") from None
+        with FactorCapture(model, modules) as cap:
+            captured = cap.run(loss_fn, batch, check=[named[w] for w in weights])
+    except CaptureUnsupported as exc:
+        logger.info("per-sample autograd for this batch: %s", exc)
+        return None
+    grads = {w: captured.grad(module_of(w)) for w in weights}
+    for w, whole in zip(weights, captured.batch_grads):
+        total = grads[w].sum(0)
+        whole = torch.zeros_like(total) if whole is None else whole.to(total)
+        if not (bool(torch.isfinite(whole).all()) and bool(torch.isfinite(total).all())):
+            return None  # per-sample autograd names the sample and the weight
+        # rounding only: float32 sums of the factors' products against autograd's gradient in the weight's dtype
+        rtol = max(1e-4, 16 * torch.finfo(captured.batch_grads[weights.index(w)].dtype).eps) \
+            if captured.batch_grads[weights.index(w)] is not None else 1e-4
+        if float((total - whole).norm()) > rtol * float(whole.norm()) + 1e-30:
+            logger.info("per-sample autograd for this batch: %s's gradient reaches beyond its module's output", w)
+            return None
+    return grads
 
 
 def sized(batches: Iterable[Any]) -> int | None:
