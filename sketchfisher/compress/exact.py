@@ -13,7 +13,11 @@ from ..layout import Layout
 
 @dataclass(frozen=True)
 class Exact:
-    """Keep every sample's full-shape gradient g_i (fp32). Memory grows as n × |θ_attn|: small models only."""
+    """Keep every sample's full-shape gradient g_i (fp32). Memory grows as n × |θ_attn|: small models only.
+
+    The gradients are formed from one batched capture per batch and checked against autograd (they must
+    sum to the batch's gradient of every weight); a batch that fails the check is redone sample by sample
+    with autograd (:func:`sketchfisher.collect.passes.gradient_pass`)."""
 
     name: ClassVar[str] = "exact"
     source: ClassVar[str] = "gradients"
