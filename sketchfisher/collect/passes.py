@@ -122,12 +122,11 @@ def _from_factors(model, loss_fn, batch, modules, weights, named) -> dict[str, t
     grads = {w: captured.grad(module_of(w)) for w in weights}
     for w, whole in zip(weights, captured.batch_grads):
         total = grads[w].sum(0)
+        # rounding only: float32 sums of the factors' products against autograd's gradient in the weight's dtype
+        rtol = 1e-4 if whole is None else max(1e-4, 16 * torch.finfo(whole.dtype).eps)
         whole = torch.zeros_like(total) if whole is None else whole.to(total)
         if not (bool(torch.isfinite(whole).all()) and bool(torch.isfinite(total).all())):
             return None  # per-sample autograd names the sample and the weight
-        # rounding only: float32 sums of the factors' products against autograd's gradient in the weight's dtype
-        rtol = max(1e-4, 16 * torch.finfo(captured.batch_grads[weights.index(w)].dtype).eps) \
-            if captured.batch_grads[weights.index(w)] is not None else 1e-4
         if float((total - whole).norm()) > rtol * float(whole.norm()) + 1e-30:
             logger.info("per-sample autograd for this batch: %s's gradient reaches beyond its module's output", w)
             return None

@@ -1,0 +1,191 @@
+"""The commands: each takes the parsed arguments and returns the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .inputs import _device_map, _loss, _need_plots, _recompute_inputs, _task_texts
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    start = time.perf_counter()
+    out = run_demo(args.out, samples=args.samples, top=args.top, show_progress=not args.quiet)
+    res = out["result"]
+    print(f"sketchfisher demo: MiniLM (6 layers x 12 heads), math n={res.n_a} vs code n={res.n_b}, exact scores")
+    print("\nHead blocks where the two tasks pull the weights apart most (alignment of the tasks' mean gradients,"
+          "\nFisher-normalised: -1 opposite, +1 the same; q: permutation test, Benjamini-Hochberg):")
+    table = out["conflicts"].head(args.top)[["layer", "head", "block", "alignment", "p_value", "q_value"]]
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    print(f"{out['significant']} head blocks in significant conflict (q <= 0.05)")
+    print("\nTop conflicting sample pairs (paper score: C_i / I_A * |g_j|):")
+    print(out["top_pairs"].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"\nheatmap: {out['heatmap']}\ntable:   {out['csv']}\ntook {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from ..planner import format_bytes, plan, plan_phases
+
+    source = args.preset
+    if args.config:
+        from transformers import AutoConfig
+
+        source = AutoConfig.from_pretrained(args.config, local_files_only=True)
+    stats_bytes = 4 if args.stats_dtype == "float32" else 8
+    df = plan(source, samples=args.samples, tokens=args.tokens, k=args.k, rank=args.rank, sketch_dtype=args.sketch_dtype,
+              batch_size=args.batch_size, stats_bytes=stats_bytes, devices=args.devices)
+    print(f"plan for {args.config or args.preset}: {args.samples} samples of {args.tokens} tokens, batch "
+          f"{args.batch_size}, {args.stats_dtype} statistics, {args.devices} device(s)")
+    table = df[["codec", "disk", "peak_device", "x_smaller_than_exact"]].rename(
+        columns={"disk": "disk (representation)", "peak_device": "peak device memory", "x_smaller_than_exact":
+                 "x smaller than Exact"})
+    print(table.to_string(index=False, float_format=lambda x: f"{x:,.1f}"))
+    phases = plan_phases(source, samples=args.samples, tokens=args.tokens, batch_size=args.batch_size,
+                         codec=sf.Sketch(k=args.k, dtype=args.sketch_dtype), stats_bytes=stats_bytes,
+                         devices=args.devices)
+    print(f"\nSketch(k={args.k}) with sf.analyze / collect, peak device memory per phase (busiest device):")
+    for row in phases.itertuples():
+        print(f"  {row.phase:<12} {format_bytes(row.peak_device_bytes)}")
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from ..phases import PhaseLog
+    from ..store import collect_to_store
+    from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, read_task, task_batches
+    from ..tasks import to_device
+
+    loss = _loss(args)
+    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
+    check_max_length(model, args.max_length)
+    device = input_device(model)
+    tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
+                       device) for p in (args.task_a, args.task_b)]
+    codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.sketch_dtype,
+                      variance_reduction=not args.no_variance_reduction)
+    cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
+    import torch
+
+    start, log = time.perf_counter(), PhaseLog.for_devices([p.device for p in model.parameters()])
+    path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], sf.layout_for(model), codec,
+                            cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
+                            inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
+                                    "text_field": args.text_field, "model": str(Path(args.model).resolve()),
+                                    **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
+                                       for s, p in (("a", args.task_a), ("b", args.task_b))}},
+                            stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype),
+                            log=log)
+    summary = sf.open_store(path).summary()
+    summary["collection_seconds"] = round(time.perf_counter() - start, 2)
+    summary["phases"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in log.rows()]
+    if log.devices:
+        summary["peak_device_GiB"] = [round(b / 2**30, 2) for b in log.device_peaks()]
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _interfere(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from ..plots import plot_block_heatmaps
+
+    _need_plots(args)
+    if args.all_scores and args.scores_format == "parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            from ..errors import InputError
+
+            raise InputError("--all-scores writes Parquet, which needs pyarrow: pip install 'sketchfisher[parquet]', "
+                             "or pass --scores-format csv")
+    store = sf.open_store(args.store)
+    res = store.result()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    top = res.top_conflicts(args.top)
+    for side, column, at in (("a", "text_i", 5), ("b", "text_j", 6)):  # the samples' text when the task file is there
+        texts = _task_texts(store, side)
+        if texts is not None:
+            top.insert(at, column, [texts[i][:80] for i in top[f"sample_{'i' if side == 'a' else 'j'}"]])
+    top.to_csv(out / "top_conflicts.csv", index=False, float_format="%.6g")
+    means, errors = res.head_means(), res.head_means_stderr()
+    rows = [{"layer": layer, "head": h, "block": b, "mean_score": float(means[layer, h, i]),
+             "stderr": float(errors[layer, h, i])}
+            for layer in range(means.shape[0]) for h in range(means.shape[1]) for i, b in enumerate(sf.BLOCKS)]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "head_means.csv", index=False, float_format="%.6g")
+    res.block_summary().to_csv(out / "block_summary.csv", index=False, float_format="%.6g")
+    if args.all_scores:
+        if args.scores_format == "parquet":
+            res.to_frame().to_parquet(out / "scores.parquet", index=False)
+        else:
+            res.to_frame().to_csv(out / "scores.csv.gz", index=False, float_format="%.6g")
+    if not args.no_plot:
+        what = {"paper": "task B's Fisher-normalised gradient mass (A enters through Î)",
+                "signed": "the Fisher-weighted alignment of the two task means (negative: they pull apart)",
+                "symmetric": "the tasks' Fisher-normalised shared gradient mass"}.get(res.cfg.variant, "")
+        plot_block_heatmaps(means, out / "heatmap.png", label=f"mean {res.cfg.variant} score",
+                            title=f"{args.store}: mean {res.cfg.variant} score per head = {what}")
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    if res.cfg.variant == "paper":
+        print(f"the head means of the paper score reflect task B's gradients; for 'do A and B pull this head apart?' "
+              f"run: sketchfisher conflicts {args.store}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from ..tasks import loss_for
+
+    store = sf.open_store(args.store)
+    model, loss, tasks = _recompute_inputs(args, store)
+    v = store.result().verify_top(args.k, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
+                                  task_b=tasks[1])
+    target = Path(args.out) if args.out else Path(args.store) / "verified.csv"
+    v.to_csv(target, index=False, float_format="%.6g")
+    print(f"{v.attrs['held_fraction']:.0%} of the sketched top-{args.k} held among {len(v)} re-scored candidates; "
+          f"wrote {target}")
+    return 0
+
+
+def _conflicts(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from ..plots import plot_head_conflicts
+    from ..tasks import loss_for
+
+    _need_plots(args)
+    store = sf.open_store(args.store)
+    model, loss, tasks = _recompute_inputs(args, store)
+    codec = sf.Exact() if args.gradients == "exact" else sf.Factors()
+    res = sf.analyze(model, loss_for(loss), tasks[0], tasks[1], codec=codec, config=store.cfg,
+                     progress=not args.quiet)
+    conflicts = res.head_conflicts(n_permutations=args.permutations, seed=args.seed)
+    out = Path(args.out) if args.out else Path(args.store) / "conflicts"
+    out.mkdir(parents=True, exist_ok=True)
+    conflicts.to_csv(out / "head_conflicts.csv", index=False, float_format="%.6g")
+    significant = int(((conflicts.q_value <= args.q) & (conflicts.alignment < 0)).sum())
+    if not args.no_plot:
+        plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads, out / "conflicts.png", q=args.q,
+                            title=f"{args.store}: A (n={res.n_a}) vs B (n={res.n_b}); blue = the tasks pull apart, "
+                                  f"dots: conflict with q ≤ {args.q:g}")
+    print(f"{significant} head blocks where the tasks pull apart (q ≤ {args.q:g}, {args.permutations} permutations); "
+          f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+
+    store = sf.open_store(args.store)
+    summary = store.summary()
+    if not args.no_verify:
+        summary["verified_files"] = store.verify()  # every file read and checked against its digest
+    print(json.dumps(summary, indent=1))
+    return 0

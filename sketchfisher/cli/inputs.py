@@ -1,0 +1,82 @@
+"""What the commands share: the inputs a store recorded (model, loss, task files, truncation), and
+the optional extras they need."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _need_plots(args: argparse.Namespace) -> None:
+    """The figure needs matplotlib (an optional extra): say so before any work, not after the CSVs."""
+    import importlib.util
+
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        from ..errors import InputError
+
+        raise InputError("the figure needs matplotlib: pip install 'sketchfisher[plots]', or pass --no-plot")
+
+
+def _task_texts(store, side: str) -> list[str] | None:
+    """The texts of a task as collect read them, if its file is still there unchanged (checked by hash)."""
+    from ..tasks import file_sha256, read_task
+
+    record = store.manifest.get("inputs", {}).get(f"task_{side}")
+    if not record or not Path(record["path"]).exists():
+        return None
+    if file_sha256(record["path"]) != record["sha256"]:
+        print(f"note: {record['path']} changed since collect; the sample texts are left out of top_conflicts.csv",
+              file=sys.stderr)
+        return None
+    samples = read_task(record["path"], store.manifest["inputs"].get("text_field", "text"))
+    return [" -> ".join(s) if isinstance(s, tuple) else s for s in samples]
+
+
+def _recompute_inputs(args: argparse.Namespace, store):
+    """Model, loss name and both tasks' batches as ``collect`` made them: every input not given on the command
+    line comes from the store's record (model, task files, text field, batch size, max length, loss)."""
+    from ..errors import InputError
+    from ..tasks import check_max_length, file_sha256, input_device, load_hf, read_task, task_batches, to_device
+
+    recorded = store.manifest.get("inputs", {})
+    for flag in ("model", "task_a", "task_b", "text_field", "batch_size", "max_length"):
+        if getattr(args, flag) is None:
+            value = recorded.get(flag)
+            value = value.get("path") if isinstance(value, dict) else value
+            if value is None:
+                defaults = {"text_field": "text", "batch_size": 8, "max_length": 128}
+                if flag not in defaults:
+                    raise InputError(f"the store does not record --{flag.replace('_', '-')}; pass it")
+                value = defaults[flag]
+            setattr(args, flag, value)
+    changed = [side for side in ("a", "b") if isinstance(recorded.get(f"task_{side}"), dict)
+               and Path(getattr(args, f"task_{side}")).resolve() == Path(recorded[f"task_{side}"]["path"])
+               and Path(recorded[f"task_{side}"]["path"]).exists()
+               and file_sha256(recorded[f"task_{side}"]["path"]) != recorded[f"task_{side}"]["sha256"]]
+    if changed:
+        raise InputError(f"task file(s) {', '.join(recorded[f'task_{s}']['path'] for s in changed)} changed since "
+                         "collect (their hash differs): the samples would not be the ones in the store")
+    loss = _loss(args, store)
+    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
+    store.check(model)
+    check_max_length(model, args.max_length)
+    tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
+                       input_device(model)) for p in (args.task_a, args.task_b)]
+    return model, loss, tasks
+
+
+def _device_map(args: argparse.Namespace) -> str | None:
+    return None if args.device_map == "none" else args.device_map
+
+
+def _loss(args: argparse.Namespace, store=None) -> str:
+    """``--loss``, else the loss the store was collected with, else the model directory's objective."""
+    from ..tasks import infer_loss
+
+    recorded = None if store is None else store.manifest.get("inputs", {}).get("loss")
+    if args.loss and recorded and args.loss != recorded:
+        from ..errors import InputError
+
+        raise InputError(f"--loss {args.loss}, but the store was collected with --loss {recorded}")
+    return args.loss or recorded or infer_loss(args.model)

@@ -1,0 +1,180 @@
+"""The argument parser and the entry point: ``sketchfisher <command> --help``. Exit codes: 0 ok, 1 failure,
+2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .._version import __version__
+from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, _verify
+
+
+def _number(kind: type, low: float, name: str):
+    """An argparse type: a finite ``kind`` ≥ ``low``; anything else is a usage error (exit 2, before any work)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (value >= low) or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, "this option")
+NONNEGATIVE = _number(int, 0, "this option")
+
+
+def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
+    later = " (default: the one the store was collected with)" if from_store else ""
+    p.add_argument("--model", required=not from_store, help="local HF model directory (config, weights, tokenizer)"
+                   + later)
+    p.add_argument("--task-a", required=not from_store,
+                   help="task A samples: .jsonl/.parquet records with a 'text' field, one per line of a text "
+                        "file, or a local dataset folder" + later)
+    p.add_argument("--task-b", required=not from_store, help="task B samples, same format" + later)
+    p.add_argument("--loss", choices=["mlm", "clm"], default=None,
+                   help="clm: next-token cross-entropy; mlm: masked tokens decoded with the tied embeddings "
+                        "(default: what the model directory was trained for, from its config)")
+    p.add_argument("--text-field", default=None if from_store else "text",
+                   help="field of a .jsonl/.parquet record holding the text (default: text" + (", or the store's" if
+                        from_store else "") + "); records with 'prompt' and 'completion' fields are scored on the "
+                        "completion")
+    p.add_argument("--batch-size", type=POSITIVE, default=None if from_store else 8,
+                   help="samples per batch (default: 8" + (", or the store's" if from_store else "") + ")")
+    p.add_argument("--max-length", type=_number(int, 2, "--max-length"), default=None if from_store else 128,
+                   help="tokens per sample after truncation (default: 128" + (", or the store's" if from_store else "")
+                        + ")")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (never chosen for you)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="precision of the model's weights (default: float32)")
+    p.add_argument("--device-map", default="none", choices=["none", "auto"],
+                   help="auto: spread the layers over every visible GPU (needs accelerate); default: none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sketchfisher", description="Which attention heads, and which Q/K/V/O blocks, do the samples of two "
+        "tasks fight over? Run 'sketchfisher COMMAND --help' for each command; exit codes: 0 ok, 1 failure, 2 usage.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"sketchfisher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="exact QK-OV interference of math vs code samples on the offline MiniLM")
+    p.add_argument("--out", default="demo_out", help="output folder for heatmap.png and top_conflicts.csv")
+    p.add_argument("--samples", type=POSITIVE, default=None, help="samples per task (default: all 48)")
+    p.add_argument("--top", type=POSITIVE, default=10, help="rows to print")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("plan", help="disk and device memory of each codec for a model and sample count")
+    p.add_argument("--preset", default="llama-7b", help="gpt2, minilm, llama-7b, llama3-8b, llama-13b or llama-70b")
+    p.add_argument("--config", help="a local HF config directory instead of a preset")
+    p.add_argument("--samples", type=POSITIVE, default=768, help="samples over both tasks")
+    p.add_argument("--tokens", type=POSITIVE, default=512, help="tokens per sample")
+    p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block")
+    p.add_argument("--rank", type=POSITIVE, default=16, help="rank of truncated factors")
+    p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="storage precision of the sketches (default: fp16)")
+    p.add_argument("--batch-size", type=POSITIVE, default=4, help="samples per batch (default: 4)")
+    p.add_argument("--devices", type=POSITIVE, default=1, help="devices the layers are spread over (default: 1)")
+    p.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
+                   help="precision of the pass-1 statistics (default: float32, the GPU default)")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("collect", help="sketch two tasks into a resumable store (rerun the same command to resume)")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block (default: 256)")
+    p.add_argument("--kind", default="sjlt", choices=["gaussian", "sjlt", "srht"],
+                   help="random map: sparse JL (default), dense Gaussian, or subsampled Hadamard")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random maps (default: 0)")
+    p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="storage precision of the sketches (default: fp16)")
+    p.add_argument("--no-variance-reduction", action="store_true",
+                   help="plain sketches, without balancing and centering (less accurate at equal bytes)")
+    p.add_argument("--variant", default="paper", choices=["paper", "signed", "symmetric"],
+                   help="score: paper (default) C_i/(I+eps)*|g_j|, signed g_i g_j/(I+eps), symmetric |g_i||g_j|/(I+eps)")
+    p.add_argument("--normalizer", default="a", choices=["a", "pooled", "loo"],
+                   help="Fisher in the denominator: task A's (default), A and B pooled, or A without sample i")
+    p.add_argument("--eps", type=_number(float, 0, "--eps"), default=1e-10, help="added to the Fisher in the denominator (default: 1e-10)")
+    p.add_argument("--max-bytes", type=POSITIVE, default=None, help="refuse to collect a store larger than this")
+    p.add_argument("--stats-dtype", default="auto", choices=["auto", "float64", "float32"],
+                   help="precision of the model-sized pass-1 statistics (auto: float64 on the CPU, float32 on a GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_collect)
+
+    p = sub.add_parser("interfere", help="Stage 6 from a store: top conflicts, head means, heatmap")
+    p.add_argument("store", help="a store directory written by collect")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--top", type=POSITIVE, default=100, help="conflicting pairs to list (default: 100)")
+    p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
+    p.add_argument("--all-scores", action="store_true",
+                   help="also write every score with its stderr, one row per (pair, layer, head, block): can be large")
+    p.add_argument("--scores-format", default="parquet", choices=["parquet", "csv"],
+                   help="format of --all-scores: parquet (default; needs pyarrow) or gzipped csv")
+    p.set_defaults(func=_interfere)
+
+    p = sub.add_parser("verify", help="re-score a store's top candidates exactly by recomputing their gradients")
+    p.add_argument("store", help="a store directory written by collect")
+    _model_args(p, from_store=True)
+    p.add_argument("--k", type=POSITIVE, default=100, help="top conflicts to confirm (default: 100)")
+    p.add_argument("--budget", type=POSITIVE, default=1000, help="sketched candidates to re-score exactly (default: 1000)")
+    p.add_argument("--out", default=None, help="output CSV (default: verified.csv inside the store)")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("conflicts", help="do the two tasks pull each head's weights apart? alignment of their mean "
+                       "gradients per head block with permutation q-values (recomputes the gradients)")
+    p.add_argument("store", help="a store directory written by collect")
+    _model_args(p, from_store=True)
+    p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
+    p.add_argument("--permutations", type=POSITIVE, default=999, help="label permutations per test (default: 999)")
+    p.add_argument("--gradients", default="factors", choices=["factors", "exact"],
+                   help="how per-sample gradients are formed: batched low-rank factors (default) or one sample at a "
+                        "time (models whose projections also see batch-shared inputs, e.g. DeBERTa-v2)")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the permutations (default: 0)")
+    p.add_argument("--q", type=_number(float, 0, "--q"), default=0.05,
+                   help="false discovery rate that marks a conflict in the figure (default: 0.05)")
+    p.add_argument("--out", default=None, help="output folder (default: conflicts/ inside the store)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_conflicts)
+
+    p = sub.add_parser("inspect", help="summary of a store, after reading every file and checking its digest")
+    p.add_argument("store", help="a store directory written by collect")
+    p.add_argument("--no-verify", action="store_true", help="summary from the headers only (no full read)")
+    p.set_defaults(func=_inspect)
+    for command in sub.choices.values():  # also accepted after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        import os
+
+        os.environ["SKETCHFISHER_PROGRESS"] = "0"
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' loading bars too
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from ..errors import SketchfisherError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("sketchfisher: interrupted (a store resumes when the same command is run again)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for every failure; --debug shows the traceback
+        if args.debug:
+            raise
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        kind = "" if isinstance(exc, SketchfisherError) else f"{type(exc).__name__}: "
+        hint = "" if isinstance(exc, SketchfisherError) else " (run with --debug for the traceback)"
+        print(f"sketchfisher: error: {kind}{what}{hint}", file=sys.stderr)
+        return 1
