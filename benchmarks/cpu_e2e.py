@@ -8,6 +8,7 @@ scoring them (the projection should cost no more than the scoring), and the Exac
 per-sample ``torch.func`` loop.
 
     python benchmarks/cpu_e2e.py [--samples 64] [--tokens 128] [--threads 2] [--repeats 3] [--models minilm,gpt2]
+    python benchmarks/cpu_e2e.py --micro [--samples 64]    # a map per head vs one scatter, int32 vs int64, fp32 statistics
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", default="minilm,gpt2")
     p.add_argument("--exact-samples", type=int, default=8, help="samples per task for the Exact-codec comparison")
+    p.add_argument("--micro", action="store_true", help="only the design measurements (see micro())")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.micro:
+        return micro(args)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| model | what | plain s | sketchfisher s | x plain | peak RSS GiB |\n| --- | --- | --- | --- | --- | --- |")
@@ -138,6 +142,39 @@ def main() -> None:
         n = sum(next(iter(batch.values())).shape[0] for batch in small_a + small_b)
         print(f"| {name} | Exact codec vs a per-sample torch.func loop ({n} samples) | {t_func:.2f} (loop) | "
               f"{t_exact:.2f} | {t_exact / t_func:.2f} | |")
+
+
+def micro(args) -> None:
+    """The measurements behind the CPU sketch path's design, on one MiniLM-sized block (12 heads of
+    384 x 32 entries, 8 samples): a map per head against one scatter for the block, and index_add_ with
+    int32 against int64 indices; then fp32 against fp64 pass-1 statistics on MiniLM."""
+    codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
+    v = torch.randn(8, 12, 384 * 32)
+    per_head = lambda: torch.stack([codec.map(0, 0, h, v.shape[-1]).apply(v[:, h]) for h in range(12)], 1)  # noqa
+    batched = lambda: codec.apply_heads(0, 0, v)  # noqa: E731
+    flat = v.reshape(8, -1)
+    rows = {dt: torch.randint(0, 12 * 2 * args.k, (flat.shape[1],), dtype=dt) for dt in (torch.int32, torch.int64)}
+    bins = torch.zeros(8, 12 * 2 * args.k)
+    print("| micro | ms |\n| --- | --- |")
+    for label, fn in (("a map per head (12 calls)", per_head), ("all heads in one scatter", batched),
+                      ("index_add_, int32 index", lambda: bins.index_add_(1, rows[torch.int32], flat)),
+                      ("index_add_, int64 index", lambda: bins.index_add_(1, rows[torch.int64], flat))):
+        fn()
+        print(f"| {label} | {statistics.median(clock(fn) for _ in range(20)) * 1e3:.2f} |")
+    model, loss, ta, tb = build("minilm", args)
+    runs = {}
+    for _ in range(args.repeats):
+        for dt in (torch.float64, torch.float32):
+            start = time.perf_counter()
+            res = sf.analyze(model, loss, ta, tb, codec=codec, stats_dtype=dt)
+            scores = res.scores
+            runs.setdefault(dt, []).append(time.perf_counter() - start)
+            runs[str(dt)] = (scores.double(), res.stderr.double())
+    (s64, e64), (s32, _) = runs[str(torch.float64)], runs[str(torch.float32)]
+    diff = (s32 - s64).abs()
+    print(f"| MiniLM statistics fp64 / fp32, seconds (median) | {statistics.median(runs[torch.float64]):.2f} / "
+          f"{statistics.median(runs[torch.float32]):.2f} |\n| fp32 moves the scores by (of the largest / of a stderr) "
+          f"| {float(diff.max() / s64.abs().max()):.1e} / {float((diff / e64).max()):.1e} |")
 
 
 class _Bound(torch.nn.Module):

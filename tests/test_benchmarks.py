@@ -19,6 +19,7 @@ TINY = {
     "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16"],
     "cpu_e2e.py": ["--samples", "4", "--batch", "2", "--tokens", "8", "--layers", "1", "--repeats", "1",
                    "--exact-samples", "2"],
+    "host_transfer.py": ["--device", "cpu", "--layers", "1", "--hidden", "64", "--heads", "4"],
     "gpu_collect.py": ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "4", "--kv", "4", "2",
                        "--intermediate", "64", "--vocab", "50", "--tokens", "6", "--batch", "2", "--steps", "1",
                        "--repeats", "1"],
