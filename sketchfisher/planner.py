@@ -53,7 +53,7 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
          peak(Factors(rank=rank))),
         (f"Sketch(k={k}, {sketch_dtype})", s.num_layers * s.head_blocks_per_layer * per_vec * samples, peak(sketch)),
         (f"Sketch(k={k}, {sketch_dtype}) store: + headers, statistics, pass-1 checkpoint",
-         store_disk_bytes(s, sketch, samples, -(-samples // batch_size), 3, stats_bytes)["total"], peak(sketch)),
+         store_disk_bytes(s, sketch, samples, -(-samples // batch_size), (2, 1), stats_bytes)["total"], peak(sketch)),
     ]
     df = pd.DataFrame(rows, columns=["codec", "disk_bytes", "peak_device_bytes"])
     exact = df.loc[df["codec"].str.startswith("Exact"), "disk_bytes"].iloc[0]

@@ -99,6 +99,21 @@ def test_shards_without_saved_statistics_are_redone(small, tmp_path):
     torch.testing.assert_close(again.scores, ref.scores, rtol=0, atol=0)
 
 
+def test_final_statistics_supersede_the_checkpoints(small, tmp_path):
+    """Once a task's final pass-1 file is written, its checkpoints (every rank's) are deleted: the disk
+    never holds both for long, which is what the disk plan counts on."""
+    from sketchfisher.fisher import FisherStats
+    from sketchfisher.store.writer import _save_pass1
+
+    (tmp_path / "a.partial.safetensors").write_bytes(b"x")
+    (tmp_path / "a.rank1-of-2.partial.safetensors").write_bytes(b"x")
+    (tmp_path / "b.partial.safetensors").write_bytes(b"x")
+    stats = FisherStats(dtype=torch.float64, quantities=("abs",))
+    stats.update({"w": torch.ones(2, 3, 4, dtype=torch.float64)})
+    _save_pass1(stats, tmp_path / "a.safetensors", 1, "id", "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.partial.safetensors"]
+
+
 def test_host_copies_and_stacked_shards_keep_values():
     from sketchfisher.compress.sketch import quantize
     from sketchfisher.fisher import FisherStats, HostStaging
@@ -201,12 +216,14 @@ def test_store_sizes_match_the_planner(small, tmp_path):
     summary = sf.open_store(tmp_path / "s").summary()
     layout = sf.layout_for(model)
     per_sample = layout.num_layers * (2 * 8 + 2 * 2) * (32 * 2 + 4 + 16)
-    from sketchfisher.collect.memory import store_disk_bytes
+    from sketchfisher.collect.memory import Shape, store_disk_bytes
 
-    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=3, stats_bytes=8)
+    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 1), stats_bytes=8)
     assert plan["sketches"] == per_sample * 11 <= summary["sketch_bytes"] <= plan["sketches"] + plan["shard_headers"]
     written = sum(p.stat().st_size for p in (tmp_path / "s").rglob("*") if p.is_file())
     assert written <= plan["total"] - plan["pass1_checkpoint"]  # the plan is an upper bound of what is written
+    unit = layout.num_layers * Shape.of(model).attn_params_per_layer * 8  # one model-sized fp64 statistic
+    assert plan["statistics"] >= 3 * unit and plan["pass1_checkpoint"] == max(2 * 2, 2 + 2 * 1) * unit - 3 * unit
     assert written >= 0.5 * (plan["total"] - plan["pass1_checkpoint"])  # and not a wild one
 
 

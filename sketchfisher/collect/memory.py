@@ -143,22 +143,28 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
     return df
 
 
-def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_copies: int,
-                     stats_bytes: int = 4) -> dict[str, int]:
-    """Everything a sketch store writes, in bytes, as an upper bound: the sketches (``samples`` over both
-    tasks), each shard's safetensors header and integrity records (``batches`` over both tasks), the
-    final pass-1 statistics (``stats_copies`` model-sized tensors over both tasks, in ``stats_bytes``) and,
-    while pass 1 runs, a checkpoint of the largest task with the temporary file that replaces it."""
+def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_copies: tuple[int, int],
+                     stats_bytes: int = 4, world: int = 1) -> dict[str, int]:
+    """Everything a sketch store holds on disk at its fullest, in bytes, as an upper bound.
+
+    ``sketches`` (``samples`` over both tasks), each shard's safetensors header and integrity records
+    (``batches`` over both tasks), the final pass-1 statistics (``stats_copies``: model-sized tensors
+    of task A and of task B, in ``stats_bytes``) and ``pass1_checkpoint``: what pass 1's resumable
+    checkpoints add on top of the final statistics at the fullest moment. A checkpoint is replaced
+    through a temporary file and deleted once its task's final file is written, so the statistics
+    peak at ``max(2·A, A + 2·B)`` (A's final file beside B's checkpoint and its replacement), per
+    rank for the checkpoints of ``world`` ranks."""
     s = Shape.of(shape)
     groups = s.num_layers * 4  # (layer, block) groups per shard
     tensors = 4 if codec.dtype in ("int8", "fp16") else 3  # vectors, scale, ‖x̃‖², cross
     header = groups * (tensors * 96 + 96) + 1024  # per tensor name/dtype/shape/offsets; per group its digest
-    statistics = stats_copies * s.num_layers * s.attn_params_per_layer * stats_bytes
+    unit = s.num_layers * s.attn_params_per_layer * stats_bytes
+    a, b = (copies * unit for copies in stats_copies)
     per_tensor = s.num_layers * 4 * 128  # the statistics files' headers
-    checkpoint = 2 * max(1, stats_copies - 1) * s.num_layers * s.attn_params_per_layer * stats_bytes
+    fullest = max(2 * world * a, a + 2 * world * b)
     out = {"sketches": s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples,
-           "shard_headers": header * batches, "statistics": statistics + stats_copies * per_tensor,
-           "pass1_checkpoint": checkpoint, "manifest": 4096 + 200 * batches}
+           "shard_headers": header * batches, "statistics": a + b + sum(stats_copies) * per_tensor,
+           "pass1_checkpoint": max(0, fullest - a - b), "manifest": 4096 + 200 * batches}
     out["total"] = sum(out.values())
     return out
 

@@ -135,8 +135,11 @@ def _partial(root: Path, task: str, ranks: Ranks) -> Path:
 
 
 def _save_pass1(stats: FisherStats, path: Path, batches: int, store_id: str, task: str) -> None:
+    """Write a task's final pass-1 statistics; its checkpoints (every rank's) are superseded and deleted."""
     tensors, meta = stats.to_tensors()
     atomic_save_tensors(tensors, path, {**meta, "batches": str(batches), **stats_metadata(tensors, store_id, task)})
+    for partial in path.parent.glob(f"{task}*.partial.safetensors"):
+        partial.unlink(missing_ok=True)
 
 
 class Checkpoints:
@@ -228,13 +231,14 @@ def _drop_stale_shards(root: Path) -> None:
 
 
 def _check_space(root: Path, model: nn.Module, codec: Sketch, samples: int | None, batches: int | None,
-                 stats_copies: int, stats_dtype: torch.dtype, max_bytes: int | None) -> None:
+                 stats_copies: tuple[int, int], stats_dtype: torch.dtype, max_bytes: int | None,
+                 world: int = 1) -> None:
     """Refuse before writing when the store would not fit the disk (or ``max_bytes``): everything it writes
     (:func:`~sketchfisher.collect.memory.store_disk_bytes`), less what is already there. Skipped while the
     sample counts are unknown (tasks that are not lists of batches, before pass 1 has counted them)."""
     if samples is None or batches is None:
         return
-    plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8)
+    plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8, world)
     stored = plan["sketches"] + plan["shard_headers"] + plan["statistics"] + plan["manifest"]
     already = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file())
     needed = max(0, plan["total"] - already)
@@ -310,8 +314,8 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     if ranks.rank == 0 and not all(_final(root, t).exists() for t in TASKS):
         _drop_stale_shards(root)
     ranks.barrier()
-    stats_copies = sum(len(needs[t]) for t in TASKS)
-    _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes)
+    stats_copies = tuple(len(needs[t]) for t in TASKS)
+    _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes, ranks.world)
     # the final pass-1 statistics are written to disk in the background while pass 2 runs; their host
     # memory is made ready while pass 1 runs
     copies = sum(len(needs[t]) for t in TASKS if not _final(root, t).exists()) if ranks.rank == 0 else 0
@@ -332,7 +336,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
         if staging is not None:
             staging.close()
         _check_space(root, model, codec, stats["a"].count + stats["b"].count, _counts(task_a, task_b)[1] or
-                     stats["a"].count + stats["b"].count, stats_copies, stats_dtype, max_bytes)
+                     stats["a"].count + stats["b"].count, stats_copies, stats_dtype, max_bytes, ranks.world)
         with log.phase("preparation"):
             # every statistic is on disk (or on its way there): the device copies are freed as consumed
             preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True, keep=())
