@@ -11,14 +11,16 @@ from .compress import Codec, Exact, Factors, Sketch
 from .errors import GradientError, InputError, LayoutError, SketchfisherError
 from .interference import VARIANTS, InterferenceResult, ScoreConfig, Variant
 from .interference.stored import Store, open_store
-from .layout import BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, Stacks, layout_for, register_layout
+from .layout import (BLOCKS, MLP_BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, MLPSpec, Stacks, layout_for,
+                     mlp_layout_for, register_layout, register_mlp, units_layout)
 from .pipeline import analyze, run_sanity_checks
 from .planner import plan, plan_phases
 from .store import StoreError, StoreMismatchError
 
 __all__ = [
-    "BLOCKS", "VARIANTS", "AttentionSpec", "Codec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock",
+    "BLOCKS", "MLP_BLOCKS", "MLPSpec", "VARIANTS", "AttentionSpec", "Codec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock",
     "HeadKey", "InputError", "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch",
     "SketchfisherError", "Stacks", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze", "tasks",
-    "layout_for", "open_store", "plan", "plan_phases", "register_layout", "run_sanity_checks",
+    "layout_for", "mlp_layout_for", "open_store", "plan", "plan_phases", "register_layout", "register_mlp",
+    "run_sanity_checks", "units_layout",
 ]

@@ -22,7 +22,7 @@ from .interference.checks import head_additivity, head_masking, loss_scaling, sy
 from .interference.context import ExactSource, ResultContext, SketchSource
 from .interference.engine import DEFAULT_MAX_BYTES
 from .interference.stored import open_store
-from .layout import Layout, layout_for
+from .layout import Layout, layout_for, units_layout
 from .phases import PhaseLog
 from .store import collect_to_store
 
@@ -34,8 +34,9 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             normalizer: Optional[str] = None, eps: Optional[float] = None, ridge_abs: Optional[float] = None,
             ridge_rel: Optional[float] = None, dtype: Optional[torch.dtype] = None, layout: Optional[Layout] = None,
             modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES, store: Optional[str] = None,
-            stats_dtype: Optional[torch.dtype] = None, progress: bool = False) -> InterferenceResult:
-    """Head-resolved interference between every task-A sample i and task-B sample j.
+            stats_dtype: Optional[torch.dtype] = None, progress: bool = False,
+            units: str | tuple[str, ...] = "heads", mlp_group_size: Optional[int] = None) -> InterferenceResult:
+    """Head- and channel-resolved interference between every task-A sample i and task-B sample j.
 
     ``loss_fn(model, batch)`` returns one loss per sample (``[B]``); ``task_a``/``task_b`` iterate
     over batches. ``codec`` is ``sf.Exact()`` (default; autograd oracle), ``sf.Factors(rank=None)``
@@ -52,16 +53,21 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     (None: fp64 for a model on the CPU, fp32 on a GPU); only the statistics these settings need are
     kept (:func:`sketchfisher.collect.needed_statistics`). Returns an :class:`InterferenceResult` whose ``scores`` are
     ``[nA, nB, L, H, 4]``.
+
+    ``units`` chooses what the scores resolve: ``"heads"`` (attention heads, Q/K/V/O), ``"mlp"`` (MLP channel
+    groups of ``mlp_group_size`` hidden units: GATE/UP rows and DOWN columns; default as many groups as
+    heads) or both (``("heads", "mlp")`` / ``"all"``), collected in the same passes. The result is the
+    first family's; ``res.units("mlp")`` is the other's (``scores [nA, nB, L, groups, blocks]``).
     """
     check_batches(task_a=task_a, task_b=task_b)
     codec = check_codec(Exact() if codec is None else codec)
     cfg = score_config(config, variant=variant, normalizer=normalizer, eps=eps, ridge_abs=ridge_abs,
                        ridge_rel=ridge_rel, dtype=dtype)
-    layout = layout_for(model) if layout is None else layout
+    layout = units_layout(model, units, mlp_group_size, layout)
     stats_kw = {} if stats_dtype is None else {"stats_dtype": stats_dtype}
     if store is not None:
         if modules != "attention":
-            raise InputError("stores collect the attention layout only; use modules='attention' with store=")
+            raise InputError("stores collect the layout's units only; use modules='attention' with store=")
         collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
                          **stats_kw)
         return open_store(store).result(max_bytes=max_bytes)

@@ -8,7 +8,7 @@ matplotlib picks a non-interactive one by itself where there is no display.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -33,11 +33,17 @@ def _finish(fig: Any, path: Optional[str | Path], title: str = "") -> Any:
 
 
 def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "",
-                        significant: Optional[torch.Tensor] = None, label: str = "score") -> Any:
-    """One layer × head heatmap per block (Q, K, V, O) from ``values[L, H, 4]`` on one shared colour scale.
+                        significant: Optional[torch.Tensor] = None, label: str = "score",
+                        blocks: Optional[Sequence[str]] = None, unit: str = "head") -> Any:
+    """One layer × unit heatmap per block from ``values[L, units, blocks]`` on one shared colour scale:
+    Q, K, V, O for heads (the default), or ``blocks=layout.block_names`` and ``unit="channel group"``
+    for MLP units (``res.head_means()`` of an MLP result).
 
-    Layers and heads are integer ticks; NaN cells (not collected) are grey. Values of both signs get a
-    diverging scale centred at 0. ``significant [L, H, 4]`` (bool) marks cells with a dot."""
+    Layers and units are integer ticks; NaN cells (not collected) are grey. Values of both signs get a
+    diverging scale centred at 0. ``significant`` (bool, same shape) marks cells with a dot."""
+    blocks = tuple(blocks) if blocks is not None else BLOCKS
+    if values.shape[-1] != len(blocks):
+        raise ValueError(f"values have {values.shape[-1]} blocks on their last axis; name them with blocks=")
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -51,16 +57,17 @@ def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None,
         cmap = "viridis"
     cm = plt.get_cmap(cmap).with_extremes(bad="0.85")
     L, H = v.shape[:2]
-    fig, axes = plt.subplots(1, len(BLOCKS), figsize=(3.2 * len(BLOCKS) + 1.2, 0.28 * L + 2.2),
-                             constrained_layout=True, sharey=True)
-    for ax, (b, block) in zip(axes, enumerate(BLOCKS)):
+    fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks) + 1.2, 0.28 * L + 2.2),
+                             constrained_layout=True, sharey=True, squeeze=False)
+    axes = list(axes[0])
+    for ax, (b, block) in zip(axes, enumerate(blocks)):
         im = ax.imshow(v[:, :, b].numpy(), aspect="auto", cmap=cm, origin="lower", vmin=lo, vmax=hi,
                        extent=(-0.5, H - 0.5, -0.5, L - 0.5), interpolation="nearest")
         if significant is not None:
             ys, xs = significant[:, :, b].nonzero(as_tuple=True)
             ax.scatter(xs.numpy(), ys.numpy(), s=8, c="k", marker="o", label="significant")
         ax.set_title(block)
-        ax.set_xlabel("head")
+        ax.set_xlabel(unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("layer")
@@ -69,33 +76,40 @@ def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None,
 
 
 def plot_head_conflicts(conflicts, num_layers: int, num_heads: int, path: Optional[str | Path] = None,
-                        title: str = "", q: float = 0.05) -> Any:
+                        title: str = "", q: float = 0.05, blocks: Optional[Sequence[str]] = None) -> Any:
     """The head-level answer at a glance: :meth:`InterferenceResult.head_conflicts`' alignment of the two
     tasks' mean gradients per (layer, head, block) (blue: they pull apart), with a dot on every conflict
-    whose q-value is at most ``q``."""
-    align = torch.full((num_layers, num_heads, len(BLOCKS)), float("nan"))
-    marked = torch.zeros((num_layers, num_heads, len(BLOCKS)), dtype=torch.bool)
-    for r in conflicts.itertuples():
-        b = BLOCKS.index(r.block)
-        align[r.layer, r.head, b] = r.alignment
-        marked[r.layer, r.head, b] = bool(r.q_value <= q and r.alignment < 0)
-    return plot_block_heatmaps(align, path, title=title, significant=marked,
+    whose q-value is at most ``q``. For MLP units (a table with a ``unit`` column) pass
+    ``num_heads=layout.num_heads`` (the units per layer) and ``blocks=layout.block_names``."""
+    blocks = tuple(blocks) if blocks is not None else BLOCKS
+    column = "head" if "head" in conflicts.columns else "unit"
+    align = torch.full((num_layers, num_heads, len(blocks)), float("nan"))
+    marked = torch.zeros((num_layers, num_heads, len(blocks)), dtype=torch.bool)
+    for r in conflicts.to_dict("records"):
+        b = blocks.index(r["block"])
+        align[r["layer"], r[column], b] = r["alignment"]
+        marked[r["layer"], r[column], b] = bool(r["q_value"] <= q and r["alignment"] < 0)
+    return plot_block_heatmaps(align, path, title=title, significant=marked, blocks=blocks,
+                               unit="head" if column == "head" else "channel group",
                                label="alignment of the task means (cosine)")
 
 
-def plot_block_comparison(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "") -> Any:
-    """Mean score per layer for each block (lines), from ``values[L, H, 4]`` (e.g. ``res.head_means()``)."""
+def plot_block_comparison(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "",
+                          blocks: Optional[Sequence[str]] = None) -> Any:
+    """Mean score per layer for each block (lines), from ``values[L, H, 4]`` (e.g. ``res.head_means()``;
+    other blocks named by ``blocks``)."""
+    blocks = tuple(blocks) if blocks is not None else BLOCKS
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     v = values.detach().cpu().double()
     per_layer = v.nanmean(dim=1).numpy()
     fig, ax = plt.subplots(figsize=(5.5, 3.5), constrained_layout=True)
-    for b, block in enumerate(BLOCKS):
+    for b, block in enumerate(blocks):
         ax.plot(range(v.shape[0]), per_layer[:, b], marker="o", label=block)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel("mean score over heads")
+    ax.set_ylabel("mean score over units")
     ax.legend(loc="best", fontsize=8)
     return _finish(fig, path, title)
 

@@ -21,7 +21,7 @@ from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector
 from ..errors import GradientError, InputError
 from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats, HostStaging
 from ..fisher.host import host_copy
-from ..layout import BLOCKS, Layout, block_index
+from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
 from .passes import Skip, factor_pass, trainable_weights
@@ -79,7 +79,7 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg:
     move to host memory (into ``staging``'s buffers when given), the others are freed. Device memory
     then holds the statistics or the preparations of a parameter, never both for the whole model (at
     7B the two together would not fit one 80 GB card)."""
-    keys = [(layer, block) for layer in range(layout.num_layers) for block in BLOCKS]
+    keys = layout.groups()
     last_use = {layout.param_of(*key): key for key in keys}
     preps: Preps = {}
     copy = staging.copy if staging is not None else host_copy
@@ -212,11 +212,10 @@ def check_sketch_width(layout: Layout, codec: Any) -> None:
     recovers exact scores and is how sketches are checked against the exact answer."""
     if not codec.two_pass:
         return
-    smallest = min(hb.numel for layer in range(layout.num_layers) for block in BLOCKS
-                   for hb in layout.head_blocks(layer, block))
+    smallest = min(hb.numel for layer, block in layout.groups() for hb in layout.head_blocks(layer, block))
     full = 1 << (smallest - 1).bit_length()
     if codec.k >= smallest and not (codec.kind == "srht" and codec.k <= full):
-        raise InputError(f"Sketch(k={codec.k}) is not smaller than the smallest head block ({smallest:,} entries): "
+        raise InputError(f"Sketch(k={codec.k}) is not smaller than the smallest unit block ({smallest:,} entries): "
                          f"the sketch would be larger than the data; use k < {smallest:,}, or sf.Factors() for exact "
                          "scores")
 

@@ -1,8 +1,8 @@
 """Fisher estimators: per-task sufficient statistics of per-sample contributions C_i = g_i ⊙ g_i."""
 
 from .host import HostStaging
-from .views import channel_view, head_view, param_view
+from .views import channel_view, head_view, param_view, unit_view
 from .welford import MEAN_ACCESSOR, QUANTITIES, EMAFisher, FisherStats, Welford
 
 __all__ = ["MEAN_ACCESSOR", "QUANTITIES", "EMAFisher", "FisherStats", "HostStaging", "Welford", "channel_view",
-           "head_view", "param_view"]
+           "head_view", "param_view", "unit_view"]

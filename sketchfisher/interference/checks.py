@@ -35,7 +35,7 @@ def head_additivity(result: Any) -> dict:
     stats = ctx.normalizer_stats()
     worst, layout = 0.0, result.layout
     for layer in range(layout.num_layers):
-        for b, block in enumerate(BLOCKS):
+        for b, block in enumerate(layout.block_names):
             ga, gb = ctx.rep_a.block(layout, layer, block), ctx.rep_b.block(layout, layer, block)
             fisher = stats.fisher_block(layout, layer, block)
             if ga is None or gb is None or fisher is None:

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..layout import BLOCKS, Layout
+from ..layout import Layout
 from ..metric import Provider
 
 DEFAULT_MAX_BYTES = 1 << 28
@@ -23,12 +23,12 @@ def iter_chunks(layout: Layout, provider: Provider, max_bytes: int = DEFAULT_MAX
                 ) -> Iterator[tuple[int, int, int, int, torch.Tensor, Optional[torch.Tensor]]]:
     """Yield ``(layer, b, lo, hi, scores [c, nB, H], stderr or None)`` over every collected block.
 
-    ``b`` indexes (Q, K, V, O). Rows are chunked so that one chunk's working set stays under
+    ``b`` indexes ``layout.block_names`` (Q, K, V, O for attention). Rows are chunked so that one chunk's working set stays under
     ``max_bytes`` (at least one row per chunk). With ``expand=False`` the last axis holds the
     distinct head blocks (H_kv for K/V) instead of query heads.
     """
     for layer in range(layout.num_layers):
-        for b, block in enumerate(BLOCKS):
+        for b, block in enumerate(layout.block_names):
             scores = provider(layer, block)
             if scores is None:
                 continue
@@ -47,7 +47,7 @@ def iter_chunks(layout: Layout, provider: Provider, max_bytes: int = DEFAULT_MAX
 def assemble(layout: Layout, n_a: int, n_b: int, provider: Provider, dtype: torch.dtype = torch.float64,
              max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """The full ``scores`` and ``stderr`` tensors ``[nA, nB, L, H, 4]``; NaN where data is missing."""
-    shape = (n_a, n_b, layout.num_layers, layout.num_heads, len(BLOCKS))
+    shape = (n_a, n_b, layout.num_layers, layout.num_heads, len(layout.block_names))
     scores = torch.full(shape, float("nan"), dtype=dtype)
     stderr = torch.full(shape, float("nan"), dtype=dtype)
     for layer, b, lo, hi, s, se in iter_chunks(layout, provider, max_bytes):

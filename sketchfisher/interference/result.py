@@ -9,13 +9,18 @@ import pandas as pd
 import torch
 
 from ..errors import InputError
-from ..layout import BLOCKS, Layout, block_index
+from ..layout import Layout
 from ..metric import Provider, ScoreConfig
 from ..phases import PhaseLog
 from .context import ResultContext, provider_for
 from .engine import DEFAULT_MAX_BYTES, assemble, iter_chunks
 
-COLUMNS = ["block", "layer", "head", "sample_i", "sample_j", "score", "stderr"]
+COLUMNS = ["block", "layer", "head", "sample_i", "sample_j", "score", "stderr"]  # attention; MLP units: "unit"
+
+
+def columns(layout: Layout) -> list[str]:
+    """The tidy score table's columns: ``head`` names the unit index for attention, ``unit`` for MLP units."""
+    return [layout.unit_column if c == "head" else c for c in COLUMNS]
 
 
 @dataclass
@@ -44,11 +49,41 @@ class InterferenceResult:
     _stderr: Optional[torch.Tensor] = field(default=None, repr=False)
     phases: Optional[PhaseLog] = field(default=None, repr=False)  # time and device memory per collection phase
 
+    def __post_init__(self) -> None:
+        self.layout.require_single("a result")
+
     @classmethod
-    def from_context(cls, context: ResultContext, max_bytes: int = DEFAULT_MAX_BYTES) -> "InterferenceResult":
-        """The result of a context (in memory or from a store): one constructor path for both."""
-        return cls(layout=context.layout, n_a=context.stats_a.count, n_b=context.stats_b.count,
+    def from_context(cls, context: ResultContext, max_bytes: int = DEFAULT_MAX_BYTES,
+                     family: Optional[str] = None) -> "InterferenceResult":
+        """The result of a context (in memory or from a store): one constructor path for both. A context
+        collected over several unit families gives the result of ``family`` (default: its first)."""
+        layout = context.layout
+        if layout.families:
+            layout = layout.family(family or layout.families[0][0])
+        elif family is not None:
+            layout = layout.family(family)
+        return cls(layout=layout, n_a=context.stats_a.count, n_b=context.stats_b.count,
                    provider=provider_for(context), cfg=context.cfg, max_bytes=max_bytes, context=context)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The unit families collected together with this result (``("heads", "mlp")``, or its own)."""
+        layout = None if self.context is None else self.context.layout
+        return tuple(n for n, _ in layout.families) if layout is not None and layout.families else (
+            self.layout.family_name,)
+
+    def units(self, family: str) -> "InterferenceResult":
+        """The result of another unit family collected in the same passes: ``res.units("mlp")`` gives the
+        MLP channel-group scores of a collection with ``units=("heads", "mlp")``; same samples, settings
+        and statistics."""
+        if family == self.layout.family_name:
+            return self
+        if self.context is None or family not in self.families:
+            raise InputError(f"unit family {family!r} was not collected; this result has {self.families} "
+                             "(collect with units=('heads', 'mlp'))")
+        out = InterferenceResult.from_context(self.context, self.max_bytes, family)
+        out.phases = self.phases
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,7 +98,7 @@ class InterferenceResult:
     # -- the full tensor ---------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
-        return (self.n_a, self.n_b, self.layout.num_layers, self.layout.num_heads, len(BLOCKS))
+        return (self.n_a, self.n_b, self.layout.num_layers, self.layout.num_heads, len(self.layout.block_names))
 
     def materialize(self) -> "InterferenceResult":
         if self._scores is None:
@@ -85,14 +120,14 @@ class InterferenceResult:
 
     def _first_heads(self, b: int) -> list[int]:
         """The first query head of each distinct head block of block ``b`` (K/V: of each kv group)."""
-        idx = self.layout.head_index(BLOCKS[b]).tolist()
+        idx = self.layout.head_index(self.layout.block_names[b]).tolist()
         return [idx.index(d) for d in range(max(idx) + 1)]
 
     def _chunks(self, expand: bool = True):
         """``(layer, b, lo, hi, scores, stderr)`` chunks; ``expand=False`` keeps distinct head blocks."""
         if self.materialized:
             for layer in range(self.layout.num_layers):
-                for b in range(len(BLOCKS)):
+                for b in range(len(self.layout.block_names)):
                     heads = slice(None) if expand else self._first_heads(b)
                     s = self._scores[:, :, layer, heads, b]
                     if torch.isnan(s).all():
@@ -105,10 +140,11 @@ class InterferenceResult:
 
     # -- streaming reductions ----------------------------------------------------------------
     def head_means(self) -> torch.Tensor:
-        """Mean over sample pairs per (layer, head, block): ``[L, H, 4]``; NaN where missing."""
-        L, H = self.layout.num_layers, self.layout.num_heads
-        sums = torch.zeros(L, H, len(BLOCKS), dtype=torch.float64)
-        counts = torch.zeros(L, H, len(BLOCKS), dtype=torch.float64)
+        """Mean over sample pairs per (layer, unit, block): ``[L, H, 4]`` for heads (``[L, units, blocks]`` for
+        MLP channel groups, blocks as in ``layout.block_names``); NaN where missing."""
+        L, H, nb = self.layout.num_layers, self.layout.num_heads, len(self.layout.block_names)
+        sums = torch.zeros(L, H, nb, dtype=torch.float64)
+        counts = torch.zeros(L, H, nb, dtype=torch.float64)
         for layer, b, _, _, s, _ in self._chunks():
             sums[layer, :, b] += s.double().nansum((0, 1)).cpu()
             counts[layer, :, b] += (~torch.isnan(s)).sum((0, 1)).cpu()
@@ -119,9 +155,9 @@ class InterferenceResult:
         missing): the error of the one inner product the mean over pairs reduces to, not the pairs'
         errors averaged (they are correlated)."""
         L, H = self.layout.num_layers, self.layout.num_heads
-        out = torch.full((L, H, len(BLOCKS)), float("nan"), dtype=torch.float64)
+        out = torch.full((L, H, len(self.layout.block_names)), float("nan"), dtype=torch.float64)
         for layer in range(L):
-            for b, block in enumerate(BLOCKS):
+            for b, block in enumerate(self.layout.block_names):
                 scores = self.provider(layer, block)
                 if scores is None:
                     continue
@@ -132,10 +168,10 @@ class InterferenceResult:
         return out
 
     def pair(self, i: int, j: int, layer: int, head: int) -> dict[str, float]:
-        """The four block scores of one (i, j, layer, head)."""
+        """The block scores of one (i, j, layer, head or unit)."""
         if not (0 <= i < self.n_a and 0 <= j < self.n_b):
             raise InputError(f"pair ({i}, {j}) is outside [0, {self.n_a}) x [0, {self.n_b})")
-        return {blk: float(self.scores[i, j, layer, head, b]) for b, blk in enumerate(BLOCKS)}
+        return {blk: float(self.scores[i, j, layer, head, b]) for b, blk in enumerate(self.layout.block_names)}
 
     def top_conflicts(self, k: int = 20, block: Optional[str] = None) -> pd.DataFrame:
         """The ``k`` strongest conflicts by the variant's conflict sign (largest scores; most negative for
@@ -147,7 +183,8 @@ class InterferenceResult:
         """
         if not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive int, got {k!r}")
-        only = None if block is None else block_index(block)
+        only = None if block is None else self.layout.position(block)
+        names = self.layout.block_names
         variant = self.cfg.spec
         best_key = torch.empty(0, dtype=torch.float64)
         best_rows: list[list] = []
@@ -162,19 +199,20 @@ class InterferenceResult:
             errs = [0.0] * len(vals) if se is None else se.reshape(-1)[flat].double().cpu().tolist()
             ci, cj, ch = (t.cpu().tolist() for t in torch.unravel_index(flat, s.shape))
             first = self._first_heads(b)
-            rows = [[BLOCKS[b], layer, first[h], lo + i, j, v, e] for i, j, h, v, e in zip(ci, cj, ch, vals, errs)]
+            rows = [[names[b], layer, first[h], lo + i, j, v, e] for i, j, h, v, e in zip(ci, cj, ch, vals, errs)]
             best_key = torch.cat([best_key, key[flat].cpu()])
             best_rows += rows
-            best_key, best_rows = _select(best_key, best_rows, k)
-        best_key, best_rows = _select(best_key, best_rows, k)
-        out = pd.DataFrame(best_rows, columns=COLUMNS)
+            best_key, best_rows = _select(best_key, best_rows, k, names)
+        best_key, best_rows = _select(best_key, best_rows, k, names)
+        out = pd.DataFrame(best_rows, columns=columns(self.layout))
         out.attrs.update(variant=variant.name, formula=variant.formula, conflict=variant.conflict)
         return out
 
     def block_summary(self) -> pd.DataFrame:
         """Per block: mean and max score over all (pair, layer, head), and the fraction missing."""
         total = self.n_a * self.n_b * self.layout.num_layers * self.layout.num_heads
-        acc = {b: [0.0, 0, -float("inf")] for b in range(len(BLOCKS))}
+        names = self.layout.block_names
+        acc = {b: [0.0, 0, -float("inf")] for b in range(len(names))}
         for _, b, _, _, s, _ in self._chunks():
             ok = ~torch.isnan(s)
             count = int(ok.sum())
@@ -182,13 +220,14 @@ class InterferenceResult:
             acc[b][1] += count
             if count:
                 acc[b][2] = max(acc[b][2], float(s[ok].max()))
-        return pd.DataFrame([{"block": BLOCKS[b], "mean": s / n if n else float("nan"),
+        return pd.DataFrame([{"block": names[b], "mean": s / n if n else float("nan"),
                               "max": m if n else float("nan"), "missing_fraction": 1 - n / total}
                              for b, (s, n, m) in acc.items()])
 
     def sample_summary(self) -> pd.DataFrame:
         """Per sample and block: the mean score of that sample against the other task (NaN-aware)."""
-        sums = {side: torch.zeros(n, len(BLOCKS), dtype=torch.float64) for side, n in (("a", self.n_a), ("b", self.n_b))}
+        names = self.layout.block_names
+        sums = {side: torch.zeros(n, len(names), dtype=torch.float64) for side, n in (("a", self.n_a), ("b", self.n_b))}
         counts = {side: torch.zeros_like(t) for side, t in sums.items()}
         for _, b, lo, hi, s, _ in self._chunks():
             ok = (~torch.isnan(s)).double()
@@ -201,17 +240,18 @@ class InterferenceResult:
         for side in ("a", "b"):
             mean = sums[side] / counts[side]
             for i in range(mean.shape[0]):
-                rows += [{"task": side.upper(), "sample": i, "block": BLOCKS[b], "mean_score": float(mean[i, b])}
-                         for b in range(len(BLOCKS))]
+                rows += [{"task": side.upper(), "sample": i, "block": names[b], "mean_score": float(mean[i, b])}
+                         for b in range(len(names))]
         return pd.DataFrame(rows)
 
     def to_frame(self) -> pd.DataFrame:
-        """Every score as a tidy row: block, layer, head, sample_i, sample_j, score, stderr."""
+        """Every score as a tidy row: block, layer, head (``unit`` for MLP units), sample_i, sample_j, score,
+        stderr."""
         n_a, n_b, L, H, B = self.shape
         idx = torch.cartesian_prod(*(torch.arange(s) for s in (n_a, n_b, L, H, B)))
         return pd.DataFrame({
-            "block": [BLOCKS[b] for b in idx[:, 4].tolist()],
-            "layer": idx[:, 2].numpy(), "head": idx[:, 3].numpy(),
+            "block": [self.layout.block_names[b] for b in idx[:, 4].tolist()],
+            "layer": idx[:, 2].numpy(), self.layout.unit_column: idx[:, 3].numpy(),
             "sample_i": idx[:, 0].numpy(), "sample_j": idx[:, 1].numpy(),
             "score": self.scores.reshape(-1).numpy(), "stderr": self.stderr.reshape(-1).numpy(),
         })
@@ -247,8 +287,8 @@ class InterferenceResult:
         return verify_top(self, k=k, budget=budget, **sources)
 
 
-def _select(key: torch.Tensor, rows: list[list], k: int) -> tuple[torch.Tensor, list[list]]:
+def _select(key: torch.Tensor, rows: list[list], k: int, names: tuple[str, ...]) -> tuple[torch.Tensor, list[list]]:
     """The k best rows by key (descending), ties broken by (layer, block, head, i, j) ascending."""
-    order = sorted(range(len(rows)), key=lambda r: (-float(key[r]), rows[r][1], BLOCKS.index(rows[r][0]),
+    order = sorted(range(len(rows)), key=lambda r: (-float(key[r]), rows[r][1], names.index(rows[r][0]),
                                                     rows[r][2], rows[r][3], rows[r][4]))[:k]
     return key[order] if order else key[:0], [rows[o] for o in order]

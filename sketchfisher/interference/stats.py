@@ -19,7 +19,7 @@ import torch
 from scipy.stats import bootstrap, false_discovery_control
 
 from ..errors import InputError
-from ..layout import BLOCKS, Layout
+from ..layout import Layout
 from ..metric import ScoreConfig, ridge, y_side
 
 BlockGrads = Callable[[int, str], Optional[tuple[torch.Tensor, torch.Tensor]]]
@@ -50,8 +50,9 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
     rng = np.random.default_rng(seed)
     rows = []
     labels = None
+    unit = layout.unit_column
     for layer in range(layout.num_layers):
-        for block in BLOCKS:
+        for block in layout.block_names:
             pair = grads(layer, block)
             if pair is None:
                 continue
@@ -80,7 +81,7 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
             cosine = _alignment(ga, gb, fisher_pool, cfg) if alignment else None
             for head in range(layout.num_heads):
                 h = int(layout.head_index(block)[head])
-                rows.append({"layer": layer, "head": head, "block": block, "statistic": float(observed[h]),
+                rows.append({"layer": layer, unit: head, "block": block, "statistic": float(observed[h]),
                              "p_value": float(p[h]), "test": f"{layer}.{block}.{h}",
                              **({} if cosine is None else {"alignment": float(cosine[h])})})
     if not rows:
@@ -116,8 +117,9 @@ def head_conflicts(result: Any, n_permutations: int = 999, seed: int = 0) -> pd.
     """
     cfg = replace(result.cfg, variant="signed", normalizer="a" if result.cfg.normalizer == "loo" else result.cfg.normalizer)
     df = permutation_test(result.layout, result_grads(result), cfg, n_permutations, seed, alignment=True)
-    df = df[["layer", "head", "block", "alignment", "statistic", "p_value", "q_value"]]
-    return df.sort_values(["alignment", "layer", "head"]).reset_index(drop=True)
+    unit = result.layout.unit_column
+    df = df[["layer", unit, "block", "alignment", "statistic", "p_value", "q_value"]]
+    return df.sort_values(["alignment", "layer", unit]).reset_index(drop=True)
 
 
 def result_grads(result: Any) -> BlockGrads:
@@ -154,6 +156,7 @@ def bootstrap_ci(result: Any, confidence_level: float = 0.95, n_resamples: int =
                     confidence_level=confidence_level, n_resamples=n_resamples, method=method,
                     rng=np.random.default_rng(seed))
     idx = np.indices((L, H, B)).reshape(3, -1)
-    return pd.DataFrame({"layer": idx[0], "head": idx[1], "block": [BLOCKS[b] for b in idx[2]],
+    return pd.DataFrame({"layer": idx[0], result.layout.unit_column: idx[1],
+                         "block": [result.layout.block_names[b] for b in idx[2]],
                          "mean": statistic(np.arange(n_a), np.arange(n_b)),
                          "low": res.confidence_interval.low, "high": res.confidence_interval.high})

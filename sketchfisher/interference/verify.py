@@ -66,7 +66,7 @@ def exact_candidate_scores(result: Any, cands: pd.DataFrame, **sources: Any) -> 
             continue
         ia = torch.tensor([pos_a[i] for i in group["sample_i"]])
         jb = torch.tensor([pos_b[j] for j in group["sample_j"]])
-        hb = layout.head_index(block)[torch.tensor(group["head"].to_numpy())]
+        hb = layout.head_index(block)[torch.tensor(group[layout.unit_column].to_numpy())]
         x = x_side(ga[ia, hb], fisher[hb], stats_a.count, cfg)
         y = y_side(gb[jb, hb], cfg)
         out[torch.tensor(group.index.to_numpy())] = (x * y).sum(-1).double()

@@ -1,8 +1,11 @@
-"""QK-OV layouts: declarative per-architecture specs resolved and validated against a model."""
+"""Layouts: declarative per-architecture specs of attention heads and MLP channel units, resolved and
+validated against a model."""
 
-from .core import BLOCKS, HeadBlock, HeadKey, Layout, block_index
-from .registry import layout_for, register_layout, supported_model_types
-from .spec import AttentionSpec, Dims, Stacks
+from .core import ALL_BLOCKS, BLOCKS, MLP_BLOCKS, HeadBlock, HeadKey, Layout, block_index
+from .registry import (UNIT_FAMILIES, layout_for, mlp_layout_for, mlp_model_types, register_layout, register_mlp,
+                       supported_model_types, units_layout)
+from .spec import AttentionSpec, Dims, MLPSpec, Stacks
 
-__all__ = ["BLOCKS", "AttentionSpec", "Dims", "HeadBlock", "HeadKey", "Layout", "Stacks", "block_index", "layout_for",
-           "register_layout", "supported_model_types"]
+__all__ = ["ALL_BLOCKS", "BLOCKS", "MLP_BLOCKS", "UNIT_FAMILIES", "AttentionSpec", "Dims", "HeadBlock", "HeadKey",
+           "Layout", "MLPSpec", "Stacks", "block_index", "layout_for", "mlp_layout_for", "mlp_model_types",
+           "register_layout", "register_mlp", "supported_model_types", "units_layout"]

@@ -1,8 +1,14 @@
-"""QK-OV layout: which entries of which parameter belong to (layer, block, head).
+"""Layouts: which entries of which parameter belong to (layer, block, unit).
 
 Conventions (docs/semantics.md, "Layout"): a linear layer is ``y = x Wᵀ`` with ``W ∈ R^{out×in}``. A Q/K/V head
 owns a contiguous range of *output* rows, an O head a contiguous range of *input* columns.
 HF ``Conv1D`` stores ``Wᵀ``, so the storage axis flips while the logical role does not.
+
+Units are the general form of heads: an MLP channel group owns the same rows of the projections that
+produce its hidden units (GATE, UP) and the same columns of the one that consumes them (DOWN), exactly
+as a head owns rows of Q/K/V and columns of O. A :class:`Layout` holds one *family* of units (the
+attention heads, or the MLP channel groups) with the same number of units in every block; a collection
+over several families uses their :meth:`Layout.union`.
 """
 
 from __future__ import annotations
@@ -17,15 +23,19 @@ from ..errors import LayoutError
 from .spec import Dims
 
 BLOCKS: tuple[str, ...] = ("Q", "K", "V", "O")
+MLP_BLOCKS: tuple[str, ...] = ("GATE", "UP", "DOWN")
+ALL_BLOCKS: tuple[str, ...] = BLOCKS + MLP_BLOCKS
 Role = Literal["out", "in"]
 
 
 def block_index(block: str) -> int:
-    """Position of ``block`` in the score tensor's last axis (Q, K, V, O)."""
+    """The block's identity among every block kind (Q, K, V, O, GATE, UP, DOWN): what seeds its sketch
+    maps. For attention it is also the position on the score tensor's last axis; in general that
+    position is :meth:`Layout.position`."""
     try:
-        return BLOCKS.index(block)
+        return ALL_BLOCKS.index(block)
     except ValueError:
-        raise LayoutError(f"block must be one of {BLOCKS}, got {block!r}") from None
+        raise LayoutError(f"block must be one of {ALL_BLOCKS}, got {block!r}") from None
 
 
 @dataclass(frozen=True, order=True)
@@ -129,6 +139,68 @@ class Layout:
     blocks: dict
     params: tuple[str, ...]
     stacks: tuple = ()  # ((name, first layer, layer count), ...) for models with several attention stacks
+    block_names: tuple[str, ...] = BLOCKS  # the score tensor's last axis
+    unit: str = "head"  # what a unit is: "head", or "channels" (an MLP channel group)
+    families: tuple = ()  # a union's parts: ((name, Layout), ...); empty for one family
+
+    @property
+    def family_name(self) -> str:
+        """``"heads"`` or ``"mlp"`` (a union: the names of its parts joined by '+')."""
+        if self.families:
+            return "+".join(name for name, _ in self.families)
+        return "heads" if self.unit == "head" else "mlp"
+
+    @property
+    def unit_column(self) -> str:
+        """The name of the unit index in tables: ``head`` for attention, ``unit`` otherwise."""
+        return "head" if self.unit == "head" else "unit"
+
+    def position(self, block: str) -> int:
+        """Position of ``block`` on this layout's score axis (Q, K, V, O for attention)."""
+        try:
+            return self.block_names.index(block)
+        except ValueError:
+            raise LayoutError(f"block must be one of {self.block_names} for this layout, got {block!r}") from None
+
+    def groups(self) -> list[tuple[int, str]]:
+        """Every (layer, block) this layout holds, by layer and block kind."""
+        return sorted(self.blocks, key=lambda key: (key[0], block_index(key[1])))
+
+    @classmethod
+    def union(cls, parts: list[tuple[str, "Layout"]]) -> "Layout":
+        """One layout for collecting several unit families in the same passes: every part's (layer, block)
+        groups and parameters. Scores are read per family (:meth:`family`), whose unit counts differ."""
+        if len(parts) == 1:
+            return parts[0][1]
+        blocks, params = {}, []
+        for name, part in parts:
+            if part.families:
+                raise LayoutError("a union's parts must be single families")
+            clash = set(blocks) & set(part.blocks)
+            if clash:
+                raise LayoutError(f"unit families {name!r} and another both claim {sorted(clash)[:3]}")
+            blocks.update(part.blocks)
+            params += [p for p in part.params if p not in params]
+        first = parts[0][1]
+        names = tuple(b for _, part in parts for b in part.block_names)
+        return cls(model_type=first.model_type, dims=first.dims, blocks=blocks, params=tuple(params),
+                   stacks=first.stacks, block_names=names, unit=first.unit, families=tuple(parts))
+
+    def family(self, name: str) -> "Layout":
+        """The part ``name`` (``"heads"``, ``"mlp"``) of a union; a single-family layout is its own family."""
+        if not self.families:
+            if name != self.family_name:
+                raise LayoutError(f"this layout holds the {self.family_name!r} units only, not {name!r}")
+            return self
+        for part_name, part in self.families:
+            if part_name == name:
+                return part
+        raise LayoutError(f"no unit family {name!r}; this layout holds {[n for n, _ in self.families]}")
+
+    def require_single(self, what: str) -> None:
+        if self.families:
+            raise LayoutError(f"{what} needs one unit family; take one with .family(name) from "
+                              f"{[n for n, _ in self.families]}")
 
     @classmethod
     def concat(cls, model_type: str, parts: list[tuple[str, "Layout"]]) -> "Layout":
@@ -177,7 +249,8 @@ class Layout:
         return self.dims.head_dim
 
     def _check(self, layer: int, block: str, head: int | None = None) -> None:
-        block_index(block)
+        if (layer, block) not in self.blocks:
+            self.position(block)
         if not 0 <= layer < self.num_layers:
             raise LayoutError(f"layer must be in [0, {self.num_layers}), got {layer}")
         if head is not None and not 0 <= head < self.num_heads:
@@ -219,6 +292,8 @@ class Layout:
     @classmethod
     def from_dict(cls, d: dict) -> "Layout":
         """Inverse of :meth:`to_dict` (used by stores, which hold no model)."""
+        if "families" in d:
+            return cls.union([(name, cls.from_dict(part)) for name, part in d["families"]])
         L, H, Hkv, dk, hidden, dv = d["dims"]
         dims = Dims(num_layers=L, num_heads=H, num_kv_heads=Hkv, head_dim=dk, hidden_size=hidden, v_head_dim=dv)
         blocks, params = {}, []
@@ -233,18 +308,23 @@ class Layout:
                     params.append(name)
             blocks[(int(layer), block)] = tuple(hbs)
         return cls(model_type=d["model_type"], dims=dims, blocks=blocks, params=tuple(params),
-                   stacks=tuple(tuple(x) for x in d.get("stacks", ())))
+                   stacks=tuple(tuple(x) for x in d.get("stacks", ())),
+                   block_names=tuple(d.get("block_names", BLOCKS)), unit=d.get("unit", "head"))
 
     def to_dict(self) -> dict:
         """JSON-serialisable description, stored beside every artifact for mismatch checks."""
+        if self.families:
+            return {"model_type": self.model_type, "families": [[name, part.to_dict()] for name, part in self.families]}
         d = self.dims
+        extra = {} if self.unit == "head" else {"block_names": list(self.block_names), "unit": self.unit}
         return {
             "model_type": self.model_type,
             "dims": [d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, d.hidden_size, d.v_head_dim],
             "blocks": {
                 f"{layer}.{block}": [[hb.param_name, list(hb.param_shape), hb.role, hb.start, hb.stop, hb.transposed]
-                                     for hb in hbs]
-                for (layer, block), hbs in sorted(self.blocks.items(), key=lambda kv: (kv[0][0], block_index(kv[0][1])))
+                                     for hb in self.blocks[(layer, block)]]
+                for layer, block in self.groups()
             },
             **({"stacks": [list(x) for x in self.stacks]} if self.stacks else {}),
+            **extra,
         }

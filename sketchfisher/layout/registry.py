@@ -8,11 +8,13 @@ from torch import nn
 
 from ..errors import LayoutError
 from .core import BLOCKS, HeadBlock, HeadKey, Layout
-from .spec import AttentionSpec, Dims, Stacks
+from .spec import AttentionSpec, Dims, MLPSpec, Stacks
 
 SpecFor = Callable[[Any], AttentionSpec]  # a layout that depends on the config (one model_type, several layouts)
 Registered = AttentionSpec | SpecFor | tuple[AttentionSpec, ...] | Stacks  # a tuple: the module names of several versions
 _REGISTRY: dict[str, Registered] = {}
+_MLP_REGISTRY: dict[str, MLPSpec] = {}
+UNIT_FAMILIES = ("heads", "mlp")
 
 HOW_TO_DECLARE = (
     "declare it with sf.layout_for(model, spec=sf.AttentionSpec(layer='blocks.{layer}.attn', q='q', k='k', "
@@ -166,3 +168,117 @@ def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Opt
     return build_layout(model, spec, dims, model_type)
 
 
+
+
+def register_mlp(model_types: str | tuple[str, ...], spec: MLPSpec, *, overwrite: bool = False) -> None:
+    """Declare where one or more ``config.model_type`` values keep their MLP projections (channel units)."""
+    if not isinstance(spec, MLPSpec):
+        raise LayoutError(f"register_mlp needs an MLPSpec, got {type(spec).__name__}")
+    for model_type in (model_types,) if isinstance(model_types, str) else model_types:
+        if model_type in _MLP_REGISTRY and not overwrite and _MLP_REGISTRY[model_type] != spec:
+            raise LayoutError(f"an MLP layout for model_type {model_type!r} is already registered; pass overwrite=True")
+        _MLP_REGISTRY[model_type] = spec
+
+
+def mlp_model_types() -> tuple[str, ...]:
+    return tuple(sorted(_MLP_REGISTRY))
+
+
+def mlp_layout_for(model: nn.Module, group_size: Optional[int] = None, spec: Optional[MLPSpec] = None) -> Layout:
+    """The validated MLP channel-unit layout of ``model``: per layer, units of ``group_size`` consecutive
+    hidden channels (1 = single neurons; default: as many units as the model has attention heads, the
+    width that makes the MLP map as fine as the head map). Unit ``u`` owns rows ``[u·s, (u+1)·s)`` of
+    GATE and UP and the same columns of DOWN."""
+    from . import archs  # noqa: F401  (registers the built-in architectures)
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    if spec is None:
+        if model_type not in _MLP_REGISTRY:
+            raise LayoutError(f"no MLP layout for model_type {model_type!r}; MLP units are declared for "
+                              f"{', '.join(mlp_model_types())}; declare one with sf.register_mlp('<model_type>', "
+                              "sf.MLPSpec(layer='layers.{layer}.mlp', up='up_proj', down='down_proj'))")
+        spec = _MLP_REGISTRY[model_type]
+    try:
+        layers = int(getattr(config, spec.layers))
+        hidden = int(config.hidden_size)
+    except (AttributeError, TypeError):
+        raise LayoutError(f"{type(model).__name__}'s config lacks {spec.layers!r} or hidden_size") from None
+    params = dict(model.named_parameters())
+    prefix = _base_prefix(model)
+    conv = spec.weight_format == "conv1d"
+
+    def weight(layer: int, module: str) -> tuple[str, tuple[int, int]]:
+        pname = f"{prefix}{spec.layer.format(layer=layer)}.{module}.weight"
+        if pname not in params:
+            near = [n for n in params if n.endswith(module + ".weight")][:3]
+            raise LayoutError(f"{model_type} MLP layout: parameter {pname!r} not found (parameters ending like it: "
+                              f"{near or 'none'})")
+        shape = tuple(params[pname].shape)
+        if len(shape) != 2:
+            raise LayoutError(f"{model_type} MLP layout: {pname!r} has shape {shape}, not a matrix")
+        return pname, shape
+
+    def logical(shape: tuple[int, int]) -> tuple[int, int]:  # (out, in)
+        return (shape[1], shape[0]) if conv else shape
+
+    down_name, down_shape = weight(0, spec.down)
+    width = logical(down_shape)[1]  # the hidden channels: DOWN's input features
+    if group_size is None:
+        heads = getattr(config, "num_attention_heads", None) or 1
+        group_size = width // heads if width % heads == 0 else 1
+    if not isinstance(group_size, int) or group_size < 1 or width % group_size:
+        sizes = [d for d in range(1, width + 1) if width % d == 0]
+        raise LayoutError(f"MLP group_size must divide the {width} hidden channels; got {group_size!r} "
+                          f"(sizes that do: {sizes[:12]}{'...' if len(sizes) > 12 else ''})")
+    units = width // group_size
+    names = (("GATE",) if spec.gated else ()) + ("UP", "DOWN")
+    blocks, pnames = {}, []
+    for layer in range(layers):
+        up_name, up_shape = weight(layer, spec.up)
+        down_name, down_shape = weight(layer, spec.down)
+        up_rows = logical(up_shape)[0]
+        want_up = 2 * width if spec.gate_up else width
+        if up_rows != want_up or logical(down_shape) != (hidden, width):
+            raise LayoutError(f"{model_type} MLP layout, layer {layer}: {up_name} has {up_rows} output channels "
+                              f"(expected {want_up}) and {down_name} logical shape {logical(down_shape)} (expected "
+                              f"({hidden}, {width}))")
+        rows = {"UP": (up_name, up_shape, width if spec.gate_up else 0)}
+        if spec.gate_up:
+            rows["GATE"] = (up_name, up_shape, 0)
+        elif spec.gate is not None:
+            gate_name, gate_shape = weight(layer, spec.gate)
+            if logical(gate_shape) != logical(up_shape):
+                raise LayoutError(f"{model_type} MLP layout, layer {layer}: {gate_name} and {up_name} differ in shape")
+            rows["GATE"] = (gate_name, gate_shape, 0)
+        for block in names:
+            if block == "DOWN":
+                hbs = [HeadBlock(HeadKey(layer, block, u), down_name, down_shape, "in", u * group_size,
+                                 (u + 1) * group_size, conv) for u in range(units)]
+            else:
+                pname, shape, offset = rows[block]
+                hbs = [HeadBlock(HeadKey(layer, block, u), pname, shape, "out", offset + u * group_size,
+                                 offset + (u + 1) * group_size, conv) for u in range(units)]
+            blocks[(layer, block)] = tuple(hbs)
+            pnames += [hbs[0].param_name] if hbs[0].param_name not in pnames else []
+    dims = Dims(num_layers=layers, num_heads=units, num_kv_heads=units, head_dim=group_size, hidden_size=hidden)
+    return Layout(model_type=model_type, dims=dims, blocks=blocks, params=tuple(pnames), block_names=names,
+                  unit="channels")
+
+
+def units_layout(model: nn.Module, units: str | tuple[str, ...] = "heads", group_size: Optional[int] = None,
+                 layout: Optional[Layout] = None) -> Layout:
+    """The layout a collection of ``units`` needs: ``"heads"`` (attention heads), ``"mlp"`` (MLP channel
+    groups of ``group_size``), or both (``("heads", "mlp")`` or ``"all"``) as one :meth:`Layout.union`.
+    ``layout`` replaces the resolved head layout (a declared one)."""
+    wanted = UNIT_FAMILIES if units == "all" else (units,) if isinstance(units, str) else tuple(units)
+    unknown = [u for u in wanted if u not in UNIT_FAMILIES]
+    if unknown or not wanted or len(set(wanted)) != len(wanted):
+        raise LayoutError(f"units must be 'heads', 'mlp', 'all' or a tuple of them, got {units!r}")
+    parts = []
+    for family in wanted:
+        if family == "heads":
+            parts.append(("heads", layout if layout is not None else layout_for(model)))
+        else:
+            parts.append(("mlp", mlp_layout_for(model, group_size)))
+    return Layout.union(parts)

@@ -156,3 +156,51 @@ class Stacks:
         if not self.parts or not all(isinstance(s, AttentionSpec) for _, s in self.parts):
             raise LayoutError("Stacks takes ((name, AttentionSpec), ...)")
 
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Where one layer's MLP keeps the projections around its hidden units (channels).
+
+    Channel ``c`` of a layer owns row ``c`` of ``up`` (and of ``gate``, for gated MLPs) and column ``c``
+    of ``down``: everything that writes or reads that hidden unit. Channels are grouped into units of
+    ``group_size`` consecutive channels (:func:`sketchfisher.mlp_layout_for`).
+
+    Attributes
+    ----------
+    layer:
+        Format string for a layer's MLP module path relative to the base model, with ``{layer}``
+        (``"layers.{layer}.mlp"``; BERT: ``"encoder.layer.{layer}"``).
+    up, down:
+        The projection producing the hidden units and the one consuming them (GPT-2: ``c_fc``,
+        ``c_proj``; Llama: ``up_proj``, ``down_proj``; BERT: ``intermediate.dense``, ``output.dense``).
+    gate:
+        The gate projection of a gated MLP (Llama's ``gate_proj``), or None.
+    gate_up:
+        ``True`` when ``up`` holds the gate and the up projection stacked, rows ``[gate | up]`` (Phi-3's
+        ``gate_up_proj``).
+    weight_format:
+        ``"linear"`` or ``"conv1d"``, as for :class:`AttentionSpec`.
+    layers:
+        The config attribute holding the number of layers.
+    """
+
+    layer: str
+    up: str
+    down: str
+    gate: Optional[str] = None
+    gate_up: bool = False
+    weight_format: WeightFormat = "linear"
+    layers: str = "num_hidden_layers"
+
+    def __post_init__(self) -> None:
+        if "{layer}" not in self.layer:
+            raise LayoutError(f"MLPSpec.layer must contain '{{layer}}', got {self.layer!r}")
+        if self.gate is not None and self.gate_up:
+            raise LayoutError("MLPSpec takes gate=<module> or gate_up=True (gate and up stacked in one), not both")
+        if self.weight_format not in ("linear", "conv1d"):
+            raise LayoutError(f"MLPSpec.weight_format must be 'linear' or 'conv1d', got {self.weight_format!r}")
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.gate_up
