@@ -21,7 +21,7 @@ from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector
 from ..errors import GradientError, InputError
 from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats, HostStaging
 from ..fisher.host import host_copy
-from ..layout import Layout, block_index
+from ..layout import BLOCKS, Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
 from .passes import Skip, factor_pass, trainable_weights
@@ -212,10 +212,11 @@ def check_sketch_width(layout: Layout, codec: Any) -> None:
     recovers exact scores and is how sketches are checked against the exact answer."""
     if not codec.two_pass:
         return
-    smallest = min(hb.numel for layer, block in layout.groups() for hb in layout.head_blocks(layer, block))
+    smallest, block = min((hb.numel, block) for layer, block in layout.groups() for hb in layout.head_blocks(layer, block))
+    what = "head block" if block in BLOCKS else "MLP channel-group block"
     full = 1 << (smallest - 1).bit_length()
     if codec.k >= smallest and not (codec.kind == "srht" and codec.k <= full):
-        raise InputError(f"Sketch(k={codec.k}) is not smaller than the smallest unit block ({smallest:,} entries): "
+        raise InputError(f"Sketch(k={codec.k}) is not smaller than the smallest {what} ({smallest:,} entries): "
                          f"the sketch would be larger than the data; use k < {smallest:,}, or sf.Factors() for exact "
                          "scores")
 
