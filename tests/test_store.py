@@ -347,6 +347,31 @@ def test_cli_subprocess_exit_codes(tmp_path):
 
 
 
+def test_cli_mlp_units_beside_heads(tiny_bert_dir, tmp_path, capsys):
+    """collect --units all: interfere writes the MLP channel-group files beside the head files; conflicts
+    recomputes both families' alignment from the store's layout."""
+    from sketchfisher.cli import main
+
+    (tmp_path / "a.txt").write_text("\n".join(f"what is {i} plus {i + 1}?" for i in range(5)))
+    (tmp_path / "b.txt").write_text("\n".join(f"def f{i}(x): return x * {i}" for i in range(4)))
+    common = ["--model", str(tiny_bert_dir), "--task-a", str(tmp_path / "a.txt"), "--task-b", str(tmp_path / "b.txt"),
+              "--batch-size", "2"]
+    assert main(["collect", *common, "--out", str(tmp_path / "store"), "--k", "16", "--units", "all",
+                 "--mlp-group-size", "12", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / "out")]) == 0
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"head_means.csv", "heatmap.png", "mlp_means.csv", "mlp_heatmap.png", "mlp_top_conflicts.csv"} <= names
+    means = pd.read_csv(tmp_path / "out" / "mlp_means.csv")
+    assert list(means.columns) == ["layer", "unit", "block", "mean_score", "stderr"]
+    assert len(means) == 2 * (48 // 12) * 2 and set(means.block) == {"UP", "DOWN"}
+    assert main(["conflicts", str(tmp_path / "store"), "--permutations", "19", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "MLP channel-group blocks where the tasks pull apart" in out
+    conflicts = pd.read_csv(tmp_path / "store" / "conflicts" / "mlp_conflicts.csv")
+    assert len(conflicts) == 2 * 4 * 2 and "unit" in conflicts.columns
+
+
 @pytest.fixture(scope="module")
 def cli_store(tiny_bert_dir, tmp_path_factory):
     """A complete store collected by the CLI (tasks of 5 and 4 samples, batch size 2)."""

@@ -74,7 +74,8 @@ def _collect(args: argparse.Namespace) -> int:
     import torch
 
     start, log = time.perf_counter(), PhaseLog.for_devices([p.device for p in model.parameters()])
-    path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], sf.layout_for(model), codec,
+    layout = sf.units_layout(model, args.units, args.mlp_group_size)
+    path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], layout, codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
                             inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
                                     "text_field": args.text_field, "model": str(Path(args.model).resolve()),
@@ -105,34 +106,40 @@ def _interfere(args: argparse.Namespace) -> int:
             raise InputError("--all-scores writes Parquet, which needs pyarrow: pip install 'sketchfisher[parquet]', "
                              "or pass --scores-format csv")
     store = sf.open_store(args.store)
-    res = store.result()
+    first = store.result()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    top = res.top_conflicts(args.top)
-    for side, column, at in (("a", "text_i", 5), ("b", "text_j", 6)):  # the samples' text when the task file is there
-        texts = _task_texts(store, side)
-        if texts is not None:
-            top.insert(at, column, [texts[i][:80] for i in top[f"sample_{'i' if side == 'a' else 'j'}"]])
-    top.to_csv(out / "top_conflicts.csv", index=False, float_format="%.6g")
-    means, errors = res.head_means(), res.head_means_stderr()
-    rows = [{"layer": layer, "head": h, "block": b, "mean_score": float(means[layer, h, i]),
-             "stderr": float(errors[layer, h, i])}
-            for layer in range(means.shape[0]) for h in range(means.shape[1]) for i, b in enumerate(sf.BLOCKS)]
-    import pandas as pd
+    for family in first.families:  # heads, and MLP channel groups when the store has them ("mlp_" files)
+        res, prefix = first.units(family), "" if family == "heads" else f"{family}_"
+        layout, unit = first.units(family).layout, first.units(family).layout.unit_column
+        top = res.top_conflicts(args.top)
+        for side, column, at in (("a", "text_i", 5), ("b", "text_j", 6)):  # the samples' text when the task file is there
+            texts = _task_texts(store, side)
+            if texts is not None:
+                top.insert(at, column, [texts[i][:80] for i in top[f"sample_{'i' if side == 'a' else 'j'}"]])
+        top.to_csv(out / f"{prefix}top_conflicts.csv", index=False, float_format="%.6g")
+        means, errors = res.head_means(), res.head_means_stderr()
+        rows = [{"layer": layer, unit: h, "block": b, "mean_score": float(means[layer, h, i]),
+                 "stderr": float(errors[layer, h, i])}
+                for layer in range(means.shape[0]) for h in range(means.shape[1]) for i, b in enumerate(layout.block_names)]
+        import pandas as pd
 
-    pd.DataFrame(rows).to_csv(out / "head_means.csv", index=False, float_format="%.6g")
-    res.block_summary().to_csv(out / "block_summary.csv", index=False, float_format="%.6g")
-    if args.all_scores:
-        if args.scores_format == "parquet":
-            res.to_frame().to_parquet(out / "scores.parquet", index=False)
-        else:
-            res.to_frame().to_csv(out / "scores.csv.gz", index=False, float_format="%.6g")
-    if not args.no_plot:
-        what = {"paper": "task B's Fisher-normalised gradient mass (A enters through Î)",
-                "signed": "the Fisher-weighted alignment of the two task means (negative: they pull apart)",
-                "symmetric": "the tasks' Fisher-normalised shared gradient mass"}.get(res.cfg.variant, "")
-        plot_block_heatmaps(means, out / "heatmap.png", label=f"mean {res.cfg.variant} score",
-                            title=f"{args.store}: mean {res.cfg.variant} score per head = {what}")
+        pd.DataFrame(rows).to_csv(out / ("head_means.csv" if family == "heads" else f"{prefix}means.csv"), index=False,
+                                  float_format="%.6g")
+        res.block_summary().to_csv(out / f"{prefix}block_summary.csv", index=False, float_format="%.6g")
+        if args.all_scores:
+            if args.scores_format == "parquet":
+                res.to_frame().to_parquet(out / f"{prefix}scores.parquet", index=False)
+            else:
+                res.to_frame().to_csv(out / f"{prefix}scores.csv.gz", index=False, float_format="%.6g")
+        if not args.no_plot:
+            what = {"paper": "task B's Fisher-normalised gradient mass (A enters through Î)",
+                    "signed": "the Fisher-weighted alignment of the two task means (negative: they pull apart)",
+                    "symmetric": "the tasks' Fisher-normalised shared gradient mass"}.get(res.cfg.variant, "")
+            label = "head" if family == "heads" else f"MLP channel group ({layout.head_dim} channels)"
+            plot_block_heatmaps(means, out / f"{prefix}heatmap.png", label=f"mean {res.cfg.variant} score",
+                                blocks=layout.block_names, unit="head" if family == "heads" else "channel group",
+                                title=f"{args.store}: mean {res.cfg.variant} score per {label} = {what}")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     if res.cfg.variant == "paper":
         print(f"the head means of the paper score reflect task B's gradients; for 'do A and B pull this head apart?' "
@@ -164,19 +171,24 @@ def _conflicts(args: argparse.Namespace) -> int:
     store = sf.open_store(args.store)
     model, loss, tasks = _recompute_inputs(args, store)
     codec = sf.Exact() if args.gradients == "exact" else sf.Factors()
-    res = sf.analyze(model, loss_for(loss), tasks[0], tasks[1], codec=codec, config=store.cfg,
-                     progress=not args.quiet)
-    conflicts = res.head_conflicts(n_permutations=args.permutations, seed=args.seed)
+    first = sf.analyze(model, loss_for(loss), tasks[0], tasks[1], codec=codec, config=store.cfg, layout=store.layout,
+                       progress=not args.quiet)
     out = Path(args.out) if args.out else Path(args.store) / "conflicts"
     out.mkdir(parents=True, exist_ok=True)
-    conflicts.to_csv(out / "head_conflicts.csv", index=False, float_format="%.6g")
-    significant = int(((conflicts.q_value <= args.q) & (conflicts.alignment < 0)).sum())
-    if not args.no_plot:
-        plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads, out / "conflicts.png", q=args.q,
-                            title=f"{args.store}: A (n={res.n_a}) vs B (n={res.n_b}); blue = the tasks pull apart, "
-                                  f"dots: conflict with q ≤ {args.q:g}")
-    print(f"{significant} head blocks where the tasks pull apart (q ≤ {args.q:g}, {args.permutations} permutations); "
-          f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    for family in first.families:  # the store's units: heads, and MLP channel groups ("mlp_" files)
+        res, prefix = first.units(family), "head" if family == "heads" else family
+        conflicts = res.head_conflicts(n_permutations=args.permutations, seed=args.seed)
+        conflicts.to_csv(out / f"{prefix}_conflicts.csv", index=False, float_format="%.6g")
+        significant = int(((conflicts.q_value <= args.q) & (conflicts.alignment < 0)).sum())
+        if not args.no_plot:
+            plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads,
+                                out / ("conflicts.png" if family == "heads" else f"{prefix}_conflicts.png"), q=args.q,
+                                blocks=res.layout.block_names,
+                                title=f"{args.store}: A (n={res.n_a}) vs B (n={res.n_b}); blue = the tasks pull apart, "
+                                      f"dots: conflict with q ≤ {args.q:g}")
+        what = "head blocks" if family == "heads" else "MLP channel-group blocks"
+        print(f"{significant} {what} where the tasks pull apart (q ≤ {args.q:g}, {args.permutations} permutations)")
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0
 
 

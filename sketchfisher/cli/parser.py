@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Fisher in the denominator: task A's (default), A and B pooled, or A without sample i")
     p.add_argument("--eps", type=_number(float, 0, "--eps"), default=1e-10, help="added to the Fisher in the denominator (default: 1e-10)")
     p.add_argument("--max-bytes", type=POSITIVE, default=None, help="refuse to collect a store larger than this")
+    p.add_argument("--units", default="heads", choices=["heads", "mlp", "all"],
+                   help="what the scores resolve: attention heads (default), MLP channel groups, or both in the same "
+                        "passes")
+    p.add_argument("--mlp-group-size", type=POSITIVE, default=None,
+                   help="hidden channels per MLP unit (1 = single neurons; default: as many units as heads)")
     p.add_argument("--stats-dtype", default="auto", choices=["auto", "float64", "float32"],
                    help="precision of the model-sized pass-1 statistics (auto: float64 on the CPU, float32 on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -197,6 +197,13 @@ class Layout:
                 return part
         raise LayoutError(f"no unit family {name!r}; this layout holds {[n for n, _ in self.families]}")
 
+    def unit_settings(self) -> tuple[tuple[str, ...], int | None]:
+        """``(units, mlp_group_size)`` that rebuild this layout from a model with
+        :func:`~sketchfisher.layout.units_layout` (how a store checks a model against its layout)."""
+        parts = self.families or ((self.family_name, self),)
+        group = next((part.head_dim for name, part in parts if name == "mlp"), None)
+        return tuple(name for name, _ in parts), group
+
     def require_single(self, what: str) -> None:
         if self.families:
             raise LayoutError(f"{what} needs one unit family; take one with .family(name) from "

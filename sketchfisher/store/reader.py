@@ -14,7 +14,7 @@ from ..compress import Sketch, codec_from_dict
 from ..compress.sketch import decode
 from ..errors import InputError
 from ..fisher import FisherStats
-from ..layout import Layout, layout_for
+from ..layout import Layout, units_layout
 from ..metric import ScoreConfig
 from .files import StoreError, check_inside, load_named, load_tensors, read_metadata
 from .integrity import check_digest, check_header, index_entry
@@ -141,7 +141,8 @@ class StoreReader:
     def check(self, model: Any = None, codec: Any = None, cfg: Optional[ScoreConfig] = None) -> None:
         """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
         if model is not None:
-            wanted = build_manifest(model, layout_for(model), codec or self.codec, cfg or self.cfg,
+            wanted = build_manifest(model, units_layout(model, *self.layout.unit_settings()), codec or self.codec,
+                                    cfg or self.cfg,
                                     self.manifest.get("inputs"))
             check_same(self.manifest, wanted, f"store {self.path}")
 
