@@ -46,6 +46,10 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
     rows = []
     if s == Shape(**PRESETS["llama-7b"]):
         rows.append(("design note: 50 matrices x 60 MB (fp16) x samples", 50 * 60e6 * samples, float("nan")))
+        rows.append(("design note, reduced to heads/channels: 50 x 8 KB (fp16) x samples", 50 * 8192 * samples,
+                     float("nan")))
+    mlp = s.num_layers * s.mlp_params_per_layer
+    mlp_blocks = s.mlp_matrices * s.mlp_units_per_layer
     rows += [
         ("Exact: full fp16 per-sample attention gradients", attn * 2 * samples, peak(Exact())),
         ("Factors (lossless, fp32)", tokens * s.num_layers * s.attn_in_out_per_layer * 4 * samples, peak(Factors())),
@@ -54,6 +58,14 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
         (f"Sketch(k={k}, {sketch_dtype})", s.num_layers * s.head_blocks_per_layer * per_vec * samples, peak(sketch)),
         (f"Sketch(k={k}, {sketch_dtype}) store: + headers, statistics, pass-1 checkpoint",
          store_disk_bytes(s, sketch, samples, -(-samples // batch_size), (2, 1), stats_bytes)["total"], peak(sketch)),
+        # MLP channel units (device peaks not planned: the statistics then cover the MLP weights too)
+        ("Exact: full fp16 per-sample attention + MLP gradients", (attn + mlp) * 2 * samples, float("nan")),
+        (f"Sketch(k={k}, {sketch_dtype}): heads + MLP units ({s.intermediate // s.mlp_units_per_layer} channels each)",
+         s.num_layers * (s.head_blocks_per_layer + mlp_blocks) * per_vec * samples, float("nan")),
+        (f"Sketch(k={k}, {sketch_dtype}): MLP single neurons", s.num_layers * s.mlp_matrices * s.intermediate * per_vec
+         * samples, float("nan")),
+        ("MLP per-neuron pair means from pass-1 statistics (fp32, any sample count)",
+         s.num_layers * s.mlp_matrices * s.intermediate * 4, float("nan")),
     ]
     df = pd.DataFrame(rows, columns=["codec", "disk_bytes", "peak_device_bytes"])
     exact = df.loc[df["codec"].str.startswith("Exact"), "disk_bytes"].iloc[0]

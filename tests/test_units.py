@@ -191,3 +191,24 @@ def test_unit_heatmaps_and_fisher_views(tmp_path):
         per_channel = channel_view(f, axis="in" if block == "DOWN" else "out")
         group = layout.head_dim
         torch.testing.assert_close(view[0, :, b], per_channel.double().view(-1, group).sum(1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("codec", [sf.Factors(), sf.Sketch(k=16, seed=0)])
+@pytest.mark.parametrize("variant,normalizer", [("paper", "a"), ("signed", "a"), ("symmetric", "pooled")])
+def test_single_neuron_pair_means_from_statistics_equal_exact_means(codec, variant, normalizer):
+    """Every neuron's mean score over all pairs, from pass-1 statistics only, equals the mean of the exact
+    per-neuron scores (collected at group size 1), whatever the codec and group size of the collection."""
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(5, 2, seed=1), make_batches(4, 3, seed=2)
+    kw = dict(variant=variant, normalizer=normalizer, dtype=torch.float64)
+    neurons = sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors(), units="mlp", mlp_group_size=1, **kw)
+    grouped = sf.analyze(model, generic_loss, ta, tb, codec=codec, units="all", mlp_group_size=8,
+                         stats_dtype=torch.float64, **kw).units("mlp")
+    want = neurons.head_means()
+    got = grouped.pair_means_from_statistics(group_size=1)
+    assert got.shape == want.shape == (2, 48, 3)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))  # gradients formed in fp32
+    torch.testing.assert_close(grouped.pair_means_from_statistics(group_size=8), neurons.head_means().view(2, 6, 8, 3)
+                               .sum(2), rtol=1e-6, atol=1e-7 * float(want.abs().max()))
+    with pytest.raises(sf.InputError, match="positive divisor"):
+        grouped.pair_means_from_statistics(group_size=3)

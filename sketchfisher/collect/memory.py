@@ -43,6 +43,15 @@ PRESETS = {
 }
 TB = 1e12
 GiB = 2**30
+
+
+def _mlp_matrices(config: Any) -> int:
+    """3 for a gated MLP, 2 otherwise, from the model type's declared MLP units (3 when none is declared)."""
+    from ..layout.registry import _MLP_REGISTRY
+    from ..layout import archs  # noqa: F401  (registers the built-in architectures)
+
+    spec = _MLP_REGISTRY.get(getattr(config, "model_type", None))
+    return 3 if spec is None or spec.gated else 2
 ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, LOGIT_BYTES = 26, 11, 10  # bytes per token and layer / per logit
 
 
@@ -55,6 +64,7 @@ class Shape:
     head_dim: int
     intermediate: int
     vocab: int
+    mlp_matrices: int = 3  # gated MLPs (gate, up, down); 2 for up/down
 
     @classmethod
     def of(cls, source: Any) -> "Shape":
@@ -73,7 +83,7 @@ class Shape:
                        head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
                        intermediate=int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                                         or 4 * hidden),
-                       vocab=int(getattr(config, "vocab_size", 0)))
+                       vocab=int(getattr(config, "vocab_size", 0)), mlp_matrices=_mlp_matrices(config))
         except (AttributeError, TypeError) as exc:
             raise InputError(f"cannot read a model shape from {type(source).__name__}: {exc}") from None
 
@@ -92,6 +102,15 @@ class Shape:
     @property
     def head_blocks_per_layer(self) -> int:
         return 2 * self.heads + 2 * self.kv_heads
+
+    @property
+    def mlp_params_per_layer(self) -> int:
+        return self.mlp_matrices * self.hidden * self.intermediate
+
+    @property
+    def mlp_units_per_layer(self) -> int:
+        """MLP channel units per layer at the default group size (as many as heads when they divide the channels)."""
+        return self.heads if self.intermediate % self.heads == 0 else self.intermediate
 
     @property
     def params(self) -> int:

@@ -29,15 +29,20 @@ from .passes import Skip, factor_pass, trainable_weights
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
 
 
-def needed_statistics(cfg: ScoreConfig, codec: Any) -> dict[str, tuple[str, ...]]:
+def needed_statistics(cfg: ScoreConfig, codec: Any, means: bool = False) -> dict[str, tuple[str, ...]]:
     """The pass-1 statistics (:data:`sketchfisher.fisher.QUANTITIES`) each task must keep for these settings.
 
     Task A always keeps its Fisher (the normaliser, and exact re-scoring); task B only for the pooled
     normaliser. The sketch codec with variance reduction adds Σ|g| of both tasks (balancing) and the
     task mean of each side's transform (centering: the i-side's over A, the j-side's over B). The
-    Welford M2 (variance across samples) is never needed for scores.
+    Welford M2 (variance across samples) is never needed for scores. ``means=True`` (MLP units) keeps
+    the task means of both sides' transforms whatever the codec: they give every neuron's mean score
+    over all pairs (:func:`sketchfisher.interference.pair_means.pair_means_from_statistics`).
     """
     a, b = {"fisher"}, {"fisher"} if cfg.normalizer == "pooled" else set()
+    if means:
+        a.add(MEAN_OF[cfg.spec.i_side])
+        b.add(MEAN_OF[cfg.spec.j_side])
     if codec.two_pass and codec.variance_reduction:
         a |= {"abs", MEAN_OF[cfg.spec.i_side]}
         b |= {"abs", MEAN_OF[cfg.spec.j_side]}
@@ -239,7 +244,10 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
     check_sketch_width(layout, codec)
     log = log or PhaseLog()
     with log.phase("preparation"):
-        preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True, staging=staging)
+        # MLP units keep the task means too: every neuron's pair-mean score comes from them
+        means = (MEAN_OF[cfg.spec.i_side], MEAN_OF[cfg.spec.j_side]) if "mlp" in layout.unit_settings()[0] else ()
+        preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True, staging=staging,
+                            keep=tuple(dict.fromkeys(("fisher", *means))))
     with log.phase("pass 2 A"):
         side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "pass 2 A",
                              show_progress)

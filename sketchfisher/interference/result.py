@@ -167,6 +167,14 @@ class InterferenceResult:
                 out[layer, :, b] = se[self.layout.head_index(block)]
         return out
 
+    def pair_means_from_statistics(self, group_size: int = 1) -> torch.Tensor:
+        """The mean score over all pairs per unit of ``group_size`` channels (1: single MLP neurons), exact,
+        from the pass-1 statistics alone: ``[L, units, blocks]``; see
+        :func:`sketchfisher.interference.pair_means.pair_means_from_statistics`."""
+        from .pair_means import pair_means_from_statistics
+
+        return pair_means_from_statistics(self, group_size)
+
     def pair(self, i: int, j: int, layer: int, head: int) -> dict[str, float]:
         """The block scores of one (i, j, layer, head or unit)."""
         if not (0 <= i < self.n_a and 0 <= j < self.n_b):
