@@ -131,3 +131,57 @@ frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]]
 #   rank and the layer widths, a sketch's does not: at Llama-7B shapes Factors(rank 16) need 51 GB
 #   for 768 samples against 1.7 GB for k = 256 sketches (notebook 03). Sketches are the choice below
 #   ≈0.15 MB per sample here and at scale; factors when exactness matters and memory allows.
+
+# %% [markdown]
+# ## MLP channel units on the same frontier
+#
+# The same call can resolve the MLP too: `units="all"` collects attention heads and MLP channel groups
+# (here 12 groups of 128 hidden channels per layer: rows of `intermediate.dense`, columns of
+# `output.dense`) in the same two passes; `res.units("mlp")` holds the channel-group scores
+# `[nA, nB, layers, groups, (UP, DOWN)]`. Below, each family is compared with its own exact scores;
+# the bytes count that family's blocks only.
+
+# %%
+exact_all = sf.analyze(model, masked_token_loss, task_a, task_b, codec=sf.Factors(), units="all")
+mlp_layout = exact_all.units("mlp").layout
+mlp_modules = {mlp_layout.head_blocks(l, b)[0].module_name for l, b in mlp_layout.groups()}
+mlp_in_out = sum(sum(model.get_submodule(m).weight.shape) for m in mlp_modules)
+family_blocks = {name: sum(len(lay.head_blocks(*key)) for key in lay.groups())
+                 for name, lay in (("heads", layout), ("mlp", mlp_layout))}
+unit_rows = []
+for k in ([64, 256] if FAST else [64, 256, 1024]):
+    res = sf.analyze(model, masked_token_loss, task_a, task_b, units="all",
+                     codec=sf.Sketch(k=k, kind="sjlt", seed=0, dtype="fp16"))
+    for family in ("heads", "mlp"):
+        r = res.units(family)
+        m = compare(exact_all.units(family).scores, r.scores, r.stderr, top=TOP)
+        unit_rows.append({"label": f"{family}: Sketch sjlt fp16 VR on", "setting": f"k={k}",
+                          "bytes_per_sample": family_blocks[family] * res.context.codec.bytes_per_block(), **m})
+for r_ in ([4] if FAST else [4, 16]):
+    res = sf.analyze(model, masked_token_loss, task_a, task_b, units="mlp", codec=sf.Factors(rank=r_))
+    m = compare(exact_all.units("mlp").scores, res.scores, None, top=TOP)
+    unit_rows.append({"label": "mlp: Factors", "setting": f"rank {r_}", "bytes_per_sample": r_ * mlp_in_out * 4, **m})
+units_table = pd.DataFrame(unit_rows)
+units_table.round(4)
+
+# %%
+both = pd.concat([table.assign(label="heads: " + table["label"]), units_table[units_table.label.str.startswith("mlp")]])
+display(plot_frontier(both[both.label.str.contains("VR on|Factors")], title="MiniLM: heads and MLP units, error vs memory"))
+
+# %% [markdown]
+# The (layer × channel group) map comes from the same sketches, with a standard error per cell;
+# every single neuron's mean score over all pairs is exact from the pass-1 statistics (no per-sample
+# storage at all).
+
+# %%
+from sketchfisher.plots import plot_block_heatmaps
+
+mlp = sf.analyze(model, masked_token_loss, task_a, task_b, units="all",
+                codec=sf.Sketch(k=256, kind="sjlt", seed=0)).units("mlp")
+means, errors = mlp.head_means(), mlp.head_means_stderr()
+print(f"largest stderr / mean over cells: {float((errors / means.abs()).max()):.2e}")
+display(plot_block_heatmaps(means, blocks=mlp.layout.block_names, unit="channel group (128 channels)",
+                            label="mean paper score", title="MiniLM MLP: mean score per channel group"))
+neurons = mlp.pair_means_from_statistics(group_size=1)
+top_neurons = torch.topk(neurons[..., 1].flatten(), 5)
+[(int(i) // neurons.shape[1], int(i) % neurons.shape[1], round(float(v), 4)) for v, i in zip(*top_neurons)]
