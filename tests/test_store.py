@@ -204,6 +204,17 @@ def test_planner_matches_hand_computation():
     assert df.loc["Sketch(k=256, fp16)", "disk_bytes"] == 32 * (2 * 32 + 2 * 32) * (256 * 2 + 4 + 16) * 768
     assert df.loc["Factors (lossless, fp32)", "disk_bytes"] == 512 * 32 * (4 * (4096 + 4096)) * 4 * 768
     assert df.loc["Factors(rank=16, fp32)", "disk_bytes"] == 16 * 32 * (4 * (4096 + 4096)) * 4 * 768
+    # attention + MLP: the design note's matrices (32 MB attention, 88 MB MLP in fp16) and its reduced figure
+    assert 4096 * 4096 * 2 / 2**20 == 32 and round(4096 * 11008 * 2 / 2**20) == 86
+    assert df.loc["design note, reduced to heads/channels: 50 x 8 KB (fp16) x samples", "disk_bytes"] == 50 * 8192 * 768
+    assert df.loc["Exact: full fp16 per-sample attention + MLP gradients", "disk_bytes"] == \
+        32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) * 2 * 768
+    per_block = 256 * 2 + 4 + 16
+    assert df.loc["Sketch(k=256, fp16): heads + MLP units (344 channels each)", "disk_bytes"] == \
+        32 * (4 * 32 + 3 * 32) * per_block * 768
+    assert df.loc["Sketch(k=256, fp16): MLP single neurons", "disk_bytes"] == 32 * 3 * 11008 * per_block * 768
+    assert plan("gpt2", samples=1).set_index("codec").loc["Sketch(k=256, fp16): MLP single neurons", "disk_bytes"] == \
+        12 * 2 * 3072 * per_block  # GPT-2's MLP is not gated: c_fc and c_proj
     gqa = plan("llama-70b", samples=1, k=256).set_index("codec")
     assert gqa.loc["Sketch(k=256, fp16)", "disk_bytes"] == 80 * (2 * 64 + 2 * 8) * 532
     with pytest.raises(sf.InputError, match="unknown preset"):

@@ -31,8 +31,10 @@ from ..errors import InputError
 from .sketches import needed_statistics
 
 PRESETS = {
-    "gpt2": dict(num_layers=12, hidden=768, heads=12, kv_heads=12, head_dim=64, intermediate=3072, vocab=50257),
-    "minilm": dict(num_layers=6, hidden=384, heads=12, kv_heads=12, head_dim=32, intermediate=1536, vocab=30522),
+    "gpt2": dict(num_layers=12, hidden=768, heads=12, kv_heads=12, head_dim=64, intermediate=3072, vocab=50257,
+                 mlp_matrices=2),
+    "minilm": dict(num_layers=6, hidden=384, heads=12, kv_heads=12, head_dim=32, intermediate=1536, vocab=30522,
+                   mlp_matrices=2),
     "llama-7b": dict(num_layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000),
     "llama3-8b": dict(num_layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
                       vocab=128256),
@@ -114,7 +116,7 @@ class Shape:
 
     @property
     def params(self) -> int:
-        mlp = 3 * self.hidden * self.intermediate
+        mlp = self.mlp_params_per_layer
         return self.num_layers * (self.attn_params_per_layer + mlp) + self.vocab * self.hidden
 
 
