@@ -49,8 +49,10 @@ def test_cuda_sjlt_kernel_matches_cpu_map(dtype, tol, size, k, s):
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch,variant,normalizer", [("llama_gqa", "paper", "a"), ("gpt2", "signed", "pooled"),
                                                      ("llama_gqa", "symmetric", "loo")])
-def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch, variant, normalizer):
-    """Fused pass 1 (Welford kernel) and pass 2 (side sketch kernel) against the torch code on the same GPU."""
+@pytest.mark.parametrize("units", ["heads", "all"])
+def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch, variant, normalizer, units):
+    """Fused pass 1 (Welford kernel) and pass 2 (side sketch kernel) against the torch code on the same GPU,
+    for head blocks and MLP channel-group blocks (rows of UP/GATE, columns of DOWN; Conv1D for GPT-2)."""
     from sketchfisher.collect import sketches as sketching
     from sketchfisher.fisher import FisherStats
 
@@ -58,14 +60,16 @@ def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch
     ta, tb = make_batches(5, 2, seed=1), make_batches(4, 3, seed=2)
     to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
     kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3, dtype="fp32"), variant=variant, normalizer=normalizer,
-              stats_dtype=torch.float32)
+              stats_dtype=torch.float32, units=units)
     fused = sf.analyze(model, generic_loss, to(ta), to(tb), **kw)
     monkeypatch.setattr(sketching.FusedSides, "applies", lambda self, factor: False)
     monkeypatch.setattr(FisherStats, "_fused_update", lambda self, name, g: False)
     plain = sf.analyze(model, generic_loss, to(ta), to(tb), **kw)
-    scale = float(plain.scores.abs().max())
-    torch.testing.assert_close(fused.scores, plain.scores, rtol=1e-3, atol=1e-4 * scale)
-    torch.testing.assert_close(fused.stderr, plain.stderr, rtol=1e-3, atol=1e-4 * scale)
+    for family in fused.families:
+        f, p = fused.units(family), plain.units(family)
+        scale = float(p.scores.abs().max())
+        torch.testing.assert_close(f.scores, p.scores, rtol=1e-3, atol=1e-4 * scale)
+        torch.testing.assert_close(f.stderr, p.stderr, rtol=1e-3, atol=1e-4 * scale)
 
 
 def test_fused_welford_matches_cpu():
