@@ -156,3 +156,27 @@ def test_fp16_sketches_without_variance_reduction_stay_finite_on_minilm():
         res = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Sketch(k=64, variance_reduction=False),
                          variant=variant)
         assert torch.isfinite(res.scores).all(), variant
+
+
+def test_non_finite_sides_are_caught_one_batch_late_and_never_written(tmp_path):
+    """The pass-2 finiteness check reads a batch's verdict after the next batch is queued (no device stop
+    per batch); the flagged batch's error names it, and a store's writer refuses a non-finite shard."""
+    from sketchfisher.collect.sketches import LaggedFiniteCheck
+    from sketchfisher.store.writer import ShardParts, _write_shard
+
+    cfg = sf.ScoreConfig()
+    good = {(0, "Q"): (torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(2, 3))}
+    bad = {(0, "Q"): (torch.ones(2, 3, 4), torch.ones(2, 3), torch.tensor([[1.0, 1, 1], [1, float("inf"), 1]]))}
+    check = LaggedFiniteCheck("pass 2 a", cfg)
+    check.submit(0, good)
+    check.submit(1, bad)  # not read yet
+    with pytest.raises(sf.GradientError, match=r"pass 2 a, batch 1: .*batch positions \[1\] overflow float32"):
+        check.submit(2, good)
+    huge = {(0, "Q"): (torch.full((2, 3, 4), 3e38), torch.ones(2, 3), torch.ones(2, 3))}  # finite, norm overflows
+    check = LaggedFiniteCheck("pass 2 a", cfg)
+    check.submit(0, huge)
+    check.finish()  # cleared by the precise check
+    parts = ShardParts.of(bad, sf.Sketch(k=4, dtype="fp32"))
+    with pytest.raises(sf.GradientError, match=r"pass 2 b, batch 7: .*positions \[1\]"):
+        _write_shard(parts, tmp_path / "shard.safetensors", "id", "b", 7, 2)
+    assert not list(tmp_path.iterdir())

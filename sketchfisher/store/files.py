@@ -150,7 +150,7 @@ def _alive(pid: object) -> bool:
 def content_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the tensors' names, dtypes, shapes and the sha256 of each one's bytes, in name order: what
     a file's content must hash to, whatever its layout on disk. Large tensors are hashed in parallel
-    threads (hashlib releases the GIL): at 7B a statistics file is tens of GB."""
+    threads (hashlib releases the GIL; half the cores): at 7B a statistics file is tens of GB."""
     names = sorted(tensors)
     host = {n: tensors[n].detach().contiguous().cpu() for n in names}
 
@@ -162,7 +162,9 @@ def content_digest(tensors: dict[str, torch.Tensor]) -> str:
     if big and len(names) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+        # half the cores: the training loop's thread keeps the rest (all 16 cores of an H200 host hashing slowed
+        # pass 2; a quarter of them left the statistics' writes behind the passes)
+        with ThreadPoolExecutor(max_workers=min(len(names), max(1, (os.cpu_count() or 1) // 2))) as pool:
             digests = list(pool.map(one, names))
     else:
         digests = [one(n) for n in names]

@@ -36,7 +36,7 @@ from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_sta
 from ..collect import trainable_weights
 from ..collect.passes import sized
 from ..collect.memory import check_tasks_fit, format_bytes, store_disk_bytes
-from ..collect.sketches import check_reiterable, check_sketch_width, host_staging
+from ..collect.sketches import check_reiterable, check_sketch_width, finite_rows, host_staging, overflow_error
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
@@ -216,7 +216,12 @@ class ShardParts:
 
 
 def _write_shard(parts: ShardParts, path: Path, store_id: str, task: str, batch: int, samples: int) -> None:
+    """Write one batch's shard, after checking on the host that every value is finite (the device-side check
+    of a batch is read one batch late; nothing non-finite reaches the disk, where a restart would keep it)."""
     tensors = parts.tensors()
+    ok = finite_rows(tensors.values())
+    if not bool(ok.all()):
+        raise overflow_error(f"pass 2 {task}", batch, (~ok).nonzero().flatten().tolist(), "their precision")
     atomic_save_tensors(tensors, path, shard_metadata(tensors, store_id, task, batch, samples))
 
 
