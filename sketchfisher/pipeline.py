@@ -35,7 +35,8 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             ridge_rel: Optional[float] = None, dtype: Optional[torch.dtype] = None, layout: Optional[Layout] = None,
             modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES, store: Optional[str] = None,
             stats_dtype: Optional[torch.dtype] = None, progress: bool = False,
-            units: str | tuple[str, ...] = "heads", mlp_group_size: Optional[int] = None) -> InterferenceResult:
+            units: str | tuple[str, ...] = "heads", mlp_group_size: Optional[int] = None,
+            linear_group_sizes: Optional[dict[str, int]] = None) -> InterferenceResult:
     """Head- and channel-resolved interference between every task-A sample i and task-B sample j.
 
     ``loss_fn(model, batch)`` returns one loss per sample (``[B]``); ``task_a``/``task_b`` iterate
@@ -56,14 +57,17 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
 
     ``units`` chooses what the scores resolve: ``"heads"`` (attention heads, Q/K/V/O), ``"mlp"`` (MLP channel
     groups of ``mlp_group_size`` hidden units: GATE/UP rows and DOWN columns; default as many groups as
-    heads) or both (``("heads", "mlp")`` / ``"all"``), collected in the same passes. The result is the
-    first family's; ``res.units("mlp")`` is the other's (``scores [nA, nB, L, groups, blocks]``).
+    heads) or both (``("heads", "mlp")`` / ``"all"``), collected in the same passes; ``"linear"`` adds
+    output-channel groups of every other linear layer, one family per module pattern
+    (``"linear:lm_head"``, ``"linear:layers.*.mlp.gate"``; group sizes by pattern in ``linear_group_sizes``).
+    The result is the first family's; ``res.units(name)`` is another's (``scores [nA, nB, L, units,
+    blocks]``; ``res.families`` names them).
     """
     check_batches(task_a=task_a, task_b=task_b)
     codec = check_codec(Exact() if codec is None else codec)
     cfg = score_config(config, variant=variant, normalizer=normalizer, eps=eps, ridge_abs=ridge_abs,
                        ridge_rel=ridge_rel, dtype=dtype)
-    layout = units_layout(model, units, mlp_group_size, layout)
+    layout = units_layout(model, units, mlp_group_size, linear_group_sizes, layout=layout)
     stats_kw = {} if stats_dtype is None else {"stats_dtype": stats_dtype}
     if store is not None:
         if modules != "attention":
@@ -71,7 +75,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
                          **stats_kw)
         return open_store(store).result(max_bytes=max_bytes)
-    needs = needed_statistics(cfg, codec, means="mlp" in layout.unit_settings()[0])
+    needs = needed_statistics(cfg, codec, means=layout.unit_settings()[0] != ("heads",))
     check_sketch_width(layout, codec)
     check_tasks_fit(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a, task_b)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])

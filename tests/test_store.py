@@ -382,6 +382,13 @@ def test_cli_mlp_units_beside_heads(tiny_bert_dir, tmp_path, capsys):
     assert "MLP channel-group blocks where the tasks pull apart" in out
     conflicts = pd.read_csv(tmp_path / "store" / "conflicts" / "mlp_conflicts.csv")
     assert len(conflicts) == 2 * 4 * 2 and "unit" in conflicts.columns
+    # every other linear layer (here BERT's pooler) as output-channel groups
+    assert main(["collect", *common, "--out", str(tmp_path / "store2"), "--k", "16", "--units", "heads,linear",
+                 "--quiet"]) == 0
+    assert main(["interfere", str(tmp_path / "store2"), "--out", str(tmp_path / "out2"), "--no-plot"]) == 0
+    assert {"head_means.csv", "linear_pooler.dense_means.csv"} <= {p.name for p in (tmp_path / "out2").iterdir()}
+    with pytest.raises(SystemExit):
+        main(["collect", *common, "--out", str(tmp_path / "x"), "--units", "heads,neurons"])
 
 
 @pytest.fixture(scope="module")

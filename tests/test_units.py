@@ -212,3 +212,53 @@ def test_single_neuron_pair_means_from_statistics_equal_exact_means(codec, varia
                                .sum(2), rtol=1e-6, atol=1e-7 * float(want.abs().max()))
     with pytest.raises(sf.InputError, match="positive divisor"):
         grouped.pair_means_from_statistics(group_size=3)
+
+
+def test_other_linear_layers_get_output_channel_units():
+    """units='linear': every linear layer outside the head and MLP layouts, grouped by module pattern, with
+    output-row units that tile its weight; masking output channel c zeroes exactly its unit's rows; exact
+    scores follow the formula; a store keeps the families (block names hold dots and stars)."""
+    model = make_model("llama_gqa", wrapper=True)
+    layout = sf.units_layout(model, ("heads", "linear"), linear_group_sizes={"lm_head": 8})
+    assert layout.family_name == "heads+linear:lm_head"
+    lin = layout.family("linear:lm_head")
+    vocab = model.lm_head.weight.shape[0]
+    assert lin.block_names == ("lm_head",) and lin.num_heads == vocab // 8 and lin.unit_column == "unit"
+    hits = torch.zeros_like(model.lm_head.weight, dtype=torch.int64)
+    for hb in lin.head_blocks(0, "lm_head"):
+        hb.select(hits).add_(1)
+    assert bool((hits == 1).all())
+    c = 5
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([c]), 0.0))
+    try:
+        grads = next(per_sample_gradients(model, generic_loss, make_batches(2, 2, seed=3), ["lm_head.weight"]))
+    finally:
+        handle.remove()
+    g = grads["lm_head.weight"]
+    assert float(g[:, c].abs().sum()) == 0.0 and bool((g.abs().sum((0, 2)) > 0).sum() == vocab - 1)
+    # outside the heads and the MLP, BERT's masked-LM head keeps one linear layer of its own
+    assert sf.units_layout(make_model("bert", wrapper=True), "linear").family_name == \
+        "linear:cls.predictions.transform.dense"
+    ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Exact(), dtype=torch.float64, units=("heads", "linear"),
+                     linear_group_sizes={"lm_head": 8}).units("linear:lm_head")
+    assert head_additivity(res)["passed"]
+    ga = [res.context.rep_a.full("lm_head.weight")[i].double() for i in range(4)]
+    gb = [res.context.rep_b.full("lm_head.weight")[j].double() for j in range(3)]
+    fisher = torch.stack([g ** 2 for g in ga]).mean(0)
+    for u in (0, 3):
+        hb = res.layout.head_block(0, "lm_head", u)
+        want = direct_score(hb.select(ga[1]), hb.select(gb[2]), hb.select(fisher), "paper")
+        assert float(res.scores[1, 2, 0, u, 0]) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_store_keeps_linear_families(tmp_path):
+    model = make_model("llama_gqa", wrapper=True)
+    ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
+    codec = sf.Sketch(k=16, seed=0, dtype="fp32")
+    kw = dict(codec=codec, units=("heads", "linear"), linear_group_sizes={"lm_head": 8})
+    mem = sf.analyze(model, generic_loss, ta, tb, **kw)
+    stored = sf.analyze(model, generic_loss, ta, tb, store=tmp_path / "s", **kw)
+    assert stored.families == ("heads", "linear:lm_head")
+    torch.testing.assert_close(stored.units("linear:lm_head").scores, mem.units("linear:lm_head").scores)
+    sf.open_store(tmp_path / "s").check(model)  # the model rebuilds the store's families

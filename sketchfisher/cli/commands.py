@@ -92,6 +92,13 @@ def _collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_prefix(family: str) -> str:
+    """Output file prefix of a unit family: none for heads, ``mlp_``, ``linear_lm_head_`` (safe characters)."""
+    import re
+
+    return "" if family == "heads" else re.sub(r"[^A-Za-z0-9.-]+", "_", family.replace("*", "N")) + "_"
+
+
 def _interfere(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from ..plots import plot_block_heatmaps
@@ -110,7 +117,7 @@ def _interfere(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for family in first.families:  # heads, and MLP channel groups when the store has them ("mlp_" files)
-        res, prefix = first.units(family), "" if family == "heads" else f"{family}_"
+        res, prefix = first.units(family), _file_prefix(family)
         layout, unit = first.units(family).layout, first.units(family).layout.unit_column
         top = res.top_conflicts(args.top)
         for side, column, at in (("a", "text_i", 5), ("b", "text_j", 6)):  # the samples' text when the task file is there
@@ -136,7 +143,8 @@ def _interfere(args: argparse.Namespace) -> int:
             what = {"paper": "task B's Fisher-normalised gradient mass (A enters through Î)",
                     "signed": "the Fisher-weighted alignment of the two task means (negative: they pull apart)",
                     "symmetric": "the tasks' Fisher-normalised shared gradient mass"}.get(res.cfg.variant, "")
-            label = "head" if family == "heads" else f"MLP channel group ({layout.head_dim} channels)"
+            label = {"heads": "head", "mlp": f"MLP channel group ({layout.head_dim} channels)"}.get(
+                family, f"group of {layout.head_dim} output channels")
             plot_block_heatmaps(means, out / f"{prefix}heatmap.png", label=f"mean {res.cfg.variant} score",
                                 blocks=layout.block_names, unit="head" if family == "heads" else "channel group",
                                 title=f"{args.store}: mean {res.cfg.variant} score per {label} = {what}")
@@ -176,17 +184,17 @@ def _conflicts(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.store) / "conflicts"
     out.mkdir(parents=True, exist_ok=True)
     for family in first.families:  # the store's units: heads, and MLP channel groups ("mlp_" files)
-        res, prefix = first.units(family), "head" if family == "heads" else family
+        res, prefix = first.units(family), "head_" if family == "heads" else _file_prefix(family)
         conflicts = res.head_conflicts(n_permutations=args.permutations, seed=args.seed)
-        conflicts.to_csv(out / f"{prefix}_conflicts.csv", index=False, float_format="%.6g")
+        conflicts.to_csv(out / f"{prefix}conflicts.csv", index=False, float_format="%.6g")
         significant = int(((conflicts.q_value <= args.q) & (conflicts.alignment < 0)).sum())
         if not args.no_plot:
             plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads,
-                                out / ("conflicts.png" if family == "heads" else f"{prefix}_conflicts.png"), q=args.q,
+                                out / ("conflicts.png" if family == "heads" else f"{prefix}conflicts.png"), q=args.q,
                                 blocks=res.layout.block_names,
                                 title=f"{args.store}: A (n={res.n_a}) vs B (n={res.n_b}); blue = the tasks pull apart, "
                                       f"dots: conflict with q ≤ {args.q:g}")
-        what = "head blocks" if family == "heads" else "MLP channel-group blocks"
+        what = {"heads": "head blocks", "mlp": "MLP channel-group blocks"}.get(family, f"{family} output-channel blocks")
         print(f"{significant} {what} where the tasks pull apart (q ≤ {args.q:g}, {args.permutations} permutations)")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0

@@ -11,6 +11,16 @@ from .._version import __version__
 from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, _verify
 
 
+def _units(text: str):
+    """``--units``: one family, ``all``, or a comma-separated list of heads, mlp, linear."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if text == "all":
+        return "all"
+    if not parts or any(p not in ("heads", "mlp", "linear") for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"--units takes heads, mlp, linear (comma-separated) or all; got {text!r}")
+    return parts if len(parts) > 1 else parts[0]
+
+
 def _number(kind: type, low: float, name: str):
     """An argparse type: a finite ``kind`` ≥ ``low``; anything else is a usage error (exit 2, before any work)."""
     def parse(text: str):
@@ -104,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Fisher in the denominator: task A's (default), A and B pooled, or A without sample i")
     p.add_argument("--eps", type=_number(float, 0, "--eps"), default=1e-10, help="added to the Fisher in the denominator (default: 1e-10)")
     p.add_argument("--max-bytes", type=POSITIVE, default=None, help="refuse to collect a store larger than this")
-    p.add_argument("--units", default="heads", choices=["heads", "mlp", "all"],
-                   help="what the scores resolve: attention heads (default), MLP channel groups, or both in the same "
-                        "passes")
+    p.add_argument("--units", default="heads", type=_units,
+                   help="what the scores resolve, comma-separated: heads (default), mlp (MLP channel groups), linear "
+                        "(output-channel groups of every other linear layer); all = heads,mlp")
     p.add_argument("--mlp-group-size", type=POSITIVE, default=None,
                    help="hidden channels per MLP unit (1 = single neurons; default: as many units as heads)")
     p.add_argument("--stats-dtype", default="auto", choices=["auto", "float64", "float32"],

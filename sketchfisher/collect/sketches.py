@@ -309,7 +309,8 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
     log = log or PhaseLog()
     with log.phase("preparation"):
         # MLP units keep the task means too: every neuron's pair-mean score comes from them
-        means = (MEAN_OF[cfg.spec.i_side], MEAN_OF[cfg.spec.j_side]) if "mlp" in layout.unit_settings()[0] else ()
+        means = ((MEAN_OF[cfg.spec.i_side], MEAN_OF[cfg.spec.j_side]) if layout.unit_settings()[0] != ("heads",)
+                 else ())
         preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True, staging=staging,
                             keep=tuple(dict.fromkeys(("fisher", *means))))
     with log.phase("pass 2 A"):

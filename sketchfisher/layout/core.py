@@ -13,6 +13,7 @@ over several families uses their :meth:`Layout.union`.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,13 +30,15 @@ Role = Literal["out", "in"]
 
 
 def block_index(block: str) -> int:
-    """The block's identity among every block kind (Q, K, V, O, GATE, UP, DOWN): what seeds its sketch
-    maps. For attention it is also the position on the score tensor's last axis; in general that
-    position is :meth:`Layout.position`."""
-    try:
+    """The block's identity among every block kind (Q, K, V, O, GATE, UP, DOWN; another linear layer's
+    block is named by its module pattern, ``"layers.*.mlp.gate"``, and identified by a stable hash of that
+    name): what seeds its sketch maps. For attention it is also the position on the score tensor's last
+    axis; in general that position is :meth:`Layout.position`."""
+    if block in ALL_BLOCKS:
         return ALL_BLOCKS.index(block)
-    except ValueError:
-        raise LayoutError(f"block must be one of {ALL_BLOCKS}, got {block!r}") from None
+    if not isinstance(block, str) or not block or block.upper() in ALL_BLOCKS:
+        raise LayoutError(f"block must be one of {ALL_BLOCKS} or a linear layer's module pattern, got {block!r}")
+    return len(ALL_BLOCKS) + zlib.crc32(block.encode()) % (1 << 24)
 
 
 @dataclass(frozen=True, order=True)
@@ -148,7 +151,9 @@ class Layout:
         """``"heads"`` or ``"mlp"`` (a union: the names of its parts joined by '+')."""
         if self.families:
             return "+".join(name for name, _ in self.families)
-        return "heads" if self.unit == "head" else "mlp"
+        if self.unit == "head":
+            return "heads"
+        return "mlp" if self.unit == "channels" else f"linear:{self.block_names[0]}"
 
     @property
     def unit_column(self) -> str:
@@ -197,12 +202,14 @@ class Layout:
                 return part
         raise LayoutError(f"no unit family {name!r}; this layout holds {[n for n, _ in self.families]}")
 
-    def unit_settings(self) -> tuple[tuple[str, ...], int | None]:
-        """``(units, mlp_group_size)`` that rebuild this layout from a model with
+    def unit_settings(self) -> tuple:
+        """``(units, mlp_group_size, linear_group_sizes)`` that rebuild this layout from a model with
         :func:`~sketchfisher.layout.units_layout` (how a store checks a model against its layout)."""
         parts = self.families or ((self.family_name, self),)
         group = next((part.head_dim for name, part in parts if name == "mlp"), None)
-        return tuple(name for name, _ in parts), group
+        names = tuple(dict.fromkeys("linear" if name.startswith("linear:") else name for name, _ in parts))
+        linear = {name[len("linear:"):]: part.head_dim for name, part in parts if name.startswith("linear:")}
+        return names, group, linear or None
 
     def require_single(self, what: str) -> None:
         if self.families:
@@ -306,7 +313,7 @@ class Layout:
         blocks, params = {}, []
         group = H // Hkv
         for key, rows in d["blocks"].items():
-            layer, block = key.split(".")
+            layer, block = key.split(".", 1)
             hbs = []
             for idx, (name, shape, role, start, stop, transposed) in enumerate(rows):
                 head = idx * group if block in ("K", "V") else idx

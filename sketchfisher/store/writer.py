@@ -313,7 +313,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
     log = log if log is not None else PhaseLog.for_devices([p.device for p in model.parameters()])
-    needs = needed_statistics(cfg, codec, means="mlp" in layout.unit_settings()[0])
+    needs = needed_statistics(cfg, codec, means=layout.unit_settings()[0] != ("heads",))
     stats_dtype = stats_dtype or default_stats_dtype(model)
     check_tasks_fit(model, codec, cfg, stats_dtype, task_a, task_b)
     if ranks.rank == 0 and not all(_final(root, t).exists() for t in TASKS):
