@@ -49,18 +49,25 @@ def test_exact_scores_equal_direct_per_pair(arch, variant, normalizer, dtype, rt
     ta, tb = make_batches(5, 2, seed=1), make_batches(4, 3, seed=2)
     res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Exact(), variant=variant, normalizer=normalizer,
                      dtype=dtype)
-    # the engine's arithmetic, checked on the gradients the codec kept (tied to autograd by the test below)
-    kept = lambda rep, n: [{p: rep.full(p)[i].double() for p in layout.params} for i in range(n)]  # noqa: E731
-    ga, gb = kept(res.context.rep_a, 5), kept(res.context.rep_b, 4)
-    pool = ga + gb if normalizer == "pooled" else ga
     assert res.scores.shape == (5, 4, layout.num_layers, layout.num_heads, 4)
+    assert_scores_follow_formula(res, variant, normalizer, rtol)
+
+
+def assert_scores_follow_formula(res, variant, normalizer, rtol):
+    """Every score of an Exact-codec result (any unit family) against :func:`direct_score` on the gradients
+    the codec kept (tied to autograd by the test below)."""
+    layout = res.layout
+    n_a, n_b = res.n_a, res.n_b
+    kept = lambda rep, n: [{p: rep.full(p)[i].double() for p in layout.params} for i in range(n)]  # noqa: E731
+    ga, gb = kept(res.context.rep_a, n_a), kept(res.context.rep_b, n_b)
+    pool = ga + gb if normalizer == "pooled" else ga
     for layer in range(layout.num_layers):
-        for b, block in enumerate(sf.BLOCKS):
+        for b, block in enumerate(layout.block_names):
             for h in range(layout.num_heads):
                 hb = layout.head_block(layer, block, h)
                 fisher = hb.select(torch.stack([g[hb.param_name] ** 2 for g in pool]).mean(0))
-                for i in range(5):
-                    for j in range(4):
+                for i in range(n_a):
+                    for j in range(n_b):
                         gi, gj = hb.select(ga[i][hb.param_name]), hb.select(gb[j][hb.param_name])
                         want = direct_score(gi, gj, fisher, variant)
                         got = float(res.scores[i, j, layer, h, b])

@@ -7,7 +7,7 @@ import torch
 import sketchfisher as sf
 from sketchfisher.capture import per_sample_gradients
 from sketchfisher.interference.checks import head_additivity
-from test_exact import direct_score, magnitude
+from test_exact import assert_scores_follow_formula, direct_score
 from tiny_models import generic_loss, make_batches, make_model
 
 MLP_ARCHS = ["gpt2", "llama_gqa", "bert", "phi3_fused_gqa", "gpt_neox"]
@@ -84,23 +84,8 @@ def test_exact_unit_scores_equal_direct_per_pair(arch, variant, normalizer):
     ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
     res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Exact(), variant=variant, normalizer=normalizer,
                      dtype=torch.float64, units="mlp", mlp_group_size=4)
-    layout = res.layout
-    kept = lambda rep, n: [{p: rep.full(p)[i].double() for p in layout.params} for i in range(n)]  # noqa: E731
-    ga, gb = kept(res.context.rep_a, 4), kept(res.context.rep_b, 3)
-    pool = ga + gb if normalizer == "pooled" else ga
-    assert res.scores.shape == (4, 3, layout.num_layers, layout.num_heads, len(layout.block_names))
-    for layer in range(layout.num_layers):
-        for b, block in enumerate(layout.block_names):
-            for u in range(layout.num_heads):
-                hb = layout.head_block(layer, block, u)
-                fisher = hb.select(torch.stack([g[hb.param_name] ** 2 for g in pool]).mean(0))
-                for i in range(4):
-                    for j in range(3):
-                        gi, gj = hb.select(ga[i][hb.param_name]), hb.select(gb[j][hb.param_name])
-                        want = direct_score(gi, gj, fisher, variant)
-                        got = float(res.scores[i, j, layer, u, b])
-                        assert abs(got - want) <= 1e-10 * magnitude(gi, gj, fisher, variant) + 1e-30, (hb.key, i, j)
-
+    assert res.scores.shape == (4, 3, res.layout.num_layers, res.layout.num_heads, len(res.layout.block_names))
+    assert_scores_follow_formula(res, variant, normalizer, 1e-10)
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
 def test_unit_scores_add_up_to_the_whole_mlp_block(arch):
