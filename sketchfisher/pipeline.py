@@ -13,6 +13,7 @@ from torch import nn
 
 from .capture.oracle import LossFn
 from .collect import collect, collect_sketches, default_stats_dtype, needed_statistics
+from .collect.sketches import collect_sketches_b_once
 from .collect.memory import check_tasks_fit
 from .collect.sketches import check_sketch_width, host_staging
 from .compress import Exact, Factors, check_codec
@@ -36,7 +37,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES, store: Optional[str] = None,
             stats_dtype: Optional[torch.dtype] = None, progress: bool = False,
             units: str | tuple[str, ...] = "heads", mlp_group_size: Optional[int] = None,
-            linear_group_sizes: Optional[dict[str, int]] = None) -> InterferenceResult:
+            linear_group_sizes: Optional[dict[str, int]] = None, passes: float = 2) -> InterferenceResult:
     """Head- and channel-resolved interference between every task-A sample i and task-B sample j.
 
     ``loss_fn(model, batch)`` returns one loss per sample (``[B]``); ``task_a``/``task_b`` iterate
@@ -62,6 +63,12 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     (``"linear:lm_head"``, ``"linear:layers.*.mlp.gate"``; group sizes by pattern in ``linear_group_sizes``).
     The result is the first family's; ``res.units(name)`` is another's (``scores [nA, nB, L, units,
     blocks]``; ``res.families`` names them).
+
+    ``passes=1.5`` (sketches with variance reduction, normaliser ``"a"``, in memory) runs task B once:
+    pass 1 over A, one pass over B that folds its statistics and sketches it, then pass 2 over A
+    (:func:`sketchfisher.collect.sketches.collect_sketches_b_once`: balance from task A alone, B centred
+    after its pass by linearity). Same expectation as the two-pass order; docs/benchmarks.md compares
+    their accuracy and error bars on MiniLM.
     """
     check_batches(task_a=task_a, task_b=task_b)
     codec = check_codec(Exact() if codec is None else codec)
@@ -69,6 +76,15 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
                        ridge_rel=ridge_rel, dtype=dtype)
     layout = units_layout(model, units, mlp_group_size, linear_group_sizes, layout=layout)
     stats_kw = {} if stats_dtype is None else {"stats_dtype": stats_dtype}
+    if passes not in (2, 1.5):
+        raise InputError(f"passes must be 2 or 1.5, got {passes!r}")
+    if passes == 1.5 and (store is not None or modules != "attention" or not codec.two_pass):
+        raise InputError("passes=1.5 is for sketches collected in memory (codec=sf.Sketch(...), no store=, "
+                         "modules='attention')")
+    if passes == 1.5 and (cfg.normalizer != "a" or not codec.variance_reduction):
+        raise InputError("passes=1.5 needs normalizer='a' (the denominator from task A alone) and a sketch with "
+                         f"variance reduction; got normalizer={cfg.normalizer!r}, "
+                         f"variance_reduction={codec.variance_reduction}")
     if store is not None:
         if modules != "attention":
             raise InputError("stores collect the layout's units only; use modules='attention' with store=")
@@ -85,10 +101,18 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         with log.phase("pass 1 A"):
             rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="pass 1 A",
                                      show_progress=progress, quantities=needs["a"], **stats_kw)
-        with log.phase("pass 1 B"):
-            rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="pass 1 B",
-                                     show_progress=progress, quantities=needs["b"], **stats_kw)
-        if codec.two_pass:
+        if passes == 1.5:
+            side_a, side_b, e, stats_b = collect_sketches_b_once(
+                model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, needs["b"],
+                stats_dtype or default_stats_dtype(model), show_progress=progress, log=log)
+            source = SketchSource(side_a, side_b, e)
+        else:
+            with log.phase("pass 1 B"):
+                rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="pass 1 B",
+                                         show_progress=progress, quantities=needs["b"], **stats_kw)
+        if passes == 1.5:
+            pass
+        elif codec.two_pass:
             side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, stats_b,
                                                  show_progress=progress, log=log, staging=staging)
             source = SketchSource(side_a, side_b, e)

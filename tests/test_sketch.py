@@ -181,3 +181,50 @@ def test_all_heads_at_once_equals_each_head_by_its_map(kind, s):
     v = torch.randn(4, 5, 700, dtype=torch.float64)
     each = torch.stack([codec.map(1, 2, h, 700).apply(v[:, h]) for h in range(5)], 1)
     assert torch.equal(codec.apply_heads(1, 2, v), each)
+
+
+@pytest.mark.parametrize("variant", ["paper", "signed", "symmetric"])
+def test_task_b_in_one_pass_equals_exact_at_full_width(small, variant):
+    """passes=1.5: B folded and sketched in one pass (balance from A, centred afterwards by linearity), A's
+    pass 2 last. Full-width srht must give the exact scores; B's statistics are those of a pass 1."""
+    model, ta, tb, _ = small
+    exact = sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors(), variant=variant)
+    seen = {"a": 0, "b": 0}
+
+    def counting(m, batch):  # forward passes over each task's batches
+        seen["a" if any(batch is x for x in ta) else "b"] += 1
+        return generic_loss(m, batch)
+
+    res = sf.analyze(model, counting, ta, tb, codec=sf.Sketch(k=128, kind="srht", dtype="fp32"), variant=variant,
+                     passes=1.5)
+    assert (seen["a"], seen["b"]) == (2 * len(ta), len(tb))
+    assert [row["phase"] for row in res.phases.rows()] == ["pass 1 A", "pass B (statistics and sketches)",
+                                                           "preparation", "pass 2 A"]
+    scale = float(exact.scores.abs().max()) * 1e-5
+    torch.testing.assert_close(res.scores, exact.scores, rtol=1e-4, atol=scale)
+    from sketchfisher.collect import collect
+
+    _, pass1 = collect(model, generic_loss, tb, sf.layout_for(model), sf.Sketch(k=16), quantities=("abs", "sum"))
+    for name in pass1.names():  # B's statistics, folded during its only pass, are those of a pass 1
+        mean = res.context.stats_b.mean_abs if variant != "signed" else res.context.stats_b.mean_grad
+        want = pass1.mean_abs(name) if variant != "signed" else pass1.mean_grad(name)
+        torch.testing.assert_close(mean(name), want, rtol=1e-12, atol=0)
+
+
+def test_task_b_in_one_pass_is_unbiased_with_calibrated_error_bars(small):
+    model, ta, tb, exact = small
+    runs = [sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16, seed=s, dtype="fp32"), passes=1.5)
+            for s in range(24)]
+    est = torch.stack([r.scores for r in runs])
+    se = est.std(0) / math.sqrt(len(runs))
+    assert ((est.mean(0) - exact.scores).abs() <= 5 * se + 1e-9 * exact.scores.abs()).double().mean() > 0.99
+    z = torch.stack([(r.scores - exact.scores).abs() / r.stderr for r in runs])
+    assert 0.9 <= float((z <= 1.96).double().mean()) <= 0.99
+
+
+def test_task_b_in_one_pass_refuses_what_it_cannot_do(small, tmp_path):
+    model, ta, tb, _ = small
+    for kw in (dict(normalizer="pooled"), dict(codec=sf.Sketch(k=8, variance_reduction=False)),
+               dict(codec=sf.Factors()), dict(store=tmp_path / "s"), dict(passes=1)):
+        with pytest.raises(sf.InputError, match="passes|normalizer='a'"):
+            sf.analyze(model, generic_loss, ta, tb, **{"codec": sf.Sketch(k=8), "passes": 1.5, **kw})

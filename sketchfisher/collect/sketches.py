@@ -9,7 +9,7 @@ variant's i-side (task A) or j-side (task B) vectors, and sketches them.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
-from .passes import Skip, factor_pass, trainable_weights
+from .passes import Skip, factor_pass, fold_factors, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
 
@@ -49,9 +49,12 @@ def needed_statistics(cfg: ScoreConfig, codec: Any, means: bool = False) -> dict
     return {"a": tuple(q for q in QUANTITIES if q in a), "b": tuple(q for q in QUANTITIES if q in b)}
 
 
-def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: FisherStats,
-            cfg: ScoreConfig, codec: Sketch) -> Optional[BlockPrep]:
-    """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device)."""
+def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: Optional[FisherStats],
+            cfg: ScoreConfig, codec: Sketch, balance_from_a: bool = False) -> Optional[BlockPrep]:
+    """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
+
+    ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
+    over task B, whose centre is not known yet (:func:`collect_sketches_b_once`)."""
     if layout.param_of(layer, block) not in stats_a.welford:
         return None
     gathered: dict = {}  # one gather per (task, statistic): variants reuse the Fisher or Σ|g| as a centre
@@ -67,11 +70,13 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     if cfg.normalizer == "pooled":  # the Welford merge of the two means, entry by entry (as FisherStats.merge)
         fisher = fisher_a + (get(stats_b, "fisher") - fisher_a) * (stats_b.count / (stats_a.count + stats_b.count))
     vr = codec.variance_reduction
+    b = vr and stats_b is not None
     return prepare_block(fisher, fisher_a if cfg.normalizer == "loo" else None,
                          get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.i_side]]) if vr else None,
-                         get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if vr else None,
-                         get(stats_a, "mean_abs") if vr else None, get(stats_b, "mean_abs") if vr else None,
-                         stats_a.count, stats_b.count, cfg, codec)
+                         get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if b else None,
+                         get(stats_a, "mean_abs") if vr else None,
+                         get(stats_b, "mean_abs") if b and not balance_from_a else None,
+                         stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec)
 
 
 def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch,
@@ -113,15 +118,19 @@ def host_staging(model: nn.Module, layout: Layout, dtype: torch.dtype, copies: i
 
 def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
                    preps: Preps, side: Side, count: int, cfg: ScoreConfig, skip: Skip = lambda i: False,
-                   desc: str = "pass 2", show_progress: bool = False) -> Iterator[tuple[int, int, dict]]:
+                   desc: str = "pass 2", show_progress: bool = False,
+                   fold: Optional[Callable[[Any], None]] = None) -> Iterator[tuple[int, int, dict]]:
     """Pass 2 over one task, batch by batch: ``(batch index, batch size, {(layer, block): (sketches
     [B, H_b, k], ‖x̃‖² [B, H_b], cross [B, H_b])})``. Batches for which ``skip(index)`` is true are
-    not run (resumption) and yield nothing. ``count`` is task A's sample count."""
+    not run (resumption) and yield nothing. ``count`` is task A's sample count. ``fold(factors)``, when
+    given, also receives every batch's captured factors first (pass-1 statistics in the same pass)."""
     keys = [key for key, prep in preps.items() if prep is not None]
     weights = sorted({layout.param_of(*key) for key in keys})
     fused = FusedSides(layout, codec, cfg, side)
     check = LaggedFiniteCheck(desc, cfg)
     for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
+        if fold is not None:
+            fold(bf)
         out = {}
         last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
         for layer, block in keys:
@@ -325,10 +334,73 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
     return side_a, side_b, centre_products(preps)
 
 
+def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any],
+                            layout: Layout, codec: Sketch, cfg: ScoreConfig, stats_a: FisherStats,
+                            quantities_b: tuple[str, ...], stats_dtype: torch.dtype, show_progress: bool = False,
+                            log: Optional[PhaseLog] = None
+                            ) -> tuple[SketchSide, SketchSide, dict, FisherStats]:
+    """Sketches of both tasks with ONE pass over task B (after task A's pass 1; A's pass 2 comes last):
+    1.5 passes per task for |A| = |B| instead of 2. Returns the two sides, each block's ``e`` and task
+    B's statistics.
+
+    It rests on three facts. With normaliser ``"a"`` the denominator comes from task A alone. The balance
+    (any positive per-entry weight keeps the estimator unbiased) is taken from task A's Σ|g| alone, so
+    B's side vectors ``y'_j`` are known during B's only pass; that pass also folds B's statistics.
+    Centring is linear: ``R(y'_j − ȳ') = R y'_j − R ȳ'``, so B's sketches are kept unquantised and
+    centred once ``ȳ'`` (B's mean transform, balanced) is known after the pass; the cross term
+    ``⟨y'_j, x̄'⟩`` needs only A's centre and is exact during the pass. Task A's pass 2 then has ``ȳ'``
+    for its exact cross terms ``⟨x'_i, ȳ'⟩`` and ``e = ⟨x̄', ȳ'⟩``. The one quantity that is not exact
+    is ``‖ỹ_j‖²``, which only the standard errors use: it is ``‖R ỹ_j‖²`` (unbiased, relative error
+    about √(2/k)). Scores equal the two-pass order's up to the different balance (same expectation;
+    full-width srht gives the exact scores: test)."""
+    from dataclasses import replace
+
+    if cfg.normalizer != "a" or not codec.variance_reduction:
+        raise InputError("one pass over task B needs normalizer='a' (the denominator from task A alone) and a "
+                         f"sketch with variance reduction; got normalizer={cfg.normalizer!r}, "
+                         f"variance_reduction={codec.variance_reduction}")
+    check_reiterable(task_a=task_a)
+    check_sketch_width(layout, codec)
+    log = log or PhaseLog()
+    keys = [key for key in layout.groups() if layout.param_of(*key) in stats_a.welford]
+    preps_b = {key: prepare(layout, *key, stats_a, None, cfg, codec, balance_from_a=True) for key in keys}
+    stats_b = FisherStats(dtype=stats_dtype, quantities=quantities_b)
+    names = trainable_weights(model, layout)
+    raw = SketchSide(replace(codec, dtype="fp32"))  # unquantised until B's centre is known
+    with log.phase("pass B (statistics and sketches)"):
+        for _, size, blocks in sketch_batches(model, loss_fn, task_b, layout, codec, preps_b, "b", stats_a.count,
+                                              cfg, desc="pass B", show_progress=show_progress,
+                                              fold=lambda bf: fold_factors(stats_b, bf, names)):
+            for key, (sk, norm2, cross) in blocks.items():
+                raw.add(key, sk, norm2, cross)
+            raw.n += size
+    if stats_b.count == 0:
+        raise InputError("pass B: the task yielded no samples")
+    stats_b.check_finite("pass B")
+    with log.phase("preparation"):
+        preps_a = {key: prepare(layout, *key, stats_a, stats_b, cfg, codec, balance_from_a=True) for key in keys}
+        side_b = SketchSide(codec)
+        for key in keys:
+            vec, _, cross = raw.get(key)
+            y_bar = preps_a[key].y_bar  # ȳ' = mean_j f_j(g_j) / balance, balanced as the pass was
+            centre = codec.apply_heads(key[0], block_index(key[1]), y_bar[None].to(vec.device, torch.float64))
+            centred = vec - centre
+            side_b.add(key, centred, centred.square().sum(-1), cross)
+        side_b.n = raw.n
+        del raw
+    with log.phase("pass 2 A"):
+        side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps_a, "a", stats_a.count, cfg, "pass 2 A",
+                             show_progress)
+    if side_a.n != stats_a.count:
+        raise InputError(f"pass 2 A saw {side_a.n} samples but pass 1 saw {stats_a.count}: the task must yield the "
+                         "same batches on every pass")
+    return side_a, side_b, centre_products(preps_a), stats_b
+
+
 def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:
     """``e = ⟨x̄', ȳ'⟩ [H_b]`` per collected block: what sketched scores need of the preparations."""
     return {key: prep.e for key, prep in preps.items() if prep is not None}
 
 
-__all__ = ["FusedSides", "Preps", "check_reiterable", "collect_sketches", "host_staging", "needed_statistics", "prepare",
+__all__ = ["FusedSides", "Preps", "check_reiterable", "collect_sketches", "collect_sketches_b_once", "host_staging", "needed_statistics", "prepare",
            "prepare_all", "sketch_batches", "sketch_task", "trainable_weights"]

@@ -63,17 +63,22 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     ``fisher`` is the normaliser Î (A, or A ∪ B), ``fisher_a`` task A's (leave-one-out only);
     ``mean_i_a`` the mean of the i-side transform over task A and ``mean_j_b`` of the j-side transform
     over task B (:data:`sketchfisher.metric.MEAN_OF`); ``abs_a``/``abs_b`` the mean |g| per task
-    (balancing). Without variance reduction only the denominator is used. Built in ``cfg.dtype``.
+    (balancing: the square root of their pooled mean; ``abs_b=None`` balances by task A's alone, which
+    the single pass over task B needs, as its statistics are not known before it). ``mean_j_b=None``
+    leaves the j-side uncentred (``ȳ' = None``, ``e = 0``): a single pass over task B centres its
+    sketches afterwards. Without variance reduction only the denominator is used. Built in ``cfg.dtype``.
     """
     dt = cfg.dtype
     lam = shift(fisher, cfg)
     denom = fisher + lam
     if codec.variance_reduction:
-        m = (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
+        m = abs_a if abs_b is None else (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
         balance = torch.where(m > 0, m.sqrt(), torch.ones_like(m))
-        x_bar, y_bar = mean_i_a / denom * balance, mean_j_b / balance
-        e = (x_bar * y_bar).sum(-1).double()
-        w_b, x_bar, y_bar = balance.reciprocal().to(dt), x_bar.to(dt), y_bar.to(dt)
+        x_bar = mean_i_a / denom * balance
+        y_bar = None if mean_j_b is None else mean_j_b / balance
+        e = (torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device) if y_bar is None
+             else (x_bar * y_bar).sum(-1).double())
+        w_b, x_bar, y_bar = balance.reciprocal().to(dt), x_bar.to(dt), None if y_bar is None else y_bar.to(dt)
     else:
         balance, w_b, x_bar, y_bar = torch.ones_like(fisher), None, None, None
         e = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
