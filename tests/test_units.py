@@ -247,3 +247,16 @@ def test_a_store_keeps_linear_families(tmp_path):
     assert stored.families == ("heads", "linear:lm_head")
     torch.testing.assert_close(stored.units("linear:lm_head").scores, mem.units("linear:lm_head").scores)
     sf.open_store(tmp_path / "s").check(model)  # the model rebuilds the store's families
+
+
+def test_verify_top_rescores_mlp_unit_candidates_exactly():
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(5, 2, seed=1), make_batches(4, 3, seed=2)
+    exact = sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors(), units="all").units("mlp")
+    sk = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16, seed=0), units="all").units("mlp")
+    v = sk.verify_top(5, budget=20, model=model, loss_fn=generic_loss, task_a=ta, task_b=tb)
+    assert len(v) == 20 and "unit" in v.columns
+    for r in v.to_dict("records"):
+        want = float(exact.scores[r["sample_i"], r["sample_j"], r["layer"], r["unit"],
+                                  exact.layout.position(r["block"])])
+        assert r["exact_score"] == pytest.approx(want, rel=1e-4)
