@@ -101,7 +101,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         with log.phase("pass 1 A"):
             rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="pass 1 A",
                                      show_progress=progress, quantities=needs["a"], **stats_kw)
-        if passes == 1.5:
+        if passes == 1.5:  # task B once: its statistics and sketches in the same pass, A's pass 2 last
             side_a, side_b, e, stats_b = collect_sketches_b_once(
                 model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, needs["b"],
                 stats_dtype or default_stats_dtype(model), show_progress=progress, log=log)
@@ -110,14 +110,12 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             with log.phase("pass 1 B"):
                 rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="pass 1 B",
                                          show_progress=progress, quantities=needs["b"], **stats_kw)
-        if passes == 1.5:
-            pass
-        elif codec.two_pass:
-            side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, stats_b,
-                                                 show_progress=progress, log=log, staging=staging)
-            source = SketchSource(side_a, side_b, e)
-        else:
-            source = ExactSource(rep_a, rep_b)
+            if codec.two_pass:
+                side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a,
+                                                     stats_b, show_progress=progress, log=log, staging=staging)
+                source = SketchSource(side_a, side_b, e)
+            else:
+                source = ExactSource(rep_a, rep_b)
     context = ResultContext(layout=layout, cfg=cfg, codec=codec, stats_a=stats_a, stats_b=stats_b, source=source)
     res = InterferenceResult.from_context(context, max_bytes)
     res.phases = log
