@@ -91,7 +91,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
                          **stats_kw)
         return open_store(store).result(max_bytes=max_bytes)
-    needs = needed_statistics(cfg, codec, means=layout.unit_settings()[0] != ("heads",))
+    needs = needed_statistics(cfg, codec, means=layout.beyond_heads)
     check_sketch_width(layout, codec)
     check_tasks_fit(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a, task_b)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])

@@ -161,7 +161,7 @@ def test_fp16_sketches_without_variance_reduction_stay_finite_on_minilm():
 def test_non_finite_sides_are_caught_one_batch_late_and_never_written(tmp_path):
     """The pass-2 finiteness check reads a batch's verdict after the next batch is queued (no device stop
     per batch); the flagged batch's error names it, and a store's writer refuses a non-finite shard."""
-    from sketchfisher.collect.sketches import LaggedFiniteCheck
+    from sketchfisher.collect.finite import LaggedFiniteCheck
     from sketchfisher.store.writer import ShardParts, _write_shard
 
     cfg = sf.ScoreConfig()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..layout.registry import mlp_spec_for
 from .sketches import needed_statistics
 
 PRESETS = {
@@ -46,15 +47,13 @@ PRESETS = {
 TB = 1e12
 GiB = 2**30
 
+ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, LOGIT_BYTES = 26, 11, 10  # bytes per token and layer / per logit
+
 
 def _mlp_matrices(config: Any) -> int:
     """3 for a gated MLP, 2 otherwise, from the model type's declared MLP units (3 when none is declared)."""
-    from ..layout.registry import _MLP_REGISTRY
-    from ..layout import archs  # noqa: F401  (registers the built-in architectures)
-
-    spec = _MLP_REGISTRY.get(getattr(config, "model_type", None))
+    spec = mlp_spec_for(getattr(config, "model_type", None))
     return 3 if spec is None or spec.gated else 2
-ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, LOGIT_BYTES = 26, 11, 10  # bytes per token and layer / per logit
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from .. import kernels
 from ..capture.oracle import LossFn
 from ..compress import Sketch, SketchSide
 from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector, sketch_sides
-from ..errors import GradientError, InputError
+from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats, HostStaging
 from ..fisher.host import host_copy
 from ..layout import BLOCKS, Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
+from .finite import LaggedFiniteCheck
 from .passes import Skip, factor_pass, fold_factors, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
@@ -153,84 +154,6 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
     check.finish()
 
 
-class LaggedFiniteCheck:
-    """Checks that each batch's sketched sides are finite without stopping the device after every batch.
-
-    A whole batch is screened with one fused norm per device (a NaN or inf anywhere makes it non-finite);
-    the verdict is copied to the host asynchronously and read when the next batch has been queued, by
-    which time the device has finished the batch it screened. Only a flagged batch gets the precise
-    per-sample check and its error (:func:`check_finite_sides`; an overflowing norm of finite values is
-    cleared there). A checked batch reaches its consumer before its verdict: in-memory results fail at the
-    next batch, and a store checks its shards again on the host before writing them.
-    (A synchronisation per batch cost 0.27× a plain pass at 7B on an H200.)"""
-
-    def __init__(self, desc: str, cfg: ScoreConfig):
-        self.desc, self.cfg, self.pending = desc, cfg, None
-
-    def submit(self, index: int, out: dict) -> None:
-        previous, self.pending = self.pending, (index, out, self._screen(out))
-        if previous is not None:
-            self._resolve(previous)
-
-    def finish(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            self._resolve(pending)
-
-    @staticmethod
-    def _screen(out: dict) -> list:
-        by_device: dict = {}
-        for triple in out.values():
-            for t in triple:
-                by_device.setdefault(t.device, []).append(t.detach())
-        verdicts = []
-        for device, ts in by_device.items():
-            ok = torch.stack([n.float() for n in torch._foreach_norm(ts)]).isfinite().all()
-            if device.type == "cuda":
-                host = torch.empty((), dtype=torch.bool, pin_memory=True)
-                host.copy_(ok, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                verdicts.append((host, event))
-            else:
-                verdicts.append((ok, None))
-        return verdicts
-
-    def _resolve(self, pending: tuple) -> None:
-        index, out, verdicts = pending
-        for host, event in verdicts:
-            if event is not None:
-                event.synchronize()
-            if not bool(host):
-                check_finite_sides(out, self.desc, index, self.cfg)
-                return
-
-
-def finite_rows(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """``[B]`` bool: the batch positions whose entries (over all ``tensors``, batch-first) are all finite."""
-    ok = None
-    for t in tensors:
-        rows = torch.isfinite(t).reshape(t.shape[0], -1).all(1)
-        ok = rows if ok is None else ok & rows.to(ok.device)
-    return ok
-
-
-def overflow_error(desc: str, index: int, positions: list[int], dtype: str) -> GradientError:
-    return GradientError(f"{desc}, batch {index}: the sketched side vectors of batch positions {positions} overflow "
-                         f"{dtype} (their gradients are too large for it); score in float64 (dtype=torch.float64) or "
-                         "scale the loss down", positions)
-
-
-def check_finite_sides(out: dict, desc: str, index: int, cfg: ScoreConfig) -> None:
-    """Finite gradients must give finite sketches: a sample whose side vectors overflow the score precision
-    (|g|² beyond float32 for gradients of ~1e19) is refused with the reason, not turned into NaN scores."""
-    if not out:
-        return
-    ok = finite_rows(t for triple in out.values() for t in triple)
-    if not bool(ok.all()):  # a synchronisation: only for a batch the screen flagged
-        raise overflow_error(desc, index, (~ok).nonzero().flatten().tolist(), str(cfg.dtype).replace("torch.", ""))
-
-
 class FusedSides:
     """Pass 2 for sjlt on CUDA in one Triton kernel per (layer, block): the side vectors, their cross
     terms and norms and the sketches, read straight out of the module's per-sample gradient
@@ -318,8 +241,7 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
     log = log or PhaseLog()
     with log.phase("preparation"):
         # MLP units keep the task means too: every neuron's pair-mean score comes from them
-        means = ((MEAN_OF[cfg.spec.i_side], MEAN_OF[cfg.spec.j_side]) if layout.unit_settings()[0] != ("heads",)
-                 else ())
+        means = (MEAN_OF[cfg.spec.i_side], MEAN_OF[cfg.spec.j_side]) if layout.beyond_heads else ()
         preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True, staging=staging,
                             keep=tuple(dict.fromkeys(("fisher", *means))))
     with log.phase("pass 2 A"):

@@ -211,6 +211,12 @@ class Layout:
         linear = {name[len("linear:"):]: part.head_dim for name, part in parts if name.startswith("linear:")}
         return names, group, linear or None
 
+    @property
+    def beyond_heads(self) -> bool:
+        """True when the layout has units other than attention heads (their collections keep both tasks'
+        means, from which every unit's pair-mean score is exact: ``pair_means_from_statistics``)."""
+        return self.unit_settings()[0] != ("heads",)
+
     def require_single(self, what: str) -> None:
         if self.families:
             raise LayoutError(f"{what} needs one unit family; take one with .family(name) from "

@@ -31,10 +31,15 @@ def register_layout(model_types: str | tuple[str, ...], spec: Registered, *, ove
     elif not isinstance(spec, AttentionSpec) and not callable(spec):
         raise LayoutError(f"register_layout needs an AttentionSpec (or a function of the config returning one), "
                           f"got {type(spec).__name__}")
+    _register(_REGISTRY, "a layout", model_types, spec, overwrite)
+
+
+def _register(registry: dict, what: str, model_types: str | tuple[str, ...], spec: Any, overwrite: bool) -> None:
+    """Enter ``spec`` for each model type; a different spec already there needs ``overwrite``."""
     for model_type in (model_types,) if isinstance(model_types, str) else model_types:
-        if model_type in _REGISTRY and not overwrite and _REGISTRY[model_type] != spec:
-            raise LayoutError(f"a layout for model_type {model_type!r} is already registered; pass overwrite=True")
-        _REGISTRY[model_type] = spec
+        if model_type in registry and not overwrite and registry[model_type] != spec:
+            raise LayoutError(f"{what} for model_type {model_type!r} is already registered; pass overwrite=True")
+        registry[model_type] = spec
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -168,20 +173,22 @@ def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Opt
     return build_layout(model, spec, dims, model_type)
 
 
-
-
 def register_mlp(model_types: str | tuple[str, ...], spec: MLPSpec, *, overwrite: bool = False) -> None:
     """Declare where one or more ``config.model_type`` values keep their MLP projections (channel units)."""
     if not isinstance(spec, MLPSpec):
         raise LayoutError(f"register_mlp needs an MLPSpec, got {type(spec).__name__}")
-    for model_type in (model_types,) if isinstance(model_types, str) else model_types:
-        if model_type in _MLP_REGISTRY and not overwrite and _MLP_REGISTRY[model_type] != spec:
-            raise LayoutError(f"an MLP layout for model_type {model_type!r} is already registered; pass overwrite=True")
-        _MLP_REGISTRY[model_type] = spec
+    _register(_MLP_REGISTRY, "an MLP layout", model_types, spec, overwrite)
 
 
 def mlp_model_types() -> tuple[str, ...]:
     return tuple(sorted(_MLP_REGISTRY))
+
+
+def mlp_spec_for(model_type: Optional[str]) -> Optional[MLPSpec]:
+    """The MLP units declared for ``model_type`` (built-in ones included), or None."""
+    from . import archs  # noqa: F401  (registers the built-in architectures)
+
+    return _MLP_REGISTRY.get(model_type)
 
 
 def mlp_layout_for(model: nn.Module, group_size: Optional[int] = None, spec: Optional[MLPSpec] = None) -> Layout:

@@ -36,7 +36,8 @@ from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_sta
 from ..collect import trainable_weights
 from ..collect.passes import sized
 from ..collect.memory import check_tasks_fit, format_bytes, store_disk_bytes
-from ..collect.sketches import check_reiterable, check_sketch_width, finite_rows, host_staging, overflow_error
+from ..collect.finite import finite_rows, overflow_error
+from ..collect.sketches import check_reiterable, check_sketch_width, host_staging
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
@@ -313,7 +314,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
     log = log if log is not None else PhaseLog.for_devices([p.device for p in model.parameters()])
-    needs = needed_statistics(cfg, codec, means=layout.unit_settings()[0] != ("heads",))
+    needs = needed_statistics(cfg, codec, means=layout.beyond_heads)
     stats_dtype = stats_dtype or default_stats_dtype(model)
     check_tasks_fit(model, codec, cfg, stats_dtype, task_a, task_b)
     if ranks.rank == 0 and not all(_final(root, t).exists() for t in TASKS):
