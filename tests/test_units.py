@@ -39,6 +39,16 @@ def test_units_tile_the_mlp_weights(arch, group):
     assert all(len(layout.head_blocks(layer, "DOWN")) == width // group for layer in range(layout.num_layers))
 
 
+def test_default_groups_stay_near_the_head_count_when_heads_do_not_divide_the_channels():
+    import transformers as hf
+
+    model = hf.BertModel(hf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       intermediate_size=50))
+    layout = sf.mlp_layout_for(model)  # 50 channels, 4 heads: groups of 25 (the smallest divisor >= 50 / 4)
+    assert (layout.num_heads, layout.head_dim) == (2, 25)
+    assert sf.planner.Shape.of(model).mlp_units_per_layer == 2
+
+
 def test_group_size_must_divide_the_channels():
     with pytest.raises(sf.LayoutError, match=r"must divide the 48 hidden channels; got 5 \(sizes that do: \[1, 2, 3"):
         sf.mlp_layout_for(make_model("bert"), group_size=5)

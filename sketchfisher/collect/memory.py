@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..layout.registry import mlp_spec_for
+from ..layout.registry import _default_group, mlp_spec_for
 from .sketches import needed_statistics
 
 PRESETS = {
@@ -110,8 +110,8 @@ class Shape:
 
     @property
     def mlp_units_per_layer(self) -> int:
-        """MLP channel units per layer at the default group size (as many as heads when they divide the channels)."""
-        return self.heads if self.intermediate % self.heads == 0 else self.intermediate
+        """MLP channel units per layer at the default group size (:func:`~sketchfisher.mlp_layout_for`)."""
+        return self.intermediate // _default_group(self.intermediate, self.heads)
 
     @property
     def params(self) -> int:

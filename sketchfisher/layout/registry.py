@@ -194,7 +194,8 @@ def mlp_spec_for(model_type: Optional[str]) -> Optional[MLPSpec]:
 def mlp_layout_for(model: nn.Module, group_size: Optional[int] = None, spec: Optional[MLPSpec] = None) -> Layout:
     """The validated MLP channel-unit layout of ``model``: per layer, units of ``group_size`` consecutive
     hidden channels (1 = single neurons; default: as many units as the model has attention heads, the
-    width that makes the MLP map as fine as the head map). Unit ``u`` owns rows ``[u·s, (u+1)·s)`` of
+    width that makes the MLP map as fine as the head map, or the fewest more channels per unit that
+    divide the width when the heads do not). Unit ``u`` owns rows ``[u·s, (u+1)·s)`` of
     GATE and UP and the same columns of DOWN."""
     from . import archs  # noqa: F401  (registers the built-in architectures)
 
@@ -232,8 +233,7 @@ def mlp_layout_for(model: nn.Module, group_size: Optional[int] = None, spec: Opt
     down_name, down_shape = weight(0, spec.down)
     width = logical(down_shape)[1]  # the hidden channels: DOWN's input features
     if group_size is None:
-        heads = getattr(config, "num_attention_heads", None) or 1
-        group_size = width // heads if width % heads == 0 else 1
+        group_size = _default_group(width, getattr(config, "num_attention_heads", None) or 1)
     if not isinstance(group_size, int) or group_size < 1 or width % group_size:
         sizes = [d for d in range(1, width + 1) if width % d == 0]
         raise LayoutError(f"MLP group_size must divide the {width} hidden channels; got {group_size!r} "
