@@ -3,9 +3,11 @@
 Builds random Llama-7B-shaped attention statistics on the device (task A: Fisher and Σ|g|; task B: Σ|g|),
 times :func:`sketchfisher.collect.prepare_all` without and with moving the Fisher to host memory, then the
 host copy itself: into fresh pageable memory, into memory already touched, into pinned memory (and the
-pinning). Measured once on an H200 (docs/benchmarks.md, "The user path at full size").
+pinning). With ``--disk DIR``: what a store's background writer can do there, sha256 over one core and a
+write with fsync. Measured on an H200 host (docs/benchmarks.md, "The user path at full size").
 
     python3 benchmarks/host_transfer.py                      # 32 layers of hidden 4096, on cuda
+    python3 benchmarks/host_transfer.py --disk /tmp --disk-gib 4   # and the disk and hash rates
     python3 benchmarks/host_transfer.py --device cpu --layers 1 --hidden 64 --heads 4   # the suite's smoke run
 """
 
@@ -31,6 +33,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--disk", default=None, help="a directory: also measure sha256 and write+fsync there")
+    p.add_argument("--disk-gib", type=float, default=4.0, help="GiB written for --disk (in 1 GiB pieces)")
     args = p.parse_args()
     dev = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -76,6 +80,34 @@ def main() -> None:
         print(f"| pin {gb:.1f} GB of host memory | {sec:.2f} |")
         sec, _ = clock(lambda: [q.copy_(t, non_blocking=True) for q, t in zip(pinned, tensors)])
         print(f"| copy into pinned memory | {sec:.2f} |")
+    if args.disk:
+        disk(args.disk, args.disk_gib)
+
+
+def disk(folder: str, gib: float) -> None:
+    """sha256 on one core, and writing ``gib`` GiB with fsync into ``folder`` (the store writer's two costs)."""
+    import hashlib
+
+    piece = min(1 << 30, int(gib * 2**30))
+    data = os.urandom(piece)
+    start = time.perf_counter()
+    hashlib.sha256(data).hexdigest()
+    hashed = piece / (time.perf_counter() - start) / 1e9
+    path = os.path.join(folder, "sketchfisher-disk-test.bin")
+    pieces = max(1, round(gib * 2**30 / piece))
+    start = time.perf_counter()
+    try:
+        with open(path, "wb") as fh:
+            for _ in range(pieces):
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        written = pieces * piece / (time.perf_counter() - start) / 1e9
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    print(f"| what | GB/s |\n| --- | --- |\n| sha256, one core | {hashed:.2f} |\n"
+          f"| write {pieces * piece / 2**30:.1f} GiB + fsync into {folder} | {written:.2f} |")
 
 
 if __name__ == "__main__":
