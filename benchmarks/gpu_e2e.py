@@ -15,6 +15,7 @@ prediction beside the measured peak.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -148,18 +149,23 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
     if args.warm:  # compile the kernels first: the time of a second call in the same process
         sf.analyze(model, lm_loss, task_a[:1], task_b[:1], codec=codec).head_means()
-    sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=args.passes))
-    rows.append(("sf.analyze: both passes, both tasks" if args.passes == 2 else
-                 "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A", sec, peaks))
-    sec_s, peaks_s, means = measure(res.head_means)
-    rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
-    for label, sec, peaks in rows[-2:]:
-        print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
-    print("| phase of sf.analyze | seconds | | peak GiB (max over devices) |")
-    for row in res.phases.rows():
-        print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
-    print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
-          f"collection: A {res.context.stats_a.quantities}, B {res.context.stats_b.quantities}")
+    for passes in args.passes:  # several orders side by side in one process
+        sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes))
+        rows.append(("sf.analyze: both passes, both tasks" if passes == 2 else
+                     "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A", sec, peaks))
+        sec_s, peaks_s, means = measure(res.head_means)
+        rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
+        for label, sec, peaks in rows[-2:]:
+            print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
+        print(f"| phase of sf.analyze(passes={passes:g}) | seconds | | peak GiB (max over devices) |")
+        for row in res.phases.rows():
+            print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
+        print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
+              f"collection: A {res.context.stats_a.quantities}, B {res.context.stats_b.quantities}")
+        phases = res.phases.rows()
+        if passes is not args.passes[-1]:
+            del res, means  # free the device before the next order runs
+            gc.collect()
     if args.compare_stats_dtype:
         ref = sf.analyze(model, lm_loss, task_a, task_b, codec=codec, stats_dtype=torch.float64)
         a, b, se = res.scores.double(), ref.scores.double(), ref.stderr.double()
@@ -168,7 +174,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         print(f"statistics {res.context.stats_a.dtype} vs float64: max |Δscore| / max |score| "
               f"{float(diff.max() / b[ok].abs().max()):.2e}, median |Δscore| / stderr {float((diff / se[ok]).median()):.2e}, "
               f"max |Δscore| / stderr {float((diff / se[ok]).max()):.2e}")
-    return res.phases.rows()
+    return phases
 
 
 def main() -> None:
@@ -182,8 +188,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--device-map", default="none", choices=["none", "auto"])
     p.add_argument("--skip-plain", action="store_true")
-    p.add_argument("--passes", type=float, default=2, choices=[2, 1.5],
-                   help="sf.analyze's pass order: 2 per task (default) or 1.5 (task B once)")
+    p.add_argument("--passes", type=float, nargs="+", default=[2], choices=[2, 1.5],
+                   help="sf.analyze's pass orders, run one after another: 2 per task (default) and/or 1.5 "
+                        "(task B once)")
     p.add_argument("--warm", action="store_true", help="run sf.analyze once on one batch first (kernels compiled)")
     p.add_argument("--plain-seconds", type=float, default=None, help="a plain time measured before (with --cli-only)")
     p.add_argument("--cli-only", action="store_true", help="skip sf.analyze; run only the CLI path (needs --cli)")

@@ -91,9 +91,9 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
                          **stats_kw)
         return open_store(store).result(max_bytes=max_bytes)
-    needs = needed_statistics(cfg, codec, means=layout.beyond_heads)
+    needs = needed_statistics(cfg, codec, means=layout.beyond_heads, passes=passes)
     check_sketch_width(layout, codec)
-    check_tasks_fit(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a, task_b)
+    check_tasks_fit(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a, task_b, passes=passes)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])
     # task A's Fisher leaves the GPU after pass 1; its host memory is made ready while the passes run
     staging = host_staging(model, layout, stats_dtype or default_stats_dtype(model), 1) if codec.two_pass else None
@@ -104,7 +104,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         if passes == 1.5:  # task B once: its statistics and sketches in the same pass, A's pass 2 last
             side_a, side_b, e, stats_b = collect_sketches_b_once(
                 model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, needs["b"],
-                stats_dtype or default_stats_dtype(model), show_progress=progress, log=log)
+                stats_dtype or default_stats_dtype(model), show_progress=progress, log=log, staging=staging)
             source = SketchSource(side_a, side_b, e)
         else:
             with log.phase("pass 1 B"):

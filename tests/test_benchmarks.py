@@ -25,7 +25,7 @@ TINY = {
                        "--intermediate", "64", "--vocab", "50", "--tokens", "6", "--batch", "2", "--steps", "1",
                        "--repeats", "1"],
     "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8",
-                   "--cli", "{tmp}", "--passes", "1.5"],
+                   "--cli", "{tmp}", "--passes", "1.5", "2"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
     "one_pass_b.py": ["--samples", "3", "--ks", "8", "--seeds", "1"],
     "sjlt_tune.py": ["--help"],

@@ -198,14 +198,18 @@ def test_task_b_in_one_pass_equals_exact_at_full_width(small, variant):
     res = sf.analyze(model, counting, ta, tb, codec=sf.Sketch(k=128, kind="srht", dtype="fp32"), variant=variant,
                      passes=1.5)
     assert (seen["a"], seen["b"]) == (2 * len(ta), len(tb))
-    assert [row["phase"] for row in res.phases.rows()] == ["pass 1 A", "pass B (statistics and sketches)",
-                                                           "preparation", "pass 2 A"]
+    assert [row["phase"] for row in res.phases.rows()] == ["pass 1 A", "preparation", "pass B (statistics and sketches)",
+                                                           "centring B", "pass 2 A"]
     scale = float(exact.scores.abs().max()) * 1e-5
     torch.testing.assert_close(res.scores, exact.scores, rtol=1e-4, atol=scale)
+    assert res.context.stats_b.count == 3  # make_batches(3, 3): three samples
     from sketchfisher.collect import collect
 
+    # B's statistics, folded during its only pass, are those of a pass 1 (MLP units keep the task means)
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16), variant=variant, passes=1.5,
+                     units=("heads", "mlp"))
     _, pass1 = collect(model, generic_loss, tb, sf.layout_for(model), sf.Sketch(k=16), quantities=("abs", "sum"))
-    for name in pass1.names():  # B's statistics, folded during its only pass, are those of a pass 1
+    for name in pass1.names():
         mean = res.context.stats_b.mean_abs if variant != "signed" else res.context.stats_b.mean_grad
         want = pass1.mean_abs(name) if variant != "signed" else pass1.mean_grad(name)
         torch.testing.assert_close(mean(name), want, rtol=1e-12, atol=0)

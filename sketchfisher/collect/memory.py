@@ -121,8 +121,12 @@ class Shape:
 
 
 def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Any = None,
-                cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1) -> pd.DataFrame:
-    """Predicted peak device memory of each phase of ``sf.analyze`` (busiest device), in bytes and GiB."""
+                cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1,
+                passes: float = 2) -> pd.DataFrame:
+    """Predicted peak device memory of each phase of ``sf.analyze`` (busiest device), in bytes and GiB.
+
+    ``samples`` counts both tasks (half each); ``passes=1.5`` plans the order with one pass over task B
+    (:func:`sketchfisher.collect.sketches.collect_sketches_b_once`)."""
     from ..compress import Sketch, check_codec
     from ..metric import ScoreConfig
 
@@ -133,7 +137,9 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
                          f"{samples}, {tokens}, {batch_size}, {devices}, {stats_bytes}")
     s = Shape.of(source)
     attn = s.num_layers * s.attn_params_per_layer
-    needs = needed_statistics(cfg, codec)
+    if passes not in (2, 1.5):
+        raise InputError(f"passes must be 2 or 1.5, got {passes!r}")
+    needs = needed_statistics(cfg, codec, passes=passes)
     stat = attn * stats_bytes
     per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
     weights = per_layer(s.params * model_bytes_per_param)
@@ -149,14 +155,24 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
                       else (codec.rank or tokens) * s.num_layers * s.attn_in_out_per_layer * 4)
         rep = per_layer(per_sample * samples)
     stats_a, stats_b = per_layer(len(needs["a"]) * stat), per_layer(len(needs["b"]) * stat)
-    rows = [("pass 1 A", weights + stats_a + running + rep / 2), ("pass 1 B", weights + stats_a + stats_b + running + rep)]
-    if codec.two_pass:
+    if codec.two_pass and passes == 1.5:  # preparations from A alone (w_a, w_b, x̄'), B folded and sketched once
+        preps = per_layer(3 * attn * 4)
+        sketches = per_layer(s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples)
+        raw_b = per_layer(s.num_layers * s.head_blocks_per_layer * (codec.k * 4 + 16) * samples / 2)
+        rows = [("pass 1 A", weights + stats_a + running), ("preparation", weights + max(stats_a, preps)),
+                ("pass B", weights + preps + stats_b + running + raw_b),
+                ("centring B", weights + preps + stats_b + raw_b + sketches / 2),
+                ("pass 2 A", weights + preps + running + sketches / 2), ("scoring", weights + sketches + grad)]
+    else:
+        rows = [("pass 1 A", weights + stats_a + running + rep / 2),
+                ("pass 1 B", weights + stats_a + stats_b + running + rep)]
+    if codec.two_pass and passes == 2:
         preps = per_layer((4 if codec.variance_reduction else 1) * attn * 4)
         sketches = per_layer(s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples)
         rows += [("preparation", weights + max(stats_a + stats_b, preps)),
                  ("pass 2 A", weights + preps + running), ("pass 2 B", weights + preps + running + sketches / 2),
                  ("scoring", weights + sketches + grad)]
-    else:
+    elif not codec.two_pass:
         rows.append(("scoring", weights + rep + grad))
     df = pd.DataFrame(rows, columns=["phase", "peak_device_bytes"])
     df["peak_GiB"] = df["peak_device_bytes"] / GiB
@@ -204,21 +220,22 @@ def batch_geometry(batch: Any) -> Optional[tuple[int, int]]:
 
 
 def check_tasks_fit(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, task_a: Any,
-                    task_b: Any) -> Optional[pd.DataFrame]:
+                    task_b: Any, passes: float = 2) -> Optional[pd.DataFrame]:
     """:func:`check_device_memory` for two tasks given as lists of batches (others cannot be counted
     without consuming them, and are not checked)."""
     if not all(isinstance(t, (list, tuple)) for t in (task_a, task_b)) or not task_a:
         return None
     samples = sum(geo[0] for t in (task_a, task_b) for geo in map(batch_geometry, t) if geo)
-    return check_device_memory(model, codec, cfg, stats_dtype, task_a[0], samples)
+    return check_device_memory(model, codec, cfg, stats_dtype, task_a[0], samples, passes=passes)
 
 
 def check_device_memory(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, first_batch: Any,
-                        samples: int) -> Optional[pd.DataFrame]:
+                        samples: int, passes: float = 2) -> Optional[pd.DataFrame]:
     """Refuse, before the first batch, a collection whose predicted peak exceeds a device's memory.
 
     The prediction is :func:`plan_phases` for this model's shape and settings; a device's budget is
-    its free memory plus what the model's weights already take on it. Returns the plan (None when
+    its free memory, plus what PyTorch's caching allocator has reserved but no tensor uses, plus what
+    the model's weights already take on it. Returns the plan (None when
     the model is not on CUDA or the batch's geometry cannot be read); raises :class:`InputError` with
     the numbers and the settings that would fit otherwise.
     """
@@ -229,18 +246,22 @@ def check_device_memory(model: nn.Module, codec: Any, cfg: Any, stats_dtype: tor
     batch, tokens = geometry
     weights = {d: sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda and (p.device.index or 0) == d)
                for d in cuda}
-    budget = min(torch.cuda.mem_get_info(d)[0] + weights[d] for d in cuda)
+    # what the caching allocator holds but no tensor uses (an earlier run's blocks) is available too
+    budget = min(torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
+                 + weights[d] for d in cuda)
     return refuse_over_budget(model, budget, devices=len(cuda), samples=samples, tokens=tokens, batch_size=batch,
                               codec=codec, cfg=cfg, stats_dtype=stats_dtype,
-                              model_bytes_per_param=next(model.parameters()).element_size())
+                              model_bytes_per_param=next(model.parameters()).element_size(), passes=passes)
 
 
 def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Any,
-                       cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int) -> pd.DataFrame:
+                       cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int, passes: float = 2
+                       ) -> pd.DataFrame:
     """The plan when its busiest phase fits ``budget`` bytes per device; else :class:`InputError` with the
     numbers and the settings that would fit (fp32 statistics, a smaller batch, more devices)."""
     stats_bytes = torch.empty((), dtype=stats_dtype).element_size()
-    args = dict(samples=samples, tokens=tokens, codec=codec, cfg=cfg, model_bytes_per_param=model_bytes_per_param)
+    args = dict(samples=samples, tokens=tokens, codec=codec, cfg=cfg, model_bytes_per_param=model_bytes_per_param,
+                passes=passes)
     peak = lambda **kw: plan_phases(source, **{**args, "batch_size": batch_size, "stats_bytes": stats_bytes,  # noqa
                                                "devices": devices, **kw})
     df = peak()

@@ -9,6 +9,7 @@ variant's i-side (task A) or j-side (task B) vectors, and sketches them.
 
 from __future__ import annotations
 
+from dataclasses import replace as dataclass_replace
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from .. import kernels
 from ..capture.oracle import LossFn
 from ..compress import Sketch, SketchSide
-from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector, sketch_sides
+from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector, sketch_sides, with_j_centre
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats, HostStaging
 from ..fisher.host import host_copy
@@ -30,15 +31,16 @@ from .passes import Skip, factor_pass, fold_factors, trainable_weights
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
 
 
-def needed_statistics(cfg: ScoreConfig, codec: Any, means: bool = False) -> dict[str, tuple[str, ...]]:
+def needed_statistics(cfg: ScoreConfig, codec: Any, means: bool = False, passes: float = 2) -> dict[str, tuple[str, ...]]:
     """The pass-1 statistics (:data:`sketchfisher.fisher.QUANTITIES`) each task must keep for these settings.
 
     Task A always keeps its Fisher (the normaliser, and exact re-scoring); task B only for the pooled
     normaliser. The sketch codec with variance reduction adds Σ|g| of both tasks (balancing) and the
-    task mean of each side's transform (centering: the i-side's over A, the j-side's over B). The
-    Welford M2 (variance across samples) is never needed for scores. ``means=True`` (MLP units) keeps
-    the task means of both sides' transforms whatever the codec: they give every neuron's mean score
-    over all pairs (:func:`sketchfisher.interference.pair_means.pair_means_from_statistics`).
+    task mean of each side's transform (centering: the i-side's over A, the j-side's over B); with
+    ``passes=1.5`` the balance comes from task A alone, so task B keeps only its mean. The Welford M2
+    (variance across samples) is never needed for scores. ``means=True`` (MLP units) keeps the task
+    means of both sides' transforms whatever the codec: they give every neuron's mean score over all
+    pairs (:func:`sketchfisher.interference.pair_means.pair_means_from_statistics`).
     """
     a, b = {"fisher"}, {"fisher"} if cfg.normalizer == "pooled" else set()
     if means:
@@ -46,7 +48,7 @@ def needed_statistics(cfg: ScoreConfig, codec: Any, means: bool = False) -> dict
         b.add(MEAN_OF[cfg.spec.j_side])
     if codec.two_pass and codec.variance_reduction:
         a |= {"abs", MEAN_OF[cfg.spec.i_side]}
-        b |= {"abs", MEAN_OF[cfg.spec.j_side]}
+        b |= {MEAN_OF[cfg.spec.j_side]} if passes == 1.5 else {"abs", MEAN_OF[cfg.spec.j_side]}
     return {"a": tuple(q for q in QUANTITIES if q in a), "b": tuple(q for q in QUANTITIES if q in b)}
 
 
@@ -80,10 +82,11 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
                          stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec)
 
 
-def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg: ScoreConfig, codec: Sketch,
-                offload: bool = False, keep: tuple[str, ...] = ("fisher",),
-                staging: Optional[HostStaging] = None) -> Preps:
-    """:func:`prepare` for every (layer, block), layer by layer.
+def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: Optional[FisherStats], cfg: ScoreConfig,
+                codec: Sketch, offload: bool = False, keep: tuple[str, ...] = ("fisher",),
+                staging: Optional[HostStaging] = None, balance_from_a: bool = False) -> Preps:
+    """:func:`prepare` for every (layer, block), layer by layer (``stats_b=None``: from task A alone, for
+    the single pass over task B; ``balance_from_a``: as it, with task B's centre).
 
     With ``offload=True`` each parameter's statistics are released as soon as all of its blocks are
     prepared: those in ``keep`` (by default the Fisher, needed later to re-score candidates exactly)
@@ -94,14 +97,15 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: FisherStats, cfg:
     last_use = {layout.param_of(*key): key for key in keys}
     preps: Preps = {}
     copy = staging.copy if staging is not None else host_copy
+    tasks = [stats for stats in (stats_a, stats_b) if stats is not None]
     for key in keys:
-        preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec)
+        preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec, balance_from_a)
         name = layout.param_of(*key)
         if offload and last_use[name] == key:
-            for stats in (stats_a, stats_b):
+            for stats in tasks:
                 stats.offload(name, keep=keep, copy=copy)
     if offload:
-        for stats in (stats_a, stats_b):
+        for stats in tasks:
             stats.settle(keep)
     return preps
 
@@ -259,7 +263,7 @@ def collect_sketches(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], t
 def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: Iterable[Any],
                             layout: Layout, codec: Sketch, cfg: ScoreConfig, stats_a: FisherStats,
                             quantities_b: tuple[str, ...], stats_dtype: torch.dtype, show_progress: bool = False,
-                            log: Optional[PhaseLog] = None
+                            log: Optional[PhaseLog] = None, staging: Optional[HostStaging] = None
                             ) -> tuple[SketchSide, SketchSide, dict, FisherStats]:
     """Sketches of both tasks with ONE pass over task B (after task A's pass 1; A's pass 2 comes last):
     1.5 passes per task for |A| = |B| instead of 2. Returns the two sides, each block's ``e`` and task
@@ -274,9 +278,13 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     for its exact cross terms ``⟨x'_i, ȳ'⟩`` and ``e = ⟨x̄', ȳ'⟩``. The one quantity that is not exact
     is ``‖ỹ_j‖²``, which only the standard errors use: it is ``‖R ỹ_j‖²`` (unbiased, relative error
     about √(2/k)). Scores equal the two-pass order's up to the different balance (same expectation;
-    full-width srht gives the exact scores: test)."""
-    from dataclasses import replace
+    full-width srht gives the exact scores: test).
 
+    Device memory: the preparations (``w_a``, ``w_b``, ``x̄'``) are built from task A's statistics
+    before B's pass, parameter by parameter, while A's statistics leave the device (its Fisher to host
+    memory, ``staging``'s buffers when given). B's pass then holds them and B's own statistics (four
+    model-sized tensors, as a two-pass order's pass 2); after it each parameter's ``ȳ'`` replaces
+    ``w_b`` and B's statistics, so A's pass 2 holds three."""
     if cfg.normalizer != "a" or not codec.variance_reduction:
         raise InputError("one pass over task B needs normalizer='a' (the denominator from task A alone) and a "
                          f"sketch with variance reduction; got normalizer={cfg.normalizer!r}, "
@@ -284,13 +292,16 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     check_reiterable(task_a=task_a)
     check_sketch_width(layout, codec)
     log = log or PhaseLog()
-    keys = [key for key in layout.groups() if layout.param_of(*key) in stats_a.welford]
-    preps_b = {key: prepare(layout, *key, stats_a, None, cfg, codec, balance_from_a=True) for key in keys}
+    means = (MEAN_OF[cfg.spec.i_side], MEAN_OF[cfg.spec.j_side]) if layout.beyond_heads else ()
+    keep = tuple(dict.fromkeys(("fisher", *means)))
+    with log.phase("preparation"):
+        preps = prepare_all(layout, stats_a, None, cfg, codec, offload=True, staging=staging, keep=keep)
+    keys = [key for key, prep in preps.items() if prep is not None]
     stats_b = FisherStats(dtype=stats_dtype, quantities=quantities_b)
     names = trainable_weights(model, layout)
-    raw = SketchSide(replace(codec, dtype="fp32"))  # unquantised until B's centre is known
+    raw = SketchSide(dataclass_replace(codec, dtype="fp32"))  # unquantised until B's centre is known
     with log.phase("pass B (statistics and sketches)"):
-        for _, size, blocks in sketch_batches(model, loss_fn, task_b, layout, codec, preps_b, "b", stats_a.count,
+        for _, size, blocks in sketch_batches(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count,
                                               cfg, desc="pass B", show_progress=show_progress,
                                               fold=lambda bf: fold_factors(stats_b, bf, names)):
             for key, (sk, norm2, cross) in blocks.items():
@@ -299,24 +310,31 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     if stats_b.count == 0:
         raise InputError("pass B: the task yielded no samples")
     stats_b.check_finite("pass B")
-    with log.phase("preparation"):
-        preps_a = {key: prepare(layout, *key, stats_a, stats_b, cfg, codec, balance_from_a=True) for key in keys}
+    with log.phase("centring B"):
         side_b = SketchSide(codec)
+        last_use = {layout.param_of(*key): key for key in keys}
         for key in keys:
+            prep = preps[key]
+            # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was; B's weight w_b is not needed again
+            prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
+            preps[key] = dataclass_replace(prep, w_b=None)
             vec, _, cross = raw.get(key)
-            y_bar = preps_a[key].y_bar  # ȳ' = mean_j f_j(g_j) / balance, balanced as the pass was
-            centre = codec.apply_heads(key[0], block_index(key[1]), y_bar[None].to(vec.device, torch.float64))
-            centred = vec - centre
+            centred = vec - codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None].to(vec.device)).to(vec.dtype)
             side_b.add(key, centred, centred.square().sum(-1), cross)
+            raw.drop(key)
+            name = layout.param_of(*key)
+            if last_use[name] == key:
+                stats_b.offload(name, keep=keep)
+        stats_b.settle(keep)
         side_b.n = raw.n
         del raw
     with log.phase("pass 2 A"):
-        side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps_a, "a", stats_a.count, cfg, "pass 2 A",
+        side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "pass 2 A",
                              show_progress)
     if side_a.n != stats_a.count:
         raise InputError(f"pass 2 A saw {side_a.n} samples but pass 1 saw {stats_a.count}: the task must yield the "
                          "same batches on every pass")
-    return side_a, side_b, centre_products(preps_a), stats_b
+    return side_a, side_b, centre_products(preps), stats_b
 
 
 def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:

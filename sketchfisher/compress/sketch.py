@@ -23,6 +23,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from .. import kernels
 from ..errors import InputError
 from .sketchmaps import KINDS, SketchMap, sjlt_block_index
 
@@ -134,6 +135,10 @@ class SketchSide:
     def get(self, key: tuple[int, str]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(dequantized sketches ``[n, H_b, k]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``)."""
         return decode(self.parts.get(key))
+
+    def drop(self, key: tuple[int, str]) -> None:
+        """Forget one (layer, block)'s sketches (consumed)."""
+        self.parts.pop(key, None)
 
 
 def decode(parts: Optional[list]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -9,7 +9,7 @@ centres. :func:`side_vector` forms a batch's balanced i-side (task A) or j-side 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -71,19 +71,28 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     dt = cfg.dtype
     lam = shift(fisher, cfg)
     denom = fisher + lam
-    if codec.variance_reduction:
-        m = abs_a if abs_b is None else (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
-        balance = torch.where(m > 0, m.sqrt(), torch.ones_like(m))
-        x_bar = mean_i_a / denom * balance
-        y_bar = None if mean_j_b is None else mean_j_b / balance
-        e = (torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device) if y_bar is None
-             else (x_bar * y_bar).sum(-1).double())
-        w_b, x_bar, y_bar = balance.reciprocal().to(dt), x_bar.to(dt), None if y_bar is None else y_bar.to(dt)
-    else:
-        balance, w_b, x_bar, y_bar = torch.ones_like(fisher), None, None, None
-        e = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
-    loo = (fisher_a.to(dt), lam.to(dt), balance.to(dt)) if cfg.normalizer == "loo" else None
-    return BlockPrep((balance / denom).to(dt), w_b, x_bar, y_bar, e, loo)
+    zeros = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
+    if not codec.variance_reduction:
+        balance = torch.ones_like(fisher)
+        return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg))
+    m = abs_a if abs_b is None else (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
+    balance = torch.where(m > 0, m.sqrt(), torch.ones_like(m))
+    prep = BlockPrep((balance / denom).to(dt), balance.reciprocal().to(dt), (mean_i_a / denom * balance).to(dt), None,
+                     zeros, _loo(fisher_a, lam, balance, cfg))
+    return prep if mean_j_b is None else with_j_centre(prep, mean_j_b)
+
+
+def _loo(fisher_a: Optional[torch.Tensor], lam: torch.Tensor, balance: torch.Tensor, cfg: ScoreConfig):
+    """What leave-one-out keeps to form each sample's own denominator (None for other normalisers)."""
+    return (fisher_a.to(cfg.dtype), lam.to(cfg.dtype), balance.to(cfg.dtype)) if cfg.normalizer == "loo" else None
+
+
+def with_j_centre(prep: BlockPrep, mean_j_b: torch.Tensor) -> BlockPrep:
+    """``prep`` with task B's centre ``ȳ' = mean_j_b · w_b`` (the j-side mean, balanced as B's side vectors)
+    and ``e = ⟨x̄', ȳ'⟩`` (summed in fp64). One formula for every pass order: the single pass over task B
+    adds its centre after the pass, from ``w_b``, as a store written that way is prepared when read."""
+    y_bar = (mean_j_b.to(prep.w_b.device) * prep.w_b).to(prep.w_b.dtype)
+    return replace(prep, y_bar=y_bar, e=(prep.x_bar.double() * y_bar.double()).sum(-1))
 
 
 def side_vector(g: torch.Tensor, prep: BlockPrep, side: Side, count: int, cfg: ScoreConfig) -> torch.Tensor:

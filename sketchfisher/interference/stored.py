@@ -28,7 +28,7 @@ class Store(StoreReader):
         counts = {t: self.manifest["tasks"][t]["samples"] for t in TASKS}
         if {t: stats[t].count for t in TASKS} != counts:
             raise StoreError(f"{self.path}: pass-1 statistics disagree with the manifest's sample counts {counts}")
-        preps = prepare_all(self.layout, stats["a"], stats["b"], self.cfg, self.codec)
+        preps = prepare_all(self.layout, stats["a"], stats["b"], self.cfg, self.codec, balance_from_a=self.passes == 1.5)
         sides = self.sides()
         return ResultContext(layout=self.layout, cfg=self.cfg, codec=self.codec, stats_a=stats["a"],
                              stats_b=stats["b"], source=SketchSource(sides["a"], sides["b"], centre_products(preps)),

@@ -17,7 +17,7 @@ from .files import StoreError, StoreMismatchError
 
 FORMAT_VERSION = 3  # 3: integrity records (store id, content digests, sealed manifest); 2 is still read
 READABLE_VERSIONS = (2, 3)
-CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs")
+CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs", "passes")
 VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                    "_attn_implementation_autoset", "torch_dtype", "dtype")  # where and how it was loaded, not what
 
@@ -66,11 +66,17 @@ def check_seal(manifest: dict[str, Any], where: str) -> None:
 
 
 def build_manifest(model: nn.Module, layout: Layout, codec: Any, cfg: ScoreConfig,
-                   inputs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything that produced a store; ``inputs`` records how the CLI made the batches (loss, lengths)."""
-    return {"inputs": inputs or {},"format_version": FORMAT_VERSION, "library_version": __version__, "codec": codec.to_dict(),
-            "score": cfg.to_dict(), "layout": layout.to_dict(), "model": model_fingerprint(model, layout),
-            "tasks": {}, "complete": False}
+                   inputs: dict[str, Any] | None = None, passes: float = 2) -> dict[str, Any]:
+    """Everything that produced a store; ``inputs`` records how the CLI made the batches (loss, lengths);
+    ``passes`` the pass order (2 per task, or 1.5: task B once, balanced by task A's statistics alone)."""
+    return {"inputs": inputs or {}, "format_version": FORMAT_VERSION, "library_version": __version__,
+            "codec": codec.to_dict(), "score": cfg.to_dict(), "layout": layout.to_dict(),
+            "model": model_fingerprint(model, layout), "passes": passes, "tasks": {}, "complete": False}
+
+
+def passes_of(manifest: dict[str, Any]) -> float:
+    """A store's pass order (stores written before the 1.5-pass order record none: 2)."""
+    return manifest.get("passes", 2)
 
 
 def check_same(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
@@ -80,6 +86,8 @@ def check_same(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> No
         a, b = stored.get(key), wanted.get(key)
         if key == "inputs":  # stores written by the library (not the CLI) record none
             a, b = a or {}, b or {}
+        if key == "passes":
+            a, b = passes_of(stored), passes_of(wanted)
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):

@@ -18,7 +18,7 @@ from ..layout import Layout, units_layout
 from ..metric import ScoreConfig
 from .files import StoreError, check_inside, load_named, load_tensors, read_metadata
 from .integrity import check_digest, check_header, index_entry
-from .manifest import READABLE_VERSIONS, build_manifest, check_same, read_manifest
+from .manifest import READABLE_VERSIONS, build_manifest, check_same, passes_of, read_manifest
 
 TASKS = ("a", "b")
 
@@ -142,9 +142,13 @@ class StoreReader:
         """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
         if model is not None:
             wanted = build_manifest(model, units_layout(model, *self.layout.unit_settings()), codec or self.codec,
-                                    cfg or self.cfg,
-                                    self.manifest.get("inputs"))
+                                    cfg or self.cfg, self.manifest.get("inputs"), passes_of(self.manifest))
             check_same(self.manifest, wanted, f"store {self.path}")
+
+    @property
+    def passes(self) -> float:
+        """The pass order that wrote the store: 2 per task, or 1.5 (task B once, balanced by task A alone)."""
+        return passes_of(self.manifest)
 
     def sides(self) -> dict[str, LazySide]:
         return {t: LazySide(self.shards[t], self.digests.get(t), self.codec.k if self.checked else None)
