@@ -244,7 +244,7 @@ def main() -> None:
         torch.cuda.empty_cache() if cuda else None
         cli = run_cli(args)
         peaks = cli.get("peak_device_GiB", [float("nan")])
-        rows.append(("CLI collect (both passes, both tasks)", cli["collection_seconds"], peaks))
+        rows.append(("CLI collect (default pass order)", cli["collection_seconds"], peaks))
         print(f"| plain over the CLI's batches and loss | {cli_base:.1f} | 1.00 | |")
         print(f"| CLI collect, same data shape | {cli['collection_seconds']:.1f} | "
               f"{cli['collection_seconds'] / cli_base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")

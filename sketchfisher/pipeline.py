@@ -15,7 +15,7 @@ from .capture.oracle import LossFn
 from .collect import collect, collect_sketches, default_stats_dtype, needed_statistics
 from .collect.sketches import collect_sketches_b_once
 from .collect.memory import check_tasks_fit
-from .collect.sketches import check_sketch_width, host_staging
+from .collect.sketches import check_sketch_width, host_staging, resolve_passes
 from .compress import Exact, Factors, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
@@ -25,7 +25,7 @@ from .interference.engine import DEFAULT_MAX_BYTES
 from .interference.stored import open_store
 from .layout import Layout, layout_for, units_layout
 from .phases import PhaseLog
-from .store import collect_to_store
+from .store import collect_to_store, stored_passes
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES, store: Optional[str] = None,
             stats_dtype: Optional[torch.dtype] = None, progress: bool = False,
             units: str | tuple[str, ...] = "heads", mlp_group_size: Optional[int] = None,
-            linear_group_sizes: Optional[dict[str, int]] = None, passes: float = 2) -> InterferenceResult:
+            linear_group_sizes: Optional[dict[str, int]] = None, passes: Optional[float] = None
+            ) -> InterferenceResult:
     """Head- and channel-resolved interference between every task-A sample i and task-B sample j.
 
     ``loss_fn(model, batch)`` returns one loss per sample (``[B]``); ``task_a``/``task_b`` iterate
@@ -64,11 +65,13 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     The result is the first family's; ``res.units(name)`` is another's (``scores [nA, nB, L, units,
     blocks]``; ``res.families`` names them).
 
-    ``passes=1.5`` (sketches with variance reduction, normaliser ``"a"``, in memory) runs task B once:
-    pass 1 over A, one pass over B that folds its statistics and sketches it, then pass 2 over A
-    (:func:`sketchfisher.collect.sketches.collect_sketches_b_once`: balance from task A alone, B centred
-    after its pass by linearity). Same expectation as the two-pass order; docs/benchmarks.md compares
-    their accuracy and error bars on MiniLM.
+    ``passes`` is the sketch codec's pass order. ``1.5`` (the default where it applies: sketches with variance
+    reduction and normaliser ``"a"``) runs task B once: pass 1 over A, one pass over B that folds its
+    statistics and sketches it, then pass 2 over A (:func:`sketchfisher.collect.sketches.collect_sketches_b_once`:
+    balance from task A alone, B centred after its pass by linearity; same expectation, and on real
+    gradients the same accuracy and error-bar coverage as two passes: docs/sketches.md). ``2`` runs two
+    passes over each task. With ``store=`` and no ``passes``, an existing store is finished in the order
+    that began it.
     """
     check_batches(task_a=task_a, task_b=task_b)
     codec = check_codec(Exact() if codec is None else codec)
@@ -76,20 +79,16 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
                        ridge_rel=ridge_rel, dtype=dtype)
     layout = units_layout(model, units, mlp_group_size, linear_group_sizes, layout=layout)
     stats_kw = {} if stats_dtype is None else {"stats_dtype": stats_dtype}
-    if passes not in (2, 1.5):
-        raise InputError(f"passes must be 2 or 1.5, got {passes!r}")
-    if passes == 1.5 and (store is not None or modules != "attention" or not codec.two_pass):
-        raise InputError("passes=1.5 is for sketches collected in memory (codec=sf.Sketch(...), no store=, "
-                         "modules='attention')")
-    if passes == 1.5 and (cfg.normalizer != "a" or not codec.variance_reduction):
-        raise InputError("passes=1.5 needs normalizer='a' (the denominator from task A alone) and a sketch with "
-                         f"variance reduction; got normalizer={cfg.normalizer!r}, "
-                         f"variance_reduction={codec.variance_reduction}")
+    if store is not None and passes is None:
+        passes = stored_passes(store)
+    passes = resolve_passes(passes, cfg, codec)
+    if passes == 1.5 and modules != "attention":
+        raise InputError("passes=1.5 collects the layout's units only; use modules='attention'")
     if store is not None:
         if modules != "attention":
             raise InputError("stores collect the layout's units only; use modules='attention' with store=")
         collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
-                         **stats_kw)
+                         passes=passes, **stats_kw)
         return open_store(store).result(max_bytes=max_bytes)
     needs = needed_statistics(cfg, codec, means=layout.beyond_heads, passes=passes)
     check_sketch_width(layout, codec)

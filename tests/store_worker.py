@@ -13,12 +13,12 @@ def slow_loss(model, batch):
     return generic_loss(model, batch)
 
 
-def main(path: str) -> None:
+def main(path: str, passes: float = 2) -> None:
     model = make_model("llama_gqa", seed=3)
     ta, tb = make_batches(24, 1, seed=1), make_batches(20, 1, seed=2)
     collect_to_store(path, model, slow_loss, ta, tb, sf.layout_for(model), sf.Sketch(k=32, kind="sjlt", seed=4),
-                     sf.ScoreConfig(), checkpoint_every=3)
+                     sf.ScoreConfig(), checkpoint_every=3, passes=passes)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *map(float, sys.argv[2:]))

@@ -229,6 +229,6 @@ def test_task_b_in_one_pass_is_unbiased_with_calibrated_error_bars(small):
 def test_task_b_in_one_pass_refuses_what_it_cannot_do(small, tmp_path):
     model, ta, tb, _ = small
     for kw in (dict(normalizer="pooled"), dict(codec=sf.Sketch(k=8, variance_reduction=False)),
-               dict(codec=sf.Factors()), dict(store=tmp_path / "s"), dict(passes=1)):
+               dict(codec=sf.Factors()), dict(modules="all"), dict(passes=1)):
         with pytest.raises(sf.InputError, match="passes|normalizer='a'"):
             sf.analyze(model, generic_loss, ta, tb, **{"codec": sf.Sketch(k=8), "passes": 1.5, **kw})

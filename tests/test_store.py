@@ -42,9 +42,9 @@ def test_round_trip_equals_in_memory(small, tmp_path):
     torch.testing.assert_close(again.scores, mem.scores, rtol=0, atol=0)
 
 
-def _run_worker(path, kill_when=None, timeout=120):
+def _run_worker(path, kill_when=None, timeout=120, passes=2):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(TESTS / "store_worker.py"), str(path)], env=env,
+    proc = subprocess.Popen([sys.executable, str(TESTS / "store_worker.py"), str(path), str(passes)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
@@ -79,6 +79,58 @@ def test_resume_after_sigkill_counts_every_sample_once(tmp_path):
                 assert torch.equal(a.stats[t].fisher(name), b.stats[t].fisher(name))
             assert torch.equal(a.stats[t].mean_abs(name), b.stats[t].mean_abs(name))
     torch.testing.assert_close(b.result().scores, a.result().scores, rtol=0, atol=0)
+
+
+def test_task_b_once_into_a_store_equals_in_memory(small, tmp_path):
+    """passes=1.5 into a store: the same arithmetic as in memory (bitwise), the order in the manifest, and a
+    store begun in one order is not resumed in the other."""
+    model, ta, tb = small
+    mem = sf.analyze(model, generic_loss, ta, tb, codec=CODEC)  # the default order for these settings
+    assert [r["phase"] for r in mem.phases.rows()][:3] == ["pass 1 A", "preparation", "pass B (statistics and sketches)"]
+    seen = {"a": 0, "b": 0}
+
+    def counting(m, batch):
+        seen["a" if any(batch is x for x in ta) else "b"] += 1
+        return generic_loss(m, batch)
+
+    stored = sf.analyze(model, counting, ta, tb, codec=CODEC, store=tmp_path / "s", passes=1.5)
+    assert (seen["a"], seen["b"]) == (2 * len(ta), len(tb))
+    torch.testing.assert_close(stored.scores, mem.scores, rtol=0, atol=0)
+    torch.testing.assert_close(stored.stderr, mem.stderr, rtol=0, atol=0)
+    store = sf.open_store(tmp_path / "s")
+    assert store.passes == 1.5 and sf.open_store(tmp_path / "s").summary()["samples"] == {"a": 6, "b": 5}
+    torch.testing.assert_close(store.result().scores, mem.scores, rtol=0, atol=0)
+    with pytest.raises(sf.StoreMismatchError, match="passes"):
+        sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s", passes=2)
+    again = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")  # the store's own order
+    torch.testing.assert_close(again.scores, mem.scores, rtol=0, atol=0)
+    two = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "two", passes=2)
+    assert sf.open_store(tmp_path / "two").passes == 2
+    with pytest.raises(sf.StoreMismatchError, match="passes"):
+        sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "two", passes=1.5)
+    assert sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "two").context.store  # reopened
+    assert not torch.equal(two.scores, stored.scores)  # another balance: another estimate of the same scores
+
+
+def test_task_b_once_resumes_after_sigkill(tmp_path):
+    """Killed during task B's only pass (its statistics not on disk: the pass is redone) and again while B's
+    shards or A's pass 2 are written (B's statistics on disk: the missing shards are a plain pass over B)."""
+    ref = tmp_path / "ref"
+    assert _run_worker(ref, passes=1.5) == "finished"
+    run = tmp_path / "run"
+    in_pass_b = lambda p: (p / "pass1" / "a.safetensors").exists()  # noqa: E731
+    late = lambda p: (p / "pass1" / "b.safetensors").exists() and len(list((p / "pass2" / "a").glob("*.safetensors"))) >= 2  # noqa: E731,E501
+    assert _run_worker(run, kill_when=in_pass_b, passes=1.5) == "killed"
+    assert not (run / "pass1" / "b.safetensors").exists()
+    assert _run_worker(run, kill_when=late, passes=1.5) == "killed"
+    sorted((run / "pass2" / "b").glob("*.safetensors"))[3].unlink()  # as if killed before this shard was written
+    assert _run_worker(run, passes=1.5) == "finished"
+    a, b = sf.open_store(ref), sf.open_store(run)
+    assert b.summary()["samples"] == {"a": 24, "b": 20} and b.passes == 1.5
+    for name in a.stats["b"].names():
+        assert torch.equal(a.stats["b"].mean_abs(name), b.stats["b"].mean_abs(name))
+    ra, rb = a.result(), b.result()
+    torch.testing.assert_close(rb.scores, ra.scores, rtol=1e-5, atol=1e-6 * float(ra.scores.abs().max()))
 
 
 def test_shards_without_saved_statistics_are_redone(small, tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from .inputs import _device_map, _loss, _need_plots, _recompute_inputs, _task_texts
 
@@ -30,6 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     import sketchfisher as sf
+    from ..collect.sketches import resolve_passes
     from ..planner import format_bytes, plan, plan_phases
 
     source = args.preset
@@ -46,13 +48,20 @@ def _plan(args: argparse.Namespace) -> int:
         columns={"disk": "disk (representation)", "peak_device": "peak device memory", "x_smaller_than_exact":
                  "x smaller than Exact"})
     print(table.to_string(index=False, float_format=lambda x: f"{x:,.1f}"))
+    codec = sf.Sketch(k=args.k, dtype=args.sketch_dtype)
+    passes = resolve_passes(_passes(args), sf.ScoreConfig(), codec)
     phases = plan_phases(source, samples=args.samples, tokens=args.tokens, batch_size=args.batch_size,
-                         codec=sf.Sketch(k=args.k, dtype=args.sketch_dtype), stats_bytes=stats_bytes,
-                         devices=args.devices)
-    print(f"\nSketch(k={args.k}) with sf.analyze / collect, peak device memory per phase (busiest device):")
+                         codec=codec, stats_bytes=stats_bytes, devices=args.devices, passes=passes)
+    order = "task B in one pass" if passes == 1.5 else "two passes per task"
+    print(f"\nSketch(k={args.k}) with sf.analyze / collect ({order}), peak device memory per phase (busiest device):")
     for row in phases.itertuples():
         print(f"  {row.phase:<12} {format_bytes(row.peak_device_bytes)}")
     return 0
+
+
+def _passes(args: argparse.Namespace) -> Optional[float]:
+    """``--passes``: None for auto (the library's default, or an existing store's order)."""
+    return None if args.passes == "auto" else float(args.passes)
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -76,7 +85,7 @@ def _collect(args: argparse.Namespace) -> int:
     start, log = time.perf_counter(), PhaseLog.for_devices([p.device for p in model.parameters()])
     layout = sf.units_layout(model, args.units, args.mlp_group_size)
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], layout, codec,
-                            cfg, max_bytes=args.max_bytes, show_progress=not args.quiet,
+                            cfg, max_bytes=args.max_bytes, show_progress=not args.quiet, passes=_passes(args),
                             inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
                                     "text_field": args.text_field, "model": str(Path(args.model).resolve()),
                                     **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=POSITIVE, default=1, help="devices the layers are spread over (default: 1)")
     p.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],
                    help="precision of the pass-1 statistics (default: float32, the GPU default)")
+    p.add_argument("--passes", default="auto", choices=["auto", "2", "1.5"],
+                   help="pass order: 1.5 runs task B once (normalizer a with variance reduction), 2 runs two passes per "
+                        "task; auto (default): 1.5 where it applies, else 2")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("collect", help="sketch two tasks into a resumable store (rerun the same command to resume)")
@@ -121,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden channels per MLP unit (1 = single neurons; default: as many units as heads)")
     p.add_argument("--stats-dtype", default="auto", choices=["auto", "float64", "float32"],
                    help="precision of the model-sized pass-1 statistics (auto: float64 on the CPU, float32 on a GPU)")
+    p.add_argument("--passes", default="auto", choices=["auto", "2", "1.5"],
+                   help="pass order: 1.5 runs task B once (normalizer a with variance reduction), 2 runs two passes per "
+                        "task; auto (default): 1.5 where it applies, else 2; an existing store keeps the order that began it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_collect)
 

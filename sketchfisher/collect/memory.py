@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..layout.registry import _default_group, mlp_spec_for
-from .sketches import needed_statistics
+from .sketches import needed_statistics, resolve_passes
 
 PRESETS = {
     "gpt2": dict(num_layers=12, hidden=768, heads=12, kv_heads=12, head_dim=64, intermediate=3072, vocab=50257,
@@ -122,11 +122,11 @@ class Shape:
 
 def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Any = None,
                 cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1,
-                passes: float = 2) -> pd.DataFrame:
+                passes: Optional[float] = None) -> pd.DataFrame:
     """Predicted peak device memory of each phase of ``sf.analyze`` (busiest device), in bytes and GiB.
 
-    ``samples`` counts both tasks (half each); ``passes=1.5`` plans the order with one pass over task B
-    (:func:`sketchfisher.collect.sketches.collect_sketches_b_once`)."""
+    ``samples`` counts both tasks (half each); ``passes`` the pass order (None: ``sf.analyze``'s default for
+    these settings; 1.5 runs task B once: :func:`sketchfisher.collect.sketches.collect_sketches_b_once`)."""
     from ..compress import Sketch, check_codec
     from ..metric import ScoreConfig
 
@@ -137,8 +137,7 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
                          f"{samples}, {tokens}, {batch_size}, {devices}, {stats_bytes}")
     s = Shape.of(source)
     attn = s.num_layers * s.attn_params_per_layer
-    if passes not in (2, 1.5):
-        raise InputError(f"passes must be 2 or 1.5, got {passes!r}")
+    passes = resolve_passes(passes, cfg, codec)
     needs = needed_statistics(cfg, codec, passes=passes)
     stat = attn * stats_bytes
     per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
@@ -220,7 +219,7 @@ def batch_geometry(batch: Any) -> Optional[tuple[int, int]]:
 
 
 def check_tasks_fit(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, task_a: Any,
-                    task_b: Any, passes: float = 2) -> Optional[pd.DataFrame]:
+                    task_b: Any, passes: Optional[float] = None) -> Optional[pd.DataFrame]:
     """:func:`check_device_memory` for two tasks given as lists of batches (others cannot be counted
     without consuming them, and are not checked)."""
     if not all(isinstance(t, (list, tuple)) for t in (task_a, task_b)) or not task_a:
@@ -230,7 +229,7 @@ def check_tasks_fit(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.d
 
 
 def check_device_memory(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, first_batch: Any,
-                        samples: int, passes: float = 2) -> Optional[pd.DataFrame]:
+                        samples: int, passes: Optional[float] = None) -> Optional[pd.DataFrame]:
     """Refuse, before the first batch, a collection whose predicted peak exceeds a device's memory.
 
     The prediction is :func:`plan_phases` for this model's shape and settings; a device's budget is
@@ -255,7 +254,7 @@ def check_device_memory(model: nn.Module, codec: Any, cfg: Any, stats_dtype: tor
 
 
 def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Any,
-                       cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int, passes: float = 2
+                       cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int, passes: Optional[float] = None
                        ) -> pd.DataFrame:
     """The plan when its busiest phase fits ``budget`` bytes per device; else :class:`InputError` with the
     numbers and the settings that would fit (fp32 statistics, a smaller batch, more devices)."""

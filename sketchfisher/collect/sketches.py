@@ -285,10 +285,7 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     memory, ``staging``'s buffers when given). B's pass then holds them and B's own statistics (four
     model-sized tensors, as a two-pass order's pass 2); after it each parameter's ``ȳ'`` replaces
     ``w_b`` and B's statistics, so A's pass 2 holds three."""
-    if cfg.normalizer != "a" or not codec.variance_reduction:
-        raise InputError("one pass over task B needs normalizer='a' (the denominator from task A alone) and a "
-                         f"sketch with variance reduction; got normalizer={cfg.normalizer!r}, "
-                         f"variance_reduction={codec.variance_reduction}")
+    check_passes(1.5, cfg, codec)
     check_reiterable(task_a=task_a)
     check_sketch_width(layout, codec)
     log = log or PhaseLog()
@@ -296,38 +293,22 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     keep = tuple(dict.fromkeys(("fisher", *means)))
     with log.phase("preparation"):
         preps = prepare_all(layout, stats_a, None, cfg, codec, offload=True, staging=staging, keep=keep)
-    keys = [key for key, prep in preps.items() if prep is not None]
     stats_b = FisherStats(dtype=stats_dtype, quantities=quantities_b)
     names = trainable_weights(model, layout)
-    raw = SketchSide(dataclass_replace(codec, dtype="fp32"))  # unquantised until B's centre is known
-    with log.phase("pass B (statistics and sketches)"):
-        for _, size, blocks in sketch_batches(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count,
-                                              cfg, desc="pass B", show_progress=show_progress,
-                                              fold=lambda bf: fold_factors(stats_b, bf, names)):
-            for key, (sk, norm2, cross) in blocks.items():
-                raw.add(key, sk, norm2, cross)
-            raw.n += size
+    with log.phase("pass B (statistics and sketches)"):  # B's sketches stay uncentred until its centre is known
+        raw = list(sketch_batches(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count, cfg, desc="pass B",
+                                  show_progress=show_progress, fold=lambda bf: fold_factors(stats_b, bf, names)))
     if stats_b.count == 0:
         raise InputError("pass B: the task yielded no samples")
     stats_b.check_finite("pass B")
     with log.phase("centring B"):
+        centres = centre_j_side(layout, codec, cfg, preps, stats_b, keep)
         side_b = SketchSide(codec)
-        last_use = {layout.param_of(*key): key for key in keys}
-        for key in keys:
-            prep = preps[key]
-            # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was; B's weight w_b is not needed again
-            prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
-            preps[key] = dataclass_replace(prep, w_b=None)
-            vec, _, cross = raw.get(key)
-            centred = vec - codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None].to(vec.device)).to(vec.dtype)
-            side_b.add(key, centred, centred.square().sum(-1), cross)
-            raw.drop(key)
-            name = layout.param_of(*key)
-            if last_use[name] == key:
-                stats_b.offload(name, keep=keep)
-        stats_b.settle(keep)
-        side_b.n = raw.n
-        del raw
+        while raw:
+            _, size, blocks = raw.pop(0)
+            for key, value in centred(blocks, centres).items():
+                side_b.add(key, *value)
+            side_b.n += size
     with log.phase("pass 2 A"):
         side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "pass 2 A",
                              show_progress)
@@ -337,10 +318,63 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     return side_a, side_b, centre_products(preps), stats_b
 
 
+def centred(blocks: dict, centres: dict) -> dict:
+    """One batch of task B's uncentred sketches ``{key: (R y'_j, ‖·‖², cross)}`` centred by linearity:
+    ``(R y'_j − R ȳ', ‖R ỹ_j‖², cross)``; the cross term ``⟨y'_j, x̄'⟩`` was exact already."""
+    out = {}
+    for key, (vec, _, cross) in blocks.items():
+        vec = vec - centres[key].to(vec.device, vec.dtype)
+        out[key] = (vec, vec.square().sum(-1), cross)
+    return out
+
+
+def one_pass_b_applies(cfg: ScoreConfig, codec: Any) -> bool:
+    """Task B can be collected in one pass: a sketch with variance reduction and normaliser ``"a"``."""
+    return bool(codec.two_pass and codec.variance_reduction and cfg.normalizer == "a")
+
+
+def resolve_passes(passes: Optional[float], cfg: ScoreConfig, codec: Any) -> float:
+    """The pass order to run: ``passes`` checked (:func:`check_passes`), or for None the default: 1.5 where
+    it applies (:func:`one_pass_b_applies`), else 2."""
+    if passes is None:
+        return 1.5 if one_pass_b_applies(cfg, codec) else 2
+    check_passes(passes, cfg, codec)
+    return passes
+
+
+def check_passes(passes: float, cfg: ScoreConfig, codec: Any) -> None:
+    """The pass order is 2 (per task) or 1.5 (task B once), and 1.5 has what it rests on."""
+    if passes not in (2, 1.5):
+        raise InputError(f"passes must be 2 or 1.5, got {passes!r}")
+    if passes == 1.5 and not one_pass_b_applies(cfg, codec):
+        raise InputError("passes=1.5 (task B once) needs normalizer='a' (the denominator from task A alone) and a "
+                         f"sketch with variance reduction; got normalizer={cfg.normalizer!r}, codec {codec!r}")
+
+
+def centre_j_side(layout: Layout, codec: Sketch, cfg: ScoreConfig, preps: Preps, stats_b: FisherStats,
+                  keep: tuple[str, ...] = ()) -> dict[tuple[int, str], torch.Tensor]:
+    """After the single pass over task B: each block's ``R ȳ' [1, H_b, k]`` (to subtract from B's uncentred
+    sketches). Each preparation gains ``ȳ'`` and ``e`` and drops ``w_b`` (not needed again); B's statistics
+    are released parameter by parameter (those in ``keep`` to host memory)."""
+    keys = [key for key, prep in preps.items() if prep is not None]
+    last_use = {layout.param_of(*key): key for key in keys}
+    centres = {}
+    for key in keys:
+        # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
+        prep = with_j_centre(preps[key], stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
+        preps[key] = dataclass_replace(prep, w_b=None)
+        centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None])
+        name = layout.param_of(*key)
+        if last_use[name] == key:
+            stats_b.offload(name, keep=keep)
+    stats_b.settle(keep)
+    return centres
+
+
 def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:
     """``e = ⟨x̄', ȳ'⟩ [H_b]`` per collected block: what sketched scores need of the preparations."""
     return {key: prep.e for key, prep in preps.items() if prep is not None}
 
 
-__all__ = ["FusedSides", "Preps", "check_reiterable", "collect_sketches", "collect_sketches_b_once", "host_staging", "needed_statistics", "prepare",
+__all__ = ["FusedSides", "Preps", "centre_j_side", "centred", "check_passes", "check_reiterable", "one_pass_b_applies", "resolve_passes", "collect_sketches", "collect_sketches_b_once", "host_staging", "needed_statistics", "prepare",
            "prepare_all", "sketch_batches", "sketch_task", "trainable_weights"]

@@ -136,10 +136,6 @@ class SketchSide:
         """(dequantized sketches ``[n, H_b, k]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``)."""
         return decode(self.parts.get(key))
 
-    def drop(self, key: tuple[int, str]) -> None:
-        """Forget one (layer, block)'s sketches (consumed)."""
-        self.parts.pop(key, None)
-
 
 def decode(parts: Optional[list]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Concatenate stored batches ``(q, scale, norm2, cross)`` into fp64 tensors; None when absent."""

@@ -2,6 +2,6 @@
 
 from .files import StoreError, StoreMismatchError
 from .reader import StoreReader
-from .writer import collect_to_store
+from .writer import collect_to_store, stored_passes
 
-__all__ = ["StoreError", "StoreMismatchError", "StoreReader", "collect_to_store"]
+__all__ = ["StoreError", "StoreMismatchError", "StoreReader", "collect_to_store", "stored_passes"]

@@ -37,7 +37,7 @@ from ..collect import trainable_weights
 from ..collect.passes import sized
 from ..collect.memory import check_tasks_fit, format_bytes, store_disk_bytes
 from ..collect.finite import finite_rows, overflow_error
-from ..collect.sketches import check_reiterable, check_sketch_width, host_staging
+from ..collect.sketches import centre_j_side, centred, resolve_passes, check_reiterable, check_sketch_width, host_staging
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
@@ -49,7 +49,7 @@ from ..phases import PhaseLog
 from .files import Writes, atomic_save_tensors, atomic_write_json, load_tensors, read_metadata
 from .files import StoreLock, remove_stale_temps
 from .integrity import check_digest, check_header, index_entry, shard_metadata, stats_metadata
-from .manifest import build_manifest, check_same, new_store_id, read_manifest, seal
+from .manifest import build_manifest, check_same, new_store_id, passes_of, read_manifest, seal
 
 logger = logging.getLogger(__name__)
 TASKS = ("a", "b")
@@ -266,12 +266,105 @@ def _counts(*tasks: Iterable[Any]) -> tuple[int | None, int | None]:
     return (None, None) if any(n is None for n in sizes) else (sum(sizes), len(sizes))
 
 
+@dataclass
+class _Run:
+    """What every pass of one store collection shares."""
+
+    root: Path
+    ranks: Ranks
+    model: nn.Module
+    loss_fn: LossFn
+    tasks: dict[str, Iterable[Any]]
+    layout: Layout
+    codec: Sketch
+    cfg: ScoreConfig
+    store_id: str
+    show_progress: bool
+    log: PhaseLog
+    writes: Writes
+
+    def submit_shard(self, t: str, index: int, size: int, blocks: dict) -> None:
+        parts = ShardParts.of(blocks, self.codec)
+        self.writes.submit(_write_shard, parts, self.root / "pass2" / t / shard_name(index), self.store_id, t, index,
+                           size, nbytes=parts.nbytes())
+
+
+def _pass2(run: _Run, t: str, preps: dict, count_a: int) -> None:
+    """Pass 2 of one task: the shards not written yet (resumption skips those that are)."""
+    done = {p.name for p in (run.root / "pass2" / t).glob("*.safetensors")}
+    with run.log.phase(f"pass 2 {t.upper()}"):
+        for index, size, blocks in sketch_batches(
+                run.model, run.loss_fn, run.tasks[t], run.layout, run.codec, preps, t, count_a, run.cfg,
+                skip=lambda i: shard_name(i) in done or not run.ranks.mine(i), desc=f"pass 2 {t}",
+                show_progress=run.show_progress):
+            run.submit_shard(t, index, size, blocks)
+
+
+def _task_b_once(run: _Run, stats_a: FisherStats, quantities: tuple[str, ...], stats_dtype: torch.dtype,
+                 staging: Any, stat_writes: Writes) -> tuple[FisherStats, dict]:
+    """Task B in one pass, after task A's pass 1 (:func:`sketchfisher.collect.sketches.collect_sketches_b_once`
+    in memory): ``(B's statistics, the preparations for A's pass 2)``.
+
+    The preparations come from task A alone; B's pass folds B's statistics and keeps its sketches
+    uncentred on the device; then B's statistics go to disk and each shard is written centred by
+    ``R ȳ'``. A run killed before B's statistics reached the disk redoes the whole pass (its shards are
+    stale then and deleted on restart); once they are on disk, B's centre is known and the shards still
+    missing are a plain pass 2 over B, balanced the same way."""
+    root, ranks, layout, codec, cfg, log = run.root, run.ranks, run.layout, run.codec, run.cfg, run.log
+    final = _final(root, "b")
+    if final.exists():
+        stats_b, _ = _pass1(root, "b", run.model, run.loss_fn, run.tasks["b"], layout, None, run.show_progress,
+                            ranks, stats_dtype, quantities, run.store_id)
+        with log.phase("preparation"):
+            preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True, keep=(), balance_from_a=True)
+        _pass2(run, "b", preps, stats_a.count)
+        return stats_b, preps
+    with log.phase("preparation"):
+        preps = prepare_all(layout, stats_a, None, cfg, codec, offload=True, keep=())
+    stats_b, seen = FisherStats(dtype=stats_dtype, quantities=quantities), Counter()
+    names = trainable_weights(run.model, layout)
+    with log.phase("pass B (statistics and sketches)"):
+        raw = list(sketch_batches(run.model, run.loss_fn, _counted(run.tasks["b"], seen), layout, codec, preps, "b",
+                                  stats_a.count, cfg, skip=lambda i: not ranks.mine(i), desc="pass B",
+                                  show_progress=run.show_progress, fold=lambda bf: fold_factors(stats_b, bf, names)))
+    if ranks.world > 1:
+        stats_b = stats_b.all_reduce(names)
+    if stats_b.count == 0:
+        raise InputError("task b yielded no samples")
+    stats_b.check_finite("pass B")
+    if ranks.rank == 0:
+        with log.phase("statistics B to host"):
+            host = stats_b.to_host(staging.copy if staging is not None else host_copy)
+        stat_writes.submit(_save_pass1, host, final, seen.batches, run.store_id, "b")
+        del host
+    if staging is not None:
+        staging.close()
+    with log.phase("centring B"):
+        centres = centre_j_side(layout, codec, cfg, preps, stats_b)
+        while raw:
+            index, size, blocks = raw.pop(0)
+            run.submit_shard("b", index, size, centred(blocks, centres))
+    return stats_b, preps
+
+
+def stored_passes(path: str | Path) -> float | None:
+    """The pass order recorded by the store at ``path``; None when there is no store there yet."""
+    manifest = Path(path) / "manifest.json"
+    return passes_of(read_manifest(manifest)) if manifest.exists() else None
+
+
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
                      task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
                      checkpoint_every: int | None = None, max_bytes: int | None = None,
                      show_progress: bool = False, stats_dtype: torch.dtype | None = None,
-                     inputs: dict[str, Any] | None = None, log: PhaseLog | None = None) -> Path:
+                     inputs: dict[str, Any] | None = None, log: PhaseLog | None = None,
+                     passes: float | None = None) -> Path:
     """Collect (or finish collecting) a sketch store at ``path``; returns the path.
+
+    ``passes=1.5`` (normaliser ``"a"``, a sketch with variance reduction; the default there) runs task B
+    once, between task A's two passes, as ``sf.analyze(passes=1.5)`` does (:func:`_task_b_once`); ``2``
+    runs two passes per task. The manifest records the order; a store is only resumed in the order that
+    began it (``passes=None`` takes it from the store).
 
     ``log`` (a :class:`~sketchfisher.phases.PhaseLog`) records each phase's time and peak device memory.
     The final pass-1 statistics and the pass-2 shards are written by a background thread while the GPU
@@ -291,14 +384,15 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
         root.mkdir(parents=True, exist_ok=True)
     with StoreLock(root) if ranks.rank == 0 else nullcontext():  # one writer (one run's rank 0) at a time
         return _collect(root, ranks, model, loss_fn, task_a, task_b, layout, codec, cfg, checkpoint_every,
-                        max_bytes, show_progress, stats_dtype, inputs, log)
+                        max_bytes, show_progress, stats_dtype, inputs, log, passes)
 
 
 def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
              task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, checkpoint_every: int | None,
              max_bytes: int | None, show_progress: bool, stats_dtype: torch.dtype | None,
-             inputs: dict[str, Any] | None, log: PhaseLog | None) -> Path:
-    wanted = build_manifest(model, layout, codec, cfg, inputs)
+             inputs: dict[str, Any] | None, log: PhaseLog | None, passes: float) -> Path:
+    passes = resolve_passes(stored_passes(root) if passes is None else passes, cfg, codec)
+    wanted = build_manifest(model, layout, codec, cfg, inputs, passes)
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -314,9 +408,9 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
     log = log if log is not None else PhaseLog.for_devices([p.device for p in model.parameters()])
-    needs = needed_statistics(cfg, codec, means=layout.beyond_heads)
+    needs = needed_statistics(cfg, codec, means=layout.beyond_heads, passes=passes)
     stats_dtype = stats_dtype or default_stats_dtype(model)
-    check_tasks_fit(model, codec, cfg, stats_dtype, task_a, task_b)
+    check_tasks_fit(model, codec, cfg, stats_dtype, task_a, task_b, passes=passes)
     if ranks.rank == 0 and not all(_final(root, t).exists() for t in TASKS):
         _drop_stale_shards(root)
     ranks.barrier()
@@ -330,7 +424,8 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     stat_writes, writes = Writes(), Writes()
     try:
         stats = {}
-        for t in TASKS:
+        run = _Run(root, ranks, model, loss_fn, tasks, layout, codec, cfg, store_id, show_progress, log, writes)
+        for t in TASKS if passes == 2 else ("a",):
             with log.phase(f"pass 1 {t.upper()}"):
                 stats[t], batches = _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
                                            show_progress, ranks, stats_dtype, needs[t], store_id)
@@ -339,24 +434,18 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
                     host = stats[t].to_host(staging.copy if staging is not None else host_copy)
                 stat_writes.submit(_save_pass1, host, _final(root, t), batches, store_id, t)
                 del host
-        if staging is not None:
-            staging.close()
-        _check_space(root, model, codec, stats["a"].count + stats["b"].count, _counts(task_a, task_b)[1] or
-                     stats["a"].count + stats["b"].count, stats_copies, stats_dtype, max_bytes, ranks.world)
-        with log.phase("preparation"):
-            # every statistic is on disk (or on its way there): the device copies are freed as consumed
-            preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True, keep=())
-        for t in TASKS:
-            folder = root / "pass2" / t
-            done = {p.name for p in folder.glob("*.safetensors")}
-            with log.phase(f"pass 2 {t.upper()}"):
-                it = sketch_batches(model, loss_fn, tasks[t], layout, codec, preps, t, stats["a"].count, cfg,
-                                    skip=lambda i: shard_name(i) in done or not ranks.mine(i), desc=f"pass 2 {t}",
-                                    show_progress=show_progress)
-                for index, size, blocks in it:
-                    parts = ShardParts.of(blocks, codec)
-                    writes.submit(_write_shard, parts, folder / shard_name(index), store_id, t, index, size,
-                                  nbytes=parts.nbytes())
+        if passes == 2:
+            if staging is not None:
+                staging.close()
+            _check_space(root, model, codec, stats["a"].count + stats["b"].count, _counts(task_a, task_b)[1] or
+                         stats["a"].count + stats["b"].count, stats_copies, stats_dtype, max_bytes, ranks.world)
+            with log.phase("preparation"):
+                # every statistic is on disk (or on its way there): the device copies are freed as consumed
+                preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True, keep=())
+        else:
+            stats["b"], preps = _task_b_once(run, stats["a"], needs["b"], stats_dtype, staging, stat_writes)
+        for t in TASKS if passes == 2 else ("a",):
+            _pass2(run, t, preps, stats["a"].count)
         del preps
         with log.phase("writes"):  # what the disk still owes once the GPU is done
             writes.wait()
