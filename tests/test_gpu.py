@@ -18,13 +18,26 @@ def test_sketch_maps_identical_on_cpu_and_cuda(kind):
     torch.testing.assert_close(m.apply(x.cuda()).cpu(), m.apply(x), rtol=1e-10, atol=1e-10)
 
 
-def test_scores_identical_on_cpu_and_cuda():
+def test_all_heads_in_one_kernel_equal_a_map_per_head():
+    """Sketch.apply_heads on CUDA (one launch for every head, as B's centre in the 1.5-pass order) against the
+    per-head maps on the GPU and the one-scatter CPU path."""
+    codec = sf.Sketch(k=48, kind="sjlt", seed=5, s=2)
+    v = torch.randn(4, 5, 700, device="cuda")
+    each = torch.stack([codec.map(1, 2, h, 700).apply(v[:, h]) for h in range(5)], 1)
+    torch.testing.assert_close(codec.apply_heads(1, 2, v), each, rtol=1e-6, atol=1e-6)
+    cpu = codec.apply_heads(1, 2, v.cpu().double())
+    torch.testing.assert_close(codec.apply_heads(1, 2, v).cpu().double(), cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("passes", [2, 1.5])
+def test_scores_identical_on_cpu_and_cuda(passes):
     model = make_model("llama_gqa")
     ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
     to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
     for codec in (sf.Factors(), sf.Sketch(k=32, kind="sjlt", seed=0, dtype="fp32")):
-        cpu = sf.analyze(model, generic_loss, ta, tb, codec=codec)
-        gpu = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), codec=codec)
+        kw = dict(codec=codec, passes=passes if codec.two_pass else None)
+        cpu = sf.analyze(model, generic_loss, ta, tb, **kw)
+        gpu = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), **kw)
         model.cpu()
         torch.testing.assert_close(gpu.scores, cpu.scores, rtol=1e-4, atol=1e-6 * float(cpu.scores.abs().max()))
 

@@ -104,17 +104,27 @@ def test_phase_plan_matches_hand_computation():
     want = {"pass 1 A": weights + 2 * stat + running, "pass 1 B": weights + 3 * stat + running,
             "preparation": weights + max(3 * stat, preps), "pass 2 A": weights + preps + running,
             "pass 2 B": weights + preps + running + sketches / 2, "scoring": weights + sketches + 2 * B * h * h * 4}
-    df = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B).set_index("phase")
+    df = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, passes=2).set_index("phase")
     for phase, value in want.items():
         assert df.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
-    two = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, devices=2).set_index("phase")
+    # task B once (the default here): preparations from A alone (3 tensors), B's statistics and its
+    # uncentred fp32 sketches during its pass, 3 tensors again in A's pass 2
+    preps3, raw_b = 3 * attn * 4, L * 128 * (256 * 4 + 16) * n / 2
+    want = {"pass 1 A": weights + 2 * stat + running, "preparation": weights + max(2 * stat, preps3),
+            "pass B": weights + preps3 + stat + running + raw_b, "centring B": weights + preps3 + stat + raw_b + sketches / 2,
+            "pass 2 A": weights + preps3 + running + sketches / 2, "scoring": weights + sketches + 2 * B * h * h * 4}
+    once = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B).set_index("phase")
+    assert list(once.index) == list(want)
+    for phase, value in want.items():
+        assert once.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
+    two = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, devices=2, passes=2).set_index("phase")
     # layer-proportional terms halve; the logits and one module's per-sample gradient do not
     logits, grad = B * T * V * 10, 2 * B * h * h * 4
     assert two.loc["pass 2 B", "peak_device_bytes"] == pytest.approx(
         (weights + preps + running - logits - grad + sketches / 2) / 2 + logits + grad)
     # pooled normaliser: task B keeps its Fisher too; fp64 statistics double them
     pooled = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, cfg=sf.ScoreConfig(normalizer="pooled"),
-                         stats_bytes=8).set_index("phase")
+                         stats_bytes=8).set_index("phase")  # (two passes: the default where B's pass needs its Fisher)
     assert pooled.loc["pass 1 B", "peak_device_bytes"] == pytest.approx(weights + 4 * 2 * stat + running)
 
 
@@ -122,9 +132,11 @@ def test_a_run_that_would_not_fit_is_refused_with_numbers_and_alternatives():
     from sketchfisher.collect.memory import refuse_over_budget
 
     kw = dict(devices=1, samples=512, tokens=512, batch_size=4, codec=sf.Sketch(), cfg=sf.ScoreConfig(),
-              model_bytes_per_param=2)
+              model_bytes_per_param=2, passes=2)
     ok = refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float32, **kw)
     assert ok["peak_device_bytes"].max() < 72 * 2**30
+    # task B once holds fewer model-sized tensors at a time: fp64 statistics fit the same card
+    assert refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **{**kw, "passes": 1.5}) is not None
     with pytest.raises(sf.InputError) as err:
         refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **kw)
     text = str(err.value)

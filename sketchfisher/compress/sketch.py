@@ -71,8 +71,15 @@ class Sketch:
     def apply_heads(self, layer: int, block: int, v: torch.Tensor) -> torch.Tensor:
         """Sketch every head of one (layer, block): ``v [n, H, size]`` → ``[n, H, k]``, head ``h`` by its own
         map (exactly ``map(layer, block, h, size).apply(v[:, h])``). sjlt off the GPU does all heads in one
-        scatter (one index for the block, cached), 20× faster than a call per head."""
+        scatter (one index for the block, cached), 20× faster than a call per head; on a CUDA device with
+        Triton, fp32/bf16/fp16 vectors take one fused kernel launch for all heads (fp32 accumulation, as
+        :meth:`SketchMap.apply <sketchfisher.compress.sketchmaps.SketchMap.apply>` there)."""
         n, H, size = v.shape
+        if self.kind == "sjlt" and v.is_cuda and v.dtype in kernels.DTYPES and kernels.available():
+            keys = torch.tensor([self.map(layer, block, h, size).hash_key() for h in range(H)], dtype=torch.int64)
+            offsets = torch.arange(H, dtype=torch.int64) * size
+            sk, _, _ = kernels.sketch_heads(v.reshape(n, H * size), keys, offsets, size, size, size, self.k, self.s)
+            return sk.to(v.dtype)
         if self.kind == "sjlt" and not v.is_cuda:
             index = sjlt_block_index(self, layer, block, H, size, v.device)
             flat = v.reshape(n, H * size)
