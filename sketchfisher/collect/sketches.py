@@ -304,11 +304,11 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     with log.phase("centring B"):
         centres = centre_j_side(layout, codec, cfg, preps, stats_b, keep)
         side_b = SketchSide(codec)
-        while raw:
-            _, size, blocks = raw.pop(0)
-            for key, value in centred(blocks, centres).items():
-                side_b.add(key, *value)
-            side_b.n += size
+        for key, centre in centres.items():  # a block's batches at once: a few large operations, not many small
+            whole = tuple(torch.cat(t) for t in zip(*(blocks.pop(key) for _, _, blocks in raw)))
+            side_b.add(key, *centred({key: whole}, {key: centre})[key])
+        side_b.n = sum(size for _, size, _ in raw)
+        del raw
     with log.phase("pass 2 A"):
         side_a = sketch_task(model, loss_fn, task_a, layout, codec, preps, "a", stats_a.count, cfg, "pass 2 A",
                              show_progress)
@@ -319,7 +319,8 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
 
 
 def centred(blocks: dict, centres: dict) -> dict:
-    """One batch of task B's uncentred sketches ``{key: (R y'_j, ‖·‖², cross)}`` centred by linearity:
+    """Task B's uncentred sketches ``{key: (R y'_j, ‖·‖², cross)}`` (a batch, or more) centred by linearity,
+    row by row (so a batch at a time or all at once give the same values):
     ``(R y'_j − R ȳ', ‖R ỹ_j‖², cross)``; the cross term ``⟨y'_j, x̄'⟩`` was exact already."""
     out = {}
     for key, (vec, _, cross) in blocks.items():
