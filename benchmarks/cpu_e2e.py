@@ -92,9 +92,10 @@ def main() -> None:
     for name in args.models.split(","):
         model, loss, ta, tb = build(name, args)
         plain(model, loss, ta[:1])  # warm-up
-        runs = {"sf.analyze (in memory)": lambda: sf.analyze(model, loss, ta, tb, codec=codec).head_means(),
-                "sf.analyze(passes=1.5): task B once": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
-                                                                        passes=1.5).head_means(),
+        runs = {"sf.analyze (in memory; default order: task B once)":
+                lambda: sf.analyze(model, loss, ta, tb, codec=codec).head_means(),
+                "sf.analyze(passes=2): two passes per task": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
+                                                                              passes=2).head_means(),
                 "sf.analyze(store=...)": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
                                                             store=tempfile.mkdtemp()).head_means()}
         for label, run in runs.items():

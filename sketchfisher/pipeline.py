@@ -15,7 +15,7 @@ from .capture.oracle import LossFn
 from .collect import collect, collect_sketches, default_stats_dtype, needed_statistics
 from .collect.sketches import collect_sketches_b_once
 from .collect.memory import check_tasks_fit
-from .collect.sketches import check_sketch_width, host_staging, resolve_passes
+from .collect.sketches import check_sketch_width, compacted_statistics, host_staging, resolve_passes
 from .compress import Exact, Factors, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
@@ -95,11 +95,12 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     check_tasks_fit(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a, task_b, passes=passes)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])
     # task A's Fisher leaves the GPU after pass 1; its host memory is made ready while the passes run
-    staging = host_staging(model, layout, stats_dtype or default_stats_dtype(model), 1) if codec.two_pass else None
+    staging = host_staging(model, layout, [stats_dtype or default_stats_dtype(model)]) if codec.two_pass else None
     with staging or nullcontext():
         with log.phase("pass 1 A"):
             rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="pass 1 A",
                                      show_progress=progress, quantities=needs["a"], **stats_kw)
+        stats_a.compact(compacted_statistics(layout))
         if passes == 1.5:  # task B once: its statistics and sketches in the same pass, A's pass 2 last
             side_a, side_b, e, stats_b = collect_sketches_b_once(
                 model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, needs["b"],
@@ -109,6 +110,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             with log.phase("pass 1 B"):
                 rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="pass 1 B",
                                          show_progress=progress, quantities=needs["b"], **stats_kw)
+            stats_b.compact(compacted_statistics(layout))
             if codec.two_pass:
                 side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a,
                                                      stats_b, show_progress=progress, log=log, staging=staging)

@@ -57,7 +57,8 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
          peak(Factors(rank=rank))),
         (f"Sketch(k={k}, {sketch_dtype})", s.num_layers * s.head_blocks_per_layer * per_vec * samples, peak(sketch)),
         (f"Sketch(k={k}, {sketch_dtype}) store: + headers, statistics, pass-1 checkpoint",
-         store_disk_bytes(s, sketch, samples, -(-samples // batch_size), (2, 1), stats_bytes)["total"], peak(sketch)),
+         store_disk_bytes(s, sketch, samples, -(-samples // batch_size), (2, 1), stats_bytes,
+                          compact_copies=(1, 1))["total"], peak(sketch)),
         # MLP channel units (device peaks not planned: the statistics then cover the MLP weights too)
         ("Exact: full fp16 per-sample attention + MLP gradients", (attn + mlp) * 2 * samples, float("nan")),
         (f"Sketch(k={k}, {sketch_dtype}): heads + MLP units ({s.intermediate // s.mlp_units_per_layer} channels each)",

@@ -135,10 +135,10 @@ def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path)
     ta = [{k: v.cuda() for k, v in b.items()} for b in make_batches(5, 2, seed=1)]
     tb = [{k: v.cuda() for k, v in b.items()} for b in make_batches(4, 3, seed=2)]
     layout, codec = sf.layout_for(model), sf.Sketch(k=32, kind="sjlt", seed=0, dtype="fp32")
-    staging = host_staging(model, layout, torch.float32, 2)
+    staging = host_staging(model, layout, [torch.float32, torch.bfloat16])
     assert staging is not None
     w = model.get_parameter(layout.params[0]).detach().float()
-    assert torch.equal(staging.copy(w), w.cpu())
+    assert torch.equal(staging.copy(w), w.cpu()) and torch.equal(staging.copy(w.bfloat16()), w.bfloat16().cpu())
     staging.close()
     blocks = {(0, "Q"): (torch.randn(3, 4, 8, device="cuda"), torch.rand(3, 4, device="cuda"), torch.randn(3, 4, device="cuda"))}
     shard = ShardParts.of(blocks, sf.Sketch(k=8, dtype="int8")).tensors()  # asynchronous copy, then waited for

@@ -289,6 +289,38 @@ def test_store_sizes_match_the_planner(small, tmp_path):
     unit = layout.num_layers * Shape.of(model).attn_params_per_layer * 8  # one model-sized fp64 statistic
     assert plan["statistics"] >= 3 * unit and plan["pass1_checkpoint"] == max(2 * 2, 2 + 2 * 1) * unit - 3 * unit
     assert written >= 0.5 * (plan["total"] - plan["pass1_checkpoint"])  # and not a wild one
+    # Σ|g| of both tasks only balance and centre: written in bf16; the planner counts them so
+    compact = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 1), stats_bytes=8,
+                               compact_copies=(1, 1))
+    stats_bytes = sum(p.stat().st_size for p in (tmp_path / "s" / "pass1").glob("*.safetensors"))
+    assert unit + 2 * unit // 4 <= stats_bytes <= compact["statistics"]
+
+
+def test_balance_and_centre_statistics_are_rounded_once_final(small, tmp_path):
+    """FisherStats.compact rounds Σ|g| and Σg (never the Fisher); a store writes them rounded, except when MLP
+    units read exact task means from them; in memory and from the store the scores agree bitwise."""
+    from sketchfisher.fisher import FisherStats
+    from sketchfisher.store.files import load_tensors
+
+    g = torch.randn(6, 3, 5, dtype=torch.float64)
+    stats = FisherStats(dtype=torch.float64, quantities=("fisher", "abs", "sum"))
+    stats.update({"w": g})
+    fisher = stats.fisher("w").clone()
+    stats.compact(("abs", "sum"))
+    assert stats.sum_abs["w"].dtype == stats.sum_g["w"].dtype == torch.bfloat16
+    assert torch.equal(stats.fisher("w"), fisher) and stats.mean_abs("w").dtype == torch.float64
+    torch.testing.assert_close(stats.mean_abs("w"), g.abs().mean(0), rtol=1e-2, atol=0)
+    model, ta, tb = small
+    mem = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, passes=2)
+    stored = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, passes=2, store=tmp_path / "heads")
+    torch.testing.assert_close(stored.scores, mem.scores, rtol=0, atol=0)
+    for t in ("a", "b"):
+        tensors, _ = load_tensors(tmp_path / "heads" / "pass1" / f"{t}.safetensors")
+        assert {str(v.dtype) for k, v in tensors.items() if k.endswith("::sum_abs")} == {"torch.bfloat16"}
+        assert {str(v.dtype) for k, v in tensors.items() if k.endswith("::mean")} <= {"torch.float64"}
+    sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "mlp", units="all")
+    tensors, _ = load_tensors(tmp_path / "mlp" / "pass1" / "b.safetensors")
+    assert {str(v.dtype) for k, v in tensors.items() if k.endswith("::sum_abs")} == {"torch.float64"}
 
 
 @pytest.fixture(scope="module")

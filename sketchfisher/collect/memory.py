@@ -179,7 +179,7 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
 
 
 def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_copies: tuple[int, int],
-                     stats_bytes: int = 4, world: int = 1) -> dict[str, int]:
+                     stats_bytes: int = 4, world: int = 1, compact_copies: tuple[int, int] = (0, 0)) -> dict[str, int]:
     """Everything a sketch store holds on disk at its fullest, in bytes, as an upper bound.
 
     ``sketches`` (``samples`` over both tasks), each shard's safetensors header and integrity records
@@ -188,15 +188,18 @@ def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_c
     checkpoints add on top of the final statistics at the fullest moment. A checkpoint is replaced
     through a temporary file and deleted once its task's final file is written, so the statistics
     peak at ``max(2·A, A + 2·B)`` (A's final file beside B's checkpoint and its replacement), per
-    rank for the checkpoints of ``world`` ranks."""
+    rank for the checkpoints of ``world`` ranks. ``compact_copies`` of each task's ``stats_copies`` are
+    written in bf16 (:func:`sketchfisher.collect.sketches.compacted_statistics`); their checkpoints
+    are not."""
     s = Shape.of(shape)
     groups = s.num_layers * 4  # (layer, block) groups per shard
     tensors = 4 if codec.dtype in ("int8", "fp16") else 3  # vectors, scale, ‖x̃‖², cross
     header = groups * (tensors * 96 + 96) + 1024  # per tensor name/dtype/shape/offsets; per group its digest
     unit = s.num_layers * s.attn_params_per_layer * stats_bytes
-    a, b = (copies * unit for copies in stats_copies)
-    per_tensor = s.num_layers * 4 * 128  # the statistics files' headers
-    fullest = max(2 * world * a, a + 2 * world * b)
+    a_full, b_full = (copies * unit for copies in stats_copies)  # as the checkpoints hold them
+    a, b = (full - n * (unit - unit * 2 // stats_bytes) for full, n in zip((a_full, b_full), compact_copies))
+    per_tensor = s.num_layers * 4 * 256  # the statistics files' headers: name, dtype, shape, offsets, digest per tensor
+    fullest = max(2 * world * a_full, a + 2 * world * b_full)
     out = {"sketches": s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples,
            "shard_headers": header * batches, "statistics": a + b + sum(stats_copies) * per_tensor,
            "pass1_checkpoint": max(0, fullest - a - b), "manifest": 4096 + 200 * batches}

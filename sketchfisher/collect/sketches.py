@@ -110,15 +110,27 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: Optional[FisherSt
     return preps
 
 
-def host_staging(model: nn.Module, layout: Layout, dtype: torch.dtype, copies: int,
+def host_staging(model: nn.Module, layout: Layout, dtypes: Iterable[torch.dtype],
                  modules: str = "attention") -> Optional[HostStaging]:
-    """Host buffers for ``copies`` model-sized statistics of the collected weights, touched in the
-    background while the passes run (:class:`~sketchfisher.fisher.HostStaging`); None when the model's
-    collected weights are all on the host already."""
-    weights = [model.get_parameter(name) for name in trainable_weights(model, layout, modules)]
-    if copies < 1 or not any(w.is_cuda for w in weights):
+    """Host buffers for model-sized statistics of the collected weights, one per entry of ``dtypes``,
+    touched in the background while the passes run (:class:`~sketchfisher.fisher.HostStaging`); None
+    when there are none or the model's collected weights are all on the host already."""
+    weights, dtypes = [model.get_parameter(name) for name in trainable_weights(model, layout, modules)], list(dtypes)
+    if not dtypes or not any(w.is_cuda for w in weights):
         return None
-    return HostStaging.for_tensors(weights, dtype, copies)
+    return HostStaging.for_tensors(weights, dtypes)
+
+
+def compacted_statistics(layout: Layout) -> tuple[str, ...]:
+    """The statistics a run rounds to bf16 once final (:meth:`~sketchfisher.fisher.FisherStats.compact`):
+    Σ|g| and Σg, which only balance and centre the sketches, unless the layout's MLP or linear units
+    also read exact task means from them."""
+    return () if layout.beyond_heads else ("abs", "sum")
+
+
+def statistics_dtypes(quantities: Iterable[str], layout: Layout, dtype: torch.dtype) -> list[torch.dtype]:
+    """The precision each kept statistic is written in (bf16 for the compacted ones)."""
+    return [torch.bfloat16 if q in compacted_statistics(layout) else dtype for q in quantities]
 
 
 def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
@@ -301,6 +313,7 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     if stats_b.count == 0:
         raise InputError("pass B: the task yielded no samples")
     stats_b.check_finite("pass B")
+    stats_b.compact(compacted_statistics(layout))
     with log.phase("centring B"):
         centres = centre_j_side(layout, codec, cfg, preps, stats_b, keep)
         side_b = SketchSide(codec)
@@ -377,5 +390,5 @@ def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:
     return {key: prep.e for key, prep in preps.items() if prep is not None}
 
 
-__all__ = ["FusedSides", "Preps", "centre_j_side", "centred", "check_passes", "check_reiterable", "one_pass_b_applies", "resolve_passes", "collect_sketches", "collect_sketches_b_once", "host_staging", "needed_statistics", "prepare",
+__all__ = ["FusedSides", "Preps", "centre_j_side", "compacted_statistics", "statistics_dtypes", "centred", "check_passes", "check_reiterable", "one_pass_b_applies", "resolve_passes", "collect_sketches", "collect_sketches_b_once", "host_staging", "needed_statistics", "prepare",
            "prepare_all", "sketch_batches", "sketch_task", "trainable_weights"]

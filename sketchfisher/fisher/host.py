@@ -39,10 +39,10 @@ class HostStaging:
         self._thread.start()
 
     @classmethod
-    def for_tensors(cls, like: Iterable[torch.Tensor], dtype: torch.dtype, copies: int = 1) -> "HostStaging":
-        """Buffers for ``copies`` statistics of ``dtype`` shaped like each tensor (the largest first)."""
-        sizes = sorted((t.numel() for t in like), reverse=True)
-        return cls([(n, dtype) for n in sizes for _ in range(copies)])
+    def for_tensors(cls, like: Iterable[torch.Tensor], dtypes: Iterable[torch.dtype]) -> "HostStaging":
+        """Buffers for one statistic per entry of ``dtypes`` shaped like each tensor (the largest first)."""
+        sizes, dtypes = sorted((t.numel() for t in like), reverse=True), list(dtypes)
+        return cls([(n, dtype) for n in sizes for dtype in dtypes])
 
     def _fill(self) -> None:
         for key in self._todo:

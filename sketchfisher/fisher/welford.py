@@ -174,6 +174,19 @@ class FisherStats:
             out.sum_g = {n: self.sum_g[n] + other.sum_g[n] for n in self.sum_g}
         return out
 
+    def compact(self, quantities: tuple[str, ...], dtype: torch.dtype = torch.bfloat16) -> "FisherStats":
+        """Round the sums ``"abs"`` and ``"sum"`` among ``quantities`` to ``dtype`` (bf16 by default), in place,
+        once the statistics are final (no update after). Where these sums only balance and centre the
+        sketches, any value gives the same expectation and the exact identity the scores rest on, as long
+        as every use reads the same rounded value: a run rounds them before its first use and a store
+        writes the rounded values, so a resumed run reads what the first one used. Means read back in
+        :attr:`dtype`. Returns self."""
+        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
+            if q in quantities and q in self.quantities:
+                for name, t in acc.items():
+                    acc[name] = t.to(dtype)
+        return self
+
     def check_finite(self, where: str) -> None:
         """Finite gradients whose squares overflow the statistics' precision leave an infinite Fisher: refused
         with the reason (a later NaN score would not say why)."""
@@ -325,10 +338,10 @@ class FisherStats:
         return self._require("fisher", name).mean
 
     def mean_abs(self, name: str) -> torch.Tensor:
-        return self.sum_abs[name] / self._require("abs", name).count
+        return self.sum_abs[name].to(self.dtype) / self._require("abs", name).count  # (compacted sums: upcast)
 
     def mean_grad(self, name: str) -> torch.Tensor:
-        return self.sum_g[name] / self._require("sum", name).count
+        return self.sum_g[name].to(self.dtype) / self._require("sum", name).count
 
     def block(self, layout: Layout, layer: int, block: str, what: str = "fisher") -> torch.Tensor | None:
         """A statistic (``fisher``, ``mean_abs``, ``mean_grad``) over the distinct head blocks of

@@ -15,8 +15,10 @@ from ..layout import Layout
 from ..metric import ScoreConfig
 from .files import StoreError, StoreMismatchError
 
-FORMAT_VERSION = 3  # 3: integrity records (store id, content digests, sealed manifest); 2 is still read
-READABLE_VERSIONS = (2, 3)
+# 4: the pass order, Σ|g| and Σg in bf16; 3: integrity records (store id, content digests, sealed manifest).
+# Older versions are read, and never resumed by a newer writer (the format version is a checked setting).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs", "passes")
 VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                    "_attn_implementation_autoset", "torch_dtype", "dtype")  # where and how it was loaded, not what

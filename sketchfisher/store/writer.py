@@ -37,7 +37,8 @@ from ..collect import trainable_weights
 from ..collect.passes import sized
 from ..collect.memory import check_tasks_fit, format_bytes, store_disk_bytes
 from ..collect.finite import finite_rows, overflow_error
-from ..collect.sketches import centre_j_side, centred, resolve_passes, check_reiterable, check_sketch_width, host_staging
+from ..collect.sketches import centre_j_side, centred, check_reiterable, check_sketch_width, compacted_statistics
+from ..collect.sketches import host_staging, resolve_passes, statistics_dtypes
 from ..compress import Sketch
 from ..compress.sketch import quantize
 from ..errors import InputError
@@ -238,13 +239,14 @@ def _drop_stale_shards(root: Path) -> None:
 
 def _check_space(root: Path, model: nn.Module, codec: Sketch, samples: int | None, batches: int | None,
                  stats_copies: tuple[int, int], stats_dtype: torch.dtype, max_bytes: int | None,
-                 world: int = 1) -> None:
+                 world: int = 1, compact_copies: tuple[int, int] = (0, 0)) -> None:
     """Refuse before writing when the store would not fit the disk (or ``max_bytes``): everything it writes
     (:func:`~sketchfisher.collect.memory.store_disk_bytes`), less what is already there. Skipped while the
     sample counts are unknown (tasks that are not lists of batches, before pass 1 has counted them)."""
     if samples is None or batches is None:
         return
-    plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8, world)
+    plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8, world,
+                            compact_copies)
     stored = plan["sketches"] + plan["shard_headers"] + plan["statistics"] + plan["manifest"]
     already = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file())
     needed = max(0, plan["total"] - already)
@@ -332,6 +334,7 @@ def _task_b_once(run: _Run, stats_a: FisherStats, quantities: tuple[str, ...], s
     if stats_b.count == 0:
         raise InputError("task b yielded no samples")
     stats_b.check_finite("pass B")
+    stats_b.compact(compacted_statistics(layout))
     if ranks.rank == 0:
         with log.phase("statistics B to host"):
             host = stats_b.to_host(staging.copy if staging is not None else host_copy)
@@ -415,11 +418,13 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
         _drop_stale_shards(root)
     ranks.barrier()
     stats_copies = tuple(len(needs[t]) for t in TASKS)
-    _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes, ranks.world)
+    compact = tuple(sum(q in compacted_statistics(layout) for q in needs[t]) for t in TASKS)
+    _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes, ranks.world,
+                 compact)
     # the final pass-1 statistics are written to disk in the background while pass 2 runs; their host
     # memory is made ready while pass 1 runs
-    copies = sum(len(needs[t]) for t in TASKS if not _final(root, t).exists()) if ranks.rank == 0 else 0
-    staging = host_staging(model, layout, stats_dtype, copies)
+    dtypes = [d for t in TASKS if not _final(root, t).exists() for d in statistics_dtypes(needs[t], layout, stats_dtype)]
+    staging = host_staging(model, layout, dtypes if ranks.rank == 0 else [])
     # two writers: the statistics (tens of GB at 7B) must not hold up the shards behind them
     stat_writes, writes = Writes(), Writes()
     try:
@@ -429,6 +434,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
             with log.phase(f"pass 1 {t.upper()}"):
                 stats[t], batches = _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
                                            show_progress, ranks, stats_dtype, needs[t], store_id)
+                stats[t].compact(compacted_statistics(layout))  # (read from the store: rounded already)
             if batches is not None and ranks.rank == 0:
                 with log.phase(f"statistics {t.upper()} to host"):
                     host = stats[t].to_host(staging.copy if staging is not None else host_copy)
@@ -438,7 +444,8 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
             if staging is not None:
                 staging.close()
             _check_space(root, model, codec, stats["a"].count + stats["b"].count, _counts(task_a, task_b)[1] or
-                         stats["a"].count + stats["b"].count, stats_copies, stats_dtype, max_bytes, ranks.world)
+                         stats["a"].count + stats["b"].count, stats_copies, stats_dtype, max_bytes, ranks.world,
+                         compact)
             with log.phase("preparation"):
                 # every statistic is on disk (or on its way there): the device copies are freed as consumed
                 preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True, keep=())
