@@ -162,7 +162,7 @@ def test_non_finite_sides_are_caught_one_batch_late_and_never_written(tmp_path):
     """The pass-2 finiteness check reads a batch's verdict after the next batch is queued (no device stop
     per batch); the flagged batch's error names it, and a store's writer refuses a non-finite shard."""
     from sketchfisher.collect.finite import LaggedFiniteCheck
-    from sketchfisher.store.writer import ShardParts, _write_shard
+    from sketchfisher.store.shards import ShardParts, write_shard as _write_shard
 
     cfg = sf.ScoreConfig()
     good = {(0, "Q"): (torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(2, 3))}

@@ -129,7 +129,7 @@ def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path)
     """Statistics copied into host buffers made ready in the background, and a store whose pass-1 files and
     shards are written by a background thread (one transfer per shard), give the in-memory scores."""
     from sketchfisher.collect.sketches import host_staging
-    from sketchfisher.store.writer import ShardParts
+    from sketchfisher.store.shards import ShardParts
 
     model = make_model("llama_gqa").cuda()
     ta = [{k: v.cuda() for k, v in b.items()} for b in make_batches(5, 2, seed=1)]

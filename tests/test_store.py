@@ -155,7 +155,7 @@ def test_final_statistics_supersede_the_checkpoints(small, tmp_path):
     """Once a task's final pass-1 file is written, its checkpoints (every rank's) are deleted: the disk
     never holds both for long, which is what the disk plan counts on."""
     from sketchfisher.fisher import FisherStats
-    from sketchfisher.store.writer import _save_pass1
+    from sketchfisher.store.pass1 import save_pass1 as _save_pass1
 
     (tmp_path / "a.partial.safetensors").write_bytes(b"x")
     (tmp_path / "a.rank1-of-2.partial.safetensors").write_bytes(b"x")
@@ -169,7 +169,7 @@ def test_final_statistics_supersede_the_checkpoints(small, tmp_path):
 def test_host_copies_and_stacked_shards_keep_values():
     from sketchfisher.compress.sketch import quantize
     from sketchfisher.fisher import FisherStats, HostStaging
-    from sketchfisher.store.writer import ShardParts
+    from sketchfisher.store.shards import ShardParts
 
     g = torch.Generator().manual_seed(0)
     blocks = {(0, "Q"): (torch.randn(3, 4, 8, generator=g), torch.rand(3, 4, generator=g), torch.randn(3, 4, generator=g)),

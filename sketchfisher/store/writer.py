@@ -1,4 +1,6 @@
-"""Resumable two-pass collection of sketches into a store directory.
+"""Resumable collection of sketches into a store directory: the order of the passes, the checks
+before any work, and the manifest once complete (:mod:`.pass1` writes the statistics, :mod:`.shards`
+the sketches).
 
 Layout of a store::
 
@@ -10,7 +12,9 @@ Layout of a store::
 Every file is written under a temporary name and renamed, so a file is either complete or absent.
 A run killed at any point and restarted with the same arguments skips what is complete: pass-1
 checkpoints resume from the batches they recorded (Welford states merge exactly) and pass 2 skips
-batches whose shard exists. Every sample is counted exactly once.
+batches whose shard exists. Every sample is counted exactly once. With task B in one pass (the
+default where it applies) B's statistics are not checkpointed: a run killed before they reach the
+disk redoes B's pass.
 
 Under ``torch.distributed`` (``torchrun``; NCCL on GPUs, gloo on CPU) every rank runs this with the
 same tasks: batch i belongs to rank i % world; pass-1 statistics are all-reduced; each rank writes its
@@ -22,219 +26,34 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from ..capture.oracle import LossFn, batch_size_of
-from ..collect import default_stats_dtype, factor_pass, fold_factors, needed_statistics, prepare_all, sketch_batches
+from ..collect import default_stats_dtype, fold_factors, needed_statistics, prepare_all, sketch_batches
 from ..collect import trainable_weights
-from ..collect.passes import sized
 from ..collect.memory import check_tasks_fit, format_bytes, store_disk_bytes
-from ..collect.finite import finite_rows, overflow_error
 from ..collect.sketches import centre_j_side, centred, check_reiterable, check_sketch_width, compacted_statistics
 from ..collect.sketches import host_staging, resolve_passes, statistics_dtypes
 from ..compress import Sketch
-from ..compress.sketch import quantize
 from ..errors import InputError
 from ..fisher import FisherStats
 from ..fisher.host import host_copy
 from ..layout import Layout
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
-from .files import Writes, atomic_save_tensors, atomic_write_json, load_tensors, read_metadata
-from .files import StoreLock, remove_stale_temps
-from .integrity import check_digest, check_header, index_entry, shard_metadata, stats_metadata
+from .files import StoreLock, Writes, atomic_write_json, read_metadata, remove_stale_temps
+from .integrity import check_header, index_entry
 from .manifest import build_manifest, check_same, new_store_id, passes_of, read_manifest, seal
+from .pass1 import Counter, Ranks, counted, final_path, partial_path, run_pass1, save_pass1
+from .shards import TASKS, ShardParts, drop_stale_shards, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
-TASKS = ("a", "b")
-
-
-def shard_name(index: int) -> str:
-    return f"{index:07d}.safetensors"
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's share of the batches: batch ``i`` belongs to rank ``i % world``."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def current(cls) -> "Ranks":
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    def mine(self, index: int) -> bool:
-        return index % self.world == self.rank
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-def _pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
-           checkpoint_every: int | None, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype,
-           quantities: tuple[str, ...], store_id: str) -> tuple[FisherStats, int | None]:
-    """Pass 1 of one task: ``(statistics, batches)``; ``batches`` (how many the task yielded) when they
-    were computed now and their final file is still to be written (:func:`_save_pass1`), None when they
-    were read from the store."""
-    final = _final(root, task)
-    partial = _partial(root, task, ranks)
-    if final.exists():
-        partial.unlink(missing_ok=True)  # a checkpoint of a run killed after the final file was written
-        tensors, meta = load_tensors(final)
-        check_header(final, meta, store_id, task)
-        check_digest(final, tensors, meta.get("digest", ""))
-        return FisherStats.from_tensors(tensors, meta), None
-    stats, done = FisherStats(dtype=stats_dtype, quantities=quantities), 0
-    if partial.exists():
-        tensors, meta = load_tensors(partial)
-        check_header(partial, meta, store_id, task)
-        stats, done = FisherStats.from_tensors(tensors, meta), int(meta["batches_done"])
-        logger.info("task %s: resuming pass 1 after %d batches", task, done)
-    names = trainable_weights(model, layout)
-    seen, policy = Counter(), Checkpoints(checkpoint_every)
-    for index, bf in factor_pass(model, loss_fn, _counted(batches, seen), names, desc=f"pass 1 {task}",
-                                 show_progress=show_progress, skip=lambda i: i < done or not ranks.mine(i),
-                                 total=sized(batches)):
-        fold_factors(stats, bf, names)
-        if policy.due(index + 1):
-            start = time.perf_counter()
-            tensors, meta = stats.to_tensors()
-            atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1), "store_id": store_id,
-                                                   "task": task})
-            policy.saved(time.perf_counter() - start)
-    if seen.batches < done:
-        raise InputError(f"task {task} yielded {seen.batches} batches, fewer than the {done} recorded in {partial}")
-    if ranks.world > 1:
-        stats = stats.all_reduce(names)
-    if stats.count == 0:
-        raise InputError(f"task {task} yielded no samples")
-    stats.check_finite(f"pass 1 {task}")
-    return stats, seen.batches
-
-
-def _final(root: Path, task: str) -> Path:
-    return root / "pass1" / f"{task}.safetensors"
-
-
-def _partial(root: Path, task: str, ranks: Ranks) -> Path:
-    suffix = "" if ranks.world == 1 else f".rank{ranks.rank}-of-{ranks.world}"
-    return root / "pass1" / f"{task}{suffix}.partial.safetensors"
-
-
-def _save_pass1(stats: FisherStats, path: Path, batches: int, store_id: str, task: str) -> None:
-    """Write a task's final pass-1 statistics; its checkpoints (every rank's) are superseded and deleted."""
-    tensors, meta = stats.to_tensors()
-    atomic_save_tensors(tensors, path, {**meta, "batches": str(batches), **stats_metadata(tensors, store_id, task)})
-    for partial in path.parent.glob(f"{task}*.partial.safetensors"):
-        partial.unlink(missing_ok=True)
-
-
-class Checkpoints:
-    """When pass 1 writes its resumable checkpoint: every ``every`` batches, or (``every=None``) by time,
-    once the work since the last checkpoint is at least 20 times what the last one cost to write and at
-    least a minute: at 7B the statistics are tens of GB, and writing them every few batches would cost
-    more than the pass itself. A crash loses at most that much work; every sample still counts once."""
-
-    def __init__(self, every: int | None):
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise InputError(f"checkpoint_every must be a positive int or None, got {every!r}")
-        self.every, self.cost, self.last = every, 0.0, time.perf_counter()
-
-    def due(self, batches_done: int) -> bool:
-        if self.every is not None:
-            return batches_done % self.every == 0
-        return time.perf_counter() - self.last >= max(60.0, 20 * self.cost)
-
-    def saved(self, seconds: float) -> None:
-        self.cost, self.last = seconds, time.perf_counter()
-
-
-@dataclass
-class Counter:
-    """How many batches a task yielded (including those skipped)."""
-
-    batches: int = 0
-
-
-def _counted(batches: Iterable[Any], counter: Counter) -> Iterator[Any]:
-    for batch in batches:
-        counter.batches += 1
-        yield batch
-
-
-@dataclass
-class ShardParts:
-    """A batch's pass-2 results on their way to the host: per device, the blocks' sketches (quantised), ‖x̃‖²
-    and cross terms stacked along the head axis, copied asynchronously; :meth:`tensors` (in the writer
-    thread) waits for the copies and cuts the shard's per-block tensors out of them."""
-
-    groups: list[tuple[list[tuple[int, str]], list[int], dict[str, torch.Tensor], Any]]
-
-    @classmethod
-    def of(cls, blocks: dict, codec: Sketch) -> "ShardParts":
-        by_device: dict = {}
-        for key, value in blocks.items():
-            by_device.setdefault(value[0].device, []).append(key)
-        groups = []
-        for device, keys in by_device.items():
-            q, scale = quantize(torch.cat([blocks[k][0] for k in keys], 1), codec.dtype)  # per-vector: as per block
-            parts = {"vec": q, "scale": scale, "norm2": torch.cat([blocks[k][1] for k in keys], 1).double(),
-                     "cross": torch.cat([blocks[k][2] for k in keys], 1).double()}
-            moved = {name: t.to("cpu", non_blocking=True) for name, t in parts.items() if t is not None}
-            event = None
-            if device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-            groups.append((keys, [blocks[k][0].shape[1] for k in keys], moved, event))
-        return cls(groups)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, _, moved, _ in self.groups for t in moved.values())
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for keys, widths, moved, event in self.groups:
-            if event is not None:
-                event.synchronize()
-            for name, t in moved.items():
-                for (layer, block), piece in zip(keys, t.split(widths, 1)):
-                    out[f"{layer}.{block}.{name}"] = piece.contiguous()
-        return out
-
-
-def _write_shard(parts: ShardParts, path: Path, store_id: str, task: str, batch: int, samples: int) -> None:
-    """Write one batch's shard, after checking on the host that every value is finite (the device-side check
-    of a batch is read one batch late; nothing non-finite reaches the disk, where a restart would keep it)."""
-    tensors = parts.tensors()
-    ok = finite_rows(tensors.values())
-    if not bool(ok.all()):
-        raise overflow_error(f"pass 2 {task}", batch, (~ok).nonzero().flatten().tolist(), "their precision")
-    atomic_save_tensors(tensors, path, shard_metadata(tensors, store_id, task, batch, samples))
-
-
-def _drop_stale_shards(root: Path) -> None:
-    """Pass-2 shards without both final pass-1 files come from a run killed before its statistics reached the
-    disk: pass 1 will be finished again, so they would mix two preparations. They are deleted."""
-    stale = [p for t in TASKS for p in (root / "pass2" / t).glob("*.safetensors")]
-    if stale:
-        logger.warning("deleting %d pass-2 shards written before the run's pass-1 statistics were saved", len(stale))
-    for p in stale:
-        p.unlink()
 
 
 def _check_space(root: Path, model: nn.Module, codec: Sketch, samples: int | None, batches: int | None,
@@ -287,7 +106,7 @@ class _Run:
 
     def submit_shard(self, t: str, index: int, size: int, blocks: dict) -> None:
         parts = ShardParts.of(blocks, self.codec)
-        self.writes.submit(_write_shard, parts, self.root / "pass2" / t / shard_name(index), self.store_id, t, index,
+        self.writes.submit(write_shard, parts, self.root / "pass2" / t / shard_name(index), self.store_id, t, index,
                            size, nbytes=parts.nbytes())
 
 
@@ -313,9 +132,9 @@ def _task_b_once(run: _Run, stats_a: FisherStats, quantities: tuple[str, ...], s
     stale then and deleted on restart); once they are on disk, B's centre is known and the shards still
     missing are a plain pass 2 over B, balanced the same way."""
     root, ranks, layout, codec, cfg, log = run.root, run.ranks, run.layout, run.codec, run.cfg, run.log
-    final = _final(root, "b")
+    final = final_path(root, "b")
     if final.exists():
-        stats_b, _ = _pass1(root, "b", run.model, run.loss_fn, run.tasks["b"], layout, None, run.show_progress,
+        stats_b, _ = run_pass1(root, "b", run.model, run.loss_fn, run.tasks["b"], layout, None, run.show_progress,
                             ranks, stats_dtype, quantities, run.store_id)
         with log.phase("preparation"):
             preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True, keep=(), balance_from_a=True)
@@ -326,7 +145,7 @@ def _task_b_once(run: _Run, stats_a: FisherStats, quantities: tuple[str, ...], s
     stats_b, seen = FisherStats(dtype=stats_dtype, quantities=quantities), Counter()
     names = trainable_weights(run.model, layout)
     with log.phase("pass B (statistics and sketches)"):
-        raw = list(sketch_batches(run.model, run.loss_fn, _counted(run.tasks["b"], seen), layout, codec, preps, "b",
+        raw = list(sketch_batches(run.model, run.loss_fn, counted(run.tasks["b"], seen), layout, codec, preps, "b",
                                   stats_a.count, cfg, skip=lambda i: not ranks.mine(i), desc="pass B",
                                   show_progress=run.show_progress, fold=lambda bf: fold_factors(stats_b, bf, names)))
     if ranks.world > 1:
@@ -338,7 +157,7 @@ def _task_b_once(run: _Run, stats_a: FisherStats, quantities: tuple[str, ...], s
     if ranks.rank == 0:
         with log.phase("statistics B to host"):
             host = stats_b.to_host(staging.copy if staging is not None else host_copy)
-        stat_writes.submit(_save_pass1, host, final, seen.batches, run.store_id, "b")
+        stat_writes.submit(save_pass1, host, final, seen.batches, run.store_id, "b")
         del host
     if staging is not None:
         staging.close()
@@ -414,8 +233,8 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     needs = needed_statistics(cfg, codec, means=layout.beyond_heads, passes=passes)
     stats_dtype = stats_dtype or default_stats_dtype(model)
     check_tasks_fit(model, codec, cfg, stats_dtype, task_a, task_b, passes=passes)
-    if ranks.rank == 0 and not all(_final(root, t).exists() for t in TASKS):
-        _drop_stale_shards(root)
+    if ranks.rank == 0 and not all(final_path(root, t).exists() for t in TASKS):
+        drop_stale_shards(root)
     ranks.barrier()
     stats_copies = tuple(len(needs[t]) for t in TASKS)
     compact = tuple(sum(q in compacted_statistics(layout) for q in needs[t]) for t in TASKS)
@@ -423,7 +242,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
                  compact)
     # the final pass-1 statistics are written to disk in the background while pass 2 runs; their host
     # memory is made ready while pass 1 runs
-    dtypes = [d for t in TASKS if not _final(root, t).exists() for d in statistics_dtypes(needs[t], layout, stats_dtype)]
+    dtypes = [d for t in TASKS if not final_path(root, t).exists() for d in statistics_dtypes(needs[t], layout, stats_dtype)]
     staging = host_staging(model, layout, dtypes if ranks.rank == 0 else [])
     # two writers: the statistics (tens of GB at 7B) must not hold up the shards behind them
     stat_writes, writes = Writes(), Writes()
@@ -432,13 +251,13 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
         run = _Run(root, ranks, model, loss_fn, tasks, layout, codec, cfg, store_id, show_progress, log, writes)
         for t in TASKS if passes == 2 else ("a",):
             with log.phase(f"pass 1 {t.upper()}"):
-                stats[t], batches = _pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
+                stats[t], batches = run_pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
                                            show_progress, ranks, stats_dtype, needs[t], store_id)
                 stats[t].compact(compacted_statistics(layout))  # (read from the store: rounded already)
             if batches is not None and ranks.rank == 0:
                 with log.phase(f"statistics {t.upper()} to host"):
                     host = stats[t].to_host(staging.copy if staging is not None else host_copy)
-                stat_writes.submit(_save_pass1, host, _final(root, t), batches, store_id, t)
+                stat_writes.submit(save_pass1, host, final_path(root, t), batches, store_id, t)
                 del host
         if passes == 2:
             if staging is not None:
@@ -464,7 +283,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
             staging.close()
     ranks.barrier()
     for t in TASKS:
-        _partial(root, t, ranks).unlink(missing_ok=True)
+        partial_path(root, t, ranks).unlink(missing_ok=True)
     ranks.barrier()
     if ranks.rank != 0:
         ranks.barrier()
@@ -481,7 +300,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
             check_header(path, meta, store_id, t, index, meta.get("samples"))
             sizes.append(int(meta["samples"]))
             manifest["files"][f"pass2/{t}/{path.name}"] = index_entry(meta)
-        final = _final(root, t)
+        final = final_path(root, t)
         manifest["files"][f"pass1/{final.name}"] = index_entry(read_metadata(final))
         manifest["tasks"][t] = {"samples": stats[t].count, "batch_sizes": sizes}
         if sum(sizes) != stats[t].count:
