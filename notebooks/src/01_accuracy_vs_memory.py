@@ -114,8 +114,10 @@ frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]]
 # ## Reading (full run, 32 × 32 samples)
 #
 # * **Variance reduction is the lever for sketches.** At equal bytes, balancing + centering cuts the
-#   median relative error by about 2.5× at every k (sjlt: 0.35 → 0.14 at k = 64, 0.18 → 0.070 at
-#   k = 256, 0.086 → 0.034 at k = 1024) and lifts Spearman from ≈0.91 to ≈0.995 at k = 256. The kinds
+#   median relative error by about 2.5× at every k (sjlt: 0.35 → 0.14 at k = 64, 0.18 → 0.073 at
+#   k = 256, 0.086 → 0.035 at k = 1024) and lifts Spearman from ≈0.91 to ≈0.995 at k = 256. (With
+#   variance reduction the default order runs task B in one pass; two passes per task,
+#   `passes=2`, measure 0.070 at k = 256: `docs/sketches.md`.) The kinds
 #   (gaussian, sjlt, srht) are indistinguishable at equal k, so the cheapest to apply (sjlt) is the
 #   default. Error falls as 1/√k.
 # * **Storage precision does not matter down to int8**: int8 keeps the fp16 accuracy at 89× less
@@ -137,7 +139,7 @@ frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]]
 #
 # The same call can resolve the MLP too: `units="all"` collects attention heads and MLP channel groups
 # (here 12 groups of 128 hidden channels per layer: rows of `intermediate.dense`, columns of
-# `output.dense`) in the same two passes; `res.units("mlp")` holds the channel-group scores
+# `output.dense`) in the same passes; `res.units("mlp")` holds the channel-group scores
 # `[nA, nB, layers, groups, (UP, DOWN)]`. Below, each family is compared with its own exact scores;
 # the bytes count that family's blocks only.
 
