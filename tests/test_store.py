@@ -98,7 +98,7 @@ def test_task_b_once_into_a_store_equals_in_memory(small, tmp_path):
     torch.testing.assert_close(stored.scores, mem.scores, rtol=0, atol=0)
     torch.testing.assert_close(stored.stderr, mem.stderr, rtol=0, atol=0)
     store = sf.open_store(tmp_path / "s")
-    assert store.passes == 1.5 and sf.open_store(tmp_path / "s").summary()["samples"] == {"a": 6, "b": 5}
+    assert store.passes == 1.5 and store.summary()["samples"] == {"a": 6, "b": 5} and store.summary()["passes"] == 1.5
     torch.testing.assert_close(store.result().scores, mem.scores, rtol=0, atol=0)
     with pytest.raises(sf.StoreMismatchError, match="passes"):
         sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s", passes=2)
@@ -421,6 +421,9 @@ def test_settings_without_a_meaningful_result_are_refused(tiny_bert_dir, tmp_pat
     assert "nothing to mask" in capsys.readouterr().err  # [CLS] [SEP] only: every gradient would be 0
     assert main(["collect", *common, "--out", str(tmp_path / "s2"), "--max-length", "100000", "--quiet"]) == 1
     assert "beyond the 512 positions" in capsys.readouterr().err
+    assert main(["collect", "--model", str(tmp_path / "absent"), "--task-a", "x", "--task-b", "y", "--out",
+                 str(tmp_path / "s3"), "--passes", "1.5", "--normalizer", "pooled", "--quiet"]) == 1
+    assert "passes=1.5 (task B once) needs normalizer='a'" in capsys.readouterr().err  # before loading anything
     _, tok = load_minilm()
     def one_token_each(texts, **_):  # a tokenizer that keeps one token per text (no special tokens)
         n = len(texts)

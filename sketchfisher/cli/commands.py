@@ -71,15 +71,19 @@ def _collect(args: argparse.Namespace) -> int:
     from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, read_task, task_batches
     from ..tasks import to_device
 
+    from ..collect.sketches import resolve_passes
+
+    codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.sketch_dtype,
+                      variance_reduction=not args.no_variance_reduction)
+    cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
+    if _passes(args) is not None:
+        resolve_passes(_passes(args), cfg, codec)  # settings that cannot run in this order: before loading
     loss = _loss(args)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     check_max_length(model, args.max_length)
     device = input_device(model)
     tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
                        device) for p in (args.task_a, args.task_b)]
-    codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.sketch_dtype,
-                      variance_reduction=not args.no_variance_reduction)
-    cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
     import torch
 
     start, log = time.perf_counter(), PhaseLog.for_devices([p.device for p in model.parameters()])

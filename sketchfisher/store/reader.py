@@ -159,6 +159,7 @@ class StoreReader:
         nbytes = sum(p.stat().st_size for t in TASKS for p in self.shards[t])
         samples = sum(m["tasks"][t]["samples"] for t in TASKS)
         return {"path": str(self.path), "format_version": m["format_version"], "library_version": m["library_version"],
+                "passes": self.passes,
                 "model": m["model"]["class"], "layout": m["layout"]["model_type"], "codec": m["codec"],
                 "score": m["score"], "samples": {t: m["tasks"][t]["samples"] for t in TASKS},
                 "shards": {t: len(self.shards[t]) for t in TASKS}, "sketch_bytes": nbytes,
