@@ -70,14 +70,12 @@ def _collect(args: argparse.Namespace) -> int:
     from ..store import collect_to_store
     from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, read_task, task_batches
     from ..tasks import to_device
-
     from ..collect.sketches import resolve_passes
 
     codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.sketch_dtype,
                       variance_reduction=not args.no_variance_reduction)
     cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
-    if _passes(args) is not None:
-        resolve_passes(_passes(args), cfg, codec)  # settings that cannot run in this order: before loading
+    resolve_passes(_passes(args), cfg, codec)  # settings that cannot run in the order asked for: before loading
     loss = _loss(args)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
     check_max_length(model, args.max_length)

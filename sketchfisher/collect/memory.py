@@ -154,9 +154,10 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
                       else (codec.rank or tokens) * s.num_layers * s.attn_in_out_per_layer * 4)
         rep = per_layer(per_sample * samples)
     stats_a, stats_b = per_layer(len(needs["a"]) * stat), per_layer(len(needs["b"]) * stat)
+    if codec.two_pass:
+        sketches = per_layer(s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples)
     if codec.two_pass and passes == 1.5:  # preparations from A alone (w_a, w_b, x̄'), B folded and sketched once
         preps = per_layer(3 * attn * 4)
-        sketches = per_layer(s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples)
         raw_b = per_layer(s.num_layers * s.head_blocks_per_layer * (codec.k * 4 + 16) * samples / 2)
         rows = [("pass 1 A", weights + stats_a + running), ("preparation", weights + max(stats_a, preps)),
                 ("pass B", weights + preps + stats_b + running + raw_b),
@@ -167,7 +168,6 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
                 ("pass 1 B", weights + stats_a + stats_b + running + rep)]
     if codec.two_pass and passes == 2:
         preps = per_layer((4 if codec.variance_reduction else 1) * attn * 4)
-        sketches = per_layer(s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples)
         rows += [("preparation", weights + max(stats_a + stats_b, preps)),
                  ("pass 2 A", weights + preps + running), ("pass 2 B", weights + preps + running + sketches / 2),
                  ("scoring", weights + sketches + grad)]

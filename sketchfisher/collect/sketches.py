@@ -305,15 +305,9 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
     keep = tuple(dict.fromkeys(("fisher", *means)))
     with log.phase("preparation"):
         preps = prepare_all(layout, stats_a, None, cfg, codec, offload=True, staging=staging, keep=keep)
-    stats_b = FisherStats(dtype=stats_dtype, quantities=quantities_b)
-    names = trainable_weights(model, layout)
-    with log.phase("pass B (statistics and sketches)"):  # B's sketches stay uncentred until its centre is known
-        raw = list(sketch_batches(model, loss_fn, task_b, layout, codec, preps, "b", stats_a.count, cfg, desc="pass B",
-                                  show_progress=show_progress, fold=lambda bf: fold_factors(stats_b, bf, names)))
-    if stats_b.count == 0:
-        raise InputError("pass B: the task yielded no samples")
-    stats_b.check_finite("pass B")
-    stats_b.compact(compacted_statistics(layout))
+    with log.phase("pass B (statistics and sketches)"):
+        raw, stats_b = pass_b(model, loss_fn, task_b, layout, codec, cfg, preps, stats_a.count, quantities_b,
+                              stats_dtype, show_progress=show_progress)
     with log.phase("centring B"):
         centres = centre_j_side(layout, codec, cfg, preps, stats_b, keep)
         side_b = SketchSide(codec)
@@ -329,6 +323,27 @@ def collect_sketches_b_once(model: nn.Module, loss_fn: LossFn, task_a: Iterable[
         raise InputError(f"pass 2 A saw {side_a.n} samples but pass 1 saw {stats_a.count}: the task must yield the "
                          "same batches on every pass")
     return side_a, side_b, centre_products(preps), stats_b
+
+
+def pass_b(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Sketch,
+           cfg: ScoreConfig, preps: Preps, count_a: int, quantities: tuple[str, ...], stats_dtype: torch.dtype,
+           skip: Skip = lambda i: False, show_progress: bool = False,
+           reduce: Optional[Callable[[FisherStats], FisherStats]] = None) -> tuple[list, FisherStats]:
+    """Task B's only pass: ``(its batches' uncentred sketches [(index, size, blocks)], its statistics)``,
+    the statistics checked (``reduce`` first merges other ranks') and rounded as final
+    (:func:`compacted_statistics`). The sketches stay uncentred until B's centre is known
+    (:func:`centre_j_side`, :func:`centred`)."""
+    stats_b = FisherStats(dtype=stats_dtype, quantities=quantities)
+    names = trainable_weights(model, layout)
+    raw = list(sketch_batches(model, loss_fn, batches, layout, codec, preps, "b", count_a, cfg, skip=skip,
+                              desc="pass B", show_progress=show_progress,
+                              fold=lambda bf: fold_factors(stats_b, bf, names)))
+    if reduce is not None:
+        stats_b = reduce(stats_b)
+    if stats_b.count == 0:
+        raise InputError("pass B: the task yielded no samples")
+    stats_b.check_finite("pass B")
+    return raw, stats_b.compact(compacted_statistics(layout))
 
 
 def centred(blocks: dict, centres: dict) -> dict:
@@ -390,5 +405,7 @@ def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:
     return {key: prep.e for key, prep in preps.items() if prep is not None}
 
 
-__all__ = ["FusedSides", "Preps", "centre_j_side", "compacted_statistics", "statistics_dtypes", "centred", "check_passes", "check_reiterable", "one_pass_b_applies", "resolve_passes", "collect_sketches", "collect_sketches_b_once", "host_staging", "needed_statistics", "prepare",
-           "prepare_all", "sketch_batches", "sketch_task", "trainable_weights"]
+__all__ = ["FusedSides", "Preps", "centre_j_side", "centred", "check_passes", "check_reiterable", "collect_sketches",
+           "collect_sketches_b_once", "compacted_statistics", "host_staging", "needed_statistics", "one_pass_b_applies",
+           "pass_b", "prepare", "prepare_all", "resolve_passes", "sketch_batches", "sketch_task", "statistics_dtypes",
+           "trainable_weights"]

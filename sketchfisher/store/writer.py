@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from ..capture.oracle import LossFn, batch_size_of
-from ..collect import default_stats_dtype, fold_factors, needed_statistics, prepare_all, sketch_batches
+from ..collect import default_stats_dtype, needed_statistics, prepare_all, sketch_batches
 from ..collect import trainable_weights
 from ..collect.memory import check_tasks_fit, format_bytes, store_disk_bytes
 from ..collect.sketches import centre_j_side, centred, check_reiterable, check_sketch_width, compacted_statistics
-from ..collect.sketches import host_staging, resolve_passes, statistics_dtypes
+from ..collect.sketches import host_staging, pass_b, resolve_passes, statistics_dtypes
 from ..compress import Sketch
 from ..errors import InputError
 from ..fisher import FisherStats
@@ -142,18 +142,12 @@ def _task_b_once(run: _Run, stats_a: FisherStats, quantities: tuple[str, ...], s
         return stats_b, preps
     with log.phase("preparation"):
         preps = prepare_all(layout, stats_a, None, cfg, codec, offload=True, keep=())
-    stats_b, seen = FisherStats(dtype=stats_dtype, quantities=quantities), Counter()
-    names = trainable_weights(run.model, layout)
+    seen = Counter()
+    reduce = (lambda stats: stats.all_reduce(trainable_weights(run.model, layout))) if ranks.world > 1 else None
     with log.phase("pass B (statistics and sketches)"):
-        raw = list(sketch_batches(run.model, run.loss_fn, counted(run.tasks["b"], seen), layout, codec, preps, "b",
-                                  stats_a.count, cfg, skip=lambda i: not ranks.mine(i), desc="pass B",
-                                  show_progress=run.show_progress, fold=lambda bf: fold_factors(stats_b, bf, names)))
-    if ranks.world > 1:
-        stats_b = stats_b.all_reduce(names)
-    if stats_b.count == 0:
-        raise InputError("task b yielded no samples")
-    stats_b.check_finite("pass B")
-    stats_b.compact(compacted_statistics(layout))
+        raw, stats_b = pass_b(run.model, run.loss_fn, counted(run.tasks["b"], seen), layout, codec, cfg, preps,
+                              stats_a.count, quantities, stats_dtype, skip=lambda i: not ranks.mine(i),
+                              show_progress=run.show_progress, reduce=reduce)
     if ranks.rank == 0:
         with log.phase("statistics B to host"):
             host = stats_b.to_host(staging.copy if staging is not None else host_copy)
