@@ -81,10 +81,14 @@ def main() -> None:
     p.add_argument("--models", default="minilm,gpt2")
     p.add_argument("--exact-samples", type=int, default=8, help="samples per task for the Exact-codec comparison")
     p.add_argument("--micro", action="store_true", help="only the design measurements (see micro())")
+    p.add_argument("--profile-exact", action="store_true",
+                   help="only where sf.analyze(codec=sf.Exact()) spends its time (cProfile, --exact-samples per task)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.micro:
         return micro(args)
+    if args.profile_exact:
+        return profile_exact(args)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| model | what | plain s | sketchfisher s | x plain | peak RSS GiB |\n| --- | --- | --- | --- | --- | --- |")
@@ -145,6 +149,24 @@ def main() -> None:
         n = sum(next(iter(batch.values())).shape[0] for batch in small_a + small_b)
         print(f"| {name} | Exact codec vs a per-sample torch.func loop ({n} samples) | {t_func:.2f} (loop) | "
               f"{t_exact:.2f} | {t_exact / t_func:.2f} | |")
+
+
+def profile_exact(args) -> None:
+    """cProfile of one ``sf.analyze(codec=sf.Exact())`` (after a warm-up call) on each model of ``--models``:
+    the batched capture, the per-sample gradients formed from factors and the Fisher statistics."""
+    import cProfile
+    import pstats
+
+    for name in args.models.split(","):
+        model, loss, ta, tb = build(name, args)
+        k = max(1, args.exact_samples // args.batch)
+        run = lambda: sf.analyze(model, loss, ta[:k], tb[:k], codec=sf.Exact()).scores  # noqa: E731
+        run()
+        prof = cProfile.Profile()
+        start = time.perf_counter()
+        prof.runcall(run)
+        print(f"# {name}: sf.analyze(codec=sf.Exact()) {time.perf_counter() - start:.2f} s")
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(r"sketchfisher|run_backward|forward", 25)
 
 
 def micro(args) -> None:
