@@ -26,6 +26,9 @@ from .host import host_copy
 QUANTITIES = ("fisher", "m2", "abs", "sum")
 """``fisher``: Welford mean of g² (Î); ``m2``: its Welford M2 (variance across samples); ``abs``: Σ|g|;
 ``sum``: Σg. The sample count is always kept."""
+CHUNK_ENTRIES = 1 << 19
+"""Entries of a batch (samples x parameter entries) that one slice of a CPU statistics update converts at a
+time: 4 MB in fp64, within a core's cache."""
 MEAN_ACCESSOR = {"fisher": "fisher", "abs": "mean_abs", "sum": "mean_grad"}
 """The :class:`FisherStats` method that gives the task mean a quantity provides (mean g², |g|, g)."""
 
@@ -45,13 +48,14 @@ class Welford:
         if n == 0:
             return
         if moments == 0:
-            self._merge(n, None, None)
+            self.add(n, None, None)
             return
         x = x.to(dtype)
         mean = x.mean(0)
-        self._merge(n, mean, (x - mean).square().sum(0) if moments == 2 else None)
+        self.add(n, mean, (x - mean).square().sum(0) if moments == 2 else None)
 
-    def _merge(self, n: int, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor]) -> None:
+    def add(self, n: int, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor] = None) -> None:
+        """Merge a batch of ``n`` samples given as its mean and M2 (None where not tracked)."""
         if self.count == 0:
             self.count = n
             self.mean = None if mean is None else mean.clone()
@@ -69,7 +73,7 @@ class Welford:
         out = Welford(self.count, None if self.mean is None else self.mean.clone(),
                       None if self.m2 is None else self.m2.clone())
         if other.count:
-            out._merge(other.count, other.mean, other.m2)
+            out.add(other.count, other.mean, other.m2)
         return out
 
     def variance(self) -> torch.Tensor:
@@ -123,39 +127,64 @@ class FisherStats:
         if len(sizes) != 1:
             raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
         for name, g in grads.items():
-            if self._fused_update(name, g):
+            if g.shape[0] == 0:
                 continue
-            gd = g.to(self.dtype)
-            self.welford.setdefault(name, Welford()).update(gd.square() if self.moments else gd, self.dtype,
-                                                           self.moments)
-            if "abs" in self.quantities:
-                self.sum_abs[name] = gd.abs().sum(0) + (self.sum_abs[name] if name in self.sum_abs else 0)
-            if "sum" in self.quantities:
-                self.sum_g[name] = gd.sum(0) + (self.sum_g[name] if name in self.sum_g else 0)
+            w, state = self._state(name, g)
+            if any(s is not None and s.shape != g.shape[1:] for s in state):
+                raise InputError(f"gradients of {name!r} have shape {tuple(g.shape[1:])}, its statistics "
+                                 f"{tuple(next(s for s in state if s is not None).shape)}")
+            kernel = (g.is_cuda and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
+                      and all(s.device == g.device for s in state if s is not None) and kernels.available())
+            if all(s is None for s in state):
+                pass  # only the count is kept
+            elif kernel:  # one Triton kernel, one pass over g
+                kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
+            else:
+                self._update_in_chunks(g, w.count, *state)
+            w.count += g.shape[0]
 
-    def _fused_update(self, name: str, g: torch.Tensor) -> bool:
-        """The same update in one Triton kernel for CUDA batches (one pass over ``g``); False where it does not apply."""
-        if not (g.is_cuda and g.shape[0] > 0 and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
-                and kernels.available()):
-            return False
+    def _state(self, name: str, g: torch.Tensor) -> tuple[Welford, tuple[Optional[torch.Tensor], ...]]:
+        """The Welford state of ``name`` and its kept accumulators (mean, M2, Σ|g|, Σg; None where not kept),
+        allocated as zeros shaped like one sample of ``g`` on first use and made contiguous in :attr:`dtype`
+        (state read from a store or moved elsewhere stays on its device)."""
         w = self.welford.setdefault(name, Welford())
-        shape = g.shape[1:]
-        zeros = lambda: torch.zeros(shape, dtype=self.dtype, device=g.device)  # noqa: E731
+        zeros = lambda: torch.zeros(g.shape[1:], dtype=self.dtype, device=g.device)  # noqa: E731
+        ready = lambda t: zeros() if t is None else t.to(self.dtype).contiguous()  # noqa: E731
         if w.count == 0:
-            w.mean = zeros() if self.moments >= 1 else None
-            w.m2 = zeros() if self.moments == 2 else None
-        if "abs" in self.quantities and name not in self.sum_abs:
-            self.sum_abs[name] = zeros()
-        if "sum" in self.quantities and name not in self.sum_g:
-            self.sum_g[name] = zeros()
-        state = (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name))
-        kept = [s for s in state if s is not None]
-        if any(s.device != g.device or s.dtype != self.dtype or not s.is_contiguous() or s.shape != shape for s in kept):
-            return False  # state from elsewhere (another device or dtype): the torch update below
-        if kept:
-            kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
-        w.count += g.shape[0]
-        return True
+            w.mean = w.m2 = None
+        w.mean = ready(w.mean) if self.moments >= 1 else None
+        w.m2 = ready(w.m2) if self.moments == 2 else None
+        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
+            if q in self.quantities:
+                acc[name] = ready(acc.get(name) if w.count else None)
+        return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name))
+
+    def _update_in_chunks(self, g: torch.Tensor, count: int, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
+                          sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor]) -> None:
+        """Merge the batch ``g [B, *shape]`` into the state in place (Chan's formula), in :attr:`dtype`.
+
+        On the CPU the batch is taken a cache-sized slice of entries at a time: converting and squaring the
+        whole batch in fp64 cost three times the gradients' formation, a slice at a time it costs less than
+        fp32 over the whole batch (``benchmarks/cpu_e2e.py --micro``). fp32 gradients square exactly in fp64."""
+        n = g.shape[0]
+        flat = g.reshape(n, -1)
+        total = count + n
+        step = max(4096, CHUNK_ENTRIES // n) if g.device.type == "cpu" else flat.shape[1]
+        state = [None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g)]
+        for lo in range(0, flat.shape[1], step):
+            x = flat[:, lo:lo + step].to(self.dtype)
+            mean_, m2_, abs_, sum_ = (None if t is None else t[lo:lo + step] for t in state)
+            if abs_ is not None:
+                abs_ += x.abs().sum(0).to(abs_)
+            if sum_ is not None:
+                sum_ += x.sum(0).to(sum_)
+            if mean_ is not None:
+                square = x.square()
+                batch_mean = square.mean(0)
+                delta = batch_mean.to(mean_) - mean_
+                if m2_ is not None:
+                    m2_ += (square - batch_mean).square_().sum(0).to(m2_) + delta.square() * (count * n / total)
+                mean_ += delta.mul_(n / total)
 
     def merge(self, other: "FisherStats") -> "FisherStats":
         """Statistics of the union of both sample sets (exact), over the quantities both keep."""
