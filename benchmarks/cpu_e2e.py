@@ -5,7 +5,7 @@ random model (12 layers, 768 hidden, 12 heads; next-token loss on random ids, T 
 configuration runs interleaved with its plain baseline ``--repeats`` times; the table reports medians,
 the ratio, and the process's peak resident memory. Also: projecting samples with the sjlt map versus
 scoring them (the projection should cost no more than the scoring), and the Exact codec versus a plain
-per-sample ``torch.func`` loop.
+per-sample ``torch.func`` loop: the gradients alone, and the same scores (:func:`loop_scores`).
 
     python benchmarks/cpu_e2e.py [--samples 64] [--tokens 128] [--threads 2] [--repeats 3] [--models minilm,gpt2]
     python benchmarks/cpu_e2e.py --micro [--samples 64]    # a map per head vs one scatter, int32 vs int64, fp32 statistics
@@ -28,6 +28,7 @@ import torch
 import transformers as hf
 
 import sketchfisher as sf
+from sketchfisher.fisher import FisherStats
 
 
 def gpt2_loss(model, batch):
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", default="minilm,gpt2")
     p.add_argument("--exact-samples", type=int, default=8, help="samples per task for the Exact-codec comparison")
+    p.add_argument("--parts", default="collect,projection,exact",
+                   help="which comparisons: collect (sf.analyze vs plain), projection, exact (Exact codec vs loops)")
     p.add_argument("--micro", action="store_true", help="only the design measurements (see micro())")
     p.add_argument("--profile-exact", action="store_true",
                    help="only where sf.analyze(codec=sf.Exact()) spends its time (cProfile, --exact-samples per task)")
@@ -96,7 +99,8 @@ def main() -> None:
     for name in args.models.split(","):
         model, loss, ta, tb = build(name, args)
         plain(model, loss, ta[:1])  # warm-up
-        runs = {"sf.analyze (in memory; default order: task B once)":
+        parts = args.parts.split(",")
+        runs = {} if "collect" not in parts else {"sf.analyze (in memory; default order: task B once)":
                 lambda: sf.analyze(model, loss, ta, tb, codec=codec).head_means(),
                 "sf.analyze(passes=2): two passes per task": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
                                                                               passes=2).head_means(),
@@ -111,44 +115,99 @@ def main() -> None:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             print(f"| {name} | {label}, {len(ta) * args.batch}+{len(tb) * args.batch} samples | {b:.2f} | {o:.2f} | "
                   f"{o / b:.2f} | {rss:.2f} |")
-        # projection versus scoring: every head block of the layout, ``--samples`` vectors each
         layout = sf.layout_for(model)
-        res = sf.analyze(model, loss, ta, tb, codec=codec)
-        sizes = [(layer, b, len(layout.head_blocks(layer, block)), layout.head_blocks(layer, block)[0].numel)
-                 for layer in range(layout.num_layers) for b, block in enumerate(sf.BLOCKS)]
-        vectors = {size: torch.randn(res.n_a, size) for *_, size in sizes}
+        if "projection" in parts:
+            projection(args, name, model, loss, ta, tb, codec, layout)
+        if "exact" in parts:
+            exact_versus_loops(args, name, model, loss, ta, tb, layout)
 
-        stacked = {size: torch.stack([v] * max(h for *_, h, s in sizes if s == size), 1) for size, v in vectors.items()}
 
-        def project():  # as pass 2 does it: all heads of a block at once
-            for layer, b, heads, size in sizes:
-                codec.apply_heads(layer, b, stacked[size][:, :heads])
+def projection(args, name, model, loss, ta, tb, codec, layout) -> None:
+    """sjlt projection of every head block of ``--samples`` vectors, against scoring all pairs and against
+    reading the same vectors once (``torch.sum``: the memory traffic the projection cannot avoid)."""
+    res = sf.analyze(model, loss, ta, tb, codec=codec)
+    sizes = [(layer, b, len(layout.head_blocks(layer, block)), layout.head_blocks(layer, block)[0].numel)
+             for layer in range(layout.num_layers) for b, block in enumerate(sf.BLOCKS)]
+    vectors = {size: torch.randn(res.n_a, size) for *_, size in sizes}
 
-        t_project = statistics.median(clock(project) for _ in range(args.repeats))
-        t_score = statistics.median(clock(lambda: sf.InterferenceResult(layout, res.n_a, res.n_b, res.provider,
-                                                                       res.cfg).materialize())
-                                    for _ in range(args.repeats))
-        print(f"| {name} | sjlt projection of {res.n_a} samples (every head block) vs scoring all {res.n_a}x{res.n_b} "
-              f"pairs | {t_score:.2f} (scoring) | {t_project:.2f} | {t_project / t_score:.2f} | |")
-        # the Exact codec versus a plain per-sample torch.func loop over the same weights
-        k = max(1, args.exact_samples // args.batch)
-        small_a, small_b = ta[:k], tb[:k]
-        params = {n: p.detach() for n, p in model.named_parameters() if n in layout.params}
+    stacked = {size: torch.stack([v] * max(h for *_, h, s in sizes if s == size), 1) for size, v in vectors.items()}
 
-        def func_loop():
-            from torch.func import grad
+    def project():  # as pass 2 does it: all heads of a block at once
+        for layer, b, heads, size in sizes:
+            codec.apply_heads(layer, b, stacked[size][:, :heads])
 
-            for batch in small_a + small_b:
-                for i in range(next(iter(batch.values())).shape[0]):
-                    one = {key: v[i:i + 1] for key, v in batch.items()}
-                    grad(lambda ps: loss(_Bound(model, ps), one).sum())(params)
+    t_project = statistics.median(clock(project) for _ in range(args.repeats))
+    t_score = statistics.median(clock(lambda: sf.InterferenceResult(layout, res.n_a, res.n_b, res.provider,
+                                                                   res.cfg).materialize())
+                                for _ in range(args.repeats))
+    t_read = statistics.median(clock(lambda: [stacked[size][:, :heads].sum() for *_, heads, size in sizes])
+                               for _ in range(args.repeats))
+    gb = sum(res.n_a * heads * size * 4 for *_, heads, size in sizes) / 2**30
+    print(f"| {name} | sjlt projection of {res.n_a} samples (every head block) vs scoring all {res.n_a}x{res.n_b} "
+          f"pairs | {t_score:.2f} (scoring) | {t_project:.2f} | {t_project / t_score:.2f} | |")
+    print(f"| {name} | sjlt projection vs reading the same {gb:.2f} GiB once (torch.sum; {gb / t_read:.1f} GiB/s) | "
+          f"{t_read:.2f} (read) | {t_project:.2f} | {t_project / t_read:.2f} | |")
 
-        t_func = statistics.median(clock(func_loop) for _ in range(args.repeats))
-        t_exact = statistics.median(clock(lambda: sf.analyze(model, loss, small_a, small_b, codec=sf.Exact()).scores)
-                                    for _ in range(args.repeats))
-        n = sum(next(iter(batch.values())).shape[0] for batch in small_a + small_b)
-        print(f"| {name} | Exact codec vs a per-sample torch.func loop ({n} samples) | {t_func:.2f} (loop) | "
-              f"{t_exact:.2f} | {t_exact / t_func:.2f} | |")
+
+def exact_versus_loops(args, name, model, loss, ta, tb, layout) -> None:
+    """The Exact codec against a per-sample ``torch.func`` loop (:func:`loop_scores`), interleaved."""
+    # the Exact codec versus a plain per-sample torch.func loop over the same weights: the gradients alone
+    # (a lower bound), and the loop that computes what sf.analyze returns (the obvious alternative)
+    k = max(1, args.exact_samples // args.batch)
+    small_a, small_b = ta[:k], tb[:k]
+    exact = lambda: sf.analyze(model, loss, small_a, small_b, codec=sf.Exact()).scores  # noqa: E731
+    want, got = loop_scores(model, loss, small_a, small_b, layout), exact()
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max())):
+        raise SystemExit(f"the loop's scores differ from sf.analyze's: {float((got - want).abs().max()):.3g}")
+    loops = {"the per-sample gradients, discarded (a lower bound)":
+             lambda: loop_scores(model, loss, small_a, small_b, layout, "discard"),
+             "the per-sample gradients, kept": lambda: loop_scores(model, loss, small_a, small_b, layout, "keep"),
+             "the same scores": lambda: loop_scores(model, loss, small_a, small_b, layout)}
+    n = sum(next(iter(batch.values())).shape[0] for batch in small_a + small_b)
+    for label, loop in loops.items():
+        base, ours = [], []
+        for _ in range(args.repeats):
+            base.append(clock(loop))
+            ours.append(clock(exact))
+        b, o = statistics.median(base), statistics.median(ours)
+        print(f"| {name} | Exact codec vs a per-sample torch.func loop computing {label} ({n} samples, batch "
+              f"{args.batch}) | {b:.2f} (loop) | {o:.2f} | {o / b:.2f} | |")
+
+
+def loop_scores(model, loss, task_a, task_b, layout, stop: str = ""):
+    """What ``sf.analyze(codec=sf.Exact())`` computes, the obvious way: each sample's gradients of the layout's
+    weights by ``torch.func.grad`` (one sample at a time, kept), task A's Fisher, and every head block's
+    scores ``Σ g_i² / (Î + ε) · |g_j|`` (default settings). ``stop="keep"`` stops after the gradients,
+    ``stop="discard"`` does not keep them either (nothing could be scored from it: a lower bound)."""
+    from torch.func import grad
+
+    params = {n: p.detach() for n, p in model.named_parameters() if n in layout.params}
+
+    def gradients(task):
+        out = {n: [] for n in params}
+        for batch in task:
+            for i in range(next(iter(batch.values())).shape[0]):
+                one = {key: v[i:i + 1] for key, v in batch.items()}
+                g = grad(lambda ps: loss(_Bound(model, ps), one).sum())(params)
+                for n in out if stop != "discard" else ():
+                    out[n].append(g[n])
+        return {n: torch.stack(v) for n, v in out.items()} if stop != "discard" else {}
+
+    ga, gb = gradients(task_a), gradients(task_b)
+    if stop:
+        return None
+    ga, gb = ({n: g.detach() for n, g in grads.items()} for grads in (ga, gb))
+    n_a, n_b = next(iter(ga.values())).shape[0], next(iter(gb.values())).shape[0]
+    scores = torch.empty(n_a, n_b, layout.num_layers, layout.num_heads, len(layout.block_names))
+    eps = sf.ScoreConfig().eps
+    for layer in range(layout.num_layers):
+        for b, block in enumerate(layout.block_names):
+            fisher = ga[layout.param_of(layer, block)].square().mean(0)
+            for h in range(layout.num_heads):
+                hb = layout.head_block(layer, block, h)
+                x = hb.select(ga[hb.param_name]).square() / (hb.select(fisher) + eps)
+                scores[:, :, layer, h, b] = torch.einsum("irc,jrc->ij", x, hb.select(gb[hb.param_name]).abs())
+    return scores
 
 
 def profile_exact(args) -> None:
@@ -172,7 +231,8 @@ def profile_exact(args) -> None:
 def micro(args) -> None:
     """The measurements behind the CPU sketch path's design, on one MiniLM-sized block (12 heads of
     384 x 32 entries, 8 samples): a map per head against one scatter for the block, and index_add_ with
-    int32 against int64 indices; then fp32 against fp64 pass-1 statistics on MiniLM."""
+    int32 against int64 indices; the Fisher update of a GPT-2-small batch in fp64 a slice at a time, in fp32, and
+    in fp64 over the whole batch; then fp32 against fp64 pass-1 statistics on MiniLM."""
     codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
     v = torch.randn(8, 12, 384 * 32)
     per_head = lambda: torch.stack([codec.map(0, 0, h, v.shape[-1]).apply(v[:, h]) for h in range(12)], 1)  # noqa
@@ -186,6 +246,23 @@ def micro(args) -> None:
                       ("index_add_, int64 index", lambda: bins.index_add_(1, rows[torch.int64], flat))):
         fn()
         print(f"| {label} | {statistics.median(clock(fn) for _ in range(20)) * 1e3:.2f} |")
+    # one batch of 8 per-sample gradients of GPT-2-small's attention weights into the Fisher (mean of g²)
+    grads = {f"w{i}": torch.randn(8, *shape) for i, shape in enumerate([(768, 2304), (768, 768)] * 12)}
+
+    states = {dtype: FisherStats(dtype=dtype, quantities=("fisher",)) for dtype in (torch.float64, torch.float32)}
+
+    def fisher(dtype):  # steady state: the statistics exist, a pass adds one batch after another
+        states[dtype].update(grads)
+
+    def whole_batch_fp64():  # the batch converted to fp64 at once, then squared and averaged
+        for g in grads.values():
+            g.double().square().mean(0)
+
+    for label, fn in (("Fisher of a GPT-2-small batch, fp64, a slice of entries at a time", lambda: fisher(torch.float64)),
+                      ("the same, fp32", lambda: fisher(torch.float32)),
+                      ("the same, fp64, the whole batch at once", whole_batch_fp64)):
+        fn()
+        print(f"| {label} | {statistics.median(clock(fn) for _ in range(5)) * 1e3:.1f} |")
     model, loss, ta, tb = build("minilm", args)
     runs = {}
     for _ in range(args.repeats):
