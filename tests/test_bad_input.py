@@ -94,6 +94,21 @@ def test_factor_path_reports_non_finite_gradients(model):
         sf.analyze(model, inf_hidden, batches, batches, codec=sf.Factors())
 
 
+def test_finite_factors_whose_sum_overflows_are_not_refused():
+    """The finiteness screen sums the factors; huge finite inputs overflow that sum but are not bad data."""
+    from sketchfisher.capture import FactorCapture
+
+    lin = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(4))
+    x = torch.full((2, 3, 4), 3e38)
+    x[1, 0, 0] = -3e38
+    with FactorCapture(torch.nn.Sequential(lin), ["0"]) as cap:
+        got = cap.run(lambda m, b: (m(b) * 1e-38).sum((1, 2)), x)
+    assert not torch.isfinite(got.A["0"].sum()) and torch.isfinite(got.A["0"]).all()
+    assert torch.allclose(got.D["0"], torch.full((2, 3, 4), 1e-38))
+
+
 @pytest.mark.parametrize("codec", [sf.Exact(), sf.Factors(), sf.Sketch(k=8, seed=0)])
 @pytest.mark.parametrize("extra", [1, -1])
 def test_a_loss_per_sample_or_a_clear_error_in_every_codec(model, codec, extra):

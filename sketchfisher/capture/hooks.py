@@ -188,13 +188,17 @@ class FactorCapture:
             D.setdefault(name, []).append(d)
         out_a = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in A.items()}  # several calls: more tokens
         out_d = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in D.items()}
-        bad = {name: (~torch.isfinite(d).all(dim=(1, 2))) | (~torch.isfinite(out_a[name]).all(dim=(1, 2)))
-               for name, d in out_d.items()}
-        here = next(iter(bad.values())).device  # modules may sit on several cards (device maps)
-        if torch.stack([b.to(here) for b in bad.values()]).any():  # one device sync for all modules
-            name = next(n for n, b in bad.items() if b.any())
-            positions = bad[name].nonzero().flatten().tolist()
-            raise GradientError(f"non-finite factors in {name!r} for batch positions {positions}", positions)
+        # screened by sums (a NaN or inf anywhere makes a sum non-finite; one read of the factors, where
+        # isfinite writes a mask first); only a batch that fails the screen is looked at entry by entry
+        here = next(iter(out_d.values())).device  # modules may sit on several cards (device maps)
+        sums = torch.stack([(d.sum() + out_a[name].sum()).to(here) for name, d in out_d.items()])
+        if not bool(torch.isfinite(sums).all()):  # one device sync for all modules
+            bad = {name: (~torch.isfinite(d).all(dim=(1, 2))) | (~torch.isfinite(out_a[name]).all(dim=(1, 2)))
+                   for name, d in out_d.items()}
+            name = next((n for n, b in bad.items() if b.any()), None)
+            if name is not None:  # else finite factors whose sum overflows: nothing to refuse
+                positions = bad[name].nonzero().flatten().tolist()
+                raise GradientError(f"non-finite factors in {name!r} for batch positions {positions}", positions)
         if mask is not None:
             lengths = mask.sum(1).to(torch.long).cpu()
         else:
