@@ -27,6 +27,29 @@ def test_welford_shards_merge_to_one_pass():
     torch.testing.assert_close(merged.variance(), x.var(0, unbiased=True))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk", [1, 1 << 19])
+def test_stats_update_in_slices_equals_whole_batch_formulas(monkeypatch, dtype, chunk):
+    """The CPU update takes a batch a slice of entries at a time (here several slices and a short last one,
+    or the whole batch in one); every statistic equals its formula over all samples at once."""
+    import sketchfisher.fisher.welford as welford
+
+    monkeypatch.setattr(welford, "CHUNK_ENTRIES", chunk)
+    g = torch.randn(11, 100, 90, generator=torch.Generator().manual_seed(1))
+    stats = FisherStats(dtype=dtype)
+    for part in g.split([3, 1, 7]):
+        stats.update({"w": part})
+    x = g.double()
+    want = {"mean": x.square().mean(0), "m2": (x.square() - x.square().mean(0)).square().sum(0),
+            "sum_abs": x.abs().sum(0), "sum_g": x.sum(0)}
+    got = {"mean": stats.welford["w"].mean, "m2": stats.welford["w"].m2, "sum_abs": stats.sum_abs["w"],
+           "sum_g": stats.sum_g["w"]}
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for key, value in got.items():
+        assert value.dtype == dtype and stats.count == 11
+        torch.testing.assert_close(value.double(), want[key], rtol=tol, atol=tol * float(want[key].abs().max()))
+
 def test_ema_constant_stream_returns_constant_every_step():
     ema = EMAFisher(beta=0.9)
     g = torch.full((1, 2, 3), 3.0)  # C = 9

@@ -76,7 +76,7 @@ def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch
               stats_dtype=torch.float32, units=units)
     fused = sf.analyze(model, generic_loss, to(ta), to(tb), **kw)
     monkeypatch.setattr(sketching.FusedSides, "applies", lambda self, factor: False)
-    monkeypatch.setattr(FisherStats, "_fused_update", lambda self, name, g: False)
+    monkeypatch.setattr(FisherStats, "_kernel_applies", lambda self, g, state: False)
     plain = sf.analyze(model, generic_loss, to(ta), to(tb), **kw)
     for family in fused.families:
         f, p = fused.units(family), plain.units(family)

@@ -133,15 +133,18 @@ class FisherStats:
             if any(s is not None and s.shape != g.shape[1:] for s in state):
                 raise InputError(f"gradients of {name!r} have shape {tuple(g.shape[1:])}, its statistics "
                                  f"{tuple(next(s for s in state if s is not None).shape)}")
-            kernel = (g.is_cuda and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
-                      and all(s.device == g.device for s in state if s is not None) and kernels.available())
             if all(s is None for s in state):
                 pass  # only the count is kept
-            elif kernel:  # one Triton kernel, one pass over g
+            elif self._kernel_applies(g, state):  # one Triton kernel, one pass over g
                 kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
             else:
                 self._update_in_chunks(g, w.count, *state)
             w.count += g.shape[0]
+
+    def _kernel_applies(self, g: torch.Tensor, state: tuple[Optional[torch.Tensor], ...]) -> bool:
+        """Whether the Triton update takes this batch: CUDA gradients and state on its device, Triton present."""
+        return (g.is_cuda and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
+                and all(s.device == g.device for s in state if s is not None) and kernels.available())
 
     def _state(self, name: str, g: torch.Tensor) -> tuple[Welford, tuple[Optional[torch.Tensor], ...]]:
         """The Welford state of ``name`` and its kept accumulators (mean, M2, Σ|g|, Σg; None where not kept),
