@@ -62,7 +62,11 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
             rtol = 1e-12 if a.stats[t].dtype == torch.float64 else 1e-5  # the reduction order differs
             if t == "a":
                 torch.testing.assert_close(b.stats[t].fisher(name), a.stats[t].fisher(name), rtol=rtol, atol=0)
-            torch.testing.assert_close(b.stats[t].mean_abs(name), a.stats[t].mean_abs(name), rtol=rtol, atol=0)
+            # Σ|g| is rounded to bf16 once final: fp32 sums that the reduction order moves by an ulp may round to
+            # neighbouring bf16 values (2^-8 apart, relatively); each run then uses its own rounding throughout
+            flips = a.stats[t].sum_abs[name].dtype == torch.bfloat16 and a.stats[t].dtype == torch.float32
+            torch.testing.assert_close(b.stats[t].mean_abs(name), a.stats[t].mean_abs(name),
+                                       rtol=2 ** -7 if flips else rtol, atol=0)
     ra, rb = a.result(), b.result()
     fp32 = a.stats["a"].dtype == torch.float32
     allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max()) + (1e-3 * ra.stderr if fp32 else 0)
