@@ -9,6 +9,7 @@ per-sample ``torch.func`` loop: the gradients alone, and the same scores (:func:
 
     python benchmarks/cpu_e2e.py [--samples 64] [--tokens 128] [--threads 2] [--repeats 3] [--models minilm,gpt2]
     python benchmarks/cpu_e2e.py --parts cli --models gpt2    # only the CLI (sketchfisher collect) against plain
+    python benchmarks/cpu_e2e.py --malloc --models gpt2 --samples 32    # glibc defaults vs freed memory kept
     python benchmarks/cpu_e2e.py --micro [--samples 64]    # a map per head vs one scatter, int32 vs int64, fp32 statistics
 """
 
@@ -86,6 +87,10 @@ def main() -> None:
                    help="which comparisons: collect (sf.analyze vs plain), projection, exact (Exact codec vs loops), "
                         "cli (sketchfisher collect vs plain over the CLI's own batches and loss)")
     p.add_argument("--micro", action="store_true", help="only the design measurements (see micro())")
+    p.add_argument("--malloc", action="store_true",
+                   help="only plain and sf.analyze (default order) with glibc's default allocator settings against "
+                        "the two variables that keep freed memory in the process (docs/tutorial.md), each in its own "
+                        "process, interleaved")
     p.add_argument("--profile-exact", action="store_true",
                    help="only where sf.analyze(codec=sf.Exact()) spends its time (cProfile, --exact-samples per task)")
     args = p.parse_args()
@@ -94,6 +99,8 @@ def main() -> None:
         return micro(args)
     if args.profile_exact:
         return profile_exact(args)
+    if args.malloc:
+        return malloc_settings(args)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| model | what | plain s | sketchfisher s | x plain | peak RSS GiB |\n| --- | --- | --- | --- | --- | --- |")
@@ -102,12 +109,13 @@ def main() -> None:
         model, loss, ta, tb = build(name, args)
         plain(model, loss, ta[:1])  # warm-up
         parts = args.parts.split(",")
-        runs = {} if "collect" not in parts else {"sf.analyze (in memory; default order: task B once)":
+        runs = {"sf.analyze (in memory; default order: task B once)":
                 lambda: sf.analyze(model, loss, ta, tb, codec=codec).head_means(),
                 "sf.analyze(passes=2): two passes per task": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
                                                                               passes=2).head_means(),
                 "sf.analyze(store=...)": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
                                                             store=tempfile.mkdtemp()).head_means()}
+        runs = runs if "collect" in parts else dict(list(runs.items())[:1]) if "default" in parts else {}
         for label, run in runs.items():
             base, ours = [], []
             for _ in range(args.repeats):  # interleaved: the machine's load drifts
@@ -151,6 +159,34 @@ def projection(args, name, model, loss, ta, tb, codec, layout) -> None:
           f"pairs | {t_score:.2f} (scoring) | {t_project:.2f} | {t_project / t_score:.2f} | |")
     print(f"| {name} | sjlt projection vs reading the same {gb:.2f} GiB once (torch.sum; {gb / t_read:.1f} GiB/s) | "
           f"{t_read:.2f} (read) | {t_project:.2f} | {t_project / t_read:.2f} | |")
+
+
+KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+"""glibc settings that keep freed blocks in the process (the tutorial's advice for CPU runs)."""
+
+
+def malloc_settings(args) -> None:
+    """Plain and ``sf.analyze`` (default order) of each model in child processes, glibc's defaults against
+    :data:`KEEP_MEMORY` (which must be set before the process starts), interleaved ``--repeats`` times."""
+    import subprocess
+    import sys
+
+    print("| model | glibc settings | plain s (median) | sf.analyze s (median) | x plain | runs |\n| --- | --- | --- | --- | --- | --- |")
+    for name in args.models.split(","):
+        cmd = [sys.executable, __file__, "--models", name, "--parts", "default", "--repeats", "1", "--samples",
+               str(args.samples), "--batch", str(args.batch), "--tokens", str(args.tokens), "--k", str(args.k),
+               "--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+        env = {key: v for key, v in os.environ.items() if key not in KEEP_MEMORY}
+        times: dict[str, list[tuple[float, float]]] = {"defaults": [], "freed memory kept": []}
+        for _ in range(args.repeats):
+            for label, extra in (("defaults", {}), ("freed memory kept", KEEP_MEMORY)):
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**env, **extra}, check=True).stdout
+                row = next(line for line in out.splitlines() if line.startswith(f"| {name} | sf.analyze"))
+                cells = [c.strip() for c in row.strip("|").split("|")]
+                times[label].append((float(cells[2]), float(cells[3])))
+        for label, runs in times.items():
+            b, o = (statistics.median(r[i] for r in runs) for i in (0, 1))
+            print(f"| {name} | {label} | {b:.2f} | {o:.2f} | {o / b:.2f} | {len(runs)} |")
 
 
 def cli_versus_plain(args, name, model) -> None:

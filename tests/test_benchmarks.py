@@ -49,3 +49,16 @@ def test_benchmark_runs_on_a_tiny_configuration(script, tmp_path):
                           env=env, timeout=600)
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert ("|" in done.stdout) or ("usage" in done.stdout), f"{script} printed no table:\n{done.stdout[-2000:]}"
+
+
+@pytest.mark.slow
+def test_cpu_e2e_compares_allocator_settings_in_child_processes():
+    env = {**os.environ, "SKETCHFISHER_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": str(BENCH.parent)}
+    argv = ["--malloc", "--models", "gpt2", "--samples", "2", "--batch", "2", "--tokens", "8", "--layers", "1",
+            "--repeats", "1"]
+    done = subprocess.run([sys.executable, str(BENCH / "cpu_e2e.py"), *argv], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| gpt2 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["defaults", "freed memory kept"], done.stdout
