@@ -4,8 +4,8 @@ Models: the real MiniLM (masked-token loss on the demo's math/code sentences) an
 random model (12 layers, 768 hidden, 12 heads; next-token loss on random ids, T tokens). Each
 configuration runs interleaved with its plain baseline ``--repeats`` times; the table reports medians,
 the ratio, and the process's peak resident memory. Also: projecting samples with the sjlt map versus
-scoring them (the projection should cost no more than the scoring), and the Exact codec versus a plain
-per-sample ``torch.func`` loop: the gradients alone, and the same scores (:func:`loop_scores`).
+scoring them and against reading them once (the floor of any projection), the Exact codec versus a plain
+per-sample ``torch.func`` loop (the gradients alone, and the same scores: :func:`loop_scores`), and the CLI.
 
     python benchmarks/cpu_e2e.py [--samples 64] [--tokens 128] [--threads 2] [--repeats 3] [--models minilm,gpt2]
     python benchmarks/cpu_e2e.py --parts cli --models gpt2    # only the CLI (sketchfisher collect) against plain
@@ -30,6 +30,7 @@ import torch
 import transformers as hf
 
 import sketchfisher as sf
+from sketchfisher.compress.sketchmaps import sjlt_block_index
 from sketchfisher.fisher import FisherStats
 
 
@@ -311,7 +312,8 @@ def micro(args) -> None:
     """The measurements behind the CPU sketch path's design, on one MiniLM-sized block (12 heads of
     384 x 32 entries, 8 samples): a map per head against one scatter for the block, and index_add_ with
     int32 against int64 indices; the Fisher update of a GPT-2-small batch in fp64 a slice at a time, in fp32, and
-    in fp64 over the whole batch; then fp32 against fp64 pass-1 statistics on MiniLM."""
+    in fp64 over the whole batch; the scatter of one GPT-2-small block against other ways of binning it and against
+    one read of it; then fp32 against fp64 pass-1 statistics on MiniLM."""
     codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
     v = torch.randn(8, 12, 384 * 32)
     per_head = lambda: torch.stack([codec.map(0, 0, h, v.shape[-1]).apply(v[:, h]) for h in range(12)], 1)  # noqa
@@ -325,6 +327,22 @@ def micro(args) -> None:
                       ("index_add_, int64 index", lambda: bins.index_add_(1, rows[torch.int64], flat))):
         fn()
         print(f"| {label} | {statistics.median(clock(fn) for _ in range(20)) * 1e3:.2f} |")
+    # the scatter at one GPT-2-small block (12 heads of 768 x 64 entries) of 100 samples, against other ways to
+    # sum entries into bins and against reading the block once: what the sjlt projection can still gain on the CPU
+    big = torch.randn(100, 12 * 768 * 64)
+    cols = sjlt_block_index(codec, 0, 0, 12, 768 * 64, big.device)[0]
+    wide = torch.zeros(100, 12 * 2 * args.k)
+    csr = torch.sparse_csr_tensor(torch.arange(cols.numel() + 1), cols, torch.ones(cols.numel()),
+                                  (cols.numel(), wide.shape[1]))
+    for label, fn in (("GPT-2 block of 100 samples: index_add_ (the projection)", lambda: wide.index_add_(1, cols, big)),
+                      ("the same: scatter_add_ with the index expanded over samples",
+                       lambda: wide.scatter_add_(1, cols.expand(big.shape[0], -1), big)),
+                      ("the same: a sparse CSR product", lambda: torch.sparse.mm(csr.t(), big.t())),
+                      ("the same: bincount per sample", lambda: [torch.bincount(cols, weights=r, minlength=wide.shape[1])
+                                                                 for r in big]),
+                      ("the same block read once (torch.sum)", big.sum)):
+        fn()
+        print(f"| {label} | {statistics.median(clock(fn) for _ in range(5)) * 1e3:.2f} |")
     # one batch of 8 per-sample gradients of GPT-2-small's attention weights into the Fisher (mean of g²)
     grads = {f"w{i}": torch.randn(8, *shape) for i, shape in enumerate([(768, 2304), (768, 768)] * 12)}
 
