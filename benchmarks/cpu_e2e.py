@@ -116,7 +116,8 @@ def main() -> None:
                                                                               passes=2).head_means(),
                 "sf.analyze(store=...)": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
                                                             store=tempfile.mkdtemp()).head_means()}
-        runs = runs if "collect" in parts else dict(list(runs.items())[:1]) if "default" in parts else {}
+        kept = len(runs) if "collect" in parts else 1 if "default" in parts else 0  # "default": the first row only
+        runs = dict(list(runs.items())[:kept])
         for label, run in runs.items():
             base, ours = [], []
             for _ in range(args.repeats):  # interleaved: the machine's load drifts
@@ -224,8 +225,9 @@ def cli_versus_plain(args, name, model) -> None:
         ours.append(gpu_e2e.run_cli(cli, model_dir, tasks, kind, dtype="fp32")["collection_seconds"])
         walls.append(time.perf_counter() - start)
     b, o, w = statistics.median(base), statistics.median(ours), statistics.median(walls)
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest child: the CLI's processes
     print(f"| {name} | CLI collect, {args.samples}+{args.samples} samples, batch {args.batch} (collection; the whole "
-          f"command {w:.2f} s, {w / b:.2f}x) | {b:.2f} | {o:.2f} | {o / b:.2f} | |")
+          f"command {w:.2f} s, {w / b:.2f}x) | {b:.2f} | {o:.2f} | {o / b:.2f} | {rss:.2f} |")
     shutil.rmtree(root, ignore_errors=True)
 
 

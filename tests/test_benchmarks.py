@@ -39,26 +39,26 @@ def test_every_benchmark_has_a_tiny_configuration():
     assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(TINY)
 
 
+def run_script(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run one benchmark script as a user would, quietly, with the repository importable."""
+    env = {**os.environ, "SKETCHFISHER_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": str(BENCH.parent)}
+    return subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs_on_a_tiny_configuration(script, tmp_path):
-    env = {**os.environ, "SKETCHFISHER_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": str(BENCH.parent)}
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in TINY[script]]
-    done = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True,
-                          env=env, timeout=600)
+    done = run_script(script, [a.replace("{tmp}", str(tmp_path)) for a in TINY[script]])
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert ("|" in done.stdout) or ("usage" in done.stdout), f"{script} printed no table:\n{done.stdout[-2000:]}"
 
 
 @pytest.mark.slow
 def test_cpu_e2e_compares_allocator_settings_in_child_processes():
-    env = {**os.environ, "SKETCHFISHER_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": str(BENCH.parent)}
-    argv = ["--malloc", "--models", "gpt2", "--samples", "2", "--batch", "2", "--tokens", "8", "--layers", "1",
-            "--repeats", "1"]
-    done = subprocess.run([sys.executable, str(BENCH / "cpu_e2e.py"), *argv], capture_output=True, text=True,
-                          env=env, timeout=600)
+    done = run_script("cpu_e2e.py", ["--malloc", "--models", "gpt2", "--samples", "2", "--batch", "2", "--tokens",
+                                     "8", "--layers", "1", "--repeats", "1"])
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| gpt2 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["defaults", "freed memory kept"], done.stdout
