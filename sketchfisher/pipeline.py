@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from .capture.oracle import LossFn
-from .collect import collect, collect_sketches, default_stats_dtype, needed_statistics
-from .collect.sketches import collect_sketches_b_once
-from .collect.memory import check_tasks_fit
-from .collect.sketches import check_sketch_width, compacted_statistics, host_staging, resolve_passes
+from .collect import Job, MemorySink, default_stats_dtype, execute, pass_plan
+from .collect.memory import check_plan_fits
+from .collect.sketches import check_reiterable, host_staging
 from .compress import Exact, Factors, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
@@ -78,49 +77,42 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     cfg = score_config(config, variant=variant, normalizer=normalizer, eps=eps, ridge_abs=ridge_abs,
                        ridge_rel=ridge_rel, dtype=dtype)
     layout = units_layout(model, units, mlp_group_size, linear_group_sizes, layout=layout)
-    stats_kw = {} if stats_dtype is None else {"stats_dtype": stats_dtype}
     if store is not None and passes is None:
         passes = stored_passes(store)
-    passes = resolve_passes(passes, cfg, codec)
-    if passes == 1.5 and modules != "attention":
-        raise InputError("passes=1.5 collects the layout's units only; use modules='attention'")
+    plan = pass_plan(codec, cfg, passes, means=layout.beyond_heads)
+    if modules != "attention" and (store is not None or plan.passes == 1.5):
+        raise InputError(f"{'stores' if store is not None else 'passes=1.5'} collect the layout's units only; use "
+                         "modules='attention'")
     if store is not None:
-        if modules != "attention":
-            raise InputError("stores collect the layout's units only; use modules='attention' with store=")
         collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
-                         passes=passes, **stats_kw)
+                         passes=plan.passes, stats_dtype=stats_dtype)
         return open_store(store).result(max_bytes=max_bytes)
-    needs = needed_statistics(cfg, codec, means=layout.beyond_heads, passes=passes)
-    check_sketch_width(layout, codec)
-    check_tasks_fit(model, codec, cfg, stats_dtype or default_stats_dtype(model), task_a, task_b, passes=passes)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])
-    # task A's Fisher leaves the GPU after pass 1; its host memory is made ready while the passes run
-    staging = host_staging(model, layout, [stats_dtype or default_stats_dtype(model)]) if codec.two_pass else None
+    job = Job(model, loss_fn, {"a": task_a, "b": task_b}, layout, codec, cfg,
+              stats_dtype or default_stats_dtype(model), log, progress, modules)
+    check_job(plan, job)
+    # task A's Fisher leaves the GPU at the preparation; its host memory is made ready while the passes run
+    staging = host_staging(model, layout, [job.stats_dtype]) if codec.two_pass else None
     with staging or nullcontext():
-        with log.phase("pass 1 A"):
-            rep_a, stats_a = collect(model, loss_fn, task_a, layout, codec, modules=modules, desc="pass 1 A",
-                                     show_progress=progress, quantities=needs["a"], **stats_kw)
-        stats_a.compact(compacted_statistics(layout))
-        if passes == 1.5:  # task B once: its statistics and sketches in the same pass, A's pass 2 last
-            side_a, side_b, e, stats_b = collect_sketches_b_once(
-                model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a, needs["b"],
-                stats_dtype or default_stats_dtype(model), show_progress=progress, log=log, staging=staging)
-            source = SketchSource(side_a, side_b, e)
-        else:
-            with log.phase("pass 1 B"):
-                rep_b, stats_b = collect(model, loss_fn, task_b, layout, codec, modules=modules, desc="pass 1 B",
-                                         show_progress=progress, quantities=needs["b"], **stats_kw)
-            stats_b.compact(compacted_statistics(layout))
-            if codec.two_pass:
-                side_a, side_b, e = collect_sketches(model, loss_fn, task_a, task_b, layout, codec, cfg, stats_a,
-                                                     stats_b, show_progress=progress, log=log, staging=staging)
-                source = SketchSource(side_a, side_b, e)
-            else:
-                source = ExactSource(rep_a, rep_b)
-    context = ResultContext(layout=layout, cfg=cfg, codec=codec, stats_a=stats_a, stats_b=stats_b, source=source)
+        sink = MemorySink(job, staging)
+        state = execute(plan, job, sink)
+    if codec.two_pass:
+        sink.check_counts(state)
+        source = SketchSource(sink.side["a"], sink.side["b"], state.e)
+    else:
+        source = ExactSource(sink.reps["a"], sink.reps["b"])
+    context = ResultContext.of(layout, cfg, codec, state.stats["a"], state.stats["b"], source)
     res = InterferenceResult.from_context(context, max_bytes)
     res.phases = log
     return res
+
+
+def check_job(plan: Any, job: Job) -> None:
+    """Everything cheap about a collection, before its first batch: tasks that are iterated more than once
+    can be, the codec takes the layout, and the plan fits the device."""
+    check_reiterable(**{f"task_{t}": job.tasks[t] for t in job.tasks if plan.passes_over(t) > 1})
+    job.codec.check_layout(job.layout)
+    check_plan_fits(job.model, plan, job.codec, job.cfg, job.stats_dtype, job.tasks["a"], job.tasks["b"])
 
 
 def check_batches(**tasks: Any) -> None:

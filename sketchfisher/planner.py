@@ -25,21 +25,27 @@ __all__ = ["GiB", "PRESETS", "TB", "Shape", "format_bytes", "plan", "plan_phases
 
 
 def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank: int = 16, sketch_dtype: str = "fp16",
-         batch_size: int = 4, model_bytes_per_param: int = 2, stats_bytes: int = 4, devices: int = 1) -> pd.DataFrame:
+         batch_size: int = 4, model_bytes_per_param: int = 2, stats_bytes: int = 4, devices: int = 1,
+         codecs: Any = ()) -> pd.DataFrame:
     """Disk bytes and peak device bytes (busiest device, over the phases of :func:`plan_phases`) per codec.
 
-    The design note's figure (50 matrices × 60 MB fp16 per sample) is listed for the Llama-7B shape it
-    was computed for."""
+    Every figure comes from the codecs' own declarations (:class:`sketchfisher.Codec`'s
+    ``bytes_per_sample``, ``statistics``, ``pass_orders``). The rows are the built-in codecs at ``k``,
+    ``rank`` and ``sketch_dtype``, every other registered codec at its defaults, and the codec instances in
+    ``codecs``. The design note's figure (50 matrices × 60 MB fp16 per sample) is listed for the Llama-7B
+    shape it was computed for."""
     if samples < 1 or tokens < 1 or k < 1 or rank < 1:
         raise InputError(f"samples, tokens, k and rank must be >= 1; got {samples}, {tokens}, {k}, {rank}")
     if sketch_dtype not in DTYPES:
         raise InputError(f"sketch_dtype must be one of {tuple(DTYPES)}, got {sketch_dtype!r}")
-    from .compress import Exact, Factors, Sketch
+    from .compress import CODECS, Exact, Factors, Sketch, check_codec
 
     s = Shape.of(source)
     attn = s.num_layers * s.attn_params_per_layer
     sketch = Sketch(k=k, dtype=sketch_dtype)
     per_vec = sketch.bytes_per_block()
+    disk = lambda codec: codec.bytes_per_sample(s.head_block_sizes, s.num_layers * s.attn_in_out_per_layer,  # noqa
+                                                tokens) * samples
     peak = lambda codec: float(plan_phases(s, samples=samples, tokens=tokens, batch_size=batch_size, codec=codec,  # noqa
                                            stats_bytes=stats_bytes, model_bytes_per_param=model_bytes_per_param,
                                            devices=devices)["peak_device_bytes"].max())
@@ -52,10 +58,9 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
     mlp_blocks = s.mlp_matrices * s.mlp_units_per_layer
     rows += [
         ("Exact: full fp16 per-sample attention gradients", attn * 2 * samples, peak(Exact())),
-        ("Factors (lossless, fp32)", tokens * s.num_layers * s.attn_in_out_per_layer * 4 * samples, peak(Factors())),
-        (f"Factors(rank={rank}, fp32)", rank * s.num_layers * s.attn_in_out_per_layer * 4 * samples,
-         peak(Factors(rank=rank))),
-        (f"Sketch(k={k}, {sketch_dtype})", s.num_layers * s.head_blocks_per_layer * per_vec * samples, peak(sketch)),
+        ("Factors (lossless, fp32)", disk(Factors()), peak(Factors())),
+        (f"Factors(rank={rank}, fp32)", disk(Factors(rank=rank)), peak(Factors(rank=rank))),
+        (f"Sketch(k={k}, {sketch_dtype})", disk(sketch), peak(sketch)),
         (f"Sketch(k={k}, {sketch_dtype}) store: + headers, statistics, pass-1 checkpoint",
          store_disk_bytes(s, sketch, samples, -(-samples // batch_size), (2, 1), stats_bytes,
                           compact_copies=(1, 1))["total"], peak(sketch)),
@@ -68,6 +73,8 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
         ("MLP per-neuron pair means from pass-1 statistics (fp32, any sample count)",
          s.num_layers * s.mlp_matrices * s.intermediate * 4, float("nan")),
     ]
+    others = [cls() for name, cls in CODECS.items() if cls not in (Exact, Factors, Sketch)] + [check_codec(c) for c in codecs]
+    rows += [(codec.describe(), disk(codec), peak(codec)) for codec in others]
     df = pd.DataFrame(rows, columns=["codec", "disk_bytes", "peak_device_bytes"])
     exact = df.loc[df["codec"].str.startswith("Exact"), "disk_bytes"].iloc[0]
     df["disk"] = df["disk_bytes"].map(format_bytes)

@@ -66,7 +66,7 @@ def test_cuda_sjlt_kernel_matches_cpu_map(dtype, tol, size, k, s):
 def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch, variant, normalizer, units):
     """Fused pass 1 (Welford kernel) and pass 2 (side sketch kernel) against the torch code on the same GPU,
     for head blocks and MLP channel-group blocks (rows of UP/GATE, columns of DOWN; Conv1D for GPT-2)."""
-    from sketchfisher.collect import sketches as sketching
+    from sketchfisher.compress import fused as sketching
     from sketchfisher.fisher import FisherStats
 
     model = make_model(arch).cuda().to(model_dtype)

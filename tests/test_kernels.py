@@ -16,7 +16,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import sketchfisher as sf  # noqa: E402
-from sketchfisher.collect import sketches as sketching  # noqa: E402
+from sketchfisher.compress import fused as sketching  # noqa: E402
 from sketchfisher import kernels  # noqa: E402
 from sketchfisher.compress.sketchmaps import SketchMap  # noqa: E402
 from sketchfisher.fisher import FisherStats  # noqa: E402

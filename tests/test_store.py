@@ -86,7 +86,7 @@ def test_task_b_once_into_a_store_equals_in_memory(small, tmp_path):
     store begun in one order is not resumed in the other."""
     model, ta, tb = small
     mem = sf.analyze(model, generic_loss, ta, tb, codec=CODEC)  # the default order for these settings
-    assert [r["phase"] for r in mem.phases.rows()][:3] == ["pass 1 A", "preparation", "pass B (statistics and sketches)"]
+    assert [r["phase"] for r in mem.phases.rows()][:3] == ["pass 1 A", "preparation", "pass B"]
     seen = {"a": 0, "b": 0}
 
     def counting(m, batch):

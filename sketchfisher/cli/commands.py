@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     import sketchfisher as sf
-    from ..collect.sketches import resolve_passes
+    from ..collect.plan import resolve_passes
     from ..planner import format_bytes, plan, plan_phases
 
     source = args.preset
@@ -70,10 +70,10 @@ def _collect(args: argparse.Namespace) -> int:
     from ..store import collect_to_store
     from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, read_task, task_batches
     from ..tasks import to_device
-    from ..collect.sketches import resolve_passes
+    from ..collect.plan import resolve_passes
+    from .parser import codec_of
 
-    codec = sf.Sketch(k=args.k, kind=args.kind, seed=args.seed, dtype=args.sketch_dtype,
-                      variance_reduction=not args.no_variance_reduction)
+    codec = codec_of(args)
     cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
     resolve_passes(_passes(args), cfg, codec)  # settings that cannot run in the order asked for: before loading
     loss = _loss(args)

@@ -12,13 +12,59 @@ from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, 
 
 
 def _units(text: str):
-    """``--units``: one family, ``all``, or a comma-separated list of heads, mlp, linear."""
+    """``--units``: one family, ``all``, or a comma-separated list of the library's unit families."""
+    from ..layout import UNIT_FAMILIES
+
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     if text == "all":
         return "all"
-    if not parts or any(p not in ("heads", "mlp", "linear") for p in parts) or len(set(parts)) != len(parts):
-        raise argparse.ArgumentTypeError(f"--units takes heads, mlp, linear (comma-separated) or all; got {text!r}")
+    if not parts or any(p not in UNIT_FAMILIES for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"--units takes {', '.join(UNIT_FAMILIES)} (comma-separated) or all; "
+                                         f"got {text!r}")
     return parts if len(parts) > 1 else parts[0]
+
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    """``--variant``, ``--normalizer``, ``--eps``: choices and help from the library's tables."""
+    from ..metric import NORMALIZER_MEANINGS, VARIANTS
+
+    p.add_argument("--variant", default="paper", choices=list(VARIANTS),
+                   help="score: " + "; ".join(f"{v.name}{' (default)' if v.name == 'paper' else ''} {v.formula}"
+                                              for v in VARIANTS.values()))
+    p.add_argument("--normalizer", default="a", choices=list(NORMALIZER_MEANINGS),
+                   help="Fisher in the denominator: " + "; ".join(f"{k}{' (default)' if k == 'a' else ''}: {v}"
+                                                                  for k, v in NORMALIZER_MEANINGS.items()))
+    p.add_argument("--eps", type=_number(float, 0, "--eps"), default=1e-10,
+                   help="added to the Fisher in the denominator (default: 1e-10)")
+
+
+def _codec_args(p: argparse.ArgumentParser) -> None:
+    """``--codec`` (the registered codecs a store can hold) and the options codecs take."""
+    from ..compress import storable
+    from ..compress.sketch import DTYPES
+    from ..compress.sketchmaps import KINDS
+
+    codecs = storable()
+    p.add_argument("--codec", default="sketch", choices=list(codecs),
+                   help="what the store keeps per sample and head block: " + "; ".join(
+                       f"{name}{' (default)' if name == 'sketch' else ''}: {cls.summary}" for name, cls in codecs.items()))
+    p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block (default: 256)")
+    p.add_argument("--kind", default="sjlt", choices=list(KINDS),
+                   help="random map: sparse JL (sjlt, default), dense Gaussian, or subsampled Hadamard (srht)")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random maps (default: 0)")
+    p.add_argument("--sketch-dtype", default="fp16", choices=list(DTYPES),
+                   help="storage precision of the sketches (default: fp16)")
+    p.add_argument("--no-variance-reduction", action="store_true",
+                   help="plain sketches, without balancing and centering (less accurate at equal bytes)")
+
+
+def codec_of(args: argparse.Namespace):
+    """The codec the options name: the registered codec ``--codec`` built from the options it declares."""
+    from ..compress import codec_from_options
+
+    return codec_from_options(args.codec, {"k": args.k, "kind": args.kind, "seed": args.seed,
+                                           "dtype": args.sketch_dtype,
+                                           "variance_reduction": not args.no_variance_reduction})
 
 
 def _number(kind: type, low: float, name: str):
@@ -67,6 +113,8 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..compress.sketch import DTYPES as SKETCH_DTYPES
+
     parser = argparse.ArgumentParser(
         prog="sketchfisher", description="Which attention heads, and which Q/K/V/O blocks, do the samples of two "
         "tasks fight over? Run 'sketchfisher COMMAND --help' for each command; exit codes: 0 ok, 1 failure, 2 usage.")
@@ -89,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=POSITIVE, default=512, help="tokens per sample")
     p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block")
     p.add_argument("--rank", type=POSITIVE, default=16, help="rank of truncated factors")
-    p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+    p.add_argument("--sketch-dtype", default="fp16", choices=list(SKETCH_DTYPES),
                    help="storage precision of the sketches (default: fp16)")
     p.add_argument("--batch-size", type=POSITIVE, default=4, help="samples per batch (default: 4)")
     p.add_argument("--devices", type=POSITIVE, default=1, help="devices the layers are spread over (default: 1)")
@@ -103,19 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="sketch two tasks into a resumable store (rerun the same command to resume)")
     _model_args(p)
     p.add_argument("--out", required=True, help="store directory")
-    p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block (default: 256)")
-    p.add_argument("--kind", default="sjlt", choices=["gaussian", "sjlt", "srht"],
-                   help="random map: sparse JL (default), dense Gaussian, or subsampled Hadamard")
-    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random maps (default: 0)")
-    p.add_argument("--sketch-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
-                   help="storage precision of the sketches (default: fp16)")
-    p.add_argument("--no-variance-reduction", action="store_true",
-                   help="plain sketches, without balancing and centering (less accurate at equal bytes)")
-    p.add_argument("--variant", default="paper", choices=["paper", "signed", "symmetric"],
-                   help="score: paper (default) C_i/(I+eps)*|g_j|, signed g_i g_j/(I+eps), symmetric |g_i||g_j|/(I+eps)")
-    p.add_argument("--normalizer", default="a", choices=["a", "pooled", "loo"],
-                   help="Fisher in the denominator: task A's (default), A and B pooled, or A without sample i")
-    p.add_argument("--eps", type=_number(float, 0, "--eps"), default=1e-10, help="added to the Fisher in the denominator (default: 1e-10)")
+    _codec_args(p)
+    _score_args(p)
     p.add_argument("--max-bytes", type=POSITIVE, default=None, help="refuse to collect a store larger than this")
     p.add_argument("--units", default="heads", type=_units,
                    help="what the scores resolve, comma-separated: heads (default), mlp (MLP channel groups), linear "

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..layout.registry import _default_group, mlp_spec_for
-from .sketches import needed_statistics, resolve_passes
+from .plan import PassPlan, pass_plan
 
 PRESETS = {
     "gpt2": dict(num_layers=12, hidden=768, heads=12, kv_heads=12, head_dim=64, intermediate=3072, vocab=50257,
@@ -105,6 +105,11 @@ class Shape:
         return 2 * self.heads + 2 * self.kv_heads
 
     @property
+    def head_block_sizes(self) -> list[int]:
+        """The size of every distinct attention head block of the model (Q, K, V, O of every layer)."""
+        return [self.head_dim * self.hidden] * (self.num_layers * self.head_blocks_per_layer)
+
+    @property
     def mlp_params_per_layer(self) -> int:
         return self.mlp_matrices * self.hidden * self.intermediate
 
@@ -122,11 +127,15 @@ class Shape:
 
 def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Any = None,
                 cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1,
-                passes: Optional[float] = None) -> pd.DataFrame:
-    """Predicted peak device memory of each phase of ``sf.analyze`` (busiest device), in bytes and GiB.
+                passes: Optional[float] = None, plan: Optional[PassPlan] = None, store: bool = False) -> pd.DataFrame:
+    """Predicted peak device memory of each step of a collection (busiest device), in bytes and GiB, then of
+    scoring. The rows are the pass plan's steps, named as :class:`~sketchfisher.phases.PhaseLog` records them
+    (:func:`sketchfisher.collect.plan.pass_plan` for ``codec``, ``cfg`` and ``passes``, or ``plan``; ``store``
+    adds a store's final ``writes`` step), and a last row ``scoring``.
 
-    ``samples`` counts both tasks (half each); ``passes`` the pass order (None: ``sf.analyze``'s default for
-    these settings; 1.5 runs task B once: :func:`sketchfisher.collect.sketches.collect_sketches_b_once`)."""
+    ``samples`` counts both tasks (half each). Each step's peak is what it holds on the device while its
+    batches run: the weights, the statistics and preparations still resident, the outputs of earlier steps
+    and its own, and for a pass the running terms (capture, activations, one module's per-sample gradient)."""
     from ..compress import Sketch, check_codec
     from ..metric import ScoreConfig
 
@@ -136,46 +145,92 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
         raise InputError(f"samples, tokens, batch_size and devices must be >= 1 and stats_bytes 4 or 8; got "
                          f"{samples}, {tokens}, {batch_size}, {devices}, {stats_bytes}")
     s = Shape.of(source)
-    attn = s.num_layers * s.attn_params_per_layer
-    passes = resolve_passes(passes, cfg, codec)
-    needs = needed_statistics(cfg, codec, passes=passes)
-    stat = attn * stats_bytes
-    per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
-    weights = per_layer(s.params * model_bytes_per_param)
-    tokens_b = batch_size * tokens
-    capture = per_layer(tokens_b * s.num_layers * s.attn_in_out_per_layer * 4)
-    acts = per_layer(tokens_b * s.num_layers * (ACT_PER_HIDDEN * s.hidden + ACT_PER_INTERMEDIATE * s.intermediate))
-    acts += tokens_b * s.vocab * LOGIT_BYTES
-    grad = 2 * batch_size * max(s.heads * s.head_dim, s.hidden) * s.hidden * 4
-    running = capture + acts + grad
-    rep = 0.0
-    if not codec.two_pass:  # one-pass codecs keep every sample's representation on the device
-        per_sample = (attn * 4 if codec.name == "exact"
-                      else (codec.rank or tokens) * s.num_layers * s.attn_in_out_per_layer * 4)
-        rep = per_layer(per_sample * samples)
-    stats_a, stats_b = per_layer(len(needs["a"]) * stat), per_layer(len(needs["b"]) * stat)
-    if codec.two_pass:
-        sketches = per_layer(s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples)
-    if codec.two_pass and passes == 1.5:  # preparations from A alone (w_a, w_b, x̄'), B folded and sketched once
-        preps = per_layer(3 * attn * 4)
-        raw_b = per_layer(s.num_layers * s.head_blocks_per_layer * (codec.k * 4 + 16) * samples / 2)
-        rows = [("pass 1 A", weights + stats_a + running), ("preparation", weights + max(stats_a, preps)),
-                ("pass B", weights + preps + stats_b + running + raw_b),
-                ("centring B", weights + preps + stats_b + raw_b + sketches / 2),
-                ("pass 2 A", weights + preps + running + sketches / 2), ("scoring", weights + sketches + grad)]
-    else:
-        rows = [("pass 1 A", weights + stats_a + running + rep / 2),
-                ("pass 1 B", weights + stats_a + stats_b + running + rep)]
-    if codec.two_pass and passes == 2:
-        preps = per_layer((4 if codec.variance_reduction else 1) * attn * 4)
-        rows += [("preparation", weights + max(stats_a + stats_b, preps)),
-                 ("pass 2 A", weights + preps + running), ("pass 2 B", weights + preps + running + sketches / 2),
-                 ("scoring", weights + sketches + grad)]
-    elif not codec.two_pass:
-        rows.append(("scoring", weights + rep + grad))
+    plan = plan or pass_plan(codec, cfg, passes)
+    if store and "writes" not in plan.names:
+        plan = plan.with_writes()
+    terms = _Terms.of(s, codec, plan, samples=samples, tokens=tokens, batch_size=batch_size, stats_bytes=stats_bytes,
+                      model_bytes_per_param=model_bytes_per_param, devices=devices)
+    rows = terms.simulate(plan)
     df = pd.DataFrame(rows, columns=["phase", "peak_device_bytes"])
     df["peak_GiB"] = df["peak_device_bytes"] / GiB
     return df
+
+
+@dataclass
+class _Terms:
+    """The byte counts of one collection that the steps hold (per device)."""
+
+    weights: float
+    running: float    # capture, activations and one module's per-sample gradient of a batch in flight
+    grad: float       # one module's per-sample gradient (scoring re-uses its size as a working set)
+    stats: dict       # task -> the task's kept statistics
+    rep: float        # a one-pass codec's representations, per task
+    sketches: float   # a side codec's stored side vectors, per task
+    raw: float        # a single pass's uncentred fp32 side vectors, per task
+    prep_tensor: float  # one model-sized fp32 preparation tensor
+    variance_reduction: bool
+
+    @classmethod
+    def of(cls, s: Shape, codec: Any, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
+           model_bytes_per_param: int, devices: int) -> "_Terms":
+        attn = s.num_layers * s.attn_params_per_layer
+        per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
+        tokens_b = batch_size * tokens
+        capture = per_layer(tokens_b * s.num_layers * s.attn_in_out_per_layer * 4)
+        acts = per_layer(tokens_b * s.num_layers * (ACT_PER_HIDDEN * s.hidden + ACT_PER_INTERMEDIATE * s.intermediate))
+        acts += tokens_b * s.vocab * LOGIT_BYTES
+        grad = 2 * batch_size * max(s.heads * s.head_dim, s.hidden) * s.hidden * 4
+        sizes, width = s.head_block_sizes, s.num_layers * s.attn_in_out_per_layer
+        per_task = samples / 2
+        rep = sketches = raw = 0.0
+        if codec.two_pass:
+            sketches = per_layer(codec.bytes_per_sample(sizes, width, tokens) * per_task)
+            raw = per_layer(sum(codec.width(n) * 4 + 16 for n in sizes) * per_task)
+        else:
+            rep = per_layer(codec.device_bytes_per_sample(sizes, width, tokens) * per_task)
+        return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,
+                   stats={t: per_layer(len(q) * attn * stats_bytes) for t, q in plan.statistics.items()},
+                   rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
+                   variance_reduction=bool(codec.variance_reduction))
+
+    def preparations(self, centre_b: bool) -> float:
+        """w_a, and with variance reduction w_b (or, once B's centre is known in a single-pass order, ȳ'
+        in its place), x̄' and ȳ'."""
+        vr = self.variance_reduction
+        return self.prep_tensor * (1 + (3 if vr else 0) - (1 if vr and not centre_b else 0))
+
+    def simulate(self, plan: PassPlan) -> list[tuple[str, float]]:
+        """``(step name, peak)`` of every step, then ``("scoring", peak)``, walking what each step leaves held."""
+        held: dict[str, float] = {}
+        rows = []
+        for step in plan.steps:
+            t, extra = step.task, 0.0
+            if step.kind in ("fold", "fold_sketch"):
+                held[f"stats {t}"] = self.stats[t]
+                if step.kind == "fold" and self.rep:
+                    held[f"rep {t}"] = self.rep
+                if step.kind == "fold_sketch":
+                    held[f"raw {t}"] = self.raw
+                extra = self.running
+            elif step.kind == "prepare":
+                statistics = sum(v for k, v in held.items() if k.startswith("stats"))
+                held = {k: v for k, v in held.items() if not k.startswith("stats")}
+                preps = self.preparations(step.centre_b)
+                extra = max(statistics, preps) - preps
+                held["preps"] = preps
+            elif step.kind == "centre":
+                extra = self.sketches
+            elif step.kind == "sketch":
+                held[f"sketches {t}"] = self.sketches
+                extra = self.running
+            rows.append((step.name, self.weights + sum(held.values()) + extra))
+            if step.kind == "centre":
+                held.pop(f"raw {t}")
+                held.pop(f"stats {t}")
+                held[f"sketches {t}"] = self.sketches
+        kept = sum(v for k, v in held.items() if k.startswith(("rep", "sketches")))
+        rows.append(("scoring", self.weights + kept + self.grad))
+        return rows
 
 
 def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_copies: tuple[int, int],
@@ -193,14 +248,14 @@ def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_c
     are not."""
     s = Shape.of(shape)
     groups = s.num_layers * 4  # (layer, block) groups per shard
-    tensors = 4 if codec.dtype in ("int8", "fp16") else 3  # vectors, scale, ‖x̃‖², cross
+    tensors = 2 + len(codec.encode(torch.zeros(1, 1)))  # the encoded vectors (and scale), ‖x̃‖², cross
     header = groups * (tensors * 96 + 96) + 1024  # per tensor name/dtype/shape/offsets; per group its digest
     unit = s.num_layers * s.attn_params_per_layer * stats_bytes
     a_full, b_full = (copies * unit for copies in stats_copies)  # as the checkpoints hold them
     a, b = (full - n * (unit - unit * 2 // stats_bytes) for full, n in zip((a_full, b_full), compact_copies))
     per_tensor = s.num_layers * 4 * 256  # the statistics files' headers: name, dtype, shape, offsets, digest per tensor
     fullest = max(2 * world * a_full, a + 2 * world * b_full)
-    out = {"sketches": s.num_layers * s.head_blocks_per_layer * codec.bytes_per_block() * samples,
+    out = {"sketches": int(codec.bytes_per_sample(s.head_block_sizes, 0, 0) * samples),
            "shard_headers": header * batches, "statistics": a + b + sum(stats_copies) * per_tensor,
            "pass1_checkpoint": max(0, fullest - a - b), "manifest": 4096 + 200 * batches}
     out["total"] = sum(out.values())
@@ -221,22 +276,22 @@ def batch_geometry(batch: Any) -> Optional[tuple[int, int]]:
     return tuple(ids.shape[:2]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
 
 
-def check_tasks_fit(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, task_a: Any,
-                    task_b: Any, passes: Optional[float] = None) -> Optional[pd.DataFrame]:
+def check_plan_fits(model: nn.Module, plan: PassPlan, codec: Any, cfg: Any, stats_dtype: torch.dtype, task_a: Any,
+                    task_b: Any) -> Optional[pd.DataFrame]:
     """:func:`check_device_memory` for two tasks given as lists of batches (others cannot be counted
     without consuming them, and are not checked)."""
     if not all(isinstance(t, (list, tuple)) for t in (task_a, task_b)) or not task_a:
         return None
     samples = sum(geo[0] for t in (task_a, task_b) for geo in map(batch_geometry, t) if geo)
-    return check_device_memory(model, codec, cfg, stats_dtype, task_a[0], samples, passes=passes)
+    return check_device_memory(model, plan, codec, cfg, stats_dtype, task_a[0], samples)
 
 
-def check_device_memory(model: nn.Module, codec: Any, cfg: Any, stats_dtype: torch.dtype, first_batch: Any,
-                        samples: int, passes: Optional[float] = None) -> Optional[pd.DataFrame]:
+def check_device_memory(model: nn.Module, plan: PassPlan, codec: Any, cfg: Any, stats_dtype: torch.dtype,
+                        first_batch: Any, samples: int) -> Optional[pd.DataFrame]:
     """Refuse, before the first batch, a collection whose predicted peak exceeds a device's memory.
 
-    The prediction is :func:`plan_phases` for this model's shape and settings; a device's budget is
-    its free memory, plus what PyTorch's caching allocator has reserved but no tensor uses, plus what
+    The prediction is :func:`plan_phases` of ``plan`` for this model's shape and settings; a device's budget
+    is its free memory, plus what PyTorch's caching allocator has reserved but no tensor uses, plus what
     the model's weights already take on it. Returns the plan (None when
     the model is not on CUDA or the batch's geometry cannot be read); raises :class:`InputError` with
     the numbers and the settings that would fit otherwise.
@@ -253,17 +308,17 @@ def check_device_memory(model: nn.Module, codec: Any, cfg: Any, stats_dtype: tor
                  + weights[d] for d in cuda)
     return refuse_over_budget(model, budget, devices=len(cuda), samples=samples, tokens=tokens, batch_size=batch,
                               codec=codec, cfg=cfg, stats_dtype=stats_dtype,
-                              model_bytes_per_param=next(model.parameters()).element_size(), passes=passes)
+                              model_bytes_per_param=next(model.parameters()).element_size(), plan=plan)
 
 
 def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Any,
-                       cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int, passes: Optional[float] = None
-                       ) -> pd.DataFrame:
+                       cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int, passes: Optional[float] = None,
+                       plan: Optional[PassPlan] = None) -> pd.DataFrame:
     """The plan when its busiest phase fits ``budget`` bytes per device; else :class:`InputError` with the
     numbers and the settings that would fit (fp32 statistics, a smaller batch, more devices)."""
     stats_bytes = torch.empty((), dtype=stats_dtype).element_size()
     args = dict(samples=samples, tokens=tokens, codec=codec, cfg=cfg, model_bytes_per_param=model_bytes_per_param,
-                passes=passes)
+                passes=passes, plan=plan)
     peak = lambda **kw: plan_phases(source, **{**args, "batch_size": batch_size, "stats_bytes": stats_bytes,  # noqa
                                                "devices": devices, **kw})
     df = peak()

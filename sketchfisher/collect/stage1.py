@@ -25,7 +25,7 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
     Parameters with ``requires_grad=False`` are not collected; their scores come out NaN.
     ``stats_dtype`` is the precision of the model-sized pass-1 statistics (:func:`default_stats_dtype`
     when None) and ``quantities`` which of them to keep (all by default;
-    :func:`~sketchfisher.collect.sketches.needed_statistics` gives what given settings need).
+    :func:`~sketchfisher.collect.plan.needed_statistics` gives what given settings need).
     """
     codec = check_codec(codec)
     weights = trainable_weights(model, layout, modules)

@@ -1,10 +1,15 @@
-"""Representations of per-sample contributions (codecs). Maths on plain tensors, no hooks."""
+"""Representations of per-sample contributions (codecs). Maths on plain tensors, no hooks.
 
-from .codec import CODECS, Codec, Representation, check_codec, codec_from_dict
+:mod:`.base` is the codec protocol, :mod:`.codec` the registry; every codec is one module."""
+
+from .base import Codec, Representation, SideCodec, SketchSide, decode_side
+from .codec import (CODECS, check_codec, codec_from_dict, codec_from_options, register_codec, storable,
+                    unregister_codec)
 from .exact import Exact, ExactContributions
 from .factors import FactorContributions, Factors, truncate
-from .sketch import Sketch, SketchSide
+from .sketch import Sketch
 from .sketchmaps import SketchMap
 
 __all__ = ["CODECS", "Codec", "Exact", "ExactContributions", "FactorContributions", "Factors", "Representation",
-           "Sketch", "SketchMap", "SketchSide", "check_codec", "codec_from_dict", "truncate"]
+           "SideCodec", "Sketch", "SketchMap", "SketchSide", "check_codec", "codec_from_dict", "codec_from_options",
+           "decode_side", "register_codec", "storable", "truncate", "unregister_codec"]

@@ -1,61 +1,66 @@
-"""The codec protocol: what a representation of per-sample contributions needs from a collection
-pass, and the registry of codecs (one entry per codec, keyed by its serialised name).
+"""The registry of codecs, keyed by their serialised name (the protocol is :mod:`.base`).
 
-* ``source``: what each batch of pass 1 must capture: ``"gradients"`` (full per-sample gradients
-  from the autograd oracle) or ``"factors"`` (per-sample token factors from batched hooks).
-* ``two_pass``: False when the representation is written during pass 1 (``Exact``, ``Factors``);
-  True when it needs both tasks' pass-1 statistics first (``Sketch``: pass 2 writes the sketches).
-* ``representation()``: an empty per-task container (None for two-pass codecs); it takes each
-  captured batch with ``add`` and gives exact head-block gradients with ``block``.
-* ``to_dict`` / :func:`codec_from_dict`: the serialised form stores and results carry.
+``sf.register_codec(MyCodec)`` adds one: ``sf.analyze``, ``sf.plan``, stores (side codecs only) and the
+CLI's ``--codec`` choices then accept it. ``codec_from_dict`` rebuilds a codec from what a store or a
+result recorded.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional, Protocol, runtime_checkable
-
-import torch
+import dataclasses
+from typing import Any
 
 from ..errors import InputError
-from ..layout import Layout
+from .base import Codec, Representation, SideCodec
 from .exact import Exact
 from .factors import Factors
 from .sketch import Sketch
 
-
-class Representation(Protocol):
-    """Per-task per-sample contributions of a one-pass codec."""
-
-    def add(self, captured: Any) -> None:
-        """Add one captured batch (a ``{name: [B, *shape]}`` dict, or a ``BatchFactors``)."""
-
-    def block(self, layout: Layout, layer: int, block: str) -> Optional[torch.Tensor]:
-        """Exact per-sample gradients of the distinct head blocks ``[n, H_b, S]``; None when absent."""
-
-    def nbytes_per_sample(self) -> float:
-        """Mean stored bytes per sample."""
+CODECS: dict[str, type[Codec]] = {}
 
 
-@runtime_checkable
-class Codec(Protocol):
-    name: ClassVar[str]
-    source: ClassVar[Literal["gradients", "factors"]]
-    two_pass: ClassVar[bool]
+def register_codec(cls: type[Codec], replace: bool = False) -> type[Codec]:
+    """Register a codec class (usable as a decorator). It must subclass :class:`Codec` (one-pass) or
+    :class:`SideCodec` (pass 2 writes side vectors; storable), be a dataclass, and carry a unique
+    ``name``; ``replace=True`` re-registers a name."""
+    if not (isinstance(cls, type) and issubclass(cls, Codec)) or not dataclasses.is_dataclass(cls):
+        raise InputError(f"a codec is a dataclass subclassing sketchfisher.Codec or sketchfisher.SideCodec; got {cls!r}")
+    if not cls.name or not isinstance(cls.name, str):
+        raise InputError(f"codec class {cls.__name__} needs a class attribute name = '<registry key>'")
+    if cls.source not in ("gradients", "factors"):
+        raise InputError(f"codec {cls.name!r}: source must be 'gradients' or 'factors', got {cls.source!r}")
+    if cls.name in CODECS and CODECS[cls.name] is not cls and not replace:
+        raise InputError(f"a codec named {cls.name!r} is registered already ({CODECS[cls.name].__name__}); "
+                         "pass replace=True to replace it")
+    CODECS[cls.name] = cls
+    return cls
 
-    def to_dict(self) -> dict[str, Any]: ...
 
-    def representation(self) -> Optional[Representation]: ...
+def unregister_codec(name: str) -> None:
+    """Remove a registered codec (tests that register their own)."""
+    CODECS.pop(name, None)
 
 
-CODECS: dict[str, type] = {c.name: c for c in (Exact, Factors, Sketch)}
-USAGE = "sf.Exact(), sf.Factors(rank=None) or sf.Sketch(k, kind, seed, ...)"
+for _cls in (Exact, Factors, Sketch):
+    register_codec(_cls)
+
+
+def usage() -> str:
+    """How the registered codecs are built, for messages."""
+    return ", ".join(f"sf.{cls.__name__}(...)" for cls in CODECS.values())
 
 
 def check_codec(codec: Any) -> Codec:
-    """``codec`` itself when it is one of the registered codecs; otherwise a clear error."""
-    if type(codec) not in CODECS.values():
-        raise InputError(f"codec must be one of: {USAGE}; got {codec!r}")
+    """``codec`` itself when it is an instance of a registered codec; otherwise a clear error."""
+    if not isinstance(codec, Codec) or CODECS.get(getattr(codec, "name", None)) is not type(codec):
+        raise InputError(f"codec must be one of: {usage()} (or a codec registered with sf.register_codec); "
+                         f"got {codec!r}")
     return codec
+
+
+def storable() -> dict[str, type[Codec]]:
+    """The registered codecs a store can hold (side codecs)."""
+    return {name: cls for name, cls in CODECS.items() if issubclass(cls, SideCodec)}
 
 
 def codec_from_dict(d: Any) -> Codec:
@@ -67,3 +72,17 @@ def codec_from_dict(d: Any) -> Codec:
         return CODECS[d["codec"]](**fields)
     except TypeError as exc:
         raise InputError(f"codec {d['codec']!r}: {exc}") from None
+
+
+def codec_from_options(name: str, options: dict[str, Any]) -> Codec:
+    """Build the registered codec ``name`` from a dict of options (the CLI's), taking only the fields the
+    codec declares (``k``, ``kind``, ``seed``, ``dtype``, ``variance_reduction``, ...)."""
+    if name not in CODECS:
+        raise InputError(f"unknown codec {name!r}; registered: {tuple(CODECS)}")
+    cls = CODECS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in fields and v is not None})
+
+
+__all__ = ["CODECS", "Codec", "Representation", "SideCodec", "check_codec", "codec_from_dict", "codec_from_options",
+           "register_codec", "storable", "unregister_codec", "usage"]

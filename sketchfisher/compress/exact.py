@@ -9,10 +9,11 @@ import torch
 
 from ..errors import InputError
 from ..layout import Layout
+from .base import Codec
 
 
 @dataclass(frozen=True)
-class Exact:
+class Exact(Codec):
     """Keep every sample's full-shape gradient g_i (fp32). Memory grows as n × |θ_attn|: small models only.
 
     The gradients are formed from one batched capture per batch and checked against autograd (they must
@@ -21,10 +22,11 @@ class Exact:
 
     name: ClassVar[str] = "exact"
     source: ClassVar[str] = "gradients"
-    two_pass: ClassVar[bool] = False
+    summary: ClassVar[str] = "full-shape per-sample gradients (the reference; small models)"
 
-    def to_dict(self) -> dict:
-        return {"codec": self.name}
+    def bytes_per_sample(self, head_block_sizes: list[int], factor_width: int, tokens: int) -> float:
+        """fp32 gradients of every attention weight entry (the distinct head blocks tile them)."""
+        return 4.0 * sum(head_block_sizes)
 
     def representation(self) -> "ExactContributions":
         return ExactContributions()

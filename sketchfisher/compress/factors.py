@@ -16,23 +16,25 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import InputError
 from ..layout import Layout
+from .base import Codec
 
 
 @dataclass(frozen=True)
-class Factors:
+class Factors(Codec):
     """Store per-sample factors; ``rank=None`` is lossless, ``rank=r`` keeps the best rank-r gradient."""
 
     rank: Optional[int] = None
     name: ClassVar[str] = "factors"
     source: ClassVar[str] = "factors"
-    two_pass: ClassVar[bool] = False
+    summary: ClassVar[str] = "per-sample token factors (lossless), or their best rank-r gradient"
 
     def __post_init__(self) -> None:
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise InputError(f"Factors.rank must be None or a positive int, got {self.rank!r}")
 
-    def to_dict(self) -> dict:
-        return {"codec": self.name, "rank": self.rank}
+    def bytes_per_sample(self, head_block_sizes: list[int], factor_width: int, tokens: int) -> float:
+        """fp32 factor rows (one per token, or ``rank`` pseudo-tokens) of width Σ (in + out)."""
+        return 4.0 * (self.rank or tokens) * factor_width
 
     def representation(self) -> "FactorContributions":
         return FactorContributions(rank=self.rank)

@@ -25,13 +25,15 @@ import torch
 
 from .. import kernels
 from ..errors import InputError
+from ..layout import BLOCKS
+from .base import SideCodec
 from .sketchmaps import KINDS, SketchMap, sjlt_block_index
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
-class Sketch:
+class Sketch(SideCodec):
     """Per-head-block sketch of width ``k`` (``kind`` in gaussian/sjlt/srht, ``s`` non-zeros for sjlt),
     stored as ``dtype`` (fp32/fp16/bf16/int8 with per-vector scale)."""
 
@@ -43,7 +45,7 @@ class Sketch:
     s: int = 1
     name: ClassVar[str] = "sketch"
     source: ClassVar[str] = "factors"
-    two_pass: ClassVar[bool] = True
+    summary: ClassVar[str] = "per-head randomized sketches with standard errors (any model size)"
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
@@ -57,13 +59,43 @@ class Sketch:
         if self.kind == "sjlt" and (self.s < 1 or self.k % self.s):
             raise InputError(f"Sketch(kind='sjlt') needs k divisible by s >= 1; got k={self.k}, s={self.s}")
 
-    def to_dict(self) -> dict:
-        return {"codec": self.name, "k": self.k, "kind": self.kind, "seed": self.seed, "dtype": self.dtype,
-                "variance_reduction": self.variance_reduction, "s": self.s}
+    def describe(self) -> str:
+        return f"Sketch(k={self.k}, {self.dtype})"
 
-    def representation(self) -> None:
-        """None: sketches are written in pass 2, once both tasks' pass-1 statistics are known."""
-        return None
+    def width(self, size: int) -> int:
+        return self.k
+
+    def check_layout(self, layout) -> None:
+        """A sketch must be smaller than the head blocks it sketches (else it stores more than the data).
+
+        The one exception is srht at its full width k = P (the block size padded to a power of two), which
+        recovers exact scores and is how sketches are checked against the exact answer."""
+        smallest, block = min((hb.numel, block) for layer, block in layout.groups()
+                              for hb in layout.head_blocks(layer, block))
+        what = "head block" if block in BLOCKS else "MLP channel-group block"
+        full = 1 << (smallest - 1).bit_length()
+        if self.k >= smallest and not (self.kind == "srht" and self.k <= full):
+            raise InputError(f"Sketch(k={self.k}) is not smaller than the smallest {what} ({smallest:,} entries): "
+                             f"the sketch would be larger than the data; use k < {smallest:,}, or sf.Factors() for "
+                             "exact scores")
+
+    def encode(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = quantize(vectors, self.dtype)
+        return {"vec": q} if scale is None else {"vec": q, "scale": scale}
+
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dequantize(parts["vec"], parts.get("scale"))
+
+    def block_scores(self, a: tuple, b: tuple, e: torch.Tensor, size: int):
+        from .sketch_scores import SketchBlock, finite_population_correction
+
+        return SketchBlock(*a, *b, e.double().to(a[0].device), self.k, finite_population_correction(self, size))
+
+    def fused_sides(self, layout, cfg, side: str):
+        from .fused import FusedSides
+
+        fused = FusedSides(layout, self, cfg, side)
+        return fused if fused.enabled else None
 
     def map(self, layer: int, block: int, head: int, size: int) -> SketchMap:
         return SketchMap(self.kind, self.k, size, self.seed, (layer, block, head), self.s)
@@ -95,9 +127,9 @@ class Sketch:
         size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
         return self.k * size + (4 if self.dtype in SCALED else 0)
 
-    def bytes_per_block(self) -> int:
-        """Stored bytes of one sample's head block: the sketched vector and its two exact fp64 scalars
-        (‖x̃‖² and the cross term)."""
+    def bytes_per_block(self, size: int | None = None) -> int:
+        """Stored bytes of one sample's head block (of any size): the sketched vector and its two exact fp64
+        scalars (‖x̃‖² and the cross term)."""
         return self.bytes_per_vector() + 16
 
 
@@ -123,31 +155,3 @@ def quantize(v: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional[torch.
 def dequantize(q: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     v = q.to(torch.float64)
     return v if scale is None else v * scale.to(torch.float64)[..., None]
-
-
-@dataclass
-class SketchSide:
-    """Sketches of one side (i or j) for every (layer, block): vectors, exact norms and cross terms."""
-
-    codec: Sketch
-    parts: dict[tuple[int, str], list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]]] = \
-        field(default_factory=dict)
-    n: int = 0
-
-    def add(self, key: tuple[int, str], vectors: torch.Tensor, norm2: torch.Tensor, cross: torch.Tensor) -> None:
-        """Add a batch for one (layer, block): sketched ``[B, H_b, k]``, ``‖·‖² [B, H_b]``, cross ``[B, H_b]``."""
-        q, scale = quantize(vectors, self.codec.dtype)
-        self.parts.setdefault(key, []).append((q, scale, norm2.double(), cross.double()))
-
-    def get(self, key: tuple[int, str]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(dequantized sketches ``[n, H_b, k]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``)."""
-        return decode(self.parts.get(key))
-
-
-def decode(parts: Optional[list]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Concatenate stored batches ``(q, scale, norm2, cross)`` into fp64 tensors; None when absent."""
-    if not parts:
-        return None
-    vec = torch.cat([dequantize(q, s) for q, s, _, _ in parts])
-    return vec, torch.cat([p[2].double() for p in parts]), torch.cat([p[3].double() for p in parts])
-

@@ -8,10 +8,9 @@ engine's score provider, so both kinds of result score through one path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from ..compress import Codec, Representation, SketchSide
-from ..compress.sketch_scores import SketchBlock, finite_population_correction
+from ..compress import Codec, Representation
 from ..fisher import FisherStats
 from ..layout import Layout
 from ..metric import ExactBlock, Provider, ScoreConfig
@@ -27,12 +26,27 @@ class ExactSource:
 
 @dataclass(frozen=True)
 class SketchSource:
-    """Both tasks' sketched sides (in memory, or read lazily from a store) and each block's exact scalar
-    ``e = ⟨x̄', ȳ'⟩`` (the centres' inner product)."""
+    """Both tasks' side-codec outputs (in memory, or read lazily from a store) and each block's exact scalar
+    ``e = ⟨x̄', ȳ'⟩`` (the centres' inner product): a dict, or anything with ``get((layer, block))`` (a
+    store computes it for the block being scored, from the statistics)."""
 
     side_a: Any  # SketchSide or a store's lazy side: ``get((layer, block))``
     side_b: Any
-    e: dict[tuple[int, str], Any]
+    e: Any
+
+
+class Statistics:
+    """Both tasks' pass-1 statistics, given or loaded on first use (a store reads its files only when a
+    score or a check needs them)."""
+
+    def __init__(self, load: Callable[[], dict[str, FisherStats]] | dict[str, FisherStats]):
+        self._load = load if callable(load) else None
+        self._stats = None if callable(load) else dict(load)
+
+    def __getitem__(self, task: str) -> FisherStats:
+        if self._stats is None:
+            self._stats = self._load()
+        return self._stats[task]
 
 
 @dataclass(frozen=True)
@@ -43,10 +57,25 @@ class ResultContext:
     layout: Layout
     cfg: ScoreConfig
     codec: Codec
-    stats_a: FisherStats
-    stats_b: FisherStats
+    statistics: Statistics
     source: ExactSource | SketchSource
+    counts: tuple[int, int]  # samples of task A and task B
     store: Optional[str] = None
+
+    @classmethod
+    def of(cls, layout: Layout, cfg: ScoreConfig, codec: Codec, stats_a: FisherStats, stats_b: FisherStats,
+           source: ExactSource | SketchSource, store: Optional[str] = None) -> "ResultContext":
+        """A context from statistics in hand (``sf.analyze``)."""
+        return cls(layout, cfg, codec, Statistics({"a": stats_a, "b": stats_b}), source,
+                   (stats_a.count, stats_b.count), store)
+
+    @property
+    def stats_a(self) -> FisherStats:
+        return self.statistics["a"]
+
+    @property
+    def stats_b(self) -> FisherStats:
+        return self.statistics["b"]
 
     @property
     def exact(self) -> Optional[ExactSource]:
@@ -93,18 +122,19 @@ def exact_provider(ctx: ResultContext) -> Provider:
 
 
 def sketch_provider(ctx: ResultContext) -> Provider:
-    """Sketched block scores with standard errors from the two sides' sketches."""
+    """Block scores (with standard errors, for sketches) of a side codec from its two sides' outputs."""
     src, codec, layout = ctx.source, ctx.codec, ctx.layout
 
-    def provider(layer: int, block: str) -> Optional[SketchBlock]:
-        e = src.e.get((layer, block))
+    def provider(layer: int, block: str):
         a, b = src.side_a.get((layer, block)), src.side_b.get((layer, block))
-        if e is None or a is None or b is None:
+        if a is None or b is None:
             return None
-        fpc = finite_population_correction(codec, layout.head_blocks(layer, block)[0].numel)
-        return SketchBlock(*a, *b, e.double().to(a[0].device), codec.k, fpc)
+        e = src.e.get((layer, block))
+        if e is None:
+            return None
+        return codec.block_scores(a, b, e, layout.head_blocks(layer, block)[0].numel)
     return provider
 
 
-__all__ = ["ExactSource", "ResultContext", "SketchSide", "SketchSource", "exact_provider", "provider_for",
+__all__ = ["ExactSource", "ResultContext", "SketchSource", "Statistics", "exact_provider", "provider_for",
            "sketch_provider"]

@@ -62,7 +62,7 @@ class InterferenceResult:
             layout = layout.family(family or layout.families[0][0])
         elif family is not None:
             layout = layout.family(family)
-        return cls(layout=layout, n_a=context.stats_a.count, n_b=context.stats_b.count,
+        return cls(layout=layout, n_a=context.counts[0], n_b=context.counts[1],
                    provider=provider_for(context), cfg=context.cfg, max_bytes=max_bytes, context=context)
 
     @property

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..collect import prepare_all
-from ..collect.sketches import centre_products
+from ..collect.sketches import prepare
 from ..store import StoreError, StoreReader
-from .context import ResultContext, SketchSource
+from .context import ResultContext, SketchSource, Statistics
 from .engine import DEFAULT_MAX_BYTES
 from .result import InterferenceResult
 
@@ -20,23 +19,48 @@ TASKS = ("a", "b")
 
 
 class Store(StoreReader):
-    """A complete sketch store. ``sf.open_store(path)`` returns one; it needs no model."""
+    """A complete store. ``sf.open_store(path)`` returns one; it needs no model.
+
+    Opening reads the manifest and the shards' headers only. The statistics are read when a score first
+    needs them, and each block's preparation (what the centring contributes to its scores) is built for
+    the block being scored, kept as one scalar per head, and freed: scoring a store needs its statistics
+    files and one block at a time in memory, never every block's preparation at once."""
 
     def context(self) -> ResultContext:
-        """Settings, statistics and lazily read sketches of the store."""
+        """Settings, lazily read statistics and lazily read sketches of the store."""
+        counts = tuple(self.manifest["tasks"][t]["samples"] for t in TASKS)
+        statistics = Statistics(self._statistics)
+        sides = self.sides()
+        return ResultContext(self.layout, self.cfg, self.codec, statistics,
+                             SketchSource(sides["a"], sides["b"], BlockCentres(self, statistics)), counts,
+                             store=str(self.path))
+
+    def _statistics(self):
         stats = self.stats
         counts = {t: self.manifest["tasks"][t]["samples"] for t in TASKS}
         if {t: stats[t].count for t in TASKS} != counts:
             raise StoreError(f"{self.path}: pass-1 statistics disagree with the manifest's sample counts {counts}")
-        preps = prepare_all(self.layout, stats["a"], stats["b"], self.cfg, self.codec, balance_from_a=self.passes == 1.5)
-        sides = self.sides()
-        return ResultContext(layout=self.layout, cfg=self.cfg, codec=self.codec, stats_a=stats["a"],
-                             stats_b=stats["b"], source=SketchSource(sides["a"], sides["b"], centre_products(preps)),
-                             store=str(self.path))
+        return stats
 
     def result(self, max_bytes: Optional[int] = None) -> InterferenceResult:
         """The Stage 6 result, scored lazily from the shards, one (layer, block) at a time."""
         return InterferenceResult.from_context(self.context(), DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+
+
+class BlockCentres:
+    """``e = ⟨x̄', ȳ'⟩ [H_b]`` of a store's blocks, each computed from the statistics when first asked for
+    (its preparation is freed at once; only the scalars are kept)."""
+
+    def __init__(self, store: Store, statistics: Statistics):
+        self.store, self.statistics, self.cache = store, statistics, {}
+
+    def get(self, key: tuple[int, str]):
+        if key not in self.cache:
+            s = self.store
+            prep = prepare(s.layout, *key, self.statistics["a"], self.statistics["b"], s.cfg, s.codec,
+                           balance_from_a=s.passes == 1.5)
+            self.cache[key] = None if prep is None else prep.e
+        return self.cache[key]
 
 
 def open_store(path: str | Path) -> Store:

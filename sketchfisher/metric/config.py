@@ -10,7 +10,9 @@ import torch
 from ..errors import InputError
 from .variants import VARIANTS, Variant, variant_of
 
-NORMALIZERS = ("a", "pooled", "loo")
+NORMALIZER_MEANINGS = {"a": "task A's Fisher", "pooled": "the Fisher of A and B pooled",
+                       "loo": "task A's Fisher without sample i (leave-one-out)"}
+NORMALIZERS = tuple(NORMALIZER_MEANINGS)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

@@ -56,7 +56,7 @@ class Ranks:
 
 def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
            checkpoint_every: int | None, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype,
-           quantities: tuple[str, ...], store_id: str) -> tuple[FisherStats, int | None]:
+           quantities: tuple[str, ...], store_id: str, desc: str | None = None) -> tuple[FisherStats, int | None]:
     """Pass 1 of one task: ``(statistics, batches)``; ``batches`` (how many the task yielded) when they
     were computed now and their final file is still to be written (:func:`save_pass1`), None when they
     were read from the store."""
@@ -76,7 +76,8 @@ def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches:
         logger.info("task %s: resuming pass 1 after %d batches", task, done)
     names = trainable_weights(model, layout)
     seen, policy = Counter(), Checkpoints(checkpoint_every)
-    for index, bf in factor_pass(model, loss_fn, counted(batches, seen), names, desc=f"pass 1 {task}",
+    desc = desc or f"pass 1 {task.upper()}"
+    for index, bf in factor_pass(model, loss_fn, counted(batches, seen), names, desc=desc,
                                  show_progress=show_progress, skip=lambda i: i < done or not ranks.mine(i),
                                  total=sized(batches)):
         fold_factors(stats, bf, names)
@@ -92,7 +93,7 @@ def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches:
         stats = stats.all_reduce(names)
     if stats.count == 0:
         raise InputError(f"task {task} yielded no samples")
-    stats.check_finite(f"pass 1 {task}")
+    stats.check_finite(desc)
     return stats, seen.batches
 
 

@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..compress import Sketch, codec_from_dict
-from ..compress.sketch import decode
+from ..compress import codec_from_dict, decode_side
 from ..errors import InputError
 from ..fisher import FisherStats
 from ..layout import Layout, units_layout
@@ -24,11 +23,13 @@ TASKS = ("a", "b")
 
 
 class LazySide:
-    """One side's sketches, read from the shards one (layer, block) at a time. With ``digests`` (one dict
-    per shard: ``layer.block`` → digest) every block read is checked against what was written."""
+    """One side's encoded vectors, read from the shards one (layer, block) at a time. With ``digests`` (one dict
+    per shard: ``layer.block`` → digest) every block read is checked against what was written; with
+    ``widths`` (``(layer, block)`` → the codec's width) so is the vectors' width."""
 
-    def __init__(self, files: list[Path], digests: Optional[list[dict[str, str]]] = None, k: Optional[int] = None):
-        self.files, self.digests, self.k = files, digests, k
+    def __init__(self, files: list[Path], codec: Any, digests: Optional[list[dict[str, str]]] = None,
+                 widths: Optional[Any] = None):
+        self.files, self.codec, self.digests, self.widths = files, codec, digests, widths
 
     def get(self, key: tuple[int, str]):
         layer, block = key
@@ -42,12 +43,13 @@ class LazySide:
                 return None
             if self.digests is not None:
                 check_digest(path, tensors, self.digests[n].get(name, ""), f"block {name}")
-            if self.k is not None and tensors[f"{name}.vec"].shape[-1] != self.k:
-                raise StoreError(f"{path}: block {name} has sketches of width {tensors[f'{name}.vec'].shape[-1]}, "
-                                 f"the manifest says k={self.k}")
-            parts.append((tensors[f"{name}.vec"], tensors.get(f"{name}.scale"), tensors[f"{name}.norm2"],
-                          tensors[f"{name}.cross"]))
-        return decode(parts)
+            width = None if self.widths is None else self.widths(key)
+            if width is not None and tensors[f"{name}.vec"].shape[-1] != width:
+                raise StoreError(f"{path}: block {name} has vectors of width {tensors[f'{name}.vec'].shape[-1]}, "
+                                 f"the manifest's codec {self.codec.describe()} writes {width}")
+            encoded = {k[len(name) + 1:]: v for k, v in tensors.items() if k[len(name) + 1:] not in ("norm2", "cross")}
+            parts.append((encoded, tensors[f"{name}.norm2"], tensors[f"{name}.cross"]))
+        return decode_side(self.codec, parts)
 
 
 class StoreReader:
@@ -73,8 +75,9 @@ class StoreReader:
             self.cfg = ScoreConfig.from_dict(self.manifest["score"])
         except (InputError, KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{self.path}: manifest settings are invalid: {type(exc).__name__}: {exc}") from None
-        if not isinstance(self.codec, Sketch):
-            raise StoreError(f"{self.path}: stores hold sketches, the manifest names codec {self.manifest['codec']!r}")
+        if not self.codec.two_pass:
+            raise StoreError(f"{self.path}: stores hold side codecs' vectors, the manifest names codec "
+                             f"{self.manifest['codec']!r}")
         self.digests: dict[str, list[dict[str, str]]] = {}
         self.shards = {t: self._shards(t) for t in TASKS}
 
@@ -151,8 +154,8 @@ class StoreReader:
         return passes_of(self.manifest)
 
     def sides(self) -> dict[str, LazySide]:
-        return {t: LazySide(self.shards[t], self.digests.get(t), self.codec.k if self.checked else None)
-                for t in TASKS}
+        widths = (lambda key: self.codec.width(self.layout.head_blocks(*key)[0].numel)) if self.checked else None
+        return {t: LazySide(self.shards[t], self.codec, self.digests.get(t), widths) for t in TASKS}
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest

@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from ..collect.finite import finite_rows, overflow_error
-from ..compress import Sketch
-from ..compress.sketch import quantize
+from ..compress import SideCodec
 from .files import atomic_save_tensors
 from .integrity import shard_metadata
 
@@ -25,21 +24,21 @@ def shard_name(index: int) -> str:
 
 @dataclass
 class ShardParts:
-    """A batch's pass-2 results on their way to the host: per device, the blocks' sketches (quantised), ‖x̃‖²
+    """A batch's pass-2 results on their way to the host: per device, the blocks' encoded vectors, ‖x̃‖²
     and cross terms stacked along the head axis, copied asynchronously; :meth:`tensors` (in the writer
     thread) waits for the copies and cuts the shard's per-block tensors out of them."""
 
     groups: list[tuple[list[tuple[int, str]], list[int], dict[str, torch.Tensor], Any]]
 
     @classmethod
-    def of(cls, blocks: dict, codec: Sketch) -> "ShardParts":
+    def of(cls, blocks: dict, codec: SideCodec) -> "ShardParts":
         by_device: dict = {}
         for key, value in blocks.items():
             by_device.setdefault(value[0].device, []).append(key)
         groups = []
         for device, keys in by_device.items():
-            q, scale = quantize(torch.cat([blocks[k][0] for k in keys], 1), codec.dtype)  # per-vector: as per block
-            parts = {"vec": q, "scale": scale, "norm2": torch.cat([blocks[k][1] for k in keys], 1).double(),
+            encoded = codec.encode(torch.cat([blocks[k][0] for k in keys], 1))  # per-vector: as per block
+            parts = {**encoded, "norm2": torch.cat([blocks[k][1] for k in keys], 1).double(),
                      "cross": torch.cat([blocks[k][2] for k in keys], 1).double()}
             moved = {name: t.to("cpu", non_blocking=True) for name, t in parts.items() if t is not None}
             event = None

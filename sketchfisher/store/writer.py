@@ -1,6 +1,6 @@
-"""Resumable collection of sketches into a store directory: the order of the passes, the checks
-before any work, and the manifest once complete (:mod:`.pass1` writes the statistics, :mod:`.shards`
-the sketches).
+"""Resumable collection of sketches into a store directory: the pass plan executed into a
+:class:`StoreSink`, the checks before any work, and the manifest once complete (:mod:`.pass1` writes
+the statistics, :mod:`.shards` the sketches).
 
 Layout of a store::
 
@@ -27,20 +27,18 @@ from __future__ import annotations
 import logging
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..capture.oracle import LossFn, batch_size_of
-from ..collect import default_stats_dtype, needed_statistics, prepare_all, sketch_batches
-from ..collect import trainable_weights
-from ..collect.memory import check_tasks_fit, format_bytes, store_disk_bytes
-from ..collect.sketches import centre_j_side, centred, check_reiterable, check_sketch_width, compacted_statistics
-from ..collect.sketches import host_staging, pass_b, resolve_passes, statistics_dtypes
-from ..compress import Sketch
+from ..collect import Job, Sink, default_stats_dtype, execute, pass_plan, trainable_weights
+from ..collect.memory import check_plan_fits, format_bytes, store_disk_bytes
+from ..collect.plan import Step
+from ..collect.sketches import check_reiterable, compacted_statistics, host_staging, statistics_dtypes
+from ..compress import SideCodec, check_codec
 from ..errors import InputError
 from ..fisher import FisherStats
 from ..fisher.host import host_copy
@@ -56,7 +54,7 @@ from .shards import TASKS, ShardParts, drop_stale_shards, shard_name, write_shar
 logger = logging.getLogger(__name__)
 
 
-def _check_space(root: Path, model: nn.Module, codec: Sketch, samples: int | None, batches: int | None,
+def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | None, batches: int | None,
                  stats_copies: tuple[int, int], stats_dtype: torch.dtype, max_bytes: int | None,
                  world: int = 1, compact_copies: tuple[int, int] = (0, 0)) -> None:
     """Refuse before writing when the store would not fit the disk (or ``max_bytes``): everything it writes
@@ -87,80 +85,69 @@ def _counts(*tasks: Iterable[Any]) -> tuple[int | None, int | None]:
     return (None, None) if any(n is None for n in sizes) else (sum(sizes), len(sizes))
 
 
-@dataclass
-class _Run:
-    """What every pass of one store collection shares."""
+class StoreSink(Sink):
+    """The store's sink for the pass plan: statistics checkpointed while a statistics pass runs (resumed from
+    the last checkpoint) and written once final, in the background; each batch's side vectors written as a
+    shard, in the background; batches whose shard exists (or that belong to another rank) skipped."""
 
-    root: Path
-    ranks: Ranks
-    model: nn.Module
-    loss_fn: LossFn
-    tasks: dict[str, Iterable[Any]]
-    layout: Layout
-    codec: Sketch
-    cfg: ScoreConfig
-    store_id: str
-    show_progress: bool
-    log: PhaseLog
-    writes: Writes
+    def __init__(self, root: Path, ranks: Ranks, store_id: str, codec: SideCodec, checkpoint_every: int | None,
+                 staging: Any, space: Callable[[int], None]):
+        self.root, self.ranks, self.store_id, self.codec = root, ranks, store_id, codec
+        self.checkpoint_every, self.staging, self.space = checkpoint_every, staging, space
+        self.keep = ()  # every statistic is on disk (or on its way there): device copies are freed as consumed
+        self.counters: dict[str, Counter] = {}
+        self.batches_seen: dict[str, int | None] = {}
+        # two writers: the statistics (tens of GB at 7B) must not hold up the shards behind them
+        self.stat_writes, self.writes = Writes(), Writes()
+        self.final: dict[str, int] = {}  # task -> samples, once its statistics are final
 
-    def submit_shard(self, t: str, index: int, size: int, blocks: dict) -> None:
+    def fold(self, step: Step, job: Job, quantities: tuple[str, ...]) -> FisherStats:
+        stats, batches = run_pass1(self.root, step.task, job.model, job.loss_fn, job.tasks[step.task], job.layout,
+                                   self.checkpoint_every, job.show_progress, self.ranks, job.stats_dtype, quantities,
+                                   self.store_id, desc=step.name)
+        self.batches_seen[step.task] = batches
+        return stats
+
+    def batches(self, task: str, job: Job) -> Iterable[Any]:
+        self.counters[task] = Counter()
+        return counted(job.tasks[task], self.counters[task])
+
+    def skip(self, task: str):
+        done = {p.name for p in (self.root / "pass2" / task).glob("*.safetensors")}
+        return lambda i: shard_name(i) in done or not self.ranks.mine(i)
+
+    def reduce(self, job: Job):
+        if self.ranks.world == 1:
+            return None
+        return lambda stats: stats.all_reduce(trainable_weights(job.model, job.layout))
+
+    def statistics_final(self, task: str, stats: FisherStats) -> None:
+        batches = self.batches_seen.get(task, self.counters[task].batches if task in self.counters else None)
+        if batches is not None and self.ranks.rank == 0:  # computed now: to host memory, then to disk
+            host = stats.to_host(self.staging.copy if self.staging is not None else host_copy)
+            self.stat_writes.submit(save_pass1, host, final_path(self.root, task), batches, self.store_id, task)
+            del host
+        self.batches_seen[task] = None
+        self.final[task] = stats.count
+        if set(self.final) == set(TASKS):
+            if self.staging is not None:
+                self.staging.close()
+            self.space(sum(self.final.values()))
+
+    def sides(self, task: str, index: int, size: int, blocks: dict) -> None:
         parts = ShardParts.of(blocks, self.codec)
-        self.writes.submit(write_shard, parts, self.root / "pass2" / t / shard_name(index), self.store_id, t, index,
-                           size, nbytes=parts.nbytes())
+        self.writes.submit(write_shard, parts, self.root / "pass2" / task / shard_name(index), self.store_id, task,
+                           index, size, nbytes=parts.nbytes())
 
+    def flush(self) -> None:
+        self.writes.wait()
+        self.stat_writes.wait()
 
-def _pass2(run: _Run, t: str, preps: dict, count_a: int) -> None:
-    """Pass 2 of one task: the shards not written yet (resumption skips those that are)."""
-    done = {p.name for p in (run.root / "pass2" / t).glob("*.safetensors")}
-    with run.log.phase(f"pass 2 {t.upper()}"):
-        for index, size, blocks in sketch_batches(
-                run.model, run.loss_fn, run.tasks[t], run.layout, run.codec, preps, t, count_a, run.cfg,
-                skip=lambda i: shard_name(i) in done or not run.ranks.mine(i), desc=f"pass 2 {t}",
-                show_progress=run.show_progress):
-            run.submit_shard(t, index, size, blocks)
-
-
-def _task_b_once(run: _Run, stats_a: FisherStats, quantities: tuple[str, ...], stats_dtype: torch.dtype,
-                 staging: Any, stat_writes: Writes) -> tuple[FisherStats, dict]:
-    """Task B in one pass, after task A's pass 1 (:func:`sketchfisher.collect.sketches.collect_sketches_b_once`
-    in memory): ``(B's statistics, the preparations for A's pass 2)``.
-
-    The preparations come from task A alone; B's pass folds B's statistics and keeps its sketches
-    uncentred on the device; then B's statistics go to disk and each shard is written centred by
-    ``R ȳ'``. A run killed before B's statistics reached the disk redoes the whole pass (its shards are
-    stale then and deleted on restart); once they are on disk, B's centre is known and the shards still
-    missing are a plain pass 2 over B, balanced the same way."""
-    root, ranks, layout, codec, cfg, log = run.root, run.ranks, run.layout, run.codec, run.cfg, run.log
-    final = final_path(root, "b")
-    if final.exists():
-        stats_b, _ = run_pass1(root, "b", run.model, run.loss_fn, run.tasks["b"], layout, None, run.show_progress,
-                            ranks, stats_dtype, quantities, run.store_id)
-        with log.phase("preparation"):
-            preps = prepare_all(layout, stats_a, stats_b, cfg, codec, offload=True, keep=(), balance_from_a=True)
-        _pass2(run, "b", preps, stats_a.count)
-        return stats_b, preps
-    with log.phase("preparation"):
-        preps = prepare_all(layout, stats_a, None, cfg, codec, offload=True, keep=())
-    seen = Counter()
-    reduce = (lambda stats: stats.all_reduce(trainable_weights(run.model, layout))) if ranks.world > 1 else None
-    with log.phase("pass B (statistics and sketches)"):
-        raw, stats_b = pass_b(run.model, run.loss_fn, counted(run.tasks["b"], seen), layout, codec, cfg, preps,
-                              stats_a.count, quantities, stats_dtype, skip=lambda i: not ranks.mine(i),
-                              show_progress=run.show_progress, reduce=reduce)
-    if ranks.rank == 0:
-        with log.phase("statistics B to host"):
-            host = stats_b.to_host(staging.copy if staging is not None else host_copy)
-        stat_writes.submit(save_pass1, host, final, seen.batches, run.store_id, "b")
-        del host
-    if staging is not None:
-        staging.close()
-    with log.phase("centring B"):
-        centres = centre_j_side(layout, codec, cfg, preps, stats_b)
-        while raw:
-            index, size, blocks = raw.pop(0)
-            run.submit_shard("b", index, size, centred(blocks, centres))
-    return stats_b, preps
+    def close(self) -> None:
+        self.writes.close()
+        self.stat_writes.close()
+        if self.staging is not None:
+            self.staging.close()
 
 
 def stored_passes(path: str | Path) -> float | None:
@@ -170,30 +157,33 @@ def stored_passes(path: str | Path) -> float | None:
 
 
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
-                     task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, *,
+                     task_b: Iterable[Any], layout: Layout, codec: SideCodec, cfg: ScoreConfig, *,
                      checkpoint_every: int | None = None, max_bytes: int | None = None,
                      show_progress: bool = False, stats_dtype: torch.dtype | None = None,
                      inputs: dict[str, Any] | None = None, log: PhaseLog | None = None,
                      passes: float | None = None) -> Path:
-    """Collect (or finish collecting) a sketch store at ``path``; returns the path.
+    """Collect (or finish collecting) a store of a side codec (``sf.Sketch``) at ``path``; returns the path.
 
-    ``passes=1.5`` (normaliser ``"a"``, a sketch with variance reduction; the default there) runs task B
-    once, between task A's two passes, as ``sf.analyze(passes=1.5)`` does (:func:`_task_b_once`); ``2``
-    runs two passes per task. The manifest records the order; a store is only resumed in the order that
-    began it (``passes=None`` takes it from the store).
+    The collection is the pass plan of ``sf.analyze`` (:func:`sketchfisher.collect.plan.pass_plan`) plus a
+    final ``writes`` step, executed into a :class:`StoreSink`. ``passes=1.5`` (normaliser ``"a"``, variance
+    reduction; the default there) runs task B once, between task A's two passes; ``2`` runs two passes per
+    task. The manifest records the order; a store is only resumed in the order that began it
+    (``passes=None`` takes it from the store). A store killed in the single pass over task B after B's
+    statistics reached the disk resumes with :meth:`PassPlan.resumed <sketchfisher.collect.plan.PassPlan.resumed>`.
 
-    ``log`` (a :class:`~sketchfisher.phases.PhaseLog`) records each phase's time and peak device memory.
-    The final pass-1 statistics and the pass-2 shards are written by a background thread while the GPU
+    ``log`` (a :class:`~sketchfisher.phases.PhaseLog`) records each step's time and peak device memory.
+    The final pass-1 statistics and the pass-2 shards are written by background threads while the GPU
     goes on; the call returns when everything is on disk.
 
-    Before pass 2 writes anything, the planned size of the sketches (known once pass 1 has counted
-    the samples) is compared with ``max_bytes`` and with the free disk; collection refuses to go on
-    with the numbers in the error.
+    Before pass 2 writes anything, the planned size of the store (known once pass 1 has counted the samples)
+    is compared with ``max_bytes`` and with the free disk; collection refuses to go on with the numbers in
+    the error.
     """
-    if not isinstance(codec, Sketch):
-        raise InputError(f"stores hold sketches; got codec {codec!r} (use sf.Sketch(...))")
-    check_reiterable(task_a=task_a, task_b=task_b)
-    check_sketch_width(layout, codec)
+    codec = check_codec(codec)
+    if not codec.two_pass:
+        raise InputError(f"stores hold the side vectors of a pass-2 codec (sf.Sketch or a registered SideCodec); "
+                         f"got codec {codec!r}")
+    codec.check_layout(layout)
     root = Path(path)
     ranks = Ranks.current()
     if ranks.rank == 0:
@@ -204,11 +194,12 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
 
 
 def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
-             task_b: Iterable[Any], layout: Layout, codec: Sketch, cfg: ScoreConfig, checkpoint_every: int | None,
+             task_b: Iterable[Any], layout: Layout, codec: SideCodec, cfg: ScoreConfig, checkpoint_every: int | None,
              max_bytes: int | None, show_progress: bool, stats_dtype: torch.dtype | None,
-             inputs: dict[str, Any] | None, log: PhaseLog | None, passes: float) -> Path:
-    passes = resolve_passes(stored_passes(root) if passes is None else passes, cfg, codec)
-    wanted = build_manifest(model, layout, codec, cfg, inputs, passes)
+             inputs: dict[str, Any] | None, log: PhaseLog | None, passes: float | None) -> Path:
+    plan = pass_plan(codec, cfg, stored_passes(root) if passes is None else passes, means=layout.beyond_heads)
+    check_reiterable(**{f"task_{t}": task for t, task in zip(TASKS, (task_a, task_b)) if plan.passes_over(t) > 1})
+    wanted = build_manifest(model, layout, codec, cfg, inputs, plan.passes)
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -224,57 +215,29 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     ranks.barrier()
     tasks = dict(zip(TASKS, (task_a, task_b)))
     log = log if log is not None else PhaseLog.for_devices([p.device for p in model.parameters()])
-    needs = needed_statistics(cfg, codec, means=layout.beyond_heads, passes=passes)
     stats_dtype = stats_dtype or default_stats_dtype(model)
-    check_tasks_fit(model, codec, cfg, stats_dtype, task_a, task_b, passes=passes)
-    if ranks.rank == 0 and not all(final_path(root, t).exists() for t in TASKS):
+    on_disk = {t for t in TASKS if final_path(root, t).exists()}
+    plan = plan.resumed(on_disk).with_writes()
+    check_plan_fits(model, plan, codec, cfg, stats_dtype, task_a, task_b)
+    if ranks.rank == 0 and on_disk != set(TASKS):
         drop_stale_shards(root)
     ranks.barrier()
-    stats_copies = tuple(len(needs[t]) for t in TASKS)
-    compact = tuple(sum(q in compacted_statistics(layout) for q in needs[t]) for t in TASKS)
+    stats_copies = tuple(len(plan.statistics[t]) for t in TASKS)
+    compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
+    space = lambda samples, batches=None: _check_space(  # noqa: E731
+        root, model, codec, samples, batches or _counts(task_a, task_b)[1] or samples, stats_copies, stats_dtype,
+        max_bytes, ranks.world, compact)
     _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes, ranks.world,
                  compact)
-    # the final pass-1 statistics are written to disk in the background while pass 2 runs; their host
-    # memory is made ready while pass 1 runs
-    dtypes = [d for t in TASKS if not final_path(root, t).exists() for d in statistics_dtypes(needs[t], layout, stats_dtype)]
-    staging = host_staging(model, layout, dtypes if ranks.rank == 0 else [])
-    # two writers: the statistics (tens of GB at 7B) must not hold up the shards behind them
-    stat_writes, writes = Writes(), Writes()
+    # the final statistics are written to disk in the background while the passes go on; their host memory
+    # is made ready while pass 1 runs
+    dtypes = [d for t in TASKS if t not in on_disk for d in statistics_dtypes(plan.statistics[t], layout, stats_dtype)]
+    sink = StoreSink(root, ranks, store_id, codec, checkpoint_every,
+                     host_staging(model, layout, dtypes if ranks.rank == 0 else []), space)
     try:
-        stats = {}
-        run = _Run(root, ranks, model, loss_fn, tasks, layout, codec, cfg, store_id, show_progress, log, writes)
-        for t in TASKS if passes == 2 else ("a",):
-            with log.phase(f"pass 1 {t.upper()}"):
-                stats[t], batches = run_pass1(root, t, model, loss_fn, tasks[t], layout, checkpoint_every,
-                                           show_progress, ranks, stats_dtype, needs[t], store_id)
-                stats[t].compact(compacted_statistics(layout))  # (read from the store: rounded already)
-            if batches is not None and ranks.rank == 0:
-                with log.phase(f"statistics {t.upper()} to host"):
-                    host = stats[t].to_host(staging.copy if staging is not None else host_copy)
-                stat_writes.submit(save_pass1, host, final_path(root, t), batches, store_id, t)
-                del host
-        if passes == 2:
-            if staging is not None:
-                staging.close()
-            _check_space(root, model, codec, stats["a"].count + stats["b"].count, _counts(task_a, task_b)[1] or
-                         stats["a"].count + stats["b"].count, stats_copies, stats_dtype, max_bytes, ranks.world,
-                         compact)
-            with log.phase("preparation"):
-                # every statistic is on disk (or on its way there): the device copies are freed as consumed
-                preps = prepare_all(layout, stats["a"], stats["b"], cfg, codec, offload=True, keep=())
-        else:
-            stats["b"], preps = _task_b_once(run, stats["a"], needs["b"], stats_dtype, staging, stat_writes)
-        for t in TASKS if passes == 2 else ("a",):
-            _pass2(run, t, preps, stats["a"].count)
-        del preps
-        with log.phase("writes"):  # what the disk still owes once the GPU is done
-            writes.wait()
-            stat_writes.wait()
+        state = execute(plan, Job(model, loss_fn, tasks, layout, codec, cfg, stats_dtype, log, show_progress), sink)
     finally:
-        writes.close()
-        stat_writes.close()
-        if staging is not None:
-            staging.close()
+        sink.close()
     ranks.barrier()
     for t in TASKS:
         partial_path(root, t, ranks).unlink(missing_ok=True)
@@ -282,6 +245,14 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     if ranks.rank != 0:
         ranks.barrier()
         return root
+    _seal_complete(root, manifest, store_id, {t: state.stats[t].count for t in TASKS})
+    ranks.barrier()
+    return root
+
+
+def _seal_complete(root: Path, manifest: dict, store_id: str, counts: dict[str, int]) -> None:
+    """Index every file the collection wrote into the manifest, check that the shards are the batches
+    0..n−1 holding every sample its statistics counted, and seal it as complete."""
     manifest["tasks"], manifest["files"] = {}, {}
     for t in TASKS:  # sample id = position in iteration order; batch b holds ids [start_b, start_b + size_b)
         shards = sorted((root / "pass2" / t).glob("*.safetensors"))
@@ -296,11 +267,9 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
             manifest["files"][f"pass2/{t}/{path.name}"] = index_entry(meta)
         final = final_path(root, t)
         manifest["files"][f"pass1/{final.name}"] = index_entry(read_metadata(final))
-        manifest["tasks"][t] = {"samples": stats[t].count, "batch_sizes": sizes}
-        if sum(sizes) != stats[t].count:
-            raise InputError(f"task {t}: pass 2 saw {sum(sizes)} samples but pass 1 saw {stats[t].count}; "
+        manifest["tasks"][t] = {"samples": counts[t], "batch_sizes": sizes}
+        if sum(sizes) != counts[t]:
+            raise InputError(f"task {t}: pass 2 saw {sum(sizes)} samples but pass 1 saw {counts[t]}; "
                              "the task must yield the same batches on every pass")
     manifest["complete"] = True
-    atomic_write_json(seal(manifest), manifest_path)
-    ranks.barrier()
-    return root
+    atomic_write_json(seal(manifest), root / "manifest.json")

@@ -1,0 +1,194 @@
+"""The one executor of a :class:`~sketchfisher.collect.plan.PassPlan`: each step's maths is here, what is
+kept or written is a *sink*'s.
+
+:func:`execute` walks the plan's steps, each inside a :class:`~sketchfisher.phases.PhaseLog` phase of the
+step's name, and hands every product to the sink: :class:`MemorySink` keeps the representations and side
+vectors in memory (``sf.analyze``); :class:`sketchfisher.store.writer.StoreSink` checkpoints statistics,
+writes shards and skips what a killed run already wrote. Changing the order of the passes is a change of
+the plan only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..capture.oracle import LossFn
+from ..compress import SketchSide
+from ..errors import InputError
+from ..fisher import FisherStats, HostStaging
+from ..layout import Layout
+from ..metric import MEAN_OF, ScoreConfig
+from ..phases import PhaseLog
+from .passes import Skip
+from .plan import PassPlan, Step
+from .sketches import Preps, centre_j_side, centre_products, centred, compacted_statistics, pass_b, prepare_all
+from .sketches import sketch_batches
+from .stage1 import collect
+
+
+@dataclass
+class Job:
+    """What every step of one collection shares."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    tasks: dict[str, Iterable[Any]]
+    layout: Layout
+    codec: Any
+    cfg: ScoreConfig
+    stats_dtype: torch.dtype
+    log: PhaseLog
+    show_progress: bool = False
+    modules: str = "attention"
+
+
+@dataclass
+class State:
+    """What the steps have produced so far: each task's final statistics, the preparations, task B's
+    uncentred side vectors between its single pass and its centring."""
+
+    stats: dict[str, FisherStats] = field(default_factory=dict)
+    preps: Optional[Preps] = None
+    raw: dict[str, list] = field(default_factory=dict)
+    e: dict = field(default_factory=dict)
+
+
+class Sink:
+    """Where a collection's products go. ``keep``: the statistics kept (in host memory) once the preparation
+    consumed them; ``staging``: host buffers for statistics leaving the device (or None)."""
+
+    keep: tuple[str, ...] = ()
+    staging: Optional[HostStaging] = None
+
+    def fold(self, step: Step, job: Job, quantities: tuple[str, ...]) -> FisherStats:
+        """Run a statistics pass (and keep a one-pass codec's representation); its statistics."""
+        raise NotImplementedError
+
+    def batches(self, task: str, job: Job) -> Iterable[Any]:
+        """The batches of a pass over ``task``."""
+        return job.tasks[task]
+
+    def skip(self, task: str) -> Skip:
+        """Batches of ``task`` this run does not compute (written already, another rank's)."""
+        return lambda index: False
+
+    def reduce(self, job: Job) -> Optional[Callable[[FisherStats], FisherStats]]:
+        """Merges the statistics of several ranks (None: one process)."""
+        return None
+
+    def statistics_final(self, task: str, stats: FisherStats) -> None:
+        """A task's statistics are final (compacted)."""
+
+    def sides(self, task: str, index: int, size: int, blocks: dict) -> None:
+        """A batch's centred side vectors ``{(layer, block): (vectors, ‖·‖², cross)}``."""
+        raise NotImplementedError
+
+    def centred(self, task: str, raw: list, centres: dict) -> None:
+        """A single pass's uncentred batches ``[(index, size, blocks)]`` and each block's centre ``R ȳ'``."""
+        for index, size, blocks in raw:
+            self.sides(task, index, size, centred(blocks, centres))
+
+    def flush(self) -> None:
+        """Wait for what is still being written."""
+
+
+def execute(plan: PassPlan, job: Job, sink: Sink) -> State:
+    """Run ``plan``'s steps in order, each logged as a phase of its name; the final :class:`State`."""
+    state = State()
+    for step in plan.steps:
+        with job.log.phase(step.name):
+            STEPS[step.kind](step, plan, job, sink, state)
+    if state.preps is not None:
+        state.e = centre_products(state.preps)
+        state.preps = None
+    return state
+
+
+def _fold(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
+    stats = sink.fold(step, job, plan.statistics[step.task])
+    state.stats[step.task] = stats.compact(compacted_statistics(job.layout))  # (read from a store: rounded already)
+    sink.statistics_final(step.task, state.stats[step.task])
+
+
+def _prepare(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
+    # the statistics leave the device as they are consumed: those the sink keeps to host memory
+    state.preps = prepare_all(job.layout, state.stats["a"], state.stats.get("b") if step.centre_b else None,
+                              job.cfg, job.codec, offload=True, keep=sink.keep, staging=sink.staging,
+                              balance_from_a=step.balance == "a")
+
+
+def _fold_sketch(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
+    raw, stats = pass_b(job.model, job.loss_fn, sink.batches(step.task, job), job.layout, job.codec, job.cfg,
+                        state.preps, state.stats["a"].count, plan.statistics[step.task], job.stats_dtype,
+                        skip=sink.skip(step.task), show_progress=job.show_progress, reduce=sink.reduce(job),
+                        desc=step.name)
+    state.raw[step.task], state.stats[step.task] = raw, stats
+    sink.statistics_final(step.task, stats)
+
+
+def _centre(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
+    centres = centre_j_side(job.layout, job.codec, job.cfg, state.preps, state.stats[step.task], sink.keep)
+    sink.centred(step.task, state.raw.pop(step.task), centres)
+
+
+def _sketch(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
+    for index, size, blocks in sketch_batches(job.model, job.loss_fn, sink.batches(step.task, job), job.layout,
+                                              job.codec, state.preps, step.task, state.stats["a"].count, job.cfg,
+                                              skip=sink.skip(step.task), desc=step.name,
+                                              show_progress=job.show_progress):
+        sink.sides(step.task, index, size, blocks)
+
+
+def _writes(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
+    sink.flush()
+
+
+STEPS: dict[str, Callable[[Step, PassPlan, Job, Sink, State], None]] = {
+    "fold": _fold, "prepare": _prepare, "fold_sketch": _fold_sketch, "centre": _centre, "sketch": _sketch,
+    "writes": _writes}
+
+
+class MemorySink(Sink):
+    """``sf.analyze``'s sink: one-pass representations and both sides' side vectors in memory. Task A's
+    Fisher (and, for MLP/linear units, both tasks' side means) stay in host memory after the preparation:
+    exact re-scoring and pair means read them."""
+
+    def __init__(self, job: Job, staging: Optional[HostStaging] = None):
+        self.staging = staging
+        means = (MEAN_OF[job.cfg.spec.i_side], MEAN_OF[job.cfg.spec.j_side]) if job.layout.beyond_heads else ()
+        self.keep = tuple(dict.fromkeys(("fisher", *means)))
+        self.reps: dict[str, Any] = {}
+        self.side = {t: SketchSide(job.codec) for t in job.tasks} if job.codec.two_pass else {}
+
+    def fold(self, step: Step, job: Job, quantities: tuple[str, ...]) -> FisherStats:
+        rep, stats = collect(job.model, job.loss_fn, job.tasks[step.task], job.layout, job.codec,
+                             modules=job.modules, desc=step.name, show_progress=job.show_progress,
+                             stats_dtype=job.stats_dtype, quantities=quantities)
+        self.reps[step.task] = rep
+        return stats
+
+    def sides(self, task: str, index: int, size: int, blocks: dict) -> None:
+        for key, (vectors, norm2, cross) in blocks.items():
+            self.side[task].add(key, vectors, norm2, cross)
+        self.side[task].n += size
+
+    def centred(self, task: str, raw: list, centres: dict) -> None:
+        # a block's batches at once: a few large operations, not many small ones
+        for key, centre in centres.items():
+            whole = tuple(torch.cat(t) for t in zip(*(blocks.pop(key) for _, _, blocks in raw)))
+            self.side[task].add(key, *centred({key: whole}, {key: centre})[key])
+        self.side[task].n += sum(size for _, size, _ in raw)
+
+    def check_counts(self, state: State) -> None:
+        """Every pass over a task saw the samples its statistics counted."""
+        for task, side in self.side.items():
+            if side.n != state.stats[task].count:
+                raise InputError(f"task {task.upper()}: a pass saw {side.n} samples but its statistics counted "
+                                 f"{state.stats[task].count}: the task must yield the same batches on every pass")
+
+
+__all__ = ["Job", "MemorySink", "STEPS", "Sink", "State", "execute"]

@@ -1,0 +1,181 @@
+"""The codec protocol: what a representation of per-sample contributions needs from a collection and
+what it costs. Every consumer (``sf.analyze``, the pass plan, the planner, stores, the CLI) reads a codec
+through these methods only; nothing outside this package asks which codec it holds.
+
+A codec is one of two families:
+
+* **one-pass** (:class:`Codec`, ``two_pass = False``; ``sf.Exact``, ``sf.Factors``): the representation is
+  written while the statistics are folded; ``representation()`` gives the per-task container.
+* **side codecs** (:class:`SideCodec`, ``two_pass = True``; ``sf.Sketch``): pass 2 turns every sample's
+  head-block gradients into the variant's balanced, centred i-side (task A) or j-side (task B) vectors
+  once the statistics are known, and the codec maps each ``[n, H_b, S]`` batch to what it keeps
+  (:meth:`SideCodec.apply_heads`), stores it (:meth:`SideCodec.encode` / :meth:`SideCodec.decode`) and
+  scores two sides against each other (:meth:`SideCodec.block_scores`). Only side codecs go into stores.
+
+A new codec subclasses one of them as a frozen dataclass and is registered with
+:func:`sketchfisher.compress.codec.register_codec` (``sf.register_codec``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, Protocol
+
+import torch
+
+if TYPE_CHECKING:  # annotations only: the layout and the metric are plain data here
+    from ..layout import Layout
+    from ..metric import BlockScores, ScoreConfig
+
+
+class Representation(Protocol):
+    """Per-task per-sample contributions of a one-pass codec."""
+
+    def add(self, captured: Any) -> None:
+        """Add one captured batch (a ``{name: [B, *shape]}`` dict, or a ``BatchFactors``)."""
+
+    def block(self, layout: "Layout", layer: int, block: str) -> Optional[torch.Tensor]:
+        """Exact per-sample gradients of the distinct head blocks ``[n, H_b, S]``; None when absent."""
+
+    def nbytes_per_sample(self) -> float:
+        """Mean stored bytes per sample."""
+
+
+class Codec:
+    """Base class of every codec. Subclasses are frozen dataclasses whose fields are the user's settings.
+
+    Class attributes: ``name`` (the registry key, serialised into stores and results), ``source`` (what a
+    pass must capture per batch: ``"gradients"``, full per-sample gradients, or ``"factors"``, token
+    factors from batched hooks), ``two_pass`` (see the module docstring) and ``summary`` (one line for
+    help texts)."""
+
+    name: ClassVar[str] = ""
+    source: ClassVar[Literal["gradients", "factors"]] = "factors"
+    two_pass: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+    variance_reduction = False  # side codecs: balance and centre the side vectors
+
+    # -- identity -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The serialised settings: ``{"codec": name, field: value, ...}`` (JSON)."""
+        return {"codec": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    # -- what it needs --------------------------------------------------------------------------
+    def statistics(self, cfg: "ScoreConfig", passes: float) -> dict[str, set[str]]:
+        """Pass-1 statistics (:data:`sketchfisher.fisher.QUANTITIES`) per task (``"a"``, ``"b"``) beyond the
+        normaliser's, for the pass order ``passes``."""
+        return {"a": set(), "b": set()}
+
+    def pass_orders(self, cfg: "ScoreConfig") -> tuple[float, ...]:
+        """The pass orders this codec can run with ``cfg``, the default first (one-pass codecs: one pass per
+        task, planned as ``2`` so that every codec has one order name)."""
+        return (2,)
+
+    def check_layout(self, layout: "Layout") -> None:
+        """Refuse a layout the codec cannot represent (raise :class:`~sketchfisher.InputError`)."""
+
+    # -- what it costs --------------------------------------------------------------------------
+    def bytes_per_sample(self, head_block_sizes: list[int], factor_width: int, tokens: int) -> float:
+        """Bytes of one sample's representation of the attention weights. ``head_block_sizes`` lists the size
+        of every distinct head block of the model, ``factor_width`` is Σ (in + out) over the projections,
+        ``tokens`` the tokens per sample."""
+        raise NotImplementedError
+
+    def device_bytes_per_sample(self, head_block_sizes: list[int], factor_width: int, tokens: int) -> float:
+        """Device bytes one sample's representation holds while collecting (default: as stored)."""
+        return self.bytes_per_sample(head_block_sizes, factor_width, tokens)
+
+    # -- one-pass codecs ------------------------------------------------------------------------
+    def representation(self) -> Optional[Representation]:
+        """An empty per-task container (None for side codecs, which write in pass 2)."""
+        return None
+
+    def describe(self) -> str:
+        """A short label for tables (``Sketch(k=256, fp16)``)."""
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                           if getattr(self, f.name) != f.default)
+        return f"{type(self).__name__}({fields})"
+
+
+class SideCodec(Codec):
+    """A codec that keeps, per sample and distinct head block, a transform of the variant's side vector
+    (pass 2, after both tasks' statistics). Subclasses define :meth:`apply_heads`, :meth:`width`,
+    :meth:`encode`/:meth:`decode` and :meth:`block_scores`; the side vectors, balancing and centring are
+    the library's (:mod:`sketchfisher.compress.sketch_scores`)."""
+
+    two_pass: ClassVar[bool] = True
+
+    def statistics(self, cfg: "ScoreConfig", passes: float) -> dict[str, set[str]]:
+        """Variance reduction balances by Σ|g| (both tasks; task A's alone when task B runs once) and centres
+        by the task means of each side's transform."""
+        if not self.variance_reduction:
+            return {"a": set(), "b": set()}
+        from ..metric import MEAN_OF
+
+        a = {"abs", MEAN_OF[cfg.spec.i_side]}
+        b = {MEAN_OF[cfg.spec.j_side]} if passes == 1.5 else {"abs", MEAN_OF[cfg.spec.j_side]}
+        return {"a": a, "b": b}
+
+    def pass_orders(self, cfg: "ScoreConfig") -> tuple[float, ...]:
+        """1.5 (task B once) needs normaliser ``"a"`` and variance reduction; it is then the default."""
+        return (1.5, 2) if self.variance_reduction and cfg.normalizer == "a" else (2,)
+
+    def width(self, size: int) -> int:
+        """Values kept per sample for a head block of ``size`` entries."""
+        raise NotImplementedError
+
+    def apply_heads(self, layer: int, block: int, v: torch.Tensor) -> torch.Tensor:
+        """Map every head of one (layer, block): ``v [n, H, size]`` → ``[n, H, width(size)]``."""
+        raise NotImplementedError
+
+    def encode(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stored form of ``[..., width]`` vectors: ``{"vec": ..., optional "scale": ...}``."""
+        return {"vec": vectors.float()}
+
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`encode`, in fp64."""
+        return parts["vec"].double()
+
+    def bytes_per_block(self, size: int) -> int:
+        """Stored bytes of one sample's head block of ``size`` entries: the encoded vector and its two exact
+        fp64 scalars (‖x̃‖² and the cross term)."""
+        raise NotImplementedError
+
+    def bytes_per_sample(self, head_block_sizes: list[int], factor_width: int, tokens: int) -> float:
+        return float(sum(self.bytes_per_block(s) for s in head_block_sizes))
+
+    def block_scores(self, a: tuple, b: tuple, e: torch.Tensor, size: int) -> "BlockScores":
+        """Scores (and standard errors) of one (layer, block) from both sides' decoded ``(vectors, ‖·‖²,
+        cross)`` and the centres' product ``e [H_b]``."""
+        raise NotImplementedError
+
+    def fused_sides(self, layout: "Layout", cfg: "ScoreConfig", side: str) -> Any:
+        """An optional fast path for pass 2 (``None``: the torch path): an object with ``applies(factor)``
+        and ``__call__(grad, layer, block, prep) -> (vectors, ‖·‖², cross)``."""
+        return None
+
+
+class SketchSide:
+    """One side's (i or j) pass-2 output of a side codec, for every (layer, block): encoded vectors, exact
+    norms ‖ṽ‖² and cross terms, batch by batch."""
+
+    def __init__(self, codec: SideCodec):
+        self.codec = codec
+        self.parts: dict[tuple[int, str], list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]] = {}
+        self.n = 0
+
+    def add(self, key: tuple[int, str], vectors: torch.Tensor, norm2: torch.Tensor, cross: torch.Tensor) -> None:
+        """Add a batch for one (layer, block): mapped ``[B, H_b, width]``, ``‖·‖² [B, H_b]``, cross ``[B, H_b]``."""
+        self.parts.setdefault(key, []).append((self.codec.encode(vectors), norm2.double(), cross.double()))
+
+    def get(self, key: tuple[int, str]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(decoded vectors ``[n, H_b, width]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``); None when absent."""
+        return decode_side(self.codec, self.parts.get(key))
+
+
+def decode_side(codec: SideCodec, parts: Optional[list]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Concatenate stored batches ``(encoded, norm2, cross)`` into fp64 tensors; None when absent."""
+    if not parts:
+        return None
+    vec = torch.cat([codec.decode(enc) for enc, _, _ in parts])
+    return vec, torch.cat([p[1].double() for p in parts]), torch.cat([p[2].double() for p in parts])

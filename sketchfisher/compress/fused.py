@@ -1,0 +1,50 @@
+"""Pass 2 of sjlt sketches on CUDA in one Triton kernel per (layer, block) (:meth:`Sketch.fused_sides
+<sketchfisher.compress.sketch.Sketch.fused_sides>`)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..layout import Layout, block_index
+from .sketch import Sketch
+from .sketch_scores import BlockPrep, Side
+
+
+class FusedSides:
+    """The side vectors, their cross terms and norms and the sketches, read straight out of a module's
+    per-sample gradient (:func:`sketchfisher.kernels.sketch_heads`). Computes what the torch path of
+    :func:`sketchfisher.collect.sketches.sketch_batches` computes (``tests/test_gpu.py``); leave-one-out
+    task-A sides and non-fp32 score dtypes take the torch path."""
+
+    def __init__(self, layout: Layout, codec: Sketch, cfg, side: Side):
+        self.layout, self.codec, self.cfg, self.side = layout, codec, cfg, side
+        self.enabled = (codec.kind == "sjlt" and cfg.dtype == torch.float32 and kernels.available()
+                        and not (side == "a" and cfg.normalizer == "loo"))
+        self._geometry: dict = {}
+
+    def applies(self, factor: torch.Tensor) -> bool:
+        return self.enabled and factor.is_cuda
+
+    def geometry(self, layer: int, block: str, device: torch.device):
+        """Hash keys ``[H_b, 2]``, element offsets ``[H_b]``, size, columns and row stride of the head blocks."""
+        if (layer, block) not in self._geometry:
+            hbs = self.layout.head_blocks(layer, block)
+            hb = hbs[0]
+            size, cols_p = hb.numel, hb.param_shape[1]
+            if hb.storage_axis == 0:
+                offsets, cols = [b.start * cols_p for b in hbs], cols_p
+            else:
+                offsets, cols = [b.start for b in hbs], hb.width
+            keys = [self.codec.map(layer, block_index(block), h, size).hash_key() for h in range(len(hbs))]
+            self._geometry[(layer, block)] = (kernels.to_device(torch.tensor(keys, dtype=torch.int64), device),
+                                              kernels.to_device(torch.tensor(offsets, dtype=torch.int64), device),
+                                              size, cols, cols_p)
+        return self._geometry[(layer, block)]
+
+    def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
+        keys, offsets, size, cols, row_stride = self.geometry(layer, block, grad.device)
+        return kernels.sketch_heads(grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
+                                    transform=getattr(self.cfg.spec, "i_side" if self.side == "a" else "j_side"),
+                                    weight=prep.weight(self.side), centre=prep.centre(self.side),
+                                    other=prep.other(self.side))
