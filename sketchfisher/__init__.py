@@ -7,7 +7,7 @@ layout. ``docs/concepts.md`` states the formulas.
 
 from . import tasks
 from ._version import __version__
-from .compress import Codec, Exact, Factors, Sketch
+from .compress import Codec, Exact, Factors, SideCodec, Sketch, register_codec
 from .errors import GradientError, InputError, LayoutError, SketchfisherError
 from .interference import VARIANTS, InterferenceResult, ScoreConfig, Variant
 from .interference.stored import Store, open_store
@@ -20,7 +20,7 @@ from .store import StoreError, StoreMismatchError
 __all__ = [
     "BLOCKS", "MLP_BLOCKS", "MLPSpec", "VARIANTS", "AttentionSpec", "Codec", "Dims", "Exact", "Factors", "GradientError", "HeadBlock",
     "HeadKey", "InputError", "InterferenceResult", "Layout", "LayoutError", "ScoreConfig", "Sketch",
-    "SketchfisherError", "Stacks", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze", "tasks",
-    "layout_for", "mlp_layout_for", "open_store", "plan", "plan_phases", "register_layout", "register_mlp",
+    "SideCodec", "SketchfisherError", "Stacks", "Store", "StoreError", "StoreMismatchError", "Variant", "__version__", "analyze", "tasks",
+    "layout_for", "mlp_layout_for", "open_store", "plan", "plan_phases", "register_codec", "register_layout", "register_mlp",
     "run_sanity_checks", "units_layout",
 ]

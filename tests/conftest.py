@@ -10,7 +10,24 @@ import shutil
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("sketchfisher", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("sketchfisher")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT saved with MiniLM's tokenizer: a local HF model directory for the CLI."""
+    import transformers as hf
+    from sketchfisher.demo import load_minilm
+
+    _, tok = load_minilm()
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    hf.BertModel(hf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=48)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -40,7 +40,12 @@ def assert_grads_close(got, want, rtol=RTOL):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_factors_equal_oracle_for_every_linear(arch):
     model = make_model(arch, wrapper=True)
-    modules = list(linear_modules(model))
+    # a weight tied to another use (XLM-R's decoder and its embeddings) has a gradient beyond its module's
+    # factors; sf.Exact detects that by the batch's sum and redoes it per sample (test_exact.py)
+    uses = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    modules = [m for m in linear_modules(model) if uses[id(model.get_submodule(m).weight)] == 1]
     batches = make_batches(5, 3, seed=7)
     if arch in SHARED_CALLS:  # a projection also applied to batch-shared inputs: refused, the oracle serves
         with pytest.raises(sf.InputError, match="shared by the whole batch.*sf.Exact"):

@@ -323,21 +323,6 @@ def test_balance_and_centre_statistics_are_rounded_once_final(small, tmp_path):
     assert {str(v.dtype) for k, v in tensors.items() if k.endswith("::sum_abs")} == {"torch.float64"}
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny random BERT saved with MiniLM's tokenizer: a local HF model directory for the CLI."""
-    import transformers as hf
-    from sketchfisher.demo import load_minilm
-
-    _, tok = load_minilm()
-    d = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    hf.BertModel(hf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=4, intermediate_size=48)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     from sketchfisher.cli import main
 

@@ -9,6 +9,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 import transformers as hf
 
+import sketchfisher as sf
+
 VOCAB = 64
 
 # name -> (config class, base class, wrapper class, config kwargs)
@@ -28,6 +30,12 @@ ARCHS = {
     "roberta": (hf.RobertaConfig, hf.RobertaModel, hf.RobertaForMaskedLM,
                 dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                      pad_token_id=1, max_position_embeddings=40)),
+    "xlm_roberta": (hf.XLMRobertaConfig, hf.XLMRobertaModel, hf.XLMRobertaForMaskedLM,
+                    dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                         pad_token_id=1, max_position_embeddings=40)),
+    "mbart": (hf.MBartConfig, hf.MBartModel, hf.MBartForConditionalGeneration,
+              dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                   encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=40, pad_token_id=1)),
     "gpt_neox": (hf.GPTNeoXConfig, hf.GPTNeoXModel, hf.GPTNeoXForCausalLM,
                  dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)),
     "phi3_fused_gqa": (hf.Phi3Config, hf.Phi3Model, hf.Phi3ForCausalLM,
@@ -98,6 +106,30 @@ LLAMA_LIKE = {  # the Llama attention module under other names: (config, base, c
 for _name, (_cfg, _base, _wrap, _extra) in LLAMA_LIKE.items():
     ARCHS[_name] = (_cfg, _base, _wrap, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                              num_key_value_heads=2, intermediate_size=48, **_extra))
+
+
+class ToyBertConfig(hf.BertConfig):
+    """An architecture the library does not ship, registered below the way a user registers one: every
+    parametrised architecture test covers it (``tests/test_extension.py`` runs it through the CLI)."""
+
+    model_type = "toy_bert"
+
+
+class ToyBertModel(hf.BertModel):
+    config_class = ToyBertConfig
+
+
+class ToyBertForMaskedLM(hf.BertForMaskedLM):
+    config_class = ToyBertConfig
+
+
+sf.register_layout("toy_bert", sf.AttentionSpec(layer="encoder.layer.{layer}.attention", q="self.query",
+                                                k="self.key", v="self.value", o="output.dense"), overwrite=True)
+hf.AutoConfig.register("toy_bert", ToyBertConfig, exist_ok=True)
+hf.AutoModel.register(ToyBertConfig, ToyBertModel, exist_ok=True)
+hf.AutoModelForMaskedLM.register(ToyBertConfig, ToyBertForMaskedLM, exist_ok=True)
+ARCHS["toy_bert"] = (ToyBertConfig, ToyBertModel, ToyBertForMaskedLM,
+                     dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48))
 
 
 def make_model(arch: str, wrapper: bool = False, seed: int = 0) -> torch.nn.Module:

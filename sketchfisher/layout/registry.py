@@ -43,6 +43,8 @@ def _register(registry: dict, what: str, model_types: str | tuple[str, ...], spe
 
 
 def supported_model_types() -> tuple[str, ...]:
+    from . import archs  # noqa: F401  (registers the built-in architectures)
+
     return tuple(sorted(_REGISTRY))
 
 
@@ -181,6 +183,8 @@ def register_mlp(model_types: str | tuple[str, ...], spec: MLPSpec, *, overwrite
 
 
 def mlp_model_types() -> tuple[str, ...]:
+    from . import archs  # noqa: F401  (registers the built-in architectures)
+
     return tuple(sorted(_MLP_REGISTRY))
 
 
