@@ -274,6 +274,29 @@ def test_planner_matches_hand_computation():
         plan("gpt5")
 
 
+@pytest.mark.parametrize("passes", [2, 1.5])
+def test_a_store_opens_light(small, tmp_path, monkeypatch, passes):
+    """Opening a store reads no statistics and prepares no block; scoring prepares each block it scores, once,
+    and keeps only its centre product; the scores are those of the collection."""
+    import sketchfisher.interference.stored as stored
+
+    model, ta, tb = small
+    want = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, passes=passes, store=tmp_path / "s").top_conflicts(5)
+    prepared = []
+    real = stored.prepare
+    monkeypatch.setattr(stored, "prepare", lambda layout, layer, block, *a, **k: prepared.append((layer, block)) or
+                        real(layout, layer, block, *a, **k))
+    store = sf.open_store(tmp_path / "s")
+    res = store.result()
+    assert (res.n_a, res.n_b) == (6, 5) and not prepared and "stats" not in store.__dict__
+    top = res.top_conflicts(5)
+    assert sorted(prepared) == sorted(store.layout.groups()) and "stats" in store.__dict__
+    pd.testing.assert_frame_equal(top, want)
+    res.head_means()
+    assert len(prepared) == len(store.layout.groups())  # each block's centre product is computed once
+    assert all(e.numel() == len(store.layout.head_blocks(*key)) for key, e in res.context.source.e.cache.items())
+
+
 def test_store_sizes_match_the_planner(small, tmp_path):
     model, ta, tb = small
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")

@@ -2,7 +2,9 @@
 
 from .host import HostStaging
 from .views import channel_view, head_view, param_view, unit_view
-from .welford import MEAN_ACCESSOR, QUANTITIES, EMAFisher, FisherStats, Welford
+from .ema import EMAFisher
+from .stats import FisherStats
+from .welford import MEAN_ACCESSOR, QUANTITIES, Welford
 
 __all__ = ["MEAN_ACCESSOR", "QUANTITIES", "EMAFisher", "FisherStats", "HostStaging", "Welford", "channel_view",
            "head_view", "param_view", "unit_view"]

@@ -1,27 +1,15 @@
-"""Per-task Fisher statistics over full-shape parameters.
-
-For each parameter, over the task's samples: the Welford state of ``C_i = g_i²`` (count, mean, M2),
-``Σ_i |g_i|`` and ``Σ_i g_i`` (pass-1 statistics of the sketch codec). ``Î = mean``; the variance of
-``C`` across samples is ``M2 / (n − 1)``. Batches enter as a whole (batch mean and M2) and are
-merged with Chan et al.'s exact pairwise formula, so shards, batch sizes and resumption give the
-same state up to rounding.
-
-Each is a model-sized tensor, so a collection keeps only the ones its settings need
-(``quantities``): at 7B scale each costs 8.6 GB in fp32 for the attention weights alone.
-"""
+"""Welford states (count, mean, M2) merged with Chan et al.'s exact pairwise formula, and the in-place batch
+update that :class:`~sketchfisher.fisher.stats.FisherStats` runs on every parameter (mean and M2 of g², Σ|g|,
+Σg), a cache-sized slice at a time on the CPU."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from .. import kernels
-from ..errors import GradientError, InputError
-from ..layout import Layout
-from .host import host_copy
+from ..errors import InputError
 
 QUANTITIES = ("fisher", "m2", "abs", "sum")
 """``fisher``: Welford mean of g² (Î); ``m2``: its Welford M2 (variance across samples); ``abs``: Σ|g|;
@@ -85,339 +73,30 @@ class Welford:
         return self.m2 / (self.count - 1)
 
 
-@dataclass
-class FisherStats:
-    """Pass-1 statistics of one task: per parameter the sample count and the kept ``quantities``
-    (:data:`QUANTITIES`), full shape, in ``dtype``."""
+def update_in_chunks(g: torch.Tensor, count: int, dtype: torch.dtype, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
+                      sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor]) -> None:
+    """Merge the batch ``g [B, *shape]`` into the state in place (Chan's formula), in ``dtype``: the Welford mean
+    and M2 of ``g²``, Σ|g| and Σg (each None where not kept) of ``count`` samples so far.
 
-    dtype: torch.dtype = torch.float64
-    welford: dict[str, Welford] = field(default_factory=dict)
-    sum_abs: dict[str, torch.Tensor] = field(default_factory=dict)
-    sum_g: dict[str, torch.Tensor] = field(default_factory=dict)
-    quantities: tuple[str, ...] = QUANTITIES
-
-    def __post_init__(self) -> None:
-        unknown = set(self.quantities) - set(QUANTITIES)
-        if unknown:
-            raise InputError(f"unknown statistics {sorted(unknown)}; choose from {QUANTITIES}")
-        if "m2" in self.quantities and "fisher" not in self.quantities:
-            raise InputError("the 'm2' statistic needs 'fisher' (the Welford mean) too")
-        self.quantities = tuple(q for q in QUANTITIES if q in self.quantities)
-
-    @property
-    def count(self) -> int:
-        counts = {w.count for w in self.welford.values()}
-        if len(counts) > 1:
-            raise InputError(f"parameters saw different sample counts: {sorted(counts)}")
-        return counts.pop() if counts else 0
-
-    @property
-    def moments(self) -> int:
-        return 2 if "m2" in self.quantities else 1 if "fisher" in self.quantities else 0
-
-    def nbytes(self) -> int:
-        """Bytes held by the statistics' tensors."""
-        ts = [t for w in self.welford.values() for t in (w.mean, w.m2) if t is not None]
-        ts += list(self.sum_abs.values()) + list(self.sum_g.values())
-        return sum(t.numel() * t.element_size() for t in ts)
-
-    def update(self, grads: dict[str, torch.Tensor]) -> None:
-        """Add per-sample gradients ``{name: Tensor[B, *shape]}`` (storage orientation)."""
-        sizes = {g.shape[0] for g in grads.values()}
-        if len(sizes) != 1:
-            raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
-        for name, g in grads.items():
-            if g.shape[0] == 0:
-                continue
-            w, state = self._state(name, g)
-            if any(s is not None and s.shape != g.shape[1:] for s in state):
-                raise InputError(f"gradients of {name!r} have shape {tuple(g.shape[1:])}, its statistics "
-                                 f"{tuple(next(s for s in state if s is not None).shape)}")
-            if all(s is None for s in state):
-                pass  # only the count is kept
-            elif self._kernel_applies(g, state):  # one Triton kernel, one pass over g
-                kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
-            else:
-                self._update_in_chunks(g, w.count, *state)
-            w.count += g.shape[0]
-
-    def _kernel_applies(self, g: torch.Tensor, state: tuple[Optional[torch.Tensor], ...]) -> bool:
-        """Whether the Triton update takes this batch: CUDA gradients and state on its device, Triton present."""
-        return (g.is_cuda and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
-                and all(s.device == g.device for s in state if s is not None) and kernels.available())
-
-    def _state(self, name: str, g: torch.Tensor) -> tuple[Welford, tuple[Optional[torch.Tensor], ...]]:
-        """The Welford state of ``name`` and its kept accumulators (mean, M2, Σ|g|, Σg; None where not kept),
-        allocated as zeros shaped like one sample of ``g`` on first use and made contiguous in :attr:`dtype`
-        (state read from a store or moved elsewhere stays on its device)."""
-        w = self.welford.setdefault(name, Welford())
-        zeros = lambda: torch.zeros(g.shape[1:], dtype=self.dtype, device=g.device)  # noqa: E731
-        ready = lambda t: zeros() if t is None else t.to(self.dtype).contiguous()  # noqa: E731
-        if w.count == 0:
-            w.mean = w.m2 = None
-        w.mean = ready(w.mean) if self.moments >= 1 else None
-        w.m2 = ready(w.m2) if self.moments == 2 else None
-        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
-            if q in self.quantities:
-                acc[name] = ready(acc.get(name) if w.count else None)
-        return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name))
-
-    def _update_in_chunks(self, g: torch.Tensor, count: int, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
-                          sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor]) -> None:
-        """Merge the batch ``g [B, *shape]`` into the state in place (Chan's formula), in :attr:`dtype`.
-
-        On the CPU the batch is taken a cache-sized slice of entries at a time: converting and squaring the
-        whole batch in fp64 cost three times the gradients' formation, a slice at a time it costs less than
-        fp32 over the whole batch (``benchmarks/cpu_e2e.py --micro``). fp32 gradients square exactly in fp64."""
-        n = g.shape[0]
-        flat = g.reshape(n, -1)
-        total = count + n
-        step = max(4096, CHUNK_ENTRIES // n) if g.device.type == "cpu" else flat.shape[1]
-        state = [None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g)]
-        for lo in range(0, flat.shape[1], step):
-            x = flat[:, lo:lo + step].to(self.dtype)
-            mean_, m2_, abs_, sum_ = (None if t is None else t[lo:lo + step] for t in state)
-            if abs_ is not None:
-                abs_ += x.abs().sum(0).to(abs_)
-            if sum_ is not None:
-                sum_ += x.sum(0).to(sum_)
-            if mean_ is not None:
-                square = x.square()
-                batch_mean = square.mean(0)
-                delta = batch_mean.to(mean_) - mean_
-                if m2_ is not None:
-                    m2_ += (square - batch_mean).square_().sum(0).to(m2_) + delta.square() * (count * n / total)
-                mean_ += delta.mul_(n / total)
-
-    def merge(self, other: "FisherStats") -> "FisherStats":
-        """Statistics of the union of both sample sets (exact), over the quantities both keep."""
-        if set(self.welford) != set(other.welford):
-            raise InputError("cannot merge FisherStats over different parameter sets")
-        kept = tuple(q for q in self.quantities if q in other.quantities)
-        out = FisherStats(self.dtype, quantities=kept)
-        for n, w in self.welford.items():
-            o = other.welford[n]
-            moments = out.moments
-            out.welford[n] = Welford(w.count, w.mean if moments else None, w.m2 if moments == 2 else None).merged(
-                Welford(o.count, o.mean if moments else None, o.m2 if moments == 2 else None))
-        if "abs" in kept:
-            out.sum_abs = {n: self.sum_abs[n] + other.sum_abs[n] for n in self.sum_abs}
-        if "sum" in kept:
-            out.sum_g = {n: self.sum_g[n] + other.sum_g[n] for n in self.sum_g}
-        return out
-
-    def compact(self, quantities: tuple[str, ...], dtype: torch.dtype = torch.bfloat16) -> "FisherStats":
-        """Round the sums ``"abs"`` and ``"sum"`` among ``quantities`` to ``dtype`` (bf16 by default), in place,
-        once the statistics are final (no update after). Where these sums only balance and centre the
-        sketches, any value gives the same expectation and the exact identity the scores rest on, as long
-        as every use reads the same rounded value: a run rounds them before its first use and a store
-        writes the rounded values, so a resumed run reads what the first one used. Means read back in
-        :attr:`dtype`. Returns self."""
-        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
-            if q in quantities and q in self.quantities:
-                for name, t in acc.items():
-                    acc[name] = t.to(dtype)
-        return self
-
-    def check_finite(self, where: str) -> None:
-        """Finite gradients whose squares overflow the statistics' precision leave an infinite Fisher: refused
-        with the reason (a later NaN score would not say why)."""
-        ts = [t for w in self.welford.values() for t in (w.mean, w.m2) if t is not None]
-        ts += [*self.sum_abs.values(), *self.sum_g.values()]
-        if not ts:
-            return
-        here = ts[0].device
-        if not bool(torch.stack([torch.isfinite(t).all().to(here) for t in ts]).all()):
-            raise GradientError(f"{where}: the pass-1 statistics overflow {str(self.dtype).replace('torch.', '')} "
-                                "(some gradient's square is beyond its range); use float64 statistics "
-                                "(stats_dtype=torch.float64) or scale the loss down")
-
-    def names(self) -> list[str]:
-        return list(self.welford)
-
-    def offload(self, name: str, keep: tuple[str, ...] = QUANTITIES,
-                copy: Callable[[torch.Tensor], torch.Tensor] = host_copy) -> None:
-        """Move one parameter's statistics to host memory (a no-op when they are there already) and free
-        those not in ``keep`` (statistics already consumed). ``copy`` makes the host copy (e.g.
-        :meth:`HostStaging.copy <sketchfisher.fisher.host.HostStaging.copy>`). Call :meth:`settle` after
-        the last one."""
-        w = self.welford.get(name)
-        if w is None:
-            return
-        host = lambda t: None if t is None else copy(t)  # noqa: E731
-        w.mean = host(w.mean) if "fisher" in keep else None
-        w.m2 = host(w.m2) if "m2" in keep else None
-        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
-            if name in acc:
-                if q in keep:
-                    acc[name] = host(acc[name])
-                else:
-                    del acc[name]
-
-    def to_host(self, copy: Callable[[torch.Tensor], torch.Tensor] = host_copy) -> "FisherStats":
-        """A copy of these statistics in host memory (``copy`` makes each tensor's host copy)."""
-        out = FisherStats(self.dtype, quantities=self.quantities)
-        for name, w in self.welford.items():
-            out.welford[name] = Welford(w.count, None if w.mean is None else copy(w.mean),
-                                        None if w.m2 is None else copy(w.m2))
-        out.sum_abs = {name: copy(t) for name, t in self.sum_abs.items()}
-        out.sum_g = {name: copy(t) for name, t in self.sum_g.items()}
-        return out
-
-    def release(self, keep: tuple[str, ...]) -> None:
-        """Free every statistic not in ``keep``, for every parameter (where they are)."""
-        for name in list(self.welford):
-            self.offload(name, keep, copy=lambda t: t)
-        self.settle(keep)
-
-    def settle(self, keep: tuple[str, ...]) -> None:
-        """Declare that only ``keep`` remains (after :meth:`offload` freed the rest for every parameter)."""
-        self.quantities = tuple(q for q in self.quantities if q in keep)
-
-    def all_reduce(self, names: list[str]) -> "FisherStats":
-        """Statistics of the union over all ``torch.distributed`` ranks (every rank gets the result).
-
-        Each rank contributes (n, n·mean, M2 + n·mean², Σ|g|, Σg) per parameter (the kept ones); the
-        sums are all-reduced in fp64 and turned back into a Welford state. Ranks that saw no sample
-        contribute zeros; the shapes come from the ranks that did.
-        """
-        import torch.distributed as dist
-
-        # NCCL reduces CUDA tensors only; gloo takes CPU tensors
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        out = FisherStats(self.dtype, quantities=self.quantities)
-        for name in names:
-            w = self.welford.get(name, Welford())
-            local = self._any_tensor(name) if w.count else None
-            shape = torch.tensor(list(local.shape) if local is not None else [], dtype=torch.long, device=dev)
-            dims = torch.tensor([shape.numel()], dtype=torch.long, device=dev)
-            dist.all_reduce(dims, op=dist.ReduceOp.MAX)
-            full = torch.zeros(int(dims), dtype=torch.long, device=dev)
-            full[: shape.numel()] = shape
-            dist.all_reduce(full, op=dist.ReduceOp.MAX)
-            zeros = torch.zeros(tuple(full.tolist()), dtype=torch.float64, device=dev)
-            got = lambda t: t.double().to(dev) if w.count and t is not None else zeros.clone()  # noqa: E731
-            count = torch.tensor([float(w.count)], dtype=torch.float64, device=dev)
-            dist.all_reduce(count)
-            n = int(count.item())
-            mean = m2 = None
-            if self.moments:
-                local_mean = got(w.mean)
-                parts = [w.count * local_mean] + ([got(w.m2) + w.count * local_mean.square()] if self.moments == 2 else [])
-                for t in parts:
-                    dist.all_reduce(t)
-                mean = parts[0] / max(n, 1)
-                m2 = (parts[1] - n * mean.square()).clamp_min(0).to(self.dtype) if self.moments == 2 else None
-                mean = mean.to(self.dtype)  # reduced in fp64, kept in the statistics' own precision
-            out.welford[name] = Welford(n, mean, m2)
-            for q, src, dst in (("abs", self.sum_abs, out.sum_abs), ("sum", self.sum_g, out.sum_g)):
-                if q in self.quantities:
-                    t = got(src.get(name))
-                    dist.all_reduce(t)
-                    dst[name] = t.to(self.dtype)
-        return out
-
-    def _any_tensor(self, name: str) -> Optional[torch.Tensor]:
-        w = self.welford[name]
-        for t in (w.mean, self.sum_abs.get(name), self.sum_g.get(name)):
-            if t is not None:
-                return t
-        return None
-
-    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Flat tensors and string metadata for safetensors (``name::mean`` etc., the kept ones)."""
-        tensors, counts = {}, {}
-        for name, w in self.welford.items():
-            if w.count == 0:
-                continue
-            for key, t in (("mean", w.mean), ("m2", w.m2), ("sum_abs", self.sum_abs.get(name)),
-                           ("sum_g", self.sum_g.get(name))):
-                if t is not None:
-                    tensors[f"{name}::{key}"] = t
-            counts[name] = w.count
-        meta = {"counts": json.dumps(counts), "dtype": str(self.dtype), "quantities": json.dumps(self.quantities)}
-        return {k: v.contiguous() for k, v in tensors.items()}, meta
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "FisherStats":
-        """Inverse of :meth:`to_tensors`; a missing tensor raises :class:`~sketchfisher.InputError`."""
-        counts = json.loads(metadata["counts"])
-        quantities = tuple(json.loads(metadata["quantities"])) if "quantities" in metadata else QUANTITIES
-        out = cls(dtype=getattr(torch, metadata["dtype"].replace("torch.", "")), quantities=quantities)
-        need = {"fisher": "mean", "m2": "m2", "abs": "sum_abs", "sum": "sum_g"}
-        for name, count in counts.items():
-            missing = [f"{name}::{need[q]}" for q in out.quantities if f"{name}::{need[q]}" not in tensors]
-            if missing:
-                raise InputError(f"statistics lack tensors {missing[:3]}")
-            out.welford[name] = Welford(int(count), tensors.get(f"{name}::mean"), tensors.get(f"{name}::m2"))
-            if "abs" in out.quantities:
-                out.sum_abs[name] = tensors[f"{name}::sum_abs"]
-            if "sum" in out.quantities:
-                out.sum_g[name] = tensors[f"{name}::sum_g"]
-        return out
-
-    def _require(self, quantity: str, name: str) -> Welford:
-        w = self.welford.get(name)
-        if w is None or w.count == 0:
-            raise InputError(f"no statistics for {name!r} (0 samples)")
-        if quantity not in self.quantities:
-            raise InputError(f"the statistic {quantity!r} of {name!r} is not kept (these statistics keep "
-                             f"{self.quantities}: the settings did not need it, or it was freed once consumed)")
-        return w
-
-    def fisher(self, name: str) -> torch.Tensor:
-        """Î = (1/n) Σ_i g_i² for one parameter, full shape."""
-        return self._require("fisher", name).mean
-
-    def mean_abs(self, name: str) -> torch.Tensor:
-        return self.sum_abs[name].to(self.dtype) / self._require("abs", name).count  # (compacted sums: upcast)
-
-    def mean_grad(self, name: str) -> torch.Tensor:
-        return self.sum_g[name].to(self.dtype) / self._require("sum", name).count
-
-    def block(self, layout: Layout, layer: int, block: str, what: str = "fisher") -> torch.Tensor | None:
-        """A statistic (``fisher``, ``mean_abs``, ``mean_grad``) over the distinct head blocks of
-        (layer, block): ``[H_b, S]``; None if not collected."""
-        name = layout.param_of(layer, block)
-        if name not in self.welford:
-            return None
-        return layout.gather(layer, block, getattr(self, what)(name).unsqueeze(0))[0]
-
-    def fisher_block(self, layout: Layout, layer: int, block: str) -> torch.Tensor | None:
-        """Î over the distinct head blocks of (layer, block): ``[H_b, S]``; None if not collected."""
-        return self.block(layout, layer, block, "fisher")
-
-
-@dataclass
-class EMAFisher:
-    """Exponential moving average ``F_t = β F_{t−1} + (1−β) C_t`` with ``F_0 = 0``.
-
-    :meth:`value` is the bias-corrected ``F̂_t = F_t / (1 − β^t)``; a constant stream returns the
-    constant at every step.
-    """
-
-    beta: float = 0.99
-    steps: int = 0
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.beta < 1.0:
-            raise InputError(f"EMAFisher.beta must be in [0, 1), got {self.beta!r}")
-
-    def update(self, grads: dict[str, torch.Tensor]) -> None:
-        """Add per-sample gradients ``{name: Tensor[B, *shape]}``: B steps in batch order."""
-        sizes = {g.shape[0] for g in grads.values()}
-        if len(sizes) != 1:
-            raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
-        for name, g in grads.items():
-            f = self.state.get(name)
-            f = torch.zeros(g.shape[1:], dtype=torch.float64, device=g.device) if f is None else f
-            for c in g.to(torch.float64).square():
-                f = self.beta * f + (1.0 - self.beta) * c
-            self.state[name] = f
-        self.steps += sizes.pop()
-
-    def value(self, name: str) -> torch.Tensor:
-        if self.steps == 0:
-            raise InputError("EMAFisher has seen no samples")
-        return self.state[name] / (1.0 - self.beta ** self.steps)
+    On the CPU the batch is taken a cache-sized slice of entries at a time: converting and squaring the
+    whole batch in fp64 cost three times the gradients' formation, a slice at a time it costs less than
+    fp32 over the whole batch (``benchmarks/cpu_e2e.py --micro``). fp32 gradients square exactly in fp64."""
+    n = g.shape[0]
+    flat = g.reshape(n, -1)
+    total = count + n
+    step = max(4096, CHUNK_ENTRIES // n) if g.device.type == "cpu" else flat.shape[1]
+    state = [None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g)]
+    for lo in range(0, flat.shape[1], step):
+        x = flat[:, lo:lo + step].to(dtype)
+        mean_, m2_, abs_, sum_ = (None if t is None else t[lo:lo + step] for t in state)
+        if abs_ is not None:
+            abs_ += x.abs().sum(0).to(abs_)
+        if sum_ is not None:
+            sum_ += x.sum(0).to(sum_)
+        if mean_ is not None:
+            square = x.square()
+            batch_mean = square.mean(0)
+            delta = batch_mean.to(mean_) - mean_
+            if m2_ is not None:
+                m2_ += (square - batch_mean).square_().sum(0).to(m2_) + delta.square() * (count * n / total)
+            mean_ += delta.mul_(n / total)
