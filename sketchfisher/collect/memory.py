@@ -27,8 +27,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..compress import Codec, SideCodec, Sketch, check_codec
 from ..errors import InputError
 from ..layout.registry import _default_group, mlp_spec_for
+from ..metric import ScoreConfig
 from .plan import PassPlan, pass_plan
 
 PRESETS = {
@@ -125,7 +127,7 @@ class Shape:
 
 
 
-def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Any = None,
+def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Optional[Codec] = None,
                 cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1,
                 passes: Optional[float] = None, plan: Optional[PassPlan] = None, store: bool = False) -> pd.DataFrame:
     """Predicted peak device memory of each step of a collection (busiest device), in bytes and GiB, then of
@@ -136,9 +138,6 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
     ``samples`` counts both tasks (half each). Each step's peak is what it holds on the device while its
     batches run: the weights, the statistics and preparations still resident, the outputs of earlier steps
     and its own, and for a pass the running terms (capture, activations, one module's per-sample gradient)."""
-    from ..compress import Sketch, check_codec
-    from ..metric import ScoreConfig
-
     codec = check_codec(Sketch() if codec is None else codec)
     cfg = cfg or ScoreConfig()
     if min(samples, tokens, batch_size, devices) < 1 or stats_bytes not in (4, 8):
@@ -171,7 +170,7 @@ class _Terms:
     variance_reduction: bool
 
     @classmethod
-    def of(cls, s: Shape, codec: Any, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
+    def of(cls, s: Shape, codec: Codec, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
            model_bytes_per_param: int, devices: int) -> "_Terms":
         attn = s.num_layers * s.attn_params_per_layer
         per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
@@ -233,7 +232,7 @@ class _Terms:
         return rows
 
 
-def store_disk_bytes(shape: Any, codec: Any, samples: int, batches: int, stats_copies: tuple[int, int],
+def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, stats_copies: tuple[int, int],
                      stats_bytes: int = 4, world: int = 1, compact_copies: tuple[int, int] = (0, 0)) -> dict[str, int]:
     """Everything a sketch store holds on disk at its fullest, in bytes, as an upper bound.
 
@@ -276,7 +275,7 @@ def batch_geometry(batch: Any) -> Optional[tuple[int, int]]:
     return tuple(ids.shape[:2]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
 
 
-def check_plan_fits(model: nn.Module, plan: PassPlan, codec: Any, cfg: Any, stats_dtype: torch.dtype, task_a: Any,
+def check_plan_fits(model: nn.Module, plan: PassPlan, codec: Codec, cfg: ScoreConfig, stats_dtype: torch.dtype, task_a: Any,
                     task_b: Any) -> Optional[pd.DataFrame]:
     """:func:`check_device_memory` for two tasks given as lists of batches (others cannot be counted
     without consuming them, and are not checked)."""
@@ -286,7 +285,7 @@ def check_plan_fits(model: nn.Module, plan: PassPlan, codec: Any, cfg: Any, stat
     return check_device_memory(model, plan, codec, cfg, stats_dtype, task_a[0], samples)
 
 
-def check_device_memory(model: nn.Module, plan: PassPlan, codec: Any, cfg: Any, stats_dtype: torch.dtype,
+def check_device_memory(model: nn.Module, plan: PassPlan, codec: Codec, cfg: ScoreConfig, stats_dtype: torch.dtype,
                         first_batch: Any, samples: int) -> Optional[pd.DataFrame]:
     """Refuse, before the first batch, a collection whose predicted peak exceeds a device's memory.
 
@@ -311,7 +310,7 @@ def check_device_memory(model: nn.Module, plan: PassPlan, codec: Any, cfg: Any, 
                               model_bytes_per_param=next(model.parameters()).element_size(), plan=plan)
 
 
-def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Any,
+def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Codec,
                        cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int, passes: Optional[float] = None,
                        plan: Optional[PassPlan] = None) -> pd.DataFrame:
     """The plan when its busiest phase fits ``budget`` bytes per device; else :class:`InputError` with the

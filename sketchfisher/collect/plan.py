@@ -16,6 +16,22 @@ The orders (``passes``):
   its uncentred side vectors together), ``centring B``, ``pass 2 A``.
 
 A store appends ``writes`` (what the disk still owes once the device is done).
+
+Why task B can be collected in one pass (``1.5``, 1.5 passes per task for |A| = |B| instead of 2). With
+normaliser ``"a"`` the denominator comes from task A alone. The balance (any positive per-entry weight keeps
+the estimator unbiased) is taken from task A's Σ|g| alone, so B's side vectors ``y'_j`` are known during B's
+only pass; that pass also folds B's statistics. Centring is linear: ``R(y'_j − ȳ') = R y'_j − R ȳ'``, so B's
+side vectors are kept unquantised and centred once ``ȳ'`` (B's mean transform, balanced) is known after the
+pass; the cross term ``⟨y'_j, x̄'⟩`` needs only A's centre and is exact during the pass. Task A's pass 2 then
+has ``ȳ'`` for its exact cross terms ``⟨x'_i, ȳ'⟩`` and ``e = ⟨x̄', ȳ'⟩``. The one quantity that is not
+exact is ``‖ỹ_j‖²``, which only the standard errors use: it is ``‖R ỹ_j‖²`` (unbiased, relative error about
+√(2/k)). Scores equal the two-pass order's up to the different balance (same expectation; full-width srht
+gives the exact scores: test).
+
+Device memory of that order: the preparations (``w_a``, ``w_b``, ``x̄'``) are built from task A's statistics
+before B's pass, parameter by parameter, while A's statistics leave the device; B's pass then holds them and
+B's own statistics; after it each parameter's ``ȳ'`` replaces ``w_b`` and B's statistics, so A's pass 2 holds
+three model-sized tensors.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..capture.oracle import LossFn
-from ..compress import SketchSide
+from ..compress import Codec, SketchSide
 from ..errors import InputError
 from ..fisher import FisherStats, HostStaging
 from ..layout import Layout
@@ -38,7 +38,7 @@ class Job:
     loss_fn: LossFn
     tasks: dict[str, Iterable[Any]]
     layout: Layout
-    codec: Any
+    codec: Codec
     cfg: ScoreConfig
     stats_dtype: torch.dtype
     log: PhaseLog

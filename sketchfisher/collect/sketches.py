@@ -36,7 +36,7 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
 
     ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
-    over task B, whose centre is not known yet (:func:`collect_sketches_b_once`)."""
+    over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`)."""
     if layout.param_of(layer, block) not in stats_a.welford:
         return None
     gathered: dict = {}  # one gather per (task, statistic): variants reuse the Fisher or Σ|g| as a centre

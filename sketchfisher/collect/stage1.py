@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from ..capture.oracle import LossFn
-from ..compress import check_codec
+from ..compress import Codec, check_codec
 from ..errors import InputError
 from ..fisher import QUANTITIES, FisherStats
 from ..layout import Layout
 from .passes import factor_pass, fold_factors, gradient_pass, trainable_weights
 
 
-def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Any, *,
+def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Codec, *,
             modules: str = "attention", desc: str = "collect", show_progress: bool = False,
             stats_dtype: Optional[torch.dtype] = None, quantities: Sequence[str] = QUANTITIES):
     """Per-sample representation (``codec.representation()``) and :class:`FisherStats` of one task.

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..compress import Codec
 from ..layout import Layout
 from ..metric import ScoreConfig
 from .files import StoreError, StoreMismatchError
@@ -67,7 +68,7 @@ def check_seal(manifest: dict[str, Any], where: str) -> None:
                          "the settings it states cannot be trusted")
 
 
-def build_manifest(model: nn.Module, layout: Layout, codec: Any, cfg: ScoreConfig,
+def build_manifest(model: nn.Module, layout: Layout, codec: Codec, cfg: ScoreConfig,
                    inputs: dict[str, Any] | None = None, passes: float = 2) -> dict[str, Any]:
     """Everything that produced a store; ``inputs`` records how the CLI made the batches (loss, lengths);
     ``passes`` the pass order (2 per task, or 1.5: task B once, balanced by task A's statistics alone)."""

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..compress import codec_from_dict, decode_side
+from ..compress import Codec, SideCodec, codec_from_dict, decode_side
 from ..errors import InputError
 from ..fisher import FisherStats
 from ..layout import Layout, units_layout
@@ -27,7 +27,7 @@ class LazySide:
     per shard: ``layer.block`` → digest) every block read is checked against what was written; with
     ``widths`` (``(layer, block)`` → the codec's width) so is the vectors' width."""
 
-    def __init__(self, files: list[Path], codec: Any, digests: Optional[list[dict[str, str]]] = None,
+    def __init__(self, files: list[Path], codec: SideCodec, digests: Optional[list[dict[str, str]]] = None,
                  widths: Optional[Any] = None):
         self.files, self.codec, self.digests, self.widths = files, codec, digests, widths
 
@@ -141,7 +141,7 @@ class StoreReader:
                     raise StoreError(f"{path}: holds blocks that are not recorded")
         return 2 + sum(len(self.shards[t]) for t in TASKS)
 
-    def check(self, model: Any = None, codec: Any = None, cfg: Optional[ScoreConfig] = None) -> None:
+    def check(self, model: Any = None, codec: Optional[Codec] = None, cfg: Optional[ScoreConfig] = None) -> None:
         """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
         if model is not None:
             wanted = build_manifest(model, units_layout(model, *self.layout.unit_settings()), codec or self.codec,
