@@ -36,8 +36,8 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             modules: str = "attention", max_bytes: int = DEFAULT_MAX_BYTES, store: Optional[str] = None,
             stats_dtype: Optional[torch.dtype] = None, progress: bool = False,
             units: str | tuple[str, ...] = "heads", mlp_group_size: Optional[int] = None,
-            linear_group_sizes: Optional[dict[str, int]] = None, passes: Optional[float] = None
-            ) -> InterferenceResult:
+            linear_group_sizes: Optional[dict[str, int]] = None, passes: Optional[float] = None,
+            conflicts: bool = True) -> InterferenceResult:
     """Head- and channel-resolved interference between every task-A sample i and task-B sample j.
 
     ``loss_fn(model, batch)`` returns one loss per sample (``[B]``); ``task_a``/``task_b`` iterate
@@ -72,6 +72,11 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     higher than two passes: docs/sketches.md). ``2`` runs two
     passes over each task. With ``store=`` and no ``passes``, an existing store is finished in the order
     that began it.
+
+    ``conflicts`` (default on) records what ``res.head_conflicts()`` needs: with a sketch codec each sample's
+    exact conflict scalar against the other task's mean gradient, per unit block (both tasks' Σg are kept
+    until the preparation: one more model-sized statistic per task during pass 1); exact codecs need nothing
+    more.
     """
     check_batches(task_a=task_a, task_b=task_b)
     codec = check_codec(Exact() if codec is None else codec)
@@ -80,13 +85,13 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     layout = units_layout(model, units, mlp_group_size, linear_group_sizes, layout=layout)
     if store is not None and passes is None:
         passes = stored_passes(store)
-    plan = pass_plan(codec, cfg, passes, means=layout.beyond_heads)
+    plan = pass_plan(codec, cfg, passes, means=layout.beyond_heads, conflicts=conflicts)
     if modules != "attention" and (store is not None or plan.passes == 1.5):
         raise InputError(f"{'stores' if store is not None else 'passes=1.5'} collect the layout's units only; use "
                          "modules='attention'")
     if store is not None:
         collect_to_store(store, model, loss_fn, task_a, task_b, layout, codec, cfg, show_progress=progress,
-                         passes=plan.passes, stats_dtype=stats_dtype)
+                         passes=plan.passes, stats_dtype=stats_dtype, conflicts=conflicts)
         return open_store(store).result(max_bytes=max_bytes)
     log = PhaseLog.for_devices([p.device for p in model.parameters()])
     job = Job(model, loss_fn, {"a": task_a, "b": task_b}, layout, codec, cfg,
@@ -99,7 +104,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         state = execute(plan, job, sink)
     if codec.two_pass:
         sink.check_counts(state)
-        source = SketchSource(sink.side["a"], sink.side["b"], state.e)
+        source = SketchSource(sink.side["a"], sink.side["b"], state.e, state.moments)
     else:
         source = ExactSource(sink.reps["a"], sink.reps["b"])
     context = ResultContext.of(layout, cfg, codec, state.stats["a"], state.stats["b"], source)

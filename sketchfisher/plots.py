@@ -34,13 +34,14 @@ def _finish(fig: Any, path: Optional[str | Path], title: str = "") -> Any:
 
 def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "",
                         significant: Optional[torch.Tensor] = None, label: str = "score",
-                        blocks: Optional[Sequence[str]] = None, unit: str = "head") -> Any:
+                        blocks: Optional[Sequence[str]] = None, unit: str = "head", diverging: bool = False) -> Any:
     """One layer × unit heatmap per block from ``values[L, units, blocks]`` on one shared colour scale:
     Q, K, V, O for heads (the default), or ``blocks=layout.block_names`` and ``unit="channel group"``
     for MLP units (``res.head_means()`` of an MLP result).
 
     Layers and units are integer ticks; NaN cells (not collected) are grey. Values of both signs get a
-    diverging scale centred at 0. ``significant`` (bool, same shape) marks cells with a dot."""
+    diverging scale centred at 0 (``diverging=True``: always, with symmetric limits). ``significant`` (bool,
+    same shape) marks cells with a dot."""
     blocks = tuple(blocks) if blocks is not None else BLOCKS
     if values.shape[-1] != len(blocks):
         raise ValueError(f"values have {values.shape[-1]} blocks on their last axis; name them with blocks=")
@@ -50,8 +51,8 @@ def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None,
     v = values.detach().cpu().double()
     finite = v[torch.isfinite(v)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
-    if lo < 0 < hi:
-        lim = max(-lo, hi)
+    if lo < 0 < hi or diverging:
+        lim = max(-lo, hi, 1e-300)
         cmap, lo, hi = "RdBu_r", -lim, lim
     else:
         cmap = "viridis"
@@ -75,23 +76,24 @@ def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None,
     return _finish(fig, path, title)
 
 
-def plot_head_conflicts(conflicts, num_layers: int, num_heads: int, path: Optional[str | Path] = None,
-                        title: str = "", q: float = 0.05, blocks: Optional[Sequence[str]] = None) -> Any:
-    """The head-level answer at a glance: :meth:`InterferenceResult.head_conflicts`' alignment of the two
-    tasks' mean gradients per (layer, head, block) (blue: they pull apart), with a dot on every conflict
-    whose q-value is at most ``q``. For MLP units (a table with a ``unit`` column) pass
-    ``num_heads=layout.num_heads`` (the units per layer) and ``blocks=layout.block_names``."""
-    blocks = tuple(blocks) if blocks is not None else BLOCKS
-    column = "head" if "head" in conflicts.columns else "unit"
-    align = torch.full((num_layers, num_heads, len(blocks)), float("nan"))
-    marked = torch.zeros((num_layers, num_heads, len(blocks)), dtype=torch.bool)
+def plot_head_conflicts(conflicts, layout: Any, path: Optional[str | Path] = None, title: str = "") -> Any:
+    """The conflict answer at a glance: :meth:`InterferenceResult.head_conflicts`' alignment (cosine of the two
+    tasks' Fisher-weighted mean gradients) per (layer, unit, block) of ``layout`` (the result's), on a
+    diverging scale centred at 0 with symmetric limits (blue: the tasks pull apart), a dot on every flagged
+    conflict. A K/V block shared by a group of query heads colours every head of the group."""
+    unit = layout.unit_column
+    blocks = tuple(layout.block_names)
+    align = torch.full((layout.num_layers, layout.num_heads, len(blocks)), float("nan"))
+    marked = torch.zeros(align.shape, dtype=torch.bool)
     for r in conflicts.to_dict("records"):
         b = blocks.index(r["block"])
-        align[r["layer"], r[column], b] = r["alignment"]
-        marked[r["layer"], r[column], b] = bool(r["q_value"] <= q and r["alignment"] < 0)
-    return plot_block_heatmaps(align, path, title=title, significant=marked, blocks=blocks,
-                               unit="head" if column == "head" else "channel group",
-                               label="alignment of the task means (cosine)")
+        heads = slice(r[unit], r[unit] + int(r.get("shared_by", 1)))
+        align[r["layer"], heads, b] = r["alignment"]
+        marked[r["layer"], heads, b] = bool(r["conflict"])
+    level = conflicts.attrs.get("level", 0.05)
+    return plot_block_heatmaps(align, path, title=title, significant=marked, blocks=blocks, diverging=True,
+                               unit="head" if unit == "head" else "channel group",
+                               label=f"alignment of the task means (cosine); dots: conflict, q ≤ {level:g}")
 
 
 def plot_block_comparison(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "",

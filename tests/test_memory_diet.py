@@ -87,7 +87,22 @@ def test_subset_statistics_round_trip_and_merge():
     counts_only = FisherStats(quantities=())
     counts_only.update({"w": g})
     assert counts_only.count == 5 and counts_only.nbytes() == 0
-    assert QUANTITIES == ("fisher", "m2", "abs", "sum")
+    assert QUANTITIES == ("fisher", "m2", "abs", "sum", "half")
+
+
+def test_half_sums_split_the_stream_by_position():
+    """``half``: Σg over the samples at even positions of the stream, whatever the batches; kept through a
+    file round trip; not carried into a union of two tasks."""
+    g = torch.randn(7, 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    stats = FisherStats(quantities=("sum", "half"))
+    for part in g.split([3, 1, 2, 1]):
+        stats.update({"w": part})
+    assert stats.half_count == 4
+    torch.testing.assert_close(stats.sum_half["w"], g[0::2].sum(0))
+    torch.testing.assert_close(stats.mean_grad_half("w"), g[0::2].mean(0))
+    back = FisherStats.from_tensors(*stats.to_tensors())
+    assert back.half_count == 4 and torch.equal(back.sum_half["w"], stats.sum_half["w"])
+    assert "half" not in stats.merge(back).quantities
 
 
 def test_phase_plan_matches_hand_computation():

@@ -294,7 +294,7 @@ def test_a_store_opens_light(small, tmp_path, monkeypatch, passes):
     pd.testing.assert_frame_equal(top, want)
     res.head_means()
     assert len(prepared) == len(store.layout.groups())  # each block's centre product is computed once
-    assert all(e.numel() == len(store.layout.head_blocks(*key)) for key, e in res.context.source.e.cache.items())
+    assert all(e.numel() == len(store.layout.head_blocks(*key)) for key, (e, _) in res.context.source.e.cache.items())
 
 
 def test_store_sizes_match_the_planner(small, tmp_path):

@@ -18,11 +18,9 @@ def _demo(args: argparse.Namespace) -> int:
     out = run_demo(args.out, samples=args.samples, top=args.top, show_progress=not args.quiet)
     res = out["result"]
     print(f"sketchfisher demo: MiniLM (6 layers x 12 heads), math n={res.n_a} vs code n={res.n_b}, exact scores")
-    print("\nHead blocks where the two tasks pull the weights apart most (alignment of the tasks' mean gradients,"
-          "\nFisher-normalised: -1 opposite, +1 the same; q: permutation test, Benjamini-Hochberg):")
-    table = out["conflicts"].head(args.top)[["layer", "head", "block", "alignment", "p_value", "q_value"]]
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    print(f"{out['significant']} head blocks in significant conflict (q <= 0.05)")
+    print("\nHead blocks where training on math raises the code loss (T = sum g_A g_B / I < 0; alignment: the\n"
+          "cosine of the tasks' Fisher-weighted mean gradients with its 95% interval; one-sided q-values):")
+    _print_conflicts(out["conflicts"], args.top, "head blocks")
     print("\nTop conflicting sample pairs (paper score: C_i / I_A * |g_j|):")
     print(out["top_pairs"].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"\nheatmap: {out['heatmap']}\ntable:   {out['csv']}\ntook {time.perf_counter() - start:.1f} s")
@@ -93,7 +91,7 @@ def _collect(args: argparse.Namespace) -> int:
                                     **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
                                        for s, p in (("a", args.task_a), ("b", args.task_b))}},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype),
-                            log=log)
+                            log=log, conflicts=not args.no_conflicts)
     summary = sf.open_store(path).summary()
     summary["collection_seconds"] = round(time.perf_counter() - start, 2)
     summary["phases"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in log.rows()]
@@ -181,32 +179,40 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_conflicts(table, top: int, what: str, unit: str = "head") -> None:
+    """The flagged blocks in words, the most conflicting first, and how many there are."""
+    from ..interference.conflicts import describe
+
+    flagged = table[table.conflict]
+    for row in flagged.head(top).to_dict("records"):
+        print("  " + describe(row, unit))
+    more = f" (the first {top} listed)" if len(flagged) > top else ""
+    print(f"{len(flagged)} of {len(table)} {what} in conflict at q <= {table.attrs.get('level', 0.05):g}{more}")
+
+
 def _conflicts(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from ..plots import plot_head_conflicts
-    from ..tasks import loss_for
 
     _need_plots(args)
     store = sf.open_store(args.store)
-    model, loss, tasks = _recompute_inputs(args, store)
-    codec = sf.Exact() if args.gradients == "exact" else sf.Factors()
-    first = sf.analyze(model, loss_for(loss), tasks[0], tasks[1], codec=codec, config=store.cfg, layout=store.layout,
-                       progress=not args.quiet)
+    first = store.result()
+    tasks = store.manifest.get("inputs", {})
+    names = [Path(tasks[f"task_{t}"]["path"]).stem if f"task_{t}" in tasks else t.upper() for t in ("a", "b")]
     out = Path(args.out) if args.out else Path(args.store) / "conflicts"
     out.mkdir(parents=True, exist_ok=True)
+    print(f"{names[0]} (A, n={first.n_a}) vs {names[1]} (B, n={first.n_b}): blocks where training on A raises B's "
+          "loss (T < 0),\nwith the cosine of the tasks' mean gradients and its 95% interval:")
     for family in first.families:  # the store's units: heads, and MLP channel groups ("mlp_" files)
         res, prefix = first.units(family), "head_" if family == "heads" else _file_prefix(family)
-        conflicts = res.head_conflicts(n_permutations=args.permutations, seed=args.seed)
-        conflicts.to_csv(out / f"{prefix}conflicts.csv", index=False, float_format="%.6g")
-        significant = int(((conflicts.q_value <= args.q) & (conflicts.alignment < 0)).sum())
-        if not args.no_plot:
-            plot_head_conflicts(conflicts, res.layout.num_layers, res.layout.num_heads,
-                                out / ("conflicts.png" if family == "heads" else f"{prefix}conflicts.png"), q=args.q,
-                                blocks=res.layout.block_names,
-                                title=f"{args.store}: A (n={res.n_a}) vs B (n={res.n_b}); blue = the tasks pull apart, "
-                                      f"dots: conflict with q ≤ {args.q:g}")
+        table = res.head_conflicts(level=args.q)
+        table.to_csv(out / f"{prefix}conflicts.csv", index=False, float_format="%.6g")
         what = {"heads": "head blocks", "mlp": "MLP channel-group blocks"}.get(family, f"{family} output-channel blocks")
-        print(f"{significant} {what} where the tasks pull apart (q ≤ {args.q:g}, {args.permutations} permutations)")
+        _print_conflicts(table, args.top, what, res.layout.unit_column)
+        if not args.no_plot:
+            plot_head_conflicts(table, res.layout, out / ("conflicts.png" if family == "heads" else f"{prefix}conflicts.png"),
+                                title=f"{names[0]} (A, n={res.n_a}) vs {names[1]} (B, n={res.n_b}): blue = training "
+                                      "on A raises B's loss")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0
 

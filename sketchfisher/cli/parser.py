@@ -81,6 +81,16 @@ def _number(kind: type, low: float, name: str):
     return parse
 
 
+def _fraction(name: str):
+    """An argparse type: a number strictly between 0 and 1."""
+    def parse(text: str) -> float:
+        value = _number(float, 0, name)(text)
+        if not 0 < value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be between 0 and 1, got {text}")
+        return value
+    return parse
+
+
 POSITIVE = _number(int, 1, "this option")
 NONNEGATIVE = _number(int, 0, "this option")
 
@@ -164,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default="auto", choices=["auto", "2", "1.5"],
                    help="pass order: 1.5 runs task B once (normalizer a with variance reduction), 2 runs two passes per "
                         "task; auto (default): 1.5 where it applies, else 2; an existing store keeps the order that began it")
+    p.add_argument("--no-conflicts", action="store_true",
+                   help="do not record what the conflict test needs (saves one model-sized statistic per task during "
+                        "pass 1 and two weight tensors in the passes; 'sketchfisher conflicts' then refuses the store)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_collect)
 
@@ -186,20 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output CSV (default: verified.csv inside the store)")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("conflicts", help="do the two tasks pull each head's weights apart? alignment of their mean "
-                       "gradients per head block with permutation q-values (recomputes the gradients)")
+    p = sub.add_parser("conflicts", help="which blocks do the tasks fight over? the one-sided conflict test of each "
+                       "unit block (T = sum g_A g_B / I < 0: training on A raises B's loss), from the store alone")
     p.add_argument("store", help="a store directory written by collect")
-    _model_args(p, from_store=True)
     p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
-    p.add_argument("--permutations", type=POSITIVE, default=999, help="label permutations per test (default: 999)")
-    p.add_argument("--gradients", default="factors", choices=["factors", "exact"],
-                   help="how per-sample gradients are formed: batched low-rank factors (default) or one sample at a "
-                        "time (models whose projections also see batch-shared inputs, e.g. DeBERTa-v2)")
-    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the permutations (default: 0)")
-    p.add_argument("--q", type=_number(float, 0, "--q"), default=0.05,
-                   help="false discovery rate that marks a conflict in the figure (default: 0.05)")
+    p.add_argument("--q", type=_fraction("--q"), default=0.05,
+                   help="false discovery rate at which a block is flagged (default: 0.05; below 1)")
+    p.add_argument("--top", type=POSITIVE, default=20, help="flagged blocks to print (default: 20)")
     p.add_argument("--out", default=None, help="output folder (default: conflicts/ inside the store)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_conflicts)
 
     p = sub.add_parser("inspect", help="summary of a store, after reading every file and checking its digest")

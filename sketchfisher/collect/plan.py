@@ -111,7 +111,8 @@ class PassPlan:
         return replace(self, steps=(*self.steps, Step("writes", "writes")))
 
 
-def needed_statistics(cfg: ScoreConfig, codec, means: bool = False, passes: float = 2) -> dict[str, tuple[str, ...]]:
+def needed_statistics(cfg: ScoreConfig, codec, means: bool = False, passes: float = 2,
+                      conflicts: bool = False) -> dict[str, tuple[str, ...]]:
     """The pass-1 statistics (:data:`sketchfisher.fisher.QUANTITIES`) each task must keep for these settings.
 
     Task A always keeps its Fisher (the normaliser, and exact re-scoring); task B only for the pooled
@@ -119,9 +120,15 @@ def needed_statistics(cfg: ScoreConfig, codec, means: bool = False, passes: floa
     for sketches with variance reduction Σ|g| for balancing and each side's task mean for centring). The
     Welford M2 (variance across samples) is never needed for scores. ``means=True`` (MLP units) keeps the
     task means of both sides' transforms whatever the codec: they give every neuron's mean score over all
-    pairs (:func:`sketchfisher.interference.pair_means.pair_means_from_statistics`).
+    pairs (:func:`sketchfisher.interference.pair_means.pair_means_from_statistics`). ``conflicts=True`` (side
+    codecs) keeps both tasks' Σg until the preparation: each sample's conflict scalar against the other task's
+    mean gradient is recorded in its side pass (:mod:`sketchfisher.interference.conflicts`; one-pass codecs
+    have every gradient and need nothing more).
     """
     a, b = {"fisher"}, {"fisher"} if cfg.normalizer == "pooled" else set()
+    if conflicts and codec.two_pass:  # the task means, and task A's in two halves (the test's variance)
+        a |= {"sum", "half"}
+        b.add("sum")
     if means:
         a.add(MEAN_OF[cfg.spec.i_side])
         b.add(MEAN_OF[cfg.spec.j_side])
@@ -150,11 +157,13 @@ def one_pass_b_applies(cfg: ScoreConfig, codec) -> bool:
     return 1.5 in codec.pass_orders(cfg)
 
 
-def pass_plan(codec, cfg: ScoreConfig, passes: Optional[float] = None, means: bool = False) -> PassPlan:
+def pass_plan(codec, cfg: ScoreConfig, passes: Optional[float] = None, means: bool = False,
+              conflicts: bool = True) -> PassPlan:
     """The plan of a collection with ``codec`` and ``cfg`` in the pass order ``passes`` (None: the default).
-    ``means`` keeps both tasks' side means (MLP and linear units)."""
+    ``means`` keeps both tasks' side means (MLP and linear units); ``conflicts`` records what the conflict
+    test needs (:func:`needed_statistics`)."""
     passes = resolve_passes(passes, cfg, codec)
-    stats = needed_statistics(cfg, codec, means=means, passes=passes)
+    stats = needed_statistics(cfg, codec, means=means, passes=passes, conflicts=conflicts)
     fold_a, fold_b = Step("fold", "pass 1 A", "a"), Step("fold", "pass 1 B", "b")
     if not codec.two_pass:
         steps = (fold_a, fold_b)

@@ -25,7 +25,8 @@ from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
 from .passes import Skip
 from .plan import PassPlan, Step
-from .sketches import Preps, centre_j_side, centre_products, centred, compacted_statistics, pass_b, prepare_all
+from .sketches import Preps, centre_j_side, centre_products, centred, compacted_statistics, mean_moments, pass_b
+from .sketches import prepare_all
 from .sketches import sketch_batches
 from .stage1 import collect
 
@@ -55,6 +56,7 @@ class State:
     preps: Optional[Preps] = None
     raw: dict[str, list] = field(default_factory=dict)
     e: dict = field(default_factory=dict)
+    moments: dict = field(default_factory=dict)
 
 
 class Sink:
@@ -103,7 +105,7 @@ def execute(plan: PassPlan, job: Job, sink: Sink) -> State:
         with job.log.phase(step.name):
             STEPS[step.kind](step, plan, job, sink, state)
     if state.preps is not None:
-        state.e = centre_products(state.preps)
+        state.e, state.moments = centre_products(state.preps), mean_moments(state.preps)
         state.preps = None
     return state
 
@@ -172,8 +174,8 @@ class MemorySink(Sink):
         return stats
 
     def sides(self, task: str, index: int, size: int, blocks: dict) -> None:
-        for key, (vectors, norm2, cross) in blocks.items():
-            self.side[task].add(key, vectors, norm2, cross)
+        for key, value in blocks.items():
+            self.side[task].add(key, *value)
         self.side[task].n += size
 
     def centred(self, task: str, raw: list, centres: dict) -> None:

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
-from ..compress.sketch_scores import BlockPrep, Side, prepare_block, side_vector, sketch_sides, with_j_centre
+from ..compress.sketch_scores import (BlockPrep, Side, conflict_moments, conflict_scalars, prepare_block,
+                                     side_vector, sketch_sides, with_j_centre)
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
 from ..fisher.host import host_copy
@@ -53,12 +54,20 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
         fisher = fisher_a + (get(stats_b, "fisher") - fisher_a) * (stats_b.count / (stats_a.count + stats_b.count))
     vr = codec.variance_reduction
     b = vr and stats_b is not None
-    return prepare_block(fisher, fisher_a if cfg.normalizer == "loo" else None,
+    means = {t: get(s, "mean_grad") if s is not None and "sum" in s.quantities else None  # the conflict test's
+             for t, s in (("a", stats_a), ("b", stats_b))}
+    half = get(stats_a, "mean_grad_half") if means["a"] is not None and "half" in stats_a.quantities else None
+    prep = prepare_block(fisher, fisher_a if cfg.normalizer == "loo" else None,
                          get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.i_side]]) if vr else None,
                          get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if b else None,
                          get(stats_a, "mean_abs") if vr else None,
                          get(stats_b, "mean_abs") if b and not balance_from_a else None,
-                         stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec)
+                         stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec,
+                         mean_g_a=means["a"], mean_g_b=means["b"], half_a=half,
+                         u_dtype=torch.bfloat16 if "sum" in compacted_statistics(layout) else None)
+    if half is not None:  # how many samples the half mean averages
+        prep.moments["n_even"] = torch.tensor(float(stats_a.half_counts[layout.param_of(layer, block)]), dtype=torch.float64)
+    return prep
 
 
 def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: Optional[FisherStats], cfg: ScoreConfig,
@@ -117,7 +126,8 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                    desc: str = "pass 2", show_progress: bool = False,
                    fold: Optional[Callable[[Any], None]] = None) -> Iterator[tuple[int, int, dict]]:
     """Pass 2 over one task, batch by batch: ``(batch index, batch size, {(layer, block): (sketches
-    [B, H_b, k], ‖x̃‖² [B, H_b], cross [B, H_b])})``. Batches for which ``skip(index)`` is true are
+    [B, H_b, k], ‖x̃‖² [B, H_b], cross [B, H_b][, conflict scalars [B, H_b]])})``; the conflict scalars
+    ``g · u`` (exact) where the preparation has the other task's mean gradient. Batches for which ``skip(index)`` is true are
     not run (resumption) and yield nothing. ``count`` is task A's sample count. ``fold(factors)``, when
     given, also receives every batch's captured factors first (pass-1 statistics in the same pass)."""
     keys = [key for key, prep in preps.items() if prep is not None]
@@ -139,11 +149,14 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 if last[0] != module:
                     last = (None, None)  # free the previous module's gradient first
                     last = (module, bf.grad(module))
-                out[(layer, block)] = fused(last[1], layer, block, prep)
-                continue
-            g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
-            v = side_vector(g, prep, side, count, cfg)
-            out[(layer, block)] = sketch_sides(v, prep, side, codec, layer, block_index(block))
+                sides = fused(last[1], layer, block, prep)
+                g = layout.gather(layer, block, last[1]) if prep.u(side) is not None else None
+            else:
+                g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
+                v = side_vector(g, prep, side, count, cfg)
+                sides = sketch_sides(v, prep, side, codec, layer, block_index(block))
+            conflict = None if g is None else conflict_scalars(g, prep, side, cfg.dtype)
+            out[(layer, block)] = (*sides, conflict) if conflict is not None else tuple(sides)
         check.submit(index, out)
         yield index, bf.batch_size, out
     check.finish()
@@ -183,23 +196,29 @@ def centred(blocks: dict, centres: dict) -> dict:
     row by row (so a batch at a time or all at once give the same values):
     ``(R y'_j − R ȳ', ‖R ỹ_j‖², cross)``; the cross term ``⟨y'_j, x̄'⟩`` was exact already."""
     out = {}
-    for key, (vec, _, cross) in blocks.items():
+    for key, (vec, _, cross, *rest) in blocks.items():  # (rest: the conflict scalars, exact already)
         vec = vec - centres[key].to(vec.device, vec.dtype)
-        out[key] = (vec, vec.square().sum(-1), cross)
+        out[key] = (vec, vec.square().sum(-1), cross, *rest)
     return out
 
 
 def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Preps, stats_b: FisherStats,
                   keep: tuple[str, ...] = ()) -> dict[tuple[int, str], torch.Tensor]:
     """After the single pass over task B: each block's ``R ȳ' [1, H_b, k]`` (to subtract from B's uncentred
-    sketches). Each preparation gains ``ȳ'`` and ``e`` and drops ``w_b`` (not needed again); B's statistics
-    are released parameter by parameter (those in ``keep`` to host memory)."""
+    sketches). Each preparation gains ``ȳ'`` and ``e`` (and, where task B kept Σg, the conflict weight ``u_a =
+    ḡ_B/(Î+ε+λ)``) and drops ``w_b`` (not needed again); B's statistics are released parameter by parameter
+    (those in ``keep`` to host memory)."""
     keys = [key for key, prep in preps.items() if prep is not None]
     last_use = {layout.param_of(*key): key for key in keys}
     centres = {}
     for key in keys:
         # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
         prep = with_j_centre(preps[key], stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
+        if "sum" in stats_b.quantities:
+            mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.w_a.device)
+            u_dtype = torch.bfloat16 if "sum" in compacted_statistics(layout) else prep.w_a.dtype
+            u_a = (mean_b * prep.inverse_denominator())[None].to(u_dtype)
+            prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(None, mean_b, prep.u_b, u_a, prep.moments))
         preps[key] = dataclass_replace(prep, w_b=None)
         centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None])
         name = layout.param_of(*key)
@@ -214,5 +233,10 @@ def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:
     return {key: prep.e for key, prep in preps.items() if prep is not None}
 
 
-__all__ = ["Preps", "centre_j_side", "centre_products", "centred", "check_reiterable", "compacted_statistics",
+def mean_moments(preps: Preps) -> dict[tuple[int, str], dict]:
+    """Per collected block, the task means' Fisher-weighted products the conflict test needs (where kept)."""
+    return {key: prep.moments for key, prep in preps.items() if prep is not None and prep.moments}
+
+
+__all__ = ["Preps", "centre_j_side", "centre_products", "centred", "mean_moments", "check_reiterable", "compacted_statistics",
            "host_staging", "pass_b", "prepare", "prepare_all", "sketch_batches", "statistics_dtypes"]

@@ -162,11 +162,21 @@ class SketchSide:
     def __init__(self, codec: SideCodec):
         self.codec = codec
         self.parts: dict[tuple[int, str], list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]] = {}
+        self.conflicts: dict[tuple[int, str], list[torch.Tensor]] = {}
         self.n = 0
 
-    def add(self, key: tuple[int, str], vectors: torch.Tensor, norm2: torch.Tensor, cross: torch.Tensor) -> None:
-        """Add a batch for one (layer, block): mapped ``[B, H_b, width]``, ``‖·‖² [B, H_b]``, cross ``[B, H_b]``."""
+    def add(self, key: tuple[int, str], vectors: torch.Tensor, norm2: torch.Tensor, cross: torch.Tensor,
+            conflict: Optional[torch.Tensor] = None) -> None:
+        """Add a batch for one (layer, block): mapped ``[B, H_b, width]``, ``‖·‖² [B, H_b]``, cross ``[B, H_b]``
+        and, where collected, each sample's exact conflict scalar ``[B, H_b]``."""
         self.parts.setdefault(key, []).append((self.codec.encode(vectors), norm2.double(), cross.double()))
+        if conflict is not None:
+            self.conflicts.setdefault(key, []).append(conflict.double())
+
+    def conflict(self, key: tuple[int, str]) -> Optional[torch.Tensor]:
+        """Every sample's conflict scalar ``[n, H_b]`` (fp64) of one (layer, block); None when not collected."""
+        parts = self.conflicts.get(key)
+        return None if not parts else torch.cat(parts)
 
     def get(self, key: tuple[int, str]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(decoded vectors ``[n, H_b, width]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``); None when absent."""

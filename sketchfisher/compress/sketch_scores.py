@@ -33,6 +33,17 @@ class BlockPrep:
     y_bar: Optional[torch.Tensor]     # balanced j-side centre
     e: torch.Tensor                   # ⟨x̄', ȳ'⟩ (fp64)
     loo: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (Î_A, ε + λ [H_b, 1], balance)
+    u_a: Optional[torch.Tensor] = None  # [1, H_b, S]: ḡ_B·W; task A's conflict scalars are g_i · u_a
+    u_b: Optional[torch.Tensor] = None  # [2, H_b, S]: ḡ_A·W and task A's half mean ·W (B's scalars g_j · u_b)
+    moments: Optional[dict] = None  # fp64 [H_b]: "ab" = ḡ_A·W·ḡ_B (T), "aa" = ḡ_A·W·ḡ_A, "bb" = ḡ_B·W·ḡ_B
+
+    def u(self, side: Side) -> Optional[torch.Tensor]:
+        """The other task's mean gradient over the denominator: a sample's conflict scalar is ``g · u``."""
+        return self.u_a if side == "a" else self.u_b
+
+    def inverse_denominator(self) -> torch.Tensor:
+        """``1 / (Î + ε + λ)`` from the balance weights (``w_a · w_b``), in ``w_a``'s dtype."""
+        return self.w_a if self.w_b is None else self.w_a * self.w_b
 
     def centre(self, side: Side) -> Optional[torch.Tensor]:
         return self.x_bar if side == "a" else self.y_bar
@@ -48,16 +59,19 @@ class BlockPrep:
         """The same preparation on ``device`` (the statistics may live elsewhere than a layer's gradients)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return BlockPrep(move(self.w_a), move(self.w_b), move(self.x_bar), move(self.y_bar), self.e,
-                         None if self.loo is None else tuple(move(t) for t in self.loo))
+                         None if self.loo is None else tuple(move(t) for t in self.loo), move(self.u_a),
+                         move(self.u_b), self.moments)
 
     def nbytes(self) -> int:
-        ts = [self.w_a, self.w_b, self.x_bar, self.y_bar, *(self.loo or ())]
+        ts = [self.w_a, self.w_b, self.x_bar, self.y_bar, *(self.loo or ()), self.u_a, self.u_b]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i_a: Optional[torch.Tensor],
                   mean_j_b: Optional[torch.Tensor], abs_a: Optional[torch.Tensor], abs_b: Optional[torch.Tensor],
-                  n_a: int, n_b: int, cfg: ScoreConfig, codec: Sketch) -> BlockPrep:
+                  n_a: int, n_b: int, cfg: ScoreConfig, codec: Sketch, mean_g_a: Optional[torch.Tensor] = None,
+                  mean_g_b: Optional[torch.Tensor] = None, half_a: Optional[torch.Tensor] = None,
+                  u_dtype: Optional[torch.dtype] = None) -> BlockPrep:
     """Pass-2 quantities of one (layer, block) from plain ``[H_b, S]`` statistics.
 
     ``fisher`` is the normaliser Î (A, or A ∪ B), ``fisher_a`` task A's (leave-one-out only);
@@ -66,20 +80,45 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     (balancing: the square root of their pooled mean; ``abs_b=None`` balances by task A's alone, which
     the single pass over task B needs, as its statistics are not known before it). ``mean_j_b=None``
     leaves the j-side uncentred (``ȳ' = None``, ``e = 0``): a single pass over task B centres its
-    sketches afterwards. Without variance reduction only the denominator is used. Built in ``cfg.dtype``.
+    sketches afterwards. Without variance reduction only the denominator is used. ``mean_g_a``/``mean_g_b``
+    (the tasks' mean gradients, where kept) give the conflict weights ``u_b = ḡ_A/(Î+ε+λ)`` and
+    ``u_a = ḡ_B/(Î+ε+λ)`` (:mod:`sketchfisher.interference.conflicts`), with ``half_a`` (task A's mean over
+    half its samples) beside ``u_b``; they are kept in ``u_dtype`` (default ``cfg.dtype``). Built in
+    ``cfg.dtype``.
     """
     dt = cfg.dtype
     lam = shift(fisher, cfg)
     denom = fisher + lam
     zeros = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
+    weigh = lambda *means: torch.stack([(m.to(denom.device) / denom) for m in means]).to(u_dtype or dt)  # noqa: E731
+    u = {"a": None if mean_g_b is None else weigh(mean_g_b),
+         "b": None if mean_g_a is None else weigh(mean_g_a, *([] if half_a is None else [half_a]))}
+    moments = conflict_moments(mean_g_a, mean_g_b, u["b"], u["a"])
     if not codec.variance_reduction:
         balance = torch.ones_like(fisher)
-        return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg))
+        return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg),
+                         u["a"], u["b"], moments)
     m = abs_a if abs_b is None else (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
     balance = torch.where(m > 0, m.sqrt(), torch.ones_like(m))
     prep = BlockPrep((balance / denom).to(dt), balance.reciprocal().to(dt), (mean_i_a / denom * balance).to(dt), None,
-                     zeros, _loo(fisher_a, lam, balance, cfg))
+                     zeros, _loo(fisher_a, lam, balance, cfg), u["a"], u["b"], moments)
     return prep if mean_j_b is None else with_j_centre(prep, mean_j_b)
+
+
+def conflict_moments(mean_a: Optional[torch.Tensor], mean_b: Optional[torch.Tensor], u_b: Optional[torch.Tensor],
+                     u_a: Optional[torch.Tensor], known: Optional[dict] = None) -> Optional[dict]:
+    """The Fisher-weighted inner products of the task means a block's conflict test needs, fp64 ``[H_b]``:
+    ``aa = ḡ_A·W·ḡ_A`` (from ``ḡ_A`` and ``u_b = W ḡ_A``), ``bb`` and ``ab = T`` once ``ḡ_B`` is known too;
+    added to ``known``."""
+    out = dict(known or {})
+    dot = lambda x, u: (x.double().to(u.device) * u[0].double()).sum(-1)  # noqa: E731
+    if mean_a is not None and u_b is not None:
+        out["aa"] = dot(mean_a, u_b)
+    if mean_b is not None and u_a is not None:
+        out["bb"] = dot(mean_b, u_a)
+    if mean_b is not None and u_b is not None:
+        out["ab"] = dot(mean_b, u_b)
+    return out or None
 
 
 def _loo(fisher_a: Optional[torch.Tensor], lam: torch.Tensor, balance: torch.Tensor, cfg: ScoreConfig):
@@ -107,6 +146,14 @@ def side_vector(g: torch.Tensor, prep: BlockPrep, side: Side, count: int, cfg: S
         fisher_a, lam, balance = prep.loo
         return i_side(g, fisher_a, lam, count, cfg, weight=balance)
     return cfg.spec.i_numerator(g) * prep.w_a
+
+
+def conflict_scalars(g: torch.Tensor, prep: BlockPrep, side: Side, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Each sample's conflict scalars ``[B, H_b, m]`` from its block gradients ``g [B, H_b, S]``: ``g · u`` for each
+    of the ``m`` weight vectors (the other task's mean gradient over the denominator; for task B also task A's
+    half mean); None when the collection keeps no task means."""
+    u = prep.u(side)
+    return None if u is None else torch.einsum("bhs,mhs->bhm", g.to(dtype), u.to(g.device, dtype))
 
 
 def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, layer: int, block: int

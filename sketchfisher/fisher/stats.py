@@ -24,6 +24,9 @@ from ..layout import Layout
 from .host import host_copy
 from .welford import QUANTITIES, Welford, update_in_chunks
 
+TENSOR_NAMES = {"abs": "sum_abs", "sum": "sum_g", "half": "sum_half"}
+"""How each plain sum is named in a statistics file (``<param>::<name>``)."""
+
 
 @dataclass
 class FisherStats:
@@ -35,6 +38,8 @@ class FisherStats:
     sum_abs: dict[str, torch.Tensor] = field(default_factory=dict)
     sum_g: dict[str, torch.Tensor] = field(default_factory=dict)
     quantities: tuple[str, ...] = QUANTITIES
+    sum_half: dict[str, torch.Tensor] = field(default_factory=dict)
+    half_counts: dict[str, int] = field(default_factory=dict)  # per parameter, the samples the ``half`` sums hold
 
     def __post_init__(self) -> None:
         unknown = set(self.quantities) - set(QUANTITIES)
@@ -43,6 +48,18 @@ class FisherStats:
         if "m2" in self.quantities and "fisher" not in self.quantities:
             raise InputError("the 'm2' statistic needs 'fisher' (the Welford mean) too")
         self.quantities = tuple(q for q in QUANTITIES if q in self.quantities)
+
+    def sums(self) -> tuple[tuple[str, dict[str, torch.Tensor]], ...]:
+        """``(quantity, {name: accumulator})`` of every plain sum this kind of statistics can keep."""
+        return (("abs", self.sum_abs), ("sum", self.sum_g), ("half", self.sum_half))
+
+    @property
+    def half_count(self) -> int:
+        """How many samples (those at even positions of the stream) the ``half`` sums hold."""
+        counts = set(self.half_counts.values())
+        if len(counts) > 1:
+            raise InputError(f"parameters saw different half counts: {sorted(counts)}")
+        return counts.pop() if counts else 0
 
     @property
     def count(self) -> int:
@@ -58,7 +75,7 @@ class FisherStats:
     def nbytes(self) -> int:
         """Bytes held by the statistics' tensors."""
         ts = [t for w in self.welford.values() for t in (w.mean, w.m2) if t is not None]
-        ts += list(self.sum_abs.values()) + list(self.sum_g.values())
+        ts += [t for _, acc in self.sums() for t in acc.values()]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def update(self, grads: dict[str, torch.Tensor]) -> None:
@@ -79,6 +96,11 @@ class FisherStats:
                 kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
             else:
                 update_in_chunks(g, w.count, self.dtype, *state)
+            if "half" in self.quantities:  # the samples at even positions of the stream
+                even = (torch.arange(g.shape[0], device=g.device) + w.count) % 2 == 0
+                half = self.sum_half[name]
+                half += g[even].to(half.dtype).sum(0)
+                self.half_counts[name] = self.half_counts.get(name, 0) + int(even.sum())
             w.count += g.shape[0]
 
     def _kernel_applies(self, g: torch.Tensor, state: tuple[Optional[torch.Tensor], ...]) -> bool:
@@ -97,7 +119,7 @@ class FisherStats:
             w.mean = w.m2 = None
         w.mean = ready(w.mean) if self.moments >= 1 else None
         w.m2 = ready(w.m2) if self.moments == 2 else None
-        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
+        for q, acc in self.sums():
             if q in self.quantities:
                 acc[name] = ready(acc.get(name) if w.count else None)
         return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name))
@@ -113,10 +135,11 @@ class FisherStats:
             moments = out.moments
             out.welford[n] = Welford(w.count, w.mean if moments else None, w.m2 if moments == 2 else None).merged(
                 Welford(o.count, o.mean if moments else None, o.m2 if moments == 2 else None))
-        if "abs" in kept:
-            out.sum_abs = {n: self.sum_abs[n] + other.sum_abs[n] for n in self.sum_abs}
-        if "sum" in kept:
-            out.sum_g = {n: self.sum_g[n] + other.sum_g[n] for n in self.sum_g}
+        kept = tuple(q for q in kept if q != "half")  # (a split of one task's stream: not of a union)
+        out.quantities = kept
+        for (q, acc), (_, mine), (_, theirs) in zip(out.sums(), self.sums(), other.sums()):
+            if q in kept:
+                acc.update({n: mine[n] + theirs[n] for n in mine})
         return out
 
     def compact(self, quantities: tuple[str, ...], dtype: torch.dtype = torch.bfloat16) -> "FisherStats":
@@ -126,7 +149,7 @@ class FisherStats:
         as every use reads the same rounded value: a run rounds them before its first use and a store
         writes the rounded values, so a resumed run reads what the first one used. Means read back in
         :attr:`dtype`. Returns self."""
-        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
+        for q, acc in self.sums():
             if q in quantities and q in self.quantities:
                 for name, t in acc.items():
                     acc[name] = t.to(dtype)
@@ -136,7 +159,7 @@ class FisherStats:
         """Finite gradients whose squares overflow the statistics' precision leave an infinite Fisher: refused
         with the reason (a later NaN score would not say why)."""
         ts = [t for w in self.welford.values() for t in (w.mean, w.m2) if t is not None]
-        ts += [*self.sum_abs.values(), *self.sum_g.values()]
+        ts += [t for _, acc in self.sums() for t in acc.values()]
         if not ts:
             return
         here = ts[0].device
@@ -160,7 +183,7 @@ class FisherStats:
         host = lambda t: None if t is None else copy(t)  # noqa: E731
         w.mean = host(w.mean) if "fisher" in keep else None
         w.m2 = host(w.m2) if "m2" in keep else None
-        for q, acc in (("abs", self.sum_abs), ("sum", self.sum_g)):
+        for q, acc in self.sums():
             if name in acc:
                 if q in keep:
                     acc[name] = host(acc[name])
@@ -169,12 +192,12 @@ class FisherStats:
 
     def to_host(self, copy: Callable[[torch.Tensor], torch.Tensor] = host_copy) -> "FisherStats":
         """A copy of these statistics in host memory (``copy`` makes each tensor's host copy)."""
-        out = FisherStats(self.dtype, quantities=self.quantities)
+        out = FisherStats(self.dtype, quantities=self.quantities, half_counts=dict(self.half_counts))
         for name, w in self.welford.items():
             out.welford[name] = Welford(w.count, None if w.mean is None else copy(w.mean),
                                         None if w.m2 is None else copy(w.m2))
-        out.sum_abs = {name: copy(t) for name, t in self.sum_abs.items()}
-        out.sum_g = {name: copy(t) for name, t in self.sum_g.items()}
+        for (_, acc), (_, mine) in zip(out.sums(), self.sums()):
+            acc.update({name: copy(t) for name, t in mine.items()})
         return out
 
     def release(self, keep: tuple[str, ...]) -> None:
@@ -199,6 +222,10 @@ class FisherStats:
         # NCCL reduces CUDA tensors only; gloo takes CPU tensors
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         out = FisherStats(self.dtype, quantities=self.quantities)
+        if "half" in self.quantities:
+            halves = torch.tensor([float(self.half_counts.get(n, 0)) for n in names], dtype=torch.float64, device=dev)
+            dist.all_reduce(halves)
+            out.half_counts = {n: int(h) for n, h in zip(names, halves.tolist())}
         for name in names:
             w = self.welford.get(name, Welford())
             local = self._any_tensor(name) if w.count else None
@@ -223,7 +250,7 @@ class FisherStats:
                 m2 = (parts[1] - n * mean.square()).clamp_min(0).to(self.dtype) if self.moments == 2 else None
                 mean = mean.to(self.dtype)  # reduced in fp64, kept in the statistics' own precision
             out.welford[name] = Welford(n, mean, m2)
-            for q, src, dst in (("abs", self.sum_abs, out.sum_abs), ("sum", self.sum_g, out.sum_g)):
+            for (q, src), (_, dst) in zip(self.sums(), out.sums()):
                 if q in self.quantities:
                     t = got(src.get(name))
                     dist.all_reduce(t)
@@ -232,7 +259,7 @@ class FisherStats:
 
     def _any_tensor(self, name: str) -> Optional[torch.Tensor]:
         w = self.welford[name]
-        for t in (w.mean, self.sum_abs.get(name), self.sum_g.get(name)):
+        for t in (w.mean, *(acc.get(name) for _, acc in self.sums())):
             if t is not None:
                 return t
         return None
@@ -243,12 +270,13 @@ class FisherStats:
         for name, w in self.welford.items():
             if w.count == 0:
                 continue
-            for key, t in (("mean", w.mean), ("m2", w.m2), ("sum_abs", self.sum_abs.get(name)),
-                           ("sum_g", self.sum_g.get(name))):
+            for key, t in (("mean", w.mean), ("m2", w.m2), *((TENSOR_NAMES[q], acc.get(name)) for q, acc in self.sums())):
                 if t is not None:
                     tensors[f"{name}::{key}"] = t
             counts[name] = w.count
         meta = {"counts": json.dumps(counts), "dtype": str(self.dtype), "quantities": json.dumps(self.quantities)}
+        if "half" in self.quantities:
+            meta["half_counts"] = json.dumps({n: c for n, c in self.half_counts.items() if n in counts})
         return {k: v.contiguous() for k, v in tensors.items()}, meta
 
     @classmethod
@@ -256,17 +284,17 @@ class FisherStats:
         """Inverse of :meth:`to_tensors`; a missing tensor raises :class:`~sketchfisher.InputError`."""
         counts = json.loads(metadata["counts"])
         quantities = tuple(json.loads(metadata["quantities"])) if "quantities" in metadata else QUANTITIES
-        out = cls(dtype=getattr(torch, metadata["dtype"].replace("torch.", "")), quantities=quantities)
-        need = {"fisher": "mean", "m2": "m2", "abs": "sum_abs", "sum": "sum_g"}
+        out = cls(dtype=getattr(torch, metadata["dtype"].replace("torch.", "")), quantities=quantities,
+                  half_counts=json.loads(metadata.get("half_counts", "{}")))
+        need = {"fisher": "mean", "m2": "m2", **TENSOR_NAMES}
         for name, count in counts.items():
             missing = [f"{name}::{need[q]}" for q in out.quantities if f"{name}::{need[q]}" not in tensors]
             if missing:
                 raise InputError(f"statistics lack tensors {missing[:3]}")
             out.welford[name] = Welford(int(count), tensors.get(f"{name}::mean"), tensors.get(f"{name}::m2"))
-            if "abs" in out.quantities:
-                out.sum_abs[name] = tensors[f"{name}::sum_abs"]
-            if "sum" in out.quantities:
-                out.sum_g[name] = tensors[f"{name}::sum_g"]
+            for q, acc in out.sums():
+                if q in out.quantities:
+                    acc[name] = tensors[f"{name}::{TENSOR_NAMES[q]}"]
         return out
 
     def _require(self, quantity: str, name: str) -> Welford:
@@ -287,6 +315,13 @@ class FisherStats:
 
     def mean_grad(self, name: str) -> torch.Tensor:
         return self.sum_g[name].to(self.dtype) / self._require("sum", name).count
+
+    def mean_grad_half(self, name: str) -> torch.Tensor:
+        """The mean gradient over the samples at even positions (the ``half`` split)."""
+        self._require("half", name)
+        if self.half_counts.get(name, 0) < 1:
+            raise InputError(f"no samples at even positions for {name!r}")
+        return self.sum_half[name].to(self.dtype) / self.half_counts[name]
 
     def block(self, layout: Layout, layer: int, block: str, what: str = "fisher") -> torch.Tensor | None:
         """A statistic (``fisher``, ``mean_abs``, ``mean_grad``) over the distinct head blocks of

@@ -11,9 +11,10 @@ import torch
 
 from ..errors import InputError
 
-QUANTITIES = ("fisher", "m2", "abs", "sum")
+QUANTITIES = ("fisher", "m2", "abs", "sum", "half")
 """``fisher``: Welford mean of g² (Î); ``m2``: its Welford M2 (variance across samples); ``abs``: Σ|g|;
-``sum``: Σg. The sample count is always kept."""
+``sum``: Σg; ``half``: Σg over the samples at even positions of the task's stream (a fixed split of the task
+in two halves, for the conflict test's variance). The sample count is always kept."""
 CHUNK_ENTRIES = 1 << 19
 """Entries of a batch (samples x parameter entries) that one slice of a CPU statistics update converts at a
 time: 4 MB in fp64, within a core's cache."""

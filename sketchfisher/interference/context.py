@@ -30,9 +30,10 @@ class SketchSource:
     ``e = ⟨x̄', ȳ'⟩`` (the centres' inner product): a dict, or anything with ``get((layer, block))`` (a
     store computes it for the block being scored, from the statistics)."""
 
-    side_a: Any  # SketchSide or a store's lazy side: ``get((layer, block))``
+    side_a: Any  # SketchSide or a store's lazy side: ``get((layer, block))``, ``conflict((layer, block))``
     side_b: Any
     e: Any
+    moments: Any = None  # per block, the task means' Fisher-weighted products (the conflict test's T and norms)
 
 
 class Statistics:

@@ -265,19 +265,32 @@ class InterferenceResult:
         })
 
     def permutation_test(self, n_permutations: int = 999, seed: int = 0) -> pd.DataFrame:
-        """Permutation p-values and BH q-values per cell (exact codecs only); see
+        """Permutation p-values and BH q-values per cell of the mean score (exact codecs only): whether the
+        cell's mean score is more extreme than under re-dealt A/B labels; see
         :func:`sketchfisher.interference.stats.permutation_test`."""
         from .stats import permutation_test, result_grads
 
         return permutation_test(self.layout, result_grads(self), self.cfg, n_permutations, seed)
 
-    def head_conflicts(self, n_permutations: int = 999, seed: int = 0) -> pd.DataFrame:
-        """Per (layer, head, block): the Fisher-normalised alignment of the two tasks' mean gradients
-        (negative = conflict) with permutation p- and BH q-values; most conflicting first (exact codecs
-        only). See :func:`sketchfisher.interference.stats.head_conflicts`."""
-        from .stats import head_conflicts
+    def head_conflicts(self, level: float = 0.05, confidence: float = 0.95) -> pd.DataFrame:
+        """Do tasks A and B pull each unit block's weights in opposite directions? Per distinct unit block:
+        ``T = Σ_S ḡ_A ḡ_B / (Î + ε + λ)`` (the mean ``signed`` score over pairs; minus the first-order change
+        of B's loss per unit Fisher-preconditioned step on A through the block), its standard error over
+        samples, ``alignment`` (the cosine) with its ``confidence`` interval, the one-sided p-value of H0:
+        T ≥ 0 and its Benjamini–Hochberg q-value; ``conflict`` marks q ≤ ``level``. Works for every codec, in
+        memory and from stores. See :mod:`sketchfisher.interference.conflicts`."""
+        from .conflicts import conflict_table
 
-        return head_conflicts(self, n_permutations, seed)
+        return conflict_table(self, level, confidence)
+
+    def distributions_differ(self, n_permutations: int = 999, seed: int = 0, progress: bool = False) -> pd.DataFrame:
+        """Do the two tasks' gradient distributions differ on each block? A permutation test that re-deals the
+        A/B labels (exact codecs only): a small p says "A and B differ", **not** "A and B conflict" (two
+        agreeing tasks with different loss scales differ too); :meth:`head_conflicts` is the conflict test.
+        See :func:`sketchfisher.interference.stats.distributions_differ`."""
+        from .stats import distributions_differ
+
+        return distributions_differ(self, n_permutations, seed, progress)
 
     def bootstrap_ci(self, confidence_level: float = 0.95, n_resamples: int = 999, seed: int = 0) -> pd.DataFrame:
         """Bootstrap intervals of each cell's mean score over samples (``scipy.stats.bootstrap``)."""

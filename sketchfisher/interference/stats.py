@@ -21,6 +21,7 @@ from scipy.stats import bootstrap, false_discovery_control
 from ..errors import InputError
 from ..layout import Layout
 from ..metric import ScoreConfig, ridge, y_side
+from ..progress import progress as progress_bar
 
 BlockGrads = Callable[[int, str], Optional[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -34,14 +35,14 @@ def _cell_statistic(num_a: torch.Tensor, sq_a: torch.Tensor, y_b: torch.Tensor, 
 
 
 def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_permutations: int = 999,
-                     seed: int = 0, chunk: int = 64, alignment: bool = False) -> pd.DataFrame:
+                     seed: int = 0, chunk: int = 64, alignment: bool = False, progress: bool = False) -> pd.DataFrame:
     """Permutation p-values and BH q-values for every (layer, head, block) cell.
 
     ``grads(layer, block)`` returns exact block gradients ``(g_A [nA, H_b, S], g_B [nB, H_b, S])`` or
     None. Returns a tidy frame: layer, head, block, statistic, p_value, q_value (BH over all cells,
     ``scipy.stats.false_discovery_control`` over the distinct storage head blocks). K/V rows of
     query heads that share a kv head repeat that head block's single test. ``alignment=True`` adds the
-    cosine of the two tasks' mean gradients under the normaliser's metric (:func:`head_conflicts`).
+    cosine of the two tasks' mean gradients under the normaliser's metric (:func:`distributions_differ`).
     """
     if cfg.normalizer not in ("a", "pooled"):
         raise InputError(f"permutation_test supports normalizer 'a' or 'pooled', got {cfg.normalizer!r}")
@@ -51,39 +52,39 @@ def permutation_test(layout: Layout, grads: BlockGrads, cfg: ScoreConfig, n_perm
     rows = []
     labels = None
     unit = layout.unit_column
-    for layer in range(layout.num_layers):
-        for block in layout.block_names:
-            pair = grads(layer, block)
-            if pair is None:
-                continue
-            ga, gb = (g.to(cfg.dtype) for g in pair)
-            n_a, n_b = ga.shape[0], gb.shape[0]
-            if labels is None:  # the same permutations for every cell
-                labels = np.stack([rng.permutation(n_a + n_b) for _ in range(n_permutations)])
-            g = torch.cat([ga, gb]).flatten(1)                       # [N, H_b·S]
-            num, sq, y = cfg.spec.i_numerator(g), g.square(), y_side(g, cfg)
-            fisher_pool = sq.mean(0).view(ga.shape[1:])
-            shape = ga.shape[1:]
+    blocks = [(layer, block) for layer in range(layout.num_layers) for block in layout.block_names]
+    for layer, block in progress_bar(blocks, desc="permutation test", enabled=progress):
+        pair = grads(layer, block)
+        if pair is None:
+            continue
+        ga, gb = (g.to("cpu", cfg.dtype) for g in pair)  # (the label matrices are host tensors)
+        n_a, n_b = ga.shape[0], gb.shape[0]
+        if labels is None:  # the same permutations for every cell
+            labels = np.stack([rng.permutation(n_a + n_b) for _ in range(n_permutations)])
+        g = torch.cat([ga, gb]).flatten(1)                       # [N, H_b·S]
+        num, sq, y = cfg.spec.i_numerator(g), g.square(), y_side(g, cfg)
+        fisher_pool = sq.mean(0).view(ga.shape[1:])
+        shape = ga.shape[1:]
 
-            def stat(idx: np.ndarray) -> torch.Tensor:
-                P = idx.shape[0]
-                wa = torch.zeros(P, n_a + n_b, dtype=cfg.dtype)
-                wb = torch.zeros(P, n_a + n_b, dtype=cfg.dtype)
-                wa.scatter_(1, torch.as_tensor(idx[:, :n_a]), 1.0 / n_a)
-                wb.scatter_(1, torch.as_tensor(idx[:, n_a:]), 1.0 / n_b)
-                return _cell_statistic((wa @ num).view(P, *shape), (wa @ sq).view(P, *shape),
-                                       (wb @ y).view(P, *shape), fisher_pool, cfg)
+        def stat(idx: np.ndarray) -> torch.Tensor:
+            P = idx.shape[0]
+            wa = torch.zeros(P, n_a + n_b, dtype=cfg.dtype)
+            wb = torch.zeros(P, n_a + n_b, dtype=cfg.dtype)
+            wa.scatter_(1, torch.as_tensor(idx[:, :n_a]), 1.0 / n_a)
+            wb.scatter_(1, torch.as_tensor(idx[:, n_a:]), 1.0 / n_b)
+            return _cell_statistic((wa @ num).view(P, *shape), (wa @ sq).view(P, *shape),
+                                   (wb @ y).view(P, *shape), fisher_pool, cfg)
 
-            observed = stat(np.arange(n_a + n_b)[None, :])[0]
-            null = torch.cat([stat(labels[lo:lo + chunk]) for lo in range(0, n_permutations, chunk)])
-            extreme = cfg.spec.at_least_as_extreme(null, observed)
-            p = (1 + extreme.sum(0)).double() / (1 + n_permutations)
-            cosine = _alignment(ga, gb, fisher_pool, cfg) if alignment else None
-            for head in range(layout.num_heads):
-                h = int(layout.head_index(block)[head])
-                rows.append({"layer": layer, unit: head, "block": block, "statistic": float(observed[h]),
-                             "p_value": float(p[h]), "test": f"{layer}.{block}.{h}",
-                             **({} if cosine is None else {"alignment": float(cosine[h])})})
+        observed = stat(np.arange(n_a + n_b)[None, :])[0]
+        null = torch.cat([stat(labels[lo:lo + chunk]) for lo in range(0, n_permutations, chunk)])
+        extreme = cfg.spec.at_least_as_extreme(null, observed)
+        p = (1 + extreme.sum(0)).double() / (1 + n_permutations)
+        cosine = _alignment(ga, gb, fisher_pool, cfg) if alignment else None
+        for head in range(layout.num_heads):
+            h = int(layout.head_index(block)[head])
+            rows.append({"layer": layer, unit: head, "block": block, "statistic": float(observed[h]),
+                         "p_value": float(p[h]), "test": f"{layer}.{block}.{h}",
+                         **({} if cosine is None else {"alignment": float(cosine[h])})})
     if not rows:
         raise InputError("no collected blocks to test")
     df = pd.DataFrame(rows)
@@ -103,23 +104,19 @@ def _alignment(ga: torch.Tensor, gb: torch.Tensor, fisher_pool: torch.Tensor, cf
     return torch.where(norm > 0, (ma * mb * w).sum(-1) / norm, torch.full_like(norm, float("nan")))
 
 
-def head_conflicts(result: Any, n_permutations: int = 999, seed: int = 0) -> pd.DataFrame:
-    """Do the two tasks pull each head block's weights in opposite directions?
-
-    The statistic of a (layer, head, block) cell is the mean ``signed`` score over all pairs,
-    ``T = Σ_S ḡ_A ḡ_B / (Î + ε + λ)``: the Fisher-weighted inner product of the two tasks' mean
-    gradients (negative: the tasks' average updates oppose each other on this head; positive: they
-    agree). ``alignment`` is T divided by the two means' Fisher-weighted norms (a cosine in [−1, 1],
-    comparable across heads); ``p_value`` is the one-sided permutation test for conflict (re-dealing
-    the A/B labels; the normaliser is recomputed per permutation for ``"a"``) and ``q_value`` its
-    Benjamini–Hochberg adjustment. Unlike the mean ``paper`` score, which averages ``C_i/Î_A`` to 1
-    and so reflects task B alone, every quantity here involves both tasks. Needs an exact codec.
-    """
+def distributions_differ(result: Any, n_permutations: int = 999, seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """Do the two tasks' gradients differ on each head block? The statistic is the mean ``signed`` score
+    ``T = Σ_S ḡ_A ḡ_B / (Î + ε + λ)`` with the alignment (cosine) beside it, and the null re-deals the A/B
+    labels over the pooled samples: a small p says the two tasks' gradient distributions differ, which
+    agreeing tasks with different loss scales also do. It is **not** a conflict test; that is
+    :func:`sketchfisher.interference.conflicts.conflict_table` (``res.head_conflicts()``). Needs an exact
+    codec; ``progress`` shows a bar over the blocks."""
     cfg = replace(result.cfg, variant="signed", normalizer="a" if result.cfg.normalizer == "loo" else result.cfg.normalizer)
-    df = permutation_test(result.layout, result_grads(result), cfg, n_permutations, seed, alignment=True)
+    df = permutation_test(result.layout, result_grads(result), cfg, n_permutations, seed, alignment=True,
+                          progress=progress)
     unit = result.layout.unit_column
     df = df[["layer", unit, "block", "alignment", "statistic", "p_value", "q_value"]]
-    return df.sort_values(["alignment", "layer", unit]).reset_index(drop=True)
+    return df.sort_values(["q_value", "layer", unit]).reset_index(drop=True)
 
 
 def result_grads(result: Any) -> BlockGrads:

@@ -31,8 +31,9 @@ class Store(StoreReader):
         counts = tuple(self.manifest["tasks"][t]["samples"] for t in TASKS)
         statistics = Statistics(self._statistics)
         sides = self.sides()
+        centres = BlockCentres(self, statistics)
         return ResultContext(self.layout, self.cfg, self.codec, statistics,
-                             SketchSource(sides["a"], sides["b"], BlockCentres(self, statistics)), counts,
+                             SketchSource(sides["a"], sides["b"], centres, centres.moments), counts,
                              store=str(self.path))
 
     def _statistics(self):
@@ -48,19 +49,36 @@ class Store(StoreReader):
 
 
 class BlockCentres:
-    """``e = ⟨x̄', ȳ'⟩ [H_b]`` of a store's blocks, each computed from the statistics when first asked for
-    (its preparation is freed at once; only the scalars are kept)."""
+    """``e = ⟨x̄', ȳ'⟩ [H_b]`` of a store's blocks, and the task means' products the conflict test needs
+    (:attr:`moments`), each computed from the statistics when first asked for (the block's preparation is
+    freed at once; only these scalars are kept)."""
 
     def __init__(self, store: Store, statistics: Statistics):
         self.store, self.statistics, self.cache = store, statistics, {}
+        self.moments = _Moments(self)
 
-    def get(self, key: tuple[int, str]):
+    def prepared(self, key: tuple[int, str]):
         if key not in self.cache:
             s = self.store
             prep = prepare(s.layout, *key, self.statistics["a"], self.statistics["b"], s.cfg, s.codec,
                            balance_from_a=s.passes == 1.5)
-            self.cache[key] = None if prep is None else prep.e
+            self.cache[key] = None if prep is None else (prep.e, prep.moments)
         return self.cache[key]
+
+    def get(self, key: tuple[int, str]):
+        got = self.prepared(key)
+        return None if got is None else got[0]
+
+
+class _Moments:
+    """``get(key)``: a store block's conflict moments (:class:`BlockCentres`)."""
+
+    def __init__(self, centres: BlockCentres):
+        self.centres = centres
+
+    def get(self, key: tuple[int, str]):
+        got = self.centres.prepared(key)
+        return None if got is None else got[1]
 
 
 def open_store(path: str | Path) -> Store:

@@ -16,11 +16,12 @@ from ..layout import Layout
 from ..metric import ScoreConfig
 from .files import StoreError, StoreMismatchError
 
-# 4: the pass order, Σ|g| and Σg in bf16; 3: integrity records (store id, content digests, sealed manifest).
-# Older versions are read, and never resumed by a newer writer (the format version is a checked setting).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)
-CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs", "passes")
+# 5: each sample's conflict scalars in the shards, the conflict flag; 4: the pass order, Σ|g| and Σg in bf16;
+# 3: integrity records (store id, content digests, sealed manifest). Older versions are read, and never
+# resumed by a newer writer (the format version is a checked setting).
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, 5)
+CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs", "passes", "conflicts")
 VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                    "_attn_implementation_autoset", "torch_dtype", "dtype")  # where and how it was loaded, not what
 
@@ -69,17 +70,24 @@ def check_seal(manifest: dict[str, Any], where: str) -> None:
 
 
 def build_manifest(model: nn.Module, layout: Layout, codec: Codec, cfg: ScoreConfig,
-                   inputs: dict[str, Any] | None = None, passes: float = 2) -> dict[str, Any]:
+                   inputs: dict[str, Any] | None = None, passes: float = 2, conflicts: bool = True) -> dict[str, Any]:
     """Everything that produced a store; ``inputs`` records how the CLI made the batches (loss, lengths);
-    ``passes`` the pass order (2 per task, or 1.5: task B once, balanced by task A's statistics alone)."""
+    ``passes`` the pass order (2 per task, or 1.5: task B once, balanced by task A's statistics alone);
+    ``conflicts`` whether the shards hold each sample's conflict scalars."""
     return {"inputs": inputs or {}, "format_version": FORMAT_VERSION, "library_version": __version__,
             "codec": codec.to_dict(), "score": cfg.to_dict(), "layout": layout.to_dict(),
-            "model": model_fingerprint(model, layout), "passes": passes, "tasks": {}, "complete": False}
+            "model": model_fingerprint(model, layout), "passes": passes, "conflicts": conflicts, "tasks": {},
+            "complete": False}
 
 
 def passes_of(manifest: dict[str, Any]) -> float:
     """A store's pass order (stores written before the 1.5-pass order record none: 2)."""
     return manifest.get("passes", 2)
+
+
+def conflicts_of(manifest: dict[str, Any]) -> bool:
+    """Whether a store's shards hold the conflict scalars (stores before format 5 record nothing: no)."""
+    return bool(manifest.get("conflicts", False))
 
 
 def check_same(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
@@ -91,6 +99,8 @@ def check_same(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> No
             a, b = a or {}, b or {}
         if key == "passes":
             a, b = passes_of(stored), passes_of(wanted)
+        if key == "conflicts":
+            a, b = conflicts_of(stored), conflicts_of(wanted)
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ..compress import Codec, SideCodec, codec_from_dict, decode_side
 from ..errors import InputError
 from ..fisher import FisherStats
@@ -17,7 +19,7 @@ from ..layout import Layout, units_layout
 from ..metric import ScoreConfig
 from .files import StoreError, check_inside, load_named, load_tensors, read_metadata
 from .integrity import check_digest, check_header, index_entry
-from .manifest import READABLE_VERSIONS, build_manifest, check_same, passes_of, read_manifest
+from .manifest import READABLE_VERSIONS, build_manifest, check_same, conflicts_of, passes_of, read_manifest
 
 TASKS = ("a", "b")
 
@@ -47,9 +49,24 @@ class LazySide:
             if width is not None and tensors[f"{name}.vec"].shape[-1] != width:
                 raise StoreError(f"{path}: block {name} has vectors of width {tensors[f'{name}.vec'].shape[-1]}, "
                                  f"the manifest's codec {self.codec.describe()} writes {width}")
-            encoded = {k[len(name) + 1:]: v for k, v in tensors.items() if k[len(name) + 1:] not in ("norm2", "cross")}
+            encoded = {k[len(name) + 1:]: v for k, v in tensors.items()
+                       if k[len(name) + 1:] not in ("norm2", "cross", "conflict")}
             parts.append((encoded, tensors[f"{name}.norm2"], tensors[f"{name}.cross"]))
         return decode_side(self.codec, parts)
+
+    def conflict(self, key: tuple[int, str]):
+        """Every sample's conflict scalar ``[n, H_b]`` (fp64) of one (layer, block); None when the store has
+        none (written before they were collected, or without the conflict test)."""
+        name = f"{key[0]}.{key[1]}"
+        parts = []
+        for n, path in enumerate(self.files):
+            tensors = load_named(path, name + ".")
+            if f"{name}.conflict" not in tensors:
+                return None
+            if self.digests is not None:
+                check_digest(path, tensors, self.digests[n].get(name, ""), f"block {name}")
+            parts.append(tensors[f"{name}.conflict"].double())
+        return torch.cat(parts)
 
 
 class StoreReader:
@@ -145,7 +162,8 @@ class StoreReader:
         """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
         if model is not None:
             wanted = build_manifest(model, units_layout(model, *self.layout.unit_settings()), codec or self.codec,
-                                    cfg or self.cfg, self.manifest.get("inputs"), passes_of(self.manifest))
+                                    cfg or self.cfg, self.manifest.get("inputs"), passes_of(self.manifest),
+                                    conflicts_of(self.manifest))
             check_same(self.manifest, wanted, f"store {self.path}")
 
     @property

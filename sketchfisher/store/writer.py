@@ -161,7 +161,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
                      checkpoint_every: int | None = None, max_bytes: int | None = None,
                      show_progress: bool = False, stats_dtype: torch.dtype | None = None,
                      inputs: dict[str, Any] | None = None, log: PhaseLog | None = None,
-                     passes: float | None = None) -> Path:
+                     passes: float | None = None, conflicts: bool = True) -> Path:
     """Collect (or finish collecting) a store of a side codec (``sf.Sketch``) at ``path``; returns the path.
 
     The collection is the pass plan of ``sf.analyze`` (:func:`sketchfisher.collect.plan.pass_plan`) plus a
@@ -177,7 +177,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
 
     Before pass 2 writes anything, the planned size of the store (known once pass 1 has counted the samples)
     is compared with ``max_bytes`` and with the free disk; collection refuses to go on with the numbers in
-    the error.
+    the error. ``conflicts`` records each sample's conflict scalars (``sf.analyze``'s option of that name).
     """
     codec = check_codec(codec)
     if not codec.two_pass:
@@ -190,16 +190,17 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
         root.mkdir(parents=True, exist_ok=True)
     with StoreLock(root) if ranks.rank == 0 else nullcontext():  # one writer (one run's rank 0) at a time
         return _collect(root, ranks, model, loss_fn, task_a, task_b, layout, codec, cfg, checkpoint_every,
-                        max_bytes, show_progress, stats_dtype, inputs, log, passes)
+                        max_bytes, show_progress, stats_dtype, inputs, log, passes, conflicts)
 
 
 def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
              task_b: Iterable[Any], layout: Layout, codec: SideCodec, cfg: ScoreConfig, checkpoint_every: int | None,
              max_bytes: int | None, show_progress: bool, stats_dtype: torch.dtype | None,
-             inputs: dict[str, Any] | None, log: PhaseLog | None, passes: float | None) -> Path:
-    plan = pass_plan(codec, cfg, stored_passes(root) if passes is None else passes, means=layout.beyond_heads)
+             inputs: dict[str, Any] | None, log: PhaseLog | None, passes: float | None, conflicts: bool) -> Path:
+    plan = pass_plan(codec, cfg, stored_passes(root) if passes is None else passes, means=layout.beyond_heads,
+                     conflicts=conflicts)
     check_reiterable(**{f"task_{t}": task for t, task in zip(TASKS, (task_a, task_b)) if plan.passes_over(t) > 1})
-    wanted = build_manifest(model, layout, codec, cfg, inputs, plan.passes)
+    wanted = build_manifest(model, layout, codec, cfg, inputs, plan.passes, conflicts)
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
         root.mkdir(parents=True, exist_ok=True)
