@@ -62,11 +62,17 @@ print(json.dumps({"open_s": opened, "total_s": time.perf_counter() - start, "bas
 
 
 def build_store(args, path: Path) -> None:
+    if args.build_with:  # another checkout's writer (one whose stores every compared reader opens)
+        sys.path.insert(0, args.build_with)
+    import inspect
+
     import torch
     import transformers as hf
 
     import sketchfisher as sf
     from sketchfisher.store import collect_to_store
+
+    extra = {"conflicts": False} if "conflicts" in inspect.signature(collect_to_store).parameters else {}
 
     hidden, heads, inter, vocab, layers = SHAPES[args.shape]
     config = hf.LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
@@ -89,7 +95,7 @@ def build_store(args, path: Path) -> None:
     half = len(batches) // 2
     start = time.perf_counter()
     collect_to_store(path, model, loss, batches[:half], batches[half:], sf.layout_for(model), sf.Sketch(k=args.k),
-                     sf.ScoreConfig(), stats_dtype=torch.float32)
+                     sf.ScoreConfig(), stats_dtype=torch.float32, **extra)
     print(f"store of {args.shape} ({layers} layers, hidden {hidden}), {args.samples}+{args.samples} samples: "
           f"{time.perf_counter() - start:.1f} s")
     del model
@@ -114,6 +120,7 @@ def main() -> None:
     p.add_argument("--store", default=None, help="an existing store to read (else one is built in a temporary folder)")
     p.add_argument("--keep", default=None, help="build the store here and keep it (read it again with --store)")
     p.add_argument("--compare", action="append", default=[], help="another checkout to run the same children with")
+    p.add_argument("--build-with", default=None, help="build the store with another checkout's package")
     p.add_argument("--readers", default="open,top,means,summary")
     p.add_argument("--compare-readers", default="open,top", help="readers run with the --compare checkouts")
     args = p.parse_args()
@@ -124,14 +131,14 @@ def main() -> None:
         stats = sum(f.stat().st_size for f in (store / "pass1").glob("*.safetensors"))
         shards = sum(f.stat().st_size for f in (store / "pass2").rglob("*.safetensors"))
         print(f"statistics files {stats / 2**30:.2f} GiB, shards {shards / 2**20:.1f} MiB")
-        print(f"{'code':<28} {'reader':<8} {'open s':>7} {'total s':>8} {'peak RSS GiB':>13} "
-              f"{'beyond imports+stats GiB':>25}")
+        print("| code | reader | open (s) | open + read (s) | peak RSS (GiB) | beyond imports + statistics (GiB) |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for package in [ROOT, *map(Path, args.compare)]:
             for what in (args.readers if package == ROOT else args.compare_readers).split(","):
                 r = child(package, store, what)
                 beyond = (r["peak_rss"] - r["base_rss"] - stats) / 2**30
-                print(f"{str(package)[-28:]:<28} {what:<8} {r['open_s']:>7.2f} {r['total_s']:>8.2f} "
-                      f"{r['peak_rss'] / 2**30:>13.2f} {beyond:>25.2f}", flush=True)
+                print(f"| {package} | {what} | {r['open_s']:.2f} | {r['total_s']:.2f} | {r['peak_rss'] / 2**30:.2f} | "
+                      f"{beyond:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,8 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
         (f"Factors(rank={rank}, fp32)", disk(Factors(rank=rank)), peak(Factors(rank=rank))),
         (f"Sketch(k={k}, {sketch_dtype})", disk(sketch), peak(sketch)),
         (f"Sketch(k={k}, {sketch_dtype}) store: + headers, statistics, pass-1 checkpoint",
-         store_disk_bytes(s, sketch, samples, -(-samples // batch_size), (2, 1), stats_bytes,
-                          compact_copies=(1, 1))["total"], peak(sketch)),
+         store_disk_bytes(s, sketch, samples, -(-samples // batch_size), (4, 2), stats_bytes,
+                          compact_copies=(2, 2), conflicts=True)["total"], peak(sketch)),
         # MLP channel units (device peaks not planned: the statistics then cover the MLP weights too)
         ("Exact: full fp16 per-sample attention + MLP gradients", (attn + mlp) * 2 * samples, float("nan")),
         (f"Sketch(k={k}, {sketch_dtype}): heads + MLP units ({s.intermediate // s.mlp_units_per_layer} channels each)",

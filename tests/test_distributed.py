@@ -52,9 +52,12 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
     a, b = sf.open_store(tmp_path / "single"), sf.open_store(tmp_path / "dist")
     assert b.summary()["samples"] == a.summary()["samples"] == {"a": 9, "b": 7}
     assert a.manifest["tasks"] == b.manifest["tasks"]  # same batches, same sample ids
-    # the paper variant with normaliser "a" keeps A's Fisher and Σ|g|, and only Σ|g| of B
-    assert a.stats["a"].quantities == b.stats["a"].quantities == ("fisher", "abs")
-    assert a.stats["b"].quantities == b.stats["b"].quantities == ("abs",)
+    # the paper variant with normaliser "a" keeps A's Fisher and Σ|g|, and only Σ|g| of B; the conflict test adds
+    # both tasks' Σg and task A's Σg over half its samples (each process splits its own stream: the halves
+    # differ between world sizes, their counts add up to the same)
+    assert a.stats["a"].quantities == b.stats["a"].quantities == ("fisher", "abs", "sum", "half")
+    assert a.stats["b"].quantities == b.stats["b"].quantities == ("abs", "sum")
+    assert a.stats["a"].half_count == 5 and 4 <= b.stats["a"].half_count <= 6
     for t in ("a", "b"):
         for name in a.stats[t].names():
             assert b.stats[t].welford[name].count == a.stats[t].welford[name].count

@@ -82,4 +82,4 @@ def test_the_tutorial_runs_as_written(tmp_path, monkeypatch):
         for n, block in enumerate(blocks):
             exec(compile(block, f"tutorial block {n + 1}", "exec"), namespace)
     assert (tmp_path / "heatmap.png").stat().st_size > 2000
-    assert namespace["tests"]["q_value"].between(0, 1).all()
+    assert namespace["conflicts"]["q_value"].between(0, 1).all()

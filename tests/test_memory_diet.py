@@ -120,7 +120,7 @@ def test_phase_plan_matches_hand_computation():
     want = {"pass 1 A": weights + 2 * stat + running, "pass 1 B": weights + 3 * stat + running,
             "preparation": weights + max(3 * stat, preps), "pass 2 A": weights + preps + running + sketches / 2,
             "pass 2 B": weights + preps + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
-    df = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, passes=2).set_index("phase")
+    df = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, passes=2, conflicts=False).set_index("phase")
     for phase, value in want.items():
         assert df.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
     # task B once (the default here): preparations from A alone (3 tensors), B's statistics and its
@@ -129,30 +129,46 @@ def test_phase_plan_matches_hand_computation():
     want = {"pass 1 A": weights + 2 * stat + running, "preparation": weights + max(2 * stat, preps3),
             "pass B": weights + preps3 + stat + running + raw_b, "centring B": weights + preps3 + stat + raw_b + sketches / 2,
             "pass 2 A": weights + preps3 + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
-    once = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B).set_index("phase")
+    once = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, conflicts=False).set_index("phase")
     assert list(once.index) == list(want)
     for phase, value in want.items():
         assert once.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
-    two = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, devices=2, passes=2).set_index("phase")
+    # with the conflict test (the default): A also keeps Σg and Σg over half its samples during pass 1, B its Σg
+    # during its pass; task B's pass holds its two bf16 conflict weights, A's pass 2 the third
+    u = attn * 2
+    want.update({"pass 1 A": weights + 4 * stat + running, "preparation": weights + max(4 * stat, preps3 + 2 * u),
+                 "pass B": weights + preps3 + 2 * u + 2 * stat + running + raw_b,
+                 "centring B": weights + preps3 + 2 * u + 2 * stat + raw_b + sketches / 2,
+                 "pass 2 A": weights + preps3 + 3 * u + running + sketches})
+    default = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B).set_index("phase")
+    for phase, value in want.items():
+        assert default.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
+    two = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, devices=2, passes=2,
+                      conflicts=False).set_index("phase")
     # layer-proportional terms halve; the logits and one module's per-sample gradient do not
     logits, grad = B * T * V * 10, 2 * B * h * h * 4
     assert two.loc["pass 2 B", "peak_device_bytes"] == pytest.approx(
         (weights + preps + running - logits - grad + sketches) / 2 + logits + grad)
     # pooled normaliser: task B keeps its Fisher too; fp64 statistics double them
     pooled = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, cfg=sf.ScoreConfig(normalizer="pooled"),
-                         stats_bytes=8).set_index("phase")  # (two passes: the default where B's pass needs its Fisher)
+                         stats_bytes=8, conflicts=False).set_index("phase")  # (two passes: the default where B's pass needs its Fisher)
     assert pooled.loc["pass 1 B", "peak_device_bytes"] == pytest.approx(weights + 4 * 2 * stat + running)
 
 
 def test_a_run_that_would_not_fit_is_refused_with_numbers_and_alternatives():
     from sketchfisher.collect.memory import refuse_over_budget
+    from sketchfisher.collect.plan import pass_plan
 
+    plain = {p: pass_plan(sf.Sketch(), sf.ScoreConfig(), p, conflicts=False) for p in (2, 1.5)}
     kw = dict(devices=1, samples=512, tokens=512, batch_size=4, codec=sf.Sketch(), cfg=sf.ScoreConfig(),
-              model_bytes_per_param=2, passes=2)
+              model_bytes_per_param=2, plan=plain[2])
     ok = refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float32, **kw)
     assert ok["peak_device_bytes"].max() < 72 * 2**30
     # task B once holds fewer model-sized tensors at a time: fp64 statistics fit the same card
-    assert refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **{**kw, "passes": 1.5}) is not None
+    assert refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **{**kw, "plan": plain[1.5]}) is not None
+    # the conflict test's statistics (the default) do not fit two passes at fp32 on 80 GB: refused, saying so
+    with pytest.raises(sf.InputError, match="conflicts=False, --no-conflicts"):
+        refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float32, **{**kw, "plan": None, "passes": 2})
     with pytest.raises(sf.InputError) as err:
         refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **kw)
     text = str(err.value)

@@ -173,9 +173,9 @@ def test_unit_heatmaps_and_fisher_views(tmp_path):
     res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors(), units="all").units("mlp")
     layout = res.layout
     plot_block_heatmaps(res.head_means(), tmp_path / "mlp.png", blocks=layout.block_names, unit="channel group")
-    conflicts = res.head_conflicts(n_permutations=19)
+    conflicts = res.head_conflicts()
     assert "unit" in conflicts.columns and len(conflicts) == layout.num_layers * layout.num_heads * 3
-    plot_head_conflicts(conflicts, layout.num_layers, layout.num_heads, tmp_path / "c.png", blocks=layout.block_names)
+    plot_head_conflicts(conflicts, res.layout, tmp_path / "c.png")
     assert (tmp_path / "mlp.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0
     # the unit view of the Fisher is the full-shape Fisher reduced over each unit's entries
     stats = res.context.stats_a

@@ -129,7 +129,8 @@ class Shape:
 
 def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Optional[Codec] = None,
                 cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1,
-                passes: Optional[float] = None, plan: Optional[PassPlan] = None, store: bool = False) -> pd.DataFrame:
+                passes: Optional[float] = None, plan: Optional[PassPlan] = None, store: bool = False,
+                conflicts: bool = True) -> pd.DataFrame:
     """Predicted peak device memory of each step of a collection (busiest device), in bytes and GiB, then of
     scoring. The rows are the pass plan's steps, named as :class:`~sketchfisher.phases.PhaseLog` records them
     (:func:`sketchfisher.collect.plan.pass_plan` for ``codec``, ``cfg`` and ``passes``, or ``plan``; ``store``
@@ -144,7 +145,7 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
         raise InputError(f"samples, tokens, batch_size and devices must be >= 1 and stats_bytes 4 or 8; got "
                          f"{samples}, {tokens}, {batch_size}, {devices}, {stats_bytes}")
     s = Shape.of(source)
-    plan = plan or pass_plan(codec, cfg, passes)
+    plan = plan or pass_plan(codec, cfg, passes, conflicts=conflicts)
     if store and "writes" not in plan.names:
         plan = plan.with_writes()
     terms = _Terms.of(s, codec, plan, samples=samples, tokens=tokens, batch_size=batch_size, stats_bytes=stats_bytes,
@@ -168,6 +169,7 @@ class _Terms:
     raw: float        # a single pass's uncentred fp32 side vectors, per task
     prep_tensor: float  # one model-sized fp32 preparation tensor
     variance_reduction: bool
+    conflict_tensor: float = 0.0  # one model-sized bf16 conflict weight (u), where the conflict test is collected
 
     @classmethod
     def of(cls, s: Shape, codec: Codec, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
@@ -190,13 +192,16 @@ class _Terms:
         return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,
                    stats={t: per_layer(len(q) * attn * stats_bytes) for t, q in plan.statistics.items()},
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
-                   variance_reduction=bool(codec.variance_reduction))
+                   variance_reduction=bool(codec.variance_reduction),
+                   conflict_tensor=per_layer(attn * 2) if "half" in plan.statistics["a"] else 0.0)
 
     def preparations(self, centre_b: bool) -> float:
         """w_a, and with variance reduction w_b (or, once B's centre is known in a single-pass order, ȳ'
-        in its place), x̄' and ȳ'."""
+        in its place), x̄' and ȳ'; with the conflict test task B's two weights (ḡ_A·W and A's half mean ·W)
+        and, once B's mean is known, task A's (ḡ_B·W), in bf16."""
         vr = self.variance_reduction
-        return self.prep_tensor * (1 + (3 if vr else 0) - (1 if vr and not centre_b else 0))
+        return (self.prep_tensor * (1 + (3 if vr else 0) - (1 if vr and not centre_b else 0))
+                + self.conflict_tensor * (2 + centre_b))
 
     def simulate(self, plan: PassPlan) -> list[tuple[str, float]]:
         """``(step name, peak)`` of every step, then ``("scoring", peak)``, walking what each step leaves held."""
@@ -223,17 +228,19 @@ class _Terms:
                 held[f"sketches {t}"] = self.sketches
                 extra = self.running
             rows.append((step.name, self.weights + sum(held.values()) + extra))
-            if step.kind == "centre":
+            if step.kind == "centre":  # ȳ' replaces w_b; task A's conflict weight is added
                 held.pop(f"raw {t}")
                 held.pop(f"stats {t}")
                 held[f"sketches {t}"] = self.sketches
+                held["preps"] += self.conflict_tensor
         kept = sum(v for k, v in held.items() if k.startswith(("rep", "sketches")))
         rows.append(("scoring", self.weights + kept + self.grad))
         return rows
 
 
 def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, stats_copies: tuple[int, int],
-                     stats_bytes: int = 4, world: int = 1, compact_copies: tuple[int, int] = (0, 0)) -> dict[str, int]:
+                     stats_bytes: int = 4, world: int = 1, compact_copies: tuple[int, int] = (0, 0),
+                     conflicts: bool = False) -> dict[str, int]:
     """Everything a sketch store holds on disk at its fullest, in bytes, as an upper bound.
 
     ``sketches`` (``samples`` over both tasks), each shard's safetensors header and integrity records
@@ -244,10 +251,11 @@ def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, s
     peak at ``max(2·A, A + 2·B)`` (A's final file beside B's checkpoint and its replacement), per
     rank for the checkpoints of ``world`` ranks. ``compact_copies`` of each task's ``stats_copies`` are
     written in bf16 (:func:`sketchfisher.collect.sketches.compacted_statistics`); their checkpoints
-    are not."""
+    are not. ``conflicts``: the shards also hold each sample's fp64 conflict scalars (one per head block for a
+    task-A sample, two for task B; counted as two)."""
     s = Shape.of(shape)
     groups = s.num_layers * 4  # (layer, block) groups per shard
-    tensors = 2 + len(codec.encode(torch.zeros(1, 1)))  # the encoded vectors (and scale), ‖x̃‖², cross
+    tensors = 2 + len(codec.encode(torch.zeros(1, 1))) + conflicts  # encoded vectors (and scale), ‖x̃‖², cross
     header = groups * (tensors * 96 + 96) + 1024  # per tensor name/dtype/shape/offsets; per group its digest
     unit = s.num_layers * s.attn_params_per_layer * stats_bytes
     a_full, b_full = (copies * unit for copies in stats_copies)  # as the checkpoints hold them
@@ -255,6 +263,7 @@ def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, s
     per_tensor = s.num_layers * 4 * 256  # the statistics files' headers: name, dtype, shape, offsets, digest per tensor
     fullest = max(2 * world * a_full, a + 2 * world * b_full)
     out = {"sketches": int(codec.bytes_per_sample(s.head_block_sizes, 0, 0) * samples),
+           "conflict_scalars": len(s.head_block_sizes) * 16 * samples if conflicts else 0,
            "shard_headers": header * batches, "statistics": a + b + sum(stats_copies) * per_tensor,
            "pass1_checkpoint": max(0, fullest - a - b), "manifest": 4096 + 200 * batches}
     out["total"] = sum(out.values())
@@ -327,6 +336,12 @@ def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, 
     hints = []
     if stats_bytes == 8 and peak(stats_bytes=4)["peak_device_bytes"].max() <= budget:
         hints.append("stats_dtype=torch.float32 (--stats-dtype float32)")
+    current = plan or pass_plan(codec, cfg, passes)
+    if current.conflicts and codec.two_pass:
+        lighter = pass_plan(codec, cfg, current.passes, current.means, conflicts=False)
+        lighter = lighter.with_writes() if "writes" in current.names else lighter
+        if peak(plan=lighter)["peak_device_bytes"].max() <= budget:
+            hints.append("without the conflict test's statistics (conflicts=False, --no-conflicts)")
     if batch_size > 1 and peak(batch_size=batch_size // 2)["peak_device_bytes"].max() <= budget:
         hints.append(f"batch size {batch_size // 2}")
     more = next((n for n in (2, 4, 8) if n > devices and peak(devices=n)["peak_device_bytes"].max() <= budget), None)

@@ -79,6 +79,8 @@ class PassPlan:
     passes: float
     steps: tuple[Step, ...]
     statistics: dict  # task -> tuple of QUANTITIES
+    means: bool = False  # both tasks' side means kept (MLP and linear units)
+    conflicts: bool = True  # the conflict test's statistics and per-sample scalars recorded
 
     @property
     def names(self) -> list[str]:
@@ -173,7 +175,7 @@ def pass_plan(codec, cfg: ScoreConfig, passes: Optional[float] = None, means: bo
     else:
         steps = (fold_a, Step("prepare", "preparation", balance="a", centre_b=False),
                  Step("fold_sketch", "pass B", "b"), Step("centre", "centring B", "b"), Step("sketch", "pass 2 A", "a"))
-    return PassPlan(passes, steps, stats)
+    return PassPlan(passes, steps, stats, means, conflicts)
 
 
 __all__ = ["PASS_ORDERS", "PassPlan", "Step", "needed_statistics", "one_pass_b_applies", "pass_plan",

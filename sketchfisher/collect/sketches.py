@@ -33,11 +33,13 @@ Preps = dict[tuple[int, str], Optional[BlockPrep]]
 
 
 def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: Optional[FisherStats],
-            cfg: ScoreConfig, codec: SideCodec, balance_from_a: bool = False) -> Optional[BlockPrep]:
+            cfg: ScoreConfig, codec: SideCodec, balance_from_a: bool = False, conflicts: bool = True
+            ) -> Optional[BlockPrep]:
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
 
     ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
-    over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`)."""
+    over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`). ``conflicts=False`` leaves
+    out the conflict test's weights and moments even where the statistics allow them."""
     if layout.param_of(layer, block) not in stats_a.welford:
         return None
     gathered: dict = {}  # one gather per (task, statistic): variants reuse the Fisher or Σ|g| as a centre
@@ -54,8 +56,8 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
         fisher = fisher_a + (get(stats_b, "fisher") - fisher_a) * (stats_b.count / (stats_a.count + stats_b.count))
     vr = codec.variance_reduction
     b = vr and stats_b is not None
-    means = {t: get(s, "mean_grad") if s is not None and "sum" in s.quantities else None  # the conflict test's
-             for t, s in (("a", stats_a), ("b", stats_b))}
+    means = {t: get(s, "mean_grad") if conflicts and s is not None and "sum" in s.quantities else None
+             for t, s in (("a", stats_a), ("b", stats_b))}  # the conflict test's
     half = get(stats_a, "mean_grad_half") if means["a"] is not None and "half" in stats_a.quantities else None
     prep = prepare_block(fisher, fisher_a if cfg.normalizer == "loo" else None,
                          get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.i_side]]) if vr else None,

@@ -99,9 +99,13 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
         return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg),
                          u["a"], u["b"], moments)
     m = abs_a if abs_b is None else (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
-    balance = torch.where(m > 0, m.sqrt(), torch.ones_like(m))
-    prep = BlockPrep((balance / denom).to(dt), balance.reciprocal().to(dt), (mean_i_a / denom * balance).to(dt), None,
-                     zeros, _loo(fisher_a, lam, balance, cfg), u["a"], u["b"], moments)
+    balance = torch.where(m > 0, m.sqrt(), 1.0)
+    del m  # (temporaries are released as soon as they are consumed: a 7B block is 64 MB a tensor)
+    w_a, w_b = (balance / denom).to(dt), balance.reciprocal().to(dt)
+    x_bar = (mean_i_a / denom).mul_(balance).to(dt)
+    loo = _loo(fisher_a, lam, balance, cfg)
+    del balance, denom
+    prep = BlockPrep(w_a, w_b, x_bar, None, zeros, loo, u["a"], u["b"], moments)
     return prep if mean_j_b is None else with_j_centre(prep, mean_j_b)
 
 

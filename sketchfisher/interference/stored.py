@@ -57,12 +57,14 @@ class BlockCentres:
         self.store, self.statistics, self.cache = store, statistics, {}
         self.moments = _Moments(self)
 
-    def prepared(self, key: tuple[int, str]):
-        if key not in self.cache:
+    def prepared(self, key: tuple[int, str], moments: bool = False):
+        """``(e, moments or None)`` of a block; None when it was not collected. The moments are computed (with
+        the block's preparation again) only when asked for: scores need ``e`` alone."""
+        if key not in self.cache or (moments and self.cache[key] is not None and self.cache[key][1] is None):
             s = self.store
             prep = prepare(s.layout, *key, self.statistics["a"], self.statistics["b"], s.cfg, s.codec,
-                           balance_from_a=s.passes == 1.5)
-            self.cache[key] = None if prep is None else (prep.e, prep.moments)
+                           balance_from_a=s.passes == 1.5, conflicts=moments)
+            self.cache[key] = None if prep is None else (prep.e, prep.moments if moments else None)
         return self.cache[key]
 
     def get(self, key: tuple[int, str]):
@@ -77,7 +79,7 @@ class _Moments:
         self.centres = centres
 
     def get(self, key: tuple[int, str]):
-        got = self.centres.prepared(key)
+        got = self.centres.prepared(key, moments=True)
         return None if got is None else got[1]
 
 

@@ -56,15 +56,15 @@ logger = logging.getLogger(__name__)
 
 def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | None, batches: int | None,
                  stats_copies: tuple[int, int], stats_dtype: torch.dtype, max_bytes: int | None,
-                 world: int = 1, compact_copies: tuple[int, int] = (0, 0)) -> None:
+                 world: int = 1, compact_copies: tuple[int, int] = (0, 0), conflicts: bool = False) -> None:
     """Refuse before writing when the store would not fit the disk (or ``max_bytes``): everything it writes
     (:func:`~sketchfisher.collect.memory.store_disk_bytes`), less what is already there. Skipped while the
     sample counts are unknown (tasks that are not lists of batches, before pass 1 has counted them)."""
     if samples is None or batches is None:
         return
     plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8, world,
-                            compact_copies)
-    stored = plan["sketches"] + plan["shard_headers"] + plan["statistics"] + plan["manifest"]
+                            compact_copies, conflicts)
+    stored = plan["total"] - plan["pass1_checkpoint"]
     already = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file())
     needed = max(0, plan["total"] - already)
     free = shutil.disk_usage(root).free
@@ -227,9 +227,9 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
     space = lambda samples, batches=None: _check_space(  # noqa: E731
         root, model, codec, samples, batches or _counts(task_a, task_b)[1] or samples, stats_copies, stats_dtype,
-        max_bytes, ranks.world, compact)
+        max_bytes, ranks.world, compact, conflicts)
     _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes, ranks.world,
-                 compact)
+                 compact, conflicts)
     # the final statistics are written to disk in the background while the passes go on; their host memory
     # is made ready while pass 1 runs
     dtypes = [d for t in TASKS if t not in on_disk for d in statistics_dtypes(plan.statistics[t], layout, stats_dtype)]

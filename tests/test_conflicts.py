@@ -1,0 +1,126 @@
+"""The conflict test (``res.head_conflicts()``): what T means, that its p-values are calibrated on planted
+nulls, that it finds planted conflicts and not planted agreement, and that every codec, pass order and store
+gives the same table.
+
+Planted draws re-use one collection's exact per-sample gradients: task B's gradients multiplied by per-sample
+factors s_j are task B with its losses multiplied by s_j (random signs: the true T is 0; 0.5: B agrees with
+A at half the loss scale; −1: B is A's distribution with its loss negated)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import sketchfisher as sf
+from sketchfisher.compress import ExactContributions
+from sketchfisher.interference.context import ExactSource
+from tiny_models import generic_loss, make_batches, make_model
+
+
+def planted(res, factors: torch.Tensor):
+    """``res`` (an exact result) with task B's per-sample gradients multiplied by ``factors [nB]``."""
+    ctx = res.context
+    grads = {k: [factors.view(-1, *[1] * (v[0].ndim - 1)).to(v[0]) * torch.cat(v)] for k, v in ctx.rep_b.grads.items()}
+    source = ExactSource(ctx.rep_a, ExactContributions(grads))
+    return sf.InterferenceResult.from_context(replace(ctx, source=source))
+
+
+@pytest.fixture(scope="module")
+def same_distribution():
+    """Three collections of 64 + 64 samples of one distribution (task B: other samples of task A's)."""
+    model = make_model("llama_gqa")
+    return [sf.analyze(model, generic_loss, make_batches(64, 16, seed=10 + s), make_batches(64, 16, seed=20 + s),
+                       codec=sf.Exact()) for s in range(3)]
+
+
+def test_null_p_values_are_calibrated(same_distribution):
+    """True T = 0 (B's losses with random signs), 3 × 40 draws: the fraction of p < 0.05 averages 0.03–0.07;
+    under this complete null a draw with any flagged block is a family-wise error, which Benjamini–Hochberg
+    keeps near 5% of draws (a draw's blocks share its noise, so when one is flagged several often are)."""
+    fractions, any_flagged = [], []
+    for s, res in enumerate(same_distribution):
+        g = torch.Generator().manual_seed(s)
+        for _ in range(40):
+            table = planted(res, torch.randint(0, 2, (res.n_b,), generator=g).double() * 2 - 1).head_conflicts()
+            fractions.append(float((table.p_value < 0.05).mean()))
+            any_flagged.append(bool(table.conflict.any()))
+    assert 0.03 <= np.mean(fractions) <= 0.07
+    assert np.mean(any_flagged) <= 0.10
+
+
+def test_planted_agreement_and_conflict(same_distribution):
+    """B = A's distribution: at half the loss scale no block is flagged; negated, ≥ 90% are; with 75% of B's
+    samples negated (T = −0.5 × the agreeing T), ≥ 75% are."""
+    for res in same_distribution:
+        n = res.n_b
+        assert not planted(res, torch.full((n,), 0.5, dtype=torch.float64)).head_conflicts().conflict.any()
+        negated = planted(res, -torch.ones(n, dtype=torch.float64)).head_conflicts()
+        assert negated.conflict.mean() >= 0.9 and (negated.alignment < 0).all()
+        mostly = torch.where(torch.arange(n) < 3 * n // 4, -1.0, 1.0).double()
+        assert planted(res, mostly).head_conflicts().conflict.mean() >= 0.75
+
+
+def test_T_is_minus_the_first_order_change_of_B_loss():
+    """A Fisher-preconditioned step on task A restricted to one head block, θ ← θ − η (Î+ε)⁻¹ ḡ_A, changes
+    task B's mean loss by −η T + O(η²): the meaning of T < 0 (training on A raises B's loss)."""
+    model = make_model("gpt2").double()
+    ta, tb = make_batches(8, 4, seed=1), make_batches(8, 4, seed=2)
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Exact(), dtype=torch.float64)
+    table = res.head_conflicts()
+    layout, ctx = res.layout, res.context
+
+    def loss_b() -> float:
+        with torch.no_grad():
+            return float(torch.cat([generic_loss(model, b) for b in tb]).mean())
+
+    base = loss_b()
+    for row in table.iloc[[0, len(table) // 2, -1]].to_dict("records"):
+        hb = layout.head_block(row["layer"], row["block"], row["head"])
+        param = model.get_parameter(hb.param_name)
+        grad_a = ctx.rep_a.full(hb.param_name).double().mean(0)
+        fisher = ctx.stats_a.fisher(hb.param_name).double()
+        step = torch.zeros_like(param)
+        mask = torch.zeros_like(param, dtype=torch.bool)
+        hb.select(mask).fill_(True)
+        step[mask] = (grad_a / (fisher + 1e-10))[mask]
+        eta = 1e-4 / max(float(step.abs().max()), 1e-30)
+        with torch.no_grad():
+            param -= eta * step
+            change = loss_b() - base
+            param += eta * step
+        assert change == pytest.approx(-eta * row["T"], rel=0.02, abs=1e-9 * abs(base))
+
+
+@pytest.mark.parametrize("units", ["heads", "all"])
+def test_every_codec_order_and_store_gives_the_same_table(units, tmp_path):
+    """Sketch codecs record each sample's conflict scalars exactly: the table of Exact, Factors, Sketch in both
+    pass orders and a store agree (the sketches' task means are rounded to bf16 for heads: ~1e-3)."""
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(9, 3, seed=1), make_batches(8, 4, seed=2)
+    key = ["layer", "unit" if units == "mlp" else "head", "block"]
+    want = sf.analyze(model, generic_loss, ta, tb, codec=sf.Exact(), units=units)
+    tables = {"factors": sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors(), units=units)}
+    for passes in (2, 1.5):
+        tables[f"sketch {passes}"] = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8), passes=passes,
+                                                units=units)
+    tables["store"] = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8), units=units, store=tmp_path / "s")
+    for family in want.families:
+        ref = want.units(family).head_conflicts().set_index(key[:1] + [want.units(family).layout.unit_column, "block"])
+        for name, res in tables.items():
+            got = res.units(family).head_conflicts().set_index(ref.index.names).loc[ref.index]
+            for column in ("T", "stderr", "alignment", "p_value"):
+                np.testing.assert_allclose(got[column], ref[column], rtol=5e-3, atol=5e-3 * ref[column].abs().max(),
+                                           err_msg=f"{family} {name} {column}")
+
+
+def test_a_collection_without_the_test_says_so(tmp_path):
+    model = make_model("gpt2")
+    ta, tb = make_batches(4, 2, seed=1), make_batches(4, 2, seed=2)
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8), conflicts=False)
+    with pytest.raises(sf.InputError, match="conflicts=True"):
+        res.head_conflicts()
+    with pytest.raises(sf.InputError, match="at least 4 task-A"):
+        sf.analyze(model, generic_loss, ta[:1], tb, codec=sf.Factors()).head_conflicts()
