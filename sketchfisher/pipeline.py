@@ -13,7 +13,7 @@ from torch import nn
 
 from .capture.oracle import LossFn
 from .collect import Job, MemorySink, default_stats_dtype, execute, pass_plan
-from .collect.memory import check_plan_fits
+from .collect.memory import check_plan_fits, layout_units
 from .collect.sketches import check_reiterable, host_staging
 from .compress import Codec, Exact, Factors, check_codec
 from .errors import InputError
@@ -118,7 +118,8 @@ def check_job(plan: Any, job: Job) -> None:
     can be, the codec takes the layout, and the plan fits the device."""
     check_reiterable(**{f"task_{t}": job.tasks[t] for t in job.tasks if plan.passes_over(t) > 1})
     job.codec.check_layout(job.layout)
-    check_plan_fits(job.model, plan, job.codec, job.cfg, job.stats_dtype, job.tasks["a"], job.tasks["b"])
+    check_plan_fits(job.model, plan, job.codec, job.cfg, job.stats_dtype, job.tasks["a"], job.tasks["b"],
+                    layout_units(job.layout))
 
 
 def check_batches(**tasks: Any) -> None:

@@ -46,9 +46,9 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
     per_vec = sketch.bytes_per_block()
     disk = lambda codec: codec.bytes_per_sample(s.head_block_sizes, s.num_layers * s.attn_in_out_per_layer,  # noqa
                                                 tokens) * samples
-    peak = lambda codec: float(plan_phases(s, samples=samples, tokens=tokens, batch_size=batch_size, codec=codec,  # noqa
-                                           stats_bytes=stats_bytes, model_bytes_per_param=model_bytes_per_param,
-                                           devices=devices)["peak_device_bytes"].max())
+    peak = lambda codec, units="heads": float(plan_phases(  # noqa: E731
+        s, samples=samples, tokens=tokens, batch_size=batch_size, codec=codec, stats_bytes=stats_bytes,
+        model_bytes_per_param=model_bytes_per_param, devices=devices, units=units)["peak_device_bytes"].max())
     rows = []
     if s == Shape(**PRESETS["llama-7b"]):
         rows.append(("design note: 50 matrices x 60 MB (fp16) x samples", 50 * 60e6 * samples, float("nan")))
@@ -67,7 +67,7 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank:
         # MLP channel units (device peaks not planned: the statistics then cover the MLP weights too)
         ("Exact: full fp16 per-sample attention + MLP gradients", (attn + mlp) * 2 * samples, float("nan")),
         (f"Sketch(k={k}, {sketch_dtype}): heads + MLP units ({s.intermediate // s.mlp_units_per_layer} channels each)",
-         s.num_layers * (s.head_blocks_per_layer + mlp_blocks) * per_vec * samples, float("nan")),
+         s.num_layers * (s.head_blocks_per_layer + mlp_blocks) * per_vec * samples, peak(sketch, "all")),
         (f"Sketch(k={k}, {sketch_dtype}): MLP single neurons", s.num_layers * s.mlp_matrices * s.intermediate * per_vec
          * samples, float("nan")),
         ("MLP per-neuron pair means from pass-1 statistics (fp32, any sample count)",

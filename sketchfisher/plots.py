@@ -91,9 +91,11 @@ def plot_head_conflicts(conflicts, layout: Any, path: Optional[str | Path] = Non
         align[r["layer"], heads, b] = r["alignment"]
         marked[r["layer"], heads, b] = bool(r["conflict"])
     level = conflicts.attrs.get("level", 0.05)
-    return plot_block_heatmaps(align, path, title=title, significant=marked, blocks=blocks, diverging=True,
-                               unit="head" if unit == "head" else "channel group",
-                               label=f"alignment of the task means (cosine); dots: conflict, q ≤ {level:g}")
+    title = f"{title}\n" if title else ""
+    return plot_block_heatmaps(align, path, blocks=blocks, diverging=True, significant=marked,
+                               unit="head" if unit == "head" else "channel group", label="alignment (cosine)",
+                               title=f"{title}colour: alignment of the tasks' mean gradients (blue: opposed); "
+                                     f"dots: conflict at q ≤ {level:g} ({int(marked.sum())} cells)")
 
 
 def plot_block_comparison(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "",

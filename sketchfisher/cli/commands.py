@@ -188,6 +188,10 @@ def _print_conflicts(table, top: int, what: str, unit: str = "head") -> None:
         print("  " + describe(row, unit))
     more = f" (the first {top} listed)" if len(flagged) > top else ""
     print(f"{len(flagged)} of {len(table)} {what} in conflict at q <= {table.attrs.get('level', 0.05):g}{more}")
+    if flagged.empty:  # the closest candidates, so that "none" can be read against them
+        print("the most negative alignments (not significant):")
+        for row in table.sort_values("alignment").head(min(top, 3)).to_dict("records"):
+            print("  " + describe(row, unit))
 
 
 def _conflicts(args: argparse.Namespace) -> int:

@@ -107,6 +107,12 @@ class Shape:
         return 2 * self.heads + 2 * self.kv_heads
 
     @property
+    def mlp_block_sizes(self) -> list[int]:
+        """The size of every MLP channel-group block at the default group size (each matrix of every layer)."""
+        per_unit = self.intermediate // self.mlp_units_per_layer * self.hidden
+        return [per_unit] * (self.num_layers * self.mlp_matrices * self.mlp_units_per_layer)
+
+    @property
     def head_block_sizes(self) -> list[int]:
         """The size of every distinct attention head block of the model (Q, K, V, O of every layer)."""
         return [self.head_dim * self.hidden] * (self.num_layers * self.head_blocks_per_layer)
@@ -130,7 +136,7 @@ class Shape:
 def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Optional[Codec] = None,
                 cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1,
                 passes: Optional[float] = None, plan: Optional[PassPlan] = None, store: bool = False,
-                conflicts: bool = True) -> pd.DataFrame:
+                conflicts: bool = True, units: Any = "heads") -> pd.DataFrame:
     """Predicted peak device memory of each step of a collection (busiest device), in bytes and GiB, then of
     scoring. The rows are the pass plan's steps, named as :class:`~sketchfisher.phases.PhaseLog` records them
     (:func:`sketchfisher.collect.plan.pass_plan` for ``codec``, ``cfg`` and ``passes``, or ``plan``; ``store``
@@ -138,18 +144,22 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
 
     ``samples`` counts both tasks (half each). Each step's peak is what it holds on the device while its
     batches run: the weights, the statistics and preparations still resident, the outputs of earlier steps
-    and its own, and for a pass the running terms (capture, activations, one module's per-sample gradient)."""
+    and its own, and for a pass the running terms (capture, activations, one module's per-sample gradient).
+    ``units`` (``"heads"``, ``"mlp"``, ``"all"`` or a tuple) are the unit families collected: MLP units add the
+    MLP weights to every model-sized term (their statistics, preparations and factors) and their channel-group
+    blocks to the per-sample outputs."""
     codec = check_codec(Sketch() if codec is None else codec)
     cfg = cfg or ScoreConfig()
     if min(samples, tokens, batch_size, devices) < 1 or stats_bytes not in (4, 8):
         raise InputError(f"samples, tokens, batch_size and devices must be >= 1 and stats_bytes 4 or 8; got "
                          f"{samples}, {tokens}, {batch_size}, {devices}, {stats_bytes}")
     s = Shape.of(source)
-    plan = plan or pass_plan(codec, cfg, passes, conflicts=conflicts)
+    families = _families(units)
+    plan = plan or pass_plan(codec, cfg, passes, means=families != ("heads",), conflicts=conflicts)
     if store and "writes" not in plan.names:
         plan = plan.with_writes()
     terms = _Terms.of(s, codec, plan, samples=samples, tokens=tokens, batch_size=batch_size, stats_bytes=stats_bytes,
-                      model_bytes_per_param=model_bytes_per_param, devices=devices)
+                      model_bytes_per_param=model_bytes_per_param, devices=devices, families=families)
     rows = terms.simulate(plan)
     df = pd.DataFrame(rows, columns=["phase", "peak_device_bytes"])
     df["peak_GiB"] = df["peak_device_bytes"] / GiB
@@ -173,15 +183,18 @@ class _Terms:
 
     @classmethod
     def of(cls, s: Shape, codec: Codec, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
-           model_bytes_per_param: int, devices: int) -> "_Terms":
-        attn = s.num_layers * s.attn_params_per_layer
+           model_bytes_per_param: int, devices: int, families: tuple[str, ...] = ("heads",)) -> "_Terms":
+        mlp = "mlp" in families
+        attn = s.num_layers * (s.attn_params_per_layer * ("heads" in families) + s.mlp_params_per_layer * mlp)
         per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
         tokens_b = batch_size * tokens
-        capture = per_layer(tokens_b * s.num_layers * s.attn_in_out_per_layer * 4)
+        in_out = s.attn_in_out_per_layer * ("heads" in families) + s.mlp_matrices * (s.hidden + s.intermediate) * mlp
+        capture = per_layer(tokens_b * s.num_layers * in_out * 4)
         acts = per_layer(tokens_b * s.num_layers * (ACT_PER_HIDDEN * s.hidden + ACT_PER_INTERMEDIATE * s.intermediate))
         acts += tokens_b * s.vocab * LOGIT_BYTES
-        grad = 2 * batch_size * max(s.heads * s.head_dim, s.hidden) * s.hidden * 4
-        sizes, width = s.head_block_sizes, s.num_layers * s.attn_in_out_per_layer
+        grad = 2 * batch_size * max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden * 4
+        sizes = (s.head_block_sizes if "heads" in families else []) + (s.mlp_block_sizes if mlp else [])
+        width = s.num_layers * in_out
         per_task = samples / 2
         rep = sketches = raw = 0.0
         if codec.two_pass:
@@ -193,7 +206,7 @@ class _Terms:
                    stats={t: per_layer(len(q) * attn * stats_bytes) for t, q in plan.statistics.items()},
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
                    variance_reduction=bool(codec.variance_reduction),
-                   conflict_tensor=per_layer(attn * 2) if "half" in plan.statistics["a"] else 0.0)
+                   conflict_tensor=per_layer(attn * (4 if mlp else 2)) if "half" in plan.statistics["a"] else 0.0)
 
     def preparations(self, centre_b: bool) -> float:
         """w_a, and with variance reduction w_b (or, once B's centre is known in a single-pass order, ȳ'
@@ -236,6 +249,21 @@ class _Terms:
         kept = sum(v for k, v in held.items() if k.startswith(("rep", "sketches")))
         rows.append(("scoring", self.weights + kept + self.grad))
         return rows
+
+
+def layout_units(layout: Any) -> tuple[str, ...]:
+    """The planned unit families of a layout (heads and/or MLP channel groups; heads when it has neither)."""
+    names = tuple(n for n, _ in layout.families) or (layout.family_name,)
+    return tuple(f for f in ("heads", "mlp") if f in names) or ("heads",)
+
+
+def _families(units: Any) -> tuple[str, ...]:
+    """The planned unit families: heads and/or MLP channel groups (other linear layers are not planned)."""
+    wanted = ("heads", "mlp") if units == "all" else (units,) if isinstance(units, str) else tuple(units)
+    planned = tuple(f for f in ("heads", "mlp") if f in wanted)
+    if not planned:
+        raise InputError(f"the planner plans units 'heads', 'mlp' or 'all'; got {units!r}")
+    return planned
 
 
 def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, stats_copies: tuple[int, int],
@@ -285,17 +313,17 @@ def batch_geometry(batch: Any) -> Optional[tuple[int, int]]:
 
 
 def check_plan_fits(model: nn.Module, plan: PassPlan, codec: Codec, cfg: ScoreConfig, stats_dtype: torch.dtype, task_a: Any,
-                    task_b: Any) -> Optional[pd.DataFrame]:
+                    task_b: Any, units: Any = "heads") -> Optional[pd.DataFrame]:
     """:func:`check_device_memory` for two tasks given as lists of batches (others cannot be counted
     without consuming them, and are not checked)."""
     if not all(isinstance(t, (list, tuple)) for t in (task_a, task_b)) or not task_a:
         return None
     samples = sum(geo[0] for t in (task_a, task_b) for geo in map(batch_geometry, t) if geo)
-    return check_device_memory(model, plan, codec, cfg, stats_dtype, task_a[0], samples)
+    return check_device_memory(model, plan, codec, cfg, stats_dtype, task_a[0], samples, units)
 
 
 def check_device_memory(model: nn.Module, plan: PassPlan, codec: Codec, cfg: ScoreConfig, stats_dtype: torch.dtype,
-                        first_batch: Any, samples: int) -> Optional[pd.DataFrame]:
+                        first_batch: Any, samples: int, units: Any = "heads") -> Optional[pd.DataFrame]:
     """Refuse, before the first batch, a collection whose predicted peak exceeds a device's memory.
 
     The prediction is :func:`plan_phases` of ``plan`` for this model's shape and settings; a device's budget
@@ -316,17 +344,17 @@ def check_device_memory(model: nn.Module, plan: PassPlan, codec: Codec, cfg: Sco
                  + weights[d] for d in cuda)
     return refuse_over_budget(model, budget, devices=len(cuda), samples=samples, tokens=tokens, batch_size=batch,
                               codec=codec, cfg=cfg, stats_dtype=stats_dtype,
-                              model_bytes_per_param=next(model.parameters()).element_size(), plan=plan)
+                              model_bytes_per_param=next(model.parameters()).element_size(), plan=plan, units=units)
 
 
 def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Codec,
                        cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int, passes: Optional[float] = None,
-                       plan: Optional[PassPlan] = None) -> pd.DataFrame:
+                       plan: Optional[PassPlan] = None, units: Any = "heads") -> pd.DataFrame:
     """The plan when its busiest phase fits ``budget`` bytes per device; else :class:`InputError` with the
     numbers and the settings that would fit (fp32 statistics, a smaller batch, more devices)."""
     stats_bytes = torch.empty((), dtype=stats_dtype).element_size()
     args = dict(samples=samples, tokens=tokens, codec=codec, cfg=cfg, model_bytes_per_param=model_bytes_per_param,
-                passes=passes, plan=plan)
+                passes=passes, plan=plan, units=units)
     peak = lambda **kw: plan_phases(source, **{**args, "batch_size": batch_size, "stats_bytes": stats_bytes,  # noqa
                                                "devices": devices, **kw})
     df = peak()
@@ -342,6 +370,9 @@ def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, 
         lighter = lighter.with_writes() if "writes" in current.names else lighter
         if peak(plan=lighter)["peak_device_bytes"].max() <= budget:
             hints.append("without the conflict test's statistics (conflicts=False, --no-conflicts)")
+    if "mlp" in _families(units) and "heads" in _families(units) and \
+            peak(units="heads", plan=None)["peak_device_bytes"].max() <= budget:
+        hints.append("heads alone, then MLP units in a second collection (units='heads', then units='mlp')")
     if batch_size > 1 and peak(batch_size=batch_size // 2)["peak_device_bytes"].max() <= budget:
         hints.append(f"batch size {batch_size // 2}")
     more = next((n for n in (2, 4, 8) if n > devices and peak(devices=n)["peak_device_bytes"].max() <= budget), None)

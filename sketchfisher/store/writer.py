@@ -35,7 +35,7 @@ from torch import nn
 
 from ..capture.oracle import LossFn, batch_size_of
 from ..collect import Job, Sink, default_stats_dtype, execute, pass_plan, trainable_weights
-from ..collect.memory import check_plan_fits, format_bytes, store_disk_bytes
+from ..collect.memory import check_plan_fits, format_bytes, layout_units, store_disk_bytes
 from ..collect.plan import Step
 from ..collect.sketches import check_reiterable, compacted_statistics, host_staging, statistics_dtypes
 from ..compress import SideCodec, check_codec
@@ -219,7 +219,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     stats_dtype = stats_dtype or default_stats_dtype(model)
     on_disk = {t for t in TASKS if final_path(root, t).exists()}
     plan = plan.resumed(on_disk).with_writes()
-    check_plan_fits(model, plan, codec, cfg, stats_dtype, task_a, task_b)
+    check_plan_fits(model, plan, codec, cfg, stats_dtype, task_a, task_b, layout_units(layout))
     if ranks.rank == 0 and on_disk != set(TASKS):
         drop_stale_shards(root)
     ranks.barrier()
