@@ -154,13 +154,20 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
     if args.warm:  # compile the kernels first: the time of a second call in the same process
         sf.analyze(model, lm_loss, task_a[:1], task_b[:1], codec=codec).head_means()
-    for passes in args.passes:  # several orders side by side in one process
-        sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes))
-        rows.append(("sf.analyze: both passes, both tasks" if passes == 2 else
-                     "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A", sec, peaks))
+    settings = [(p, c) for p in args.passes for c in args.conflicts]
+    for passes, conflicts in settings:  # several orders (and conflict-test settings) side by side in one process
+        flag = {"auto": None, "on": True, "off": False}[conflicts]
+        sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
+                                                     conflicts=flag))
+        rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
+                      "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") + f", conflicts {conflicts}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
-        for label, sec, peaks in rows[-2:]:
+        recorded = res.context.source.moments if hasattr(res.context.source, "moments") else None
+        if recorded:
+            sec_c, peaks_c, table = measure(res.head_conflicts)
+            rows.append((f"conflict table ({int(table.conflict.sum())} of {len(table)} blocks flagged)", sec_c, peaks_c))
+        for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
         print(f"| phase of sf.analyze(passes={passes:g}) | seconds | | peak GiB (max over devices) |")
         for row in res.phases.rows():
@@ -168,7 +175,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
               f"collection: A {res.context.stats_a.quantities}, B {res.context.stats_b.quantities}")
         phases = res.phases.rows()
-        if passes is not args.passes[-1]:
+        if (passes, conflicts) != settings[-1]:
             del res, means  # free the device before the next order runs
             gc.collect()
     if args.compare_stats_dtype:
@@ -196,6 +203,8 @@ def main() -> None:
     p.add_argument("--passes", type=float, nargs="+", default=[2], choices=[2, 1.5],
                    help="sf.analyze's pass orders, run one after another: 2 per task (default) and/or 1.5 "
                         "(task B once)")
+    p.add_argument("--conflicts", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                   help="sf.analyze's conflicts= (auto: on where it fits); several run side by side")
     p.add_argument("--warm", action="store_true", help="run sf.analyze once on one batch first (kernels compiled)")
     p.add_argument("--plain-seconds", type=float, default=None, help="a plain time measured before (with --cli-only)")
     p.add_argument("--cli-only", action="store_true", help="skip sf.analyze; run only the CLI path (needs --cli)")

@@ -13,8 +13,8 @@ from torch import nn
 
 from .capture.oracle import LossFn
 from .collect import Job, MemorySink, default_stats_dtype, execute, pass_plan
-from .collect.memory import check_plan_fits, layout_units
-from .collect.sketches import check_reiterable, host_staging
+from .collect.runner import check_job
+from .collect.sketches import host_staging
 from .compress import Codec, Exact, Factors, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
@@ -37,7 +37,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
             stats_dtype: Optional[torch.dtype] = None, progress: bool = False,
             units: str | tuple[str, ...] = "heads", mlp_group_size: Optional[int] = None,
             linear_group_sizes: Optional[dict[str, int]] = None, passes: Optional[float] = None,
-            conflicts: bool = True) -> InterferenceResult:
+            conflicts: Optional[bool] = None) -> InterferenceResult:
     """Head- and channel-resolved interference between every task-A sample i and task-B sample j.
 
     ``loss_fn(model, batch)`` returns one loss per sample (``[B]``); ``task_a``/``task_b`` iterate
@@ -73,10 +73,11 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     passes over each task. With ``store=`` and no ``passes``, an existing store is finished in the order
     that began it.
 
-    ``conflicts`` (default on) records what ``res.head_conflicts()`` needs: with a sketch codec each sample's
-    exact conflict scalar against the other task's mean gradient, per unit block (both tasks' Σg are kept
-    until the preparation: one more model-sized statistic per task during pass 1); exact codecs need nothing
-    more.
+    ``conflicts`` records what ``res.head_conflicts()`` needs: with a sketch codec each sample's exact conflict
+    scalars against the other task's mean gradient, per unit block (both tasks' Σg, and task A's over half its
+    samples, are kept until the preparation); exact codecs need nothing more. ``None`` (the default): on,
+    unless only they keep the collection from fitting the device (then left out, with a warning); ``True``:
+    on or refused; ``False``: off.
     """
     check_batches(task_a=task_a, task_b=task_b)
     codec = check_codec(Exact() if codec is None else codec)
@@ -85,7 +86,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     layout = units_layout(model, units, mlp_group_size, linear_group_sizes, layout=layout)
     if store is not None and passes is None:
         passes = stored_passes(store)
-    plan = pass_plan(codec, cfg, passes, means=layout.beyond_heads, conflicts=conflicts)
+    plan = pass_plan(codec, cfg, passes, means=layout.beyond_heads, conflicts=conflicts is not False)
     if modules != "attention" and (store is not None or plan.passes == 1.5):
         raise InputError(f"{'stores' if store is not None else 'passes=1.5'} collect the layout's units only; use "
                          "modules='attention'")
@@ -96,7 +97,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     log = PhaseLog.for_devices([p.device for p in model.parameters()])
     job = Job(model, loss_fn, {"a": task_a, "b": task_b}, layout, codec, cfg,
               stats_dtype or default_stats_dtype(model), log, progress, modules)
-    check_job(plan, job)
+    plan = check_job(plan, job, conflicts)
     # task A's Fisher leaves the GPU at the preparation; its host memory is made ready while the passes run
     staging = host_staging(model, layout, [job.stats_dtype]) if codec.two_pass else None
     with staging or nullcontext():
@@ -111,15 +112,6 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     res = InterferenceResult.from_context(context, max_bytes)
     res.phases = log
     return res
-
-
-def check_job(plan: Any, job: Job) -> None:
-    """Everything cheap about a collection, before its first batch: tasks that are iterated more than once
-    can be, the codec takes the layout, and the plan fits the device."""
-    check_reiterable(**{f"task_{t}": job.tasks[t] for t in job.tasks if plan.passes_over(t) > 1})
-    job.codec.check_layout(job.layout)
-    check_plan_fits(job.model, plan, job.codec, job.cfg, job.stats_dtype, job.tasks["a"], job.tasks["b"],
-                    layout_units(job.layout))
 
 
 def check_batches(**tasks: Any) -> None:

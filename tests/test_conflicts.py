@@ -124,3 +124,26 @@ def test_a_collection_without_the_test_says_so(tmp_path):
         res.head_conflicts()
     with pytest.raises(sf.InputError, match="at least 4 task-A"):
         sf.analyze(model, generic_loss, ta[:1], tb, codec=sf.Factors()).head_conflicts()
+
+
+def test_by_default_the_test_is_left_out_only_when_it_alone_does_not_fit(monkeypatch, caplog, tmp_path):
+    """conflicts=None (the default): when only the conflict test's statistics keep a collection from fitting the
+    device, it runs without them and says so; conflicts=True refuses; a store records which it did."""
+    import sketchfisher.collect.runner as runner
+
+    def device(model, plan, *args):  # a device on which only the plan without the test fits
+        if plan.conflicts:
+            raise sf.InputError("this collection needs about 81 GiB on a device in pass B. What would fit: ...")
+
+    monkeypatch.setattr(runner, "check_plan_fits", device)
+    model = make_model("gpt2")
+    ta, tb = make_batches(4, 2, seed=1), make_batches(4, 2, seed=2)
+    with caplog.at_level("WARNING"):
+        res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8))
+    assert "without the conflict test's statistics" in caplog.text and "81 GiB" in caplog.text
+    with pytest.raises(sf.InputError, match="conflicts=True"):
+        res.head_conflicts()
+    with pytest.raises(sf.InputError, match="81 GiB"):
+        sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8), conflicts=True)
+    sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8), store=tmp_path / "s")
+    assert sf.open_store(tmp_path / "s").manifest["conflicts"] is False

@@ -42,6 +42,30 @@ def test_scores_identical_on_cpu_and_cuda(passes):
         torch.testing.assert_close(gpu.scores, cpu.scores, rtol=1e-4, atol=1e-6 * float(cpu.scores.abs().max()))
 
 
+@pytest.mark.parametrize("units", ["heads", "all"])
+def test_conflict_table_on_cuda_equals_cpu(units, tmp_path):
+    """The conflict test of CUDA results (exact, sketched in both orders, from a store) is the CPU one; the
+    distributions-differ permutation test runs on CUDA results too."""
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(8, 4, seed=1), make_batches(6, 3, seed=2)
+    to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
+    for codec, passes in ((sf.Factors(), None), (sf.Sketch(k=32), 2), (sf.Sketch(k=32), 1.5)):
+        cpu = sf.analyze(model, generic_loss, ta, tb, codec=codec, passes=passes, units=units)
+        gpu = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), codec=codec, passes=passes, units=units)
+        model.cpu()
+        for family in cpu.families:
+            want, got = cpu.units(family).head_conflicts(), gpu.units(family).head_conflicts()
+            for column in ("T", "stderr", "alignment"):
+                torch.testing.assert_close(torch.tensor(got[column].to_numpy()), torch.tensor(want[column].to_numpy()),
+                                           rtol=2e-3, atol=2e-3 * float(want[column].abs().max()))
+        if not codec.two_pass:
+            assert len(gpu.distributions_differ(n_permutations=9)) > 0
+    stored = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), codec=sf.Sketch(k=32), units=units,
+                        store=tmp_path / "s")
+    model.cpu()
+    assert len(stored.head_conflicts()) > 0
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("size,k,s", [(524288, 256, 1), (524288, 256, 4), (3001, 64, 2), (40, 1024, 1), (999, 96, 1)])
 def test_cuda_sjlt_kernel_matches_cpu_map(dtype, tol, size, k, s):

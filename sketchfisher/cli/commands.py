@@ -91,7 +91,7 @@ def _collect(args: argparse.Namespace) -> int:
                                     **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
                                        for s, p in (("a", args.task_a), ("b", args.task_b))}},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype),
-                            log=log, conflicts=not args.no_conflicts)
+                            log=log, conflicts=False if args.no_conflicts else None)
     summary = sf.open_store(path).summary()
     summary["collection_seconds"] = round(time.perf_counter() - start, 2)
     summary["phases"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in log.rows()]

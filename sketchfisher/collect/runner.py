@@ -10,6 +10,7 @@ the plan only.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -24,11 +25,14 @@ from ..layout import Layout
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
 from .passes import Skip
-from .plan import PassPlan, Step
+from .memory import check_plan_fits, layout_units
+from .plan import PassPlan, Step, pass_plan
 from .sketches import Preps, centre_j_side, centre_products, centred, compacted_statistics, mean_moments, pass_b
 from .sketches import prepare_all
 from .sketches import sketch_batches
 from .stage1 import collect
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +100,33 @@ class Sink:
 
     def flush(self) -> None:
         """Wait for what is still being written."""
+
+
+def check_job(plan: PassPlan, job: Job, conflicts: Optional[bool] = None) -> PassPlan:
+    """Everything cheap about a collection, before its first batch: tasks that are iterated more than once
+    can be, the codec takes the layout, and the plan fits the device. Returns the plan to run: with
+    ``conflicts=None`` (the default), a plan whose conflict-test statistics alone would not fit the device is
+    run without them, with a warning saying so (``res.head_conflicts()`` then says how to get them); an
+    explicit ``True`` refuses instead."""
+    from .sketches import check_reiterable
+
+    check_reiterable(**{f"task_{t}": job.tasks[t] for t in job.tasks if plan.passes_over(t) > 1})
+    job.codec.check_layout(job.layout)
+    fits = lambda p: check_plan_fits(job.model, p, job.codec, job.cfg, job.stats_dtype,  # noqa: E731
+                                     job.tasks["a"], job.tasks["b"], layout_units(job.layout))
+    try:
+        fits(plan)
+        return plan
+    except InputError as exc:
+        if conflicts is not None or not plan.conflicts or not job.codec.two_pass:
+            raise
+        lighter = pass_plan(job.codec, job.cfg, plan.passes, plan.means, conflicts=False)
+        lighter = lighter.with_writes() if "writes" in plan.names else lighter
+        fits(lighter)  # (refuses with its own numbers when even this does not fit)
+        logger.warning("collecting without the conflict test's statistics, which would not fit the device (%s); "
+                       "res.head_conflicts() will refuse this collection: a smaller batch or more devices keep "
+                       "them", str(exc).split(". What would fit")[0])
+        return lighter
 
 
 def execute(plan: PassPlan, job: Job, sink: Sink) -> State:
@@ -193,4 +224,4 @@ class MemorySink(Sink):
                                  f"{state.stats[task].count}: the task must yield the same batches on every pass")
 
 
-__all__ = ["Job", "MemorySink", "STEPS", "Sink", "State", "execute"]
+__all__ = ["Job", "MemorySink", "STEPS", "Sink", "State", "check_job", "execute"]

@@ -35,9 +35,10 @@ from torch import nn
 
 from ..capture.oracle import LossFn, batch_size_of
 from ..collect import Job, Sink, default_stats_dtype, execute, pass_plan, trainable_weights
-from ..collect.memory import check_plan_fits, format_bytes, layout_units, store_disk_bytes
+from ..collect.memory import format_bytes, store_disk_bytes
+from ..collect.runner import check_job
 from ..collect.plan import Step
-from ..collect.sketches import check_reiterable, compacted_statistics, host_staging, statistics_dtypes
+from ..collect.sketches import compacted_statistics, host_staging, statistics_dtypes
 from ..compress import SideCodec, check_codec
 from ..errors import InputError
 from ..fisher import FisherStats
@@ -47,7 +48,7 @@ from ..metric import ScoreConfig
 from ..phases import PhaseLog
 from .files import StoreLock, Writes, atomic_write_json, read_metadata, remove_stale_temps
 from .integrity import check_header, index_entry
-from .manifest import build_manifest, check_same, new_store_id, passes_of, read_manifest, seal
+from .manifest import build_manifest, check_same, conflicts_of, new_store_id, passes_of, read_manifest, seal
 from .pass1 import Counter, Ranks, counted, final_path, partial_path, run_pass1, save_pass1
 from .shards import TASKS, ShardParts, drop_stale_shards, shard_name, write_shard
 
@@ -161,7 +162,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
                      checkpoint_every: int | None = None, max_bytes: int | None = None,
                      show_progress: bool = False, stats_dtype: torch.dtype | None = None,
                      inputs: dict[str, Any] | None = None, log: PhaseLog | None = None,
-                     passes: float | None = None, conflicts: bool = True) -> Path:
+                     passes: float | None = None, conflicts: bool | None = None) -> Path:
     """Collect (or finish collecting) a store of a side codec (``sf.Sketch``) at ``path``; returns the path.
 
     The collection is the pass plan of ``sf.analyze`` (:func:`sketchfisher.collect.plan.pass_plan`) plus a
@@ -177,7 +178,8 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
 
     Before pass 2 writes anything, the planned size of the store (known once pass 1 has counted the samples)
     is compared with ``max_bytes`` and with the free disk; collection refuses to go on with the numbers in
-    the error. ``conflicts`` records each sample's conflict scalars (``sf.analyze``'s option of that name).
+    the error. ``conflicts`` records each sample's conflict scalars (``sf.analyze``'s option of that name; an
+    existing store keeps its own).
     """
     codec = check_codec(codec)
     if not codec.two_pass:
@@ -196,11 +198,20 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
 def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
              task_b: Iterable[Any], layout: Layout, codec: SideCodec, cfg: ScoreConfig, checkpoint_every: int | None,
              max_bytes: int | None, show_progress: bool, stats_dtype: torch.dtype | None,
-             inputs: dict[str, Any] | None, log: PhaseLog | None, passes: float | None, conflicts: bool) -> Path:
+             inputs: dict[str, Any] | None, log: PhaseLog | None, passes: float | None,
+             conflicts: bool | None) -> Path:
+    existing = read_manifest(root / "manifest.json") if (root / "manifest.json").exists() else None
+    if existing is not None and conflicts is None:  # a store is finished as it was begun
+        conflicts = conflicts_of(existing)
     plan = pass_plan(codec, cfg, stored_passes(root) if passes is None else passes, means=layout.beyond_heads,
-                     conflicts=conflicts)
-    check_reiterable(**{f"task_{t}": task for t, task in zip(TASKS, (task_a, task_b)) if plan.passes_over(t) > 1})
-    wanted = build_manifest(model, layout, codec, cfg, inputs, plan.passes, conflicts)
+                     conflicts=conflicts is not False)
+    tasks = dict(zip(TASKS, (task_a, task_b)))
+    log = log if log is not None else PhaseLog.for_devices([p.device for p in model.parameters()])
+    stats_dtype = stats_dtype or default_stats_dtype(model)
+    on_disk = {t for t in TASKS if final_path(root, t).exists()}
+    job = Job(model, loss_fn, tasks, layout, codec, cfg, stats_dtype, log, show_progress)
+    plan = check_job(plan.resumed(on_disk).with_writes(), job, conflicts)  # (the tasks, the layout, the device)
+    wanted = build_manifest(model, layout, codec, cfg, inputs, plan.passes, plan.conflicts)
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -214,12 +225,6 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     if ranks.rank == 0:
         remove_stale_temps(root)  # half-written files of a killed run (the store's own names only); never read
     ranks.barrier()
-    tasks = dict(zip(TASKS, (task_a, task_b)))
-    log = log if log is not None else PhaseLog.for_devices([p.device for p in model.parameters()])
-    stats_dtype = stats_dtype or default_stats_dtype(model)
-    on_disk = {t for t in TASKS if final_path(root, t).exists()}
-    plan = plan.resumed(on_disk).with_writes()
-    check_plan_fits(model, plan, codec, cfg, stats_dtype, task_a, task_b, layout_units(layout))
     if ranks.rank == 0 and on_disk != set(TASKS):
         drop_stale_shards(root)
     ranks.barrier()
@@ -227,16 +232,16 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
     space = lambda samples, batches=None: _check_space(  # noqa: E731
         root, model, codec, samples, batches or _counts(task_a, task_b)[1] or samples, stats_copies, stats_dtype,
-        max_bytes, ranks.world, compact, conflicts)
+        max_bytes, ranks.world, compact, plan.conflicts)
     _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes, ranks.world,
-                 compact, conflicts)
+                 compact, plan.conflicts)
     # the final statistics are written to disk in the background while the passes go on; their host memory
     # is made ready while pass 1 runs
     dtypes = [d for t in TASKS if t not in on_disk for d in statistics_dtypes(plan.statistics[t], layout, stats_dtype)]
     sink = StoreSink(root, ranks, store_id, codec, checkpoint_every,
                      host_staging(model, layout, dtypes if ranks.rank == 0 else []), space)
     try:
-        state = execute(plan, Job(model, loss_fn, tasks, layout, codec, cfg, stats_dtype, log, show_progress), sink)
+        state = execute(plan, job, sink)
     finally:
         sink.close()
     ranks.barrier()
