@@ -722,3 +722,18 @@ def test_fingerprint_samples_stay_inside_large_parameters():
         model.big[-1] = 1.0  # the last entry is sampled
     assert model_fingerprint(model, sf.Layout("x", sf.Dims(1, 1, 1, 1, 1), {}, ()))["weights_sha256"] != \
         before["weights_sha256"]
+
+
+def test_verify_reads_the_precision_the_store_was_collected_in(tiny_bert_dir, tmp_path, capsys):
+    """A store collected with --dtype bf16 is verified without repeating it (the store records its dtype)."""
+    from sketchfisher.cli import main
+
+    (tmp_path / "a.txt").write_text("\n".join(f"what is {i} plus {i + 1}?" for i in range(4)))
+    (tmp_path / "b.txt").write_text("\n".join(f"def f{i}(x): return x * {i}" for i in range(4)))
+    assert main(["collect", "--model", str(tiny_bert_dir), "--task-a", str(tmp_path / "a.txt"), "--task-b",
+                 str(tmp_path / "b.txt"), "--batch-size", "2", "--out", str(tmp_path / "s"), "--k", "16", "--dtype",
+                 "bf16", "--quiet"]) == 0
+    assert sf.open_store(tmp_path / "s").manifest["inputs"]["dtype"] == "bf16"
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "s"), "--k", "3", "--budget", "6"]) == 0
+    assert "held among 6 re-scored candidates" in capsys.readouterr().out

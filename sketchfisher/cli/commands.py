@@ -87,6 +87,7 @@ def _collect(args: argparse.Namespace) -> int:
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], layout, codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet, passes=_passes(args),
                             inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
+                                    "dtype": args.dtype,
                                     "text_field": args.text_field, "model": str(Path(args.model).resolve()),
                                     **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
                                        for s, p in (("a", args.task_a), ("b", args.task_b))}},

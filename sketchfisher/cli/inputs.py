@@ -40,6 +40,8 @@ def _recompute_inputs(args: argparse.Namespace, store):
     from ..tasks import check_max_length, file_sha256, input_device, load_hf, read_task, task_batches, to_device
 
     recorded = store.manifest.get("inputs", {})
+    if args.dtype is None:  # the precision the store was collected in (float32 for stores that record none)
+        args.dtype = recorded.get("dtype", "float32")
     for flag in ("model", "task_a", "task_b", "text_field", "batch_size", "max_length"):
         if getattr(args, flag) is None:
             value = recorded.get(flag)

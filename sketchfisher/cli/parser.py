@@ -116,8 +116,10 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
                    help="tokens per sample after truncation (default: 128" + (", or the store's" if from_store else "")
                         + ")")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (never chosen for you)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
-                   help="precision of the model's weights (default: float32)")
+    p.add_argument("--dtype", default=None if from_store else "float32",
+                   choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="precision of the model's weights (default: float32" + (", or the store's" if from_store else "")
+                        + ")")
     p.add_argument("--device-map", default="none", choices=["none", "auto"],
                    help="auto: spread the layers over every visible GPU (needs accelerate); default: none")
 
