@@ -19,8 +19,9 @@ from torch import nn
 
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
-from ..compress.sketch_scores import (BlockPrep, Side, conflict_moments, conflict_scalars, prepare_block,
-                                     side_vector, sketch_sides, with_j_centre)
+from ..compress.sketch_scores import (BlockPrep, Side, conflict_moments, conflict_scalars,
+                                     conflict_scalars_from_module, prepare_block, side_vector, sketch_sides,
+                                     with_j_centre)
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
 from ..fisher.host import host_copy
@@ -152,12 +153,12 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                     last = (None, None)  # free the previous module's gradient first
                     last = (module, bf.grad(module))
                 sides = fused(last[1], layer, block, prep)
-                g = layout.gather(layer, block, last[1]) if prep.u(side) is not None else None
+                conflict = conflict_scalars_from_module(last[1], hbs, prep, side, cfg.dtype)
             else:
                 g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
                 v = side_vector(g, prep, side, count, cfg)
                 sides = sketch_sides(v, prep, side, codec, layer, block_index(block))
-            conflict = None if g is None else conflict_scalars(g, prep, side, cfg.dtype)
+                conflict = conflict_scalars(g, prep, side, cfg.dtype)
             out[(layer, block)] = (*sides, conflict) if conflict is not None else tuple(sides)
         check.submit(index, out)
         yield index, bf.batch_size, out

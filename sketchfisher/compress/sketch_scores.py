@@ -160,6 +160,21 @@ def conflict_scalars(g: torch.Tensor, prep: BlockPrep, side: Side, dtype: torch.
     return None if u is None else torch.einsum("bhs,mhs->bhm", g.to(dtype), u.to(g.device, dtype))
 
 
+def conflict_scalars_from_module(grad: torch.Tensor, hbs: list, prep: BlockPrep, side: Side, dtype: torch.dtype
+                                 ) -> Optional[torch.Tensor]:
+    """:func:`conflict_scalars` read straight out of a module's per-sample gradient ``grad [B, *param_shape]``
+    (the fused CUDA path, which forms no block tensor): each head block is a slice of the stored weight, taken
+    as a view and contracted with its weights in one matrix product, ``[B, H_b, m]``."""
+    u = prep.u(side)
+    if u is None:
+        return None
+    out = []
+    for h, hb in enumerate(hbs):
+        view = grad.narrow(1 + hb.storage_axis, hb.start, hb.width)  # [B, rows, cols] of the head block
+        out.append(view.reshape(view.shape[0], -1).to(dtype) @ u[:, h].to(grad.device, dtype).T)
+    return torch.stack(out, 1)
+
+
 def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, layer: int, block: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centre side vectors ``v [B, H_b, S]`` and sketch them: ``(sketches [B, H_b, k], ‖ṽ‖² [B, H_b],

@@ -96,11 +96,11 @@ class FisherStats:
                 kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
             else:
                 update_in_chunks(g, w.count, self.dtype, *state)
-            if "half" in self.quantities:  # the samples at even positions of the stream
-                even = (torch.arange(g.shape[0], device=g.device) + w.count) % 2 == 0
+            if "half" in self.quantities:  # the samples at even positions of the stream: a strided view
+                evens = g[w.count % 2::2]
                 half = self.sum_half[name]
-                half += g[even].to(half.dtype).sum(0)
-                self.half_counts[name] = self.half_counts.get(name, 0) + int(even.sum())
+                half += evens.sum(0, dtype=half.dtype)
+                self.half_counts[name] = self.half_counts.get(name, 0) + evens.shape[0]
             w.count += g.shape[0]
 
     def _kernel_applies(self, g: torch.Tensor, state: tuple[Optional[torch.Tensor], ...]) -> bool:
