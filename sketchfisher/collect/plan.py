@@ -154,11 +154,6 @@ def resolve_passes(passes: Optional[float], cfg: ScoreConfig, codec) -> float:
     return passes
 
 
-def one_pass_b_applies(cfg: ScoreConfig, codec) -> bool:
-    """Task B can be collected in one pass with these settings."""
-    return 1.5 in codec.pass_orders(cfg)
-
-
 def pass_plan(codec, cfg: ScoreConfig, passes: Optional[float] = None, means: bool = False,
               conflicts: bool = True) -> PassPlan:
     """The plan of a collection with ``codec`` and ``cfg`` in the pass order ``passes`` (None: the default).
@@ -178,5 +173,5 @@ def pass_plan(codec, cfg: ScoreConfig, passes: Optional[float] = None, means: bo
     return PassPlan(passes, steps, stats, means, conflicts)
 
 
-__all__ = ["PASS_ORDERS", "PassPlan", "Step", "needed_statistics", "one_pass_b_applies", "pass_plan",
+__all__ = ["PASS_ORDERS", "PassPlan", "Step", "needed_statistics", "pass_plan",
            "resolve_passes"]

@@ -123,12 +123,13 @@ class StoreSink(Sink):
         return lambda stats: stats.all_reduce(trainable_weights(job.model, job.layout))
 
     def statistics_final(self, task: str, stats: FisherStats) -> None:
-        batches = self.batches_seen.get(task, self.counters[task].batches if task in self.counters else None)
+        # a statistics pass says how many batches it computed (None: read from the store); a single pass
+        # over the task counted them as they went by
+        batches = self.batches_seen.pop(task) if task in self.batches_seen else self.counters[task].batches
         if batches is not None and self.ranks.rank == 0:  # computed now: to host memory, then to disk
             host = stats.to_host(self.staging.copy if self.staging is not None else host_copy)
             self.stat_writes.submit(save_pass1, host, final_path(self.root, task), batches, self.store_id, task)
             del host
-        self.batches_seen[task] = None
         self.final[task] = stats.count
         if set(self.final) == set(TASKS):
             if self.staging is not None:
@@ -230,11 +231,10 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     ranks.barrier()
     stats_copies = tuple(len(plan.statistics[t]) for t in TASKS)
     compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
-    space = lambda samples, batches=None: _check_space(  # noqa: E731
+    space = lambda samples, batches=None: _check_space(  # noqa: E731  (again once pass 1 counted the samples)
         root, model, codec, samples, batches or _counts(task_a, task_b)[1] or samples, stats_copies, stats_dtype,
         max_bytes, ranks.world, compact, plan.conflicts)
-    _check_space(root, model, codec, *_counts(task_a, task_b), stats_copies, stats_dtype, max_bytes, ranks.world,
-                 compact, plan.conflicts)
+    space(*_counts(task_a, task_b))  # refused before any work when the tasks can be counted
     # the final statistics are written to disk in the background while the passes go on; their host memory
     # is made ready while pass 1 runs
     dtypes = [d for t in TASKS if t not in on_disk for d in statistics_dtypes(plan.statistics[t], layout, stats_dtype)]
