@@ -8,24 +8,12 @@ A at half the loss scale; −1: B is A's distribution with its loss negated)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 
 import sketchfisher as sf
-from sketchfisher.compress import ExactContributions
-from sketchfisher.interference.context import ExactSource
-from tiny_models import generic_loss, make_batches, make_model
-
-
-def planted(res, factors: torch.Tensor):
-    """``res`` (an exact result) with task B's per-sample gradients multiplied by ``factors [nB]``."""
-    ctx = res.context
-    grads = {k: [factors.view(-1, *[1] * (v[0].ndim - 1)).to(v[0]) * torch.cat(v)] for k, v in ctx.rep_b.grads.items()}
-    source = ExactSource(ctx.rep_a, ExactContributions(grads))
-    return sf.InterferenceResult.from_context(replace(ctx, source=source))
+from tiny_models import generic_loss, make_batches, make_model, planted
 
 
 @pytest.fixture(scope="module")

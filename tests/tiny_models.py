@@ -185,3 +185,16 @@ def generic_loss(model: torch.nn.Module, batch: dict, **kw) -> torch.Tensor:
     m = batch["attention_mask"].to(h)  # h's dtype and device (the last layer's card under a device map)
     per_token = (h @ u) ** 2 + (h @ u)
     return (per_token * m).sum(1) / m.sum(1)
+
+
+def planted(res, factors: torch.Tensor):
+    """``res`` (an exact result) with task B's per-sample gradients multiplied by ``factors [nB]``: task B with
+    each sample's loss multiplied by its factor (the conflict test's planted draws)."""
+    from dataclasses import replace
+
+    from sketchfisher.compress import ExactContributions
+    from sketchfisher.interference.context import ExactSource
+
+    ctx = res.context
+    grads = {k: [factors.view(-1, *[1] * (v[0].ndim - 1)).to(v[0]) * torch.cat(v)] for k, v in ctx.rep_b.grads.items()}
+    return sf.InterferenceResult.from_context(replace(ctx, source=ExactSource(ctx.rep_a, ExactContributions(grads))))
