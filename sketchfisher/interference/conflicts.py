@@ -18,9 +18,9 @@ sketch. With W = 1 / (Î + ε + λ) and the per-sample *conflict scalars* ``a_i 
 where ``b'_j`` and ``b''_j`` use the mean gradients of two fixed halves of task A (its samples at even and
 odd positions). The first term is unbiased given B. The second estimates ``μ_A·WΣ_BW·μ_A / n_B`` without
 bias because the two halves' noises are independent; the plain ``Var_j(b_j) / n_B`` would add the
-second-order term ``tr(WΣ_AWΣ_B) / (n_A n_B)`` a second time, which in high-dimensional blocks makes the test
-far too conservative (on a tiny Llama, 64 + 64 samples: 2.4% of null p-values under 0.05 instead of 5%;
-with the halves 5.8%). Exact codecs compute the scalars from the stored gradients; sketch codecs record
+second-order term ``tr(WΣ_AWΣ_B) / (n_A n_B)`` a second time, a conservative bias that grows where the task
+means are weak against their noise (``benchmarks/conflict_calibration.py --plain`` compares the two; on its
+tiny Llama both lie within the spread between collections). Exact codecs compute the scalars from the stored gradients; sketch codecs record
 them exactly in their side passes, once the other task's means are known
 (:func:`sketchfisher.collect.plan.needed_statistics`), so the test is the same for every codec, in memory
 and from a store. The p-value is Student's t with
