@@ -8,6 +8,7 @@ so Adam never moves them); ``--k`` random head blocks frozen. Reported: task B's
 on the training and evaluation samples, mean ± standard deviation over seeds.
 
     python benchmarks/conflict_finetune.py --steps 50 --k 24 --seeds 3
+    python benchmarks/conflict_finetune.py --steps 50 --k 24 --seeds 3 --pair contradicting   # a real conflict
     python benchmarks/conflict_finetune.py --steps 2 --k 2 --seeds 1 --samples 8     # the test suite's smoke run
 """
 
@@ -24,31 +25,12 @@ import torch
 
 import sketchfisher as sf
 from sketchfisher.demo import load_minilm, load_task
+from sketchfisher.evaluation import contradicting_targets, finetune_frozen
 
 
 def mean_loss(model, batches) -> float:
     with torch.no_grad():
         return float(torch.cat([sf.tasks.masked_token_loss(model, b) for b in batches]).mean())
-
-
-def finetune(model, batches, frozen: list, steps: int, lr: float, seed: int) -> None:
-    """Adam on ``batches`` (cycled in a seeded order); entries of the head blocks in ``frozen`` get no gradient."""
-    masks = {}
-    for hb in frozen:
-        param = model.get_parameter(hb.param_name)
-        mask = masks.setdefault(hb.param_name, torch.zeros_like(param, dtype=torch.bool))
-        hb.select(mask).fill_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    order = np.random.default_rng(seed).permutation(len(batches))
-    model.train()
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        sf.tasks.masked_token_loss(model, batches[order[step % len(order)]]).mean().backward()
-        for name, mask in masks.items():
-            model.get_parameter(name).grad.masked_fill_(mask, 0.0)
-        opt.step()
-    model.eval()
 
 
 def main() -> None:
@@ -59,15 +41,21 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pair", default="math-code", choices=["math-code", "contradicting"],
+                   help="task B: code snippets, or task A's own sentences with every masked target swapped for "
+                        "another's (a pair that conflicts by construction)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, tok = load_minilm()
     half = args.samples // 2
     texts = {t: load_task(t, args.samples) for t in ("math", "code")}
-    batches = lambda t, part: sf.tasks.from_texts(part, tok, loss="mlm", batch_size=4)  # noqa: E731
-    rank_a, train_a = batches("math", texts["math"][:half]), batches("math", texts["math"][half:])
-    rank_b, eval_b = batches("code", texts["code"][:half]), batches("code", texts["code"][half:])
+    batches = lambda part: sf.tasks.from_texts(part, tok, loss="mlm", batch_size=4)  # noqa: E731
+    rank_a, train_a = batches(texts["math"][:half]), batches(texts["math"][half:])
+    if args.pair == "math-code":
+        rank_b, eval_b = batches(texts["code"][:half]), batches(texts["code"][half:])
+    else:  # the held-out B samples are the contradicting twins of the training samples
+        rank_b, eval_b = contradicting_targets(rank_a, seed=1), contradicting_targets(train_a, seed=2)
     table = sf.analyze(model, sf.tasks.masked_token_loss, rank_a, rank_b, codec=sf.Exact()).head_conflicts()
     layout = sf.layout_for(model)
     blocks = [layout.head_block(r["layer"], r["block"], r["head"]) for r in table.to_dict("records")]
@@ -79,16 +67,16 @@ def main() -> None:
         random = [blocks[i] for i in np.random.default_rng(1000 + seed).choice(len(blocks), args.k, replace=False)]
         for name, frozen in zip(results, ([], worst, random)):
             model.load_state_dict(state)
-            torch.manual_seed(seed)
-            finetune(model, train_a, frozen, args.steps, args.lr, seed)
+            finetune_frozen(model, sf.tasks.masked_token_loss, train_a, frozen, args.steps, args.lr, seed)
             results[name].append((before["A"] - mean_loss(model, train_a), mean_loss(model, eval_b) - before["B"]))
     model.load_state_dict(state)
+    b_name = "code" if args.pair == "math-code" else "contradicting-target"
     print(f"MiniLM: fine-tune on math ({len(texts['math'][half:])} samples, {args.steps} Adam steps, lr {args.lr:g}); "
-          f"code loss on {len(texts['code'][half:])} held-out samples; blocks ranked on {half} + {half} other samples "
+          f"{b_name} loss on {sum(len(b['labels']) for b in eval_b)} held-out samples; blocks ranked on {half} + {half} other samples "
           f"({int(table.conflict.sum())} of {len(table)} flagged; most negative alignment "
           f"{table.alignment.min():+.2f}); {args.seeds} seeds; {time.perf_counter() - start:.0f} s")
-    print(f"before: math loss {before['A']:.4f}, code loss {before['B']:.4f}")
-    print("| setting | math loss drop | code loss rise |\n| --- | --- | --- |")
+    print(f"before: math loss {before['A']:.4f}, {b_name} loss {before['B']:.4f}")
+    print(f"| setting | math loss drop | {b_name} loss rise |\n| --- | --- | --- |")
     for name, rows in results.items():
         a, b = np.array(rows).T
         sd = lambda x: f" ± {x.std(ddof=1):.4f}" if len(x) > 1 else ""  # noqa: E731

@@ -19,12 +19,11 @@ import time
 
 os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
 
-import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 import sketchfisher as sf
 from sketchfisher.demo import load_minilm, load_task
+from sketchfisher.evaluation import block_step_effects, step_summary
 
 
 def main() -> None:
@@ -42,42 +41,16 @@ def main() -> None:
     task_b = sf.tasks.from_texts(load_task("code", args.samples), tok, loss="mlm", batch_size=8)
     loss = sf.tasks.masked_token_loss
     res = sf.analyze(model, loss, task_a, task_b, codec=sf.Exact(), dtype=torch.float64)
-    table = res.head_conflicts()
-    if args.blocks:
-        table = table.head(args.blocks)
-    ctx, layout = res.context, res.layout
-
-    def loss_b() -> float:
-        with torch.no_grad():
-            return float(torch.cat([loss(model, b) for b in task_b]).double().mean())
-
-    base = loss_b()
-    rows = []
-    for scale in (float(x) for x in args.scales.split(",")):
-        measured, predicted = [], []
-        for row in table.to_dict("records"):
-            hb = layout.head_block(row["layer"], row["block"], row["head"])
-            param = model.get_parameter(hb.param_name)
-            direction = ctx.rep_a.full(hb.param_name).double().mean(0) / (ctx.stats_a.fisher(hb.param_name).double()
-                                                                            + res.cfg.eps)
-            mask = torch.zeros_like(param, dtype=torch.bool)
-            hb.select(mask).fill_(True)
-            step = torch.where(mask, direction, torch.zeros_like(direction))
-            eta = scale / max(float(step.abs().max()), 1e-300)
-            with torch.no_grad():
-                param -= eta * step
-                measured.append(loss_b() - base)
-                param += eta * step
-            predicted.append(-eta * row["T"])
-        m, q = np.array(measured), np.array(predicted)
-        slope = float((m * q).sum() / (q * q).sum())
-        rows.append((scale, spearmanr(m, q).statistic, slope, float((np.sign(m) == np.sign(q)).mean())))
+    effects = block_step_effects(res, model, loss, task_b, scales=[float(x) for x in args.scales.split(",")],
+                                 blocks=args.blocks)
+    summary = step_summary(effects)
+    table = effects[effects.scale == effects.scale.iloc[0]]
     print(f"MiniLM, math (A) vs code (B), {res.n_a} + {res.n_b} samples, {len(table)} head blocks, fp64; "
           f"{time.perf_counter() - start:.0f} s")
     print("| largest weight change | Spearman(measured ΔL_B, −ηT) | slope | sign agreement |")
     print("| --- | --- | --- | --- |")
-    for scale, rho, slope, sign in rows:
-        print(f"| {scale:g} | {rho:.4f} | {slope:.4f} | {sign:.3f} |")
+    for r in summary.itertuples():
+        print(f"| {r.scale:g} | {r.spearman:.4f} | {r.slope:.4f} | {r.sign_agreement:.3f} |")
 
 
 if __name__ == "__main__":

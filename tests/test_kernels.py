@@ -61,25 +61,30 @@ def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
         torch.testing.assert_close(sk[:, h], maps[h].apply(v), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quantities", [("fisher", "m2", "abs", "sum"), ("fisher", "abs"), ("abs",), ("sum",),
-                                        ("fisher",)])
+@pytest.mark.parametrize("quantities", [("fisher", "m2", "abs", "sum", "half"), ("fisher", "abs"), ("abs",), ("sum",),
+                                        ("fisher",), ("sum", "half")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_welford_kernel_is_the_torch_update(dtype, quantities):
-    """The kernel updates exactly the kept statistics (the others are passed as None and stay untouched)."""
+    """The kernel updates exactly the kept statistics (the others are passed as None and stay untouched),
+    the half sum over the stream's even positions across batches of odd sizes."""
+    names = ("fisher", "m2", "abs", "sum", "half")
     ref = FisherStats(dtype=dtype, quantities=quantities)
-    keep = dict(zip(("fisher", "m2", "abs", "sum"), (True,) * 4))
-    keep = {q: q in quantities for q in keep}
-    state = [torch.zeros(7, 5, dtype=dtype) if keep[q] else None for q in ("fisher", "m2", "abs", "sum")]
-    count = 0
+    keep = {q: q in quantities for q in names}
+    state = [torch.zeros(7, 5, dtype=dtype) if keep[q] else None for q in names]
+    count, seen = 0, []
     for B in (3, 1, 4):
         g = torch.randn(B, 7, 5, generator=torch.Generator().manual_seed(B))
         ref.update({"w": g})
-        kernels.welford_update(g.reshape(B, -1), *state, count=count, block=16)
+        kernels.welford_update(g.reshape(B, -1), *state[:4], count=count, sum_half=state[4], block=16)
         count += B
+        seen.append(g)
     w = ref.welford["w"]
     assert w.count == count
-    want = (w.mean, w.m2, ref.sum_abs.get("w"), ref.sum_g.get("w"))
-    for q, got, exp in zip(("fisher", "m2", "abs", "sum"), state, want):
+    if keep["half"]:
+        torch.testing.assert_close(state[4], torch.cat(seen)[0::2].to(dtype).sum(0), rtol=1e-6, atol=1e-7)
+        assert ref.half_count == len(range(0, count, 2))
+    want = (w.mean, w.m2, ref.sum_abs.get("w"), ref.sum_g.get("w"), ref.sum_half.get("w"))
+    for q, got, exp in zip(names, state, want):
         assert (got is None) == (exp is None) == (not keep[q])
         if got is not None:
             torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)

@@ -93,14 +93,12 @@ class FisherStats:
             if all(s is None for s in state):
                 pass  # only the count is kept
             elif self._kernel_applies(g, state):  # one Triton kernel, one pass over g
-                kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state, count=w.count)
+                kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state[:4], count=w.count,
+                                       sum_half=state[4])
             else:
                 update_in_chunks(g, w.count, self.dtype, *state)
-            if "half" in self.quantities:  # the samples at even positions of the stream: a strided view
-                evens = g[w.count % 2::2]
-                half = self.sum_half[name]
-                half += evens.sum(0, dtype=half.dtype)
-                self.half_counts[name] = self.half_counts.get(name, 0) + evens.shape[0]
+            if "half" in self.quantities:  # the samples at even positions of the stream
+                self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, g.shape[0], 2))
             w.count += g.shape[0]
 
     def _kernel_applies(self, g: torch.Tensor, state: tuple[Optional[torch.Tensor], ...]) -> bool:
@@ -122,7 +120,7 @@ class FisherStats:
         for q, acc in self.sums():
             if q in self.quantities:
                 acc[name] = ready(acc.get(name) if w.count else None)
-        return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name))
+        return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name), self.sum_half.get(name))
 
     def merge(self, other: "FisherStats") -> "FisherStats":
         """Statistics of the union of both sample sets (exact), over the quantities both keep."""

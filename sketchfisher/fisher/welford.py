@@ -75,9 +75,11 @@ class Welford:
 
 
 def update_in_chunks(g: torch.Tensor, count: int, dtype: torch.dtype, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
-                      sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor]) -> None:
+                      sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor],
+                      sum_half: Optional[torch.Tensor] = None) -> None:
     """Merge the batch ``g [B, *shape]`` into the state in place (Chan's formula), in ``dtype``: the Welford mean
-    and M2 of ``g²``, Σ|g| and Σg (each None where not kept) of ``count`` samples so far.
+    and M2 of ``g²``, Σ|g|, Σg and Σg over the samples at even positions of the stream (each None where not
+    kept) of ``count`` samples so far.
 
     On the CPU the batch is taken a cache-sized slice of entries at a time: converting and squaring the
     whole batch in fp64 cost three times the gradients' formation, a slice at a time it costs less than
@@ -86,10 +88,12 @@ def update_in_chunks(g: torch.Tensor, count: int, dtype: torch.dtype, mean: Opti
     flat = g.reshape(n, -1)
     total = count + n
     step = max(4096, CHUNK_ENTRIES // n) if g.device.type == "cpu" else flat.shape[1]
-    state = [None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g)]
+    state = [None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g, sum_half)]
     for lo in range(0, flat.shape[1], step):
         x = flat[:, lo:lo + step].to(dtype)
-        mean_, m2_, abs_, sum_ = (None if t is None else t[lo:lo + step] for t in state)
+        mean_, m2_, abs_, sum_, half_ = (None if t is None else t[lo:lo + step] for t in state)
+        if half_ is not None:  # a strided view: no mask copy
+            half_ += x[count % 2::2].sum(0).to(half_)
         if abs_ is not None:
             abs_ += x.abs().sum(0).to(abs_)
         if sum_ is not None:

@@ -125,16 +125,20 @@ def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
 
 
 def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
-                   sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor], count: int, block: int = 1024) -> None:
-    """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place.
+                   sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor], count: int,
+                   sum_half: Optional[torch.Tensor] = None, block: int = 1024) -> None:
+    """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place; ``count``
+    samples came before, and ``sum_half`` sums the rows at even positions of the whole stream (``count + r``).
 
     Each state tensor may be None (not kept; ``m2`` needs ``mean``). One pass over the batch from
     memory: each program reads its slice of the n rows once, and a second time from cache for M2."""
     _, welford_kernel = _kernels()
     n, N = g.shape
-    dummy = next(t for t in (mean, m2, sum_abs, sum_g) if t is not None)
+    state = (mean, m2, sum_abs, sum_g, sum_half)
+    dummy = next(t for t in state if t is not None)
     grid = (-(-N // block),)
     with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
-        welford_kernel[grid](g, *(dummy if t is None else t for t in (mean, m2, sum_abs, sum_g)), n, N, g.stride(0), count,
+        welford_kernel[grid](g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count,
                              BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None,
-                             HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None, num_warps=4)
+                             HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
+                             HAS_HALF=sum_half is not None, num_warps=4)

@@ -90,14 +90,16 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
 
 
 @triton.jit
-def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, count, BLOCK: tl.constexpr,
-                   HAS_MEAN: tl.constexpr, HAS_M2: tl.constexpr, HAS_ABS: tl.constexpr, HAS_SUM: tl.constexpr):
+def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stride_n, count, BLOCK: tl.constexpr,
+                   HAS_MEAN: tl.constexpr, HAS_M2: tl.constexpr, HAS_ABS: tl.constexpr, HAS_SUM: tl.constexpr,
+                   HAS_HALF: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     dt = mean_ptr.dtype.element_ty
     sx = tl.zeros((BLOCK,), dtype=dt)
     sa = tl.zeros((BLOCK,), dtype=dt)
     sg = tl.zeros((BLOCK,), dtype=dt)
+    sh = tl.zeros((BLOCK,), dtype=dt)
     for r in range(n):
         g = tl.load(g_ptr + r * stride_n + offs, mask=ok, other=0.0).to(dt)
         if HAS_MEAN:
@@ -106,6 +108,8 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, co
             sa += tl.abs(g)
         if HAS_SUM:
             sg += g
+        if HAS_HALF:  # the samples at even positions of the stream (count + r even)
+            sh += g * ((count + r + 1) % 2)
     nf = n + tl.zeros((BLOCK,), dtype=dt)  # n, count may arrive as constexpr ints (Triton specialises 1)
     cf = count + tl.zeros((BLOCK,), dtype=dt)
     if HAS_MEAN:
@@ -125,3 +129,5 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, n, N, stride_n, co
         tl.store(sabs_ptr + offs, tl.load(sabs_ptr + offs, mask=ok, other=0.0) + sa, mask=ok)
     if HAS_SUM:
         tl.store(sg_ptr + offs, tl.load(sg_ptr + offs, mask=ok, other=0.0) + sg, mask=ok)
+    if HAS_HALF:
+        tl.store(sh_ptr + offs, tl.load(sh_ptr + offs, mask=ok, other=0.0) + sh, mask=ok)
