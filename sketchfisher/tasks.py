@@ -3,11 +3,17 @@
 * masked LMs: :func:`make_batches` (deterministic, text-seeded 15% masking) and
   :func:`masked_token_loss` (masked tokens decoded with the tied input embeddings);
 * causal LMs: :func:`clm_batches` and :func:`clm_loss` (next-token cross-entropy on real tokens).
+
+Every batch builder and loss is correct under either padding side (a tokenizer's ``padding_side``; the Llama
+family's default is left): targets sit on real tokens only, a prediction is counted only from a real token,
+and a left-padded batch gets position ids counted from each sample's first real token
+(:func:`model_inputs`), so each sample's loss is that of the sample run alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Union
@@ -231,8 +237,8 @@ def input_device(model: torch.nn.Module) -> torch.device:
 
 
 def clm_batches(texts: list[Sample], tokenizer: Any, batch_size: int = 8, max_length: int = 128) -> list[dict]:
-    """Right-padded batches for :func:`clm_loss`. A (prompt, completion) pair is tokenized as one text and
-    gets a ``loss_mask`` that keeps only the completion's tokens (by character offsets)."""
+    """Padded batches for :func:`clm_loss` (on the tokenizer's padding side). A (prompt, completion) pair is
+    tokenized as one text and gets a ``loss_mask`` that keeps only the completion's tokens (by character offsets)."""
     batches = []
     for lo in range(0, len(texts), batch_size):
         chunk = texts[lo:lo + batch_size]
@@ -260,13 +266,35 @@ def clm_batches(texts: list[Sample], tokenizer: Any, batch_size: int = 8, max_le
     return batches
 
 
+def _accepts_position_ids(model: torch.nn.Module) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def model_inputs(model: torch.nn.Module, batch: dict) -> dict:
+    """The keyword arguments a batch runs the model with: ``input_ids`` and ``attention_mask``, and for a
+    left-padded batch ``position_ids`` counted from each sample's first real token, so a sample's positions
+    are those it has alone (models with absolute position embeddings, such as GPT-2 and BERT, would otherwise
+    shift it by its padding). A model whose forward takes no ``position_ids`` (such as OPT, which counts
+    positions from the mask itself) gets none."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    kw = {"input_ids": ids, "attention_mask": mask}
+    if bool((mask[:, :1] == 0).any()) and _accepts_position_ids(model):
+        kw["position_ids"] = (mask.long().cumsum(1) - 1).clamp_min(0).to(ids.device)
+    return kw
+
+
 def clm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-sample mean next-token cross-entropy over real (unpadded) positions, or over the completion's
-    tokens when the batch has a ``loss_mask`` (prompt/completion pairs)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    tokens when the batch has a ``loss_mask`` (prompt/completion pairs). A prediction counts only when both
+    the token it is made from and the token it predicts are real: under left padding the first real token
+    is not predicted from the last pad."""
+    logits = model(**model_inputs(model, batch)).logits[:, :-1]
     target = batch["input_ids"][:, 1:].to(logits.device)
     keep = batch.get("loss_mask", batch["attention_mask"])
-    mask = keep[:, 1:].to(device=logits.device, dtype=torch.float32)
+    mask = (keep[:, 1:] * batch["attention_mask"][:, :-1]).to(device=logits.device, dtype=torch.float32)
     flat = logits.reshape(-1, logits.shape[-1]).float()  # the vocabulary axis contiguous: a fast softmax
     ce = torch.nn.functional.cross_entropy(flat, target.reshape(-1), reduction="none").view(target.shape)
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -286,7 +314,7 @@ def _mask_positions(text: str, n_tokens: int, rate: float = 0.15) -> list[int]:
 
 
 def make_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_length: int = 48) -> list[dict]:
-    """Right-padded batches with masked inputs and per-sample target positions."""
+    """Padded batches (on the tokenizer's padding side) with masked inputs and per-sample targets on real tokens."""
     batches = []
     for lo in range(0, len(texts), batch_size):
         chunk = texts[lo:lo + batch_size]
@@ -297,7 +325,8 @@ def make_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_leng
         ids, attn = enc["input_ids"], enc["attention_mask"]
         targets = torch.full_like(ids, -100)
         for b, text in enumerate(chunk):
-            positions = _mask_positions(text, int(attn[b].sum()))
+            real = attn[b].nonzero().flatten().tolist()  # the real tokens, whichever side the padding is on
+            positions = [real[p] for p in _mask_positions(text, len(real))]
             if not positions:
                 raise InputError(f"sample {lo + b}: nothing to mask within max_length={max_length} (the masked-token "
                                  "loss needs a token between the special tokens); raise --max-length")
@@ -310,7 +339,7 @@ def make_batches(texts: list[str], tokenizer: Any, batch_size: int = 8, max_leng
 
 def masked_token_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-sample mean cross-entropy of the masked tokens, decoded with the tied word embeddings."""
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model(**model_inputs(model, batch)).last_hidden_state
     logits = hidden @ model.get_input_embeddings().weight.to(hidden.device).T
     labels = batch["labels"].to(hidden.device)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")

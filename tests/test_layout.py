@@ -260,3 +260,25 @@ def test_encoder_decoder_stacks(arch):
     torch.testing.assert_close(factors.scores, exact.scores, rtol=1e-4, atol=1e-6 * float(exact.scores.abs().max()))
     assert torch.isfinite(exact.head_means()[3]).all()  # cross-attention scored
 
+
+
+@pytest.mark.parametrize("arch", ["bart", "mbart"])
+def test_encoder_decoder_with_unequal_head_counts_is_refused_by_name(arch):
+    """Each stack reads its own head count: a decoder with other heads than the encoder is never sliced with the
+    encoder's count (the shapes fit, so it would give wrong numbers); the shared head grid refuses it clearly."""
+    cfg_cls, _, wrap_cls, kw = ARCHS[arch]
+    config = cfg_cls(**{**kw, "decoder_attention_heads": 2})
+    model = wrap_cls(config).eval()
+    with pytest.raises(sf.LayoutError, match="'decoder' has 2 heads.*'encoder' has 4"):
+        sf.layout_for(model)
+
+
+def test_encoder_decoder_stack_reads_its_own_head_count():
+    from sketchfisher.layout.registry import _REGISTRY, supported_model_types
+    supported_model_types()  # the built-in architectures registered
+    stacks = _REGISTRY["bart"]
+    cfg_cls, _, _, kw = ARCHS["bart"]
+    config = cfg_cls(**{**kw, "encoder_attention_heads": 8, "decoder_attention_heads": 2})
+    dims = {name: sf.Dims.from_config(config, spec) for name, spec in stacks.parts}
+    assert (dims["encoder"].num_heads, dims["decoder"].num_heads, dims["cross"].num_heads) == (8, 2, 2)
+    assert (dims["encoder"].head_dim, dims["decoder"].head_dim) == (4, 16)

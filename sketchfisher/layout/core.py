@@ -231,7 +231,10 @@ class Layout:
             d = part.dims
             if (d.num_heads, d.num_kv_heads, d.head_dim, d.v_head_dim) != (dims0.num_heads, dims0.num_kv_heads,
                                                                           dims0.head_dim, dims0.v_head_dim):
-                raise LayoutError(f"stack {name!r} has other head geometry than {parts[0][0]!r}; stacks must share it")
+                raise LayoutError(
+                    f"stack {name!r} has {d.num_heads} heads ({d.num_kv_heads} key/value, width {d.head_dim}) but "
+                    f"{parts[0][0]!r} has {dims0.num_heads} ({dims0.num_kv_heads}, width {dims0.head_dim}): the head "
+                    "grid of the scores is shared by the stacks, so a model whose stacks differ is not supported")
         blocks, params, stacks, first = {}, [], [], 0
         for name, part in parts:
             for (layer, block), hbs in part.blocks.items():

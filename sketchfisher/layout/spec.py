@@ -53,6 +53,9 @@ class AttentionSpec:
     head_dim:
         The config attribute holding the head width when it is not hidden/H (default ``head_dim``; T5:
         ``d_kv``).
+    heads:
+        The config attribute holding the number of query heads (default ``num_attention_heads``; an
+        encoder-decoder whose stacks may differ: ``encoder_attention_heads``, ``decoder_attention_heads``).
     """
 
     layer: str
@@ -67,6 +70,7 @@ class AttentionSpec:
     multi_query: Optional[str] = None
     layers: str = "num_hidden_layers"
     head_dim: str = "head_dim"
+    heads: str = "num_attention_heads"
 
     def __post_init__(self) -> None:
         split = (self.q, self.k, self.v)
@@ -126,7 +130,7 @@ class Dims:
         heads from the attribute ``spec`` names (one when its ``multi_query`` flag is set)."""
         try:
             layers = int(getattr(config, spec.layers) if spec is not None else config.num_hidden_layers)
-            heads = int(config.num_attention_heads)
+            heads = int(getattr(config, spec.heads if spec is not None else "num_attention_heads"))
             hidden = int(config.hidden_size)
         except AttributeError as exc:
             raise LayoutError(
