@@ -205,13 +205,16 @@ def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = 
     cls = AutoModelForCausalLM if loss == "clm" else AutoModel
     kw = {"dtype": MODEL_DTYPES[dtype]} | ({"device_map": device_map} if device_map else {})
     try:
-        model = cls.from_pretrained(model_dir, local_files_only=True, **kw)
+        model, info = cls.from_pretrained(model_dir, local_files_only=True, output_loading_info=True, **kw)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load a local HF model and tokenizer from {model_dir}: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(MODEL_DTYPES[dtype])
+    from .store.manifest import mark_fresh_parameters
+
+    mark_fresh_parameters(model, info.get("missing_keys", ()))  # random on each load: not part of the model's identity
     return (model if device_map else model.to(device)).eval(), tokenizer
 
 

@@ -215,6 +215,42 @@ def test_mismatched_settings_and_model_are_refused(small, tmp_path):
         sf.open_store(tmp_path / "s")
 
 
+def test_fingerprint_sees_any_changed_byte():
+    """Every byte of every weight is hashed: one entry changed anywhere (or by one ulp) gives another model."""
+    from sketchfisher.store.manifest import model_fingerprint
+    model = make_model("llama_gqa")
+    layout = sf.layout_for(model)
+    before = model_fingerprint(model, layout)["weights_sha256"]
+    param = model.get_parameter("layers.1.mlp.down_proj.weight")
+    with torch.no_grad():
+        flat = param.view(-1)
+        flat[7] = torch.nextafter(flat[7], torch.tensor(float("inf")))
+    assert model_fingerprint(model, layout)["weights_sha256"] != before
+
+
+def test_fingerprint_leaves_out_what_the_checkpoint_lacks(tmp_path):
+    """A BERT saved without its pooler gets a new random pooler on every load; the fingerprint covers the
+    checkpoint's own tensors, says which it left out, and so the same checkpoint is the same model."""
+    import transformers as hf
+    from sketchfisher.store.manifest import model_fingerprint
+    from sketchfisher.demo import load_minilm
+
+    _, tok = load_minilm()
+    torch.manual_seed(0)
+    config = hf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48)
+    hf.BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prints = []
+    for seed in (1, 2):  # the pooler is drawn anew on each load
+        torch.manual_seed(seed)
+        model, _ = sf.tasks.load_hf(tmp_path, "mlm")
+        assert "pooler.dense.weight" in dict(model.named_parameters())
+        prints.append(model_fingerprint(model, sf.layout_for(model)))
+    assert prints[0] == prints[1]
+    assert "left out" in prints[0]["weights_cover"] and "pooler.dense.weight" in prints[0]["weights_cover"]
+
+
 class _Marker:
     def __reduce__(self):
         return (Path.touch, (Path(os.environ["SF_PICKLE_MARKER"]),))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
-from typing import Any
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -16,19 +19,45 @@ from ..layout import Layout
 from ..metric import ScoreConfig
 from .files import StoreError, StoreMismatchError
 
+# 6: the model fingerprint hashes every byte of the weights (and names the parameters it leaves out);
 # 5: each sample's conflict scalars in the shards, the conflict flag; 4: the pass order, Σ|g| and Σg in bf16;
 # 3: integrity records (store id, content digests, sealed manifest). Older versions are read, and never
 # resumed by a newer writer (the format version is a checked setting).
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (2, 3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs", "passes", "conflicts")
 VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                    "_attn_implementation_autoset", "torch_dtype", "dtype")  # where and how it was loaded, not what
 
 
+_FRESH: "weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def mark_fresh_parameters(model: nn.Module, names: Iterable[str]) -> None:
+    """Record that ``names`` were not in the checkpoint ``model`` was loaded from: the model class created them
+    with a new random value on this load (a BERT saved without its pooler, a masked-LM fine-tune loaded as a
+    base model). :func:`model_fingerprint` leaves them out, so the same checkpoint loaded again is the same model.
+    :func:`sketchfisher.tasks.load_hf` calls this; call it for a model loaded some other way."""
+    known = {n for n, _ in model.named_parameters()}
+    _FRESH[model] = tuple(sorted(n for n in names if n in known))
+
+
+def _param_digest(p: torch.Tensor) -> bytes:
+    """sha256 of every byte of one tensor (fp32 and lower, as stored), read in 64 MiB slices."""
+    flat = p.detach().reshape(-1)
+    digest = hashlib.sha256()
+    step = max(1, (64 << 20) // flat.element_size())
+    for lo in range(0, flat.numel(), step):
+        part = flat[lo:lo + step].contiguous().cpu()
+        digest.update(part.view(torch.uint8).numpy().tobytes() if part.dtype != torch.uint8 else part.numpy().tobytes())
+    return digest.digest()
+
+
 def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
     """What determines a model's gradients, not where it was loaded from: the config without paths and
-    versions, every parameter's name, shape and dtype, and 1,024 evenly spaced values of every parameter."""
+    versions, every parameter's name, shape and dtype, and the sha256 of every byte of every parameter, except
+    those the checkpoint lacked (:func:`mark_fresh_parameters`), which are named in ``weights_cover``. The
+    parameters are hashed on several threads (hashlib releases the GIL), so a 7B model takes seconds."""
     config = getattr(model, "config", None)
     if hasattr(config, "to_dict"):
         fields = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG}
@@ -37,14 +66,19 @@ def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
         config_text = repr(config)
     params = list(model.named_parameters())
     shapes = "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in params)
+    fresh = set(_FRESH.get(model, ()))
+    hashed = [(n, p) for n, p in params if n not in fresh]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda item: _param_digest(item[1]), hashed))
     weights = hashlib.sha256()
-    for name, p in params:
-        flat = p.detach().reshape(-1)
-        n = min(1024, flat.numel())  # evenly spaced, in integers (a float linspace overshoots past 2^24 entries)
-        idx = torch.arange(n, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // max(n - 1, 1)
-        weights.update(name.encode() + flat[idx].float().cpu().numpy().tobytes())
+    for (name, _), d in zip(hashed, digests):
+        weights.update(name.encode() + b"\0" + d)
+    cover = ("every byte of every parameter" if not fresh else
+             f"every byte of the {len(hashed)} parameters the checkpoint holds; left out, newly initialised on "
+             f"each load: {', '.join(sorted(fresh))}")
     return {"class": type(model).__name__, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
-            "params_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "weights_sha256": weights.hexdigest()}
+            "params_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "weights_sha256": weights.hexdigest(),
+            "weights_cover": cover}
 
 
 def new_store_id() -> str:
