@@ -3,7 +3,7 @@
 A :class:`PassPlan` is the ordered list of :class:`Step` s a collection runs — which passes, over which
 task, folding which statistics, writing which per-sample outputs — and nothing else spells the order out:
 ``sf.analyze`` and the store writer execute it (:func:`sketchfisher.collect.runner.execute`, with an
-in-memory or a store sink), resumption rewrites it (:meth:`PassPlan.resumed`), the planner predicts each
+in-memory or a store sink; a resumed store runs the same plan, its sink skipping what is written), the planner predicts each
 step's device memory (:func:`sketchfisher.collect.memory.plan_phases`) and the :class:`~sketchfisher.phases.PhaseLog`
 records each step under the step's name, so the predicted and the measured phase tables have the same rows.
 
@@ -88,25 +88,6 @@ class PassPlan:
 
     def passes_over(self, task: str) -> int:
         return sum(s.is_pass and s.task == task for s in self.steps)
-
-    def resumed(self, statistics_on_disk: set[str]) -> "PassPlan":
-        """The plan that finishes a store whose final statistics of the tasks in ``statistics_on_disk`` were
-        written by an earlier run. Task B's single pass is then a plain statistics step (read back) followed
-        by a pass 2 over B, balanced as before (task A's Σ|g|) and centred by B's known centre; every other
-        step is unchanged (its own resumption is the sink's: checkpoints, shards already written)."""
-        if self.passes != 1.5 or "b" not in statistics_on_disk:
-            return self
-        steps: list[Step] = []
-        for s in self.steps:
-            if s.kind == "prepare":  # after B's statistics, which give its centre
-                continue
-            if s.kind == "fold_sketch":
-                steps += [Step("fold", "pass 1 B", s.task), Step("prepare", "preparation", balance="a")]
-            elif s.kind == "centre":
-                steps.append(Step("sketch", "pass 2 B", s.task))
-            else:
-                steps.append(s)
-        return replace(self, steps=tuple(steps))
 
     def with_writes(self) -> "PassPlan":
         """The plan with a final ``writes`` step (a store's background writes)."""

@@ -86,6 +86,10 @@ class Sink:
         """Merges the statistics of several ranks (None: one process)."""
         return None
 
+    def final_statistics(self, task: str) -> Optional[FisherStats]:
+        """A task's final statistics written by an earlier run (None: none; they are computed now)."""
+        return None
+
     def statistics_final(self, task: str, stats: FisherStats) -> None:
         """A task's statistics are final (compacted)."""
 
@@ -155,6 +159,15 @@ def _prepare(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> 
 
 
 def _fold_sketch(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
+    known = sink.final_statistics(step.task)
+    if known is not None:  # an earlier run's pass wrote them: only the batches whose sides are missing run again
+        state.raw[step.task] = list(sketch_batches(job.model, job.loss_fn, sink.batches(step.task, job), job.layout,
+                                                   job.codec, state.preps, step.task, state.stats["a"].count, job.cfg,
+                                                   skip=sink.skip(step.task), desc=step.name,
+                                                   show_progress=job.show_progress))
+        state.stats[step.task] = known
+        sink.statistics_final(step.task, known)
+        return
     raw, stats = pass_b(job.model, job.loss_fn, sink.batches(step.task, job), job.layout, job.codec, job.cfg,
                         state.preps, state.stats["a"].count, plan.statistics[step.task], job.stats_dtype,
                         skip=sink.skip(step.task), show_progress=job.show_progress, reduce=sink.reduce(job),

@@ -54,6 +54,15 @@ class Ranks:
             dist.barrier()
 
 
+def read_final(root: Path, task: str, store_id: str) -> FisherStats:
+    """A task's final statistics as written by this store (header and digest checked)."""
+    final = final_path(root, task)
+    tensors, meta = load_tensors(final)
+    check_header(final, meta, store_id, task)
+    check_digest(final, tensors, meta.get("digest", ""))
+    return FisherStats.from_tensors(tensors, meta)
+
+
 def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout,
            checkpoint_every: int | None, show_progress: bool, ranks: Ranks, stats_dtype: torch.dtype,
            quantities: tuple[str, ...], store_id: str, desc: str | None = None) -> tuple[FisherStats, int | None]:
@@ -64,10 +73,7 @@ def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches:
     partial = partial_path(root, task, ranks)
     if final.exists():
         partial.unlink(missing_ok=True)  # a checkpoint of a run killed after the final file was written
-        tensors, meta = load_tensors(final)
-        check_header(final, meta, store_id, task)
-        check_digest(final, tensors, meta.get("digest", ""))
-        return FisherStats.from_tensors(tensors, meta), None
+        return read_final(root, task, store_id), None
     stats, done = FisherStats(dtype=stats_dtype, quantities=quantities), 0
     if partial.exists():
         tensors, meta = load_tensors(partial)

@@ -49,7 +49,7 @@ from ..phases import PhaseLog
 from .files import StoreLock, Writes, atomic_write_json, read_metadata, remove_stale_temps
 from .integrity import check_header, index_entry
 from .manifest import build_manifest, check_same, conflicts_of, new_store_id, passes_of, read_manifest, seal
-from .pass1 import Counter, Ranks, counted, final_path, partial_path, run_pass1, save_pass1
+from .pass1 import Counter, Ranks, counted, final_path, partial_path, read_final, run_pass1, save_pass1
 from .shards import TASKS, ShardParts, drop_stale_shards, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,12 @@ class StoreSink(Sink):
             return None
         return lambda stats: stats.all_reduce(trainable_weights(job.model, job.layout))
 
+    def final_statistics(self, task: str) -> FisherStats | None:
+        if not final_path(self.root, task).exists():
+            return None
+        self.batches_seen[task] = None  # read from the store: nothing to write again
+        return read_final(self.root, task, self.store_id)
+
     def statistics_final(self, task: str, stats: FisherStats) -> None:
         # a statistics pass says how many batches it computed (None: read from the store); a single pass
         # over the task counted them as they went by
@@ -170,8 +176,9 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     final ``writes`` step, executed into a :class:`StoreSink`. ``passes=1.5`` (normaliser ``"a"``, variance
     reduction; the default there) runs task B once, between task A's two passes; ``2`` runs two passes per
     task. The manifest records the order; a store is only resumed in the order that began it
-    (``passes=None`` takes it from the store). A store killed in the single pass over task B after B's
-    statistics reached the disk resumes with :meth:`PassPlan.resumed <sketchfisher.collect.plan.PassPlan.resumed>`.
+    (``passes=None`` takes it from the store). A resumed store runs the same plan: a task whose final statistics
+    are on disk reads them back, and only the batches whose shards are missing run again, with the arithmetic
+    of the first run, so the store is bitwise the one an uninterrupted run writes.
 
     ``log`` (a :class:`~sketchfisher.phases.PhaseLog`) records each step's time and peak device memory.
     The final pass-1 statistics and the pass-2 shards are written by background threads while the GPU
@@ -211,7 +218,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     stats_dtype = stats_dtype or default_stats_dtype(model)
     on_disk = {t for t in TASKS if final_path(root, t).exists()}
     job = Job(model, loss_fn, tasks, layout, codec, cfg, stats_dtype, log, show_progress)
-    plan = check_job(plan.resumed(on_disk).with_writes(), job, conflicts)  # (the tasks, the layout, the device)
+    plan = check_job(plan.with_writes(), job, conflicts)  # (the tasks, the layout, the device)
     wanted = build_manifest(model, layout, codec, cfg, inputs, plan.passes, plan.conflicts)
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
