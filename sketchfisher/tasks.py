@@ -30,29 +30,53 @@ MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 Sample = Union[str, tuple[str, str]]  # a text, or a (prompt, completion) pair: the loss on the completion only
 
 
-TASK_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+TEXT_SUFFIXES = (".txt", ".text", "")  # one sample per line
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
+TASK_SUFFIXES = (".txt", ".text", *RECORD_SUFFIXES)  # what a folder's files are read as (hidden entries skipped)
 
 
 def read_task(path: str | Path, text_field: str = "text", prompt_field: str = "prompt",
               completion_field: str = "completion") -> list[Sample]:
-    """Samples of a task: a text file (one sample per line), or records (``.jsonl``; ``.parquet``
-    through pandas/pyarrow; ``.arrow`` through the ``datasets`` package) with a string ``text_field``,
-    or with ``prompt_field`` and ``completion_field`` (a prompt/completion pair: the causal-LM loss is
-    taken on the completion's tokens only). A directory is a local dataset: one written by
-    ``datasets.Dataset.save_to_disk``, or a folder of such files, read in name order (what
-    ``datasets.load_dataset(folder)`` takes as its train split)."""
+    """Samples of a task: a text file (``.txt`` or no suffix: one sample per line), or records with a string
+    ``text_field``, or with ``prompt_field`` and ``completion_field`` (a prompt/completion pair: the causal-LM
+    loss is taken on the completion's tokens only): ``.jsonl`` (one JSON object per line), ``.json`` (an array
+    of objects or of strings), ``.csv``/``.tsv`` (a header row names the fields), ``.parquet`` (pandas/pyarrow),
+    ``.arrow`` (the ``datasets`` package). Suffixes are matched in any case; any other suffix is refused by name.
+    A directory is a local dataset: one split written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict``
+    folder is refused: give one split's folder), or a folder of task files read in name order, hidden files
+    and folders (``.ipynb_checkpoints``) skipped."""
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"task file {path} does not exist")
     if path.is_dir():
         return _read_folder(path, text_field, prompt_field, completion_field)
-    if path.suffix == ".parquet":
-        return _records(path, _parquet_rows(path), text_field, prompt_field, completion_field)
-    if path.suffix == ".arrow":
-        return _records(path, _dataset_rows(path), text_field, prompt_field, completion_field)
+    suffix = path.suffix.lower()
+    fields = (text_field, prompt_field, completion_field)
+    if suffix == ".parquet":
+        return _records(path, _parquet_rows(path), *fields)
+    if suffix == ".arrow":
+        return _records(path, _dataset_rows(path), *fields)
+    if suffix in (".csv", ".tsv"):
+        return _records(path, _table_rows(path, "\t" if suffix == ".tsv" else ","), *fields)
+    if suffix not in TEXT_SUFFIXES + (".jsonl", ".json"):
+        raise InputError(f"task file {path}: unsupported type {path.suffix!r}; give one of "
+                         f"{', '.join(TASK_SUFFIXES)} (or a text file without a suffix: one sample per line)")
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read task file {path}: {exc}") from None
-    if path.suffix != ".jsonl":
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, list):
+            raise InputError(f"{path}: a .json task file holds an array of records or strings; found a "
+                             f"{type(data).__name__} (one record per line is .jsonl)")
+        rows = [(n, {text_field: r} if isinstance(r, str) else r) for n, r in enumerate(data, 1)]
+        return _records(path, rows, *fields)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if suffix != ".jsonl":
         return [line.strip() for line in lines]
     rows = []
     for n, line in enumerate(lines, 1):
@@ -60,10 +84,21 @@ def read_task(path: str | Path, text_field: str = "text", prompt_field: str = "p
             rows.append((n, json.loads(line)))
         except ValueError:
             raise InputError(f"{path}:{n}: not valid JSON") from None
-    return _records(path, rows, text_field, prompt_field, completion_field)
+    return _records(path, rows, *fields)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _read_folder(path: Path, text_field: str, prompt_field: str, completion_field: str) -> list[Sample]:
+    if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one folder per split
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        except (OSError, ValueError, AttributeError):
+            splits = []
+        raise InputError(f"{path} holds a dataset with splits {splits or '(unreadable)'}; give one split's folder "
+                         f"(e.g. {path / (splits[0] if splits else 'train')})")
     if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():  # Dataset.save_to_disk
         try:
             import datasets
@@ -72,14 +107,23 @@ def _read_folder(path: Path, text_field: str, prompt_field: str, completion_fiel
                              "package (pip install datasets)") from None
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
-            if "train" not in data:
-                raise InputError(f"{path} holds splits {sorted(data)}; give one split's folder")
-            data = data["train"]
+            raise InputError(f"{path} holds splits {sorted(data)}; give one split's folder")
         return _records(path, [(n, row) for n, row in enumerate(data, 1)], text_field, prompt_field, completion_field)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TASK_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TASK_SUFFIXES
+                   and not _hidden(p, path))
     if not files:
         raise InputError(f"{path} is a folder without task files ({', '.join(TASK_SUFFIXES)})")
     return [sample for f in files for sample in read_task(f, text_field, prompt_field, completion_field)]
+
+
+def _table_rows(path: Path, sep: str) -> list[tuple[int, Any]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read task file {path}: {exc}") from None
+    return [(n, row) for n, row in enumerate(frame.to_dict("records"), 2)]  # line numbers after the header
 
 
 def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
@@ -123,13 +167,13 @@ def _records(path: Path, rows: list[tuple[int, Any]], text_field: str, prompt_fi
 
 
 def file_sha256(path: str | Path) -> str:
-    """Content hash of a task file, or of a folder's files with their relative names (stores record it, so
-    later commands can tell the input is unchanged)."""
+    """Content hash of a task file, or of a folder's files with their relative names (hidden entries skipped, as
+    :func:`read_task` skips them); stores record it, so later commands can tell the input is unchanged."""
     path = Path(path)
     if not path.is_dir():
         return hashlib.sha256(path.read_bytes()).hexdigest()
     digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)):
         digest.update(str(f.relative_to(path)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return digest.hexdigest()
 
@@ -185,9 +229,31 @@ def infer_loss(model_dir: str | Path) -> str:
                      f"pass --loss clm or --loss mlm")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_model_dir(model_dir: str | Path, tokenizer_dir: str | Path | None = None) -> None:
+    """Refuse, before anything is loaded, a model path that is not a saved HF model or a folder without a
+    tokenizer (nothing is ever downloaded, so a hub name or a typo is an error here, not a failed connection)."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise InputError(f"--model {path}: no such folder (models are read from local folders only; nothing is "
+                         "downloaded)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise InputError(f"--model {path}: not a saved HF model (a folder with config.json and the weights, as "
+                         "save_pretrained writes it)")
+    tok = Path(tokenizer_dir) if tokenizer_dir is not None else path
+    if not tok.is_dir() or not any((tok / f).is_file() for f in TOKENIZER_FILES):
+        where = "--tokenizer" if tokenizer_dir is not None else f"the model folder {path}"
+        raise InputError(f"{where} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); pass --tokenizer DIR "
+                         "with the tokenizer the model was trained with")
+
+
 def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = "float32",
-            device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """A local HF model (no network) and its tokenizer, for ``loss`` in ("mlm", "clm").
+            device_map: str | None = None, tokenizer: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """A local HF model (no network) and its tokenizer (from ``tokenizer``, else the model folder), for ``loss``
+    in ("mlm", "clm").
 
     ``dtype`` is the weights' precision (float32, bfloat16 or float16); ``device_map="auto"`` spreads
     the layers over every visible GPU (transformers + accelerate) instead of moving the model to
@@ -202,11 +268,12 @@ def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = 
     if dtype not in MODEL_DTYPES:
         raise InputError(f"dtype must be one of {tuple(MODEL_DTYPES)}, got {dtype!r}")
     check_device(device if not device_map else "cuda")
+    check_model_dir(model_dir, tokenizer)
     cls = AutoModelForCausalLM if loss == "clm" else AutoModel
     kw = {"dtype": MODEL_DTYPES[dtype]} | ({"device_map": device_map} if device_map else {})
     try:
         model, info = cls.from_pretrained(model_dir, local_files_only=True, output_loading_info=True, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load a local HF model and tokenizer from {model_dir}: {exc}") from None
     if tokenizer.pad_token is None:
@@ -358,9 +425,9 @@ def task_batches(texts: list[Sample], tokenizer: Any, loss: str, batch_size: int
     return clm_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length)
 
 
-def check_max_length(model: torch.nn.Module, max_length: int) -> None:
-    """Refuse a truncation length beyond the positions the model has embeddings for."""
-    config = getattr(model, "config", None)
+def check_max_length(model: Any, max_length: int) -> None:
+    """Refuse a truncation length beyond the positions the model (or its config) has embeddings for."""
+    config = getattr(model, "config", model)
     limit = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "max_sequence_length")
                   if isinstance(getattr(config, a, None), int)), None)
     if limit is not None and max_length > limit:

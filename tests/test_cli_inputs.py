@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import transformers as hf
 
@@ -139,3 +141,102 @@ def test_parquet_files_and_dataset_folders_are_tasks(tmp_path):
     except ImportError:
         with pytest.raises(sf.InputError, match="needs the 'datasets' package"):
             read_task(saved)
+
+
+def test_each_task_format_is_read_as_what_it_is(tmp_path):
+    """A .json array holds records (or strings); .csv/.tsv have a header row; suffixes in any case; unknown
+    suffixes refused by name; hidden folders skipped; a DatasetDict folder needs a split."""
+    import json
+
+    from sketchfisher.tasks import read_task
+
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    assert read_task(tmp_path / "a.json") == ["one", "two"]
+    (tmp_path / "s.json").write_text(json.dumps(["x y", "z"]))
+    assert read_task(tmp_path / "s.json") == ["x y", "z"]
+    (tmp_path / "o.json").write_text(json.dumps({"text": "one"}))
+    with pytest.raises(sf.InputError, match="an array of records"):
+        read_task(tmp_path / "o.json")
+    (tmp_path / "b.csv").write_text('text,label\n"hello, world",1\nsecond,0\n')
+    assert read_task(tmp_path / "b.csv") == ["hello, world", "second"]  # the header is not a sample
+    (tmp_path / "c.tsv").write_text("prompt\tcompletion\nQ\tA\n")
+    assert read_task(tmp_path / "c.tsv") == [("Q", "A")]
+    (tmp_path / "D.JSONL").write_text(json.dumps({"text": "upper"}) + "\n")
+    assert read_task(tmp_path / "D.JSONL") == ["upper"]
+    (tmp_path / "e.md").write_text("# title\n")
+    with pytest.raises(sf.InputError, match="unsupported type '.md'"):
+        read_task(tmp_path / "e.md")
+    folder = tmp_path / "folder"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "a.txt").write_text("kept\n")
+    (folder / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("hidden\n")
+    (folder / ".hidden.txt").write_text("hidden too\n")
+    assert read_task(folder) == ["kept"]
+    splits = tmp_path / "dd"
+    (splits / "train").mkdir(parents=True)
+    (splits / "test").mkdir()
+    (splits / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    with pytest.raises(sf.InputError, match=r"splits \['train', 'test'\]; give one split's folder"):
+        read_task(splits)
+
+
+def test_model_folders_and_tasks_are_checked_before_the_weights_load(tiny_bert_dir, tmp_path, capsys):
+    """A wrong model path, a folder without a tokenizer (and --tokenizer for it), a one-sample task, --out naming a
+    file, --max-length beyond the positions, a sketch wider than a head block and --budget below --k are each one
+    clear error, and none of them begins a store or reads the weights."""
+    import shutil
+
+    a, b, one = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "one.txt"
+    a.write_text("the cat sat on the mat\nthe dog ran in the park\n")
+    b.write_text("one plus two is three\ntwo times four is eight\n")
+    one.write_text("a single line\n")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_dir / f, bare / f)
+
+    def run(*argv, out="store"):
+        base = ["collect", "--task-a", str(a), "--task-b", str(b), "--out", str(tmp_path / out), "--loss", "mlm",
+                "--k", "4", "--quiet"]
+        code = main([*base, *argv])
+        return code, capsys.readouterr()
+
+    code, io = run("--model", str(tmp_path / "nowhere"))
+    assert code == 1 and "no such folder" in io.err and "hub" not in io.err.lower()
+    code, io = run("--model", str(bare))
+    assert code == 1 and "holds no tokenizer" in io.err and "--tokenizer" in io.err
+    code, io = run("--model", str(tiny_bert_dir), "--task-a", str(one))
+    assert code == 1 and "holds 1 sample" in io.err
+    (tmp_path / "afile").write_text("")
+    code, io = run("--model", str(tiny_bert_dir), out="afile")
+    assert code == 1 and "is a file" in io.err
+    code, io = run("--model", str(tiny_bert_dir), "--max-length", "100000")
+    assert code == 1 and "positions" in io.err
+    code, io = run("--model", str(tiny_bert_dir), "--k", "9999")
+    assert code == 1 and "9999" in io.err
+    assert not (tmp_path / "store").exists()
+    code, io = run("--model", str(bare), "--tokenizer", str(tiny_bert_dir))
+    assert code == 0, io.err
+    code = main(["verify", str(tmp_path / "store"), "--k", "50", "--budget", "10"])
+    assert code == 1 and "--budget 10 is smaller than --k 50" in capsys.readouterr().err
+
+
+def test_moved_model_and_task_files_still_resume(tiny_bert_dir, tmp_path, capsys):
+    """The store checks the content of its inputs, not their paths: the same weights and task files under
+    other paths finish (and verify) the same store."""
+    import shutil
+
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "a.txt").write_text("the cat sat on the mat\nthe dog ran in the park\n")
+    (first / "b.txt").write_text("one plus two is three\ntwo times four is eight\n")
+    model = shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    args = lambda root, m: ["collect", "--model", str(m), "--task-a", str(root / "a.txt"), "--task-b",  # noqa: E731
+                            str(root / "b.txt"), "--out", str(tmp_path / "store"), "--loss", "mlm", "--k", "4",
+                            "--quiet"]
+    assert main(args(first, model)) == 0
+    moved = shutil.move(str(first), str(tmp_path / "moved"))
+    model2 = shutil.move(str(model), str(tmp_path / "model2"))
+    capsys.readouterr()
+    assert main(args(Path(moved), model2)) == 0, capsys.readouterr().err  # reopened, nothing mismatched
+    sf.open_store(tmp_path / "store").check(sf.tasks.load_hf(model2, "mlm")[0])

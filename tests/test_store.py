@@ -491,8 +491,9 @@ def test_settings_without_a_meaningful_result_are_refused(tiny_bert_dir, tmp_pat
     from sketchfisher.tasks import clm_batches
     from sketchfisher.demo import load_minilm
 
-    (tmp_path / "a.txt").write_text("what is one plus two\n")
-    common = ["--model", str(tiny_bert_dir), "--task-a", str(tmp_path / "a.txt"), "--task-b", str(tmp_path / "a.txt")]
+    (tmp_path / "a.txt").write_text("what is one plus two\nthree times four\n")
+    common = ["--model", str(tiny_bert_dir), "--task-a", str(tmp_path / "a.txt"), "--task-b", str(tmp_path / "a.txt"),
+              "--k", "8"]
     assert main(["collect", *common, "--out", str(tmp_path / "s1"), "--max-length", "2", "--quiet"]) == 1
     assert "nothing to mask" in capsys.readouterr().err  # [CLS] [SEP] only: every gradient would be 0
     assert main(["collect", *common, "--out", str(tmp_path / "s2"), "--max-length", "100000", "--quiet"]) == 1

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .inputs import _device_map, _loss, _need_plots, _recompute_inputs, _task_texts
+from .inputs import _device_map, _loss, _need_plots, _recompute_inputs, _task_texts, preflight
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def _collect(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from ..phases import PhaseLog
     from ..store import collect_to_store
-    from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, read_task, task_batches
+    from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, task_batches
     from ..tasks import to_device
     from ..collect.plan import resolve_passes
     from .parser import codec_of
@@ -75,11 +75,15 @@ def _collect(args: argparse.Namespace) -> int:
     cfg = sf.ScoreConfig(variant=args.variant, normalizer=args.normalizer, eps=args.eps)
     resolve_passes(_passes(args), cfg, codec)  # settings that cannot run in the order asked for: before loading
     loss = _loss(args)
-    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        from ..errors import InputError
+
+        raise InputError(f"--out {args.out} is a file; give a directory for the store")
+    samples = preflight(args, loss, codec, args.units)  # every cheap check before the weights are read
+    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args), args.tokenizer)
     check_max_length(model, args.max_length)
     device = input_device(model)
-    tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
-                       device) for p in (args.task_a, args.task_b)]
+    tasks = [to_device(task_batches(texts, tok, loss, args.batch_size, args.max_length), device) for texts in samples]
     import torch
 
     start, log = time.perf_counter(), PhaseLog.for_devices([p.device for p in model.parameters()])
@@ -169,6 +173,11 @@ def _verify(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from ..tasks import loss_for
 
+    if args.budget < args.k:
+        from ..errors import InputError
+
+        raise InputError(f"--budget {args.budget} is smaller than --k {args.k}: the top {args.k} cannot be confirmed "
+                         f"from fewer re-scored candidates; pass --budget {args.k} or more")
     store = sf.open_store(args.store)
     model, loss, tasks = _recompute_inputs(args, store)
     v = store.result().verify_top(args.k, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],

@@ -37,7 +37,7 @@ def _recompute_inputs(args: argparse.Namespace, store):
     """Model, loss name and both tasks' batches as ``collect`` made them: every input not given on the command
     line comes from the store's record (model, task files, text field, batch size, max length, loss)."""
     from ..errors import InputError
-    from ..tasks import check_max_length, file_sha256, input_device, load_hf, read_task, task_batches, to_device
+    from ..tasks import check_max_length, file_sha256, input_device, load_hf, task_batches, to_device
 
     recorded = store.manifest.get("inputs", {})
     if args.dtype is None:  # the precision the store was collected in (float32 for stores that record none)
@@ -60,12 +60,52 @@ def _recompute_inputs(args: argparse.Namespace, store):
         raise InputError(f"task file(s) {', '.join(recorded[f'task_{s}']['path'] for s in changed)} changed since "
                          "collect (their hash differs): the samples would not be the ones in the store")
     loss = _loss(args, store)
-    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args))
+    samples = preflight(args, loss)
+    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args), args.tokenizer)
     store.check(model)
     check_max_length(model, args.max_length)
-    tasks = [to_device(task_batches(read_task(p, args.text_field), tok, loss, args.batch_size, args.max_length),
-                       input_device(model)) for p in (args.task_a, args.task_b)]
+    tasks = [to_device(task_batches(texts, tok, loss, args.batch_size, args.max_length), input_device(model))
+             for texts in samples]
     return model, loss, tasks
+
+
+def preflight(args: argparse.Namespace, loss: str, codec=None, units=None) -> list:
+    """Everything that can be checked without the weights, before the model is loaded (minutes at 7B): both
+    task files (read; at least 2 samples each), the model and tokenizer folders, the
+    truncation length against the config, and — on a weightless (meta-device) copy of the model — its layout
+    and the codec against it. Returns both tasks' samples."""
+    import torch
+
+    from ..errors import InputError
+    from ..tasks import check_max_length, check_model_dir, read_task
+
+    samples = []
+    for flag in ("task_a", "task_b"):
+        texts = read_task(getattr(args, flag), args.text_field)
+        if len(texts) < 2:
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} holds {len(texts)} sample; the error "
+                             "bars and the conflict test need at least 2 per task")
+        samples.append(texts)
+    check_model_dir(args.model, getattr(args, "tokenizer", None))
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--model {args.model}: cannot read its config.json: {exc}") from None
+    check_max_length(config, args.max_length)
+    if codec is not None:
+        import sketchfisher as sf
+
+        cls = AutoModelForCausalLM if loss == "clm" else AutoModel
+        with torch.device("meta"):
+            try:
+                skeleton = cls.from_config(config)
+            except (ValueError, KeyError) as exc:
+                raise InputError(f"--model {args.model}: transformers cannot build {config.model_type!r} for loss "
+                                 f"{loss!r}: {exc}") from None
+        codec.check_layout(sf.units_layout(skeleton, units or "heads", getattr(args, "mlp_group_size", None)))
+    return samples
 
 
 def _device_map(args: argparse.Namespace) -> str | None:

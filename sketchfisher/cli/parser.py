@@ -99,9 +99,11 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
     later = " (default: the one the store was collected with)" if from_store else ""
     p.add_argument("--model", required=not from_store, help="local HF model directory (config, weights, tokenizer)"
                    + later)
+    p.add_argument("--tokenizer", default=None,
+                   help="local tokenizer directory, when the model directory has none (default: the model's)")
     p.add_argument("--task-a", required=not from_store,
-                   help="task A samples: .jsonl/.parquet records with a 'text' field, one per line of a text "
-                        "file, or a local dataset folder" + later)
+                   help="task A samples: one per line of a .txt file; .jsonl/.json/.csv/.tsv/.parquet records with a "
+                        "'text' field; or a local dataset folder (one split)" + later)
     p.add_argument("--task-b", required=not from_store, help="task B samples, same format" + later)
     p.add_argument("--loss", choices=["mlm", "clm"], default=None,
                    help="clm: next-token cross-entropy; mlm: masked tokens decoded with the tied embeddings "

@@ -129,8 +129,8 @@ def check_same(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> No
     diffs = []
     for key in CHECKED:
         a, b = stored.get(key), wanted.get(key)
-        if key == "inputs":  # stores written by the library (not the CLI) record none
-            a, b = a or {}, b or {}
+        if key == "inputs":  # stores written by the library (not the CLI) record none; paths are not checked:
+            a, b = _content(a or {}), _content(b or {})  # the same files moved are the same inputs
         if key == "passes":
             a, b = passes_of(stored), passes_of(wanted)
         if key == "conflicts":
@@ -146,6 +146,16 @@ def check_same(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> No
     if diffs:
         raise StoreMismatchError(f"{where} was written with different settings: " + "; ".join(diffs)
                                  + ". Use a new store directory, or the original settings.")
+
+
+def _content(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs a store's samples depend on, without where they were: the task files' content hashes, not
+    their paths; the model is identified by its fingerprint, not by its folder."""
+    out = {k: v for k, v in inputs.items() if k != "model"}
+    for key, value in inputs.items():
+        if key.startswith("task_") and isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if k != "path"}
+    return out
 
 
 def _short(value: Any) -> str:
