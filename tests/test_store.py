@@ -523,6 +523,42 @@ def test_cli_subprocess_exit_codes(tmp_path):
 
 
 
+def test_sigterm_unwinds_like_ctrl_c(tmp_path):
+    """What schedulers send: a message, the store's lock released, exit 143."""
+    code = ("import pathlib, sys, time\n"
+            "import sketchfisher.cli.parser as P\n"
+            "from sketchfisher.store.files import StoreLock\n"
+            "def slow(args):\n"
+            "    pathlib.Path(args.out).mkdir()\n"
+            "    with StoreLock(pathlib.Path(args.out)):\n"
+            "        print('started', flush=True); time.sleep(60)\n"
+            "P._collect = slow\n"
+            "sys.exit(P.main(['collect', '--model', 'm', '--task-a', 'a', '--task-b', 'b', '--out', sys.argv[1]]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"started"
+    assert (tmp_path / "s" / "lock.json").exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and b"terminated (SIGTERM" in err
+    assert not (tmp_path / "s" / "lock.json").exists()
+
+
+def test_store_files_honour_the_umask(small, tmp_path, monkeypatch):
+    from sketchfisher.store import files
+
+    old = os.umask(0o027)
+    try:
+        assert files._umask() == 0o027
+    finally:
+        os.umask(old)
+    model, ta, tb = small
+    monkeypatch.setattr(files, "FILE_MODE", 0o666 & ~0o027)
+    sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    modes = {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "s").rglob("*.safetensors")}
+    assert modes == {oct(0o640)}
+
+
 def test_cli_mlp_units_beside_heads(tiny_bert_dir, tmp_path, capsys):
     """collect --units all: interfere writes the MLP channel-group files beside the head files; conflicts
     recomputes both families' alignment from the store's layout."""
@@ -757,8 +793,11 @@ def test_one_writer_at_a_time_and_a_stale_lock_is_taken_over(small, tmp_path):
     model, ta, tb = small
     root = tmp_path / "s"
     root.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:  # a live writer on this host: refused, naming it
+    holds = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+             "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    sleeper = subprocess.Popen([sys.executable, "-c", holds, str(root / ".lock")], stdout=subprocess.PIPE)
+    try:  # a live writer: refused, naming it
+        assert sleeper.stdout.readline().strip() == b"held"
         (root / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "started": "t"}))
         with pytest.raises(sf.StoreError, match=f"being written by pid {sleeper.pid} on this host"):
             sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=root)
@@ -767,9 +806,57 @@ def test_one_writer_at_a_time_and_a_stale_lock_is_taken_over(small, tmp_path):
         sleeper.wait()
     res = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=root)  # its process is gone: taken over
     assert res.n_a == 6 and not (root / "lock.json").exists()  # released at the end
+    (root / "lock.json").write_text("")  # what a full disk left in an earlier version: taken over, not refused
+    sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=root)
     (root / "lock.json").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "t"}))
     with pytest.raises(sf.StoreError, match="host 'elsewhere'.*delete"):
         sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=root)
+
+
+def test_a_full_disk_leaves_no_lock(tmp_path, monkeypatch):
+    from sketchfisher.store.files import StoreLock
+
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name.startswith("lock.json"):
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(sf.StoreError, match="No space left"):
+        with StoreLock(tmp_path):
+            pass
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+    with StoreLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+
+
+def test_taking_over_a_stale_lock_is_one_writer_at_a_time(tmp_path):
+    """Several processes find the same stale lock at once: their held intervals never overlap."""
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "t"}))
+    go = tmp_path / "go"
+    code = ("import sys, time, pathlib; from sketchfisher.store.files import StoreLock, StoreError\n"
+            "root, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+            "while not go.exists(): time.sleep(0.001)\n"
+            "try:\n"
+            "    with StoreLock(root):\n"
+            "        start = time.time(); time.sleep(0.3); print('held', start, time.time())\n"
+            "except StoreError: print('refused')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(go)], stdout=subprocess.PIPE, env=env)
+             for _ in range(6)]
+    time.sleep(1.5)  # every process imported and waiting
+    go.touch()
+    outs = [p.communicate(timeout=60)[0].decode().split() for p in procs]
+    held = sorted((float(o[1]), float(o[2])) for o in outs if o[0] == "held")
+    assert held and all(o[0] in ("held", "refused") for o in outs)
+    assert all(end <= start for (_, end), (start, _) in zip(held, held[1:])), held
 
 
 def test_fingerprint_samples_stay_inside_large_parameters():

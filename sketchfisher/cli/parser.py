@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .._version import __version__
@@ -234,11 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from ..errors import SketchfisherError
 
+    previous = _on_sigterm()
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("sketchfisher: interrupted (a store resumes when the same command is run again)", file=sys.stderr)
         return 130
+    except Terminated:
+        print("sketchfisher: terminated (SIGTERM; a store resumes when the same command is run again)", file=sys.stderr)
+        return 143
     except Exception as exc:  # one line for every failure; --debug shows the traceback
         if args.debug:
             raise
@@ -247,3 +252,24 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if isinstance(exc, SketchfisherError) else " (run with --debug for the traceback)"
         print(f"sketchfisher: error: {kind}{what}{hint}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM (what schedulers send) as an exception, so that it unwinds like Ctrl-C: the store's lock is
+    released, background writes finish or leave no partial file."""
+
+
+def _on_sigterm():
+    """Raise :class:`Terminated` on SIGTERM while a command runs; the previous handler (None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)

@@ -27,6 +27,23 @@ TEMP_SUFFIX = ".sketchfisher-tmp"
 STORE_FOLDERS = (".", "pass1", "pass2/a", "pass2/b")  # where a store writes; the only places it cleans up
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored
+    once, at import (before any writer thread runs)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what a plain open() would give: safetensors itself writes 0600
+
+
 def temp_name(path: Path) -> Path:
     """This process's temporary name for ``path`` (unique per process, recognisable as the store's own)."""
     return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
@@ -50,6 +67,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)
 
 
@@ -87,15 +105,20 @@ class Writes:
 
 
 class StoreLock:
-    """``lock.json`` in a store while a process writes it: host, pid and start time of the writer.
+    """One writer of a store at a time, and who it is.
 
-    A second writer is refused with the first one's identity; a lock left by a process that no longer
-    runs on this host (a crash, a kill) is taken over with a warning. A lock from another host cannot be
-    checked: the error says how to remove it once that run is known to be gone."""
+    The exclusion is a kernel lock (``fcntl.flock``) on the store's ``.lock`` file: two processes can never both
+    hold it, and a writer that dies (crash, kill) releases it with its process, so there is no stale lock to take
+    over and no race in taking one over. ``lock.json`` says who holds it (host, pid, start time); it is written
+    to a temporary file and renamed into place, so it is never empty (a full disk fails the run before it
+    begins, leaving no lock). A ``lock.json`` of a writer that is gone (this host, a pid that no longer runs; an
+    unreadable file) is replaced with a warning; one from another host, whose process cannot be checked, is
+    refused with how to remove it."""
 
     def __init__(self, root: Path):
         self.path = Path(root) / "lock.json"
         self.held = False
+        self._fd: int | None = None
 
     def __enter__(self) -> "StoreLock":
         import logging
@@ -103,24 +126,51 @@ class StoreLock:
         import time
 
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                other = self._holder()
-                if other.get("host") == me["host"] and not _alive(other.get("pid")):
-                    logging.getLogger(__name__).warning("taking over the lock of a writer that is gone: %s", other)
-                    self.path.unlink(missing_ok=True)
-                    continue
+        self._fd = os.open(self.path.parent / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self._exclusive()
+        except BlockingIOError:
+            other = self._holder()
+            self._release()
+            where = "this host" if other.get("host") == me["host"] else f"host {other.get('host')!r}"
+            raise StoreError(f"{self.path.parent} is being written by pid {other.get('pid')} on {where} since "
+                             f"{other.get('started')}; wait for it to finish") from None
+        if self.path.exists():
+            other = self._holder()
+            if other.get("host") not in (None, me["host"]) or (other.get("host") == me["host"] and _alive(other.get("pid"))
+                                                                 and other.get("pid") != me["pid"]):
+                self._release()
                 where = "this host" if other.get("host") == me["host"] else f"host {other.get('host')!r}"
-                raise StoreError(f"{self.path.parent} is being written by pid {other.get('pid')} on {where} since "
+                raise StoreError(f"{self.path.parent} is marked as written by pid {other.get('pid')} on {where} since "
                                  f"{other.get('started')}; wait for it to finish (if that run is gone, delete "
-                                 f"{self.path})") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return self
-        raise StoreError(f"cannot take the lock {self.path}")
+                                 f"{self.path})")
+            logging.getLogger(__name__).warning("taking over the lock of a writer that is gone: %s", other or "(empty)")
+        tmp = temp_name(self.path)
+        try:
+            tmp.write_text(json.dumps(me))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self._release()
+            raise StoreError(f"cannot write {self.path}: {exc}") from None
+        self.held = True
+        return self
+
+    def _exclusive(self) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if isinstance(exc, BlockingIOError):
+                raise
+            raise StoreError(f"{self.path.parent}: the file system does not support locks ({exc}); write the store "
+                             "on a local or lock-capable file system") from None
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # (closing releases the flock)
+            self._fd = None
 
     def _holder(self) -> dict:
         try:
@@ -133,6 +183,7 @@ class StoreLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+        self._release()
 
 
 def _alive(pid: object) -> bool:
