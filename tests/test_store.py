@@ -233,7 +233,16 @@ def test_mismatched_settings_and_model_are_refused(small, tmp_path):
         sf.analyze(other, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
     with pytest.raises(sf.StoreMismatchError, match="layout"):
         sf.open_store(tmp_path / "s").check(make_model("gpt2"))
+    from sketchfisher.store.manifest import seal
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    claimed = {k: v for k, v in manifest.items() if k != "digest"}
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**claimed, "format_version": 2}))
+    with pytest.raises(sf.StoreError, match="claims format version 2 but holds store_id, files"):
+        sf.open_store(tmp_path / "s")  # an edited claim of an old format switches no check off
+    old = {k: v for k, v in claimed.items() if k not in ("store_id", "files", "passes", "conflicts")}
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**old, "format_version": 2}))
+    with pytest.raises(sf.StoreError, match="carry no digests.*unverified=True"):
+        sf.open_store(tmp_path / "s")
     manifest["format_version"] = 99
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(sf.StoreError, match="format version 99"):
@@ -299,6 +308,25 @@ def test_corrupt_truncated_and_pickled_shards_are_rejected(small, tmp_path, monk
     (tmp_path / "s" / "pass2" / "a" / "0000000.safetensors").unlink()
     with pytest.raises(sf.StoreError, match="not the recorded ones"):
         sf.open_store(tmp_path / "s")
+
+
+def test_a_damaged_shard_is_named_and_computed_again_when_collection_reruns(small, tmp_path, caplog):
+    """A rerun checks every shard it would skip: a flipped byte is reported by name, the shard deleted and its
+    batch computed again, so the store ends bitwise the undamaged one; `conflicts` reads every file first."""
+    from sketchfisher.cli import main
+
+    model, ta, tb = small
+    ref = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    shard = tmp_path / "s" / "pass2" / "b" / "0000001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # in the last tensor's bytes: the header still parses
+    shard.write_bytes(bytes(data))
+    assert main(["conflicts", str(tmp_path / "s"), "--no-plot"]) == 1  # damage reported, not a silent table
+    with caplog.at_level("WARNING"):
+        again = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    assert "0000001.safetensors is damaged" in caplog.text
+    sf.open_store(tmp_path / "s").verify()
+    assert torch.equal(again.scores, ref.scores) and torch.equal(again.stderr, ref.stderr)
 
 
 def test_collection_refuses_over_max_bytes(small, tmp_path):

@@ -210,6 +210,8 @@ def _conflicts(args: argparse.Namespace) -> int:
 
     _need_plots(args)
     store = sf.open_store(args.store)
+    if not args.no_verify:  # the table reads few of the store's bytes: damage elsewhere is reported, by name
+        store.verify()
     first = store.result()
     tasks = store.manifest.get("inputs", {})
     names = [Path(tasks[f"task_{t}"]["path"]).stem if f"task_{t}" in tasks else t.upper() for t in ("a", "b")]

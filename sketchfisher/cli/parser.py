@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q", type=_fraction("--q"), default=0.05,
                    help="false discovery rate at which a block is flagged (default: 0.05; below 1)")
     p.add_argument("--top", type=POSITIVE, default=20, help="flagged blocks to print (default: 20)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reading every file of the store against its digest first (the table itself reads few)")
     p.add_argument("--out", default=None, help="output folder (default: conflicts/ inside the store)")
     p.set_defaults(func=_conflicts)
 

@@ -83,6 +83,7 @@ class _Moments:
         return None if got is None else got[1]
 
 
-def open_store(path: str | Path) -> Store:
-    """Open a complete store for Stage 6 (no model needed)."""
-    return Store(path)
+def open_store(path: str | Path, unverified: bool = False) -> Store:
+    """Open a complete store for Stage 6 (no model needed). Stores of format versions before 3 carry no digests
+    and are refused unless ``unverified=True`` asks to read them as they are."""
+    return Store(path, unverified=unverified)

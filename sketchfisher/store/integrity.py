@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .files import StoreError, block_digests, content_digest
+from .files import StoreError, block_digests, content_digest, load_tensors
 
 
 def stats_metadata(tensors: dict[str, torch.Tensor], store_id: str, task: str) -> dict[str, str]:
@@ -51,3 +51,19 @@ def check_header(path: Path, meta: dict[str, str], store_id: str, task: str, bat
 def check_digest(path: Path, tensors: dict[str, torch.Tensor], expected: str, what: str = "content") -> None:
     if content_digest(tensors) != expected:
         raise StoreError(f"{path}: {what} does not match its recorded digest (the file was changed or corrupted)")
+
+
+def shard_damage(path: Path, store_id: str, task: str, batch: int) -> str | None:
+    """What is wrong with one written shard (read whole, each block checked against the digest its header
+    records), or None when it is intact."""
+    try:
+        tensors, meta = load_tensors(path)
+        check_header(path, meta, store_id, task, batch, meta.get("samples"))
+        recorded = json.loads(meta.get("blocks", "{}"))
+        if not isinstance(recorded, dict) or not recorded:
+            return "its header records no block digests"
+        if block_digests(tensors) != recorded:
+            return "its content does not match the digests its header records"
+    except (StoreError, ValueError) as exc:
+        return str(exc)
+    return None

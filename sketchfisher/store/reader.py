@@ -77,12 +77,21 @@ class StoreReader:
     store (reading only the files' headers); contents are checked against their digests as they are read,
     and :meth:`verify` reads and checks everything."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, unverified: bool = False):
         self.path = Path(path)
         self.manifest = read_manifest(self.path / "manifest.json")
         version = self.manifest.get("format_version")
         if version not in READABLE_VERSIONS:
             raise StoreError(f"{self.path}: store format version {version!r}, this library reads {READABLE_VERSIONS}")
+        if version < 3:
+            later = [k for k in ("store_id", "files", "digest", "passes", "conflicts") if k in self.manifest]
+            if later:  # fields no writer of that version wrote: an edited claim of an old format
+                raise StoreError(f"{self.path}: the manifest claims format version {version} but holds "
+                                 f"{', '.join(later)}, which only later versions write; it contradicts itself")
+            if not unverified:
+                raise StoreError(f"{self.path}: format version {version} stores carry no digests, so nothing in it "
+                                 "can be checked; open it with sf.open_store(path, unverified=True) to read it as it "
+                                 "is, or collect it again")
         if not self.manifest.get("complete"):
             raise StoreError(f"{self.path}: collection has not finished; rerun the same collect command to resume")
         self.checked = version >= 3  # stores written before integrity records are read as they are

@@ -22,6 +22,12 @@ def shard_name(index: int) -> str:
     return f"{index:07d}.safetensors"
 
 
+def shard_index(name: str) -> int | None:
+    """The batch index a shard's file name carries (None for a name the store does not write)."""
+    stem = name.removesuffix(".safetensors")
+    return int(stem) if len(stem) == 7 and stem.isdigit() else None
+
+
 @dataclass
 class ShardParts:
     """A batch's pass-2 results on their way to the host: per device, the blocks' encoded vectors, ‖x̃‖²

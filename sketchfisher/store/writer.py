@@ -47,10 +47,10 @@ from ..layout import Layout
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
 from .files import StoreLock, Writes, atomic_write_json, read_metadata, remove_stale_temps
-from .integrity import check_header, index_entry
+from .integrity import check_header, index_entry, shard_damage
 from .manifest import build_manifest, check_same, conflicts_of, new_store_id, passes_of, read_manifest, seal
 from .pass1 import Counter, Ranks, counted, final_path, partial_path, read_final, run_pass1, save_pass1
-from .shards import TASKS, ShardParts, drop_stale_shards, shard_name, write_shard
+from .shards import TASKS, ShardParts, drop_stale_shards, shard_index, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,18 @@ class StoreSink(Sink):
         return counted(job.tasks[task], self.counters[task])
 
     def skip(self, task: str):
-        done = {p.name for p in (self.root / "pass2" / task).glob("*.safetensors")}
+        """Batches whose shard a killed run wrote (each read and checked first: a damaged one is named, deleted
+        and computed again) or that another rank computes."""
+        done = set()
+        for path in sorted((self.root / "pass2" / task).glob("*.safetensors")):
+            index = shard_index(path.name)
+            damage = None if index is None or not self.ranks.mine(index) else shard_damage(path, self.store_id, task,
+                                                                                          index)
+            if damage is not None:
+                logger.warning("%s is damaged (%s): deleted, its batch is computed again", path, damage)
+                path.unlink()
+                continue
+            done.add(path.name)
         return lambda i: shard_name(i) in done or not self.ranks.mine(i)
 
     def reduce(self, job: Job):
