@@ -80,6 +80,9 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     on or refused; ``False``: off.
     """
     check_batches(task_a=task_a, task_b=task_b)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise InputError(f"max_bytes bounds the memory of one chunk of scores and must be a positive number of "
+                         f"bytes; got {max_bytes!r}")
     codec = check_codec(Exact() if codec is None else codec)
     cfg = score_config(config, variant=variant, normalizer=normalizer, eps=eps, ridge_abs=ridge_abs,
                        ridge_rel=ridge_rel, dtype=dtype)

@@ -195,3 +195,15 @@ def test_non_finite_sides_are_caught_one_batch_late_and_never_written(tmp_path):
     with pytest.raises(sf.GradientError, match=r"pass 2 b, batch 7: .*positions \[1\]"):
         _write_shard(parts, tmp_path / "shard.safetensors", "id", "b", 7, 2)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("max_bytes", [0, -5, 1.5, True])
+def test_a_memory_or_disk_bound_must_be_positive(max_bytes, tmp_path):
+    from sketchfisher.store import collect_to_store
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(4, 2, seed=1), make_batches(4, 2, seed=2)
+    with pytest.raises(sf.InputError, match="max_bytes .* positive"):
+        sf.analyze(model, generic_loss, ta, tb, max_bytes=max_bytes)
+    with pytest.raises(sf.InputError, match="max_bytes .* positive"):
+        collect_to_store(tmp_path / "s", model, generic_loss, ta, tb, sf.layout_for(model), sf.Sketch(k=8),
+                         sf.ScoreConfig(), max_bytes=max_bytes)

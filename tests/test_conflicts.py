@@ -152,3 +152,19 @@ def test_conflict_scalars_from_a_module_gradient_equal_those_of_its_blocks(arch)
         prep = BlockPrep(None, None, None, None, None, u_a=u)
         torch.testing.assert_close(conflict_scalars_from_module(grad, hbs, prep, "a", torch.float64),
                                    conflict_scalars(layout.gather(1, block, grad), prep, "a", torch.float64))
+
+
+@pytest.mark.parametrize("codec", [sf.Exact(), sf.Sketch(k=16, kind="sjlt", seed=0)])
+def test_a_frozen_block_keeps_its_rows_with_missing_numbers(codec):
+    """As everywhere else, data that was not collected is NaN, not absent: a frozen projection's blocks keep
+    their rows (never flagged, outside the BH family)."""
+    model = make_model("llama_gqa")
+    model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    res = sf.analyze(model, generic_loss, make_batches(8, 4, seed=1), make_batches(6, 3, seed=2), codec=codec)
+    table = res.head_conflicts()
+    layout = res.layout
+    assert len(table) == sum(len(layout.head_blocks(layer, b)) for layer in range(layout.num_layers)
+                             for b in layout.block_names)
+    frozen = table[(table.layer == 0) & (table.block == "Q")]
+    assert len(frozen) == layout.num_heads and frozen[["T", "p_value", "q_value"]].isna().all().all()
+    assert not frozen.conflict.any() and table.drop(frozen.index)["q_value"].notna().all()

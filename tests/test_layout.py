@@ -282,3 +282,18 @@ def test_encoder_decoder_stack_reads_its_own_head_count():
     dims = {name: sf.Dims.from_config(config, spec) for name, spec in stacks.parts}
     assert (dims["encoder"].num_heads, dims["decoder"].num_heads, dims["cross"].num_heads) == (8, 2, 2)
     assert (dims["encoder"].head_dim, dims["decoder"].head_dim) == (4, 16)
+
+
+def test_linear_units_name_the_matrices_they_cannot_capture(caplog):
+    """Current Mixtral's router is its own module (not nn.Linear) and its experts are stacked 3-D tensors:
+    units='linear' says so by name instead of skipping them without a word."""
+    import transformers as hf
+    config = hf.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4, vocab_size=100)
+    model = hf.MixtralModel(config)
+    with pytest.raises(sf.LayoutError, match=r"no other linear layers.*not collected: .*layers\.\*\.mlp\.gate\.weight"):
+        sf.units_layout(model, ("heads", "linear"))
+    model.extra = torch.nn.Linear(32, 8)  # with a linear layer to collect, the others are named in a warning
+    with caplog.at_level("WARNING"):
+        sf.units_layout(model, ("heads", "linear"))
+    assert "not collected" in caplog.text and "layers.*.mlp.experts.gate_up_proj" in caplog.text

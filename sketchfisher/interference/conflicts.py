@@ -94,21 +94,31 @@ def conflict_table(result: Any, level: float = 0.05, confidence: float = 0.95) -
     n_a, n_b = ctx.counts
     if n_a < 4 or n_b < 2:
         raise InputError(f"the conflict test needs at least 4 task-A and 2 task-B samples, have {n_a} and {n_b}")
-    rows = []
+    rows, tested = [], False
     for layer in range(layout.num_layers):
         for block in layout.block_names:
-            ev = block_evidence(ctx, layout, layer, block)
-            if ev is None:
+            if (layer, block) not in layout.blocks:
                 continue
+            ev = block_evidence(ctx, layout, layer, block)
             index = layout.head_index(block).tolist()
             first = [index.index(d) for d in range(max(index) + 1)]
-            rows += _rows(ev, layer, block, first, [index.count(d) for d in range(max(index) + 1)], confidence)
-    if not rows:
+            shared = [index.count(d) for d in range(max(index) + 1)]
+            if ev is None:  # not collected (a frozen block): its rows are kept, every number missing
+                rows += [{"layer": layer, "head": h, "block": block, "shared_by": n, **{c: float("nan") for c in (
+                    "alignment", "alignment_low", "alignment_high", "T", "stderr", "p_value")}}
+                         for h, n in zip(first, shared)]
+                continue
+            tested = True
+            rows += _rows(ev, layer, block, first, shared, confidence)
+    if not tested:
         raise InputError("no collected blocks to test")
     df = pd.DataFrame(rows)
-    df["q_value"] = false_discovery_control(df["p_value"].to_numpy(), method="bh")
-    df["conflict"] = df["q_value"] <= level
-    df = df.sort_values(["q_value", "alignment", "layer", "head"]).reset_index(drop=True)
+    ok = df["p_value"].notna().to_numpy()
+    q = np.full(len(df), np.nan)
+    q[ok] = false_discovery_control(df["p_value"].to_numpy()[ok], method="bh")
+    df["q_value"] = q
+    df["conflict"] = df["q_value"] <= level  # (NaN: False)
+    df = df.sort_values(["q_value", "alignment", "layer", "head"], na_position="last").reset_index(drop=True)
     df = df[COLUMNS].rename(columns={"head": layout.unit_column})
     df.attrs.update(level=level, confidence=confidence, samples=(n_a, n_b),
                     statistic="T = Σ_S ḡ_A ḡ_B / (Î + ε + λ); H0: T ≥ 0 (one-sided); conflict: q ≤ level")

@@ -44,8 +44,9 @@ def pair_means_from_statistics(result: Any, group_size: int = 1) -> torch.Tensor
     stats = {"a": ctx.stats_a, "b": ctx.stats_b}
     missing = [f"task {t.upper()}'s {q}" for t, q in means.items() if q not in stats[t].quantities]
     if missing:
-        raise InputError(f"the collection did not keep {', '.join(missing)}; collect with units including 'mlp' or "
-                         "a sketch codec with variance reduction")
+        raise InputError(f"the collection did not keep {', '.join(missing)}: a heads-only collection frees the "
+                         "task means once its side vectors are prepared; collect with units including 'mlp' or "
+                         "'linear' (units='all'), whose collections keep both tasks' means")
     norm = ctx.normalizer_stats()
     blocks = layout.block_names
     units = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any, Callable, Optional
 
 from torch import nn
@@ -287,8 +289,10 @@ def linear_layouts(model: nn.Module, exclude: set[str] = frozenset(),
     """Output-channel units of every other linear layer: ``nn.Linear`` and HF ``Conv1D`` weights not in
     ``exclude`` (the parameters the head and MLP layouts hold) and not tied to another parameter. Modules
     that differ only by a layer index form one family (``"linear:layers.*.mlp.gate"``: an MoE router in
-    every layer), with one block named by that pattern whose units are groups of consecutive output rows
-    (``group_sizes[pattern]``; default: at most as many groups as the model has attention heads)."""
+    every layer, where it is an ``nn.Linear``), with one block named by that pattern whose units are groups of
+    consecutive output rows (``group_sizes[pattern]``; default: at most as many groups as the model has
+    attention heads). Matrices that are no such layer (current Mixtral's router and its stacked experts are
+    their own modules) cannot be captured as a linear map and are named in a warning, never skipped silently."""
     import re
 
     config = getattr(model, "config", None)
@@ -305,6 +309,9 @@ def linear_layouts(model: nn.Module, exclude: set[str] = frozenset(),
         index = int(match.group(1)) if match else 0
         pattern = f".{name}.".replace(match.group(0), ".*.", 1).strip(".") if match else name
         patterns.setdefault(pattern, []).append((index, name, module))
+    left = uncaptured_matrices(model, {n + ".weight" for mods in patterns.values() for _, n, _m in mods} | set(exclude))
+    if left and patterns:
+        logging.getLogger(__name__).warning("units 'linear' covers nn.Linear and Conv1D layers; %s", left)
     out = []
     for pattern, mods in patterns.items():
         mods.sort(key=lambda m: m[0])
@@ -328,6 +335,20 @@ def linear_layouts(model: nn.Module, exclude: set[str] = frozenset(),
             model_type=getattr(config, "model_type", None) or type(model).__name__, dims=dims, blocks=blocks,
             params=tuple(n + ".weight" for _, n, _m in mods), block_names=(pattern,), unit="rows")))
     return out
+
+
+def uncaptured_matrices(model: nn.Module, covered: set[str]) -> str:
+    """A sentence naming the trainable matrices (by layer pattern) that no unit family covers and that are not
+    linear layers or embeddings ('' when there are none)."""
+    import re
+
+    embeddings = {n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    left = sorted({re.sub(r"\.\d+\.", ".*.", f".{n}.").strip(".") for n, p in model.named_parameters()
+                   if p.ndim >= 2 and p.requires_grad and n not in covered and n not in embeddings})
+    if not left:
+        return ""
+    shown = ", ".join(left[:12]) + (f" and {len(left) - 12} more" if len(left) > 12 else "")
+    return f"these matrices are not such layers and are not collected: {shown}"
 
 
 def units_layout(model: nn.Module, units: str | tuple[str, ...] = "heads", group_size: Optional[int] = None,
@@ -354,7 +375,9 @@ def units_layout(model: nn.Module, units: str | tuple[str, ...] = "heads", group
             taken |= set(_try(lambda: mlp_layout_for(model, group_size).params))
         found = linear_layouts(model, taken, linear_group_sizes)
         if not found:
-            raise LayoutError("units='linear': the model has no other linear layers")
+            left = uncaptured_matrices(model, taken)
+            raise LayoutError("units='linear': the model has no other linear layers (nn.Linear or Conv1D)"
+                              + (f"; {left}" if left else ""))
         parts += found
     return Layout.union(parts)
 

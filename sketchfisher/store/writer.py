@@ -201,6 +201,9 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     existing store keeps its own).
     """
     codec = check_codec(codec)
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+        raise InputError(f"max_bytes bounds the store's size on disk and must be a positive number of bytes (or "
+                         f"None); got {max_bytes!r}")
     if not codec.two_pass:
         raise InputError(f"stores hold the side vectors of a pass-2 codec (sf.Sketch or a registered SideCodec); "
                          f"got codec {codec!r}")
