@@ -329,6 +329,21 @@ def test_a_damaged_shard_is_named_and_computed_again_when_collection_reruns(smal
     assert torch.equal(again.scores, ref.scores) and torch.equal(again.stderr, ref.stderr)
 
 
+def test_a_deleted_manifest_is_restored_from_its_copy(small, tmp_path, caplog):
+    model, ta, tb = small
+    ref = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(sf.StoreError):
+        sf.open_store(tmp_path / "s")
+    with caplog.at_level("WARNING"):
+        again = sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+    assert "restored from its copy" in caplog.text and torch.equal(again.scores, ref.scores)
+    (tmp_path / "s" / "manifest.json").unlink()
+    (tmp_path / "s" / "pass1" / "manifest.json").unlink()
+    with pytest.raises(sf.StoreError, match="no manifest.json and no copy"):
+        sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
+
+
 def test_collection_refuses_over_max_bytes(small, tmp_path):
     model, ta, tb = small
     layout = sf.layout_for(model)

@@ -46,7 +46,7 @@ from ..fisher.host import host_copy
 from ..layout import Layout
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
-from .files import StoreLock, Writes, atomic_write_json, read_metadata, remove_stale_temps
+from .files import StoreError, StoreLock, Writes, atomic_write_json, read_json, read_metadata, remove_stale_temps
 from .integrity import check_header, index_entry, shard_damage
 from .manifest import build_manifest, check_same, conflicts_of, new_store_id, passes_of, read_manifest, seal
 from .pass1 import Counter, Ranks, counted, final_path, partial_path, read_final, run_pass1, save_pass1
@@ -237,7 +237,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     manifest_path = root / "manifest.json"
     if ranks.rank == 0 and not manifest_path.exists():
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(seal({**wanted, "store_id": new_store_id()}), manifest_path)
+        _begin_or_restore(root, wanted)
     ranks.barrier()
     manifest = read_manifest(manifest_path)
     check_same(manifest, wanted, f"store {root}")
@@ -277,6 +277,31 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     return root
 
 
+def write_manifest(root: Path, manifest: dict) -> None:
+    """The manifest, and its copy in ``pass1/`` (from which a deleted manifest is restored)."""
+    (root / "pass1").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(manifest, root / "pass1" / "manifest.json")
+    atomic_write_json(manifest, root / "manifest.json")
+
+
+def _begin_or_restore(root: Path, wanted: dict) -> None:
+    """A new store's manifest; or, for a store whose manifest.json was deleted, its copy put back (checked as
+    any manifest is: sealed, and against this run's settings). Files without either are refused by name rather
+    than adopted under settings nobody recorded."""
+    copy = root / "pass1" / "manifest.json"
+    if copy.exists():
+        read_manifest(copy)  # sealed and whole
+        logger.warning("%s was missing: restored from its copy %s", root / "manifest.json", copy)
+        atomic_write_json(read_json(copy), root / "manifest.json")
+        return
+    written = [p for sub in ("pass1", "pass2/a", "pass2/b") for p in sorted((root / sub).glob("*.safetensors"))]
+    if written:
+        raise StoreError(f"{root} holds collection files ({written[0].relative_to(root)}, ...) but no manifest.json "
+                         "and no copy of it, so the settings they were written with are unknown; move them away or "
+                         "collect into a new directory")
+    write_manifest(root, seal({**wanted, "store_id": new_store_id()}))
+
+
 def _seal_complete(root: Path, manifest: dict, store_id: str, counts: dict[str, int]) -> None:
     """Index every file the collection wrote into the manifest, check that the shards are the batches
     0..n−1 holding every sample its statistics counted, and seal it as complete."""
@@ -299,4 +324,4 @@ def _seal_complete(root: Path, manifest: dict, store_id: str, counts: dict[str, 
             raise InputError(f"task {t}: pass 2 saw {sum(sizes)} samples but pass 1 saw {counts[t]}; "
                              "the task must yield the same batches on every pass")
     manifest["complete"] = True
-    atomic_write_json(seal(manifest), root / "manifest.json")
+    write_manifest(root, seal(manifest))
