@@ -49,7 +49,7 @@ def run_script(script: str, argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "SKETCHFISHER_PROGRESS": "0", "TRANSFORMERS_VERBOSITY": "error",
            "PYTHONPATH": str(BENCH.parent)}
     return subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=1800)  # (a loaded 2-core machine is slow; a hang still ends)
 
 
 @pytest.mark.slow

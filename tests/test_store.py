@@ -42,7 +42,7 @@ def test_round_trip_equals_in_memory(small, tmp_path):
     torch.testing.assert_close(again.scores, mem.scores, rtol=0, atol=0)
 
 
-def _run_worker(path, kill_when=None, timeout=120, passes=2):
+def _run_worker(path, kill_when=None, timeout=900, passes=2):  # (generous: a loaded machine is slow)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, str(TESTS / "store_worker.py"), str(path), str(passes)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
