@@ -214,6 +214,8 @@ def test_model_folders_and_tasks_are_checked_before_the_weights_load(tiny_bert_d
     assert code == 1 and "positions" in io.err
     code, io = run("--model", str(tiny_bert_dir), "--k", "9999")
     assert code == 1 and "9999" in io.err
+    code, io = run("--model", str(tiny_bert_dir), "--max-bytes", "1000")
+    assert code == 1 and "over max_bytes=1,000" in io.err
     assert not (tmp_path / "store").exists()
     code, io = run("--model", str(bare), "--tokenizer", str(tiny_bert_dir))
     assert code == 0, io.err

@@ -79,7 +79,7 @@ def _collect(args: argparse.Namespace) -> int:
         from ..errors import InputError
 
         raise InputError(f"--out {args.out} is a file; give a directory for the store")
-    samples = preflight(args, loss, codec, args.units)  # every cheap check before the weights are read
+    samples = preflight(args, loss, codec, args.units, cfg, _passes(args))  # every cheap check before the weights load
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args), args.tokenizer)
     check_max_length(model, args.max_length)
     device = input_device(model)

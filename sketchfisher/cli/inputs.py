@@ -69,11 +69,12 @@ def _recompute_inputs(args: argparse.Namespace, store):
     return model, loss, tasks
 
 
-def preflight(args: argparse.Namespace, loss: str, codec=None, units=None) -> list:
+def preflight(args: argparse.Namespace, loss: str, codec=None, units=None, cfg=None, passes=None) -> list:
     """Everything that can be checked without the weights, before the model is loaded (minutes at 7B): both
     task files (read; at least 2 samples each), the model and tokenizer folders, the
     truncation length against the config, and — on a weightless (meta-device) copy of the model — its layout
-    and the codec against it. Returns both tasks' samples."""
+    and the codec against it, and (``cfg`` given: ``collect``) the store's planned size against the disk and
+    ``--max-bytes``. Returns both tasks' samples."""
     import torch
 
     from ..errors import InputError
@@ -104,7 +105,15 @@ def preflight(args: argparse.Namespace, loss: str, codec=None, units=None) -> li
             except (ValueError, KeyError) as exc:
                 raise InputError(f"--model {args.model}: transformers cannot build {config.model_type!r} for loss "
                                  f"{loss!r}: {exc}") from None
-        codec.check_layout(sf.units_layout(skeleton, units or "heads", getattr(args, "mlp_group_size", None)))
+        layout = sf.units_layout(skeleton, units or "heads", getattr(args, "mlp_group_size", None))
+        codec.check_layout(layout)
+        if cfg is not None:  # the store's size against the disk and --max-bytes
+            from ..store.writer import check_space_before_loading
+
+            auto = torch.float32 if str(args.device).startswith("cuda") or args.device_map != "none" else torch.float64
+            dtype = auto if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype)
+            check_space_before_loading(Path(args.out), skeleton, codec, cfg, layout, tuple(map(len, samples)),
+                                       args.batch_size, passes, not args.no_conflicts, dtype, args.max_bytes)
     return samples
 
 

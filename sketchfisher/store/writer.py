@@ -66,9 +66,9 @@ def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | 
     plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8, world,
                             compact_copies, conflicts)
     stored = plan["total"] - plan["pass1_checkpoint"]
-    already = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file())
+    already = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file()) if root.exists() else 0
     needed = max(0, plan["total"] - already)
-    free = shutil.disk_usage(root).free
+    free = shutil.disk_usage(next(p for p in (root, *root.resolve().parents) if p.exists())).free
     parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in plan.items() if k != "total")
     if max_bytes is not None and stored > max_bytes:
         raise InputError(f"the planned store is {stored:,} bytes ({format_bytes(stored)}: {parts}; {samples} samples), "
@@ -76,6 +76,19 @@ def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | 
     if needed > free:
         raise InputError(f"the store needs {format_bytes(needed)} more on disk ({parts}) but {root} has "
                          f"{format_bytes(free)} free")
+
+
+def check_space_before_loading(root: Path, skeleton: nn.Module, codec: SideCodec, cfg: ScoreConfig, layout: Layout,
+                                sizes: tuple[int, int], batch_size: int, passes: float | None, conflicts: bool,
+                                stats_dtype: torch.dtype, max_bytes: int | None) -> None:
+    """The disk check of a collection from the model's shape alone (a weightless ``skeleton``) and the tasks'
+    sample counts, before any weight is read: the same numbers and refusal as the check before pass 1."""
+    existing = stored_passes(root) if (root / "manifest.json").exists() else None
+    plan = pass_plan(codec, cfg, existing if passes is None else passes, means=layout.beyond_heads, conflicts=conflicts)
+    stats = tuple(len(plan.statistics[t]) for t in TASKS)
+    compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
+    batches = sum(-(-n // batch_size) for n in sizes)
+    _check_space(root, skeleton, codec, sum(sizes), batches, stats, stats_dtype, max_bytes, 1, compact, conflicts)
 
 
 def _counts(*tasks: Iterable[Any]) -> tuple[int | None, int | None]:
