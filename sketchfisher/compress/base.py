@@ -136,6 +136,15 @@ class SideCodec(Codec):
         """Inverse of :meth:`encode`, in fp64."""
         return parts["vec"].double()
 
+    def stored_width(self, size: int) -> int:
+        """The last dimension of a stored ``"vec"`` for a block of ``size`` entries (packed forms are narrower)."""
+        return self.width(size)
+
+    def noise_variance(self, parts: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The known variance of each decoded coordinate's storage error, per vector, when the storage adds a
+        random error of known size (a dithered quantiser); None when it adds none or none is known."""
+        return None
+
     def bytes_per_block(self, size: int) -> int:
         """Stored bytes of one sample's head block of ``size`` entries: the encoded vector and its two exact
         fp64 scalars (‖x̃‖² and the cross term)."""
@@ -183,9 +192,20 @@ class SketchSide:
         return decode_side(self.codec, self.parts.get(key))
 
 
-def decode_side(codec: SideCodec, parts: Optional[list]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+class DecodedSide(tuple):
+    """One side of one (layer, block): the tuple ``(vectors, ‖·‖², cross)`` (fp64), with ``noise``: each
+    vector's known per-coordinate storage-error variance ``[n, H_b]`` (:meth:`SideCodec.noise_variance`), or
+    None."""
+
+    noise: Optional[torch.Tensor] = None
+
+
+def decode_side(codec: SideCodec, parts: Optional[list]) -> Optional[DecodedSide]:
     """Concatenate stored batches ``(encoded, norm2, cross)`` into fp64 tensors; None when absent."""
     if not parts:
         return None
     vec = torch.cat([codec.decode(enc) for enc, _, _ in parts])
-    return vec, torch.cat([p[1].double() for p in parts]), torch.cat([p[2].double() for p in parts])
+    out = DecodedSide((vec, torch.cat([p[1].double() for p in parts]), torch.cat([p[2].double() for p in parts])))
+    noise = [codec.noise_variance(enc) for enc, _, _ in parts]
+    out.noise = None if any(n is None for n in noise) else torch.cat(noise).to(vec.device)
+    return out

@@ -29,13 +29,16 @@ from ..layout import BLOCKS
 from .base import SideCodec
 from .sketchmaps import KINDS, SketchMap, sjlt_block_index
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+INT4_LEVELS = 7  # int4 stores q in [-7, 7] (two per byte, as q + 8) with a per-vector scale max|v| / 7
 
 
 @dataclass(frozen=True)
 class Sketch(SideCodec):
     """Per-head-block sketch of width ``k`` (``kind`` in gaussian/sjlt/srht, ``s`` non-zeros for sjlt),
-    stored as ``dtype`` (fp32/fp16/bf16/int8 with per-vector scale)."""
+    stored as ``dtype``: fp32/fp16/bf16, int8 with a per-vector scale, or int4 (two values per byte, a
+    per-vector scale and a subtractive dither, so its rounding error is uniform, independent of the data and
+    part of every score's standard error: :func:`quantize`)."""
 
     k: int = 256
     kind: str = "sjlt"
@@ -56,6 +59,8 @@ class Sketch(SideCodec):
             raise InputError(f"Sketch.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"Sketch.seed must be an int >= 0, got {self.seed!r}")
+        if self.dtype == "int4" and self.k % 2:
+            raise InputError(f"Sketch(dtype='int4') packs two values per byte and needs an even k; got k={self.k}")
         if self.kind == "sjlt" and (self.s < 1 or self.k % self.s):
             raise InputError(f"Sketch(kind='sjlt') needs k divisible by s >= 1; got k={self.k}, s={self.s}")
 
@@ -64,6 +69,9 @@ class Sketch(SideCodec):
 
     def width(self, size: int) -> int:
         return self.k
+
+    def stored_width(self, size: int) -> int:
+        return self.k // 2 if self.dtype == "int4" else self.k
 
     def check_layout(self, layout) -> None:
         """A sketch must be smaller than the head blocks it sketches (else it stores more than the data).
@@ -80,16 +88,27 @@ class Sketch(SideCodec):
                              "exact scores")
 
     def encode(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, scale = quantize(vectors, self.dtype)
+        q, scale = quantize(vectors, self.dtype, self.seed)
         return {"vec": q} if scale is None else {"vec": q, "scale": scale}
 
     def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.dtype == "int4":
+            return dequantize_int4(parts["vec"], parts["scale"], self.seed)
         return dequantize(parts["vec"], parts.get("scale"))
+
+    def noise_variance(self, parts: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Per stored vector ``[..]``, the variance of each coordinate's rounding error when it is known: int4's
+        subtractive dither makes it uniform on ±scale/2, so s²/12 (None for the other dtypes)."""
+        if self.dtype != "int4":
+            return None
+        return parts["scale"].double().square() / 12.0
 
     def block_scores(self, a: tuple, b: tuple, e: torch.Tensor, size: int):
         from .sketch_scores import SketchBlock, finite_population_correction
 
-        return SketchBlock(*a, *b, e.double().to(a[0].device), self.k, finite_population_correction(self, size))
+        noise = [getattr(side, "noise", None) for side in (a, b)]
+        return SketchBlock(*a, *b, e.double().to(a[0].device), self.k, finite_population_correction(self, size),
+                           *noise)
 
     def fused_sides(self, layout, cfg, side: str):
         from .fused import FusedSides
@@ -123,7 +142,9 @@ class Sketch(SideCodec):
         return torch.stack([self.map(layer, block, h, size).apply(v[:, h]) for h in range(H)], 1)
 
     def bytes_per_vector(self) -> int:
-        """Stored bytes of one sketched head-block vector (+ 4 for the int8 and fp16 scales)."""
+        """Stored bytes of one sketched head-block vector (+ 4 for the int4, int8 and fp16 scales)."""
+        if self.dtype == "int4":
+            return self.k // 2 + 4
         size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
         return self.k * size + (4 if self.dtype in SCALED else 0)
 
@@ -133,14 +154,55 @@ class Sketch(SideCodec):
         return self.bytes_per_vector() + 16
 
 
-SCALED = ("int8", "fp16")  # storage dtypes that keep a per-vector scale
+SCALED = ("int4", "int8", "fp16")  # storage dtypes that keep a per-vector scale
 FP16_HEADROOM = 2.0 ** 14  # fp16 vectors are scaled so that their largest entry is at most this (max 65504)
 
 
-def quantize(v: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x · c mod 2³²`` for ``0 <= x < 2³²`` in int64 without overflow (two 16-bit halves of ``c``)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (murmur3's fmix32) on int64 tensors holding values in [0, 2³²): the same
+    bits on every device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def dither(scale: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The subtractive dither ``[..., k]`` (fp64, uniform on [−½, ½)) of vectors with per-vector ``scale [...]``:
+    a counter-based hash of (seed, the scale's bits, coordinate). The scale stands for the vector (it is its
+    sketch's largest entry over 7, so two vectors share a dither only if their largest entries are equal to the
+    last bit), which lets the decoder regenerate the dither from what is stored, however vectors are batched
+    or concatenated, with no sample id; CPU and GPU give the same bits."""
+    bits = scale.float().contiguous().view(torch.int32).to(torch.int64) & _M32
+    base = _mix32(_mix32(bits ^ (seed & _M32)) ^ 0x5BD1E995)
+    coord = torch.arange(k, device=scale.device, dtype=torch.int64)
+    x = _mix32(base[..., None] ^ _mix32((coord + 0x9E3779B9) & _M32))
+    return x.double() * 2.0 ** -32 - 0.5
+
+
+def quantize(v: torch.Tensor, dtype: str, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Cast sketched vectors ``[..., k]``; int8 uses a per-vector scale max|v|/127. fp16 (whose largest
     value is 65504) divides each vector whose largest entry exceeds 2¹⁴ by a power of two (exact, so a
-    vector within range is stored bit for bit as before) and keeps that scale: any finite vector fits."""
+    vector within range is stored bit for bit as before) and keeps that scale: any finite vector fits.
+    int4 (``[..., H, k]`` vectors, H heads of a block) keeps ``q = round(v/s + d)`` in [−7, 7], s = max|v|/7,
+    d the :func:`dither`, packed two per byte; decoding gives ``(q − d)·s``, whose error is uniform on
+    ±s/2 whatever ``v`` is."""
+    if dtype == "int4":
+        scale = v.abs().amax(-1).float().clamp_min(torch.finfo(torch.float32).tiny) / INT4_LEVELS
+        scale = torch.nextafter(scale, torch.full_like(scale, float("inf")))  # |v| / s <= 7 after rounding
+        d = dither(scale, v.shape[-1], seed)
+        q = torch.round(v.double() / scale.double()[..., None] + d).clamp_(-INT4_LEVELS, INT4_LEVELS)
+        nibbles = (q + 8).to(torch.uint8)
+        return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale
     if dtype == "fp16":
         peak = v.abs().amax(-1, keepdim=True).float()
         shift = torch.where(peak > FP16_HEADROOM, torch.ceil(torch.log2(peak / FP16_HEADROOM)), torch.zeros_like(peak))
@@ -150,6 +212,13 @@ def quantize(v: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional[torch.
         return v.to(DTYPES[dtype]), None
     scale = v.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
     return torch.round(v / scale).to(torch.int8), scale.squeeze(-1).float()
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
+    """Inverse of int4 :func:`quantize`, in fp64: ``(q − d)·s``."""
+    q = torch.stack([(packed & 0xF).to(torch.int64), (packed >> 4).to(torch.int64)], -1).flatten(-2) - 8
+    d = dither(scale, q.shape[-1], seed)
+    return (q.double() - d) * scale.double()[..., None]
 
 
 def dequantize(q: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:

@@ -200,6 +200,8 @@ class SketchBlock:
     e: torch.Tensor    # [H_b]
     k: int
     fpc: float         # finite-population correction (srht), else 1
+    qa: Optional[torch.Tensor] = None  # known storage-error variance per coordinate [nA, H_b] (int4), else None
+    qb: Optional[torch.Tensor] = None
 
     @property
     def n_a(self) -> int:
@@ -216,12 +218,23 @@ class SketchBlock:
         mean is exact up to rounding."""
         xm, ym = self.xa.double().mean(0), self.yb.double().mean(0)
         term = (xm * ym).sum(-1)
-        return ((term.square() + xm.square().sum(-1) * ym.square().sum(-1)) / self.k * self.fpc).sqrt()
+        var = (term.square() + xm.square().sum(-1) * ym.square().sum(-1)) / self.k * self.fpc
+        if self.qa is not None or self.qb is not None:  # the means' storage errors (independent per sample)
+            qa = torch.zeros_like(self.na) if self.qa is None else self.qa
+            qb = torch.zeros_like(self.nb) if self.qb is None else self.qb
+            sa, sb = qa.sum(0) / self.n_a ** 2, qb.sum(0) / self.yb.shape[0] ** 2
+            var = var + ym.square().sum(-1) * sa + xm.square().sum(-1) * sb + self.k * sa * sb
+        return var.sqrt()
 
     def rows(self, lo: int, hi: int):
         term = torch.einsum("ihk,jhk->ijh", self.xa[lo:hi], self.yb)
         scores = term + self.ca[lo:hi, None, :] + self.db[None, :, :] - self.e[None, None, :]
         var = (term.square() + self.na[lo:hi, None, :] * self.nb[None, :, :]) / self.k * self.fpc
+        if self.qa is not None or self.qb is not None:
+            # the stored vectors' dithered rounding: ⟨a + ε, b + δ⟩ adds ‖a‖²σ_δ² + ‖b‖²σ_ε² + k σ_ε² σ_δ²
+            qa = torch.zeros_like(self.na[lo:hi]) if self.qa is None else self.qa[lo:hi]
+            qb = torch.zeros_like(self.nb) if self.qb is None else self.qb
+            var = var + (self.na[lo:hi, None, :] * qb[None] + qa[:, None, :] * self.nb[None] + self.k * qa[:, None, :] * qb[None])
         return scores, var.sqrt()
 
 

@@ -181,7 +181,7 @@ class StoreReader:
         return passes_of(self.manifest)
 
     def sides(self) -> dict[str, LazySide]:
-        widths = (lambda key: self.codec.width(self.layout.head_blocks(*key)[0].numel)) if self.checked else None
+        widths = (lambda key: self.codec.stored_width(self.layout.head_blocks(*key)[0].numel)) if self.checked else None
         return {t: LazySide(self.shards[t], self.codec, self.digests.get(t), widths) for t in TASKS}
 
     def summary(self) -> dict[str, Any]:
