@@ -19,7 +19,7 @@ from torch import nn
 
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
-from ..compress.sketch_scores import (BlockPrep, Side, conflict_moments, conflict_scalars,
+from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
                                      conflict_scalars_from_module, prepare_block, side_vector, sketch_sides,
                                      with_j_centre)
 from ..errors import InputError
@@ -57,14 +57,15 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
         fisher = fisher_a + (get(stats_b, "fisher") - fisher_a) * (stats_b.count / (stats_a.count + stats_b.count))
     vr = codec.variance_reduction
     b = vr and stats_b is not None
+    fisher_balanced = balances_by_fisher(cfg)  # (signed: no Σ|g| needed)
     means = {t: get(s, "mean_grad") if conflicts and s is not None and "sum" in s.quantities else None
              for t, s in (("a", stats_a), ("b", stats_b))}  # the conflict test's
     half = get(stats_a, "mean_grad_half") if means["a"] is not None and "half" in stats_a.quantities else None
     prep = prepare_block(fisher, fisher_a if cfg.normalizer == "loo" else None,
                          get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.i_side]]) if vr else None,
                          get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if b else None,
-                         get(stats_a, "mean_abs") if vr else None,
-                         get(stats_b, "mean_abs") if b and not balance_from_a else None,
+                         get(stats_a, "mean_abs") if vr and not fisher_balanced else None,
+                         get(stats_b, "mean_abs") if b and not balance_from_a and not fisher_balanced else None,
                          stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec,
                          mean_g_a=means["a"], mean_g_b=means["b"], half_a=half,
                          u_dtype=torch.bfloat16 if "sum" in compacted_statistics(layout) else None)

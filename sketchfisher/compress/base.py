@@ -111,9 +111,11 @@ class SideCodec(Codec):
         if not self.variance_reduction:
             return {"a": set(), "b": set()}
         from ..metric import MEAN_OF
+        from .sketch_scores import balances_by_fisher
 
-        a = {"abs", MEAN_OF[cfg.spec.i_side]}
-        b = {MEAN_OF[cfg.spec.j_side]} if passes == 1.5 else {"abs", MEAN_OF[cfg.spec.j_side]}
+        balance = set() if balances_by_fisher(cfg) else {"abs"}  # (signed balances by the Fisher, kept anyway)
+        a = balance | {MEAN_OF[cfg.spec.i_side]}
+        b = {MEAN_OF[cfg.spec.j_side]} if passes == 1.5 else balance | {MEAN_OF[cfg.spec.j_side]}
         return {"a": a, "b": b}
 
     def pass_orders(self, cfg: "ScoreConfig") -> tuple[float, ...]:

@@ -98,15 +98,30 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
         balance = torch.ones_like(fisher)
         return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg),
                          u["a"], u["b"], moments)
-    m = abs_a if abs_b is None else (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
-    balance = torch.where(m > 0, m.sqrt(), 1.0)
-    del m  # (temporaries are released as soon as they are consumed: a 7B block is 64 MB a tensor)
+    balance = fisher_balance(denom) if balances_by_fisher(cfg) else abs_balance(abs_a, abs_b, n_a, n_b)
     w_a, w_b = (balance / denom).to(dt), balance.reciprocal().to(dt)
     x_bar = (mean_i_a / denom).mul_(balance).to(dt)
     loo = _loo(fisher_a, lam, balance, cfg)
     del balance, denom
     prep = BlockPrep(w_a, w_b, x_bar, None, zeros, loo, u["a"], u["b"], moments)
     return prep if mean_j_b is None else with_j_centre(prep, mean_j_b)
+
+
+def balances_by_fisher(cfg: ScoreConfig) -> bool:
+    """Whether a variant balances by √(Î+ε+λ) rather than by √mean|g|: ``signed``, whose two sides are
+    g/(Î+ε+λ) and g. Balanced, both become g/√(Î+ε+λ), which minimises the sketched inner product's
+    variance ‖x′‖²‖y′‖² for that bilinear form (the entries' scale moves equally to both sides)."""
+    return cfg.spec.i_side == "identity" and cfg.spec.j_side == "identity"
+
+
+def fisher_balance(denom: torch.Tensor) -> torch.Tensor:
+    return denom.sqrt()
+
+
+def abs_balance(abs_a: torch.Tensor, abs_b: Optional[torch.Tensor], n_a: int, n_b: int) -> torch.Tensor:
+    """√ of the mean |g| (over both tasks, or task A's alone when ``abs_b`` is None); 1 where it is 0."""
+    m = abs_a if abs_b is None else (abs_a * n_a + abs_b * n_b) / (n_a + n_b)
+    return torch.where(m > 0, m.sqrt(), 1.0)
 
 
 def conflict_moments(mean_a: Optional[torch.Tensor], mean_b: Optional[torch.Tensor], u_b: Optional[torch.Tensor],

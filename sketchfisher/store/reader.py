@@ -101,6 +101,9 @@ class StoreReader:
             self.cfg = ScoreConfig.from_dict(self.manifest["score"])
         except (InputError, KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{self.path}: manifest settings are invalid: {type(exc).__name__}: {exc}") from None
+        if version < 7 and self.cfg.variant == "signed" and getattr(self.codec, "variance_reduction", False):
+            raise StoreError(f"{self.path}: format version {version} wrote signed-variant sketches balanced by "
+                             "Σ|g|; this library balances them by √(Î+ε) and would misread them: collect again")
         if not self.codec.two_pass:
             raise StoreError(f"{self.path}: stores hold side codecs' vectors, the manifest names codec "
                              f"{self.manifest['codec']!r}")
