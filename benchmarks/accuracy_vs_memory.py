@@ -1,6 +1,6 @@
 """Sketch accuracy versus memory on real MiniLM gradients (two shipped task sets).
 
-Exact scores (paper variant, normalizer a) against every requested sketch configuration:
+Exact scores (``--variant``, paper by default; normalizer a) against every requested sketch configuration:
 Spearman over all scores, median relative error, top-50 recall, nominal-95% interval coverage,
 and bytes per sample; plus the memory ratio against full fp16 C_i and g_j per head block on MiniLM
 and, from the same formula, at Llama-7B shapes.
@@ -57,14 +57,16 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--s", default="1", help="non-zeros per column for sjlt (comma-separated list)")
+    p.add_argument("--variant", default="paper", choices=list(sf.VARIANTS))
+    p.add_argument("--vr", default="off,on", help="variance reduction settings to run (off, on or both)")
     args = p.parse_args()
     model, tok = load_minilm()
     layout = sf.layout_for(model)
     ta = make_batches(load_task("math", args.samples), tok)
     tb = make_batches(load_task("code", args.samples), tok)
     t0 = time.perf_counter()
-    exact = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Factors())
-    print(f"# MiniLM, math vs code, {exact.n_a}x{exact.n_b} samples, {exact.scores.numel()} scores; "
+    exact = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Factors(), variant=args.variant)
+    print(f"# MiniLM, math vs code, {args.variant} variant, {exact.n_a}x{exact.n_b} samples, {exact.scores.numel()} scores; "
           f"exact in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}")
     full = bytes_full_fp16_per_sample(layout)
     print("| kind | k | s | dtype | VR | Spearman | median rel err | top-50 recall | 95% coverage | bytes/sample "
@@ -75,9 +77,9 @@ def main() -> None:
             for dtype, s in itertools.product(args.dtypes.split(","), map(int, args.s.split(","))):
                 if kind != "sjlt" and s != int(args.s.split(",")[0]):
                     continue  # s only matters for sjlt
-                for vr in (False, True):
+                for vr in (v == "on" for v in args.vr.split(",")):
                     codec = sf.Sketch(k=k, kind=kind, seed=args.seed, dtype=dtype, variance_reduction=vr, s=s)
-                    res = sf.analyze(model, masked_token_loss, ta, tb, codec=codec)
+                    res = sf.analyze(model, masked_token_loss, ta, tb, codec=codec, variant=args.variant)
                     m = metrics(exact.scores, res.scores, res.stderr)
                     nbytes = sketch_bytes_per_sample(layout, codec)
                     print(f"| {kind} | {k} | {s if kind == 'sjlt' else '-'} | {dtype} | {'on' if vr else 'off'} | {m['spearman']:.4f} "
