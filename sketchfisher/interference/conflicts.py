@@ -133,20 +133,19 @@ def _rows(ev: dict, layer: int, block: str, first: list[int], shared: list[int],
     se = (va + vb).sqrt()
     # Welch–Satterthwaite degrees of freedom of the two-sample variance
     dof = (va + vb).square() / (va.square() / (n_a - 1) + vb.square() / (n_b - 1)).clamp_min(1e-300)
-    T, norm = ev["T"], (ev["aa"] * ev["bb"]).sqrt()
+    host = lambda t: t.detach().double().cpu().numpy()  # noqa: E731  (exact codecs may leave them on a GPU)
+    T, norm = host(ev["T"]), host((ev["aa"] * ev["bb"]).sqrt())
+    se, dof = host(se), np.maximum(host(dof), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # (one vectorised call per block, not one per head)
+        p = np.where(se > 0, student_t.cdf(T / np.where(se > 0, se, 1.0), dof), np.where(T < 0, 0.0, 1.0))
+        half = student_t.ppf(0.5 + confidence / 2, dof) * se
+        cos = lambda x: np.where(norm > 0, np.clip(x / np.where(norm > 0, norm, 1.0), -1.0, 1.0), np.nan)  # noqa: E731
+        align, low, high = cos(T), cos(T - half), cos(T + half)
     out = []
-    for h in range(T.shape[0]):
-        t_h, se_h, dof_h = float(T[h]), float(se[h]), max(float(dof[h]), 1.0)
-        if se_h > 0:
-            p = float(student_t.cdf(t_h / se_h, dof_h))
-        else:  # no sampling variation at all: the sign of T decides
-            p = 0.0 if t_h < 0 else 1.0
-        half = float(student_t.ppf(0.5 + confidence / 2, dof_h)) * se_h
-        n_h = float(norm[h])
-        cos = (lambda x: float(np.clip(x / n_h, -1.0, 1.0))) if n_h > 0 else (lambda x: float("nan"))
-        out.append({"layer": layer, "head": first[h], "block": block, "alignment": cos(t_h),
-                    "alignment_low": cos(t_h - half), "alignment_high": cos(t_h + half), "T": t_h, "stderr": se_h,
-                    "p_value": p, "shared_by": shared[h]})
+    for h in range(T.shape[0]):  # no sampling variation at all (se = 0): the sign of T decides p
+        out.append({"layer": layer, "head": first[h], "block": block, "alignment": float(align[h]),
+                    "alignment_low": float(low[h]), "alignment_high": float(high[h]), "T": float(T[h]),
+                    "stderr": float(se[h]), "p_value": float(p[h]), "shared_by": shared[h]})
     return out
 
 
