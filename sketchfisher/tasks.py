@@ -279,10 +279,13 @@ def load_hf(model_dir: str | Path, loss: str, device: str = "cpu", dtype: str = 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(MODEL_DTYPES[dtype])
-    from .store.manifest import mark_fresh_parameters
+    from .store.manifest import mark_fresh_parameters, mark_loaded_from
 
     mark_fresh_parameters(model, info.get("missing_keys", ()))  # random on each load: not part of the model's identity
-    return (model if device_map else model.to(device)).eval(), tokenizer
+    model = (model if device_map else model.to(device)).eval()
+    weights = [f for f in Path(model_dir).iterdir() if f.suffix in (".safetensors", ".bin") or f.name.endswith(".json")]
+    mark_loaded_from(model, weights, dtype)  # its fingerprint is cached by these files' identity
+    return model, tokenizer
 
 
 def check_device(device: str) -> None:

@@ -1,4 +1,5 @@
-"""Test configuration: hypothesis runs derandomized, so every run checks the same examples.
+"""Test configuration: hypothesis runs derandomized, so every run checks the same examples; caches go to a
+temporary folder.
 
 Without a CUDA device, Triton kernels run in Triton's interpreter (``tests/test_kernels.py``); the
 switch is read when triton is first imported, so it is set here, before anything imports it.
@@ -6,6 +7,9 @@ switch is read when triton is first imported, so it is set here, before anything
 
 import os
 import shutil
+import tempfile
+
+os.environ.setdefault("SKETCHFISHER_CACHE", tempfile.mkdtemp(prefix="sketchfisher-cache-"))  # not the user's cache
 
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")

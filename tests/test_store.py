@@ -285,6 +285,24 @@ def test_fingerprint_leaves_out_what_the_checkpoint_lacks(tmp_path):
     assert "left out" in prints[0]["weights_cover"] and "pooler.dense.weight" in prints[0]["weights_cover"]
 
 
+def test_fingerprint_is_cached_by_file_identity_until_a_weight_changes(tiny_bert_dir, monkeypatch):
+    from sketchfisher.store import manifest
+    from sketchfisher.store.manifest import model_fingerprint
+
+    first, _ = sf.tasks.load_hf(tiny_bert_dir, "mlm")
+    want = model_fingerprint(first, sf.layout_for(first))
+    again, _ = sf.tasks.load_hf(tiny_bert_dir, "mlm")
+
+    def unexpected(p):
+        raise AssertionError("hashed although the files and weights are unchanged")
+    monkeypatch.setattr(manifest, "_param_digest", unexpected)
+    assert model_fingerprint(again, sf.layout_for(again)) == want  # from the cache
+    monkeypatch.undo()
+    with torch.no_grad():
+        again.encoder.layer[0].attention.self.query.weight[0, 0] += 1.0  # changed in memory: hashed again
+    assert model_fingerprint(again, sf.layout_for(again))["weights_sha256"] != want["weights_sha256"]
+
+
 class _Marker:
     def __reduce__(self):
         return (Path.touch, (Path(os.environ["SF_PICKLE_MARKER"]),))

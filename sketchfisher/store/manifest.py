@@ -8,6 +8,7 @@ import os
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -44,6 +45,42 @@ def mark_fresh_parameters(model: nn.Module, names: Iterable[str]) -> None:
     _FRESH[model] = tuple(sorted(n for n in names if n in known))
 
 
+_LOADED: "weakref.WeakKeyDictionary[nn.Module, tuple[str, dict]]" = weakref.WeakKeyDictionary()
+
+
+def mark_loaded_from(model: nn.Module, files: Iterable[Path], dtype: str) -> None:
+    """Record that ``model``'s weights are exactly what ``files`` hold, converted to ``dtype``: its fingerprint
+    is then cached by the files' identity (path, size, modification time, inode), and reused while no
+    parameter has been changed or replaced since (each parameter's version counter and storage are
+    remembered). :func:`sketchfisher.tasks.load_hf` calls this."""
+    identity = [(str(Path(f).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+                for f in sorted(files) for st in [Path(f).stat()]]
+    key = hashlib.sha256(json.dumps([identity, dtype, sorted(_FRESH.get(model, ()))]).encode()).hexdigest()
+    _LOADED[model] = (key, {n: (p._version, p.data_ptr()) for n, p in model.named_parameters()})
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("SKETCHFISHER_CACHE", Path.home() / ".cache" / "sketchfisher")) / "fingerprints.json"
+
+
+def _cached_key(model: nn.Module) -> str | None:
+    """The cache key of a model loaded from files and unchanged since, else None."""
+    loaded = _LOADED.get(model)
+    if loaded is None:
+        return None
+    key, state = loaded
+    now = {n: (p._version, p.data_ptr()) for n, p in model.named_parameters()}
+    return key if now == state else None
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _param_digest(p: torch.Tensor) -> bytes:
     """sha256 of every byte of one tensor (fp32 and lower, as stored), read in 64 MiB slices."""
     flat = p.detach().reshape(-1)
@@ -59,7 +96,8 @@ def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
     """What determines a model's gradients, not where it was loaded from: the config without paths and
     versions, every parameter's name, shape and dtype, and the sha256 of every byte of every parameter, except
     those the checkpoint lacked (:func:`mark_fresh_parameters`), which are named in ``weights_cover``. The
-    parameters are hashed on several threads (hashlib releases the GIL), so a 7B model takes seconds."""
+    parameters are hashed on several threads (hashlib releases the GIL); a model loaded from files and not
+    changed since reuses the digest cached under those files' identity (:func:`mark_loaded_from`)."""
     config = getattr(model, "config", None)
     if hasattr(config, "to_dict"):
         fields = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG}
@@ -70,16 +108,31 @@ def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
     shapes = "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in params)
     fresh = set(_FRESH.get(model, ()))
     hashed = [(n, p) for n, p in params if n not in fresh]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: _param_digest(item[1]), hashed))
-    weights = hashlib.sha256()
-    for (name, _), d in zip(hashed, digests):
-        weights.update(name.encode() + b"\0" + d)
+    key = _cached_key(model)
+    cached = _read_cache().get(key) if key is not None else None
+    if isinstance(cached, str):
+        weights_hex = cached
+    else:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(lambda item: _param_digest(item[1]), hashed))
+        weights = hashlib.sha256()
+        for (name, _), d in zip(hashed, digests):
+            weights.update(name.encode() + b"\0" + d)
+        weights_hex = weights.hexdigest()
+        if key is not None:  # a best effort: a cache that cannot be written is only slower
+            try:
+                cache = {**_read_cache(), key: weights_hex}
+                _cache_path().parent.mkdir(parents=True, exist_ok=True)
+                tmp = _cache_path().with_name(f"fingerprints.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(cache))
+                os.replace(tmp, _cache_path())
+            except OSError:
+                pass
     cover = ("every byte of every parameter" if not fresh else
              f"every byte of the {len(hashed)} parameters the checkpoint holds; left out, newly initialised on "
              f"each load: {', '.join(sorted(fresh))}")
     return {"class": type(model).__name__, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
-            "params_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "weights_sha256": weights.hexdigest(),
+            "params_sha256": hashlib.sha256(shapes.encode()).hexdigest(), "weights_sha256": weights_hex,
             "weights_cover": cover}
 
 
