@@ -242,3 +242,40 @@ def test_moved_model_and_task_files_still_resume(tiny_bert_dir, tmp_path, capsys
     capsys.readouterr()
     assert main(args(Path(moved), model2)) == 0, capsys.readouterr().err  # reopened, nothing mismatched
     sf.open_store(tmp_path / "store").check(sf.tasks.load_hf(model2, "mlm")[0])
+
+
+def test_the_cli_answers_help_and_usage_errors_without_importing_torch():
+    """`--help`, every sub-command's `--help`, `--version` and usage errors build the parser from light
+    tables: no torch (nor pandas) in the process. Timing is a benchmark's business; the import is checked."""
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib\n"
+            "import sketchfisher.cli as cli\n"
+            "for argv in (['--help'], ['collect', '--help'], ['plan', '--help'], ['conflicts', '--help'], "
+            "['--version'], ['collect', '--k', 'ten']):\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
+            "        try:\n"
+            "            cli.main(argv)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_light_option_tables_are_the_librarys():
+    from sketchfisher.cli import choices
+    from sketchfisher.compress import storable
+    from sketchfisher.compress.sketch import DTYPES
+    from sketchfisher.compress.sketchmaps import KINDS
+    from sketchfisher.layout import UNIT_FAMILIES
+    from sketchfisher.metric import NORMALIZER_MEANINGS, VARIANTS
+
+    assert choices.VARIANTS == {name: v.formula for name, v in VARIANTS.items()}
+    assert choices.NORMALIZERS == NORMALIZER_MEANINGS
+    assert choices.UNIT_FAMILIES == tuple(UNIT_FAMILIES) and choices.SKETCH_KINDS == tuple(KINDS)
+    assert choices.SKETCH_DTYPES == tuple(DTYPES)
+    assert choices.CODECS == {name: cls.summary for name, cls in storable().items()}

@@ -14,8 +14,9 @@ from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, 
 
 def _units(text: str):
     """``--units``: one family, ``all``, or a comma-separated list of the library's unit families."""
-    from ..layout import UNIT_FAMILIES
+    from .choices import unit_families
 
+    UNIT_FAMILIES = unit_families()
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     if text == "all":
         return "all"
@@ -27,11 +28,12 @@ def _units(text: str):
 
 def _score_args(p: argparse.ArgumentParser) -> None:
     """``--variant``, ``--normalizer``, ``--eps``: choices and help from the library's tables."""
-    from ..metric import NORMALIZER_MEANINGS, VARIANTS
+    from .choices import normalizers, variants
 
+    VARIANTS, NORMALIZER_MEANINGS = variants(), normalizers()
     p.add_argument("--variant", default="paper", choices=list(VARIANTS),
-                   help="score: " + "; ".join(f"{v.name}{' (default)' if v.name == 'paper' else ''} {v.formula}"
-                                              for v in VARIANTS.values()))
+                   help="score: " + "; ".join(f"{name}{' (default)' if name == 'paper' else ''} {formula}"
+                                              for name, formula in VARIANTS.items()))
     p.add_argument("--normalizer", default="a", choices=list(NORMALIZER_MEANINGS),
                    help="Fisher in the denominator: " + "; ".join(f"{k}{' (default)' if k == 'a' else ''}: {v}"
                                                                   for k, v in NORMALIZER_MEANINGS.items()))
@@ -41,14 +43,14 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 
 def _codec_args(p: argparse.ArgumentParser) -> None:
     """``--codec`` (the registered codecs a store can hold) and the options codecs take."""
-    from ..compress import storable
-    from ..compress.sketch import DTYPES
-    from ..compress.sketchmaps import KINDS
+    from .choices import SKETCH_DTYPES as DTYPES
+    from .choices import SKETCH_KINDS as KINDS
+    from .choices import codecs as storable
 
     codecs = storable()
     p.add_argument("--codec", default="sketch", choices=list(codecs),
                    help="what the store keeps per sample and head block: " + "; ".join(
-                       f"{name}{' (default)' if name == 'sketch' else ''}: {cls.summary}" for name, cls in codecs.items()))
+                       f"{name}{' (default)' if name == 'sketch' else ''}: {summary}" for name, summary in codecs.items()))
     p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block (default: 256)")
     p.add_argument("--kind", default="sjlt", choices=list(KINDS),
                    help="random map: sparse JL (sjlt, default), dense Gaussian, or subsampled Hadamard (srht)")
@@ -128,7 +130,7 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..compress.sketch import DTYPES as SKETCH_DTYPES
+    from .choices import SKETCH_DTYPES
 
     parser = argparse.ArgumentParser(
         prog="sketchfisher", description="Which attention heads, and which Q/K/V/O blocks, do the samples of two "

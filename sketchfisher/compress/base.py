@@ -106,8 +106,8 @@ class SideCodec(Codec):
     two_pass: ClassVar[bool] = True
 
     def statistics(self, cfg: "ScoreConfig", passes: float) -> dict[str, set[str]]:
-        """Variance reduction balances by Σ|g| (both tasks; task A's alone when task B runs once) and centres
-        by the task means of each side's transform."""
+        """Variance reduction balances by Σ|g| (both tasks; task A's alone when task B runs once; the signed
+        variant by the Fisher instead) and centres by the task means of each side's transform."""
         if not self.variance_reduction:
             return {"a": set(), "b": set()}
         from ..metric import MEAN_OF
