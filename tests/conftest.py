@@ -10,6 +10,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("SKETCHFISHER_CACHE", tempfile.mkdtemp(prefix="sketchfisher-cache-"))  # not the user's cache
+# One torch thread per process (subprocesses inherit it): on a busy 2-core machine two spinning OpenMP threads
+# per test made the suite several times slower than one (docs/benchmarks.md); unloaded it costs little.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +20,8 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 settings.register_profile("sketchfisher", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("sketchfisher")
