@@ -26,8 +26,9 @@ def test_needed_statistics_table(variant, normalizer, vr):
                               sf.Sketch(k=8, variance_reduction=vr))
     i_mean = {"paper": "fisher", "signed": "sum", "symmetric": "abs"}[variant]
     j_mean = {"paper": "abs", "signed": "sum", "symmetric": "abs"}[variant]
-    want_a = {"fisher"} | ({"abs", i_mean} if vr else set())
-    want_b = ({"fisher"} if normalizer == "pooled" else set()) | ({"abs", j_mean} if vr else set())
+    balance = set() if variant == "signed" else {"abs"}  # signed balances by the Fisher, others by Σ|g|
+    want_a = {"fisher"} | (balance | {i_mean} if vr else set())
+    want_b = ({"fisher"} if normalizer == "pooled" else set()) | (balance | {j_mean} if vr else set())
     assert set(needs["a"]) == want_a and set(needs["b"]) == want_b
     assert "m2" not in needs["a"] + needs["b"]
     exact = needed_statistics(sf.ScoreConfig(variant=variant, normalizer=normalizer), sf.Factors())
