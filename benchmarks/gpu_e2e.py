@@ -128,7 +128,7 @@ def run_cli(args, model_dir=None, tasks=None, loss_kind: str = "clm", dtype: str
     cmd = [sys.executable, "-m", "sketchfisher", "collect", "--model", str(model_dir), "--task-a", str(tasks[0]),
            "--task-b", str(tasks[1]), "--out", str(out or root / "store"), "--loss", loss_kind, "--device",
            args.device, "--dtype", dtype, "--max-length", str(args.tokens), "--batch-size", str(args.batch),
-           "--k", str(args.k), "--quiet"] + (["--device-map", "auto"] if getattr(args, "device_map", "none") == "auto"
+           "--k", str(args.k), "--quiet", "--json"] + (["--device-map", "auto"] if getattr(args, "device_map", "none") == "auto"
                                              else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

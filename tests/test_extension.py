@@ -125,7 +125,7 @@ def test_a_registered_architecture_through_the_cli(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("\n".join(f"sample {i} of a" for i in range(3)))
     (tmp_path / "b.txt").write_text("\n".join(f"another {i} of b" for i in range(3)))
     assert main(["collect", "--model", str(tmp_path / "m"), "--task-a", str(tmp_path / "a.txt"), "--task-b",
-                 str(tmp_path / "b.txt"), "--loss", "mlm", "--k", "8", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+                 str(tmp_path / "b.txt"), "--loss", "mlm", "--k", "8", "--out", str(tmp_path / "s"), "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layout"] == "toy_bert"
 
 

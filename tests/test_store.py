@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -485,8 +486,14 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     common = ["--model", str(tiny_bert_dir), "--task-a", str(tmp_path / "a.jsonl"), "--task-b", str(tmp_path / "b.txt"),
               "--batch-size", "2"]
     assert main(["collect", *common, "--out", str(tmp_path / "store"), "--k", "16", "--quiet"]) == 0
+    out = capsys.readouterr().out  # a short table in words, and what to run next
+    assert re.search(r"task A +a\.jsonl: 5 samples", out) and re.search(r"task B +b\.txt: 4 samples", out)
+    assert "masked tokens (inferred from the model folder's config)" in out and "Sketch(k=16, fp16)" in out
+    assert f"next: sketchfisher conflicts {tmp_path / 'store'}" in out
+    assert main(["inspect", str(tmp_path / "store"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == {"a": 5, "b": 4}
     assert main(["inspect", str(tmp_path / "store")]) == 0
+    assert "every file read and checked" in capsys.readouterr().out
     assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--top", "7"]) == 0
     assert {"top_conflicts.csv", "head_means.csv", "block_summary.csv", "heatmap.png"} <= \
         {p.name for p in (tmp_path / "out").iterdir()}
@@ -780,7 +787,7 @@ def test_a_store_that_was_tampered_with_is_refused(cli_store, tmp_path, capsys, 
 def test_inspect_verifies_a_sound_store(cli_store, capsys):
     from sketchfisher.cli import main
 
-    assert main(["inspect", str(cli_store)]) == 0
+    assert main(["inspect", str(cli_store), "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["verified_files"] == 2 + 3 + 2
     assert sf.open_store(cli_store).verify() == 7

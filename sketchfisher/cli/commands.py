@@ -97,13 +97,49 @@ def _collect(args: argparse.Namespace) -> int:
                                        for s, p in (("a", args.task_a), ("b", args.task_b))}},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype),
                             log=log, conflicts=False if args.no_conflicts else None)
-    summary = sf.open_store(path).summary()
+    store = sf.open_store(path)
+    summary = store.summary()
     summary["collection_seconds"] = round(time.perf_counter() - start, 2)
     summary["phases"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in log.rows()]
     if log.devices:
         summary["peak_device_GiB"] = [round(b / 2**30, 2) for b in log.device_peaks()]
-    print(json.dumps(summary, indent=1))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    why = "--loss" if args.loss else "inferred from the model folder's config"
+    peak = f", peak {max(summary['peak_device_GiB']):.1f} GiB on a device" if log.devices else ""
+    print(f"sketchfisher collect: done in {summary['collection_seconds']:.1f} s{peak}")
+    _print_store(store, loss_why=why)
     return 0
+
+
+def _print_store(store, loss_why: str | None = None) -> None:
+    """What a store holds, as a short table, and the commands to run next."""
+    from ..collect.memory import format_bytes
+
+    m, summary = store.manifest, store.summary()
+    inputs = m.get("inputs", {})
+    rows = [("store", str(store.path)), ("model", f"{m['model']['class']} ({m['layout']['model_type']})")]
+    if inputs.get("loss"):
+        rows.append(("loss", {"mlm": "masked tokens", "clm": "next token"}.get(inputs["loss"], inputs["loss"])
+                     + (f" ({loss_why})" if loss_why else "") + (f", max length {inputs['max_length']}"
+                                                                  if inputs.get("max_length") else "")))
+    for t in ("a", "b"):
+        record = inputs.get(f"task_{t}")
+        where = Path(record["path"]).name if isinstance(record, dict) else "(given in memory)"
+        rows.append((f"task {t.upper()}", f"{where}: {summary['samples'][t]} samples"))
+    units = ", ".join(store.layout.unit_settings()[0])
+    rows.append(("units", units))
+    per = summary["bytes_per_sample"]
+    rows.append(("codec", f"{store.codec.describe()}, {format_bytes(per)} per sample, {format_bytes(summary['sketch_bytes'])} "
+                          f"of sketches; {store.cfg.variant} score, normaliser {store.cfg.normalizer}"))
+    rows.append(("passes", "1.5 (task B once)" if store.passes == 1.5 else "2 per task"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    print(f"next: sketchfisher conflicts {store.path}       # which blocks do A and B fight over?\n"
+          f"      sketchfisher interfere {store.path} --out results   # top sample pairs, head means, heatmap\n"
+          f"      (--json prints this summary as JSON)")
 
 
 def _file_prefix(family: str) -> str:
@@ -240,5 +276,11 @@ def _inspect(args: argparse.Namespace) -> int:
     summary = store.summary()
     if not args.no_verify:
         summary["verified_files"] = store.verify()  # every file read and checked against its digest
-    print(json.dumps(summary, indent=1))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    checked = (f"every file read and checked against its digest ({summary['verified_files']} files)"
+               if not args.no_verify else "headers only (--no-verify)")
+    print(f"sketchfisher inspect: a complete store, format {summary['format_version']}; {checked}")
+    _print_store(store)
     return 0

@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default="auto", choices=["auto", "2", "1.5"],
                    help="pass order: 1.5 runs task B once (normalizer a with variance reduction), 2 runs two passes per "
                         "task; auto (default): 1.5 where it applies, else 2; an existing store keeps the order that began it")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
     p.add_argument("--no-conflicts", action="store_true",
                    help="do not record what the conflict test needs (saves one model-sized statistic per task during "
                         "pass 1 and two weight tensors in the passes; 'sketchfisher conflicts' then refuses the store)")
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summary of a store, after reading every file and checking its digest")
     p.add_argument("store", help="a store directory written by collect")
     p.add_argument("--no-verify", action="store_true", help="summary from the headers only (no full read)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
     p.set_defaults(func=_inspect)
     for command in sub.choices.values():  # also accepted after the command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
