@@ -219,8 +219,8 @@ def test_model_folders_and_tasks_are_checked_before_the_weights_load(tiny_bert_d
     assert not (tmp_path / "store").exists()
     code, io = run("--model", str(bare), "--tokenizer", str(tiny_bert_dir))
     assert code == 0, io.err
-    code = main(["verify", str(tmp_path / "store"), "--k", "50", "--budget", "10"])
-    assert code == 1 and "--budget 10 is smaller than --k 50" in capsys.readouterr().err
+    code = main(["verify", str(tmp_path / "store"), "--top", "50", "--budget", "10"])
+    assert code == 1 and "--budget 10 is smaller than --top 50" in capsys.readouterr().err
 
 
 def test_moved_model_and_task_files_still_resume(tiny_bert_dir, tmp_path, capsys):

@@ -520,10 +520,10 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert inputs["loss"] == "mlm" and inputs["task_a"]["path"].endswith("a.jsonl")
     assert top["text_i"].iloc[0].startswith("what is") and top["text_j"].iloc[0].startswith("def f")
     capsys.readouterr()
-    assert main(["verify", str(tmp_path / "store"), "--k", "5", "--budget", "20"]) == 0  # model, tasks from the store
+    assert main(["verify", str(tmp_path / "store"), "--top", "5", "--budget", "20"]) == 0  # model, tasks from the store
     assert "held among 20 re-scored candidates" in capsys.readouterr().out
     assert (tmp_path / "store" / "verified.csv").exists()  # outputs go under the store, not the working directory
-    assert main(["verify", str(tmp_path / "store"), *common, "--loss", "clm", "--k", "5"]) != 0  # not what was collected
+    assert main(["verify", str(tmp_path / "store"), *common, "--loss", "clm", "--top", "5"]) != 0  # not what was collected
     from sketchfisher.cli import _recompute_inputs, build_parser
 
     args = build_parser().parse_args(["verify", str(tmp_path / "store")])
@@ -540,7 +540,7 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert set(conflicts.columns) >= {"layer", "head", "block", "alignment", "alignment_low", "p_value", "q_value"}
     assert conflicts.alignment.between(-1, 1).all() and (tmp_path / "store" / "conflicts" / "conflicts.png").exists()
     (tmp_path / "b.txt").write_text("def changed(): pass\n" * 4)  # a task file edited after collect
-    assert main(["verify", str(tmp_path / "store"), "--k", "5"]) == 1
+    assert main(["verify", str(tmp_path / "store"), "--top", "5"]) == 1
     assert "changed since collect" in capsys.readouterr().err
     assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / "out2")]) == 0
     assert "changed since collect" in capsys.readouterr().err
@@ -952,5 +952,5 @@ def test_verify_reads_the_precision_the_store_was_collected_in(tiny_bert_dir, tm
                  "bf16", "--quiet"]) == 0
     assert sf.open_store(tmp_path / "s").manifest["inputs"]["dtype"] == "bf16"
     capsys.readouterr()
-    assert main(["verify", str(tmp_path / "s"), "--k", "3", "--budget", "6"]) == 0
+    assert main(["verify", str(tmp_path / "s"), "--top", "3", "--budget", "6"]) == 0
     assert "held among 6 re-scored candidates" in capsys.readouterr().out

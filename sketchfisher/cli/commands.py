@@ -137,8 +137,8 @@ def _print_store(store, loss_why: str | None = None) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
-    print(f"next: sketchfisher conflicts {store.path}       # which blocks do A and B fight over?\n"
-          f"      sketchfisher interfere {store.path} --out results   # top sample pairs, head means, heatmap\n"
+    print(f"next: sketchfisher conflicts {store.path}   # which blocks do A and B fight over?\n"
+          f"      sketchfisher interfere {store.path}   # top sample pairs, head means, heatmap\n"
           f"      (--json prints this summary as JSON)")
 
 
@@ -164,7 +164,7 @@ def _interfere(args: argparse.Namespace) -> int:
                              "or pass --scores-format csv")
     store = sf.open_store(args.store)
     first = store.result()
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(args.store) / "interfere"
     out.mkdir(parents=True, exist_ok=True)
     for family in first.families:  # heads, and MLP channel groups when the store has them ("mlp_" files)
         res, prefix = first.units(family), _file_prefix(family)
@@ -209,18 +209,18 @@ def _verify(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from ..tasks import loss_for
 
-    if args.budget < args.k:
+    if args.budget < args.top:
         from ..errors import InputError
 
-        raise InputError(f"--budget {args.budget} is smaller than --k {args.k}: the top {args.k} cannot be confirmed "
-                         f"from fewer re-scored candidates; pass --budget {args.k} or more")
+        raise InputError(f"--budget {args.budget} is smaller than --top {args.top}: the top {args.top} cannot be "
+                         f"confirmed from fewer re-scored candidates; pass --budget {args.top} or more")
     store = sf.open_store(args.store)
     model, loss, tasks = _recompute_inputs(args, store)
-    v = store.result().verify_top(args.k, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
+    v = store.result().verify_top(args.top, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
                                   task_b=tasks[1])
     target = Path(args.out) if args.out else Path(args.store) / "verified.csv"
     v.to_csv(target, index=False, float_format="%.6g")
-    print(f"{v.attrs['held_fraction']:.0%} of the sketched top-{args.k} held among {len(v)} re-scored candidates; "
+    print(f"{v.attrs['held_fraction']:.0%} of the sketched top-{args.top} held among {len(v)} re-scored candidates; "
           f"wrote {target}")
     return 0
 

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("interfere", help="Stage 6 from a store: top conflicts, head means, heatmap")
     p.add_argument("store", help="a store directory written by collect")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: interfere/ inside the store, as conflicts/)")
     p.add_argument("--top", type=POSITIVE, default=100, help="conflicting pairs to list (default: 100)")
     p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     p.add_argument("--all-scores", action="store_true",
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-score a store's top candidates exactly by recomputing their gradients")
     p.add_argument("store", help="a store directory written by collect")
     _model_args(p, from_store=True)
-    p.add_argument("--k", type=POSITIVE, default=100, help="top conflicts to confirm (default: 100)")
+    p.add_argument("--top", type=POSITIVE, default=100, help="top conflicting pairs to confirm (default: 100)")
     p.add_argument("--budget", type=POSITIVE, default=1000, help="sketched candidates to re-score exactly (default: 1000)")
     p.add_argument("--out", default=None, help="output CSV (default: verified.csv inside the store)")
     p.set_defaults(func=_verify)

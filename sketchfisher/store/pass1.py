@@ -83,7 +83,7 @@ def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches:
     names = trainable_weights(model, layout)
     seen, policy = Counter(), Checkpoints(checkpoint_every)
     desc = desc or f"pass 1 {task.upper()}"
-    for index, bf in factor_pass(model, loss_fn, counted(batches, seen), names, desc=desc,
+    for index, bf in factor_pass(model, loss_fn, Counted(batches, seen), names, desc=desc,
                                  show_progress=show_progress, skip=lambda i: i < done or not ranks.mine(i),
                                  total=sized(batches)):
         fold_factors(stats, bf, names)
@@ -147,7 +147,17 @@ class Counter:
     batches: int = 0
 
 
-def counted(batches: Iterable[Any], counter: Counter) -> Iterator[Any]:
-    for batch in batches:
-        counter.batches += 1
-        yield batch
+class Counted:
+    """``batches``, counting them into ``counter`` as they are yielded; its length is theirs when they have one
+    (so that a pass's progress bar shows "3/40", not "3it")."""
+
+    def __init__(self, batches: Iterable[Any], counter: Counter):
+        self.batches, self.counter = batches, counter
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            self.counter.batches += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]  (TypeError for a plain iterable, as the caller expects)

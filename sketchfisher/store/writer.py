@@ -49,7 +49,7 @@ from ..phases import PhaseLog
 from .files import StoreError, StoreLock, Writes, atomic_write_json, read_json, read_metadata, remove_stale_temps
 from .integrity import check_header, index_entry, shard_damage
 from .manifest import build_manifest, check_same, conflicts_of, new_store_id, passes_of, read_manifest, seal
-from .pass1 import Counter, Ranks, counted, final_path, partial_path, read_final, run_pass1, save_pass1
+from .pass1 import Counted, Counter, Ranks, final_path, partial_path, read_final, run_pass1, save_pass1
 from .shards import TASKS, ShardParts, drop_stale_shards, shard_index, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class StoreSink(Sink):
 
     def batches(self, task: str, job: Job) -> Iterable[Any]:
         self.counters[task] = Counter()
-        return counted(job.tasks[task], self.counters[task])
+        return Counted(job.tasks[task], self.counters[task])
 
     def skip(self, task: str):
         """Batches whose shard a killed run wrote (each read and checked first: a damaged one is named, deleted
