@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .errors import InputError
 from .layout import BLOCKS
 
 
@@ -76,14 +77,21 @@ def plot_block_heatmaps(values: torch.Tensor, path: Optional[str | Path] = None,
     return _finish(fig, path, title)
 
 
-def plot_head_conflicts(conflicts, layout: Any, path: Optional[str | Path] = None, title: str = "") -> Any:
+def plot_head_conflicts(conflicts, layout: Any = None, path: Optional[str | Path] = None, title: str = "") -> Any:
     """The conflict answer at a glance: :meth:`InterferenceResult.head_conflicts`' alignment (cosine of the two
-    tasks' Fisher-weighted mean gradients) per (layer, unit, block) of ``layout`` (the result's), on a
-    diverging scale centred at 0 with symmetric limits (blue: the tasks pull apart), a dot on every flagged
-    conflict. A K/V block shared by a group of query heads colours every head of the group."""
-    unit = layout.unit_column
-    blocks = tuple(layout.block_names)
-    align = torch.full((layout.num_layers, layout.num_heads, len(blocks)), float("nan"))
+    tasks' Fisher-weighted mean gradients) per (layer, unit, block), on a diverging scale centred at 0 with
+    symmetric limits (blue: the tasks pull apart), a dot on every flagged conflict. A K/V block shared by a
+    group of query heads colours every head of the group. The grid is the one the table records (``layout``,
+    the result's, may be given instead)."""
+    if layout is not None:
+        unit, blocks, shape = layout.unit_column, tuple(layout.block_names), (layout.num_layers, layout.num_heads)
+    else:
+        geometry = conflicts.attrs.get("geometry")
+        if geometry is None:
+            raise InputError("this conflict table records no geometry (made by an older version?): pass the "
+                             "result's layout, plot_head_conflicts(table, res.layout)")
+        unit, blocks, shape = geometry["unit"], tuple(geometry["blocks"]), (geometry["layers"], geometry["units"])
+    align = torch.full((*shape, len(blocks)), float("nan"))
     marked = torch.zeros(align.shape, dtype=torch.bool)
     for r in conflicts.to_dict("records"):
         b = blocks.index(r["block"])

@@ -374,6 +374,7 @@ def clm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def to_device(batches: list[dict], device: str) -> list[dict]:
+    """The batches with every tensor moved to ``device``."""
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
@@ -439,4 +440,5 @@ def check_max_length(model: Any, max_length: int) -> None:
 
 
 def loss_for(loss: str):
+    """The per-sample loss function of ``loss``: :func:`masked_token_loss` for ``"mlm"``, :func:`clm_loss` else."""
     return masked_token_loss if loss == "mlm" else clm_loss

@@ -81,5 +81,5 @@ def test_the_tutorial_runs_as_written(tmp_path, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()):
         for n, block in enumerate(blocks):
             exec(compile(block, f"tutorial block {n + 1}", "exec"), namespace)
-    assert (tmp_path / "heatmap.png").stat().st_size > 2000
+    assert (tmp_path / "conflicts.png").stat().st_size > 2000 and (tmp_path / "means.png").stat().st_size > 2000
     assert namespace["conflicts"]["q_value"].between(0, 1).all()

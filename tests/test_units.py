@@ -176,7 +176,11 @@ def test_unit_heatmaps_and_fisher_views(tmp_path):
     conflicts = res.head_conflicts()
     assert "unit" in conflicts.columns and len(conflicts) == layout.num_layers * layout.num_heads * 3
     plot_head_conflicts(conflicts, res.layout, tmp_path / "c.png")
+    plot_head_conflicts(conflicts, path=tmp_path / "d.png")  # the table knows its own grid
+    assert conflicts.attrs["geometry"] == {"layers": layout.num_layers, "units": layout.num_heads, "unit": "unit",
+                                           "blocks": list(layout.block_names)}
     assert (tmp_path / "mlp.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0
+    assert (tmp_path / "d.png").read_bytes() == (tmp_path / "c.png").read_bytes()
     # the unit view of the Fisher is the full-shape Fisher reduced over each unit's entries
     stats = res.context.stats_a
     view = unit_view(layout, stats.fisher)

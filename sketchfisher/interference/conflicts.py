@@ -121,6 +121,8 @@ def conflict_table(result: Any, level: float = 0.05, confidence: float = 0.95) -
     df = df.sort_values(["q_value", "alignment", "layer", "head"], na_position="last").reset_index(drop=True)
     df = df[COLUMNS].rename(columns={"head": layout.unit_column})
     df.attrs.update(level=level, confidence=confidence, samples=(n_a, n_b),
+                    geometry={"layers": layout.num_layers, "units": layout.num_heads, "unit": layout.unit_column,
+                              "blocks": list(layout.block_names)},
                     statistic="T = Σ_S ḡ_A ḡ_B / (Î + ε + λ); H0: T ≥ 0 (one-sided); conflict: q ≤ level")
     return df
 
