@@ -127,8 +127,12 @@ def plot_block_comparison(values: torch.Tensor, path: Optional[str | Path] = Non
 
 
 def plot_sketch_vs_exact(exact: torch.Tensor, sketched: torch.Tensor, stderr: torch.Tensor,
-                         path: Optional[str | Path] = None, max_points: int = 2000, seed: int = 0, title: str = "") -> Any:
-    """Scatter of sketched against exact scores with ±1.96·stderr bars (a random subset of points)."""
+                         path: Optional[str | Path] = None, max_points: int = 2000, seed: int = 0, title: str = "",
+                         scale: str = "auto") -> Any:
+    """Scatter of sketched against exact scores with ±1.96·stderr bars (a random subset of points). ``scale``
+    ``"auto"`` draws symmetric-log axes when the exact scores span more than two decades (on linear axes the
+    many small scores collapse into a corner and any sketch looks fine), linear up to the median error bar
+    (shaded); else linear. Or ``"linear"``, ``"symlog"``."""
     plt = _pyplot()
     e, s, se = (t.detach().cpu().double().reshape(-1) for t in (exact, sketched, stderr))
     ok = torch.isfinite(e) & torch.isfinite(s)
@@ -138,7 +142,29 @@ def plot_sketch_vs_exact(exact: torch.Tensor, sketched: torch.Tensor, stderr: to
     ax.errorbar(e[idx].numpy(), s[idx].numpy(), yerr=1.96 * se[idx].numpy(), fmt=".", ms=2, alpha=0.4, elinewidth=0.5)
     lo, hi = float(e[idx].min()), float(e[idx].max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set_xlabel("exact score")
+    mags = e[idx].abs()
+    mags = mags[mags > 0]
+    if scale == "auto":
+        scale = "symlog" if len(mags) and float(mags.max() / mags.quantile(0.05)) > 100 else "linear"
+    if scale == "symlog":  # linear up to the typical error bar (the sketch's noise floor), logarithmic beyond
+        bars = 1.96 * se[idx]
+        bars = bars[torch.isfinite(bars) & (bars > 0)]
+        thresh = float(bars.median()) if len(bars) else (float(mags.median()) if len(mags) else 1.0)
+        import math
+
+        top = max(float(e[idx].abs().max()), float(s[idx].abs().max()), thresh)
+        powers = [10.0 ** n for n in range(math.ceil(math.log10(thresh)), math.floor(math.log10(top)) + 1)]
+        ticks = sorted({0.0, *powers, *(-p for p in powers)})
+        for axis in (ax.xaxis, ax.yaxis):  # 0 and the powers of ten beyond the linear zone: no crowded labels
+            (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("symlog", linthresh=thresh)
+            axis.set_ticks(ticks)
+        if float(e[idx].min()) >= 0:
+            ax.set_xlim(left=0)
+            ax.set_xticks([t for t in ticks if t >= 0])
+        ax.axvspan(0 if float(e[idx].min()) >= 0 else -thresh, thresh, color="0.92", zorder=0,
+                   label=f"exact score within a typical error bar ({thresh:.2g}; linear)")
+        ax.legend(loc="upper left", fontsize=7)
+    ax.set_xlabel("exact score" + (" (symmetric log)" if scale == "symlog" else ""))
     ax.set_ylabel("sketched score (±95%)")
     return _finish(fig, path, title)
 

@@ -47,7 +47,7 @@ print(layout.num_layers, "layers,", layout.num_heads, "query heads,", layout.num
 task_a = tiny_gqa.batches(copy_tokens, 8)
 task_b = tiny_gqa.batches(reverse_tokens, 8)
 exact = sf.analyze(model, tiny_gqa.answer_loss, task_a, task_b, codec=sf.Factors())
-sketch = sf.analyze(model, tiny_gqa.answer_loss, task_a, task_b, codec=sf.Sketch(k=64, kind="sjlt", seed=0))
+sketch = sf.analyze(model, tiny_gqa.answer_loss, task_a, task_b, codec=sf.Sketch(seed=0))  # the default estimator
 pd.DataFrame([compare(exact.scores, sketch.scores, sketch.stderr, top=50)]).round(4)
 
 # %% [markdown]
@@ -75,7 +75,7 @@ conflicts.head(8).round(4)
 
 # %%
 display(plot_block_heatmaps(exact.head_means(), title="exact (Factors)"))
-display(plot_block_heatmaps(sketch.head_means(), title="sketch sjlt k=64"))
+display(plot_block_heatmaps(sketch.head_means(), title="sketch (default: sjlt k=256 fp16)"))
 plot_sketch_vs_exact(exact.scores, sketch.scores, sketch.stderr, title="sketch vs exact")
 
 # %% [markdown]
@@ -129,12 +129,14 @@ sf.run_sanity_checks(model, tiny_gqa.answer_loss, task_a[:1], task_b[:1], layer=
 # ## Reading
 #
 # * This model's head blocks are tiny (512 entries) and its contributions are concentrated in a few
-#   entries, so a k = 64 sketch of a single pair is noisy (low Spearman over all scores, large median
-#   relative error on the many near-zero scores) although its error bars stay calibrated. The
-#   averaged heatmaps and the top of the ranking survive, and `verify_top` turns the sketched
+#   entries, so even the default sketch (k = 256, half a block) is noisy on single pairs: a low Spearman
+#   over all scores and a large median relative error on the many near-zero scores (the scatter's
+#   symmetric-log axes show them; linear axes would hide them in a corner). Its error bars stay calibrated.
+#   The averaged heatmaps and the top of the ranking survive, and `verify_top` turns the sketched
 #   candidates into the exact top conflicts. On real models (notebook 01) head blocks are far larger.
-# * The permutation test is the guard against reading structure into noise: cells that survive FDR
-#   are those where copy and reverse samples interfere more than relabelled samples would.
+# * For "do copy and reverse fight over a block?", read the conflict table (the one-sided test of T < 0
+#   with BH q-values). The permutation test above answers only "do the two tasks' gradients differ?",
+#   which agreeing tasks also pass.
 # * Averaged over task-A samples, the "paper" score of a head block is Σ_S Î_A/(Î_A+ε) · mean_B |g|,
 #   so head *means* mostly reflect how strongly task B's gradients load on that head; the pair-level
 #   scores (top conflicts) carry the A-specific part.
