@@ -108,10 +108,11 @@ def preflight(args: argparse.Namespace, loss: str, codec=None, units=None, cfg=N
         layout = sf.units_layout(skeleton, units or "heads", getattr(args, "mlp_group_size", None))
         codec.check_layout(layout)
         if cfg is not None:  # the store's size against the disk and --max-bytes
+            from ..collect.stage1 import stats_dtype_for
             from ..store.writer import check_space_before_loading
 
-            auto = torch.float32 if str(args.device).startswith("cuda") or args.device_map != "none" else torch.float64
-            dtype = auto if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype)
+            on_gpu = str(args.device).startswith("cuda") or args.device_map != "none"
+            dtype = stats_dtype_for(on_gpu) if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype)
             check_space_before_loading(Path(args.out), skeleton, codec, cfg, layout, tuple(map(len, samples)),
                                        args.batch_size, passes, not args.no_conflicts, dtype, args.max_bytes)
     return samples

@@ -52,4 +52,9 @@ def default_stats_dtype(model: nn.Module) -> torch.dtype:
     On the CPU the statistics are small next to the time a pass takes and fp64 makes them exact to
     rounding; on a GPU at 7B scale each statistic is 8.6 GB in fp32 (attention weights alone), and
     fp32 Welford updates of batch means lose nothing the sketches can see (docs/benchmarks.md)."""
-    return torch.float32 if any(p.is_cuda for p in model.parameters()) else torch.float64
+    return stats_dtype_for(any(p.is_cuda for p in model.parameters()))
+
+
+def stats_dtype_for(on_gpu: bool) -> torch.dtype:
+    """:func:`default_stats_dtype` of a model that is (or will be) on a GPU or not."""
+    return torch.float32 if on_gpu else torch.float64

@@ -145,12 +145,9 @@ class StoreLock:
                                  f"{other.get('started')}; wait for it to finish (if that run is gone, delete "
                                  f"{self.path})")
             logging.getLogger(__name__).warning("taking over the lock of a writer that is gone: %s", other or "(empty)")
-        tmp = temp_name(self.path)
         try:
-            tmp.write_text(json.dumps(me))
-            os.replace(tmp, self.path)
+            atomic_write_json(me, self.path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             self._release()
             raise StoreError(f"cannot write {self.path}: {exc}") from None
         self.held = True
@@ -278,9 +275,15 @@ def load_named(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
+    """Write ``obj`` under a temporary name, then rename it into place: the file is whole or absent (a failed
+    write, such as a full disk, leaves nothing behind)."""
     tmp = temp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path) -> Any:

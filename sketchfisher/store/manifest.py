@@ -18,7 +18,7 @@ from .._version import __version__
 from ..compress import Codec
 from ..layout import Layout
 from ..metric import ScoreConfig
-from .files import StoreError, StoreMismatchError
+from .files import StoreError, StoreMismatchError, atomic_write_json
 
 # 7: the signed variant balanced by √(Î+ε) (stores of earlier versions with it are refused: their sketches
 # carry the Σ|g| balance); int4 sketches;
@@ -87,8 +87,7 @@ def _param_digest(p: torch.Tensor) -> bytes:
     digest = hashlib.sha256()
     step = max(1, (64 << 20) // flat.element_size())
     for lo in range(0, flat.numel(), step):
-        part = flat[lo:lo + step].contiguous().cpu()
-        digest.update(part.view(torch.uint8).numpy().tobytes() if part.dtype != torch.uint8 else part.numpy().tobytes())
+        digest.update(flat[lo:lo + step].contiguous().cpu().view(torch.uint8).numpy())  # (the buffer, not a copy)
     return digest.digest()
 
 
@@ -121,11 +120,8 @@ def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
         weights_hex = weights.hexdigest()
         if key is not None:  # a best effort: a cache that cannot be written is only slower
             try:
-                cache = {**_read_cache(), key: weights_hex}
                 _cache_path().parent.mkdir(parents=True, exist_ok=True)
-                tmp = _cache_path().with_name(f"fingerprints.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(cache))
-                os.replace(tmp, _cache_path())
+                atomic_write_json({**_read_cache(), key: weights_hex}, _cache_path())
             except OSError:
                 pass
     cover = ("every byte of every parameter" if not fresh else

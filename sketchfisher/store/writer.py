@@ -46,7 +46,7 @@ from ..fisher.host import host_copy
 from ..layout import Layout
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
-from .files import StoreError, StoreLock, Writes, atomic_write_json, read_json, read_metadata, remove_stale_temps
+from .files import StoreError, StoreLock, Writes, atomic_write_json, read_metadata, remove_stale_temps
 from .integrity import check_header, index_entry, shard_damage
 from .manifest import build_manifest, check_same, conflicts_of, new_store_id, passes_of, read_manifest, seal
 from .pass1 import Counted, Counter, Ranks, final_path, partial_path, read_final, run_pass1, save_pass1
@@ -303,9 +303,8 @@ def _begin_or_restore(root: Path, wanted: dict) -> None:
     than adopted under settings nobody recorded."""
     copy = root / "pass1" / "manifest.json"
     if copy.exists():
-        read_manifest(copy)  # sealed and whole
         logger.warning("%s was missing: restored from its copy %s", root / "manifest.json", copy)
-        atomic_write_json(read_json(copy), root / "manifest.json")
+        atomic_write_json(read_manifest(copy), root / "manifest.json")  # (checked: sealed and whole)
         return
     written = [p for sub in ("pass1", "pass2/a", "pass2/b") for p in sorted((root / sub).glob("*.safetensors"))]
     if written:
