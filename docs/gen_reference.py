@@ -50,7 +50,7 @@ def api_reference() -> str:
         out += ["", f"## `{module.__name__.replace('sketchfisher.', 'sf.' if module is sf.tasks else 'sketchfisher.')}`",
                 "", inspect.getdoc(module) or ""]
         for name, fn in inspect.getmembers(module, inspect.isfunction):
-            if name.startswith("_") or fn.__module__ != module.__name__:
+            if name.startswith("_") or not fn.__module__.startswith(module.__name__):
                 continue
             out += ["", f"### `{name}{inspect.signature(fn)}`", "", inspect.getdoc(fn) or "(no docstring)"]
     return "\n".join(out) + "\n"

@@ -18,6 +18,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
     "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16"],
     "conflict_calibration.py": ["--samples", "8", "--draws", "2", "--collections", "1", "--plain"],
+    "conflict_cost.py": ["--device", "cpu", "--hidden", "64", "--heads", "4", "--samples", "16", "--blocks", "8",
+                         "--repeats", "1"],
     "conflict_finetune.py": ["--samples", "8", "--steps", "2", "--k", "2", "--seeds", "1"],
     "conflict_predicts.py": ["--samples", "4", "--scales", "1e-3", "--blocks", "6"],
     "cpu_e2e.py": ["--samples", "4", "--batch", "2", "--tokens", "8", "--layers", "1", "--repeats", "1",
