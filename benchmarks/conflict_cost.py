@@ -1,8 +1,9 @@
 """What the conflict test costs outside the passes' own work, measured piece by piece.
 
-1. The conflict scalars of one attention module on the fused path: every head block of a module's per-sample
-   gradient contracted with the conflict weights, as the library does it (one strided view, one multiply-and-sum
-   per weight), against a matrix product per head block and against gathering the block and one ``einsum``.
+1. The conflict scalars of one attention module on the fused path. The library reads them in the sketch kernel's
+   own pass over the module's per-sample gradient (CUDA): the kernel with and without the two conflict weights,
+   against contracting the gradient separately (one strided view and a multiply-and-sum per weight, a matrix
+   product per head block, gathering the blocks and one ``einsum``: the earlier routes).
 2. The table's arithmetic after collection: per block, the variance, Welch degrees of freedom, p-values and
    intervals, then Benjamini–Hochberg, for ``--blocks`` blocks of ``--heads`` heads and ``--samples`` per task.
 
@@ -21,7 +22,8 @@ import transformers as hf
 from scipy.stats import false_discovery_control
 
 import sketchfisher as sf
-from sketchfisher.compress.sketch_scores import BlockPrep, conflict_scalars_from_module
+from sketchfisher import kernels
+from sketchfisher.compress.fused import FusedSides
 from sketchfisher.interference.conflicts import _rows
 
 
@@ -35,6 +37,18 @@ def timed(fn, device: str, repeats: int) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeats
+
+
+def strided(grad: torch.Tensor, hbs: list, u: torch.Tensor) -> torch.Tensor:
+    """Every head of a module as one strided view of its gradient, one multiply-and-sum per weight."""
+    H, B, width, start = len(hbs), grad.shape[0], hbs[0].width, hbs[0].start
+    run = grad.narrow(1 + hbs[0].storage_axis, start, H * width)
+    if hbs[0].storage_axis == 0:
+        heads = run.reshape(B, H, width, run.shape[2])
+    else:
+        heads = run.reshape(B, run.shape[1], H, width).transpose(1, 2)
+    weights = u.view(u.shape[0], H, *heads.shape[2:])
+    return torch.stack([(heads * weights[k].to(grad.dtype)).sum((-1, -2)) for k in range(u.shape[0])], -1)
 
 
 def main() -> None:
@@ -53,17 +67,30 @@ def main() -> None:
         layout = sf.layout_for(hf.LlamaForCausalLM(config))
     print(f"| piece | {args.device}, hidden {args.hidden}, {args.heads} heads, batch {args.batch} | ms |")
     print("| --- | --- | --- |")
+    fused = kernels.available() and args.device.startswith("cuda")
+    codec, cfg = sf.Sketch(k=256), sf.ScoreConfig()
     for block in ("Q", "O"):
         hbs = list(layout.head_blocks(0, block))
         grad = torch.randn(args.batch, args.hidden, args.hidden, device=args.device)
         u = torch.randn(2, len(hbs), hbs[0].numel, device=args.device).to(torch.bfloat16)
-        prep = BlockPrep(None, None, None, None, None, u_b=u)
+        size = hbs[0].numel
+        side = {"w": torch.rand(len(hbs), size, device=args.device) + 0.5,
+                "c": torch.randn(len(hbs), size, device=args.device), "o": torch.randn(len(hbs), size, device=args.device)}
+        runs = []
+        if fused:
+            sides = FusedSides(layout, codec, cfg, "b")
+            keys, offsets, size, cols, row_stride = sides.geometry(0, block, grad.device)
+            kernel = lambda conflict: kernels.sketch_heads(  # noqa: E731
+                grad, keys, offsets, size, cols, row_stride, codec.k, codec.s, weight=side["w"], centre=side["c"],
+                other=side["o"], conflict=conflict)
+            runs += [("the sketch kernel alone", lambda: kernel(None)),
+                     ("the library: the sketch kernel, conflict scalars in the same read", lambda: kernel(u))]
         per_head = lambda: torch.stack([grad.narrow(1 + hb.storage_axis, hb.start, hb.width).reshape(args.batch, -1)  # noqa: E731
                                         @ u[:, h].float().T for h, hb in enumerate(hbs)], 1)
         gathered = lambda: torch.einsum("bhs,mhs->bhm", layout.gather(0, block, grad), u.float())  # noqa: E731
-        library = lambda: conflict_scalars_from_module(grad, hbs, prep, "b", torch.float32)  # noqa: E731
-        for name, fn in (("library: one strided view", library), ("a matrix product per head block", per_head),
-                         ("gather + einsum", gathered)):
+        runs += [("separately: one strided view", lambda: strided(grad, hbs, u)),
+                 ("separately: a matrix product per head block", per_head), ("separately: gather + einsum", gathered)]
+        for name, fn in runs:
             print(f"| conflict scalars, {block} module | {name} | {timed(fn, args.device, args.repeats) * 1e3:.2f} |")
     g = torch.Generator().manual_seed(0)
     n, H = args.samples, args.heads

@@ -151,16 +151,20 @@ def timed(fn, devices):
 
 def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     """Run and print ``sf.analyze`` (and, on request, its fp64-statistics reference); the phase rows."""
-    codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
+    codecs = {spec: sf.Sketch(k=int(spec.split(":")[0]), kind="sjlt", seed=0, dtype=spec.split(":")[1])
+              for spec in (args.sketch or [f"{args.k}:fp16"])}
     if args.warm:  # compile the kernels first: the time of a second call in the same process
-        sf.analyze(model, lm_loss, task_a[:1], task_b[:1], codec=codec).head_means()
-    settings = [(p, c) for p in args.passes for c in args.conflicts]
-    for passes, conflicts in settings:  # several orders (and conflict-test settings) side by side in one process
+        for codec in codecs.values():
+            sf.analyze(model, lm_loss, task_a[:1], task_b[:1], codec=codec, units=args.units).head_means()
+    settings = [(p, c, s) for p in args.passes for c in args.conflicts for s in codecs]
+    for passes, conflicts, spec in settings:  # orders, conflict-test settings and codecs side by side in one process
         flag = {"auto": None, "on": True, "off": False}[conflicts]
+        codec = codecs[spec]
         sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
-                                                     conflicts=flag))
+                                                     conflicts=flag, units=args.units))
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
-                      "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") + f", conflicts {conflicts}", sec, peaks))
+                      "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
+                     f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}), units {args.units}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
         recorded = res.context.source.moments if hasattr(res.context.source, "moments") else None
@@ -169,13 +173,13 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
             rows.append((f"conflict table ({int(table.conflict.sum())} of {len(table)} blocks flagged)", sec_c, peaks_c))
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
-        print(f"| phase of sf.analyze(passes={passes:g}) | seconds | | peak GiB (max over devices) |")
+        print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}) | seconds | | peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
         print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
               f"collection: A {res.context.stats_a.quantities}, B {res.context.stats_b.quantities}")
         phases = res.phases.rows()
-        if (passes, conflicts) != settings[-1]:
+        if (passes, conflicts, spec) != settings[-1]:
             del res, means  # free the device before the next order runs
             gc.collect()
     if args.compare_stats_dtype:
@@ -205,6 +209,9 @@ def main() -> None:
                         "(task B once)")
     p.add_argument("--conflicts", nargs="+", default=["auto"], choices=["auto", "on", "off"],
                    help="sf.analyze's conflicts= (auto: on where it fits); several run side by side")
+    p.add_argument("--sketch", nargs="+", default=None, metavar="K:DTYPE",
+                   help="sketch codecs side by side, e.g. 256:fp16 1024:int4 (default: --k with fp16)")
+    p.add_argument("--units", default="heads", choices=["heads", "mlp", "all"], help="sf.analyze's units=")
     p.add_argument("--warm", action="store_true", help="run sf.analyze once on one batch first (kernels compiled)")
     p.add_argument("--plain-seconds", type=float, default=None, help="a plain time measured before (with --cli-only)")
     p.add_argument("--cli-only", action="store_true", help="skip sf.analyze; run only the CLI path (needs --cli)")

@@ -137,23 +137,6 @@ def test_by_default_the_test_is_left_out_only_when_it_alone_does_not_fit(monkeyp
     assert sf.open_store(tmp_path / "s").manifest["conflicts"] is False
 
 
-@pytest.mark.parametrize("arch", ["llama_gqa", "gpt2", "gpt_neox", "phi3_fused_gqa"])
-def test_conflict_scalars_from_a_module_gradient_equal_those_of_its_blocks(arch):
-    """The fused CUDA path reads each head block as a view of the module's per-sample gradient (no block tensor):
-    the same scalars as from the stacked blocks, for separate, Conv1D, interleaved and blocked fused layouts."""
-    from sketchfisher.compress.sketch_scores import BlockPrep, conflict_scalars, conflict_scalars_from_module
-
-    model = make_model(arch)
-    layout = sf.layout_for(model)
-    for block in sf.BLOCKS:
-        hbs = layout.head_blocks(1, block)
-        grad = torch.randn(3, *model.get_parameter(hbs[0].param_name).shape, dtype=torch.float64)
-        u = torch.randn(2, len(hbs), hbs[0].numel, dtype=torch.float64)
-        prep = BlockPrep(None, None, None, None, None, u_a=u)
-        torch.testing.assert_close(conflict_scalars_from_module(grad, hbs, prep, "a", torch.float64),
-                                   conflict_scalars(layout.gather(1, block, grad), prep, "a", torch.float64))
-
-
 @pytest.mark.parametrize("codec", [sf.Exact(), sf.Sketch(k=16, kind="sjlt", seed=0)])
 def test_a_frozen_block_keeps_its_rows_with_missing_numbers(codec):
     """As everywhere else, data that was not collected is NaN, not absent: a frozen projection's blocks keep

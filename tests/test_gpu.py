@@ -29,6 +29,17 @@ def test_all_heads_in_one_kernel_equal_a_map_per_head():
     torch.testing.assert_close(codec.apply_heads(1, 2, v).cpu().double(), cpu, rtol=1e-5, atol=1e-5)
 
 
+def test_int4_codes_bitwise_identical_on_cpu_and_cuda():
+    """The dither is a counter-based hash of the scale's bits: the same codes, scales and decoded vectors on
+    either device, so a store collected on a GPU decodes the same on a laptop."""
+    from sketchfisher.compress.sketch import dequantize_int4, quantize
+
+    v = torch.randn(64, 4, 1024, dtype=torch.float32) * torch.logspace(-6, 3, 64)[:, None, None]
+    (qc, sc), (qg, sg) = quantize(v, "int4", 7), quantize(v.cuda(), "int4", 7)
+    assert torch.equal(qg.cpu(), qc) and torch.equal(sg.cpu(), sc)
+    assert torch.equal(dequantize_int4(qg, sg, 7).cpu(), dequantize_int4(qc, sc, 7))
+
+
 @pytest.mark.parametrize("passes", [2, 1.5])
 def test_scores_identical_on_cpu_and_cuda(passes):
     model = make_model("llama_gqa")
@@ -107,6 +118,10 @@ def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch
         scale = float(p.scores.abs().max())
         torch.testing.assert_close(f.scores, p.scores, rtol=1e-3, atol=1e-4 * scale)
         torch.testing.assert_close(f.stderr, p.stderr, rtol=1e-3, atol=1e-4 * scale)
+        want, got = p.head_conflicts(), f.head_conflicts()  # conflict scalars read inside the sketch kernel
+        for column in ("T", "stderr"):
+            torch.testing.assert_close(torch.tensor(got[column].to_numpy()), torch.tensor(want[column].to_numpy()),
+                                       rtol=1e-3, atol=1e-4 * float(want[column].abs().max()))
 
 
 def test_fused_welford_matches_cpu():

@@ -28,7 +28,7 @@ def test_sketch_kernel_is_the_cpu_map(k, s, size, n):
     m = SketchMap("sjlt", k, size, 3, (1, 2, 3), s=s)
     x = torch.randn(n, size, generator=torch.Generator().manual_seed(k + s))
     for chunks, step in ((1, None), (3, 1), (2, 4)):
-        sk, norm, cross = kernels.sketch_heads(x, torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64),
+        sk, norm, cross, _ = kernels.sketch_heads(x, torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64),
                                                size, size, size, k, s, chunks=chunks, tiles_per_step=step)
         torch.testing.assert_close(sk[:, 0], m.apply(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(norm[:, 0], x.square().sum(-1), rtol=1e-5, atol=1e-5)
@@ -48,12 +48,15 @@ def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
         offsets, cols, row_stride = [h * width * other_dim for h in range(H)], other_dim, other_dim
     else:
         offsets, cols, row_stride = [h * width for h in range(H)], width, H * width
-    sk, norm, cross = kernels.sketch_heads(G, torch.tensor([m.hash_key() for m in maps]), torch.tensor(offsets), size,
-                                           cols, row_stride, k, s, transform=transform, weight=w, centre=c, other=o,
-                                           chunks=2)
+    u = torch.randn(2, H, size, generator=gen).to(torch.bfloat16)  # conflict weights, read in their own dtype
+    sk, norm, cross, dots = kernels.sketch_heads(G, torch.tensor([m.hash_key() for m in maps]), torch.tensor(offsets),
+                                                 size, cols, row_stride, k, s, transform=transform, weight=w, centre=c,
+                                                 other=o, conflict=u, chunks=2)
+    assert dots.shape == (B, H, 2)
     f = {"identity": lambda t: t, "square": torch.square, "abs": torch.abs}[transform]
     for h in range(H):
         block = G[:, h * width:(h + 1) * width] if axis == 0 else G[:, :, h * width:(h + 1) * width]
+        torch.testing.assert_close(dots[:, h], block.reshape(B, -1) @ u[:, h].float().T, rtol=1e-5, atol=1e-5)
         v = f(block.reshape(B, -1)) * w[h]
         torch.testing.assert_close(cross[:, h], (v * o[h]).sum(-1), rtol=1e-5, atol=1e-5)
         v = v - c[h]
@@ -106,13 +109,22 @@ def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, nor
     scale = float(want.scores.abs().max())
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(got.stderr, want.stderr, rtol=1e-4, atol=1e-5 * scale)
+    cols = ["T", "stderr", "alignment", "p_value"]  # the conflict scalars, read by the kernel in the same pass
+    key = ["layer", "head", "block"]
+    t_got, t_want = (r.head_conflicts().sort_values(key)[cols].to_numpy() for r in (got, want))
+    assert t_got.shape == t_want.shape and len(t_got) > 0
+    torch.testing.assert_close(torch.tensor(t_got), torch.tensor(t_want), rtol=1e-4, atol=1e-8)
 
 
 def test_sketch_kernel_empty_batch_and_strided_rows():
     m = SketchMap("sjlt", 32, 90, 0, (0, 0, 0))
     keys, offsets = torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64)
-    sk, norm, cross = kernels.sketch_heads(torch.zeros(0, 90), keys, offsets, 90, 90, 90, 32, 1)
-    assert sk.shape == (0, 1, 32) and norm.shape == cross.shape == (0, 1)
+    sk, norm, cross, dots = kernels.sketch_heads(torch.zeros(0, 90), keys, offsets, 90, 90, 90, 32, 1)
+    assert sk.shape == (0, 1, 32) and norm.shape == cross.shape == (0, 1) and dots is None
+    *_, dots = kernels.sketch_heads(torch.zeros(0, 90), keys, offsets, 90, 90, 90, 32, 1, conflict=torch.ones(1, 1, 90))
+    assert dots.shape == (0, 1, 1)
+    with pytest.raises(ValueError, match="conflict weights"):
+        kernels.sketch_heads(torch.zeros(2, 90), keys, offsets, 90, 90, 90, 32, 1, conflict=torch.ones(3, 1, 90))
     x = torch.randn(3, 180)[:, ::2]  # rows strided and not dense
-    sk, _, _ = kernels.sketch_heads(x, keys, offsets, 90, 90, 90, 32, 1)
+    sk, *_ = kernels.sketch_heads(x, keys, offsets, 90, 90, 90, 32, 1)
     torch.testing.assert_close(sk[:, 0], m.apply(x.contiguous()), rtol=1e-5, atol=1e-5)

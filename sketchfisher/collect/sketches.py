@@ -20,7 +20,7 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
 from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
-                                     conflict_scalars_from_module, prepare_block, side_vector, sketch_sides,
+                                     prepare_block, side_vector, sketch_sides,
                                      with_j_centre)
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
@@ -153,8 +153,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 if last[0] != module:
                     last = (None, None)  # free the previous module's gradient first
                     last = (module, bf.grad(module))
-                sides = fused(last[1], layer, block, prep)
-                conflict = conflict_scalars_from_module(last[1], hbs, prep, side, cfg.dtype)
+                *sides, conflict = fused(last[1], layer, block, prep)  # (the conflict scalars in the same read)
             else:
                 g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
                 v = side_vector(g, prep, side, count, cfg)

@@ -129,7 +129,7 @@ class Sketch(SideCodec):
         if self.kind == "sjlt" and v.is_cuda and v.dtype in kernels.DTYPES and kernels.available():
             keys = torch.tensor([self.map(layer, block, h, size).hash_key() for h in range(H)], dtype=torch.int64)
             offsets = torch.arange(H, dtype=torch.int64) * size
-            sk, _, _ = kernels.sketch_heads(v.reshape(n, H * size), keys, offsets, size, size, size, self.k, self.s)
+            sk, *_ = kernels.sketch_heads(v.reshape(n, H * size), keys, offsets, size, size, size, self.k, self.s)
             return sk.to(v.dtype)
         if self.kind == "sjlt" and not v.is_cuda:
             index = sjlt_block_index(self, layer, block, H, size, v.device)

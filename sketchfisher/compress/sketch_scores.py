@@ -175,37 +175,6 @@ def conflict_scalars(g: torch.Tensor, prep: BlockPrep, side: Side, dtype: torch.
     return None if u is None else torch.einsum("bhs,mhs->bhm", g.to(dtype), u.to(g.device, dtype))
 
 
-def conflict_scalars_from_module(grad: torch.Tensor, hbs: list, prep: BlockPrep, side: Side, dtype: torch.dtype
-                                 ) -> Optional[torch.Tensor]:
-    """:func:`conflict_scalars` read straight out of a module's per-sample gradient ``grad [B, *param_shape]``
-    (the fused CUDA path, which forms no block tensor), ``[B, H_b, m]``.
-
-    Where the head blocks tile one run of the weight's rows or columns (separate projections: every head of a
-    block in one range), all heads are one strided view of ``grad`` and each conflict weight one broadcast
-    multiply and sum, a few kernels per module: a matrix product per head (M = batch, N = m, K = the block's
-    entries) runs far below the memory bandwidth on a GPU. Otherwise each head block is a view contracted on its
-    own."""
-    u = prep.u(side)
-    if u is None:
-        return None
-    axis, width, start = hbs[0].storage_axis, hbs[0].width, hbs[0].start
-    if all(hb.storage_axis == axis and hb.width == width and hb.start == start + h * width for h, hb in enumerate(hbs)):
-        H, B = len(hbs), grad.shape[0]
-        run = grad.narrow(1 + axis, start, H * width)  # [B, rows, cols] of every head block of this module
-        if axis == 0:  # head h owns rows [h·w, (h+1)·w): [B, H, w, cols]
-            heads = run.reshape(B, H, width, run.shape[2])
-        else:  # head h owns columns: [B, rows, H, w] → [B, H, rows, w] (a view)
-            heads = run.reshape(B, run.shape[1], H, width).transpose(1, 2)
-        weights = u.to(grad.device).view(u.shape[0], H, *heads.shape[2:])
-        out = [(heads * weights[k].to(grad.dtype)).sum((-1, -2), dtype=dtype) for k in range(u.shape[0])]
-        return torch.stack(out, -1)
-    out = []
-    for h, hb in enumerate(hbs):
-        view = grad.narrow(1 + hb.storage_axis, hb.start, hb.width)  # [B, rows, cols] of the head block
-        out.append(view.reshape(view.shape[0], -1).to(dtype) @ u[:, h].to(grad.device, dtype).T)
-    return torch.stack(out, 1)
-
-
 def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, layer: int, block: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centre side vectors ``v [B, H_b, S]`` and sketch them: ``(sketches [B, H_b, k], ‖ṽ‖² [B, H_b],

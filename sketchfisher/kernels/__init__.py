@@ -64,25 +64,32 @@ def _next_pow2(v: int) -> int:
 def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, size: int, cols: int, row_stride: int,
                  k: int, s: int, *, transform: str = "identity", weight: Optional[torch.Tensor] = None,
                  centre: Optional[torch.Tensor] = None, other: Optional[torch.Tensor] = None,
-                 chunks: Optional[int] = None, block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None,
+                 conflict: Optional[torch.Tensor] = None, chunks: Optional[int] = None, block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None,
                  num_warps: int = 4):
-    """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H])``.
+    """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H],
+    dots [n, H, m] or None)``.
 
     ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
     entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
     elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
     hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
     ``centre``, ``other`` are fp32 ``[H, size]``); cross is ``Σ transform(g)·weight·other``. The sketch
-    is scaled by 1/√s and returned in fp32.
+    is scaled by 1/√s and returned in fp32. ``conflict [m, H, size]`` (m ≤ 2, any float dtype): the raw gradient's
+    inner products with each of its m vectors, ``dots[r, h, i] = Σ g_h[r]·conflict[i, h]`` (the conflict test's
+    per-sample scalars, read in the same pass).
     """
     if g.dtype not in DTYPES:
         raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
     if size >= 2**31:
         raise ValueError(f"sketch_heads indexes a head block with int32; {size} entries is too many")
     n, H = g.shape[0], keys.shape[0]
+    mu = 0 if conflict is None else conflict.shape[0]
+    if conflict is not None and (conflict.ndim != 3 or conflict.shape[1:] != (H, size) or not 1 <= mu <= 2):
+        raise ValueError(f"conflict weights must be [1 or 2, {H}, {size}], got {list(conflict.shape)}")
     if n == 0:
         z = torch.zeros(0, H, dtype=torch.float32, device=g.device)
-        return torch.zeros(0, H, k, dtype=torch.float32, device=g.device), z, z.clone()
+        dots = None if conflict is None else torch.zeros(0, H, mu, dtype=torch.float32, device=g.device)
+        return torch.zeros(0, H, k, dtype=torch.float32, device=g.device), z, z.clone(), dots
     if g.ndim > 1 and not g[0].is_contiguous():
         g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
     sketch_kernel, _ = _kernels()
@@ -99,9 +106,10 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     per = -(-tiles // chunks)
     chunks = -(-tiles // per)
     dev = g.device
-    part = torch.empty(chunks, n, H, s * BM + 2, dtype=torch.float32, device=dev)
+    part = torch.empty(chunks, n, H, s * BM + 2 + mu, dtype=torch.float32, device=dev)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     prep = [t.contiguous().float() if t is not None else dummy for t in (weight, centre, other)]
+    prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (bf16 at 7B)
     contig = cols == size or (row_stride == cols)
     on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with on_device:  # Triton launches on the current device: make it the tensors' (layers on several cards)
@@ -110,17 +118,18 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
             part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
             COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
             F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
-            TWEAK=SHIFT_TWEAK, num_warps=num_warps)
+            MU=mu, TWEAK=SHIFT_TWEAK, num_warps=num_warps)
     total = part.sum(0) if chunks > 1 else part[0]  # fixed order: bitwise reproducible
     sk = total[..., : s * BM].view(n, H, s, BM)[..., :m].reshape(n, H, k)
-    return sk, total[..., s * BM], total[..., s * BM + 1]
+    dots = None if conflict is None else total[..., s * BM + 2:]
+    return sk, total[..., s * BM], total[..., s * BM + 1], dots
 
 
 def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
     """sjlt of one head block ``x [n, size]`` (CUDA); ``[n, k]`` in x's dtype."""
     x = x.contiguous()
     keys = torch.tensor([key], dtype=torch.int64)
-    sk, _, _ = sketch_heads(x, keys, torch.zeros(1, dtype=torch.int64), x.shape[1], x.shape[1], x.shape[1], k, s)
+    sk, *_ = sketch_heads(x, keys, torch.zeros(1, dtype=torch.int64), x.shape[1], x.shape[1], x.shape[1], k, s)
     return sk[:, 0].to(x.dtype)
 
 

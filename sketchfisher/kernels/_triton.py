@@ -18,12 +18,12 @@ def _hash(ctr, lo, hi):
     return _fmix32(_fmix32(ctr ^ lo) ^ hi)
 
 @triton.jit
-def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
+def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr,
                   n, H, size, tiles, stride_n, row_stride, tiles_per_prog, scale,
                   COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
                   S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
                   F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
-                  TWEAK: tl.constexpr):
+                  MU: tl.constexpr, TWEAK: tl.constexpr):
     # One program: rows [rb·BR, +BR) of head h over tiles [chunk·tiles_per_prog, +tiles_per_prog).
     # Each step handles TT tiles x S bands at once (axis q = tile·S + band) so that many loads are in flight.
     Q: tl.constexpr = TT * SP  # SP: S padded to a power of two
@@ -45,6 +45,9 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
     acc = tl.zeros((BR, Q, BM), dtype=tl.float32)
     nacc = tl.zeros((BR, Q), dtype=tl.float32)
     cacc = tl.zeros((BR, Q), dtype=tl.float32)
+    uacc0 = tl.zeros((BR, Q), dtype=tl.float32)  # the raw gradient against up to two conflict weights
+    uacc1 = tl.zeros((BR, Q), dtype=tl.float32)
+    usize = H.to(tl.int64) * size
     t0 = chunk * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, tiles)
     for tb in range(t0, t1, TT):
@@ -59,6 +62,10 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
         else:
             addr = hoff + (e // COLS) * row_stride + e % COLS
         x = tl.load(g_ptr + rows3 + addr, mask=rok3 & ok, other=0.0).to(tl.float32)
+        if MU >= 1:
+            uacc0 += tl.sum(x * tl.load(u_ptr + poff + e, mask=ok, other=0.0).to(tl.float32), axis=2)
+        if MU >= 2:
+            uacc1 += tl.sum(x * tl.load(u_ptr + usize + poff + e, mask=ok, other=0.0).to(tl.float32), axis=2)
         if F == 1:
             x = x * x
         elif F == 2:
@@ -78,8 +85,8 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
             wj = tl.reshape(tl.broadcast_to(words[:, :, None], (Q, BW, 32)), (Q, BM), can_reorder=False)
         neg = ((wj >> (j[None, :] & 31).to(tl.uint32)) & 1) != 0
         acc += tl.where(neg[None, :, :], -x, x)
-    # partial sums of this column chunk into out [chunks, n, H, S·BM + 2]: sketch, then ‖ṽ‖², cross
-    W: tl.constexpr = S * BM + 2
+    # partial sums of this column chunk into out [chunks, n, H, S·BM + 2 + MU]: sketch, ‖ṽ‖², cross, g·u
+    W: tl.constexpr = S * BM + 2 + MU
     out = tl.sum(tl.reshape(acc, (BR, TT, SP, BM), can_reorder=False), axis=1) * scale    # [BR, SP, BM]
     bands = tl.arange(0, SP)
     base = ((chunk.to(tl.int64) * n + rows) * H + h) * W
@@ -87,6 +94,10 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, keys_ptr, hoff_ptr, out_ptr,
              mask=rok3 & (bands < S)[None, :, None])
     tl.store(out_ptr + base + S * BM, tl.sum(nacc, axis=1) / S, mask=row_ok)   # every band visits each entry once
     tl.store(out_ptr + base + S * BM + 1, tl.sum(cacc, axis=1) / S, mask=row_ok)
+    if MU >= 1:
+        tl.store(out_ptr + base + S * BM + 2, tl.sum(uacc0, axis=1) / S, mask=row_ok)
+    if MU >= 2:
+        tl.store(out_ptr + base + S * BM + 3, tl.sum(uacc1, axis=1) / S, mask=row_ok)
 
 
 @triton.jit
