@@ -218,8 +218,7 @@ class MemorySink(Sink):
         return stats
 
     def sides(self, task: str, index: int, size: int, blocks: dict) -> None:
-        for key, value in blocks.items():
-            self.side[task].add(key, *value)
+        self.side[task].add_batch(blocks)
         self.side[task].n += size
 
     def centred(self, task: str, raw: list, centres: dict) -> None:

@@ -184,6 +184,27 @@ class SketchSide:
         if conflict is not None:
             self.conflicts.setdefault(key, []).append(conflict.double())
 
+    def add_batch(self, blocks: dict) -> None:
+        """:meth:`add` for every (layer, block) of one batch, ``{key: (vectors, ‖·‖², cross[, conflict])}``,
+        encoded together: the blocks on one device are stacked along the head axis and encoded in one call
+        (a per-vector operation, so the same as block by block), then cut back into per-block views: a few
+        large operations per batch instead of a few per block."""
+        by_device: dict = {}
+        for key, value in blocks.items():
+            by_device.setdefault((value[0].device, value[0].shape[-1], len(value)), []).append(key)
+        for keys in by_device.values():
+            widths = [blocks[k][0].shape[1] for k in keys]
+            encoded = self.codec.encode(torch.cat([blocks[k][0] for k in keys], 1))
+            scalars = [torch.cat([blocks[k][i] for k in keys], 1).double() for i in range(1, len(blocks[keys[0]]))]
+            start = 0
+            for key, width in zip(keys, widths):
+                cut = lambda t: t.narrow(1, start, width)  # noqa: E731
+                self.parts.setdefault(key, []).append(({n: cut(t) for n, t in encoded.items()}, cut(scalars[0]),
+                                                       cut(scalars[1])))
+                if len(scalars) > 2:
+                    self.conflicts.setdefault(key, []).append(cut(scalars[2]))
+                start += width
+
     def conflict(self, key: tuple[int, str]) -> Optional[torch.Tensor]:
         """Every sample's conflict scalar ``[n, H_b]`` (fp64) of one (layer, block); None when not collected."""
         parts = self.conflicts.get(key)
@@ -203,11 +224,13 @@ class DecodedSide(tuple):
 
 
 def decode_side(codec: SideCodec, parts: Optional[list]) -> Optional[DecodedSide]:
-    """Concatenate stored batches ``(encoded, norm2, cross)`` into fp64 tensors; None when absent."""
+    """Concatenate stored batches ``(encoded, norm2, cross)`` into fp64 tensors; None when absent. The encoded
+    parts are joined first and decoded in one call (decoding is per vector)."""
     if not parts:
         return None
-    vec = torch.cat([codec.decode(enc) for enc, _, _ in parts])
+    encoded = {name: torch.cat([enc[name] for enc, _, _ in parts]) for name in parts[0][0]}
+    vec = codec.decode(encoded)
     out = DecodedSide((vec, torch.cat([p[1].double() for p in parts]), torch.cat([p[2].double() for p in parts])))
-    noise = [codec.noise_variance(enc) for enc, _, _ in parts]
-    out.noise = None if any(n is None for n in noise) else torch.cat(noise).to(vec.device)
+    noise = codec.noise_variance(encoded)
+    out.noise = None if noise is None else noise.to(vec.device)
     return out

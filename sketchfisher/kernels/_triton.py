@@ -47,7 +47,7 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
     cacc = tl.zeros((BR, Q), dtype=tl.float32)
     uacc0 = tl.zeros((BR, Q), dtype=tl.float32)  # the raw gradient against up to two conflict weights
     uacc1 = tl.zeros((BR, Q), dtype=tl.float32)
-    usize = H.to(tl.int64) * size
+    usize = (h * 0 + H).to(tl.int64) * size  # (H may arrive as a constexpr int)
     t0 = chunk * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, tiles)
     for tb in range(t0, t1, TT):
