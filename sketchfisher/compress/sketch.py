@@ -197,7 +197,9 @@ def quantize(v: torch.Tensor, dtype: str, seed: int = 0) -> tuple[torch.Tensor, 
     d the :func:`dither`, packed two per byte; decoding gives ``(q − d)·s``, whose error is uniform on
     ±s/2 whatever ``v`` is."""
     if dtype == "int4":
-        scale = v.abs().amax(-1).float().clamp_min(torch.finfo(torch.float32).tiny) / INT4_LEVELS
+        peak = v.abs().amax(-1).float().clamp_min(torch.finfo(torch.float32).tiny)
+        scale = peak / torch.full_like(peak, INT4_LEVELS)  # a true division on every device (CUDA multiplies by
+        # the reciprocal of a Python scalar divisor, which can differ in the last bit and so change the dither)
         scale = torch.nextafter(scale, torch.full_like(scale, float("inf")))  # |v| / s <= 7 after rounding
         d = dither(scale, v.shape[-1], seed)
         q = torch.round(v.double() / scale.double()[..., None] + d).clamp_(-INT4_LEVELS, INT4_LEVELS)
