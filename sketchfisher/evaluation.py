@@ -15,7 +15,8 @@ from .errors import InputError
 
 def compare(exact: torch.Tensor, approx: torch.Tensor, stderr: torch.Tensor | None = None, top: int = 50) -> dict:
     """Spearman over all finite scores, median relative error, top-``top`` recall and, when ``stderr``
-    is given, the fraction of exact scores inside the nominal 95% intervals (±1.96·stderr)."""
+    is given, the fraction of exact scores inside the nominal 95% intervals (±1.96·stderr), over all scores
+    (``coverage95``) and over the largest 1% of exact scores (``coverage95_top1pct``)."""
     if exact.shape != approx.shape:
         raise InputError(f"shapes differ: exact {tuple(exact.shape)} vs approx {tuple(approx.shape)}")
     e, a = exact.flatten().double(), approx.flatten().double()
@@ -30,7 +31,9 @@ def compare(exact: torch.Tensor, approx: torch.Tensor, stderr: torch.Tensor | No
            / top}
     if stderr is not None:
         se = stderr.flatten().double()[ok]
-        out["coverage95"] = float(((a - e).abs() <= 1.959964 * se).double().mean())
+        inside = (a - e).abs() <= 1.959964 * se
+        out["coverage95"] = float(inside.double().mean())
+        out["coverage95_top1pct"] = float(inside[torch.topk(e, max(1, e.numel() // 100)).indices].double().mean())
     return out
 
 

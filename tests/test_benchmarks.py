@@ -16,7 +16,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
-    "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16"],
+    "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16", "--centring",
+                              "mean,scaled", "--passes", "2,1.5"],
     "conflict_calibration.py": ["--samples", "8", "--draws", "2", "--collections", "1", "--plain"],
     "conflict_cost.py": ["--device", "cpu", "--hidden", "64", "--heads", "4", "--samples", "16", "--blocks", "8",
                          "--repeats", "1"],

@@ -28,11 +28,11 @@ def test_sketch_kernel_is_the_cpu_map(k, s, size, n):
     m = SketchMap("sjlt", k, size, 3, (1, 2, 3), s=s)
     x = torch.randn(n, size, generator=torch.Generator().manual_seed(k + s))
     for chunks, step in ((1, None), (3, 1), (2, 4)):
-        sk, norm, cross, _ = kernels.sketch_heads(x, torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64),
+        sk, norm, cross, own, _ = kernels.sketch_heads(x, torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64),
                                                size, size, size, k, s, chunks=chunks, tiles_per_step=step)
         torch.testing.assert_close(sk[:, 0], m.apply(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(norm[:, 0], x.square().sum(-1), rtol=1e-5, atol=1e-5)
-        assert float(cross.abs().max()) == 0.0
+        assert float(cross.abs().max()) == 0.0 and float(own.abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -49,7 +49,7 @@ def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
     else:
         offsets, cols, row_stride = [h * width for h in range(H)], width, H * width
     u = torch.randn(2, H, size, generator=gen).to(torch.bfloat16)  # conflict weights, read in their own dtype
-    sk, norm, cross, dots = kernels.sketch_heads(G, torch.tensor([m.hash_key() for m in maps]), torch.tensor(offsets),
+    sk, norm, cross, own, dots = kernels.sketch_heads(G, torch.tensor([m.hash_key() for m in maps]), torch.tensor(offsets),
                                                  size, cols, row_stride, k, s, transform=transform, weight=w, centre=c,
                                                  other=o, conflict=u, chunks=2)
     assert dots.shape == (B, H, 2)
@@ -60,6 +60,7 @@ def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
         v = f(block.reshape(B, -1)) * w[h]
         torch.testing.assert_close(cross[:, h], (v * o[h]).sum(-1), rtol=1e-5, atol=1e-5)
         v = v - c[h]
+        torch.testing.assert_close(own[:, h], (v * c[h]).sum(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(norm[:, h], v.square().sum(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sk[:, h], maps[h].apply(v), rtol=1e-5, atol=1e-5)
 
@@ -119,7 +120,7 @@ def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, nor
 def test_sketch_kernel_empty_batch_and_strided_rows():
     m = SketchMap("sjlt", 32, 90, 0, (0, 0, 0))
     keys, offsets = torch.tensor([m.hash_key()]), torch.zeros(1, dtype=torch.int64)
-    sk, norm, cross, dots = kernels.sketch_heads(torch.zeros(0, 90), keys, offsets, 90, 90, 90, 32, 1)
+    sk, norm, cross, _, dots = kernels.sketch_heads(torch.zeros(0, 90), keys, offsets, 90, 90, 90, 32, 1)
     assert sk.shape == (0, 1, 32) and norm.shape == cross.shape == (0, 1) and dots is None
     *_, dots = kernels.sketch_heads(torch.zeros(0, 90), keys, offsets, 90, 90, 90, 32, 1, conflict=torch.ones(1, 1, 90))
     assert dots.shape == (0, 1, 1)

@@ -275,3 +275,65 @@ def test_int4_store_round_trip(small, tmp_path):
     again = sf.open_store(tmp_path / "s").result()
     assert torch.equal(again.scores, mem.scores) and torch.equal(again.stderr, mem.stderr)
     assert torch.equal(stored.scores, mem.scores)
+
+
+@pytest.mark.parametrize("passes", [2, 1.5])
+@pytest.mark.parametrize("variant", ["paper", "signed"])
+def test_scaled_centring_is_exact_at_full_width_and_shrinks_every_residual(small, passes, variant):
+    """Scaled centring takes each sample's best multiple of its side's centre away (γ recorded per vector) and
+    adds it back exactly: full-width srht reproduces the exact scores, and no stored residual is longer than
+    the mean-centred one (the mean's multiple 1 is one of the candidates)."""
+    model, ta, tb, _ = small
+    exact = sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors(), variant=variant)
+    runs = {c: sf.analyze(model, generic_loss, ta, tb, variant=variant, passes=passes,
+                          codec=sf.Sketch(k=128, kind="srht", dtype="fp32", centring=c)) for c in ("scaled", "mean")}
+    scale = float(exact.scores.abs().max()) * 1e-5
+    for res in runs.values():
+        torch.testing.assert_close(res.scores, exact.scores, rtol=1e-4, atol=scale)
+    src = {c: r.context.source for c, r in runs.items()}
+    scaled_any = False
+    for key in src["mean"].side_a.parts:
+        for side in ("side_a", "side_b"):
+            mean, scaled = getattr(src["mean"], side).get(key), getattr(src["scaled"], side).get(key)
+            assert mean.gamma is None
+            assert bool((scaled[1] <= mean[1] * (1 + 1e-5) + 1e-12).all())
+            if side == "side_b" and passes == 1.5:
+                assert scaled.gamma is None  # B's centre is not known in its only pass: centred by the mean after
+            else:
+                scaled_any |= scaled.gamma is not None
+    assert scaled_any
+
+
+def test_scaled_centring_gains_where_samples_differ_in_scale(small):
+    """Samples that share a direction but differ in size (per-sample loss scales): scaled centring removes
+    the size from what is sketched, so the error falls well below that of centring by the mean, with
+    error bars that still cover."""
+    model, ta, tb, _ = small
+    scaled_loss = lambda m, batch: generic_loss(m, batch) * (1 + 3 * torch.arange(len(batch["input_ids"])))  # noqa: E731
+    exact = sf.analyze(model, scaled_loss, ta, tb, codec=sf.Factors())
+    err = {}
+    for centring in ("mean", "scaled"):
+        runs = [sf.analyze(model, scaled_loss, ta, tb, codec=sf.Sketch(k=16, seed=s, dtype="fp32", centring=centring))
+                for s in range(8)]
+        err[centring] = torch.stack([(r.scores - exact.scores).abs() for r in runs]).mean()
+        z = torch.stack([(r.scores - exact.scores).abs() / r.stderr for r in runs])
+        assert 0.85 <= float((z <= 1.96).double().mean()) <= 0.995, centring
+    assert err["scaled"] < 0.8 * err["mean"], err
+
+
+def test_store_written_before_scaled_centring_reads_as_mean_centred(small, tmp_path):
+    """A format-7 store (no γ in its shards, a codec without a centring) is read as what it is: centred by the
+    means, the same scores as when it was written."""
+    import json
+
+    from sketchfisher.store.manifest import seal
+
+    model, ta, tb, _ = small
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16, centring="mean"), store=tmp_path / "s")
+    path = tmp_path / "s" / "manifest.json"
+    m = json.loads(path.read_text())
+    codec = {k: v for k, v in m["codec"].items() if k != "centring"}
+    path.write_text(json.dumps(seal({**m, "format_version": 7, "codec": codec})))
+    old = sf.open_store(tmp_path / "s")
+    assert old.codec.centring == "mean"
+    torch.testing.assert_close(old.result().scores, res.scores, rtol=0, atol=0)

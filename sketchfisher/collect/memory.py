@@ -283,7 +283,8 @@ def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, s
     task-A sample, two for task B; counted as two)."""
     s = Shape.of(shape)
     groups = s.num_layers * 4  # (layer, block) groups per shard
-    tensors = 2 + len(codec.encode(torch.zeros(1, 1))) + conflicts  # encoded vectors (and scale), ‖x̃‖², cross
+    tensors = (2 + len(codec.encode(torch.zeros(1, 1))) + conflicts  # encoded vectors (and scale), ‖x̃‖², cross,
+               + getattr(codec, "stores_gamma", False))  # and scaled centring's γ
     header = groups * (tensors * 96 + 96) + 1024  # per tensor name/dtype/shape/offsets; per group its digest
     unit = s.num_layers * s.attn_params_per_layer * stats_bytes
     a_full, b_full = (copies * unit for copies in stats_copies)  # as the checkpoints hold them

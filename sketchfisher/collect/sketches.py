@@ -20,7 +20,7 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
 from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
-                                     prepare_block, side_vector, sketch_sides,
+                                     prepare_block, scale_centring, side_vector, sketch_sides,
                                      with_j_centre)
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
@@ -130,7 +130,8 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                    desc: str = "pass 2", show_progress: bool = False,
                    fold: Optional[Callable[[Any], None]] = None) -> Iterator[tuple[int, int, dict]]:
     """Pass 2 over one task, batch by batch: ``(batch index, batch size, {(layer, block): (sketches
-    [B, H_b, k], ‖x̃‖² [B, H_b], cross [B, H_b][, conflict scalars [B, H_b]])})``; the conflict scalars
+    [B, H_b, k], ‖x̃‖² [B, H_b], cross [B, H_b], scaled centring's γ [B, H_b][, conflict scalars [B, H_b, m]])})``;
+    the conflict scalars
     ``g · u`` (exact) where the preparation has the other task's mean gradient. Batches for which ``skip(index)`` is true are
     not run (resumption) and yield nothing. ``count`` is task A's sample count. ``fold(factors)``, when
     given, also receives every batch's captured factors first (pass-1 statistics in the same pass)."""
@@ -153,13 +154,14 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 if last[0] != module:
                     last = (None, None)  # free the previous module's gradient first
                     last = (module, bf.grad(module))
-                *sides, conflict = fused(last[1], layer, block, prep)  # (the conflict scalars in the same read)
+                sk, norm2, cross, own, conflict = fused(last[1], layer, block, prep)  # (conflict scalars: same read)
             else:
                 g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
                 v = side_vector(g, prep, side, count, cfg)
-                sides = sketch_sides(v, prep, side, codec, layer, block_index(block))
+                sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block_index(block))
                 conflict = conflict_scalars(g, prep, side, cfg.dtype)
-            out[(layer, block)] = (*sides, conflict) if conflict is not None else tuple(sides)
+            sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
+            out[(layer, block)] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
         check.submit(index, out)
         yield index, bf.batch_size, out
     check.finish()
@@ -199,7 +201,7 @@ def centred(blocks: dict, centres: dict) -> dict:
     row by row (so a batch at a time or all at once give the same values):
     ``(R y'_j − R ȳ', ‖R ỹ_j‖², cross)``; the cross term ``⟨y'_j, x̄'⟩`` was exact already."""
     out = {}
-    for key, (vec, _, cross, *rest) in blocks.items():  # (rest: the conflict scalars, exact already)
+    for key, (vec, _, cross, *rest) in blocks.items():  # (rest: γ = 0 here, the conflict scalars, exact already)
         vec = vec - centres[key].to(vec.device, vec.dtype)
         out[key] = (vec, vec.square().sum(-1), cross, *rest)
     return out

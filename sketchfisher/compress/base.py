@@ -177,15 +177,14 @@ class SketchSide:
         self.n = 0
 
     def add(self, key: tuple[int, str], vectors: torch.Tensor, norm2: torch.Tensor, cross: torch.Tensor,
-            conflict: Optional[torch.Tensor] = None) -> None:
-        """Add a batch for one (layer, block): mapped ``[B, H_b, width]``, ``‖·‖² [B, H_b]``, cross ``[B, H_b]``
-        and, where collected, each sample's exact conflict scalar ``[B, H_b]``."""
-        self.parts.setdefault(key, []).append((self.codec.encode(vectors), norm2.double(), cross.double()))
-        if conflict is not None:
-            self.conflicts.setdefault(key, []).append(conflict.double())
+            gamma: Optional[torch.Tensor] = None, conflict: Optional[torch.Tensor] = None) -> None:
+        """Add a batch for one (layer, block): mapped ``[B, H_b, width]``, ``‖·‖² [B, H_b]``, cross ``[B, H_b]``,
+        scaled centring's γ ``[B, H_b]`` (None: 0) and, where collected, each sample's exact conflict scalars."""
+        self.add_batch({key: (vectors, norm2, cross, torch.zeros_like(norm2) if gamma is None else gamma,
+                              *([] if conflict is None else [conflict]))})
 
     def add_batch(self, blocks: dict) -> None:
-        """:meth:`add` for every (layer, block) of one batch, ``{key: (vectors, ‖·‖², cross[, conflict])}``,
+        """:meth:`add` for every (layer, block) of one batch, ``{key: (vectors, ‖·‖², cross, γ[, conflict])}``,
         encoded together: the blocks on one device are stacked along the head axis and encoded in one call
         (a per-vector operation, so the same as block by block), then cut back into per-block views: a few
         large operations per batch instead of a few per block."""
@@ -199,10 +198,10 @@ class SketchSide:
             start = 0
             for key, width in zip(keys, widths):
                 cut = lambda t: t.narrow(1, start, width)  # noqa: E731
-                self.parts.setdefault(key, []).append(({n: cut(t) for n, t in encoded.items()}, cut(scalars[0]),
-                                                       cut(scalars[1])))
-                if len(scalars) > 2:
-                    self.conflicts.setdefault(key, []).append(cut(scalars[2]))
+                self.parts.setdefault(key, []).append(({n: cut(t) for n, t in encoded.items()},
+                                                       *(cut(t) for t in scalars[:3])))
+                if len(scalars) > 3:
+                    self.conflicts.setdefault(key, []).append(cut(scalars[3]))
                 start += width
 
     def conflict(self, key: tuple[int, str]) -> Optional[torch.Tensor]:
@@ -221,16 +220,20 @@ class DecodedSide(tuple):
     None."""
 
     noise: Optional[torch.Tensor] = None
+    gamma: Optional[torch.Tensor] = None  # scaled centring's γ per vector [n, H_b] (None: centred by the mean)
 
 
 def decode_side(codec: SideCodec, parts: Optional[list]) -> Optional[DecodedSide]:
-    """Concatenate stored batches ``(encoded, norm2, cross)`` into fp64 tensors; None when absent. The encoded
-    parts are joined first and decoded in one call (decoding is per vector)."""
+    """Concatenate stored batches ``(encoded, norm2, cross[, γ])`` into fp64 tensors; None when absent. The
+    encoded parts are joined first and decoded in one call (decoding is per vector)."""
     if not parts:
         return None
-    encoded = {name: torch.cat([enc[name] for enc, _, _ in parts]) for name in parts[0][0]}
+    encoded = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
     vec = codec.decode(encoded)
     out = DecodedSide((vec, torch.cat([p[1].double() for p in parts]), torch.cat([p[2].double() for p in parts])))
     noise = codec.noise_variance(encoded)
     out.noise = None if noise is None else noise.to(vec.device)
+    if all(len(p) > 3 and p[3] is not None for p in parts):
+        gamma = torch.cat([p[3].double() for p in parts]).to(vec.device)
+        out.gamma = gamma if bool(gamma.any()) else None
     return out

@@ -43,7 +43,7 @@ class FusedSides:
         return self._geometry[(layer, block)]
 
     def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
-        """``(sketches, ‖ṽ‖², cross, conflict scalars [B, H_b, m] or None)`` of one (layer, block)."""
+        """``(sketches, ‖ṽ‖², cross, ⟨ṽ, centre⟩, conflict scalars [B, H_b, m] or None)`` of one (layer, block)."""
         keys, offsets, size, cols, row_stride = self.geometry(layer, block, grad.device)
         u = prep.u(self.side)
         return kernels.sketch_heads(grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,

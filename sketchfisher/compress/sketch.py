@@ -30,6 +30,7 @@ from .base import SideCodec
 from .sketchmaps import KINDS, SketchMap, sjlt_block_index
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+CENTRINGS = ("scaled", "mean")  # scaled: each sample less its best multiple of the centre; mean: less the centre
 INT4_LEVELS = 7  # int4 stores q in [-7, 7] (two per byte, as q + 8) with a per-vector scale max|v| / 7
 
 
@@ -38,7 +39,9 @@ class Sketch(SideCodec):
     """Per-head-block sketch of width ``k`` (``kind`` in gaussian/sjlt/srht, ``s`` non-zeros for sjlt),
     stored as ``dtype``: fp32/fp16/bf16, int8 with a per-vector scale, or int4 (two values per byte, a
     per-vector scale and a subtractive dither, so its rounding error is uniform, independent of the data and
-    part of every score's standard error: :func:`quantize`)."""
+    part of every score's standard error: :func:`quantize`). With ``variance_reduction`` each side is centred
+    before it is sketched and the centre's part is added back exactly: ``centring="scaled"`` takes away each
+    sample's best multiple of the centre (one more stored number per vector), ``"mean"`` the centre itself."""
 
     k: int = 256
     kind: str = "sjlt"
@@ -46,6 +49,7 @@ class Sketch(SideCodec):
     dtype: str = "fp16"
     variance_reduction: bool = True
     s: int = 1
+    centring: str = "scaled"
     name: ClassVar[str] = "sketch"
     source: ClassVar[str] = "factors"
     summary: ClassVar[str] = "per-head randomized sketches with standard errors (any model size)"
@@ -61,6 +65,8 @@ class Sketch(SideCodec):
             raise InputError(f"Sketch.seed must be an int >= 0, got {self.seed!r}")
         if self.dtype == "int4" and self.k % 2:
             raise InputError(f"Sketch(dtype='int4') packs two values per byte and needs an even k; got k={self.k}")
+        if self.centring not in CENTRINGS:
+            raise InputError(f"Sketch.centring must be one of {CENTRINGS}, got {self.centring!r}")
         if self.kind == "sjlt" and (self.s < 1 or self.k % self.s):
             raise InputError(f"Sketch(kind='sjlt') needs k divisible by s >= 1; got k={self.k}, s={self.s}")
 
@@ -107,8 +113,9 @@ class Sketch(SideCodec):
         from .sketch_scores import SketchBlock, finite_population_correction
 
         noise = [getattr(side, "noise", None) for side in (a, b)]
+        gamma = [getattr(side, "gamma", None) for side in (a, b)]
         return SketchBlock(*a, *b, e.double().to(a[0].device), self.k, finite_population_correction(self, size),
-                           *noise)
+                           *noise, *gamma)
 
     def fused_sides(self, layout, cfg, side: str):
         from .fused import FusedSides
@@ -148,10 +155,15 @@ class Sketch(SideCodec):
         size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
         return self.k * size + (4 if self.dtype in SCALED else 0)
 
+    @property
+    def stores_gamma(self) -> bool:
+        """Whether each stored vector carries scaled centring's γ (fp32)."""
+        return self.variance_reduction and self.centring == "scaled"
+
     def bytes_per_block(self, size: int | None = None) -> int:
-        """Stored bytes of one sample's head block (of any size): the sketched vector and its two exact fp64
-        scalars (‖x̃‖² and the cross term)."""
-        return self.bytes_per_vector() + 16
+        """Stored bytes of one sample's head block (of any size): the sketched vector, its two exact fp64
+        scalars (‖x̃‖² and the cross term) and, with scaled centring, its fp32 γ."""
+        return self.bytes_per_vector() + 16 + 4 * self.stores_gamma
 
 
 SCALED = ("int4", "int8", "fp16")  # storage dtypes that keep a per-vector scale

@@ -9,7 +9,7 @@ centres. :func:`side_vector` forms a batch's balanced i-side (task A) or j-side 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -36,6 +36,7 @@ class BlockPrep:
     u_a: Optional[torch.Tensor] = None  # [1, H_b, S]: ḡ_B·W; task A's conflict scalars are g_i · u_a
     u_b: Optional[torch.Tensor] = None  # [2, H_b, S]: ḡ_A·W and task A's half mean ·W (B's scalars g_j · u_b)
     moments: Optional[dict] = None  # fp64 [H_b]: "ab" = ḡ_A·W·ḡ_B (T), "aa" = ḡ_A·W·ḡ_A, "bb" = ḡ_B·W·ḡ_B
+    sketched_centres: dict = field(default_factory=dict, repr=False, compare=False)  # scale_centring's cache
 
     def u(self, side: Side) -> Optional[torch.Tensor]:
         """The other task's mean gradient over the denominator: a sample's conflict scalar is ``g · u``."""
@@ -176,15 +177,40 @@ def conflict_scalars(g: torch.Tensor, prep: BlockPrep, side: Side, dtype: torch.
 
 
 def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, layer: int, block: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centre side vectors ``v [B, H_b, S]`` and sketch them: ``(sketches [B, H_b, k], ‖ṽ‖² [B, H_b],
-    cross [B, H_b])`` where cross is ``⟨v, other side's centre⟩``."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centre side vectors ``v [B, H_b, S]`` by the side's centre and sketch them: ``(sketches [B, H_b, k],
+    ‖ṽ‖² [B, H_b], cross [B, H_b], own [B, H_b])`` where cross is ``⟨v, other side's centre⟩`` and own is
+    ``⟨ṽ, this side's centre⟩`` (what :func:`scale_centring` needs). The fused CUDA kernel returns the same."""
     other, centre = prep.other(side), prep.centre(side)
-    cross = torch.zeros(v.shape[:2], dtype=v.dtype, device=v.device) if other is None else (v * other).sum(-1)
+    zeros = torch.zeros(v.shape[:2], dtype=v.dtype, device=v.device)
+    cross = zeros if other is None else (v * other).sum(-1)
+    own = zeros
     if centre is not None:
         v = v - centre
+        own = (v * centre).sum(-1)
     sk = codec.apply_heads(layer, block, v)
-    return sk, v.square().sum(-1), cross
+    return sk, v.square().sum(-1), cross, own
+
+
+def scale_centring(sk: torch.Tensor, norm2: torch.Tensor, own: torch.Tensor, prep: BlockPrep, side: Side,
+                   codec: Sketch, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled centring of mean-centred sketches: ``(R ṽ, ‖ṽ‖², γ)`` with ``ṽ = v − (1 + γ) c`` and
+    ``γ = ⟨v − c, c⟩ / ‖c‖²``, the best multiple of the side's centre ``c`` to take away from each sample
+    (the residual is never longer than ``v − c``). By linearity ``R ṽ = R(v − c) − γ R c``, and
+    ``‖ṽ‖² = ‖v − c‖² − γ ⟨v − c, c⟩``. Scores take ``α = 1 + γ`` back exactly (:class:`SketchBlock`).
+    γ is 0 where the codec centres by the mean alone, or the side has no centre in its pass."""
+    centre = prep.centre(side)
+    if centre is None or getattr(codec, "centring", "mean") != "scaled":
+        return sk, norm2, torch.zeros_like(norm2)
+    key = (side, layer, block, sk.device)
+    cached = prep.sketched_centres.get(key)
+    if cached is None:  # R c and ‖c‖² of this block, once per preparation
+        c = centre.to(sk.device)
+        cached = prep.sketched_centres[key] = (codec.apply_heads(layer, block, c[None].to(sk.dtype))[0],
+                                               c.double().square().sum(-1).to(norm2.dtype))
+    rc, c2 = cached
+    gamma = torch.where(c2 > 0, own / c2.clamp_min(torch.finfo(c2.dtype).tiny), torch.zeros_like(own))
+    return sk - gamma[..., None].to(sk.dtype) * rc, (norm2 - gamma * own).clamp_min(0), gamma
 
 
 @dataclass
@@ -202,6 +228,8 @@ class SketchBlock:
     fpc: float         # finite-population correction (srht), else 1
     qa: Optional[torch.Tensor] = None  # known storage-error variance per coordinate [nA, H_b] (int4), else None
     qb: Optional[torch.Tensor] = None
+    ga: Optional[torch.Tensor] = None  # scaled centring's γ_i [nA, H_b] (x̃_i = x'_i − (1 + γ_i) x̄'); None: 0
+    gb: Optional[torch.Tensor] = None  # γ_j [nB, H_b]
 
     @property
     def n_a(self) -> int:
@@ -228,7 +256,12 @@ class SketchBlock:
 
     def rows(self, lo: int, hi: int):
         term = torch.einsum("ihk,jhk->ijh", self.xa[lo:hi], self.yb)
-        scores = term + self.ca[lo:hi, None, :] + self.db[None, :, :] - self.e[None, None, :]
+        if self.ga is None and self.gb is None:  # centred by the means: α = β = 1
+            scores = term + self.ca[lo:hi, None, :] + self.db[None, :, :] - self.e[None, None, :]
+        else:  # x' = x̃ + α x̄', y' = ỹ + β ȳ': ⟨x', y'⟩ = ⟨x̃, ỹ⟩ + β⟨x', ȳ'⟩ + α⟨x̄', y'⟩ − αβ⟨x̄', ȳ'⟩
+            alpha = 1.0 + (torch.zeros_like(self.ca) if self.ga is None else self.ga.double())[lo:hi, None, :]
+            beta = 1.0 + (torch.zeros_like(self.db) if self.gb is None else self.gb.double())[None, :, :]
+            scores = term + beta * self.ca[lo:hi, None, :] + alpha * (self.db[None, :, :] - beta * self.e[None, None, :])
         var = (term.square() + self.na[lo:hi, None, :] * self.nb[None, :, :]) / self.k * self.fpc
         if self.qa is not None or self.qb is not None:
             # the stored vectors' dithered rounding: ⟨a + ε, b + δ⟩ adds ‖a‖²σ_δ² + ‖b‖²σ_ε² + k σ_ε² σ_δ²

@@ -67,14 +67,15 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
                  conflict: Optional[torch.Tensor] = None, chunks: Optional[int] = None, block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None,
                  num_warps: int = 4):
     """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H],
-    dots [n, H, m] or None)``.
+    own [n, H], dots [n, H, m] or None)``.
 
     ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
     entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
     elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
     hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
     ``centre``, ``other`` are fp32 ``[H, size]``); cross is ``Σ transform(g)·weight·other``. The sketch
-    is scaled by 1/√s and returned in fp32. ``conflict [m, H, size]`` (m ≤ 2, any float dtype): the raw gradient's
+    is scaled by 1/√s and returned in fp32. ``own`` is ``Σ ṽ·centre`` (zero without a centre: what scaled centring
+    needs, :func:`sketchfisher.compress.sketch_scores.scale_centring`). ``conflict [m, H, size]`` (m ≤ 2, any float dtype): the raw gradient's
     inner products with each of its m vectors, ``dots[r, h, i] = Σ g_h[r]·conflict[i, h]`` (the conflict test's
     per-sample scalars, read in the same pass).
     """
@@ -89,7 +90,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     if n == 0:
         z = torch.zeros(0, H, dtype=torch.float32, device=g.device)
         dots = None if conflict is None else torch.zeros(0, H, mu, dtype=torch.float32, device=g.device)
-        return torch.zeros(0, H, k, dtype=torch.float32, device=g.device), z, z.clone(), dots
+        return torch.zeros(0, H, k, dtype=torch.float32, device=g.device), z, z.clone(), z.clone(), dots
     if g.ndim > 1 and not g[0].is_contiguous():
         g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
     sketch_kernel, _ = _kernels()
@@ -106,7 +107,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     per = -(-tiles // chunks)
     chunks = -(-tiles // per)
     dev = g.device
-    part = torch.empty(chunks, n, H, s * BM + 2 + mu, dtype=torch.float32, device=dev)
+    part = torch.empty(chunks, n, H, s * BM + 3 + mu, dtype=torch.float32, device=dev)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     prep = [t.contiguous().float() if t is not None else dummy for t in (weight, centre, other)]
     prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (bf16 at 7B)
@@ -121,8 +122,8 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
             MU=mu, TWEAK=SHIFT_TWEAK, num_warps=num_warps)
     total = part.sum(0) if chunks > 1 else part[0]  # fixed order: bitwise reproducible
     sk = total[..., : s * BM].view(n, H, s, BM)[..., :m].reshape(n, H, k)
-    dots = None if conflict is None else total[..., s * BM + 2:]
-    return sk, total[..., s * BM], total[..., s * BM + 1], dots
+    dots = None if conflict is None else total[..., s * BM + 3:]
+    return sk, total[..., s * BM], total[..., s * BM + 1], total[..., s * BM + 2], dots
 
 
 def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:

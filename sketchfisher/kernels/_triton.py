@@ -45,6 +45,7 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
     acc = tl.zeros((BR, Q, BM), dtype=tl.float32)
     nacc = tl.zeros((BR, Q), dtype=tl.float32)
     cacc = tl.zeros((BR, Q), dtype=tl.float32)
+    sacc = tl.zeros((BR, Q), dtype=tl.float32)  # the centred vector against its own centre (scaled centring)
     uacc0 = tl.zeros((BR, Q), dtype=tl.float32)  # the raw gradient against up to two conflict weights
     uacc1 = tl.zeros((BR, Q), dtype=tl.float32)
     usize = (h * 0 + H).to(tl.int64) * size  # (H may arrive as a constexpr int)
@@ -75,7 +76,9 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
         if HAS_O:
             cacc += tl.sum(x * tl.load(o_ptr + poff + e, mask=ok, other=0.0), axis=2)
         if HAS_C:
-            x = x - tl.load(c_ptr + poff + e, mask=ok, other=0.0)
+            cen = tl.load(c_ptr + poff + e, mask=ok, other=0.0)
+            x = x - cen
+            sacc += tl.sum(x * cen, axis=2)
         nacc += tl.sum(x * x, axis=2)
         wctr = tile_ctr[:, None] * WORDS + tl.arange(0, BW)[None, :]          # [Q, BW]
         words = _hash(wctr.to(tl.uint32), lo, hi)
@@ -85,8 +88,8 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
             wj = tl.reshape(tl.broadcast_to(words[:, :, None], (Q, BW, 32)), (Q, BM), can_reorder=False)
         neg = ((wj >> (j[None, :] & 31).to(tl.uint32)) & 1) != 0
         acc += tl.where(neg[None, :, :], -x, x)
-    # partial sums of this column chunk into out [chunks, n, H, S·BM + 2 + MU]: sketch, ‖ṽ‖², cross, g·u
-    W: tl.constexpr = S * BM + 2 + MU
+    # partial sums of this column chunk into out [chunks, n, H, S·BM + 3 + MU]: sketch, ‖ṽ‖², cross, ⟨ṽ, c⟩, g·u
+    W: tl.constexpr = S * BM + 3 + MU
     out = tl.sum(tl.reshape(acc, (BR, TT, SP, BM), can_reorder=False), axis=1) * scale    # [BR, SP, BM]
     bands = tl.arange(0, SP)
     base = ((chunk.to(tl.int64) * n + rows) * H + h) * W
@@ -94,10 +97,11 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
              mask=rok3 & (bands < S)[None, :, None])
     tl.store(out_ptr + base + S * BM, tl.sum(nacc, axis=1) / S, mask=row_ok)   # every band visits each entry once
     tl.store(out_ptr + base + S * BM + 1, tl.sum(cacc, axis=1) / S, mask=row_ok)
+    tl.store(out_ptr + base + S * BM + 2, tl.sum(sacc, axis=1) / S, mask=row_ok)
     if MU >= 1:
-        tl.store(out_ptr + base + S * BM + 2, tl.sum(uacc0, axis=1) / S, mask=row_ok)
+        tl.store(out_ptr + base + S * BM + 3, tl.sum(uacc0, axis=1) / S, mask=row_ok)
     if MU >= 2:
-        tl.store(out_ptr + base + S * BM + 3, tl.sum(uacc1, axis=1) / S, mask=row_ok)
+        tl.store(out_ptr + base + S * BM + 4, tl.sum(uacc1, axis=1) / S, mask=row_ok)
 
 
 @triton.jit

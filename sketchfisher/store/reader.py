@@ -50,8 +50,8 @@ class LazySide:
                 raise StoreError(f"{path}: block {name} has vectors of width {tensors[f'{name}.vec'].shape[-1]}, "
                                  f"the manifest's codec {self.codec.describe()} writes {width}")
             encoded = {k[len(name) + 1:]: v for k, v in tensors.items()
-                       if k[len(name) + 1:] not in ("norm2", "cross", "conflict")}
-            parts.append((encoded, tensors[f"{name}.norm2"], tensors[f"{name}.cross"]))
+                       if k[len(name) + 1:] not in ("norm2", "cross", "gamma", "conflict")}
+            parts.append((encoded, tensors[f"{name}.norm2"], tensors[f"{name}.cross"], tensors.get(f"{name}.gamma")))
         return decode_side(self.codec, parts)
 
     def conflict(self, key: tuple[int, str]):
@@ -97,7 +97,10 @@ class StoreReader:
         self.checked = version >= 3  # stores written before integrity records are read as they are
         try:
             self.layout = Layout.from_dict(self.manifest["layout"])
-            self.codec = codec_from_dict(self.manifest["codec"])
+            codec = self.manifest["codec"]
+            if version < 8 and isinstance(codec, dict) and codec.get("codec") == "sketch":
+                codec = {**codec, "centring": "mean"}  # written before scaled centring: γ = 0 throughout
+            self.codec = codec_from_dict(codec)
             self.cfg = ScoreConfig.from_dict(self.manifest["score"])
         except (InputError, KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{self.path}: manifest settings are invalid: {type(exc).__name__}: {exc}") from None

@@ -46,8 +46,10 @@ class ShardParts:
             encoded = codec.encode(torch.cat([blocks[k][0] for k in keys], 1))  # per-vector: as per block
             parts = {**encoded, "norm2": torch.cat([blocks[k][1] for k in keys], 1).double(),
                      "cross": torch.cat([blocks[k][2] for k in keys], 1).double()}
-            if all(len(blocks[k]) > 3 for k in keys):  # each sample's exact conflict scalars
-                parts["conflict"] = torch.cat([blocks[k][3] for k in keys], 1).double()
+            if getattr(codec, "stores_gamma", False):  # scaled centring's γ (exactly the value the sketch used)
+                parts["gamma"] = torch.cat([blocks[k][3] for k in keys], 1).float()
+            if all(len(blocks[k]) > 4 for k in keys):  # each sample's exact conflict scalars
+                parts["conflict"] = torch.cat([blocks[k][4] for k in keys], 1).double()
             moved = {name: t.to("cpu", non_blocking=True) for name, t in parts.items() if t is not None}
             event = None
             if device.type == "cuda":
