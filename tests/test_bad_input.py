@@ -180,14 +180,15 @@ def test_non_finite_sides_are_caught_one_batch_late_and_never_written(tmp_path):
     from sketchfisher.store.shards import ShardParts, write_shard as _write_shard
 
     cfg = sf.ScoreConfig()
-    good = {(0, "Q"): (torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(2, 3))}
-    bad = {(0, "Q"): (torch.ones(2, 3, 4), torch.ones(2, 3), torch.tensor([[1.0, 1, 1], [1, float("inf"), 1]]))}
+    good = {(0, "Q"): (torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3))}
+    bad = {(0, "Q"): (torch.ones(2, 3, 4), torch.ones(2, 3), torch.tensor([[1.0, 1, 1], [1, float("inf"), 1]]),
+                      torch.zeros(2, 3))}  # (sketches, ‖ṽ‖², cross, γ)
     check = LaggedFiniteCheck("pass 2 a", cfg)
     check.submit(0, good)
     check.submit(1, bad)  # not read yet
     with pytest.raises(sf.GradientError, match=r"pass 2 a, batch 1: .*batch positions \[1\] overflow float32"):
         check.submit(2, good)
-    huge = {(0, "Q"): (torch.full((2, 3, 4), 3e38), torch.ones(2, 3), torch.ones(2, 3))}  # finite, norm overflows
+    huge = {(0, "Q"): (torch.full((2, 3, 4), 3e38), torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3))}  # finite, norm overflows
     check = LaggedFiniteCheck("pass 2 a", cfg)
     check.submit(0, huge)
     check.finish()  # cleared by the precise check

@@ -116,7 +116,7 @@ def test_phase_plan_matches_hand_computation():
     weights, stat = params * 2, attn * 4
     running = B * T * L * 8 * h * 4 + B * T * L * (26 * h + 11 * I) + B * T * V * 10 + 2 * B * h * h * 4
     preps = 4 * attn * 4
-    sketches = L * 128 * (256 * 2 + 4 + 16) * n
+    sketches = L * 128 * (256 * 2 + 4 + 16 + 4) * n  # fp16 vector, its scale, two fp64 scalars, fp32 γ
     # a pass holds what it writes (its task's sketches) beside what earlier steps left
     want = {"pass 1 A": weights + 2 * stat + running, "pass 1 B": weights + 3 * stat + running,
             "preparation": weights + max(3 * stat, preps), "pass 2 A": weights + preps + running + sketches / 2,
@@ -124,22 +124,22 @@ def test_phase_plan_matches_hand_computation():
     df = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, passes=2, conflicts=False).set_index("phase")
     for phase, value in want.items():
         assert df.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
-    # task B once (the default here): preparations from A alone (3 tensors), B's statistics and its
-    # uncentred fp32 sketches during its pass, 3 tensors again in A's pass 2
-    preps3, raw_b = 3 * attn * 4, L * 128 * (256 * 4 + 16) * n / 2
+    # task B once (the default here): preparations from A alone (3 tensors: B's centre from A's Σ|g|), its
+    # fp32 sketches during its pass and no statistics of B's own, 3 tensors again in A's pass 2
+    preps3, raw_b = 3 * attn * 4, L * 128 * (256 * 4 + 16 + 4) * n / 2
     want = {"pass 1 A": weights + 2 * stat + running, "preparation": weights + max(2 * stat, preps3),
-            "pass B": weights + preps3 + stat + running + raw_b, "centring B": weights + preps3 + stat + raw_b + sketches / 2,
+            "pass B": weights + preps3 + running + raw_b, "centring B": weights + preps3 + raw_b + sketches / 2,
             "pass 2 A": weights + preps3 + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
     once = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, conflicts=False).set_index("phase")
     assert list(once.index) == list(want)
     for phase, value in want.items():
         assert once.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
     # with the conflict test (the default): A also keeps Σg and Σg over half its samples during pass 1, B its Σg
-    # during its pass; task B's pass holds its two bf16 conflict weights, A's pass 2 the third
+    # during its pass (its only statistic); task B's pass holds its two bf16 conflict weights, A's pass 2 the third
     u = attn * 2
     want.update({"pass 1 A": weights + 4 * stat + running, "preparation": weights + max(4 * stat, preps3 + 2 * u),
-                 "pass B": weights + preps3 + 2 * u + 2 * stat + running + raw_b,
-                 "centring B": weights + preps3 + 2 * u + 2 * stat + raw_b + sketches / 2,
+                 "pass B": weights + preps3 + 2 * u + stat + running + raw_b,
+                 "centring B": weights + preps3 + 2 * u + stat + raw_b + sketches / 2,
                  "pass 2 A": weights + preps3 + 3 * u + running + sketches})
     default = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B).set_index("phase")
     for phase, value in want.items():

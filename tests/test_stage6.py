@@ -223,7 +223,7 @@ def test_compare_metrics():
     e = torch.arange(1.0, 101.0)
     m = compare(e, e * 1.1, stderr=torch.full_like(e, 100.0), top=10)
     assert m == {"spearman": pytest.approx(1.0), "median_rel_err": pytest.approx(0.1), "top10_recall": 1.0,
-                 "coverage95": 1.0}
+                 "coverage95": 1.0, "coverage95_top1pct": 1.0}
     assert compare(e, -e, top=10)["top10_recall"] == 0.0
     with pytest.raises(sf.InputError, match="shapes differ"):
         compare(e, e[:3])

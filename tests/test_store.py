@@ -198,17 +198,20 @@ def test_host_copies_and_stacked_shards_keep_values():
     from sketchfisher.store.shards import ShardParts
 
     g = torch.Generator().manual_seed(0)
-    blocks = {(0, "Q"): (torch.randn(3, 4, 8, generator=g), torch.rand(3, 4, generator=g), torch.randn(3, 4, generator=g)),
-              (1, "K"): (torch.randn(3, 2, 8, generator=g) * 1e3, torch.rand(3, 2, generator=g), torch.randn(3, 2, generator=g))}
+    blocks = {(0, "Q"): (torch.randn(3, 4, 8, generator=g), torch.rand(3, 4, generator=g), torch.randn(3, 4, generator=g),
+                         torch.randn(3, 4, generator=g)),  # (sketches, ‖ṽ‖², cross, γ)
+              (1, "K"): (torch.randn(3, 2, 8, generator=g) * 1e3, torch.rand(3, 2, generator=g), torch.randn(3, 2, generator=g),
+                         torch.randn(3, 2, generator=g))}
     for dtype in ("int8", "fp16", "fp32"):
         shard = ShardParts.of(blocks, sf.Sketch(k=8, dtype=dtype)).tensors()
-        for (layer, block), (sk, norm2, cross) in blocks.items():  # stacked, quantised once: as block by block
+        for (layer, block), (sk, norm2, cross, gamma) in blocks.items():  # stacked, quantised once: as block by block
             q, scale = quantize(sk, dtype)
             assert torch.equal(shard[f"{layer}.{block}.vec"], q) and shard[f"{layer}.{block}.vec"].is_contiguous()
             assert (scale is None) == (f"{layer}.{block}.scale" not in shard)
             assert scale is None or torch.equal(shard[f"{layer}.{block}.scale"], scale)
             assert torch.equal(shard[f"{layer}.{block}.norm2"], norm2.double())
             assert torch.equal(shard[f"{layer}.{block}.cross"], cross.double())
+            assert torch.equal(shard[f"{layer}.{block}.gamma"], gamma.float())
     with HostStaging([(12, torch.float32), (12, torch.float32)]) as staging:
         t = torch.randn(3, 4)
         assert staging.copy(t) is t  # host tensors are not copied
@@ -366,7 +369,7 @@ def test_a_deleted_manifest_is_restored_from_its_copy(small, tmp_path, caplog):
 def test_collection_refuses_over_max_bytes(small, tmp_path):
     model, ta, tb = small
     layout = sf.layout_for(model)
-    with pytest.raises(sf.InputError, match=r"planned store is [\d,]+ bytes .*sketches 36.1 KiB, conflict scalars [\d.]+ KiB, shard headers .*"
+    with pytest.raises(sf.InputError, match=r"planned store is [\d,]+ bytes .*sketches 37.8 KiB, conflict scalars [\d.]+ KiB, shard headers .*"
                                             r"statistics .*11 samples\), over max_bytes=1,000"):
         collect_to_store(tmp_path / "s", model, generic_loss, ta, tb, layout, CODEC, sf.ScoreConfig(), max_bytes=1000)
     assert not list((tmp_path / "s").rglob("*.safetensors"))  # refused before pass 1: lists of batches are counted
@@ -377,7 +380,7 @@ def test_planner_matches_hand_computation():
     assert df.loc["design note: 50 matrices x 60 MB (fp16) x samples", "disk_bytes"] == pytest.approx(2.304e12)
     exact = 32 * 4 * 4096 * 4096 * 2 * 768
     assert df.loc["Exact: full fp16 per-sample attention gradients", "disk_bytes"] == exact
-    assert df.loc["Sketch(k=256, fp16)", "disk_bytes"] == 32 * (2 * 32 + 2 * 32) * (256 * 2 + 4 + 16) * 768
+    assert df.loc["Sketch(k=256, fp16)", "disk_bytes"] == 32 * (2 * 32 + 2 * 32) * (256 * 2 + 4 + 16 + 4) * 768
     assert df.loc["Factors (lossless, fp32)", "disk_bytes"] == 512 * 32 * (4 * (4096 + 4096)) * 4 * 768
     assert df.loc["Factors(rank=16, fp32)", "disk_bytes"] == 16 * 32 * (4 * (4096 + 4096)) * 4 * 768
     # attention + MLP: the design note's matrices (32 MB attention, 88 MB MLP in fp16) and its reduced figure
@@ -385,14 +388,14 @@ def test_planner_matches_hand_computation():
     assert df.loc["design note, reduced to heads/channels: 50 x 8 KB (fp16) x samples", "disk_bytes"] == 50 * 8192 * 768
     assert df.loc["Exact: full fp16 per-sample attention + MLP gradients", "disk_bytes"] == \
         32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) * 2 * 768
-    per_block = 256 * 2 + 4 + 16
+    per_block = 256 * 2 + 4 + 16 + 4  # fp16 vector, its scale, ‖x̃‖² and cross (fp64), γ (fp32)
     assert df.loc["Sketch(k=256, fp16): heads + MLP units (344 channels each)", "disk_bytes"] == \
         32 * (4 * 32 + 3 * 32) * per_block * 768
     assert df.loc["Sketch(k=256, fp16): MLP single neurons", "disk_bytes"] == 32 * 3 * 11008 * per_block * 768
     assert plan("gpt2", samples=1).set_index("codec").loc["Sketch(k=256, fp16): MLP single neurons", "disk_bytes"] == \
         12 * 2 * 3072 * per_block  # GPT-2's MLP is not gated: c_fc and c_proj
     gqa = plan("llama-70b", samples=1, k=256).set_index("codec")
-    assert gqa.loc["Sketch(k=256, fp16)", "disk_bytes"] == 80 * (2 * 64 + 2 * 8) * 532
+    assert gqa.loc["Sketch(k=256, fp16)", "disk_bytes"] == 80 * (2 * 64 + 2 * 8) * 536
     with pytest.raises(sf.InputError, match="unknown preset"):
         plan("gpt5")
 
@@ -425,29 +428,30 @@ def test_store_sizes_match_the_planner(small, tmp_path):
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s", conflicts=False)
     summary = sf.open_store(tmp_path / "s").summary()
     layout = sf.layout_for(model)
-    per_sample = layout.num_layers * (2 * 8 + 2 * 2) * (32 * 2 + 4 + 16)
+    per_sample = layout.num_layers * (2 * 8 + 2 * 2) * (32 * 2 + 4 + 16 + 4)
     from sketchfisher.collect.memory import Shape, store_disk_bytes
 
-    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 1), stats_bytes=8)
+    # task B's single pass is centred by task A's Σ|g|: A keeps its Fisher and Σ|g|, B nothing of its own
+    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 0), stats_bytes=8)
     assert plan["sketches"] == per_sample * 11 <= summary["sketch_bytes"] <= plan["sketches"] + plan["shard_headers"]
     written = sum(p.stat().st_size for p in (tmp_path / "s").rglob("*") if p.is_file())
     assert written <= plan["total"] - plan["pass1_checkpoint"]  # the plan is an upper bound of what is written
     unit = layout.num_layers * Shape.of(model).attn_params_per_layer * 8  # one model-sized fp64 statistic
-    assert plan["statistics"] >= 3 * unit and plan["pass1_checkpoint"] == max(2 * 2, 2 + 2 * 1) * unit - 3 * unit
+    assert plan["statistics"] >= 2 * unit and plan["pass1_checkpoint"] == max(2 * 2, 2 + 2 * 0) * unit - 2 * unit
     assert written >= 0.5 * (plan["total"] - plan["pass1_checkpoint"])  # and not a wild one
-    # Σ|g| of both tasks only balance and centre: written in bf16; the planner counts them so
-    compact = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 1), stats_bytes=8,
-                               compact_copies=(1, 1))
+    # Σ|g| only balances and centres: written in bf16; the planner counts it so
+    compact = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 0), stats_bytes=8,
+                               compact_copies=(1, 0))
     stats_bytes = sum(p.stat().st_size for p in (tmp_path / "s" / "pass1").glob("*.safetensors"))
-    assert unit + 2 * unit // 4 <= stats_bytes <= compact["statistics"]
+    assert unit + unit // 4 <= stats_bytes <= compact["statistics"]
     # with the conflict test (the default): A's Σg (bf16) and Σg over half its samples, B's Σg (bf16), and
     # each sample's conflict scalars in the shards
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "c")
-    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(4, 2), stats_bytes=8,
-                            compact_copies=(2, 2), conflicts=True)
+    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(4, 1), stats_bytes=8,
+                            compact_copies=(2, 1), conflicts=True)
     written = sum(p.stat().st_size for p in (tmp_path / "c").rglob("*") if p.is_file())
     stats_bytes = sum(p.stat().st_size for p in (tmp_path / "c" / "pass1").glob("*.safetensors"))
-    assert 2 * unit + 4 * unit // 4 <= stats_bytes <= plan["statistics"]
+    assert 2 * unit + 3 * unit // 4 <= stats_bytes <= plan["statistics"]
     assert 0.5 * (plan["total"] - plan["pass1_checkpoint"]) <= written <= plan["total"] - plan["pass1_checkpoint"]
 
 

@@ -199,7 +199,8 @@ class _Terms:
         rep = sketches = raw = 0.0
         if codec.two_pass:
             sketches = per_layer(codec.bytes_per_sample(sizes, width, tokens) * per_task)
-            raw = per_layer(sum(codec.width(n) * 4 + 16 for n in sizes) * per_task)
+            raw = per_layer(sum(codec.width(n) * 4 + 16 + 4 * getattr(codec, "stores_gamma", False) for n in sizes)
+                            * per_task)  # fp32 vectors, ‖·‖² and cross in fp64, γ in fp32
         else:
             rep = per_layer(codec.device_bytes_per_sample(sizes, width, tokens) * per_task)
         return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,

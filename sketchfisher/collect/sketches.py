@@ -19,6 +19,7 @@ from torch import nn
 
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
+from ..compress.base import centres_b_from_a
 from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
                                      prepare_block, scale_centring, side_vector, sketch_sides,
                                      with_j_centre)
@@ -39,7 +40,9 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
 
     ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
-    over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`). ``conflicts=False`` leaves
+    over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`), unless the codec centres B
+    by a direction from task A's statistics (:func:`~sketchfisher.compress.base.centres_b_from_a`): then B's
+    centre is that direction whatever ``stats_b``. ``conflicts=False`` leaves
     out the conflict test's weights and moments even where the statistics allow them."""
     if layout.param_of(layer, block) not in stats_a.welford:
         return None
@@ -56,14 +59,16 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     if cfg.normalizer == "pooled":  # the Welford merge of the two means, entry by entry (as FisherStats.merge)
         fisher = fisher_a + (get(stats_b, "fisher") - fisher_a) * (stats_b.count / (stats_a.count + stats_b.count))
     vr = codec.variance_reduction
-    b = vr and stats_b is not None
+    from_a = balance_from_a and centres_b_from_a(codec, 1.5)  # B's direction from A's statistics
+    b = vr and stats_b is not None and not from_a
     fisher_balanced = balances_by_fisher(cfg)  # (signed: no Σ|g| needed)
     means = {t: get(s, "mean_grad") if conflicts and s is not None and "sum" in s.quantities else None
              for t, s in (("a", stats_a), ("b", stats_b))}  # the conflict test's
     half = get(stats_a, "mean_grad_half") if means["a"] is not None and "half" in stats_a.quantities else None
     prep = prepare_block(fisher, fisher_a if cfg.normalizer == "loo" else None,
                          get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.i_side]]) if vr else None,
-                         get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if b else None,
+                         get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if b else
+                         get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if vr and from_a else None,
                          get(stats_a, "mean_abs") if vr and not fisher_balanced else None,
                          get(stats_b, "mean_abs") if b and not balance_from_a and not fisher_balanced else None,
                          stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec,
@@ -202,6 +207,9 @@ def centred(blocks: dict, centres: dict) -> dict:
     ``(R y'_j − R ȳ', ‖R ỹ_j‖², cross)``; the cross term ``⟨y'_j, x̄'⟩`` was exact already."""
     out = {}
     for key, (vec, _, cross, *rest) in blocks.items():  # (rest: γ = 0 here, the conflict scalars, exact already)
+        if centres[key] is None:  # centred during the pass already
+            out[key] = blocks[key]
+            continue
         vec = vec - centres[key].to(vec.device, vec.dtype)
         out[key] = (vec, vec.square().sum(-1), cross, *rest)
     return out
@@ -210,22 +218,25 @@ def centred(blocks: dict, centres: dict) -> dict:
 def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Preps, stats_b: FisherStats,
                   keep: tuple[str, ...] = ()) -> dict[tuple[int, str], torch.Tensor]:
     """After the single pass over task B: each block's ``R ȳ' [1, H_b, k]`` (to subtract from B's uncentred
-    sketches). Each preparation gains ``ȳ'`` and ``e`` (and, where task B kept Σg, the conflict weight ``u_a =
+    sketches; None where B was centred during its pass by a direction from task A). Each preparation gains ``ȳ'`` and ``e`` (and, where task B kept Σg, the conflict weight ``u_a =
     ḡ_B/(Î+ε+λ)``) and drops ``w_b`` (not needed again); B's statistics are released parameter by parameter
     (those in ``keep`` to host memory)."""
     keys = [key for key, prep in preps.items() if prep is not None]
     last_use = {layout.param_of(*key): key for key in keys}
     centres = {}
     for key in keys:
-        # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
-        prep = with_j_centre(preps[key], stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
+        prep = preps[key]
+        if prep.y_bar is None:  # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
+            prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
+            centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None])
+        else:  # centred during the pass by a direction from task A (scaled centring): nothing to subtract
+            centres[key] = None
         if "sum" in stats_b.quantities:
             mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.w_a.device)
             u_dtype = torch.bfloat16 if "sum" in compacted_statistics(layout) else prep.w_a.dtype
             u_a = (mean_b * prep.inverse_denominator())[None].to(u_dtype)
             prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(None, mean_b, prep.u_b, u_a, prep.moments))
         preps[key] = dataclass_replace(prep, w_b=None)
-        centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None])
         name = layout.param_of(*key)
         if last_use[name] == key:
             stats_b.offload(name, keep=keep)

@@ -115,6 +115,8 @@ class SideCodec(Codec):
 
         balance = set() if balances_by_fisher(cfg) else {"abs"}  # (signed balances by the Fisher, kept anyway)
         a = balance | {MEAN_OF[cfg.spec.i_side]}
+        if passes == 1.5 and centres_b_from_a(self, passes):  # B's direction is A's mean of B's transform
+            return {"a": a | {MEAN_OF[cfg.spec.j_side]}, "b": set()}
         b = {MEAN_OF[cfg.spec.j_side]} if passes == 1.5 else balance | {MEAN_OF[cfg.spec.j_side]}
         return {"a": a, "b": b}
 
@@ -164,6 +166,15 @@ class SideCodec(Codec):
         """An optional fast path for pass 2 (``None``: the torch path): an object with ``applies(factor)``
         and ``__call__(grad, layer, block, prep) -> (vectors, ‖·‖², cross)``."""
         return None
+
+
+def centres_b_from_a(codec: Any, passes: float) -> bool:
+    """Whether task B's single pass (``passes=1.5``) is centred during the pass, by a direction from task A's
+    statistics (task A's mean of B's side transform, balanced as B's vectors): with scaled centring any
+    direction keeps the scores exact and each sample takes its own multiple of it, so B needs no centre of
+    its own and no centring after its pass. Codecs centred by the means centre B afterwards by its own mean."""
+    return (passes == 1.5 and getattr(codec, "variance_reduction", False)
+            and getattr(codec, "centring", "mean") == "scaled")
 
 
 class SketchSide:
