@@ -23,6 +23,7 @@ from .interference.context import ExactSource, ResultContext, SketchSource
 from .interference.engine import DEFAULT_MAX_BYTES
 from .interference.stored import open_store
 from .layout import Layout, layout_for, units_layout
+from .layout.adapters import base_model
 from .phases import PhaseLog
 from .store import collect_to_store, stored_passes
 
@@ -80,6 +81,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     on or refused; ``False``: off.
     """
     check_batches(task_a=task_a, task_b=task_b)
+    model = base_model(model)  # a PEFT model: its base model, adapters injected (the effective weights)
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
         raise InputError(f"max_bytes bounds the memory of one chunk of scores and must be a positive number of "
                          f"bytes; got {max_bytes!r}")

@@ -1,6 +1,6 @@
 """Memory planner: bytes on disk and peak device memory, before anything runs.
 
-``sf.plan(model_or_config_or_preset, samples=768, tokens=512, k=256, rank=16)`` returns one row per
+``sf.plan(model_or_config_or_preset, samples=768, tokens=512, k=1024, rank=16)`` returns one row per
 codec: bytes on disk (or host memory) of the per-sample representation, and the peak device memory
 of collecting it. Conventions: ``samples`` is the total over both tasks; each sample stores one vector
 per distinct head block (its i-side if in task A, j-side if in task B); Exact stores full fp16
@@ -24,7 +24,7 @@ __all__ = ["GiB", "PRESETS", "TB", "Shape", "format_bytes", "plan", "plan_phases
 
 
 
-def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 256, rank: int = 16, sketch_dtype: str = "fp16",
+def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 1024, rank: int = 16, sketch_dtype: str = "int4",
          batch_size: int = 4, model_bytes_per_param: int = 2, stats_bytes: int = 4, devices: int = 1,
          codecs: Any = ()) -> pd.DataFrame:
     """Disk bytes and peak device bytes (busiest device, over the phases of :func:`plan_phases`) per codec.

@@ -51,12 +51,12 @@ def _codec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", default="sketch", choices=list(codecs),
                    help="what the store keeps per sample and head block: " + "; ".join(
                        f"{name}{' (default)' if name == 'sketch' else ''}: {summary}" for name, summary in codecs.items()))
-    p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block (default: 256)")
+    p.add_argument("--k", type=POSITIVE, default=1024, help="sketch width per head block (default: 1024)")
     p.add_argument("--kind", default="sjlt", choices=list(KINDS),
                    help="random map: sparse JL (sjlt, default), dense Gaussian, or subsampled Hadamard (srht)")
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random maps (default: 0)")
-    p.add_argument("--sketch-dtype", default="fp16", choices=list(DTYPES),
-                   help="storage precision of the sketches (default: fp16)")
+    p.add_argument("--sketch-dtype", default="int4", choices=list(DTYPES),
+                   help="storage precision of the sketches (default: int4, dithered)")
     p.add_argument("--no-variance-reduction", action="store_true",
                    help="plain sketches, without balancing and centering (less accurate at equal bytes)")
 
@@ -152,10 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a local HF config directory instead of a preset")
     p.add_argument("--samples", type=POSITIVE, default=768, help="samples over both tasks")
     p.add_argument("--tokens", type=POSITIVE, default=512, help="tokens per sample")
-    p.add_argument("--k", type=POSITIVE, default=256, help="sketch width per head block")
+    p.add_argument("--k", type=POSITIVE, default=1024, help="sketch width per head block (default: 1024)")
     p.add_argument("--rank", type=POSITIVE, default=16, help="rank of truncated factors")
-    p.add_argument("--sketch-dtype", default="fp16", choices=list(SKETCH_DTYPES),
-                   help="storage precision of the sketches (default: fp16)")
+    p.add_argument("--sketch-dtype", default="int4", choices=list(SKETCH_DTYPES),
+                   help="storage precision of the sketches (default: int4, dithered)")
     p.add_argument("--batch-size", type=POSITIVE, default=4, help="samples per batch (default: 4)")
     p.add_argument("--devices", type=POSITIVE, default=1, help="devices the layers are spread over (default: 1)")
     p.add_argument("--stats-dtype", default="float32", choices=["float32", "float64"],

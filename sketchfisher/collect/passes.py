@@ -21,6 +21,7 @@ from ..capture.oracle import LossFn, batch_size_of
 from ..errors import CaptureUnsupported, GradientError, InputError
 from ..fisher import FisherStats
 from ..layout import Layout
+from ..layout.adapters import trains
 from ..progress import progress
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,11 @@ def trainable_weights(model: nn.Module, layout: Layout, modules: str = "attentio
     else:
         raise InputError(f"modules must be 'attention' or 'all', got {modules!r}")
     named = dict(model.named_parameters())
-    frozen = [n for n in names if not named[n].requires_grad]
+    trained = {n: trains(model, n, named[n]) for n in names}  # (an adapted weight trains through its adapter)
+    frozen = [n for n in names if not trained[n]]
     if frozen:
         logger.info("not collecting %d frozen parameters (their scores are NaN): %s", len(frozen), frozen[:3])
-    names = [n for n in names if named[n].requires_grad]
+    names = [n for n in names if trained[n]]
     if not names:
         raise InputError("every weight to collect is frozen (requires_grad=False); nothing to score")
     return names

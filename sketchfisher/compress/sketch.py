@@ -43,10 +43,10 @@ class Sketch(SideCodec):
     before it is sketched and the centre's part is added back exactly: ``centring="scaled"`` takes away each
     sample's best multiple of the centre (one more stored number per vector), ``"mean"`` the centre itself."""
 
-    k: int = 256
+    k: int = 1024
     kind: str = "sjlt"
     seed: int = 0
-    dtype: str = "fp16"
+    dtype: str = "int4"
     variance_reduction: bool = True
     s: int = 1
     centring: str = "scaled"

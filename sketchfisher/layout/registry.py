@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from ..errors import LayoutError
+from .adapters import base_model, weight_name
 from .core import BLOCKS, HeadBlock, HeadKey, Layout
 from .spec import AttentionSpec, Dims, MLPSpec, Stacks
 
@@ -105,7 +106,7 @@ def build_layout(model: nn.Module, spec: AttentionSpec, dims: Dims, model_type: 
         base = prefix + spec.layer.format(layer=layer) + "."
         resolved = {}
         for module, (out_f, in_f) in expected.items():
-            pname = base + module + ".weight"
+            pname = weight_name(params, base + module)
             if pname not in params:
                 near = [n for n in params if n.endswith(module + ".weight")][:3]
                 raise LayoutError(
@@ -148,6 +149,7 @@ def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Opt
     """
     from . import archs  # noqa: F401  (registers the built-in architectures)
 
+    model = base_model(model)  # (a PEFT model: the base model, adapters injected)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or type(model).__name__
     if spec is None:
@@ -160,7 +162,8 @@ def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Opt
         if isinstance(spec, tuple):
             names = {n for n, _ in model.named_parameters()}
             prefix = _base_prefix(model)
-            spec = next((s for s in spec if f"{prefix}{s.layer.format(layer=0)}.{s.o}.weight" in names), spec[0])
+            spec = next((s for s in spec if weight_name(names, f"{prefix}{s.layer.format(layer=0)}.{s.o}") in names),
+                        spec[0])
         elif not isinstance(spec, (AttentionSpec, Stacks)):
             spec = spec(config)
     if isinstance(spec, Stacks):
@@ -205,6 +208,7 @@ def mlp_layout_for(model: nn.Module, group_size: Optional[int] = None, spec: Opt
     GATE and UP and the same columns of DOWN."""
     from . import archs  # noqa: F401  (registers the built-in architectures)
 
+    model = base_model(model)  # (a PEFT model: the base model, adapters injected)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or type(model).__name__
     if spec is None:
@@ -223,7 +227,7 @@ def mlp_layout_for(model: nn.Module, group_size: Optional[int] = None, spec: Opt
     conv = spec.weight_format == "conv1d"
 
     def weight(layer: int, module: str) -> tuple[str, tuple[int, int]]:
-        pname = f"{prefix}{spec.layer.format(layer=layer)}.{module}.weight"
+        pname = weight_name(params, f"{prefix}{spec.layer.format(layer=layer)}.{module}")
         if pname not in params:
             near = [n for n in params if n.endswith(module + ".weight")][:3]
             raise LayoutError(f"{model_type} MLP layout: parameter {pname!r} not found (parameters ending like it: "
@@ -357,6 +361,7 @@ def units_layout(model: nn.Module, units: str | tuple[str, ...] = "heads", group
     groups of ``group_size``), ``"linear"`` (output-channel groups of every other linear layer, one family
     per module pattern: :func:`linear_layouts`), or several (a tuple; ``"all"`` = heads and MLP) as one
     :meth:`Layout.union`. ``layout`` replaces the resolved head layout (a declared one)."""
+    model = base_model(model)
     wanted = ("heads", "mlp") if units == "all" else (units,) if isinstance(units, str) else tuple(units)
     unknown = [u for u in wanted if u not in UNIT_FAMILIES]
     if unknown or not wanted or len(set(wanted)) != len(wanted):

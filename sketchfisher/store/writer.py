@@ -44,6 +44,7 @@ from ..errors import InputError
 from ..fisher import FisherStats
 from ..fisher.host import host_copy
 from ..layout import Layout
+from ..layout.adapters import base_model
 from ..metric import ScoreConfig
 from ..phases import PhaseLog
 from .files import StoreError, StoreLock, Writes, atomic_write_json, read_metadata, remove_stale_temps
@@ -214,6 +215,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     existing store keeps its own).
     """
     codec = check_codec(codec)
+    model = base_model(model)  # a PEFT model: its base model, adapters injected (the effective weights)
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise InputError(f"max_bytes bounds the store's size on disk and must be a positive number of bytes (or "
                          f"None); got {max_bytes!r}")

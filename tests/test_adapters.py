@@ -1,0 +1,65 @@
+"""LoRA (PEFT) models: the analysis of their effective weights, W + s·B·A, is the analysis of the merged model's
+adapted weights; weights without an adapter are frozen, as in the fine-tune."""
+
+import copy
+
+import pytest
+import torch
+
+import sketchfisher as sf
+from tiny_models import generic_loss, make_batches, make_model
+
+peft = pytest.importorskip("peft")
+
+
+def lora(arch: str, targets: list[str], seed: int = 0):
+    """A tiny model with LoRA adapters on ``targets``, their B matrices non-zero (a trained adapter)."""
+    model = make_model(arch)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return wrapped
+
+
+def merged_copy(wrapped, targets: list[str]):
+    """The merged model (W + s·B·A in place of each adapted weight), trainable exactly where the adapters are."""
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    for name, p in merged.named_parameters():
+        p.requires_grad_(any(f".{t}." in f".{name}" for t in targets) and name.endswith(".weight"))
+    return merged
+
+
+@pytest.mark.parametrize("arch,targets", [("llama_gqa", ["q_proj", "v_proj"]),
+                                          ("llama_gqa", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                                          ("gpt2", ["c_attn"])])
+@pytest.mark.parametrize("codec", [sf.Factors(), sf.Sketch(k=16, seed=3, dtype="fp32")])
+def test_lora_model_scores_are_the_merged_models(arch, targets, codec):
+    wrapped = lora(arch, targets)
+    ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
+    got = sf.analyze(wrapped, generic_loss, ta, tb, codec=codec)
+    want = sf.analyze(merged_copy(wrapped, targets), generic_loss, ta, tb, codec=codec)
+    assert torch.equal(torch.isnan(got.scores), torch.isnan(want.scores))  # frozen, unadapted blocks: NaN in both
+    assert bool(torch.isfinite(got.scores).any())
+    scale = float(want.scores.nan_to_num().abs().max())
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
+    if targets == ["q_proj", "v_proj"]:  # K and O have no adapter: frozen in the fine-tune, not collected
+        blocks = list(got.layout.block_names)
+        assert bool(torch.isnan(got.scores[..., blocks.index("K")]).all())
+        assert bool(torch.isfinite(got.scores[..., blocks.index("Q")]).all())
+
+
+def test_lora_model_layout_names_the_base_weights_and_leaves_the_model_as_it_was():
+    wrapped = lora("llama_gqa", ["q_proj", "v_proj"])
+    layout = sf.layout_for(wrapped)
+    assert layout.param_of(0, "Q").endswith("q_proj.base_layer.weight")
+    assert layout.param_of(0, "K").endswith("k_proj.weight")
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in wrapped.named_parameters()}
+    ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
+    res = sf.analyze(wrapped, generic_loss, ta, tb, codec=sf.Factors())
+    assert res.head_conflicts()["T"].notna().any()
+    for n, p in wrapped.named_parameters():
+        assert p.requires_grad == before[n][0] and torch.equal(p.detach(), before[n][1]), n
+        assert p.grad is None or not p.requires_grad
