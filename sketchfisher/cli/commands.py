@@ -115,6 +115,18 @@ def _collect(args: argparse.Namespace) -> int:
 
 def _print_store(store, loss_why: str | None = None) -> None:
     """What a store holds, as a short table, and the commands to run next."""
+    rows = _store_rows(store, loss_why)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    print(f"next: sketchfisher conflicts {store.path}   # which blocks do A and B fight over?\n"
+          f"      sketchfisher report {store.path}      # the same as one interactive page\n"
+          f"      sketchfisher interfere {store.path}   # top sample pairs, head means, heatmap\n"
+          f"      (--json prints this summary as JSON)")
+
+
+def _store_rows(store, loss_why: str | None = None) -> list[tuple[str, str]]:
+    """What a store holds: ``(name, value)`` rows (model, loss, tasks, units, codec, passes)."""
     from ..collect.memory import format_bytes
 
     m, summary = store.manifest, store.summary()
@@ -134,12 +146,7 @@ def _print_store(store, loss_why: str | None = None) -> None:
     rows.append(("codec", f"{store.codec.describe()}, {format_bytes(per)} per sample, {format_bytes(summary['sketch_bytes'])} "
                           f"of sketches; {store.cfg.variant} score, normaliser {store.cfg.normalizer}"))
     rows.append(("passes", "1.5 (task B once)" if store.passes == 1.5 else "2 per task"))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
-    print(f"next: sketchfisher conflicts {store.path}   # which blocks do A and B fight over?\n"
-          f"      sketchfisher interfere {store.path}   # top sample pairs, head means, heatmap\n"
-          f"      (--json prints this summary as JSON)")
+    return rows
 
 
 def _file_prefix(family: str) -> str:
@@ -266,6 +273,22 @@ def _conflicts(args: argparse.Namespace) -> int:
                                 title=f"{names[0]} (A, n={res.n_a}) vs {names[1]} (B, n={res.n_b}): blue = training "
                                       "on A raises B's loss")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+
+    store = sf.open_store(args.store)
+    if not args.no_verify:
+        store.verify()
+    tasks = store.manifest.get("inputs", {})
+    names = [Path(tasks[f"task_{t}"]["path"]).stem if f"task_{t}" in tasks else t.upper() for t in ("a", "b")]
+    out = Path(args.out) if args.out else Path(args.store) / "report.html"
+    res = store.result()
+    res.report(out, texts_a=_task_texts(store, "a"), texts_b=_task_texts(store, "b"), top=args.top, level=args.q,
+               title=f"{names[0]} (A) vs {names[1]} (B): where do they conflict?", summary=dict(_store_rows(store)))
+    print(f"wrote {out} (one file, works offline: open it in a browser)")
     return 0
 
 

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from .._version import __version__
-from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, _verify
+from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, _report, _verify
 
 
 def _units(text: str):
@@ -218,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip reading every file of the store against its digest first (the table itself reads few)")
     p.add_argument("--out", default=None, help="output folder (default: conflicts/ inside the store)")
     p.set_defaults(func=_conflicts)
+
+    p = sub.add_parser("report", help="one interactive HTML page of a store: the conflict map of every unit family, "
+                       "hover for the numbers, click a cell for its strongest sample pairs (works offline)")
+    p.add_argument("store", help="a store directory written by collect")
+    p.add_argument("-o", "--out", default=None, help="the HTML file to write (default: report.html inside the store)")
+    p.add_argument("--top", type=POSITIVE, default=10, help="sample pairs listed per cell (default: 10)")
+    p.add_argument("--q", type=_fraction("--q"), default=0.05,
+                   help="false discovery rate at which a block is flagged (default: 0.05; below 1)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reading every file of the store against its digest first")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("inspect", help="summary of a store, after reading every file and checking its digest")
     p.add_argument("store", help="a store directory written by collect")

@@ -272,6 +272,15 @@ class InterferenceResult:
 
         return permutation_test(self.layout, result_grads(self), self.cfg, n_permutations, seed)
 
+    def report(self, path, **options) -> "Path":
+        """Write this result's interactive HTML report (one file, works offline): the conflict map of every unit
+        family, hover for T, alignment and q, click a cell for its strongest pairs. ``options``: ``texts_a``,
+        ``texts_b`` (the samples' texts), ``title``, ``summary``, ``top``, ``level``
+        (:func:`sketchfisher.report.write_report`). Needs plotly (``pip install 'sketchfisher[report]'``)."""
+        from ..report import write_report
+
+        return write_report(self, path, **options)
+
     def head_conflicts(self, level: float = 0.05, confidence: float = 0.95) -> pd.DataFrame:
         """Do tasks A and B pull each unit block's weights in opposite directions? Per distinct unit block:
         ``T = Σ_S ḡ_A ḡ_B / (Î + ε + λ)`` (the mean ``signed`` score over pairs; minus the first-order change
