@@ -4,5 +4,14 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh" "dev,hf,plots"
 cd "$root"
+# the report's browser test drives Debian's headless chromium (a browser download of its own fails offline)
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+      || echo "note: chromium could not be installed; the report's browser test will be skipped" >&2
+  else
+    echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver); the browser test is skipped" >&2
+  fi
+fi
 export SKETCHFISHER_PROGRESS=0
 exec python -m pytest -q -m "not gpu" "$@"

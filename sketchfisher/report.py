@@ -60,7 +60,7 @@ def top_pairs_per_cell(res: Any, k: int = 10) -> dict[tuple[int, int, int], list
 
 def conflict_figure(table: Any, title: str = ""):
     """The conflict map of one unit family as a plotly figure: per block, layers × units coloured by alignment
-    (diverging, centred at 0, limits ±1), hover with T ± stderr, alignment [interval] and q, an ``x`` on
+    (diverging, centred at 0, limits ±1; blue: the tasks pull apart), hover with T ± stderr, alignment [interval] and q, an ``x`` on
     every flagged conflict. ``table`` is :meth:`~sketchfisher.InterferenceResult.head_conflicts`' table."""
     go, make_subplots = _plotly()
     geometry = table.attrs.get("geometry")
@@ -92,12 +92,13 @@ def conflict_figure(table: Any, title: str = ""):
                     flagged_x.append(u)
                     flagged_y.append(r["layer"])
         fig.add_trace(go.Heatmap(z=z, text=text, customdata=data, hovertemplate="%{text}<extra></extra>",
-                                 colorscale="RdBu", zmid=0, zmin=-1, zmax=1, showscale=col == len(blocks),
+                                 colorscale="RdBu_r", zmid=0, zmin=-1, zmax=1, showscale=col == len(blocks),
                                  colorbar=dict(title="alignment"), name=block, xgap=1, ygap=1), row=1, col=col)
         fig.add_trace(go.Scatter(x=flagged_x, y=flagged_y, mode="markers", hoverinfo="skip", showlegend=False,
                                  marker=dict(symbol="x", size=7, color="black")), row=1, col=col)
-        fig.update_xaxes(title_text=unit, row=1, col=col)
-    fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
+        fig.update_xaxes(title_text=unit, dtick=max(1, units // 16), row=1, col=col)
+    fig.update_yaxes(autorange="reversed", dtick=max(1, layers // 16))
+    fig.update_yaxes(title_text="layer", row=1, col=1)
     level = table.attrs.get("level", 0.05)
     fig.update_layout(title=(title + "<br>" if title else "") + f"<sub>alignment of the two tasks' mean updates "
                       f"(blue: they pull apart); x: conflict at q ≤ {level:g}; click a cell for its pairs</sub>",
@@ -108,9 +109,9 @@ def conflict_figure(table: Any, title: str = ""):
 _CLICK = """
 (function() {
   var gd = document.getElementById('{plot_id}');
-  var pairs = JSON.parse(document.getElementById('pairs-%(family)s').textContent);
-  var out = document.getElementById('cell-%(family)s');
   gd.on('plotly_click', function(ev) {
+    var pairs = JSON.parse(document.getElementById('pairs-%(family)s').textContent);
+    var out = document.getElementById('cell-%(family)s');
     var p = ev.points[0];
     if (!p.customdata) { return; }
     var key = p.customdata.join('|');
@@ -176,8 +177,8 @@ def write_report(res: Any, path: str | Path, *, texts_a: Optional[Sequence[str]]
         first = False
         flagged = table[table["conflict"]].head(20)
         listing = "".join(f"<li>{html.escape(_describe(r, unit))}</li>" for r in flagged.to_dict("records"))
-        body.append(f"<h2>{html.escape(family)}</h2>{figure}"
-                    f"<script type='application/json' id='pairs-{family}'>{safe}</script>"
+        body.append(f"<h2>{html.escape(family)}</h2>"
+                    f"<script type='application/json' id='pairs-{family}'>{safe}</script>{figure}"
                     f"<div id='cell-{family}'><p>Click a cell to list its strongest pairs.</p></div>"
                     f"<h3>Flagged blocks (strongest first)</h3><ul>{listing or '<li>none</li>'}</ul>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sketchfisher report</title>"
