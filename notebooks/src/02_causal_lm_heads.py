@@ -128,12 +128,11 @@ sf.run_sanity_checks(model, tiny_gqa.answer_loss, task_a[:1], task_b[:1], layer=
 # %% [markdown]
 # ## Reading
 #
-# * This model's head blocks are tiny (512 entries) and its contributions are concentrated in a few
-#   entries, so even the default estimator (dithered int4 with scaled centring, here at k = 256, half a
-#   block, as the library's default k = 1024 does not fit) is noisy on single pairs: a low Spearman
-#   over all scores and a large median relative error on the many near-zero scores (the scatter's
-#   symmetric-log axes show them; linear axes would hide them in a corner). Its error bars stay calibrated.
-#   The averaged heatmaps and the top of the ranking survive, and `verify_top` turns the sketched
+# * This model's head blocks are tiny (512 entries), so the default estimator (dithered int4 with scaled
+#   centring) runs here at k = 256, half a block, as the library's default k = 1024 does not fit. It
+#   ranks the scores well (Spearman 0.999, top-50 recall 0.94), but its median relative error (0.064) comes
+#   from the many near-zero scores, which the scatter's symmetric-log axes show (linear axes would hide
+#   them in a corner). Its error bars stay calibrated (0.95), and `verify_top` turns the sketched
 #   candidates into the exact top conflicts. On real models (notebook 01) head blocks are far larger.
 # * For "do copy and reverse fight over a block?", read the conflict table (the one-sided test of T < 0
 #   with BH q-values). The permutation test above answers only "do the two tasks' gradients differ?",
