@@ -180,9 +180,11 @@ def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path)
     w = model.get_parameter(layout.params[0]).detach().float()
     assert torch.equal(staging.copy(w), w.cpu()) and torch.equal(staging.copy(w.bfloat16()), w.bfloat16().cpu())
     staging.close()
-    blocks = {(0, "Q"): (torch.randn(3, 4, 8, device="cuda"), torch.rand(3, 4, device="cuda"), torch.randn(3, 4, device="cuda"))}
+    blocks = {(0, "Q"): (torch.randn(3, 4, 8, device="cuda"), torch.rand(3, 4, device="cuda"), torch.randn(3, 4, device="cuda"),
+                         torch.randn(3, 4, device="cuda"))}  # (sketches, ‖ṽ‖², cross, γ)
     shard = ShardParts.of(blocks, sf.Sketch(k=8, dtype="int8")).tensors()  # asynchronous copy, then waited for
     assert shard["0.Q.norm2"].device.type == "cpu" and torch.equal(shard["0.Q.norm2"], blocks[(0, "Q")][1].double().cpu())
+    assert torch.equal(shard["0.Q.gamma"], blocks[(0, "Q")][3].float().cpu())
     mem = sf.analyze(model, generic_loss, ta, tb, codec=codec)
     stored = sf.analyze(model, generic_loss, ta, tb, codec=codec, store=tmp_path / "s")
     # the store's reader forms the centre products from the saved statistics on the host: rounding only
