@@ -24,7 +24,7 @@ RANK = {
     "collect": 4,
     "store": 5,
     "interference": 6,
-    "pipeline": 7, "planner": 7, "evaluation": 7, "tasks": 7, "plots": 7,
+    "pipeline": 7, "planner": 7, "evaluation": 7, "tasks": 7, "plots": 7, "report": 7,
     "demo": 8,
     "__init__": 9,
     "cli": 10,

@@ -276,8 +276,8 @@ class InterferenceResult:
         """Write this result's interactive HTML report (one file, works offline): the conflict map of every unit
         family, hover for T, alignment and q, click a cell for its strongest pairs. ``options``: ``texts_a``,
         ``texts_b`` (the samples' texts), ``title``, ``summary``, ``top``, ``level``
-        (:func:`sketchfisher.report.write_report`). Needs plotly (``pip install 'sketchfisher[report]'``)."""
-        from ..report import write_report
+        (:func:`sketchfisher.interference.report.write_report`). Needs plotly (``pip install 'sketchfisher[report]'``)."""
+        from .report import write_report
 
         return write_report(self, path, **options)
 
