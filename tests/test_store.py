@@ -1,5 +1,6 @@
 """Stores: round trip, resume after SIGKILL, mismatches, corrupt and hostile files, planner, CLI."""
 
+import importlib.util
 import json
 import os
 import pickle
@@ -498,6 +499,10 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["samples"] == {"a": 5, "b": 4}
     assert main(["inspect", str(tmp_path / "store")]) == 0
     assert "every file read and checked" in capsys.readouterr().out
+    if importlib.util.find_spec("plotly") is not None:  # the interactive report, with the task files' texts
+        assert main(["report", str(tmp_path / "store"), "-o", str(tmp_path / "report.html"), "--top", "3"]) == 0
+        page = (tmp_path / "report.html").read_text()
+        assert "id='pairs-heads'" in page and "what is 0 plus 1?" in page and "def f3(x): return x * 3" in page
     assert main(["interfere", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--top", "7"]) == 0
     assert {"top_conflicts.csv", "head_means.csv", "block_summary.csv", "heatmap.png"} <= \
         {p.name for p in (tmp_path / "out").iterdir()}
@@ -510,8 +515,6 @@ def test_cli_end_to_end(tiny_bert_dir, tmp_path, capsys):
                      "--scores-format", fmt]) == 0
         table = pd.read_parquet(tmp_path / fmt / name) if fmt == "parquet" else pd.read_csv(tmp_path / fmt / name)
         assert len(table) == 5 * 4 * 2 * 4 * 4 and {"score", "stderr", "sample_i"} <= set(table.columns)
-    import importlib.util
-
     real = importlib.util.find_spec
     importlib.util.find_spec = lambda name, *a: None if name == "pyarrow" else real(name, *a)
     try:  # without pyarrow: one line saying what to install, before any work
