@@ -2,14 +2,16 @@
 
 Builds a store of a random Llama-shaped model (bf16 on a GPU, fp32 on the CPU; ``Sketch(k=256)``, fp32
 statistics), then runs each reader in its own child process: ``open`` (``sf.open_store`` and ``.result()``),
-``top`` (open and ``top_conflicts(20)``), ``means`` (open and ``head_means()``) and ``summary`` (open and
-``block_summary()``). Peak RSS is the child's high-water mark (``VmHWM``); "beyond" subtracts the peak after the
+``top`` (open and ``top_conflicts(20)``), ``means`` (open and ``head_means()``), ``summary`` (open and
+``block_summary()``) and, for a store collected with ``--conflicts``, ``conflicts`` (``head_conflicts()``). Peak RSS is the child's high-water mark (``VmHWM``); "beyond" subtracts the peak after the
 imports and the size of the store's statistics files. ``--compare DIR`` runs the same children against
 another checkout's package (``DIR/sketchfisher``), e.g. the code before a change, in the same run.
 
     python benchmarks/store_open.py --shape cpu-2048 --device cpu               # 2048 hidden, 8 layers
     python benchmarks/store_open.py --shape llama-7b --device cuda --samples 16 --tokens 64
     python benchmarks/store_open.py --shape tiny --device cpu                    # the test suite's smoke run
+    python benchmarks/store_open.py --shape tiny --samples 10000 --tokens 16 --batch 100 --k 64 --conflicts \
+        --readers open,top,means,summary,conflicts                               # many samples, bounded memory
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ elif what == "means":
     res.head_means()
 elif what == "summary":
     res.block_summary()
+elif what == "conflicts":
+    res.head_conflicts()
 print(json.dumps({"open_s": opened, "total_s": time.perf_counter() - start, "base_rss": base,
                   "peak_rss": hwm(),
                   "package": sf.__file__}))
@@ -72,7 +76,8 @@ def build_store(args, path: Path) -> None:
     import sketchfisher as sf
     from sketchfisher.store import collect_to_store
 
-    extra = {"conflicts": False} if "conflicts" in inspect.signature(collect_to_store).parameters else {}
+    extra = ({"conflicts": args.conflicts} if "conflicts" in inspect.signature(collect_to_store).parameters
+             else {})
 
     hidden, heads, inter, vocab, layers = SHAPES[args.shape]
     config = hf.LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
@@ -121,7 +126,8 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="build the store here and keep it (read it again with --store)")
     p.add_argument("--compare", action="append", default=[], help="another checkout to run the same children with")
     p.add_argument("--build-with", default=None, help="build the store with another checkout's package")
-    p.add_argument("--readers", default="open,top,means,summary")
+    p.add_argument("--readers", default="open,top,means,summary", help="also: conflicts (needs --conflicts)")
+    p.add_argument("--conflicts", action="store_true", help="collect the conflict test's scalars too")
     p.add_argument("--compare-readers", default="open,top", help="readers run with the --compare checkouts")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

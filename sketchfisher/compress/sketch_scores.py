@@ -36,7 +36,7 @@ class BlockPrep:
     u_a: Optional[torch.Tensor] = None  # [1, H_b, S]: ḡ_B·W; task A's conflict scalars are g_i · u_a
     u_b: Optional[torch.Tensor] = None  # [2, H_b, S]: ḡ_A·W and task A's half mean ·W (B's scalars g_j · u_b)
     moments: Optional[dict] = None  # fp64 [H_b]: "ab" = ḡ_A·W·ḡ_B (T), "aa" = ḡ_A·W·ḡ_A, "bb" = ḡ_B·W·ḡ_B
-    sketched_centres: dict = field(default_factory=dict, repr=False, compare=False)  # scale_centring's cache
+    sketched_centres: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # R c, ‖c‖² cache
 
     def u(self, side: Side) -> Optional[torch.Tensor]:
         """The other task's mean gradient over the denominator: a sample's conflict scalar is ``g · u``."""
