@@ -63,3 +63,30 @@ def test_lora_model_layout_names_the_base_weights_and_leaves_the_model_as_it_was
     for n, p in wrapped.named_parameters():
         assert p.requires_grad == before[n][0] and torch.equal(p.detach(), before[n][1]), n
         assert p.grad is None or not p.requires_grad
+
+
+@pytest.mark.parametrize("arch,targets", [("llama_gqa", ["q_proj", "v_proj", "o_proj"]), ("gpt2", ["c_attn", "c_proj"])])
+def test_adapter_parameters_per_head_equal_autograd(arch, targets):
+    """adapters="parameters": Q/K/V heads are rows of lora_B, O heads columns of lora_A. The hooks' scores equal
+    those from autograd's per-sample gradients of the LoRA matrices; projections without an adapter stay NaN."""
+    wrapped = lora(arch, targets)
+    layout = sf.layout_for(wrapped, adapters="parameters")
+    q, o = layout.head_blocks(0, "Q")[0], layout.head_blocks(0, "O")[0]
+    assert ".lora_B." in q.param_name and q.storage_axis == 0 and q.param_shape[1] == 2  # [out, r]
+    assert ".lora_A." in o.param_name and o.storage_axis == 1 and o.param_shape[0] == 2  # [r, in]
+    ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
+    got = sf.analyze(wrapped, generic_loss, ta, tb, codec=sf.Factors(), layout=layout)
+    want = sf.analyze(wrapped, generic_loss, ta, tb, codec=sf.Exact(), layout=layout)
+    scale = float(want.scores.nan_to_num().abs().max())
+    assert scale > 0
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-6 * scale, equal_nan=True)
+    if arch == "llama_gqa":  # no adapter on k_proj: its blocks keep the frozen base weight
+        assert bool(torch.isnan(got.scores[..., list(got.layout.block_names).index("K")]).all())
+    assert got.head_conflicts()["T"].notna().any()
+
+
+def test_adapter_parameters_need_an_adapter():
+    with pytest.raises(sf.LayoutError, match="adapters must be one of"):
+        sf.layout_for(make_model("llama_gqa"), adapters="lora")
+    with pytest.raises(sf.LayoutError, match="needs a model with LoRA adapters"):
+        sf.layout_for(make_model("llama_gqa"), adapters="parameters")

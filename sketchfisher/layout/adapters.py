@@ -14,9 +14,12 @@ their own flag (frozen in a LoRA fine-tune: not collected, NaN in every table, a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 from torch import nn
+
+from ..errors import LayoutError
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -48,4 +51,45 @@ def trains(model: nn.Module, weight: str, param: nn.Parameter) -> bool:
     return bool(param.requires_grad) or adapter_trains(model, weight)
 
 
-__all__ = ["adapter_trains", "base_model", "trains", "weight_name"]
+ADAPTER_MODES = ("effective", "parameters")
+
+
+def adapter_parameters_layout(model: nn.Module, layout) -> object:
+    """``layout`` (of the effective weights) moved onto the LoRA matrices themselves, head by head where their
+    shape allows: a Q/K/V head owns rows of the output side, so its block is those rows of ``lora_B`` (``[out,
+    r]``); an O head owns columns of the input side, so its block is those columns of ``lora_A`` (``[r, in]``).
+    ``lora_A`` of Q/K/V and ``lora_B`` of O mix all heads through the rank and are not head blocks. A block whose
+    projection has no adapter keeps its base weight (frozen: not collected, NaN). One active LoRA adapter per
+    layer; anything else is refused with the reason."""
+    blocks = {}
+    params: list[str] = []
+    found = 0
+    for key, hbs in layout.blocks.items():
+        moved = []
+        for hb in hbs:
+            stem = hb.module_name
+            wrapper = stem[: -len(".base_layer")] if stem.endswith(".base_layer") else None
+            if wrapper is None:
+                moved.append(hb)
+                continue
+            module = model.get_submodule(wrapper)
+            side = "lora_B" if hb.role == "out" else "lora_A"
+            adapters = getattr(module, side, None)
+            active = [a for a in getattr(module, "active_adapters", []) if adapters is not None and a in adapters]
+            if len(active) != 1 or not isinstance(adapters[active[0]], nn.Linear):
+                raise LayoutError(f"{wrapper}: adapter-parameter scores need one active LoRA adapter whose {side} is a "
+                                  f"linear map; found {type(module).__name__} with active adapters "
+                                  f"{list(getattr(module, 'active_adapters', []))} (use adapters='effective')")
+            weight = adapters[active[0]].weight
+            name = f"{wrapper}.{side}.{active[0]}.weight"
+            moved.append(dataclasses.replace(hb, param_name=name, param_shape=tuple(weight.shape), transposed=False))
+            found += 1
+        blocks[key] = tuple(moved)
+        params += [name for name in dict.fromkeys(hb.param_name for hb in moved) if name not in params]
+    if not found:
+        raise LayoutError("adapters='parameters' needs a model with LoRA adapters on its attention projections; "
+                          "this one has none")
+    return dataclasses.replace(layout, blocks=blocks, params=tuple(params))
+
+
+__all__ = ["ADAPTER_MODES", "adapter_parameters_layout", "adapter_trains", "base_model", "trains", "weight_name"]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from ..errors import LayoutError
-from .adapters import base_model, weight_name
+from .adapters import ADAPTER_MODES, adapter_parameters_layout, base_model, weight_name
 from .core import BLOCKS, HeadBlock, HeadKey, Layout
 from .spec import AttentionSpec, Dims, MLPSpec, Stacks
 
@@ -140,13 +140,24 @@ def build_layout(model: nn.Module, spec: AttentionSpec, dims: Dims, model_type: 
     return Layout(model_type=model_type, dims=dims, blocks=blocks, params=tuple(names))
 
 
-def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Optional[Dims] = None) -> Layout:
+def layout_for(model: nn.Module, spec: Optional[AttentionSpec] = None, dims: Optional[Dims] = None,
+               adapters: str = "effective") -> Layout:
     """The validated QK-OV layout of ``model``.
 
     Dispatches on ``model.config.model_type`` unless ``spec`` is given; head counts come from
     ``model.config`` unless ``dims`` is given. Raises :class:`LayoutError` for an unknown type or
-    weights that do not match the declared geometry.
+    weights that do not match the declared geometry. For a LoRA (PEFT) model, ``adapters="effective"``
+    (the default) lays out the effective weights ``W + s·B·A``; ``"parameters"`` the LoRA matrices
+    themselves, per head where their shape allows (:func:`~sketchfisher.layout.adapters.adapter_parameters_layout`;
+    pass it to ``sf.analyze(..., layout=...)``).
     """
+    if adapters not in ADAPTER_MODES:
+        raise LayoutError(f"adapters must be one of {ADAPTER_MODES}, got {adapters!r}")
+    layout = _layout_for(model, spec, dims)
+    return layout if adapters == "effective" else adapter_parameters_layout(base_model(model), layout)
+
+
+def _layout_for(model: nn.Module, spec: Optional[AttentionSpec], dims: Optional[Dims]) -> Layout:
     from . import archs  # noqa: F401  (registers the built-in architectures)
 
     model = base_model(model)  # (a PEFT model: the base model, adapters injected)
