@@ -20,8 +20,17 @@ def main(path: str) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = make_model("gpt2", seed=5).to(device)
+    if distributed and os.environ.get("SF_FSDP") in ("1", "uneven"):  # FSDP2: every block and the root sharded
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for block in model.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     to = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
-    ta, tb = to(make_batches(9, 2, seed=1)), to(make_batches(7, 3, seed=2))
+    sizes = ((8, 2), (6, 3)) if os.environ.get("SF_FSDP") == "1" else ((9, 2), (7, 3))  # FSDP: as many batches per rank
+    ta, tb = to(make_batches(*sizes[0], seed=1)), to(make_batches(*sizes[1], seed=2))
     stats_dtype = getattr(torch, os.environ["SF_STATS_DTYPE"]) if "SF_STATS_DTYPE" in os.environ else None
     collect_to_store(path, model, generic_loss, ta, tb, sf.layout_for(model), sf.Sketch(k=16, kind="sjlt", seed=2),
                      sf.ScoreConfig(), checkpoint_every=2, stats_dtype=stats_dtype)

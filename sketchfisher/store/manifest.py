@@ -114,8 +114,13 @@ def model_fingerprint(model: nn.Module, layout: Layout) -> dict[str, str]:
     if isinstance(cached, str):
         weights_hex = cached
     else:
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            digests = list(pool.map(lambda item: _param_digest(item[1]), hashed))
+        if any(hasattr(p, "full_tensor") for _, p in hashed):
+            # sharded parameters (FSDP2 DTensors): each gathered whole in turn, in the same order on every rank
+            # (a collective), hashed and freed, so the digest is the unsharded model's whatever the sharding
+            digests = [_param_digest(p.full_tensor() if hasattr(p, "full_tensor") else p) for _, p in hashed]
+        else:
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                digests = list(pool.map(lambda item: _param_digest(item[1]), hashed))
         weights = hashlib.sha256()
         for (name, _), d in zip(hashed, digests):
             weights.update(name.encode() + b"\0" + d)

@@ -106,8 +106,9 @@ class StoreSink(Sink):
     shard, in the background; batches whose shard exists (or that belong to another rank) skipped."""
 
     def __init__(self, root: Path, ranks: Ranks, store_id: str, codec: SideCodec, checkpoint_every: int | None,
-                 staging: Any, space: Callable[[int], None]):
+                 staging: Any, space: Callable[[int], None], lockstep: bool = False):
         self.root, self.ranks, self.store_id, self.codec = root, ranks, store_id, codec
+        self.lockstep = lockstep  # a sharded model: every rank runs every one of its batches (collectives)
         self.checkpoint_every, self.staging, self.space = checkpoint_every, staging, space
         self.keep = ()  # every statistic is on disk (or on its way there): device copies are freed as consumed
         self.counters: dict[str, Counter] = {}
@@ -140,6 +141,8 @@ class StoreSink(Sink):
                 path.unlink()
                 continue
             done.add(path.name)
+        if self.lockstep:  # a sharded model's passes are collectives: every rank runs all of its batches again
+            return lambda i: not self.ranks.mine(i)
         return lambda i: shard_name(i) in done or not self.ranks.mine(i)
 
     def reduce(self, job: Job):
@@ -187,6 +190,26 @@ def stored_passes(path: str | Path) -> float | None:
     """The pass order recorded by the store at ``path``; None when there is no store there yet."""
     manifest = Path(path) / "manifest.json"
     return passes_of(read_manifest(manifest)) if manifest.exists() else None
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are sharded over the ranks (FSDP2 ``fully_shard``: DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def check_lockstep(model: nn.Module, tasks: dict, ranks: Ranks) -> None:
+    """A sharded model gathers its weights in every forward and backward, a collective: every rank must run
+    the same number of batches. Batch ``i`` goes to rank ``i % world``, so each task's batch count must be a
+    multiple of the world size; refused before any work otherwise (it would hang)."""
+    if ranks.world == 1 or not sharded(model):
+        return
+    for task, batches in tasks.items():
+        n = len(batches) if hasattr(batches, "__len__") else None
+        if n is None or n % ranks.world:
+            raise InputError(f"task {task.upper()}: a model sharded over {ranks.world} ranks (FSDP) runs each batch "
+                             f"on all ranks at once, so every rank needs the same number of batches; "
+                             f"{'an uncounted iterable' if n is None else f'{n} batches'} do not split evenly: "
+                             f"give a multiple of {ranks.world} batches (a list or a DataLoader with drop_last)")
 
 
 def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any],
@@ -243,6 +266,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     plan = pass_plan(codec, cfg, stored_passes(root) if passes is None else passes, means=layout.beyond_heads,
                      conflicts=conflicts is not False)
     tasks = dict(zip(TASKS, (task_a, task_b)))
+    check_lockstep(model, tasks, ranks)
     log = log if log is not None else PhaseLog.for_devices([p.device for p in model.parameters()])
     stats_dtype = stats_dtype or default_stats_dtype(model)
     on_disk = {t for t in TASKS if final_path(root, t).exists()}
@@ -275,7 +299,8 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     # is made ready while pass 1 runs
     dtypes = [d for t in TASKS if t not in on_disk for d in statistics_dtypes(plan.statistics[t], layout, stats_dtype)]
     sink = StoreSink(root, ranks, store_id, codec, checkpoint_every,
-                     host_staging(model, layout, dtypes if ranks.rank == 0 else []), space)
+                     host_staging(model, layout, dtypes if ranks.rank == 0 else []), space,
+                     lockstep=ranks.world > 1 and sharded(model))
     try:
         state = execute(plan, job, sink)
     finally:
