@@ -16,6 +16,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
+    "block_coverage.py": ["--samples", "4", "--seeds", "2"],
     "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16", "--centring",
                               "mean,scaled", "--passes", "2,1.5"],
     "conflict_calibration.py": ["--samples", "8", "--draws", "2", "--collections", "1", "--plain"],
