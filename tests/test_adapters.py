@@ -90,3 +90,34 @@ def test_adapter_parameters_need_an_adapter():
         sf.layout_for(make_model("llama_gqa"), adapters="lora")
     with pytest.raises(sf.LayoutError, match="needs a model with LoRA adapters"):
         sf.layout_for(make_model("llama_gqa"), adapters="parameters")
+
+
+def test_cli_collects_verifies_and_reports_a_lora_adapter(tiny_bert_dir, tmp_path, capsys):
+    """`collect --adapter DIR` analyses the effective weights of the base model with the saved LoRA adapter on
+    it; `verify` reads the adapter from the store's record and checks the model (adapter included) is the one."""
+    import transformers as hf
+
+    from sketchfisher.cli import main
+
+    base = hf.AutoModel.from_pretrained(tiny_bert_dir)
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "a.txt").write_text("\n".join(f"what is {i} plus {i + 1}?" for i in range(4)))
+    (tmp_path / "b.txt").write_text("\n".join(f"def f{i}(x): return x * {i}" for i in range(4)))
+    common = ["--model", str(tiny_bert_dir), "--adapter", str(tmp_path / "adapter"), "--task-a",
+              str(tmp_path / "a.txt"), "--task-b", str(tmp_path / "b.txt"), "--batch-size", "2"]
+    assert main(["collect", *common, "--out", str(tmp_path / "store"), "--k", "16", "--quiet"]) == 0
+    store = sf.open_store(tmp_path / "store")
+    assert store.manifest["inputs"]["adapter"] == str((tmp_path / "adapter").resolve())
+    res = store.result()
+    blocks = list(res.layout.block_names)
+    assert bool(torch.isnan(res.scores[..., blocks.index("K")]).all())  # no adapter on key: frozen
+    assert bool(torch.isfinite(res.scores[..., blocks.index("Q")]).all())
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "store"), "--top", "3", "--budget", "10"]) == 0
+    with pytest.raises(sf.StoreMismatchError, match="model"):  # the base model alone is another model
+        store.check(hf.AutoModel.from_pretrained(tiny_bert_dir))

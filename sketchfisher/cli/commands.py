@@ -81,6 +81,10 @@ def _collect(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out} is a file; give a directory for the store")
     samples = preflight(args, loss, codec, args.units, cfg, _passes(args))  # every cheap check before the weights load
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args), args.tokenizer)
+    if args.adapter:
+        from ..tasks import load_adapter
+
+        model = load_adapter(model, args.adapter)
     check_max_length(model, args.max_length)
     device = input_device(model)
     tasks = [to_device(task_batches(texts, tok, loss, args.batch_size, args.max_length), device) for texts in samples]
@@ -93,6 +97,7 @@ def _collect(args: argparse.Namespace) -> int:
                             inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
                                     "dtype": args.dtype,
                                     "text_field": args.text_field, "model": str(Path(args.model).resolve()),
+                                    **({"adapter": str(Path(args.adapter).resolve())} if args.adapter else {}),
                                     **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
                                        for s, p in (("a", args.task_a), ("b", args.task_b))}},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype),

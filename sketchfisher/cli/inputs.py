@@ -42,10 +42,12 @@ def _recompute_inputs(args: argparse.Namespace, store):
     recorded = store.manifest.get("inputs", {})
     if args.dtype is None:  # the precision the store was collected in (float32 for stores that record none)
         args.dtype = recorded.get("dtype", "float32")
-    for flag in ("model", "task_a", "task_b", "text_field", "batch_size", "max_length"):
+    for flag in ("model", "adapter", "task_a", "task_b", "text_field", "batch_size", "max_length"):
         if getattr(args, flag) is None:
             value = recorded.get(flag)
             value = value.get("path") if isinstance(value, dict) else value
+            if value is None and flag == "adapter":
+                continue  # (collected without one)
             if value is None:
                 defaults = {"text_field": "text", "batch_size": 8, "max_length": 128}
                 if flag not in defaults:
@@ -62,6 +64,10 @@ def _recompute_inputs(args: argparse.Namespace, store):
     loss = _loss(args, store)
     samples = preflight(args, loss)
     model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args), args.tokenizer)
+    if args.adapter:
+        from ..tasks import load_adapter
+
+        model = load_adapter(model, args.adapter)
     store.check(model)
     check_max_length(model, args.max_length)
     tasks = [to_device(task_batches(texts, tok, loss, args.batch_size, args.max_length), input_device(model))

@@ -102,6 +102,9 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
     later = " (default: the one the store was collected with)" if from_store else ""
     p.add_argument("--model", required=not from_store, help="local HF model directory (config, weights, tokenizer)"
                    + later)
+    p.add_argument("--adapter", default=None,
+                   help="a local PEFT (LoRA) adapter directory to put on the model: the analysis is of its effective "
+                        "weights, over the projections its adapters train (needs peft)" + later)
     p.add_argument("--tokenizer", default=None,
                    help="local tokenizer directory, when the model directory has none (default: the model's)")
     p.add_argument("--task-a", required=not from_store,

@@ -17,6 +17,7 @@ from ..collect import factor_pass, trainable_weights
 from ..compress import FactorContributions
 from ..errors import InputError
 from ..layout import Layout
+from ..layout.adapters import base_model
 from ..metric import x_side, y_side
 
 
@@ -45,6 +46,7 @@ def _sources(result: Any, cands: pd.DataFrame, model: Optional[nn.Module], loss_
     if model is None or loss_fn is None or task_a is None or task_b is None:
         raise InputError("this result holds no exact representation; pass model=, loss_fn=, task_a= and task_b= "
                          "(the same batches, in the same order) so the candidates' gradients can be recomputed")
+    model = base_model(model)  # (a PEFT model: its base model, adapters injected, as collected)
     rep_a, pos_a = factor_subset(model, loss_fn, task_a, result.layout, set(cands["sample_i"].tolist()))
     rep_b, pos_b = factor_subset(model, loss_fn, task_b, result.layout, set(cands["sample_j"].tolist()))
     return rep_a, pos_a, rep_b, pos_b

@@ -16,6 +16,7 @@ from ..compress import Codec, SideCodec, codec_from_dict, decode_side
 from ..errors import InputError
 from ..fisher import FisherStats
 from ..layout import Layout, units_layout
+from ..layout.adapters import base_model
 from ..metric import ScoreConfig
 from .files import StoreError, check_inside, load_named, load_tensors, read_metadata
 from .integrity import check_digest, check_header, index_entry
@@ -176,6 +177,7 @@ class StoreReader:
     def check(self, model: Any = None, codec: Optional[Codec] = None, cfg: Optional[ScoreConfig] = None) -> None:
         """Raise :class:`StoreMismatchError` if the store was written with another model/codec/settings."""
         if model is not None:
+            model = base_model(model)  # (a PEFT model: collected as its base model, adapters injected)
             wanted = build_manifest(model, units_layout(model, *self.layout.unit_settings()), codec or self.codec,
                                     cfg or self.cfg, self.manifest.get("inputs"), passes_of(self.manifest),
                                     conflicts_of(self.manifest))

@@ -16,9 +16,9 @@ from .batches import (clm_batches, clm_loss, from_texts, loss_for, make_batches,
                       task_batches, to_device)
 from .files import RECORD_SUFFIXES, TASK_SUFFIXES, TEXT_SUFFIXES, Sample, file_sha256, read_task
 from .models import (LOSSES, MODEL_DTYPES, TOKENIZER_FILES, check_device, check_max_length, check_model_dir,
-                     infer_loss, input_device, load_hf)
+                     infer_loss, input_device, load_adapter, load_hf)
 
 __all__ = ["LOSSES", "MODEL_DTYPES", "RECORD_SUFFIXES", "Sample", "TASK_SUFFIXES", "TEXT_SUFFIXES", "TOKENIZER_FILES",
            "check_device", "check_max_length", "check_model_dir", "clm_batches", "clm_loss", "file_sha256",
-           "from_texts", "infer_loss", "input_device", "load_hf", "loss_for", "make_batches", "masked_token_loss",
+           "from_texts", "infer_loss", "input_device", "load_adapter", "load_hf", "loss_for", "make_batches", "masked_token_loss",
            "model_inputs", "read_task", "task_batches", "to_device"]

@@ -131,3 +131,18 @@ def check_max_length(model: Any, max_length: int) -> None:
     if limit is not None and max_length > limit:
         raise InputError(f"--max-length {max_length} is beyond the {limit} positions {type(model).__name__} has "
                          f"embeddings for; use --max-length {limit} or less")
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """``model`` with the PEFT (LoRA) adapter saved in the local folder ``adapter_dir`` put on it (no network),
+    its adapter parameters trainable: what a fine-tune trained, so what the analysis collects."""
+    from ..errors import InputError
+
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise InputError("--adapter needs peft: pip install 'sketchfisher[peft]'") from None
+    return PeftModel.from_pretrained(model, str(path), is_trainable=True)
