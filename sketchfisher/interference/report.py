@@ -35,27 +35,28 @@ def _plotly():
 def top_pairs_per_cell(res: Any, k: int = 10) -> dict[tuple[int, int, int], list[tuple[int, int, float, float]]]:
     """For every distinct unit block ``(layer, block position, first unit)``, its ``k`` strongest pairs by the
     variant's conflict sign: ``[(i, j, score, stderr)]``, strongest first (one streaming pass over the scores)."""
-    best: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    best: dict[tuple[int, int, int], torch.Tensor] = {}  # cell -> rows (i, j, score, stderr), strongest first
     variant = res.cfg.spec
     for layer, b, lo, hi, s, se in res._chunks(expand=False):
         first = res._first_heads(b)
         key = variant.conflict_key(s.double()).nan_to_num(nan=-float("inf"))  # [rows, nB, H_b]
         rows, n_b, heads = key.shape
         flat = key.permute(2, 0, 1).reshape(heads, rows * n_b)
-        top = torch.topk(flat, min(k, flat.shape[1]), dim=1)
+        top = torch.topk(flat, min(k, flat.shape[1]), dim=1)  # [heads, k] per head, in one call
+        vals_all = s.permute(2, 0, 1).reshape(heads, -1).gather(1, top.indices).double().cpu()
+        errs_all = (torch.zeros_like(vals_all) if se is None
+                    else se.permute(2, 0, 1).reshape(heads, -1).gather(1, top.indices).double().cpu())
         for h in range(heads):
             idx = top.indices[h]
             i, j = (idx // n_b + lo).cpu(), (idx % n_b).cpu()
-            vals = s.permute(2, 0, 1).reshape(heads, -1)[h, idx].double().cpu()
-            errs = torch.zeros_like(vals) if se is None else se.permute(2, 0, 1).reshape(heads, -1)[h, idx].double().cpu()
+            vals, errs = vals_all[h], errs_all[h]
             cand = torch.stack([i.double(), j.double(), vals, errs], 1)[torch.isfinite(top.values[h]).cpu()]
             cell = (layer, b, first[h])
             if cell in best:
-                cand = torch.cat([best[cell][0], cand])
-            order = torch.argsort(variant.conflict_key(cand[:, 2]), descending=True, stable=True)[:k]
-            best[cell] = (cand[order], None)
+                cand = torch.cat([best[cell], cand])
+            best[cell] = cand[torch.argsort(variant.conflict_key(cand[:, 2]), descending=True, stable=True)[:k]]
     return {cell: [(int(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in rows.tolist()]
-            for cell, (rows, _) in best.items()}
+            for cell, rows in best.items()}
 
 
 def conflict_figure(table: Any, title: str = ""):
