@@ -73,6 +73,11 @@ def test_report_in_a_headless_browser_hover_and_click(report, tmp_path):
     try:
         driver.get(path.as_uri())
         driver.implicitly_wait(10)
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        wait = WebDriverWait(driver, 30)  # a loaded machine: wait for the plot, never for a fixed time
+        wait.until(lambda d: d.execute_script("var gd = document.getElementById('map-heads');"
+                                              "return !!(gd && gd._fullLayout && gd._fullLayout.xaxis)"))
         gd = "document.getElementById('map-heads')"
         assert driver.execute_script(f"return {gd}.data.length") == 2 * len(res.layout.block_names)
         assert driver.execute_script(f"return {gd}.querySelectorAll('.hm, canvas, .heatmaplayer').length") > 0
@@ -91,6 +96,8 @@ def test_report_in_a_headless_browser_hover_and_click(report, tmp_path):
 
         element = driver.find_element("id", "map-heads")
         ActionChains(driver).move_to_element_with_offset(element, int(x - w / 2), int(y - h / 2)).pause(0.3).click().perform()
+        wait.until(lambda d: "strongest pairs" in d.find_element("id", "cell-heads").text
+                   and "Click a cell" not in d.find_element("id", "cell-heads").text)
         shown = driver.find_element("id", "cell-heads").text
         from sketchfisher.report import top_pairs_per_cell
 
