@@ -179,3 +179,24 @@ def test_a_run_that_would_not_fit_is_refused_with_numbers_and_alternatives():
     assert "e+" not in text  # human units, no scientific notation
     with pytest.raises(sf.InputError, match="spread over 2 devices"):
         refuse_over_budget("llama-13b", 80 * 2**30, stats_dtype=torch.float32, **kw)
+
+
+def test_half_precision_models_keep_their_factors_in_their_own_dtype():
+    """A bf16 model's captured factors stay bf16 (half the bytes of a batch in flight) and give the same
+    per-sample gradients as the same factors in fp32; an fp32 model's stay fp32."""
+    from sketchfisher.capture.hooks import FactorCapture
+
+    model = make_model("llama_gqa")
+    batch = make_batches(3, 1, seed=4)[0]
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj"))][:2]
+    for dtype in (torch.bfloat16, torch.float32):
+        m = model.to(dtype)
+        with FactorCapture(m, names) as cap:
+            bf = cap.run(generic_loss, batch)
+        for name in names:
+            assert bf.A[name].dtype == dtype and bf.D[name].dtype == dtype
+            g = bf.grad(name)
+            assert g.dtype == torch.float32
+            a, d = bf.A[name].float(), bf.D[name].float()
+            left, right = (a, d) if bf.transposed[name] else (d, a)
+            torch.testing.assert_close(g, torch.bmm(left.transpose(1, 2), right), rtol=0, atol=0)

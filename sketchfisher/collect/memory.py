@@ -8,9 +8,11 @@ the batch, and the number of devices the layers are spread over. Its terms:
 
 * weights: parameters × bytes per parameter (bf16: 2), split over the devices;
 * statistics: kept quantities × attention parameters × 4 (fp32) or 8 (fp64) bytes;
-* preparations (pass 2 of sketches): 4 fp32 tensors of the attention size (2 without variance
-  reduction); the statistics have then been released;
-* capture: fp32 factors of every hooked projection, B·T·Σ(in + out)·4 bytes per layer;
+* preparations (pass 2 of sketches): task A's weight w_a in fp32 and, with variance reduction, the
+  balance w_b and the two centres, in bf16 where the statistics are fp32 (else fp32); task B's single pass
+  holds no w_a (it is built again after the pass); the statistics have then been released;
+* capture: the factors of every hooked projection, B·T·Σ(in + out) numbers per layer, in the model's dtype
+  where it is bf16/fp16 (2 bytes) and in fp32 otherwise;
 * activations kept for the backward pass: B·T·(26·hidden + 11·intermediate) bytes per layer for a
   bf16 model with PyTorch's fused attention, plus B·T·vocabulary·10 bytes for the logits and their
   fp32 loss (fitted on Llama-7B and Llama-3-8B shapes on an H200; docs/benchmarks.md compares the
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from ..compress import Codec, SideCodec, Sketch, check_codec
+from ..compress.base import centres_b_from_a
 from ..errors import InputError
 from ..layout.registry import _default_group, mlp_spec_for
 from ..metric import ScoreConfig
@@ -177,8 +180,10 @@ class _Terms:
     rep: float        # a one-pass codec's representations, per task
     sketches: float   # a side codec's stored side vectors, per task
     raw: float        # a single pass's uncentred fp32 side vectors, per task
-    prep_tensor: float  # one model-sized fp32 preparation tensor
+    prep_tensor: float  # one model-sized fp32 preparation tensor (w_a)
+    side_tensor: float  # one model-sized balance or centre (bf16 with fp32 statistics)
     variance_reduction: bool
+    centre_b_from_a: bool  # task B's single pass is centred by a direction from task A (scaled centring)
     conflict_tensor: float = 0.0  # one model-sized bf16 conflict weight (u), where the conflict test is collected
 
     @classmethod
@@ -189,7 +194,7 @@ class _Terms:
         per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
         tokens_b = batch_size * tokens
         in_out = s.attn_in_out_per_layer * ("heads" in families) + s.mlp_matrices * (s.hidden + s.intermediate) * mlp
-        capture = per_layer(tokens_b * s.num_layers * in_out * 4)
+        capture = per_layer(tokens_b * s.num_layers * in_out * (2 if model_bytes_per_param == 2 else 4))
         acts = per_layer(tokens_b * s.num_layers * (ACT_PER_HIDDEN * s.hidden + ACT_PER_INTERMEDIATE * s.intermediate))
         acts += tokens_b * s.vocab * LOGIT_BYTES
         grad = 2 * batch_size * max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden * 4
@@ -206,16 +211,25 @@ class _Terms:
         return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,
                    stats={t: per_layer(len(q) * attn * stats_bytes) for t, q in plan.statistics.items()},
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
+                   side_tensor=per_layer(attn * (2 if stats_bytes == 4 else 4)),
                    variance_reduction=bool(codec.variance_reduction),
+                   centre_b_from_a=centres_b_from_a(codec, plan.passes),
                    conflict_tensor=per_layer(attn * (4 if mlp else 2)) if "half" in plan.statistics["a"] else 0.0)
 
     def preparations(self, centre_b: bool) -> float:
-        """w_a, and with variance reduction w_b (or, once B's centre is known in a single-pass order, ȳ'
-        in its place), x̄' and ȳ'; with the conflict test task B's two weights (ḡ_A·W and A's half mean ·W)
-        and, once B's mean is known, task A's (ḡ_B·W), in bf16."""
-        vr = self.variance_reduction
-        return (self.prep_tensor * (1 + (3 if vr else 0) - (1 if vr and not centre_b else 0))
-                + self.conflict_tensor * (2 + centre_b))
+        """Both tasks' centres known (two passes per task): w_a, and with variance reduction w_b, x̄' and ȳ'.
+        Before task B's single pass: w_b, x̄' (and ȳ' where B is centred by a direction from task A), no w_a.
+        With the conflict test task B's two weights (ḡ_A·W and A's half mean ·W) and, once B's mean is
+        known, task A's (ḡ_B·W), in bf16."""
+        if not self.variance_reduction:
+            return self.prep_tensor + self.conflict_tensor * (2 + centre_b)
+        if centre_b:
+            return self.prep_tensor + 3 * self.side_tensor + self.conflict_tensor * 3
+        return (2 + self.centre_b_from_a) * self.side_tensor + self.conflict_tensor * 2
+
+    def after_centring(self) -> float:
+        """Once task B's single pass is centred: w_a back, w_b gone; x̄', ȳ' and the three conflict weights."""
+        return self.prep_tensor + 2 * self.side_tensor + self.conflict_tensor * 3
 
     def simulate(self, plan: PassPlan) -> list[tuple[str, float]]:
         """``(step name, peak)`` of every step, then ``("scoring", peak)``, walking what each step leaves held."""
@@ -242,11 +256,11 @@ class _Terms:
                 held[f"sketches {t}"] = self.sketches
                 extra = self.running
             rows.append((step.name, self.weights + sum(held.values()) + extra))
-            if step.kind == "centre":  # ȳ' replaces w_b; task A's conflict weight is added
+            if step.kind == "centre":  # w_a back, w_b gone, ȳ' known; task A's conflict weight is added
                 held.pop(f"raw {t}")
                 held.pop(f"stats {t}")
                 held[f"sketches {t}"] = self.sketches
-                held["preps"] += self.conflict_tensor
+                held["preps"] = self.after_centring()
         kept = sum(v for k, v in held.items() if k.startswith(("rep", "sketches")))
         rows.append(("scoring", self.weights + kept + self.grad))
         return rows

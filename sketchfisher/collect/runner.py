@@ -93,6 +93,11 @@ class Sink:
     def statistics_final(self, task: str, stats: FisherStats) -> None:
         """A task's statistics are final (compacted)."""
 
+    def a_fisher(self, state: "State") -> Optional[FisherStats]:
+        """Task A's statistics holding its Fisher once the preparation consumed them (the single pass over task
+        B runs without ``w_a``, built again from it afterwards)."""
+        return state.stats.get("a")
+
     def sides(self, task: str, index: int, size: int, blocks: dict) -> None:
         """A batch's centred side vectors ``{(layer, block): (vectors, ‖·‖², cross)}``."""
         raise NotImplementedError
@@ -177,7 +182,8 @@ def _fold_sketch(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State)
 
 
 def _centre(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
-    centres = centre_j_side(job.layout, job.codec, job.cfg, state.preps, state.stats[step.task], sink.keep)
+    centres = centre_j_side(job.layout, job.codec, job.cfg, state.preps, state.stats[step.task], sink.keep,
+                            stats_a=sink.a_fisher(state))
     sink.centred(step.task, state.raw.pop(step.task), centres)
 
 

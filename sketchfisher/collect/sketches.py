@@ -21,7 +21,7 @@ from ..capture.oracle import LossFn
 from ..compress import SideCodec
 from ..compress.base import centres_b_from_a
 from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
-                                     prepare_block, scale_centring, side_vector, sketch_sides,
+                                     prepare_block, rebuild_a_weight, scale_centring, side_vector, sketch_sides,
                                      with_j_centre)
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
@@ -35,15 +35,16 @@ Preps = dict[tuple[int, str], Optional[BlockPrep]]
 
 
 def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: Optional[FisherStats],
-            cfg: ScoreConfig, codec: SideCodec, balance_from_a: bool = False, conflicts: bool = True
-            ) -> Optional[BlockPrep]:
+            cfg: ScoreConfig, codec: SideCodec, balance_from_a: bool = False, conflicts: bool = True,
+            compact_sides: bool = True) -> Optional[BlockPrep]:
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
 
     ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
     over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`), unless the codec centres B
     by a direction from task A's statistics (:func:`~sketchfisher.compress.base.centres_b_from_a`): then B's
     centre is that direction whatever ``stats_b``. ``conflicts=False`` leaves
-    out the conflict test's weights and moments even where the statistics allow them."""
+    out the conflict test's weights and moments even where the statistics allow them. ``compact_sides``: the
+    balance and centres in :func:`side_dtype` (stores of format 8 and before kept them in ``cfg.dtype``)."""
     if layout.param_of(layer, block) not in stats_a.welford:
         return None
     gathered: dict = {}  # one gather per (task, statistic): variants reuse the Fisher or Σ|g| as a centre
@@ -73,7 +74,8 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
                          get(stats_b, "mean_abs") if b and not balance_from_a and not fisher_balanced else None,
                          stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec,
                          mean_g_a=means["a"], mean_g_b=means["b"], half_a=half,
-                         u_dtype=torch.bfloat16 if "sum" in compacted_statistics(layout) else None)
+                         u_dtype=torch.bfloat16 if "sum" in compacted_statistics(layout) else None,
+                         side_dtype=side_dtype(stats_a.dtype) if compact_sides else None)
     if half is not None:  # how many samples the half mean averages
         prep.moments["n_even"] = torch.tensor(float(stats_a.half_counts[layout.param_of(layer, block)]), dtype=torch.float64)
     return prep
@@ -83,7 +85,8 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: Optional[FisherSt
                 codec: SideCodec, offload: bool = False, keep: tuple[str, ...] = ("fisher",),
                 staging: Optional[HostStaging] = None, balance_from_a: bool = False) -> Preps:
     """:func:`prepare` for every (layer, block), layer by layer (``stats_b=None``: from task A alone, for
-    the single pass over task B; ``balance_from_a``: as it, with task B's centre).
+    the single pass over task B, which does not read ``w_a``: it is left out, and :func:`centre_j_side`
+    builds it again from task A's Fisher; ``balance_from_a``: as it, with task B's centre).
 
     With ``offload=True`` each parameter's statistics are released as soon as all of its blocks are
     prepared: those in ``keep`` (by default the Fisher, needed later to re-score candidates exactly)
@@ -96,7 +99,9 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: Optional[FisherSt
     copy = staging.copy if staging is not None else host_copy
     tasks = [stats for stats in (stats_a, stats_b) if stats is not None]
     for key in keys:
-        preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec, balance_from_a)
+        prep = preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec, balance_from_a)
+        if prep is not None and stats_b is None and prep.w_b is not None:  # B's single pass next: no w_a
+            prep.w_a = None
         name = layout.param_of(*key)
         if offload and last_use[name] == key:
             for stats in tasks:
@@ -116,6 +121,13 @@ def host_staging(model: nn.Module, layout: Layout, dtypes: Iterable[torch.dtype]
     if not dtypes or not any(w.is_cuda for w in weights):
         return None
     return HostStaging.for_tensors(weights, dtypes)
+
+
+def side_dtype(stats_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype a run keeps its preparations' balance and centres in: bf16 where the statistics are fp32 (the
+    GPU setting, where they are model-sized tensors that pass 2 holds on the device), else None (the score
+    dtype). The scores stay exact either way (:func:`~sketchfisher.compress.sketch_scores.prepare_block`)."""
+    return torch.bfloat16 if stats_dtype == torch.float32 else None
 
 
 def compacted_statistics(layout: Layout) -> tuple[str, ...]:
@@ -153,7 +165,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
             hbs = layout.head_blocks(layer, block)
             module = hbs[0].module_name
             prep = preps[(layer, block)]
-            if prep.w_a.device != bf.A[module].device:  # statistics read from disk, or another card's
+            if prep.device != bf.A[module].device:  # statistics read from disk, or another card's
                 prep = preps[(layer, block)] = prep.to(bf.A[module].device)
             if fused is not None and fused.applies(bf.A[module]):
                 if last[0] != module:
@@ -216,23 +228,29 @@ def centred(blocks: dict, centres: dict) -> dict:
 
 
 def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Preps, stats_b: FisherStats,
-                  keep: tuple[str, ...] = ()) -> dict[tuple[int, str], torch.Tensor]:
+                  keep: tuple[str, ...] = (), stats_a: Optional[FisherStats] = None
+                  ) -> dict[tuple[int, str], torch.Tensor]:
     """After the single pass over task B: each block's ``R ȳ' [1, H_b, k]`` (to subtract from B's uncentred
     sketches; None where B was centred during its pass by a direction from task A). Each preparation gains ``ȳ'`` and ``e`` (and, where task B kept Σg, the conflict weight ``u_a =
-    ḡ_B/(Î+ε+λ)``) and drops ``w_b`` (not needed again); B's statistics are released parameter by parameter
-    (those in ``keep`` to host memory)."""
+    ḡ_B/(Î+ε+λ)``) and drops ``w_b`` (not needed again), and gets back ``w_a`` from task A's Fisher in ``stats_a``
+    where B's pass ran without it; B's statistics are released parameter by parameter (those in ``keep`` to host
+    memory)."""
     keys = [key for key, prep in preps.items() if prep is not None]
     last_use = {layout.param_of(*key): key for key in keys}
     centres = {}
     for key in keys:
         prep = preps[key]
+        if prep.w_a is None:
+            if stats_a is None or "fisher" not in stats_a.quantities:
+                raise InputError("task A's Fisher is needed to finish the preparations after task B's pass")
+            prep = rebuild_a_weight(prep, stats_a.block(layout, *key, "fisher"), cfg)
         if prep.y_bar is None:  # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
             prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
-            centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None])
+            centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None].to(cfg.dtype))
         else:  # centred during the pass by a direction from task A (scaled centring): nothing to subtract
             centres[key] = None
         if "sum" in stats_b.quantities:
-            mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.w_a.device)
+            mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
             u_dtype = torch.bfloat16 if "sum" in compacted_statistics(layout) else prep.w_a.dtype
             u_a = (mean_b * prep.inverse_denominator())[None].to(u_dtype)
             prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(None, mean_b, prep.u_b, u_a, prep.moments))
@@ -255,4 +273,4 @@ def mean_moments(preps: Preps) -> dict[tuple[int, str], dict]:
 
 
 __all__ = ["Preps", "centre_j_side", "centre_products", "centred", "mean_moments", "check_reiterable", "compacted_statistics",
-           "host_staging", "pass_b", "prepare", "prepare_all", "sketch_batches", "statistics_dtypes"]
+           "host_staging", "pass_b", "prepare", "prepare_all", "side_dtype", "sketch_batches", "statistics_dtypes"]

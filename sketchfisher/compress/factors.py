@@ -71,7 +71,8 @@ class FactorContributions:
 
     def append(self, A: dict[str, torch.Tensor], D: dict[str, torch.Tensor], lengths: torch.Tensor) -> None:
         """Add a batch: ``A[m] [B, T, in]``, ``D[m] [B, T, out]``; real tokens are kept, padding dropped."""
-        pairs = {m: (A[m], D[m]) if self.rank is None else truncate(A[m], D[m], self.rank) for m in A}
+        pairs = {m: (A[m].float(), D[m].float()) for m in A}  # (a half-precision model's factors, exact in fp32)
+        pairs = {m: p if self.rank is None else truncate(*p, self.rank) for m, p in pairs.items()}
         keeps = {m: (a.abs().sum(-1) > 0) & (d.abs().sum(-1) > 0) for m, (a, d) in pairs.items()}  # rows that count
         # one device sync for the whole batch (every module's row mask to the host at once); then each sample
         # keeps a view of its leading rows (right padding, a last token without loss) or, rarely, gathers

@@ -27,7 +27,7 @@ class BlockPrep:
     ``x̄'`` and ``ȳ'``. Without variance reduction ``w_b``, ``x̄'`` and ``ȳ'`` are None (1, 0, 0).
     Leave-one-out keeps ``(Î_A, ε + λ, balance)`` to form each sample's own denominator."""
 
-    w_a: torch.Tensor                 # balance / (Î + ε + λ)
+    w_a: Optional[torch.Tensor]       # balance / (Î + ε + λ) (None during task B's single pass)
     w_b: Optional[torch.Tensor]       # 1 / balance
     x_bar: Optional[torch.Tensor]     # balanced i-side centre
     y_bar: Optional[torch.Tensor]     # balanced j-side centre
@@ -56,6 +56,10 @@ class BlockPrep:
         """Per-entry factor of the transformed gradient (None: 1)."""
         return self.w_a if side == "a" else self.w_b
 
+    @property
+    def device(self) -> torch.device:
+        return (self.w_a if self.w_a is not None else self.w_b).device
+
     def to(self, device: torch.device) -> "BlockPrep":
         """The same preparation on ``device`` (the statistics may live elsewhere than a layer's gradients)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -72,7 +76,7 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
                   mean_j_b: Optional[torch.Tensor], abs_a: Optional[torch.Tensor], abs_b: Optional[torch.Tensor],
                   n_a: int, n_b: int, cfg: ScoreConfig, codec: Sketch, mean_g_a: Optional[torch.Tensor] = None,
                   mean_g_b: Optional[torch.Tensor] = None, half_a: Optional[torch.Tensor] = None,
-                  u_dtype: Optional[torch.dtype] = None) -> BlockPrep:
+                  u_dtype: Optional[torch.dtype] = None, side_dtype: Optional[torch.dtype] = None) -> BlockPrep:
     """Pass-2 quantities of one (layer, block) from plain ``[H_b, S]`` statistics.
 
     ``fisher`` is the normaliser Î (A, or A ∪ B), ``fisher_a`` task A's (leave-one-out only);
@@ -86,6 +90,11 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     ``u_a = ḡ_B/(Î+ε+λ)`` (:mod:`sketchfisher.interference.conflicts`), with ``half_a`` (task A's mean over
     half its samples) beside ``u_b``; they are kept in ``u_dtype`` (default ``cfg.dtype``). Built in
     ``cfg.dtype``.
+
+    ``side_dtype`` (e.g. bf16; None: ``cfg.dtype``) keeps the balance ``w_b`` and both centres in fewer bytes:
+    any positive balance and any centre leave the scores exact as long as every use reads the same rounded
+    values, and ``w_a`` is then ``1 / ((Î + ε + λ) · w_b)`` (:func:`a_weight`), so that the product of the two
+    weights is the denominator to ``cfg.dtype``'s precision whatever ``w_b``'s rounding.
     """
     dt = cfg.dtype
     lam = shift(fisher, cfg)
@@ -100,12 +109,31 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
         return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg),
                          u["a"], u["b"], moments)
     balance = fisher_balance(denom) if balances_by_fisher(cfg) else abs_balance(abs_a, abs_b, n_a, n_b)
-    w_a, w_b = (balance / denom).to(dt), balance.reciprocal().to(dt)
-    x_bar = (mean_i_a / denom).mul_(balance).to(dt)
+    if side_dtype is None or side_dtype == dt:
+        w_a, w_b = (balance / denom).to(dt), balance.reciprocal().to(dt)
+        x_bar = (mean_i_a / denom).mul_(balance).to(dt)
+    else:  # the balance and the centres rounded; w_a from the rounded balance (the denominator stays exact)
+        w_b = balance.reciprocal().to(side_dtype)
+        balance = w_b.to(denom.dtype).reciprocal()
+        w_a = a_weight(denom, w_b, dt)
+        x_bar = (mean_i_a / denom).mul_(balance).to(side_dtype)
     loo = _loo(fisher_a, lam, balance, cfg)
     del balance, denom
     prep = BlockPrep(w_a, w_b, x_bar, None, zeros, loo, u["a"], u["b"], moments)
     return prep if mean_j_b is None else with_j_centre(prep, mean_j_b)
+
+
+def a_weight(denom: torch.Tensor, w_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Task A's side weight ``w_a = 1 / ((Î + ε + λ) · w_b)`` for a balance ``w_b`` kept in fewer bytes: the product
+    ``w_a · w_b`` is the denominator to ``dtype``'s precision. Computed the same way when the preparation is
+    built and when ``w_a`` is rebuilt after task B's single pass (which does not need it)."""
+    return (denom * w_b.to(denom.dtype)).reciprocal().to(dtype)
+
+
+def rebuild_a_weight(prep: BlockPrep, fisher: torch.Tensor, cfg: ScoreConfig) -> BlockPrep:
+    """``prep`` with ``w_a`` again (:func:`a_weight`), from task A's Fisher (normaliser ``"a"``) and ``w_b``."""
+    fisher = fisher.to(prep.w_b.device)
+    return replace(prep, w_a=a_weight(fisher + shift(fisher, cfg), prep.w_b, cfg.dtype))
 
 
 def balances_by_fisher(cfg: ScoreConfig) -> bool:

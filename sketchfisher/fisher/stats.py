@@ -198,6 +198,18 @@ class FisherStats:
             acc.update({name: copy(t) for name, t in mine.items()})
         return out
 
+    def only(self, quantities: tuple[str, ...]) -> "FisherStats":
+        """These statistics restricted to ``quantities`` (the same tensors, not copies)."""
+        kept = tuple(q for q in self.quantities if q in quantities)
+        out = FisherStats(self.dtype, quantities=kept, half_counts=dict(self.half_counts) if "half" in kept else {})
+        moments = out.moments
+        for name, w in self.welford.items():
+            out.welford[name] = Welford(w.count, w.mean if moments else None, w.m2 if moments == 2 else None)
+        for (q, acc), (_, mine) in zip(out.sums(), self.sums()):
+            if q in kept:
+                acc.update(mine)
+        return out
+
     def release(self, keep: tuple[str, ...]) -> None:
         """Free every statistic not in ``keep``, for every parameter (where they are)."""
         for name in list(self.welford):

@@ -63,7 +63,8 @@ class BlockCentres:
         if key not in self.cache or (moments and self.cache[key] is not None and self.cache[key][1] is None):
             s = self.store
             prep = prepare(s.layout, *key, self.statistics["a"], self.statistics["b"], s.cfg, s.codec,
-                           balance_from_a=s.passes == 1.5, conflicts=moments)
+                           balance_from_a=s.passes == 1.5, conflicts=moments,
+                           compact_sides=s.manifest["format_version"] >= 9)
             self.cache[key] = None if prep is None else (prep.e, prep.moments if moments else None)
         return self.cache[key]
 

@@ -28,7 +28,7 @@ import logging
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -111,6 +111,7 @@ class StoreSink(Sink):
         self.lockstep = lockstep  # a sharded model: every rank runs every one of its batches (collectives)
         self.checkpoint_every, self.staging, self.space = checkpoint_every, staging, space
         self.keep = ()  # every statistic is on disk (or on its way there): device copies are freed as consumed
+        self.fisher_a: Optional[FisherStats] = None
         self.counters: dict[str, Counter] = {}
         self.batches_seen: dict[str, int | None] = {}
         # two writers: the statistics (tens of GB at 7B) must not hold up the shards behind them
@@ -160,15 +161,21 @@ class StoreSink(Sink):
         # a statistics pass says how many batches it computed (None: read from the store); a single pass
         # over the task counted them as they went by
         batches = self.batches_seen.pop(task) if task in self.batches_seen else self.counters[task].batches
+        host = None
         if batches is not None and self.ranks.rank == 0:  # computed now: to host memory, then to disk
             host = stats.to_host(self.staging.copy if self.staging is not None else host_copy)
             self.stat_writes.submit(save_pass1, host, final_path(self.root, task), batches, self.store_id, task)
-            del host
+        if task == "a":  # task A's Fisher in host memory: w_a is built from it again after task B's single pass
+            self.fisher_a = (host or stats.to_host()).only(("fisher",))
+        del host
         self.final[task] = stats.count
         if set(self.final) == set(TASKS):
             if self.staging is not None:
                 self.staging.close()
             self.space(sum(self.final.values()))
+
+    def a_fisher(self, state: Any) -> Optional[FisherStats]:
+        return self.fisher_a
 
     def sides(self, task: str, index: int, size: int, blocks: dict) -> None:
         parts = ShardParts.of(blocks, self.codec)
