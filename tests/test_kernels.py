@@ -94,13 +94,54 @@ def test_welford_kernel_is_the_torch_update(dtype, quantities):
             torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("arch,variant,normalizer", [("gpt2", "paper", "a"), ("llama_gqa", "signed", "pooled"),
-                                                     ("llama_gqa", "symmetric", "loo")])
-def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, normalizer):
+@pytest.mark.parametrize("quantities", [("fisher", "abs", "sum"), ("abs",)])
+def test_welford_kernel_rounds_a_bf16_abs_sum_as_the_torch_update(quantities):
+    """A bf16 Σ|g| accumulator of fp32 statistics is rounded stochastically, with the same random bits in the
+    kernel and in the torch update (bitwise equal)."""
+    names = ("fisher", "m2", "abs", "sum", "half")
+    ref = FisherStats(dtype=torch.float32, quantities=quantities, abs_dtype=torch.bfloat16)
+    state = [torch.zeros(300, dtype=torch.bfloat16 if q == "abs" else torch.float32) if q in quantities else None
+             for q in names]
+    count = 0
+    for step in range(60):
+        g = torch.randn(2, 300, generator=torch.Generator().manual_seed(step))
+        ref.update({"w": g})
+        kernels.welford_update(g, *state[:4], count=count, sum_half=state[4], block=64, dtype=torch.float32)
+        count += 2
+    assert ref.sum_abs["w"].dtype == torch.bfloat16
+    assert torch.equal(state[2], ref.sum_abs["w"])
+    if "fisher" in quantities:
+        torch.testing.assert_close(state[0], ref.welford["w"].mean, rtol=1e-6, atol=1e-7)
+
+
+def test_a_stochastically_rounded_abs_sum_is_unbiased():
+    """Where every increment is below half a unit in the last place of the sum, rounding to nearest stops
+    counting; stochastic rounding stays unbiased (its error per entry is a percent or two after hundreds of
+    updates, and averages out over entries)."""
+    for scale, spread, steps in ((0.0, 1.0, 300), (0.2, 0.0, 1000)):
+        stats = FisherStats(dtype=torch.float32, quantities=("abs",), abs_dtype=torch.bfloat16)
+        nearest = torch.zeros(4000, dtype=torch.bfloat16)
+        exact = torch.zeros(4000, dtype=torch.float64)
+        for step in range(steps):
+            g = scale + spread * torch.randn(2, 4000, generator=torch.Generator().manual_seed(step))
+            stats.update({"w": g})
+            nearest += g.abs().sum(0).to(torch.bfloat16)
+            exact += g.double().abs().sum(0)
+        err = (stats.sum_abs["w"].double() - exact) / exact
+        assert float(err.abs().mean()) < 0.04 and abs(float(err.mean())) < 0.002
+        if scale:  # 0.4 per update is below half an ulp of the sum from 128 on: to nearest, the sum stops there
+            assert float(nearest.double().max()) <= 128 < 0.5 * float(exact.min())
+
+
+@pytest.mark.parametrize("arch,variant,normalizer,stats_dtype", [
+    ("gpt2", "paper", "a", torch.float64), ("llama_gqa", "signed", "pooled", torch.float64),
+    ("llama_gqa", "symmetric", "loo", torch.float64), ("llama_gqa", "paper", "a", torch.float32)])
+def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, normalizer, stats_dtype):
+    """The kernel reads the preparations as they are (fp32, or bf16 balance and centres with fp32 statistics)."""
     model = make_model(arch)
     ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
     codec = sf.Sketch(k=64, kind="sjlt", seed=1, dtype="fp32", s=2)
-    kw = dict(codec=codec, variant=variant, normalizer=normalizer)
+    kw = dict(codec=codec, variant=variant, normalizer=normalizer, stats_dtype=stats_dtype)
     want = sf.analyze(model, generic_loss, ta, tb, **kw)
     calls = []
     monkeypatch.setattr(kernels, "available", lambda: True)

@@ -14,6 +14,7 @@ import torch
 import sketchfisher as sf
 from sketchfisher.collect import collect, needed_statistics, prepare_all
 from sketchfisher.fisher import QUANTITIES, FisherStats
+from sketchfisher.metric import shift
 from tiny_models import generic_loss, make_batches, make_model
 
 SETTINGS = [(v, n) for v in ("paper", "signed", "symmetric") for n in ("a", "pooled", "loo")]
@@ -115,22 +116,26 @@ def test_phase_plan_matches_hand_computation():
     attn = L * 4 * h * h
     params = L * (4 * h * h + 3 * h * I) + V * h
     weights, stat = params * 2, attn * 4
-    running = B * T * L * 8 * h * 4 + B * T * L * (26 * h + 11 * I) + B * T * V * 10 + 2 * B * h * h * 4
-    preps = 4 * attn * 4
+    half = attn * 2  # Σ|g| (bf16, stochastically rounded); a bf16 balance or centre
+    # bf16 factors of every projection, activations, logits, one module's fp32 per-sample gradient
+    running = B * T * L * 8 * h * 2 + B * T * L * (26 * h + 11 * I) + B * T * V * 10 + 2 * B * h * h * 4
+    preps = stat + 3 * half  # w_a (fp32), w_b, x̄', ȳ' (bf16)
     sketches = L * 128 * (256 * 2 + 4 + 16 + 4) * n  # fp16 vector, its scale, two fp64 scalars, fp32 γ
-    # a pass holds what it writes (its task's sketches) beside what earlier steps left
-    want = {"pass 1 A": weights + 2 * stat + running, "pass 1 B": weights + 3 * stat + running,
-            "preparation": weights + max(3 * stat, preps), "pass 2 A": weights + preps + running + sketches / 2,
+    # a pass holds what it writes (its task's sketches) beside what earlier steps left; A keeps its Fisher and
+    # Σ|g|, B its Σ|g|
+    want = {"pass 1 A": weights + stat + half + running, "pass 1 B": weights + stat + 2 * half + running,
+            "preparation": weights + max(stat + 2 * half, preps), "pass 2 A": weights + preps + running + sketches / 2,
             "pass 2 B": weights + preps + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
     df = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, passes=2, conflicts=False).set_index("phase")
     for phase, value in want.items():
         assert df.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
-    # task B once (the default here): preparations from A alone (3 tensors: B's centre from A's Σ|g|), its
-    # fp32 sketches during its pass and no statistics of B's own, 3 tensors again in A's pass 2
-    preps3, raw_b = 3 * attn * 4, L * 128 * (256 * 4 + 16 + 4) * n / 2
-    want = {"pass 1 A": weights + 2 * stat + running, "preparation": weights + max(2 * stat, preps3),
-            "pass B": weights + preps3 + running + raw_b, "centring B": weights + preps3 + raw_b + sketches / 2,
-            "pass 2 A": weights + preps3 + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
+    # task B once (the default here): preparations from A alone, w_b, x̄' and ȳ' (B's centre from A's Σ|g|),
+    # no w_a; B's sketches centred during its pass and kept as they come, no statistics of B's own; after
+    # the pass w_a is back and w_b gone
+    b_preps, a_preps = 3 * half, stat + 2 * half
+    want = {"pass 1 A": weights + stat + half + running, "preparation": weights + max(stat + half, b_preps),
+            "pass B": weights + b_preps + running + sketches / 2, "centring B": weights + b_preps + sketches / 2,
+            "pass 2 A": weights + a_preps + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
     once = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, conflicts=False).set_index("phase")
     assert list(once.index) == list(want)
     for phase, value in want.items():
@@ -138,10 +143,11 @@ def test_phase_plan_matches_hand_computation():
     # with the conflict test (the default): A also keeps Σg and Σg over half its samples during pass 1, B its Σg
     # during its pass (its only statistic); task B's pass holds its two bf16 conflict weights, A's pass 2 the third
     u = attn * 2
-    want.update({"pass 1 A": weights + 4 * stat + running, "preparation": weights + max(4 * stat, preps3 + 2 * u),
-                 "pass B": weights + preps3 + 2 * u + stat + running + raw_b,
-                 "centring B": weights + preps3 + 2 * u + stat + raw_b + sketches / 2,
-                 "pass 2 A": weights + preps3 + 3 * u + running + sketches})
+    want.update({"pass 1 A": weights + 3 * stat + half + running,
+                 "preparation": weights + max(3 * stat + half, b_preps + 2 * u),
+                 "pass B": weights + b_preps + 2 * u + stat + running + sketches / 2,
+                 "centring B": weights + b_preps + 2 * u + stat + sketches / 2,
+                 "pass 2 A": weights + a_preps + 3 * u + running + sketches})
     default = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B).set_index("phase")
     for phase, value in want.items():
         assert default.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
@@ -151,7 +157,7 @@ def test_phase_plan_matches_hand_computation():
     logits, grad = B * T * V * 10, 2 * B * h * h * 4
     assert two.loc["pass 2 B", "peak_device_bytes"] == pytest.approx(
         (weights + preps + running - logits - grad + sketches) / 2 + logits + grad)
-    # pooled normaliser: task B keeps its Fisher too; fp64 statistics double them
+    # pooled normaliser: task B keeps its Fisher too; fp64 statistics double them (Σ|g| in fp64 too)
     pooled = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, cfg=sf.ScoreConfig(normalizer="pooled"),
                          stats_bytes=8, conflicts=False).set_index("phase")  # (two passes: the default where B's pass needs its Fisher)
     assert pooled.loc["pass 1 B", "peak_device_bytes"] == pytest.approx(weights + 4 * 2 * stat + running)
@@ -168,14 +174,17 @@ def test_a_run_that_would_not_fit_is_refused_with_numbers_and_alternatives():
     assert ok["peak_device_bytes"].max() < 72 * 2**30
     # task B once holds fewer model-sized tensors at a time: fp64 statistics fit the same card
     assert refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **{**kw, "plan": plain[1.5]}) is not None
-    # the conflict test's statistics (the default) do not fit two passes at fp32 on 80 GB: refused, saying so
-    with pytest.raises(sf.InputError, match="conflicts=False, --no-conflicts"):
-        refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float32, **{**kw, "plan": None, "passes": 2})
+    # heads and MLP units with the conflict test's statistics (the default) do not fit at fp32 on 80 GB: refused,
+    # saying what would
+    with pytest.raises(sf.InputError, match="conflicts=False, --no-conflicts") as err:
+        refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float32,
+                           **{**kw, "plan": None, "batch_size": 2, "units": "all"})
+    assert "heads alone, then MLP units in a second collection" in str(err.value)
     with pytest.raises(sf.InputError) as err:
-        refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **kw)
+        refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **{**kw, "batch_size": 8})
     text = str(err.value)
-    assert "83.3 GiB on a device in pass 1 B but 80.0 GiB is available" in text  # fp64 statistics peak in pass 1
-    assert "float64 statistics" in text and "stats_dtype=torch.float32" in text and "2 devices" in text
+    assert "98.3 GiB on a device in pass 1 B but 80.0 GiB is available" in text  # fp64 statistics peak in pass 1
+    assert "float64 statistics" in text and "stats_dtype=torch.float32" in text and "batch size 4" in text
     assert "e+" not in text  # human units, no scientific notation
     with pytest.raises(sf.InputError, match="spread over 2 devices"):
         refuse_over_budget("llama-13b", 80 * 2**30, stats_dtype=torch.float32, **kw)
@@ -200,3 +209,32 @@ def test_half_precision_models_keep_their_factors_in_their_own_dtype():
             a, d = bf.A[name].float(), bf.D[name].float()
             left, right = (a, d) if bf.transposed[name] else (d, a)
             torch.testing.assert_close(g, torch.bmm(left.transpose(1, 2), right), rtol=0, atol=0)
+
+
+def test_fp32_statistics_keep_balance_and_centres_in_bf16_and_the_denominator_exact(llama):
+    """Where the statistics are fp32, w_b, x̄' and ȳ' are bf16 and w_a = 1/((Î + ε + λ)·w_b) in fp32: the
+    product of the weights is the denominator to fp32 precision. Before task B's single pass there is no w_a;
+    the centring builds it again from task A's Fisher, bitwise as a full preparation would."""
+    from sketchfisher.collect.sketches import centre_j_side
+
+    model, ta, tb = llama
+    layout, cfg, codec = sf.layout_for(model), sf.ScoreConfig(), sf.Sketch(k=8)
+    _, stats_a = collect(model, generic_loss, ta, layout, codec, stats_dtype=torch.float32,
+                         quantities=("fisher", "abs"))
+    _, stats_b = collect(model, generic_loss, tb, layout, codec, stats_dtype=torch.float32, quantities=("abs",))
+    assert stats_a.sum_abs[stats_a.names()[0]].dtype == torch.bfloat16  # (stochastically rounded)
+    once = prepare_all(layout, stats_a, None, cfg, codec, balance_from_a=True)  # (not offloaded: reused below)
+    both = prepare_all(layout, stats_a, stats_b, cfg, codec, balance_from_a=True)  # a full preparation
+    w_b = {}
+    for key, prep in once.items():
+        if prep is not None:
+            assert prep.w_a is None and prep.w_b.dtype == prep.x_bar.dtype == prep.y_bar.dtype == torch.bfloat16
+            w_b[key] = prep.w_b
+    assert w_b
+    centre_j_side(layout, codec, cfg, once, stats_b, stats_a=stats_a)
+    for key, wb in w_b.items():
+        prep, fisher = once[key], stats_a.block(layout, *key, "fisher")
+        assert prep.w_a.dtype == torch.float32 and prep.w_b is None
+        assert torch.equal(prep.w_a, both[key].w_a) and torch.equal(wb, both[key].w_b)
+        denom = fisher + shift(fisher, cfg)
+        torch.testing.assert_close(prep.w_a * wb.float(), denom.reciprocal(), rtol=3e-7, atol=0)

@@ -961,3 +961,22 @@ def test_verify_reads_the_precision_the_store_was_collected_in(tiny_bert_dir, tm
     capsys.readouterr()
     assert main(["verify", str(tmp_path / "s"), "--top", "3", "--budget", "6"]) == 0
     assert "held among 6 re-scored candidates" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("passes", [1.5, 2])
+def test_fp32_statistics_store_equals_in_memory(small, tmp_path, passes):
+    """With fp32 statistics (the GPU setting: Σ|g| accumulated in bf16 with stochastic rounding, the balance and
+    centres in bf16, task B's single pass without w_a) a store gives the in-memory numbers bitwise, also when
+    reopened without the model, and its statistics record how Σ|g| was accumulated."""
+    model, ta, tb = small
+    kw = dict(codec=CODEC, stats_dtype=torch.float32, passes=passes)
+    mem = sf.analyze(model, generic_loss, ta, tb, **kw)
+    stored = sf.analyze(model, generic_loss, ta, tb, store=tmp_path / "s", **kw)
+    torch.testing.assert_close(stored.scores, mem.scores, rtol=0, atol=0)
+    torch.testing.assert_close(stored.stderr, mem.stderr, rtol=0, atol=0)
+    reopened = sf.open_store(tmp_path / "s")
+    torch.testing.assert_close(reopened.result().scores, mem.scores, rtol=0, atol=0)
+    assert reopened.stats["a"].abs_dtype == torch.bfloat16
+    assert reopened.stats["a"].sum_abs[reopened.stats["a"].names()[0]].dtype == torch.bfloat16
+    exact = sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors())
+    assert float((mem.scores - exact.scores).abs().max()) <= 4 * float(mem.stderr.max())

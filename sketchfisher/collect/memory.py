@@ -7,7 +7,8 @@ variant/normaliser/codec keep (:func:`sketchfisher.collect.needed_statistics`) a
 the batch, and the number of devices the layers are spread over. Its terms:
 
 * weights: parameters × bytes per parameter (bf16: 2), split over the devices;
-* statistics: kept quantities × attention parameters × 4 (fp32) or 8 (fp64) bytes;
+* statistics: kept quantities × collected parameters × 4 (fp32) or 8 (fp64) bytes, Σ|g| in 2 (bf16, stochastically
+  rounded) where the statistics are fp32;
 * preparations (pass 2 of sketches): task A's weight w_a in fp32 and, with variance reduction, the
   balance w_b and the two centres, in bf16 where the statistics are fp32 (else fp32); task B's single pass
   holds no w_a (it is built again after the pass); the statistics have then been released;
@@ -209,7 +210,8 @@ class _Terms:
         else:
             rep = per_layer(codec.device_bytes_per_sample(sizes, width, tokens) * per_task)
         return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,
-                   stats={t: per_layer(len(q) * attn * stats_bytes) for t, q in plan.statistics.items()},
+                   stats={t: per_layer(sum(attn * (2 if x == "abs" and stats_bytes == 4 else stats_bytes) for x in q))
+                          for t, q in plan.statistics.items()},
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
                    side_tensor=per_layer(attn * (2 if stats_bytes == 4 else 4)),
                    variance_reduction=bool(codec.variance_reduction),
@@ -241,8 +243,8 @@ class _Terms:
                 held[f"stats {t}"] = self.stats[t]
                 if step.kind == "fold" and self.rep:
                     held[f"rep {t}"] = self.rep
-                if step.kind == "fold_sketch":
-                    held[f"raw {t}"] = self.raw
+                if step.kind == "fold_sketch":  # uncentred until the centring, or kept as they come
+                    held[f"raw {t}"] = self.sketches if self.centre_b_from_a else self.raw
                 extra = self.running
             elif step.kind == "prepare":
                 statistics = sum(v for k, v in held.items() if k.startswith("stats"))
@@ -251,7 +253,7 @@ class _Terms:
                 extra = max(statistics, preps) - preps
                 held["preps"] = preps
             elif step.kind == "centre":
-                extra = self.sketches
+                extra = 0.0 if self.centre_b_from_a else self.sketches
             elif step.kind == "sketch":
                 held[f"sketches {t}"] = self.sketches
                 extra = self.running

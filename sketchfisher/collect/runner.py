@@ -164,20 +164,27 @@ def _prepare(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> 
 
 
 def _fold_sketch(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
+    # centred during the pass (by a direction from task A): each batch goes to the sink at once, else it is kept
+    # uncentred until the centring step
+    direct = all(p.y_bar is not None for p in state.preps.values() if p is not None)
+    kept: list = []
+    emit = (lambda index, size, blocks: sink.sides(step.task, index, size, blocks)) if direct else \
+        (lambda *batch: kept.append(batch))
     known = sink.final_statistics(step.task)
     if known is not None:  # an earlier run's pass wrote them: only the batches whose sides are missing run again
-        state.raw[step.task] = list(sketch_batches(job.model, job.loss_fn, sink.batches(step.task, job), job.layout,
-                                                   job.codec, state.preps, step.task, state.stats["a"].count, job.cfg,
-                                                   skip=sink.skip(step.task), desc=step.name,
-                                                   show_progress=job.show_progress))
+        for batch in sketch_batches(job.model, job.loss_fn, sink.batches(step.task, job), job.layout, job.codec,
+                                    state.preps, step.task, state.stats["a"].count, job.cfg,
+                                    skip=sink.skip(step.task), desc=step.name, show_progress=job.show_progress):
+            emit(*batch)
+        state.raw[step.task] = kept
         state.stats[step.task] = known
         sink.statistics_final(step.task, known)
         return
-    raw, stats = pass_b(job.model, job.loss_fn, sink.batches(step.task, job), job.layout, job.codec, job.cfg,
-                        state.preps, state.stats["a"].count, plan.statistics[step.task], job.stats_dtype,
-                        skip=sink.skip(step.task), show_progress=job.show_progress, reduce=sink.reduce(job),
-                        desc=step.name)
-    state.raw[step.task], state.stats[step.task] = raw, stats
+    stats = pass_b(job.model, job.loss_fn, sink.batches(step.task, job), job.layout, job.codec, job.cfg,
+                   state.preps, state.stats["a"].count, plan.statistics[step.task], job.stats_dtype, emit,
+                   skip=sink.skip(step.task), show_progress=job.show_progress, reduce=sink.reduce(job),
+                   desc=step.name)
+    state.raw[step.task], state.stats[step.task] = kept, stats
     sink.statistics_final(step.task, stats)
 
 
@@ -228,6 +235,8 @@ class MemorySink(Sink):
         self.side[task].n += size
 
     def centred(self, task: str, raw: list, centres: dict) -> None:
+        if not raw:  # (centred during the pass, and kept as it went)
+            return
         # a block's batches at once: a few large operations, not many small ones
         for key, centre in centres.items():
             whole = tuple(torch.cat(t) for t in zip(*(blocks.pop(key) for _, _, blocks in raw)))

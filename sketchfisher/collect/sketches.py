@@ -24,7 +24,7 @@ from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, confl
                                      prepare_block, rebuild_a_weight, scale_centring, side_vector, sketch_sides,
                                      with_j_centre)
 from ..errors import InputError
-from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
+from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging, accumulator_dtype
 from ..fisher.host import host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
@@ -138,8 +138,9 @@ def compacted_statistics(layout: Layout) -> tuple[str, ...]:
 
 
 def statistics_dtypes(quantities: Iterable[str], layout: Layout, dtype: torch.dtype) -> list[torch.dtype]:
-    """The precision each kept statistic is written in (bf16 for the compacted ones)."""
-    return [torch.bfloat16 if q in compacted_statistics(layout) else dtype for q in quantities]
+    """The precision each kept statistic is written in (bf16 for the compacted ones and a bf16 accumulator's)."""
+    return [torch.bfloat16 if q in compacted_statistics(layout) or (q == "abs" and accumulator_dtype(dtype))
+            else dtype for q in quantities]
 
 
 def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: SideCodec,
@@ -193,24 +194,23 @@ def check_reiterable(**tasks: Iterable[Any]) -> None:
 
 def pass_b(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: SideCodec,
            cfg: ScoreConfig, preps: Preps, count_a: int, quantities: tuple[str, ...], stats_dtype: torch.dtype,
-           skip: Skip = lambda i: False, show_progress: bool = False,
-           reduce: Optional[Callable[[FisherStats], FisherStats]] = None, desc: str = "pass B"
-           ) -> tuple[list, FisherStats]:
-    """Task B's only pass: ``(its batches' uncentred sketches [(index, size, blocks)], its statistics)``,
-    the statistics checked (``reduce`` first merges other ranks') and rounded as final
-    (:func:`compacted_statistics`). The sketches stay uncentred until B's centre is known
+           emit: Callable[[int, int, dict], None], skip: Skip = lambda i: False, show_progress: bool = False,
+           reduce: Optional[Callable[[FisherStats], FisherStats]] = None, desc: str = "pass B") -> FisherStats:
+    """Task B's only pass: each batch's sketches go to ``emit(index, size, blocks)`` as they are made; the pass's
+    statistics are returned, checked (``reduce`` first merges other ranks') and rounded as final
+    (:func:`compacted_statistics`). Sketches not centred during the pass are centred once B's centre is known
     (:func:`centre_j_side`, :func:`centred`)."""
-    stats_b = FisherStats(dtype=stats_dtype, quantities=quantities)
+    stats_b = FisherStats(dtype=stats_dtype, quantities=quantities, abs_dtype=accumulator_dtype(stats_dtype))
     names = trainable_weights(model, layout)
-    raw = list(sketch_batches(model, loss_fn, batches, layout, codec, preps, "b", count_a, cfg, skip=skip,
-                              desc=desc, show_progress=show_progress,
-                              fold=lambda bf: fold_factors(stats_b, bf, names)))
+    for batch in sketch_batches(model, loss_fn, batches, layout, codec, preps, "b", count_a, cfg, skip=skip,
+                                desc=desc, show_progress=show_progress, fold=lambda bf: fold_factors(stats_b, bf, names)):
+        emit(*batch)
     if reduce is not None:
         stats_b = reduce(stats_b)
     if stats_b.count == 0:
         raise InputError(f"{desc}: the task yielded no samples")
     stats_b.check_finite(desc)
-    return raw, stats_b.compact(compacted_statistics(layout))
+    return stats_b.compact(compacted_statistics(layout))
 
 
 def centred(blocks: dict, centres: dict) -> dict:

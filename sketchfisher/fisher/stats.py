@@ -28,6 +28,13 @@ TENSOR_NAMES = {"abs": "sum_abs", "sum": "sum_g", "half": "sum_half"}
 """How each plain sum is named in a statistics file (``<param>::<name>``)."""
 
 
+def accumulator_dtype(stats_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype a collection accumulates Σ|g| in: bf16, stochastically rounded, where the statistics are fp32 (the
+    GPU setting; Σ|g| balances and centres the sketches, where any value keeps them exact, and gives the task
+    means of MLP units, where its rounding errors average out over a unit's entries), else the statistics' own."""
+    return torch.bfloat16 if stats_dtype == torch.float32 else None
+
+
 @dataclass
 class FisherStats:
     """Pass-1 statistics of one task: per parameter the sample count and the kept ``quantities``
@@ -40,6 +47,7 @@ class FisherStats:
     quantities: tuple[str, ...] = QUANTITIES
     sum_half: dict[str, torch.Tensor] = field(default_factory=dict)
     half_counts: dict[str, int] = field(default_factory=dict)  # per parameter, the samples the ``half`` sums hold
+    abs_dtype: Optional[torch.dtype] = None  # Σ|g|'s accumulator (None: ``dtype``; bf16: stochastic rounding)
 
     def __post_init__(self) -> None:
         unknown = set(self.quantities) - set(QUANTITIES)
@@ -48,6 +56,13 @@ class FisherStats:
         if "m2" in self.quantities and "fisher" not in self.quantities:
             raise InputError("the 'm2' statistic needs 'fisher' (the Welford mean) too")
         self.quantities = tuple(q for q in QUANTITIES if q in self.quantities)
+        if self.abs_dtype not in (None, self.dtype, torch.bfloat16):
+            raise InputError(f"Σ|g| accumulates in the statistics' dtype or in bf16, not {self.abs_dtype}")
+
+    @property
+    def sum_dtype(self) -> dict[str, torch.dtype]:
+        """The dtype each plain sum accumulates in."""
+        return {"abs": self.abs_dtype or self.dtype, "sum": self.dtype, "half": self.dtype}
 
     def sums(self) -> tuple[tuple[str, dict[str, torch.Tensor]], ...]:
         """``(quantity, {name: accumulator})`` of every plain sum this kind of statistics can keep."""
@@ -94,7 +109,7 @@ class FisherStats:
                 pass  # only the count is kept
             elif self._kernel_applies(g, state):  # one Triton kernel, one pass over g
                 kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state[:4], count=w.count,
-                                       sum_half=state[4])
+                                       sum_half=state[4], dtype=self.dtype)
             else:
                 update_in_chunks(g, w.count, self.dtype, *state)
             if "half" in self.quantities:  # the samples at even positions of the stream
@@ -119,7 +134,9 @@ class FisherStats:
         w.m2 = ready(w.m2) if self.moments == 2 else None
         for q, acc in self.sums():
             if q in self.quantities:
-                acc[name] = ready(acc.get(name) if w.count else None)
+                t = acc.get(name) if w.count else None
+                dt = self.sum_dtype[q]
+                acc[name] = torch.zeros(g.shape[1:], dtype=dt, device=g.device) if t is None else t.to(dt).contiguous()
         return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name), self.sum_half.get(name))
 
     def merge(self, other: "FisherStats") -> "FisherStats":
@@ -127,7 +144,7 @@ class FisherStats:
         if set(self.welford) != set(other.welford):
             raise InputError("cannot merge FisherStats over different parameter sets")
         kept = tuple(q for q in self.quantities if q in other.quantities)
-        out = FisherStats(self.dtype, quantities=kept)
+        out = FisherStats(self.dtype, quantities=kept, abs_dtype=self.abs_dtype)
         for n, w in self.welford.items():
             o = other.welford[n]
             moments = out.moments
@@ -190,7 +207,8 @@ class FisherStats:
 
     def to_host(self, copy: Callable[[torch.Tensor], torch.Tensor] = host_copy) -> "FisherStats":
         """A copy of these statistics in host memory (``copy`` makes each tensor's host copy)."""
-        out = FisherStats(self.dtype, quantities=self.quantities, half_counts=dict(self.half_counts))
+        out = FisherStats(self.dtype, quantities=self.quantities, half_counts=dict(self.half_counts),
+                          abs_dtype=self.abs_dtype)
         for name, w in self.welford.items():
             out.welford[name] = Welford(w.count, None if w.mean is None else copy(w.mean),
                                         None if w.m2 is None else copy(w.m2))
@@ -201,7 +219,8 @@ class FisherStats:
     def only(self, quantities: tuple[str, ...]) -> "FisherStats":
         """These statistics restricted to ``quantities`` (the same tensors, not copies)."""
         kept = tuple(q for q in self.quantities if q in quantities)
-        out = FisherStats(self.dtype, quantities=kept, half_counts=dict(self.half_counts) if "half" in kept else {})
+        out = FisherStats(self.dtype, quantities=kept, half_counts=dict(self.half_counts) if "half" in kept else {},
+                          abs_dtype=self.abs_dtype)
         moments = out.moments
         for name, w in self.welford.items():
             out.welford[name] = Welford(w.count, w.mean if moments else None, w.m2 if moments == 2 else None)
@@ -231,7 +250,7 @@ class FisherStats:
 
         # NCCL reduces CUDA tensors only; gloo takes CPU tensors
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        out = FisherStats(self.dtype, quantities=self.quantities)
+        out = FisherStats(self.dtype, quantities=self.quantities, abs_dtype=self.abs_dtype)
         if "half" in self.quantities:
             halves = torch.tensor([float(self.half_counts.get(n, 0)) for n in names], dtype=torch.float64, device=dev)
             dist.all_reduce(halves)
@@ -264,7 +283,7 @@ class FisherStats:
                 if q in self.quantities:
                     t = got(src.get(name))
                     dist.all_reduce(t)
-                    dst[name] = t.to(self.dtype)
+                    dst[name] = t.to(self.sum_dtype[q])
         return out
 
     def _any_tensor(self, name: str) -> Optional[torch.Tensor]:
@@ -285,6 +304,8 @@ class FisherStats:
                     tensors[f"{name}::{key}"] = t
             counts[name] = w.count
         meta = {"counts": json.dumps(counts), "dtype": str(self.dtype), "quantities": json.dumps(self.quantities)}
+        if self.abs_dtype is not None:
+            meta["abs_dtype"] = str(self.abs_dtype)
         if "half" in self.quantities:
             meta["half_counts"] = json.dumps({n: c for n, c in self.half_counts.items() if n in counts})
         return {k: v.contiguous() for k, v in tensors.items()}, meta
@@ -294,8 +315,13 @@ class FisherStats:
         """Inverse of :meth:`to_tensors`; a missing tensor raises :class:`~sketchfisher.InputError`."""
         counts = json.loads(metadata["counts"])
         quantities = tuple(json.loads(metadata["quantities"])) if "quantities" in metadata else QUANTITIES
-        out = cls(dtype=getattr(torch, metadata["dtype"].replace("torch.", "")), quantities=quantities,
-                  half_counts=json.loads(metadata.get("half_counts", "{}")))
+        dtype = lambda key: getattr(torch, metadata[key].replace("torch.", ""))  # noqa: E731
+        if any(k in metadata and metadata[k].replace("torch.", "") not in ("float64", "float32", "bfloat16")
+               for k in ("dtype", "abs_dtype")):
+            raise InputError(f"statistics dtype {metadata['dtype']!r} / {metadata.get('abs_dtype')!r} is not one this "
+                             "library writes")
+        out = cls(dtype=dtype("dtype"), quantities=quantities, half_counts=json.loads(metadata.get("half_counts", "{}")),
+                  abs_dtype=dtype("abs_dtype") if "abs_dtype" in metadata else None)
         need = {"fisher": "mean", "m2": "m2", **TENSOR_NAMES}
         for name, count in counts.items():
             missing = [f"{name}::{need[q]}" for q in out.quantities if f"{name}::{need[q]}" not in tensors]

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..errors import InputError
+from ..kernels.hashing import round_bf16_stochastic
 
 QUANTITIES = ("fisher", "m2", "abs", "sum", "half")
 """``fisher``: Welford mean of g² (Î); ``m2``: its Welford M2 (variance across samples); ``abs``: Σ|g|;
@@ -74,6 +75,17 @@ class Welford:
         return self.m2 / (self.count - 1)
 
 
+def add_sum_(acc: torch.Tensor, batch_sum: torch.Tensor, first: int, count: int) -> None:
+    """``acc += batch_sum`` in place; a bf16 accumulator of wider sums is rounded stochastically (unbiased:
+    :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic`, entries ``first, …`` of the flat accumulator,
+    ``count`` samples before this batch), where rounding to nearest would drop increments below half a unit in the
+    last place of a large sum."""
+    if acc.dtype == torch.bfloat16 and batch_sum.dtype != torch.bfloat16:
+        acc.copy_(round_bf16_stochastic(acc.float() + batch_sum.float(), first, count))
+    else:
+        acc += batch_sum.to(acc)
+
+
 def update_in_chunks(g: torch.Tensor, count: int, dtype: torch.dtype, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
                       sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor],
                       sum_half: Optional[torch.Tensor] = None) -> None:
@@ -95,7 +107,7 @@ def update_in_chunks(g: torch.Tensor, count: int, dtype: torch.dtype, mean: Opti
         if half_ is not None:  # a strided view: no mask copy
             half_ += x[count % 2::2].sum(0).to(half_)
         if abs_ is not None:
-            abs_ += x.abs().sum(0).to(abs_)
+            add_sum_(abs_, x.abs().sum(0), lo, count)
         if sum_ is not None:
             sum_ += x.sum(0).to(sum_)
         if mean_ is not None:

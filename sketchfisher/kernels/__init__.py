@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .hashing import SHIFT_TWEAK
+from .hashing import ROUNDING_KEY, SHIFT_TWEAK
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w (metric.variants)
@@ -73,7 +73,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
     elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
     hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
-    ``centre``, ``other`` are fp32 ``[H, size]``); cross is ``Σ transform(g)·weight·other``. The sketch
+    ``centre``, ``other`` are ``[H, size]``, fp32 or bf16, read as they are); cross is ``Σ transform(g)·weight·other``. The sketch
     is scaled by 1/√s and returned in fp32. ``own`` is ``Σ ṽ·centre`` (zero without a centre: what scaled centring
     needs, :func:`sketchfisher.compress.sketch_scores.scale_centring`). ``conflict [m, H, size]`` (m ≤ 2, any float dtype): the raw gradient's
     inner products with each of its m vectors, ``dots[r, h, i] = Σ g_h[r]·conflict[i, h]`` (the conflict test's
@@ -109,7 +109,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     dev = g.device
     part = torch.empty(chunks, n, H, s * BM + 3 + mu, dtype=torch.float32, device=dev)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
-    prep = [t.contiguous().float() if t is not None else dummy for t in (weight, centre, other)]
+    prep = [t.contiguous() if t is not None else dummy for t in (weight, centre, other)]  # (read in their dtype)
     prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (bf16 at 7B)
     contig = cols == size or (row_stride == cols)
     on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
@@ -136,19 +136,25 @@ def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
 
 def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
                    sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor], count: int,
-                   sum_half: Optional[torch.Tensor] = None, block: int = 1024) -> None:
+                   sum_half: Optional[torch.Tensor] = None, block: int = 1024,
+                   dtype: Optional[torch.dtype] = None) -> None:
     """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place; ``count``
     samples came before, and ``sum_half`` sums the rows at even positions of the whole stream (``count + r``).
 
     Each state tensor may be None (not kept; ``m2`` needs ``mean``). One pass over the batch from
-    memory: each program reads its slice of the n rows once, and a second time from cache for M2."""
+    memory: each program reads its slice of the n rows once, and a second time from cache for M2. ``dtype``: the
+    statistics' precision (default: the first kept state's); a bf16 ``sum_abs`` of wider statistics is rounded
+    stochastically, with the random bits of :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic`."""
     _, welford_kernel = _kernels()
     n, N = g.shape
     state = (mean, m2, sum_abs, sum_g, sum_half)
-    dummy = next(t for t in state if t is not None)
+    dtype = dtype or next(t for t in state if t is not None).dtype
+    dummy = mean if mean is not None else torch.empty(1, dtype=dtype, device=g.device)  # (carries the dtype)
     grid = (-(-N // block),)
     with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
         welford_kernel[grid](g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count,
                              BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None,
                              HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
-                             HAS_HALF=sum_half is not None, num_warps=4)
+                             HAS_HALF=sum_half is not None,
+                             ROUND_ABS=sum_abs is not None and sum_abs.dtype == torch.bfloat16 and dtype != torch.bfloat16,
+                             ROUND_KEY=ROUNDING_KEY, num_warps=4)

@@ -72,11 +72,11 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
         elif F == 2:
             x = tl.abs(x)
         if HAS_W:
-            x = x * tl.load(w_ptr + poff + e, mask=ok, other=0.0)
+            x = x * tl.load(w_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
         if HAS_O:
-            cacc += tl.sum(x * tl.load(o_ptr + poff + e, mask=ok, other=0.0), axis=2)
+            cacc += tl.sum(x * tl.load(o_ptr + poff + e, mask=ok, other=0.0).to(tl.float32), axis=2)
         if HAS_C:
-            cen = tl.load(c_ptr + poff + e, mask=ok, other=0.0)
+            cen = tl.load(c_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
             x = x - cen
             sacc += tl.sum(x * cen, axis=2)
         nacc += tl.sum(x * x, axis=2)
@@ -107,10 +107,10 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
 @triton.jit
 def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stride_n, count, BLOCK: tl.constexpr,
                    HAS_MEAN: tl.constexpr, HAS_M2: tl.constexpr, HAS_ABS: tl.constexpr, HAS_SUM: tl.constexpr,
-                   HAS_HALF: tl.constexpr):
+                   HAS_HALF: tl.constexpr, ROUND_ABS: tl.constexpr, ROUND_KEY: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    dt = mean_ptr.dtype.element_ty
+    dt = mean_ptr.dtype.element_ty  # the statistics' dtype (a placeholder of it where the mean is not kept)
     sx = tl.zeros((BLOCK,), dtype=dt)
     sa = tl.zeros((BLOCK,), dtype=dt)
     sg = tl.zeros((BLOCK,), dtype=dt)
@@ -141,7 +141,14 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stri
             m2 = tl.load(m2_ptr + offs, mask=ok, other=0.0)
             tl.store(m2_ptr + offs, m2 + m2b + delta * delta * (cf * nf / (cf + nf)), mask=ok)
     if HAS_ABS:
-        tl.store(sabs_ptr + offs, tl.load(sabs_ptr + offs, mask=ok, other=0.0) + sa, mask=ok)
+        va = tl.load(sabs_ptr + offs, mask=ok, other=0.0).to(dt) + sa
+        if ROUND_ABS:  # a bf16 accumulator: stochastic rounding, the bits of hashing.round_bf16_stochastic
+            key = tl.full(offs.shape, ROUND_KEY, tl.uint32)
+            cu = _fmix32((offs * 0 + count).to(tl.uint32) ^ key)
+            noise = _hash(offs.to(tl.uint32), cu, key) & 0xFFFF
+            bits = va.to(tl.float32).to(tl.uint32, bitcast=True)
+            va = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        tl.store(sabs_ptr + offs, va, mask=ok)
     if HAS_SUM:
         tl.store(sg_ptr + offs, tl.load(sg_ptr + offs, mask=ok, other=0.0) + sg, mask=ok)
     if HAS_HALF:
