@@ -84,20 +84,21 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
             rtol = 1e-12 if a.stats[t].dtype == torch.float64 else 1e-5  # the reduction order differs
             if t == "a":
                 torch.testing.assert_close(b.stats[t].fisher(name), a.stats[t].fisher(name), rtol=rtol, atol=0)
-            # Σ|g| is rounded to bf16 once final: fp32 sums that the reduction order moves by an ulp may round to
-            # neighbouring bf16 values (2^-8 apart, relatively); each run then uses its own rounding throughout
+            # with fp32 statistics Σ|g| accumulates in bf16, rounded stochastically: each rank rounds its own partial
+            # sums, the single process its running sum, so the two differ by a few bf16 ulps (2^-8 apart,
+            # relatively); each run then uses its own values throughout
             if name not in a.stats[t].sum_abs:  # (task B's single pass keeps no Σ|g|: A's centres it)
                 continue
             flips = a.stats[t].sum_abs[name].dtype == torch.bfloat16 and a.stats[t].dtype == torch.float32
             torch.testing.assert_close(b.stats[t].mean_abs(name), a.stats[t].mean_abs(name),
-                                       rtol=2 ** -7 if flips else rtol, atol=0)
+                                       rtol=2 ** -5 if flips else rtol, atol=0)
     ra, rb = a.result(), b.result()
     fp32 = a.stats["a"].dtype == torch.float32
-    # fp32 sums reduced in another order can round to neighbouring bf16 values of A's Σ|g|, which balances both
-    # sides and is task B's centring direction: each run's estimate is then as valid as the other's, and they
-    # differ by a fraction of the error bar (scaled centring makes the residuals small, so a 2^-8 change of the
-    # direction shows); fp64 statistics (the CPU's default) agree to rounding
-    allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max()) + (0.5 * ra.stderr if fp32 else 0)
+    # A's Σ|g| rounded stochastically in each rank's own order differs by a few bf16 ulps between the runs; it
+    # balances both sides and is task B's centring direction: each run's estimate is then as valid as the other's,
+    # and they differ by less than the error bar (scaled centring makes the residuals small, so a 2^-8 change of
+    # the direction shows); fp64 statistics (the CPU's default) agree to rounding
+    allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max()) + (ra.stderr if fp32 else 0)
     worst = float(((rb.scores - ra.scores).abs() / allowed).max())
     assert worst <= 1, f"scores differ by up to {worst:.2f} x the allowed difference"
     torch.testing.assert_close(rb.stderr, ra.stderr, rtol=0.1 if fp32 else 1e-4, atol=1e-6 * float(ra.stderr.abs().max()))

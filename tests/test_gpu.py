@@ -41,12 +41,15 @@ def test_int4_codes_bitwise_identical_on_cpu_and_cuda():
 
 
 @pytest.mark.parametrize("passes", [2, 1.5])
-def test_scores_identical_on_cpu_and_cuda(passes):
+@pytest.mark.parametrize("stats_dtype", [torch.float64, torch.float32])
+def test_scores_identical_on_cpu_and_cuda(passes, stats_dtype):
+    """The same settings give the same scores on either device; with fp32 statistics (the GPU default) both
+    keep Σ|g| in bf16 with the same stochastic rounding and bf16 balances and centres."""
     model = make_model("llama_gqa")
     ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
     to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
     for codec in (sf.Factors(), sf.Sketch(k=32, kind="sjlt", seed=0, dtype="fp32")):
-        kw = dict(codec=codec, passes=passes if codec.two_pass else None)
+        kw = dict(codec=codec, passes=passes if codec.two_pass else None, stats_dtype=stats_dtype)
         cpu = sf.analyze(model, generic_loss, ta, tb, **kw)
         gpu = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), **kw)
         model.cpu()
