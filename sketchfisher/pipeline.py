@@ -103,10 +103,14 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     job = Job(model, loss_fn, {"a": task_a, "b": task_b}, layout, codec, cfg,
               stats_dtype or default_stats_dtype(model), log, progress, modules)
     plan = check_job(plan, job, conflicts)
-    # task A's Fisher leaves the GPU at the preparation; its host memory is made ready while the passes run
-    staging = host_staging(model, layout, [job.stats_dtype]) if codec.two_pass else None
+    # task A's Fisher (and, for MLP or linear units, both tasks' Σ|g|: task means) leave the GPU after the
+    # passes that made them; their host memory is made ready while the passes run
+    sink = MemorySink(job)
+    kept = [job.stats_dtype] + [sink.keep_dtype(job, t) for t in ("a", "b") if "abs" in plan.statistics[t]
+                                and "abs" in sink.keep]
+    staging = host_staging(model, layout, kept) if codec.two_pass else None
     with staging or nullcontext():
-        sink = MemorySink(job, staging)
+        sink.staging = staging
         state = execute(plan, job, sink)
     if codec.two_pass:
         sink.check_counts(state)

@@ -20,7 +20,7 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..compress import Codec, SketchSide
 from ..errors import InputError
-from ..fisher import FisherStats, HostStaging
+from ..fisher import FisherStats, HostStaging, accumulator_dtype
 from ..layout import Layout
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
@@ -190,7 +190,7 @@ def _fold_sketch(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State)
 
 def _centre(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
     centres = centre_j_side(job.layout, job.codec, job.cfg, state.preps, state.stats[step.task], sink.keep,
-                            stats_a=sink.a_fisher(state))
+                            stats_a=sink.a_fisher(state), staging=sink.staging)
     sink.centred(step.task, state.raw.pop(step.task), centres)
 
 
@@ -217,11 +217,16 @@ class MemorySink(Sink):
     exact re-scoring and pair means read them."""
 
     def __init__(self, job: Job, staging: Optional[HostStaging] = None):
-        self.staging = staging
+        self.staging = staging  # (may be set later, before the collection runs)
         means = (MEAN_OF[job.cfg.spec.i_side], MEAN_OF[job.cfg.spec.j_side]) if job.layout.beyond_heads else ()
         self.keep = tuple(dict.fromkeys(("fisher", *means)))
         self.reps: dict[str, Any] = {}
         self.side = {t: SketchSide(job.codec) for t in job.tasks} if job.codec.two_pass else {}
+
+    @staticmethod
+    def keep_dtype(job: Job, task: str) -> torch.dtype:
+        """The dtype of a task's Σ|g| once it reaches host memory."""
+        return accumulator_dtype(job.stats_dtype) or job.stats_dtype
 
     def fold(self, step: Step, job: Job, quantities: tuple[str, ...]) -> FisherStats:
         rep, stats = collect(job.model, job.loss_fn, job.tasks[step.task], job.layout, job.codec,

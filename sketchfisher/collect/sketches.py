@@ -146,20 +146,20 @@ def statistics_dtypes(quantities: Iterable[str], layout: Layout, dtype: torch.dt
 def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: SideCodec,
                    preps: Preps, side: Side, count: int, cfg: ScoreConfig, skip: Skip = lambda i: False,
                    desc: str = "pass 2", show_progress: bool = False,
-                   fold: Optional[Callable[[Any], None]] = None) -> Iterator[tuple[int, int, dict]]:
+                   fold: Optional[FisherStats] = None) -> Iterator[tuple[int, int, dict]]:
     """Pass 2 over one task, batch by batch: ``(batch index, batch size, {(layer, block): (sketches
     [B, H_b, k], ‖x̃‖² [B, H_b], cross [B, H_b], scaled centring's γ [B, H_b][, conflict scalars [B, H_b, m]])})``;
     the conflict scalars
     ``g · u`` (exact) where the preparation has the other task's mean gradient. Batches for which ``skip(index)`` is true are
-    not run (resumption) and yield nothing. ``count`` is task A's sample count. ``fold(factors)``, when
-    given, also receives every batch's captured factors first (pass-1 statistics in the same pass)."""
+    not run (resumption) and yield nothing. ``count`` is task A's sample count. ``fold``, when given, are
+    statistics that every batch is also folded into (pass-1 statistics in the same pass): on the fused path
+    from the per-sample gradient that the sketches read, formed once per module."""
     keys = [key for key, prep in preps.items() if prep is not None]
     weights = sorted({layout.param_of(*key) for key in keys})
     fused = codec.fused_sides(layout, cfg, side)
     check = LaggedFiniteCheck(desc, cfg)
     for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
-        if fold is not None:
-            fold(bf)
+        folded = set()
         out = {}
         last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
         for layer, block in keys:
@@ -172,6 +172,10 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 if last[0] != module:
                     last = (None, None)  # free the previous module's gradient first
                     last = (module, bf.grad(module))
+                    weight = layout.param_of(layer, block)
+                    if fold is not None and weight not in folded:  # the statistics from the same gradient
+                        fold.update({weight: last[1]})
+                        folded.add(weight)
                 sk, norm2, cross, own, conflict = fused(last[1], layer, block, prep)  # (conflict scalars: same read)
             else:
                 g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
@@ -180,6 +184,8 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 conflict = conflict_scalars(g, prep, side, cfg.dtype)
             sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
             out[(layer, block)] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
+        if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
+            fold_factors(fold, bf, [w for w in weights if w not in folded])
         check.submit(index, out)
         yield index, bf.batch_size, out
     check.finish()
@@ -201,9 +207,8 @@ def pass_b(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: La
     (:func:`compacted_statistics`). Sketches not centred during the pass are centred once B's centre is known
     (:func:`centre_j_side`, :func:`centred`)."""
     stats_b = FisherStats(dtype=stats_dtype, quantities=quantities, abs_dtype=accumulator_dtype(stats_dtype))
-    names = trainable_weights(model, layout)
     for batch in sketch_batches(model, loss_fn, batches, layout, codec, preps, "b", count_a, cfg, skip=skip,
-                                desc=desc, show_progress=show_progress, fold=lambda bf: fold_factors(stats_b, bf, names)):
+                                desc=desc, show_progress=show_progress, fold=stats_b):
         emit(*batch)
     if reduce is not None:
         stats_b = reduce(stats_b)
@@ -228,22 +233,27 @@ def centred(blocks: dict, centres: dict) -> dict:
 
 
 def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Preps, stats_b: FisherStats,
-                  keep: tuple[str, ...] = (), stats_a: Optional[FisherStats] = None
-                  ) -> dict[tuple[int, str], torch.Tensor]:
+                  keep: tuple[str, ...] = (), stats_a: Optional[FisherStats] = None,
+                  staging: Optional[HostStaging] = None) -> dict[tuple[int, str], torch.Tensor]:
     """After the single pass over task B: each block's ``R ȳ' [1, H_b, k]`` (to subtract from B's uncentred
     sketches; None where B was centred during its pass by a direction from task A). Each preparation gains ``ȳ'`` and ``e`` (and, where task B kept Σg, the conflict weight ``u_a =
     ḡ_B/(Î+ε+λ)``) and drops ``w_b`` (not needed again), and gets back ``w_a`` from task A's Fisher in ``stats_a``
-    where B's pass ran without it; B's statistics are released parameter by parameter (those in ``keep`` to host
-    memory)."""
+    where B's pass ran without it (one parameter's Fisher on the device at a time); B's statistics are released
+    parameter by parameter (those in ``keep`` to host memory, into ``staging``'s buffers when given)."""
     keys = [key for key, prep in preps.items() if prep is not None]
     last_use = {layout.param_of(*key): key for key in keys}
     centres = {}
+    fisher = (None, None)  # (parameter, its Fisher on the preparations' device)
     for key in keys:
         prep = preps[key]
         if prep.w_a is None:
             if stats_a is None or "fisher" not in stats_a.quantities:
                 raise InputError("task A's Fisher is needed to finish the preparations after task B's pass")
-            prep = rebuild_a_weight(prep, stats_a.block(layout, *key, "fisher"), cfg)
+            name = layout.param_of(*key)
+            if fisher[0] != name:
+                fisher = (None, None)
+                fisher = (name, stats_a.fisher(name).to(prep.device, non_blocking=True))
+            prep = rebuild_a_weight(prep, layout.gather(*key, fisher[1].unsqueeze(0))[0], cfg)
         if prep.y_bar is None:  # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
             prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
             centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None].to(cfg.dtype))
@@ -257,7 +267,7 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
         preps[key] = dataclass_replace(prep, w_b=None)
         name = layout.param_of(*key)
         if last_use[name] == key:
-            stats_b.offload(name, keep=keep)
+            stats_b.offload(name, keep=keep, copy=staging.copy if staging is not None else host_copy)
     stats_b.settle(keep)
     return centres
 
