@@ -94,9 +94,14 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     ``side_dtype`` (e.g. bf16; None: ``cfg.dtype``) keeps the balance ``w_b`` and both centres in fewer bytes:
     any positive balance and any centre leave the scores exact as long as every use reads the same rounded
     values, and ``w_a`` is then ``1 / ((Î + ε + λ) · w_b)`` (:func:`a_weight`), so that the product of the two
-    weights is the denominator to ``cfg.dtype``'s precision whatever ``w_b``'s rounding.
+    weights is the denominator to ``cfg.dtype``'s precision whatever ``w_b``'s rounding. The values rounded to
+    ``side_dtype`` are computed in fp64 first, so that the CPU and a GPU round them alike (a store's reader forms
+    its centre products from them again, on either device).
     """
     dt = cfg.dtype
+    if side_dtype is not None and side_dtype != dt:
+        fisher, fisher_a, mean_i_a, mean_j_b, abs_a, abs_b = (None if t is None else t.double() for t in
+                                                             (fisher, fisher_a, mean_i_a, mean_j_b, abs_a, abs_b))
     lam = shift(fisher, cfg)
     denom = fisher + lam
     zeros = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
@@ -131,8 +136,11 @@ def a_weight(denom: torch.Tensor, w_b: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 def rebuild_a_weight(prep: BlockPrep, fisher: torch.Tensor, cfg: ScoreConfig) -> BlockPrep:
-    """``prep`` with ``w_a`` again (:func:`a_weight`), from task A's Fisher (normaliser ``"a"``) and ``w_b``."""
+    """``prep`` with ``w_a`` again (:func:`a_weight`), from task A's Fisher (normaliser ``"a"``) and ``w_b``, in the
+    precision :func:`prepare_block` used."""
     fisher = fisher.to(prep.w_b.device)
+    if prep.w_b.dtype != cfg.dtype:
+        fisher = fisher.double()
     return replace(prep, w_a=a_weight(fisher + shift(fisher, cfg), prep.w_b, cfg.dtype))
 
 
@@ -178,7 +186,8 @@ def with_j_centre(prep: BlockPrep, mean_j_b: torch.Tensor) -> BlockPrep:
     """``prep`` with task B's centre ``ȳ' = mean_j_b · w_b`` (the j-side mean, balanced as B's side vectors)
     and ``e = ⟨x̄', ȳ'⟩`` (summed in fp64). One formula for every pass order: the single pass over task B
     adds its centre after the pass, from ``w_b``, as a store written that way is prepared when read."""
-    y_bar = (mean_j_b.to(prep.w_b.device) * prep.w_b).to(prep.w_b.dtype)
+    w_b = prep.w_b.double() if prep.w_b.element_size() < 4 else prep.w_b  # (bf16 centres: rounded alike anywhere)
+    y_bar = (mean_j_b.to(prep.w_b.device) * w_b).to(prep.w_b.dtype)
     return replace(prep, y_bar=y_bar, e=(prep.x_bar.double() * y_bar.double()).sum(-1))
 
 
