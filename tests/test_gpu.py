@@ -54,10 +54,11 @@ def test_scores_identical_on_cpu_and_cuda(passes, stats_dtype):
         gpu = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), **kw)
         model.cpu()
         allowed = 1e-4 * cpu.scores.abs() + 1e-6 * float(cpu.scores.abs().max())
-        if stats_dtype == torch.float32 and codec.two_pass:
+        if codec.two_pass and (stats_dtype == torch.float32 or passes == 1.5):
             # the kernel and the torch update sum a batch's |g| in other orders (fp32); where that moves a sum
             # across a stochastic-rounding threshold of the bf16 Σ|g|, a balance moves by 2^-8: a valid estimate
-            # with the same expectation, a small fraction of the error bar away
+            # with the same expectation, a small fraction of the error bar away; and in the single pass over task
+            # B, scaled centring's γ is a ratio of fp32 inner products that the two paths sum in other orders
             allowed = allowed + 0.1 * cpu.stderr
         worst = float(((gpu.scores - cpu.scores).abs() / allowed).max())
         assert worst <= 1, (codec, worst, float((gpu.scores - cpu.scores).abs().max()))

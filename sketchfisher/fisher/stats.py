@@ -347,17 +347,20 @@ class FisherStats:
         return self._require("fisher", name).mean
 
     def mean_abs(self, name: str) -> torch.Tensor:
-        return self.sum_abs[name].to(self.dtype) / self._require("abs", name).count  # (compacted sums: upcast)
+        """Σ|g| / n (compacted sums read in :attr:`dtype`). The means multiply by 1/n rather than divide: CUDA
+        divides by a scalar that way, and the CPU then gives the same bits (preparations rounded to bf16 are
+        formed from these means on whichever device reads the statistics)."""
+        return self.sum_abs[name].to(self.dtype) * (1.0 / self._require("abs", name).count)
 
     def mean_grad(self, name: str) -> torch.Tensor:
-        return self.sum_g[name].to(self.dtype) / self._require("sum", name).count
+        return self.sum_g[name].to(self.dtype) * (1.0 / self._require("sum", name).count)
 
     def mean_grad_half(self, name: str) -> torch.Tensor:
         """The mean gradient over the samples at even positions (the ``half`` split)."""
         self._require("half", name)
         if self.half_counts.get(name, 0) < 1:
             raise InputError(f"no samples at even positions for {name!r}")
-        return self.sum_half[name].to(self.dtype) / self.half_counts[name]
+        return self.sum_half[name].to(self.dtype) * (1.0 / self.half_counts[name])
 
     def block(self, layout: Layout, layer: int, block: str, what: str = "fisher") -> torch.Tensor | None:
         """A statistic (``fisher``, ``mean_abs``, ``mean_grad``) over the distinct head blocks of
