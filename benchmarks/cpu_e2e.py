@@ -9,6 +9,7 @@ per-sample ``torch.func`` loop (the gradients alone, and the same scores: :func:
 
     python benchmarks/cpu_e2e.py [--samples 64] [--tokens 128] [--threads 2] [--repeats 3] [--models minilm,gpt2]
     python benchmarks/cpu_e2e.py --parts cli --models gpt2    # only the CLI (sketchfisher collect) against plain
+    python benchmarks/cpu_e2e.py --parts default --sketch 256:fp16:mean 1024:int4:scaled    # codecs side by side
     python benchmarks/cpu_e2e.py --malloc --models gpt2 --samples 32    # glibc defaults vs freed memory kept
     python benchmarks/cpu_e2e.py --micro [--samples 64]    # a map per head vs one scatter, int32 vs int64, fp32 statistics
 """
@@ -32,6 +33,12 @@ import transformers as hf
 import sketchfisher as sf
 from sketchfisher.compress.sketchmaps import sjlt_block_index
 from sketchfisher.fisher import FisherStats
+
+
+def sketch(spec: str) -> "sf.Sketch":
+    """``K:DTYPE[:CENTRING]`` → an sjlt sketch (seed 0)."""
+    k, dtype, *centring = spec.split(":")
+    return sf.Sketch(k=int(k), kind="sjlt", seed=0, dtype=dtype, **({"centring": centring[0]} if centring else {}))
 
 
 def gpt2_loss(model, batch):
@@ -80,6 +87,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128, help="tokens per sample (GPT-2 shape)")
     p.add_argument("--layers", type=int, default=None, help="GPT-2 depth (default 12)")
     p.add_argument("--k", type=int, default=256)
+    p.add_argument("--sketch", nargs="+", default=None, metavar="K:DTYPE[:CENTRING]",
+                   help="sketches to time side by side (default: sjlt at --k with the default dtype and centring)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", default="minilm,gpt2")
@@ -105,18 +114,22 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| model | what | plain s | sketchfisher s | x plain | peak RSS GiB |\n| --- | --- | --- | --- | --- | --- |")
-    codec = sf.Sketch(k=args.k, kind="sjlt", seed=0)
+    codecs = [sketch(spec) for spec in args.sketch] if args.sketch else [sf.Sketch(k=args.k, kind="sjlt", seed=0)]
+    codec = codecs[0]
     for name in args.models.split(","):
         model, loss, ta, tb = build(name, args)
         plain(model, loss, ta[:1])  # warm-up
         parts = args.parts.split(",")
-        runs = {"sf.analyze (in memory; default order: task B once)":
-                lambda: sf.analyze(model, loss, ta, tb, codec=codec).head_means(),
-                "sf.analyze(passes=2): two passes per task": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
-                                                                              passes=2).head_means(),
-                "sf.analyze(store=...)": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
-                                                            store=tempfile.mkdtemp()).head_means()}
-        kept = len(runs) if "collect" in parts else 1 if "default" in parts else 0  # "default": the first row only
+        runs = {}
+        for c in codecs:  # (several codecs: each one's default-order row, interleaved with its own baseline)
+            tag = f" [{c.k}:{c.dtype}:{c.centring}]" if len(codecs) > 1 else ""
+            runs[f"sf.analyze (in memory; default order: task B once){tag}"] = \
+                lambda c=c: sf.analyze(model, loss, ta, tb, codec=c).head_means()
+        runs.update({"sf.analyze(passes=2): two passes per task": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
+                                                                                   passes=2).head_means(),
+                     "sf.analyze(store=...)": lambda: sf.analyze(model, loss, ta, tb, codec=codec,
+                                                                 store=tempfile.mkdtemp()).head_means()})
+        kept = len(runs) if "collect" in parts else len(codecs) if "default" in parts else 0  # "default": those rows
         runs = dict(list(runs.items())[:kept])
         for label, run in runs.items():
             base, ours = [], []

@@ -16,7 +16,8 @@ def main(path: str) -> None:
     backend = os.environ.get("SF_BACKEND", "gloo")  # "nccl": one GPU per rank (device runs)
     if distributed:
         dist.init_process_group(backend, init_method="env://")
-    device = torch.device("cuda", int(os.environ.get("RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))  # (a node's own GPUs under torchrun)
+    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = make_model("gpt2", seed=5).to(device)

@@ -32,6 +32,29 @@ def test_two_gloo_ranks_equal_single_process(tmp_path, stats_dtype):
     two_ranks_equal_single_process(tmp_path, "gloo", stats_dtype)
 
 
+def test_two_nodes_under_torchrun_equal_single_process(tmp_path):
+    """``torchrun --nnodes 2`` (two launchers on this machine, one rank each, meeting at a c10d rendezvous): each
+    node's rank has local rank 0 and its own agent; the store they write together is the single process's."""
+    single = subprocess.run([sys.executable, str(TESTS / "dist_worker.py"), str(tmp_path / "single")],
+                            env=_env(SF_BACKEND="gloo"), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    port = _free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "sketchfisher-test",
+              "--max-restarts", "0", str(TESTS / "dist_worker.py"), str(tmp_path / "nodes")]
+    nodes = [subprocess.Popen(launch, env=_env(SF_BACKEND="gloo"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outs
+    a, b = sf.open_store(tmp_path / "single"), sf.open_store(tmp_path / "nodes")
+    assert b.summary()["samples"] == a.summary()["samples"] == {"a": 9, "b": 7}
+    assert a.manifest["tasks"] == b.manifest["tasks"]
+    for name in a.stats["a"].names():
+        torch.testing.assert_close(b.stats["a"].fisher(name), a.stats["a"].fisher(name), rtol=1e-12, atol=0)
+    ra, rb = a.result(), b.result()
+    torch.testing.assert_close(rb.scores, ra.scores, rtol=1e-5, atol=1e-6 * float(ra.scores.abs().max()))
+
+
 def test_two_gloo_ranks_of_an_fsdp_model_equal_single_process(tmp_path):
     """The model wrapped with FSDP2 ``fully_shard`` (each block and the root, parameters sharded over the 2
     ranks): the hooks see the unsharded forward and backward, so the store is the unwrapped model's."""

@@ -28,7 +28,9 @@ def pair_means_from_statistics(result: Any, group_size: int = 1) -> torch.Tensor
     """``[L, units, blocks]``: the exact mean over all (i, j) pairs of each unit's score, for units of
     ``group_size`` consecutive channels (MLP) or rows/columns, from the statistics of ``result``'s
     collection. ``group_size`` must divide the result's own unit width; for an MLP result, 1 gives
-    single neurons. Equals ``head_means()`` of a collection at that group size, up to rounding."""
+    single neurons. Equals ``head_means()`` of a collection at that group size, up to rounding: with fp32
+    statistics (the GPU setting) Σ|g| is accumulated in bf16 with stochastic rounding, which moves a single
+    neuron's mean by about 0.1%."""
     ctx = getattr(result, "context", None)
     if ctx is None:
         raise InputError("this result carries no statistics (it was built from a bare score provider)")
