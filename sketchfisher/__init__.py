@@ -24,7 +24,8 @@ _EXPORTS = {  # name -> the module that defines it
     **dict.fromkeys(("BLOCKS", "MLP_BLOCKS", "AttentionSpec", "Dims", "HeadBlock", "HeadKey", "Layout", "MLPSpec",
                      "Stacks", "layout_for", "mlp_layout_for", "register_layout", "register_mlp", "units_layout"),
                     ".layout"),
-    **dict.fromkeys(("analyze", "run_sanity_checks"), ".pipeline"),
+    **dict.fromkeys(("analyze", "analyze_tasks", "run_sanity_checks"), ".pipeline"),
+    **dict.fromkeys(("TaskSet",), ".interference.many"),
     **dict.fromkeys(("plan", "plan_phases"), ".planner"),
     **dict.fromkeys(("StoreError", "StoreMismatchError"), ".store"),
 }
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .interference.stored import Store, open_store
     from .layout import (BLOCKS, MLP_BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, MLPSpec, Stacks,
                          layout_for, mlp_layout_for, register_layout, register_mlp, units_layout)
-    from .pipeline import analyze, run_sanity_checks
+    from .interference.many import TaskSet
+    from .pipeline import analyze, analyze_tasks, run_sanity_checks
     from .planner import plan, plan_phases
     from .store import StoreError, StoreMismatchError

@@ -15,7 +15,7 @@ from .capture.oracle import LossFn
 from .collect import Job, MemorySink, default_stats_dtype, execute, pass_plan
 from .collect.runner import check_job
 from .collect.sketches import host_staging
-from .compress import Codec, Exact, Factors, check_codec
+from .compress import Codec, Exact, Factors, Sketch, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
 from .interference.checks import head_additivity, head_masking, loss_scaling, symmetry
@@ -121,6 +121,40 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     res = InterferenceResult.from_context(context, max_bytes)
     res.phases = log
     return res
+
+
+def analyze_tasks(model: nn.Module, loss_fn: LossFn, tasks: Mapping[str, Iterable[Any]], *,
+                  codec: Optional[Codec] = None, config: Optional[ScoreConfig] = None, variant: Optional[str] = None,
+                  eps: Optional[float] = None, ridge_abs: Optional[float] = None, ridge_rel: Optional[float] = None,
+                  dtype: Optional[torch.dtype] = None, layout: Optional[Layout] = None,
+                  units: str | tuple[str, ...] = "heads", mlp_group_size: Optional[int] = None,
+                  linear_group_sizes: Optional[dict[str, int]] = None, stats_dtype: Optional[torch.dtype] = None,
+                  max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = False) -> "TaskSet":
+    """Collect every task of ``tasks`` (``{name: batches}``, at least two) once and pair them afterwards in any
+    order: a statistics pass and one sketch pass per task (2N passes for N tasks, where pairwise collections
+    would take N(N − 1) of them). ``res.pair("math", "code")`` is that pair's
+    :class:`InterferenceResult` (scores with error bars, ``head_conflicts()``, every table), ``res.conflicts()``
+    the conflict test of every ordered pair and ``res.matrix()`` how many unit blocks each pair flags.
+
+    Sketches only (default ``sf.Sketch()``), normaliser ``"a"`` (each pair's denominator is its task A's
+    Fisher). The balance is pooled over all tasks and each task is centred by its own means, so a pair's scores
+    have the expectation of a dedicated ``sf.analyze`` run, with error bars of about its size
+    (``benchmarks/many_tasks.py`` compares them on MiniLM). Every task's statistics stay in memory, and the
+    sketch pass runs the torch path (no fused GPU kernel yet): for models whose N tasks' statistics fit."""
+    from .collect.many import collect_tasks
+    from .interference.many import TaskSet
+
+    if not isinstance(tasks, Mapping):
+        raise InputError(f"tasks must be a mapping {{name: batches}}, got {type(tasks).__name__}")
+    check_batches(**{str(k): v for k, v in tasks.items()})
+    model = base_model(model)
+    codec = check_codec(Sketch() if codec is None else codec)
+    cfg = score_config(config, variant=variant, normalizer=None, eps=eps, ridge_abs=ridge_abs, ridge_rel=ridge_rel,
+                       dtype=dtype)
+    layout = units_layout(model, units, mlp_group_size, linear_group_sizes, layout=layout)
+    collection = collect_tasks(model, loss_fn, tasks, layout, codec, cfg,
+                               stats_dtype=stats_dtype or default_stats_dtype(model), show_progress=progress)
+    return TaskSet(collection, layout, cfg, codec, max_bytes)
 
 
 def check_batches(**tasks: Any) -> None:

@@ -1,0 +1,94 @@
+"""Many tasks collected once (``sf.analyze_tasks``): any pair's scores and conflict test are those of a dedicated
+pairwise collection; 2N passes for N tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sketchfisher as sf
+from tiny_models import generic_loss, make_batches, make_model
+
+
+@pytest.fixture(scope="module")
+def three():
+    model = make_model("llama_gqa", seed=3)
+    tasks = {"x": make_batches(6, 2, seed=1), "y": make_batches(5, 2, seed=2), "z": make_batches(4, 2, seed=7)}
+    return model, tasks
+
+
+@pytest.mark.parametrize("variant", ["paper", "signed"])
+@pytest.mark.parametrize("units", ["heads", "all"])
+def test_every_pair_equals_the_exact_scores_at_full_width(three, variant, units):
+    """Full-width srht is exact, so every ordered pair must give the exact pairwise scores: the shared balance,
+    each task's own centres and the per-task cross terms keep the identity for any pair."""
+    model, tasks = three
+    seen = {t: 0 for t in tasks}
+
+    def counting(m, batch):
+        seen[next(t for t, bs in tasks.items() if any(batch is b for b in bs))] += 1
+        return generic_loss(m, batch)
+
+    group = dict(mlp_group_size=4) if units == "all" else {}  # MLP blocks of 4 x 32 = 128 entries, as the heads'
+    many = sf.analyze_tasks(model, counting, tasks, codec=sf.Sketch(k=128, kind="srht", dtype="fp32"), variant=variant,
+                            units=units, **group)
+    assert seen == {t: 2 * len(bs) for t, bs in tasks.items()}  # one statistics and one sketch pass per task
+    for a in tasks:
+        for b in tasks:
+            if a == b:
+                continue
+            exact = sf.analyze(model, generic_loss, tasks[a], tasks[b], codec=sf.Factors(), variant=variant, units=units,
+                               **group)
+            res = many.pair(a, b)
+            scale = float(exact.scores.abs().max()) * 1e-5
+            torch.testing.assert_close(res.scores, exact.scores, rtol=1e-4, atol=scale)
+            if units == "all":
+                mlp, emlp = res.units("mlp"), exact.units("mlp")
+                torch.testing.assert_close(mlp.scores, emlp.scores, rtol=1e-4, atol=float(emlp.scores.abs().max()) * 1e-5)
+
+
+def test_each_pairs_conflict_test_is_the_exact_one(three):
+    """The per-sample conflict scalars against every task are exact: each pair's conflict table (T, its standard
+    error, p) is the exact codec's for that pair."""
+    model, tasks = three
+    many = sf.analyze_tasks(model, generic_loss, tasks, codec=sf.Sketch(k=16))
+    cols, key = ["T", "stderr", "p_value", "alignment"], ["layer", "head", "block"]
+    table = many.conflicts()
+    assert set(zip(table.task_a, table.task_b)) == {(a, b) for a in tasks for b in tasks if a != b}
+    for a, b in (("x", "y"), ("z", "x")):
+        want = sf.analyze(model, generic_loss, tasks[a], tasks[b], codec=sf.Factors()).head_conflicts()
+        got = many.pair(a, b).head_conflicts()
+        w, g = (df.sort_values(key)[cols].to_numpy() for df in (want, got))
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-6, atol=1e-12)
+    m = many.matrix(table=table)
+    assert list(m.index) == list(m.columns) == ["x", "y", "z"]
+    assert all(m.isna().to_numpy().diagonal()) and not m.isna().to_numpy()[~torch.eye(3, dtype=bool).numpy()].any()
+
+
+def test_sketched_pairs_have_calibrated_error_bars(three):
+    """At k < P a pair's estimates scatter around the exact scores as their error bars say."""
+    model, tasks = three
+    many = sf.analyze_tasks(model, generic_loss, tasks, codec=sf.Sketch(k=32, seed=3))
+    exact = sf.analyze(model, generic_loss, tasks["y"], tasks["z"], codec=sf.Factors())
+    res = many.pair("y", "z")
+    cover = float(((res.scores - exact.scores).abs() <= 1.96 * res.stderr).double().mean())
+    assert 0.85 <= cover <= 1.0, cover
+
+
+def test_bad_settings_are_refused(three):
+    model, tasks = three
+    with pytest.raises(sf.InputError, match="at least 2 tasks"):
+        sf.analyze_tasks(model, generic_loss, {"x": tasks["x"]})
+    with pytest.raises(sf.InputError, match="needs sketches"):
+        sf.analyze_tasks(model, generic_loss, tasks, codec=sf.Factors())
+    with pytest.raises(sf.InputError, match="normalizer='a'"):
+        sf.analyze_tasks(model, generic_loss, tasks, config=sf.ScoreConfig(normalizer="pooled"))
+    with pytest.raises(sf.InputError, match="one-shot iterator"):
+        sf.analyze_tasks(model, generic_loss, {"x": iter(tasks["x"]), "y": tasks["y"]})
+    with pytest.raises(sf.InputError, match="mapping"):
+        sf.analyze_tasks(model, generic_loss, [tasks["x"], tasks["y"]])
+    many = sf.analyze_tasks(model, generic_loss, {"x": tasks["x"], "y": tasks["y"]}, codec=sf.Sketch(k=8))
+    with pytest.raises(sf.InputError, match="no task 'w'"):
+        many.pair("x", "w")
+    with pytest.raises(sf.InputError, match="two different tasks"):
+        many.pair("x", "x")
