@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -104,6 +105,32 @@ def plot_head_conflicts(conflicts, layout: Any = None, path: Optional[str | Path
                                unit="head" if unit == "head" else "channel group", label="alignment (cosine)",
                                title=f"{title}colour: alignment of the tasks' mean gradients (blue: opposed); "
                                      f"dots: conflict at q ≤ {level:g} ({int(marked.sum())} cells)")
+
+
+def plot_task_matrix(matrix, path: Optional[str | Path] = None, title: str = "", total: Optional[int] = None) -> Any:
+    """Which task pairs conflict: :meth:`TaskSet.matrix <sketchfisher.TaskSet.matrix>`'s N × N counts of flagged
+    unit blocks (rows: task A, whose training is considered; columns: task B, whose loss it would raise), each
+    cell printed, the diagonal blank. ``total`` (the unit blocks tested per pair; default: the matrix's own
+    record) is named in the colour bar."""
+    plt = _pyplot()
+    values = matrix.to_numpy(dtype=float)
+    n = len(matrix.index)
+    fig, ax = plt.subplots(figsize=(1.1 * n + 2.6, 0.9 * n + 1.8), layout="constrained")
+    im = ax.imshow(values, cmap="Reds", vmin=0, vmax=max(1.0, float(np.nanmax(values)) if np.isfinite(values).any() else 1))
+    ax.set_xticks(range(n), [str(c) for c in matrix.columns], rotation=30, ha="right")
+    ax.set_yticks(range(n), [str(r) for r in matrix.index])
+    ax.set_xlabel("task B (its loss)")
+    ax.set_ylabel("task A (trained on)")
+    for i in range(n):
+        for j in range(n):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{int(values[i, j])}", ha="center", va="center", fontsize=9)
+    total = total or matrix.attrs.get("tested")
+    label = "conflicting unit blocks" + (f" (of {total} per pair)" if total else "")
+    fig.colorbar(im, ax=ax, label=label, shrink=0.8)
+    block = matrix.attrs.get("block")
+    return _finish(fig, path, title or f"{block + ' blocks' if block else 'Unit blocks'} where training on A raises "
+                                       f"B's loss (q ≤ {matrix.attrs.get('level', 0.05):g})")
 
 
 def plot_block_comparison(values: torch.Tensor, path: Optional[str | Path] = None, title: str = "",

@@ -47,7 +47,7 @@ def test_every_pair_equals_the_exact_scores_at_full_width(three, variant, units)
                 torch.testing.assert_close(mlp.scores, emlp.scores, rtol=1e-4, atol=float(emlp.scores.abs().max()) * 1e-5)
 
 
-def test_each_pairs_conflict_test_is_the_exact_one(three):
+def test_each_pairs_conflict_test_is_the_exact_one(three, tmp_path):
     """The per-sample conflict scalars against every task are exact: each pair's conflict table (T, its standard
     error, p) is the exact codec's for that pair."""
     model, tasks = three
@@ -63,6 +63,15 @@ def test_each_pairs_conflict_test_is_the_exact_one(three):
     m = many.matrix(table=table)
     assert list(m.index) == list(m.columns) == ["x", "y", "z"]
     assert all(m.isna().to_numpy().diagonal()) and not m.isna().to_numpy()[~torch.eye(3, dtype=bool).numpy()].any()
+    for (a, b), n in table.groupby(["task_a", "task_b"])["conflict"].sum().items():
+        assert m.loc[a, b] == n
+    assert many.matrix(table=table, block="V").to_numpy()[0, 1] == table[(table.task_a == "x") & (table.task_b == "y")
+                                                                         & (table.block == "V")].conflict.sum()
+    pytest.importorskip("matplotlib")
+    from sketchfisher.plots import plot_task_matrix
+
+    fig = plot_task_matrix(m, tmp_path / "pairs.png", total=len(table) // 6)
+    assert (tmp_path / "pairs.png").stat().st_size > 5000 and fig.axes
 
 
 def test_sketched_pairs_have_calibrated_error_bars(three):

@@ -121,6 +121,7 @@ class TaskSet:
                            columns=pd.Index(self.names, name="task_b"))
         for (a, b), n in counts.items():
             out.loc[a, b] = float(n)
+        out.attrs.update(level=level, block=block, tested=int(len(table) // max(1, len(counts))))
         return out
 
 
