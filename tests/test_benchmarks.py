@@ -35,6 +35,7 @@ TINY = {
     "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8",
                    "--cli", "{tmp}", "--passes", "1.5", "2"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
+    "many_tasks.py": ["--samples", "3", "--k", "16", "--dtype", "fp16"],
     "one_pass_b.py": ["--samples", "3", "--ks", "8", "--seeds", "1"],
     "sjlt_tune.py": ["--help"],
     "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],
