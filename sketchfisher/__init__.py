@@ -25,7 +25,7 @@ _EXPORTS = {  # name -> the module that defines it
                      "Stacks", "layout_for", "mlp_layout_for", "register_layout", "register_mlp", "units_layout"),
                     ".layout"),
     **dict.fromkeys(("analyze", "analyze_tasks", "run_sanity_checks"), ".pipeline"),
-    **dict.fromkeys(("TaskSet",), ".interference.many"),
+    **dict.fromkeys(("TaskSet", "open_tasks"), ".interference.many"),
     **dict.fromkeys(("plan", "plan_phases"), ".planner"),
     **dict.fromkeys(("StoreError", "StoreMismatchError"), ".store"),
 }
@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .interference.stored import Store, open_store
     from .layout import (BLOCKS, MLP_BLOCKS, AttentionSpec, Dims, HeadBlock, HeadKey, Layout, MLPSpec, Stacks,
                          layout_for, mlp_layout_for, register_layout, register_mlp, units_layout)
-    from .interference.many import TaskSet
+    from .interference.many import TaskSet, open_tasks
     from .pipeline import analyze, analyze_tasks, run_sanity_checks
     from .planner import plan, plan_phases
     from .store import StoreError, StoreMismatchError

@@ -101,3 +101,30 @@ def test_bad_settings_are_refused(three):
         many.pair("x", "w")
     with pytest.raises(sf.InputError, match="two different tasks"):
         many.pair("x", "x")
+
+
+def test_a_saved_task_set_reads_back_the_same_pairs_without_the_model(three, tmp_path):
+    """save / sf.open_tasks: every pair's scores, error bars and conflict table bitwise; every file checked
+    against its digest (a changed byte is refused); no second task set written over the first."""
+    model, tasks = three
+    many = sf.analyze_tasks(model, generic_loss, tasks, codec=sf.Sketch(k=16, dtype="int4"))
+    many.save(tmp_path / "set")
+    back = sf.open_tasks(tmp_path / "set")
+    assert back.names == many.names
+    for a, b in (("x", "y"), ("z", "y")):
+        mine, theirs = many.pair(a, b), back.pair(a, b)
+        assert torch.equal(mine.scores, theirs.scores) and torch.equal(mine.stderr, theirs.stderr)
+        t1, t2 = (r.head_conflicts() for r in (mine, theirs))
+        assert t1[["T", "stderr", "p_value"]].equals(t2[["T", "stderr", "p_value"]])
+    with pytest.raises(sf.StoreError, match="holds a task set already"):
+        many.save(tmp_path / "set")
+    victim = tmp_path / "set" / "sides-1-b.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(sf.StoreError, match="does not match its recorded digest|cannot read"):
+        sf.open_tasks(tmp_path / "set")
+    with pytest.raises(sf.StoreError, match="not a sketchfisher"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "tasks.json").write_text('{"format": "something else"}')
+        sf.open_tasks(tmp_path / "other")
