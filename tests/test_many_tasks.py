@@ -128,3 +128,37 @@ def test_a_saved_task_set_reads_back_the_same_pairs_without_the_model(three, tmp
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "tasks.json").write_text('{"format": "something else"}')
         sf.open_tasks(tmp_path / "other")
+
+
+def test_the_tasks_command_collects_named_tasks_once(tiny_bert_dir, tmp_path, capsys):
+    """``sketchfisher tasks --task NAME=PATH ...``: the N x N matrix printed and written, every pair's conflict
+    test in conflicts.csv, the task set read back without the model; bad --task values are one clear error."""
+    import pandas as pd
+
+    from sketchfisher.cli import main
+
+    files = {"animals": "the cat sat on the mat\nthe dog ran in the park\na bird sang in the tree\nfish swim\n",
+             "sums": "one plus two is three\ntwo times four is eight\nten minus six is four\nsix is even\n",
+             "weather": "it rained all day\nthe sun came out at noon\nsnow fell in the night\nfog lifted\n"}
+    args = []
+    for name, text in files.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+        args += ["--task", f"{name}={tmp_path / name}.txt"]
+    base = ["tasks", "--model", str(tiny_bert_dir), "--loss", "mlm", "--k", "16", "--quiet", "--no-plot"]
+    assert main([*base, *args, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "3 tasks collected once (6 passes)" in out and "animals" in out and "conflicts.csv" in out
+    matrix = pd.read_csv(tmp_path / "out" / "matrix.csv", index_col=0)
+    assert list(matrix.index) == list(matrix.columns) == list(files)
+    table = pd.read_csv(tmp_path / "out" / "conflicts.csv")
+    assert set(zip(table.task_a, table.task_b)) == {(a, b) for a in files for b in files if a != b}
+    back = sf.open_tasks(tmp_path / "out")
+    assert back.names == list(files) and back.pair("sums", "animals").scores.shape[:2] == (4, 4)
+    (tmp_path / "two.txt").write_text("a line\nanother line\n")
+    for bad, message in ((["--task", "only=" + str(tmp_path / "sums.txt")], "two or more"),
+                         (args[:4] + ["--task", f"two={tmp_path / 'two.txt'}"], "at least 4 task-A samples: two (2)"),
+                         (["--task", "nopath"], "NAME=PATH"), (args[:2] + args[:2], "given twice")):
+        assert main([*base, *bad, "--out", str(tmp_path / "bad")]) == 1
+        assert message in capsys.readouterr().err
+    assert main([*base, *args, "--out", str(tmp_path / "out")]) == 1
+    assert "holds a task set already" in capsys.readouterr().err

@@ -118,6 +118,74 @@ def _collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_tasks(args: argparse.Namespace) -> dict[str, str]:
+    """``--task NAME=PATH`` (two or more, names unique) as ``{name: path}``."""
+    from ..errors import InputError
+
+    tasks: dict[str, str] = {}
+    for item in args.task:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--task {item!r}: give NAME=PATH, e.g. --task math=math.txt")
+        if name in tasks:
+            raise InputError(f"--task {name} is given twice; task names must differ")
+        tasks[name] = path
+    if len(tasks) < 2:
+        raise InputError(f"sketchfisher tasks needs two or more --task NAME=PATH, got {len(tasks)}")
+    return tasks
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    import sketchfisher as sf
+    from ..tasks import check_max_length, input_device, load_hf, loss_for, task_batches, to_device
+
+    named = _named_tasks(args)
+    out = Path(args.out)
+    if (out / "tasks.json").exists():
+        from ..errors import InputError
+
+        raise InputError(f"--out {out} holds a task set already; choose another folder")
+    if not args.no_plot:
+        _need_plots(args)
+    codec = sf.Sketch(k=args.k, seed=args.seed, dtype=args.sketch_dtype)
+    loss = _loss(args)
+    samples = preflight(args, loss, codec, args.units, tasks=[(f"--task {n}", p) for n, p in named.items()])
+    few = [f"{n} ({len(s)})" for n, s in zip(named, samples) if len(s) < 4]
+    if few:
+        from ..errors import InputError
+
+        raise InputError(f"every task plays task A in some pair, and the conflict test needs at least 4 task-A "
+                         f"samples: {', '.join(few)}")
+    model, tok = load_hf(args.model, loss, args.device, args.dtype, _device_map(args), args.tokenizer)
+    if args.adapter:
+        from ..tasks import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    check_max_length(model, args.max_length)
+    device = input_device(model)
+    batches = {n: to_device(task_batches(texts, tok, loss, args.batch_size, args.max_length), device)
+               for n, texts in zip(named, samples)}
+    start = time.perf_counter()
+    many = sf.analyze_tasks(model, loss_for(loss), batches, codec=codec, variant=args.variant, units=args.units,
+                            mlp_group_size=args.mlp_group_size, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    many.save(out)
+    table = many.conflicts(args.level)
+    matrix = many.matrix(args.level, table=table)
+    table.to_csv(out / "conflicts.csv", index=False)
+    matrix.to_csv(out / "matrix.csv")
+    if not args.no_plot:
+        from ..plots import plot_task_matrix
+
+        plot_task_matrix(matrix, out / "matrix.png")
+    print(f"sketchfisher tasks: {len(named)} tasks collected once ({2 * len(named)} passes) in {seconds:.1f} s")
+    print(f"unit blocks flagged at q <= {args.level:g} (rows: task A, trained on; columns: task B, whose loss rises):")
+    print(matrix.to_string(na_rep="-", float_format=lambda v: f"{v:.0f}"))
+    print(f"outputs in {out}: conflicts.csv (every pair's test), matrix.csv" + ("" if args.no_plot else ", matrix.png")
+          + "; the task set itself: sf.open_tasks('" + str(out) + "').pair(A, B) in Python")
+    return 0
+
+
 def _print_store(store, loss_why: str | None = None) -> None:
     """What a store holds, as a short table, and the commands to run next."""
     rows = _store_rows(store, loss_why)

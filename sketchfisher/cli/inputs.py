@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 def _need_plots(args: argparse.Namespace) -> None:
@@ -75,23 +76,25 @@ def _recompute_inputs(args: argparse.Namespace, store):
     return model, loss, tasks
 
 
-def preflight(args: argparse.Namespace, loss: str, codec=None, units=None, cfg=None, passes=None) -> list:
-    """Everything that can be checked without the weights, before the model is loaded (minutes at 7B): both
+def preflight(args: argparse.Namespace, loss: str, codec=None, units=None, cfg=None, passes=None,
+              tasks: Optional[list[tuple[str, str]]] = None) -> list:
+    """Everything that can be checked without the weights, before the model is loaded (minutes at 7B): the
     task files (read; at least 2 samples each), the model and tokenizer folders, the
     truncation length against the config, and — on a weightless (meta-device) copy of the model — its layout
     and the codec against it, and (``cfg`` given: ``collect``) the store's planned size against the disk and
-    ``--max-bytes``. Returns both tasks' samples."""
+    ``--max-bytes``. ``tasks``: ``(what, path)`` of each task (default: ``--task-a`` and ``--task-b``). Returns
+    every task's samples."""
     import torch
 
     from ..errors import InputError
     from ..tasks import check_max_length, check_model_dir, read_task
 
     samples = []
-    for flag in ("task_a", "task_b"):
-        texts = read_task(getattr(args, flag), args.text_field)
+    for what, path in tasks or [("--task-a", args.task_a), ("--task-b", args.task_b)]:
+        texts = read_task(path, args.text_field)
         if len(texts) < 2:
-            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} holds {len(texts)} sample; the error "
-                             "bars and the conflict test need at least 2 per task")
+            raise InputError(f"{what} {path} holds {len(texts)} sample; the error bars and the conflict test need at "
+                             "least 2 per task")
         samples.append(texts)
     check_model_dir(args.model, getattr(args, "tokenizer", None))
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

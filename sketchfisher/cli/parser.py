@@ -9,7 +9,7 @@ import signal
 import sys
 
 from .._version import __version__
-from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, _report, _verify
+from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, _report, _tasks, _verify
 
 
 def _units(text: str):
@@ -98,7 +98,7 @@ POSITIVE = _number(int, 1, "this option")
 NONNEGATIVE = _number(int, 0, "this option")
 
 
-def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
+def _model_args(p: argparse.ArgumentParser, from_store: bool = False, many: bool = False) -> None:
     later = " (default: the one the store was collected with)" if from_store else ""
     p.add_argument("--model", required=not from_store, help="local HF model directory (config, weights, tokenizer)"
                    + later)
@@ -107,10 +107,14 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
                         "weights, over the projections its adapters train (needs peft)" + later)
     p.add_argument("--tokenizer", default=None,
                    help="local tokenizer directory, when the model directory has none (default: the model's)")
-    p.add_argument("--task-a", required=not from_store,
-                   help="task A samples: one per line of a .txt file; .jsonl/.json/.csv/.tsv/.parquet records with a "
-                        "'text' field; or a local dataset folder (one split)" + later)
-    p.add_argument("--task-b", required=not from_store, help="task B samples, same format" + later)
+    formats = ("one per line of a .txt file; .jsonl/.json/.csv/.tsv/.parquet records with a 'text' field; or a local "
+               "dataset folder (one split)")
+    if many:
+        p.add_argument("--task", action="append", required=True, metavar="NAME=PATH",
+                       help=f"a task, named (give two or more): its samples {formats}")
+    else:
+        p.add_argument("--task-a", required=not from_store, help=f"task A samples: {formats}" + later)
+        p.add_argument("--task-b", required=not from_store, help="task B samples, same format" + later)
     p.add_argument("--loss", choices=["mlm", "clm"], default=None,
                    help="clm: next-token cross-entropy; mlm: masked tokens decoded with the tied embeddings "
                         "(default: what the model directory was trained for, from its config)")
@@ -133,7 +137,7 @@ def _model_args(p: argparse.ArgumentParser, from_store: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .choices import SKETCH_DTYPES
+    from .choices import SKETCH_DTYPES, variants
 
     parser = argparse.ArgumentParser(
         prog="sketchfisher", description="Which attention heads, and which Q/K/V/O blocks, do the samples of two "
@@ -190,6 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "pass 1 and two weight tensors in the passes; 'sketchfisher conflicts' then refuses the store)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_collect)
+
+    p = sub.add_parser("tasks", help="collect N tasks once (2N passes) and show which pairs conflict where: the N x N "
+                                     "matrix, every pair's conflict test, a folder that pairs again without the model")
+    _model_args(p, many=True)
+    p.add_argument("--out", required=True, help="output folder (the task set, conflicts.csv, matrix.csv, matrix.png)")
+    p.add_argument("--k", type=POSITIVE, default=1024, help="sketch width per unit block (default: 1024)")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random maps (default: 0)")
+    p.add_argument("--sketch-dtype", default="int4", choices=list(SKETCH_DTYPES),
+                   help="storage precision of the sketches (default: int4, dithered)")
+    p.add_argument("--variant", default="paper", choices=list(variants()), help="score variant (default: paper)")
+    p.add_argument("--units", default="heads", type=_units, help="heads (default), mlp, linear; all = heads,mlp")
+    p.add_argument("--mlp-group-size", type=POSITIVE, default=None, help="hidden channels per MLP unit")
+    p.add_argument("--level", type=_number(float, 0, "--level"), default=0.05,
+                   help="q-value at or below which a unit block is flagged (default: 0.05)")
+    p.add_argument("--no-plot", action="store_true", help="no matrix.png (no matplotlib needed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_tasks)
 
     p = sub.add_parser("interfere", help="Stage 6 from a store: top conflicts, head means, heatmap")
     p.add_argument("store", help="a store directory written by collect")
