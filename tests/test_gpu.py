@@ -222,3 +222,25 @@ def test_model_dispatched_over_two_devices_equals_one_device():
             assert two.context.stats_a.welford[q1].count == one.context.stats_a.welford[q1].count
         torch.testing.assert_close(two.scores, one.scores, rtol=1e-5, atol=1e-6 * float(one.scores.abs().max()))
         model = make_model("llama_gqa", wrapper=True)
+
+
+def test_many_tasks_on_cuda_equal_cpu():
+    """Tasks collected once on a GPU (fp64 statistics on both devices): every pair's scores and conflict test are
+    the CPU's, and at full width the exact scores."""
+    model = make_model("llama_gqa")
+    tasks = {"x": make_batches(5, 2, seed=1), "y": make_batches(4, 2, seed=2), "z": make_batches(4, 2, seed=3)}
+    on = {t: [{k: v.cuda() for k, v in b.items()} for b in bs] for t, bs in tasks.items()}
+    codec = sf.Sketch(k=128, kind="srht", dtype="fp32")
+    cpu = sf.analyze_tasks(model, generic_loss, tasks, codec=codec, stats_dtype=torch.float64)
+    gpu = sf.analyze_tasks(model.cuda(), generic_loss, on, codec=codec, stats_dtype=torch.float64)
+    model.cpu()
+    exact = sf.analyze(model, generic_loss, tasks["z"], tasks["x"], codec=sf.Factors())
+    for a, b in (("x", "y"), ("z", "x")):
+        c, g = cpu.pair(a, b), gpu.pair(a, b)
+        torch.testing.assert_close(g.scores, c.scores, rtol=1e-4, atol=1e-6 * float(c.scores.abs().max()))
+        tc, tg = (r.head_conflicts().sort_values(["layer", "head", "block"]) for r in (c, g))
+        want = torch.tensor(tc[["T", "stderr"]].to_numpy())  # (fp32 gradients formed in another order: as the
+        torch.testing.assert_close(torch.tensor(tg[["T", "stderr"]].to_numpy()), want,  # pairwise GPU test allows)
+                                   rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+    res = gpu.pair("z", "x")
+    torch.testing.assert_close(res.scores, exact.scores, rtol=1e-4, atol=1e-5 * float(exact.scores.abs().max()))
