@@ -72,6 +72,9 @@ def pair_means_from_statistics(result: Any, group_size: int = 1) -> torch.Tensor
                 units = grouped.numel()
                 out = torch.full((layout.num_layers, units, len(blocks)), float("nan"), dtype=torch.float64)
             if grouped.numel() != units:
-                raise InputError(f"({layer}, {block}) has {grouped.numel()} units, others {units}")
+                raise InputError(f"({layer}, {block}) has {grouped.numel()} units of {group_size} channel(s), other "
+                                 f"blocks {units}: the blocks of this {layout.unit} result differ in width (K/V under "
+                                 "grouped-query attention), so they share no unit grid at this granularity; single "
+                                 "neurons are an MLP result's: res.units('mlp').pair_means_from_statistics()")
             out[layer, :, b] = grouped.cpu()
     return out

@@ -106,12 +106,13 @@ class StoreSink(Sink):
     shard, in the background; batches whose shard exists (or that belong to another rank) skipped."""
 
     def __init__(self, root: Path, ranks: Ranks, store_id: str, codec: SideCodec, checkpoint_every: int | None,
-                 staging: Any, space: Callable[[int], None], lockstep: bool = False):
+                 staging: Any, space: Callable[[int], None], lockstep: bool = False, keeps_fisher_a: bool = True):
         self.root, self.ranks, self.store_id, self.codec = root, ranks, store_id, codec
         self.lockstep = lockstep  # a sharded model: every rank runs every one of its batches (collectives)
         self.checkpoint_every, self.staging, self.space = checkpoint_every, staging, space
         self.keep = ()  # every statistic is on disk (or on its way there): device copies are freed as consumed
         self.fisher_a: Optional[FisherStats] = None
+        self.keeps_fisher_a = keeps_fisher_a  # task B's single pass runs without w_a: rebuilt from A's Fisher
         self.counters: dict[str, Counter] = {}
         self.batches_seen: dict[str, int | None] = {}
         # two writers: the statistics (tens of GB at 7B) must not hold up the shards behind them
@@ -165,7 +166,7 @@ class StoreSink(Sink):
         if batches is not None and self.ranks.rank == 0:  # computed now: to host memory, then to disk
             host = stats.to_host(self.staging.copy if self.staging is not None else host_copy)
             self.stat_writes.submit(save_pass1, host, final_path(self.root, task), batches, self.store_id, task)
-        if task == "a":  # task A's Fisher in host memory: w_a is built from it again after task B's single pass
+        if task == "a" and self.keeps_fisher_a:  # A's Fisher in host memory: w_a is built again after B's single pass
             self.fisher_a = (host or stats.to_host()).only(("fisher",))
         del host
         self.final[task] = stats.count
@@ -307,7 +308,8 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     dtypes = [d for t in TASKS if t not in on_disk for d in statistics_dtypes(plan.statistics[t], layout, stats_dtype)]
     sink = StoreSink(root, ranks, store_id, codec, checkpoint_every,
                      host_staging(model, layout, dtypes if ranks.rank == 0 else []), space,
-                     lockstep=ranks.world > 1 and sharded(model))
+                     lockstep=ranks.world > 1 and sharded(model),
+                     keeps_fisher_a=any(step.kind == "fold_sketch" for step in plan.steps))
     try:
         state = execute(plan, job, sink)
     finally:
