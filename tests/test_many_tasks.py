@@ -59,7 +59,8 @@ def test_each_pairs_conflict_test_is_the_exact_one(three, tmp_path):
         want = sf.analyze(model, generic_loss, tasks[a], tasks[b], codec=sf.Factors()).head_conflicts()
         got = many.pair(a, b).head_conflicts()
         w, g = (df.sort_values(key)[cols].to_numpy() for df in (want, got))
-        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-6, atol=1e-12)
+        w = torch.tensor(w)  # (the scalars are formed in the score dtype, fp32: rounding only)
+        torch.testing.assert_close(torch.tensor(g), w, rtol=1e-4, atol=1e-6 * float(w.abs().max()))
     m = many.matrix(table=table)
     assert list(m.index) == list(m.columns) == ["x", "y", "z"]
     assert all(m.isna().to_numpy().diagonal()) and not m.isna().to_numpy()[~torch.eye(3, dtype=bool).numpy()].any()

@@ -20,7 +20,9 @@ every task u; as task B, ``g_j · ḡ_s W_s`` and ``g_j · ḡ_s^half W_s`` for 
 λ)``). Every task's sketches are made in one pass once all tasks' statistics are known, so N tasks take 2N
 passes, and adding a task later takes its two passes plus one pass over every earlier task (their cross
 terms and conflict scalars against the new task's centre and mean). The computation is the torch path, with
-every task's statistics in memory (models whose N tasks' statistics fit the host).
+every task's statistics in memory and, while the sketch passes run, each task's mean gradient and its two
+weighted means in the score dtype: about 3N model-sized tensors beside the statistics (models whose N tasks fit
+the host).
 """
 
 from __future__ import annotations
@@ -115,12 +117,17 @@ def prepare_tasks(layout: Layout, stats: dict[str, FisherStats], cfg: ScoreConfi
     return out
 
 
+def _denominator(stats: FisherStats, layout: Layout, key: tuple[int, str], cfg: ScoreConfig) -> torch.Tensor:
+    """``W = 1 / (Î + ε + λ)`` of one task and block, fp64."""
+    fisher = stats.block(layout, *key, "fisher").double()
+    return (fisher + shift(fisher, cfg)).reciprocal()
+
+
 def conflict_weights(layout: Layout, stats: dict[str, FisherStats], key: tuple[int, str], cfg: ScoreConfig):
     """``(W_t [N, H_b, S], ḡ_t [N, H_b, S], ḡ_t W_t and ḡ_t^half W_t [N, 2, H_b, S])`` of one block, fp64."""
     w, g, half = [], [], []
     for s in stats.values():
-        fisher = s.block(layout, *key, "fisher").double()
-        w.append((fisher + shift(fisher, cfg)).reciprocal())
+        w.append(_denominator(s, layout, key, cfg))
         g.append(s.block(layout, *key, "mean_grad").double())
         half.append(s.block(layout, *key, "mean_grad_half").double())
     w, g, half = torch.stack(w), torch.stack(g), torch.stack(half)
@@ -147,10 +154,13 @@ def collect_tasks(model: nn.Module, loss_fn: LossFn, tasks: Mapping[str, Iterabl
     keys = list(preps[names[0]])
     centres = {key: (torch.stack([preps[t][key].x_bar for t in names]), torch.stack([preps[t][key].y_bar for t in names]))
                for key in keys if preps[names[0]][key].x_bar is not None}
-    weights = {key: conflict_weights(layout, stats, key, cfg) for key in keys}
+    # each task's mean and its two weighted means, kept in the score dtype (3N model-sized tensors); a task's own
+    # denominator W_t is formed per pass
+    weights = {key: tuple(x.to(cfg.dtype) for x in conflict_weights(layout, stats, key, cfg)[1:]) for key in keys}
     sides = {t: {"a": SketchSide(codec), "b": SketchSide(codec)} for t in names}
     params = sorted({layout.param_of(*key) for key in keys})
-    for ti, t in enumerate(names):
+    for t in names:
+        own_w = {key: _denominator(stats[t], layout, key, cfg).to(cfg.dtype) for key in keys}  # W_t
         for _, bf in factor_pass(model, loss_fn, tasks[t], params, desc=f"pass 2 {t}", show_progress=show_progress):
             out: dict[str, dict] = {"a": {}, "b": {}}
             for key in keys:
@@ -158,10 +168,10 @@ def collect_tasks(model: nn.Module, loss_fn: LossFn, tasks: Mapping[str, Iterabl
                 module = hbs[0].module_name
                 g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
                 prep = preps[t][key]
-                w, mean, weighted = (x.to(g.device) for x in weights[key])
-                gd = g.double()
-                conflict = {"a": torch.einsum("bhs,uhs->bhu", gd * w[ti], mean),           # g_i · ḡ_u W_t, every u
-                            "b": torch.einsum("bhs,uchs->bhuc", gd, weighted)}            # g_j · ḡ_s W_s, half
+                mean, weighted = (x.to(g.device) for x in weights[key])
+                gd = g.to(cfg.dtype)
+                conflict = {"a": torch.einsum("bhs,uhs->bhu", gd * own_w[key].to(g.device), mean),  # g_i·ḡ_u W_t, every u
+                            "b": torch.einsum("bhs,uchs->bhuc", gd, weighted)}          # g_j · ḡ_s W_s, its half
                 for side in ("a", "b"):
                     v = side_vector(g, prep, side, stats[t].count, cfg)
                     sk, norm2, _, own = sketch_sides(v, prep, side, codec, key[0], block_index(key[1]))
