@@ -170,3 +170,15 @@ def test_sketch_kernel_empty_batch_and_strided_rows():
     x = torch.randn(3, 180)[:, ::2]  # rows strided and not dense
     sk, *_ = kernels.sketch_heads(x, keys, offsets, 90, 90, 90, 32, 1)
     torch.testing.assert_close(sk[:, 0], m.apply(x.contiguous()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_one_multiply_32_bit_product_is_the_split_one():
+    """``_mul32`` relies on int64 products wrapping modulo 2⁶⁴: its bits equal a product formed from 16-bit halves
+    (no overflow) for values across the whole 32-bit range."""
+    from sketchfisher.kernels.hashing import MASK32, _mul32
+
+    x = torch.cat([torch.randint(0, 2**32, (100_000,), dtype=torch.int64, generator=torch.Generator().manual_seed(1)),
+                   torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=torch.int64)])
+    for c in (0x85EBCA6B, 0xC2B2AE35, 2**32 - 1, 1):
+        split = (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+        assert torch.equal(_mul32(x, c), split)

@@ -25,6 +25,7 @@ import torch
 
 from .. import kernels
 from ..errors import InputError
+from ..kernels.hashing import fmix32
 from ..layout import BLOCKS
 from .base import SideCodec
 from .sketchmaps import KINDS, SketchMap, sjlt_block_index
@@ -173,19 +174,7 @@ FP16_HEADROOM = 2.0 ** 14  # fp16 vectors are scaled so that their largest entry
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x · c mod 2³²`` for ``0 <= x < 2³²`` in int64 without overflow (two 16-bit halves of ``c``)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (murmur3's fmix32) on int64 tensors holding values in [0, 2³²): the same
-    bits on every device."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+_mix32 = fmix32  # murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2³²): the same bits everywhere
 
 
 def dither(scale: torch.Tensor, k: int, seed: int) -> torch.Tensor:
