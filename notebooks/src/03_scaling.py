@@ -14,7 +14,7 @@ import pandas as pd
 
 import sketchfisher as sf
 
-SAMPLES, TOKENS, K = 768, 512, 256
+SAMPLES, TOKENS, K = 768, 512, 1024  # the default sketch: k = 1024, int4
 tables = []
 for preset in ("gpt2", "llama-7b", "llama-13b", "llama-70b"):
     t = sf.plan(preset, samples=SAMPLES, tokens=TOKENS, k=K, rank=16)
@@ -26,7 +26,9 @@ plan["peak_device_GB"] = plan["peak_device_bytes"] / 1e9
 plan[["model", "codec", "disk_GB", "peak_device_GB", "x_smaller_than_exact"]].round(3)
 
 # %%
-pivot = plan[~plan["codec"].str.startswith("design note")].pivot(index="model", columns="codec", values="disk_GB")
+bars = plan[~plan["codec"].str.startswith("design note")].assign(  # one colour per codec across models
+    codec=lambda t: t["codec"].str.replace(r" \(\d+ channels each\)", "", regex=True))
+pivot = bars.pivot(index="model", columns="codec", values="disk_GB")
 ax = pivot.loc[["gpt2", "llama-7b", "llama-13b", "llama-70b"]].plot.bar(logy=True, figsize=(8, 4.6), rot=0)
 ax.legend(title="codec", fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below the bars
 ax.figure.tight_layout()
@@ -40,11 +42,12 @@ plt.show()
 # `benchmarks/stage6.py` measured the sketch engine (k = 256) at 0.18 s for 100 × 100 samples over the
 # GPT-2-small layout (576 head-block cells per pair) on the 2-core CPU, i.e. about
 # 0.18 / (10⁴ · 576) seconds per (pair, head block). Scoring is one k-length dot product per
-# (pair, head block), so the time scales with pairs × head blocks × k. This is a CPU projection;
-# the GPU measurements are in docs/benchmarks.md.
+# (pair, head block), so the time scales with pairs × head blocks × k: the projection below is for the
+# default k = 1024, four times the measured k. This is a CPU projection; the GPU measurements are in
+# docs/benchmarks.md (768 × 768 over the 7B layout takes seconds on an H100).
 
 # %%
-rate = 0.18 / (100 * 100 * 12 * 48)  # seconds per (pair, head block) at k = 256, measured on CPU
+rate = 0.18 / (100 * 100 * 12 * 48) * K / 256  # seconds per (pair, head block), measured on CPU at k = 256
 rows = []
 for preset, shape in ((p, sf.planner.Shape.of(p)) for p in ("gpt2", "llama-7b", "llama-13b", "llama-70b")):
     blocks = shape.num_layers * shape.head_blocks_per_layer
@@ -56,13 +59,16 @@ pd.DataFrame(rows).round(1)
 # %% [markdown]
 # ## What the chosen k buys
 #
-# From notebook 01 and `docs/benchmarks.md` (MiniLM, 48 × 48, variance reduction on, fp16):
+# From notebook 01 and `docs/benchmarks.md` (MiniLM, 48 × 48, variance reduction on; fp16 rows centred by
+# the task means, the last row the default):
 #
-# | k | median relative error | Spearman | 95% coverage | x smaller than full fp16 at Llama-7B |
-# | --- | --- | --- | --- | --- |
-# | 64 | 0.147 | 0.976 | 0.955 | 7282 |
-# | 256 | 0.074 | 0.9945 | 0.951 | 1986 |
-# | 1024 | 0.037 | 0.9987 | 0.951 | 508 |
+# | k | storage | median relative error | Spearman | 95% coverage | x smaller than full fp16 at Llama-7B |
+# | --- | --- | --- | --- | --- | --- |
+# | 64 | fp16 | 0.147 | 0.976 | 0.955 | 7282 |
+# | 256 | fp16 | 0.074 | 0.9945 | 0.951 | 1986 |
+# | 1024 | fp16 | 0.037 | 0.9987 | 0.951 | 508 |
+# | 1024 | int4, scaled centring (`sf.Sketch()`) | 0.031 | 0.999 | 0.959 | 1971 |
 #
-# At k = 256 the 768-sample store of Llama-7B needs about 1.7 GB instead of the ≈2.3–3.3 TB of full
-# contributions, and its top conflicts can be re-scored exactly with `verify_top`.
+# With the default sketch the 768 samples' sketches of Llama-7B take about 1.7 GB (the table above) instead
+# of the ≈2.3–3.3 TB of full contributions, and the top conflicts can be re-scored exactly with `verify_top`.
+# A store also keeps the pass-1 statistics, for resumption and exact re-scoring: the "store" row.
