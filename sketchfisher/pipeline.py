@@ -15,6 +15,7 @@ from .capture.oracle import LossFn
 from .collect import Job, MemorySink, default_stats_dtype, execute, pass_plan
 from .collect.runner import check_job
 from .collect.sketches import host_staging
+from .fisher import accumulator_dtype
 from .compress import Codec, Exact, Factors, Sketch, check_codec
 from .errors import InputError
 from .interference import InterferenceResult, ScoreConfig
@@ -106,8 +107,8 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     # task A's Fisher (and, for MLP or linear units, both tasks' Σ|g|: task means) leave the GPU after the
     # passes that made them; their host memory is made ready while the passes run
     sink = MemorySink(job)
-    kept = [job.stats_dtype] + [sink.keep_dtype(job, t) for t in ("a", "b") if "abs" in plan.statistics[t]
-                                and "abs" in sink.keep]
+    abs_dtype = accumulator_dtype(job.stats_dtype) or job.stats_dtype  # (Σ|g| as it was accumulated)
+    kept = [job.stats_dtype] + [abs_dtype for t in ("a", "b") if "abs" in plan.statistics[t] and "abs" in sink.keep]
     staging = host_staging(model, layout, kept) if codec.two_pass else None
     with staging or nullcontext():
         sink.staging = staging

@@ -117,7 +117,7 @@ def prepare_tasks(layout: Layout, stats: dict[str, FisherStats], cfg: ScoreConfi
     return out
 
 
-def _denominator(stats: FisherStats, layout: Layout, key: tuple[int, str], cfg: ScoreConfig) -> torch.Tensor:
+def denominator(stats: FisherStats, layout: Layout, key: tuple[int, str], cfg: ScoreConfig) -> torch.Tensor:
     """``W = 1 / (Î + ε + λ)`` of one task and block, fp64."""
     fisher = stats.block(layout, *key, "fisher").double()
     return (fisher + shift(fisher, cfg)).reciprocal()
@@ -127,7 +127,7 @@ def conflict_weights(layout: Layout, stats: dict[str, FisherStats], key: tuple[i
     """``(W_t [N, H_b, S], ḡ_t [N, H_b, S], ḡ_t W_t and ḡ_t^half W_t [N, 2, H_b, S])`` of one block, fp64."""
     w, g, half = [], [], []
     for s in stats.values():
-        w.append(_denominator(s, layout, key, cfg))
+        w.append(denominator(s, layout, key, cfg))
         g.append(s.block(layout, *key, "mean_grad").double())
         half.append(s.block(layout, *key, "mean_grad_half").double())
     w, g, half = torch.stack(w), torch.stack(g), torch.stack(half)
@@ -160,7 +160,7 @@ def collect_tasks(model: nn.Module, loss_fn: LossFn, tasks: Mapping[str, Iterabl
     sides = {t: {"a": SketchSide(codec), "b": SketchSide(codec)} for t in names}
     params = sorted({layout.param_of(*key) for key in keys})
     for t in names:
-        own_w = {key: _denominator(stats[t], layout, key, cfg).to(cfg.dtype) for key in keys}  # W_t
+        own_w = {key: denominator(stats[t], layout, key, cfg).to(cfg.dtype) for key in keys}  # W_t
         for _, bf in factor_pass(model, loss_fn, tasks[t], params, desc=f"pass 2 {t}", show_progress=show_progress):
             out: dict[str, dict] = {"a": {}, "b": {}}
             for key in keys:
@@ -189,4 +189,4 @@ def collect_tasks(model: nn.Module, loss_fn: LossFn, tasks: Mapping[str, Iterabl
     return TaskSketches(names, stats, sides, preps)
 
 
-__all__ = ["TaskSketches", "check_tasks", "collect_tasks", "conflict_weights", "prepare_tasks"]
+__all__ = ["TaskSketches", "check_tasks", "collect_tasks", "conflict_weights", "denominator", "prepare_tasks"]

@@ -20,7 +20,7 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..compress import Codec, SketchSide
 from ..errors import InputError
-from ..fisher import FisherStats, HostStaging, accumulator_dtype
+from ..fisher import FisherStats, HostStaging
 from ..layout import Layout
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
@@ -222,11 +222,6 @@ class MemorySink(Sink):
         self.keep = tuple(dict.fromkeys(("fisher", *means)))
         self.reps: dict[str, Any] = {}
         self.side = {t: SketchSide(job.codec) for t in job.tasks} if job.codec.two_pass else {}
-
-    @staticmethod
-    def keep_dtype(job: Job, task: str) -> torch.dtype:
-        """The dtype of a task's Σ|g| once it reaches host memory."""
-        return accumulator_dtype(job.stats_dtype) or job.stats_dtype
 
     def fold(self, step: Step, job: Job, quantities: tuple[str, ...]) -> FisherStats:
         rep, stats = collect(job.model, job.loss_fn, job.tasks[step.task], job.layout, job.codec,

@@ -3,15 +3,14 @@ conflict where."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
 import torch
 
-from pathlib import Path
-
 from .._version import __version__
-from ..collect.many import TaskSketches, conflict_weights
+from ..collect.many import TaskSketches, denominator
 from ..compress.base import DecodedSide, SketchSide
 from ..errors import InputError
 from ..layout import Layout
@@ -55,8 +54,9 @@ class _PairMoments:
             if self.tasks.layout.param_of(*key) not in stats[self.a].welford:
                 self.cache[key] = None
             else:
-                w, g, _ = conflict_weights(self.tasks.layout, stats, key, self.tasks.cfg)
-                wa, ga, gb = w[0], g[0], g[1]  # (the pair's denominator is task A's)
+                layout = self.tasks.layout
+                wa = denominator(stats[self.a], layout, key, self.tasks.cfg)  # (the pair's denominator: task A's)
+                ga, gb = (stats[t].block(layout, *key, "mean_grad").double() for t in (self.a, self.b))
                 self.cache[key] = {"ab": (ga * wa * gb).sum(-1), "aa": (ga * wa * ga).sum(-1),
                                    "bb": (gb * wa * gb).sum(-1), "n_even": torch.tensor(
                                        float(stats[self.a].half_counts[self.tasks.layout.param_of(*key)]),
