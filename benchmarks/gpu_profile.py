@@ -1,0 +1,103 @@
+"""Where the device time of ``sf.analyze`` goes: the CUDA kernels of one run under ``torch.profiler``, beside a
+plain forward+backward over the same batches, grouped by kernel name.
+
+    python3 benchmarks/gpu_profile.py --shape llama-7b --layers 8 --samples 8 --batch 2 --units all
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sketchfisher as sf
+from gpu_e2e import SHAPES, build_model, lm_loss  # noqa: E402  (the same model and loss as the e2e benchmark)
+
+
+def kernel_tables(prof, phases: list[str], top: int, device: str = "cuda") -> dict[str, tuple[float, list[tuple[str, float, int]]]]:
+    """Per phase (by the ranges ``PhaseLog`` marks; each phase synchronises the device at its ends, so a kernel
+    belongs to the range its start falls in) and for the whole run ("all"): (total device ms, [(kernel name, ms,
+    calls)] largest first)."""
+    events = prof.events()
+    marks = [ev for ev in events if ev.name in phases]  # on CUDA: the ranges on the device's own timeline
+    on_device = [ev for ev in marks if ev.device_type == torch.autograd.DeviceType.CUDA]
+    ranges = [(ev.name, ev.time_range.start, ev.time_range.end) for ev in (on_device or marks)]
+    if phases and not ranges:
+        print(f"(no profiler range marks the phases {phases}: kernels are counted for the whole run only)")
+    ms, calls = defaultdict(lambda: defaultdict(float)), defaultdict(lambda: defaultdict(int))
+    for ev in events:
+        if ev.name in phases:
+            continue
+        if (ev.device_type == torch.autograd.DeviceType.CUDA if device == "cuda"
+                else ev.name.startswith("aten::") and not (ev.cpu_parent and ev.cpu_parent.name.startswith("aten::"))):  # (on a CPU: top-level operators)
+            name = ev.name if len(ev.name) < 90 else ev.name[:87] + "..."
+            where = next((p for p, a, b in ranges if a <= ev.time_range.start <= b), "outside phases")
+            for key in ("all", where):
+                ms[key][name] += (ev.device_time_total if device == "cuda" else ev.cpu_time_total) / 1e3
+                calls[key][name] += 1
+    return {key: (sum(t.values()), sorted(((n, v, calls[key][n]) for n, v in t.items()), key=lambda r: -r[1])[:top])
+            for key, t in ms.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--samples", type=int, default=8, help="samples per task")
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--units", default="all", choices=["heads", "mlp", "all"])
+    p.add_argument("--sketch", default="256:int4:scaled", metavar="K:DTYPE[:CENTRING]")
+    p.add_argument("--passes", type=float, default=1.5, choices=[2, 1.5])
+    p.add_argument("--conflicts", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--device-map", default="none")
+    args = p.parse_args()
+    model = build_model(args)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    make = lambda: [{"input_ids": torch.randint(0, vocab, (args.batch, args.tokens), device=args.device, generator=gen)}  # noqa
+                    for _ in range(-(-args.samples // args.batch))]
+    task_a, task_b = make(), make()
+    k, dtype, *centring = args.sketch.split(":")
+    codec = sf.Sketch(k=int(k), dtype=dtype, **({"centring": centring[0]} if centring else {}))
+    flag = {"auto": None, "on": True, "off": False}[args.conflicts]
+    run = lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=args.passes, conflicts=flag,  # noqa
+                             units=args.units)
+
+    def plain():
+        for batch in task_a + task_b:
+            model.zero_grad(set_to_none=True)
+            lm_loss(model, batch).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    activity = ProfilerActivity.CUDA if args.device == "cuda" else ProfilerActivity.CPU
+    plain(), run()  # warm-up: compiled kernels, allocator
+    for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):
+        sync()
+        with profile(activities=[activity]) as prof:
+            res = fn()
+            sync()
+        names = [r["phase"] for r in res.phases.rows()] if res is not None else []
+        tables = kernel_tables(prof, names, args.top, args.device)
+        print(f"\n## {label}: {tables['all'][0]:.0f} ms of kernels")
+        if res is not None:
+            print("phases: " + ", ".join(f"{r['phase']} {r['seconds']:.2f}s" for r in res.phases.rows()))
+        for key in (["all"] if res is None else names):
+            total, rows = tables.get(key, (0.0, []))
+            print(f"\n### {key}: {total:.0f} ms of kernels\n| kernel | ms | calls | share |\n| --- | --- | --- | --- |")
+            for name, t, c in rows:
+                print(f"| {name} | {t:.1f} | {c} | {t / max(total, 1e-9):.1%} |")
+
+
+if __name__ == "__main__":
+    main()
