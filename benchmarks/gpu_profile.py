@@ -80,11 +80,11 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    activity = ProfilerActivity.CUDA if args.device == "cuda" else ProfilerActivity.CPU
+    activity = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])  # (CPU: the ranges)
     plain(), run()  # warm-up: compiled kernels, allocator
     for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):
         sync()
-        with profile(activities=[activity]) as prof:
+        with profile(activities=activity) as prof:
             res = fn()
             sync()
         names = [r["phase"] for r in res.phases.rows()] if res is not None else []
