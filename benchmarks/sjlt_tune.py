@@ -8,6 +8,7 @@ sketch) on 32 head blocks of a Llama-7B Q projection gradient, beside the GEMM-s
 bytes of x read.
 
     python benchmarks/sjlt_tune.py [--repeats 30] [--rows 1 4 16 64]
+    python benchmarks/sjlt_tune.py --modules --batch 2      # pass 2's side kernel on every Llama-7B module shape
 """
 
 from __future__ import annotations
@@ -67,11 +68,60 @@ def best_sketch(x, key, k, s, repeats):
     return best
 
 
+MODULES = {  # Llama-7B: (rows, columns, units, unit rows, unit columns) of a weight and its unit blocks
+    "q_proj (32 heads of 128 rows)": (4096, 4096, 32, 128, 4096),
+    "gate_proj (32 groups of 344 rows)": (11008, 4096, 32, 344, 4096),
+    "down_proj (32 groups of 344 columns)": (4096, 11008, 32, 4096, 344),
+}
+
+
+def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
+    """The pass-2 side kernel (square, fp32 weight, bf16 centre and other, cross term, norm, sketch) over the unit
+    blocks of each Llama-7B module shape, a batch of fp32 per-sample gradients: the default launch beside the best
+    of a sweep, against copy_ of g and the bytes read (g once, the three vectors once)."""
+    print(f"\n## pass 2's side kernel per module, batch {batch}, fp32 gradient, weight fp32, centre and other bf16")
+    print("| module | k | copy_ of g ms | default ms | GB/s read | best ms | x default | best launch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, (rows, cols, H, ur, uc) in MODULES.items():
+        g = torch.randn(batch, rows, cols, device="cuda")
+        size = ur * uc
+        offsets = (torch.arange(H, device="cuda") * ur * cols) if uc == cols else torch.arange(H, device="cuda") * uc
+        keys = torch.randint(0, 2**31 - 1, (H, 2), device="cuda")
+        w = torch.rand(H, size, device="cuda")
+        c, o = (torch.rand(H, size, device="cuda").to(torch.bfloat16) for _ in range(2))
+        buf = torch.empty_like(g)
+        t_copy = graphed(lambda: buf.copy_(g), repeats)
+        read = g.numel() * 4 + H * size * (4 + 2 + 2)
+        for k in ks:
+            def call(**kw):
+                return kernels.sketch_heads(g, keys, offsets, size, uc, cols, k, 1, transform="square", weight=w,
+                                            centre=c, other=o, **kw)
+            ref = call()[0]
+            t_def = graphed(call, repeats)
+            best = (t_def, "default")
+            for rows_, step, warps, chunks in itertools.product((1, 2), (None, 2, 8), (4, 8), (None, 64)):
+                kw = dict(block_rows=rows_, tiles_per_step=step, num_warps=warps, chunks=chunks)
+                out = call(**kw)[0]
+                assert float((out - ref).norm() / ref.norm()) < 1e-5, kw
+                t = graphed(lambda: call(**kw), repeats)
+                if t < best[0]:
+                    best = (t, " ".join(f"{a}={b}" for a, b in kw.items() if b is not None))
+            print(f"| {label} | {k} | {t_copy:.3f} | {t_def:.3f} | {read / t_def / 1e6:.0f} | {best[0]:.3f} "
+                  f"| {best[0] / t_def:.2f} | {best[1]} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--rows", type=int, nargs="*", default=[1, 4, 16, 64], help="row counts of the single-block sweep")
+    p.add_argument("--modules", action="store_true", help="only the side kernel on the Llama-7B module shapes")
+    p.add_argument("--batch", type=int, default=2, help="samples per batch of the module sweep")
+    p.add_argument("--k", type=int, nargs="+", default=[256, 1024], help="sketch widths of the module sweep")
     args = p.parse_args()
+    if args.modules:
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
+        module_sweep(args.batch, args.k, args.repeats)
+        return
     size, k = 524288, 256
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, one head block of {size} entries, k = {k}; "
           f"median of {args.repeats} CUDA-event timings")

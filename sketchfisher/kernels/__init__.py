@@ -99,11 +99,13 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     BW = max(1, BM // 32)
     tiles = -(-size // m)
     BR = block_rows or min(_next_pow2(n), 4)
-    TT = tiles_per_step or max(1, 4096 // (BR * BM * _next_pow2(s)))  # about 4096 elements per step
+    # launch shape (benchmarks/sjlt_tune.py --modules: 1.2-1.5x faster than 4096 elements a step and four programs
+    # per SM on every Llama-7B module shape at batch 2): at most two tiles a step, about sixteen programs per SM
+    TT = tiles_per_step or max(1, min(2, 4096 // (BR * BM * _next_pow2(s))))
     row_blocks = -(-n // BR)
-    if chunks is None:  # about four programs per SM, at least 8 tiles each
+    if chunks is None:  # about sixteen programs per SM, at least 8 tiles each
         sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 2
-        chunks = max(1, min(tiles // 8, -(-4 * sms // (H * row_blocks))))
+        chunks = max(1, min(tiles // 8, -(-16 * sms // (H * row_blocks))))
     per = -(-tiles // chunks)
     chunks = -(-tiles // per)
     dev = g.device
