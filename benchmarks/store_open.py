@@ -3,7 +3,9 @@
 Builds a store of a random Llama-shaped model (bf16 on a GPU, fp32 on the CPU; ``Sketch(k=256)``, fp32
 statistics), then runs each reader in its own child process: ``open`` (``sf.open_store`` and ``.result()``),
 ``top`` (open and ``top_conflicts(20)``), ``means`` (open and ``head_means()``), ``summary`` (open and
-``block_summary()``) and, for a store collected with ``--conflicts``, ``conflicts`` (``head_conflicts()``). Peak RSS is the child's high-water mark (``VmHWM``); "beyond" subtracts the peak after the
+``block_summary()``), for a store collected with ``--conflicts``, ``conflicts`` (``head_conflicts()``), and
+``verify`` (``verify_top(100, 1000)``: the model and batches rebuilt from the same seeds, the 1,000 best
+candidates re-scored exactly). Peak RSS is the child's high-water mark (``VmHWM``); "beyond" subtracts the peak after the
 imports and the size of the store's statistics files. ``--compare DIR`` runs the same children against
 another checkout's package (``DIR/sketchfisher``), e.g. the code before a change, in the same run.
 
@@ -11,7 +13,7 @@ another checkout's package (``DIR/sketchfisher``), e.g. the code before a change
     python benchmarks/store_open.py --shape llama-7b --device cuda --samples 16 --tokens 64
     python benchmarks/store_open.py --shape tiny --device cpu                    # the test suite's smoke run
     python benchmarks/store_open.py --shape tiny --samples 10000 --tokens 16 --batch 100 --k 64 --conflicts \
-        --readers open,top,means,summary,conflicts                               # many samples, bounded memory
+        --readers open,top,means,summary,conflicts,verify                        # many samples, bounded memory
 """
 
 from __future__ import annotations
@@ -59,36 +61,33 @@ elif what == "summary":
     res.block_summary()
 elif what == "conflicts":
     res.head_conflicts()
+elif what == "verify":  # the model and batches of build_store, rebuilt from the same seeds
+    sys.path.insert(0, sys.argv[4])
+    from store_open import model_and_batches
+    model, task_a, task_b, loss = model_and_batches(json.loads(sys.argv[5]))
+    held = res.verify_top(100, 1000, model=model, loss_fn=loss, task_a=task_a, task_b=task_b).attrs["held_fraction"]
+    print(f"verify_top(100, 1000): {held:.2f} of the sketched top 100 held", file=sys.stderr)
 print(json.dumps({"open_s": opened, "total_s": time.perf_counter() - start, "base_rss": base,
                   "peak_rss": hwm(),
                   "package": sf.__file__}))
 """
 
 
-def build_store(args, path: Path) -> None:
-    if args.build_with:  # another checkout's writer (one whose stores every compared reader opens)
-        sys.path.insert(0, args.build_with)
-    import inspect
-
+def model_and_batches(args: dict):
+    """The random Llama-shaped model, both tasks' batches and the per-sample loss of a store (seeds 0 and 1)."""
     import torch
     import transformers as hf
 
-    import sketchfisher as sf
-    from sketchfisher.store import collect_to_store
-
-    extra = ({"conflicts": args.conflicts} if "conflicts" in inspect.signature(collect_to_store).parameters
-             else {})
-
-    hidden, heads, inter, vocab, layers = SHAPES[args.shape]
+    hidden, heads, inter, vocab, layers = SHAPES[args["shape"]]
     config = hf.LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
                             intermediate_size=inter, vocab_size=vocab, num_hidden_layers=layers)
     torch.manual_seed(0)
-    with torch.device(args.device):
+    with torch.device(args["device"]):
         model = hf.LlamaForCausalLM(config)
-    model = model.to(torch.bfloat16 if args.device != "cpu" else torch.float32).eval()
+    model = model.to(torch.bfloat16 if args["device"] != "cpu" else torch.float32).eval()
     g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(0, vocab, (args.batch, args.tokens), generator=g).to(args.device)}
-               for _ in range(2 * args.samples // args.batch)]
+    batches = [{"input_ids": torch.randint(0, vocab, (args["batch"], args["tokens"]), generator=g).to(args["device"])}
+               for _ in range(2 * args["samples"] // args["batch"])]
 
     def loss(m, batch):
         ids = batch["input_ids"]
@@ -98,19 +97,38 @@ def build_store(args, path: Path) -> None:
         return ce.view(ids.shape[0], -1).mean(1)
 
     half = len(batches) // 2
+    return model, batches[:half], batches[half:], loss
+
+
+def build_store(args, path: Path) -> None:
+    if args.build_with:  # another checkout's writer (one whose stores every compared reader opens)
+        sys.path.insert(0, args.build_with)
+    import inspect
+
+    import torch
+
+    import sketchfisher as sf
+    from sketchfisher.store import collect_to_store
+
+    extra = ({"conflicts": args.conflicts} if "conflicts" in inspect.signature(collect_to_store).parameters
+             else {})
+    model, task_a, task_b, loss = model_and_batches(vars(args))
+    hidden, heads, inter, vocab, layers = SHAPES[args.shape]
     start = time.perf_counter()
-    collect_to_store(path, model, loss, batches[:half], batches[half:], sf.layout_for(model), sf.Sketch(k=args.k),
+    collect_to_store(path, model, loss, task_a, task_b, sf.layout_for(model), sf.Sketch(k=args.k),
                      sf.ScoreConfig(), stats_dtype=torch.float32, **extra)
     print(f"store of {args.shape} ({layers} layers, hidden {hidden}), {args.samples}+{args.samples} samples: "
           f"{time.perf_counter() - start:.1f} s")
     del model
 
 
-def child(package: Path, store: Path, what: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(package), str(store), what], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ""})
+def child(package: Path, store: Path, what: str, args: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(package), str(store), what, str(Path(__file__).parent),
+                          json.dumps(args)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     if out.returncode != 0:
         raise SystemExit(f"child {what} failed:\n{out.stderr[-3000:]}")
+    if out.stderr.strip():
+        print(out.stderr.strip().splitlines()[-1])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -126,7 +144,8 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="build the store here and keep it (read it again with --store)")
     p.add_argument("--compare", action="append", default=[], help="another checkout to run the same children with")
     p.add_argument("--build-with", default=None, help="build the store with another checkout's package")
-    p.add_argument("--readers", default="open,top,means,summary", help="also: conflicts (needs --conflicts)")
+    p.add_argument("--readers", default="open,top,means,summary", help="also: conflicts (needs --conflicts), verify (the store built here, or --store with the same "
+                        "--shape/--samples/--tokens/--batch)")
     p.add_argument("--conflicts", action="store_true", help="collect the conflict test's scalars too")
     p.add_argument("--compare-readers", default="open,top", help="readers run with the --compare checkouts")
     args = p.parse_args()
@@ -141,7 +160,7 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- | --- |")
         for package in [ROOT, *map(Path, args.compare)]:
             for what in (args.readers if package == ROOT else args.compare_readers).split(","):
-                r = child(package, store, what)
+                r = child(package, store, what, vars(args))
                 beyond = (r["peak_rss"] - r["base_rss"] - stats) / 2**30
                 print(f"| {package} | {what} | {r['open_s']:.2f} | {r['total_s']:.2f} | {r['peak_rss'] / 2**30:.2f} | "
                       f"{beyond:.2f} |", flush=True)
