@@ -2,7 +2,13 @@
 # Set up (first run only) and run the whole test suite on the CPU.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$root/scripts/setup.sh" "dev,hf,plots"
+# Triton (~1 GB) only where asked for: SKETCHFISHER_KERNEL_TESTS=1 runs the GPU kernels' code through Triton's
+# interpreter on the CPU (CI does; a CPU-only machine needs no Triton otherwise)
+if [ "${SKETCHFISHER_KERNEL_TESTS:-0}" = 1 ]; then
+  source "$root/scripts/setup.sh" "dev,hf,plots,kernel-tests"
+else
+  source "$root/scripts/setup.sh" "dev,hf,plots"
+fi
 cd "$root"
 # the report's browser test drives Debian's headless chromium (a browser download of its own fails offline)
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then

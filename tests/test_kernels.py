@@ -13,7 +13,13 @@ if torch.cuda.is_available():
     pytest.skip("a CUDA device runs these kernels compiled: tests/test_gpu.py", allow_module_level=True)
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py does)", allow_module_level=True)
-pytest.importorskip("triton")
+try:
+    import triton  # noqa: F401
+except ImportError:
+    if os.environ.get("SKETCHFISHER_KERNEL_TESTS") == "1":  # asked for (CI): a missing Triton is a failure
+        raise
+    pytest.skip("triton is not installed (SKETCHFISHER_KERNEL_TESTS=1 bash scripts/test.sh installs it)",
+                allow_module_level=True)
 
 import sketchfisher as sf  # noqa: E402
 from sketchfisher.compress import fused as sketching  # noqa: E402
