@@ -82,6 +82,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     activity = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])  # (CPU: the ranges)
     plain(), run()  # warm-up: compiled kernels, allocator
+    print("unprofiled phases: " + ", ".join(f"{r['phase']} {r['seconds']:.2f}s" for r in run().phases.rows()))
     for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):
         sync()
         with profile(activities=activity) as prof:

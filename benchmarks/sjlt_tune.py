@@ -9,6 +9,7 @@ bytes of x read.
 
     python benchmarks/sjlt_tune.py [--repeats 30] [--rows 1 4 16 64]
     python benchmarks/sjlt_tune.py --modules --batch 2      # pass 2's side kernel on every Llama-7B module shape
+    python benchmarks/sjlt_tune.py --welford --batch 2      # pass 1's statistics kernel on a gate_proj gradient
 """
 
 from __future__ import annotations
@@ -110,14 +111,38 @@ def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
                   f"| {best[0] / t_def:.2f} | {best[1]} |", flush=True)
 
 
+def welford_sweep(batch: int, repeats: int) -> None:
+    """The pass-1 statistics kernel on a Llama-7B gate_proj per-sample gradient ``[batch, 11008·4096]`` fp32, with
+    the statistics of task A's first pass at 7B (the Fisher's Welford mean in fp32, Σ|g| in bf16 rounded
+    stochastically): launch shapes side by side, GB/s of the bytes read and written."""
+    N = 11008 * 4096
+    g = torch.randn(batch, N, device="cuda")
+    mean, sabs = torch.zeros(N, device="cuda"), torch.zeros(N, device="cuda", dtype=torch.bfloat16)
+    buf = torch.empty_like(g)
+    t_copy = graphed(lambda: buf.copy_(g), repeats)
+    moved = g.numel() * 4 + N * (4 + 4 + 2 + 2)
+    print(f"\n## pass 1's statistics kernel, gate_proj [{batch}, {N}] fp32, Fisher mean fp32 + Σ|g| bf16 (stochastic); "
+          f"copy_ of g {t_copy:.3f} ms")
+    print("| block | warps | ms | GB/s moved | x copy_ of g |\n| --- | --- | --- | --- | --- |")
+    for block, warps in itertools.product((512, 1024, 2048, 4096), (4, 8)):
+        t = graphed(lambda: kernels.welford_update(g, mean, None, sabs, None, 0, block=block, dtype=torch.float32,
+                                                   num_warps=warps), repeats)
+        print(f"| {block} | {warps} | {t:.3f} | {moved / t / 1e6:.0f} | {t / t_copy:.2f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--rows", type=int, nargs="*", default=[1, 4, 16, 64], help="row counts of the single-block sweep")
     p.add_argument("--modules", action="store_true", help="only the side kernel on the Llama-7B module shapes")
-    p.add_argument("--batch", type=int, default=2, help="samples per batch of the module sweep")
+    p.add_argument("--welford", action="store_true", help="only the pass-1 statistics kernel's launch shapes")
+    p.add_argument("--batch", type=int, default=2, help="samples per batch of the module and statistics sweeps")
     p.add_argument("--k", type=int, nargs="+", default=[256, 1024], help="sketch widths of the module sweep")
     args = p.parse_args()
+    if args.welford:
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
+        welford_sweep(args.batch, args.repeats)
+        return
     if args.modules:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
         module_sweep(args.batch, args.k, args.repeats)

@@ -139,7 +139,7 @@ def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
 def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
                    sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor], count: int,
                    sum_half: Optional[torch.Tensor] = None, block: int = 1024,
-                   dtype: Optional[torch.dtype] = None) -> None:
+                   dtype: Optional[torch.dtype] = None, num_warps: int = 4) -> None:
     """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place; ``count``
     samples came before, and ``sum_half`` sums the rows at even positions of the whole stream (``count + r``).
 
@@ -159,4 +159,4 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
                              HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
                              HAS_HALF=sum_half is not None,
                              ROUND_ABS=sum_abs is not None and sum_abs.dtype == torch.bfloat16 and dtype != torch.bfloat16,
-                             ROUND_KEY=ROUNDING_KEY, num_warps=4)
+                             ROUND_KEY=ROUNDING_KEY, num_warps=num_warps)
