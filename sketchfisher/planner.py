@@ -64,8 +64,8 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 1024, rank
         (f"Sketch(k={k}, {sketch_dtype}) store: + headers, statistics, pass-1 checkpoint",
          store_disk_bytes(s, sketch, samples, -(-samples // batch_size), (4, 2), stats_bytes,
                           compact_copies=(2, 2), conflicts=True)["total"], peak(sketch)),
-        # MLP channel units (device peaks not planned: the statistics then cover the MLP weights too)
-        ("Exact: full fp16 per-sample attention + MLP gradients", (attn + mlp) * 2 * samples, float("nan")),
+        # MLP channel units: the statistics then cover the MLP weights too
+        ("Exact: full fp16 per-sample attention + MLP gradients", (attn + mlp) * 2 * samples, peak(Exact(), "all")),
         (f"Sketch(k={k}, {sketch_dtype}): heads + MLP units ({s.intermediate // s.mlp_units_per_layer} channels each)",
          s.num_layers * (s.head_blocks_per_layer + mlp_blocks) * per_vec * samples, peak(sketch, "all")),
         (f"Sketch(k={k}, {sketch_dtype}): MLP single neurons", s.num_layers * s.mlp_matrices * s.intermediate * per_vec

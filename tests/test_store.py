@@ -389,6 +389,9 @@ def test_planner_matches_hand_computation():
     assert df.loc["design note, reduced to heads/channels: 50 x 8 KB (fp16) x samples", "disk_bytes"] == 50 * 8192 * 768
     assert df.loc["Exact: full fp16 per-sample attention + MLP gradients", "disk_bytes"] == \
         32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) * 2 * 768
+    both, heads = (df.loc[f"Exact: full fp16 per-sample attention{x} gradients", "peak_device_bytes"]
+                   for x in (" + MLP", ""))
+    assert both > 2.5 * heads  # every unit family has a device figure; MLP weights are twice the attention's
     per_block = 256 * 2 + 4 + 16 + 4  # fp16 vector, its scale, ‖x̃‖² and cross (fp64), γ (fp32)
     assert df.loc["Sketch(k=256, fp16): heads + MLP units (344 channels each)", "disk_bytes"] == \
         32 * (4 * 32 + 3 * 32) * per_block * 768
