@@ -34,6 +34,7 @@ TINY = {
                        "--repeats", "1"],
     "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8",
                    "--cli", "{tmp}", "--passes", "1.5", "2"],
+    "gpu_profile.py": ["--device", "cpu", "--shape", "tiny", "--layers", "1", "--samples", "4", "--top", "3"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
     "many_tasks.py": ["--samples", "3", "--k", "16", "--dtype", "fp16"],
     "one_pass_b.py": ["--samples", "3", "--ks", "8", "--seeds", "1"],
@@ -41,7 +42,7 @@ TINY = {
     "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],
     "stage1_cpu.py": ["--samples", "2", "--batch", "2", "--tokens", "6", "--repeats", "1", "--layers", "1"],
     "stage6.py": ["--samples", "3", "--old-samples", "1"],
-    "store_open.py": ["--shape", "tiny", "--samples", "4", "--k", "8"],
+    "store_open.py": ["--shape", "tiny", "--samples", "4", "--k", "8", "--readers", "open,top,means,summary,verify"],
 }
 
 
