@@ -159,15 +159,26 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     if args.warm:  # compile the kernels first: the time of a second call in the same process
         for codec in codecs.values():
             sf.analyze(model, lm_loss, task_a[:1], task_b[:1], codec=codec, units=args.units).head_means()
-    settings = [(p, c, s) for p in args.passes for c in args.conflicts for s in codecs]
-    for passes, conflicts, spec in settings:  # orders, conflict-test settings and codecs side by side in one process
+    from sketchfisher import kernels
+
+    default_shape = kernels.launch_shape
+
+    def before_shape(rows, width, bands, tiles, programs, sms, tiles_per_step=None, chunks=None):
+        return (tiles_per_step or max(1, 4096 // (rows * width * bands)),
+                chunks or max(1, min(tiles // 8, -(-4 * sms // programs))))
+
+    settings = [(p, c, s, l) for p in args.passes for c in args.conflicts for s in codecs for l in args.sjlt_launch]
+    for passes, conflicts, spec, launch in settings:  # orders, conflict settings, codecs, launches side by side
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
+        kernels.launch_shape = default_shape if launch == "default" else before_shape
         sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
                                                      conflicts=flag, units=args.units))
+        kernels.launch_shape = default_shape
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
-                     f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}), units {args.units}", sec, peaks))
+                     f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}), units {args.units}"
+                     f"{'' if launch == 'default' else ', sjlt launch as before'}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
         recorded = res.context.source.moments if hasattr(res.context.source, "moments") else None
@@ -176,13 +187,13 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
             rows.append((f"conflict table ({int(table.conflict.sum())} of {len(table)} blocks flagged)", sec_c, peaks_c))
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
-        print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}) | seconds | | peak GiB (max over devices) |")
+        print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}) | seconds | | peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
         print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
               f"collection: A {res.context.stats_a.quantities}, B {res.context.stats_b.quantities}")
         phases = res.phases.rows()
-        if (passes, conflicts, spec) != settings[-1]:
+        if (passes, conflicts, spec, launch) != settings[-1]:
             del res, means  # free the device before the next order runs
             gc.collect()
     if args.compare_stats_dtype:
@@ -220,6 +231,9 @@ def main() -> None:
     p.add_argument("--cli-only", action="store_true", help="skip sf.analyze; run only the CLI path (needs --cli)")
     p.add_argument("--compare-stats-dtype", action="store_true",
                    help="also run with fp64 statistics and report how far the default (fp32 on GPUs) moves the scores")
+    p.add_argument("--sjlt-launch", nargs="+", default=["default"], choices=["default", "before"],
+                   help="the sjlt kernel's launch shapes to run side by side: today's default and/or the one before "
+                        "(4096 elements a step, four programs per SM)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     p.add_argument("--cli", default=None, metavar="DIR",
                    help="also save the model and a word-level tokenizer to DIR and run the CLI's collect on the same "

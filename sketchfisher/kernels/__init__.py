@@ -61,6 +61,16 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+def launch_shape(rows: int, width: int, bands: int, tiles: int, programs: int, sms: int,
+                 tiles_per_step: Optional[int] = None, chunks: Optional[int] = None) -> tuple[int, int]:
+    """``(tiles a step, column chunks)`` of the sjlt side kernel where not given: at most two tiles a step and
+    about sixteen programs per SM, at least 8 tiles each (``benchmarks/sjlt_tune.py --modules``: 1.2-1.5x faster than
+    4096 elements a step and four programs per SM on every Llama-7B module shape at batch 2). ``programs`` are the
+    launch's (head block, row block) pairs."""
+    step = tiles_per_step or max(1, min(2, 4096 // (rows * width * bands)))
+    return step, chunks or max(1, min(tiles // 8, -(-16 * sms // programs)))
+
+
 def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, size: int, cols: int, row_stride: int,
                  k: int, s: int, *, transform: str = "identity", weight: Optional[torch.Tensor] = None,
                  centre: Optional[torch.Tensor] = None, other: Optional[torch.Tensor] = None,
@@ -99,13 +109,9 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     BW = max(1, BM // 32)
     tiles = -(-size // m)
     BR = block_rows or min(_next_pow2(n), 4)
-    # launch shape (benchmarks/sjlt_tune.py --modules: 1.2-1.5x faster than 4096 elements a step and four programs
-    # per SM on every Llama-7B module shape at batch 2): at most two tiles a step, about sixteen programs per SM
-    TT = tiles_per_step or max(1, min(2, 4096 // (BR * BM * _next_pow2(s))))
     row_blocks = -(-n // BR)
-    if chunks is None:  # about sixteen programs per SM, at least 8 tiles each
-        sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 2
-        chunks = max(1, min(tiles // 8, -(-16 * sms // (H * row_blocks))))
+    sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 2
+    TT, chunks = launch_shape(BR, BM, _next_pow2(s), tiles, H * row_blocks, sms, tiles_per_step, chunks)
     per = -(-tiles // chunks)
     chunks = -(-tiles // per)
     dev = g.device
