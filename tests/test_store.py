@@ -376,6 +376,67 @@ def test_collection_refuses_over_max_bytes(small, tmp_path):
     assert not list((tmp_path / "s").rglob("*.safetensors"))  # refused before pass 1: lists of batches are counted
 
 
+def test_no_checkpoint_writes_none_and_the_same_store(small, tmp_path, monkeypatch):
+    """checkpoint_every=0: pass 1 writes no checkpoint (the writer is watched), and the store is the checkpointed
+    one's, bitwise; every other value is refused before any work."""
+    from sketchfisher.store import pass1
+
+    model, ta, tb = small
+    written = []
+    save = pass1.atomic_save_tensors
+    monkeypatch.setattr(pass1, "atomic_save_tensors", lambda t, path, meta: (written.append(path), save(t, path, meta)))
+    layout = sf.layout_for(model)
+    collect_to_store(tmp_path / "every", model, generic_loss, ta, tb, layout, CODEC, sf.ScoreConfig(), checkpoint_every=1)
+    assert any(".partial." in p.name for p in written)  # (the watch sees checkpoints where they are written)
+    written.clear()
+    collect_to_store(tmp_path / "never", model, generic_loss, ta, tb, layout, CODEC, sf.ScoreConfig(), checkpoint_every=0)
+    assert written and not any(".partial." in p.name for p in written)
+    a, b = (sf.open_store(tmp_path / name).result() for name in ("every", "never"))
+    assert torch.equal(a.head_means(), b.head_means())
+    for bad in (-1, True, 1.5):
+        with pytest.raises(sf.InputError, match="checkpoint_every"):
+            collect_to_store(tmp_path / "bad", model, generic_loss, ta, tb, layout, CODEC, sf.ScoreConfig(),
+                             checkpoint_every=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_no_checkpoint_needs_less_disk(small, tmp_path, monkeypatch):
+    """Without checkpoints the disk check leaves out what they add; with a disk between the two sizes a
+    checkpointed collection is refused before pass 1 and one without checkpoints goes ahead."""
+    import shutil
+
+    from sketchfisher.collect.memory import store_disk_bytes
+    from sketchfisher.store import writer
+
+    model, ta, tb = small
+    args = (model, CODEC, 11, 6, (2, 1), 8)
+    with_ckpt, without = store_disk_bytes(*args), store_disk_bytes(*args, checkpoints=False)
+    assert with_ckpt["pass1_checkpoint"] > 0 and without["pass1_checkpoint"] == 0
+    assert without["total"] == with_ckpt["total"] - with_ckpt["pass1_checkpoint"]
+    real = shutil.disk_usage
+    planned = {}
+
+    def usage(path):  # a disk with room for the store without its checkpoints only
+        u = real(path)
+        return u._replace(free=planned["free"])
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", usage)
+    layout = sf.layout_for(model)
+    run = lambda name, every: collect_to_store(tmp_path / name, model, generic_loss, ta, tb, layout, CODEC,  # noqa
+                                               sf.ScoreConfig(), checkpoint_every=every, passes=2)
+    monkeypatch.setattr(writer, "store_disk_bytes", lambda *a, **k: (planned.setdefault("plan", store_disk_bytes(*a, **k)),
+                                                                    store_disk_bytes(*a, **k))[1])
+    planned["free"] = 10**15
+    run("probe", None)  # the plan of this collection, with checkpoints
+    plan = planned.pop("plan")
+    planned["free"] = plan["total"] - plan["pass1_checkpoint"] // 2
+    with pytest.raises(sf.InputError, match="more on disk.*without pass-1 checkpoints .*--no-checkpoint.* which fits"):
+        run("refused", None)
+    assert not list((tmp_path / "refused").rglob("*.safetensors"))
+    run("fits", 0)
+    assert sf.open_store(tmp_path / "fits").result().head_means().isfinite().all()
+
+
 def test_planner_matches_hand_computation():
     df = plan("llama-7b", samples=768, tokens=512, k=256, rank=16, sketch_dtype="fp16").set_index("codec")
     assert df.loc["design note: 50 matrices x 60 MB (fp16) x samples", "disk_bytes"] == pytest.approx(2.304e12)
@@ -678,8 +739,8 @@ def cli_store(tiny_bert_dir, tmp_path_factory):
     (d / "a.txt").write_text("\n".join(f"what is {i} plus {i + 1}?" for i in range(5)))
     (d / "b.txt").write_text("\n".join(f"def f{i}(x): return x * {i}" for i in range(4)))
     assert main(["collect", "--model", str(tiny_bert_dir), "--task-a", str(d / "a.txt"), "--task-b", str(d / "b.txt"),
-                 "--batch-size", "2", "--out", str(d / "store"), "--k", "16", "--quiet"]) == 0
-    return d / "store"
+                 "--batch-size", "2", "--out", str(d / "store"), "--k", "16", "--quiet", "--no-checkpoint"]) == 0
+    return d / "store"  # (--no-checkpoint: the same store; the flag's plumbing runs here)
 
 
 def _edited_copy(store, tmp_path, edit):

@@ -94,6 +94,7 @@ def _collect(args: argparse.Namespace) -> int:
     layout = sf.units_layout(model, args.units, args.mlp_group_size)
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], layout, codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet, passes=_passes(args),
+                            checkpoint_every=0 if args.no_checkpoint else None,
                             inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
                                     "dtype": args.dtype,
                                     "text_field": args.text_field, "model": str(Path(args.model).resolve()),

@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-conflicts", action="store_true",
                    help="do not record what the conflict test needs (saves one model-sized statistic per task during "
                         "pass 1 and two weight tensors in the passes; 'sketchfisher conflicts' then refuses the store)")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="do not checkpoint pass 1 (a killed run then redoes pass 1; the disk need not hold a "
+                        "checkpoint beside the statistics, tens of GB at 7B)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_collect)
 

@@ -285,7 +285,7 @@ def _families(units: Any) -> tuple[str, ...]:
 
 def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, stats_copies: tuple[int, int],
                      stats_bytes: int = 4, world: int = 1, compact_copies: tuple[int, int] = (0, 0),
-                     conflicts: bool = False) -> dict[str, int]:
+                     conflicts: bool = False, checkpoints: bool = True) -> dict[str, int]:
     """Everything a sketch store holds on disk at its fullest, in bytes, as an upper bound.
 
     ``sketches`` (``samples`` over both tasks), each shard's safetensors header and integrity records
@@ -297,7 +297,8 @@ def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, s
     rank for the checkpoints of ``world`` ranks. ``compact_copies`` of each task's ``stats_copies`` are
     written in bf16 (:func:`sketchfisher.collect.sketches.compacted_statistics`); their checkpoints
     are not. ``conflicts``: the shards also hold each sample's fp64 conflict scalars (one per head block for a
-    task-A sample, two for task B; counted as two)."""
+    task-A sample, two for task B; counted as two). ``checkpoints=False``: pass 1 writes no checkpoint
+    (``checkpoint_every=0``), so ``pass1_checkpoint`` is 0."""
     s = Shape.of(shape)
     groups = s.num_layers * 4  # (layer, block) groups per shard
     tensors = (2 + len(codec.encode(torch.zeros(1, 1))) + conflicts  # encoded vectors (and scale), ‖x̃‖², cross,
@@ -311,7 +312,7 @@ def store_disk_bytes(shape: Any, codec: SideCodec, samples: int, batches: int, s
     out = {"sketches": int(codec.bytes_per_sample(s.head_block_sizes, 0, 0) * samples),
            "conflict_scalars": len(s.head_block_sizes) * 16 * samples if conflicts else 0,
            "shard_headers": header * batches, "statistics": a + b + sum(stats_copies) * per_tensor,
-           "pass1_checkpoint": max(0, fullest - a - b), "manifest": 4096 + 200 * batches}
+           "pass1_checkpoint": max(0, fullest - a - b) if checkpoints else 0, "manifest": 4096 + 200 * batches}
     out["total"] = sum(out.values())
     return out
 

@@ -121,17 +121,20 @@ def save_pass1(stats: FisherStats, path: Path, batches: int, store_id: str, task
 
 
 class Checkpoints:
-    """When pass 1 writes its resumable checkpoint: every ``every`` batches, or (``every=None``) by time,
-    once the work since the last checkpoint is at least 20 times what the last one cost to write and at
-    least a minute: at 7B the statistics are tens of GB, and writing them every few batches would cost
-    more than the pass itself. A crash loses at most that much work; every sample still counts once."""
+    """When pass 1 writes its resumable checkpoint: every ``every`` batches, never (``every=0``: a run killed in
+    pass 1 redoes it, and the disk holds no checkpoint beside the statistics), or (``every=None``) by time, once
+    the work since the last checkpoint is at least 20 times what the last one cost to write and at least a
+    minute: at 7B the statistics are tens of GB, and writing them every few batches would cost more than the
+    pass itself. A crash loses at most that much work; every sample still counts once."""
 
     def __init__(self, every: int | None):
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise InputError(f"checkpoint_every must be a positive int or None, got {every!r}")
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 0):
+            raise InputError(f"checkpoint_every must be a positive int, 0 (never) or None (by time), got {every!r}")
         self.every, self.cost, self.last = every, 0.0, time.perf_counter()
 
     def due(self, batches_done: int) -> bool:
+        if self.every == 0:
+            return False
         if self.every is not None:
             return batches_done % self.every == 0
         return time.perf_counter() - self.last >= max(60.0, 20 * self.cost)

@@ -50,7 +50,7 @@ from ..phases import PhaseLog
 from .files import StoreError, StoreLock, Writes, atomic_write_json, read_metadata, remove_stale_temps
 from .integrity import check_header, index_entry, shard_damage
 from .manifest import build_manifest, check_same, conflicts_of, new_store_id, passes_of, read_manifest, seal
-from .pass1 import Counted, Counter, Ranks, final_path, partial_path, read_final, run_pass1, save_pass1
+from .pass1 import Checkpoints, Counted, Counter, Ranks, final_path, partial_path, read_final, run_pass1, save_pass1
 from .shards import TASKS, ShardParts, drop_stale_shards, shard_index, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
@@ -58,14 +58,15 @@ logger = logging.getLogger(__name__)
 
 def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | None, batches: int | None,
                  stats_copies: tuple[int, int], stats_dtype: torch.dtype, max_bytes: int | None,
-                 world: int = 1, compact_copies: tuple[int, int] = (0, 0), conflicts: bool = False) -> None:
+                 world: int = 1, compact_copies: tuple[int, int] = (0, 0), conflicts: bool = False,
+                 checkpoints: bool = True) -> None:
     """Refuse before writing when the store would not fit the disk (or ``max_bytes``): everything it writes
     (:func:`~sketchfisher.collect.memory.store_disk_bytes`), less what is already there. Skipped while the
     sample counts are unknown (tasks that are not lists of batches, before pass 1 has counted them)."""
     if samples is None or batches is None:
         return
     plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8, world,
-                            compact_copies, conflicts)
+                            compact_copies, conflicts, checkpoints)
     stored = plan["total"] - plan["pass1_checkpoint"]
     already = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file()) if root.exists() else 0
     needed = max(0, plan["total"] - already)
@@ -75,13 +76,17 @@ def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | 
         raise InputError(f"the planned store is {stored:,} bytes ({format_bytes(stored)}: {parts}; {samples} samples), "
                          f"over max_bytes={max_bytes:,}")
     if needed > free:
+        hint = ""
+        if checkpoints and needed - plan["pass1_checkpoint"] <= free:
+            hint = (f"; without pass-1 checkpoints (checkpoint_every=0, the CLI's --no-checkpoint) it needs "
+                    f"{format_bytes(max(0, needed - plan['pass1_checkpoint']))}, which fits")
         raise InputError(f"the store needs {format_bytes(needed)} more on disk ({parts}) but {root} has "
-                         f"{format_bytes(free)} free")
+                         f"{format_bytes(free)} free{hint}")
 
 
 def check_space_before_loading(root: Path, skeleton: nn.Module, codec: SideCodec, cfg: ScoreConfig, layout: Layout,
                                 sizes: tuple[int, int], batch_size: int, passes: float | None, conflicts: bool,
-                                stats_dtype: torch.dtype, max_bytes: int | None) -> None:
+                                stats_dtype: torch.dtype, max_bytes: int | None, checkpoints: bool = True) -> None:
     """The disk check of a collection from the model's shape alone (a weightless ``skeleton``) and the tasks'
     sample counts, before any weight is read: the same numbers and refusal as the check before pass 1."""
     existing = stored_passes(root) if (root / "manifest.json").exists() else None
@@ -89,7 +94,8 @@ def check_space_before_loading(root: Path, skeleton: nn.Module, codec: SideCodec
     stats = tuple(len(plan.statistics[t]) for t in TASKS)
     compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
     batches = sum(-(-n // batch_size) for n in sizes)
-    _check_space(root, skeleton, codec, sum(sizes), batches, stats, stats_dtype, max_bytes, 1, compact, conflicts)
+    _check_space(root, skeleton, codec, sum(sizes), batches, stats, stats_dtype, max_bytes, 1, compact, conflicts,
+                 checkpoints)
 
 
 def _counts(*tasks: Iterable[Any]) -> tuple[int | None, int | None]:
@@ -236,6 +242,10 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     are on disk reads them back, and only the batches whose shards are missing run again, with the arithmetic
     of the first run, so the store is bitwise the one an uninterrupted run writes.
 
+    ``checkpoint_every``: when pass 1 checkpoints its statistics for resumption (:class:`Checkpoints
+    <sketchfisher.store.pass1.Checkpoints>`): None (default) by time, every N batches, or 0 never: a run killed
+    in pass 1 then redoes it, and the disk need not hold a checkpoint beside the statistics (at 7B, tens of GB).
+
     ``log`` (a :class:`~sketchfisher.phases.PhaseLog`) records each step's time and peak device memory.
     The final pass-1 statistics and the pass-2 shards are written by background threads while the GPU
     goes on; the call returns when everything is on disk.
@@ -250,6 +260,7 @@ def collect_to_store(path: str | Path, model: nn.Module, loss_fn: LossFn, task_a
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise InputError(f"max_bytes bounds the store's size on disk and must be a positive number of bytes (or "
                          f"None); got {max_bytes!r}")
+    Checkpoints(checkpoint_every)  # (its value checked before any work)
     if not codec.two_pass:
         raise InputError(f"stores hold the side vectors of a pass-2 codec (sf.Sketch or a registered SideCodec); "
                          f"got codec {codec!r}")
@@ -301,7 +312,7 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
     space = lambda samples, batches=None: _check_space(  # noqa: E731  (again once pass 1 counted the samples)
         root, model, codec, samples, batches or _counts(task_a, task_b)[1] or samples, stats_copies, stats_dtype,
-        max_bytes, ranks.world, compact, plan.conflicts)
+        max_bytes, ranks.world, compact, plan.conflicts, checkpoint_every != 0)
     space(*_counts(task_a, task_b))  # refused before any work when the tasks can be counted
     # the final statistics are written to disk in the background while the passes go on; their host memory
     # is made ready while pass 1 runs
