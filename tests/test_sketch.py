@@ -260,6 +260,23 @@ def test_int4_dithered_storage_error_is_uniform_known_and_regenerated():
         sf.Sketch(k=63, dtype="int4")
 
 
+@pytest.mark.parametrize("shape,k", [((64, 288), 1024), ((5, 7, 3), 1000), ((3,), 16), ((0, 4), 8), ((), 33)])
+def test_cpu_dither_in_slices_has_the_formulas_bits(shape, k, monkeypatch):
+    """The CPU's dither, hashed a slice of vectors at a time in place (here in slices of 3 vectors, so that
+    slices end inside blocks and one is short), gives the bits of the one-expression formula the GPU runs."""
+    from sketchfisher.compress import sketch as S
+    from sketchfisher.kernels.hashing import fmix32
+
+    m = 0xFFFFFFFF
+    scale = torch.rand(shape, generator=torch.Generator().manual_seed(1)) + 0.1
+    bits = scale.float().contiguous().view(torch.int32).to(torch.int64) & m
+    base = fmix32(fmix32(bits ^ 7) ^ 0x5BD1E995)
+    want = fmix32(base[..., None] ^ fmix32((torch.arange(k) + 0x9E3779B9) & m)).double() * 2.0 ** -32 - 0.5
+    monkeypatch.setattr(S, "DITHER_SLICE", 3 * k)
+    got = S.dither(scale, k, 7)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_int4_sketches_are_unbiased_with_error_bars_that_count_the_dither(small):
     """The dither's error is zero-mean and its variance is in every score's standard error: over seeds the
     estimates centre on the exact scores and the nominal 95% intervals cover 90–99% of them, in both orders."""

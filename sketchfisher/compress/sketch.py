@@ -25,7 +25,7 @@ import torch
 
 from .. import kernels
 from ..errors import InputError
-from ..kernels.hashing import fmix32
+from ..kernels.hashing import fmix32, fmix32_
 from ..layout import BLOCKS
 from .base import SideCodec
 from .sketchmaps import KINDS, SketchMap, sjlt_block_index
@@ -174,6 +174,7 @@ FP16_HEADROOM = 2.0 ** 14  # fp16 vectors are scaled so that their largest entry
 _M32 = 0xFFFFFFFF
 
 
+DITHER_SLICE = 1 << 17  # entries the CPU's dither hashes at a time (1 MiB of int64: in cache through its passes)
 _mix32 = fmix32  # murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2³²): the same bits everywhere
 
 
@@ -185,9 +186,20 @@ def dither(scale: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     or concatenated, with no sample id; CPU and GPU give the same bits."""
     bits = scale.float().contiguous().view(torch.int32).to(torch.int64) & _M32
     base = _mix32(_mix32(bits ^ (seed & _M32)) ^ 0x5BD1E995)
-    coord = torch.arange(k, device=scale.device, dtype=torch.int64)
-    x = _mix32(base[..., None] ^ _mix32((coord + 0x9E3779B9) & _M32))
-    return x.double() * 2.0 ** -32 - 0.5
+    coord = _mix32((torch.arange(k, device=scale.device, dtype=torch.int64) + 0x9E3779B9) & _M32)
+    if scale.device.type != "cpu":
+        return _mix32(base[..., None] ^ coord).double() * 2.0 ** -32 - 0.5
+    # on the CPU a slice of vectors at a time, hashed in place: the int64 passes stay in cache (6x faster at
+    # MiniLM's sizes; the same operations in the same order, so the same bits)
+    flat = base.reshape(-1)
+    out = torch.empty(flat.numel(), k, dtype=torch.float64)
+    rows = min(max(1, DITHER_SLICE // max(k, 1)), flat.numel())
+    h, tmp = torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, k, dtype=torch.int64)
+    for lo in range(0, flat.numel(), max(rows, 1)):
+        n = min(rows, flat.numel() - lo)
+        torch.bitwise_xor(flat[lo:lo + n, None], coord, out=h[:n])
+        out[lo:lo + n].copy_(fmix32_(h[:n], tmp[:n])).mul_(2.0 ** -32).sub_(0.5)
+    return out.view(*scale.shape, k)
 
 
 def quantize(v: torch.Tensor, dtype: str, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -202,9 +214,8 @@ def quantize(v: torch.Tensor, dtype: str, seed: int = 0) -> tuple[torch.Tensor, 
         scale = peak / torch.full_like(peak, INT4_LEVELS)  # a true division on every device (CUDA multiplies by
         # the reciprocal of a Python scalar divisor, which can differ in the last bit and so change the dither)
         scale = torch.nextafter(scale, torch.full_like(scale, float("inf")))  # |v| / s <= 7 after rounding
-        d = dither(scale, v.shape[-1], seed)
-        q = torch.round(v.double() / scale.double()[..., None] + d).clamp_(-INT4_LEVELS, INT4_LEVELS)
-        nibbles = (q + 8).to(torch.uint8)
+        q = v.double().div_(scale.double()[..., None]).add_(dither(scale, v.shape[-1], seed))  # (in place: the
+        nibbles = q.round_().clamp_(-INT4_LEVELS, INT4_LEVELS).add_(8).to(torch.uint8)  # same arithmetic, no copies)
         return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale
     if dtype == "fp16":
         peak = v.abs().amax(-1, keepdim=True).float()
@@ -219,9 +230,8 @@ def quantize(v: torch.Tensor, dtype: str, seed: int = 0) -> tuple[torch.Tensor, 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, seed: int) -> torch.Tensor:
     """Inverse of int4 :func:`quantize`, in fp64: ``(q − d)·s``."""
-    q = torch.stack([(packed & 0xF).to(torch.int64), (packed >> 4).to(torch.int64)], -1).flatten(-2) - 8
-    d = dither(scale, q.shape[-1], seed)
-    return (q.double() - d) * scale.double()[..., None]
+    q = torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2).double().sub_(8)  # (uint8 until the last step)
+    return q.sub_(dither(scale, q.shape[-1], seed)).mul_(scale.double()[..., None])
 
 
 def dequantize(q: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:

@@ -44,6 +44,17 @@ def fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def fmix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """:func:`fmix32` in place, ``tmp`` a scratch tensor shaped like ``h``: the same bits without a temporary per
+    step, so a cache-sized slice stays in cache through all of them (the CPU's dither, many entries at once)."""
+    for shift, c in ((16, C1), (13, C2), (16, None)):
+        torch.bitwise_right_shift(h, shift, out=tmp)
+        h.bitwise_xor_(tmp)
+        if c is not None:
+            h.mul_(c).bitwise_and_(MASK32)
+    return h
+
+
 def block_hash(ctr: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """``H(ctr)`` for an int64 tensor of counters (< 2³²)."""
     return fmix32(fmix32((ctr & MASK32) ^ lo) ^ hi)
