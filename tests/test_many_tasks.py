@@ -163,3 +163,47 @@ def test_the_tasks_command_collects_named_tasks_once(tiny_bert_dir, tmp_path, ca
         assert message in capsys.readouterr().err
     assert main([*base, *args, "--out", str(tmp_path / "out")]) == 1
     assert "holds a task set already" in capsys.readouterr().err
+
+
+def test_cli_verifies_a_pair_of_a_task_set_exactly(tiny_bert_dir, tmp_path, capsys):
+    """``sketchfisher verify DIR --pair A,B`` on a ``tasks`` folder: the model, loss and both task files come from
+    its record, and the re-scored candidates carry the exact scores of that ordered pair (an Exact analysis of the
+    same batches); a missing or unknown --pair, or --pair on a store, is one clear error."""
+    import pandas as pd
+
+    from sketchfisher.cli import main
+    from sketchfisher.tasks import load_hf, loss_for, read_task, task_batches
+
+    texts = {"animals": "the cat sat on the mat\nthe dog ran in the park\na bird sang in the tree\nfish swim\n",
+             "sums": "one plus two is three\ntwo times four is eight\nten minus six is four\nsix is even\nnine\n",
+             "weather": "it rained all day\nthe sun came out at noon\nsnow fell in the night\nfog lifted\n"}
+    args = []
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+        args += ["--task", f"{name}={tmp_path / name}.txt"]
+    out = tmp_path / "set"
+    assert main(["tasks", "--model", str(tiny_bert_dir), "--loss", "mlm", "--k", "16", "--quiet", "--no-plot",
+                 "--batch-size", "2", *args, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--pair", "sums,weather", "--top", "5", "--budget", "40"]) == 0
+    assert "held among 40 re-scored candidates" in capsys.readouterr().out
+    got = pd.read_csv(out / "verified-sums-weather.csv")
+    model, tok = load_hf(str(tiny_bert_dir), "mlm", "cpu", "float32", None, None)
+    batches = [task_batches(read_task(tmp_path / f"{n}.txt"), tok, "mlm", 2, 128) for n in ("sums", "weather")]
+    exact = sf.analyze(model, loss_for("mlm"), *batches, codec=sf.Exact()).top_conflicts(10**6)
+    keys = ["block", "layer", "head", "sample_i", "sample_j"]
+    both = got.merge(exact[keys + ["score"]], on=keys, suffixes=("", "_exact"))
+    assert len(both) == len(got) == 40
+    torch.testing.assert_close(torch.tensor(both.exact_score.to_numpy()), torch.tensor(both.score_exact.to_numpy()),
+                               rtol=1e-5, atol=1e-9)  # (fp32 gradients, summed in other orders)
+    changed = tmp_path / "changed"  # the same model with one weight moved: refused by its fingerprint
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    model.save_pretrained(changed)
+    tok.save_pretrained(changed)
+    for target, bad, message in ((out, ["--pair", "sums"], "--pair A,B names the ordered pair"),
+                                 (out, [], "--pair A,B names"), (out, ["--pair", "sums,rain"], "no task rain"),
+                                 (tmp_path / "store", ["--pair", "sums,weather"], "--pair is for a task set"),
+                                 (out, ["--pair", "sums,weather", "--model", str(changed)], "another model")):
+        assert main(["verify", str(target), *bad]) == 1
+        assert message in capsys.readouterr().err

@@ -138,7 +138,7 @@ def _named_tasks(args: argparse.Namespace) -> dict[str, str]:
 
 def _tasks(args: argparse.Namespace) -> int:
     import sketchfisher as sf
-    from ..tasks import check_max_length, input_device, load_hf, loss_for, task_batches, to_device
+    from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, task_batches, to_device
 
     named = _named_tasks(args)
     out = Path(args.out)
@@ -170,7 +170,14 @@ def _tasks(args: argparse.Namespace) -> int:
     many = sf.analyze_tasks(model, loss_for(loss), batches, codec=codec, variant=args.variant, units=args.units,
                             mlp_group_size=args.mlp_group_size, progress=not args.quiet)
     seconds = time.perf_counter() - start
-    many.save(out)
+    from ..layout.adapters import base_model
+    from ..store.manifest import model_fingerprint
+
+    many.save(out, inputs={"model_fingerprint": model_fingerprint(base_model(model), many.layout), "loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
+                           "dtype": args.dtype, "text_field": args.text_field, "model": str(Path(args.model).resolve()),
+                           **({"adapter": str(Path(args.adapter).resolve())} if args.adapter else {}),
+                           "files": {n: {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
+                                     for n, p in named.items()}})
     table = many.conflicts(args.level)
     matrix = many.matrix(args.level, table=table)
     table.to_csv(out / "conflicts.csv", index=False)
@@ -290,20 +297,71 @@ def _verify(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from ..tasks import loss_for
 
-    if args.budget < args.top:
-        from ..errors import InputError
+    from ..errors import InputError
 
+    if args.budget < args.top:
         raise InputError(f"--budget {args.budget} is smaller than --top {args.top}: the top {args.top} cannot be "
                          f"confirmed from fewer re-scored candidates; pass --budget {args.top} or more")
-    store = sf.open_store(args.store)
-    model, loss, tasks = _recompute_inputs(args, store)
-    v = store.result().verify_top(args.top, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0],
-                                  task_b=tasks[1])
-    target = Path(args.out) if args.out else Path(args.store) / "verified.csv"
+    root = Path(args.store)
+    if (root / "tasks.json").exists():  # a task set (sketchfisher tasks): one ordered pair of it
+        result, record, default = _task_set_pair(args, root)
+    else:
+        if args.pair:
+            raise InputError(f"--pair is for a task set (sketchfisher tasks --out); {root} is a store of one pair")
+        store = sf.open_store(root)
+        result, record, default = store.result(), store, root / "verified.csv"
+    model, loss, tasks = _recompute_inputs(args, record)
+    v = result.verify_top(args.top, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0], task_b=tasks[1])
+    target = Path(args.out) if args.out else default
     v.to_csv(target, index=False, float_format="%.6g")
     print(f"{v.attrs['held_fraction']:.0%} of the sketched top-{args.top} held among {len(v)} re-scored candidates; "
           f"wrote {target}")
     return 0
+
+
+def _task_set_pair(args: argparse.Namespace, root: Path):
+    """``verify`` on a task set: the ``--pair A,B`` result, a record of its inputs in the form a store's manifest
+    gives them (task A and task B the pair's files), and the default output file."""
+    import sketchfisher as sf
+    from ..errors import InputError
+
+    many = sf.open_tasks(root)
+    names = (args.pair or "").split(",")
+    if len(names) != 2 or not all(names):
+        raise InputError(f"{root} is a task set of {', '.join(many.names)}: --pair A,B names the ordered pair to "
+                         f"verify (A's samples on the i side)")
+    files = many.inputs.get("files", {})
+    if not all(n in files for n in names):
+        raise InputError(f"{root} records no task file for {', '.join(n for n in names if n not in files)}; its tasks "
+                         f"are {', '.join(many.names)} (a set saved by the library records none: pass --task-a, "
+                         f"--task-b, --model and --loss)" if set(names) <= set(many.names) else
+                         f"no task {', '.join(n for n in names if n not in many.names)} in {root}; its tasks are "
+                         f"{', '.join(many.names)}")
+    return many.pair(*names), _TaskSetRecord(root, many, *names), root / f"verified-{names[0]}-{names[1]}.csv"
+
+
+class _TaskSetRecord:
+    """A task set's record in the form :func:`_recompute_inputs` reads a store's: its inputs with task A and task
+    B the pair's files, and :meth:`check` of a model against the fingerprint ``tasks`` recorded."""
+
+    def __init__(self, root: Path, many, a: str, b: str):
+        inputs = {k: v for k, v in many.inputs.items() if k not in ("files", "model_fingerprint")}
+        self.root, self.layout, self.fingerprint = root, many.layout, many.inputs.get("model_fingerprint")
+        self.manifest = {"inputs": {**inputs, "task_a": many.inputs["files"][a], "task_b": many.inputs["files"][b]}}
+
+    def check(self, model) -> None:
+        from ..layout.adapters import base_model
+        from ..store import StoreMismatchError
+        from ..store.manifest import model_fingerprint
+
+        if self.fingerprint is None:
+            raise StoreMismatchError(f"task set {self.root} records no model fingerprint: its samples cannot be "
+                                     "re-scored against a model")
+        got = model_fingerprint(base_model(model), self.layout)
+        diffs = sorted(k for k in set(got) | set(self.fingerprint) if got.get(k) != self.fingerprint.get(k))
+        if diffs:
+            raise StoreMismatchError(f"task set {self.root} was collected with another model (differs in: "
+                                     f"{', '.join(diffs)})")
 
 
 def _print_conflicts(table, top: int, what: str, unit: str = "head") -> None:

@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_interfere)
 
     p = sub.add_parser("verify", help="re-score a store's top candidates exactly by recomputing their gradients")
-    p.add_argument("store", help="a store directory written by collect")
+    p.add_argument("store", help="a store directory written by collect, or a task set folder written by tasks")
+    p.add_argument("--pair", default=None, metavar="A,B",
+                   help="for a task set: the ordered pair to verify (task A's samples on the i side)")
     _model_args(p, from_store=True)
     p.add_argument("--top", type=POSITIVE, default=100, help="top conflicting pairs to confirm (default: 100)")
     p.add_argument("--budget", type=POSITIVE, default=1000, help="sketched candidates to re-score exactly (default: 1000)")

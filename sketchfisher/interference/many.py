@@ -86,9 +86,10 @@ class TaskSet:
     ``sf.open_tasks`` reads back without the model."""
 
     def __init__(self, collection: TaskSketches, layout: Layout, cfg: ScoreConfig, codec: Any,
-                 max_bytes: int = DEFAULT_MAX_BYTES, e: Optional[dict] = None):
+                 max_bytes: int = DEFAULT_MAX_BYTES, e: Optional[dict] = None, inputs: Optional[dict] = None):
         self.collection, self.layout, self.cfg, self.codec, self.max_bytes = collection, layout, cfg, codec, max_bytes
         self.e = centre_products(collection) if e is None else e
+        self.inputs = dict(inputs or {})  # what made the batches (the CLI's record: model, loss, files), JSON
 
     @property
     def names(self) -> list[str]:
@@ -145,10 +146,12 @@ class TaskSet:
         return out
 
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, inputs: Optional[dict] = None) -> Path:
         """Write the task set to the folder ``path`` (created; it must not hold another task set): ``tasks.json``
         (settings, task names, each file's content digest), each task's statistics and both sides' sketches as
-        safetensors. Nothing is pickled; :func:`open_tasks` checks every digest when it reads a file."""
+        safetensors. Nothing is pickled; :func:`open_tasks` checks every digest when it reads a file.
+        ``inputs`` (JSON; default :attr:`inputs`): what made the batches, recorded for re-scoring pairs exactly
+        later (``sketchfisher verify DIR --pair A,B`` reads the model, loss and task files from it)."""
         root = Path(path)
         if (root / MANIFEST).exists():
             raise StoreError(f"{root} holds a task set already; choose another folder")
@@ -163,9 +166,10 @@ class TaskSet:
                                                                 {"samples": str(col.sides[t][side].n)})
         files["centres.safetensors"] = _save(root / "centres.safetensors",
                                              {f"{layer}.{block}": e for (layer, block), e in self.e.items()}, {})
+        self.inputs = dict(self.inputs if inputs is None else inputs)
         atomic_write_json({"format": FORMAT, "version": 1, "library_version": __version__, "tasks": col.names,
                            "codec": self.codec.to_dict(), "score": self.cfg.to_dict(), "layout": self.layout.to_dict(),
-                           "files": files}, root / MANIFEST)
+                           "files": files, "inputs": self.inputs}, root / MANIFEST)
         return root
 
 
@@ -223,6 +227,7 @@ def open_tasks(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> TaskSet:
         names, files = list(manifest["tasks"]), dict(manifest["files"])
         codec, cfg = codec_from_dict(manifest["codec"]), ScoreConfig.from_dict(manifest["score"])
         layout = Layout.from_dict(manifest["layout"])
+        inputs = dict(manifest.get("inputs") or {})
     except (InputError, KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{root / MANIFEST}: invalid settings: {type(exc).__name__}: {exc}") from None
 
@@ -243,7 +248,7 @@ def open_tasks(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> TaskSet:
             sides[t][side] = _side_of(codec, tensors, int(meta.get("samples", stats[t].count)))
     e_tensors, _ = read("centres.safetensors")
     e = {(int(k.split(".", 1)[0]), k.split(".", 1)[1]): v for k, v in e_tensors.items()}
-    return TaskSet(TaskSketches(names, stats, sides, preps={}), layout, cfg, codec, max_bytes, e=e)
+    return TaskSet(TaskSketches(names, stats, sides, preps={}), layout, cfg, codec, max_bytes, e=e, inputs=inputs)
 
 
 __all__ = ["TaskSet", "open_tasks"]
