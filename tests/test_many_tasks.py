@@ -131,6 +131,20 @@ def test_a_saved_task_set_reads_back_the_same_pairs_without_the_model(three, tmp
         sf.open_tasks(tmp_path / "other")
 
 
+def task_files(folder, extra=None):
+    """Three small text tasks written to ``folder`` (``extra`` lines appended per task): ``({name: text},
+    the CLI's --task arguments)``."""
+    files = {"animals": "the cat sat on the mat\nthe dog ran in the park\na bird sang in the tree\nfish swim\n",
+             "sums": "one plus two is three\ntwo times four is eight\nten minus six is four\nsix is even\n",
+             "weather": "it rained all day\nthe sun came out at noon\nsnow fell in the night\nfog lifted\n"}
+    files = {name: text + (extra or {}).get(name, "") for name, text in files.items()}
+    args = []
+    for name, text in files.items():
+        (folder / f"{name}.txt").write_text(text)
+        args += ["--task", f"{name}={folder / name}.txt"]
+    return files, args
+
+
 def test_the_tasks_command_collects_named_tasks_once(tiny_bert_dir, tmp_path, capsys):
     """``sketchfisher tasks --task NAME=PATH ...``: the N x N matrix printed and written, every pair's conflict
     test in conflicts.csv, the task set read back without the model; bad --task values are one clear error."""
@@ -138,13 +152,7 @@ def test_the_tasks_command_collects_named_tasks_once(tiny_bert_dir, tmp_path, ca
 
     from sketchfisher.cli import main
 
-    files = {"animals": "the cat sat on the mat\nthe dog ran in the park\na bird sang in the tree\nfish swim\n",
-             "sums": "one plus two is three\ntwo times four is eight\nten minus six is four\nsix is even\n",
-             "weather": "it rained all day\nthe sun came out at noon\nsnow fell in the night\nfog lifted\n"}
-    args = []
-    for name, text in files.items():
-        (tmp_path / f"{name}.txt").write_text(text)
-        args += ["--task", f"{name}={tmp_path / name}.txt"]
+    files, args = task_files(tmp_path)
     base = ["tasks", "--model", str(tiny_bert_dir), "--loss", "mlm", "--k", "16", "--quiet", "--no-plot"]
     assert main([*base, *args, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
@@ -174,13 +182,7 @@ def test_cli_verifies_a_pair_of_a_task_set_exactly(tiny_bert_dir, tmp_path, caps
     from sketchfisher.cli import main
     from sketchfisher.tasks import load_hf, loss_for, read_task, task_batches
 
-    texts = {"animals": "the cat sat on the mat\nthe dog ran in the park\na bird sang in the tree\nfish swim\n",
-             "sums": "one plus two is three\ntwo times four is eight\nten minus six is four\nsix is even\nnine\n",
-             "weather": "it rained all day\nthe sun came out at noon\nsnow fell in the night\nfog lifted\n"}
-    args = []
-    for name, text in texts.items():
-        (tmp_path / f"{name}.txt").write_text(text)
-        args += ["--task", f"{name}={tmp_path / name}.txt"]
+    _, args = task_files(tmp_path, extra={"sums": "nine\n"})  # (5 samples against 4: pairs are ordered)
     out = tmp_path / "set"
     assert main(["tasks", "--model", str(tiny_bert_dir), "--loss", "mlm", "--k", "16", "--quiet", "--no-plot",
                  "--batch-size", "2", *args, "--out", str(out)]) == 0
