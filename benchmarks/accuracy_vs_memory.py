@@ -8,6 +8,7 @@ and, from the same formula, at Llama-7B shapes.
     python benchmarks/accuracy_vs_memory.py [--samples 48] [--ks 64,256,1024] [--kinds gaussian,sjlt,srht] [--s 1,4]
     python benchmarks/accuracy_vs_memory.py --kinds sjlt --ks 256,1024 --dtypes fp16,int4 --vr on \
         --centring mean,scaled --passes 2,1.5          # the centrings side by side, in both pass orders
+    python benchmarks/accuracy_vs_memory.py --kinds sjlt --ks 1024 --dtypes int4 --vr on --passes 1.5,2 --rotate off,on
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--vr", default="off,on", help="variance reduction settings to run (off, on or both)")
     p.add_argument("--centring", default="scaled", help="centrings to run with variance reduction (scaled, mean)")
     p.add_argument("--passes", default="2", help="pass orders to run (2, 1.5)")
+    p.add_argument("--rotate", default="off", help="the Hadamard rotation before storage (off, on or both)")
     args = p.parse_args()
     model, tok = load_minilm()
     layout = sf.layout_for(model)
@@ -80,9 +82,9 @@ def main() -> None:
     print(f"# MiniLM, math vs code, {args.variant} variant, {exact.n_a}x{exact.n_b} samples, {exact.scores.numel()} scores; "
           f"exact in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}")
     full = bytes_full_fp16_per_sample(layout)
-    print("| kind | k | s | dtype | VR | passes | Spearman | median rel err | top-50 recall | 95% coverage "
+    print("| kind | k | s | dtype | VR | passes | rotated | Spearman | median rel err | top-50 recall | 95% coverage "
           "| on the top 1% | worst head block | bytes/sample | x vs full fp16 (MiniLM) | x at Llama-7B |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind in args.kinds.split(","):
         for k in map(int, args.ks.split(",")):
             for dtype, s in itertools.product(args.dtypes.split(","), map(int, args.s.split(","))):
@@ -91,17 +93,19 @@ def main() -> None:
                 settings = [(False, "mean")] if "off" in args.vr.split(",") else []
                 if "on" in args.vr.split(","):
                     settings += [(True, c) for c in args.centring.split(",")]
-                for (vr, centring), passes in itertools.product(settings, map(float, args.passes.split(","))):
+                rotations = [r == "on" for r in args.rotate.split(",")]
+                for (vr, centring), passes, rotate in itertools.product(settings, map(float, args.passes.split(",")),
+                                                                        rotations):
                     if passes == 1.5 and not vr:
                         continue  # task B in one pass needs variance reduction
                     codec = sf.Sketch(k=k, kind=kind, seed=args.seed, dtype=dtype, variance_reduction=vr, s=s,
-                                      centring=centring)
+                                      centring=centring, rotate=rotate)
                     res = sf.analyze(model, masked_token_loss, ta, tb, codec=codec, variant=args.variant,
                                      passes=passes)
                     m = metrics(exact.scores, res.scores, res.stderr)
                     nbytes = sketch_bytes_per_sample(layout, codec)
                     print(f"| {kind} | {k} | {s if kind == 'sjlt' else '-'} | {dtype} | {centring if vr else 'off'} "
-                          f"| {passes:g} | {m['spearman']:.4f} | {m['median_rel_err']:.4f} | {m['top50_recall']:.2f} "
+                          f"| {passes:g} | {'yes' if rotate else 'no'} | {m['spearman']:.4f} | {m['median_rel_err']:.4f} | {m['top50_recall']:.2f} "
                           f"| {m['coverage95']:.3f} | {m['coverage95_top1pct']:.3f} | {m['worst_block_coverage95']:.3f} "
                           f"| {nbytes} | {full / nbytes:.0f} | {llama7b_ratio(codec):.0f} |", flush=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -279,3 +281,29 @@ def test_the_light_option_tables_are_the_librarys():
     assert choices.UNIT_FAMILIES == tuple(UNIT_FAMILIES) and choices.SKETCH_KINDS == tuple(KINDS)
     assert choices.SKETCH_DTYPES == tuple(DTYPES)
     assert choices.CODECS == {name: cls.summary for name, cls in storable().items()}
+
+
+def test_rotate_flag_builds_a_rotating_sketch_or_a_clear_error():
+    """``collect --rotate``: the sketch turned before storage; a k that is no power of two, or a codec without a
+    rotation, is one clear error rather than a flag silently ignored."""
+    from sketchfisher.cli.parser import codec_of
+    from sketchfisher.compress import register_codec, unregister_codec
+
+    base = ["collect", "--model", "m", "--task-a", "a", "--task-b", "b", "--out", "o"]
+    assert codec_of(build_parser().parse_args([*base, "--rotate"])) == sf.Sketch(rotate=True)
+    assert codec_of(build_parser().parse_args(base)) == sf.Sketch()
+    with pytest.raises(sf.InputError, match="power-of-two k"):
+        codec_of(build_parser().parse_args([*base, "--rotate", "--k", "1000"]))
+
+    @dataclasses.dataclass(frozen=True)
+    class Plain(sf.Exact):
+        name = "plain-test"
+
+    register_codec(Plain)
+    try:
+        args = build_parser().parse_args([*base, "--rotate"])
+        args.codec = "plain-test"  # (a registered codec without a rotation; --codec lists storable ones)
+        with pytest.raises(sf.InputError, match="no rotation"):
+            codec_of(args)
+    finally:
+        unregister_codec("plain-test")

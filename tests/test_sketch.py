@@ -277,13 +277,15 @@ def test_cpu_dither_in_slices_has_the_formulas_bits(shape, k, monkeypatch):
     assert got.shape == want.shape and torch.equal(got, want)
 
 
-def test_int4_sketches_are_unbiased_with_error_bars_that_count_the_dither(small):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_int4_sketches_are_unbiased_with_error_bars_that_count_the_dither(small, rotate):
     """The dither's error is zero-mean and its variance is in every score's standard error: over seeds the
-    estimates centre on the exact scores and the nominal 95% intervals cover 90–99% of them, in both orders."""
+    estimates centre on the exact scores and the nominal 95% intervals cover 90–99% of them, in both orders,
+    with and without the Hadamard rotation."""
     model, ta, tb, exact = small
     for passes in (2, 1.5):
-        runs = [sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16, seed=s, dtype="int4"), passes=passes)
-                for s in range(24)]
+        runs = [sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16, seed=s, dtype="int4", rotate=rotate),
+                           passes=passes) for s in range(24)]
         est = torch.stack([r.scores for r in runs])
         se = est.std(0) / math.sqrt(len(runs))
         assert ((est.mean(0) - exact.scores).abs() <= 5 * se + 1e-9 * exact.scores.abs()).double().mean() > 0.99
@@ -291,9 +293,35 @@ def test_int4_sketches_are_unbiased_with_error_bars_that_count_the_dither(small)
         assert 0.9 <= float((z <= 1.96).double().mean()) <= 0.99, passes
 
 
-def test_int4_store_round_trip(small, tmp_path):
+def test_hadamard_rotation_is_orthogonal_recorded_and_spreads_spikes():
+    """``rotate=True``: decoding turns the stored vector back (fp32 storage gives the vector again), so inner
+    products and norms are kept; the option is recorded only when on (older stores read as they were) and needs a
+    power-of-two k; a vector with a few large entries loses far less to int4 rounding once rotated."""
+    from sketchfisher.compress.codec import codec_from_dict
+    from sketchfisher.compress.sketch import hadamard
+
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(50, 3, 64, generator=gen)
+    turned = sf.Sketch(k=64, dtype="fp32", rotate=True)
+    assert not torch.equal(turned.encode(v)["vec"], v)  # stored turned
+    torch.testing.assert_close(turned.decode(turned.encode(v)), v.double(), rtol=1e-6, atol=1e-6)
+    h = torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(hadamard(x), x @ h)  # the Walsh-Hadamard matrix (symmetric)
+    assert "rotate" not in sf.Sketch().to_dict() and codec_from_dict(turned.to_dict()) == turned
+    with pytest.raises(sf.InputError, match="power-of-two k"):
+        sf.Sketch(k=48, rotate=True)
+    spiky = torch.randn(200, 1, 1024, generator=gen)
+    spiky[..., :4] *= 30
+    err = {r: float((c.decode(c.encode(spiky)) - spiky.double()).norm() / spiky.norm())
+           for r, c in ((r, sf.Sketch(rotate=r)) for r in (False, True))}
+    assert err[True] < err[False] / 4
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_int4_store_round_trip(small, tmp_path, rotate):
     model, ta, tb, _ = small
-    codec = sf.Sketch(k=16, seed=1, dtype="int4")
+    codec = sf.Sketch(k=16, seed=1, dtype="int4", rotate=rotate)
     mem = sf.analyze(model, generic_loss, ta, tb, codec=codec)
     stored = sf.analyze(model, generic_loss, ta, tb, codec=codec, store=tmp_path / "s")
     again = sf.open_store(tmp_path / "s").result()

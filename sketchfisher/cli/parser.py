@@ -59,15 +59,24 @@ def _codec_args(p: argparse.ArgumentParser) -> None:
                    help="storage precision of the sketches (default: int4, dithered)")
     p.add_argument("--no-variance-reduction", action="store_true",
                    help="plain sketches, without balancing and centering (less accurate at equal bytes)")
+    p.add_argument("--rotate", action="store_true",
+                   help="store each sketch turned by a random-sign Hadamard rotation (k a power of two): less rounding "
+                        "error for int4/int8 at the same bytes, more arithmetic")
 
 
 def codec_of(args: argparse.Namespace):
     """The codec the options name: the registered codec ``--codec`` built from the options it declares."""
     from ..compress import codec_from_options
 
-    return codec_from_options(args.codec, {"k": args.k, "kind": args.kind, "seed": args.seed,
-                                           "dtype": args.sketch_dtype,
-                                           "variance_reduction": not args.no_variance_reduction})
+    codec = codec_from_options(args.codec, {"k": args.k, "kind": args.kind, "seed": args.seed,
+                                            "dtype": args.sketch_dtype,
+                                            "variance_reduction": not args.no_variance_reduction,
+                                            **({"rotate": True} if args.rotate else {})})
+    if args.rotate and not getattr(codec, "rotate", False):
+        from ..errors import InputError
+
+        raise InputError(f"--rotate is an option of --codec sketch; codec {args.codec!r} has no rotation")
+    return codec
 
 
 def _number(kind: type, low: float, name: str):

@@ -42,7 +42,10 @@ class Sketch(SideCodec):
     per-vector scale and a subtractive dither, so its rounding error is uniform, independent of the data and
     part of every score's standard error: :func:`quantize`). With ``variance_reduction`` each side is centred
     before it is sketched and the centre's part is added back exactly: ``centring="scaled"`` takes away each
-    sample's best multiple of the centre (one more stored number per vector), ``"mean"`` the centre itself."""
+    sample's best multiple of the centre (one more stored number per vector), ``"mean"`` the centre itself.
+    ``rotate=True`` (k a power of two) stores each vector turned by a random-sign Hadamard rotation, which
+    spreads a vector's largest entries over all coordinates before it is rounded (a smaller per-vector scale
+    for int8/int4); decoding turns it back, so scores, their error bars and the bytes are as without it."""
 
     k: int = 1024
     kind: str = "sjlt"
@@ -51,6 +54,7 @@ class Sketch(SideCodec):
     variance_reduction: bool = True
     s: int = 1
     centring: str = "scaled"
+    rotate: bool = False
     name: ClassVar[str] = "sketch"
     source: ClassVar[str] = "factors"
     summary: ClassVar[str] = "per-head randomized sketches with standard errors (any model size)"
@@ -70,6 +74,15 @@ class Sketch(SideCodec):
             raise InputError(f"Sketch.centring must be one of {CENTRINGS}, got {self.centring!r}")
         if self.kind == "sjlt" and (self.s < 1 or self.k % self.s):
             raise InputError(f"Sketch(kind='sjlt') needs k divisible by s >= 1; got k={self.k}, s={self.s}")
+        if not isinstance(self.rotate, bool) or (self.rotate and self.k & (self.k - 1)):
+            raise InputError(f"Sketch(rotate=True) needs a power-of-two k (a Hadamard rotation), and rotate must be "
+                             f"a bool; got k={self.k}, rotate={self.rotate!r}")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if not self.rotate:  # (recorded only when on: stores written before the option read as they were)
+            out.pop("rotate")
+        return out
 
     def describe(self) -> str:
         return f"Sketch(k={self.k}, {self.dtype})"
@@ -95,13 +108,17 @@ class Sketch(SideCodec):
                              "exact scores")
 
     def encode(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.rotate:
+            vectors = rotate(vectors, self.seed)
         q, scale = quantize(vectors, self.dtype, self.seed)
         return {"vec": q} if scale is None else {"vec": q, "scale": scale}
 
     def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.dtype == "int4":
-            return dequantize_int4(parts["vec"], parts["scale"], self.seed)
-        return dequantize(parts["vec"], parts.get("scale"))
+            out = dequantize_int4(parts["vec"], parts["scale"], self.seed)
+        else:
+            out = dequantize(parts["vec"], parts.get("scale"))
+        return rotate(out, self.seed, inverse=True) if self.rotate else out
 
     def noise_variance(self, parts: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """Per stored vector ``[..]``, the variance of each coordinate's rounding error when it is known: int4's
@@ -176,6 +193,44 @@ _M32 = 0xFFFFFFFF
 
 DITHER_SLICE = 1 << 17  # entries the CPU's dither hashes at a time (1 MiB of int64: in cache through its passes)
 _mix32 = fmix32  # murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2³²): the same bits everywhere
+
+
+def rotation_signs(k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The random signs ``[k]`` (±1, fp64) of :func:`rotate`: a hash of the seed and the coordinate, the same for
+    every vector, so both sides of a score turn alike."""
+    h = _mix32(_mix32((torch.arange(k, device=device, dtype=torch.int64) + 0x7F4A7C15) & _M32) ^ (seed & _M32))
+    return 1.0 - 2.0 * (h & 1).double()
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """The unnormalised Walsh-Hadamard transform along the last axis (a power of two), by ``log2 k`` butterflies
+    of additions and subtractions: elementwise, so the same bits on every device (on the CPU a cache-sized slice
+    of vectors at a time, in place)."""
+    k = x.shape[-1]
+    out = x.reshape(-1, k).clone()
+    step = out.shape[0] if out.device.type != "cpu" else max(1, DITHER_SLICE // max(k, 1))
+    tmp = torch.empty(min(step, out.shape[0]), k // 2, dtype=out.dtype, device=out.device)
+    for lo in range(0, out.shape[0], max(step, 1)):
+        rows = out[lo:lo + step]
+        h = 1
+        while h < k:  # (a, b) -> (a + b, a - b) on pairs h apart
+            y = rows.view(-1, k // (2 * h), 2, h)
+            a, b, t = y[:, :, 0], y[:, :, 1], tmp[:rows.shape[0]].view(-1, k // (2 * h), h)
+            torch.sub(a, b, out=t)
+            a.add_(b)
+            b.copy_(t)
+            h *= 2
+    return out.view(x.shape)
+
+
+def rotate(v: torch.Tensor, seed: int, inverse: bool = False) -> torch.Tensor:
+    """``H D v / √k`` (``inverse``: ``D H v / √k``, its inverse: H is symmetric and H H = k I) for vectors
+    ``[..., k]``, D the random signs of :func:`rotation_signs`; an orthogonal map, so inner products and norms
+    are kept. Computed in fp64, scaled by multiplying (a true product on every device, so the same bits)."""
+    k = v.shape[-1]
+    signs, norm = rotation_signs(k, seed, v.device), 1.0 / math.sqrt(k)
+    x = v.double()
+    return hadamard(x) * (signs * norm) if inverse else hadamard(x * signs) * norm
 
 
 def dither(scale: torch.Tensor, k: int, seed: int) -> torch.Tensor:
