@@ -35,10 +35,7 @@ from sketchfisher.compress.sketchmaps import sjlt_block_index
 from sketchfisher.fisher import FisherStats
 
 
-def sketch(spec: str) -> "sf.Sketch":
-    """``K:DTYPE[:CENTRING]`` → an sjlt sketch (seed 0)."""
-    k, dtype, *centring = spec.split(":")
-    return sf.Sketch(k=int(k), kind="sjlt", seed=0, dtype=dtype, **({"centring": centring[0]} if centring else {}))
+from gpu_e2e import sketch_of as sketch  # noqa: E402  (K:DTYPE[:CENTRING][:rotate], the same specs on both paths)
 
 
 def gpt2_loss(model, batch):
@@ -87,7 +84,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128, help="tokens per sample (GPT-2 shape)")
     p.add_argument("--layers", type=int, default=None, help="GPT-2 depth (default 12)")
     p.add_argument("--k", type=int, default=256)
-    p.add_argument("--sketch", nargs="+", default=None, metavar="K:DTYPE[:CENTRING]",
+    p.add_argument("--sketch", nargs="+", default=None, metavar="K:DTYPE[:CENTRING][:rotate]",
                    help="sketches to time side by side (default: sjlt at --k with the default dtype and centring)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)

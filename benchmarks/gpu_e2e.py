@@ -37,6 +37,15 @@ SHAPES = {  # hidden, heads, kv heads, intermediate, vocabulary, layers
 }
 
 
+def sketch_of(spec: str) -> sf.Sketch:
+    """``K:DTYPE[:CENTRING][:rotate]`` → an sjlt sketch (seed 0), e.g. ``1024:int4:scaled:rotate``."""
+    k, dtype, *rest = spec.split(":")
+    rotate = "rotate" in rest
+    centring = [r for r in rest if r != "rotate"]
+    return sf.Sketch(k=int(k), kind="sjlt", seed=0, dtype=dtype, rotate=rotate,
+                     **({"centring": centring[0]} if centring else {}))
+
+
 def lm_loss(model, batch):
     """Per-sample mean next-token cross-entropy (softmax over the contiguous vocabulary axis)."""
     ids = batch["input_ids"]
@@ -151,11 +160,7 @@ def timed(fn, devices):
 
 def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     """Run and print ``sf.analyze`` (and, on request, its fp64-statistics reference); the phase rows."""
-    def sketch(spec: str) -> sf.Sketch:  # K:DTYPE[:CENTRING]
-        k, dtype, *centring = spec.split(":")
-        return sf.Sketch(k=int(k), kind="sjlt", seed=0, dtype=dtype, **({"centring": centring[0]} if centring else {}))
-
-    codecs = {spec: sketch(spec) for spec in (args.sketch or [f"{args.k}:fp16"])}
+    codecs = {spec: sketch_of(spec) for spec in (args.sketch or [f"{args.k}:fp16"])}
     if args.warm:  # compile the kernels first: the time of a second call in the same process
         for codec in codecs.values():
             sf.analyze(model, lm_loss, task_a[:1], task_b[:1], codec=codec, units=args.units).head_means()
@@ -177,7 +182,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         kernels.launch_shape = default_shape
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
-                     f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}), units {args.units}"
+                     f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{", rotated" if codec.rotate else ""}), units {args.units}"
                      f"{'' if launch == 'default' else ', sjlt launch as before'}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
@@ -223,7 +228,7 @@ def main() -> None:
                         "(task B once)")
     p.add_argument("--conflicts", nargs="+", default=["auto"], choices=["auto", "on", "off"],
                    help="sf.analyze's conflicts= (auto: on where it fits); several run side by side")
-    p.add_argument("--sketch", nargs="+", default=None, metavar="K:DTYPE[:CENTRING]",
+    p.add_argument("--sketch", nargs="+", default=None, metavar="K:DTYPE[:CENTRING][:rotate]",
                    help="sketch codecs side by side, e.g. 256:fp16:mean 1024:int4 (default: --k with fp16)")
     p.add_argument("--units", default="heads", choices=["heads", "mlp", "all"], help="sf.analyze's units=")
     p.add_argument("--warm", action="store_true", help="run sf.analyze once on one batch first (kernels compiled)")

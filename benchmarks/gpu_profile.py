@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sketchfisher as sf
-from gpu_e2e import SHAPES, build_model, lm_loss  # noqa: E402  (the same model and loss as the e2e benchmark)
+from gpu_e2e import SHAPES, build_model, lm_loss, sketch_of  # noqa: E402  (the same model and loss as the e2e benchmark)
 
 
 def kernel_tables(prof, phases: list[str], top: int, device: str = "cuda") -> dict[str, tuple[float, list[tuple[str, float, int]]]]:
@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--units", default="all", choices=["heads", "mlp", "all"])
-    p.add_argument("--sketch", default="256:int4:scaled", metavar="K:DTYPE[:CENTRING]")
+    p.add_argument("--sketch", default="256:int4:scaled", metavar="K:DTYPE[:CENTRING][:rotate]")
     p.add_argument("--passes", type=float, default=1.5, choices=[2, 1.5])
     p.add_argument("--conflicts", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--top", type=int, default=25)
@@ -67,8 +67,7 @@ def main() -> None:
     make = lambda: [{"input_ids": torch.randint(0, vocab, (args.batch, args.tokens), device=args.device, generator=gen)}  # noqa
                     for _ in range(-(-args.samples // args.batch))]
     task_a, task_b = make(), make()
-    k, dtype, *centring = args.sketch.split(":")
-    codec = sf.Sketch(k=int(k), dtype=dtype, **({"centring": centring[0]} if centring else {}))
+    codec = sketch_of(args.sketch)
     flag = {"auto": None, "on": True, "off": False}[args.conflicts]
     run = lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=args.passes, conflicts=flag,  # noqa
                              units=args.units)
