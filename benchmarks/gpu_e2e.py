@@ -182,7 +182,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         kernels.launch_shape = default_shape
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
-                     f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{", rotated" if codec.rotate else ""}), units {args.units}"
+                     f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
                      f"{'' if launch == 'default' else ', sjlt launch as before'}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
