@@ -50,6 +50,15 @@ def main() -> None:
     if args.seeds > 1:
         corr = torch.corrcoef(stacked)[~torch.eye(args.seeds, dtype=torch.bool)].mean()
         print(f"mean correlation of per-block coverage between two seeds: {float(corr):+.3f}")
+    # by block type: is one type's coverage lower on average (error bars too narrow there), or only more variable
+    # from map to map (a family whose lowest blocks are lowest by chance more often)?
+    by_type = stacked.view(args.seeds, *cov.shape)  # [seeds, layers, heads, blocks]
+    print("\n| block | mean coverage | spread over blocks and seeds (sd) | lowest | below 0.93 (block x seed) |")
+    print("| --- | --- | --- | --- | --- |")
+    for b, name in enumerate(res.layout.block_names):
+        c = by_type[..., b]
+        print(f"| {name} | {float(c.mean()):.4f} | {float(c.std()):.4f} | {float(c.min()):.3f} | "
+              f"{int((c < 0.93).sum())} of {c.numel()} |")
 
 
 if __name__ == "__main__":
