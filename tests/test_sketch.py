@@ -272,7 +272,7 @@ def test_cpu_dither_in_slices_has_the_formulas_bits(shape, k, monkeypatch):
     bits = scale.float().contiguous().view(torch.int32).to(torch.int64) & m
     base = fmix32(fmix32(bits ^ 7) ^ 0x5BD1E995)
     want = fmix32(base[..., None] ^ fmix32((torch.arange(k) + 0x9E3779B9) & m)).double() * 2.0 ** -32 - 0.5
-    monkeypatch.setattr(S, "DITHER_SLICE", 3 * k)
+    monkeypatch.setattr(S, "CPU_SLICE", 3 * k)
     got = S.dither(scale, k, 7)
     assert got.shape == want.shape and torch.equal(got, want)
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .inputs import _device_map, _loss, _need_plots, _recompute_inputs, _task_texts, preflight
+from .inputs import _device_map, _loss, _need_plots, _task_texts, preflight
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def _collect(args: argparse.Namespace) -> int:
     import sketchfisher as sf
     from ..phases import PhaseLog
     from ..store import collect_to_store
-    from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, task_batches
+    from ..tasks import check_max_length, input_device, load_hf, loss_for, task_batches
     from ..tasks import to_device
     from ..collect.plan import resolve_passes
     from .parser import codec_of
@@ -95,12 +95,8 @@ def _collect(args: argparse.Namespace) -> int:
     path = collect_to_store(args.out, model, loss_for(loss), tasks[0], tasks[1], layout, codec,
                             cfg, max_bytes=args.max_bytes, show_progress=not args.quiet, passes=_passes(args),
                             checkpoint_every=0 if args.no_checkpoint else None,
-                            inputs={"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
-                                    "dtype": args.dtype,
-                                    "text_field": args.text_field, "model": str(Path(args.model).resolve()),
-                                    **({"adapter": str(Path(args.adapter).resolve())} if args.adapter else {}),
-                                    **{f"task_{s}": {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
-                                       for s, p in (("a", args.task_a), ("b", args.task_b))}},
+                            inputs={**_input_record(args, loss), **{f"task_{s}": _file_record(p)
+                                                                    for s, p in (("a", args.task_a), ("b", args.task_b))}},
                             stats_dtype=None if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype),
                             log=log, conflicts=False if args.no_conflicts else None)
     store = sf.open_store(path)
@@ -136,9 +132,23 @@ def _named_tasks(args: argparse.Namespace) -> dict[str, str]:
     return tasks
 
 
+def _input_record(args: argparse.Namespace, loss: str) -> dict:
+    """What a collection records of how its batches were made, so that ``verify`` can make them again."""
+    return {"loss": loss, "max_length": args.max_length, "batch_size": args.batch_size, "dtype": args.dtype,
+            "text_field": args.text_field, "model": str(Path(args.model).resolve()),
+            **({"adapter": str(Path(args.adapter).resolve())} if args.adapter else {})}
+
+
+def _file_record(path: str) -> dict:
+    """A task file as recorded: its absolute path and content hash (a changed file is refused later)."""
+    from ..tasks import file_sha256
+
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+
+
 def _tasks(args: argparse.Namespace) -> int:
     import sketchfisher as sf
-    from ..tasks import check_max_length, file_sha256, input_device, load_hf, loss_for, task_batches, to_device
+    from ..tasks import check_max_length, input_device, load_hf, loss_for, task_batches, to_device
 
     named = _named_tasks(args)
     out = Path(args.out)
@@ -173,11 +183,8 @@ def _tasks(args: argparse.Namespace) -> int:
     from ..layout.adapters import base_model
     from ..store.manifest import model_fingerprint
 
-    many.save(out, inputs={"model_fingerprint": model_fingerprint(base_model(model), many.layout), "loss": loss, "max_length": args.max_length, "batch_size": args.batch_size,
-                           "dtype": args.dtype, "text_field": args.text_field, "model": str(Path(args.model).resolve()),
-                           **({"adapter": str(Path(args.adapter).resolve())} if args.adapter else {}),
-                           "files": {n: {"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
-                                     for n, p in named.items()}})
+    many.save(out, inputs={**_input_record(args, loss), "files": {n: _file_record(p) for n, p in named.items()},
+                           "model_fingerprint": model_fingerprint(base_model(model), many.layout)})
     table = many.conflicts(args.level)
     matrix = many.matrix(args.level, table=table)
     table.to_csv(out / "conflicts.csv", index=False)
@@ -291,77 +298,6 @@ def _interfere(args: argparse.Namespace) -> int:
         print(f"the head means of the paper score reflect task B's gradients; for 'do A and B pull this head apart?' "
               f"run: sketchfisher conflicts {args.store}")
     return 0
-
-
-def _verify(args: argparse.Namespace) -> int:
-    import sketchfisher as sf
-    from ..tasks import loss_for
-
-    from ..errors import InputError
-
-    if args.budget < args.top:
-        raise InputError(f"--budget {args.budget} is smaller than --top {args.top}: the top {args.top} cannot be "
-                         f"confirmed from fewer re-scored candidates; pass --budget {args.top} or more")
-    root = Path(args.store)
-    if (root / "tasks.json").exists():  # a task set (sketchfisher tasks): one ordered pair of it
-        result, record, default = _task_set_pair(args, root)
-    else:
-        if args.pair:
-            raise InputError(f"--pair is for a task set (sketchfisher tasks --out); {root} is a store of one pair")
-        store = sf.open_store(root)
-        result, record, default = store.result(), store, root / "verified.csv"
-    model, loss, tasks = _recompute_inputs(args, record)
-    v = result.verify_top(args.top, args.budget, model=model, loss_fn=loss_for(loss), task_a=tasks[0], task_b=tasks[1])
-    target = Path(args.out) if args.out else default
-    v.to_csv(target, index=False, float_format="%.6g")
-    print(f"{v.attrs['held_fraction']:.0%} of the sketched top-{args.top} held among {len(v)} re-scored candidates; "
-          f"wrote {target}")
-    return 0
-
-
-def _task_set_pair(args: argparse.Namespace, root: Path):
-    """``verify`` on a task set: the ``--pair A,B`` result, a record of its inputs in the form a store's manifest
-    gives them (task A and task B the pair's files), and the default output file."""
-    import sketchfisher as sf
-    from ..errors import InputError
-
-    many = sf.open_tasks(root)
-    names = (args.pair or "").split(",")
-    if len(names) != 2 or not all(names):
-        raise InputError(f"{root} is a task set of {', '.join(many.names)}: --pair A,B names the ordered pair to "
-                         f"verify (A's samples on the i side)")
-    files = many.inputs.get("files", {})
-    if not all(n in files for n in names):
-        raise InputError(f"{root} records no task file for {', '.join(n for n in names if n not in files)}; its tasks "
-                         f"are {', '.join(many.names)} (a set saved by the library records none: pass --task-a, "
-                         f"--task-b, --model and --loss)" if set(names) <= set(many.names) else
-                         f"no task {', '.join(n for n in names if n not in many.names)} in {root}; its tasks are "
-                         f"{', '.join(many.names)}")
-    return many.pair(*names), _TaskSetRecord(root, many, *names), root / f"verified-{names[0]}-{names[1]}.csv"
-
-
-class _TaskSetRecord:
-    """A task set's record in the form :func:`_recompute_inputs` reads a store's: its inputs with task A and task
-    B the pair's files, and :meth:`check` of a model against the fingerprint ``tasks`` recorded."""
-
-    def __init__(self, root: Path, many, a: str, b: str):
-        inputs = {k: v for k, v in many.inputs.items() if k not in ("files", "model_fingerprint")}
-        self.root, self.layout, self.fingerprint = root, many.layout, many.inputs.get("model_fingerprint")
-        self.manifest = {"inputs": {**inputs, "task_a": many.inputs["files"][a], "task_b": many.inputs["files"][b]}}
-
-    def check(self, model) -> None:
-        from ..layout.adapters import base_model
-        from ..store import StoreMismatchError
-        from ..store.manifest import model_fingerprint
-
-        if self.fingerprint is None:
-            raise StoreMismatchError(f"task set {self.root} records no model fingerprint: its samples cannot be "
-                                     "re-scored against a model")
-        got = model_fingerprint(base_model(model), self.layout)
-        diffs = sorted(k for k in set(got) | set(self.fingerprint) if got.get(k) != self.fingerprint.get(k))
-        if diffs:
-            raise StoreMismatchError(f"task set {self.root} was collected with another model (differs in: "
-                                     f"{', '.join(diffs)})")
 
 
 def _print_conflicts(table, top: int, what: str, unit: str = "head") -> None:

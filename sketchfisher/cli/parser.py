@@ -9,7 +9,8 @@ import signal
 import sys
 
 from .._version import __version__
-from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, _report, _tasks, _verify
+from .commands import _collect, _conflicts, _demo, _inspect, _interfere, _plan, _report, _tasks
+from .verify import _verify
 
 
 def _units(text: str):

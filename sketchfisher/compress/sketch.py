@@ -191,8 +191,14 @@ FP16_HEADROOM = 2.0 ** 14  # fp16 vectors are scaled so that their largest entry
 _M32 = 0xFFFFFFFF
 
 
-DITHER_SLICE = 1 << 17  # entries the CPU's dither hashes at a time (1 MiB of int64: in cache through its passes)
+CPU_SLICE = 1 << 17  # entries a step of the CPU's dither and rotation takes (1 MiB of int64: in cache through its passes)
 _mix32 = fmix32  # murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2³²): the same bits everywhere
+
+
+def _rows_per_step(rows: int, k: int, device: torch.device) -> int:
+    """Vectors of width ``k`` per step of an elementwise chain: a cache-sized slice on the CPU, all on a GPU (at
+    least 1, so that an empty batch still steps)."""
+    return max(1, rows if device.type != "cpu" else min(rows, CPU_SLICE // max(k, 1)))
 
 
 def rotation_signs(k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -208,9 +214,9 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     of vectors at a time, in place)."""
     k = x.shape[-1]
     out = x.reshape(-1, k).clone()
-    step = out.shape[0] if out.device.type != "cpu" else max(1, DITHER_SLICE // max(k, 1))
-    tmp = torch.empty(min(step, out.shape[0]), k // 2, dtype=out.dtype, device=out.device)
-    for lo in range(0, out.shape[0], max(step, 1)):
+    step = _rows_per_step(out.shape[0], k, out.device)
+    tmp = torch.empty(step, k // 2, dtype=out.dtype, device=out.device)
+    for lo in range(0, out.shape[0], step):
         rows = out[lo:lo + step]
         h = 1
         while h < k:  # (a, b) -> (a + b, a - b) on pairs h apart
@@ -248,9 +254,9 @@ def dither(scale: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     # MiniLM's sizes; the same operations in the same order, so the same bits)
     flat = base.reshape(-1)
     out = torch.empty(flat.numel(), k, dtype=torch.float64)
-    rows = min(max(1, DITHER_SLICE // max(k, 1)), flat.numel())
+    rows = _rows_per_step(flat.numel(), k, flat.device)
     h, tmp = torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, k, dtype=torch.int64)
-    for lo in range(0, flat.numel(), max(rows, 1)):
+    for lo in range(0, flat.numel(), rows):
         n = min(rows, flat.numel() - lo)
         torch.bitwise_xor(flat[lo:lo + n, None], coord, out=h[:n])
         out[lo:lo + n].copy_(fmix32_(h[:n], tmp[:n])).mul_(2.0 ** -32).sub_(0.5)
