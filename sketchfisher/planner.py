@@ -16,7 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from .collect.memory import GiB, PRESETS, TB, Shape, format_bytes, plan_phases, store_disk_bytes
+from .collect.disk import store_disk_bytes
+from .collect.memory import GiB, PRESETS, TB, Shape, format_bytes, plan_phases
 from .compress.sketch import DTYPES
 from .errors import InputError
 

@@ -405,7 +405,7 @@ def test_no_checkpoint_needs_less_disk(small, tmp_path, monkeypatch):
     checkpointed collection is refused before pass 1 and one without checkpoints goes ahead."""
     import shutil
 
-    from sketchfisher.collect.memory import store_disk_bytes
+    from sketchfisher.collect.disk import store_disk_bytes
     from sketchfisher.store import writer
 
     model, ta, tb = small
@@ -494,7 +494,8 @@ def test_store_sizes_match_the_planner(small, tmp_path):
     summary = sf.open_store(tmp_path / "s").summary()
     layout = sf.layout_for(model)
     per_sample = layout.num_layers * (2 * 8 + 2 * 2) * (32 * 2 + 4 + 16 + 4)
-    from sketchfisher.collect.memory import Shape, store_disk_bytes
+    from sketchfisher.collect.disk import store_disk_bytes
+    from sketchfisher.collect.memory import Shape
 
     # task B's single pass is centred by task A's Σ|g|: A keeps its Fisher and Σ|g|, B nothing of its own
     plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 0), stats_bytes=8)

@@ -35,7 +35,8 @@ from torch import nn
 
 from ..capture.oracle import LossFn, batch_size_of
 from ..collect import Job, Sink, default_stats_dtype, execute, pass_plan, trainable_weights
-from ..collect.memory import format_bytes, store_disk_bytes
+from ..collect.disk import store_disk_bytes
+from ..collect.memory import format_bytes
 from ..collect.runner import check_job
 from ..collect.plan import Step
 from ..collect.sketches import compacted_statistics, host_staging, statistics_dtypes
@@ -61,7 +62,7 @@ def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | 
                  world: int = 1, compact_copies: tuple[int, int] = (0, 0), conflicts: bool = False,
                  checkpoints: bool = True) -> None:
     """Refuse before writing when the store would not fit the disk (or ``max_bytes``): everything it writes
-    (:func:`~sketchfisher.collect.memory.store_disk_bytes`), less what is already there. Skipped while the
+    (:func:`~sketchfisher.collect.disk.store_disk_bytes`), less what is already there. Skipped while the
     sample counts are unknown (tasks that are not lists of batches, before pass 1 has counted them)."""
     if samples is None or batches is None:
         return
