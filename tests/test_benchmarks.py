@@ -73,3 +73,11 @@ def test_cpu_e2e_compares_allocator_settings_in_child_processes():
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| gpt2 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["defaults", "freed memory kept"], done.stdout
+
+
+def test_sketch_throughput_times_storage():
+    """``--storage``: the int4 dither in both forms and encode/decode with and without the rotation, one row each."""
+    done = run_script("sketch_throughput.py", ["--storage", "--vectors", "2", "3", "--k", "16", "--repeats", "1"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| int4")]
+    assert len(rows) == 6 and sum("rotated" in r for r in rows) == 2, done.stdout
