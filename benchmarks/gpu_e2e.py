@@ -177,9 +177,11 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
         kernels.launch_shape = default_shape if launch == "default" else before_shape
-        sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
-                                                     conflicts=flag, units=args.units))
-        kernels.launch_shape = default_shape
+        try:
+            sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
+                                                         conflicts=flag, units=args.units))
+        finally:
+            kernels.launch_shape = default_shape
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
