@@ -138,7 +138,7 @@ def run_cli(args, model_dir=None, tasks=None, loss_kind: str = "clm", dtype: str
            "--task-b", str(tasks[1]), "--out", str(out or root / "store"), "--loss", loss_kind, "--device",
            args.device, "--dtype", dtype, "--max-length", str(args.tokens), "--batch-size", str(args.batch),
            "--k", str(args.k), "--quiet", "--json"] + (["--device-map", "auto"] if getattr(args, "device_map", "none") == "auto"
-                                             else [])
+                                             else []) + (["--no-checkpoint"] if getattr(args, "no_checkpoint", False) else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"CLI failed:\n{done.stderr[-3000:]}")
@@ -236,6 +236,7 @@ def main() -> None:
     p.add_argument("--warm", action="store_true", help="run sf.analyze once on one batch first (kernels compiled)")
     p.add_argument("--plain-seconds", type=float, default=None, help="a plain time measured before (with --cli-only)")
     p.add_argument("--cli-only", action="store_true", help="skip sf.analyze; run only the CLI path (needs --cli)")
+    p.add_argument("--no-checkpoint", action="store_true", help="the CLI's collect writes no pass-1 checkpoint")
     p.add_argument("--compare-stats-dtype", action="store_true",
                    help="also run with fp64 statistics and report how far the default (fp32 on GPUs) moves the scores")
     p.add_argument("--sjlt-launch", nargs="+", default=["default"], choices=["default", "before"],

@@ -115,7 +115,7 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
         state = execute(plan, job, sink)
     if codec.two_pass:
         sink.check_counts(state)
-        source = SketchSource(sink.side["a"], sink.side["b"], state.e, state.moments)
+        source = SketchSource(sink.side["a"], sink.side["b"], state.e, state.moments, state.residual or None)
     else:
         source = ExactSource(sink.reps["a"], sink.reps["b"])
     context = ResultContext.of(layout, cfg, codec, state.stats["a"], state.stats["b"], source)

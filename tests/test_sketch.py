@@ -372,6 +372,38 @@ def test_scaled_centring_gains_where_samples_differ_in_scale(small):
     assert err["scaled"] < 0.8 * err["mean"], err
 
 
+def test_task_b_in_one_pass_is_centred_by_its_own_mean_when_scored(small, tmp_path):
+    """Task B's single pass with scaled centring takes away each sample's own multiple of task A's centre x̄'
+    during the pass; its mean residual m (orthogonal to x̄') is taken away when scoring, so the B vectors that
+    are scored average to zero, as two passes per task would centre them, while the stored ones do not. A store
+    scores the same, and a format-9 store of this kind (B centred by another direction) is refused."""
+    import json
+
+    from sketchfisher.store.manifest import seal
+
+    model, ta, tb, _ = small
+    codec = sf.Sketch(k=16, dtype="fp32")
+    res = sf.analyze(model, generic_loss, ta, tb, codec=codec, passes=1.5, store=tmp_path / "s")
+    ctx = res.context
+    src = ctx.source
+    assert src.residual
+    offset = []
+    for key in ctx.layout.groups():
+        a, b = src.side_a.get(key), src.side_b.get(key)
+        blk = codec.block_scores(a, b, src.e.get(key), ctx.layout.head_blocks(*key)[0].numel,
+                                 residual=src.residual.get(key))
+        rms = blk.yb.square().mean().sqrt()
+        assert float(blk.yb.mean(0).abs().max()) <= 2e-2 * float(rms)  # (B's mean is kept rounded to bf16)
+        offset.append(float(b[0].mean(0).abs().max() / rms))
+    assert max(offset) > 0.1  # (the stored vectors kept B's mean residual)
+    again = sf.open_store(tmp_path / "s").result()
+    torch.testing.assert_close(again.scores, res.scores, rtol=1e-5, atol=1e-5 * float(res.scores.abs().max()))
+    path = tmp_path / "s" / "manifest.json"
+    path.write_text(json.dumps(seal({**json.loads(path.read_text()), "format_version": 9})))
+    with pytest.raises(sf.StoreError, match="format version 9 centred task B's single pass"):
+        sf.open_store(tmp_path / "s")
+
+
 def test_store_written_before_scaled_centring_reads_as_mean_centred(small, tmp_path):
     """A format-7 store (no γ in its shards, a codec without a centring) is read as what it is: centred by the
     means, the same scores as when it was written."""

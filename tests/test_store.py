@@ -468,7 +468,8 @@ def test_planner_matches_hand_computation():
 @pytest.mark.parametrize("passes", [2, 1.5])
 def test_a_store_opens_light(small, tmp_path, monkeypatch, passes):
     """Opening a store reads no statistics and prepares no block; scoring prepares each block it scores, once,
-    and keeps only its centre product; the scores are those of the collection."""
+    and keeps only its centre product (and, for task B's single pass, B's sketched mean residual: k values a
+    head); the scores are those of the collection."""
     import sketchfisher.interference.stored as stored
 
     model, ta, tb = small
@@ -485,7 +486,12 @@ def test_a_store_opens_light(small, tmp_path, monkeypatch, passes):
     pd.testing.assert_frame_equal(top, want)
     res.head_means()
     assert len(prepared) == len(store.layout.groups())  # each block's centre product is computed once
-    assert all(e.numel() == len(store.layout.head_blocks(*key)) for key, (e, _) in res.context.source.e.cache.items())
+    kept = res.context.source.e.cache.items()
+    assert all(e.numel() == len(store.layout.head_blocks(*key)) for key, (e, _, _) in kept)
+    for key, (_, _, residual) in kept:
+        assert (residual is None) == (passes == 2)
+        if residual is not None:
+            assert residual[0].shape == (len(store.layout.head_blocks(*key)), CODEC.k)
 
 
 def test_store_sizes_match_the_planner(small, tmp_path):
@@ -497,27 +503,27 @@ def test_store_sizes_match_the_planner(small, tmp_path):
     from sketchfisher.collect.disk import store_disk_bytes
     from sketchfisher.collect.memory import Shape
 
-    # task B's single pass is centred by task A's Σ|g|: A keeps its Fisher and Σ|g|, B nothing of its own
-    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 0), stats_bytes=8)
+    # A keeps its Fisher and Σ|g|, B its Σ|g| (its own mean, which the scores take away from its sketches)
+    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 1), stats_bytes=8)
     assert plan["sketches"] == per_sample * 11 <= summary["sketch_bytes"] <= plan["sketches"] + plan["shard_headers"]
     written = sum(p.stat().st_size for p in (tmp_path / "s").rglob("*") if p.is_file())
     assert written <= plan["total"] - plan["pass1_checkpoint"]  # the plan is an upper bound of what is written
     unit = layout.num_layers * Shape.of(model).attn_params_per_layer * 8  # one model-sized fp64 statistic
-    assert plan["statistics"] >= 2 * unit and plan["pass1_checkpoint"] == max(2 * 2, 2 + 2 * 0) * unit - 2 * unit
+    assert plan["statistics"] >= 3 * unit and plan["pass1_checkpoint"] == max(2 * 2, 2 + 2 * 1) * unit - 3 * unit
     assert written >= 0.5 * (plan["total"] - plan["pass1_checkpoint"])  # and not a wild one
     # Σ|g| only balances and centres: written in bf16; the planner counts it so
-    compact = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 0), stats_bytes=8,
-                               compact_copies=(1, 0))
+    compact = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(2, 1), stats_bytes=8,
+                               compact_copies=(1, 1))
     stats_bytes = sum(p.stat().st_size for p in (tmp_path / "s" / "pass1").glob("*.safetensors"))
-    assert unit + unit // 4 <= stats_bytes <= compact["statistics"]
+    assert unit + 2 * (unit // 4) <= stats_bytes <= compact["statistics"]
     # with the conflict test (the default): A's Σg (bf16) and Σg over half its samples, B's Σg (bf16), and
     # each sample's conflict scalars in the shards
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "c")
-    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(4, 1), stats_bytes=8,
-                            compact_copies=(2, 1), conflicts=True)
+    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(4, 2), stats_bytes=8,
+                            compact_copies=(2, 2), conflicts=True)
     written = sum(p.stat().st_size for p in (tmp_path / "c").rglob("*") if p.is_file())
     stats_bytes = sum(p.stat().st_size for p in (tmp_path / "c" / "pass1").glob("*.safetensors"))
-    assert 2 * unit + 3 * unit // 4 <= stats_bytes <= plan["statistics"]
+    assert 2 * unit + 4 * unit // 4 <= stats_bytes <= plan["statistics"]
     assert 0.5 * (plan["total"] - plan["pass1_checkpoint"]) <= written <= plan["total"] - plan["pass1_checkpoint"]
 
 

@@ -220,14 +220,14 @@ class _Terms:
 
     def preparations(self, centre_b: bool) -> float:
         """Both tasks' centres known (two passes per task): w_a, and with variance reduction w_b, x̄' and ȳ'.
-        Before task B's single pass: w_b, x̄' (and ȳ' where B is centred by a direction from task A), no w_a.
+        Before task B's single pass: w_b, x̄' (which also centres B where it is centred during its pass), no w_a.
         With the conflict test task B's two weights (ḡ_A·W and A's half mean ·W) and, once B's mean is
         known, task A's (ḡ_B·W), in bf16."""
         if not self.variance_reduction:
             return self.prep_tensor + self.conflict_tensor * (2 + centre_b)
         if centre_b:
             return self.prep_tensor + 3 * self.side_tensor + self.conflict_tensor * 3
-        return (2 + self.centre_b_from_a) * self.side_tensor + self.conflict_tensor * 2
+        return 2 * self.side_tensor + self.conflict_tensor * 2
 
     def after_centring(self) -> float:
         """Once task B's single pass is centred: w_a back, w_b gone; x̄', ȳ' and the three conflict weights."""

@@ -61,6 +61,7 @@ class State:
     raw: dict[str, list] = field(default_factory=dict)
     e: dict = field(default_factory=dict)
     moments: dict = field(default_factory=dict)
+    residual: dict = field(default_factory=dict)  # task B's mean residual per block (single pass, scaled centring)
 
 
 class Sink:
@@ -189,8 +190,8 @@ def _fold_sketch(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State)
 
 
 def _centre(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
-    centres = centre_j_side(job.layout, job.codec, job.cfg, state.preps, state.stats[step.task], sink.keep,
-                            stats_a=sink.a_fisher(state), staging=sink.staging)
+    centres, state.residual = centre_j_side(job.layout, job.codec, job.cfg, state.preps, state.stats[step.task],
+                                            sink.keep, stats_a=sink.a_fisher(state), staging=sink.staging)
     sink.centred(step.task, state.raw.pop(step.task), centres)
 
 

@@ -21,8 +21,8 @@ from ..capture.oracle import LossFn
 from ..compress import SideCodec
 from ..compress.base import centres_b_from_a
 from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
-                                     prepare_block, rebuild_a_weight, scale_centring, side_vector, sketch_sides,
-                                     with_j_centre)
+                                     prepare_block, rebuild_a_weight, residual_centre, scale_centring, side_vector,
+                                     sketch_sides, with_j_centre)
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging, accumulator_dtype
 from ..fisher.host import host_copy
@@ -40,9 +40,10 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
 
     ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
-    over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`), unless the codec centres B
-    by a direction from task A's statistics (:func:`~sketchfisher.compress.base.centres_b_from_a`): then B's
-    centre is that direction whatever ``stats_b``. ``conflicts=False`` leaves
+    over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`). A codec with scaled centring
+    (:func:`~sketchfisher.compress.base.centres_b_from_a`) centres B during that pass by a multiple of task A's
+    centre: the preparation's ``ȳ'`` is then ``x̄'`` itself (one tensor), until :func:`centre_j_side` puts B's own
+    mean in its place. ``conflicts=False`` leaves
     out the conflict test's weights and moments even where the statistics allow them. ``compact_sides``: the
     balance and centres in :func:`side_dtype` (stores of format 8 and before kept them in ``cfg.dtype``)."""
     if layout.param_of(layer, block) not in stats_a.welford:
@@ -60,22 +61,23 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     if cfg.normalizer == "pooled":  # the Welford merge of the two means, entry by entry (as FisherStats.merge)
         fisher = fisher_a + (get(stats_b, "fisher") - fisher_a) * (stats_b.count / (stats_a.count + stats_b.count))
     vr = codec.variance_reduction
-    from_a = balance_from_a and centres_b_from_a(codec, 1.5)  # B's direction from A's statistics
-    b = vr and stats_b is not None and not from_a
+    from_a = balance_from_a and stats_b is None and centres_b_from_a(codec, 1.5)  # B's direction: A's centre
+    b = vr and stats_b is not None
     fisher_balanced = balances_by_fisher(cfg)  # (signed: no Σ|g| needed)
     means = {t: get(s, "mean_grad") if conflicts and s is not None and "sum" in s.quantities else None
              for t, s in (("a", stats_a), ("b", stats_b))}  # the conflict test's
     half = get(stats_a, "mean_grad_half") if means["a"] is not None and "half" in stats_a.quantities else None
     prep = prepare_block(fisher, fisher_a if cfg.normalizer == "loo" else None,
                          get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.i_side]]) if vr else None,
-                         get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if b else
-                         get(stats_a, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if vr and from_a else None,
+                         get(stats_b, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]) if b else None,
                          get(stats_a, "mean_abs") if vr and not fisher_balanced else None,
                          get(stats_b, "mean_abs") if b and not balance_from_a and not fisher_balanced else None,
                          stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec,
                          mean_g_a=means["a"], mean_g_b=means["b"], half_a=half,
                          u_dtype=torch.bfloat16 if "sum" in compacted_statistics(layout) else None,
                          side_dtype=side_dtype(stats_a.dtype) if compact_sides else None)
+    if vr and from_a:  # B's single pass is centred by its own multiple of x̄' (any direction keeps scores exact)
+        prep = dataclass_replace(prep, y_bar=prep.x_bar, e=prep.x_bar.double().square().sum(-1))
     if half is not None:  # how many samples the half mean averages
         prep.moments["n_even"] = torch.tensor(float(stats_a.half_counts[layout.param_of(layer, block)]), dtype=torch.float64)
     return prep
@@ -234,15 +236,18 @@ def centred(blocks: dict, centres: dict) -> dict:
 
 def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Preps, stats_b: FisherStats,
                   keep: tuple[str, ...] = (), stats_a: Optional[FisherStats] = None,
-                  staging: Optional[HostStaging] = None) -> dict[tuple[int, str], torch.Tensor]:
-    """After the single pass over task B: each block's ``R ȳ' [1, H_b, k]`` (to subtract from B's uncentred
-    sketches; None where B was centred during its pass by a direction from task A). Each preparation gains ``ȳ'`` and ``e`` (and, where task B kept Σg, the conflict weight ``u_a =
+                  staging: Optional[HostStaging] = None) -> tuple[dict, dict]:
+    """After the single pass over task B: ``(centres, residuals)`` per block. ``centres``: ``R ȳ' [1, H_b, k]`` to
+    subtract from B's uncentred sketches (centring by the mean), or None where B was centred during its pass by
+    multiples of x̄' (scaled centring); for those, ``residuals`` holds B's mean residual
+    (:func:`~sketchfisher.compress.sketch_scores.residual_centre`), which the scores take away from B's sketches.
+    Each preparation gains B's own ``ȳ'`` and ``e`` (and, where task B kept Σg, the conflict weight ``u_a =
     ḡ_B/(Î+ε+λ)``) and drops ``w_b`` (not needed again), and gets back ``w_a`` from task A's Fisher in ``stats_a``
     where B's pass ran without it (one parameter's Fisher on the device at a time); B's statistics are released
     parameter by parameter (those in ``keep`` to host memory, into ``staging``'s buffers when given)."""
     keys = [key for key, prep in preps.items() if prep is not None]
     last_use = {layout.param_of(*key): key for key in keys}
-    centres = {}
+    centres, residuals = {}, {}
     fisher = (None, None)  # (parameter, its Fisher on the preparations' device)
     for key in keys:
         prep = preps[key]
@@ -254,11 +259,12 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
                 fisher = (None, None)
                 fisher = (name, stats_a.fisher(name).to(prep.device, non_blocking=True))
             prep = rebuild_a_weight(prep, layout.gather(*key, fisher[1].unsqueeze(0))[0], cfg)
-        if prep.y_bar is None:  # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
-            prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
+        during = prep.y_bar is not None  # centred during the pass by multiples of x̄' (scaled centring)
+        prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
+        if during:  # B's sketches are final: its mean residual is taken away when scoring
+            centres[key], residuals[key] = None, residual_centre(prep, codec, *key)
+        else:  # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
             centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None].to(cfg.dtype))
-        else:  # centred during the pass by a direction from task A (scaled centring): nothing to subtract
-            centres[key] = None
         if "sum" in stats_b.quantities:
             mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
             u_dtype = torch.bfloat16 if "sum" in compacted_statistics(layout) else prep.w_a.dtype
@@ -269,7 +275,7 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
         if last_use[name] == key:
             stats_b.offload(name, keep=keep, copy=staging.copy if staging is not None else host_copy)
     stats_b.settle(keep)
-    return centres
+    return centres, residuals
 
 
 def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:

@@ -115,8 +115,6 @@ class SideCodec(Codec):
 
         balance = set() if balances_by_fisher(cfg) else {"abs"}  # (signed balances by the Fisher, kept anyway)
         a = balance | {MEAN_OF[cfg.spec.i_side]}
-        if passes == 1.5 and centres_b_from_a(self, passes):  # B's direction is A's mean of B's transform
-            return {"a": a | {MEAN_OF[cfg.spec.j_side]}, "b": set()}
         b = {MEAN_OF[cfg.spec.j_side]} if passes == 1.5 else balance | {MEAN_OF[cfg.spec.j_side]}
         return {"a": a, "b": b}
 
@@ -157,9 +155,11 @@ class SideCodec(Codec):
     def bytes_per_sample(self, head_block_sizes: list[int], factor_width: int, tokens: int) -> float:
         return float(sum(self.bytes_per_block(s) for s in head_block_sizes))
 
-    def block_scores(self, a: tuple, b: tuple, e: torch.Tensor, size: int) -> "BlockScores":
+    def block_scores(self, a: tuple, b: tuple, e: torch.Tensor, size: int,
+                     residual: Optional[tuple] = None) -> "BlockScores":
         """Scores (and standard errors) of one (layer, block) from both sides' decoded ``(vectors, ‖·‖²,
-        cross)`` and the centres' product ``e [H_b]``."""
+        cross)`` and the centres' product ``e [H_b]``; ``residual``: task B's mean residual to take away from its
+        vectors (a single pass over B with scaled centring)."""
         raise NotImplementedError
 
     def fused_sides(self, layout: "Layout", cfg: "ScoreConfig", side: str) -> Any:
@@ -170,9 +170,9 @@ class SideCodec(Codec):
 
 def centres_b_from_a(codec: Any, passes: float) -> bool:
     """Whether task B's single pass (``passes=1.5``) is centred during the pass, by a direction from task A's
-    statistics (task A's mean of B's side transform, balanced as B's vectors): with scaled centring any
-    direction keeps the scores exact and each sample takes its own multiple of it, so B needs no centre of
-    its own and no centring after its pass. Codecs centred by the means centre B afterwards by its own mean."""
+    statistics: task A's own centre x̄'. With scaled centring any direction keeps the scores exact and each
+    sample takes its own multiple of it, so B's sketches are final as they are made (B's mean residual is taken
+    away when scoring). Codecs centred by the means centre B afterwards by its own mean."""
     return (passes == 1.5 and getattr(codec, "variance_reduction", False)
             and getattr(codec, "centring", "mean") == "scaled")
 

@@ -127,13 +127,15 @@ class Sketch(SideCodec):
             return None
         return parts["scale"].double().square() / 12.0
 
-    def block_scores(self, a: tuple, b: tuple, e: torch.Tensor, size: int):
+    def block_scores(self, a: tuple, b: tuple, e: torch.Tensor, size: int, residual: Optional[tuple] = None):
         from .sketch_scores import SketchBlock, finite_population_correction
 
         noise = [getattr(side, "noise", None) for side in (a, b)]
         gamma = [getattr(side, "gamma", None) for side in (a, b)]
-        return SketchBlock(*a, *b, e.double().to(a[0].device), self.k, finite_population_correction(self, size),
-                           *noise, *gamma)
+        e, fpc = e.double().to(a[0].device), finite_population_correction(self, size)
+        if residual is not None:
+            return SketchBlock.recentred(a, b, e, self.k, fpc, *noise, gamma[0], residual)
+        return SketchBlock(*a, *b, e, self.k, fpc, *noise, *gamma)
 
     def fused_sides(self, layout, cfg, side: str):
         from .fused import FusedSides

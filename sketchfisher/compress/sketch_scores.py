@@ -191,6 +191,25 @@ def with_j_centre(prep: BlockPrep, mean_j_b: torch.Tensor) -> BlockPrep:
     return replace(prep, y_bar=y_bar, e=(prep.x_bar.double() * y_bar.double()).sum(-1))
 
 
+def residual_centre(prep: BlockPrep, codec: Sketch, layer: int, block: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task B's mean residual after its single pass with scaled centring: ``(R m [H_b, k], ‖m‖² [H_b])`` (fp64 norm).
+
+    During the pass each ``y'_j`` lost its own multiple of ``x̄'``, ``ỹ_j = y'_j − β_j x̄'``; the residuals' mean is
+    ``m = ȳ' − b x̄'`` with ``b = ⟨x̄', ȳ'⟩ / ‖x̄'‖²`` (so ``m ⊥ x̄'``), from B's own mean ``ȳ'`` in ``prep``. The scores
+    sketch ``ỹ_j − m`` (``R ỹ_j − R m`` by linearity), the part of B that neither its own mean nor x̄' explains, as
+    two passes per task would centre it; ``⟨x̃_i, m⟩`` is exact from ``⟨x'_i, ȳ'⟩``, ``e`` and α_i
+    (:class:`SketchBlock`). ``m`` is formed from the preparation's rounded centres, so every reader of a collection
+    forms the same one."""
+    from ..layout import block_index
+
+    x, y = prep.x_bar.double(), prep.y_bar.double()
+    xx = x.square().sum(-1)
+    b = torch.where(xx > 0, prep.e.to(xx.device) / xx.clamp_min(torch.finfo(xx.dtype).tiny), torch.zeros_like(xx))
+    m = y - b[:, None] * x
+    rm = codec.apply_heads(layer, block_index(block), m[None].float())[0]
+    return rm, m.square().sum(-1)
+
+
 def side_vector(g: torch.Tensor, prep: BlockPrep, side: Side, count: int, cfg: ScoreConfig) -> torch.Tensor:
     """Balanced i-side (``"a"``) or j-side (``"b"``) vectors ``[B, H_b, S]`` from block gradients.
 
@@ -267,6 +286,21 @@ class SketchBlock:
     qb: Optional[torch.Tensor] = None
     ga: Optional[torch.Tensor] = None  # scaled centring's γ_i [nA, H_b] (x̃_i = x'_i − (1 + γ_i) x̄'); None: 0
     gb: Optional[torch.Tensor] = None  # γ_j [nB, H_b]
+
+    @classmethod
+    def recentred(cls, a: tuple, b: tuple, e: torch.Tensor, k: int, fpc: float, qa, qb, ga,
+                  residual: tuple[torch.Tensor, torch.Tensor]) -> "SketchBlock":
+        """Scores of task B's single pass with scaled centring, its mean residual ``m`` taken away
+        (:func:`residual_centre`). B was stored as ``ỹ_j = y'_j − β_j x̄'``; with ``ŷ_j = ỹ_j − m``,
+        ``y'_j = ŷ_j + (β_j − b) x̄' + ȳ'``, and as x̃_i ⊥ x̄' (scaled centring of A) ``⟨x'_i, y'_j⟩ = ⟨x̃_i, ŷ_j⟩ +
+        ⟨x'_i, ȳ'⟩ + α_i (⟨x̄', y'_j⟩ − e)``: the mean-centred form with β = 1. ‖ŷ_j‖² (error bars only) takes
+        ⟨ỹ_j, m⟩ from the sketches."""
+        rm, m2 = residual
+        yb, nb, db = b[0], b[1], b[2]
+        rm = rm.to(yb.device, yb.dtype)
+        cross = torch.einsum("jhk,hk->jh", yb, rm)
+        nb = (nb - 2 * cross + m2.to(nb.device, nb.dtype)).clamp_min(0)
+        return cls(*a, yb - rm, nb, db, e, k, fpc, qa, qb, ga, None)
 
     @property
     def n_a(self) -> int:

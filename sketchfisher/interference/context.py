@@ -34,6 +34,7 @@ class SketchSource:
     side_b: Any
     e: Any
     moments: Any = None  # per block, the task means' Fisher-weighted products (the conflict test's T and norms)
+    residual: Any = None  # per block, task B's mean residual (R m, ‖m‖²) after a single pass with scaled centring
 
 
 class Statistics:
@@ -133,7 +134,9 @@ def sketch_provider(ctx: ResultContext) -> Provider:
         e = src.e.get((layer, block))
         if e is None:
             return None
-        return codec.block_scores(a, b, e, layout.head_blocks(layer, block)[0].numel)
+        residual = None if src.residual is None else src.residual.get((layer, block))
+        extra = {} if residual is None else {"residual": residual}  # (codecs that never centre B during its pass)
+        return codec.block_scores(a, b, e, layout.head_blocks(layer, block)[0].numel, **extra)
     return provider
 
 

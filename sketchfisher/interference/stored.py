@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..collect.sketches import prepare
+from ..compress.base import centres_b_from_a
+from ..compress.sketch_scores import residual_centre
 from ..store import StoreError, StoreReader
 from .context import ResultContext, SketchSource, Statistics
 from .engine import DEFAULT_MAX_BYTES
@@ -32,8 +34,9 @@ class Store(StoreReader):
         statistics = Statistics(self._statistics)
         sides = self.sides()
         centres = BlockCentres(self, statistics)
+        residual = centres.residuals if self.passes == 1.5 and centres_b_from_a(self.codec, 1.5) else None
         return ResultContext(self.layout, self.cfg, self.codec, statistics,
-                             SketchSource(sides["a"], sides["b"], centres, centres.moments), counts,
+                             SketchSource(sides["a"], sides["b"], centres, centres.moments, residual), counts,
                              store=str(self.path))
 
     def _statistics(self):
@@ -49,23 +52,27 @@ class Store(StoreReader):
 
 
 class BlockCentres:
-    """``e = ⟨x̄', ȳ'⟩ [H_b]`` of a store's blocks, and the task means' products the conflict test needs
-    (:attr:`moments`), each computed from the statistics when first asked for (the block's preparation is
-    freed at once; only these scalars are kept)."""
+    """``e = ⟨x̄', ȳ'⟩ [H_b]`` of a store's blocks, the task means' products the conflict test needs
+    (:attr:`moments`) and, for task B's single pass with scaled centring, B's mean residual (:attr:`residuals`),
+    each computed from the statistics when first asked for (the block's preparation is freed at once; only
+    these are kept)."""
 
     def __init__(self, store: Store, statistics: Statistics):
         self.store, self.statistics, self.cache = store, statistics, {}
-        self.moments = _Moments(self)
+        self.moments = _Moments(self, 1)
+        self.residuals = _Moments(self, 2)
 
     def prepared(self, key: tuple[int, str], moments: bool = False):
-        """``(e, moments or None)`` of a block; None when it was not collected. The moments are computed (with
-        the block's preparation again) only when asked for: scores need ``e`` alone."""
+        """``(e, moments or None, residual or None)`` of a block; None when it was not collected. The moments are
+        computed (with the block's preparation again) only when asked for: scores need ``e`` alone."""
         if key not in self.cache or (moments and self.cache[key] is not None and self.cache[key][1] is None):
             s = self.store
             prep = prepare(s.layout, *key, self.statistics["a"], self.statistics["b"], s.cfg, s.codec,
                            balance_from_a=s.passes == 1.5, conflicts=moments,
                            compact_sides=s.manifest["format_version"] >= 9)
-            self.cache[key] = None if prep is None else (prep.e, prep.moments if moments else None)
+            residual = (residual_centre(prep, s.codec, *key) if prep is not None and s.passes == 1.5
+                        and centres_b_from_a(s.codec, 1.5) else None)
+            self.cache[key] = None if prep is None else (prep.e, prep.moments if moments else None, residual)
         return self.cache[key]
 
     def get(self, key: tuple[int, str]):
@@ -74,14 +81,14 @@ class BlockCentres:
 
 
 class _Moments:
-    """``get(key)``: a store block's conflict moments (:class:`BlockCentres`)."""
+    """``get(key)``: a store block's conflict moments (``at=1``) or B's mean residual (``at=2``) (:class:`BlockCentres`)."""
 
-    def __init__(self, centres: BlockCentres):
-        self.centres = centres
+    def __init__(self, centres: BlockCentres, at: int):
+        self.centres, self.at = centres, at
 
     def get(self, key: tuple[int, str]):
-        got = self.centres.prepared(key, moments=True)
-        return None if got is None else got[1]
+        got = self.centres.prepared(key, moments=self.at == 1)
+        return None if got is None else got[self.at]
 
 
 def open_store(path: str | Path, unverified: bool = False) -> Store:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..compress import Codec, SideCodec, codec_from_dict, decode_side
+from ..compress.base import centres_b_from_a
 from ..errors import InputError
 from ..fisher import FisherStats
 from ..layout import Layout, units_layout
@@ -108,6 +109,9 @@ class StoreReader:
         if version < 7 and self.cfg.variant == "signed" and getattr(self.codec, "variance_reduction", False):
             raise StoreError(f"{self.path}: format version {version} wrote signed-variant sketches balanced by "
                              "Σ|g|; this library balances them by √(Î+ε) and would misread them: collect again")
+        if version < 10 and passes_of(self.manifest) == 1.5 and centres_b_from_a(self.codec, 1.5):
+            raise StoreError(f"{self.path}: format version {version} centred task B's single pass by task A's mean of "
+                             "B's side transform, which this library no longer reads: collect again")
         if not self.codec.two_pass:
             raise StoreError(f"{self.path}: stores hold side codecs' vectors, the manifest names codec "
                              f"{self.manifest['codec']!r}")
