@@ -98,7 +98,7 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
     # both tasks' Σg and task A's Σg over half its samples (each process splits its own stream: the halves
     # differ between world sizes, their counts add up to the same)
     assert a.stats["a"].quantities == b.stats["a"].quantities == ("fisher", "abs", "sum", "half")
-    assert a.stats["b"].quantities == b.stats["b"].quantities == ("sum",)  # (B centred by A's Σ|g|)
+    assert a.stats["b"].quantities == b.stats["b"].quantities == ("abs", "sum")  # (B's Σ|g|: its mean residual)
     assert a.stats["a"].half_count == (4 if fsdp else 5) and 3 <= b.stats["a"].half_count <= 6
     for t in ("a", "b"):
         for name in a.stats[t].names():
@@ -110,7 +110,7 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
             # with fp32 statistics Σ|g| accumulates in bf16, rounded stochastically: each rank rounds its own partial
             # sums, the single process its running sum, so the two differ by a few bf16 ulps (2^-8 apart,
             # relatively); each run then uses its own values throughout
-            if name not in a.stats[t].sum_abs:  # (task B's single pass keeps no Σ|g|: A's centres it)
+            if name not in a.stats[t].sum_abs:  # (statistics not kept)
                 continue
             flips = a.stats[t].sum_abs[name].dtype == torch.bfloat16 and a.stats[t].dtype == torch.float32
             torch.testing.assert_close(b.stats[t].mean_abs(name), a.stats[t].mean_abs(name),
@@ -118,7 +118,7 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
     ra, rb = a.result(), b.result()
     fp32 = a.stats["a"].dtype == torch.float32
     # A's Σ|g| rounded stochastically in each rank's own order differs by a few bf16 ulps between the runs; it
-    # balances both sides and is task B's centring direction: each run's estimate is then as valid as the other's,
+    # balances both sides, so x̄′, task B's centring direction, moves with it: each run's estimate is then as valid as the other's,
     # and they differ by less than the error bar (scaled centring makes the residuals small, so a 2^-8 change of
     # the direction shows); fp64 statistics (the CPU's default) agree to rounding
     allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max()) + (ra.stderr if fp32 else 0)
