@@ -76,9 +76,9 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
                                    fsdp: bool = False) -> None:
     """Collect one store in one process and one with 2 ranks (``backend``: gloo on CPU, nccl on 2 GPUs); compare.
 
-    In fp64 the statistics agree to 1e-12 and the scores to 1e-5; in fp32 the reduction order moves the
-    statistics by a few ulp, and scores (a small difference of large centred terms) by up to 1e-3 of
-    their standard error."""
+    In fp64 the statistics agree to 1e-12 and the scores to 1e-5; in fp32 the reduction order and the bf16
+    accumulators' stochastic rounding move the statistics by a few ulp, and each run's scores are then checked
+    against the exact scores within its own error bars."""
     extra = {} if stats_dtype is None else {"SF_STATS_DTYPE": stats_dtype}
     extra["SF_FSDP"] = int(fsdp)  # (the single process runs the same, unwrapped model and the same batches)
     single = subprocess.run([sys.executable, str(TESTS / "dist_worker.py"), str(tmp_path / "single")],
@@ -116,12 +116,22 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
             torch.testing.assert_close(b.stats[t].mean_abs(name), a.stats[t].mean_abs(name),
                                        rtol=2 ** -5 if flips else rtol, atol=0)
     ra, rb = a.result(), b.result()
-    fp32 = a.stats["a"].dtype == torch.float32
-    # A's Σ|g| rounded stochastically in each rank's own order differs by a few bf16 ulps between the runs; it
-    # balances both sides, so x̄′, task B's centring direction, moves with it: each run's estimate is then as valid as the other's,
-    # and they differ by less than the error bar (scaled centring makes the residuals small, so a 2^-8 change of
-    # the direction shows); fp64 statistics (the CPU's default) agree to rounding
-    allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max()) + (ra.stderr if fp32 else 0)
-    worst = float(((rb.scores - ra.scores).abs() / allowed).max())
-    assert worst <= 1, f"scores differ by up to {worst:.2f} x the allowed difference"
-    torch.testing.assert_close(rb.stderr, ra.stderr, rtol=0.1 if fp32 else 1e-4, atol=1e-6 * float(ra.stderr.abs().max()))
+    if a.stats["a"].dtype == torch.float64:  # fp64 statistics (the CPU's default) agree to rounding
+        allowed = 1e-5 * ra.scores.abs() + 1e-6 * float(ra.scores.abs().max())
+        worst = float(((rb.scores - ra.scores).abs() / allowed).max())
+        assert worst <= 1, f"scores differ by up to {worst:.2f} x the allowed difference"
+        torch.testing.assert_close(rb.stderr, ra.stderr, rtol=1e-4, atol=1e-6 * float(ra.stderr.abs().max()))
+        return
+    # fp32: Σ|g| accumulated in bf16 and rounded stochastically in each rank's own order differs by a few bf16 ulps
+    # between the runs, and so do the balance and centres built from it; the int4 dither is keyed by each stored
+    # vector's scale, so a last-bit difference of a vector draws another dither. The two runs are two draws of the
+    # estimate: each is judged against the exact scores, within its own error bars
+    from tiny_models import generic_loss, make_batches, make_model
+
+    sizes = ((8, 2), (6, 3)) if fsdp else ((9, 2), (7, 3))  # (as dist_worker.py)
+    exact = sf.analyze(make_model("gpt2", seed=5), generic_loss, make_batches(*sizes[0], seed=1),
+                       make_batches(*sizes[1], seed=2), codec=sf.Factors()).scores
+    for res in (ra, rb):
+        covered = float(((res.scores.cpu() - exact).abs() <= 1.96 * res.stderr.cpu()).double().mean())
+        assert 0.85 <= covered, covered
+    assert abs(float(rb.stderr.median() / ra.stderr.median()) - 1) < 0.05
