@@ -172,20 +172,25 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         return (tiles_per_step or max(1, 4096 // (rows * width * bands)),
                 chunks or max(1, min(tiles // 8, -(-4 * sms // programs))))
 
-    settings = [(p, c, s, l) for p in args.passes for c in args.conflicts for s in codecs for l in args.sjlt_launch]
-    for passes, conflicts, spec, launch in settings:  # orders, conflict settings, codecs, launches side by side
+    from sketchfisher.fisher import host
+
+    settings = [(p, c, s, l, pin) for p in args.passes for c in args.conflicts for s in codecs for l in args.sjlt_launch
+                for pin in args.pin]
+    for passes, conflicts, spec, launch, pin in settings:  # orders, conflicts, codecs, launches, pinning side by side
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
         kernels.launch_shape = default_shape if launch == "default" else before_shape
+        host.PIN = pin == "on"
         try:
             sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
                                                          conflicts=flag, units=args.units))
         finally:
-            kernels.launch_shape = default_shape
+            kernels.launch_shape, host.PIN = default_shape, True
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
-                     f"{'' if launch == 'default' else ', sjlt launch as before'}", sec, peaks))
+                     f"{'' if launch == 'default' else ', sjlt launch as before'}"
+                     f"{'' if pin == 'on' else ', pageable host buffers'}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
         recorded = res.context.source.moments if hasattr(res.context.source, "moments") else None
@@ -194,7 +199,8 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
             rows.append((f"conflict table ({int(table.conflict.sum())} of {len(table)} blocks flagged)", sec_c, peaks_c))
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
-        print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}) | seconds | | peak GiB (max over devices) |")
+        print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}, pinned host "
+              f"buffers {pin}) | seconds | | peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
         print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
@@ -242,6 +248,8 @@ def main() -> None:
     p.add_argument("--sjlt-launch", nargs="+", default=["default"], choices=["default", "before"],
                    help="the sjlt kernel's launch shapes to run side by side: today's default and/or the one before "
                         "(4096 elements a step, four programs per SM)")
+    p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
+                   help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     p.add_argument("--cli", default=None, metavar="DIR",
                    help="also save the model and a word-level tokenizer to DIR and run the CLI's collect on the same "

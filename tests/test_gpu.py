@@ -189,7 +189,13 @@ def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path)
     staging = host_staging(model, layout, [torch.float32, torch.bfloat16])
     assert staging is not None
     w = model.get_parameter(layout.params[0]).detach().float()
-    assert torch.equal(staging.copy(w), w.cpu()) and torch.equal(staging.copy(w.bfloat16()), w.bfloat16().cpu())
+    host, host_bf16 = staging.copy(w), staging.copy(w.bfloat16())
+    assert torch.equal(host, w.cpu()) and torch.equal(host_bf16, w.bfloat16().cpu())
+    assert host.is_pinned() and host_bf16.is_pinned()  # (page-locked: the copies back are direct transfers)
+    back = host.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(back, w)
+    del host, host_bf16, back  # unlocked, then freed
     staging.close()
     blocks = {(0, "Q"): (torch.randn(3, 4, 8, device="cuda"), torch.rand(3, 4, device="cuda"), torch.randn(3, 4, device="cuda"),
                          torch.randn(3, 4, device="cuda"))}  # (sketches, ‖ṽ‖², cross, γ)

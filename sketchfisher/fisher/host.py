@@ -6,19 +6,45 @@ while a copy into memory that was already touched takes 0.5 s. :class:`HostStagi
 touches the host tensors in a background thread as soon as their sizes are known (at the start of
 pass 1), so that the copies after pass 1 run at transfer speed. Page faulting releases the GIL; the
 thread competes with nothing on the GPU.
+
+Where CUDA is, each buffer is also page-locked once touched (``cudaHostRegister``, at its exact size), so the
+copies to and from the GPU run as direct transfers rather than through the driver's pageable staging;
+:data:`PIN` turns that off (``benchmarks/gpu_e2e.py --pin on off`` compares both). A locked buffer is unlocked
+just before its memory is freed.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import Counter
 from typing import Iterable
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 Key = tuple[int, torch.dtype]  # (number of elements, dtype): buffers are flat and take any shape
+PIN = True  # page-lock the staged buffers where CUDA is
+
+
+def touched_buffer(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    """A flat host tensor whose pages are all faulted in (one byte per 4 KiB page, in this thread: numpy releases
+    the GIL, where torch's ``zero_`` would take every core), page-locked for the GPU's copies when ``pin``. The
+    memory is numpy's, so that the lock is released (``weakref.finalize`` on the array, which every tensor
+    view keeps alive) before the memory is freed."""
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    arr = np.empty(max(nbytes, 1), dtype=np.uint8)
+    arr[::4096] = 0
+    if pin and nbytes:
+        cudart = torch.cuda.cudart()
+        ptr = arr.ctypes.data
+        if int(cudart.cudaHostRegister(ptr, nbytes, 0)) == 0:
+            weakref.finalize(arr, cudart.cudaHostUnregister, ptr)
+        else:  # (the pages stay pageable: a slower copy, the same result)
+            logger.warning("could not page-lock a %d-byte host buffer; copies to it take the pageable way", nbytes)
+    return torch.from_numpy(arr)[:nbytes].view(dtype)
 
 
 class HostStaging:
@@ -49,11 +75,8 @@ class HostStaging:
             with self._cond:
                 if self._stop:
                     break
-            try:
-                buf = torch.empty(key[0], dtype=key[1])
-                # fault every page in now, not during the copy: one byte per 4 KiB page, in this one thread
-                # (numpy releases the GIL; torch's zero_ would take every core from the training loop)
-                buf.view(torch.uint8).numpy()[::4096] = 0
+            try:  # fault every page in now, not during the copy
+                buf = touched_buffer(*key, pin=PIN and torch.cuda.is_available())
             except (RuntimeError, MemoryError) as exc:  # out of host memory: copies take the ordinary way
                 logger.warning("host staging stopped after allocation failure: %s", exc)
                 break
