@@ -176,16 +176,18 @@ def test_statistics_move_to_host_once_consumed_and_scores_do_not_change():
         assert prep.w_a.is_cuda and torch.equal(prep.w_a, moved[key].w_a) and torch.equal(prep.e, moved[key].e)
 
 
-def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path):
+def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path, monkeypatch):
     """Statistics copied into host buffers made ready in the background, and a store whose pass-1 files and
     shards are written by a background thread (one transfer per shard), give the in-memory scores."""
     from sketchfisher.collect.sketches import host_staging
+    from sketchfisher.fisher import host
     from sketchfisher.store.shards import ShardParts
 
     model = make_model("llama_gqa").cuda()
     ta = [{k: v.cuda() for k, v in b.items()} for b in make_batches(5, 2, seed=1)]
     tb = [{k: v.cuda() for k, v in b.items()} for b in make_batches(4, 3, seed=2)]
     layout, codec = sf.layout_for(model), sf.Sketch(k=32, kind="sjlt", seed=0, dtype="fp32")
+    monkeypatch.setattr(host, "PIN", True)
     staging = host_staging(model, layout, [torch.float32, torch.bfloat16])
     assert staging is not None
     w = model.get_parameter(layout.params[0]).detach().float()

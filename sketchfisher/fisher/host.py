@@ -7,10 +7,11 @@ touches the host tensors in a background thread as soon as their sizes are known
 pass 1), so that the copies after pass 1 run at transfer speed. Page faulting releases the GIL; the
 thread competes with nothing on the GPU.
 
-Where CUDA is, each buffer is also page-locked once touched (``cudaHostRegister``, at its exact size), so the
-copies to and from the GPU run as direct transfers rather than through the driver's pageable staging;
-:data:`PIN` turns that off (``benchmarks/gpu_e2e.py --pin on off`` compares both). A locked buffer is unlocked
-just before its memory is freed.
+With :data:`PIN` set, where CUDA is, each buffer is also page-locked once touched (``cudaHostRegister``, at its
+exact size), so that the copies to and from the GPU run as direct transfers rather than through the driver's
+pageable staging. A locked buffer is unlocked just before its memory is freed. It is off by default until
+``benchmarks/gpu_e2e.py --pin on off`` shows it gains at full size (locking tens of GB while pass 1 runs may
+contend with it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 Key = tuple[int, torch.dtype]  # (number of elements, dtype): buffers are flat and take any shape
-PIN = True  # page-lock the staged buffers where CUDA is
+PIN = False  # page-lock the staged buffers where CUDA is (off until measured at full size)
 
 
 def touched_buffer(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
