@@ -191,7 +191,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
                      f"{'' if launch == 'default' else ', sjlt launch as before'}"
-                     f"{', page-locked host buffers' if pin == 'on' else ''}", sec, peaks))
+                     f"{'' if pin == 'on' else ', pageable host buffers'}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
         recorded = res.context.source.moments if hasattr(res.context.source, "moments") else None
@@ -249,8 +249,8 @@ def main() -> None:
     p.add_argument("--sjlt-launch", nargs="+", default=["default"], choices=["default", "before"],
                    help="the sjlt kernel's launch shapes to run side by side: today's default and/or the one before "
                         "(4096 elements a step, four programs per SM)")
-    p.add_argument("--pin", nargs="+", default=["off"], choices=["on", "off"],
-                   help="page-locked host buffers for the statistics that leave the GPU, or pageable ones (the default)")
+    p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
+                   help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     p.add_argument("--cli", default=None, metavar="DIR",
                    help="also save the model and a word-level tokenizer to DIR and run the CLI's collect on the same "
