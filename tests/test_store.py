@@ -226,6 +226,31 @@ def test_host_copies_and_stacked_shards_keep_values():
     assert stats.quantities == ("fisher",) and not stats.sum_abs and torch.equal(stats.fisher("w"), host.fisher("w"))
 
 
+def test_host_staging_that_cannot_lock_or_allocate_falls_back_to_ordinary_copies(monkeypatch, caplog):
+    """A buffer that cannot be page-locked stays an ordinary touched buffer (with a warning); a failure of any
+    kind while allocating stops the staging, and copies then take the ordinary way instead of waiting forever."""
+    from sketchfisher.fisher import HostStaging, host
+
+    def no_runtime():
+        raise AttributeError("no cudaHostRegister here")
+
+    monkeypatch.setattr(torch.cuda, "cudart", no_runtime)
+    with caplog.at_level("WARNING", logger=host.__name__):
+        buf = host.touched_buffer(10, torch.bfloat16, pin=True)
+    assert buf.shape == (10,) and buf.dtype == torch.bfloat16 and "page-lock" in caplog.text
+
+    def broken(numel, dtype, pin=False):
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(host, "touched_buffer", broken)
+    device = torch.device("meta")  # (stands for a GPU: anything not on the host goes through the staging)
+    with HostStaging([(6, torch.float32)]) as staging:
+        t = torch.empty(6, device=device)
+        monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: torch.zeros(self.shape))
+        out = staging.copy(t)  # (returns instead of waiting for a buffer that never comes)
+        assert out.shape == (6,) and out.device.type == "cpu"
+
+
 def test_mismatched_settings_and_model_are_refused(small, tmp_path):
     model, ta, tb = small
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")

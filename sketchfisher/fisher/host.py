@@ -38,14 +38,23 @@ def touched_buffer(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.T
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     arr = np.empty(max(nbytes, 1), dtype=np.uint8)
     arr[::4096] = 0
-    if pin and nbytes:
+    if pin and nbytes and not _lock(arr, nbytes):  # (the pages stay pageable: a slower copy, the same result)
+        logger.warning("could not page-lock a %d-byte host buffer; copies to it take the pageable way", nbytes)
+    return torch.from_numpy(arr)[:nbytes].view(dtype)
+
+
+def _lock(arr: np.ndarray, nbytes: int) -> bool:
+    """Page-lock ``arr``'s memory for the GPU, and unlock it when the array is freed; False where that fails
+    (a runtime without ``cudaHostRegister``, or the driver refuses)."""
+    try:
         cudart = torch.cuda.cudart()
         ptr = arr.ctypes.data
-        if int(cudart.cudaHostRegister(ptr, nbytes, 0)) == 0:
-            weakref.finalize(arr, cudart.cudaHostUnregister, ptr)
-        else:  # (the pages stay pageable: a slower copy, the same result)
-            logger.warning("could not page-lock a %d-byte host buffer; copies to it take the pageable way", nbytes)
-    return torch.from_numpy(arr)[:nbytes].view(dtype)
+        if int(cudart.cudaHostRegister(ptr, nbytes, 0)) != 0:
+            return False
+        weakref.finalize(arr, cudart.cudaHostUnregister, ptr)
+        return True
+    except Exception:  # noqa: BLE001  (any failure leaves an ordinary buffer)
+        return False
 
 
 class HostStaging:
@@ -78,7 +87,7 @@ class HostStaging:
                     break
             try:  # fault every page in now, not during the copy
                 buf = touched_buffer(*key, pin=PIN and torch.cuda.is_available())
-            except (RuntimeError, MemoryError) as exc:  # out of host memory: copies take the ordinary way
+            except Exception as exc:  # noqa: BLE001  (out of host memory, or any other failure: copies take the ordinary way)
                 logger.warning("host staging stopped after allocation failure: %s", exc)
                 break
             with self._cond:
