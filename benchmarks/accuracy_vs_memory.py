@@ -9,6 +9,9 @@ and, from the same formula, at Llama-7B shapes.
     python benchmarks/accuracy_vs_memory.py --kinds sjlt --ks 256,1024 --dtypes fp16,int4 --vr on \
         --centring mean,scaled --passes 2,1.5          # the centrings side by side, in both pass orders
     python benchmarks/accuracy_vs_memory.py --kinds sjlt --ks 1024 --dtypes int4 --vr on --passes 1.5,2 --rotate off,on
+    python benchmarks/accuracy_vs_memory.py --model gpt2 --kinds sjlt --ks 1024 --dtypes int4 --vr on --passes 1.5
+        # the same shipped texts through a randomly initialised GPT-2-small-wide (or --model llama: Llama with GQA)
+        # causal LM of --layers layers, next-token loss (MiniLM's tokenizer: its ids fit either vocabulary)
 """
 
 from __future__ import annotations
@@ -25,6 +28,23 @@ import torch
 import sketchfisher as sf
 from sketchfisher.evaluation import compare
 from sketchfisher.demo import load_minilm, load_task, make_batches, masked_token_loss
+from sketchfisher.tasks.batches import clm_loss, task_batches
+
+MODELS = ("minilm", "gpt2", "llama")
+
+
+def random_causal_lm(name: str, layers: int, vocab: int) -> torch.nn.Module:
+    """A randomly initialised causal LM of the width of GPT-2 small (768, 12 heads) or of a Llama with grouped
+    KV heads (512, 8 query and 2 KV heads), ``layers`` deep (no network: configurations only)."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        config = hf.GPT2Config(n_layer=layers, n_embd=768, n_head=12, vocab_size=vocab, n_positions=128)
+        return hf.GPT2LMHeadModel(config).eval()
+    config = hf.LlamaConfig(num_hidden_layers=layers, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+                            intermediate_size=1376, vocab_size=vocab, max_position_embeddings=128)
+    return hf.LlamaForCausalLM(config).eval()
 
 
 def metrics(exact, est, stderr, top: int = 50) -> dict:
@@ -72,14 +92,22 @@ def main() -> None:
     p.add_argument("--centring", default="scaled", help="centrings to run with variance reduction (scaled, mean)")
     p.add_argument("--passes", default="2", help="pass orders to run (2, 1.5)")
     p.add_argument("--rotate", default="off", help="the Hadamard rotation before storage (off, on or both)")
+    p.add_argument("--model", default="minilm", choices=MODELS, help="the real MiniLM, or a random causal LM shape")
+    p.add_argument("--layers", type=int, default=2, help="depth of the random causal LMs")
     args = p.parse_args()
     model, tok = load_minilm()
+    loss = masked_token_loss
+    if args.model == "minilm":
+        ta = make_batches(load_task("math", args.samples), tok)
+        tb = make_batches(load_task("code", args.samples), tok)
+    else:
+        model, loss = random_causal_lm(args.model, args.layers, tok.vocab_size), clm_loss
+        ta, tb = (task_batches(load_task(t, args.samples), tok, "clm", 8, 48) for t in ("math", "code"))
     layout = sf.layout_for(model)
-    ta = make_batches(load_task("math", args.samples), tok)
-    tb = make_batches(load_task("code", args.samples), tok)
     t0 = time.perf_counter()
-    exact = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Factors(), variant=args.variant)
-    print(f"# MiniLM, math vs code, {args.variant} variant, {exact.n_a}x{exact.n_b} samples, {exact.scores.numel()} scores; "
+    exact = sf.analyze(model, loss, ta, tb, codec=sf.Factors(), variant=args.variant)
+    what = "MiniLM" if args.model == "minilm" else f"random {args.model} ({args.layers} layers, {type(model).__name__})"
+    print(f"# {what}, math vs code, {args.variant} variant, {exact.n_a}x{exact.n_b} samples, {exact.scores.numel()} scores; "
           f"exact in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}")
     full = bytes_full_fp16_per_sample(layout)
     print("| kind | k | s | dtype | VR | passes | rotated | Spearman | median rel err | top-50 recall | 95% coverage "
@@ -100,7 +128,7 @@ def main() -> None:
                         continue  # task B in one pass needs variance reduction
                     codec = sf.Sketch(k=k, kind=kind, seed=args.seed, dtype=dtype, variance_reduction=vr, s=s,
                                       centring=centring, rotate=rotate)
-                    res = sf.analyze(model, masked_token_loss, ta, tb, codec=codec, variant=args.variant,
+                    res = sf.analyze(model, loss, ta, tb, codec=codec, variant=args.variant,
                                      passes=passes)
                     m = metrics(exact.scores, res.scores, res.stderr)
                     nbytes = sketch_bytes_per_sample(layout, codec)

@@ -81,3 +81,13 @@ def test_sketch_throughput_times_storage():
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| int4")]
     assert len(rows) == 6 and sum("rotated" in r for r in rows) == 2, done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_accuracy_vs_memory_on_random_causal_lm_shapes(model):
+    """``--model gpt2|llama``: the shipped texts through a randomly initialised causal LM, one table row."""
+    done = run_script("accuracy_vs_memory.py", ["--model", model, "--layers", "1", "--samples", "4", "--ks", "16",
+                                                "--kinds", "sjlt", "--dtypes", "int4", "--vr", "on", "--passes", "1.5"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"random {model}" in done.stdout and sum(line.startswith("| sjlt |") for line in done.stdout.splitlines()) == 1
