@@ -79,6 +79,23 @@ def llama7b_ratio(codec: sf.Sketch) -> float:
     return full / (layers * 4 * heads * codec.bytes_per_block())
 
 
+def train(model: torch.nn.Module, batches: list, steps: int, lr: float = 1e-3) -> None:
+    """A short next-token training run (Adam, the batches in turn); prints the mean loss before and after."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    mean = lambda: sum(float(clm_loss(model, b).mean()) for b in batches) / len(batches)  # noqa: E731
+    with torch.no_grad():
+        before = mean()
+    model.train()
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        clm_loss(model, batches[step % len(batches)]).mean().backward()
+        opt.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        print(f"# trained {steps} Adam steps (lr {lr:g}): mean loss {before:.2f} -> {mean():.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=48)
@@ -94,6 +111,8 @@ def main() -> None:
     p.add_argument("--rotate", default="off", help="the Hadamard rotation before storage (off, on or both)")
     p.add_argument("--model", default="minilm", choices=MODELS, help="the real MiniLM, or a random causal LM shape")
     p.add_argument("--layers", type=int, default=2, help="depth of the random causal LMs")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="train the causal LM first: this many Adam steps on both tasks' texts (next-token loss)")
     args = p.parse_args()
     model, tok = load_minilm()
     loss = masked_token_loss
@@ -103,10 +122,13 @@ def main() -> None:
     else:
         model, loss = random_causal_lm(args.model, args.layers, tok.vocab_size), clm_loss
         ta, tb = (task_batches(load_task(t, args.samples), tok, "clm", 8, 48) for t in ("math", "code"))
+        if args.train_steps:
+            train(model, ta + tb, args.train_steps)
     layout = sf.layout_for(model)
     t0 = time.perf_counter()
     exact = sf.analyze(model, loss, ta, tb, codec=sf.Factors(), variant=args.variant)
-    what = "MiniLM" if args.model == "minilm" else f"random {args.model} ({args.layers} layers, {type(model).__name__})"
+    what = "MiniLM" if args.model == "minilm" else (f"{'trained' if args.train_steps else 'random'} {args.model} "
+                                                     f"({args.layers} layers, {type(model).__name__})")
     print(f"# {what}, math vs code, {args.variant} variant, {exact.n_a}x{exact.n_b} samples, {exact.scores.numel()} scores; "
           f"exact in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}")
     full = bytes_full_fp16_per_sample(layout)
