@@ -6,6 +6,7 @@ seeds, and how much one seed's per-block coverage predicts another's (their corr
 bars are too narrow stays low under every seed, a chance low moves.
 
     python benchmarks/block_coverage.py --samples 48 --seeds 4
+    python benchmarks/block_coverage.py --model gpt2 --train-steps 36 --seeds 4   # a briefly trained causal LM
 """
 
 from __future__ import annotations
@@ -15,27 +16,43 @@ import os
 
 os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
 
+import sys
+
 import torch
 
 import sketchfisher as sf
 from sketchfisher.demo import load_minilm, load_task, make_batches, masked_token_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy_vs_memory import MODELS, random_causal_lm, train  # noqa: E402  (the same models and training)
+from sketchfisher.tasks.batches import clm_loss, task_batches  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--model", default="minilm", choices=MODELS)
+    p.add_argument("--layers", type=int, default=2, help="depth of the random causal LMs")
+    p.add_argument("--train-steps", type=int, default=0, help="Adam steps on both tasks' texts first (causal LMs)")
     args = p.parse_args()
     model, tok = load_minilm()
-    ta = make_batches(load_task("math", args.samples), tok)
-    tb = make_batches(load_task("code", args.samples), tok)
-    exact = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Factors())
-    print(f"# MiniLM, math vs code, {args.samples} x {args.samples}, {sf.Sketch().describe()} (the default)")
+    loss = masked_token_loss
+    if args.model == "minilm":
+        ta = make_batches(load_task("math", args.samples), tok)
+        tb = make_batches(load_task("code", args.samples), tok)
+    else:
+        model, loss = random_causal_lm(args.model, args.layers, tok.vocab_size), clm_loss
+        ta, tb = (task_batches(load_task(t, args.samples), tok, "clm", 8, 48) for t in ("math", "code"))
+        if args.train_steps:
+            train(model, ta + tb, args.train_steps)
+    exact = sf.analyze(model, loss, ta, tb, codec=sf.Factors())
+    print(f"# {args.model}, math vs code, {args.samples} x {args.samples}, {sf.Sketch().describe()} (the default)")
     print("| seed | overall coverage | worst block | worst block's position | blocks below 0.93 |")
     print("| --- | --- | --- | --- | --- |")
     per_block = []
     for seed in range(args.seeds):
-        res = sf.analyze(model, masked_token_loss, ta, tb, codec=sf.Sketch(seed=seed))
+        res = sf.analyze(model, loss, ta, tb, codec=sf.Sketch(seed=seed))
         inside = ((res.scores - exact.scores).abs() <= 1.959964 * res.stderr).double().flatten(0, 1)
         cov = inside.mean(0)  # [layers, heads, blocks]
         per_block.append(cov.flatten())
