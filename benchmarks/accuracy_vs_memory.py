@@ -79,6 +79,20 @@ def llama7b_ratio(codec: sf.Sketch) -> float:
     return full / (layers * 4 * heads * codec.bytes_per_block())
 
 
+def model_and_tasks(name: str, samples: int, layers: int = 2, train_steps: int = 0):
+    """``(model, per-sample loss, math batches, code batches)``: the real MiniLM with the masked-token loss, or a
+    random causal LM (:func:`random_causal_lm`, trained first for ``train_steps``) with the next-token loss."""
+    model, tok = load_minilm()
+    if name == "minilm":
+        return (model, masked_token_loss, make_batches(load_task("math", samples), tok),
+                make_batches(load_task("code", samples), tok))
+    model = random_causal_lm(name, layers, tok.vocab_size)
+    ta, tb = (task_batches(load_task(t, samples), tok, "clm", 8, 48) for t in ("math", "code"))
+    if train_steps:
+        train(model, ta + tb, train_steps)
+    return model, clm_loss, ta, tb
+
+
 def train(model: torch.nn.Module, batches: list, steps: int, lr: float = 1e-3) -> None:
     """A short next-token training run (Adam, the batches in turn); prints the mean loss before and after."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -114,16 +128,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=0,
                    help="train the causal LM first: this many Adam steps on both tasks' texts (next-token loss)")
     args = p.parse_args()
-    model, tok = load_minilm()
-    loss = masked_token_loss
-    if args.model == "minilm":
-        ta = make_batches(load_task("math", args.samples), tok)
-        tb = make_batches(load_task("code", args.samples), tok)
-    else:
-        model, loss = random_causal_lm(args.model, args.layers, tok.vocab_size), clm_loss
-        ta, tb = (task_batches(load_task(t, args.samples), tok, "clm", 8, 48) for t in ("math", "code"))
-        if args.train_steps:
-            train(model, ta + tb, args.train_steps)
+    model, loss, ta, tb = model_and_tasks(args.model, args.samples, args.layers, args.train_steps)
     layout = sf.layout_for(model)
     t0 = time.perf_counter()
     exact = sf.analyze(model, loss, ta, tb, codec=sf.Factors(), variant=args.variant)

@@ -21,11 +21,9 @@ import sys
 import torch
 
 import sketchfisher as sf
-from sketchfisher.demo import load_minilm, load_task, make_batches, masked_token_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_vs_memory import MODELS, random_causal_lm, train  # noqa: E402  (the same models and training)
-from sketchfisher.tasks.batches import clm_loss, task_batches  # noqa: E402
+from accuracy_vs_memory import MODELS, model_and_tasks  # noqa: E402  (the same models, tasks and training)
 
 
 def main() -> None:
@@ -36,16 +34,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="depth of the random causal LMs")
     p.add_argument("--train-steps", type=int, default=0, help="Adam steps on both tasks' texts first (causal LMs)")
     args = p.parse_args()
-    model, tok = load_minilm()
-    loss = masked_token_loss
-    if args.model == "minilm":
-        ta = make_batches(load_task("math", args.samples), tok)
-        tb = make_batches(load_task("code", args.samples), tok)
-    else:
-        model, loss = random_causal_lm(args.model, args.layers, tok.vocab_size), clm_loss
-        ta, tb = (task_batches(load_task(t, args.samples), tok, "clm", 8, 48) for t in ("math", "code"))
-        if args.train_steps:
-            train(model, ta + tb, args.train_steps)
+    model, loss, ta, tb = model_and_tasks(args.model, args.samples, args.layers, args.train_steps)
     exact = sf.analyze(model, loss, ta, tb, codec=sf.Factors())
     print(f"# {args.model}, math vs code, {args.samples} x {args.samples}, {sf.Sketch().describe()} (the default)")
     print("| seed | overall coverage | worst block | worst block's position | blocks below 0.93 |")
