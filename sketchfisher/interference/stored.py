@@ -34,7 +34,7 @@ class Store(StoreReader):
         statistics = Statistics(self._statistics)
         sides = self.sides()
         centres = BlockCentres(self, statistics)
-        residual = centres.residuals if self.passes == 1.5 and centres_b_from_a(self.codec, 1.5) else None
+        residual = centres.residuals if centres_b_from_a(self.codec, self.passes) else None
         return ResultContext(self.layout, self.cfg, self.codec, statistics,
                              SketchSource(sides["a"], sides["b"], centres, centres.moments, residual), counts,
                              store=str(self.path))
@@ -59,8 +59,8 @@ class BlockCentres:
 
     def __init__(self, store: Store, statistics: Statistics):
         self.store, self.statistics, self.cache = store, statistics, {}
-        self.moments = _Moments(self, 1)
-        self.residuals = _Moments(self, 2)
+        self.moments = _Part(self, 1)
+        self.residuals = _Part(self, 2)
 
     def prepared(self, key: tuple[int, str], moments: bool = False):
         """``(e, moments or None, residual or None)`` of a block; None when it was not collected. The moments are
@@ -70,8 +70,9 @@ class BlockCentres:
             prep = prepare(s.layout, *key, self.statistics["a"], self.statistics["b"], s.cfg, s.codec,
                            balance_from_a=s.passes == 1.5, conflicts=moments,
                            compact_sides=s.manifest["format_version"] >= 9)
-            residual = (residual_centre(prep, s.codec, *key) if prep is not None and s.passes == 1.5
-                        and centres_b_from_a(s.codec, 1.5) else None)
+            residual = self.cache[key][2] if self.cache.get(key) is not None else (  # (computed once per block)
+                residual_centre(prep, s.codec, *key) if prep is not None and centres_b_from_a(s.codec, s.passes)
+                else None)
             self.cache[key] = None if prep is None else (prep.e, prep.moments if moments else None, residual)
         return self.cache[key]
 
@@ -80,8 +81,9 @@ class BlockCentres:
         return None if got is None else got[0]
 
 
-class _Moments:
-    """``get(key)``: a store block's conflict moments (``at=1``) or B's mean residual (``at=2``) (:class:`BlockCentres`)."""
+class _Part:
+    """``get(key)``: one part of a store block's prepared values (:meth:`BlockCentres.prepared`): the conflict
+    moments (``at=1``) or B's mean residual (``at=2``)."""
 
     def __init__(self, centres: BlockCentres, at: int):
         self.centres, self.at = centres, at

@@ -109,7 +109,7 @@ class StoreReader:
         if version < 7 and self.cfg.variant == "signed" and getattr(self.codec, "variance_reduction", False):
             raise StoreError(f"{self.path}: format version {version} wrote signed-variant sketches balanced by "
                              "Σ|g|; this library balances them by √(Î+ε) and would misread them: collect again")
-        if version < 10 and passes_of(self.manifest) == 1.5 and centres_b_from_a(self.codec, 1.5):
+        if version < 10 and centres_b_from_a(self.codec, passes_of(self.manifest)):
             raise StoreError(f"{self.path}: format version {version} centred task B's single pass by task A's mean of "
                              "B's side transform, which this library no longer reads: collect again")
         if not self.codec.two_pass:
