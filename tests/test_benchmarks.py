@@ -17,6 +17,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
     "block_coverage.py": ["--samples", "4", "--seeds", "2"],
+    "block_errors.py": ["--model", "llama", "--layers", "1", "--train-steps", "1", "--samples", "4", "--k", "16",
+                        "--blocks", "0:Q:0:0"],
     "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16", "--centring",
                               "mean,scaled", "--passes", "2,1.5"],
     "conflict_calibration.py": ["--samples", "8", "--draws", "2", "--collections", "1", "--plain"],
