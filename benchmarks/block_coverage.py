@@ -39,12 +39,13 @@ def main() -> None:
     print(f"# {args.model}, math vs code, {args.samples} x {args.samples}, {sf.Sketch().describe()} (the default)")
     print("| seed | overall coverage | worst block | worst block's position | blocks below 0.93 |")
     print("| --- | --- | --- | --- | --- |")
-    per_block = []
+    per_block, independent = [], []
     for seed in range(args.seeds):
         res = sf.analyze(model, loss, ta, tb, codec=sf.Sketch(seed=seed))
         inside = ((res.scores - exact.scores).abs() <= 1.959964 * res.stderr).double().flatten(0, 1)
         cov = inside.mean(0)  # [layers, heads, blocks]
         per_block.append(cov.flatten())
+        independent.append(independent_errors(res, cov.shape).flatten())
         worst = int(cov.flatten().argmin())
         layer, head, block = (int(i) for i in torch.unravel_index(torch.tensor(worst), cov.shape))
         print(f"| {seed} | {float(inside.mean()):.3f} | {float(cov.min()):.3f} | layer {layer} head {head} "
@@ -56,6 +57,14 @@ def main() -> None:
     if args.seeds > 1:
         corr = torch.corrcoef(stacked)[~torch.eye(args.seeds, dtype=torch.bool)].mean()
         print(f"mean correlation of per-block coverage between two seeds: {float(corr):+.3f}")
+        print("\n| block (lowest over the seeds' mean) | mean coverage | lowest seed | highest seed | seeds below 0.93 |")
+        print("| --- | --- | --- | --- | --- |")
+        for flat in mean.argsort()[:5].tolist():
+            layer, head, block = (int(i) for i in torch.unravel_index(torch.tensor(flat), cov.shape))
+            c = stacked[:, flat]
+            print(f"| layer {layer} head {head} {res.layout.block_names[block]} | {float(c.mean()):.3f} | "
+                  f"{float(c.min()):.3f} | {float(c.max()):.3f} | {int((c < 0.93).sum())} of {args.seeds} |")
+    shared_error_table(stacked, torch.stack(independent).mean(0))
     # by block type: is one type's coverage lower on average (error bars too narrow there), or only more variable
     # from map to map (a family whose lowest blocks are lowest by chance more often)?
     by_type = stacked.view(args.seeds, *cov.shape)  # [seeds, layers, heads, blocks]
@@ -65,6 +74,36 @@ def main() -> None:
         c = by_type[..., b]
         print(f"| {name} | {float(c.mean()):.4f} | {float(c.std()):.4f} | {float(c.min()):.3f} | "
               f"{int((c < 0.93).sum())} of {c.numel()} |")
+
+
+def independent_errors(res, shape) -> torch.Tensor:
+    """``res.shared_errors()``'s independent errors per (layer, head, block), a shared K/V block's under each of
+    its query heads."""
+    out = torch.full(shape, float("nan"), dtype=torch.float64)
+    names = res.layout.block_names
+    for row in res.shared_errors().itertuples():
+        index = res.layout.head_index(row.block)
+        heads = (index == index[row.head]).nonzero().flatten()
+        out[row.layer, heads, names.index(row.block)] = row.independent_errors
+    return out
+
+
+def shared_error_table(stacked: torch.Tensor, independent: torch.Tensor) -> None:
+    """Blocks grouped by how many independent errors their pairs have (``res.shared_errors()``, averaged over the
+    seeds): each group's coverage averaged over seeds and blocks, how far one seed's block coverage swings (the
+    standard deviation over seeds, averaged over the group's blocks) against the spread ``shared_errors`` predicts,
+    and how often a block falls below 0.93 under one map."""
+    print("\n| independent errors (shared_errors) | blocks | mean coverage | sd over seeds | predicted sd | "
+          "block x seed below 0.93 |\n| --- | --- | --- | --- | --- | --- |")
+    sd = stacked.std(0)
+    for lo, hi in ((0, 10), (10, 30), (30, 100), (100, float("inf"))):
+        sel = (independent >= lo) & (independent < hi)
+        if not sel.any():
+            continue
+        below = (stacked[:, sel] < 0.93).double().mean()
+        predicted = (0.95 * 0.05 / independent[sel]).sqrt().mean()
+        print(f"| {lo:g}–{hi:g} | {int(sel.sum())} | {float(stacked[:, sel].mean()):.3f} | {float(sd[sel].mean()):.3f} | "
+              f"{float(predicted):.3f} | {float(below):.1%} |")
 
 
 if __name__ == "__main__":

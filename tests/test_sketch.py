@@ -420,3 +420,59 @@ def test_store_written_before_scaled_centring_reads_as_mean_centred(small, tmp_p
     old = sf.open_store(tmp_path / "s")
     assert old.codec.centring == "mean"
     torch.testing.assert_close(old.result().scores, res.scores, rtol=0, atol=0)
+
+
+def _planted_block(rank_one: bool, n=32, d=2048, seed=0):
+    """Side vectors of one planted head block: nearly rank one (one shared direction per side, 3% noise) or
+    spread over many directions."""
+    g = torch.Generator().manual_seed(seed)
+    if not rank_one:
+        return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    u, v = torch.randn(2, d, generator=g, dtype=torch.float64)
+    noise = lambda: 0.03 * torch.randn(n, d, generator=g, dtype=torch.float64)  # noqa: E731
+    return (torch.randn(n, 1, generator=g, dtype=torch.float64) * u + noise(),
+            torch.randn(n, 1, generator=g, dtype=torch.float64) * v + noise())
+
+
+@pytest.mark.parametrize("rank_one", [True, False])
+def test_a_blocks_pairs_share_their_sketch_error_when_its_vectors_span_few_directions(rank_one):
+    """Planted: a head block whose side vectors span one direction each, and one whose vectors span many. The
+    sketch's 95% intervals hold on average over maps in both; under one map the rank-one block's pairs hold or
+    fail together (the fraction that holds swings from map to map), the spread one holds steady. The block's
+    estimated ranks (from its sketches) tell the two apart, and the spread they predict is of the size seen."""
+    from sketchfisher.compress.sketch_scores import SketchBlock
+
+    x, y = _planted_block(rank_one)
+    k, exact = 256, x @ y.T
+    zeros = lambda n: torch.zeros(n, 1, dtype=torch.float64)  # noqa: E731
+    covered, predicted = [], []
+    for seed in range(120):
+        m = SketchMap("sjlt", k, x.shape[1], seed, (0, 1, 2))
+        blk = SketchBlock(m.apply(x)[:, None], x.square().sum(1)[:, None], zeros(len(x)), m.apply(y)[:, None],
+                          y.square().sum(1)[:, None], zeros(len(y)), torch.zeros(1, dtype=torch.float64), k, 1.0)
+        scores, se = blk.rows(0, len(x))
+        covered.append(float(((scores[..., 0] - exact).abs() <= 1.959964 * se[..., 0]).double().mean()))
+        rank_a, rank_b = blk.shared_error_ranks()
+        predicted.append(float(rank_a * rank_b))
+    covered, independent = torch.tensor(covered), torch.tensor(predicted).median()
+    assert 0.90 <= float(covered.mean()) <= 0.99  # right on average over maps either way
+    spread = float(covered.std())
+    if rank_one:
+        assert float(independent) < 3 and spread > 0.15, (float(independent), spread)
+    else:
+        assert float(independent) > 300 and spread < 0.03, (float(independent), spread)
+    assert 0.3 <= spread / math.sqrt(0.95 * 0.05 / float(independent)) <= 3  # the predicted spread's size
+
+
+def test_shared_errors_table(small):
+    """``res.shared_errors()`` gives each distinct head block's ranks, from memory and from a store alike; exact
+    scores have no sketch error to describe."""
+    model, ta, tb, _ = small
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16))
+    df = res.shared_errors()
+    assert list(df.columns) == ["block", "layer", "head", "rank_a", "rank_b", "independent_errors", "coverage_spread"]
+    n_blocks = sum(len(res._first_heads(b)) for b in range(4)) * res.layout.num_layers
+    assert len(df) == n_blocks
+    assert ((df.rank_a >= 1) & (df.rank_a <= res.n_a) & (df.rank_b >= 1) & (df.rank_b <= res.n_b)).all()
+    with pytest.raises(sf.InputError, match="exact scores"):
+        sf.analyze(model, generic_loss, ta, tb, codec=sf.Factors()).shared_errors()

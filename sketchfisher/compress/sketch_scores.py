@@ -325,6 +325,14 @@ class SketchBlock:
             var = var + ym.square().sum(-1) * sa + xm.square().sum(-1) * sb + self.k * sa * sb
         return var.sqrt()
 
+    def shared_error_ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each side's effective rank ``[H_b]`` in this block: the participation ratio ``n² / ‖Ĝ‖²_F`` of the
+        sketched vectors' cosine matrix Ĝ (unit diagonal, from the exact norms; each cosine's sketch and storage
+        noise removed from its square on average). Under one map a pair's error is ``x̃_iᵀ(RᵀR − I)ỹ_j``: when
+        the vectors of a side span few directions, the block's pairs share few random terms, and their product
+        ``rank_a · rank_b`` is about the number of independent errors among the block's pairs."""
+        return _participation(self.xa, self.na, self.qa, self.k), _participation(self.yb, self.nb, self.qb, self.k)
+
     def rows(self, lo: int, hi: int):
         term = torch.einsum("ihk,jhk->ijh", self.xa[lo:hi], self.yb)
         if self.ga is None and self.gb is None:  # centred by the means: α = β = 1
@@ -340,6 +348,23 @@ class SketchBlock:
             qb = torch.zeros_like(self.nb) if self.qb is None else self.qb
             var = var + (self.na[lo:hi, None, :] * qb[None] + qa[:, None, :] * self.nb[None] + self.k * qa[:, None, :] * qb[None])
         return scores, var.sqrt()
+
+
+def _participation(v: torch.Tensor, norm2: torch.Tensor, noise: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    """``n² / ‖Ĝ‖²_F`` per head of sketched vectors ``v [n, H, k]`` with exact squared norms ``norm2 [n, H]`` and
+    known per-coordinate storage noise (or None): Ĝ's off-diagonal cosines from the sketches, each square less
+    its expected noise ``(1 + c²)/k + storage`` (so unbiased on average), its diagonal 1. Samples whose vector
+    is zero in the block (no error in any of their pairs) are left out; NaN where none is left."""
+    norm2 = norm2.double()
+    live = (norm2 > 0).T  # [H, n]
+    norm = norm2.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    gram = torch.einsum("ihk,jhk->hij", v.double(), v.double()) / (norm.T[:, :, None] * norm.T[:, None, :])
+    q = torch.zeros_like(norm) if noise is None else noise.double() / norm.square()  # storage noise per norm²
+    noise2 = 1 / k + q.T[:, :, None] + q.T[:, None, :] + k * q.T[:, :, None] * q.T[:, None, :]  # [H, n, n]
+    pairs = live[:, :, None] & live[:, None, :] & ~torch.eye(v.shape[0], dtype=torch.bool, device=v.device)
+    c2 = torch.where(pairs, ((gram.square() - noise2) / (1 + 1 / k)).clamp(0, 1), 0.0)
+    n = live.sum(1).double()
+    return torch.where(n > 0, n.square() / (n + c2.sum((1, 2))), float("nan"))
 
 
 def finite_population_correction(codec: Sketch, size: int) -> float:

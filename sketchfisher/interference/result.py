@@ -167,6 +167,32 @@ class InterferenceResult:
                 out[layer, :, b] = se[self.layout.head_index(block)]
         return out
 
+    def shared_errors(self) -> pd.DataFrame:
+        """How independent the sketch errors of a unit block's pairs are, per distinct unit block (a shared
+        K/V block under its group's first query head). A pair's error is ``x̃_iᵀ(RᵀR − I)ỹ_j`` for the block's
+        one map R: when a side's vectors span few directions, every pair's error is made of the same few
+        random terms. The standard errors stay right on average over maps, but under the one map a run uses
+        the block's intervals then hold or fail together. Columns: ``rank_a`` and ``rank_b`` (each side's
+        effective rank in the block, estimated from its sketches), ``independent_errors`` (their product,
+        about the number of independent errors among the block's pairs) and ``coverage_spread`` (about the
+        standard deviation, over maps, of the fraction of the block's 95% intervals that hold:
+        ``√(0.95·0.05 / independent_errors)``). Sketch codecs only: exact scores have no sketch error."""
+        if self.context is None or self.context.exact is not None:
+            raise InputError("shared_errors() describes a sketch's errors; exact scores (sf.Exact, sf.Factors) have none")
+        rows = []
+        for layer in range(self.layout.num_layers):
+            for b, block in enumerate(self.layout.block_names):
+                scores = self.provider(layer, block)
+                if scores is None:
+                    continue
+                rank_a, rank_b = (r.cpu() for r in scores.shared_error_ranks())
+                for h, first in enumerate(self._first_heads(b)):
+                    n = float(rank_a[h] * rank_b[h])
+                    rows.append({"block": block, "layer": layer, self.layout.unit_column: first, "rank_a": float(rank_a[h]),
+                                 "rank_b": float(rank_b[h]), "independent_errors": n,
+                                 "coverage_spread": (0.95 * 0.05 / n) ** 0.5})
+        return pd.DataFrame(rows)
+
     def pair_means_from_statistics(self, group_size: int = 1) -> torch.Tensor:
         """The mean score over all pairs per unit of ``group_size`` channels (1: single MLP neurons), exact,
         from the pass-1 statistics alone: ``[L, units, blocks]``; see
