@@ -216,7 +216,7 @@ class _Terms:
                    side_tensor=per_layer(attn * (2 if stats_bytes == 4 else 4)),
                    variance_reduction=bool(codec.variance_reduction),
                    centre_b_from_a=centres_b_from_a(codec, plan.passes),
-                   conflict_tensor=per_layer(attn * (4 if mlp else 2)) if "half" in plan.statistics["a"] else 0.0)
+                   conflict_tensor=per_layer(attn * 2) if "half" in plan.statistics["a"] else 0.0)
 
     def preparations(self, centre_b: bool) -> float:
         """Both tasks' centres known (two passes per task): w_a, and with variance reduction w_b, x̄' and ȳ'.

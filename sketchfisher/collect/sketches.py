@@ -32,6 +32,10 @@ from .finite import LaggedFiniteCheck
 from .passes import Skip, factor_pass, fold_factors, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
+CONFLICT_WEIGHT_DTYPE = torch.bfloat16
+"""The conflict test's weights ``u = ḡ/(Î+ε+λ)`` (model-sized, held through the side passes) are kept in bf16 for
+every unit family: a sample's conflict scalar ``g·u`` and the means' products then carry a relative rounding of at
+most 2⁻⁹ per entry, which averages out over a unit block's entries (the same for heads and MLP channel groups)."""
 
 
 def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: Optional[FisherStats],
@@ -74,7 +78,7 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
                          get(stats_b, "mean_abs") if b and not balance_from_a and not fisher_balanced else None,
                          stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec,
                          mean_g_a=means["a"], mean_g_b=means["b"], half_a=half,
-                         u_dtype=torch.bfloat16 if "sum" in compacted_statistics(layout) else None,
+                         u_dtype=CONFLICT_WEIGHT_DTYPE,
                          side_dtype=side_dtype(stats_a.dtype) if compact_sides else None)
     if vr and from_a:  # B's single pass is centred by its own multiple of x̄' (any direction keeps scores exact)
         prep = dataclass_replace(prep, y_bar=prep.x_bar, e=prep.x_bar.double().square().sum(-1))
@@ -267,8 +271,7 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
             centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None].to(cfg.dtype))
         if "sum" in stats_b.quantities:
             mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
-            u_dtype = torch.bfloat16 if "sum" in compacted_statistics(layout) else prep.w_a.dtype
-            u_a = (mean_b * prep.inverse_denominator())[None].to(u_dtype)
+            u_a = (mean_b * prep.inverse_denominator())[None].to(CONFLICT_WEIGHT_DTYPE)
             prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(None, mean_b, prep.u_b, u_a, prep.moments))
         preps[key] = dataclass_replace(prep, w_b=None)
         name = layout.param_of(*key)
