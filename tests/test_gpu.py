@@ -64,6 +64,19 @@ def test_scores_identical_on_cpu_and_cuda(passes, stats_dtype):
         assert worst <= 1, (codec, worst, float((gpu.scores - cpu.scores).abs().max()))
 
 
+def test_shared_errors_on_cuda_equal_cpu():
+    """``res.shared_errors()`` reads a CUDA result's sketches where they are and gives the CPU table."""
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(6, 3, seed=1), make_batches(5, 3, seed=2)
+    to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
+    codec = sf.Sketch(k=32, dtype="fp32")
+    cpu = sf.analyze(model, generic_loss, ta, tb, codec=codec, stats_dtype=torch.float64).shared_errors()
+    gpu = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), codec=codec, stats_dtype=torch.float64).shared_errors()
+    model.cpu()
+    torch.testing.assert_close(torch.tensor(gpu["independent_errors"].to_numpy()),
+                               torch.tensor(cpu["independent_errors"].to_numpy()), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("units", ["heads", "all"])
 def test_conflict_table_on_cuda_equals_cpu(units, tmp_path):
     """The conflict test of CUDA results (exact, sketched in both orders, from a store) is the CPU one; the
