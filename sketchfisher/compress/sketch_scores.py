@@ -266,7 +266,21 @@ def scale_centring(sk: torch.Tensor, norm2: torch.Tensor, own: torch.Tensor, pre
                                                c.double().square().sum(-1).to(norm2.dtype))
     rc, c2 = cached
     gamma = torch.where(c2 > 0, own / c2.clamp_min(torch.finfo(c2.dtype).tiny), torch.zeros_like(own))
-    return sk - gamma[..., None].to(sk.dtype) * rc, (norm2 - gamma * own).clamp_min(0), gamma
+    norm2 = (norm2 - gamma * own).clamp_min(0) + rounding_allowance(norm2, gamma, c2, centre.shape[-1], sk.dtype)
+    return sk - gamma[..., None].to(sk.dtype) * rc, norm2, gamma
+
+
+def rounding_allowance(norm2: torch.Tensor, gamma: torch.Tensor, c2: torch.Tensor, size: int, dtype: torch.dtype
+                       ) -> torch.Tensor:
+    """What the error bars add to a scaled-centred vector's ``‖ṽ‖²`` for the rounding of the centring itself:
+    ``ṽ = (v − c) − γ c`` is formed, sketched and its norm taken in ``dtype``, and where a sample is nearly a
+    multiple of the centre (a sample with a tiny gradient in the block: γ ≈ −1) the two parts cancel, leaving a
+    rounding residue ~ eps·‖v − c‖ in the sketch while ``‖ṽ‖²`` is ~0. Without an allowance such a sample's
+    pairs get a standard error √k times smaller than their error. The allowance is a sum's rounding bound,
+    ``eps · √size · (‖v − c‖² + γ²‖c‖²)``: relative ~3e-5 in fp32 and ~5e-14 in fp64 of the parts, so nothing
+    for a sample that does not cancel."""
+    eps = torch.finfo(dtype).eps
+    return eps * size ** 0.5 * (norm2 + gamma.square() * c2)
 
 
 @dataclass
@@ -294,12 +308,17 @@ class SketchBlock:
         (:func:`residual_centre`). B was stored as ``ỹ_j = y'_j − β_j x̄'``; with ``ŷ_j = ỹ_j − m``,
         ``y'_j = ŷ_j + (β_j − b) x̄' + ȳ'``, and as x̃_i ⊥ x̄' (scaled centring of A) ``⟨x'_i, y'_j⟩ = ⟨x̃_i, ŷ_j⟩ +
         ⟨x'_i, ȳ'⟩ + α_i (⟨x̄', y'_j⟩ − e)``: the mean-centred form with β = 1. ‖ŷ_j‖² (error bars only) takes
-        ⟨ỹ_j, m⟩ from the sketches."""
+        ⟨ỹ_j, m⟩ from the sketches, and is taken one standard deviation of that term's own
+        error high (the error bars never rest on a cancelled norm)."""
         rm, m2 = residual
         yb, nb, db = b[0], b[1], b[2]
         rm = rm.to(yb.device, yb.dtype)
         cross = torch.einsum("jhk,hk->jh", yb, rm)
-        nb = (nb - 2 * cross + m2.to(nb.device, nb.dtype)).clamp_min(0)
+        m2 = m2.to(nb.device, nb.dtype)
+        # ⟨ỹ_j, m⟩ is sketched, and twice its error (sd ≈ √((‖ỹ_j‖²‖m‖² + ⟨ỹ_j, m⟩²)/k)) can be as large as ‖ŷ_j‖²
+        # itself where B's samples lie along m; the error bars take ‖ŷ_j‖² one such sd high, never a cancelled norm
+        spread = 2 * ((nb.clamp_min(0) * m2 + cross.square()) / k).sqrt()
+        nb = (nb - 2 * cross + m2).clamp_min(0) + spread
         return cls(*a, yb - rm, nb, db, e, k, fpc, qa, qb, ga, None)
 
     @property
