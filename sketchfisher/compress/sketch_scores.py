@@ -308,17 +308,18 @@ class SketchBlock:
         (:func:`residual_centre`). B was stored as ``ỹ_j = y'_j − β_j x̄'``; with ``ŷ_j = ỹ_j − m``,
         ``y'_j = ŷ_j + (β_j − b) x̄' + ȳ'``, and as x̃_i ⊥ x̄' (scaled centring of A) ``⟨x'_i, y'_j⟩ = ⟨x̃_i, ŷ_j⟩ +
         ⟨x'_i, ȳ'⟩ + α_i (⟨x̄', y'_j⟩ − e)``: the mean-centred form with β = 1. ‖ŷ_j‖² (error bars only) takes
-        ⟨ỹ_j, m⟩ from the sketches, and is taken one standard deviation of that term's own
-        error high (the error bars never rest on a cancelled norm)."""
+        ⟨ỹ_j, m⟩ from the sketches, and is taken in quadrature with that term's own standard
+        deviation (the error bars never rest on a cancelled norm)."""
         rm, m2 = residual
         yb, nb, db = b[0], b[1], b[2]
         rm = rm.to(yb.device, yb.dtype)
         cross = torch.einsum("jhk,hk->jh", yb, rm)
         m2 = m2.to(nb.device, nb.dtype)
         # ⟨ỹ_j, m⟩ is sketched, and twice its error (sd ≈ √((‖ỹ_j‖²‖m‖² + ⟨ỹ_j, m⟩²)/k)) can be as large as ‖ŷ_j‖²
-        # itself where B's samples lie along m; the error bars take ‖ŷ_j‖² one such sd high, never a cancelled norm
+        # itself where B's samples lie along m; the error bars take ‖ŷ_j‖² and that sd in quadrature (never a
+        # cancelled norm; next to nothing added where ‖ŷ_j‖² is well above the sd)
         spread = 2 * ((nb.clamp_min(0) * m2 + cross.square()) / k).sqrt()
-        nb = (nb - 2 * cross + m2).clamp_min(0) + spread
+        nb = torch.hypot((nb - 2 * cross + m2).clamp_min(0), spread)
         return cls(*a, yb - rm, nb, db, e, k, fpc, qa, qb, ga, None)
 
     @property
