@@ -464,12 +464,15 @@ def test_a_blocks_pairs_share_their_sketch_error_when_its_vectors_span_few_direc
     assert 0.3 <= spread / math.sqrt(0.95 * 0.05 / float(independent)) <= 3  # the predicted spread's size
 
 
-def test_shared_errors_table(small):
+def test_shared_errors_table(small, tmp_path):
     """``res.shared_errors()`` gives each distinct head block's ranks, from memory and from a store alike; exact
     scores have no sketch error to describe."""
     model, ta, tb, _ = small
-    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16))
+    res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=16), store=tmp_path / "s")
     df = res.shared_errors()
+    stored = sf.open_store(tmp_path / "s").result().shared_errors()
+    torch.testing.assert_close(torch.tensor(stored["independent_errors"].to_numpy()),
+                               torch.tensor(df["independent_errors"].to_numpy()), rtol=1e-6, atol=0)
     assert list(df.columns) == ["block", "layer", "head", "rank_a", "rank_b", "independent_errors", "coverage_spread"]
     n_blocks = sum(len(res._first_heads(b)) for b in range(4)) * res.layout.num_layers
     assert len(df) == n_blocks

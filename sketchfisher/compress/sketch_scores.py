@@ -372,19 +372,25 @@ class SketchBlock:
 
 def _participation(v: torch.Tensor, norm2: torch.Tensor, noise: Optional[torch.Tensor], k: int) -> torch.Tensor:
     """``n² / ‖Ĝ‖²_F`` per head of sketched vectors ``v [n, H, k]`` with exact squared norms ``norm2 [n, H]`` and
-    known per-coordinate storage noise (or None): Ĝ's off-diagonal cosines from the sketches, each square less
-    its expected noise ``(1 + c²)/k + storage`` (so unbiased on average), its diagonal 1. Samples whose vector
-    is zero in the block (no error in any of their pairs) are left out; NaN where none is left."""
+    known per-coordinate storage noise (or None). Ĝ is the cosine matrix, diagonal 1; the sum of its sketched
+    off-diagonal squares loses their expected noise ``(1 + c²)/k`` plus the storage's, so it is unbiased on
+    average, and the sum is kept within [0, n(n − 1)]. ``Σ ĉ²`` is ``‖V̂ᵀV̂‖²_F`` through whichever of ``n × n`` and ``k × k`` is smaller, so many samples cost
+    no ``n²`` memory. Samples whose vector is zero in the block (no error in any of their pairs) are left out; NaN
+    where none is left."""
     norm2 = norm2.double()
-    live = (norm2 > 0).T  # [H, n]
-    norm = norm2.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
-    gram = torch.einsum("ihk,jhk->hij", v.double(), v.double()) / (norm.T[:, :, None] * norm.T[:, None, :])
-    q = torch.zeros_like(norm) if noise is None else noise.double() / norm.square()  # storage noise per norm²
-    noise2 = 1 / k + q.T[:, :, None] + q.T[:, None, :] + k * q.T[:, :, None] * q.T[:, None, :]  # [H, n, n]
-    pairs = live[:, :, None] & live[:, None, :] & ~torch.eye(v.shape[0], dtype=torch.bool, device=v.device)
-    c2 = torch.where(pairs, ((gram.square() - noise2) / (1 + 1 / k)).clamp(0, 1), 0.0)
-    n = live.sum(1).double()
-    return torch.where(n > 0, n.square() / (n + c2.sum((1, 2))), float("nan"))
+    live = norm2 > 0  # [n, H]
+    unit = torch.where(live[..., None], v.double() / norm2.clamp_min(torch.finfo(torch.float64).tiny).sqrt()[..., None], 0.0)
+    unit = unit.transpose(0, 1)  # [H, n, k]
+    gram = unit @ unit.transpose(1, 2) if unit.shape[1] <= unit.shape[2] else unit.transpose(1, 2) @ unit
+    n = live.sum(0).double()
+    diagonal = unit.square().sum(-1).square().sum(-1)  # Σ_i ĉ_ii² (the sketched norms' ratios, squared)
+    q = torch.where(live, (torch.zeros_like(norm2) if noise is None else noise.double()) / norm2.clamp_min(
+        torch.finfo(torch.float64).tiny), 0.0)  # storage noise per norm², per sample [n, H]
+    qs, q2 = q.sum(0), q.square().sum(0)
+    noise2 = (n * (n - 1)) / k + 2 * (n - 1) * qs + k * (qs.square() - q2)  # Σ_{i≠j} (1/k + q_i + q_j + k q_i q_j)
+    off = ((gram.square().sum((1, 2)) - diagonal - noise2) / (1 + 1 / k)).clamp(min=0)
+    off = torch.minimum(off, n * (n - 1))  # (each cosine² ≤ 1: the rank lies in [1, n])
+    return torch.where(n > 0, n.square() / (n + off), float("nan"))
 
 
 def finite_population_correction(codec: Sketch, size: int) -> float:

@@ -156,16 +156,20 @@ class InterferenceResult:
         errors averaged (they are correlated)."""
         L, H = self.layout.num_layers, self.layout.num_heads
         out = torch.full((L, H, len(self.layout.block_names)), float("nan"), dtype=torch.float64)
-        for layer in range(L):
+        for layer, b, block, scores in self._block_scores():
+            per_block = getattr(scores, "mean_stderr", None)
+            se = per_block().cpu() if per_block is not None else torch.zeros(int(self.layout.head_index(block).max()) + 1,
+                                                                              dtype=torch.float64)
+            out[layer, :, b] = se[self.layout.head_index(block)]
+        return out
+
+    def _block_scores(self):
+        """``(layer, b, block, block scores)`` of every collected block, from the provider (not chunked)."""
+        for layer in range(self.layout.num_layers):
             for b, block in enumerate(self.layout.block_names):
                 scores = self.provider(layer, block)
-                if scores is None:
-                    continue
-                per_block = getattr(scores, "mean_stderr", None)
-                se = per_block().cpu() if per_block is not None else torch.zeros(int(self.layout.head_index(block).max()) + 1,
-                                                                                  dtype=torch.float64)
-                out[layer, :, b] = se[self.layout.head_index(block)]
-        return out
+                if scores is not None:
+                    yield layer, b, block, scores
 
     def shared_errors(self) -> pd.DataFrame:
         """How independent the sketch errors of a unit block's pairs are, per distinct unit block (a shared
@@ -180,17 +184,13 @@ class InterferenceResult:
         if self.context is None or self.context.exact is not None:
             raise InputError("shared_errors() describes a sketch's errors; exact scores (sf.Exact, sf.Factors) have none")
         rows = []
-        for layer in range(self.layout.num_layers):
-            for b, block in enumerate(self.layout.block_names):
-                scores = self.provider(layer, block)
-                if scores is None:
-                    continue
-                rank_a, rank_b = (r.cpu() for r in scores.shared_error_ranks())
-                for h, first in enumerate(self._first_heads(b)):
-                    n = float(rank_a[h] * rank_b[h])
-                    rows.append({"block": block, "layer": layer, self.layout.unit_column: first, "rank_a": float(rank_a[h]),
-                                 "rank_b": float(rank_b[h]), "independent_errors": n,
-                                 "coverage_spread": (0.95 * 0.05 / n) ** 0.5})
+        for layer, b, block, scores in self._block_scores():
+            rank_a, rank_b = (r.cpu() for r in scores.shared_error_ranks())
+            for h, first in enumerate(self._first_heads(b)):
+                n = float(rank_a[h] * rank_b[h])
+                rows.append({"block": block, "layer": layer, self.layout.unit_column: first, "rank_a": float(rank_a[h]),
+                             "rank_b": float(rank_b[h]), "independent_errors": n,
+                             "coverage_spread": (0.95 * 0.05 / n) ** 0.5})
         return pd.DataFrame(rows)
 
     def pair_means_from_statistics(self, group_size: int = 1) -> torch.Tensor:
