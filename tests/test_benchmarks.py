@@ -38,6 +38,8 @@ TINY = {
                    "--cli", "{tmp}", "--passes", "1.5", "2"],
     "gpu_profile.py": ["--device", "cpu", "--shape", "tiny", "--layers", "1", "--samples", "4", "--top", "3"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
+    "map_spread.py": ["--model", "llama", "--layers", "1", "--train-steps", "1", "--samples", "4", "--k", "16",
+                      "--maps", "2"],
     "many_tasks.py": ["--samples", "3", "--k", "16", "--dtype", "fp16"],
     "one_pass_b.py": ["--samples", "3", "--ks", "8", "--seeds", "1"],
     "sjlt_tune.py": ["--help"],

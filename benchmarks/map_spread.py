@@ -1,0 +1,112 @@
+"""Is the sketch's standard error right over maps, and how far does one map's per-block coverage swing?
+
+Each head block's per-sample gradients are taken out of the model (``sketchfisher.capture.oracle``) and turned into
+the default variant's side vectors outside the library, in fp64: ``x_i = g_i² · b / (Î + ε)`` and ``y_j = |g_j| / b``
+with ``b = √mean|g|`` over both tasks, each side scaled-centred by its own mean. They are sketched by ``--maps``
+independent count-sketch maps (one bucket and a random sign per coordinate) of width ``--k``. Per block: the coverage
+of the library's interval ``1.96 √((t̂² + ‖x̃‖²‖ỹ‖²)/k)`` averaged over the maps and its standard deviation over maps,
+the two sides' participation ratios (what ``res.shared_errors()`` estimates from a run's sketches) and the share of
+the x side's energy in its top 64 coordinates.
+
+    python benchmarks/map_spread.py --model gpt2 --train-steps 36 --maps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
+
+import torch
+
+import sketchfisher as sf
+from sketchfisher.capture.oracle import per_sample_gradients
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy_vs_memory import MODELS, model_and_tasks  # noqa: E402
+
+
+def block_gradients(model, loss, batches, blocks: dict) -> dict:
+    """Per head block ``[n, |S|]`` fp64 per-sample gradients, one pass over the batches for all blocks."""
+    names = sorted({hb.param_name for hb in blocks.values()})
+    full = {n: [] for n in names}
+    for grads in per_sample_gradients(model, loss, batches, names):
+        for n in names:
+            full[n].append(grads[n].double())
+    full = {n: torch.cat(v) for n, v in full.items()}
+    out = {}
+    for key, hb in blocks.items():
+        g = full[hb.param_name]
+        g = g[:, hb.start:hb.stop] if hb.storage_axis == 0 else g[:, :, hb.start:hb.stop]
+        out[key] = g.reshape(g.shape[0], -1)
+    return out
+
+
+def scaled(v: torch.Tensor) -> torch.Tensor:
+    m = v.mean(0)
+    return v - ((v @ m) / m.square().sum().clamp_min(1e-300))[:, None] * m
+
+
+def participation(v: torch.Tensor) -> float:
+    n2 = v.square().sum(1)
+    u = v[n2 > 0] / n2[n2 > 0].sqrt()[:, None]
+    g = u @ u.T
+    return float(g.trace() ** 2 / g.square().sum())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2", choices=MODELS)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=36)
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--maps", type=int, default=20)
+    p.add_argument("--eps", type=float, default=1e-10)
+    args = p.parse_args()
+    model, loss, ta, tb = model_and_tasks(args.model, args.samples, args.layers, args.train_steps)
+    layout = sf.analyze(model, loss, ta[:1], tb[:1], codec=sf.Factors()).layout
+    blocks = {(layer, block, h): hb for layer, block in layout.groups() for h, hb in enumerate(layout.head_blocks(layer, block))}
+    ga, gb = block_gradients(model, loss, ta, blocks), block_gradients(model, loss, tb, blocks)
+    rows = []
+    for key in blocks:
+        a, b = ga[key], gb[key]
+        balance = ((a.abs().sum(0) + b.abs().sum(0)) / (len(a) + len(b))).sqrt().clamp_min(1e-300)
+        x, y = scaled(a.square() / (a.square().mean(0) + args.eps) * balance), scaled(b.abs() / balance)
+        t = x @ y.T
+        se = ((t.square() + x.square().sum(1)[:, None] * y.square().sum(1)[None]) / args.k).sqrt()
+        live = se > 0
+        covered = []
+        for r in range(args.maps):
+            g = torch.Generator().manual_seed(1000 + r)
+            bucket = torch.randint(0, args.k, (x.shape[1],), generator=g)
+            sign = torch.randint(0, 2, (x.shape[1],), generator=g).double() * 2 - 1
+            sk = lambda v: torch.zeros(len(v), args.k, dtype=v.dtype).index_add_(1, bucket, v * sign)  # noqa: E731
+            err = sk(x) @ sk(y).T - t
+            covered.append(float((err.abs() <= 1.959964 * se)[live].double().mean()))
+        c = torch.tensor(covered)
+        energy = x.square().sum(0)
+        top = float(energy.topk(min(64, len(energy))).values.sum() / energy.sum().clamp_min(1e-300))
+        rows.append((key, participation(x) * participation(y), float(c.mean()), float(c.std()) if len(c) > 1 else 0.0,
+                     float((c < 0.93).double().mean()), top))
+    rows.sort(key=lambda r: r[1])
+    print(f"# {args.model} ({args.layers} layers, {args.train_steps} training steps), {args.samples} x {args.samples}, "
+          f"k = {args.k}, {args.maps} independent maps per block")
+    print("| block | rank_a x rank_b | coverage over maps | sd over maps | maps below 0.93 | top-64 energy (x) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (layer, block, h), n, mean, sd, below, top in rows[:8] + rows[-3:]:
+        print(f"| layer {layer} {block} head {h} | {n:.1f} | {mean:.3f} | {sd:.3f} | {below:.0%} | {top:.2f} |")
+    means = torch.tensor([r[2] for r in rows])
+    n, sd = torch.tensor([r[1] for r in rows]), torch.tensor([r[3] for r in rows])
+    print(f"\n{len(rows)} blocks: coverage over maps {float(means.min()):.3f}–{float(means.max()):.3f} (mean "
+          f"{float(means.mean()):.3f}); top-64 energy at most {max(r[5] for r in rows):.2f}")
+    if len(rows) > 2 and args.maps > 1:
+        corr = torch.corrcoef(torch.stack([n.log(), sd]))[0, 1]
+        print(f"correlation of log(rank_a x rank_b) with the sd over maps: {float(corr):+.2f}; sd over predicted "
+              f"√(0.95·0.05/(rank_a x rank_b)), median {float((sd / (0.0475 / n).sqrt()).median()):.2f}")
+
+
+if __name__ == "__main__":
+    main()
