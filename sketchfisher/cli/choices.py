@@ -39,5 +39,5 @@ def codecs() -> dict[str, str]:
 
 
 def unit_families() -> tuple[str, ...]:
-    live = sys.modules.get("sketchfisher.layout.registry")
+    live = sys.modules.get("sketchfisher.layout.units")
     return tuple(live.UNIT_FAMILIES) if live else UNIT_FAMILIES
