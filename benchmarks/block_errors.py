@@ -34,22 +34,35 @@ def codecs(seed: int, k: int) -> dict:
             "gaussian, fp32, scaled": sf.Sketch(k=k, seed=seed, dtype="fp32", kind="gaussian")}
 
 
-def block_gradients(model, loss, batches, hb) -> torch.Tensor:
-    out = []
-    for grads in per_sample_gradients(model, loss, batches, [hb.param_name]):
-        g = grads[hb.param_name]
+def block_gradients(model, loss, batches, blocks: dict) -> dict:
+    """Per head block (``blocks``: key -> HeadBlock) its ``[n, |S|]`` fp64 per-sample gradients, one pass over the
+    batches for all of them."""
+    names = sorted({hb.param_name for hb in blocks.values()})
+    full = {n: [] for n in names}
+    for grads in per_sample_gradients(model, loss, batches, names):
+        for n in names:
+            full[n].append(grads[n].double())
+    full = {n: torch.cat(v) for n, v in full.items()}
+    out = {}
+    for key, hb in blocks.items():
+        g = full[hb.param_name]
         g = g[:, hb.start:hb.stop] if hb.storage_axis == 0 else g[:, :, hb.start:hb.stop]
-        out.append(g.reshape(g.shape[0], -1).double())
-    return torch.cat(out)
+        out[key] = g.reshape(g.shape[0], -1)
+    return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its short training run, the samples per task and the sketch width (shared with map_spread.py)."""
     p.add_argument("--model", default="gpt2", choices=MODELS)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=36)
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--k", type=int, default=1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_arguments(p)
     p.add_argument("--blocks", nargs="+", default=["1:Q:6:3", "1:K:11:0"], metavar="LAYER:BLOCK:HEAD:SEED")
     args = p.parse_args()
     model, loss, ta, tb = model_and_tasks(args.model, args.samples, args.layers, args.train_steps)
@@ -72,7 +85,7 @@ def main() -> None:
         layer, block, head, seed = spec.split(":")
         layer, head, seed = int(layer), int(head), int(seed)
         hb = layout.head_blocks(layer, block)[head]
-        x, y = block_gradients(model, loss, ta, hb), block_gradients(model, loss, tb, hb)
+        x, y = (block_gradients(model, loss, batches, {0: hb})[0] for batches in (ta, tb))
         x, y = x - x.mean(0), y - y.mean(0)
         t = x @ y.T
         pred = ((t.square() + x.square().sum(1)[:, None] * y.square().sum(1)[None]) / args.k).sqrt()

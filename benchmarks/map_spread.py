@@ -22,26 +22,10 @@ os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
 import torch
 
 import sketchfisher as sf
-from sketchfisher.capture.oracle import per_sample_gradients
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_vs_memory import MODELS, model_and_tasks  # noqa: E402
-
-
-def block_gradients(model, loss, batches, blocks: dict) -> dict:
-    """Per head block ``[n, |S|]`` fp64 per-sample gradients, one pass over the batches for all blocks."""
-    names = sorted({hb.param_name for hb in blocks.values()})
-    full = {n: [] for n in names}
-    for grads in per_sample_gradients(model, loss, batches, names):
-        for n in names:
-            full[n].append(grads[n].double())
-    full = {n: torch.cat(v) for n, v in full.items()}
-    out = {}
-    for key, hb in blocks.items():
-        g = full[hb.param_name]
-        g = g[:, hb.start:hb.stop] if hb.storage_axis == 0 else g[:, :, hb.start:hb.stop]
-        out[key] = g.reshape(g.shape[0], -1)
-    return out
+from accuracy_vs_memory import model_and_tasks  # noqa: E402
+from block_errors import block_gradients, model_arguments  # noqa: E402
 
 
 def scaled(v: torch.Tensor) -> torch.Tensor:
@@ -58,11 +42,7 @@ def participation(v: torch.Tensor) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2", choices=MODELS)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--train-steps", type=int, default=36)
-    p.add_argument("--samples", type=int, default=48)
-    p.add_argument("--k", type=int, default=1024)
+    model_arguments(p)
     p.add_argument("--maps", type=int, default=20)
     p.add_argument("--eps", type=float, default=1e-10)
     args = p.parse_args()
