@@ -107,8 +107,9 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     # task A's Fisher (and, for MLP or linear units, both tasks' Σ|g|: task means) leave the GPU after the
     # passes that made them; their host memory is made ready while the passes run
     sink = MemorySink(job)
-    abs_dtype = accumulator_dtype(job.stats_dtype) or job.stats_dtype  # (Σ|g| as it was accumulated)
-    kept = [job.stats_dtype] + [abs_dtype for t in ("a", "b") if "abs" in plan.statistics[t] and "abs" in sink.keep]
+    sums = accumulator_dtype(job.stats_dtype) or job.stats_dtype  # (Σ|g| and Σg as they were accumulated)
+    kept = [job.stats_dtype] + [sums for t in ("a", "b") for q in ("abs", "sum")
+                                if q in plan.statistics[t] and q in sink.keep]
     staging = host_staging(model, layout, kept) if codec.two_pass else None
     with staging or nullcontext():
         sink.staging = staging

@@ -85,7 +85,8 @@ def test_T_is_minus_the_first_order_change_of_B_loss():
 @pytest.mark.parametrize("units", ["heads", "all"])
 def test_every_codec_order_and_store_gives_the_same_table(units, tmp_path):
     """Sketch codecs record each sample's conflict scalars exactly: the table of Exact, Factors, Sketch in both
-    pass orders and a store agree (the sketches' task means are rounded to bf16 for heads: ~1e-3)."""
+    pass orders and a store agree (the sketches' task means are rounded to bf16 for heads: ~1e-3), and so does a
+    collection with fp32 statistics, whose Σg accumulate in bf16."""
     model = make_model("llama_gqa")
     ta, tb = make_batches(9, 3, seed=1), make_batches(8, 4, seed=2)
     key = ["layer", "unit" if units == "mlp" else "head", "block"]
@@ -95,6 +96,9 @@ def test_every_codec_order_and_store_gives_the_same_table(units, tmp_path):
         tables[f"sketch {passes}"] = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8), passes=passes,
                                                 units=units)
     tables["store"] = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8), units=units, store=tmp_path / "s")
+    # the GPU setting: fp32 statistics, Σg and the half sum in stochastically rounded bf16 accumulators
+    tables["fp32 statistics"] = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8), units=units,
+                                           stats_dtype=torch.float32)
     for family in want.families:
         ref = want.units(family).head_conflicts().set_index(key[:1] + [want.units(family).layout.unit_column, "block"])
         for name, res in tables.items():

@@ -162,6 +162,21 @@ def test_fused_welford_matches_cpu():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
 
 
+def test_bf16_sums_of_fp32_statistics_on_cuda_equal_cpu():
+    """fp32 statistics (the GPU setting) accumulate Σ|g|, Σg and the half sum in bf16 with stochastic rounding:
+    the CUDA kernel draws the torch update's random bits (batches of 2: one fp32 sum order on either device)."""
+    from sketchfisher.fisher import FisherStats
+
+    quantities = ("fisher", "abs", "sum", "half")
+    cpu, gpu = FisherStats.accumulating(torch.float32, quantities), FisherStats.accumulating(torch.float32, quantities)
+    for step in range(50):
+        g = 0.2 + torch.randn(2, 64, 33, generator=torch.Generator().manual_seed(step))
+        cpu.update({"w": g})
+        gpu.update({"w": g.cuda()})
+    for (q, a), (_, b) in zip(gpu.sums(), cpu.sums()):
+        assert a["w"].dtype == torch.bfloat16 and torch.equal(a["w"].cpu(), b["w"]), q
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_nccl_ranks_equal_single_process(tmp_path):
     from test_distributed import two_ranks_equal_single_process

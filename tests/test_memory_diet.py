@@ -141,13 +141,14 @@ def test_phase_plan_matches_hand_computation():
     for phase, value in want.items():
         assert once.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase
     # with the conflict test (the default): A also keeps Σg and Σg over half its samples during pass 1, B its Σg
-    # during its pass (its only statistic); task B's pass holds its two bf16 conflict weights, A's pass 2 the third
+    # during its pass (its only statistic), all three bf16 accumulators; task B's pass holds its two bf16 conflict
+    # weights, which go with w_b after it; A's pass 2 holds the third
     u = attn * 2
-    want.update({"pass 1 A": weights + 3 * stat + half + running,
-                 "preparation": weights + max(3 * stat + half, b_preps + 2 * u),
-                 "pass B": weights + b_preps + 2 * u + stat + running + sketches / 2,
-                 "centring B": weights + b_preps + 2 * u + stat + sketches / 2,
-                 "pass 2 A": weights + a_preps + 3 * u + running + sketches})
+    want.update({"pass 1 A": weights + stat + 3 * half + running,
+                 "preparation": weights + max(stat + 3 * half, b_preps + 2 * u),
+                 "pass B": weights + b_preps + 2 * u + half + running + sketches / 2,
+                 "centring B": weights + b_preps + 2 * u + half + sketches / 2,
+                 "pass 2 A": weights + a_preps + u + running + sketches})
     default = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B).set_index("phase")
     for phase, value in want.items():
         assert default.loc[phase, "peak_device_bytes"] == pytest.approx(value), phase

@@ -7,8 +7,8 @@ variant/normaliser/codec keep (:func:`sketchfisher.collect.needed_statistics`) a
 the batch, and the number of devices the layers are spread over. Its terms:
 
 * weights: parameters × bytes per parameter (bf16: 2), split over the devices;
-* statistics: kept quantities × collected parameters × 4 (fp32) or 8 (fp64) bytes, Σ|g| in 2 (bf16, stochastically
-  rounded) where the statistics are fp32;
+* statistics: kept quantities × collected parameters × 4 (fp32) or 8 (fp64) bytes, the plain sums (Σ|g|, Σg, the
+  half sum) in 2 (bf16, stochastically rounded) where the statistics are fp32;
 * preparations (pass 2 of sketches): task A's weight w_a in fp32 and, with variance reduction, the
   balance w_b and the two centres, in bf16 where the statistics are fp32 (else fp32); task B's single pass
   holds no w_a (it is built again after the pass); the statistics have then been released;
@@ -54,6 +54,7 @@ TB = 1e12
 GiB = 2**30
 
 ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, LOGIT_BYTES = 26, 11, 10  # bytes per token and layer / per logit
+PLAIN_SUMS = ("abs", "sum", "half")  # accumulated in bf16 where the statistics are fp32 (fisher.accumulator_dtype)
 
 
 def _mlp_matrices(config: Any) -> int:
@@ -210,7 +211,7 @@ class _Terms:
         else:
             rep = per_layer(codec.device_bytes_per_sample(sizes, width, tokens) * per_task)
         return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,
-                   stats={t: per_layer(sum(attn * (2 if x == "abs" and stats_bytes == 4 else stats_bytes) for x in q))
+                   stats={t: per_layer(sum(attn * (2 if x in PLAIN_SUMS and stats_bytes == 4 else stats_bytes) for x in q))
                           for t, q in plan.statistics.items()},
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
                    side_tensor=per_layer(attn * (2 if stats_bytes == 4 else 4)),
@@ -230,8 +231,9 @@ class _Terms:
         return 2 * self.side_tensor + self.conflict_tensor * 2
 
     def after_centring(self) -> float:
-        """Once task B's single pass is centred: w_a back, w_b gone; x̄', ȳ' and the three conflict weights."""
-        return self.prep_tensor + 2 * self.side_tensor + self.conflict_tensor * 3
+        """Once task B's single pass is centred: w_a back, w_b and B's two conflict weights gone; x̄', ȳ' and task
+        A's conflict weight."""
+        return self.prep_tensor + 2 * self.side_tensor + self.conflict_tensor
 
     def simulate(self, plan: PassPlan) -> list[tuple[str, float]]:
         """``(step name, peak)`` of every step, then ``("scoring", peak)``, walking what each step leaves held."""
@@ -356,7 +358,7 @@ def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, 
         if peak(plan=lighter)["peak_device_bytes"].max() <= budget:
             hints.append("without the conflict test's statistics (conflicts=False, --no-conflicts)")
     if "mlp" in _families(units) and "heads" in _families(units) and \
-            peak(units="heads", plan=None)["peak_device_bytes"].max() <= budget:
+            all(peak(units=u, plan=None)["peak_device_bytes"].max() <= budget for u in ("heads", "mlp")):
         hints.append("heads alone, then MLP units in a second collection (units='heads', then units='mlp')")
     if batch_size > 1 and peak(batch_size=batch_size // 2)["peak_device_bytes"].max() <= budget:
         hints.append(f"batch size {batch_size // 2}")

@@ -145,7 +145,7 @@ def compacted_statistics(layout: Layout) -> tuple[str, ...]:
 
 def statistics_dtypes(quantities: Iterable[str], layout: Layout, dtype: torch.dtype) -> list[torch.dtype]:
     """The precision each kept statistic is written in (bf16 for the compacted ones and a bf16 accumulator's)."""
-    return [torch.bfloat16 if q in compacted_statistics(layout) or (q == "abs" and accumulator_dtype(dtype))
+    return [torch.bfloat16 if q in compacted_statistics(layout) or (q in ("abs", "sum", "half") and accumulator_dtype(dtype))
             else dtype for q in quantities]
 
 
@@ -212,7 +212,7 @@ def pass_b(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: La
     statistics are returned, checked (``reduce`` first merges other ranks') and rounded as final
     (:func:`compacted_statistics`). Sketches not centred during the pass are centred once B's centre is known
     (:func:`centre_j_side`, :func:`centred`)."""
-    stats_b = FisherStats(dtype=stats_dtype, quantities=quantities, abs_dtype=accumulator_dtype(stats_dtype))
+    stats_b = FisherStats.accumulating(stats_dtype, quantities)
     for batch in sketch_batches(model, loss_fn, batches, layout, codec, preps, "b", count_a, cfg, skip=skip,
                                 desc=desc, show_progress=show_progress, fold=stats_b):
         emit(*batch)
@@ -246,7 +246,7 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
     multiples of x̄' (scaled centring); for those, ``residuals`` holds B's mean residual
     (:func:`~sketchfisher.compress.sketch_scores.residual_centre`), which the scores take away from B's sketches.
     Each preparation gains B's own ``ȳ'`` and ``e`` (and, where task B kept Σg, the conflict weight ``u_a =
-    ḡ_B/(Î+ε+λ)``) and drops ``w_b`` (not needed again), and gets back ``w_a`` from task A's Fisher in ``stats_a``
+    ḡ_B/(Î+ε+λ)``) and drops ``w_b`` and task B's conflict weights (not needed again), and gets back ``w_a`` from task A's Fisher in ``stats_a``
     where B's pass ran without it (one parameter's Fisher on the device at a time); B's statistics are released
     parameter by parameter (those in ``keep`` to host memory, into ``staging``'s buffers when given)."""
     keys = [key for key, prep in preps.items() if prep is not None]
@@ -273,7 +273,7 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
             mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
             u_a = (mean_b * prep.inverse_denominator())[None].to(CONFLICT_WEIGHT_DTYPE)
             prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(None, mean_b, prep.u_b, u_a, prep.moments))
-        preps[key] = dataclass_replace(prep, w_b=None)
+        preps[key] = dataclass_replace(prep, w_b=None, u_b=None)  # (B's conflict weights: B's pass is over)
         name = layout.param_of(*key)
         if last_use[name] == key:
             stats_b.offload(name, keep=keep, copy=staging.copy if staging is not None else host_copy)

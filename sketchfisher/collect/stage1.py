@@ -10,7 +10,7 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..compress import Codec, check_codec
 from ..errors import InputError
-from ..fisher import QUANTITIES, FisherStats, accumulator_dtype
+from ..fisher import QUANTITIES, FisherStats
 from ..layout import Layout
 from .passes import factor_pass, fold_factors, gradient_pass, trainable_weights
 
@@ -30,7 +30,7 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
     codec = check_codec(codec)
     weights = trainable_weights(model, layout, modules)
     dtype = stats_dtype or default_stats_dtype(model)
-    stats = FisherStats(dtype=dtype, quantities=tuple(quantities), abs_dtype=accumulator_dtype(dtype))
+    stats = FisherStats.accumulating(dtype, tuple(quantities))
     rep = codec.representation()
     if codec.source == "gradients":
         for _, grads in gradient_pass(model, loss_fn, batches, weights, desc=desc, show_progress=show_progress):

@@ -29,9 +29,11 @@ TENSOR_NAMES = {"abs": "sum_abs", "sum": "sum_g", "half": "sum_half"}
 
 
 def accumulator_dtype(stats_dtype: torch.dtype) -> Optional[torch.dtype]:
-    """The dtype a collection accumulates Σ|g| in: bf16, stochastically rounded, where the statistics are fp32 (the
-    GPU setting; Σ|g| balances and centres the sketches, where any value keeps them exact, and gives the task
-    means of MLP units, where its rounding errors average out over a unit's entries), else the statistics' own."""
+    """The dtype a collection accumulates its plain sums (Σ|g|, Σg and the half sum) in: bf16, stochastically
+    rounded, where the statistics are fp32 (the GPU setting, where each is a model-sized tensor), else the
+    statistics' own (None). Σ|g| balances and centres the sketches, where any value keeps them exact; it and Σg
+    give task means (MLP units' pair means, the conflict test's T and weights), where each entry's rounding is
+    unbiased and independent of every other entry's, so it averages out over a unit block's entries."""
     return torch.bfloat16 if stats_dtype == torch.float32 else None
 
 
@@ -48,6 +50,18 @@ class FisherStats:
     sum_half: dict[str, torch.Tensor] = field(default_factory=dict)
     half_counts: dict[str, int] = field(default_factory=dict)  # per parameter, the samples the ``half`` sums hold
     abs_dtype: Optional[torch.dtype] = None  # Σ|g|'s accumulator (None: ``dtype``; bf16: stochastic rounding)
+    signed_dtype: Optional[torch.dtype] = None  # Σg's and the half sum's accumulator (as ``abs_dtype``)
+
+    @classmethod
+    def accumulating(cls, dtype: torch.dtype, quantities: tuple[str, ...]) -> "FisherStats":
+        """Empty statistics as a collection keeps them: the plain sums in :func:`accumulator_dtype`."""
+        acc = accumulator_dtype(dtype)
+        return cls(dtype=dtype, quantities=tuple(quantities), abs_dtype=acc, signed_dtype=acc)
+
+    def _like(self, quantities: tuple[str, ...], half_counts: Optional[dict] = None) -> "FisherStats":
+        """Empty statistics of this kind (dtypes) keeping ``quantities``."""
+        return FisherStats(self.dtype, quantities=quantities, half_counts=dict(half_counts or {}),
+                           abs_dtype=self.abs_dtype, signed_dtype=self.signed_dtype)
 
     def __post_init__(self) -> None:
         unknown = set(self.quantities) - set(QUANTITIES)
@@ -56,13 +70,15 @@ class FisherStats:
         if "m2" in self.quantities and "fisher" not in self.quantities:
             raise InputError("the 'm2' statistic needs 'fisher' (the Welford mean) too")
         self.quantities = tuple(q for q in QUANTITIES if q in self.quantities)
-        if self.abs_dtype not in (None, self.dtype, torch.bfloat16):
-            raise InputError(f"Σ|g| accumulates in the statistics' dtype or in bf16, not {self.abs_dtype}")
+        for what, dt in (("Σ|g|", self.abs_dtype), ("Σg", self.signed_dtype)):
+            if dt not in (None, self.dtype, torch.bfloat16):
+                raise InputError(f"{what} accumulates in the statistics' dtype or in bf16, not {dt}")
 
     @property
     def sum_dtype(self) -> dict[str, torch.dtype]:
         """The dtype each plain sum accumulates in."""
-        return {"abs": self.abs_dtype or self.dtype, "sum": self.dtype, "half": self.dtype}
+        signed = self.signed_dtype or self.dtype
+        return {"abs": self.abs_dtype or self.dtype, "sum": signed, "half": signed}
 
     def sums(self) -> tuple[tuple[str, dict[str, torch.Tensor]], ...]:
         """``(quantity, {name: accumulator})`` of every plain sum this kind of statistics can keep."""
@@ -144,7 +160,7 @@ class FisherStats:
         if set(self.welford) != set(other.welford):
             raise InputError("cannot merge FisherStats over different parameter sets")
         kept = tuple(q for q in self.quantities if q in other.quantities)
-        out = FisherStats(self.dtype, quantities=kept, abs_dtype=self.abs_dtype)
+        out = self._like(kept)
         for n, w in self.welford.items():
             o = other.welford[n]
             moments = out.moments
@@ -207,8 +223,7 @@ class FisherStats:
 
     def to_host(self, copy: Callable[[torch.Tensor], torch.Tensor] = host_copy) -> "FisherStats":
         """A copy of these statistics in host memory (``copy`` makes each tensor's host copy)."""
-        out = FisherStats(self.dtype, quantities=self.quantities, half_counts=dict(self.half_counts),
-                          abs_dtype=self.abs_dtype)
+        out = self._like(self.quantities, self.half_counts)
         for name, w in self.welford.items():
             out.welford[name] = Welford(w.count, None if w.mean is None else copy(w.mean),
                                         None if w.m2 is None else copy(w.m2))
@@ -219,8 +234,7 @@ class FisherStats:
     def only(self, quantities: tuple[str, ...]) -> "FisherStats":
         """These statistics restricted to ``quantities`` (the same tensors, not copies)."""
         kept = tuple(q for q in self.quantities if q in quantities)
-        out = FisherStats(self.dtype, quantities=kept, half_counts=dict(self.half_counts) if "half" in kept else {},
-                          abs_dtype=self.abs_dtype)
+        out = self._like(kept, self.half_counts if "half" in kept else None)
         moments = out.moments
         for name, w in self.welford.items():
             out.welford[name] = Welford(w.count, w.mean if moments else None, w.m2 if moments == 2 else None)
@@ -250,7 +264,7 @@ class FisherStats:
 
         # NCCL reduces CUDA tensors only; gloo takes CPU tensors
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        out = FisherStats(self.dtype, quantities=self.quantities, abs_dtype=self.abs_dtype)
+        out = self._like(self.quantities)
         if "half" in self.quantities:
             halves = torch.tensor([float(self.half_counts.get(n, 0)) for n in names], dtype=torch.float64, device=dev)
             dist.all_reduce(halves)
@@ -304,8 +318,9 @@ class FisherStats:
                     tensors[f"{name}::{key}"] = t
             counts[name] = w.count
         meta = {"counts": json.dumps(counts), "dtype": str(self.dtype), "quantities": json.dumps(self.quantities)}
-        if self.abs_dtype is not None:
-            meta["abs_dtype"] = str(self.abs_dtype)
+        for key in ("abs_dtype", "signed_dtype"):
+            if getattr(self, key) is not None:
+                meta[key] = str(getattr(self, key))
         if "half" in self.quantities:
             meta["half_counts"] = json.dumps({n: c for n, c in self.half_counts.items() if n in counts})
         return {k: v.contiguous() for k, v in tensors.items()}, meta
@@ -317,11 +332,11 @@ class FisherStats:
         quantities = tuple(json.loads(metadata["quantities"])) if "quantities" in metadata else QUANTITIES
         dtype = lambda key: getattr(torch, metadata[key].replace("torch.", ""))  # noqa: E731
         if any(k in metadata and metadata[k].replace("torch.", "") not in ("float64", "float32", "bfloat16")
-               for k in ("dtype", "abs_dtype")):
-            raise InputError(f"statistics dtype {metadata['dtype']!r} / {metadata.get('abs_dtype')!r} is not one this "
-                             "library writes")
+               for k in ("dtype", "abs_dtype", "signed_dtype")):
+            raise InputError(f"statistics dtype {metadata['dtype']!r} / {metadata.get('abs_dtype')!r} / "
+                             f"{metadata.get('signed_dtype')!r} is not one this library writes")
         out = cls(dtype=dtype("dtype"), quantities=quantities, half_counts=json.loads(metadata.get("half_counts", "{}")),
-                  abs_dtype=dtype("abs_dtype") if "abs_dtype" in metadata else None)
+                  **{k: dtype(k) for k in ("abs_dtype", "signed_dtype") if k in metadata})
         need = {"fisher": "mean", "m2": "m2", **TENSOR_NAMES}
         for name, count in counts.items():
             missing = [f"{name}::{need[q]}" for q in out.quantities if f"{name}::{need[q]}" not in tensors]

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .hashing import ROUNDING_KEY, SHIFT_TWEAK
+from .hashing import ROUNDING_KEY, ROUNDING_KEYS, SHIFT_TWEAK
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w (metric.variants)
@@ -151,13 +151,16 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
 
     Each state tensor may be None (not kept; ``m2`` needs ``mean``). One pass over the batch from
     memory: each program reads its slice of the n rows once, and a second time from cache for M2. ``dtype``: the
-    statistics' precision (default: the first kept state's); a bf16 ``sum_abs`` of wider statistics is rounded
-    stochastically, with the random bits of :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic`."""
+    statistics' precision (default: the first kept state's); a bf16 ``sum_abs``, ``sum_g`` or ``sum_half`` of wider
+    statistics is rounded stochastically, with the random bits of
+    :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic` (a key of :data:`~sketchfisher.kernels.hashing.ROUNDING_KEYS` each)."""
     _, welford_kernel = _kernels()
     n, N = g.shape
     state = (mean, m2, sum_abs, sum_g, sum_half)
     dtype = dtype or next(t for t in state if t is not None).dtype
     dummy = mean if mean is not None else torch.empty(1, dtype=dtype, device=g.device)  # (carries the dtype)
+    signed = next((t for t in (sum_g, sum_half) if t is not None), None)  # (one dtype for both: FisherStats)
+    signed_rounded = signed is not None and signed.dtype == torch.bfloat16 and dtype != torch.bfloat16
     grid = (-(-N // block),)
     with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
         welford_kernel[grid](g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count,
@@ -165,4 +168,5 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
                              HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
                              HAS_HALF=sum_half is not None,
                              ROUND_ABS=sum_abs is not None and sum_abs.dtype == torch.bfloat16 and dtype != torch.bfloat16,
-                             ROUND_KEY=ROUNDING_KEY, num_warps=num_warps)
+                             ROUND_SIGNED=signed_rounded, ROUND_KEY=ROUNDING_KEY, SUM_KEY=ROUNDING_KEYS["sum"],
+                             HALF_KEY=ROUNDING_KEYS["half"], num_warps=num_warps)

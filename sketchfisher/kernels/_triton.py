@@ -107,7 +107,8 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
 @triton.jit
 def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stride_n, count, BLOCK: tl.constexpr,
                    HAS_MEAN: tl.constexpr, HAS_M2: tl.constexpr, HAS_ABS: tl.constexpr, HAS_SUM: tl.constexpr,
-                   HAS_HALF: tl.constexpr, ROUND_ABS: tl.constexpr, ROUND_KEY: tl.constexpr):
+                   HAS_HALF: tl.constexpr, ROUND_ABS: tl.constexpr, ROUND_SIGNED: tl.constexpr,
+                   ROUND_KEY: tl.constexpr, SUM_KEY: tl.constexpr, HALF_KEY: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     dt = mean_ptr.dtype.element_ty  # the statistics' dtype (a placeholder of it where the mean is not kept)
@@ -143,13 +144,25 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stri
     if HAS_ABS:
         va = tl.load(sabs_ptr + offs, mask=ok, other=0.0).to(dt) + sa
         if ROUND_ABS:  # a bf16 accumulator: stochastic rounding, the bits of hashing.round_bf16_stochastic
-            key = tl.full(offs.shape, ROUND_KEY, tl.uint32)
-            cu = _fmix32((offs * 0 + count).to(tl.uint32) ^ key)
-            noise = _hash(offs.to(tl.uint32), cu, key) & 0xFFFF
-            bits = va.to(tl.float32).to(tl.uint32, bitcast=True)
-            va = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            va = _round_bf16(va, offs, count, ROUND_KEY)
         tl.store(sabs_ptr + offs, va, mask=ok)
     if HAS_SUM:
-        tl.store(sg_ptr + offs, tl.load(sg_ptr + offs, mask=ok, other=0.0) + sg, mask=ok)
+        vs = tl.load(sg_ptr + offs, mask=ok, other=0.0).to(dt) + sg
+        if ROUND_SIGNED:
+            vs = _round_bf16(vs, offs, count, SUM_KEY)
+        tl.store(sg_ptr + offs, vs, mask=ok)
     if HAS_HALF:
-        tl.store(sh_ptr + offs, tl.load(sh_ptr + offs, mask=ok, other=0.0) + sh, mask=ok)
+        vh = tl.load(sh_ptr + offs, mask=ok, other=0.0).to(dt) + sh
+        if ROUND_SIGNED:
+            vh = _round_bf16(vh, offs, count, HALF_KEY)
+        tl.store(sh_ptr + offs, vh, mask=ok)
+
+
+@triton.jit
+def _round_bf16(v, offs, count, KEY: tl.constexpr):
+    """``v`` rounded to bf16 up or down at random (unbiased): hashing.round_bf16_stochastic's bits, keyed by KEY."""
+    key = tl.full(offs.shape, KEY, tl.uint32)
+    cu = _fmix32((offs * 0 + count).to(tl.uint32) ^ key)
+    noise = _hash(offs.to(tl.uint32), cu, key) & 0xFFFF
+    bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+    return ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)

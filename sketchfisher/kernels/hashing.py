@@ -61,9 +61,11 @@ def block_hash(ctr: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 ROUNDING_KEY = 0x3C6EF372  # the hash key of stochastic rounding's random bits
+ROUNDING_KEYS = {"abs": ROUNDING_KEY, "sum": 0xA54FF53A, "half": 0x510E527F}
+"""Each plain sum's key: the roundings of Σ|g|, Σg and the half sum of one entry are independent."""
 
 
-def round_bf16_stochastic(v: torch.Tensor, first: int, count: int) -> torch.Tensor:
+def round_bf16_stochastic(v: torch.Tensor, first: int, count: int, key: int = ROUNDING_KEY) -> torch.Tensor:
     """fp32 ``v`` (a flat run of entries ``first, first + 1, …`` of an accumulator) rounded to bf16 up or down
     at random, with the probability that makes the rounding unbiased: 16 random bits are added to the low half
     of each fp32 bit pattern before it is cut off. The bits are ``H(entry)`` keyed by ``fmix32(count XOR key)``
@@ -71,8 +73,8 @@ def round_bf16_stochastic(v: torch.Tensor, first: int, count: int) -> torch.Tens
     sequence of keys), and the CUDA kernel draws the same ones."""
     bits = v.float().contiguous().view(torch.int32).to(torch.int64) & MASK32
     entry = torch.arange(first, first + v.numel(), dtype=torch.int64, device=v.device).view(v.shape)
-    lo = int(fmix32(torch.tensor((count & MASK32) ^ ROUNDING_KEY, dtype=torch.int64)))
-    noise = block_hash(entry, lo, ROUNDING_KEY) & 0xFFFF
+    lo = int(fmix32(torch.tensor((count & MASK32) ^ key, dtype=torch.int64)))
+    noise = block_hash(entry, lo, key) & 0xFFFF
     cut = ((bits + noise) & 0xFFFF0000).to(torch.int32)  # (a carry past bit 31 is dropped, as in uint32)
     return cut.view(torch.float32).to(torch.bfloat16)
 

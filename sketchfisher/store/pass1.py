@@ -21,7 +21,7 @@ from ..capture.oracle import LossFn
 from ..collect import factor_pass, fold_factors, trainable_weights
 from ..collect.passes import sized
 from ..errors import InputError
-from ..fisher import FisherStats, accumulator_dtype
+from ..fisher import FisherStats
 from ..layout import Layout
 from .files import atomic_save_tensors, load_tensors
 from .integrity import check_digest, check_header, stats_metadata
@@ -74,7 +74,7 @@ def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches:
     if final.exists():
         partial.unlink(missing_ok=True)  # a checkpoint of a run killed after the final file was written
         return read_final(root, task, store_id), None
-    stats, done = FisherStats(dtype=stats_dtype, quantities=quantities, abs_dtype=accumulator_dtype(stats_dtype)), 0
+    stats, done = FisherStats.accumulating(stats_dtype, quantities), 0
     if partial.exists():
         tensors, meta = load_tensors(partial)
         check_header(partial, meta, store_id, task)
