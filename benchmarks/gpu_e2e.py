@@ -251,11 +251,18 @@ def main() -> None:
                         "(4096 elements a step, four programs per SM)")
     p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
                    help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
+    p.add_argument("--memory-cap", type=float, default=None, metavar="GiB",
+                   help="hold the process to this much device memory (an 80 GB card's budget on a larger one): "
+                        "torch.cuda.set_per_process_memory_fraction, which sf.analyze's planner reads too")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     p.add_argument("--cli", default=None, metavar="DIR",
                    help="also save the model and a word-level tokenizer to DIR and run the CLI's collect on the same "
                         "shape of data (random words, truncated to --tokens)")
     args = p.parse_args()
+    if args.memory_cap and torch.cuda.is_available():
+        for d in range(torch.cuda.device_count()):
+            total = torch.cuda.get_device_properties(d).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 2**30 / total), d)
     model = build_model(args)
     devices = sorted({q.device for q in model.parameters()}, key=str)
     cuda = [d for d in devices if d.type == "cuda"]

@@ -177,6 +177,19 @@ def test_bf16_sums_of_fp32_statistics_on_cuda_equal_cpu():
         assert a["w"].dtype == torch.bfloat16 and torch.equal(a["w"].cpu(), b["w"]), q
 
 
+def test_the_planner_reads_the_process_memory_fraction():
+    """A process held to part of the card (an 80 GB budget on a larger one) is budgeted within that part."""
+    from sketchfisher.collect.memory import _process_cap
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        torch.cuda.set_per_process_memory_fraction(0.25, 0)
+        assert _process_cap(0) == pytest.approx(0.25 * total)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert _process_cap(0) == pytest.approx(total)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_nccl_ranks_equal_single_process(tmp_path):
     from test_distributed import two_ranks_equal_single_process

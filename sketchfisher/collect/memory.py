@@ -315,7 +315,8 @@ def check_device_memory(model: nn.Module, plan: PassPlan, codec: Codec, cfg: Sco
 
     The prediction is :func:`plan_phases` of ``plan`` for this model's shape and settings; a device's budget
     is its free memory, plus what PyTorch's caching allocator has reserved but no tensor uses, plus what
-    the model's weights already take on it. Returns the plan (None when
+    the model's weights already take on it, within the process's memory fraction where one is set
+    (``torch.cuda.set_per_process_memory_fraction``). Returns the plan (None when
     the model is not on CUDA or the batch's geometry cannot be read); raises :class:`InputError` with
     the numbers and the settings that would fit otherwise.
     """
@@ -327,11 +328,18 @@ def check_device_memory(model: nn.Module, plan: PassPlan, codec: Codec, cfg: Sco
     weights = {d: sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda and (p.device.index or 0) == d)
                for d in cuda}
     # what the caching allocator holds but no tensor uses (an earlier run's blocks) is available too
-    budget = min(torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
-                 + weights[d] for d in cuda)
+    budget = min(min(torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d), _process_cap(d))
+                 - torch.cuda.memory_allocated(d) + weights[d] for d in cuda)
     return refuse_over_budget(model, budget, devices=len(cuda), samples=samples, tokens=tokens, batch_size=batch,
                               codec=codec, cfg=cfg, stats_dtype=stats_dtype,
                               model_bytes_per_param=next(model.parameters()).element_size(), plan=plan, units=units)
+
+
+def _process_cap(device: int) -> float:
+    """The bytes this process may allocate on ``device``: its total times the per-process memory fraction
+    (``torch.cuda.set_per_process_memory_fraction``; 1 unless set)."""
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    return fraction * torch.cuda.get_device_properties(device).total_memory
 
 
 def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Codec,
