@@ -41,6 +41,7 @@ TINY = {
     "map_spread.py": ["--model", "llama", "--layers", "1", "--train-steps", "1", "--samples", "4", "--k", "16",
                       "--maps", "2"],
     "many_tasks.py": ["--samples", "3", "--k", "16", "--dtype", "fp16"],
+    "one_byte_sides.py": ["--model", "llama", "--layers", "1", "--samples", "4", "--seeds", "1", "--k", "16"],
     "one_pass_b.py": ["--samples", "3", "--ks", "8", "--seeds", "1"],
     "sjlt_tune.py": ["--help"],
     "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],
