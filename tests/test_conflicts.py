@@ -125,7 +125,8 @@ def test_by_default_the_test_is_left_out_only_when_it_alone_does_not_fit(monkeyp
 
     def device(model, plan, *args):  # a device on which only the plan without the test fits
         if plan.conflicts:
-            raise sf.InputError("this collection needs about 81 GiB on a device in pass B. What would fit: ...")
+            raise sf.InputError("this collection needs about 81 GiB on a device in pass B. What would fit: without "
+                                "the conflict test's statistics (conflicts=False, --no-conflicts); batch size 1")
 
     monkeypatch.setattr(runner, "check_plan_fits", device)
     model = make_model("gpt2")
@@ -133,6 +134,7 @@ def test_by_default_the_test_is_left_out_only_when_it_alone_does_not_fit(monkeyp
     with caplog.at_level("WARNING"):
         res = sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=8))
     assert "without the conflict test's statistics" in caplog.text and "81 GiB" in caplog.text
+    assert "With the test, what would fit: batch size 1" in caplog.text  # (the other settings, not this one)
     with pytest.raises(sf.InputError, match="conflicts=True"):
         res.head_conflicts()
     with pytest.raises(sf.InputError, match="81 GiB"):

@@ -133,9 +133,11 @@ def check_job(plan: PassPlan, job: Job, conflicts: Optional[bool] = None) -> Pas
         lighter = pass_plan(job.codec, job.cfg, plan.passes, plan.means, conflicts=False)
         lighter = lighter.with_writes() if "writes" in plan.names else lighter
         fits(lighter)  # (refuses with its own numbers when even this does not fit)
+        numbers, _, hints = str(exc).partition(". What would fit: ")
+        keep = [h for h in hints.split("; ") if h and "conflicts=False" not in h]
         logger.warning("collecting without the conflict test's statistics, which would not fit the device (%s); "
-                       "res.head_conflicts() will refuse this collection: a smaller batch or more devices keep "
-                       "them", str(exc).split(". What would fit")[0])
+                       "res.head_conflicts() will refuse this collection. With the test, what would fit: %s",
+                       numbers, "; ".join(keep) or "more or larger devices")
         return lighter
 
 
