@@ -20,7 +20,7 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
 from ..compress.base import centres_b_from_a
-from ..compress.sketch_scores import (ONE_BYTE, BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
+from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
                                      prepare_block, rebuild_a_weight, residual_centre, scale_centring, side_vector,
                                      sketch_sides, with_j_centre)
 from ..errors import InputError
@@ -40,7 +40,7 @@ most 2⁻⁹ per entry, which averages out over a unit block's entries (the same
 
 def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: Optional[FisherStats],
             cfg: ScoreConfig, codec: SideCodec, balance_from_a: bool = False, conflicts: bool = True,
-            format_version: Optional[int] = None) -> Optional[BlockPrep]:
+            compact_sides: bool = True) -> Optional[BlockPrep]:
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
 
     ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
@@ -48,9 +48,8 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     (:func:`~sketchfisher.compress.base.centres_b_from_a`) centres B during that pass by a multiple of task A's
     centre: the preparation's ``ȳ'`` is then ``x̄'`` itself (one tensor), until :func:`centre_j_side` puts B's own
     mean in its place. ``conflicts=False`` leaves
-    out the conflict test's weights and moments even where the statistics allow them. The balance and
-    centres are kept in :func:`side_dtype` (``format_version``: a store's, read as it was written; None: this
-    library's)."""
+    out the conflict test's weights and moments even where the statistics allow them. ``compact_sides``: the
+    balance and centres in :func:`side_dtype` (stores of format 8 and before kept them in ``cfg.dtype``)."""
     if layout.param_of(layer, block) not in stats_a.welford:
         return None
     gathered: dict = {}  # one gather per (task, statistic): variants reuse the Fisher or Σ|g| as a centre
@@ -80,7 +79,7 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
                          stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec,
                          mean_g_a=means["a"], mean_g_b=means["b"], half_a=half,
                          u_dtype=CONFLICT_WEIGHT_DTYPE,
-                         side_dtype=side_dtype(stats_a.dtype, format_version))
+                         side_dtype=side_dtype(stats_a.dtype) if compact_sides else None)
     if vr and from_a:  # B's single pass is centred by its own multiple of x̄' (any direction keeps scores exact)
         prep = dataclass_replace(prep, y_bar=prep.x_bar, e=prep.x_bar.double().square().sum(-1))
     if half is not None:  # how many samples the half mean averages
@@ -130,16 +129,11 @@ def host_staging(model: nn.Module, layout: Layout, dtypes: Iterable[torch.dtype]
     return HostStaging.for_tensors(weights, dtypes)
 
 
-def side_dtype(stats_dtype: torch.dtype, format_version: Optional[int] = None) -> Optional[torch.dtype]:
-    """The dtype a run keeps its preparations' balance and centres in: one byte (e4m3,
-    :data:`~sketchfisher.compress.sketch_scores.ONE_BYTE`) where the statistics are fp32 (the GPU setting, where
-    they are model-sized tensors that the side passes hold on the device), else None (the score dtype). The scores
-    stay exact either way (:func:`~sketchfisher.compress.sketch_scores.prepare_block`); the three mantissa bits
-    cost no measurable accuracy (``benchmarks/one_byte_sides.py``). A store of an earlier ``format_version`` is
-    read as it was written: bf16 from format 9, the score dtype before."""
-    if stats_dtype != torch.float32 or (format_version is not None and format_version < 9):
-        return None
-    return torch.bfloat16 if format_version is not None and format_version < 11 else ONE_BYTE
+def side_dtype(stats_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype a run keeps its preparations' balance and centres in: bf16 where the statistics are fp32 (the
+    GPU setting, where they are model-sized tensors that pass 2 holds on the device), else None (the score
+    dtype). The scores stay exact either way (:func:`~sketchfisher.compress.sketch_scores.prepare_block`)."""
+    return torch.bfloat16 if stats_dtype == torch.float32 else None
 
 
 def compacted_statistics(layout: Layout) -> tuple[str, ...]:

@@ -44,7 +44,7 @@ class BlockPrep:
 
     def inverse_denominator(self) -> torch.Tensor:
         """``1 / (Î + ε + λ)`` from the balance weights (``w_a · w_b``), in ``w_a``'s dtype."""
-        return self.w_a if self.w_b is None else self.w_a * self.w_b.to(self.w_a.dtype)
+        return self.w_a if self.w_b is None else self.w_a * self.w_b
 
     def centre(self, side: Side) -> Optional[torch.Tensor]:
         return self.x_bar if side == "a" else self.y_bar
@@ -118,35 +118,14 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
         w_a, w_b = (balance / denom).to(dt), balance.reciprocal().to(dt)
         x_bar = (mean_i_a / denom).mul_(balance).to(dt)
     else:  # the balance and the centres rounded; w_a from the rounded balance (the denominator stays exact)
-        w_b = to_side(balance.reciprocal(), side_dtype, positive=True)
+        w_b = balance.reciprocal().to(side_dtype)
         balance = w_b.to(denom.dtype).reciprocal()
         w_a = a_weight(denom, w_b, dt)
-        x_bar = to_side((mean_i_a / denom).mul_(balance), side_dtype)
+        x_bar = (mean_i_a / denom).mul_(balance).to(side_dtype)
     loo = _loo(fisher_a, lam, balance, cfg)
     del balance, denom
     prep = BlockPrep(w_a, w_b, x_bar, None, zeros, loo, u["a"], u["b"], moments)
     return prep if mean_j_b is None else with_j_centre(prep, mean_j_b)
-
-
-ONE_BYTE = torch.float8_e4m3fn
-"""The one-byte dtype of balances and centres (e4m3: 3 mantissa bits, normal range 2⁻⁶ … 448)."""
-
-
-def to_side(v: torch.Tensor, dtype: torch.dtype, positive: bool = False) -> torch.Tensor:
-    """``v [H_b, S]`` (fp64) rounded to a side dtype. For :data:`ONE_BYTE` each head block's values are first scaled
-    by a power of two when ``positive`` (a balance: ``w_b``'s largest and smallest exponents land either side of 1,
-    and any positive balance keeps the scores exact) and clamped to the normal range (a balance) or to ±448 (a
-    centre). The power of two comes from the exponents of the row's extremes (``torch.frexp``), so every device
-    rounds alike."""
-    if dtype != ONE_BYTE:
-        return v.to(dtype)
-    top = float(torch.finfo(ONE_BYTE).max)
-    if positive:
-        big, small = torch.frexp(v.amax(-1, keepdim=True))[1], torch.frexp(v.amin(-1, keepdim=True))[1]
-        v = torch.ldexp(v, -torch.div(big + small, 2, rounding_mode="floor")).clamp(2.0 ** -6, top)
-    else:
-        v = v.clamp(-top, top)
-    return v.to(dtype)
 
 
 def a_weight(denom: torch.Tensor, w_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -208,7 +187,7 @@ def with_j_centre(prep: BlockPrep, mean_j_b: torch.Tensor) -> BlockPrep:
     and ``e = ⟨x̄', ȳ'⟩`` (summed in fp64). One formula for every pass order: the single pass over task B
     adds its centre after the pass, from ``w_b``, as a store written that way is prepared when read."""
     w_b = prep.w_b.double() if prep.w_b.element_size() < 4 else prep.w_b  # (bf16 centres: rounded alike anywhere)
-    y_bar = to_side(mean_j_b.to(prep.w_b.device) * w_b, prep.w_b.dtype)
+    y_bar = (mean_j_b.to(prep.w_b.device) * w_b).to(prep.w_b.dtype)
     return replace(prep, y_bar=y_bar, e=(prep.x_bar.double() * y_bar.double()).sum(-1))
 
 
@@ -238,7 +217,7 @@ def side_vector(g: torch.Tensor, prep: BlockPrep, side: Side, count: int, cfg: S
     g = g.to(cfg.dtype)  # fp32 by default: the CUDA sjlt kernels take fp32/bf16/fp16, not fp64
     if side == "b":
         v = cfg.spec.j_side_of(g)
-        return v if prep.w_b is None else v * prep.w_b.to(v.dtype)
+        return v if prep.w_b is None else v * prep.w_b
     if prep.loo is not None:
         fisher_a, lam, balance = prep.loo
         return i_side(g, fisher_a, lam, count, cfg, weight=balance)
@@ -260,10 +239,9 @@ def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, la
     ``⟨ṽ, this side's centre⟩`` (what :func:`scale_centring` needs). The fused CUDA kernel returns the same."""
     other, centre = prep.other(side), prep.centre(side)
     zeros = torch.zeros(v.shape[:2], dtype=v.dtype, device=v.device)
-    cross = zeros if other is None else (v * other.to(v.dtype)).sum(-1)
+    cross = zeros if other is None else (v * other).sum(-1)
     own = zeros
     if centre is not None:
-        centre = centre.to(v.dtype)
         v = v - centre
         own = (v * centre).sum(-1)
     sk = codec.apply_heads(layer, block, v)

@@ -69,7 +69,7 @@ class BlockCentres:
             s = self.store
             prep = prepare(s.layout, *key, self.statistics["a"], self.statistics["b"], s.cfg, s.codec,
                            balance_from_a=s.passes == 1.5, conflicts=moments,
-                           format_version=s.manifest["format_version"])
+                           compact_sides=s.manifest["format_version"] >= 9)
             residual = self.cache[key][2] if self.cache.get(key) is not None else (  # (computed once per block)
                 residual_centre(prep, s.codec, *key) if prep is not None and centres_b_from_a(s.codec, s.passes)
                 else None)

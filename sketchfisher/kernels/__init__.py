@@ -83,7 +83,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
     elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
     hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
-    ``centre``, ``other`` are ``[H, size]``, fp32, bf16 or one-byte e4m3 codes, read as they are); cross is ``Σ transform(g)·weight·other``. The sketch
+    ``centre``, ``other`` are ``[H, size]``, fp32 or bf16, read as they are); cross is ``Σ transform(g)·weight·other``. The sketch
     is scaled by 1/√s and returned in fp32. ``own`` is ``Σ ṽ·centre`` (zero without a centre: what scaled centring
     needs, :func:`sketchfisher.compress.sketch_scores.scale_centring`). ``conflict [m, H, size]`` (m ≤ 2, any float dtype): the raw gradient's
     inner products with each of its m vectors, ``dots[r, h, i] = Σ g_h[r]·conflict[i, h]`` (the conflict test's
@@ -117,10 +117,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     dev = g.device
     part = torch.empty(chunks, n, H, s * BM + 3 + mu, dtype=torch.float32, device=dev)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
-    sides = (weight, centre, other)
-    coded = [t is not None and t.dtype == torch.float8_e4m3fn for t in sides]  # one-byte codes, decoded in the kernel
-    prep = [dummy if t is None else t.contiguous().view(torch.uint8) if c else t.contiguous()  # (read in their dtype)
-            for t, c in zip(sides, coded)]
+    prep = [t.contiguous() if t is not None else dummy for t in (weight, centre, other)]  # (read in their dtype)
     prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (bf16 at 7B)
     contig = cols == size or (row_stride == cols)
     on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
@@ -130,7 +127,6 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
             part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
             COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
             F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
-            W8=coded[0], C8=coded[1], O8=coded[2],
             MU=mu, TWEAK=SHIFT_TWEAK, num_warps=num_warps)
     total = part.sum(0) if chunks > 1 else part[0]  # fixed order: bitwise reproducible
     sk = total[..., : s * BM].view(n, H, s, BM)[..., :m].reshape(n, H, k)

@@ -33,8 +33,8 @@ from .files import StoreError, StoreMismatchError, atomic_write_json
 # 5: each sample's conflict scalars in the shards, the conflict flag; 4: the pass order, Σ|g| and Σg in bf16;
 # 3: integrity records (store id, content digests, sealed manifest). Older versions are read, and never
 # resumed by a newer writer (the format version is a checked setting).
-FORMAT_VERSION = 11
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+FORMAT_VERSION = 10
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8, 9, 10)
 CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs", "passes", "conflicts")
 VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                    "_attn_implementation_autoset", "torch_dtype", "dtype")  # where and how it was loaded, not what
