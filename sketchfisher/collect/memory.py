@@ -33,6 +33,7 @@ from torch import nn
 from ..compress import Codec, SideCodec, Sketch, check_codec
 from ..compress.base import centres_b_from_a
 from ..errors import InputError
+from ..fisher.stats import TENSOR_NAMES  # the plain sums: bf16 accumulators where the statistics are fp32
 from ..layout.registry import _default_group, mlp_spec_for
 from ..metric import ScoreConfig
 from .plan import PassPlan, pass_plan
@@ -54,7 +55,6 @@ TB = 1e12
 GiB = 2**30
 
 ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, LOGIT_BYTES = 26, 11, 10  # bytes per token and layer / per logit
-PLAIN_SUMS = ("abs", "sum", "half")  # accumulated in bf16 where the statistics are fp32 (fisher.accumulator_dtype)
 
 
 def _mlp_matrices(config: Any) -> int:
@@ -211,7 +211,7 @@ class _Terms:
         else:
             rep = per_layer(codec.device_bytes_per_sample(sizes, width, tokens) * per_task)
         return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,
-                   stats={t: per_layer(sum(attn * (2 if x in PLAIN_SUMS and stats_bytes == 4 else stats_bytes) for x in q))
+                   stats={t: per_layer(sum(attn * (2 if x in TENSOR_NAMES and stats_bytes == 4 else stats_bytes) for x in q))
                           for t, q in plan.statistics.items()},
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
                    side_tensor=per_layer(attn * (2 if stats_bytes == 4 else 4)),

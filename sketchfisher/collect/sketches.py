@@ -24,7 +24,7 @@ from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, confl
                                      prepare_block, rebuild_a_weight, residual_centre, scale_centring, side_vector,
                                      sketch_sides, with_j_centre)
 from ..errors import InputError
-from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging, accumulator_dtype
+from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
 from ..fisher.host import host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
@@ -145,8 +145,8 @@ def compacted_statistics(layout: Layout) -> tuple[str, ...]:
 
 def statistics_dtypes(quantities: Iterable[str], layout: Layout, dtype: torch.dtype) -> list[torch.dtype]:
     """The precision each kept statistic is written in (bf16 for the compacted ones and a bf16 accumulator's)."""
-    return [torch.bfloat16 if q in compacted_statistics(layout) or (q in ("abs", "sum", "half") and accumulator_dtype(dtype))
-            else dtype for q in quantities]
+    sums = FisherStats.accumulating(dtype, ()).sum_dtype  # (the plain sums' accumulators)
+    return [torch.bfloat16 if q in compacted_statistics(layout) else sums.get(q, dtype) for q in quantities]
 
 
 def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: SideCodec,

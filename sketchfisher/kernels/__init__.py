@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .hashing import ROUNDING_KEY, ROUNDING_KEYS, SHIFT_TWEAK
+from .hashing import ROUNDING_KEYS, SHIFT_TWEAK
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w (metric.variants)
@@ -168,5 +168,5 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
                              HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
                              HAS_HALF=sum_half is not None,
                              ROUND_ABS=sum_abs is not None and sum_abs.dtype == torch.bfloat16 and dtype != torch.bfloat16,
-                             ROUND_SIGNED=signed_rounded, ROUND_KEY=ROUNDING_KEY, SUM_KEY=ROUNDING_KEYS["sum"],
+                             ROUND_SIGNED=signed_rounded, ROUND_KEY=ROUNDING_KEYS["abs"], SUM_KEY=ROUNDING_KEYS["sum"],
                              HALF_KEY=ROUNDING_KEYS["half"], num_warps=num_warps)
