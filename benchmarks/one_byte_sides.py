@@ -10,11 +10,17 @@ in both pass orders, for a few sketch seeds:
     python benchmarks/one_byte_sides.py                                    # MiniLM, paper
     python benchmarks/one_byte_sides.py --variant signed
     python benchmarks/one_byte_sides.py --model gpt2 --train-steps 36     # a briefly trained GPT-2-wide LM
+    python benchmarks/one_byte_sides.py --sides bf16 --balance abs,fisher --seeds 1
+
+``--balance fisher`` swaps the balance √mean|g| for (Î+ε+λ)^¼ (the same for Gaussian gradients), another cut the
+conflict test beside heads + MLP units would need: pass 1 would then keep no Σ|g| of task A's. Variants that
+already balance by the Fisher (``signed``) take no ``--balance``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 from dataclasses import replace
 
@@ -78,7 +84,12 @@ def main() -> None:
     p.add_argument("--variant", default="paper", choices=list(sf.VARIANTS))
     p.add_argument("--seeds", type=int, default=2, help="sketch seeds per setting")
     p.add_argument("--k", type=int, default=None, help="the sketch's k (default: the default sketch's)")
+    p.add_argument("--sides", default="bf16,fp8", help="balance and centres: bf16 (the library's), fp8 (emulated)")
+    p.add_argument("--balance", default="abs", help="abs (the library's √mean|g|), fisher (emulated (Î+ε+λ)^¼)")
     args = p.parse_args()
+    balances = args.balance.split(",")
+    if "fisher" in balances and sketch_scores.balances_by_fisher(sf.ScoreConfig(variant=args.variant)):
+        p.error(f"the {args.variant} variant balances by the Fisher already")
     for module in (sketch_scores, collect_sketches):  # (collect.sketches imported the names)
         module.prepare_block, module.with_j_centre = prepare_block, with_j_centre
     model, loss, ta, tb = model_and_tasks(args.model, args.samples, args.layers, args.train_steps)
@@ -88,17 +99,26 @@ def main() -> None:
           f"{exact.n_a}x{exact.n_b} samples, {codec!r}, fp32 statistics; torch {torch.__version__}")
     print("| passes | balance and centres | seed | Spearman | median rel err | 95% coverage | worst head block |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for passes in (1.5, 2):
-        for on in (False, True):
-            ROUND["on"] = on
-            for seed in range(args.seeds):
-                res = sf.analyze(model, loss, ta, tb, codec=replace(codec, seed=seed), variant=args.variant,
-                                 passes=passes, stats_dtype=torch.float32)
-                m = metrics(exact.scores, res.scores, res.stderr)
-                print(f"| {passes:g} | {'fp8, scale per head block' if on else 'bf16'} | {seed} | {m['spearman']:.4f} "
-                      f"| {m['median_rel_err']:.4f} | {m['coverage95']:.3f} | {m['worst_block_coverage95']:.3f} |",
-                      flush=True)
-    ROUND["on"] = False
+    library = (sketch_scores.balances_by_fisher, sketch_scores.fisher_balance)
+    try:
+        for passes, balance, sides, seed in itertools.product((1.5, 2), balances, args.sides.split(","),
+                                                             range(args.seeds)):
+            ROUND["on"] = sides == "fp8"
+            by_fisher = balance == "fisher"
+            for module in (sketch_scores, collect_sketches):  # (the codec's statistics and the preparation ask)
+                module.balances_by_fisher = (lambda cfg: True) if by_fisher else library[0]
+            sketch_scores.fisher_balance = (lambda denom: denom.sqrt().sqrt()) if by_fisher else library[1]
+            res = sf.analyze(model, loss, ta, tb, codec=replace(codec, seed=seed), variant=args.variant,
+                             passes=passes, stats_dtype=torch.float32)
+            m = metrics(exact.scores, res.scores, res.stderr)
+            label = ("fp8, scale per head block" if ROUND["on"] else "bf16") + (", (Î+ε+λ)^¼ balance" if by_fisher else "")
+            print(f"| {passes:g} | {label} | {seed} | {m['spearman']:.4f} | {m['median_rel_err']:.4f} "
+                  f"| {m['coverage95']:.3f} | {m['worst_block_coverage95']:.3f} |", flush=True)
+    finally:
+        ROUND["on"] = False
+        for module in (sketch_scores, collect_sketches):
+            module.balances_by_fisher = library[0]
+        sketch_scores.fisher_balance = library[1]
 
 
 
