@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import time
+from dataclasses import replace
 
 os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -174,24 +176,32 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
 
     from sketchfisher.fisher import host
 
-    default_pin = host.PIN
-    settings = [(p, c, s, l, pin) for p in args.passes for c in args.conflicts for s in codecs for l in args.sjlt_launch
-                for pin in args.pin]
-    for passes, conflicts, spec, launch, pin in settings:  # orders, conflicts, codecs, launches, pinning side by side
+    from sketchfisher.fisher import FisherStats
+
+    default_pin, accumulating = host.PIN, FisherStats.__dict__["accumulating"]
+
+    def fp32_signed(cls, dtype, quantities):  # Σg and the half sum in the statistics' own precision
+        return replace(accumulating.__func__(cls, dtype, quantities), signed_dtype=None)
+
+    settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums))
+    for setting in settings:  # orders, conflicts, codecs, launches, pinning, sums side by side
+        passes, conflicts, spec, launch, pin, sums = setting
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
         kernels.launch_shape = default_shape if launch == "default" else before_shape
         host.PIN = pin == "on"
+        FisherStats.accumulating = accumulating if sums == "bf16" else classmethod(fp32_signed)
         try:
             sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
                                                          conflicts=flag, units=args.units))
         finally:
-            kernels.launch_shape, host.PIN = default_shape, default_pin
+            kernels.launch_shape, host.PIN, FisherStats.accumulating = default_shape, default_pin, accumulating
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
                      f"{'' if launch == 'default' else ', sjlt launch as before'}"
-                     f"{'' if pin == 'on' else ', pageable host buffers'}", sec, peaks))
+                     f"{'' if pin == 'on' else ', pageable host buffers'}"
+                     f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
         recorded = res.context.source.moments if hasattr(res.context.source, "moments") else None
@@ -201,13 +211,13 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
         print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}, pinned host "
-              f"buffers {pin}) | seconds | | peak GiB (max over devices) |")
+              f"buffers {pin}, Σg and half sum {sums}) | seconds | | peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
         print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
               f"collection: A {res.context.stats_a.quantities}, B {res.context.stats_b.quantities}")
         phases = res.phases.rows()
-        if (passes, conflicts, spec, launch) != settings[-1]:
+        if setting != settings[-1]:
             del res, means  # free the device before the next order runs
             gc.collect()
     if args.compare_stats_dtype:
@@ -251,6 +261,9 @@ def main() -> None:
                         "(4096 elements a step, four programs per SM)")
     p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
                    help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
+    p.add_argument("--signed-sums", nargs="+", default=["bf16"], choices=["bf16", "fp32"],
+                   help="Σg and the half sum in stochastically rounded bf16 (the default with fp32 statistics) "
+                        "and/or in fp32, side by side")
     p.add_argument("--memory-cap", type=float, default=None, metavar="GiB",
                    help="hold the process to this much device memory (an 80 GB card's budget on a larger one): "
                         "torch.cuda.set_per_process_memory_fraction, which sf.analyze's planner reads too")

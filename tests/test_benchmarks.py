@@ -35,7 +35,7 @@ TINY = {
                        "--intermediate", "64", "--vocab", "50", "--tokens", "6", "--batch", "2", "--steps", "1",
                        "--repeats", "1"],
     "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8",
-                   "--cli", "{tmp}", "--passes", "1.5", "2"],
+                   "--cli", "{tmp}", "--passes", "1.5", "2", "--signed-sums", "bf16", "fp32", "--compare-stats-dtype"],
     "gpu_profile.py": ["--device", "cpu", "--shape", "tiny", "--layers", "1", "--samples", "4", "--top", "3"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
     "map_spread.py": ["--model", "llama", "--layers", "1", "--train-steps", "1", "--samples", "4", "--k", "16",
