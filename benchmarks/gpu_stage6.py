@@ -17,7 +17,7 @@ import torch
 
 from sketchfisher.interference import ExactBlock, InterferenceResult, ScoreConfig
 from sketchfisher.layout import Dims, HeadBlock, HeadKey, Layout
-from sketchfisher.compress.sketch_scores import SketchBlock
+from sketchfisher.compress.sketch_block import SketchBlock
 
 
 def llama7b_layout(layers: int = 32) -> Layout:

@@ -28,7 +28,7 @@ import transformers as hf
 
 import sketchfisher as sf
 from sketchfisher.interference import ExactBlock, InterferenceResult, ScoreConfig
-from sketchfisher.compress.sketch_scores import SketchBlock
+from sketchfisher.compress.sketch_block import SketchBlock
 
 
 def gpt2_layout() -> sf.Layout:

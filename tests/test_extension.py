@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sketchfisher as sf
-from sketchfisher.compress.sketch_scores import SketchBlock
+from sketchfisher.compress.sketch_block import SketchBlock
 from sketchfisher.layout.registry import mlp_model_types, supported_model_types
 from sketchfisher.metric import VARIANTS, Variant
 from tiny_models import ARCHS, generic_loss, make_batches, make_model

@@ -440,7 +440,7 @@ def test_a_blocks_pairs_share_their_sketch_error_when_its_vectors_span_few_direc
     sketch's 95% intervals hold on average over maps in both; under one map the rank-one block's pairs hold or
     fail together (the fraction that holds swings from map to map), the spread one holds steady. The block's
     estimated ranks (from its sketches) tell the two apart, and the spread they predict is of the size seen."""
-    from sketchfisher.compress.sketch_scores import SketchBlock
+    from sketchfisher.compress.sketch_block import SketchBlock
 
     x, y = _planted_block(rank_one)
     k, exact = 256, x @ y.T

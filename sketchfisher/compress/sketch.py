@@ -128,7 +128,7 @@ class Sketch(SideCodec):
         return parts["scale"].double().square() / 12.0
 
     def block_scores(self, a: tuple, b: tuple, e: torch.Tensor, size: int, residual: Optional[tuple] = None):
-        from .sketch_scores import SketchBlock, finite_population_correction
+        from .sketch_block import SketchBlock, finite_population_correction
 
         noise = [getattr(side, "noise", None) for side in (a, b)]
         gamma = [getattr(side, "gamma", None) for side in (a, b)]

@@ -3,7 +3,7 @@
 A :class:`BlockScores` scores task-A samples ``lo:hi`` against every task-B sample over the block's
 distinct head blocks. :class:`ExactBlock` does it from exact per-sample gradients (the ``Exact`` and
 ``Factors`` codecs); the sketch codec's counterpart is
-:class:`sketchfisher.compress.sketch_scores.SketchBlock`.
+:class:`sketchfisher.compress.sketch_block.SketchBlock`.
 """
 
 from __future__ import annotations
