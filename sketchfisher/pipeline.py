@@ -108,8 +108,8 @@ def analyze(model: nn.Module, loss_fn: LossFn, task_a: Iterable[Any], task_b: It
     # passes that made them; their host memory is made ready while the passes run
     sink = MemorySink(job)
     sums = accumulator_dtype(job.stats_dtype) or job.stats_dtype  # (Σ|g| and Σg as they were accumulated)
-    kept = [job.stats_dtype] + [sums for t in ("a", "b") for q in ("abs", "sum")
-                                if q in plan.statistics[t] and q in sink.keep]
+    kept = [job.stats_dtype] + [sums for t in ("a", "b") for q in ("abs", "sum") if q in plan.statistics[t] and (
+        q in sink.keep or (t == "a" and q in sink.keep_a and plan.passes == 1.5))]
     staging = host_staging(model, layout, kept) if codec.two_pass else None
     with staging or nullcontext():
         sink.staging = staging

@@ -86,7 +86,9 @@ def test_T_is_minus_the_first_order_change_of_B_loss():
 def test_every_codec_order_and_store_gives_the_same_table(units, tmp_path):
     """Sketch codecs record each sample's conflict scalars exactly: the table of Exact, Factors, Sketch in both
     pass orders and a store agree (the sketches' task means are rounded to bf16 for heads: ~1e-3), and so does a
-    collection with fp32 statistics, whose Σg accumulate in bf16."""
+    collection with fp32 statistics, whose Σg accumulate in bf16. T and alignment come from the exact means; the
+    standard error from conflict weights kept in one byte (a relative rounding up to 2⁻⁴ per entry: ~1e-2 here,
+    where a standard error's own sampling error is ~10%)."""
     model = make_model("llama_gqa")
     ta, tb = make_batches(9, 3, seed=1), make_batches(8, 4, seed=2)
     key = ["layer", "unit" if units == "mlp" else "head", "block"]
@@ -103,8 +105,8 @@ def test_every_codec_order_and_store_gives_the_same_table(units, tmp_path):
         ref = want.units(family).head_conflicts().set_index(key[:1] + [want.units(family).layout.unit_column, "block"])
         for name, res in tables.items():
             got = res.units(family).head_conflicts().set_index(ref.index.names).loc[ref.index]
-            for column in ("T", "stderr", "alignment", "p_value"):
-                np.testing.assert_allclose(got[column], ref[column], rtol=5e-3, atol=5e-3 * ref[column].abs().max(),
+            for column, tol in (("T", 5e-3), ("alignment", 5e-3), ("stderr", 3e-2), ("p_value", 3e-2)):
+                np.testing.assert_allclose(got[column], ref[column], rtol=tol, atol=tol * ref[column].abs().max(),
                                            err_msg=f"{family} {name} {column}")
 
 

@@ -69,6 +69,7 @@ class Sink:
     consumed them; ``staging``: host buffers for statistics leaving the device (or None)."""
 
     keep: tuple[str, ...] = ()
+    keep_a: tuple[str, ...] = ()  # what task A's statistics keep besides before B's single pass (:meth:`a_fisher`)
     staging: Optional[HostStaging] = None
 
     def fold(self, step: Step, job: Job, quantities: tuple[str, ...]) -> FisherStats:
@@ -95,8 +96,9 @@ class Sink:
         """A task's statistics are final (compacted)."""
 
     def a_fisher(self, state: "State") -> Optional[FisherStats]:
-        """Task A's statistics holding its Fisher once the preparation consumed them (the single pass over task
-        B runs without ``w_a``, built again from it afterwards)."""
+        """Task A's statistics holding its Fisher (and its Σg, where kept) once the preparation consumed them (the
+        single pass over task B runs without ``w_a``, built again from it afterwards, and the conflict test's T is
+        formed from A's exact mean)."""
         return state.stats.get("a")
 
     def sides(self, task: str, index: int, size: int, blocks: dict) -> None:
@@ -163,7 +165,7 @@ def _prepare(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> 
     # the statistics leave the device as they are consumed: those the sink keeps to host memory
     state.preps = prepare_all(job.layout, state.stats["a"], state.stats.get("b") if step.centre_b else None,
                               job.cfg, job.codec, offload=True, keep=sink.keep, staging=sink.staging,
-                              balance_from_a=step.balance == "a")
+                              balance_from_a=step.balance == "a", keep_a=sink.keep_a)
 
 
 def _fold_sketch(step: Step, plan: PassPlan, job: Job, sink: Sink, state: State) -> None:
@@ -223,6 +225,7 @@ class MemorySink(Sink):
         self.staging = staging  # (may be set later, before the collection runs)
         means = (MEAN_OF[job.cfg.spec.i_side], MEAN_OF[job.cfg.spec.j_side]) if job.layout.beyond_heads else ()
         self.keep = tuple(dict.fromkeys(("fisher", *means)))
+        self.keep_a = ("sum",)  # (A's statistics stay in the state: the conflict test's T after B's single pass)
         self.reps: dict[str, Any] = {}
         self.side = {t: SketchSide(job.codec) for t in job.tasks} if job.codec.two_pass else {}
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
 from ..compress.base import centres_b_from_a
+from ..compress.onebyte import narrower, values
 from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, conflict_moments, conflict_scalars,
                                      prepare_block, rebuild_a_weight, residual_centre, scale_centring, side_vector,
                                      sketch_sides, with_j_centre)
@@ -32,10 +33,11 @@ from .finite import LaggedFiniteCheck
 from .passes import Skip, factor_pass, fold_factors, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
-CONFLICT_WEIGHT_DTYPE = torch.bfloat16
-"""The conflict test's weights ``u = ḡ/(Î+ε+λ)`` (model-sized, held through the side passes) are kept in bf16 for
-every unit family: a sample's conflict scalar ``g·u`` and the means' products then carry a relative rounding of at
-most 2⁻⁹ per entry, which averages out over a unit block's entries (the same for heads and MLP channel groups)."""
+CONFLICT_WEIGHT_DTYPE = "fp8"
+"""The conflict test's weights ``u = ḡ/(Î+ε+λ)`` (model-sized, held through the side passes) are kept in one byte
+with a scale per head block (:mod:`~sketchfisher.compress.onebyte`) for every unit family. They only make each
+sample's conflict scalar ``g·u``, which feeds the test's variance (a relative rounding of at most 2⁻⁴ per entry);
+T and the norms are formed from the exact means (:func:`~sketchfisher.compress.sketch_scores.conflict_moments`)."""
 
 
 def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: Optional[FisherStats],
@@ -81,7 +83,7 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
                          u_dtype=CONFLICT_WEIGHT_DTYPE,
                          side_dtype=side_dtype(stats_a.dtype) if compact_sides else None)
     if vr and from_a:  # B's single pass is centred by its own multiple of x̄' (any direction keeps scores exact)
-        prep = dataclass_replace(prep, y_bar=prep.x_bar, e=prep.x_bar.double().square().sum(-1))
+        prep = dataclass_replace(prep, y_bar=prep.x_bar, e=values(prep.x_bar, torch.float64).square().sum(-1))
     if half is not None:  # how many samples the half mean averages
         prep.moments["n_even"] = torch.tensor(float(stats_a.half_counts[layout.param_of(layer, block)]), dtype=torch.float64)
     return prep
@@ -89,7 +91,8 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
 
 def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: Optional[FisherStats], cfg: ScoreConfig,
                 codec: SideCodec, offload: bool = False, keep: tuple[str, ...] = ("fisher",),
-                staging: Optional[HostStaging] = None, balance_from_a: bool = False) -> Preps:
+                staging: Optional[HostStaging] = None, balance_from_a: bool = False, keep_a: tuple[str, ...] = ()
+                ) -> Preps:
     """:func:`prepare` for every (layer, block), layer by layer (``stats_b=None``: from task A alone, for
     the single pass over task B, which does not read ``w_a``: it is left out, and :func:`centre_j_side`
     builds it again from task A's Fisher; ``balance_from_a``: as it, with task B's centre).
@@ -98,23 +101,26 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: Optional[FisherSt
     prepared: those in ``keep`` (by default the Fisher, needed later to re-score candidates exactly)
     move to host memory (into ``staging``'s buffers when given), the others are freed. Device memory
     then holds the statistics or the preparations of a parameter, never both for the whole model (at
-    7B the two together would not fit one 80 GB card)."""
+    7B the two together would not fit one 80 GB card). ``keep_a``: what task A's statistics keep besides, when
+    task B's single pass follows (its Σg: the conflict test's T is formed from A's exact mean after that pass)."""
     keys = layout.groups()
     last_use = {layout.param_of(*key): key for key in keys}
     preps: Preps = {}
     copy = staging.copy if staging is not None else host_copy
-    tasks = [stats for stats in (stats_a, stats_b) if stats is not None]
+    tasks = [(stats, keep) for stats in (stats_a, stats_b) if stats is not None]
+    if stats_b is None and keep_a:
+        tasks[0] = (stats_a, tuple(dict.fromkeys((*keep, *keep_a))))
     for key in keys:
         prep = preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec, balance_from_a)
         if prep is not None and stats_b is None and prep.w_b is not None:  # B's single pass next: no w_a
             prep.w_a = None
         name = layout.param_of(*key)
         if offload and last_use[name] == key:
-            for stats in tasks:
-                stats.offload(name, keep=keep, copy=copy)
+            for stats, kept in tasks:
+                stats.offload(name, keep=kept, copy=copy)
     if offload:
-        for stats in tasks:
-            stats.settle(keep)
+        for stats, kept in tasks:
+            stats.settle(kept)
     return preps
 
 
@@ -129,11 +135,16 @@ def host_staging(model: nn.Module, layout: Layout, dtypes: Iterable[torch.dtype]
     return HostStaging.for_tensors(weights, dtypes)
 
 
-def side_dtype(stats_dtype: torch.dtype) -> Optional[torch.dtype]:
-    """The dtype a run keeps its preparations' balance and centres in: bf16 where the statistics are fp32 (the
-    GPU setting, where they are model-sized tensors that pass 2 holds on the device), else None (the score
+SIDE_DTYPE = "fp8"
+"""How a run keeps its preparations' balance and centres where the statistics are fp32: one byte with a scale per
+head block (:mod:`~sketchfisher.compress.onebyte`)."""
+
+
+def side_dtype(stats_dtype: torch.dtype):
+    """The dtype a run keeps its preparations' balance and centres in: :data:`SIDE_DTYPE` where the statistics are
+    fp32 (the GPU setting, where they are model-sized tensors that pass 2 holds on the device), else None (the score
     dtype). The scores stay exact either way (:func:`~sketchfisher.compress.sketch_scores.prepare_block`)."""
-    return torch.bfloat16 if stats_dtype == torch.float32 else None
+    return SIDE_DTYPE if stats_dtype == torch.float32 else None
 
 
 def compacted_statistics(layout: Layout) -> tuple[str, ...]:
@@ -252,27 +263,37 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
     keys = [key for key, prep in preps.items() if prep is not None]
     last_use = {layout.param_of(*key): key for key in keys}
     centres, residuals = {}, {}
-    fisher = (None, None)  # (parameter, its Fisher on the preparations' device)
+    held: dict = {}  # task A's statistics of one parameter on the preparations' device (what: tensor)
+
+    def of_a(key, what: str) -> torch.Tensor:
+        if stats_a is None or what not in stats_a.quantities:
+            raise InputError(f"task A's {'Fisher' if what == 'fisher' else 'mean gradient'} is needed to finish the "
+                             "preparations after task B's pass")
+        name = layout.param_of(*key)
+        if held.get("name") != name:
+            held.clear()
+            held["name"] = name
+        if what not in held:
+            held[what] = (stats_a.fisher(name).to(prep.device, non_blocking=True) if what == "fisher"
+                          else stats_a.mean_grad(name, prep.device))
+        return layout.gather(*key, held[what].unsqueeze(0))[0]
+
     for key in keys:
         prep = preps[key]
         if prep.w_a is None:
-            if stats_a is None or "fisher" not in stats_a.quantities:
-                raise InputError("task A's Fisher is needed to finish the preparations after task B's pass")
-            name = layout.param_of(*key)
-            if fisher[0] != name:
-                fisher = (None, None)
-                fisher = (name, stats_a.fisher(name).to(prep.device, non_blocking=True))
-            prep = rebuild_a_weight(prep, layout.gather(*key, fisher[1].unsqueeze(0))[0], cfg)
+            prep = rebuild_a_weight(prep, of_a(key, "fisher"), cfg)
         during = prep.y_bar is not None  # centred during the pass by multiples of x̄' (scaled centring)
         prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
         if during:  # B's sketches are final: its mean residual is taken away when scoring
             centres[key], residuals[key] = None, residual_centre(prep, codec, *key)
         else:  # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
-            centres[key] = codec.apply_heads(key[0], block_index(key[1]), prep.y_bar[None].to(cfg.dtype))
+            centres[key] = codec.apply_heads(key[0], block_index(key[1]), values(prep.y_bar, cfg.dtype)[None])
         if "sum" in stats_b.quantities:
             mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
-            u_a = (mean_b * prep.inverse_denominator())[None].to(CONFLICT_WEIGHT_DTYPE)
-            prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(None, mean_b, prep.u_b, u_a, prep.moments))
+            w = prep.inverse_denominator()
+            u_a = narrower((mean_b * w)[None], CONFLICT_WEIGHT_DTYPE)
+            mean_a = of_a(key, "sum") if prep.u_b is not None else None  # (T from the exact means)
+            prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(mean_a, mean_b, w, prep.moments))
         preps[key] = dataclass_replace(prep, w_b=None, u_b=None)  # (B's conflict weights: B's pass is over)
         name = layout.param_of(*key)
         if last_use[name] == key:

@@ -7,6 +7,7 @@ import torch
 
 from .. import kernels
 from ..layout import Layout, block_index
+from .onebyte import OneByte
 from .sketch import Sketch
 from .sketch_scores import BlockPrep, Side
 
@@ -45,9 +46,12 @@ class FusedSides:
     def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
         """``(sketches, ‖ṽ‖², cross, ⟨ṽ, centre⟩, conflict scalars [B, H_b, m] or None)`` of one (layer, block)."""
         keys, offsets, size, cols, row_stride = self.geometry(layer, block, grad.device)
-        u = prep.u(self.side)
+        given = {"weight": prep.weight(self.side), "centre": prep.centre(self.side), "other": prep.other(self.side),
+                 "conflict": prep.u(self.side)}
+        scales = {name: t.scale for name, t in given.items() if isinstance(t, OneByte)}  # (the kernel reads codes)
+        tensors = {name: t.codes if isinstance(t, OneByte) else t for name, t in given.items()}
+        if tensors["conflict"] is not None:
+            tensors["conflict"] = tensors["conflict"].to(grad.device)
         return kernels.sketch_heads(grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
                                     transform=getattr(self.cfg.spec, "i_side" if self.side == "a" else "j_side"),
-                                    weight=prep.weight(self.side), centre=prep.centre(self.side),
-                                    other=prep.other(self.side),
-                                    conflict=None if u is None else u.to(grad.device))
+                                    scales=scales, **tensors)

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..metric import ScoreConfig, i_side, shift
+from .onebyte import Coded, OneByte, narrower, nbytes, values
 from .sketch import Sketch
 
 Side = str  # "a": task A's i-side vectors, "b": task B's j-side vectors
@@ -26,34 +27,36 @@ class BlockPrep:
     """What pass 2 needs of one (layer, block), all ``[H_b, S]`` except ``e [H_b]``: the side vectors are
     ``x'_i = f_i(g_i)·w_a`` and ``y'_j = f_j(g_j)·w_b`` (so ``x'·y' = f_i f_j / (Î + ε + λ)``), centred by
     ``x̄'`` and ``ȳ'``. Without variance reduction ``w_b``, ``x̄'`` and ``ȳ'`` are None (1, 0, 0).
-    Leave-one-out keeps ``(Î_A, ε + λ, balance)`` to form each sample's own denominator."""
+    Leave-one-out keeps ``(Î_A, ε + λ, balance)`` to form each sample's own denominator. ``w_b``, the centres and
+    the conflict weights may be kept in one byte (:class:`~sketchfisher.compress.onebyte.OneByte`); the accessors
+    return them as kept, :func:`~sketchfisher.compress.onebyte.values` reads them."""
 
     w_a: Optional[torch.Tensor]       # balance / (Î + ε + λ) (None during task B's single pass)
-    w_b: Optional[torch.Tensor]       # 1 / balance
-    x_bar: Optional[torch.Tensor]     # balanced i-side centre
-    y_bar: Optional[torch.Tensor]     # balanced j-side centre
+    w_b: Optional[Coded]              # 1 / balance
+    x_bar: Optional[Coded]            # balanced i-side centre
+    y_bar: Optional[Coded]            # balanced j-side centre
     e: torch.Tensor                   # ⟨x̄', ȳ'⟩ (fp64)
     loo: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (Î_A, ε + λ [H_b, 1], balance)
-    u_a: Optional[torch.Tensor] = None  # [1, H_b, S]: ḡ_B·W; task A's conflict scalars are g_i · u_a
-    u_b: Optional[torch.Tensor] = None  # [2, H_b, S]: ḡ_A·W and task A's half mean ·W (B's scalars g_j · u_b)
+    u_a: Optional[Coded] = None  # [1, H_b, S]: ḡ_B·W; task A's conflict scalars are g_i · u_a
+    u_b: Optional[Coded] = None  # [2, H_b, S]: ḡ_A·W and task A's half mean ·W (B's scalars g_j · u_b)
     moments: Optional[dict] = None  # fp64 [H_b]: "ab" = ḡ_A·W·ḡ_B (T), "aa" = ḡ_A·W·ḡ_A, "bb" = ḡ_B·W·ḡ_B
     sketched_centres: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # R c, ‖c‖² cache
 
-    def u(self, side: Side) -> Optional[torch.Tensor]:
+    def u(self, side: Side) -> Optional[Coded]:
         """The other task's mean gradient over the denominator: a sample's conflict scalar is ``g · u``."""
         return self.u_a if side == "a" else self.u_b
 
     def inverse_denominator(self) -> torch.Tensor:
         """``1 / (Î + ε + λ)`` from the balance weights (``w_a · w_b``), in ``w_a``'s dtype."""
-        return self.w_a if self.w_b is None else self.w_a * self.w_b
+        return self.w_a if self.w_b is None else self.w_a * values(self.w_b, self.w_a.dtype)
 
-    def centre(self, side: Side) -> Optional[torch.Tensor]:
+    def centre(self, side: Side) -> Optional[Coded]:
         return self.x_bar if side == "a" else self.y_bar
 
-    def other(self, side: Side) -> Optional[torch.Tensor]:
+    def other(self, side: Side) -> Optional[Coded]:
         return self.y_bar if side == "a" else self.x_bar
 
-    def weight(self, side: Side) -> Optional[torch.Tensor]:
+    def weight(self, side: Side) -> Optional[Coded]:
         """Per-entry factor of the transformed gradient (None: 1)."""
         return self.w_a if side == "a" else self.w_b
 
@@ -70,14 +73,14 @@ class BlockPrep:
 
     def nbytes(self) -> int:
         ts = [self.w_a, self.w_b, self.x_bar, self.y_bar, *(self.loo or ()), self.u_a, self.u_b]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return sum(nbytes(t) for t in ts)
 
 
 def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i_a: Optional[torch.Tensor],
                   mean_j_b: Optional[torch.Tensor], abs_a: Optional[torch.Tensor], abs_b: Optional[torch.Tensor],
                   n_a: int, n_b: int, cfg: ScoreConfig, codec: Sketch, mean_g_a: Optional[torch.Tensor] = None,
                   mean_g_b: Optional[torch.Tensor] = None, half_a: Optional[torch.Tensor] = None,
-                  u_dtype: Optional[torch.dtype] = None, side_dtype: Optional[torch.dtype] = None) -> BlockPrep:
+                  u_dtype=None, side_dtype=None) -> BlockPrep:
     """Pass-2 quantities of one (layer, block) from plain ``[H_b, S]`` statistics.
 
     ``fisher`` is the normaliser Î (A, or A ∪ B), ``fisher_a`` task A's (leave-one-out only);
@@ -89,11 +92,12 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     sketches afterwards. Without variance reduction only the denominator is used. ``mean_g_a``/``mean_g_b``
     (the tasks' mean gradients, where kept) give the conflict weights ``u_b = ḡ_A/(Î+ε+λ)`` and
     ``u_a = ḡ_B/(Î+ε+λ)`` (:mod:`sketchfisher.interference.conflicts`), with ``half_a`` (task A's mean over
-    half its samples) beside ``u_b``; they are kept in ``u_dtype`` (default ``cfg.dtype``). Built in
-    ``cfg.dtype``.
+    half its samples) beside ``u_b``; they are kept in ``u_dtype`` (a torch dtype, or ``"fp8"`` for one byte with a
+    scale per head block, :mod:`~sketchfisher.compress.onebyte`; default ``cfg.dtype``). The conflict test's moments
+    (:func:`conflict_moments`) come from the exact means, whatever the weights' rounding. Built in ``cfg.dtype``.
 
-    ``side_dtype`` (e.g. bf16; None: ``cfg.dtype``) keeps the balance ``w_b`` and both centres in fewer bytes:
-    any positive balance and any centre leave the scores exact as long as every use reads the same rounded
+    ``side_dtype`` (e.g. bf16 or ``"fp8"``; None: ``cfg.dtype``) keeps the balance ``w_b`` and both centres in fewer
+    bytes: any positive balance and any centre leave the scores exact as long as every use reads the same rounded
     values, and ``w_a`` is then ``1 / ((Î + ε + λ) · w_b)`` (:func:`a_weight`), so that the product of the two
     weights is the denominator to ``cfg.dtype``'s precision whatever ``w_b``'s rounding. The values rounded to
     ``side_dtype`` are computed in fp64 first, so that the CPU and a GPU round them alike (a store's reader forms
@@ -106,10 +110,10 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     lam = shift(fisher, cfg)
     denom = fisher + lam
     zeros = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
-    weigh = lambda *means: torch.stack([(m.to(denom.device) / denom) for m in means]).to(u_dtype or dt)  # noqa: E731
+    weigh = lambda *means: narrower(torch.stack([(m.to(denom.device) / denom) for m in means]), u_dtype or dt)  # noqa: E731
     u = {"a": None if mean_g_b is None else weigh(mean_g_b),
          "b": None if mean_g_a is None else weigh(mean_g_a, *([] if half_a is None else [half_a]))}
-    moments = conflict_moments(mean_g_a, mean_g_b, u["b"], u["a"])
+    moments = conflict_moments(mean_g_a, mean_g_b, denom.double().reciprocal())
     if not codec.variance_reduction:
         balance = torch.ones_like(fisher)
         return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg),
@@ -119,10 +123,10 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
         w_a, w_b = (balance / denom).to(dt), balance.reciprocal().to(dt)
         x_bar = (mean_i_a / denom).mul_(balance).to(dt)
     else:  # the balance and the centres rounded; w_a from the rounded balance (the denominator stays exact)
-        w_b = balance.reciprocal().to(side_dtype)
-        balance = w_b.to(denom.dtype).reciprocal()
+        w_b = narrower(balance.reciprocal(), side_dtype, positive=True)
+        balance = values(w_b, denom.dtype).reciprocal()
         w_a = a_weight(denom, w_b, dt)
-        x_bar = (mean_i_a / denom).mul_(balance).to(side_dtype)
+        x_bar = narrower((mean_i_a / denom).mul_(balance), side_dtype)
     loo = _loo(fisher_a, lam, balance, cfg)
     del balance, denom
     prep = BlockPrep(w_a, w_b, x_bar, None, zeros, loo, u["a"], u["b"], moments)
@@ -133,14 +137,14 @@ def a_weight(denom: torch.Tensor, w_b: torch.Tensor, dtype: torch.dtype) -> torc
     """Task A's side weight ``w_a = 1 / ((Î + ε + λ) · w_b)`` for a balance ``w_b`` kept in fewer bytes: the product
     ``w_a · w_b`` is the denominator to ``dtype``'s precision. Computed the same way when the preparation is
     built and when ``w_a`` is rebuilt after task B's single pass (which does not need it)."""
-    return (denom * w_b.to(denom.dtype)).reciprocal().to(dtype)
+    return (denom * values(w_b, denom.dtype)).reciprocal().to(dtype)
 
 
 def rebuild_a_weight(prep: BlockPrep, fisher: torch.Tensor, cfg: ScoreConfig) -> BlockPrep:
     """``prep`` with ``w_a`` again (:func:`a_weight`), from task A's Fisher (normaliser ``"a"``) and ``w_b``, in the
     precision :func:`prepare_block` used."""
     fisher = fisher.to(prep.w_b.device)
-    if prep.w_b.dtype != cfg.dtype:
+    if narrowed(prep.w_b, cfg.dtype):
         fisher = fisher.double()
     return replace(prep, w_a=a_weight(fisher + shift(fisher, cfg), prep.w_b, cfg.dtype))
 
@@ -162,19 +166,18 @@ def abs_balance(abs_a: torch.Tensor, abs_b: Optional[torch.Tensor], n_a: int, n_
     return torch.where(m > 0, m.sqrt(), 1.0)
 
 
-def conflict_moments(mean_a: Optional[torch.Tensor], mean_b: Optional[torch.Tensor], u_b: Optional[torch.Tensor],
-                     u_a: Optional[torch.Tensor], known: Optional[dict] = None) -> Optional[dict]:
-    """The Fisher-weighted inner products of the task means a block's conflict test needs, fp64 ``[H_b]``:
-    ``aa = ḡ_A·W·ḡ_A`` (from ``ḡ_A`` and ``u_b = W ḡ_A``), ``bb`` and ``ab = T`` once ``ḡ_B`` is known too;
-    added to ``known``."""
+def conflict_moments(mean_a: Optional[torch.Tensor], mean_b: Optional[torch.Tensor], w: torch.Tensor,
+                     known: Optional[dict] = None) -> Optional[dict]:
+    """The Fisher-weighted inner products of the task means a block's conflict test needs, fp64 ``[H_b]``, from
+    the exact means ``[H_b, S]`` (either may be None) and ``W = 1 / (Î + ε + λ)``: ``aa = ḡ_A·W·ḡ_A``,
+    ``bb = ḡ_B·W·ḡ_B`` and ``ab = T = ḡ_A·W·ḡ_B`` as far as the means are known; added to ``known``. The conflict
+    weights may be rounded (to one byte); these products are not."""
     out = dict(known or {})
-    dot = lambda x, u: (x.double().to(u.device) * u[0].double()).sum(-1)  # noqa: E731
-    if mean_a is not None and u_b is not None:
-        out["aa"] = dot(mean_a, u_b)
-    if mean_b is not None and u_a is not None:
-        out["bb"] = dot(mean_b, u_a)
-    if mean_b is not None and u_b is not None:
-        out["ab"] = dot(mean_b, u_b)
+    means = {t: None if m is None else m.to(w.device).double() for t, m in (("a", mean_a), ("b", mean_b))}
+    w = w.double()
+    for name, (x, y) in {"aa": ("a", "a"), "bb": ("b", "b"), "ab": ("a", "b")}.items():
+        if means[x] is not None and means[y] is not None:
+            out[name] = (means[x] * means[y] * w).sum(-1)
     return out or None
 
 
@@ -187,9 +190,16 @@ def with_j_centre(prep: BlockPrep, mean_j_b: torch.Tensor) -> BlockPrep:
     """``prep`` with task B's centre ``ȳ' = mean_j_b · w_b`` (the j-side mean, balanced as B's side vectors)
     and ``e = ⟨x̄', ȳ'⟩`` (summed in fp64). One formula for every pass order: the single pass over task B
     adds its centre after the pass, from ``w_b``, as a store written that way is prepared when read."""
-    w_b = prep.w_b.double() if prep.w_b.element_size() < 4 else prep.w_b  # (bf16 centres: rounded alike anywhere)
-    y_bar = (mean_j_b.to(prep.w_b.device) * w_b).to(prep.w_b.dtype)
-    return replace(prep, y_bar=y_bar, e=(prep.x_bar.double() * y_bar.double()).sum(-1))
+    narrow = isinstance(prep.w_b, OneByte) or prep.w_b.element_size() < 4
+    w_b = values(prep.w_b, torch.float64) if narrow else prep.w_b  # (narrow centres: rounded alike anywhere)
+    y_bar = mean_j_b.to(prep.w_b.device) * w_b
+    y_bar = narrower(y_bar, "fp8") if isinstance(prep.w_b, OneByte) else y_bar.to(prep.w_b.dtype)
+    return replace(prep, y_bar=y_bar, e=(values(prep.x_bar, torch.float64) * values(y_bar, torch.float64)).sum(-1))
+
+
+def narrowed(t: Coded, dtype: torch.dtype) -> bool:
+    """Whether ``t`` is kept in fewer bytes than ``dtype`` (one byte, or a narrower float)."""
+    return isinstance(t, OneByte) or t.element_size() < torch.empty((), dtype=dtype).element_size()
 
 
 def residual_centre(prep: BlockPrep, codec: Sketch, layer: int, block: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +213,7 @@ def residual_centre(prep: BlockPrep, codec: Sketch, layer: int, block: str) -> t
     forms the same one."""
     from ..layout import block_index
 
-    x, y = prep.x_bar.double(), prep.y_bar.double()
+    x, y = values(prep.x_bar, torch.float64), values(prep.y_bar, torch.float64)
     xx = x.square().sum(-1)
     b = torch.where(xx > 0, prep.e.to(xx.device) / xx.clamp_min(torch.finfo(xx.dtype).tiny), torch.zeros_like(xx))
     m = y - b[:, None] * x
@@ -218,7 +228,7 @@ def side_vector(g: torch.Tensor, prep: BlockPrep, side: Side, count: int, cfg: S
     g = g.to(cfg.dtype)  # fp32 by default: the CUDA sjlt kernels take fp32/bf16/fp16, not fp64
     if side == "b":
         v = cfg.spec.j_side_of(g)
-        return v if prep.w_b is None else v * prep.w_b
+        return v if prep.w_b is None else v * values(prep.w_b, v.dtype)
     if prep.loo is not None:
         fisher_a, lam, balance = prep.loo
         return i_side(g, fisher_a, lam, count, cfg, weight=balance)
@@ -230,7 +240,7 @@ def conflict_scalars(g: torch.Tensor, prep: BlockPrep, side: Side, dtype: torch.
     of the ``m`` weight vectors (the other task's mean gradient over the denominator; for task B also task A's
     half mean); None when the collection keeps no task means."""
     u = prep.u(side)
-    return None if u is None else torch.einsum("bhs,mhs->bhm", g.to(dtype), u.to(g.device, dtype))
+    return None if u is None else torch.einsum("bhs,mhs->bhm", g.to(dtype), values(u.to(g.device), dtype))
 
 
 def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, layer: int, block: int
@@ -238,7 +248,7 @@ def sketch_sides(v: torch.Tensor, prep: BlockPrep, side: Side, codec: Sketch, la
     """Centre side vectors ``v [B, H_b, S]`` by the side's centre and sketch them: ``(sketches [B, H_b, k],
     ‖ṽ‖² [B, H_b], cross [B, H_b], own [B, H_b])`` where cross is ``⟨v, other side's centre⟩`` and own is
     ``⟨ṽ, this side's centre⟩`` (what :func:`scale_centring` needs). The fused CUDA kernel returns the same."""
-    other, centre = prep.other(side), prep.centre(side)
+    other, centre = values(prep.other(side), v.dtype), values(prep.centre(side), v.dtype)
     zeros = torch.zeros(v.shape[:2], dtype=v.dtype, device=v.device)
     cross = zeros if other is None else (v * other).sum(-1)
     own = zeros
@@ -256,7 +266,7 @@ def scale_centring(sk: torch.Tensor, norm2: torch.Tensor, own: torch.Tensor, pre
     (the residual is never longer than ``v − c``). By linearity ``R ṽ = R(v − c) − γ R c``, and
     ``‖ṽ‖² = ‖v − c‖² − γ ⟨v − c, c⟩``. Scores take ``α = 1 + γ`` back exactly (:class:`SketchBlock`).
     γ is 0 where the codec centres by the mean alone, or the side has no centre in its pass."""
-    centre = prep.centre(side)
+    centre = values(prep.centre(side))
     if centre is None or getattr(codec, "centring", "mean") != "scaled":
         return sk, norm2, torch.zeros_like(norm2)
     key = (side, layer, block, sk.device)

@@ -74,8 +74,8 @@ def launch_shape(rows: int, width: int, bands: int, tiles: int, programs: int, s
 def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, size: int, cols: int, row_stride: int,
                  k: int, s: int, *, transform: str = "identity", weight: Optional[torch.Tensor] = None,
                  centre: Optional[torch.Tensor] = None, other: Optional[torch.Tensor] = None,
-                 conflict: Optional[torch.Tensor] = None, chunks: Optional[int] = None, block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None,
-                 num_warps: int = 4):
+                 conflict: Optional[torch.Tensor] = None, scales: Optional[dict] = None, chunks: Optional[int] = None,
+                 block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None, num_warps: int = 4):
     """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H],
     own [n, H], dots [n, H, m] or None)``.
 
@@ -87,8 +87,11 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     is scaled by 1/√s and returned in fp32. ``own`` is ``Σ ṽ·centre`` (zero without a centre: what scaled centring
     needs, :func:`sketchfisher.compress.sketch_scores.scale_centring`). ``conflict [m, H, size]`` (m ≤ 2, any float dtype): the raw gradient's
     inner products with each of its m vectors, ``dots[r, h, i] = Σ g_h[r]·conflict[i, h]`` (the conflict test's
-    per-sample scalars, read in the same pass).
+    per-sample scalars, read in the same pass). ``scales``: for values kept in one byte, ``{"weight" | "centre" |
+    "other": [H] , "conflict": [m, H]}`` fp32, one scale per head block: the kernel reads fp8 codes and multiplies
+    each by its block's scale in fp32 (the conflict scalars are scaled after their sum).
     """
+    scales = scales or {}
     if g.dtype not in DTYPES:
         raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
     if size >= 2**31:
@@ -118,19 +121,26 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     part = torch.empty(chunks, n, H, s * BM + 3 + mu, dtype=torch.float32, device=dev)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     prep = [t.contiguous() if t is not None else dummy for t in (weight, centre, other)]  # (read in their dtype)
-    prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (bf16 at 7B)
+    prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (fp8 at 7B)
+    scaled = [name in scales for name in ("weight", "centre", "other")]
+    sc = torch.ones(3, H, dtype=torch.float32, device=dev)
+    for i, name in enumerate(("weight", "centre", "other")):
+        if scaled[i]:
+            sc[i] = scales[name].to(dev, torch.float32)
     contig = cols == size or (row_stride == cols)
     on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with on_device:  # Triton launches on the current device: make it the tensors' (layers on several cards)
         sketch_kernel[(chunks, H, row_blocks)](
-            g, *prep, to_device(keys.to(torch.int64).contiguous(), dev), to_device(offsets.to(torch.int64), dev),
+            g, *prep, sc, to_device(keys.to(torch.int64).contiguous(), dev), to_device(offsets.to(torch.int64), dev),
             part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
             COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
             F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
-            MU=mu, TWEAK=SHIFT_TWEAK, num_warps=num_warps)
+            MU=mu, TWEAK=SHIFT_TWEAK, W_SC=scaled[0], C_SC=scaled[1], O_SC=scaled[2], num_warps=num_warps)
     total = part.sum(0) if chunks > 1 else part[0]  # fixed order: bitwise reproducible
     sk = total[..., : s * BM].view(n, H, s, BM)[..., :m].reshape(n, H, k)
     dots = None if conflict is None else total[..., s * BM + 3:]
+    if dots is not None and "conflict" in scales:
+        dots = dots * scales["conflict"].to(dev, torch.float32).t()[None]
     return sk, total[..., s * BM], total[..., s * BM + 1], total[..., s * BM + 2], dots
 
 

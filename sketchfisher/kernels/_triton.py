@@ -18,12 +18,13 @@ def _hash(ctr, lo, hi):
     return _fmix32(_fmix32(ctr ^ lo) ^ hi)
 
 @triton.jit
-def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr,
+def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr, out_ptr,
                   n, H, size, tiles, stride_n, row_stride, tiles_per_prog, scale,
                   COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
                   S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
                   F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
-                  MU: tl.constexpr, TWEAK: tl.constexpr):
+                  MU: tl.constexpr, TWEAK: tl.constexpr, W_SC: tl.constexpr, C_SC: tl.constexpr,
+                  O_SC: tl.constexpr):
     # One program: rows [rb·BR, +BR) of head h over tiles [chunk·tiles_per_prog, +tiles_per_prog).
     # Each step handles TT tiles x S bands at once (axis q = tile·S + band) so that many loads are in flight.
     Q: tl.constexpr = TT * SP  # SP: S padded to a power of two
@@ -36,6 +37,16 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
     hi = tl.load(keys_ptr + 2 * h + 1).to(tl.uint32)
     hoff = tl.load(hoff_ptr + h)
     poff = h.to(tl.int64) * size
+    # one-byte weight, centre, other: each head block's values are its codes times its scale (sc [3, H] fp32)
+    wsc = 1.0
+    csc = 1.0
+    osc = 1.0
+    if W_SC:
+        wsc = tl.load(sc_ptr + h)
+    if C_SC:
+        csc = tl.load(sc_ptr + H + h)
+    if O_SC:
+        osc = tl.load(sc_ptr + 2 * H + h)
     q = tl.arange(0, Q)
     tq, band = q // SP, q % SP
     j = tl.arange(0, BM)
@@ -72,11 +83,19 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, keys_ptr, hoff_ptr, out_ptr
         elif F == 2:
             x = tl.abs(x)
         if HAS_W:
-            x = x * tl.load(w_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+            if W_SC:
+                wv = wv * wsc
+            x = x * wv
         if HAS_O:
-            cacc += tl.sum(x * tl.load(o_ptr + poff + e, mask=ok, other=0.0).to(tl.float32), axis=2)
+            ov = tl.load(o_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+            if O_SC:
+                ov = ov * osc
+            cacc += tl.sum(x * ov, axis=2)
         if HAS_C:
             cen = tl.load(c_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+            if C_SC:
+                cen = cen * csc
             x = x - cen
             sacc += tl.sum(x * cen, axis=2)
         nacc += tl.sum(x * x, axis=2)

@@ -174,7 +174,7 @@ class StoreSink(Sink):
             host = stats.to_host(self.staging.copy if self.staging is not None else host_copy)
             self.stat_writes.submit(save_pass1, host, final_path(self.root, task), batches, self.store_id, task)
         if task == "a" and self.keeps_fisher_a:  # A's Fisher in host memory: w_a is built again after B's single pass
-            self.fisher_a = (host or stats.to_host()).only(("fisher",))
+            self.fisher_a = (host or stats.to_host()).only(("fisher", "sum"))  # (Σg where kept: the test's T)
         del host
         self.final[task] = stats.count
         if set(self.final) == set(TASKS):
