@@ -98,7 +98,7 @@ def prepare_tasks(layout: Layout, stats: dict[str, FisherStats], cfg: ScoreConfi
             balance = None
         elif balances_by_fisher(cfg):
             pooled = _pooled(stats, layout, key, "fisher")
-            balance = fisher_balance(pooled + shift(pooled, cfg))
+            balance = fisher_balance(pooled + shift(pooled, cfg), cfg)
         else:
             balance = abs_balance(_pooled(stats, layout, key, "mean_abs"), None, 0, 0)
         for t in names:

@@ -10,8 +10,9 @@ the batch, and the number of devices the layers are spread over. Its terms:
 * statistics: kept quantities × collected parameters × 4 (fp32) or 8 (fp64) bytes, the plain sums (Σ|g|, Σg, the
   half sum) in 2 (bf16, stochastically rounded) where the statistics are fp32;
 * preparations (pass 2 of sketches): task A's weight w_a in fp32 and, with variance reduction, the
-  balance w_b and the two centres, in bf16 where the statistics are fp32 (else fp32); task B's single pass
-  holds no w_a (it is built again after the pass); the statistics have then been released;
+  balance w_b and the two centres, in one byte where the statistics are fp32 (else fp32); task B's single pass
+  holds no w_a (it is built again after the pass); the statistics have then been released; the conflict test's
+  weights in one byte;
 * capture: the factors of every hooked projection, B·T·Σ(in + out) numbers per layer, in the model's dtype
   where it is bf16/fp16 (2 bytes) and in fp32 otherwise;
 * activations kept for the backward pass: B·T·(26·hidden + 11·intermediate) bytes per layer for a
@@ -183,10 +184,10 @@ class _Terms:
     sketches: float   # a side codec's stored side vectors, per task
     raw: float        # a single pass's uncentred fp32 side vectors, per task
     prep_tensor: float  # one model-sized fp32 preparation tensor (w_a)
-    side_tensor: float  # one model-sized balance or centre (bf16 with fp32 statistics)
+    side_tensor: float  # one model-sized balance or centre (one byte with fp32 statistics)
     variance_reduction: bool
     centre_b_from_a: bool  # task B's single pass is centred by a direction from task A (scaled centring)
-    conflict_tensor: float = 0.0  # one model-sized bf16 conflict weight (u), where the conflict test is collected
+    conflict_tensor: float = 0.0  # one model-sized one-byte conflict weight (u), where the conflict test is collected
 
     @classmethod
     def of(cls, s: Shape, codec: Codec, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
@@ -214,16 +215,16 @@ class _Terms:
                    stats={t: per_layer(sum(attn * (2 if x in TENSOR_NAMES and stats_bytes == 4 else stats_bytes) for x in q))
                           for t, q in plan.statistics.items()},
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
-                   side_tensor=per_layer(attn * (2 if stats_bytes == 4 else 4)),
+                   side_tensor=per_layer(attn * (1 if stats_bytes == 4 else 4)),
                    variance_reduction=bool(codec.variance_reduction),
                    centre_b_from_a=centres_b_from_a(codec, plan.passes),
-                   conflict_tensor=per_layer(attn * 2) if "half" in plan.statistics["a"] else 0.0)
+                   conflict_tensor=per_layer(attn * 1) if "half" in plan.statistics["a"] else 0.0)
 
     def preparations(self, centre_b: bool) -> float:
         """Both tasks' centres known (two passes per task): w_a, and with variance reduction w_b, x̄' and ȳ'.
         Before task B's single pass: w_b, x̄' (which also centres B where it is centred during its pass), no w_a.
         With the conflict test task B's two weights (ḡ_A·W and A's half mean ·W) and, once B's mean is
-        known, task A's (ḡ_B·W), in bf16."""
+        known, task A's (ḡ_B·W), in one byte."""
         if not self.variance_reduction:
             return self.prep_tensor + self.conflict_tensor * (2 + centre_b)
         if centre_b:

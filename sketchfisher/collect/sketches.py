@@ -11,6 +11,7 @@ plan's (:mod:`.plan`); :mod:`.runner` executes it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -42,7 +43,7 @@ T and the norms are formed from the exact means (:func:`~sketchfisher.compress.s
 
 def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_b: Optional[FisherStats],
             cfg: ScoreConfig, codec: SideCodec, balance_from_a: bool = False, conflicts: bool = True,
-            compact_sides: bool = True) -> Optional[BlockPrep]:
+            recipe: Optional["Recipe"] = None) -> Optional[BlockPrep]:
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
 
     ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
@@ -50,8 +51,9 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     (:func:`~sketchfisher.compress.base.centres_b_from_a`) centres B during that pass by a multiple of task A's
     centre: the preparation's ``ȳ'`` is then ``x̄'`` itself (one tensor), until :func:`centre_j_side` puts B's own
     mean in its place. ``conflicts=False`` leaves
-    out the conflict test's weights and moments even where the statistics allow them. ``compact_sides``: the
-    balance and centres in :func:`side_dtype` (stores of format 8 and before kept them in ``cfg.dtype``)."""
+    out the conflict test's weights and moments even where the statistics allow them. ``recipe``: how the balance
+    and the centres are formed and kept (:data:`RECIPE`, today's; a store reads its own, :func:`recipe_of`)."""
+    recipe = recipe or RECIPE
     if layout.param_of(layer, block) not in stats_a.welford:
         return None
     gathered: dict = {}  # one gather per (task, statistic): variants reuse the Fisher or Σ|g| as a centre
@@ -69,7 +71,8 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
     vr = codec.variance_reduction
     from_a = balance_from_a and stats_b is None and centres_b_from_a(codec, 1.5)  # B's direction: A's centre
     b = vr and stats_b is not None
-    fisher_balanced = balances_by_fisher(cfg)  # (signed: no Σ|g| needed)
+    rule = "fisher" if recipe.balance == "fisher" and balance_from_a else "abs"  # (task B once: A's normaliser)
+    fisher_balanced = rule == "fisher" or balances_by_fisher(cfg)  # (no Σ|g| needed)
     means = {t: get(s, "mean_grad") if conflicts and s is not None and "sum" in s.quantities else None
              for t, s in (("a", stats_a), ("b", stats_b))}  # the conflict test's
     half = get(stats_a, "mean_grad_half") if means["a"] is not None and "half" in stats_a.quantities else None
@@ -80,8 +83,8 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
                          get(stats_b, "mean_abs") if b and not balance_from_a and not fisher_balanced else None,
                          stats_a.count, stats_b.count if stats_b is not None else 0, cfg, codec,
                          mean_g_a=means["a"], mean_g_b=means["b"], half_a=half,
-                         u_dtype=CONFLICT_WEIGHT_DTYPE,
-                         side_dtype=side_dtype(stats_a.dtype) if compact_sides else None)
+                         u_dtype=CONFLICT_WEIGHT_DTYPE, balance=rule,
+                         side_dtype=recipe.sides if stats_a.dtype == torch.float32 else None)
     if vr and from_a:  # B's single pass is centred by its own multiple of x̄' (any direction keeps scores exact)
         prep = dataclass_replace(prep, y_bar=prep.x_bar, e=values(prep.x_bar, torch.float64).square().sum(-1))
     if half is not None:  # how many samples the half mean averages
@@ -135,16 +138,33 @@ def host_staging(model: nn.Module, layout: Layout, dtypes: Iterable[torch.dtype]
     return HostStaging.for_tensors(weights, dtypes)
 
 
-SIDE_DTYPE = "fp8"
-"""How a run keeps its preparations' balance and centres where the statistics are fp32: one byte with a scale per
-head block (:mod:`~sketchfisher.compress.onebyte`)."""
+@dataclass(frozen=True)
+class Recipe:
+    """How a collection forms its preparations: ``sides``, the precision of the balance and the centres where the
+    statistics are fp32 (the GPU setting, where they are model-sized tensors that the side passes hold on the device;
+    ``"fp8"``: one byte with a scale per head block, :mod:`~sketchfisher.compress.onebyte`; None: the score dtype);
+    ``balance``, the rule of :func:`~sketchfisher.compress.sketch_scores.prepare_block` where task B runs once (two
+    passes per task balance by both tasks' Σ|g|). The scores are exact under any recipe; a store's reader must form
+    its centres by the recipe its sketches were made with."""
+
+    sides: Any
+    balance: str
+
+
+RECIPE = Recipe("fp8", "fisher")
+"""Today's recipe (store format 11 on)."""
+
+
+def recipe_of(format_version: int) -> Recipe:
+    """The recipe a store of ``format_version`` was collected with."""
+    if format_version >= 11:
+        return RECIPE
+    return Recipe(torch.bfloat16 if format_version >= 9 else None, "abs")
 
 
 def side_dtype(stats_dtype: torch.dtype):
-    """The dtype a run keeps its preparations' balance and centres in: :data:`SIDE_DTYPE` where the statistics are
-    fp32 (the GPU setting, where they are model-sized tensors that pass 2 holds on the device), else None (the score
-    dtype). The scores stay exact either way (:func:`~sketchfisher.compress.sketch_scores.prepare_block`)."""
-    return SIDE_DTYPE if stats_dtype == torch.float32 else None
+    """The dtype today's recipe keeps the balance and centres in for statistics of ``stats_dtype``."""
+    return RECIPE.sides if stats_dtype == torch.float32 else None
 
 
 def compacted_statistics(layout: Layout) -> tuple[str, ...]:
@@ -313,4 +333,5 @@ def mean_moments(preps: Preps) -> dict[tuple[int, str], dict]:
 
 
 __all__ = ["Preps", "centre_j_side", "centre_products", "centred", "mean_moments", "check_reiterable", "compacted_statistics",
-           "host_staging", "pass_b", "prepare", "prepare_all", "side_dtype", "sketch_batches", "statistics_dtypes"]
+           "host_staging", "pass_b", "prepare", "prepare_all", "RECIPE", "Recipe", "recipe_of", "side_dtype",
+           "sketch_batches", "statistics_dtypes"]

@@ -106,17 +106,17 @@ class SideCodec(Codec):
     two_pass: ClassVar[bool] = True
 
     def statistics(self, cfg: "ScoreConfig", passes: float) -> dict[str, set[str]]:
-        """Variance reduction balances by Σ|g| (both tasks; task A's alone when task B runs once; the signed
-        variant by the Fisher instead) and centres by the task means of each side's transform."""
+        """Variance reduction centres by the task means of each side's transform and balances by both tasks' Σ|g|
+        where both are known before the side passes (two passes per task; the signed variant by the Fisher); where
+        task B runs once, by a power of task A's normaliser, which needs nothing more
+        (:func:`~sketchfisher.compress.sketch_scores.fisher_balance`)."""
         if not self.variance_reduction:
             return {"a": set(), "b": set()}
         from ..metric import MEAN_OF
         from .sketch_scores import balances_by_fisher
 
-        balance = set() if balances_by_fisher(cfg) else {"abs"}  # (signed balances by the Fisher, kept anyway)
-        a = balance | {MEAN_OF[cfg.spec.i_side]}
-        b = {MEAN_OF[cfg.spec.j_side]} if passes == 1.5 else balance | {MEAN_OF[cfg.spec.j_side]}
-        return {"a": a, "b": b}
+        balance = set() if balances_by_fisher(cfg) or passes == 1.5 else {"abs"}
+        return {"a": balance | {MEAN_OF[cfg.spec.i_side]}, "b": balance | {MEAN_OF[cfg.spec.j_side]}}
 
     def pass_orders(self, cfg: "ScoreConfig") -> tuple[float, ...]:
         """1.5 (task B once) needs normaliser ``"a"`` and variance reduction; it is then the default."""

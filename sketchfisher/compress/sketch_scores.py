@@ -80,14 +80,16 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
                   mean_j_b: Optional[torch.Tensor], abs_a: Optional[torch.Tensor], abs_b: Optional[torch.Tensor],
                   n_a: int, n_b: int, cfg: ScoreConfig, codec: Sketch, mean_g_a: Optional[torch.Tensor] = None,
                   mean_g_b: Optional[torch.Tensor] = None, half_a: Optional[torch.Tensor] = None,
-                  u_dtype=None, side_dtype=None) -> BlockPrep:
+                  u_dtype=None, side_dtype=None, balance: str = "fisher") -> BlockPrep:
     """Pass-2 quantities of one (layer, block) from plain ``[H_b, S]`` statistics.
 
     ``fisher`` is the normaliser Î (A, or A ∪ B), ``fisher_a`` task A's (leave-one-out only);
     ``mean_i_a`` the mean of the i-side transform over task A and ``mean_j_b`` of the j-side transform
-    over task B (:data:`sketchfisher.metric.MEAN_OF`); ``abs_a``/``abs_b`` the mean |g| per task
-    (balancing: the square root of their pooled mean; ``abs_b=None`` balances by task A's alone, which
-    the single pass over task B needs, as its statistics are not known before it). ``mean_j_b=None``
+    over task B (:data:`sketchfisher.metric.MEAN_OF`). ``balance``: ``"fisher"`` balances each entry by a power of
+    the denominator (:func:`fisher_balance`, every variant; what task B's single pass uses, as B's statistics are
+    not known before it); ``"abs"`` by the square root of the tasks' pooled mean |g| from ``abs_a``/``abs_b``
+    (``abs_b=None``: task A's alone, the single pass's rule in stores of format 10 and before), the signed variant
+    by the denominator. ``mean_j_b=None``
     leaves the j-side uncentred (``ȳ' = None``, ``e = 0``): a single pass over task B centres its
     sketches afterwards. Without variance reduction only the denominator is used. ``mean_g_a``/``mean_g_b``
     (the tasks' mean gradients, where kept) give the conflict weights ``u_b = ḡ_A/(Î+ε+λ)`` and
@@ -118,7 +120,10 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
         balance = torch.ones_like(fisher)
         return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg),
                          u["a"], u["b"], moments)
-    balance = fisher_balance(denom) if balances_by_fisher(cfg) else abs_balance(abs_a, abs_b, n_a, n_b)
+    if balance not in ("fisher", "abs"):
+        raise ValueError(f"balance must be 'fisher' or 'abs', got {balance!r}")
+    balance = (fisher_balance(denom, cfg) if balance == "fisher" or balances_by_fisher(cfg)
+               else abs_balance(abs_a, abs_b, n_a, n_b))
     if side_dtype is None or side_dtype == dt:
         w_a, w_b = (balance / denom).to(dt), balance.reciprocal().to(dt)
         x_bar = (mean_i_a / denom).mul_(balance).to(dt)
@@ -150,14 +155,29 @@ def rebuild_a_weight(prep: BlockPrep, fisher: torch.Tensor, cfg: ScoreConfig) ->
 
 
 def balances_by_fisher(cfg: ScoreConfig) -> bool:
-    """Whether a variant balances by √(Î+ε+λ) rather than by √mean|g|: ``signed``, whose two sides are
-    g/(Î+ε+λ) and g. Balanced, both become g/√(Î+ε+λ), which minimises the sketched inner product's
-    variance ‖x′‖²‖y′‖² for that bilinear form (the entries' scale moves equally to both sides)."""
+    """Whether the ``"abs"`` rule (stores of format 10 and before) balanced a variant by the denominator rather
+    than by √mean|g|: ``signed``, whose two sides are g/(Î+ε+λ) and g."""
     return cfg.spec.i_side == "identity" and cfg.spec.j_side == "identity"
 
 
-def fisher_balance(denom: torch.Tensor) -> torch.Tensor:
-    return denom.sqrt()
+MAGNITUDE_POWER = {"identity": 0.5, "abs": 0.5, "square": 1.0}
+"""An entry's typical |f(g)| as a power of its Fisher E g² (|g| ~ Î^½, g² ~ Î), per side transform."""
+
+
+def balance_exponent(cfg: ScoreConfig) -> float:
+    """The power of the denominator that balances the two sides entry by entry: with ``x' = f_i(g)·b/(Î+ε+λ)`` and
+    ``y' = f_j(g)/b``, ``b = (Î+ε+λ)^((1 + p_j − p_i)/2)`` makes both about ``(Î+ε+λ)^((p_i + p_j − 1)/2)``, which
+    minimises the sketched inner product's variance ‖x′‖²‖y′‖² for Gaussian-like entries: ¼ for ``paper``
+    (g², |g|), ½ for ``signed`` and ``symmetric``."""
+    return (1.0 + MAGNITUDE_POWER[cfg.spec.j_side] - MAGNITUDE_POWER[cfg.spec.i_side]) / 2
+
+
+def fisher_balance(denom: torch.Tensor, cfg: ScoreConfig) -> torch.Tensor:
+    """The balance ``(Î+ε+λ)^``:func:`balance_exponent` (square roots where the power is ½ or ¼, so that every
+    device rounds alike). It needs no statistic beyond the normaliser: pass 1 keeps no Σ|g| to balance by."""
+    power = balance_exponent(cfg)
+    root = denom.sqrt()
+    return root if power == 0.5 else root.sqrt() if power == 0.25 else denom.pow(power)
 
 
 def abs_balance(abs_a: torch.Tensor, abs_b: Optional[torch.Tensor], n_a: int, n_b: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..collect.sketches import prepare
+from ..collect.sketches import prepare, recipe_of
 from ..compress.base import centres_b_from_a
 from ..compress.sketch_scores import residual_centre
 from ..store import StoreError, StoreReader
@@ -69,7 +69,7 @@ class BlockCentres:
             s = self.store
             prep = prepare(s.layout, *key, self.statistics["a"], self.statistics["b"], s.cfg, s.codec,
                            balance_from_a=s.passes == 1.5, conflicts=moments,
-                           compact_sides=s.manifest["format_version"] >= 9)
+                           recipe=recipe_of(s.manifest["format_version"]))
             residual = self.cache[key][2] if self.cache.get(key) is not None else (  # (computed once per block)
                 residual_centre(prep, s.codec, *key) if prep is not None and centres_b_from_a(s.codec, s.passes)
                 else None)

@@ -23,6 +23,9 @@ from .files import StoreError, StoreMismatchError, atomic_write_json
 # 10: task B's single pass with scaled centring is centred by multiples of task A's centre x̄' and keeps B's own
 # side mean in its statistics (its mean residual is taken away when scoring); version 9 stores of that kind are
 # refused (their B sketches were centred by task A's mean of B's side transform);
+# 11: every variant balanced by a power of the normaliser (no Σ|g| for balancing); with fp32 statistics the
+# balance, the centres and the conflict weights in one byte with a scale per head block; the conflict test's T
+# from the exact means (collect.sketches.recipe_of gives each version's preparations);
 # 9: with fp32 statistics the preparations' balance and centres are rounded to bf16 (w_a from the rounded
 # balance): a store's centre products are computed so; earlier stores are read with them in the score dtype;
 # 8: scaled centring (each vector's γ in the shards; a sketch codec names its centring; older sketches were
@@ -33,8 +36,8 @@ from .files import StoreError, StoreMismatchError, atomic_write_json
 # 5: each sample's conflict scalars in the shards, the conflict flag; 4: the pass order, Σ|g| and Σg in bf16;
 # 3: integrity records (store id, content digests, sealed manifest). Older versions are read, and never
 # resumed by a newer writer (the format version is a checked setting).
-FORMAT_VERSION = 10
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8, 9, 10)
+FORMAT_VERSION = 11
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 CHECKED = ("format_version", "codec", "score", "layout", "model", "inputs", "passes", "conflicts")
 VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                    "_attn_implementation_autoset", "torch_dtype", "dtype")  # where and how it was loaded, not what
