@@ -10,6 +10,7 @@ bytes of x read.
     python benchmarks/sjlt_tune.py [--repeats 30] [--rows 1 4 16 64]
     python benchmarks/sjlt_tune.py --modules --batch 2      # pass 2's side kernel on every Llama-7B module shape
     python benchmarks/sjlt_tune.py --welford --batch 2      # pass 1's statistics kernel on a gate_proj gradient
+    python benchmarks/sjlt_tune.py --one-byte --batch 2     # the side passes' kernel: bf16 or one-byte preparations
 """
 
 from __future__ import annotations
@@ -111,6 +112,45 @@ def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
                   f"| {best[0] / t_def:.2f} | {best[1]} |", flush=True)
 
 
+def one_byte_sweep(batch: int, k: int, repeats: int) -> None:
+    """The side passes' kernel as task B's single pass calls it (abs, balance w_b, centre x̄', the cross term, two
+    conflict weights) and as task A's second pass does (square, fp32 w_a, centres x̄' and ȳ', one conflict weight),
+    with the preparations in bf16 beside one byte (fp8 codes and a scale per unit block), per Llama-7B module shape."""
+    from sketchfisher.compress.onebyte import OneByte
+
+    print(f"\n## the side passes' kernel, batch {batch}, k {k}: bf16 against one-byte preparations (ms, CUDA graphs)")
+    print("| module | pass | bf16 ms | one byte ms | one byte / bf16 | conflict weights off: bf16, one byte |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, (rows, cols, H, ur, uc) in MODULES.items():
+        g = torch.randn(batch, rows, cols, device="cuda")
+        size = ur * uc
+        offsets = (torch.arange(H, device="cuda") * ur * cols) if uc == cols else torch.arange(H, device="cuda") * uc
+        keys = torch.randint(0, 2**31 - 1, (H, 2), device="cuda")
+        vec = lambda *lead: torch.rand(*lead, H, size, device="cuda") + 0.1  # noqa: E731
+        w_a, w_b, x_bar, y_bar, u = vec(), vec(), vec() - 0.5, vec() - 0.5, vec(2) - 0.5
+        for name, transform, given in (("B", "abs", dict(weight=w_b, centre=x_bar, other=x_bar, conflict=u)),
+                                       ("A", "square", dict(weight=w_a, centre=x_bar, other=y_bar, conflict=u[:1]))):
+            times = []
+            for conflicts in (True, False):
+                for one_byte in (False, True):
+                    kw, scales = {}, {}
+                    for key, t in given.items():
+                        if key == "conflict" and not conflicts:
+                            continue
+                        if key == "weight" and name == "A":
+                            kw[key] = t  # (w_a stays fp32)
+                        elif one_byte:
+                            ob = OneByte.encode(t)
+                            kw[key], scales[key] = ob.codes, ob.scale
+                        else:
+                            kw[key] = t.to(torch.bfloat16)
+                    times.append(graphed(lambda: kernels.sketch_heads(g, keys, offsets, size, uc, cols, k, 1,
+                                                                      transform=transform, scales=scales, **kw),
+                                         repeats))
+            print(f"| {label} | {name} | {times[0]:.3f} | {times[1]:.3f} | {times[1] / times[0]:.2f} "
+                  f"| {times[2]:.3f}, {times[3]:.3f} |", flush=True)
+
+
 def welford_sweep(batch: int, repeats: int) -> None:
     """The pass-1 statistics kernel on a Llama-7B gate_proj per-sample gradient ``[batch, 11008·4096]`` fp32, with
     the statistics of task A's first pass at 7B (the Fisher's Welford mean in fp32, Σ|g| in bf16 rounded
@@ -136,12 +176,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="*", default=[1, 4, 16, 64], help="row counts of the single-block sweep")
     p.add_argument("--modules", action="store_true", help="only the side kernel on the Llama-7B module shapes")
     p.add_argument("--welford", action="store_true", help="only the pass-1 statistics kernel's launch shapes")
+    p.add_argument("--one-byte", action="store_true", help="only the side passes' kernel: bf16 or one-byte preparations")
     p.add_argument("--batch", type=int, default=2, help="samples per batch of the module and statistics sweeps")
     p.add_argument("--k", type=int, nargs="+", default=[256, 1024], help="sketch widths of the module sweep")
     args = p.parse_args()
     if args.welford:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
         welford_sweep(args.batch, args.repeats)
+        return
+    if args.one_byte:
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
+        one_byte_sweep(args.batch, args.k[0], args.repeats)
         return
     if args.modules:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")

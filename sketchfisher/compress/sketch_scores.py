@@ -286,13 +286,13 @@ def scale_centring(sk: torch.Tensor, norm2: torch.Tensor, own: torch.Tensor, pre
     (the residual is never longer than ``v − c``). By linearity ``R ṽ = R(v − c) − γ R c``, and
     ``‖ṽ‖² = ‖v − c‖² − γ ⟨v − c, c⟩``. Scores take ``α = 1 + γ`` back exactly (:class:`SketchBlock`).
     γ is 0 where the codec centres by the mean alone, or the side has no centre in its pass."""
-    centre = values(prep.centre(side))
+    centre = prep.centre(side)
     if centre is None or getattr(codec, "centring", "mean") != "scaled":
         return sk, norm2, torch.zeros_like(norm2)
     key = (side, layer, block, sk.device)
     cached = prep.sketched_centres.get(key)
-    if cached is None:  # R c and ‖c‖² of this block, once per preparation
-        c = centre.to(sk.device)
+    if cached is None:  # R c and ‖c‖² of this block, once per preparation (a one-byte centre read once)
+        c = values(centre.to(sk.device))
         cached = prep.sketched_centres[key] = (codec.apply_heads(layer, block, c[None].to(sk.dtype))[0],
                                                c.double().square().sum(-1).to(norm2.dtype))
     rc, c2 = cached
