@@ -44,7 +44,11 @@ def test_lora_model_scores_are_the_merged_models(arch, targets, codec):
     assert torch.equal(torch.isnan(got.scores), torch.isnan(want.scores))  # frozen, unadapted blocks: NaN in both
     assert bool(torch.isfinite(got.scores).any())
     scale = float(want.scores.nan_to_num().abs().max())
-    torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
+    # the two models' gradients differ in the last bits (W + s·B·A merged or not); a sketched score's parts cancel,
+    # so its fp32 rounding can reach a few 1e-4 of it, always far below its standard error (~0.002 of it here)
+    noise = 0.01 * want.stderr.nan_to_num() if codec.two_pass else 0.0
+    diff = (got.scores - want.scores).abs().nan_to_num()
+    assert bool((diff <= 1e-4 * want.scores.abs().nan_to_num() + 1e-5 * scale + noise).all()), float(diff.max())
     if targets == ["q_proj", "v_proj"]:  # K and O have no adapter: frozen in the fine-tune, not collected
         blocks = list(got.layout.block_names)
         assert bool(torch.isnan(got.scores[..., blocks.index("K")]).all())

@@ -94,10 +94,10 @@ def two_ranks_equal_single_process(tmp_path, backend: str, stats_dtype: str | No
     a, b = sf.open_store(tmp_path / "single"), sf.open_store(tmp_path / "dist")
     assert b.summary()["samples"] == a.summary()["samples"] == ({"a": 8, "b": 6} if fsdp else {"a": 9, "b": 7})
     assert a.manifest["tasks"] == b.manifest["tasks"]  # same batches, same sample ids
-    # the paper variant with normaliser "a" keeps A's Fisher and Σ|g|, and only Σ|g| of B; the conflict test adds
-    # both tasks' Σg and task A's Σg over half its samples (each process splits its own stream: the halves
-    # differ between world sizes, their counts add up to the same)
-    assert a.stats["a"].quantities == b.stats["a"].quantities == ("fisher", "abs", "sum", "half")
+    # the paper variant with normaliser "a", task B once, keeps A's Fisher (the balance is a power of it) and only
+    # Σ|g| of B; the conflict test adds both tasks' Σg and task A's Σg over half its samples (each process splits
+    # its own stream: the halves differ between world sizes, their counts add up to the same)
+    assert a.stats["a"].quantities == b.stats["a"].quantities == ("fisher", "sum", "half")
     assert a.stats["b"].quantities == b.stats["b"].quantities == ("abs", "sum")  # (B's Σ|g|: its mean residual)
     assert a.stats["a"].half_count == (4 if fsdp else 5) and 3 <= b.stats["a"].half_count <= 6
     for t in ("a", "b"):

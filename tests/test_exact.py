@@ -146,7 +146,8 @@ def test_leave_one_out_normalizer(llama_setup):
         others = [g for k, g in enumerate(ga) if k != i]
         fisher = hb.select(torch.stack([g[hb.param_name] ** 2 for g in others]).mean(0))
         want = direct_score(hb.select(ga[i][hb.param_name]), hb.select(gb[0][hb.param_name]), fisher, "paper")
-        assert math.isclose(float(res.scores[i, 0, 1, 5, 2]), want, rel_tol=1e-6)
+        # (the oracle's fp32 autograd gradients against the library's from captured fp32 factors: ~1e-6 apart)
+        assert math.isclose(float(res.scores[i, 0, 1, 5, 2]), want, rel_tol=1e-5)
 
 
 def test_ridge_relative_uses_block_median(llama_setup):

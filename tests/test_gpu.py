@@ -90,9 +90,11 @@ def test_conflict_table_on_cuda_equals_cpu(units, tmp_path):
         model.cpu()
         for family in cpu.families:
             want, got = cpu.units(family).head_conflicts(), gpu.units(family).head_conflicts()
-            for column in ("T", "stderr", "alignment"):
+            # T and alignment from the exact means; the standard error from conflict weights kept in one byte,
+            # rounded from the GPU's fp32 (bf16-summed) or the CPU's fp64 means (tests/test_conflicts.py)
+            for column, tol in (("T", 2e-3), ("alignment", 2e-3), ("stderr", 3e-2)):
                 torch.testing.assert_close(torch.tensor(got[column].to_numpy()), torch.tensor(want[column].to_numpy()),
-                                           rtol=2e-3, atol=2e-3 * float(want[column].abs().max()))
+                                           rtol=tol, atol=tol * float(want[column].abs().max()))
         if not codec.two_pass:
             assert len(gpu.distributions_differ(n_permutations=9)) > 0
     stored = sf.analyze(model.cuda(), generic_loss, to(ta), to(tb), codec=sf.Sketch(k=32), units=units,
@@ -124,7 +126,10 @@ def test_cuda_sjlt_kernel_matches_cpu_map(dtype, tol, size, k, s):
 @pytest.mark.parametrize("units", ["heads", "all"])
 def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch, variant, normalizer, units):
     """Fused pass 1 (Welford kernel) and pass 2 (side sketch kernel) against the torch code on the same GPU,
-    for head blocks and MLP channel-group blocks (rows of UP/GATE, columns of DOWN; Conv1D for GPT-2)."""
+    for head blocks and MLP channel-group blocks (rows of UP/GATE, columns of DOWN; Conv1D for GPT-2). The side
+    kernel is compared on the same statistics (the Welford kernel's in both runs): the preparations' one-byte codes
+    then agree, where statistics summed in another order could move a code by a step, a different (as accurate)
+    estimate; the Welford kernel is compared with the torch update on its own."""
     from sketchfisher.compress import fused as sketching
     from sketchfisher.fisher import FisherStats
 
@@ -134,8 +139,15 @@ def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch
     kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3, dtype="fp32"), variant=variant, normalizer=normalizer,
               stats_dtype=torch.float32, units=units)
     fused = sf.analyze(model, generic_loss, to(ta), to(tb), **kw)
+    with monkeypatch.context() as patch:
+        patch.setattr(FisherStats, "_kernel_applies", lambda self, g, state: False)
+        torch_stats = sf.analyze(model, generic_loss, to(ta), to(tb), **kw)
+    for t in ("a", "b"):  # pass 1 (and B's statistics folded in its pass): the Welford kernel against torch
+        got, want = getattr(fused.context, f"stats_{t}"), getattr(torch_stats.context, f"stats_{t}")
+        for name in got.names():
+            if "fisher" in got.quantities:
+                torch.testing.assert_close(got.fisher(name), want.fisher(name), rtol=1e-5, atol=1e-7)
     monkeypatch.setattr(sketching.FusedSides, "applies", lambda self, factor: False)
-    monkeypatch.setattr(FisherStats, "_kernel_applies", lambda self, g, state: False)
     plain = sf.analyze(model, generic_loss, to(ta), to(tb), **kw)
     for family in fused.families:
         f, p = fused.units(family), plain.units(family)
