@@ -148,7 +148,7 @@ def test_sketch_needs_reiterable_tasks(small):
 def test_srht_full_width_codec_equals_exact(small, variant, normalizer, vr, stats_dtype):
     """k = P makes srht exact, so the whole sketch pipeline (side vectors, balancing, centering and
     the exact cross terms) must reproduce the exact scores for every variant and normaliser; with fp32
-    statistics (the GPU setting) the balance and the centres are kept in bf16, which changes no score."""
+    statistics (the GPU setting) the balance and the centres are kept in one byte, which changes no score."""
     if normalizer == "loo" and stats_dtype == torch.float32:
         pytest.skip("leave-one-out's n·Î − g_i² cancels: fp32 statistics are not exact enough for it")
     model, ta, tb, _ = small
