@@ -77,6 +77,16 @@ MODULES = {  # Llama-7B: (rows, columns, units, unit rows, unit columns) of a we
 }
 
 
+def module_blocks(batch: int):
+    """Per Llama-7B module shape: ``(label, g [batch, rows, cols] fp32, keys, offsets, size, unit columns, columns,
+    units)`` for :func:`kernels.sketch_heads`."""
+    for label, (rows, cols, H, ur, uc) in MODULES.items():
+        g = torch.randn(batch, rows, cols, device="cuda")
+        offsets = (torch.arange(H, device="cuda") * ur * cols) if uc == cols else torch.arange(H, device="cuda") * uc
+        keys = torch.randint(0, 2**31 - 1, (H, 2), device="cuda")
+        yield label, g, keys, offsets, ur * uc, uc, cols, H
+
+
 def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
     """The pass-2 side kernel (square, fp32 weight, bf16 centre and other, cross term, norm, sketch) over the unit
     blocks of each Llama-7B module shape, a batch of fp32 per-sample gradients: the default launch beside the best
@@ -84,11 +94,7 @@ def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
     print(f"\n## pass 2's side kernel per module, batch {batch}, fp32 gradient, weight fp32, centre and other bf16")
     print("| module | k | copy_ of g ms | default ms | GB/s read | best ms | x default | best launch |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for label, (rows, cols, H, ur, uc) in MODULES.items():
-        g = torch.randn(batch, rows, cols, device="cuda")
-        size = ur * uc
-        offsets = (torch.arange(H, device="cuda") * ur * cols) if uc == cols else torch.arange(H, device="cuda") * uc
-        keys = torch.randint(0, 2**31 - 1, (H, 2), device="cuda")
+    for label, g, keys, offsets, size, uc, cols, H in module_blocks(batch):
         w = torch.rand(H, size, device="cuda")
         c, o = (torch.rand(H, size, device="cuda").to(torch.bfloat16) for _ in range(2))
         buf = torch.empty_like(g)
@@ -121,11 +127,7 @@ def one_byte_sweep(batch: int, k: int, repeats: int) -> None:
     print(f"\n## the side passes' kernel, batch {batch}, k {k}: bf16 against one-byte preparations (ms, CUDA graphs)")
     print("| module | pass | bf16 ms | one byte ms | one byte / bf16 | conflict weights off: bf16, one byte |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for label, (rows, cols, H, ur, uc) in MODULES.items():
-        g = torch.randn(batch, rows, cols, device="cuda")
-        size = ur * uc
-        offsets = (torch.arange(H, device="cuda") * ur * cols) if uc == cols else torch.arange(H, device="cuda") * uc
-        keys = torch.randint(0, 2**31 - 1, (H, 2), device="cuda")
+    for label, g, keys, offsets, size, uc, cols, H in module_blocks(batch):
         vec = lambda *lead: torch.rand(*lead, H, size, device="cuda") + 0.1  # noqa: E731
         w_a, w_b, x_bar, y_bar, u = vec(), vec(), vec() - 0.5, vec() - 0.5, vec(2) - 0.5
         for name, transform, given in (("B", "abs", dict(weight=w_b, centre=x_bar, other=x_bar, conflict=u)),
