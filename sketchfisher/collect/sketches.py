@@ -46,7 +46,8 @@ def prepare(layout: Layout, layer: int, block: str, stats_a: FisherStats, stats_
             recipe: Optional["Recipe"] = None) -> Optional[BlockPrep]:
     """Pass-2 quantities of one (layer, block) from both tasks' statistics (on the statistics' device).
 
-    ``balance_from_a`` balances by task A's Σ|g| alone; ``stats_b=None`` (with it) prepares the single pass
+    ``balance_from_a`` balances by task A's statistics alone (a power of its normaliser; stores of format 10 and
+    before, by its √mean|g|); ``stats_b=None`` (with it) prepares the single pass
     over task B, whose centre is not known yet (the ``1.5`` order of :mod:`.plan`). A codec with scaled centring
     (:func:`~sketchfisher.compress.base.centres_b_from_a`) centres B during that pass by a multiple of task A's
     centre: the preparation's ``ȳ'`` is then ``x̄'`` itself (one tensor), until :func:`centre_j_side` puts B's own
@@ -161,10 +162,6 @@ def recipe_of(format_version: int) -> Recipe:
         return RECIPE
     return Recipe(torch.bfloat16 if format_version >= 9 else None, "abs")
 
-
-def side_dtype(stats_dtype: torch.dtype):
-    """The dtype today's recipe keeps the balance and centres in for statistics of ``stats_dtype``."""
-    return RECIPE.sides if stats_dtype == torch.float32 else None
 
 
 def compacted_statistics(layout: Layout) -> tuple[str, ...]:
@@ -333,5 +330,5 @@ def mean_moments(preps: Preps) -> dict[tuple[int, str], dict]:
 
 
 __all__ = ["Preps", "centre_j_side", "centre_products", "centred", "mean_moments", "check_reiterable", "compacted_statistics",
-           "host_staging", "pass_b", "prepare", "prepare_all", "RECIPE", "Recipe", "recipe_of", "side_dtype",
+           "host_staging", "pass_b", "prepare", "prepare_all", "RECIPE", "Recipe", "recipe_of",
            "sketch_batches", "statistics_dtypes"]
