@@ -195,6 +195,9 @@ def test_a_run_that_would_not_fit_is_refused_with_numbers_and_alternatives():
         refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float32,
                            **{**kw, "plan": None, "batch_size": 4, "units": "all"})
     assert "heads alone, then MLP units in a second collection" in str(err.value) and "batch size 2" in str(err.value)
+    with pytest.raises(sf.InputError, match="batch size 2;"):  # the largest batch that fits, not half of 3
+        refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float32,
+                           **{**kw, "plan": None, "batch_size": 3, "units": "all"})
     with pytest.raises(sf.InputError) as err:
         refuse_over_budget("llama-7b", 80 * 2**30, stats_dtype=torch.float64, **{**kw, "batch_size": 8})
     text = str(err.value)

@@ -369,8 +369,10 @@ def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, 
     if "mlp" in _families(units) and "heads" in _families(units) and \
             all(peak(units=u, plan=None)["peak_device_bytes"].max() <= budget for u in ("heads", "mlp")):
         hints.append("heads alone, then MLP units in a second collection (units='heads', then units='mlp')")
-    if batch_size > 1 and peak(batch_size=batch_size // 2)["peak_device_bytes"].max() <= budget:
-        hints.append(f"batch size {batch_size // 2}")
+    smaller = next((b for b in range(batch_size - 1, 0, -1) if peak(batch_size=b)["peak_device_bytes"].max() <= budget),
+                   None)  # (the largest batch that fits: the peak grows with the batch)
+    if smaller:
+        hints.append(f"batch size {smaller}")
     more = next((n for n in (2, 4, 8) if n > devices and peak(devices=n)["peak_device_bytes"].max() <= budget), None)
     if more:
         hints.append(f"the layers spread over {more} devices (device_map / --device-map auto)")
