@@ -55,9 +55,8 @@ class OneByte:
         return OneByte(self.codes.to(device, non_blocking=non_blocking), self.scale.to(device, non_blocking=non_blocking))
 
     def __getitem__(self, index) -> "OneByte":
-        """Index the leading (non-entry) dimensions, e.g. ``u[None]`` or ``u[0]``."""
-        codes = self.codes[index]
-        return OneByte(codes, self.scale[index] if codes.ndim == self.codes.ndim else self.scale[index])
+        """Index the leading (non-entry) dimensions only, e.g. ``u[None]`` or ``u[0]``: codes and scales alike."""
+        return OneByte(self.codes[index], self.scale[index])
 
     @property
     def device(self) -> torch.device:
