@@ -129,8 +129,8 @@ frontier[["label", "setting", "bytes_per_sample", "median_rel_err", "spearman"]]
 # * **The default estimator: dithered int4 at k = 1024 with scaled centring.** At 536 bytes per head
 #   block (what k = 256 fp16 costs), it reaches a median relative error of 0.029 and Spearman 0.999, against
 #   0.0725 and 0.9946 for the previous default (k = 256 fp16, centred by the means): 2.5× less error at the
-#   same bytes. Scaled centring alone gains about 20% at every k (int4: 0.0738 → 0.0575 at k = 256, 0.0364 →
-#   0.0287 at k = 1024; task B, run once, is also centred by its own mean when scored); the rest is int4's four
+#   same bytes. Scaled centring alone gains about 20% at every k (int4: 0.0746 → 0.0581 at k = 256, 0.0369 →
+#   0.0289 at k = 1024; task B, run once, is also centred by its own mean when scored); the rest is int4's four
 #   times the k. Coverage stays at 0.95–0.96.
 # * **Storage precision does not matter down to int8**: int8 keeps the fp16 accuracy at 89× less
 #   memory than full fp16 contributions. **Dithered int4** adds a little, known noise (it is in the error
