@@ -83,7 +83,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
     elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
     hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
-    ``centre``, ``other`` are ``[H, size]``, fp32 or bf16, read as they are); cross is ``Σ transform(g)·weight·other``. The sketch
+    ``centre``, ``other`` are ``[H, size]``, fp32, bf16 or fp8 codes, read as they are); cross is ``Σ transform(g)·weight·other``. The sketch
     is scaled by 1/√s and returned in fp32. ``own`` is ``Σ ṽ·centre`` (zero without a centre: what scaled centring
     needs, :func:`sketchfisher.compress.sketch_scores.scale_centring`). ``conflict [m, H, size]`` (m ≤ 2, any float dtype): the raw gradient's
     inner products with each of its m vectors, ``dots[r, h, i] = Σ g_h[r]·conflict[i, h]`` (the conflict test's
