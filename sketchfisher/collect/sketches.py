@@ -282,7 +282,7 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
     centres, residuals = {}, {}
     held: dict = {}  # task A's statistics of one parameter on the preparations' device (what: tensor)
 
-    def of_a(key, what: str) -> torch.Tensor:
+    def of_a(key, what: str, device: torch.device) -> torch.Tensor:
         if stats_a is None or what not in stats_a.quantities:
             raise InputError(f"task A's {'Fisher' if what == 'fisher' else 'mean gradient'} is needed to finish the "
                              "preparations after task B's pass")
@@ -291,14 +291,14 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
             held.clear()
             held["name"] = name
         if what not in held:
-            held[what] = (stats_a.fisher(name).to(prep.device, non_blocking=True) if what == "fisher"
-                          else stats_a.mean_grad(name, prep.device))
+            held[what] = (stats_a.fisher(name).to(device, non_blocking=True) if what == "fisher"
+                          else stats_a.mean_grad(name, device))
         return layout.gather(*key, held[what].unsqueeze(0))[0]
 
     for key in keys:
         prep = preps[key]
         if prep.w_a is None:
-            prep = rebuild_a_weight(prep, of_a(key, "fisher"), cfg)
+            prep = rebuild_a_weight(prep, of_a(key, "fisher", prep.device), cfg)
         during = prep.y_bar is not None  # centred during the pass by multiples of x̄' (scaled centring)
         prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
         if during:  # B's sketches are final: its mean residual is taken away when scoring
@@ -309,7 +309,7 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
             mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
             w = prep.inverse_denominator()
             u_a = narrower((mean_b * w)[None], CONFLICT_WEIGHT_DTYPE)
-            mean_a = of_a(key, "sum") if prep.u_b is not None else None  # (T from the exact means)
+            mean_a = of_a(key, "sum", prep.device) if prep.u_b is not None else None  # (T from the exact means)
             prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(mean_a, mean_b, w, prep.moments))
         preps[key] = dataclass_replace(prep, w_b=None, u_b=None)  # (B's conflict weights: B's pass is over)
         name = layout.param_of(*key)

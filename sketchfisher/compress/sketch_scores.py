@@ -191,12 +191,12 @@ def conflict_moments(mean_a: Optional[torch.Tensor], mean_b: Optional[torch.Tens
     """The Fisher-weighted inner products of the task means a block's conflict test needs, fp64 ``[H_b]``, from
     the exact means ``[H_b, S]`` (either may be None) and ``W = 1 / (Î + ε + λ)``: ``aa = ḡ_A·W·ḡ_A``,
     ``bb = ḡ_B·W·ḡ_B`` and ``ab = T = ḡ_A·W·ḡ_B`` as far as the means are known; added to ``known``. The conflict
-    weights may be rounded (to one byte); these products are not."""
+    weights may be rounded (to one byte); these products are not. A product already in ``known`` is kept."""
     out = dict(known or {})
     means = {t: None if m is None else m.to(w.device).double() for t, m in (("a", mean_a), ("b", mean_b))}
     w = w.double()
     for name, (x, y) in {"aa": ("a", "a"), "bb": ("b", "b"), "ab": ("a", "b")}.items():
-        if means[x] is not None and means[y] is not None:
+        if means[x] is not None and means[y] is not None and name not in out:
             out[name] = (means[x] * means[y] * w).sum(-1)
     return out or None
 
@@ -210,8 +210,7 @@ def with_j_centre(prep: BlockPrep, mean_j_b: torch.Tensor) -> BlockPrep:
     """``prep`` with task B's centre ``ȳ' = mean_j_b · w_b`` (the j-side mean, balanced as B's side vectors)
     and ``e = ⟨x̄', ȳ'⟩`` (summed in fp64). One formula for every pass order: the single pass over task B
     adds its centre after the pass, from ``w_b``, as a store written that way is prepared when read."""
-    narrow = isinstance(prep.w_b, OneByte) or prep.w_b.element_size() < 4
-    w_b = values(prep.w_b, torch.float64) if narrow else prep.w_b  # (narrow centres: rounded alike anywhere)
+    w_b = values(prep.w_b, torch.float64) if narrowed(prep.w_b, torch.float32) else prep.w_b  # (narrow centres: rounded alike anywhere)
     y_bar = mean_j_b.to(prep.w_b.device) * w_b
     y_bar = narrower(y_bar, "fp8") if isinstance(prep.w_b, OneByte) else y_bar.to(prep.w_b.dtype)
     return replace(prep, y_bar=y_bar, e=(values(prep.x_bar, torch.float64) * values(y_bar, torch.float64)).sum(-1))

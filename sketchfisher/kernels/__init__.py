@@ -122,11 +122,10 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     prep = [t.contiguous() if t is not None else dummy for t in (weight, centre, other)]  # (read in their dtype)
     prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (fp8 at 7B)
-    scaled = [name in scales for name in ("weight", "centre", "other")]
-    sc = torch.ones(3, H, dtype=torch.float32, device=dev)
-    for i, name in enumerate(("weight", "centre", "other")):
-        if scaled[i]:
-            sc[i] = scales[name].to(dev, torch.float32)
+    names = ("weight", "centre", "other")
+    scaled = [name in scales for name in names]
+    ones = torch.ones(H, dtype=torch.float32, device=dev) if not all(scaled) else None
+    sc = torch.stack([scales[name].to(dev, torch.float32) if name in scales else ones for name in names])  # (one launch)
     contig = cols == size or (row_stride == cols)
     on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with on_device:  # Triton launches on the current device: make it the tensors' (layers on several cards)
