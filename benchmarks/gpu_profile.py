@@ -2,12 +2,16 @@
 plain forward+backward over the same batches, grouped by kernel name.
 
     python3 benchmarks/gpu_profile.py --shape llama-7b --layers 8 --samples 8 --batch 2 --units all
+    python3 benchmarks/gpu_profile.py ... --host      # the host's side instead: where Python spends a run (cProfile)
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import sys
 from collections import defaultdict
 
@@ -46,6 +50,21 @@ def kernel_tables(prof, phases: list[str], top: int, device: str = "cuda") -> di
             for key, t in ms.items()}
 
 
+def host_profile(run, top: int) -> None:
+    """Where the host's time goes in one run: cProfile's functions by own time and by cumulative time. A
+    function that waits for the device (a copy to the host, a synchronisation) shows the device's time as its own."""
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(order).print_stats(top)
+        print(f"\n## host time by {order}\n" + out.getvalue().split("\n\n", 2)[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
@@ -60,6 +79,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--device", default="cuda")
     p.add_argument("--device-map", default="none")
+    p.add_argument("--host", action="store_true", help="profile the host's Python (cProfile) instead of the kernels")
     args = p.parse_args()
     model = build_model(args)
     vocab = model.config.vocab_size
@@ -82,6 +102,9 @@ def main() -> None:
     activity = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])  # (CPU: the ranges)
     plain(), run()  # warm-up: compiled kernels, allocator
     print("unprofiled phases: " + ", ".join(f"{r['phase']} {r['seconds']:.2f}s" for r in run().phases.rows()))
+    if args.host:
+        host_profile(run, args.top)
+        return
     for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):
         sync()
         with profile(activities=activity) as prof:

@@ -18,6 +18,11 @@ def _hash(ctr, lo, hi):
     return _fmix32(_fmix32(ctr ^ lo) ^ hi)
 
 @triton.jit
+def _total(a):  # [BR, Q, BM] -> [BR]
+    return tl.sum(tl.sum(a, axis=2), axis=1)
+
+
+@triton.jit
 def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr, out_ptr,
                   n, H, size, tiles, stride_n, row_stride, tiles_per_prog, scale,
                   COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
@@ -53,12 +58,14 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr,
     j3 = j[None, None, :]
     rows3 = rows[:, None, None].to(tl.int64) * stride_n
     rok3 = row_ok[:, None, None]
+    # Every accumulator keeps the tile's shape and is reduced once after the loop: a reduction across BM inside the
+    # loop costs shuffles and a barrier per step, which made the kernel slower than its loads.
     acc = tl.zeros((BR, Q, BM), dtype=tl.float32)
-    nacc = tl.zeros((BR, Q), dtype=tl.float32)
-    cacc = tl.zeros((BR, Q), dtype=tl.float32)
-    sacc = tl.zeros((BR, Q), dtype=tl.float32)  # the centred vector against its own centre (scaled centring)
-    uacc0 = tl.zeros((BR, Q), dtype=tl.float32)  # the raw gradient against up to two conflict weights
-    uacc1 = tl.zeros((BR, Q), dtype=tl.float32)
+    nacc = tl.zeros((BR, Q, BM), dtype=tl.float32)
+    cacc = tl.zeros((BR, Q, BM), dtype=tl.float32)
+    sacc = tl.zeros((BR, Q, BM), dtype=tl.float32)  # the centred vector against its own centre (scaled centring)
+    uacc0 = tl.zeros((BR, Q, BM), dtype=tl.float32)  # the raw gradient against up to two conflict weights
+    uacc1 = tl.zeros((BR, Q, BM), dtype=tl.float32)
     usize = (h * 0 + H).to(tl.int64) * size  # (H may arrive as a constexpr int)
     t0 = chunk * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, tiles)
@@ -75,9 +82,9 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr,
             addr = hoff + (e // COLS) * row_stride + e % COLS
         x = tl.load(g_ptr + rows3 + addr, mask=rok3 & ok, other=0.0).to(tl.float32)
         if MU >= 1:
-            uacc0 += tl.sum(x * tl.load(u_ptr + poff + e, mask=ok, other=0.0).to(tl.float32), axis=2)
+            uacc0 += x * tl.load(u_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
         if MU >= 2:
-            uacc1 += tl.sum(x * tl.load(u_ptr + usize + poff + e, mask=ok, other=0.0).to(tl.float32), axis=2)
+            uacc1 += x * tl.load(u_ptr + usize + poff + e, mask=ok, other=0.0).to(tl.float32)
         if F == 1:
             x = x * x
         elif F == 2:
@@ -91,14 +98,14 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr,
             ov = tl.load(o_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
             if O_SC:
                 ov = ov * osc
-            cacc += tl.sum(x * ov, axis=2)
+            cacc += x * ov
         if HAS_C:
             cen = tl.load(c_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
             if C_SC:
                 cen = cen * csc
             x = x - cen
-            sacc += tl.sum(x * cen, axis=2)
-        nacc += tl.sum(x * x, axis=2)
+            sacc += x * cen
+        nacc += x * x
         wctr = tile_ctr[:, None] * WORDS + tl.arange(0, BW)[None, :]          # [Q, BW]
         words = _hash(wctr.to(tl.uint32), lo, hi)
         if BW == 1:
@@ -114,13 +121,13 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr,
     base = ((chunk.to(tl.int64) * n + rows) * H + h) * W
     tl.store(out_ptr + base[:, None, None] + bands[None, :, None] * BM + j3, out,
              mask=rok3 & (bands < S)[None, :, None])
-    tl.store(out_ptr + base + S * BM, tl.sum(nacc, axis=1) / S, mask=row_ok)   # every band visits each entry once
-    tl.store(out_ptr + base + S * BM + 1, tl.sum(cacc, axis=1) / S, mask=row_ok)
-    tl.store(out_ptr + base + S * BM + 2, tl.sum(sacc, axis=1) / S, mask=row_ok)
+    tl.store(out_ptr + base + S * BM, _total(nacc) / S, mask=row_ok)   # every band visits each entry once
+    tl.store(out_ptr + base + S * BM + 1, _total(cacc) / S, mask=row_ok)
+    tl.store(out_ptr + base + S * BM + 2, _total(sacc) / S, mask=row_ok)
     if MU >= 1:
-        tl.store(out_ptr + base + S * BM + 3, tl.sum(uacc0, axis=1) / S, mask=row_ok)
+        tl.store(out_ptr + base + S * BM + 3, _total(uacc0) / S, mask=row_ok)
     if MU >= 2:
-        tl.store(out_ptr + base + S * BM + 4, tl.sum(uacc1, axis=1) / S, mask=row_ok)
+        tl.store(out_ptr + base + S * BM + 4, _total(uacc1) / S, mask=row_ok)
 
 
 @triton.jit
