@@ -21,6 +21,7 @@ TINY = {
                         "--blocks", "0:Q:0:0"],
     "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16", "--centring",
                               "mean,scaled", "--passes", "2,1.5"],
+    "code_bits.py": ["--dim", "64", "--maps", "3", "--rho", "0"],
     "conflict_calibration.py": ["--samples", "8", "--draws", "2", "--collections", "1", "--plain"],
     "conflict_cost.py": ["--device", "cpu", "--hidden", "64", "--heads", "4", "--samples", "16", "--blocks", "8",
                          "--repeats", "1"],
