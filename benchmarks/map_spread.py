@@ -40,6 +40,14 @@ def scaled(v: torch.Tensor) -> torch.Tensor:
     return v - ((v @ m) / m.square().sum().clamp_min(1e-300))[:, None] * m
 
 
+def count_sketch(r: int, size: int, k: int):
+    """The ``r``-th fully random count sketch ``[n, size] -> [n, k]`` (one bucket and a random sign per coordinate)."""
+    g = torch.Generator().manual_seed(1000 + r)
+    bucket = torch.randint(0, k, (size,), generator=g)
+    sign = torch.randint(0, 2, (size,), generator=g).double() * 2 - 1
+    return lambda v: torch.zeros(len(v), k, dtype=v.dtype).index_add_(1, bucket, v * sign)
+
+
 def participation(v: torch.Tensor) -> float:
     n2 = v.square().sum(1)
     u = v[n2 > 0] / n2[n2 > 0].sqrt()[:, None]
@@ -81,10 +89,7 @@ def main() -> None:
         live = se > 0
         covered = []
         for r in range(args.maps):
-            g = torch.Generator().manual_seed(1000 + r)
-            bucket = torch.randint(0, args.k, (x.shape[1],), generator=g)
-            sign = torch.randint(0, 2, (x.shape[1],), generator=g).double() * 2 - 1
-            sk = lambda v: torch.zeros(len(v), args.k, dtype=v.dtype).index_add_(1, bucket, v * sign)  # noqa: E731
+            sk = count_sketch(r, x.shape[1], args.k)
             err = sk(x) @ sk(y).T - t
             covered.append(float((err.abs() <= 1.959964 * se)[live].double().mean()))
         c = torch.tensor(covered)
@@ -95,7 +100,8 @@ def main() -> None:
     rows.sort(key=lambda r: r[1])
     if args.single_pass:
         print(f"# {args.model} ({args.layers} layers, {args.train_steps} training steps), {args.samples} x "
-              f"{args.samples}, k = {args.k}, {args.maps} maps per block, task B in one pass, balance {args.balance}, {args.maps_kind} maps")
+              f"{args.samples}, k = {args.k}, {args.maps} maps per block, task B in one pass, balance "
+              f"{args.balance}, {args.maps_kind} maps")
         print("| block | rank_a x rank_b | coverage, estimated ‖ŷ‖² | coverage, exact ‖ŷ‖² | maps below 0.93 (estimated, "
               "exact) |\n| --- | --- | --- | --- | --- |")
         for (layer, block, h), n, est, ex, below_est, below_ex in sorted(rows, key=lambda r: r[2])[:10]:
@@ -135,13 +141,7 @@ def single_pass_coverage(x: torch.Tensor, y_raw: torch.Tensor, x_mean: torch.Ten
     exact_norm = (y - m).square().sum(1)
     covered = []
     for r in range(maps):
-        if library:
-            sk = SketchMap("sjlt", k, x.shape[1], r, (0, 0, 0)).apply
-        else:
-            g = torch.Generator().manual_seed(1000 + r)
-            bucket = torch.randint(0, k, (x.shape[1],), generator=g)
-            sign = torch.randint(0, 2, (x.shape[1],), generator=g).double() * 2 - 1
-            sk = lambda v, b=bucket, s=sign: torch.zeros(len(v), k, dtype=v.dtype).index_add_(1, b, v * s)  # noqa: E731
+        sk = SketchMap("sjlt", k, x.shape[1], r, (0, 0, 0)).apply if library else count_sketch(r, x.shape[1], k)
         rx, ry, rm = sk(x), sk(y), sk(m[None])[0]
         term = rx @ (ry - rm).T
         cross = ry @ rm

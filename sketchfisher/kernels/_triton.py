@@ -17,6 +17,7 @@ def _fmix32(h):  # h: uint32; multiplications wrap modulo 2**32
 def _hash(ctr, lo, hi):
     return _fmix32(_fmix32(ctr ^ lo) ^ hi)
 
+
 @triton.jit
 def _total(a):  # [BR, Q, BM] -> [BR]
     return tl.sum(tl.sum(a, axis=2), axis=1)
