@@ -7,6 +7,7 @@ bars are too narrow stays low under every seed, a chance low moves.
 
     python benchmarks/block_coverage.py --samples 48 --seeds 4
     python benchmarks/block_coverage.py --model gpt2 --train-steps 36 --seeds 4   # a briefly trained causal LM
+    python benchmarks/block_coverage.py --model gpt2 --train-steps 36 --seeds 16 --first-seed 8   # more maps
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
 
 import sys
 
+import numpy as np
 import torch
 
 import sketchfisher as sf
@@ -30,6 +32,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ... (to extend a run)")
+    p.add_argument("--watch", nargs="*", default=[], metavar="LAYER:HEAD:BLOCK",
+                   help="blocks to list in the per-block table whatever their rank, e.g. 1:11:K")
     p.add_argument("--model", default="minilm", choices=MODELS)
     p.add_argument("--layers", type=int, default=2, help="depth of the random causal LMs")
     p.add_argument("--train-steps", type=int, default=0, help="Adam steps on both tasks' texts first (causal LMs)")
@@ -40,7 +45,7 @@ def main() -> None:
     print("| seed | overall coverage | worst block | worst block's position | blocks below 0.93 |")
     print("| --- | --- | --- | --- | --- |")
     per_block, independent = [], []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         res = sf.analyze(model, loss, ta, tb, codec=sf.Sketch(seed=seed))
         inside = ((res.scores - exact.scores).abs() <= 1.959964 * res.stderr).double().flatten(0, 1)
         cov = inside.mean(0)  # [layers, heads, blocks]
@@ -59,7 +64,10 @@ def main() -> None:
         print(f"mean correlation of per-block coverage between two seeds: {float(corr):+.3f}")
         print("\n| block (lowest over the seeds' mean) | mean coverage | lowest seed | highest seed | seeds below 0.93 |")
         print("| --- | --- | --- | --- | --- |")
-        for flat in mean.argsort()[:5].tolist():
+        lowest = mean.argsort()[:5].tolist()
+        watched = [int(np.ravel_multi_index((int(l), int(h), res.layout.block_names.index(b)), tuple(cov.shape)))
+                   for l, h, b in (w.split(":") for w in args.watch)]
+        for flat in lowest + [f for f in watched if f not in lowest]:
             layer, head, block = (int(i) for i in torch.unravel_index(torch.tensor(flat), cov.shape))
             c = stacked[:, flat]
             print(f"| layer {layer} head {head} {res.layout.block_names[block]} | {float(c.mean()):.3f} | "

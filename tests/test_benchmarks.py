@@ -16,7 +16,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
-    "block_coverage.py": ["--samples", "4", "--seeds", "2"],
+    "block_coverage.py": ["--samples", "4", "--seeds", "2", "--first-seed", "1", "--watch", "0:0:Q"],
     "block_errors.py": ["--model", "llama", "--layers", "1", "--train-steps", "1", "--samples", "4", "--k", "16",
                         "--blocks", "0:Q:0:0"],
     "accuracy_vs_memory.py": ["--samples", "4", "--ks", "16", "--kinds", "sjlt", "--dtypes", "fp16", "--centring",
