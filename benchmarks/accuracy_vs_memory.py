@@ -12,6 +12,8 @@ and, from the same formula, at Llama-7B shapes.
     python benchmarks/accuracy_vs_memory.py --model gpt2 --kinds sjlt --ks 1024 --dtypes int4 --vr on --passes 1.5
         # the same shipped texts through a randomly initialised GPT-2-small-wide (or --model llama: Llama with GQA)
         # causal LM of --layers layers, next-token loss (MiniLM's tokenizer: its ids fit either vocabulary)
+    python benchmarks/accuracy_vs_memory.py --model llama7b --layers 1 --samples 24 --kinds sjlt --ks 256,1024 \
+        --dtypes fp16,int4 --vr on --centring mean,scaled --passes 1.5   # a slice of Llama-7B's shape: one layer
 """
 
 from __future__ import annotations
@@ -30,18 +32,27 @@ from sketchfisher.evaluation import compare
 from sketchfisher.demo import load_minilm, load_task, make_batches, masked_token_loss
 from sketchfisher.tasks.batches import clm_loss, task_batches
 
-MODELS = ("minilm", "gpt2", "llama")
+MODELS = ("minilm", "gpt2", "llama", "llama7b")
 
 
 def random_causal_lm(name: str, layers: int, vocab: int) -> torch.nn.Module:
-    """A randomly initialised causal LM of the width of GPT-2 small (768, 12 heads) or of a Llama with grouped
-    KV heads (512, 8 query and 2 KV heads), ``layers`` deep (no network: configurations only)."""
+    """A randomly initialised causal LM of the width of GPT-2 small (768, 12 heads), of a Llama with grouped
+    KV heads (512, 8 query and 2 KV heads) or of Llama-2-7B (``llama7b``: 4096, 32 heads), ``layers`` deep (no
+    network: configurations only)."""
     import transformers as hf
 
     torch.manual_seed(0)
     if name == "gpt2":
         config = hf.GPT2Config(n_layer=layers, n_embd=768, n_head=12, vocab_size=vocab, n_positions=128)
         return hf.GPT2LMHeadModel(config).eval()
+    if name == "llama7b":  # Llama-2-7B's layer shape: head blocks of 128 x 4096 entries, as at full size
+        config = hf.LlamaConfig(num_hidden_layers=layers, hidden_size=4096, num_attention_heads=32,
+                                num_key_value_heads=32, intermediate_size=11008, vocab_size=vocab,
+                                max_position_embeddings=128)
+        model = hf.LlamaForCausalLM(config).eval()
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            emb.weight.requires_grad_(False)  # no unit reads them; their weight gradients would be most of the work
+        return model
     config = hf.LlamaConfig(num_hidden_layers=layers, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
                             intermediate_size=1376, vocab_size=vocab, max_position_embeddings=128)
     return hf.LlamaForCausalLM(config).eval()
