@@ -196,6 +196,25 @@ def plot_sketch_vs_exact(exact: torch.Tensor, sketched: torch.Tensor, stderr: to
     return _finish(fig, path, title)
 
 
+def _short(v: float) -> str:
+    """12,000 → 12k, 3,500,000 → 3.5M."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= div:
+            return f"{v / div:g}{unit}"
+    return f"{v:g}"
+
+
+def _readable_log_axis(axis) -> None:
+    """Labels at 1, 2 and 5 of each decade where the data span under two decades (at 1 only over more), written
+    short; no labels on minor ticks, which overlap when matplotlib labels them."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = axis.get_view_interval()
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if hi / lo < 100 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_frontier(table, path: Optional[str | Path] = None, x: str = "bytes_per_sample", y: str = "median_rel_err",
                   hue: str = "label", title: str = "") -> Any:
     """Accuracy-versus-memory frontier from a table (DataFrame) with one row per configuration; each
@@ -211,6 +230,7 @@ def plot_frontier(table, path: Optional[str | Path] = None, x: str = "bytes_per_
         ax.plot(group[x], group[y], marker=marker, linestyle=line, label=str(label), alpha=0.85,
                 markersize=max(3.0, 10 - 0.8 * n))
     ax.set_xscale("log")
+    _readable_log_axis(ax.xaxis)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y.replace("_", " "))
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
