@@ -149,7 +149,7 @@ def main() -> None:
           f"exact in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}")
     full = bytes_full_fp16_per_sample(layout)
     print("| kind | k | s | dtype | VR | passes | rotated | Spearman | median rel err | top-50 recall | 95% coverage "
-          "| on the top 1% | worst head block | bytes/sample | x vs full fp16 (MiniLM) | x at Llama-7B |")
+          "| on the top 1% | worst head block | bytes/sample | x vs full fp16 (this model) | x at Llama-7B |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind in args.kinds.split(","):
         for k in map(int, args.ks.split(",")):
