@@ -217,6 +217,20 @@ def test_plots_render(setup, tmp_path):
     assert all(float(t).is_integer() for ax in heat for t in ax.get_xticks())
 
 
+def test_frontier_axis_labels_are_short_and_only_on_major_ticks(tmp_path):
+    """Under two decades of bytes the axis is labelled at 1, 2 and 5 of each decade, in short units; minor ticks,
+    which matplotlib labels too on a short log axis (and there they overlap), carry none."""
+    table = pd.DataFrame({"bytes_per_sample": [19456, 68608, 68096, 264704], "median_rel_err": [.055, .028, .057, .028],
+                          "label": ["new", "new", "old", "old"]})
+    fig = plot_frontier(table, tmp_path / "f.png")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    shown = [t.get_text() for t, v in zip(ax.get_xticklabels(), ax.get_xticks()) if lo <= v <= hi]
+    assert shown == ["20k", "50k", "100k", "200k"]
+    assert not any(t.get_text() for t in ax.get_xticklabels(minor=True))
+
+
 def test_compare_metrics():
     from sketchfisher.evaluation import compare
 
