@@ -196,22 +196,14 @@ def plot_sketch_vs_exact(exact: torch.Tensor, sketched: torch.Tensor, stderr: to
     return _finish(fig, path, title)
 
 
-def _short(v: float) -> str:
-    """12,000 → 12k, 3,500,000 → 3.5M."""
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if v >= div:
-            return f"{v / div:g}{unit}"
-    return f"{v:g}"
-
-
 def _readable_log_axis(axis) -> None:
     """Labels at 1, 2 and 5 of each decade where the data span under two decades (at 1 only over more), written
-    short; no labels on minor ticks, which overlap when matplotlib labels them."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    short (20k, 1M); no labels on minor ticks, which overlap when matplotlib labels them."""
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
     lo, hi = axis.get_view_interval()
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if hi / lo < 100 else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+    axis.set_major_formatter(EngFormatter(sep=""))
     axis.set_minor_formatter(NullFormatter())
 
 
