@@ -211,7 +211,7 @@ def plot_frontier(table, path: Optional[str | Path] = None, x: str = "bytes_per_
                   hue: str = "label", title: str = "") -> Any:
     """Accuracy-versus-memory frontier from a table (DataFrame) with one row per configuration; each
     family gets its own marker and line style, and a smaller marker than the one before, so overlapping
-    lines and coinciding points stay visible."""
+    lines and coinciding points stay visible; the legend sits below the axes."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
@@ -225,5 +225,6 @@ def plot_frontier(table, path: Optional[str | Path] = None, x: str = "bytes_per_
     _readable_log_axis(ax.xaxis)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y.replace("_", " "))
-    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    # below the axes: a frontier runs corner to corner, so a legend inside covers some of its points
+    fig.legend(loc="outside lower center", ncol=min(3, len(ax.get_lines())), fontsize=7, frameon=False)
     return _finish(fig, path, title)
