@@ -436,7 +436,7 @@ def test_no_checkpoint_needs_less_disk(small, tmp_path, monkeypatch):
     from sketchfisher.store import writer
 
     model, ta, tb = small
-    args = (model, CODEC, 11, 6, (2, 1), 8)
+    args = (model, CODEC, 11, 6, ([(8, 8), (8, 8)], [(8, 8)]))  # (two fp64 statistics of A, one of B)
     with_ckpt, without = store_disk_bytes(*args), store_disk_bytes(*args, checkpoints=False)
     assert with_ckpt["pass1_checkpoint"] > 0 and without["pass1_checkpoint"] == 0
     assert without["total"] == with_ckpt["total"] - with_ckpt["pass1_checkpoint"]
@@ -527,32 +527,57 @@ def test_store_sizes_match_the_planner(small, tmp_path):
     summary = sf.open_store(tmp_path / "s").summary()
     layout = sf.layout_for(model)
     per_sample = layout.num_layers * (2 * 8 + 2 * 2) * (32 * 2 + 4 + 16 + 4)
-    from sketchfisher.collect.disk import store_disk_bytes
+    from sketchfisher.collect.disk import statistics_widths, store_disk_bytes
     from sketchfisher.collect.memory import Shape
 
     # A keeps its Fisher (the balance is a power of it), B its Σ|g| (its own mean, which the scores take away from
-    # its sketches)
-    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(1, 1), stats_bytes=8)
+    # its sketches; it only centres, so it is written in bf16)
+    widths = (statistics_widths(("fisher",), False, torch.float64), statistics_widths(("abs",), False, torch.float64))
+    assert widths == ([(8, 8)], [(8, 2)])
+    plan = store_disk_bytes(layout, CODEC, samples=11, batches=6, widths=widths)
     assert plan["sketches"] == per_sample * 11 <= summary["sketch_bytes"] <= plan["sketches"] + plan["shard_headers"]
     written = sum(p.stat().st_size for p in (tmp_path / "s").rglob("*") if p.is_file())
     assert written <= plan["total"] - plan["pass1_checkpoint"]  # the plan is an upper bound of what is written
     unit = layout.num_layers * Shape.of(model).attn_params_per_layer * 8  # one model-sized fp64 statistic
-    assert plan["statistics"] >= 2 * unit and plan["pass1_checkpoint"] == max(2 * 1, 1 + 2 * 1) * unit - 2 * unit
+    assert plan["pass1_checkpoint"] == max(2 * 1, 1 + 2 * 1) * unit - (unit + unit // 4)
     assert written >= 0.5 * (plan["total"] - plan["pass1_checkpoint"])  # and not a wild one
-    # Σ|g| only centres: written in bf16; the planner counts it so
-    compact = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(1, 1), stats_bytes=8,
-                               compact_copies=(0, 1))
     stats_bytes = sum(p.stat().st_size for p in (tmp_path / "s" / "pass1").glob("*.safetensors"))
-    assert unit + unit // 4 <= stats_bytes <= compact["statistics"]
+    assert unit + unit // 4 <= stats_bytes <= plan["statistics"]
     # with the conflict test (the default): A's Σg (bf16) and Σg over half its samples, B's Σg (bf16), and
     # each sample's conflict scalars in the shards
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "c")
-    plan = store_disk_bytes(model, CODEC, samples=11, batches=6, stats_copies=(3, 2), stats_bytes=8,
-                            compact_copies=(1, 2), conflicts=True)
+    widths = (statistics_widths(("fisher", "sum", "half"), False, torch.float64),
+              statistics_widths(("abs", "sum"), False, torch.float64))
+    plan = store_disk_bytes(layout, CODEC, samples=11, batches=6, widths=widths, conflicts=True)
     written = sum(p.stat().st_size for p in (tmp_path / "c").rglob("*") if p.is_file())
     stats_bytes = sum(p.stat().st_size for p in (tmp_path / "c" / "pass1").glob("*.safetensors"))
     assert 2 * unit + 3 * unit // 4 <= stats_bytes <= plan["statistics"]
     assert 0.5 * (plan["total"] - plan["pass1_checkpoint"]) <= written <= plan["total"] - plan["pass1_checkpoint"]
+
+
+@pytest.mark.parametrize("units", ["heads", "mlp", "all"])
+@pytest.mark.parametrize("stats_dtype", [torch.float64, torch.float32])
+def test_store_disk_plan_covers_every_unit_family(small, tmp_path, units, stats_dtype):
+    """The writer's disk plan counts the statistics of every collected weight (MLP units' too) at the width each is
+    kept in (fp32 statistics: the plain sums in bf16), so it bounds what is written, and tightly: a plan of the
+    attention weights alone would let an MLP store run out of disk, a plan at full width would refuse stores that
+    fit."""
+    from sketchfisher.collect.disk import footprint, statistics_widths, store_disk_bytes
+    from sketchfisher.collect.plan import pass_plan
+
+    model, ta, tb = small
+    sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s", units=units, stats_dtype=stats_dtype)
+    layout = sf.units_layout(model, units)
+    plan_steps = pass_plan(CODEC, sf.ScoreConfig(), None, means=layout.beyond_heads, conflicts=True)
+    widths = tuple(statistics_widths(plan_steps.statistics[t], layout.beyond_heads, stats_dtype) for t in "ab")
+    plan = store_disk_bytes(layout, CODEC, samples=11, batches=6, widths=widths, conflicts=True)
+    written = sum(p.stat().st_size for p in (tmp_path / "s").rglob("*") if p.is_file())
+    stats = sum(p.stat().st_size for p in (tmp_path / "s" / "pass1").glob("*.safetensors"))
+    assert 0.9 * plan["statistics"] <= stats <= plan["statistics"]
+    assert 0.9 * (plan["total"] - plan["pass1_checkpoint"]) <= written <= plan["total"] - plan["pass1_checkpoint"]
+    # the layout's footprint against the shape's plan for the same units
+    sizes, entries, groups = footprint(layout)
+    assert (sorted(sizes), entries, groups) == (sorted(footprint(model, units)[0]), *footprint(model, units)[1:])
 
 
 def test_balance_and_centre_statistics_are_rounded_once_final(small, tmp_path):

@@ -27,7 +27,8 @@ plan[["model", "codec", "disk_GB", "peak_device_GB", "x_smaller_than_exact"]].ro
 
 # %%
 bars = plan[~plan["codec"].str.startswith("design note")].assign(  # one colour per codec across models
-    codec=lambda t: t["codec"].str.replace(r" \(\d+ channels each\)", "", regex=True))
+    codec=lambda t: t["codec"].str.replace(r" \(\d+ channels each\)", "", regex=True)
+    .str.replace(": + headers, statistics, pass-1 checkpoint", "", regex=False))  # (short legend labels)
 pivot = bars.pivot(index="model", columns="codec", values="disk_GB")
 ax = pivot.loc[["gpt2", "llama-7b", "llama-13b", "llama-70b"]].plot.bar(logy=True, figsize=(8, 4.6), rot=0)
 ax.legend(title="codec", fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below the bars

@@ -122,7 +122,7 @@ def preflight(args: argparse.Namespace, loss: str, codec=None, units=None, cfg=N
 
             on_gpu = str(args.device).startswith("cuda") or args.device_map != "none"
             dtype = stats_dtype_for(on_gpu) if args.stats_dtype == "auto" else getattr(torch, args.stats_dtype)
-            check_space_before_loading(Path(args.out), skeleton, codec, cfg, layout, tuple(map(len, samples)),
+            check_space_before_loading(Path(args.out), codec, cfg, layout, tuple(map(len, samples)),
                                        args.batch_size, passes, not args.no_conflicts, dtype, args.max_bytes,
                                        not getattr(args, "no_checkpoint", False))
     return samples

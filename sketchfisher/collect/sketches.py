@@ -27,6 +27,7 @@ from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, confl
                                      sketch_sides, with_j_centre)
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
+from ..fisher.stats import kept_dtypes
 from ..fisher.host import host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
@@ -164,17 +165,17 @@ def recipe_of(format_version: int) -> Recipe:
 
 
 
-def compacted_statistics(layout: Layout) -> tuple[str, ...]:
+def compacted_statistics(layout: Layout | bool) -> tuple[str, ...]:
     """The statistics a run rounds to bf16 once final (:meth:`~sketchfisher.fisher.FisherStats.compact`):
     Σ|g| and Σg, which only balance and centre the sketches, unless the layout's MLP or linear units
-    also read exact task means from them."""
-    return () if layout.beyond_heads else ("abs", "sum")
+    also read exact task means from them (``layout``: the layout, or whether it has units beyond heads)."""
+    beyond = layout if isinstance(layout, bool) else layout.beyond_heads
+    return () if beyond else ("abs", "sum")
 
 
-def statistics_dtypes(quantities: Iterable[str], layout: Layout, dtype: torch.dtype) -> list[torch.dtype]:
+def statistics_dtypes(quantities: Iterable[str], layout: Layout | bool, dtype: torch.dtype) -> list[torch.dtype]:
     """The precision each kept statistic is written in (bf16 for the compacted ones and a bf16 accumulator's)."""
-    sums = FisherStats.accumulating(dtype, ()).sum_dtype  # (the plain sums' accumulators)
-    return [torch.bfloat16 if q in compacted_statistics(layout) else sums.get(q, dtype) for q in quantities]
+    return [final for _, final in kept_dtypes(quantities, dtype, compacted_statistics(layout))]
 
 
 def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: SideCodec,

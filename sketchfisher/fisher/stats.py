@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -35,6 +35,16 @@ def accumulator_dtype(stats_dtype: torch.dtype) -> Optional[torch.dtype]:
     give task means (MLP units' pair means, the conflict test's T and weights), where each entry's rounding is
     unbiased and independent of every other entry's, so it averages out over a unit block's entries."""
     return torch.bfloat16 if stats_dtype == torch.float32 else None
+
+
+def kept_dtypes(quantities: Iterable[str], dtype: torch.dtype, compacted: Iterable[str] = ()
+                ) -> list[tuple[torch.dtype, torch.dtype]]:
+    """Per kept statistic of a collection in ``dtype``: ``(its dtype while it accumulates, as a pass-1 checkpoint
+    holds it; its dtype once final)``: the plain sums in :func:`accumulator_dtype`, and those in ``compacted``
+    rounded to bf16 once final (:meth:`FisherStats.compact`)."""
+    running = {q: accumulator_dtype(dtype) or dtype for q in TENSOR_NAMES}
+    compacted = set(compacted)
+    return [(running.get(q, dtype), torch.bfloat16 if q in compacted else running.get(q, dtype)) for q in quantities]
 
 
 @dataclass

@@ -35,11 +35,11 @@ from torch import nn
 
 from ..capture.oracle import LossFn, batch_size_of
 from ..collect import Job, Sink, default_stats_dtype, execute, pass_plan, trainable_weights
-from ..collect.disk import store_disk_bytes
+from ..collect.disk import statistics_widths, store_disk_bytes
 from ..collect.memory import format_bytes
 from ..collect.runner import check_job
 from ..collect.plan import Step
-from ..collect.sketches import compacted_statistics, host_staging, statistics_dtypes
+from ..collect.sketches import host_staging, statistics_dtypes
 from ..compress import SideCodec, check_codec
 from ..errors import InputError
 from ..fisher import FisherStats
@@ -57,17 +57,16 @@ from .shards import TASKS, ShardParts, drop_stale_shards, shard_index, shard_nam
 logger = logging.getLogger(__name__)
 
 
-def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | None, batches: int | None,
-                 stats_copies: tuple[int, int], stats_dtype: torch.dtype, max_bytes: int | None,
-                 world: int = 1, compact_copies: tuple[int, int] = (0, 0), conflicts: bool = False,
-                 checkpoints: bool = True) -> None:
+def _check_space(root: Path, layout: Layout, codec: SideCodec, samples: int | None, batches: int | None,
+                 statistics: dict[str, tuple[str, ...]], stats_dtype: torch.dtype, max_bytes: int | None,
+                 world: int = 1, conflicts: bool = False, checkpoints: bool = True) -> None:
     """Refuse before writing when the store would not fit the disk (or ``max_bytes``): everything it writes
     (:func:`~sketchfisher.collect.disk.store_disk_bytes`), less what is already there. Skipped while the
     sample counts are unknown (tasks that are not lists of batches, before pass 1 has counted them)."""
     if samples is None or batches is None:
         return
-    plan = store_disk_bytes(model, codec, samples, batches, stats_copies, torch.finfo(stats_dtype).bits // 8, world,
-                            compact_copies, conflicts, checkpoints)
+    widths = tuple(statistics_widths(statistics[t], layout.beyond_heads, stats_dtype) for t in TASKS)
+    plan = store_disk_bytes(layout, codec, samples, batches, widths, world, conflicts, checkpoints)
     stored = plan["total"] - plan["pass1_checkpoint"]
     already = sum(p.stat().st_size for p in root.rglob("*.safetensors") if p.is_file()) if root.exists() else 0
     needed = max(0, plan["total"] - already)
@@ -85,17 +84,15 @@ def _check_space(root: Path, model: nn.Module, codec: SideCodec, samples: int | 
                          f"{format_bytes(free)} free{hint}")
 
 
-def check_space_before_loading(root: Path, skeleton: nn.Module, codec: SideCodec, cfg: ScoreConfig, layout: Layout,
+def check_space_before_loading(root: Path, codec: SideCodec, cfg: ScoreConfig, layout: Layout,
                                 sizes: tuple[int, int], batch_size: int, passes: float | None, conflicts: bool,
                                 stats_dtype: torch.dtype, max_bytes: int | None, checkpoints: bool = True) -> None:
-    """The disk check of a collection from the model's shape alone (a weightless ``skeleton``) and the tasks'
-    sample counts, before any weight is read: the same numbers and refusal as the check before pass 1."""
+    """The disk check of a collection from its layout alone (resolved on a weightless skeleton of the model) and
+    the tasks' sample counts, before any weight is read: the same numbers and refusal as the check before pass 1."""
     existing = stored_passes(root) if (root / "manifest.json").exists() else None
     plan = pass_plan(codec, cfg, existing if passes is None else passes, means=layout.beyond_heads, conflicts=conflicts)
-    stats = tuple(len(plan.statistics[t]) for t in TASKS)
-    compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
     batches = sum(-(-n // batch_size) for n in sizes)
-    _check_space(root, skeleton, codec, sum(sizes), batches, stats, stats_dtype, max_bytes, 1, compact, conflicts,
+    _check_space(root, layout, codec, sum(sizes), batches, plan.statistics, stats_dtype, max_bytes, 1, conflicts,
                  checkpoints)
 
 
@@ -309,11 +306,9 @@ def _collect(root: Path, ranks: Ranks, model: nn.Module, loss_fn: LossFn, task_a
     if ranks.rank == 0 and on_disk != set(TASKS):
         drop_stale_shards(root)
     ranks.barrier()
-    stats_copies = tuple(len(plan.statistics[t]) for t in TASKS)
-    compact = tuple(sum(q in compacted_statistics(layout) for q in plan.statistics[t]) for t in TASKS)
     space = lambda samples, batches=None: _check_space(  # noqa: E731  (again once pass 1 counted the samples)
-        root, model, codec, samples, batches or _counts(task_a, task_b)[1] or samples, stats_copies, stats_dtype,
-        max_bytes, ranks.world, compact, plan.conflicts, checkpoint_every != 0)
+        root, layout, codec, samples, batches or _counts(task_a, task_b)[1] or samples, plan.statistics, stats_dtype,
+        max_bytes, ranks.world, plan.conflicts, checkpoint_every != 0)
     space(*_counts(task_a, task_b))  # refused before any work when the tasks can be counted
     # the final statistics are written to disk in the background while the passes go on; their host memory
     # is made ready while pass 1 runs
