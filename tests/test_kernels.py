@@ -42,9 +42,10 @@ def test_sketch_kernel_is_the_cpu_map(k, s, size, n):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("transform", ["identity", "square", "abs"])
-def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
-    H, width, other_dim, k, s, B = 3, 4, 10, 16, 2, 2
+@pytest.mark.parametrize("transform,k,s", [("identity", 16, 2), ("square", 16, 2), ("abs", 16, 2),
+                                           ("square", 48, 1), ("abs", 96, 3)])  # (48 and 32 rows: padded tiles)
+def test_sketch_kernel_strided_heads_with_side_transform(axis, transform, k, s):
+    H, width, other_dim, B = 3, 4, 10, 2
     gen = torch.Generator().manual_seed(axis)
     G = torch.randn(B, H * width, other_dim, generator=gen) if axis == 0 else torch.randn(B, other_dim, H * width, generator=gen)
     size = width * other_dim
