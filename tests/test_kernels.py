@@ -42,9 +42,10 @@ def test_sketch_kernel_is_the_cpu_map(k, s, size, n):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("transform", ["identity", "square", "abs"])
-def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
-    H, width, other_dim, k, s, B = 3, 4, 10, 16, 2, 2
+@pytest.mark.parametrize("transform,k,s", [("identity", 16, 2), ("square", 16, 2), ("abs", 16, 2),
+                                           ("square", 48, 1), ("abs", 96, 3)])  # (48 and 32 rows: padded tiles)
+def test_sketch_kernel_strided_heads_with_side_transform(axis, transform, k, s):
+    H, width, other_dim, B = 3, 4, 10, 2
     gen = torch.Generator().manual_seed(axis)
     G = torch.randn(B, H * width, other_dim, generator=gen) if axis == 0 else torch.randn(B, other_dim, H * width, generator=gen)
     size = width * other_dim
@@ -69,6 +70,22 @@ def test_sketch_kernel_strided_heads_with_side_transform(axis, transform):
         torch.testing.assert_close(own[:, h], (v * c[h]).sum(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(norm[:, h], v.square().sum(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sk[:, h], maps[h].apply(v), rtol=1e-5, atol=1e-5)
+    # scaled centring finished in the kernel: what scale_centring does after the torch path
+    rc = torch.stack([maps[h].apply(c[h][None])[0] for h in range(H)])
+    c2 = c.square().sum(-1)
+    c2[1] = 0.0  # a block whose centre is zero keeps γ = 0
+    scales = {"conflict": torch.tensor([[2.0, 0.5, 1.0], [1.0, 3.0, 0.25]])}
+    sk_c, norm_c, cross_c, gamma, dots_c = kernels.sketch_heads(
+        G, torch.tensor([m.hash_key() for m in maps]), torch.tensor(offsets), size, cols, row_stride, k, s,
+        transform=transform, weight=w, centre=c, other=o, conflict=u, chunks=3, centring=(rc, c2), scales=scales)
+    want_gamma = torch.where(c2 > 0, own / c2.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(own))
+    torch.testing.assert_close(gamma, want_gamma, rtol=1e-5, atol=1e-7)
+    assert float(gamma[:, 1].abs().max()) == 0.0
+    allowance = torch.finfo(torch.float32).eps * size ** 0.5 * (norm + want_gamma.square() * c2)
+    torch.testing.assert_close(norm_c, (norm - want_gamma * own).clamp_min(0) + allowance, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sk_c, sk - want_gamma[..., None] * rc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cross_c, cross, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dots_c, dots * scales["conflict"].t()[None], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantities", [("fisher", "m2", "abs", "sum", "half"), ("fisher", "abs"), ("abs",), ("sum",),

@@ -211,13 +211,14 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                     if fold is not None and weight not in folded:  # the statistics from the same gradient
                         fold.update({weight: last[1]})
                         folded.add(weight)
-                sk, norm2, cross, own, conflict = fused(last[1], layer, block, prep)  # (conflict scalars: same read)
+                # (scaled-centred in the kernel; the conflict scalars from the same read)
+                sk, norm2, cross, gamma, conflict = fused(last[1], layer, block, prep)
             else:
                 g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
                 v = side_vector(g, prep, side, count, cfg)
                 sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block_index(block))
                 conflict = conflict_scalars(g, prep, side, cfg.dtype)
-            sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
+                sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
             out[(layer, block)] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
         if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
             fold_factors(fold, bf, [w for w in weights if w not in folded])

@@ -9,7 +9,7 @@ from .. import kernels
 from ..layout import Layout, block_index
 from .onebyte import OneByte
 from .sketch import Sketch
-from .sketch_scores import BlockPrep, Side
+from .sketch_scores import BlockPrep, Side, sketched_centre
 
 
 class FusedSides:
@@ -44,7 +44,9 @@ class FusedSides:
         return self._geometry[(layer, block)]
 
     def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
-        """``(sketches, ‖ṽ‖², cross, ⟨ṽ, centre⟩, conflict scalars [B, H_b, m] or None)`` of one (layer, block)."""
+        """``(sketches, ‖ṽ‖², cross, γ, conflict scalars [B, H_b, m] or None)`` of one (layer, block), scaled-centred
+        where the codec centres so (:func:`~sketchfisher.compress.sketch_scores.scale_centring`'s outputs; γ = 0
+        where it does not)."""
         keys, offsets, size, cols, row_stride = self.geometry(layer, block, grad.device)
         given = {"weight": prep.weight(self.side), "centre": prep.centre(self.side), "other": prep.other(self.side),
                  "conflict": prep.u(self.side)}
@@ -52,6 +54,10 @@ class FusedSides:
         tensors = {name: t.codes if isinstance(t, OneByte) else t for name, t in given.items()}
         if tensors["conflict"] is not None:
             tensors["conflict"] = tensors["conflict"].to(grad.device)
-        return kernels.sketch_heads(grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
-                                    transform=getattr(self.cfg.spec, "i_side" if self.side == "a" else "j_side"),
-                                    scales=scales, **tensors)
+        centring = sketched_centre(prep, self.side, self.codec, layer, block_index(block), grad.device,
+                                   torch.float32, torch.float32)
+        sk, norm2, cross, gamma, dots = kernels.sketch_heads(
+            grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
+            transform=getattr(self.cfg.spec, "i_side" if self.side == "a" else "j_side"), scales=scales,
+            centring=centring, **tensors)
+        return sk, norm2, cross, gamma if centring is not None else torch.zeros_like(norm2), dots

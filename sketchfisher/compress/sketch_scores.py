@@ -285,19 +285,29 @@ def scale_centring(sk: torch.Tensor, norm2: torch.Tensor, own: torch.Tensor, pre
     (the residual is never longer than ``v − c``). By linearity ``R ṽ = R(v − c) − γ R c``, and
     ``‖ṽ‖² = ‖v − c‖² − γ ⟨v − c, c⟩``. Scores take ``α = 1 + γ`` back exactly (:class:`SketchBlock`).
     γ is 0 where the codec centres by the mean alone, or the side has no centre in its pass."""
+    sketched = sketched_centre(prep, side, codec, layer, block, sk.device, sk.dtype, norm2.dtype)
+    if sketched is None:
+        return sk, norm2, torch.zeros_like(norm2)
+    rc, c2 = sketched
+    gamma = torch.where(c2 > 0, own / c2.clamp_min(torch.finfo(c2.dtype).tiny), torch.zeros_like(own))
+    size = prep.centre(side).shape[-1]
+    norm2 = (norm2 - gamma * own).clamp_min(0) + rounding_allowance(norm2, gamma, c2, size, sk.dtype)
+    return sk - gamma[..., None].to(sk.dtype) * rc, norm2, gamma
+
+
+def sketched_centre(prep: BlockPrep, side: Side, codec: Sketch, layer: int, block: int, device: torch.device,
+                    dtype: torch.dtype, norm_dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(R c [H_b, k], ‖c‖² [H_b])`` of the side's centre where the codec centres by scaled multiples of it
+    (:func:`scale_centring`), else None; formed once per preparation and kept in it (a one-byte centre read once)."""
     centre = prep.centre(side)
     if centre is None or getattr(codec, "centring", "mean") != "scaled":
-        return sk, norm2, torch.zeros_like(norm2)
-    key = (side, layer, block, sk.device)
-    cached = prep.sketched_centres.get(key)
-    if cached is None:  # R c and ‖c‖² of this block, once per preparation (a one-byte centre read once)
-        c = values(centre.to(sk.device))
-        cached = prep.sketched_centres[key] = (codec.apply_heads(layer, block, c[None].to(sk.dtype))[0],
-                                               c.double().square().sum(-1).to(norm2.dtype))
-    rc, c2 = cached
-    gamma = torch.where(c2 > 0, own / c2.clamp_min(torch.finfo(c2.dtype).tiny), torch.zeros_like(own))
-    norm2 = (norm2 - gamma * own).clamp_min(0) + rounding_allowance(norm2, gamma, c2, centre.shape[-1], sk.dtype)
-    return sk - gamma[..., None].to(sk.dtype) * rc, norm2, gamma
+        return None
+    key = (side, layer, block, device)
+    if key not in prep.sketched_centres:
+        c = values(centre.to(device))
+        prep.sketched_centres[key] = (codec.apply_heads(layer, block, c[None].to(dtype))[0].contiguous(),
+                                      c.double().square().sum(-1).to(norm_dtype))
+    return prep.sketched_centres[key]
 
 
 def rounding_allowance(norm2: torch.Tensor, gamma: torch.Tensor, c2: torch.Tensor, size: int, dtype: torch.dtype

@@ -13,7 +13,9 @@ its cross term ``Σ v·other``, the centred ``ṽ = v − centre``, ``‖ṽ‖�
 ``ṽ``. The sjlt map's tiled-shift structure (:mod:`sketchfisher.kernels.hashing`) makes each output
 row a gather: output row ``b·m + j`` of tile ``t`` reads entry ``(j − c_{b,t}) mod m``, so a program
 loads a rotated, coalesced tile and accumulates into registers: no scatter, no atomics, and partial
-sums per column chunk are added in a fixed order (bitwise reproducible).
+sums per column chunk are added in a fixed order (bitwise reproducible) by a second, small launch, which also
+finishes scaled centring and scales the conflict scalars: two launches per (layer, block) in all, where the
+torch ops that finished each block had taken about fifteen (the host's time, on hosts slower than the device).
 
 ``welford_update`` folds a batch of per-sample gradients into a Welford state of g², Σ|g| and Σg
 in one pass over the batch.
@@ -54,7 +56,7 @@ def available() -> bool:
 def _kernels():
     from . import _triton
 
-    return _triton.sketch_kernel, _triton.welford_kernel
+    return _triton.sketch_kernel, _triton.welford_kernel, _triton.finish_kernel
 
 
 def _next_pow2(v: int) -> int:
@@ -74,7 +76,8 @@ def launch_shape(rows: int, width: int, bands: int, tiles: int, programs: int, s
 def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, size: int, cols: int, row_stride: int,
                  k: int, s: int, *, transform: str = "identity", weight: Optional[torch.Tensor] = None,
                  centre: Optional[torch.Tensor] = None, other: Optional[torch.Tensor] = None,
-                 conflict: Optional[torch.Tensor] = None, scales: Optional[dict] = None, chunks: Optional[int] = None,
+                 conflict: Optional[torch.Tensor] = None, scales: Optional[dict] = None,
+                 centring: Optional[tuple[torch.Tensor, torch.Tensor]] = None, chunks: Optional[int] = None,
                  block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None, num_warps: int = 4):
     """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H],
     own [n, H], dots [n, H, m] or None)``.
@@ -90,6 +93,11 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     per-sample scalars, read in the same pass). ``scales``: for values kept in one byte, ``{"weight" | "centre" |
     "other": [H] , "conflict": [m, H]}`` fp32, one scale per head block: the kernel reads fp8 codes and multiplies
     each by its block's scale in fp32 (the conflict scalars are scaled after their sum).
+    ``centring = (R c [H, k], ‖c‖² [H])`` fp32, the sketched centre and its squared norm: the sketches and norms
+    come back scaled-centred, ``ṽ − γ c`` with ``γ = own / ‖c‖²`` (what
+    :func:`~sketchfisher.compress.sketch_scores.scale_centring` does after the torch path), and the fourth output
+    is γ instead of ``own``. Two launches in all: the sketch, then one that adds the column chunks' partial sums
+    and finishes each row.
     """
     scales = scales or {}
     if g.dtype not in DTYPES:
@@ -106,7 +114,7 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
         return torch.zeros(0, H, k, dtype=torch.float32, device=g.device), z, z.clone(), z.clone(), dots
     if g.ndim > 1 and not g[0].is_contiguous():
         g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
-    sketch_kernel, _ = _kernels()
+    sketch_kernel, _, finish_kernel = _kernels()
     m = k // s
     BM = _next_pow2(m)
     BW = max(1, BM // 32)
@@ -124,23 +132,24 @@ def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, siz
     prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (fp8 at 7B)
     names = ("weight", "centre", "other")
     scaled = [name in scales for name in names]
-    ones = torch.ones(H, dtype=torch.float32, device=dev) if not all(scaled) else None
-    sc = torch.stack([scales[name].to(dev, torch.float32) if name in scales else ones for name in names])  # (one launch)
+    sc = [scales[name].to(dev, torch.float32).contiguous() if name in scales else dummy for name in names]  # [H] each
     contig = cols == size or (row_stride == cols)
     on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with on_device:  # Triton launches on the current device: make it the tensors' (layers on several cards)
         sketch_kernel[(chunks, H, row_blocks)](
-            g, *prep, sc, to_device(keys.to(torch.int64).contiguous(), dev), to_device(offsets.to(torch.int64), dev),
+            g, *prep, *sc, to_device(keys.to(torch.int64).contiguous(), dev), to_device(offsets.to(torch.int64), dev),
             part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
             COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
             F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
             MU=mu, TWEAK=SHIFT_TWEAK, W_SC=scaled[0], C_SC=scaled[1], O_SC=scaled[2], num_warps=num_warps)
-    total = part.sum(0) if chunks > 1 else part[0]  # fixed order: bitwise reproducible
-    sk = total[..., : s * BM].view(n, H, s, BM)[..., :m].reshape(n, H, k)
-    dots = None if conflict is None else total[..., s * BM + 3:]
-    if dots is not None and "conflict" in scales:
-        dots = dots * scales["conflict"].to(dev, torch.float32).t()[None]
-    return sk, total[..., s * BM], total[..., s * BM + 1], total[..., s * BM + 2], dots
+        sk, scalars = torch.empty(n, H, k, dtype=torch.float32, device=dev), torch.empty(3, n, H, device=dev)
+        dots = torch.empty(n, H, mu, dtype=torch.float32, device=dev) if mu else dummy
+        rc, c2 = centring if centring is not None else (dummy, dummy)
+        u_sc = scales["conflict"].to(dev, torch.float32).contiguous() if "conflict" in scales and mu else dummy
+        finish_kernel[(n * H,)](part, rc, c2, u_sc, sk, *scalars, dots, chunks, n, H,
+                                torch.finfo(torch.float32).eps * size ** 0.5, M=m, BM=BM, S=s, SP=_next_pow2(s),
+                                MU=mu, CENTRING=centring is not None, U_SC=u_sc is not dummy)
+    return sk, scalars[0], scalars[1], scalars[2], dots if mu else None
 
 
 def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
@@ -163,7 +172,7 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
     statistics' precision (default: the first kept state's); a bf16 ``sum_abs``, ``sum_g`` or ``sum_half`` of wider
     statistics is rounded stochastically, with the random bits of
     :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic` (a key of :data:`~sketchfisher.kernels.hashing.ROUNDING_KEYS` each)."""
-    _, welford_kernel = _kernels()
+    _, welford_kernel, _ = _kernels()
     n, N = g.shape
     state = (mean, m2, sum_abs, sum_g, sum_half)
     dtype = dtype or next(t for t in state if t is not None).dtype

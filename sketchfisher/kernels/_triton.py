@@ -24,7 +24,7 @@ def _total(a):  # [BR, Q, BM] -> [BR]
 
 
 @triton.jit
-def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr, out_ptr,
+def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, keys_ptr, hoff_ptr, out_ptr,
                   n, H, size, tiles, stride_n, row_stride, tiles_per_prog, scale,
                   COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
                   S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
@@ -43,16 +43,16 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr,
     hi = tl.load(keys_ptr + 2 * h + 1).to(tl.uint32)
     hoff = tl.load(hoff_ptr + h)
     poff = h.to(tl.int64) * size
-    # one-byte weight, centre, other: each head block's values are its codes times its scale (sc [3, H] fp32)
+    # one-byte weight, centre, other: each head block's values are its codes times its scale ([H] fp32 each)
     wsc = 1.0
     csc = 1.0
     osc = 1.0
     if W_SC:
-        wsc = tl.load(sc_ptr + h)
+        wsc = tl.load(wsc_ptr + h)
     if C_SC:
-        csc = tl.load(sc_ptr + H + h)
+        csc = tl.load(csc_ptr + h)
     if O_SC:
-        osc = tl.load(sc_ptr + 2 * H + h)
+        osc = tl.load(osc_ptr + h)
     q = tl.arange(0, Q)
     tq, band = q // SP, q % SP
     j = tl.arange(0, BM)
@@ -129,6 +129,59 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, sc_ptr, keys_ptr, hoff_ptr,
         tl.store(out_ptr + base + S * BM + 3, _total(uacc0) / S, mask=row_ok)
     if MU >= 2:
         tl.store(out_ptr + base + S * BM + 4, _total(uacc1) / S, mask=row_ok)
+
+
+@triton.jit
+def finish_kernel(part_ptr, rc_ptr, c2_ptr, usc_ptr, sk_ptr, n2_ptr, cross_ptr, own_ptr, dots_ptr,
+                  chunks, n, H, allowance, M: tl.constexpr, BM: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+                  MU: tl.constexpr, CENTRING: tl.constexpr, U_SC: tl.constexpr):
+    # One program per (row, head block): the side kernel's partial sums over column chunks added in chunk order,
+    # then (CENTRING) scaled centring, ṽ = (v − c) − γc with γ = ⟨v − c, c⟩/‖c‖², as
+    # sketch_scores.scale_centring computes it, and the conflict scalars times their block's scale.
+    W: tl.constexpr = S * BM + 3 + MU
+    pid = tl.program_id(0)
+    r = pid // H
+    h = pid % H
+    b = tl.arange(0, SP)[:, None]
+    j = tl.arange(0, BM)[None, :]
+    ok = (b < S) & (j < M)
+    vec = tl.zeros((SP, BM), dtype=tl.float32)
+    norm2 = tl.full((), 0.0, tl.float32)
+    cross = tl.full((), 0.0, tl.float32)
+    own = tl.full((), 0.0, tl.float32)
+    d0 = tl.full((), 0.0, tl.float32)
+    d1 = tl.full((), 0.0, tl.float32)
+    for c in range(chunks):
+        base = ((c * n + r) * H + h).to(tl.int64) * W
+        vec += tl.load(part_ptr + base + b * BM + j, mask=ok, other=0.0)
+        norm2 += tl.load(part_ptr + base + S * BM)
+        cross += tl.load(part_ptr + base + S * BM + 1)
+        own += tl.load(part_ptr + base + S * BM + 2)
+        if MU >= 1:
+            d0 += tl.load(part_ptr + base + S * BM + 3)
+        if MU >= 2:
+            d1 += tl.load(part_ptr + base + S * BM + 4)
+    k_off = b * M + j  # the k-vector's entry of band b, row j
+    if CENTRING:
+        c2 = tl.load(c2_ptr + h)
+        gamma = tl.where(c2 > 0, own / tl.where(c2 > 0, tl.maximum(c2, 1.1754943508222875e-38), 1.0), 0.0)
+        extra = allowance * (norm2 + gamma * gamma * c2)
+        norm2 = tl.maximum(norm2 - gamma * own, 0.0) + extra
+        vec = vec - gamma * tl.load(rc_ptr + h.to(tl.int64) * (S * M) + k_off, mask=ok, other=0.0)
+        own = gamma
+    out = pid.to(tl.int64)
+    tl.store(sk_ptr + out * (S * M) + k_off, vec, mask=ok)
+    tl.store(n2_ptr + out, norm2)
+    tl.store(cross_ptr + out, cross)
+    tl.store(own_ptr + out, own)
+    if MU >= 1:
+        if U_SC:
+            d0 = d0 * tl.load(usc_ptr + h)
+        tl.store(dots_ptr + out * MU, d0)
+    if MU >= 2:
+        if U_SC:
+            d1 = d1 * tl.load(usc_ptr + H + h)
+        tl.store(dots_ptr + out * MU + 1, d1)
 
 
 @triton.jit
