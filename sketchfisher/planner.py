@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-import torch
 
 from .collect.disk import default_store_bytes
-from .collect.memory import GiB, PRESETS, TB, Shape, format_bytes, plan_phases
+from .collect.memory import GiB, PRESETS, STATS_DTYPES, TB, Shape, format_bytes, plan_phases
 from .compress.sketch import DTYPES
 from .errors import InputError
 
@@ -42,8 +41,7 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 1024, rank
         raise InputError(f"sketch_dtype must be one of {tuple(DTYPES)}, got {sketch_dtype!r}")
     from .compress import CODECS, Exact, Factors, Sketch, check_codec
 
-    stats_dtype = {4: torch.float32, 8: torch.float64}.get(stats_bytes)
-    if stats_dtype is None:
+    if stats_bytes not in STATS_DTYPES:
         raise InputError(f"stats_bytes must be 4 (fp32, a GPU's statistics) or 8 (fp64, a CPU's); got {stats_bytes}")
     s = Shape.of(source)
     attn = s.num_layers * s.attn_params_per_layer
@@ -67,13 +65,13 @@ def plan(source: Any, samples: int = 768, tokens: int = 512, k: int = 1024, rank
         (f"Factors(rank={rank}, fp32)", disk(Factors(rank=rank)), peak(Factors(rank=rank))),
         (f"Sketch(k={k}, {sketch_dtype})", disk(sketch), peak(sketch)),
         (f"Sketch(k={k}, {sketch_dtype}) store: + headers, statistics, pass-1 checkpoint",
-         default_store_bytes(s, sketch, samples, batch_size, stats_dtype)["total"], peak(sketch)),
+         default_store_bytes(s, sketch, samples, batch_size, STATS_DTYPES[stats_bytes])["total"], peak(sketch)),
         # MLP channel units: the statistics then cover the MLP weights too
         ("Exact: full fp16 per-sample attention + MLP gradients", (attn + mlp) * 2 * samples, peak(Exact(), "all")),
         (f"Sketch(k={k}, {sketch_dtype}): heads + MLP units ({s.intermediate // s.mlp_units_per_layer} channels each)",
          s.num_layers * (s.head_blocks_per_layer + mlp_blocks) * per_vec * samples, peak(sketch, "all")),
         (f"Sketch(k={k}, {sketch_dtype}) store, heads + MLP units: + headers, statistics, pass-1 checkpoint",
-         default_store_bytes(s, sketch, samples, batch_size, stats_dtype, units="all")["total"], peak(sketch, "all")),
+         default_store_bytes(s, sketch, samples, batch_size, STATS_DTYPES[stats_bytes], units="all")["total"], peak(sketch, "all")),
         (f"Sketch(k={k}, {sketch_dtype}): MLP single neurons", s.num_layers * s.mlp_matrices * s.intermediate * per_vec
          * samples, float("nan")),
         ("MLP per-neuron pair means from pass-1 statistics (fp32, any sample count)",

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..compress import SideCodec
+from ..fisher.precision import kept_dtypes
 from ..layout import Layout
 from .memory import Shape, _families
 
@@ -25,17 +26,12 @@ def footprint(source: Any, units: Any = "heads") -> tuple[list[int], int, int]:
         blocks = [hb for key in groups for hb in source.head_blocks(*key)]
         weights = {hb.param_name: hb.param_shape[0] * hb.param_shape[1] for hb in blocks}
         return [hb.numel for hb in blocks], sum(weights.values()), len(groups)
-    s, families = Shape.of(source), _families(units)
-    heads, mlp = "heads" in families, "mlp" in families
-    sizes = (s.head_block_sizes if heads else []) + (s.mlp_block_sizes if mlp else [])
-    entries = s.num_layers * (s.attn_params_per_layer * heads + s.mlp_params_per_layer * mlp)
-    return sizes, entries, s.num_layers * (4 * heads + s.mlp_matrices * mlp)
+    return Shape.of(source).footprint(units)
 
 
 def statistics_widths(quantities: Iterable[str], beyond_heads: bool, dtype: torch.dtype) -> Widths:
     """:data:`Widths` of one task's kept ``quantities`` in a collection whose statistics are ``dtype``."""
-    from ..fisher.stats import kept_dtypes
-    from .sketches import compacted_statistics
+    from .sketches import compacted_statistics  # (here: collect.sketches imports much that imports this module)
 
     return [(running.itemsize, final.itemsize)
             for running, final in kept_dtypes(quantities, dtype, compacted_statistics(beyond_heads))]

@@ -34,7 +34,7 @@ from torch import nn
 from ..compress import Codec, SideCodec, Sketch, check_codec
 from ..compress.base import centres_b_from_a
 from ..errors import InputError
-from ..fisher.stats import TENSOR_NAMES  # the plain sums: bf16 accumulators where the statistics are fp32
+from ..fisher.precision import kept_dtypes
 from ..layout.registry import _default_group, mlp_spec_for
 from ..metric import ScoreConfig
 from .plan import PassPlan, pass_plan
@@ -54,6 +54,8 @@ PRESETS = {
 }
 TB = 1e12
 GiB = 2**30
+STATS_DTYPES = {4: torch.float32, 8: torch.float64}
+"""``stats_bytes`` of the planners: the statistics' dtype (fp32 a GPU's, fp64 a CPU's)."""
 
 ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, LOGIT_BYTES = 26, 11, 10  # bytes per token and layer / per logit
 
@@ -122,6 +124,15 @@ class Shape:
     def head_block_sizes(self) -> list[int]:
         """The size of every distinct attention head block of the model (Q, K, V, O of every layer)."""
         return [self.head_dim * self.hidden] * (self.num_layers * self.head_blocks_per_layer)
+
+    def footprint(self, units: Any = "heads") -> tuple[list[int], int, int]:
+        """``(unit block sizes, collected weight entries, (layer, block) groups)`` of the planned ``units``
+        (``"heads"``, ``"mlp"``, ``"all"`` or a tuple): what a collection sketches and keeps statistics of."""
+        families = _families(units)
+        heads, mlp = "heads" in families, "mlp" in families
+        sizes = (self.head_block_sizes if heads else []) + (self.mlp_block_sizes if mlp else [])
+        entries = self.num_layers * (self.attn_params_per_layer * heads + self.mlp_params_per_layer * mlp)
+        return sizes, entries, self.num_layers * (4 * heads + self.mlp_matrices * mlp)
 
     @property
     def mlp_params_per_layer(self) -> int:
@@ -193,7 +204,7 @@ class _Terms:
     def of(cls, s: Shape, codec: Codec, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
            model_bytes_per_param: int, devices: int, families: tuple[str, ...] = ("heads",)) -> "_Terms":
         mlp = "mlp" in families
-        attn = s.num_layers * (s.attn_params_per_layer * ("heads" in families) + s.mlp_params_per_layer * mlp)
+        sizes, attn, _ = s.footprint(families)  # (attn: the collected weights' entries)
         per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
         tokens_b = batch_size * tokens
         in_out = s.attn_in_out_per_layer * ("heads" in families) + s.mlp_matrices * (s.hidden + s.intermediate) * mlp
@@ -201,7 +212,6 @@ class _Terms:
         acts = per_layer(tokens_b * s.num_layers * (ACT_PER_HIDDEN * s.hidden + ACT_PER_INTERMEDIATE * s.intermediate))
         acts += tokens_b * s.vocab * LOGIT_BYTES
         grad = 2 * batch_size * max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden * 4
-        sizes = (s.head_block_sizes if "heads" in families else []) + (s.mlp_block_sizes if mlp else [])
         width = s.num_layers * in_out
         per_task = samples / 2
         rep = sketches = raw = 0.0
@@ -212,8 +222,8 @@ class _Terms:
         else:
             rep = per_layer(codec.device_bytes_per_sample(sizes, width, tokens) * per_task)
         return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,
-                   stats={t: per_layer(sum(attn * (2 if x in TENSOR_NAMES and stats_bytes == 4 else stats_bytes) for x in q))
-                          for t, q in plan.statistics.items()},
+                   stats={t: per_layer(sum(attn * running.itemsize for running, _ in kept_dtypes(q, STATS_DTYPES[stats_bytes])))
+                          for t, q in plan.statistics.items()},  # (as they accumulate: the plain sums in bf16 on a GPU)
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
                    side_tensor=per_layer(attn * (1 if stats_bytes == 4 else 4)),
                    variance_reduction=bool(codec.variance_reduction),

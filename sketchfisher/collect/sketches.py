@@ -27,7 +27,7 @@ from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, confl
                                      sketch_sides, with_j_centre)
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
-from ..fisher.stats import kept_dtypes
+from ..fisher.precision import kept_dtypes
 from ..fisher.host import host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig

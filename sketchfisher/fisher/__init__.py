@@ -3,8 +3,10 @@
 from .host import HostStaging
 from .views import channel_view, head_view, param_view, unit_view
 from .ema import EMAFisher
-from .stats import FisherStats, accumulator_dtype
+from .precision import accumulator_dtype, kept_dtypes
+from .stats import FisherStats
 from .welford import MEAN_ACCESSOR, QUANTITIES, Welford
 
 __all__ = ["MEAN_ACCESSOR", "QUANTITIES", "EMAFisher", "FisherStats", "HostStaging", "Welford", "accumulator_dtype", "channel_view",
+           "kept_dtypes",
            "head_view", "param_view", "unit_view"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -22,29 +22,11 @@ from .. import kernels
 from ..errors import GradientError, InputError
 from ..layout import Layout
 from .host import host_copy
+from .precision import PLAIN_SUMS, accumulator_dtype
 from .welford import QUANTITIES, Welford, update_in_chunks
 
-TENSOR_NAMES = {"abs": "sum_abs", "sum": "sum_g", "half": "sum_half"}
+TENSOR_NAMES = dict(zip(PLAIN_SUMS, ("sum_abs", "sum_g", "sum_half")))
 """How each plain sum is named in a statistics file (``<param>::<name>``)."""
-
-
-def accumulator_dtype(stats_dtype: torch.dtype) -> Optional[torch.dtype]:
-    """The dtype a collection accumulates its plain sums (Σ|g|, Σg and the half sum) in: bf16, stochastically
-    rounded, where the statistics are fp32 (the GPU setting, where each is a model-sized tensor), else the
-    statistics' own (None). Σ|g| balances and centres the sketches, where any value keeps them exact; it and Σg
-    give task means (MLP units' pair means, the conflict test's T and weights), where each entry's rounding is
-    unbiased and independent of every other entry's, so it averages out over a unit block's entries."""
-    return torch.bfloat16 if stats_dtype == torch.float32 else None
-
-
-def kept_dtypes(quantities: Iterable[str], dtype: torch.dtype, compacted: Iterable[str] = ()
-                ) -> list[tuple[torch.dtype, torch.dtype]]:
-    """Per kept statistic of a collection in ``dtype``: ``(its dtype while it accumulates, as a pass-1 checkpoint
-    holds it; its dtype once final)``: the plain sums in :func:`accumulator_dtype`, and those in ``compacted``
-    rounded to bf16 once final (:meth:`FisherStats.compact`)."""
-    running = {q: accumulator_dtype(dtype) or dtype for q in TENSOR_NAMES}
-    compacted = set(compacted)
-    return [(running.get(q, dtype), torch.bfloat16 if q in compacted else running.get(q, dtype)) for q in quantities]
 
 
 @dataclass
