@@ -49,6 +49,7 @@ TINY = {
     "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],
     "stage1_cpu.py": ["--samples", "2", "--batch", "2", "--tokens", "6", "--repeats", "1", "--layers", "1"],
     "stage6.py": ["--samples", "3", "--old-samples", "1"],
+    "store_disk.py": ["--layers", "1", "--samples", "2", "--units", "heads,all", "--stats-dtypes", "fp32"],
     "store_open.py": ["--shape", "tiny", "--samples", "4", "--k", "8", "--readers", "open,top,means,summary,verify"],
 }
 
