@@ -15,6 +15,7 @@ prediction beside the measured peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -147,6 +148,21 @@ def run_cli(args, model_dir=None, tasks=None, loss_kind: str = "clm", dtype: str
     return json.loads(done.stdout[done.stdout.index("{"):])
 
 
+@contextlib.contextmanager
+def per_sample_gradients(dtype: str):
+    """``"bf16"``: the library's per-sample gradients (a bf16 model's in bf16 for statistics and sketches);
+    ``"fp32"``: every one in fp32, as before they were formed in the model's dtype."""
+    from sketchfisher.capture import BatchFactors
+
+    grad = BatchFactors.grad
+    if dtype == "fp32":
+        BatchFactors.grad = lambda self, module, low=False: grad(self, module)
+    try:
+        yield
+    finally:
+        BatchFactors.grad = grad
+
+
 def timed(fn, devices):
     """(seconds, peak GiB per CUDA device (NaN without one), fn's result)."""
     for d in devices:
@@ -183,17 +199,19 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     def fp32_signed(cls, dtype, quantities):  # Σg and the half sum in the statistics' own precision
         return replace(accumulating.__func__(cls, dtype, quantities), signed_dtype=None)
 
-    settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums))
-    for setting in settings:  # orders, conflicts, codecs, launches, pinning, sums side by side
-        passes, conflicts, spec, launch, pin, sums = setting
+    settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums,
+                                      args.grads))
+    for setting in settings:  # orders, conflicts, codecs, launches, pinning, sums, gradients side by side
+        passes, conflicts, spec, launch, pin, sums, grads = setting
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
         kernels.launch_shape = default_shape if launch == "default" else before_shape
         host.PIN = pin == "on"
         FisherStats.accumulating = accumulating if sums == "bf16" else classmethod(fp32_signed)
         try:
-            sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
-                                                         conflicts=flag, units=args.units))
+            with per_sample_gradients(grads):
+                sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
+                                                             conflicts=flag, units=args.units))
         finally:
             kernels.launch_shape, host.PIN, FisherStats.accumulating = default_shape, default_pin, accumulating
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
@@ -201,7 +219,8 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
                      f"{'' if launch == 'default' else ', sjlt launch as before'}"
                      f"{'' if pin == 'on' else ', pageable host buffers'}"
-                     f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}", sec, peaks))
+                     f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}"
+                     f"{'' if grads == 'bf16' else ', fp32 per-sample gradients'}", sec, peaks))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
         recorded = res.context.source.moments if hasattr(res.context.source, "moments") else None
@@ -211,7 +230,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
         print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}, pinned host "
-              f"buffers {pin}, Σg and half sum {sums}) | seconds | | peak GiB (max over devices) |")
+              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}) | seconds | | peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
         print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
@@ -264,6 +283,9 @@ def main() -> None:
     p.add_argument("--signed-sums", nargs="+", default=["bf16"], choices=["bf16", "fp32"],
                    help="Σg and the half sum in stochastically rounded bf16 (the default with fp32 statistics) "
                         "and/or in fp32, side by side")
+    p.add_argument("--grads", nargs="+", default=["bf16"], choices=["bf16", "fp32"],
+                   help="per-sample gradients for statistics and sketches: a bf16 model's in bf16 (the library's) or "
+                        "fp32 (before); several: side by side")
     p.add_argument("--memory-cap", type=float, default=None, metavar="GiB",
                    help="hold the process to this much device memory (an 80 GB card's budget on a larger one): "
                         "torch.cuda.set_per_process_memory_fraction, which sf.analyze's planner reads too")

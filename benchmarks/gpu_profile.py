@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sketchfisher as sf
-from gpu_e2e import SHAPES, build_model, lm_loss, sketch_of  # noqa: E402  (the same model and loss as the e2e benchmark)
+from gpu_e2e import SHAPES, build_model, lm_loss, per_sample_gradients, sketch_of  # noqa: E402  (the same model and loss as the e2e benchmark)
 
 
 def kernel_tables(prof, phases: list[str], top: int, device: str = "cuda") -> dict[str, tuple[float, list[tuple[str, float, int]]]]:
@@ -80,7 +80,14 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--device-map", default="none")
     p.add_argument("--host", action="store_true", help="profile the host's Python (cProfile) instead of the kernels")
+    p.add_argument("--grads", default="bf16", choices=["bf16", "fp32"],
+                   help="per-sample gradients for statistics and sketches (gpu_e2e.py --grads)")
     args = p.parse_args()
+    with per_sample_gradients(args.grads):
+        profile_run(args)
+
+
+def profile_run(args) -> None:
     model = build_model(args)
     vocab = model.config.vocab_size
     gen = torch.Generator(device=args.device).manual_seed(0)

@@ -174,6 +174,27 @@ def test_fused_welford_matches_cpu():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
 
 
+def test_bf16_per_sample_gradients_are_the_fp32_product_rounded_once():
+    """A bf16 model's per-sample gradients for statistics and sketches (``low=True``): the fp32 product of its
+    factors rounded once to bf16 (no bf16 partial sums, even over a long token axis); fp16 models and stored
+    gradients keep fp32."""
+    from sketchfisher.capture import FactorCapture
+
+    for dtype, low_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        model = make_model("llama_gqa").cuda().to(dtype)
+        ids = torch.randint(2, 50, (3, 400), generator=torch.Generator().manual_seed(4))
+        batch = {"input_ids": ids.cuda(), "attention_mask": torch.ones_like(ids).cuda()}  # (a long token axis)
+        name = next(n for n, m in model.named_modules() if n.endswith("q_proj"))
+        with FactorCapture(model, [name]) as cap:
+            bf = cap.run(generic_loss, batch)
+        want, got = bf.grad(name), bf.grad(name, low=True)
+        assert want.dtype == torch.float32 and got.dtype == low_dtype
+        rounded = want.to(low_dtype).float()
+        ulp = want.abs().clamp_min(1e-30) * 2.0 ** -7  # one bf16 step either side of a rounding boundary
+        assert bool(((got.float() - rounded).abs() <= ulp).all())
+        assert float((got.float() - want).norm() / want.norm()) < 2.0 ** -8
+
+
 def test_bf16_sums_of_fp32_statistics_on_cuda_equal_cpu():
     """fp32 statistics (the GPU setting) accumulate Σ|g|, Σg and the half sum in bf16 with stochastic rounding:
     the CUDA kernel draws the torch update's random bits (batches of 2: one fp32 sum order on either device)."""

@@ -15,7 +15,8 @@ embedding) has gradient terms that factors do not see; tied LM heads are therefo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
@@ -70,22 +71,44 @@ class BatchFactors:
     source_dtype: dict[str, torch.dtype] = field(default_factory=dict)  # the model's activation dtype
     batch_grads: list = field(default_factory=list)  # whole-batch gradients of FactorCapture.run's ``check``
 
-    def grad(self, module: str) -> torch.Tensor:
+    def grad(self, module: str, low: bool = False) -> torch.Tensor:
         """Per-sample weight gradients of one module in the weight's storage orientation ``[B, *weight.shape]``, fp32.
 
         On CUDA, factors that came from a bf16/fp16 model are exactly representable in that dtype, so
         they are multiplied on tensor cores in it with fp32 accumulation and an fp32 result (the same
         numbers as an fp32 product up to summation order, several times faster).
+
+        ``low=True`` asks for the bf16 product where the factors are a bf16 model's on CUDA: the same fp32
+        accumulation, rounded once to bf16 (relative error at most 2⁻⁹ per entry, the factors' own precision),
+        half the bytes to write and to read again. The collection's statistics and sketches read it (each sums
+        over many entries, where independent roundings average out); stored exact gradients (``sf.Exact``) do
+        not. fp16 models keep fp32: fp16's range would flush small per-sample gradients to zero.
         """
         a, d = self.A[module], self.D[module]
         left, right = (a, d) if self.transposed[module] else (d, a)
-        low = self.source_dtype.get(module)
-        if left.is_cuda and low in (torch.bfloat16, torch.float16):
+        low_dtype = self.source_dtype.get(module)
+        if left.is_cuda and low_dtype in (torch.bfloat16, torch.float16):
+            if low and low_dtype == torch.bfloat16:
+                with fp32_reductions():
+                    return torch.bmm(left.transpose(1, 2).to(low_dtype), right.to(low_dtype))
             try:
-                return torch.bmm(left.transpose(1, 2).to(low), right.to(low), out_dtype=torch.float32)
+                return torch.bmm(left.transpose(1, 2).to(low_dtype), right.to(low_dtype), out_dtype=torch.float32)
             except TypeError:  # torch without bmm(out_dtype=): the fp32 product below
                 pass
         return torch.bmm(left.transpose(1, 2).float(), right.float())
+
+
+@contextmanager
+def fp32_reductions() -> Iterator[None]:
+    """bf16 matrix products on CUDA that reduce in fp32 throughout (cuBLAS may otherwise split a long inner
+    dimension and add the partial products in bf16), so that a bf16 result is rounded once."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = before
 
 
 def token_mask_of(batch: Any) -> Optional[torch.Tensor]:

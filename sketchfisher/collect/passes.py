@@ -144,6 +144,7 @@ def sized(batches: Iterable[Any]) -> int | None:
 
 
 def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str]) -> None:
-    """Fold a batch into ``stats``, one module's per-sample gradients at a time (bounded memory)."""
+    """Fold a batch into ``stats``, one module's per-sample gradients at a time (bounded memory), a bf16 model's
+    formed in bf16 on a GPU (:meth:`BatchFactors.grad <sketchfisher.capture.BatchFactors.grad>`)."""
     for weight in weights:
-        stats.update({weight: captured.grad(module_of(weight))})
+        stats.update({weight: captured.grad(module_of(weight), low=True)})

@@ -206,7 +206,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
             if fused is not None and fused.applies(bf.A[module]):
                 if last[0] != module:
                     last = (None, None)  # free the previous module's gradient first
-                    last = (module, bf.grad(module))
+                    last = (module, bf.grad(module, low=True))  # (bf16 for a bf16 model)
                     weight = layout.param_of(layer, block)
                     if fold is not None and weight not in folded:  # the statistics from the same gradient
                         fold.update({weight: last[1]})
