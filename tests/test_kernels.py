@@ -139,22 +139,26 @@ def test_welford_kernel_rounds_bf16_sums_as_the_torch_update(quantities):
         torch.testing.assert_close(state[0], ref.welford["w"].mean, rtol=1e-6, atol=1e-7)
 
 
-def test_stochastically_rounded_signed_sums_are_unbiased_and_independent():
-    """Σg and the half sum in bf16 (fp32 statistics): unbiased, and their roundings independent of each other's
-    (the half sum's error does not track the whole sum's), so the conflict test's halves stay independent."""
-    stats = FisherStats.accumulating(torch.float32, ("sum", "half"))
-    exact, half = torch.zeros(4000, dtype=torch.float64), torch.zeros(4000, dtype=torch.float64)
+@pytest.mark.parametrize("pair", [("sum", "half"), ("abs", "sum")])
+def test_stochastically_rounded_sums_are_unbiased_and_independent(pair):
+    """Σg and the half sum (pass 1 of task A), Σ|g| and Σg (task B's pass) in bf16 (fp32 statistics): unbiased, and
+    their roundings independent of each other's although the two draw their bits from one hash word (the half sum's
+    error does not track the whole sum's, so the conflict test's halves stay independent)."""
+    stats = FisherStats.accumulating(torch.float32, pair)
+    exact = {q: torch.zeros(4000, dtype=torch.float64) for q in pair}
     for step in range(400):
         g = 0.3 + torch.randn(2, 4000, generator=torch.Generator().manual_seed(step))
         stats.update({"w": g})
-        exact += g.double().sum(0)
-        half += g.double()[0]
-    err_sum, err_half = stats.sum_g["w"].double() - exact, stats.sum_half["w"].double() - half
-    assert stats.sum_g["w"].dtype == stats.sum_half["w"].dtype == torch.bfloat16
-    assert float(err_sum.abs().mean() / exact.abs().mean()) < 0.04  # (measured 0.021: 400 updates of a sum near 240)
-    for err in (err_sum, err_half):  # the mean error over 4000 entries: within 4 of its standard errors of 0
+        added = {"sum": g.double().sum(0), "half": g.double()[0], "abs": g.double().abs().sum(0)}
+        for q in pair:
+            exact[q] += added[q]
+    kept = {"sum": stats.sum_g, "half": stats.sum_half, "abs": stats.sum_abs}
+    errors = [kept[q]["w"].double() - exact[q] for q in pair]
+    assert all(kept[q]["w"].dtype == torch.bfloat16 for q in pair)
+    assert float(errors[0].abs().mean() / exact[pair[0]].abs().mean()) < 0.04  # (0.021 for Σg: 400 updates near 240)
+    for err in errors:  # the mean error over 4000 entries: within 4 of its standard errors of 0
         assert abs(float(err.mean())) < 4 * float(err.std()) / 4000 ** 0.5
-    assert abs(float(torch.corrcoef(torch.stack([err_sum, err_half]))[0, 1])) < 0.06
+    assert abs(float(torch.corrcoef(torch.stack(errors))[0, 1])) < 0.06
 
 
 def test_a_stochastically_rounded_abs_sum_is_unbiased():

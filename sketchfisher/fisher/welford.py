@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..errors import InputError
-from ..kernels.hashing import ROUNDING_KEY, ROUNDING_KEYS, round_bf16_stochastic
+from ..kernels.hashing import round_bf16_stochastic, rounding_slots
 
 QUANTITIES = ("fisher", "m2", "abs", "sum", "half")
 """``fisher``: Welford mean of g² (Î); ``m2``: its Welford M2 (variance across samples); ``abs``: Σ|g|;
@@ -75,13 +75,18 @@ class Welford:
         return self.m2 / (self.count - 1)
 
 
-def add_sum_(acc: torch.Tensor, batch_sum: torch.Tensor, first: int, count: int, key: int = ROUNDING_KEY) -> None:
+def rounds(acc: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether an accumulator is rounded stochastically: a bf16 one of wider statistics."""
+    return acc is not None and acc.dtype == torch.bfloat16 and dtype != torch.bfloat16
+
+
+def add_sum_(acc: torch.Tensor, batch_sum: torch.Tensor, first: int, count: int, slot: int = 0) -> None:
     """``acc += batch_sum`` in place; a bf16 accumulator of wider sums is rounded stochastically (unbiased:
     :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic`, entries ``first, …`` of the flat accumulator,
-    ``count`` samples before this batch, the sum's ``key``), where rounding to nearest would drop increments below
-    half a unit in the last place of a large sum."""
+    ``count`` samples before this batch, the sum's random-bit ``slot``), where rounding to nearest would drop
+    increments below half a unit in the last place of a large sum."""
     if acc.dtype == torch.bfloat16 and batch_sum.dtype != torch.bfloat16:
-        acc.copy_(round_bf16_stochastic(acc.float() + batch_sum.float(), first, count, key))
+        acc.copy_(round_bf16_stochastic(acc.float() + batch_sum.float(), first, count, slot))
     else:
         acc += batch_sum.to(acc)
 
@@ -101,15 +106,17 @@ def update_in_chunks(g: torch.Tensor, count: int, dtype: torch.dtype, mean: Opti
     total = count + n
     step = max(4096, CHUNK_ENTRIES // n) if g.device.type == "cpu" else flat.shape[1]
     state = [None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g, sum_half)]
+    slots = rounding_slots(q for q, t in zip(("abs", "sum", "half"), state[2:]) if rounds(t, dtype))
+    slots = {q: slots.get(q, 0) for q in ("abs", "sum", "half")}
     for lo in range(0, flat.shape[1], step):
         x = flat[:, lo:lo + step].to(dtype)
         mean_, m2_, abs_, sum_, half_ = (None if t is None else t[lo:lo + step] for t in state)
         if half_ is not None:  # a strided view: no mask copy
-            add_sum_(half_, x[count % 2::2].sum(0), lo, count, ROUNDING_KEYS["half"])
+            add_sum_(half_, x[count % 2::2].sum(0), lo, count, slots["half"])
         if abs_ is not None:
-            add_sum_(abs_, x.abs().sum(0), lo, count, ROUNDING_KEYS["abs"])
+            add_sum_(abs_, x.abs().sum(0), lo, count, slots["abs"])
         if sum_ is not None:
-            add_sum_(sum_, x.sum(0), lo, count, ROUNDING_KEYS["sum"])
+            add_sum_(sum_, x.sum(0), lo, count, slots["sum"])
         if mean_ is not None:
             square = x.square()
             batch_mean = square.mean(0)

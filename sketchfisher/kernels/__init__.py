@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .hashing import ROUNDING_KEYS, SHIFT_TWEAK
+from .hashing import SHIFT_TWEAK, count_key, rounding_slots
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w (metric.variants)
@@ -171,20 +171,29 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
     memory: each program reads its slice of the n rows once, and a second time from cache for M2. ``dtype``: the
     statistics' precision (default: the first kept state's); a bf16 ``sum_abs``, ``sum_g`` or ``sum_half`` of wider
     statistics is rounded stochastically, with the random bits of
-    :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic` (a key of :data:`~sketchfisher.kernels.hashing.ROUNDING_KEYS` each)."""
+    :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic` (one hash word for two sums,
+    :func:`~sketchfisher.kernels.hashing.rounding_slots`)."""
     _, welford_kernel, _ = _kernels()
     n, N = g.shape
     state = (mean, m2, sum_abs, sum_g, sum_half)
     dtype = dtype or next(t for t in state if t is not None).dtype
     dummy = mean if mean is not None else torch.empty(1, dtype=dtype, device=g.device)  # (carries the dtype)
     signed = next((t for t in (sum_g, sum_half) if t is not None), None)  # (one dtype for both: FisherStats)
+    round_abs = sum_abs is not None and sum_abs.dtype == torch.bfloat16 and dtype != torch.bfloat16
     signed_rounded = signed is not None and signed.dtype == torch.bfloat16 and dtype != torch.bfloat16
+    slots = rounding_slots([q for q, t, r in (("abs", sum_abs, round_abs), ("sum", sum_g, signed_rounded),
+                                              ("half", sum_half, signed_rounded)) if t is not None and r])
+    key0, key1 = (_int32(count_key(count, slot)) for slot in (0, 2))
     grid = (-(-N // block),)
     with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
-        welford_kernel[grid](g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count,
+        welford_kernel[grid](g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count, key0, key1,
                              BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None,
                              HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
-                             HAS_HALF=sum_half is not None,
-                             ROUND_ABS=sum_abs is not None and sum_abs.dtype == torch.bfloat16 and dtype != torch.bfloat16,
-                             ROUND_SIGNED=signed_rounded, ROUND_KEY=ROUNDING_KEYS["abs"], SUM_KEY=ROUNDING_KEYS["sum"],
-                             HALF_KEY=ROUNDING_KEYS["half"], num_warps=num_warps)
+                             HAS_HALF=sum_half is not None, ROUND_ABS=round_abs, ROUND_SIGNED=signed_rounded,
+                             ABS_SLOT=slots.get("abs", 0), SUM_SLOT=slots.get("sum", 0),
+                             HALF_SLOT=slots.get("half", 0), WORDS=-(-len(slots) // 2), num_warps=num_warps)
+
+
+def _int32(word: int) -> int:
+    """A 32-bit word as the int32 with its bits (a kernel argument of one type whatever its value)."""
+    return word - (1 << 32) if word >= 1 << 31 else word

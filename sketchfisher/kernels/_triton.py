@@ -185,10 +185,11 @@ def finish_kernel(part_ptr, rc_ptr, c2_ptr, usc_ptr, sk_ptr, n2_ptr, cross_ptr, 
 
 
 @triton.jit
-def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stride_n, count, BLOCK: tl.constexpr,
-                   HAS_MEAN: tl.constexpr, HAS_M2: tl.constexpr, HAS_ABS: tl.constexpr, HAS_SUM: tl.constexpr,
-                   HAS_HALF: tl.constexpr, ROUND_ABS: tl.constexpr, ROUND_SIGNED: tl.constexpr,
-                   ROUND_KEY: tl.constexpr, SUM_KEY: tl.constexpr, HALF_KEY: tl.constexpr):
+def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stride_n, count, key0, key1,
+                   BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_M2: tl.constexpr, HAS_ABS: tl.constexpr,
+                   HAS_SUM: tl.constexpr, HAS_HALF: tl.constexpr, ROUND_ABS: tl.constexpr, ROUND_SIGNED: tl.constexpr,
+                   ABS_SLOT: tl.constexpr, SUM_SLOT: tl.constexpr, HALF_SLOT: tl.constexpr, WORDS: tl.constexpr):
+    # key0, key1: hashing.count_key of this update for the two random words (int32 bit patterns)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     dt = mean_ptr.dtype.element_ty  # the statistics' dtype (a placeholder of it where the mean is not kept)
@@ -221,28 +222,38 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stri
                 m2b += d * d
             m2 = tl.load(m2_ptr + offs, mask=ok, other=0.0)
             tl.store(m2_ptr + offs, m2 + m2b + delta * delta * (cf * nf / (cf + nf)), mask=ok)
+    if WORDS >= 1:  # one word of random bits per entry for two rounded sums (hashing.rounding_slots)
+        e = offs.to(tl.uint32)
+        w0 = _fmix32(e ^ (key0 + tl.zeros((BLOCK,), tl.int32)).to(tl.uint32, bitcast=True))
+        w1 = w0
+        if WORDS >= 2:
+            w1 = _fmix32(e ^ (key1 + tl.zeros((BLOCK,), tl.int32)).to(tl.uint32, bitcast=True))
     if HAS_ABS:
         va = tl.load(sabs_ptr + offs, mask=ok, other=0.0).to(dt) + sa
         if ROUND_ABS:  # a bf16 accumulator: stochastic rounding, the bits of hashing.round_bf16_stochastic
-            va = _round_bf16(va, offs, count, ROUND_KEY)
+            va = _round_bf16(va, w0, w1, ABS_SLOT)
         tl.store(sabs_ptr + offs, va, mask=ok)
     if HAS_SUM:
         vs = tl.load(sg_ptr + offs, mask=ok, other=0.0).to(dt) + sg
         if ROUND_SIGNED:
-            vs = _round_bf16(vs, offs, count, SUM_KEY)
+            vs = _round_bf16(vs, w0, w1, SUM_SLOT)
         tl.store(sg_ptr + offs, vs, mask=ok)
     if HAS_HALF:
         vh = tl.load(sh_ptr + offs, mask=ok, other=0.0).to(dt) + sh
         if ROUND_SIGNED:
-            vh = _round_bf16(vh, offs, count, HALF_KEY)
+            vh = _round_bf16(vh, w0, w1, HALF_SLOT)
         tl.store(sh_ptr + offs, vh, mask=ok)
 
 
 @triton.jit
-def _round_bf16(v, offs, count, KEY: tl.constexpr):
-    """``v`` rounded to bf16 up or down at random (unbiased): hashing.round_bf16_stochastic's bits, keyed by KEY."""
-    key = tl.full(offs.shape, KEY, tl.uint32)
-    cu = _fmix32((offs * 0 + count).to(tl.uint32) ^ key)
-    noise = _hash(offs.to(tl.uint32), cu, key) & 0xFFFF
+def _round_bf16(v, w0, w1, SLOT: tl.constexpr):
+    """``v`` rounded to bf16 up or down at random (unbiased): hashing.round_bf16_stochastic's bits, half of word 0
+    (slots 0, 1) or of word 1 (slot 2)."""
+    if SLOT == 0:
+        noise = w0 & 0xFFFF
+    elif SLOT == 1:
+        noise = w0 >> 16
+    else:
+        noise = w1 & 0xFFFF
     bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
     return ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)

@@ -22,6 +22,8 @@ drawn from a generator, so the CPU code here and the CUDA kernel give the same m
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -60,21 +62,37 @@ def block_hash(ctr: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return fmix32(fmix32((ctr & MASK32) ^ lo) ^ hi)
 
 
-ROUNDING_KEY = 0x3C6EF372  # the hash key of stochastic rounding's random bits
-ROUNDING_KEYS = {"abs": ROUNDING_KEY, "sum": 0xA54FF53A, "half": 0x510E527F}
-"""Each plain sum's key: the roundings of Σ|g|, Σg and the half sum of one entry are independent."""
+ROUNDING_WORDS = (0x3C6EF372, 0xA54FF53A)
+"""The keys of the two hash words whose 16-bit halves round the plain sums (:func:`rounding_slots`)."""
+PLAIN_SUM_ORDER = ("abs", "sum", "half")
 
 
-def round_bf16_stochastic(v: torch.Tensor, first: int, count: int, key: int = ROUNDING_KEY) -> torch.Tensor:
+def rounding_slots(rounded: Iterable[str]) -> dict[str, int]:
+    """The random bits each plain sum rounded in one update draws: the rounded sums, in the order Σ|g|, Σg, half
+    sum, take slots 0, 1, 2: the low and the high 16 bits of hash word 0, then the low 16 bits of word 1. One hash
+    serves two sums; their bits are distinct, so their roundings are independent."""
+    rounded = set(rounded)
+    return {q: i for i, q in enumerate(q for q in PLAIN_SUM_ORDER if q in rounded)}
+
+
+def count_key(count: int, slot: int) -> int:
+    """The key of hash word ``slot // 2`` for an update after ``count`` samples: ``fmix32(count XOR word key)``
+    (mixed, so that no two entries see the same sequence of keys)."""
+    h = (count & MASK32) ^ ROUNDING_WORDS[slot // 2]
+    for shift, c in ((16, C1), (13, C2)):  # fmix32 of one Python int (no tensor: once per update and module)
+        h = ((h ^ (h >> shift)) * c) & MASK32
+    return h ^ (h >> 16)
+
+
+def round_bf16_stochastic(v: torch.Tensor, first: int, count: int, slot: int = 0) -> torch.Tensor:
     """fp32 ``v`` (a flat run of entries ``first, first + 1, …`` of an accumulator) rounded to bf16 up or down
     at random, with the probability that makes the rounding unbiased: 16 random bits are added to the low half
-    of each fp32 bit pattern before it is cut off. The bits are ``H(entry)`` keyed by ``fmix32(count XOR key)``
-    (``count``: the samples the accumulator held before this update; mixed, so that no two entries see the same
-    sequence of keys), and the CUDA kernel draws the same ones."""
+    of each fp32 bit pattern before it is cut off. The bits are half of the word ``fmix32(entry XOR key)``, the
+    key :func:`count_key` of ``count`` (the samples the accumulator held before this update) and of the sum's
+    ``slot`` (:func:`rounding_slots`); the CUDA kernel draws the same ones, one word for two sums."""
     bits = v.float().contiguous().view(torch.int32).to(torch.int64) & MASK32
     entry = torch.arange(first, first + v.numel(), dtype=torch.int64, device=v.device).view(v.shape)
-    lo = int(fmix32(torch.tensor((count & MASK32) ^ key, dtype=torch.int64)))
-    noise = block_hash(entry, lo, key) & 0xFFFF
+    noise = (fmix32((entry & MASK32) ^ count_key(count, slot)) >> (16 * (slot % 2))) & 0xFFFF
     cut = ((bits + noise) & 0xFFFF0000).to(torch.int32)  # (a carry past bit 31 is dropped, as in uint32)
     return cut.view(torch.float32).to(torch.bfloat16)
 
