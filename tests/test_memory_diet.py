@@ -264,7 +264,8 @@ def test_fp32_statistics_keep_balance_and_centres_in_one_byte_and_the_denominato
 def test_bf16_per_sample_gradients_leave_the_estimates_as_accurate(llama, monkeypatch):
     """On a GPU a bf16 model's per-sample gradients reach the statistics and the sketches rounded once to bf16
     (``BatchFactors.grad(low=True)``; ``tests/test_gpu.py`` checks the rounding). Simulated here on the CPU by
-    rounding every per-sample gradient the collection forms. Read by the sketches, the rounding moves fp32 sketches'
+    rounding every per-sample gradient the collection forms (fp64 statistics: fp32 ones' stochastic rounding would
+    re-draw its own noise, of the size of the sums' bf16 precision, wherever an input moves). Read by the sketches, the rounding moves fp32 sketches'
     scores by a few hundredths of their standard errors. Any change also re-draws what follows a discontinuity (a
     one-byte preparation's code, int4's dither, keyed by its scale's bits): a different estimate, as accurate, so the
     errors against the exact scores keep their size, and the conflict test's T and standard error move by well under
@@ -283,8 +284,7 @@ def test_bf16_per_sample_gradients_leave_the_estimates_as_accurate(llama, monkey
                     torch.bfloat16 if low else torch.float32))
             if sketches:
                 patch.setattr(HeadBlock, "grad_from_factors", lambda self, A, D: block_grad(self, A, D).bfloat16().float())
-            return sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, seed=2, dtype=dtype), units="all",
-                              stats_dtype=torch.float32)
+            return sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, seed=2, dtype=dtype), units="all")
 
     def standardised(res, family, reference):
         z = ((res.units(family).scores - reference.units(family).scores) / res.units(family).stderr).double()
