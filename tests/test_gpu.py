@@ -190,8 +190,9 @@ def test_bf16_per_sample_gradients_are_the_fp32_product_rounded_once():
         want, got = bf.grad(name), bf.grad(name, low=True)
         assert want.dtype == torch.float32 and got.dtype == low_dtype
         rounded = want.to(low_dtype).float()
-        ulp = want.abs().clamp_min(1e-30) * 2.0 ** -7  # one bf16 step either side of a rounding boundary
-        assert bool(((got.float() - rounded).abs() <= ulp).all())
+        # one bf16 step either side of a rounding boundary, plus the fp32 sums' own order (cancelled entries)
+        tol = want.abs() * 2.0 ** -7 + want.abs().max() * 2.0 ** -20
+        assert bool(((got.float() - rounded).abs() <= tol).all())
         assert float((got.float() - want).norm() / want.norm()) < 2.0 ** -8
 
 
