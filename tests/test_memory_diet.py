@@ -262,40 +262,36 @@ def test_fp32_statistics_keep_balance_and_centres_in_one_byte_and_the_denominato
 
 
 def test_bf16_per_sample_gradients_leave_the_estimates_as_accurate(llama, monkeypatch):
-    """On a GPU a bf16 model's per-sample gradients reach the statistics and the sketches rounded once to bf16
-    (``BatchFactors.grad(low=True)``; ``tests/test_gpu.py`` checks the rounding). Simulated here on the CPU by
-    rounding every per-sample gradient the collection forms (fp64 statistics: fp32 ones' stochastic rounding would
-    re-draw its own noise, of the size of the sums' bf16 precision, wherever an input moves). Read by the sketches, the rounding moves fp32 sketches'
-    scores by a few hundredths of their standard errors. Any change also re-draws what follows a discontinuity (a
-    one-byte preparation's code, int4's dither, keyed by its scale's bits): a different estimate, as accurate, so the
-    errors against the exact scores keep their size, and the conflict test's T and standard error move by well under
-    1%."""
+    """On a GPU a bf16 model's per-sample gradients reach a sketch collection's statistics and side vectors rounded
+    once to bf16, the same numbers in both (``BatchFactors.grad(low=True)``, ``collect.passes.block_gradients``;
+    ``tests/test_gpu.py`` checks the rounding). Simulated here on the CPU (fp64 statistics: fp32 ones' stochastic
+    rounding would re-draw its own noise wherever an input moves). With fp32 sketches the scores move by a few
+    hundredths of their standard errors. Any change also re-draws what follows a discontinuity (int4's dither, keyed
+    by its scale's bits): a different estimate, as accurate, so the errors against the exact scores keep their size;
+    the conflict test's T and standard error move by well under 1%."""
     from sketchfisher.capture.hooks import BatchFactors
-    from sketchfisher.layout.core import HeadBlock
 
     model, ta, tb = llama
     exact = sf.analyze(model, generic_loss, ta, tb, codec=sf.Exact(), units="all")
-    grad, block_grad = BatchFactors.grad, HeadBlock.grad_from_factors
+    grad = BatchFactors.grad
 
-    def collect(dtype: str, statistics: bool, sketches: bool):
+    def collect(dtype: str, rounded: bool):
         with monkeypatch.context() as patch:
-            if statistics:
-                patch.setattr(BatchFactors, "grad", lambda self, m, low=False: grad(self, m).to(
+            if rounded:  # the GPU's bf16 path on the CPU
+                patch.setattr(BatchFactors, "rounds", lambda self, module: True)
+                patch.setattr(BatchFactors, "grad", lambda self, module, low=False: grad(self, module).to(
                     torch.bfloat16 if low else torch.float32))
-            if sketches:
-                patch.setattr(HeadBlock, "grad_from_factors", lambda self, A, D: block_grad(self, A, D).bfloat16().float())
             return sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, seed=2, dtype=dtype), units="all")
 
     def standardised(res, family, reference):
         z = ((res.units(family).scores - reference.units(family).scores) / res.units(family).stderr).double()
         return z[z.isfinite()]
 
-    fp32 = collect("fp32", False, False)
-    read = collect("fp32", False, True)
+    fp32, read = collect("fp32", False), collect("fp32", True)
     for family in fp32.families:
         moved = standardised(read, family, fp32)
         assert 0 < float(moved.abs().max()) < 0.05, family
-    before, after = collect("int4", False, False), collect("int4", True, True)
+    before, after = collect("int4", False), collect("int4", True)
     for family in before.families:
         rms = [float(standardised(r, family, exact).square().mean().sqrt()) for r in (before, after)]
         assert abs(rms[1] / rms[0] - 1) < 0.02, (family, rms)

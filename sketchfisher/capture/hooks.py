@@ -88,7 +88,7 @@ class BatchFactors:
         left, right = (a, d) if self.transposed[module] else (d, a)
         low_dtype = self.source_dtype.get(module)
         if left.is_cuda and low_dtype in (torch.bfloat16, torch.float16):
-            if low and low_dtype == torch.bfloat16:
+            if low and self.rounds(module):
                 with fp32_reductions():
                     return torch.bmm(left.transpose(1, 2).to(low_dtype), right.to(low_dtype))
             try:
@@ -96,6 +96,11 @@ class BatchFactors:
             except TypeError:  # torch without bmm(out_dtype=): the fp32 product below
                 pass
         return torch.bmm(left.transpose(1, 2).float(), right.float())
+
+
+    def rounds(self, module: str) -> bool:
+        """Whether ``grad(module, low=True)`` is rounded to bf16: a bf16 model's factors on CUDA."""
+        return self.A[module].is_cuda and self.source_dtype.get(module) == torch.bfloat16
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, QUANTITIES, FisherStats
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig, shift
-from .passes import factor_pass
+from .passes import block_gradients, factor_pass
 from .stage1 import collect
 
 
@@ -166,7 +166,7 @@ def collect_tasks(model: nn.Module, loss_fn: LossFn, tasks: Mapping[str, Iterabl
             for key in keys:
                 hbs = layout.head_blocks(*key)
                 module = hbs[0].module_name
-                g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
+                g = block_gradients(bf, module, hbs)  # (what the statistics saw)
                 prep = preps[t][key]
                 mean, weighted = (x.to(g.device) for x in weights[key])
                 gd = g.to(cfg.dtype)

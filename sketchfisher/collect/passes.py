@@ -143,8 +143,20 @@ def sized(batches: Iterable[Any]) -> int | None:
         return None
 
 
-def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str]) -> None:
-    """Fold a batch into ``stats``, one module's per-sample gradients at a time (bounded memory), a bf16 model's
-    formed in bf16 on a GPU (:meth:`BatchFactors.grad <sketchfisher.capture.BatchFactors.grad>`)."""
+def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str], low: bool = False) -> None:
+    """Fold a batch into ``stats``, one module's per-sample gradients at a time (bounded memory). ``low``: a bf16
+    model's formed in bf16 on a GPU (:meth:`BatchFactors.grad <sketchfisher.capture.BatchFactors.grad>`), for
+    sketch collections, whose side vectors read the same numbers (:func:`block_gradients`)."""
     for weight in weights:
-        stats.update({weight: captured.grad(module_of(weight), low=True)})
+        stats.update({weight: captured.grad(module_of(weight), low=low)})
+
+
+def block_gradients(captured: BatchFactors, module: str, blocks: list) -> torch.Tensor:
+    """``[B, H_b, size]``: per-sample gradients of one (layer, block)'s head blocks ``blocks`` of ``module``, the
+    numbers a sketch collection's statistics folded (:func:`fold_factors` with ``low=True``): bf16-rounded for a bf16
+    model on a GPU, so that a side vector and its task's statistics agree entry by entry (a leave-one-out
+    normaliser subtracts a sample's own g² from its task's Fisher); else each block formed from the factors alone."""
+    if captured.rounds(module):
+        whole = captured.grad(module, low=True)
+        return torch.stack([hb.flat(whole) for hb in blocks], 1).float()
+    return torch.stack([hb.grad_from_factors(captured.A[module], captured.D[module]).flatten(-2) for hb in blocks], 1)

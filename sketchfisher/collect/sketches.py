@@ -32,7 +32,7 @@ from ..fisher.host import host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from .finite import LaggedFiniteCheck
-from .passes import Skip, factor_pass, fold_factors, trainable_weights
+from .passes import Skip, block_gradients, factor_pass, fold_factors, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
 CONFLICT_WEIGHT_DTYPE = "fp8"
@@ -214,14 +214,14 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 # (scaled-centred in the kernel; the conflict scalars from the same read)
                 sk, norm2, cross, gamma, conflict = fused(last[1], layer, block, prep)
             else:
-                g = torch.stack([hb.grad_from_factors(bf.A[module], bf.D[module]).flatten(-2) for hb in hbs], 1)
+                g = block_gradients(bf, module, hbs)  # (what the statistics saw)
                 v = side_vector(g, prep, side, count, cfg)
                 sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block_index(block))
                 conflict = conflict_scalars(g, prep, side, cfg.dtype)
                 sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
             out[(layer, block)] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
         if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
-            fold_factors(fold, bf, [w for w in weights if w not in folded])
+            fold_factors(fold, bf, [w for w in weights if w not in folded], low=True)
         check.submit(index, out)
         yield index, bf.batch_size, out
     check.finish()

@@ -38,7 +38,7 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
             stats.update(grads)
     else:
         for _, captured in factor_pass(model, loss_fn, batches, weights, desc=desc, show_progress=show_progress):
-            fold_factors(stats, captured, weights)
+            fold_factors(stats, captured, weights, low=codec.two_pass)  # (a sketch's sides read the same numbers)
             if rep is not None:
                 rep.add(captured)
     if stats.count == 0:

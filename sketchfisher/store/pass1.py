@@ -86,7 +86,7 @@ def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches:
     for index, bf in factor_pass(model, loss_fn, Counted(batches, seen), names, desc=desc,
                                  show_progress=show_progress, skip=lambda i: i < done or not ranks.mine(i),
                                  total=sized(batches)):
-        fold_factors(stats, bf, names)
+        fold_factors(stats, bf, names, low=True)  # (stores hold sketches, whose side vectors read the same numbers)
         if policy.due(index + 1):
             start = time.perf_counter()
             tensors, meta = stats.to_tensors()
