@@ -139,6 +139,23 @@ def test_welford_kernel_rounds_bf16_sums_as_the_torch_update(quantities):
         torch.testing.assert_close(state[0], ref.welford["w"].mean, rtol=1e-6, atol=1e-7)
 
 
+def test_welford_kernel_reads_bf16_gradients_as_the_torch_update():
+    """A bf16 model's per-sample gradients arrive in bf16 on a GPU (``BatchFactors.grad(low=True)``): the kernel
+    reads them as the torch update does (each value widened exactly), bf16 sums rounded with the same bits."""
+    quantities = ("fisher", "sum", "half")
+    ref = FisherStats.accumulating(torch.float32, quantities)
+    state = [torch.zeros(300, dtype=torch.float32), None, None, torch.zeros(300, dtype=torch.bfloat16),
+             torch.zeros(300, dtype=torch.bfloat16)]
+    count = 0
+    for step in range(20):
+        g = torch.randn(2, 300, generator=torch.Generator().manual_seed(step)).bfloat16()
+        ref.update({"w": g})
+        kernels.welford_update(g, *state[:4], count=count, sum_half=state[4], block=64, dtype=torch.float32)
+        count += 2
+    assert torch.equal(state[3], ref.sum_g["w"]) and torch.equal(state[4], ref.sum_half["w"])
+    torch.testing.assert_close(state[0], ref.welford["w"].mean, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("pair", [("sum", "half"), ("abs", "sum")])
 def test_stochastically_rounded_sums_are_unbiased_and_independent(pair):
     """Σg and the half sum (pass 1 of task A), Σ|g| and Σg (task B's pass) in bf16 (fp32 statistics): unbiased, and
