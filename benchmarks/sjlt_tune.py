@@ -77,11 +77,14 @@ MODULES = {  # Llama-7B: (rows, columns, units, unit rows, unit columns) of a we
 }
 
 
+GRAD_DTYPE = torch.float32  # the per-sample gradients' dtype (--grad-dtype): fp32, or bf16 as a bf16 model's arrive
+
+
 def module_blocks(batch: int):
-    """Per Llama-7B module shape: ``(label, g [batch, rows, cols] fp32, keys, offsets, size, unit columns, columns,
-    units)`` for :func:`kernels.sketch_heads`."""
+    """Per Llama-7B module shape: ``(label, g [batch, rows, cols] in GRAD_DTYPE, keys, offsets, size, unit columns,
+    columns, units)`` for :func:`kernels.sketch_heads`."""
     for label, (rows, cols, H, ur, uc) in MODULES.items():
-        g = torch.randn(batch, rows, cols, device="cuda")
+        g = torch.randn(batch, rows, cols, device="cuda").to(GRAD_DTYPE)
         offsets = (torch.arange(H, device="cuda") * ur * cols) if uc == cols else torch.arange(H, device="cuda") * uc
         keys = torch.randint(0, 2**31 - 1, (H, 2), device="cuda")
         yield label, g, keys, offsets, ur * uc, uc, cols, H
@@ -99,7 +102,7 @@ def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
         c, o = (torch.rand(H, size, device="cuda").to(torch.bfloat16) for _ in range(2))
         buf = torch.empty_like(g)
         t_copy = graphed(lambda: buf.copy_(g), repeats)
-        read = g.numel() * 4 + H * size * (4 + 2 + 2)
+        read = g.numel() * g.element_size() + H * size * (4 + 2 + 2)
         for k in ks:
             def call(**kw):
                 return kernels.sketch_heads(g, keys, offsets, size, uc, cols, k, 1, transform="square", weight=w,
@@ -124,7 +127,8 @@ def one_byte_sweep(batch: int, k: int, repeats: int) -> None:
     with the preparations in bf16 beside one byte (fp8 codes and a scale per unit block), per Llama-7B module shape."""
     from sketchfisher.compress.onebyte import OneByte
 
-    print(f"\n## the side passes' kernel, batch {batch}, k {k}: bf16 against one-byte preparations (ms, CUDA graphs)")
+    print(f"\n## the side passes' kernel, batch {batch}, k {k}, {str(GRAD_DTYPE)[6:]} gradients: bf16 against one-byte "
+          "preparations (ms, CUDA graphs)")
     print("| module | pass | bf16 ms | one byte ms | one byte / bf16 | conflict weights off: bf16, one byte |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, g, keys, offsets, size, uc, cols, H in module_blocks(batch):
@@ -153,22 +157,26 @@ def one_byte_sweep(batch: int, k: int, repeats: int) -> None:
                   f"| {times[2]:.3f}, {times[3]:.3f} |", flush=True)
 
 
-def welford_sweep(batch: int, repeats: int) -> None:
+def welford_sweep(batch: int, repeats: int, conflict_sums: bool = False) -> None:
     """The pass-1 statistics kernel on a Llama-7B gate_proj per-sample gradient ``[batch, 11008·4096]`` fp32, with
     the statistics of task A's first pass at 7B (the Fisher's Welford mean in fp32, Σ|g| in bf16 rounded
-    stochastically): launch shapes side by side, GB/s of the bytes read and written."""
+    stochastically; ``conflict_sums``: Σg and the half sum in bf16 instead, as with the conflict test): launch shapes
+    side by side, GB/s of the bytes read and written. The gradient in GRAD_DTYPE."""
     N = 11008 * 4096
-    g = torch.randn(batch, N, device="cuda")
-    mean, sabs = torch.zeros(N, device="cuda"), torch.zeros(N, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(batch, N, device="cuda").to(GRAD_DTYPE)
+    bf16 = lambda: torch.zeros(N, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    mean = torch.zeros(N, device="cuda")
+    sabs, sg, sh = (None, bf16(), bf16()) if conflict_sums else (bf16(), None, None)
     buf = torch.empty_like(g)
     t_copy = graphed(lambda: buf.copy_(g), repeats)
-    moved = g.numel() * 4 + N * (4 + 4 + 2 + 2)
-    print(f"\n## pass 1's statistics kernel, gate_proj [{batch}, {N}] fp32, Fisher mean fp32 + Σ|g| bf16 (stochastic); "
-          f"copy_ of g {t_copy:.3f} ms")
+    moved = g.numel() * g.element_size() + N * (4 + 4 + (8 if conflict_sums else 4))
+    sums = "Σg + half sum bf16" if conflict_sums else "Σ|g| bf16"
+    print(f"\n## pass 1's statistics kernel, gate_proj [{batch}, {N}] {str(GRAD_DTYPE)[6:]}, Fisher mean fp32 + {sums} "
+          f"(stochastic); copy_ of g {t_copy:.3f} ms")
     print("| block | warps | ms | GB/s moved | x copy_ of g |\n| --- | --- | --- | --- | --- |")
     for block, warps in itertools.product((512, 1024, 2048, 4096), (4, 8)):
-        t = graphed(lambda: kernels.welford_update(g, mean, None, sabs, None, 0, block=block, dtype=torch.float32,
-                                                   num_warps=warps), repeats)
+        t = graphed(lambda: kernels.welford_update(g, mean, None, sabs, sg, 0, sum_half=sh, block=block,
+                                                   dtype=torch.float32, num_warps=warps), repeats)
         print(f"| {block} | {warps} | {t:.3f} | {moved / t / 1e6:.0f} | {t / t_copy:.2f} |", flush=True)
 
 
@@ -180,11 +188,17 @@ def main() -> None:
     p.add_argument("--welford", action="store_true", help="only the pass-1 statistics kernel's launch shapes")
     p.add_argument("--one-byte", action="store_true", help="only the side passes' kernel: bf16 or one-byte preparations")
     p.add_argument("--batch", type=int, default=2, help="samples per batch of the module and statistics sweeps")
+    p.add_argument("--grad-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="the per-sample gradients of the module, one-byte and statistics sweeps (bf16: a bf16 model's)")
+    p.add_argument("--conflict-sums", action="store_true",
+                   help="the statistics sweep with Σg and the half sum (the conflict test's pass 1) instead of Σ|g|")
     p.add_argument("--k", type=int, nargs="+", default=[256, 1024], help="sketch widths of the module sweep")
     args = p.parse_args()
+    global GRAD_DTYPE
+    GRAD_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.grad_dtype]
     if args.welford:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
-        welford_sweep(args.batch, args.repeats)
+        welford_sweep(args.batch, args.repeats, args.conflict_sums)
         return
     if args.one_byte:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
