@@ -92,9 +92,10 @@ def module_blocks(batch: int):
 
 def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
     """The pass-2 side kernel (square, fp32 weight, bf16 centre and other, cross term, norm, sketch) over the unit
-    blocks of each Llama-7B module shape, a batch of fp32 per-sample gradients: the default launch beside the best
+    blocks of each Llama-7B module shape, a batch of per-sample gradients (fp32, or --grad-dtype): the default launch beside the best
     of a sweep, against copy_ of g and the bytes read (g once, the three vectors once)."""
-    print(f"\n## pass 2's side kernel per module, batch {batch}, fp32 gradient, weight fp32, centre and other bf16")
+    print(f"\n## pass 2's side kernel per module, batch {batch}, {str(GRAD_DTYPE)[6:]} gradient, weight fp32, centre and "
+          "other bf16")
     print("| module | k | copy_ of g ms | default ms | GB/s read | best ms | x default | best launch |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, g, keys, offsets, size, uc, cols, H in module_blocks(batch):
