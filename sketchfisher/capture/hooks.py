@@ -97,7 +97,6 @@ class BatchFactors:
                 pass
         return torch.bmm(left.transpose(1, 2).float(), right.float())
 
-
     def rounds(self, module: str) -> bool:
         """Whether ``grad(module, low=True)`` is rounded to bf16: a bf16 model's factors on CUDA."""
         return self.A[module].is_cuda and self.source_dtype.get(module) == torch.bfloat16

@@ -75,11 +75,6 @@ class Welford:
         return self.m2 / (self.count - 1)
 
 
-def rounds(acc: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
-    """Whether an accumulator is rounded stochastically: a bf16 one of wider statistics."""
-    return acc is not None and acc.dtype == torch.bfloat16 and dtype != torch.bfloat16
-
-
 def add_sum_(acc: torch.Tensor, batch_sum: torch.Tensor, first: int, count: int, slot: int = 0) -> None:
     """``acc += batch_sum`` in place; a bf16 accumulator of wider sums is rounded stochastically (unbiased:
     :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic`, entries ``first, …`` of the flat accumulator,
@@ -106,8 +101,8 @@ def update_in_chunks(g: torch.Tensor, count: int, dtype: torch.dtype, mean: Opti
     total = count + n
     step = max(4096, CHUNK_ENTRIES // n) if g.device.type == "cpu" else flat.shape[1]
     state = [None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g, sum_half)]
-    slots = rounding_slots(q for q, t in zip(("abs", "sum", "half"), state[2:]) if rounds(t, dtype))
-    slots = {q: slots.get(q, 0) for q in ("abs", "sum", "half")}
+    slots = rounding_slots(dict(zip(("abs", "sum", "half"), state[2:])), dtype)
+    slots = {q: slots.get(q, 0) for q in ("abs", "sum", "half")}  # (an unrounded sum's slot is not read)
     for lo in range(0, flat.shape[1], step):
         x = flat[:, lo:lo + step].to(dtype)
         mean_, m2_, abs_, sum_, half_ = (None if t is None else t[lo:lo + step] for t in state)

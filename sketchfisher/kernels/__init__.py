@@ -178,18 +178,15 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
     state = (mean, m2, sum_abs, sum_g, sum_half)
     dtype = dtype or next(t for t in state if t is not None).dtype
     dummy = mean if mean is not None else torch.empty(1, dtype=dtype, device=g.device)  # (carries the dtype)
-    signed = next((t for t in (sum_g, sum_half) if t is not None), None)  # (one dtype for both: FisherStats)
-    round_abs = sum_abs is not None and sum_abs.dtype == torch.bfloat16 and dtype != torch.bfloat16
-    signed_rounded = signed is not None and signed.dtype == torch.bfloat16 and dtype != torch.bfloat16
-    slots = rounding_slots([q for q, t, r in (("abs", sum_abs, round_abs), ("sum", sum_g, signed_rounded),
-                                              ("half", sum_half, signed_rounded)) if t is not None and r])
+    slots = rounding_slots({"abs": sum_abs, "sum": sum_g, "half": sum_half}, dtype)  # (Σg, half sum: one dtype)
     key0, key1 = (_int32(count_key(count, slot)) for slot in (0, 2))
     grid = (-(-N // block),)
     with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
         welford_kernel[grid](g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count, key0, key1,
                              BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None,
                              HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
-                             HAS_HALF=sum_half is not None, ROUND_ABS=round_abs, ROUND_SIGNED=signed_rounded,
+                             HAS_HALF=sum_half is not None, ROUND_ABS="abs" in slots,
+                             ROUND_SIGNED="sum" in slots or "half" in slots,
                              ABS_SLOT=slots.get("abs", 0), SUM_SLOT=slots.get("sum", 0),
                              HALF_SLOT=slots.get("half", 0), WORDS=-(-len(slots) // 2), num_warps=num_warps)
 

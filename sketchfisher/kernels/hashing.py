@@ -22,7 +22,7 @@ drawn from a generator, so the CPU code here and the CUDA kernel give the same m
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Optional
 
 import torch
 
@@ -38,7 +38,8 @@ def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
     return (h * c) & MASK32
 
 
-def fmix32(h: torch.Tensor) -> torch.Tensor:
+def fmix32(h):
+    """MurmurHash3's 32-bit finaliser of an int64 tensor of values < 2³², or of one Python int."""
     h = h ^ (h >> 16)
     h = _mul32(h, C1)
     h = h ^ (h >> 13)
@@ -67,21 +68,20 @@ ROUNDING_WORDS = (0x3C6EF372, 0xA54FF53A)
 PLAIN_SUM_ORDER = ("abs", "sum", "half")
 
 
-def rounding_slots(rounded: Iterable[str]) -> dict[str, int]:
-    """The random bits each plain sum rounded in one update draws: the rounded sums, in the order Σ|g|, Σg, half
-    sum, take slots 0, 1, 2: the low and the high 16 bits of hash word 0, then the low 16 bits of word 1. One hash
-    serves two sums; their bits are distinct, so their roundings are independent."""
-    rounded = set(rounded)
-    return {q: i for i, q in enumerate(q for q in PLAIN_SUM_ORDER if q in rounded)}
+def rounding_slots(sums: dict[str, Optional[torch.Tensor]], dtype: torch.dtype) -> dict[str, int]:
+    """The random bits each plain sum of one update draws, for the sums that are rounded stochastically (bf16
+    accumulators of wider statistics; ``sums``: ``{"abs" | "sum" | "half": accumulator or None}``): in the order
+    Σ|g|, Σg, half sum they take slots 0, 1, 2, the low and the high 16 bits of hash word 0, then the low 16 bits of
+    word 1. One hash serves two sums; their bits are distinct, so their roundings are independent."""
+    rounded = [q for q in PLAIN_SUM_ORDER
+               if sums.get(q) is not None and sums[q].dtype == torch.bfloat16 and dtype != torch.bfloat16]
+    return {q: i for i, q in enumerate(rounded)}
 
 
 def count_key(count: int, slot: int) -> int:
     """The key of hash word ``slot // 2`` for an update after ``count`` samples: ``fmix32(count XOR word key)``
-    (mixed, so that no two entries see the same sequence of keys)."""
-    h = (count & MASK32) ^ ROUNDING_WORDS[slot // 2]
-    for shift, c in ((16, C1), (13, C2)):  # fmix32 of one Python int (no tensor: once per update and module)
-        h = ((h ^ (h >> shift)) * c) & MASK32
-    return h ^ (h >> 16)
+    (mixed, so that no two entries see the same sequence of keys; a Python int, once per update and module)."""
+    return fmix32((count & MASK32) ^ ROUNDING_WORDS[slot // 2])
 
 
 def round_bf16_stochastic(v: torch.Tensor, first: int, count: int, slot: int = 0) -> torch.Tensor:
