@@ -39,6 +39,7 @@ TINY = {
                    "--cli", "{tmp}", "--passes", "1.5", "2", "--signed-sums", "bf16", "fp32", "--compare-stats-dtype",
                    "--grads", "fp32"],
     "gpu_profile.py": ["--device", "cpu", "--shape", "tiny", "--layers", "1", "--samples", "4", "--top", "3", "--grads", "fp32"],
+    "gradient_rounding.py": ["--samples", "4", "3", "--tokens", "6", "--k", "16"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
     "map_spread.py": ["--model", "llama", "--layers", "1", "--train-steps", "1", "--samples", "4", "--k", "16",
                       "--maps", "2"],
