@@ -40,6 +40,21 @@ def test_int4_codes_bitwise_identical_on_cpu_and_cuda():
     assert torch.equal(dequantize_int4(qg, sg, 7).cpu(), dequantize_int4(qc, sc, 7))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_byte_codes_bitwise_identical_on_cpu_and_cuda(dtype):
+    """The one-byte preparations (one division in fp64, rounded once) give the same codes and scales on either
+    device, from fp64 or fp32 values, over 60 orders of magnitude of block scale."""
+    from sketchfisher.compress.onebyte import OneByte
+
+    x = (torch.randn(64, 4, 1024, dtype=torch.float64) * torch.logspace(-30, 30, 64, dtype=torch.float64)[:, None, None]
+         ).to(dtype)
+    for positive in (False, True):
+        xs = x.abs() if positive else x
+        c, g = OneByte.encode(xs, positive=positive), OneByte.encode(xs.cuda(), positive=positive)
+        assert torch.equal(g.scale.cpu(), c.scale)
+        assert torch.equal(g.codes.cpu().view(torch.uint8), c.codes.view(torch.uint8))
+
+
 @pytest.mark.parametrize("passes", [2, 1.5])
 @pytest.mark.parametrize("stats_dtype", [torch.float64, torch.float32])
 def test_scores_identical_on_cpu_and_cuda(passes, stats_dtype):

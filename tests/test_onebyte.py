@@ -33,6 +33,35 @@ def test_a_balance_never_rounds_to_zero_and_zero_blocks_stay_zero():
     assert float(zero.scale) == 1.0 and bool((zero.decode() == 0).all())
 
 
+def _encode_reference(x: torch.Tensor, positive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The obvious encoding: every step in fp64, rounded to fp32 once at the end, then to fp8."""
+    x = x.double()
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).float()
+    y = (x / scale.double()[..., None]).clamp(2.0 ** -9 if positive else -FP8_MAX, FP8_MAX)
+    return y.float().to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("positive", [False, True])
+def test_encoding_is_bitwise_the_fp64_reference_from_any_input_precision(dtype, positive):
+    """The fused encoding (largest magnitude, one division rounded once, clamp in fp32) gives the codes and scales of
+    the all-fp64 reference, bit for bit, for fp64 and fp32 inputs: ranges 10⁻³⁰ to 10³⁰, values on fp8 rounding ties,
+    subnormal quotients, zero blocks and exact maxima."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 300, generator=g, dtype=torch.float64)
+    x = x * torch.logspace(-30, 30, 6, dtype=torch.float64)[:, None, None]
+    x[0, 0] = 0.0
+    x[1, 1, :20] = x[1, 1, :20] * 1e-12  # quotients far below fp8's smallest code
+    ties = torch.tensor([1.0625, 1.1875, 3.25, 0.0029296875, 447.9, 448.0, -1.0625], dtype=torch.float64)
+    x[2, 2, : len(ties)] = ties * float(x[2, 2].abs().max()) / 448.0
+    x = (x.abs() if positive else x).to(dtype)
+    ob = OneByte.encode(x, positive=positive)
+    codes, scale = _encode_reference(x, positive)
+    assert torch.equal(ob.scale, scale)
+    assert torch.equal(ob.codes.view(torch.uint8), codes.view(torch.uint8))
+
+
 def test_the_decoded_values_are_the_fp32_product_every_reader_forms():
     """CPU decoding is the fp32 product of code and scale (the kernel's), then cast; indexing keeps codes and scales
     together; a torch dtype casts instead."""

@@ -309,10 +309,11 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
             centres[key] = codec.apply_heads(key[0], block_index(key[1]), values(prep.y_bar, cfg.dtype)[None])
         if "sum" in stats_b.quantities:
             mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
-            w = prep.inverse_denominator()
-            u_a = narrower((mean_b * w)[None], CONFLICT_WEIGHT_DTYPE)
+            weighted = mean_b * prep.inverse_denominator()
             mean_a = of_a(key, "sum", prep.device) if prep.u_b is not None else None  # (T from the exact means)
-            prep = dataclass_replace(prep, u_a=u_a, moments=conflict_moments(mean_a, mean_b, w, prep.moments))
+            moments = conflict_moments({"a": mean_a, "b": mean_b}, {"b": weighted}, prep.moments)
+            prep = dataclass_replace(prep, u_a=narrower(weighted[None], CONFLICT_WEIGHT_DTYPE), moments=moments)
+            del weighted, mean_a, mean_b
         preps[key] = dataclass_replace(prep, w_b=None, u_b=None)  # (B's conflict weights: B's pass is over)
         name = layout.param_of(*key)
         if last_use[name] == key:

@@ -40,12 +40,12 @@ class OneByte:
     def encode(cls, x: torch.Tensor, positive: bool = False) -> "OneByte":
         """``x [..., H, S]`` rounded to the nearest code of its head block's scale (computed in fp64, so that a CPU and
         a GPU round alike); ``positive``: every value at least the smallest positive code (for balances)."""
-        x = x.double()
-        amax = x.abs().amax(-1)
+        amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1).double()  # (the largest |x|: exact in any dtype)
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).float()
-        y = x / scale.double()[..., None]
-        y = y.clamp(FP8_TINY if positive else -FP8_MAX, FP8_MAX)
-        return cls(y.float().to(FP8), scale)
+        y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        torch.div(x, scale.double()[..., None], out=y)  # the fp64 quotient, rounded once to fp32 in the same kernel
+        y.clamp_(FP8_TINY if positive else -FP8_MAX, FP8_MAX)  # (bounds exact in fp32: clamping commutes with rounding)
+        return cls(y.to(FP8), scale)
 
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The values: the fp32 product of code and scale (what the kernel reads), then cast to ``dtype``."""

@@ -10,6 +10,7 @@ errors. The variant
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -112,10 +113,13 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     lam = shift(fisher, cfg)
     denom = fisher + lam
     zeros = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
-    weigh = lambda *means: narrower(torch.stack([(m.to(denom.device) / denom) for m in means]), u_dtype or dt)  # noqa: E731
-    u = {"a": None if mean_g_b is None else weigh(mean_g_b),
-         "b": None if mean_g_a is None else weigh(mean_g_a, *([] if half_a is None else [half_a]))}
-    moments = conflict_moments(mean_g_a, mean_g_b, denom.double().reciprocal())
+    means = {"a": mean_g_a, "b": mean_g_b}
+    weighted = {t: None if m is None else over_denominator([m, *([half_a] if t == "a" and half_a is not None else [])],
+                                                           denom) for t, m in means.items()}
+    moments = conflict_moments(means, {t: None if w is None else w[0] for t, w in weighted.items()})
+    u = {"a": None if weighted["b"] is None else narrower(weighted["b"], u_dtype or dt),
+         "b": None if weighted["a"] is None else narrower(weighted["a"], u_dtype or dt)}
+    del weighted
     if not codec.variance_reduction:
         balance = torch.ones_like(fisher)
         return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg),
@@ -186,18 +190,46 @@ def abs_balance(abs_a: torch.Tensor, abs_b: Optional[torch.Tensor], n_a: int, n_
     return torch.where(m > 0, m.sqrt(), 1.0)
 
 
-def conflict_moments(mean_a: Optional[torch.Tensor], mean_b: Optional[torch.Tensor], w: torch.Tensor,
+def over_denominator(means: list[torch.Tensor], denom: torch.Tensor) -> torch.Tensor:
+    """``[len(means), H_b, S]``: each mean ``[H_b, S]`` over the denominator, in the means' dtype, each quotient
+    formed in the wider of the two dtypes and rounded once (no wide intermediate tensor)."""
+    dtype = means[0].dtype
+    out = torch.empty((len(means), *denom.shape), dtype=dtype, device=denom.device)
+    for o, m in zip(out, means):
+        torch.div(m.to(denom.device), denom, out=o)
+    return out
+
+
+DOT_CHUNK = 4096
+"""Entries summed in the products' own precision before the partial sums are added in fp64 (:func:`dot64`)."""
+
+
+def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``Σ_S x·y`` per head block, fp64 ``[H_b]``, of ``[H_b, S]`` tensors: each product in the inputs' precision
+    (fp32 statistics: a relative rounding of 2⁻²⁴ per entry), summed in chunks of at most :data:`DOT_CHUNK` entries,
+    and the chunks' sums added in fp64, so that no fp64 copy of a model-sized tensor is made."""
+    p = x * y.to(x.device)
+    h, s = p.shape
+    chunk = math.gcd(s, DOT_CHUNK)
+    return p.view(h, s // chunk, chunk).sum(-1).sum(-1, dtype=torch.float64)
+
+
+def conflict_moments(means: dict[str, Optional[torch.Tensor]], weighted: dict[str, Optional[torch.Tensor]],
                      known: Optional[dict] = None) -> Optional[dict]:
-    """The Fisher-weighted inner products of the task means a block's conflict test needs, fp64 ``[H_b]``, from
-    the exact means ``[H_b, S]`` (either may be None) and ``W = 1 / (Î + ε + λ)``: ``aa = ḡ_A·W·ḡ_A``,
-    ``bb = ḡ_B·W·ḡ_B`` and ``ab = T = ḡ_A·W·ḡ_B`` as far as the means are known; added to ``known``. The conflict
-    weights may be rounded (to one byte); these products are not. A product already in ``known`` is kept."""
+    """The Fisher-weighted inner products of the task means a block's conflict test needs, fp64 ``[H_b]``
+    (:func:`dot64`), from the exact means ``means = {"a": ḡ_A, "b": ḡ_B}`` ``[H_b, S]`` and the same means over the
+    denominator before any rounding, ``weighted = {"a": ḡ_A·W, "b": ḡ_B·W}`` with ``W = 1 / (Î + ε + λ)`` (any may
+    be None or absent): ``aa = ḡ_A·W·ḡ_A``, ``bb = ḡ_B·W·ḡ_B`` and ``ab = T = ḡ_A·W·ḡ_B`` as far as they are
+    known; added to ``known``. The conflict weights may be rounded (to one byte); these products are not. A product
+    already in ``known`` is kept."""
     out = dict(known or {})
-    means = {t: None if m is None else m.to(w.device).double() for t, m in (("a", mean_a), ("b", mean_b))}
-    w = w.double()
     for name, (x, y) in {"aa": ("a", "a"), "bb": ("b", "b"), "ab": ("a", "b")}.items():
-        if means[x] is not None and means[y] is not None and name not in out:
-            out[name] = (means[x] * means[y] * w).sum(-1)
+        if name in out:
+            continue
+        if means.get(x) is not None and weighted.get(y) is not None:
+            out[name] = dot64(means[x], weighted[y])
+        elif means.get(y) is not None and weighted.get(x) is not None:
+            out[name] = dot64(means[y], weighted[x])
     return out or None
 
 
