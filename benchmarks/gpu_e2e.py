@@ -201,6 +201,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
 
     settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums,
                                       args.grads))
+    runs = []  # (conflicts, the other settings, seconds) of every sf.analyze, in order
     for setting in settings:  # orders, conflicts, codecs, launches, pinning, sums, gradients side by side
         passes, conflicts, spec, launch, pin, sums, grads = setting
         flag = {"auto": None, "on": True, "off": False}[conflicts]
@@ -221,6 +222,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                      f"{'' if pin == 'on' else ', pageable host buffers'}"
                      f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}"
                      f"{'' if grads == 'bf16' else ', fp32 per-sample gradients'}", sec, peaks))
+        runs.append((conflicts, setting[:1] + setting[2:], sec))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
         recorded = res.context.source.moments if hasattr(res.context.source, "moments") else None
@@ -239,6 +241,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         if setting != settings[-1]:
             del res, means  # free the device before the next order runs
             gc.collect()
+    conflict_test_cost(runs)
     if args.compare_stats_dtype:
         ref = sf.analyze(model, lm_loss, task_a, task_b, codec=codec, stats_dtype=torch.float64)
         a, b, se = res.scores.double(), ref.scores.double(), ref.stderr.double()
@@ -248,6 +251,26 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
               f"{float(diff.max() / b[ok].abs().max()):.2e}, median |Δscore| / stderr {float((diff / se[ok]).median()):.2e}, "
               f"max |Δscore| / stderr {float((diff / se[ok]).max()):.2e}")
     return phases
+
+
+def conflict_test_cost(runs: list) -> None:
+    """The conflict test's cost from runs with it and without it and the same other settings: each run is paired
+    with the last unpaired run of the other kind (``--conflicts on off off on`` gives two pairs, each measured back to
+    back). One figure per pair, then their mean and range, since a card's passes move between runs by more than the
+    test costs."""
+    costs, waiting = [], {}
+    for conflicts, key, sec in runs:
+        if conflicts not in ("on", "off"):
+            continue
+        other = waiting.pop(key, None)
+        if other is not None and other[0] != conflicts:
+            on, off = (sec, other[1]) if conflicts == "on" else (other[1], sec)
+            costs.append(on / off - 1)
+        else:
+            waiting[key] = (conflicts, sec)
+    if costs:
+        print(f"conflict test's cost, pairs: {', '.join(f'{c:+.1%}' for c in costs)}; mean {sum(costs) / len(costs):+.1%}, "
+              f"range {min(costs):+.1%} to {max(costs):+.1%} ({len(costs)} pair{'s' if len(costs) > 1 else ''})")
 
 
 def main() -> None:
@@ -265,7 +288,8 @@ def main() -> None:
                    help="sf.analyze's pass orders, run one after another: 2 per task (default) and/or 1.5 "
                         "(task B once)")
     p.add_argument("--conflicts", nargs="+", default=["auto"], choices=["auto", "on", "off"],
-                   help="sf.analyze's conflicts= (auto: on where it fits); several run side by side")
+                   help="sf.analyze's conflicts= (auto: on where it fits); several run side by side, and the test's cost is "
+                        "printed per on/off pair (on off off on: two pairs, back to back)")
     p.add_argument("--sketch", nargs="+", default=None, metavar="K:DTYPE[:CENTRING][:rotate]",
                    help="sketch codecs side by side, e.g. 256:fp16:mean 1024:int4 (default: --k with fp16)")
     p.add_argument("--units", default="heads", choices=["heads", "mlp", "all"], help="sf.analyze's units=")
