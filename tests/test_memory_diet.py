@@ -173,6 +173,14 @@ def test_phase_plan_matches_hand_computation():
     pooled = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, cfg=sf.ScoreConfig(normalizer="pooled"),
                          stats_bytes=8, conflicts=False).set_index("phase")  # (two passes: the default where B's pass needs its Fisher)
     assert pooled.loc["pass 1 B", "peak_device_bytes"] == pytest.approx(weights + 4 * 2 * stat + running)
+    # a bf16 model's per-sample gradient formed in bf16 (a sketch collection on a GPU): half of that term in every
+    # pass; scoring's working set is not a gradient and keeps its size
+    low = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, grad_bytes=2).set_index("phase")
+    for phase, value in want.items():
+        lighter = grad / 2 if phase.startswith("pass") else 0
+        assert low.loc[phase, "peak_device_bytes"] == pytest.approx(value - lighter), phase
+    with pytest.raises(sf.InputError, match="grad_bytes 2 or 4"):
+        plan_phases("llama-7b", codec=k256, grad_bytes=1)
 
 
 def test_a_run_that_would_not_fit_is_refused_with_numbers_and_alternatives():

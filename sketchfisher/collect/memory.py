@@ -19,7 +19,8 @@ the batch, and the number of devices the layers are spread over. Its terms:
   bf16 model with PyTorch's fused attention, plus B·T·vocabulary·10 bytes for the logits and their
   fp32 loss (fitted on Llama-7B and Llama-3-8B shapes on an H200; docs/benchmarks.md compares the
   prediction with every measured run);
-* one module's per-sample gradient: 2·B·out·in·4 bytes.
+* one module's per-sample gradient: 2·B·out·in·4 bytes, or ·2 where it is formed in bf16 (a bf16 model's on a GPU,
+  in a sketch collection: ``grad_bytes=2``).
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class Shape:
 def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_size: int = 4, codec: Optional[Codec] = None,
                 cfg: Any = None, stats_bytes: int = 4, model_bytes_per_param: int = 2, devices: int = 1,
                 passes: Optional[float] = None, plan: Optional[PassPlan] = None, store: bool = False,
-                conflicts: bool = True, units: Any = "heads") -> pd.DataFrame:
+                conflicts: bool = True, units: Any = "heads", grad_bytes: int = 4) -> pd.DataFrame:
     """Predicted peak device memory of each step of a collection (busiest device), in bytes and GiB, then of
     scoring. The rows are the pass plan's steps, named as :class:`~sketchfisher.phases.PhaseLog` records them
     (:func:`sketchfisher.collect.plan.pass_plan` for ``codec``, ``cfg`` and ``passes``, or ``plan``; ``store``
@@ -164,19 +165,22 @@ def plan_phases(source: Any, *, samples: int = 512, tokens: int = 512, batch_siz
     and its own, and for a pass the running terms (capture, activations, one module's per-sample gradient).
     ``units`` (``"heads"``, ``"mlp"``, ``"all"`` or a tuple) are the unit families collected: MLP units add the
     MLP weights to every model-sized term (their statistics, preparations and factors) and their channel-group
-    blocks to the per-sample outputs."""
+    blocks to the per-sample outputs. ``grad_bytes``: the per-sample gradient's bytes per entry, 4 (fp32) or 2 (a
+    bf16 model's on a GPU in a sketch collection, which forms it in bf16; fp16 models keep fp32, and bytes per
+    parameter cannot tell the two apart, so 4 unless told)."""
     codec = check_codec(Sketch() if codec is None else codec)
     cfg = cfg or ScoreConfig()
-    if min(samples, tokens, batch_size, devices) < 1 or stats_bytes not in (4, 8):
-        raise InputError(f"samples, tokens, batch_size and devices must be >= 1 and stats_bytes 4 or 8; got "
-                         f"{samples}, {tokens}, {batch_size}, {devices}, {stats_bytes}")
+    if min(samples, tokens, batch_size, devices) < 1 or stats_bytes not in (4, 8) or grad_bytes not in (2, 4):
+        raise InputError(f"samples, tokens, batch_size and devices must be >= 1, stats_bytes 4 or 8 and grad_bytes 2 "
+                         f"or 4; got {samples}, {tokens}, {batch_size}, {devices}, {stats_bytes}, {grad_bytes}")
     s = Shape.of(source)
     families = _families(units)
     plan = plan or pass_plan(codec, cfg, passes, means=families != ("heads",), conflicts=conflicts)
     if store and "writes" not in plan.names:
         plan = plan.with_writes()
     terms = _Terms.of(s, codec, plan, samples=samples, tokens=tokens, batch_size=batch_size, stats_bytes=stats_bytes,
-                      model_bytes_per_param=model_bytes_per_param, devices=devices, families=families)
+                      model_bytes_per_param=model_bytes_per_param, devices=devices, families=families,
+                      grad_bytes=grad_bytes)
     rows = terms.simulate(plan)
     df = pd.DataFrame(rows, columns=["phase", "peak_device_bytes"])
     df["peak_GiB"] = df["peak_device_bytes"] / GiB
@@ -189,7 +193,7 @@ class _Terms:
 
     weights: float
     running: float    # capture, activations and one module's per-sample gradient of a batch in flight
-    grad: float       # one module's per-sample gradient (scoring re-uses its size as a working set)
+    grad: float       # one module's per-sample gradient in fp32 (scoring re-uses its size as a working set)
     stats: dict       # task -> the task's kept statistics
     rep: float        # a one-pass codec's representations, per task
     sketches: float   # a side codec's stored side vectors, per task
@@ -202,7 +206,8 @@ class _Terms:
 
     @classmethod
     def of(cls, s: Shape, codec: Codec, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
-           model_bytes_per_param: int, devices: int, families: tuple[str, ...] = ("heads",)) -> "_Terms":
+           model_bytes_per_param: int, devices: int, families: tuple[str, ...] = ("heads",), grad_bytes: int = 4
+           ) -> "_Terms":
         mlp = "mlp" in families
         sizes, attn, _ = s.footprint(families)  # (attn: the collected weights' entries)
         per_layer = lambda x: x / devices  # noqa: E731  (layer-proportional terms split over the devices)
@@ -211,7 +216,8 @@ class _Terms:
         capture = per_layer(tokens_b * s.num_layers * in_out * (2 if model_bytes_per_param == 2 else 4))
         acts = per_layer(tokens_b * s.num_layers * (ACT_PER_HIDDEN * s.hidden + ACT_PER_INTERMEDIATE * s.intermediate))
         acts += tokens_b * s.vocab * LOGIT_BYTES
-        grad = 2 * batch_size * max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden * 4
+        grad32 = 2 * batch_size * max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden * 4
+        grad = grad32 * grad_bytes / 4
         width = s.num_layers * in_out
         per_task = samples / 2
         rep = sketches = raw = 0.0
@@ -221,7 +227,7 @@ class _Terms:
                             * per_task)  # fp32 vectors, ‖·‖² and cross in fp64, γ in fp32
         else:
             rep = per_layer(codec.device_bytes_per_sample(sizes, width, tokens) * per_task)
-        return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad,
+        return cls(weights=per_layer(s.params * model_bytes_per_param), running=capture + acts + grad, grad=grad32,
                    stats={t: per_layer(sum(attn * running.itemsize for running, _ in kept_dtypes(q, STATS_DTYPES[stats_bytes])))
                           for t, q in plan.statistics.items()},  # (as they accumulate: the plain sums in bf16 on a GPU)
                    rep=rep, sketches=sketches, raw=raw, prep_tensor=per_layer(attn * 4),
@@ -341,9 +347,11 @@ def check_device_memory(model: nn.Module, plan: PassPlan, codec: Codec, cfg: Sco
     # what the caching allocator holds but no tensor uses (an earlier run's blocks) is available too
     budget = min(min(torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d), _process_cap(d))
                  - torch.cuda.memory_allocated(d) + weights[d] for d in cuda)
+    first = next(model.parameters())
+    low = first.dtype == torch.bfloat16 and codec.two_pass  # (a sketch collection forms a bf16 model's gradients in bf16)
     return refuse_over_budget(model, budget, devices=len(cuda), samples=samples, tokens=tokens, batch_size=batch,
-                              codec=codec, cfg=cfg, stats_dtype=stats_dtype,
-                              model_bytes_per_param=next(model.parameters()).element_size(), plan=plan, units=units)
+                              codec=codec, cfg=cfg, stats_dtype=stats_dtype, model_bytes_per_param=first.element_size(),
+                              plan=plan, units=units, grad_bytes=2 if low else 4)
 
 
 def _process_cap(device: int) -> float:
@@ -355,12 +363,12 @@ def _process_cap(device: int) -> float:
 
 def refuse_over_budget(source: Any, budget: int, *, devices: int, samples: int, tokens: int, batch_size: int, codec: Codec,
                        cfg: Any, stats_dtype: torch.dtype, model_bytes_per_param: int, passes: Optional[float] = None,
-                       plan: Optional[PassPlan] = None, units: Any = "heads") -> pd.DataFrame:
+                       plan: Optional[PassPlan] = None, units: Any = "heads", grad_bytes: int = 4) -> pd.DataFrame:
     """The plan when its busiest phase fits ``budget`` bytes per device; else :class:`InputError` with the
     numbers and the settings that would fit (fp32 statistics, a smaller batch, more devices)."""
     stats_bytes = torch.empty((), dtype=stats_dtype).element_size()
     args = dict(samples=samples, tokens=tokens, codec=codec, cfg=cfg, model_bytes_per_param=model_bytes_per_param,
-                passes=passes, plan=plan, units=units)
+                passes=passes, plan=plan, units=units, grad_bytes=grad_bytes)
     peak = lambda **kw: plan_phases(source, **{**args, "batch_size": batch_size, "stats_bytes": stats_bytes,  # noqa
                                                "devices": devices, **kw})
     df = peak()
