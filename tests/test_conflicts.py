@@ -159,3 +159,26 @@ def test_a_frozen_block_keeps_its_rows_with_missing_numbers(codec):
     frozen = table[(table.layer == 0) & (table.block == "Q")]
     assert len(frozen) == layout.num_heads and frozen[["T", "p_value", "q_value"]].isna().all().all()
     assert not frozen.conflict.any() and table.drop(frozen.index)["q_value"].notna().all()
+
+
+@pytest.mark.parametrize("size", [4096 * 3, 3001, 524288 + 7])
+def test_moments_from_fp32_means_are_the_fp64_sums(size):
+    """T and the two norms from fp32 means (a GPU's statistics) are fp32 products summed in chunks whose sums are
+    added in fp64: within 10⁻⁶ of Σ|terms| of the all-fp64 sums, including blocks whose terms nearly cancel and block
+    sizes that do not divide into chunks."""
+    from sketchfisher.compress.sketch_scores import conflict_moments, over_denominator
+
+    g = torch.Generator().manual_seed(size)
+    ma, mb = torch.randn(3, size, generator=g), torch.randn(3, size, generator=g)
+    mb[1] = -ma[1] + 1e-3 * mb[1]  # T of row 1: nearly all cancels
+    denom = torch.rand(3, size, generator=g, dtype=torch.float64) * 10 + 0.1
+    weighted = {t: over_denominator([m], denom)[0] for t, m in (("a", ma), ("b", mb))}
+    assert weighted["a"].dtype == torch.float32
+    got = conflict_moments({"a": ma, "b": mb}, weighted)
+    a64, b64, w = ma.double(), mb.double(), 1 / denom
+    for name, terms in {"aa": a64 * a64 * w, "bb": b64 * b64 * w, "ab": a64 * b64 * w}.items():
+        assert got[name].dtype == torch.float64
+        assert bool(((got[name] - terms.sum(-1)).abs() <= 1e-6 * terms.abs().sum(-1)).all()), name
+    # a moment known already is kept; B's side alone (after task B's single pass) gives bb and T from A's mean
+    later = conflict_moments({"a": ma, "b": mb}, {"b": weighted["b"]}, {"aa": got["aa"]})
+    assert later["aa"] is got["aa"] and torch.allclose(later["ab"], got["ab"], rtol=1e-6, atol=1e-6)

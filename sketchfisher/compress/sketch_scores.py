@@ -211,7 +211,7 @@ def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     p = x * y.to(x.device)
     h, s = p.shape
     chunk = math.gcd(s, DOT_CHUNK)
-    return p.view(h, s // chunk, chunk).sum(-1).sum(-1, dtype=torch.float64)
+    return p.reshape(h, s // chunk, chunk).sum(-1).sum(-1, dtype=torch.float64)
 
 
 def conflict_moments(means: dict[str, Optional[torch.Tensor]], weighted: dict[str, Optional[torch.Tensor]],
