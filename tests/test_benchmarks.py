@@ -35,6 +35,8 @@ TINY = {
     "gpu_collect.py": ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "4", "--kv", "4", "2",
                        "--intermediate", "64", "--vocab", "50", "--tokens", "6", "--batch", "2", "--steps", "1",
                        "--repeats", "1"],
+    "capture_memory.py": ["--hidden", "64", "--heads", "4", "--intermediate", "128", "--layers", "1", "--batch", "2",
+                          "--tokens", "16"],
     "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8",
                    "--cli", "{tmp}", "--passes", "1.5", "2", "--signed-sums", "bf16", "fp32", "--compare-stats-dtype",
                    "--grads", "fp32", "--conflicts", "on", "off"],

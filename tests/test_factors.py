@@ -103,6 +103,33 @@ def test_stored_factors_drop_padding(llama):
     assert reps["right"].nbytes_per_sample() == reps["left"].nbytes_per_sample()
 
 
+def test_a_padded_input_shared_by_several_modules_is_masked_once(llama):
+    """q, k and v (and gate and up) read one input: with an attention mask their factor A is one masked tensor, not a
+    copy per module, and it is the input with its padded rows zeroed; every D is zero on padded rows."""
+    modules = sorted(linear_modules(llama))
+    batch = pad_batch(make_samples(3, seed=4), "left", 3)
+    inputs = {}
+    def record(m):
+        def hook(mod, args, out):
+            inputs.setdefault(m, args[0].detach().clone())
+        return hook
+
+    hooks = [llama.get_submodule(m).register_forward_hook(record(m)) for m in modules]
+    try:
+        with FactorCapture(llama, modules) as cap:
+            bf = cap.run(positional_loss, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    keep = batch["attention_mask"][:, :, None].to(bf.A[modules[0]].dtype)
+    attn = [m for m in modules if m.startswith("layers.0.self_attn.") and not m.endswith("o_proj")]
+    assert len(attn) == 3 and all(bf.A[m] is bf.A[attn[0]] for m in attn)
+    for m in modules:
+        torch.testing.assert_close(bf.A[m], inputs[m] * keep, rtol=0, atol=0)
+        assert bool((bf.D[m][keep[..., 0] == 0] == 0).all()), m
+    assert len({id(a) for a in bf.A.values()}) < len(modules)
+
+
 def test_factors_codec_matches_exact_scores(llama):
     ta, tb = make_batches(5, 2, seed=11), make_batches(4, 4, seed=12)
     for variant, normalizer in (("paper", "a"), ("signed", "pooled"), ("symmetric", "loo")):

@@ -201,20 +201,28 @@ class FactorCapture:
             grads = torch.autograd.grad(losses.sum(), [y for _, _, y in calls] + list(check), allow_unused=True)
             batch_grads = list(grads[len(calls):])
             grads = grads[:len(calls)]
+            # the outputs themselves are not needed again (only their shape, where a gradient is None): let them go
+            calls = [(name, x, torch.empty((), dtype=y.dtype, device=y.device).expand(y.shape)) for name, x, y in calls]
         finally:
             self._records.clear()
         mask = token_mask if token_mask is not None else token_mask_of(batch)
         A: dict[str, list[torch.Tensor]] = {}
         D: dict[str, list[torch.Tensor]] = {}
-        for (name, x, y), dy in zip(calls, grads):
+        grads, masked = list(grads), {}  # masked: one masked copy per distinct input (q, k and v share theirs)
+        seq_len = mask.shape[1] if mask is not None else batch_geometry_len(batch)
+        for i, (name, x, y) in enumerate(calls):
+            dy, grads[i] = grads[i], None  # (each output's gradient is let go once its factor is formed)
             dy = torch.zeros_like(y) if dy is None else dy
-            seq_len = mask.shape[1] if mask is not None else batch_geometry_len(batch)
             a, d = _tokens(x, B, name, seq_len), _tokens(dy.detach(), B, name, seq_len)
             if mask is not None and a.shape[1] == mask.shape[1]:
                 keep = mask.to(device=a.device, dtype=a.dtype)[:, :, None]
-                a, d = a * keep, d * keep
+                key = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride())  # (the same input read twice:
+                if key not in masked:  # views of one tensor, alive in ``calls`` until the loop ends)
+                    masked[key] = a * keep
+                a, d = masked[key], d * keep
             A.setdefault(name, []).append(a)
             D.setdefault(name, []).append(d)
+        del masked
         out_a = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in A.items()}  # several calls: more tokens
         out_d = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in D.items()}
         # screened by sums (a NaN or inf anywhere makes a sum non-finite; one read of the factors, where
