@@ -229,7 +229,7 @@ def test_bf16_sums_of_fp32_statistics_on_cuda_equal_cpu():
 
 def test_the_planner_reads_the_process_memory_fraction():
     """A process held to part of the card (an 80 GB budget on a larger one) is budgeted within that part."""
-    from sketchfisher.collect.memory import _process_cap
+    from sketchfisher.collect.fit import _process_cap
 
     total = torch.cuda.get_device_properties(0).total_memory
     try:

@@ -184,7 +184,7 @@ def test_phase_plan_matches_hand_computation():
 
 
 def test_a_run_that_would_not_fit_is_refused_with_numbers_and_alternatives():
-    from sketchfisher.collect.memory import refuse_over_budget
+    from sketchfisher.collect.fit import refuse_over_budget
     from sketchfisher.collect.plan import pass_plan
 
     plain = {p: pass_plan(sf.Sketch(), sf.ScoreConfig(), p, conflicts=False) for p in (2, 1.5)}

@@ -98,8 +98,14 @@ class BatchFactors:
         return torch.bmm(left.transpose(1, 2).float(), right.float())
 
     def rounds(self, module: str) -> bool:
-        """Whether ``grad(module, low=True)`` is rounded to bf16: a bf16 model's factors on CUDA."""
-        return self.A[module].is_cuda and self.source_dtype.get(module) == torch.bfloat16
+        """Whether ``grad(module, low=True)`` is rounded to bf16 (:func:`forms_bf16_gradients`)."""
+        return forms_bf16_gradients(self.source_dtype.get(module), self.A[module].is_cuda)
+
+
+def forms_bf16_gradients(dtype: Optional[torch.dtype], cuda: bool) -> bool:
+    """Whether per-sample gradients asked for in low precision (``BatchFactors.grad(low=True)``) are formed in bf16:
+    a bf16 model's, on CUDA (fp16 keeps fp32 for its range; the CPU keeps fp32). The planner counts them by this rule."""
+    return cuda and dtype == torch.bfloat16
 
 
 @contextmanager
@@ -216,8 +222,9 @@ class FactorCapture:
             a, d = _tokens(x, B, name, seq_len), _tokens(dy.detach(), B, name, seq_len)
             if mask is not None and a.shape[1] == mask.shape[1]:
                 keep = mask.to(device=a.device, dtype=a.dtype)[:, :, None]
-                key = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride())  # (the same input read twice:
-                if key not in masked:  # views of one tensor, alive in ``calls`` until the loop ends)
+                # inputs read by several modules are views of one tensor (each alive in ``calls`` through the loop)
+                key = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride())
+                if key not in masked:
                     masked[key] = a * keep
                 a, d = masked[key], d * keep
             A.setdefault(name, []).append(a)

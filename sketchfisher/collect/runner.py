@@ -25,7 +25,8 @@ from ..layout import Layout
 from ..metric import MEAN_OF, ScoreConfig
 from ..phases import PhaseLog
 from .passes import Skip
-from .memory import check_plan_fits, layout_units
+from .fit import check_plan_fits
+from .memory import layout_units
 from .plan import PassPlan, Step, pass_plan
 from .sketches import Preps, centre_j_side, centre_products, centred, compacted_statistics, mean_moments, pass_b
 from .sketches import prepare_all

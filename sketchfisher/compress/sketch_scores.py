@@ -113,13 +113,14 @@ def prepare_block(fisher: torch.Tensor, fisher_a: Optional[torch.Tensor], mean_i
     lam = shift(fisher, cfg)
     denom = fisher + lam
     zeros = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
-    means = {"a": mean_g_a, "b": mean_g_b}
-    weighted = {t: None if m is None else over_denominator([m, *([half_a] if t == "a" and half_a is not None else [])],
-                                                           denom) for t, m in means.items()}
-    moments = conflict_moments(means, {t: None if w is None else w[0] for t, w in weighted.items()})
-    u = {"a": None if weighted["b"] is None else narrower(weighted["b"], u_dtype or dt),
-         "b": None if weighted["a"] is None else narrower(weighted["a"], u_dtype or dt)}
-    del weighted
+    # the conflict weights (A's with its half mean beside it), unrounded for the moments, then kept narrower
+    over_a = None if mean_g_a is None else over_denominator([m for m in (mean_g_a, half_a) if m is not None], denom)
+    over_b = None if mean_g_b is None else over_denominator([mean_g_b], denom)
+    moments = conflict_moments({"a": mean_g_a, "b": mean_g_b},
+                               {"a": None if over_a is None else over_a[0], "b": None if over_b is None else over_b[0]})
+    u = {"a": None if over_b is None else narrower(over_b, u_dtype or dt),
+         "b": None if over_a is None else narrower(over_a, u_dtype or dt)}
+    del over_a, over_b
     if not codec.variance_reduction:
         balance = torch.ones_like(fisher)
         return BlockPrep((balance / denom).to(dt), None, None, None, zeros, _loo(fisher_a, lam, balance, cfg),
@@ -219,17 +220,13 @@ def conflict_moments(means: dict[str, Optional[torch.Tensor]], weighted: dict[st
     """The Fisher-weighted inner products of the task means a block's conflict test needs, fp64 ``[H_b]``
     (:func:`dot64`), from the exact means ``means = {"a": ḡ_A, "b": ḡ_B}`` ``[H_b, S]`` and the same means over the
     denominator before any rounding, ``weighted = {"a": ḡ_A·W, "b": ḡ_B·W}`` with ``W = 1 / (Î + ε + λ)`` (any may
-    be None or absent): ``aa = ḡ_A·W·ḡ_A``, ``bb = ḡ_B·W·ḡ_B`` and ``ab = T = ḡ_A·W·ḡ_B`` as far as they are
-    known; added to ``known``. The conflict weights may be rounded (to one byte); these products are not. A product
-    already in ``known`` is kept."""
+    be None or absent): ``aa = ḡ_A·W·ḡ_A``, ``bb = ḡ_B·W·ḡ_B`` and ``ab = T = ḡ_A·W·ḡ_B`` (from ḡ_A and ḡ_B·W) as far
+    as they are known; added to ``known``. The conflict weights may be rounded (to one byte); these products are not.
+    A product already in ``known`` is kept."""
     out = dict(known or {})
     for name, (x, y) in {"aa": ("a", "a"), "bb": ("b", "b"), "ab": ("a", "b")}.items():
-        if name in out:
-            continue
-        if means.get(x) is not None and weighted.get(y) is not None:
+        if name not in out and means.get(x) is not None and weighted.get(y) is not None:
             out[name] = dot64(means[x], weighted[y])
-        elif means.get(y) is not None and weighted.get(x) is not None:
-            out[name] = dot64(means[y], weighted[x])
     return out or None
 
 
