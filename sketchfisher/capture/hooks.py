@@ -104,7 +104,8 @@ class BatchFactors:
 
 def forms_bf16_gradients(dtype: Optional[torch.dtype], cuda: bool) -> bool:
     """Whether per-sample gradients asked for in low precision (``BatchFactors.grad(low=True)``) are formed in bf16:
-    a bf16 model's, on CUDA (fp16 keeps fp32 for its range; the CPU keeps fp32). The planner counts them by this rule."""
+    a bf16 model's, on CUDA (fp16 keeps fp32 for its range; the CPU keeps fp32). The planner counts them by this
+    rule."""
     return cuda and dtype == torch.bfloat16
 
 
