@@ -3,6 +3,7 @@ plain forward+backward over the same batches, grouped by kernel name.
 
     python3 benchmarks/gpu_profile.py --shape llama-7b --layers 8 --samples 8 --batch 2 --units all
     python3 benchmarks/gpu_profile.py ... --host      # the host's side instead: where Python spends a run (cProfile)
+    python3 benchmarks/gpu_profile.py ... --syncs     # where the host waits for the device, by line
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import io
 import os
 import pstats
 import sys
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 
 os.environ.setdefault("SKETCHFISHER_PROGRESS", "0")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -65,6 +68,33 @@ def host_profile(run, top: int) -> None:
         print(f"\n## host time by {order}\n" + out.getvalue().split("\n\n", 2)[-1])
 
 
+def sync_sites(run, top: int) -> None:
+    """Every operation of one run that makes the host wait for the device (``torch.cuda.set_sync_debug_mode``),
+    counted by the innermost line of the package that asked for it. A count that grows with the batches is a
+    wait per batch: the host cannot queue the next batch's work while the device finishes this one's."""
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}sketchfisher{os.sep}" in f.filename]
+        where = frames[-1] if frames else None
+        sites["(outside the package)" if where is None else
+              f"{where.filename.rsplit(os.sep + 'sketchfisher' + os.sep, 1)[-1]}:{where.lineno} {where.name}"] += 1
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            run()
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    print(f"\n## where the host waited for the device: {sum(sites.values())} waits\n| line | waits |\n| --- | --- |")
+    for site, n in sites.most_common(top):
+        print(f"| {site} | {n} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
@@ -80,6 +110,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--device-map", default="none")
     p.add_argument("--host", action="store_true", help="profile the host's Python (cProfile) instead of the kernels")
+    p.add_argument("--syncs", action="store_true", help="count where the host waits for the device, by line")
     p.add_argument("--grads", default="bf16", choices=["bf16", "fp32"],
                    help="per-sample gradients for statistics and sketches (gpu_e2e.py --grads)")
     args = p.parse_args()
@@ -111,6 +142,9 @@ def profile_run(args) -> None:
     print("unprofiled phases: " + ", ".join(f"{r['phase']} {r['seconds']:.2f}s" for r in run().phases.rows()))
     if args.host:
         host_profile(run, args.top)
+        return
+    if args.syncs:
+        sync_sites(run, args.top)
         return
     for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):
         sync()

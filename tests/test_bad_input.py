@@ -95,7 +95,7 @@ def test_factor_path_reports_non_finite_gradients(model):
 
 
 def test_finite_factors_whose_sum_overflows_are_not_refused():
-    """The finiteness screen sums the factors; huge finite inputs overflow that sum but are not bad data."""
+    """Huge finite factors (whose sum overflows) are not bad data: the finiteness screen takes maxima."""
     from sketchfisher.capture import FactorCapture
 
     lin = torch.nn.Linear(4, 4, bias=False)
@@ -107,6 +107,50 @@ def test_finite_factors_whose_sum_overflows_are_not_refused():
         got = cap.run(lambda m, b: (m(b) * 1e-38).sum((1, 2)), x)
     assert not torch.isfinite(got.A["0"].sum()) and torch.isfinite(got.A["0"]).all()
     assert torch.allclose(got.D["0"], torch.full((2, 3, 4), 1e-38))
+
+
+def test_the_finiteness_verdict_is_read_when_settled():
+    """``defer_screen=True``: the capture returns a poisoned batch without stopping the host; ``settle()`` raises
+    (every time it is called), a finite batch settles silently."""
+    from sketchfisher.capture import FactorCapture
+
+    lin = torch.nn.Linear(4, 3, bias=False)
+    x = torch.randn(3, 5, 4)
+    with FactorCapture(torch.nn.Sequential(lin), ["0"]) as cap:
+        bf = cap.run(lambda m, b: m(b).sum((1, 2)) + InfGrad.apply(m(b)[1].sum() * 0), x, defer_screen=True)
+        for _ in range(2):
+            with pytest.raises(sf.GradientError, match=r"non-finite factors in '0' for batch positions \[1\]"):
+                bf.settle()
+        bf = cap.run(lambda m, b: m(b).sum((1, 2)) * torch.tensor([1.0, float("nan"), 1.0]), x, defer_screen=True)
+        with pytest.raises(sf.GradientError, match=r"non-finite losses for batch positions \[1\]"):
+            bf.settle()
+        cap.run(lambda m, b: m(b).sum((1, 2)), x, defer_screen=True).settle()
+
+
+def test_a_pass1_checkpoint_holds_finite_batches_only(tmp_path):
+    """A pass reads a batch's verdict after its consumer has queued work on it; a store's pass-1 checkpoint is
+    written only once the batches it holds are known finite, so a run stopped by a bad batch resumes from clean
+    statistics once the data are fixed, and ends where an unbroken run ends."""
+    from safetensors import safe_open
+    from sketchfisher.store import collect_to_store
+
+    model = make_model("llama_gqa", seed=3)
+    ta, tb = make_batches(6, 2, seed=1), make_batches(4, 2, seed=2)
+    layout, codec = sf.layout_for(model), sf.Sketch(k=16, seed=0)
+
+    def poisoned(m, b):
+        loss = generic_loss(m, b)
+        return loss * float("nan") if b["input_ids"] is ta[2]["input_ids"] else loss
+
+    with pytest.raises(sf.GradientError, match=r"pass 1 A, batch 2, sample ids \[4, 5\]: .*non-finite losses"):
+        collect_to_store(tmp_path / "s", model, poisoned, ta, tb, layout, codec, sf.ScoreConfig(), checkpoint_every=1)
+    with safe_open(tmp_path / "s" / "pass1" / "a.partial.safetensors", "pt") as f:
+        assert f.metadata()["batches_done"] == "2"
+        assert all(torch.isfinite(f.get_tensor(name)).all() for name in f.keys())
+    collect_to_store(tmp_path / "s", model, generic_loss, ta, tb, layout, codec, sf.ScoreConfig(), checkpoint_every=1)
+    collect_to_store(tmp_path / "clean", model, generic_loss, ta, tb, layout, codec, sf.ScoreConfig())
+    resumed, clean = (sf.open_store(tmp_path / name).result() for name in ("s", "clean"))
+    torch.testing.assert_close(resumed.scores, clean.scores, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("codec", [sf.Exact(), sf.Factors(), sf.Sketch(k=8, seed=0)])

@@ -16,9 +16,9 @@ embedding) has gradient terms that factors do not see; tied LM heads are therefo
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +70,12 @@ class BatchFactors:
 
     source_dtype: dict[str, torch.dtype] = field(default_factory=dict)  # the model's activation dtype
     batch_grads: list = field(default_factory=list)  # whole-batch gradients of FactorCapture.run's ``check``
+    screen: Optional["Screen"] = None  # whether the losses and factors are finite (FactorCapture.run)
+
+    def settle(self) -> None:
+        """Raise :class:`GradientError` if the batch's losses or factors are not finite (:class:`Screen`)."""
+        if self.screen is not None:
+            self.screen.settle()
 
     def grad(self, module: str, low: bool = False) -> torch.Tensor:
         """Per-sample weight gradients of one module in the weight's storage orientation ``[B, *weight.shape]``, fp32.
@@ -100,6 +106,64 @@ class BatchFactors:
     def rounds(self, module: str) -> bool:
         """Whether ``grad(module, low=True)`` is rounded to bf16 (:func:`forms_bf16_gradients`)."""
         return forms_bf16_gradients(self.source_dtype.get(module), self.A[module].is_cuda)
+
+
+class Screen:
+    """Whether a batch's losses and factors are all finite, per sample, read on the host when asked.
+
+    Each distinct factor tensor is reduced to its per-sample largest magnitude (a NaN or inf anywhere makes it
+    non-finite; finite values cannot overflow a maximum, so there is nothing to re-check), the flags ``[1 + modules,
+    B]`` are copied to page-locked host memory without waiting, and :meth:`settle` reads them: at once for a
+    CPU batch, after the device has reached this point for a CUDA one. ``context``: a callable returning a context
+    manager that :meth:`settle` raises inside (a pass names its batch and samples there)."""
+
+    def __init__(self, losses: torch.Tensor, A: dict[str, torch.Tensor], D: dict[str, torch.Tensor]):
+        self.rows = ["losses", *A]
+        here = losses.device
+        peaks: dict = {}
+
+        def finite(t: torch.Tensor) -> torch.Tensor:
+            key = _storage_key(t)
+            if key not in peaks:  # (q, k and v read one input)
+                peaks[key] = (torch.linalg.vector_norm(t, float("inf"), dim=tuple(range(1, t.ndim))).isfinite()
+                              if t.numel() else torch.ones(t.shape[0], dtype=torch.bool, device=t.device))
+            return peaks[key].to(here)
+
+        flags = torch.stack([losses.isfinite(), *(finite(A[n]) & finite(D[n]) for n in A)])
+        self.event = None
+        if flags.is_cuda:
+            self.flags = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            self.flags.copy_(flags, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(flags.device))
+        else:
+            self.flags = flags
+        self.context: Callable[[], Any] = nullcontext
+        self.settled = False
+
+    def settle(self) -> None:
+        """Raise :class:`GradientError` naming the first non-finite row's batch positions (losses first, then the
+        modules in order); every call raises again until the batch is found finite."""
+        if self.settled:
+            return
+        if self.event is not None:
+            self.event.synchronize()
+        if bool(self.flags.all()):
+            self.settled = True
+            return
+        with self.context():
+            for row, name in zip(self.flags, self.rows):
+                bad = (~row).nonzero().flatten().tolist()
+                if bad and name == "losses":
+                    raise GradientError(f"loss_fn returned non-finite losses for batch positions {bad} "
+                                        "(FactorCapture.run)", bad)
+                if bad:
+                    raise GradientError(f"non-finite factors in {name!r} for batch positions {bad}", bad)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Tensors with this key are the same numbers (views of one storage with one geometry)."""
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
 
 
 def forms_bf16_gradients(dtype: Optional[torch.dtype], cuda: bool) -> bool:
@@ -189,8 +253,14 @@ class FactorCapture:
         return hook
 
     def run(self, loss_fn: LossFn, batch: Any, token_mask: Optional[torch.Tensor] = None,
-            check: Sequence[torch.Tensor] = ()) -> BatchFactors:
+            check: Sequence[torch.Tensor] = (), defer_screen: bool = False) -> BatchFactors:
         """Forward and backward one batch; return every sample's factors for every hooked module.
+
+        Non-finite losses or factors raise :class:`GradientError` naming the batch positions. Reading that
+        verdict stops the host until the device has finished the batch's backward pass; ``defer_screen=True``
+        leaves it to :meth:`BatchFactors.settle`, which the caller runs once it has queued its own work on the
+        batch (:func:`sketchfisher.collect.factor_pass` does, so that the host prepares the next batch while the
+        device works on this one).
 
         ``check``: weights whose whole-batch gradient is also computed (``BatchFactors.batch_grads``), so
         that a caller can verify that the per-sample gradients formed from the factors sum to it (they do
@@ -199,7 +269,7 @@ class FactorCapture:
             raise RuntimeError("FactorCapture.run must be called inside 'with FactorCapture(...)'")
         self._records.clear()
         try:
-            losses = check_losses(loss_fn(self.model, batch), "FactorCapture.run", batch_size_of(batch))
+            losses = check_losses(loss_fn(self.model, batch), "FactorCapture.run", batch_size_of(batch), finite=False)
             B = losses.shape[0]
             calls = [(name, x, y) for name in self.names for x, y in self._records.get(name, [])]
             absent = [n for n in self.names if n not in self._records]
@@ -224,7 +294,7 @@ class FactorCapture:
             if mask is not None and a.shape[1] == mask.shape[1]:
                 keep = mask.to(device=a.device, dtype=a.dtype)[:, :, None]
                 # inputs read by several modules are views of one tensor (each alive in ``calls`` through the loop)
-                key = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride())
+                key = _storage_key(x)
                 if key not in masked:
                     masked[key] = a * keep
                 a, d = masked[key], d * keep
@@ -233,25 +303,16 @@ class FactorCapture:
         del masked
         out_a = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in A.items()}  # several calls: more tokens
         out_d = {n: v[0] if len(v) == 1 else torch.cat(v, dim=1) for n, v in D.items()}
-        # screened by sums (a NaN or inf anywhere makes a sum non-finite; one read of the factors, where
-        # isfinite writes a mask first); only a batch that fails the screen is looked at entry by entry
-        here = next(iter(out_d.values())).device  # modules may sit on several cards (device maps)
-        sums = torch.stack([(d.sum(dtype=torch.float32) + out_a[name].sum(dtype=torch.float32)).to(here)
-                            for name, d in out_d.items()])
-        if not bool(torch.isfinite(sums).all()):  # one device sync for all modules
-            bad = {name: (~torch.isfinite(d).all(dim=(1, 2))) | (~torch.isfinite(out_a[name]).all(dim=(1, 2)))
-                   for name, d in out_d.items()}
-            name = next((n for n, b in bad.items() if b.any()), None)
-            if name is not None:  # else finite factors whose sum overflows: nothing to refuse
-                positions = bad[name].nonzero().flatten().tolist()
-                raise GradientError(f"non-finite factors in {name!r} for batch positions {positions}", positions)
-        if mask is not None:
-            lengths = mask.sum(1).to(torch.long).cpu()
-        else:
-            lengths = torch.full((B,), next(iter(out_a.values())).shape[1], dtype=torch.long)
+        screen = Screen(losses.detach(), out_a, out_d)
+        if not defer_screen:
+            screen.settle()
+        # real tokens per sample (left on the device: reading them here would stop the host)
+        lengths = (mask.sum(1).to(torch.long) if mask is not None
+                   else torch.full((B,), next(iter(out_a.values())).shape[1], dtype=torch.long))
         return BatchFactors(losses=losses.detach(), A=out_a, D=out_d, lengths=lengths,
                             transposed={n: is_transposed(m) for n, m in self.modules.items()},
-                            source_dtype={name: y.dtype for name, _, y in calls}, batch_grads=batch_grads)
+                            source_dtype={name: y.dtype for name, _, y in calls}, batch_grads=batch_grads,
+                            screen=screen)
 
 
 def batch_geometry_len(batch: Any) -> Optional[int]:

@@ -46,9 +46,10 @@ def batch_size_of(batch: Any) -> int | None:
     return None
 
 
-def check_losses(losses: Any, where: str, expected: int | None = None) -> torch.Tensor:
+def check_losses(losses: Any, where: str, expected: int | None = None, finite: bool = True) -> torch.Tensor:
     """``loss_fn`` must return one finite loss per sample: a 1-D floating tensor ``[B]``, with ``B`` the
-    batch's sample count ``expected`` when that is known."""
+    batch's sample count ``expected`` when that is known. ``finite=False`` leaves out the check of the values
+    (it waits for the device), for a caller that checks them later."""
     if not isinstance(losses, torch.Tensor):
         raise InputError(f"loss_fn must return a torch.Tensor of shape [B], got {type(losses).__name__} ({where})")
     if losses.ndim != 1 or losses.shape[0] == 0:
@@ -63,7 +64,7 @@ def check_losses(losses: Any, where: str, expected: int | None = None) -> torch.
         raise InputError(f"loss_fn must return a floating tensor, got dtype {losses.dtype} ({where})")
     if not losses.requires_grad:
         raise InputError(f"loss_fn's losses do not require grad ({where}); are the parameters frozen or is it under no_grad?")
-    bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+    bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist() if finite else []
     if bad:
         raise GradientError(f"loss_fn returned non-finite losses for batch positions {bad} ({where})", bad)
     return losses

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -62,7 +63,9 @@ def factor_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weigh
                 skip: Skip = lambda index: False, desc: str = "pass", show_progress: bool = False,
                 total: int | None = None) -> Iterator[tuple[int, BatchFactors]]:
     """``(batch index, factors)`` of every batch whose index ``skip`` does not reject, with hooks on
-    the modules owning ``weights`` (entered once for the whole pass)."""
+    the modules owning ``weights`` (entered once for the whole pass). A batch with non-finite losses or factors
+    raises :class:`GradientError` once its consumer hands it back, before the next batch runs, or where the
+    consumer calls its ``settle()`` first: the device is not stopped after each backward pass."""
     modules = list(dict.fromkeys(module_of(w) for w in weights))
     total = total if total is not None else sized(batches)
     start: int | None = 0  # sample id of the batch's first sample (None once a batch's size is unknown)
@@ -70,10 +73,15 @@ def factor_pass(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], weigh
         for index, batch in enumerate(progress(batches, desc=desc, enabled=show_progress, total=total)):
             size = batch_size_of(batch)
             if not skip(index):
-                with naming_samples(desc, index, start):
-                    captured = cap.run(loss_fn, batch)
+                named = partial(naming_samples, desc, index, start)
+                with named():
+                    captured = cap.run(loss_fn, batch, defer_screen=True)
+                captured.screen.context = named
                 size = captured.batch_size
                 yield index, captured
+                # finite losses and factors: read once the consumer has queued its work on the batch (a consumer
+                # that keeps anything beyond memory settles before it writes: BatchFactors.settle)
+                captured.settle()
             start = None if start is None or size is None else start + size
 
 

@@ -222,6 +222,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
             out[(layer, block)] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
         if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
             fold_factors(fold, bf, [w for w in weights if w not in folded], low=True)
+        bf.settle()  # finite factors before the consumer sees the batch (its work on the device is queued)
         check.submit(index, out)
         yield index, bf.batch_size, out
     check.finish()

@@ -88,6 +88,7 @@ def run_pass1(root: Path, task: str, model: nn.Module, loss_fn: LossFn, batches:
                                  total=sized(batches)):
         fold_factors(stats, bf, names, low=True)  # (stores hold sketches, whose side vectors read the same numbers)
         if policy.due(index + 1):
+            bf.settle()  # (a checkpoint holds finite batches only)
             start = time.perf_counter()
             tensors, meta = stats.to_tensors()
             atomic_save_tensors(tensors, partial, {**meta, "batches_done": str(index + 1), "store_id": store_id,
