@@ -343,3 +343,21 @@ def test_many_tasks_on_cuda_equal_cpu():
                                    rtol=2e-3, atol=2e-3 * float(want.abs().max()))
     res = gpu.pair("z", "x")
     torch.testing.assert_close(res.scores, exact.scores, rtol=1e-4, atol=1e-5 * float(exact.scores.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_cuda_batch_with_a_nan_or_inf_factor_is_refused_at_settle(dtype):
+    """The finiteness screen takes per-sample maxima on the device: a single NaN or inf entry in any factor must
+    reach the host's verdict (a maximum that dropped NaN would let it through)."""
+    from sketchfisher.capture import FactorCapture
+
+    lin = torch.nn.Linear(64, 32, bias=False).to("cuda", dtype)
+    x = torch.randn(3, 50, 64, device="cuda", dtype=dtype)
+    with FactorCapture(torch.nn.Sequential(lin), ["0"]) as cap:
+        cap.run(lambda m, b: m(b).float().square().sum((1, 2)), x, defer_screen=True).settle()
+        for bad in (float("nan"), float("inf")):
+            poisoned = x.clone()
+            poisoned[2, 17, 5] = bad
+            bf = cap.run(lambda m, b: m(b).float().square().sum((1, 2)), poisoned, defer_screen=True)
+            with pytest.raises(sf.GradientError, match=r"non-finite (factors in '0'|losses) for batch positions \[2\]"):
+                bf.settle()
