@@ -353,11 +353,12 @@ def test_a_cuda_batch_with_a_nan_or_inf_factor_is_refused_at_settle(dtype):
 
     lin = torch.nn.Linear(64, 32, bias=False).to("cuda", dtype)
     x = torch.randn(3, 50, 64, device="cuda", dtype=dtype)
+    loss = lambda m, b: m(b)[:, :10].float().square().sum((1, 2))  # noqa: E731  (token 17 is only in A)
     with FactorCapture(torch.nn.Sequential(lin), ["0"]) as cap:
-        cap.run(lambda m, b: m(b).float().square().sum((1, 2)), x, defer_screen=True).settle()
+        cap.run(loss, x, defer_screen=True).settle()
         for bad in (float("nan"), float("inf")):
             poisoned = x.clone()
             poisoned[2, 17, 5] = bad
-            bf = cap.run(lambda m, b: m(b).float().square().sum((1, 2)), poisoned, defer_screen=True)
-            with pytest.raises(sf.GradientError, match=r"non-finite (factors in '0'|losses) for batch positions \[2\]"):
+            bf = cap.run(loss, poisoned, defer_screen=True)
+            with pytest.raises(sf.GradientError, match=r"non-finite factors in '0' for batch positions \[2\]"):
                 bf.settle()
