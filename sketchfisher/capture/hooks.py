@@ -112,24 +112,25 @@ class Screen:
     """Whether a batch's losses and factors are all finite, per sample, read on the host when asked.
 
     Each distinct factor tensor is reduced to its per-sample largest magnitude (a NaN or inf anywhere makes it
-    non-finite; finite values cannot overflow a maximum, so there is nothing to re-check), the flags ``[1 + modules,
-    B]`` are copied to page-locked host memory without waiting, and :meth:`settle` reads them: at once for a
+    non-finite; finite values cannot overflow a maximum, so there is nothing to re-check), the flags ``[1 + distinct
+    factors, B]`` (the losses first) are copied to page-locked host memory without waiting, and :meth:`settle` reads them: at once for a
     CPU batch, after the device has reached this point for a CUDA one. ``context``: a callable returning a context
     manager that :meth:`settle` raises inside (a pass names its batch and samples there)."""
 
     def __init__(self, losses: torch.Tensor, A: dict[str, torch.Tensor], D: dict[str, torch.Tensor]):
-        self.rows = ["losses", *A]
         here = losses.device
-        peaks: dict = {}
+        peaks: dict = {}  # distinct tensor -> (row, its per-sample maxima); q, k and v read one input
 
-        def finite(t: torch.Tensor) -> torch.Tensor:
+        def peak(t: torch.Tensor) -> int:
             key = _storage_key(t)
-            if key not in peaks:  # (q, k and v read one input)
-                peaks[key] = (torch.linalg.vector_norm(t, float("inf"), dim=tuple(range(1, t.ndim))).isfinite()
-                              if t.numel() else torch.ones(t.shape[0], dtype=torch.bool, device=t.device))
-            return peaks[key].to(here)
+            if key not in peaks:
+                most = (torch.linalg.vector_norm(t, float("inf"), dim=tuple(range(1, t.ndim)), dtype=torch.float32)
+                        if t.numel() else torch.zeros(t.shape[0], device=t.device))
+                peaks[key] = (len(peaks), most.to(here))
+            return peaks[key][0]
 
-        flags = torch.stack([losses.isfinite(), *(finite(A[n]) & finite(D[n]) for n in A)])
+        self.rows = {name: (peak(A[name]), peak(D[name])) for name in A}  # module -> rows of its A and D
+        flags = torch.cat([losses.detach().float()[None], torch.stack([m for _, m in peaks.values()])]).isfinite()
         self.event = None
         if flags.is_cuda:
             self.flags = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
@@ -151,12 +152,14 @@ class Screen:
         if bool(self.flags.all()):
             self.settled = True
             return
+        flags = self.flags.cpu()
         with self.context():
-            for row, name in zip(self.flags, self.rows):
-                bad = (~row).nonzero().flatten().tolist()
-                if bad and name == "losses":
-                    raise GradientError(f"loss_fn returned non-finite losses for batch positions {bad} "
-                                        "(FactorCapture.run)", bad)
+            bad = (~flags[0]).nonzero().flatten().tolist()
+            if bad:
+                raise GradientError(f"loss_fn returned non-finite losses for batch positions {bad} (FactorCapture.run)",
+                                    bad)
+            for name, (a, d) in self.rows.items():
+                bad = (~(flags[1 + a] & flags[1 + d])).nonzero().flatten().tolist()
                 if bad:
                     raise GradientError(f"non-finite factors in {name!r} for batch positions {bad}", bad)
 
