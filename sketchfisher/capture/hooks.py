@@ -112,10 +112,11 @@ class Screen:
     """Whether a batch's losses and factors are all finite, per sample, read on the host when asked.
 
     Each distinct factor tensor is reduced to its per-sample largest magnitude (a NaN or inf anywhere makes it
-    non-finite; finite values cannot overflow a maximum, so there is nothing to re-check), the flags ``[1 + distinct
-    factors, B]`` (the losses first) are copied to page-locked host memory without waiting, and :meth:`settle` reads them: at once for a
-    CPU batch, after the device has reached this point for a CUDA one. ``context``: a callable returning a context
-    manager that :meth:`settle` raises inside (a pass names its batch and samples there)."""
+    non-finite; finite values cannot overflow a maximum, so there is nothing to re-check). The flags
+    ``[1 + distinct factors, B]`` (the losses first) are copied to page-locked host memory without waiting, and
+    :meth:`settle` reads them: at once for a CPU batch, after the device has reached this point for a CUDA one.
+    ``context``: a callable returning a context manager that :meth:`settle` raises inside (a pass names its batch
+    and samples there)."""
 
     def __init__(self, losses: torch.Tensor, A: dict[str, torch.Tensor], D: dict[str, torch.Tensor]):
         here = losses.device
