@@ -252,3 +252,19 @@ def test_a_memory_or_disk_bound_must_be_positive(max_bytes, tmp_path):
     with pytest.raises(sf.InputError, match="max_bytes .* positive"):
         collect_to_store(tmp_path / "s", model, generic_loss, ta, tb, sf.layout_for(model), sf.Sketch(k=8),
                          sf.ScoreConfig(), max_bytes=max_bytes)
+
+
+def test_a_pass_reads_each_verdict_after_its_consumer_and_before_the_next_batch(model, monkeypatch):
+    """The host does not wait for the device after each backward pass: ``factor_pass`` reads batch i's finiteness
+    verdict once its consumer hands the batch back (its work on the device queued), before batch i + 1 runs."""
+    from sketchfisher.capture import hooks
+    from sketchfisher.collect import factor_pass, trainable_weights
+
+    log = []
+    settle, run = hooks.Screen.settle, hooks.FactorCapture.run
+    monkeypatch.setattr(hooks.Screen, "settle", lambda self: (log.append("settle"), settle(self))[1])
+    monkeypatch.setattr(hooks.FactorCapture, "run", lambda self, *a, **k: (log.append("run"), run(self, *a, **k))[1])
+    weights = trainable_weights(model, sf.layout_for(model))
+    for index, _ in factor_pass(model, generic_loss, make_batches(6, 2), weights):
+        log.append(f"consumer {index}")
+    assert log == [step for i in range(3) for step in ("run", f"consumer {i}", "settle")]
