@@ -15,7 +15,11 @@ class InputError(SketchfisherError):
 
 class GradientError(SketchfisherError):
     """A per-sample gradient (or loss) is NaN or infinite. ``positions`` are the offending samples'
-    positions in their batch (when known), so that a caller that knows the batch can name the samples."""
+    positions in their batch (when known), so that a caller that knows the batch can name the samples.
+
+    A collection checks each batch without stopping the device after its backward pass: the error comes once
+    the pass has queued its work on the bad batch, before the next batch runs and before anything holding that
+    batch is written to a store."""
 
     def __init__(self, message: str, positions: list[int] | None = None):
         super().__init__(message)
