@@ -144,6 +144,8 @@ def profile_run(args) -> None:
         host_profile(run, args.top)
         return
     if args.syncs:
+        if args.device != "cuda":
+            raise SystemExit("--syncs counts waits for a CUDA device; run it with --device cuda")
         sync_sites(run, args.top)
         return
     for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):
