@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--grads", default="bf16", choices=["bf16", "fp32"],
                    help="per-sample gradients for statistics and sketches (gpu_e2e.py --grads)")
     args = p.parse_args()
+    if args.syncs and args.device != "cuda":
+        p.error("--syncs counts waits for a CUDA device; run it with --device cuda")
     with per_sample_gradients(args.grads):
         profile_run(args)
 
@@ -144,8 +146,6 @@ def profile_run(args) -> None:
         host_profile(run, args.top)
         return
     if args.syncs:
-        if args.device != "cuda":
-            raise SystemExit("--syncs counts waits for a CUDA device; run it with --device cuda")
         sync_sites(run, args.top)
         return
     for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):

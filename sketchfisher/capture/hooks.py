@@ -131,7 +131,7 @@ class Screen:
             return peaks[key][0]
 
         self.rows = {name: (peak(A[name]), peak(D[name])) for name in A}  # module -> rows of its A and D
-        flags = torch.cat([losses.detach().float()[None], torch.stack([m for _, m in peaks.values()])]).isfinite()
+        flags = torch.cat([losses.float()[None], torch.stack([m for _, m in peaks.values()])]).isfinite()
         self.event = None
         if flags.is_cuda:
             self.flags = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
