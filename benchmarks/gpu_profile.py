@@ -4,16 +4,20 @@ plain forward+backward over the same batches, grouped by kernel name.
     python3 benchmarks/gpu_profile.py --shape llama-7b --layers 8 --samples 8 --batch 2 --units all
     python3 benchmarks/gpu_profile.py ... --host      # the host's side instead: where Python spends a run (cProfile)
     python3 benchmarks/gpu_profile.py ... --syncs     # where the host waits for the device, by line
+    python3 benchmarks/gpu_profile.py ... --timers    # the host's time per call of the functions each batch runs
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import importlib
 import io
 import os
 import pstats
 import sys
+import time
 import traceback
 import warnings
 from collections import Counter, defaultdict
@@ -95,6 +99,73 @@ def sync_sites(run, top: int) -> None:
         print(f"| {site} | {n} |")
 
 
+TIMED = ("sketchfisher.capture.hooks:FactorCapture.run", "sketchfisher.capture.hooks:BatchFactors.grad",
+         "sketchfisher.capture.hooks:BatchFactors.settle", "sketchfisher.fisher.stats:FisherStats.update",
+         "sketchfisher.compress.fused:FusedSides.__call__", "sketchfisher.compress.fused:sketched_centre",
+         "sketchfisher.kernels:sketch_heads", "sketchfisher.kernels:welford_update",
+         "sketchfisher.collect.finite:LaggedFiniteCheck.submit")
+"""What ``--timers`` times: ``module:attribute`` (a function, or a class's method)."""
+
+
+@contextlib.contextmanager
+def timed(paths) -> dict:
+    """The host's wall time in each of ``paths`` (and in each Triton launch of the package's kernels) while the
+    block runs: ``{name: [calls, seconds]}``. A call's time is its own work where the host does not wait for
+    the device, which is what a pass with no synchronisation per batch gives (``--syncs`` checks)."""
+    spent: dict = {}
+    undo = []
+
+    def wrap(owner, attr, name):
+        inner = getattr(owner, attr)
+        spent[name] = [0, 0.0]
+
+        def timed_call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[name][0] += 1
+                spent[name][1] += time.perf_counter() - t
+
+        undo.append((owner, attr, vars(owner).get(attr)))  # (None: looked up elsewhere, e.g. a bound method)
+        setattr(owner, attr, timed_call)
+
+    for path in paths:
+        module, attr = path.split(":")
+        owner = importlib.import_module(module)
+        *classes, attr = attr.split(".")
+        for c in classes:
+            owner = getattr(owner, c)
+        wrap(owner, attr, attr if not classes else f"{classes[-1]}.{attr}")
+    from sketchfisher import kernels
+    if kernels.available():
+        for kernel in kernels._kernels():  # a launch, kernel[grid](...), calls the JIT function's run
+            wrap(kernel, "run", f"launch {kernel.fn.__name__}")
+    try:
+        yield spent
+    finally:
+        for owner, attr, original in reversed(undo):
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+
+
+def host_timers(run, top: int) -> None:
+    """The host's time per call and per run of the functions a pass runs for each batch (:data:`TIMED`)."""
+    with timed(TIMED) as spent:
+        t = time.perf_counter()
+        res = run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    print("phases: " + ", ".join(f"{r['phase']} {r['seconds']:.2f}s" for r in res.phases.rows()))
+    print(f"\n## the host's time in each function: {wall:.2f} s of wall time in all\n"
+          "| function | calls | ms in all | us per call |\n| --- | --- | --- | --- |")
+    for name, (calls, seconds) in sorted(spent.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {name} | {calls} | {seconds * 1e3:.1f} | {seconds * 1e6 / max(calls, 1):.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
@@ -111,6 +182,8 @@ def main() -> None:
     p.add_argument("--device-map", default="none")
     p.add_argument("--host", action="store_true", help="profile the host's Python (cProfile) instead of the kernels")
     p.add_argument("--syncs", action="store_true", help="count where the host waits for the device, by line")
+    p.add_argument("--timers", action="store_true",
+                   help="the host's time per call of the functions each batch runs (no profiler's overhead)")
     p.add_argument("--grads", default="bf16", choices=["bf16", "fp32"],
                    help="per-sample gradients for statistics and sketches (gpu_e2e.py --grads)")
     args = p.parse_args()
@@ -147,6 +220,9 @@ def profile_run(args) -> None:
         return
     if args.syncs:
         sync_sites(run, args.top)
+        return
+    if args.timers:
+        host_timers(run, args.top)
         return
     for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):
         sync()

@@ -103,3 +103,25 @@ def test_accuracy_vs_memory_on_random_causal_lm_shapes(model):
                                                 "--kinds", "sjlt", "--dtypes", "int4", "--vr", "on", "--passes", "1.5"])
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"random {model}" in done.stdout and sum(line.startswith("| sjlt |") for line in done.stdout.splitlines()) == 1
+
+
+def test_gpu_profile_timers_count_each_call_and_restore_what_they_wrap():
+    """``--timers`` wraps the functions a pass runs per batch, counts their calls and puts them back afterwards."""
+    import torch
+
+    from sketchfisher.capture.hooks import BatchFactors, FactorCapture
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_profile
+    finally:
+        sys.path.remove(str(BENCH))
+    before = (FactorCapture.run, BatchFactors.grad)
+    factors = BatchFactors(losses=torch.zeros(1), A={"m": torch.ones(1, 2, 3)}, D={"m": torch.ones(1, 2, 4)},
+                           lengths=torch.tensor([2]), transposed={"m": False})
+    with gpu_profile.timed(["sketchfisher.capture.hooks:FactorCapture.run",
+                            "sketchfisher.capture.hooks:BatchFactors.grad"]) as spent:
+        assert BatchFactors.grad is not before[1]
+        assert factors.grad("m").shape == (1, 4, 3)
+    assert spent["BatchFactors.grad"][0] == 1 and spent["FactorCapture.run"][0] == 0
+    assert (FactorCapture.run, BatchFactors.grad) == before
