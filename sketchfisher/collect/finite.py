@@ -43,7 +43,7 @@ class LaggedFiniteCheck:
                 by_device.setdefault(t.device, []).append(t.detach())
         verdicts = []
         for device, ts in by_device.items():
-            ok = torch.stack([n.float() for n in torch._foreach_norm(ts)]).isfinite().all()
+            ok = torch.stack(torch._foreach_norm(ts)).isfinite().all()  # (stack promotes mixed dtypes)
             if device.type == "cuda":
                 host = torch.empty((), dtype=torch.bool, pin_memory=True)
                 host.copy_(ok, non_blocking=True)

@@ -23,6 +23,7 @@ class FusedSides:
         self.enabled = (codec.kind == "sjlt" and cfg.dtype == torch.float32 and kernels.available()
                         and not (side == "a" and cfg.normalizer == "loo"))
         self._geometry: dict = {}
+        self._launchers: dict = {}  # (layer, block) -> (the preparation, its kernels.SketchHeads)
 
     def applies(self, factor: torch.Tensor) -> bool:
         return self.enabled and factor.is_cuda
@@ -43,21 +44,29 @@ class FusedSides:
                                               size, cols, cols_p)
         return self._geometry[(layer, block)]
 
-    def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
-        """``(sketches, ‖ṽ‖², cross, γ, conflict scalars [B, H_b, m] or None)`` of one (layer, block), scaled-centred
-        where the codec centres so (:func:`~sketchfisher.compress.sketch_scores.scale_centring`'s outputs; γ = 0
-        where it does not)."""
-        keys, offsets, size, cols, row_stride = self.geometry(layer, block, grad.device)
+    def launcher(self, layer: int, block: str, prep: BlockPrep, device: torch.device) -> kernels.SketchHeads:
+        """The side kernel of one (layer, block) set up for ``prep`` on ``device``, kept for the pass's later batches
+        (set up again where the preparation or the device changes)."""
+        kept = self._launchers.get((layer, block))
+        if kept is not None and kept[0] is prep and kept[1].device == device:
+            return kept[1]
+        keys, offsets, size, cols, row_stride = self.geometry(layer, block, device)
         given = {"weight": prep.weight(self.side), "centre": prep.centre(self.side), "other": prep.other(self.side),
                  "conflict": prep.u(self.side)}
         scales = {name: t.scale for name, t in given.items() if isinstance(t, OneByte)}  # (the kernel reads codes)
         tensors = {name: t.codes if isinstance(t, OneByte) else t for name, t in given.items()}
-        if tensors["conflict"] is not None:
-            tensors["conflict"] = tensors["conflict"].to(grad.device)
-        centring = sketched_centre(prep, self.side, self.codec, layer, block_index(block), grad.device,
+        centring = sketched_centre(prep, self.side, self.codec, layer, block_index(block), device,
                                    torch.float32, torch.float32)
-        sk, norm2, cross, gamma, dots = kernels.sketch_heads(
-            grad, keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s,
-            transform=getattr(self.cfg.spec, "i_side" if self.side == "a" else "j_side"), scales=scales,
-            centring=centring, **tensors)
-        return sk, norm2, cross, gamma if centring is not None else torch.zeros_like(norm2), dots
+        launch = kernels.SketchHeads(keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s, device=device,
+                                     transform=getattr(self.cfg.spec, "i_side" if self.side == "a" else "j_side"),
+                                     scales=scales, centring=centring, **tensors)
+        self._launchers[(layer, block)] = (prep, launch)
+        return launch
+
+    def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
+        """``(sketches, ‖ṽ‖², cross, γ, conflict scalars [B, H_b, m] or None)`` of one (layer, block), scaled-centred
+        where the codec centres so (:func:`~sketchfisher.compress.sketch_scores.scale_centring`'s outputs; γ = 0
+        where it does not)."""
+        launch = self.launcher(layer, block, prep, grad.device)
+        sk, norm2, cross, gamma, dots = launch(grad)
+        return sk, norm2, cross, gamma if launch.centring else torch.zeros_like(norm2), dots

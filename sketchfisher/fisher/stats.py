@@ -135,7 +135,7 @@ class FisherStats:
         (state read from a store or moved elsewhere stays on its device)."""
         w = self.welford.setdefault(name, Welford())
         zeros = lambda: torch.zeros(g.shape[1:], dtype=self.dtype, device=g.device)  # noqa: E731
-        ready = lambda t: zeros() if t is None else t.to(self.dtype).contiguous()  # noqa: E731
+        ready = lambda t: zeros() if t is None else _as(t, self.dtype)  # noqa: E731
         if w.count == 0:
             w.mean = w.m2 = None
         w.mean = ready(w.mean) if self.moments >= 1 else None
@@ -144,7 +144,7 @@ class FisherStats:
             if q in self.quantities:
                 t = acc.get(name) if w.count else None
                 dt = self.sum_dtype[q]
-                acc[name] = torch.zeros(g.shape[1:], dtype=dt, device=g.device) if t is None else t.to(dt).contiguous()
+                acc[name] = torch.zeros(g.shape[1:], dtype=dt, device=g.device) if t is None else _as(t, dt)
         return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name), self.sum_half.get(name))
 
     def merge(self, other: "FisherStats") -> "FisherStats":
@@ -382,3 +382,8 @@ class FisherStats:
     def fisher_block(self, layout: Layout, layer: int, block: str) -> torch.Tensor | None:
         """Î over the distinct head blocks of (layer, block): ``[H_b, S]``; None if not collected."""
         return self.block(layout, layer, block, "fisher")
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` contiguous in ``dtype``: itself where it is already (each update of every weight asks)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()

@@ -74,82 +74,127 @@ def launch_shape(rows: int, width: int, bands: int, tiles: int, programs: int, s
 
 
 def sketch_heads(g: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, size: int, cols: int, row_stride: int,
-                 k: int, s: int, *, transform: str = "identity", weight: Optional[torch.Tensor] = None,
-                 centre: Optional[torch.Tensor] = None, other: Optional[torch.Tensor] = None,
-                 conflict: Optional[torch.Tensor] = None, scales: Optional[dict] = None,
-                 centring: Optional[tuple[torch.Tensor, torch.Tensor]] = None, chunks: Optional[int] = None,
-                 block_rows: Optional[int] = None, tiles_per_step: Optional[int] = None, num_warps: int = 4):
+                 k: int, s: int, **options):
     """sjlt sketches of H head blocks of ``g`` (CUDA, one launch): ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H],
-    own [n, H], dots [n, H, m] or None)``.
+    own [n, H], dots [n, H, m] or None)``; :class:`SketchHeads` with these arguments, called on ``g`` (a caller that
+    sketches blocks of the same geometry and preparation batch after batch keeps the :class:`SketchHeads`)."""
+    return SketchHeads(keys, offsets, size, cols, row_stride, k, s, device=g.device, **options)(g)
 
-    ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
+
+class SketchHeads:
+    """The sjlt side kernel of H head blocks set up once, launched for each batch's per-sample gradient.
+
+    Called on ``g``, it returns ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H], own [n, H], dots [n, H, m] or
+    None)``. ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
     entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
     elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
     hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
-    ``centre``, ``other`` are ``[H, size]``, fp32, bf16 or fp8 codes, read as they are); cross is ``Σ transform(g)·weight·other``. The sketch
-    is scaled by 1/√s and returned in fp32. ``own`` is ``Σ ṽ·centre`` (zero without a centre: what scaled centring
-    needs, :func:`sketchfisher.compress.sketch_scores.scale_centring`). ``conflict [m, H, size]`` (m ≤ 2, any float dtype): the raw gradient's
-    inner products with each of its m vectors, ``dots[r, h, i] = Σ g_h[r]·conflict[i, h]`` (the conflict test's
-    per-sample scalars, read in the same pass). ``scales``: for values kept in one byte, ``{"weight" | "centre" |
-    "other": [H] , "conflict": [m, H]}`` fp32, one scale per head block: the kernel reads fp8 codes and multiplies
-    each by its block's scale in fp32 (the conflict scalars are scaled after their sum).
+    ``centre``, ``other`` are ``[H, size]``, fp32, bf16 or fp8 codes, read as they are); cross is
+    ``Σ transform(g)·weight·other``. The sketch is scaled by 1/√s and returned in fp32. ``own`` is ``Σ ṽ·centre``
+    (zero without a centre: what scaled centring needs,
+    :func:`sketchfisher.compress.sketch_scores.scale_centring`). ``conflict [m, H, size]`` (m ≤ 2, any float
+    dtype): the raw gradient's inner products with each of its m vectors, ``dots[r, h, i] = Σ g_h[r]·conflict[i,
+    h]`` (the conflict test's per-sample scalars, read in the same pass). ``scales``: for values kept in one byte,
+    ``{"weight" | "centre" | "other": [H] , "conflict": [m, H]}`` fp32, one scale per head block: the kernel reads
+    fp8 codes and multiplies each by its block's scale in fp32 (the conflict scalars are scaled after their sum).
     ``centring = (R c [H, k], ‖c‖² [H])`` fp32, the sketched centre and its squared norm: the sketches and norms
     come back scaled-centred, ``ṽ − γ c`` with ``γ = own / ‖c‖²`` (what
     :func:`~sketchfisher.compress.sketch_scores.scale_centring` does after the torch path), and the fourth output
-    is γ instead of ``own``. Two launches in all: the sketch, then one that adds the column chunks' partial sums
+    is γ instead of ``own``. Two launches a call: the sketch, then one that adds the column chunks' partial sums
     and finishes each row.
+
+    Everything but ``g`` is checked, converted and placed on ``device`` here, once: at a 7B model's 224 blocks a
+    batch, the host's per-block work between launches is what a pass's batch costs where the host is the slower
+    side (``benchmarks/gpu_profile.py --timers``).
     """
-    scales = scales or {}
-    if g.dtype not in DTYPES:
-        raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
-    if size >= 2**31:
-        raise ValueError(f"sketch_heads indexes a head block with int32; {size} entries is too many")
-    n, H = g.shape[0], keys.shape[0]
-    mu = 0 if conflict is None else conflict.shape[0]
-    if conflict is not None and (conflict.ndim != 3 or conflict.shape[1:] != (H, size) or not 1 <= mu <= 2):
-        raise ValueError(f"conflict weights must be [1 or 2, {H}, {size}], got {list(conflict.shape)}")
-    if n == 0:
-        z = torch.zeros(0, H, dtype=torch.float32, device=g.device)
-        dots = None if conflict is None else torch.zeros(0, H, mu, dtype=torch.float32, device=g.device)
-        return torch.zeros(0, H, k, dtype=torch.float32, device=g.device), z, z.clone(), z.clone(), dots
-    if g.ndim > 1 and not g[0].is_contiguous():
-        g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
-    sketch_kernel, _, finish_kernel = _kernels()
-    m = k // s
-    BM = _next_pow2(m)
-    BW = max(1, BM // 32)
-    tiles = -(-size // m)
-    BR = block_rows or min(_next_pow2(n), 4)
-    row_blocks = -(-n // BR)
-    sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 2
-    TT, chunks = launch_shape(BR, BM, _next_pow2(s), tiles, H * row_blocks, sms, tiles_per_step, chunks)
-    per = -(-tiles // chunks)
-    chunks = -(-tiles // per)
-    dev = g.device
-    part = torch.empty(chunks, n, H, s * BM + 3 + mu, dtype=torch.float32, device=dev)
-    dummy = torch.empty(1, dtype=torch.float32, device=dev)
-    prep = [t.contiguous() if t is not None else dummy for t in (weight, centre, other)]  # (read in their dtype)
-    prep.append(dummy if conflict is None else conflict.contiguous())  # read in its own dtype (fp8 at 7B)
-    names = ("weight", "centre", "other")
-    scaled = [name in scales for name in names]
-    sc = [scales[name].to(dev, torch.float32).contiguous() if name in scales else dummy for name in names]  # [H] each
-    contig = cols == size or (row_stride == cols)
-    on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-    with on_device:  # Triton launches on the current device: make it the tensors' (layers on several cards)
-        sketch_kernel[(chunks, H, row_blocks)](
-            g, *prep, *sc, to_device(keys.to(torch.int64).contiguous(), dev), to_device(offsets.to(torch.int64), dev),
-            part, n, H, size, tiles, g.stride(0), row_stride, per, s ** -0.5,
-            COLS=cols, CONTIG=contig, M=m, BM=BM, S=s, SP=_next_pow2(s), TT=TT, WORDS=-(-m // 32), BW=BW, BR=BR,
-            F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None, HAS_O=other is not None,
-            MU=mu, TWEAK=SHIFT_TWEAK, W_SC=scaled[0], C_SC=scaled[1], O_SC=scaled[2], num_warps=num_warps)
-        sk, scalars = torch.empty(n, H, k, dtype=torch.float32, device=dev), torch.empty(3, n, H, device=dev)
-        dots = torch.empty(n, H, mu, dtype=torch.float32, device=dev) if mu else dummy
+
+    def __init__(self, keys: torch.Tensor, offsets: torch.Tensor, size: int, cols: int, row_stride: int, k: int,
+                 s: int, *, device: torch.device, transform: str = "identity",
+                 weight: Optional[torch.Tensor] = None, centre: Optional[torch.Tensor] = None,
+                 other: Optional[torch.Tensor] = None, conflict: Optional[torch.Tensor] = None,
+                 scales: Optional[dict] = None, centring: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 chunks: Optional[int] = None, block_rows: Optional[int] = None,
+                 tiles_per_step: Optional[int] = None, num_warps: int = 4):
+        scales = scales or {}
+        if size >= 2**31:
+            raise ValueError(f"sketch_heads indexes a head block with int32; {size} entries is too many")
+        H = keys.shape[0]
+        mu = 0 if conflict is None else conflict.shape[0]
+        if conflict is not None and (conflict.ndim != 3 or conflict.shape[1:] != (H, size) or not 1 <= mu <= 2):
+            raise ValueError(f"conflict weights must be [1 or 2, {H}, {size}], got {list(conflict.shape)}")
+        self.device, self.H, self.mu, self.k, self.s, self.size = device, H, mu, k, s, size
+        self.m = k // s
+        self.BM = _next_pow2(self.m)
+        self.tiles = -(-size // self.m)
+        self.options = (chunks, block_rows, tiles_per_step)
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+        dummy = self.dummy = torch.empty(1, dtype=torch.float32, device=device)
+        names = ("weight", "centre", "other")
+        given = dict(zip(names, (weight, centre, other)))
+        prep = [dummy if t is None else to_device(t, device).contiguous() for t in given.values()]  # (their dtypes)
+        prep.append(dummy if conflict is None else to_device(conflict, device).contiguous())  # (fp8 at 7B)
+        sc = [to_device(scales[name], device).to(torch.float32).contiguous() if name in scales else dummy
+              for name in names]  # [H] each
+        self.args = (*prep, *sc, to_device(keys.to(torch.int64).contiguous(), device),
+                     to_device(offsets.to(torch.int64).contiguous(), device))
+        self.constants = dict(COLS=cols, CONTIG=cols == size or row_stride == cols, M=self.m, BM=self.BM, S=s,
+                              SP=_next_pow2(s), WORDS=-(-self.m // 32), BW=max(1, self.BM // 32),
+                              F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None,
+                              HAS_O=other is not None, MU=mu, TWEAK=SHIFT_TWEAK, W_SC="weight" in scales,
+                              C_SC="centre" in scales, O_SC="other" in scales, num_warps=num_warps)
+        self.row_stride = row_stride
         rc, c2 = centring if centring is not None else (dummy, dummy)
-        u_sc = scales["conflict"].to(dev, torch.float32).contiguous() if "conflict" in scales and mu else dummy
-        finish_kernel[(n * H,)](part, rc, c2, u_sc, sk, *scalars, dots, chunks, n, H,
-                                torch.finfo(torch.float32).eps * size ** 0.5, M=m, BM=BM, S=s, SP=_next_pow2(s),
-                                MU=mu, CENTRING=centring is not None, U_SC=u_sc is not dummy)
-    return sk, scalars[0], scalars[1], scalars[2], dots if mu else None
+        self.centring = centring is not None
+        u_sc = (to_device(scales["conflict"], device).to(torch.float32).contiguous() if "conflict" in scales and mu
+                else None)
+        self.finish_args = (to_device(rc, device), to_device(c2, device), dummy if u_sc is None else u_sc)
+        self.finish_constants = dict(M=self.m, BM=self.BM, S=s, SP=_next_pow2(s), MU=mu, CENTRING=self.centring,
+                                     U_SC=u_sc is not None)
+        self.allowance = torch.finfo(torch.float32).eps * size ** 0.5
+        self._shapes: dict = {}  # batch size -> (row block, row blocks, tiles a step, chunks, tiles a chunk)
+
+    def _shape(self, n: int) -> tuple[int, int, int, int, int]:
+        if n not in self._shapes:
+            chunks, block_rows, tiles_per_step = self.options
+            BR = block_rows or min(_next_pow2(n), 4)
+            row_blocks = -(-n // BR)
+            TT, chunks = launch_shape(BR, self.BM, _next_pow2(self.s), self.tiles, self.H * row_blocks, self.sms,
+                                      tiles_per_step, chunks)
+            per = -(-self.tiles // chunks)
+            self._shapes[n] = (BR, row_blocks, TT, -(-self.tiles // per), per)
+        return self._shapes[n]
+
+    def __call__(self, g: torch.Tensor):
+        if g.dtype not in DTYPES:
+            raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
+        if g.device != self.device:
+            raise ValueError(f"this sketch was set up on {self.device}; the gradient is on {g.device}")
+        n, H, mu, dev = g.shape[0], self.H, self.mu, self.device
+        if n == 0:
+            z = torch.zeros(0, H, dtype=torch.float32, device=dev)
+            dots = None if not mu else torch.zeros(0, H, mu, dtype=torch.float32, device=dev)
+            return torch.zeros(0, H, self.k, dtype=torch.float32, device=dev), z, z.clone(), z.clone(), dots
+        if g.ndim > 1 and not g[0].is_contiguous():
+            g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
+        sketch_kernel, _, finish_kernel = _kernels()
+        BR, row_blocks, TT, chunks, per = self._shape(n)
+        part = torch.empty(chunks, n, H, self.s * self.BM + 3 + mu, dtype=torch.float32, device=dev)
+        sk, scalars = torch.empty(n, H, self.k, dtype=torch.float32, device=dev), torch.empty(3, n, H, device=dev)
+        dots = torch.empty(n, H, mu, dtype=torch.float32, device=dev) if mu else self.dummy
+        with _on(dev):  # Triton launches on the current device: make it the tensors' (layers on several cards)
+            sketch_kernel[(chunks, H, row_blocks)](
+                g, *self.args, part, n, H, self.size, self.tiles, g.stride(0), self.row_stride, per, self.s ** -0.5,
+                TT=TT, BR=BR, **self.constants)
+            finish_kernel[(n * H,)](part, *self.finish_args, sk, *scalars, dots, chunks, n, H, self.allowance,
+                                    **self.finish_constants)
+        return sk, scalars[0], scalars[1], scalars[2], dots if mu else None
+
+
+def _on(device: torch.device):
+    """Make ``device`` current for Triton's launches where it is not already (a no-op context on one card)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
@@ -181,7 +226,7 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
     slots = rounding_slots({"abs": sum_abs, "sum": sum_g, "half": sum_half}, dtype)  # (Σg, half sum: one dtype)
     key0, key1 = (_int32(count_key(count, slot)) for slot in (0, 2))
     grid = (-(-N // block),)
-    with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
+    with _on(g.device):
         welford_kernel[grid](g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count, key0, key1,
                              BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None,
                              HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
