@@ -135,7 +135,10 @@ def timed(paths) -> dict:
         owner = importlib.import_module(module)
         *classes, attr = attr.split(".")
         for c in classes:
-            owner = getattr(owner, c)
+            owner = getattr(owner, c, None)
+        if owner is None or not hasattr(owner, attr):
+            print(f"(not timed: {path} is not in this checkout)")
+            continue
         wrap(owner, attr, attr if not classes else f"{classes[-1]}.{attr}")
     from sketchfisher import kernels
     if kernels.available():

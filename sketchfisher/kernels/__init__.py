@@ -174,7 +174,7 @@ class SketchHeads:
             z = torch.zeros(0, H, dtype=torch.float32, device=dev)
             dots = None if not mu else torch.zeros(0, H, mu, dtype=torch.float32, device=dev)
             return torch.zeros(0, H, self.k, dtype=torch.float32, device=dev), z, z.clone(), z.clone(), dots
-        if g.ndim > 1 and not g[0].is_contiguous():
+        if g.ndim > 1 and not g.is_contiguous() and not g[0].is_contiguous():
             g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
         sketch_kernel, _, finish_kernel = _kernels()
         BR, row_blocks, TT, chunks, per = self._shape(n)
