@@ -88,6 +88,27 @@ def test_sketch_kernel_strided_heads_with_side_transform(axis, transform, k, s):
     torch.testing.assert_close(dots_c, dots * scales["conflict"].t()[None], rtol=1e-5, atol=1e-5)
 
 
+def test_a_side_kernel_set_up_once_gives_each_batch_what_a_fresh_one_gives():
+    """``SketchHeads`` keeps everything but the gradient between calls: batches of different sizes and values, one
+    after another, come out as a kernel set up for each batch alone gives them (bitwise)."""
+    H, size, k, s = 2, 90, 16, 2
+    gen = torch.Generator().manual_seed(5)
+    maps = [SketchMap("sjlt", k, size, 1, (2, 0, h), s=s) for h in range(H)]
+    keys, offsets = torch.tensor([m.hash_key() for m in maps]), torch.arange(H) * size
+    w, c, o = torch.rand(H, size, generator=gen), torch.randn(H, size, generator=gen), torch.randn(H, size, generator=gen)
+    u = torch.randn(1, H, size, generator=gen)
+    rc, c2 = torch.stack([maps[h].apply(c[h][None])[0] for h in range(H)]), c.square().sum(-1)
+    options = dict(transform="square", weight=w, centre=c, other=o, conflict=u, centring=(rc, c2),
+                   scales={"conflict": torch.tensor([[1.5, 0.5]])})
+    kept = kernels.SketchHeads(keys, offsets, size, size, size, k, s, device=torch.device("cpu"), **options)
+    for n in (3, 1, 3, 0):
+        g = torch.randn(n, H * size, generator=gen)
+        for mine, fresh in zip(kept(g), kernels.sketch_heads(g, keys, offsets, size, size, size, k, s, **options)):
+            assert torch.equal(mine, fresh)
+    with pytest.raises(TypeError, match="sketch_heads takes"):
+        kept(torch.zeros(1, H * size, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("quantities", [("fisher", "m2", "abs", "sum", "half"), ("fisher", "abs"), ("abs",), ("sum",),
                                         ("fisher",), ("sum", "half")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
