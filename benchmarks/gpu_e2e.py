@@ -163,6 +163,14 @@ def per_sample_gradients(dtype: str):
         BatchFactors.grad = grad
 
 
+def alloc_retries() -> int:
+    """CUDA allocations so far that failed once and were retried after the caching allocator freed its cached blocks
+    (``cudaFree``, a wait for the device), over every device."""
+    if not torch.cuda.is_available():
+        return 0
+    return sum(torch.cuda.memory_stats(d).get("num_alloc_retries", 0) for d in range(torch.cuda.device_count()))
+
+
 def timed(fn, devices):
     """(seconds, peak GiB per CUDA device (NaN without one), fn's result)."""
     for d in devices:
@@ -209,6 +217,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         kernels.launch_shape = default_shape if launch == "default" else before_shape
         host.PIN = pin == "on"
         FisherStats.accumulating = accumulating if sums == "bf16" else classmethod(fp32_signed)
+        retries = alloc_retries()
         try:
             with per_sample_gradients(grads):
                 sec, peaks, res = measure(lambda: sf.analyze(model, lm_loss, task_a, task_b, codec=codec, passes=passes,
@@ -235,6 +244,8 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
               f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}) | seconds | | peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
+        print(f"allocator retries during sf.analyze (each frees cached blocks and waits for the device): "
+              f"{alloc_retries() - retries}")
         print(f"head means finite: {torch.isfinite(means).all().item()}; stats {res.context.stats_a.dtype}, kept after "
               f"collection: A {res.context.stats_a.quantities}, B {res.context.stats_b.quantities}")
         phases = res.phases.rows()

@@ -11,6 +11,7 @@ bytes of x read.
     python benchmarks/sjlt_tune.py --modules --batch 2      # pass 2's side kernel on every Llama-7B module shape
     python benchmarks/sjlt_tune.py --welford --batch 2      # pass 1's statistics kernel on a gate_proj gradient
     python benchmarks/sjlt_tune.py --one-byte --batch 2     # the side passes' kernel: bf16 or one-byte preparations
+    python benchmarks/sjlt_tune.py --steps --grad-dtype bf16  # ... by tiles a step and warps, as the library calls it
 """
 
 from __future__ import annotations
@@ -122,40 +123,71 @@ def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
                   f"| {best[0] / t_def:.2f} | {best[1]} |", flush=True)
 
 
-def one_byte_sweep(batch: int, k: int, repeats: int) -> None:
-    """The side passes' kernel as task B's single pass calls it (abs, balance w_b, centre x̄', the cross term, two
-    conflict weights) and as task A's second pass does (square, fp32 w_a, centres x̄' and ȳ', one conflict weight),
-    with the preparations in bf16 beside one byte (fp8 codes and a scale per unit block), per Llama-7B module shape."""
+def side_pass_inputs(H: int, size: int, one_byte: bool, conflicts: bool = True):
+    """The side passes' kernel arguments per pass: ``(pass, transform, tensors, scales)`` as task B's single pass
+    calls it (abs, balance w_b, centre x̄', the cross term, two conflict weights) and as task A's second pass does
+    (square, fp32 w_a, centres x̄' and ȳ', one conflict weight); the preparations in bf16, or in one byte (fp8 codes
+    and a scale per unit block)."""
     from sketchfisher.compress.onebyte import OneByte
 
+    vec = lambda *lead: torch.rand(*lead, H, size, device="cuda") + 0.1  # noqa: E731
+    w_a, w_b, x_bar, y_bar, u = vec(), vec(), vec() - 0.5, vec() - 0.5, vec(2) - 0.5
+    for name, transform, given in (("B", "abs", dict(weight=w_b, centre=x_bar, other=x_bar, conflict=u)),
+                                   ("A", "square", dict(weight=w_a, centre=x_bar, other=y_bar, conflict=u[:1]))):
+        kw, scales = {}, {}
+        for key, t in given.items():
+            if key == "conflict" and not conflicts:
+                continue
+            if key == "weight" and name == "A":
+                kw[key] = t  # (w_a stays fp32)
+            elif one_byte:
+                ob = OneByte.encode(t)
+                kw[key], scales[key] = ob.codes, ob.scale
+            else:
+                kw[key] = t.to(torch.bfloat16)
+        yield name, transform, kw, scales
+
+
+def one_byte_sweep(batch: int, k: int, repeats: int) -> None:
+    """The side passes' kernel (:func:`side_pass_inputs`) with the preparations in bf16 beside one byte, per
+    Llama-7B module shape."""
     print(f"\n## the side passes' kernel, batch {batch}, k {k}, {str(GRAD_DTYPE)[6:]} gradients: bf16 against one-byte "
           "preparations (ms, CUDA graphs)")
     print("| module | pass | bf16 ms | one byte ms | one byte / bf16 | conflict weights off: bf16, one byte |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, g, keys, offsets, size, uc, cols, H in module_blocks(batch):
-        vec = lambda *lead: torch.rand(*lead, H, size, device="cuda") + 0.1  # noqa: E731
-        w_a, w_b, x_bar, y_bar, u = vec(), vec(), vec() - 0.5, vec() - 0.5, vec(2) - 0.5
-        for name, transform, given in (("B", "abs", dict(weight=w_b, centre=x_bar, other=x_bar, conflict=u)),
-                                       ("A", "square", dict(weight=w_a, centre=x_bar, other=y_bar, conflict=u[:1]))):
-            times = []
-            for conflicts in (True, False):
-                for one_byte in (False, True):
-                    kw, scales = {}, {}
-                    for key, t in given.items():
-                        if key == "conflict" and not conflicts:
-                            continue
-                        if key == "weight" and name == "A":
-                            kw[key] = t  # (w_a stays fp32)
-                        elif one_byte:
-                            ob = OneByte.encode(t)
-                            kw[key], scales[key] = ob.codes, ob.scale
-                        else:
-                            kw[key] = t.to(torch.bfloat16)
-                    times.append(graphed(lambda: kernels.sketch_heads(g, keys, offsets, size, uc, cols, k, 1,
-                                                                      transform=transform, scales=scales, **kw),
-                                         repeats))
-            print(f"| {label} | {name} | {times[0]:.3f} | {times[1]:.3f} | {times[1] / times[0]:.2f} "
-                  f"| {times[2]:.3f}, {times[3]:.3f} |", flush=True)
+        times = {}
+        for conflicts in (True, False):
+            for one_byte in (False, True):
+                for name, transform, kw, scales in side_pass_inputs(H, size, one_byte, conflicts):
+                    times[(name, conflicts, one_byte)] = graphed(
+                        lambda: kernels.sketch_heads(g, keys, offsets, size, uc, cols, k, 1, transform=transform,
+                                                     scales=scales, **kw), repeats)
+        for name in ("B", "A"):
+            t = [times[(name, c, o)] for c in (True, False) for o in (False, True)]
+            print(f"| {label} | {name} | {t[0]:.3f} | {t[1]:.3f} | {t[1] / t[0]:.2f} | {t[2]:.3f}, {t[3]:.3f} |",
+                  flush=True)
+
+
+def steps_sweep(batch: int, k: int, repeats: int) -> None:
+    """The side passes' kernel as the library calls it (one-byte preparations, the conflict weights, both
+    launches), per Llama-7B module shape, at one and two tiles a step and 4 and 8 warps (ms, CUDA graphs)."""
+    print(f"\n## the side passes' kernel by tiles a step, batch {batch}, k {k}, {str(GRAD_DTYPE)[6:]} gradients "
+          "(ms, CUDA graphs; the library's default marked *)")
+    shapes = list(itertools.product((1, 2), (4, 8)))
+    print("| module | pass | " + " | ".join(f"{t} tile(s), {w} warps" for t, w in shapes) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in shapes) + " |")
+    for label, g, keys, offsets, size, uc, cols, H in module_blocks(batch):
+        for name, transform, kw, scales in side_pass_inputs(H, size, one_byte=True):
+            rows = min(kernels._next_pow2(batch), 4)
+            default = kernels.launch_shape(rows, kernels._next_pow2(k), 1, -(-size // k), H, 1)[0]
+            cells = []
+            for step, warps in shapes:
+                sh = kernels.SketchHeads(keys, offsets, size, uc, cols, k, 1, device=g.device, transform=transform,
+                                         scales=scales, tiles_per_step=step, num_warps=warps, **kw)
+                t = graphed(lambda: sh(g), repeats)
+                cells.append(f"{t:.3f}{'*' if step == default and warps == 4 else ''}")
+            print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def welford_sweep(batch: int, repeats: int, conflict_sums: bool = False) -> None:
@@ -188,6 +220,7 @@ def main() -> None:
     p.add_argument("--modules", action="store_true", help="only the side kernel on the Llama-7B module shapes")
     p.add_argument("--welford", action="store_true", help="only the pass-1 statistics kernel's launch shapes")
     p.add_argument("--one-byte", action="store_true", help="only the side passes' kernel: bf16 or one-byte preparations")
+    p.add_argument("--steps", action="store_true", help="only the side passes' kernel at one and two tiles a step")
     p.add_argument("--batch", type=int, default=2, help="samples per batch of the module and statistics sweeps")
     p.add_argument("--grad-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="the per-sample gradients of the module, one-byte and statistics sweeps (bf16: a bf16 model's)")
@@ -200,6 +233,10 @@ def main() -> None:
     if args.welford:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
         welford_sweep(args.batch, args.repeats, args.conflict_sums)
+        return
+    if args.steps:
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
+        steps_sweep(args.batch, args.k[0], args.repeats)
         return
     if args.one_byte:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")

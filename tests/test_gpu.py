@@ -177,6 +177,41 @@ def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch
                                        rtol=1e-3, atol=1e-4 * float(want[column].abs().max()))
 
 
+def test_kept_compiled_kernels_launch_as_the_jit_does():
+    """After its first call, a specialisation's compiled kernel is launched directly (``kernels.Launches``): the side
+    kernel (both launches) and the Welford update give bitwise what the JIT's launch gives, batch sizes changing
+    in between, and the direct path is taken."""
+    from sketchfisher import kernels
+    from sketchfisher.compress.onebyte import OneByte
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    H, size, k = 3, 5000, 64
+    keys, offsets = torch.randint(0, 2**31 - 1, (H, 2)), torch.arange(H) * size
+    ob = OneByte.encode(torch.rand(H, size, device="cuda", generator=gen) - 0.5)
+    options = dict(transform="square", weight=torch.rand(H, size, device="cuda", generator=gen), centre=ob.codes,
+                   other=ob.codes, conflict=torch.randn(2, H, size, device="cuda", generator=gen).to(torch.bfloat16),
+                   scales={"centre": ob.scale, "other": ob.scale})
+    kept = kernels.SketchHeads(keys, offsets, size, size, size, k, 1, device=torch.device("cuda"), **options)
+    for n in (2, 2, 3, 2, 3):  # (the first call of each size goes through the JIT)
+        g = torch.randn(n, H * size, device="cuda", generator=gen).to(torch.bfloat16)
+        fresh = kernels.SketchHeads(keys, offsets, size, size, size, k, 1, device=torch.device("cuda"), **options)
+        for mine, theirs in zip(kept(g), fresh(g)):
+            assert torch.equal(mine, theirs)
+    assert all(len(launch.kept) == 2 for launch in kept._kept), "one kept kernel per batch size and launch"
+
+    g = torch.randn(3, 4000, device="cuda", generator=gen).to(torch.bfloat16)
+    states = [[torch.rand(4000, device="cuda", generator=gen) for _ in range(4)] for _ in range(1)]
+    states.append([t.clone() for t in states[0]])
+    states.append([t.clone() for t in states[0]])
+    kernels._welford.cache_clear()
+    for state in states:  # the JIT, then the kept kernel twice
+        kernels.welford_update(g, *state[:4], count=5)
+    assert len(kernels._welford().kept) == 1
+    for state in states[1:]:
+        for mine, theirs in zip(state, states[0]):
+            assert torch.equal(mine, theirs)
+
+
 def test_fused_welford_matches_cpu():
     from sketchfisher.fisher import FisherStats
 

@@ -109,29 +109,37 @@ class BatchFactors:
 
 
 class Screen:
-    """Whether a batch's losses and factors are all finite, per sample, read on the host when asked.
+    """Whether a batch's losses and factors are all finite, read on the host when asked.
 
-    Each distinct factor tensor is reduced to its per-sample largest magnitude (a NaN or inf anywhere makes it
-    non-finite; finite values cannot overflow a maximum, so there is nothing to re-check). The flags
-    ``[1 + distinct factors, B]`` (the losses first) are copied to page-locked host memory without waiting, and
-    :meth:`settle` reads them: at once for a CPU batch, after the device has reached this point for a CUDA one.
-    ``context``: a callable returning a context manager that :meth:`settle` raises inside (a pass names its batch
-    and samples there)."""
+    Each distinct factor tensor (q, k and v read one input) is reduced to its largest magnitude, all of a device's in
+    one multi-tensor operation (a NaN or inf anywhere makes it non-finite; finite values cannot overflow a maximum,
+    so there is nothing to re-check). The flags, the losses' per sample first, are copied to page-locked host memory
+    without waiting, and :meth:`settle` reads them: at once for a CPU batch, after the device has reached this point
+    for a CUDA one. Only a flagged tensor is looked at sample by sample, to name the batch positions (the factors are
+    still alive then). ``context``: a callable returning a context manager that :meth:`settle` raises inside (a pass
+    names its batch and samples there)."""
 
     def __init__(self, losses: torch.Tensor, A: dict[str, torch.Tensor], D: dict[str, torch.Tensor]):
         here = losses.device
-        peaks: dict = {}  # distinct tensor -> (row, its per-sample maxima); q, k and v read one input
+        distinct: dict = {}  # storage key -> (row, tensor)
 
-        def peak(t: torch.Tensor) -> int:
-            key = _storage_key(t)
-            if key not in peaks:
-                most = (torch.linalg.vector_norm(t, float("inf"), dim=tuple(range(1, t.ndim)), dtype=torch.float32)
-                        if t.numel() else torch.zeros(t.shape[0], device=t.device))
-                peaks[key] = (len(peaks), most.to(here))
-            return peaks[key][0]
+        def row(t: torch.Tensor) -> int:
+            return distinct.setdefault(_storage_key(t), (len(distinct), t))[0]
 
-        self.rows = {name: (peak(A[name]), peak(D[name])) for name in A}  # module -> rows of its A and D
-        flags = torch.cat([losses.float()[None], torch.stack([m for _, m in peaks.values()])]).isfinite()
+        self.rows = {name: (row(A[name]), row(D[name])) for name in A}  # module -> rows of its A and D
+        self.tensors = [t for _, t in distinct.values()]
+        by_device: dict = {}
+        for i, t in enumerate(self.tensors):
+            if t.numel():  # (an empty tensor is finite)
+                by_device.setdefault(t.device, []).append(i)
+        peaks, order = [], []
+        for rows in by_device.values():  # (stack promotes mixed dtypes)
+            most = torch._foreach_norm([self.tensors[i] for i in rows], ord=float("inf"))
+            peaks.append(torch.stack(most).float().to(here))
+            order += rows
+        self.flag_of = {i: losses.shape[0] + k for k, i in enumerate(order)}  # tensor -> its flag's position
+        flags = torch.cat([losses.float().isfinite(), *(p.isfinite() for p in peaks)])
+        self.batch = losses.shape[0]
         self.event = None
         if flags.is_cuda:
             self.flags = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
@@ -151,18 +159,24 @@ class Screen:
         if self.event is not None:
             self.event.synchronize()
         if bool(self.flags.all()):
-            self.settled = True
+            self.settled, self.tensors = True, []  # (the factors need not be kept alive for an error any more)
             return
-        flags = self.flags.cpu()
+        flags, B = self.flags.cpu(), self.batch
         with self.context():
-            bad = (~flags[0]).nonzero().flatten().tolist()
+            bad = (~flags[:B]).nonzero().flatten().tolist()
             if bad:
                 raise GradientError(f"loss_fn returned non-finite losses for batch positions {bad} (FactorCapture.run)",
                                     bad)
             for name, (a, d) in self.rows.items():
-                bad = (~(flags[1 + a] & flags[1 + d])).nonzero().flatten().tolist()
-                if bad:
-                    raise GradientError(f"non-finite factors in {name!r} for batch positions {bad}", bad)
+                if all(i not in self.flag_of or flags[self.flag_of[i]] for i in (a, d)):
+                    continue
+                ok = torch.ones(B, dtype=torch.bool)
+                for i in (a, d):
+                    t = self.tensors[i]
+                    ok &= torch.linalg.vector_norm(t, float("inf"), dim=tuple(range(1, t.ndim)),
+                                                   dtype=torch.float32).isfinite().cpu()
+                raise GradientError(f"non-finite factors in {name!r} for batch positions "
+                                    f"{(~ok).nonzero().flatten().tolist()}", (~ok).nonzero().flatten().tolist())
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

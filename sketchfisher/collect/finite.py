@@ -36,11 +36,12 @@ class LaggedFiniteCheck:
             self._resolve(pending)
 
     @staticmethod
+    @torch.no_grad()
     def _screen(out: dict) -> list:
         by_device: dict = {}
         for triple in out.values():
             for t in triple:
-                by_device.setdefault(t.device, []).append(t.detach())
+                by_device.setdefault(t.device, []).append(t)
         verdicts = []
         for device, ts in by_device.items():
             ok = torch.stack(torch._foreach_norm(ts)).isfinite().all()  # (stack promotes mixed dtypes)

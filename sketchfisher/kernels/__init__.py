@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
+import inspect
+from typing import Any, Optional
 
 import torch
 
@@ -59,17 +60,74 @@ def _kernels():
     return _triton.sketch_kernel, _triton.welford_kernel, _triton.finish_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _tail_names(fn) -> tuple[str, ...]:
+    """A JIT function's parameter names in order (the compiled kernel takes every argument positionally)."""
+    return tuple(inspect.signature(fn.fn).parameters)
+
+
+def _specialisation(args: tuple) -> tuple:
+    """What Triton specialises a compiled kernel on, for each runtime argument: a tensor's dtype and 16-byte
+    alignment, an int's width and whether it is 1 or a multiple of 16 (a conservative superset of Triton's key)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or a is None:
+            key.append(a)
+        elif isinstance(a, int):
+            key.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63))
+        else:
+            key.append(type(a))
+    return tuple(key)
+
+
+class Launches:
+    """Launches of one Triton kernel that skip the JIT's per-call work once a specialisation is compiled.
+
+    ``kernel[grid](...)`` inspects every argument, builds a cache key and looks the compiled kernel up on each call:
+    tens of microseconds, several times the launch itself, and at a 7B model's 224 blocks a batch a large part of what
+    the host does per batch. The first call of each specialisation goes through the JIT and keeps the compiled kernel
+    it returns; later calls with the same constants and the same :func:`_specialisation` of their arguments launch it
+    directly. Where the JIT returns no compiled kernel (Triton's interpreter), every call goes through the JIT."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.names = _tail_names(fn)
+        self.kept: dict = {}
+
+    def __call__(self, grid: tuple, args: tuple, constants: dict, options: tuple = ()) -> None:
+        """Launch on ``grid`` with runtime ``args`` (the kernel's leading parameters) and ``constants`` (its
+        constexpr parameters by name and launch options such as ``num_warps``); ``options``: a hashable summary of
+        ``constants`` that identifies them among this object's launches (the constants themselves where empty)."""
+        key = (options or tuple(sorted(constants.items())), _specialisation(args))
+        kept = self.kept.get(key)
+        if kept is not None:
+            compiled, tail = kept
+            compiled[grid](*args, *tail)
+            return
+        compiled = self.fn[grid](*args, **constants)
+        if compiled is not None and hasattr(compiled, "__getitem__") and len(self.kept) < 4096:
+            self.kept[key] = (compiled, tuple(constants[name] for name in self.names[len(args):]))
+
+
+@functools.lru_cache(maxsize=1)
+def _welford() -> "Launches":
+    return Launches(_kernels()[1])
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
 def launch_shape(rows: int, width: int, bands: int, tiles: int, programs: int, sms: int,
                  tiles_per_step: Optional[int] = None, chunks: Optional[int] = None) -> tuple[int, int]:
-    """``(tiles a step, column chunks)`` of the sjlt side kernel where not given: at most two tiles a step and
-    about sixteen programs per SM, at least 8 tiles each (``benchmarks/sjlt_tune.py --modules``: 1.2-1.5x faster than
-    4096 elements a step and four programs per SM on every Llama-7B module shape at batch 2). ``programs`` are the
-    launch's (head block, row block) pairs."""
-    step = tiles_per_step or max(1, min(2, 4096 // (rows * width * bands)))
+    """``(tiles a step, column chunks)`` of the sjlt side kernel where not given: two tiles a step below 512 entries a
+    step, else one, and about sixteen programs per SM, at least 8 tiles each (``benchmarks/sjlt_tune.py --modules``:
+    1.2-1.5x faster than 4096 elements a step and four programs per SM on every Llama-7B module shape at batch 2; one
+    tile of 2 x 256 a step 3-9% faster than two, ``--steps``). ``programs`` are the launch's (head block, row block)
+    pairs."""
+    step = tiles_per_step or max(1, min(2, 512 // (rows * width * bands)))
     return step, chunks or max(1, min(tiles // 8, -(-16 * sms // programs)))
 
 
@@ -152,6 +210,15 @@ class SketchHeads:
                                      U_SC=u_sc is not None)
         self.allowance = torch.finfo(torch.float32).eps * size ** 0.5
         self._shapes: dict = {}  # batch size -> (row block, row blocks, tiles a step, chunks, tiles a chunk)
+        self._kept: Optional[tuple[Launches, Launches]] = None  # (made on first use: Triton is imported then)
+
+    @property
+    def _launches(self) -> tuple["Launches", "Launches"]:
+        """This set-up's two kernels, each with its compiled specialisations (the constants are this object's)."""
+        if self.__dict__.get("_kept") is None:
+            sketch_kernel, _, finish_kernel = _kernels()
+            self._kept = (Launches(sketch_kernel), Launches(finish_kernel))
+        return self._kept
 
     def _shape(self, n: int) -> tuple[int, int, int, int, int]:
         if n not in self._shapes:
@@ -163,6 +230,10 @@ class SketchHeads:
             per = -(-self.tiles // chunks)
             self._shapes[n] = (BR, row_blocks, TT, -(-self.tiles // per), per)
         return self._shapes[n]
+
+    def _finish_step(self, chunks: int) -> int:
+        """Column chunks the finishing launch adds per step: up to 16, at most 4096 partial sums in a step."""
+        return max(1, min(16, _next_pow2(chunks), 4096 // (_next_pow2(self.s) * self.BM)))
 
     def __call__(self, g: torch.Tensor):
         if g.dtype not in DTYPES:
@@ -176,17 +247,17 @@ class SketchHeads:
             return torch.zeros(0, H, self.k, dtype=torch.float32, device=dev), z, z.clone(), z.clone(), dots
         if g.ndim > 1 and not g.is_contiguous() and not g[0].is_contiguous():
             g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
-        sketch_kernel, _, finish_kernel = _kernels()
+        sketch, finish = self._launches
         BR, row_blocks, TT, chunks, per = self._shape(n)
         part = torch.empty(chunks, n, H, self.s * self.BM + 3 + mu, dtype=torch.float32, device=dev)
         sk, scalars = torch.empty(n, H, self.k, dtype=torch.float32, device=dev), torch.empty(3, n, H, device=dev)
         dots = torch.empty(n, H, mu, dtype=torch.float32, device=dev) if mu else self.dummy
         with _on(dev):  # Triton launches on the current device: make it the tensors' (layers on several cards)
-            sketch_kernel[(chunks, H, row_blocks)](
-                g, *self.args, part, n, H, self.size, self.tiles, g.stride(0), self.row_stride, per, self.s ** -0.5,
-                TT=TT, BR=BR, **self.constants)
-            finish_kernel[(n * H,)](part, *self.finish_args, sk, *scalars, dots, chunks, n, H, self.allowance,
-                                    **self.finish_constants)
+            sketch((chunks, H, row_blocks),
+                   (g, *self.args, part, n, H, self.size, self.tiles, g.stride(0), self.row_stride, per,
+                    self.s ** -0.5), dict(TT=TT, BR=BR, **self.constants), (TT, BR))
+            finish((n * H,), (part, *self.finish_args, sk, *scalars, dots, chunks, n, H, self.allowance),
+                   dict(CH=self._finish_step(chunks), **self.finish_constants), (chunks,))
         return sk, scalars[0], scalars[1], scalars[2], dots if mu else None
 
 
@@ -218,7 +289,7 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
     statistics is rounded stochastically, with the random bits of
     :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic` (one hash word for two sums,
     :func:`~sketchfisher.kernels.hashing.rounding_slots`)."""
-    _, welford_kernel, _ = _kernels()
+    welford = _welford()
     n, N = g.shape
     state = (mean, m2, sum_abs, sum_g, sum_half)
     dtype = dtype or next(t for t in state if t is not None).dtype
@@ -226,14 +297,14 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
     slots = rounding_slots({"abs": sum_abs, "sum": sum_g, "half": sum_half}, dtype)  # (Σg, half sum: one dtype)
     key0, key1 = (_int32(count_key(count, slot)) for slot in (0, 2))
     grid = (-(-N // block),)
+    constants = dict(BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None, HAS_ABS=sum_abs is not None,
+                     HAS_SUM=sum_g is not None, HAS_HALF=sum_half is not None, ROUND_ABS="abs" in slots,
+                     ROUND_SIGNED="sum" in slots or "half" in slots, ABS_SLOT=slots.get("abs", 0),
+                     SUM_SLOT=slots.get("sum", 0), HALF_SLOT=slots.get("half", 0), WORDS=-(-len(slots) // 2),
+                     num_warps=num_warps)
     with _on(g.device):
-        welford_kernel[grid](g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count, key0, key1,
-                             BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None,
-                             HAS_ABS=sum_abs is not None, HAS_SUM=sum_g is not None,
-                             HAS_HALF=sum_half is not None, ROUND_ABS="abs" in slots,
-                             ROUND_SIGNED="sum" in slots or "half" in slots,
-                             ABS_SLOT=slots.get("abs", 0), SUM_SLOT=slots.get("sum", 0),
-                             HALF_SLOT=slots.get("half", 0), WORDS=-(-len(slots) // 2), num_warps=num_warps)
+        welford(grid, (g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count, key0, key1),
+                constants, tuple(constants.values()))
 
 
 def _int32(word: int) -> int:

@@ -134,8 +134,9 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
 @triton.jit
 def finish_kernel(part_ptr, rc_ptr, c2_ptr, usc_ptr, sk_ptr, n2_ptr, cross_ptr, own_ptr, dots_ptr,
                   chunks, n, H, allowance, M: tl.constexpr, BM: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
-                  MU: tl.constexpr, CENTRING: tl.constexpr, U_SC: tl.constexpr):
-    # One program per (row, head block): the side kernel's partial sums over column chunks added in chunk order,
+                  MU: tl.constexpr, CENTRING: tl.constexpr, U_SC: tl.constexpr, CH: tl.constexpr):
+    # One program per (row, head block): the side kernel's partial sums over column chunks, CH chunks a step (the
+    # loads of a step in flight together; one chunk a step waited for each load in turn), in a fixed order,
     # then (CENTRING) scaled centring, ṽ = (v − c) − γc with γ = ⟨v − c, c⟩/‖c‖², as
     # sketch_scores.scale_centring computes it, and the conflict scalars times their block's scale.
     W: tl.constexpr = S * BM + 3 + MU
@@ -151,16 +152,19 @@ def finish_kernel(part_ptr, rc_ptr, c2_ptr, usc_ptr, sk_ptr, n2_ptr, cross_ptr, 
     own = tl.full((), 0.0, tl.float32)
     d0 = tl.full((), 0.0, tl.float32)
     d1 = tl.full((), 0.0, tl.float32)
-    for c in range(chunks):
-        base = ((c * n + r) * H + h).to(tl.int64) * W
-        vec += tl.load(part_ptr + base + b * BM + j, mask=ok, other=0.0)
-        norm2 += tl.load(part_ptr + base + S * BM)
-        cross += tl.load(part_ptr + base + S * BM + 1)
-        own += tl.load(part_ptr + base + S * BM + 2)
+    for c0 in range(0, chunks, CH):
+        cs = c0 + tl.arange(0, CH)
+        cok = cs < chunks
+        base = ((cs * n + r) * H + h).to(tl.int64) * W  # [CH]
+        vec += tl.sum(tl.load(part_ptr + base[:, None, None] + (b * BM + j)[None, :, :],
+                              mask=cok[:, None, None] & ok[None, :, :], other=0.0), axis=0)
+        norm2 += tl.sum(tl.load(part_ptr + base + S * BM, mask=cok, other=0.0))
+        cross += tl.sum(tl.load(part_ptr + base + S * BM + 1, mask=cok, other=0.0))
+        own += tl.sum(tl.load(part_ptr + base + S * BM + 2, mask=cok, other=0.0))
         if MU >= 1:
-            d0 += tl.load(part_ptr + base + S * BM + 3)
+            d0 += tl.sum(tl.load(part_ptr + base + S * BM + 3, mask=cok, other=0.0))
         if MU >= 2:
-            d1 += tl.load(part_ptr + base + S * BM + 4)
+            d1 += tl.sum(tl.load(part_ptr + base + S * BM + 4, mask=cok, other=0.0))
     k_off = b * M + j  # the k-vector's entry of band b, row j
     if CENTRING:
         c2 = tl.load(c2_ptr + h)
