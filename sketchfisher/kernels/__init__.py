@@ -104,7 +104,7 @@ class Launches:
         kept = self.kept.get(key)
         if kept is not None:
             compiled, tail = kept
-            compiled[grid](*args, *tail)
+            compiled[(*grid, 1, 1)[:3]](*args, *tail)  # (the compiled kernel's launcher takes all three axes)
             return
         compiled = self.fn[grid](*args, **constants)
         if compiled is not None and hasattr(compiled, "__getitem__") and len(self.kept) < 4096:
