@@ -191,10 +191,11 @@ def test_kept_compiled_kernels_launch_as_the_jit_does():
     options = dict(transform="square", weight=torch.rand(H, size, device="cuda", generator=gen), centre=ob.codes,
                    other=ob.codes, conflict=torch.randn(2, H, size, device="cuda", generator=gen).to(torch.bfloat16),
                    scales={"centre": ob.scale, "other": ob.scale})
-    kept = kernels.SketchHeads(keys, offsets, size, size, size, k, 1, device=torch.device("cuda"), **options)
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    kept = kernels.SketchHeads(keys, offsets, size, size, size, k, 1, device=cuda, **options)
     for n in (2, 2, 3, 2, 3):  # (the first call of each size goes through the JIT)
         g = torch.randn(n, H * size, device="cuda", generator=gen).to(torch.bfloat16)
-        fresh = kernels.SketchHeads(keys, offsets, size, size, size, k, 1, device=torch.device("cuda"), **options)
+        fresh = kernels.SketchHeads(keys, offsets, size, size, size, k, 1, device=cuda, **options)
         for mine, theirs in zip(kept(g), fresh(g)):
             assert torch.equal(mine, theirs)
     assert all(len(launch.kept) == 2 for launch in kept._kept), "one kept kernel per batch size and launch"

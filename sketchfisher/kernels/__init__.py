@@ -40,7 +40,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on ``device`` without a blocking copy (pinned memory, asynchronous)."""
     if t.device == device:
         return t
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    if t.device.type != "cpu" or device.type != "cuda":  # (a device tensor, or a CPU target: a plain copy)
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=1)
