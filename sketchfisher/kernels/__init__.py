@@ -16,6 +16,8 @@ loads a rotated, coalesced tile and accumulates into registers: no scatter, no a
 sums per column chunk are added in a fixed order (bitwise reproducible) by a second, small launch, which also
 finishes scaled centring and scales the conflict scalars: two launches per (layer, block) in all, where the
 torch ops that finished each block had taken about fifteen (the host's time, on hosts slower than the device).
+Each launch goes through :class:`Launches`, which keeps the compiled kernel of each specialisation and launches it
+directly after the first call, without the JIT's per-call inspection of every argument.
 
 ``welford_update`` folds a batch of per-sample gradients into a Welford state of g², Σ|g| and Σg
 in one pass over the batch.
