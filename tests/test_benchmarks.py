@@ -49,6 +49,7 @@ TINY = {
     "one_byte_sides.py": ["--model", "llama", "--layers", "1", "--samples", "4", "--seeds", "1", "--k", "16",
                           "--balance", "abs,fisher"],
     "one_pass_b.py": ["--samples", "3", "--ks", "8", "--seeds", "1"],
+    "sjlt_rotation.py": ["--device", "cpu"],
     "sjlt_tune.py": ["--help"],
     "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],
     "stage1_cpu.py": ["--samples", "2", "--batch", "2", "--tokens", "6", "--repeats", "1", "--layers", "1"],

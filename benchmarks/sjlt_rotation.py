@@ -1,0 +1,130 @@
+"""What the side kernel's rotated loads cost: the library's sjlt side kernel beside variants of it that load each tile
+without its rotation (a wrong sketch, timed only) and that pipeline the loop's loads over NS stages.
+
+The sjlt map's tiled-shift structure has each program load tile t rotated by a hash c_t (``kernels/_triton.py``), so
+its addresses are not provably contiguous: Triton issues element-wise loads and cannot pipeline them (its pipeliner
+copies aligned vectors asynchronously). The variants are made from the library kernel's own source at run time
+(two edits: the rotation dropped, the loop given ``num_stages``), so they follow the library kernel as it changes.
+Rotated variants must give the library's partial sums bitwise at any NS (checked); unrotated ones bound what a
+sketch with contiguous tile loads could reach.
+
+    python benchmarks/sjlt_rotation.py --grad-dtype bf16          # every Llama-7B module shape, batch 2, k 256
+    python benchmarks/sjlt_rotation.py --device cpu               # the edits checked on tiny shapes (interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+EDITS = {  # (library source, variant source); ROTATE and NS are the variant's own constants
+    "O_SC: tl.constexpr):": "O_SC: tl.constexpr, ROTATE: tl.constexpr = True, NS: tl.constexpr = 1):",
+    "    hoff = tl.load(hoff_ptr + h)\n": "    hoff = tl.load(hoff_ptr + h)\n    if not ROTATE:\n"
+                                         "        hoff = tl.multiple_of(hoff, 16)\n",
+    "        o = (j3 - c[None, :, None] + M) % M": "        o = (j3 - c[None, :, None] + M) % M if ROTATE else "
+                                                 "tl.broadcast_to(j3, (1, Q, BM))",
+    "    for tb in range(t0, t1, TT):": "    for tb in tl.range(t0, t1, TT, num_stages=NS):",
+}
+
+
+def variant_kernel():
+    """The library's side kernel with the :data:`EDITS` applied, compiled from a temporary module."""
+    from sketchfisher.kernels import _triton
+
+    source = inspect.getsource(_triton)
+    for old, new in EDITS.items():
+        if source.count(old) != 1:
+            raise SystemExit(f"the library kernel changed: {old!r} is not in kernels/_triton.py once; update EDITS")
+        source = source.replace(old, new)
+    path = os.path.join(tempfile.mkdtemp(), "sjlt_variant.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("sjlt_variant", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # (Triton reads a kernel's source from its file)
+    return module.sketch_kernel
+
+
+def partial_sums(kernel, sh, g, **constants) -> torch.Tensor:
+    """The sketch launch of :class:`~sketchfisher.kernels.SketchHeads` ``sh`` with ``kernel``: its partial sums."""
+    n = g.shape[0]
+    BR, row_blocks, TT, chunks, per = sh._shape(n)
+    part = torch.empty(chunks, n, sh.H, sh.s * sh.BM + 3 + sh.mu, dtype=torch.float32, device=g.device)
+    kernel[(chunks, sh.H, row_blocks)](g, *sh.args, part, n, sh.H, sh.size, sh.tiles, g.stride(0), sh.row_stride, per,
+                                       sh.s ** -0.5, TT=TT, BR=BR, **sh.constants, **constants)
+    return part
+
+
+def check_on_cpu() -> None:
+    """The edits on tiny shapes in Triton's interpreter: rotated variants equal the library's partial sums."""
+    from sketchfisher import kernels
+    from sketchfisher.compress.onebyte import OneByte
+
+    kernel, library = variant_kernel(), kernels._kernels()[0]
+    torch.manual_seed(0)
+    H, size = 3, 1000
+    ob = OneByte.encode(torch.rand(H, size) - 0.5)
+    sh = kernels.SketchHeads(torch.randint(0, 2**31 - 1, (H, 2)), torch.arange(H) * size, size, size, size, 64, 1,
+                             device=torch.device("cpu"), transform="abs", weight=torch.rand(H, size), centre=ob.codes,
+                             other=ob.codes, scales={"centre": ob.scale, "other": ob.scale},
+                             conflict=torch.randn(2, H, size))
+    g = torch.randn(2, H * size).to(torch.bfloat16)
+    want = partial_sums(library, sh, g)
+    for ns in (1, 2):
+        assert torch.equal(partial_sums(kernel, sh, g, ROTATE=True, NS=ns), want), ns
+    unrotated = partial_sums(kernel, sh, g, ROTATE=False)
+    print("| variant (interpreter, tiny shapes) | partial sums |\n| --- | --- |\n| rotated, NS 1 and 2 | the library's, "
+          f"bitwise |\n| unrotated | {'another sketch' if not torch.equal(unrotated, want) else 'the same (unexpected)'} |")
+
+
+def sweep(repeats: int) -> None:
+    from sketchfisher import kernels
+    from sjlt_tune import graphed, module_blocks, side_pass_inputs
+
+    kernel = variant_kernel()
+    stages = (1, 2, 3, 4)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; ms per call (CUDA graphs), batch 2, k 256; "
+          "'both launches': the library's call, then its sketch launch alone rotated and unrotated at NS stages")
+    print("| module | pass | both launches | " + " | ".join(f"rotated, NS {ns}" for ns in stages) + " | "
+          + " | ".join(f"unrotated, NS {ns}" for ns in stages) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in range(2 * len(stages))) + " |")
+    for label, g, keys, offsets, size, uc, cols, H in module_blocks(2):
+        for name, transform, kw, scales in side_pass_inputs(H, size, one_byte=True):
+            sh = kernels.SketchHeads(keys, offsets, size, uc, cols, 256, 1, device=g.device, transform=transform,
+                                     scales=scales, **kw)
+            want = partial_sums(kernels._kernels()[0], sh, g)
+            cells = [f"{graphed(lambda: sh(g), repeats):.3f}"]
+            for rotate in (True, False):
+                for ns in stages:
+                    if rotate:
+                        assert torch.equal(partial_sums(kernel, sh, g, ROTATE=True, NS=ns), want), (label, name, ns)
+                    cells.append(f"{graphed(lambda: partial_sums(kernel, sh, g, ROTATE=rotate, NS=ns), repeats):.3f}")
+            print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--grad-dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+        check_on_cpu()
+        return
+    import sjlt_tune
+
+    sjlt_tune.GRAD_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.grad_dtype]
+    sweep(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
