@@ -12,6 +12,7 @@ bytes of x read.
     python benchmarks/sjlt_tune.py --welford --batch 2      # pass 1's statistics kernel on a gate_proj gradient
     python benchmarks/sjlt_tune.py --one-byte --batch 2     # the side passes' kernel: bf16 or one-byte preparations
     python benchmarks/sjlt_tune.py --steps --grad-dtype bf16  # ... by tiles a step and warps, as the library calls it
+    python benchmarks/sjlt_tune.py --launches                 # the host's time per launch: JIT against kept kernels
 """
 
 from __future__ import annotations
@@ -190,6 +191,54 @@ def steps_sweep(batch: int, k: int, repeats: int) -> None:
             print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+def launch_sweep(rounds: int = 3, calls: int = 200) -> None:
+    """The host's time per call of the side kernel (both launches) and of the Welford update, each launched through
+    the kept compiled kernel (``kernels.Launches``) and through the JIT every time, alternating: shapes so small that
+    the device keeps up, so the host's loop sets the time (the device is waited for only after the loop)."""
+    import time
+
+    from sketchfisher.compress.onebyte import OneByte
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    H, size = 32, 4096
+    ob = OneByte.encode(torch.rand(H, size, device=dev) - 0.5)
+    sh = kernels.SketchHeads(torch.randint(0, 2**31 - 1, (H, 2)), torch.arange(H) * size, size, size, size, 256, 1,
+                             device=dev, transform="abs", weight=ob.codes, centre=ob.codes, other=ob.codes,
+                             conflict=torch.stack([ob.codes, ob.codes]),
+                             scales={"weight": ob.scale, "centre": ob.scale, "other": ob.scale,
+                                     "conflict": torch.stack([ob.scale, ob.scale])})
+    g = torch.randn(2, H * size, device=dev).to(torch.bfloat16)
+    mean, sum_g, half = torch.zeros(size, device=dev), *(torch.zeros(size, device=dev, dtype=torch.bfloat16)
+                                                         for _ in range(2))
+    kept = kernels.Launches.__call__
+
+    def jit(self, grid, args, constants, options=()):
+        self.fn[grid](*args, **constants)
+
+    def per_call(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        host = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return host / calls * 1e6
+
+    side = lambda i=0: sh(g)  # noqa: E731
+    welford = lambda i=0: kernels.welford_update(g[:, :size], mean, None, None, sum_g, count=5 + 2 * i,  # noqa: E731
+                                                 sum_half=half)
+    print("\n## the host's time per call (µs): the JIT's launch against the kept compiled kernel, alternating")
+    print("| round | launch | side kernel call (two launches) | Welford update |\n| --- | --- | --- | --- |")
+    try:
+        for r in range(rounds):
+            for name, call in (("JIT", jit), ("kept", kept)):
+                kernels.Launches.__call__ = call
+                print(f"| {r + 1} | {name} | {per_call(side):.1f} | {per_call(welford):.1f} |", flush=True)
+    finally:
+        kernels.Launches.__call__ = kept
+
+
 def welford_sweep(batch: int, repeats: int, conflict_sums: bool = False) -> None:
     """The pass-1 statistics kernel on a Llama-7B gate_proj per-sample gradient ``[batch, 11008·4096]`` fp32, with
     the statistics of task A's first pass at 7B (the Fisher's Welford mean in fp32, Σ|g| in bf16 rounded
@@ -221,6 +270,7 @@ def main() -> None:
     p.add_argument("--welford", action="store_true", help="only the pass-1 statistics kernel's launch shapes")
     p.add_argument("--one-byte", action="store_true", help="only the side passes' kernel: bf16 or one-byte preparations")
     p.add_argument("--steps", action="store_true", help="only the side passes' kernel at one and two tiles a step")
+    p.add_argument("--launches", action="store_true", help="only the host's time per launch: JIT against kept kernels")
     p.add_argument("--batch", type=int, default=2, help="samples per batch of the module and statistics sweeps")
     p.add_argument("--grad-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="the per-sample gradients of the module, one-byte and statistics sweeps (bf16: a bf16 model's)")
@@ -233,6 +283,10 @@ def main() -> None:
     if args.welford:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
         welford_sweep(args.batch, args.repeats, args.conflict_sums)
+        return
+    if args.launches:
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        launch_sweep()
         return
     if args.steps:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; median of {args.repeats} CUDA-graph timings")
