@@ -175,8 +175,8 @@ class Screen:
                     t = self.tensors[i]
                     ok &= torch.linalg.vector_norm(t, float("inf"), dim=tuple(range(1, t.ndim)),
                                                    dtype=torch.float32).isfinite().cpu()
-                raise GradientError(f"non-finite factors in {name!r} for batch positions "
-                                    f"{(~ok).nonzero().flatten().tolist()}", (~ok).nonzero().flatten().tolist())
+                bad = (~ok).nonzero().flatten().tolist()
+                raise GradientError(f"non-finite factors in {name!r} for batch positions {bad}", bad)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -219,7 +219,7 @@ class SketchHeads:
     @property
     def _launches(self) -> tuple["Launches", "Launches"]:
         """This set-up's two kernels, each with its compiled specialisations (the constants are this object's)."""
-        if self.__dict__.get("_kept") is None:
+        if self._kept is None:
             sketch_kernel, _, finish_kernel = _kernels()
             self._kept = (Launches(sketch_kernel), Launches(finish_kernel))
         return self._kept
