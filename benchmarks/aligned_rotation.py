@@ -104,7 +104,9 @@ def main() -> None:
         base = pair_variance(x, y, args.k, 1).mean()
         for align in args.aligns:
             ratios[align].append(float(pair_variance(x, y, args.k, align).mean() / base.clamp_min(1e-300)))
-    print(f"# {args.model} ({args.layers} layers, {args.train_steps} training steps), {args.samples} x "
+    what = ("minilm (the trained package)" if args.model == "minilm"
+            else f"{args.model} ({args.layers} layers, {args.train_steps} training steps)")
+    print(f"# {what}, {args.samples} x "
           f"{args.samples}, k = m = {args.k}, {len(blocks)} head blocks; the mean variance of a pair's sketched score, "
           "rotations in multiples of A against today's (uniform)")
     print("| A | median over blocks | 90th percentile | largest | blocks above 1.5 |\n| --- | --- | --- | --- | --- |")
