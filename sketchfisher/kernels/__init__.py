@@ -92,8 +92,9 @@ class Launches:
     ``kernel[grid](...)`` inspects every argument, builds a cache key and looks the compiled kernel up on each call:
     tens of microseconds, several times the launch itself, and at a 7B model's 224 blocks a batch a large part of what
     the host does per batch. The first call of each specialisation goes through the JIT and keeps the compiled kernel
-    it returns; later calls with the same constants and the same :func:`_specialisation` of their arguments launch it
-    directly. Where the JIT returns no compiled kernel (Triton's interpreter), every call goes through the JIT."""
+    it returns; later calls with the same constants, the same device (the first argument's) and the same
+    :func:`_specialisation` of their arguments launch it directly. Where the JIT returns no compiled kernel (Triton's
+    interpreter), every call goes through the JIT."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -104,7 +105,8 @@ class Launches:
         """Launch on ``grid`` with runtime ``args`` (the kernel's leading parameters) and ``constants`` (its
         constexpr parameters by name and launch options such as ``num_warps``); ``options``: a hashable summary of
         ``constants`` that identifies them among this object's launches (the constants themselves where empty)."""
-        key = (options or tuple(sorted(constants.items())), _specialisation(args))
+        # (a compiled kernel is loaded on one device: the first argument's, current while it launches)
+        key = (options or tuple(sorted(constants.items())), args[0].device, _specialisation(args))
         kept = self.kept.get(key)
         if kept is not None:
             compiled, tail = kept
