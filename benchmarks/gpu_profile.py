@@ -226,6 +226,11 @@ def profile_run(args) -> None:
         return
     if args.timers:
         host_timers(run, args.top)
+        sync()
+        t = time.perf_counter()
+        plain()
+        sync()  # (at tiny widths the device keeps up: this is the host's own time for the model)
+        print(f"\nplain forward+backward: {(time.perf_counter() - t) / len(task_a + task_b) * 1e3:.1f} ms a batch")
         return
     for label, fn in (("plain forward+backward", plain), (f"sf.analyze(units={args.units!r}, {args.sketch})", run)):
         sync()

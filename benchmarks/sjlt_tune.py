@@ -212,7 +212,7 @@ def launch_sweep(rounds: int = 3, calls: int = 200) -> None:
                                                          for _ in range(2))
     kept = kernels.Launches.__call__
 
-    def jit(self, grid, args, constants, options=()):
+    def jit(self, grid, args, constants, options):
         self.fn[grid](*args, **constants)
 
     def per_call(fn) -> float:

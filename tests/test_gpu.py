@@ -201,9 +201,8 @@ def test_kept_compiled_kernels_launch_as_the_jit_does():
     assert all(len(launch.kept) == 2 for launch in kept._kept), "one kept kernel per batch size and launch"
 
     g = torch.randn(3, 4000, device="cuda", generator=gen).to(torch.bfloat16)
-    states = [[torch.rand(4000, device="cuda", generator=gen) for _ in range(4)] for _ in range(1)]
-    states.append([t.clone() for t in states[0]])
-    states.append([t.clone() for t in states[0]])
+    first = [torch.rand(4000, device="cuda", generator=gen) for _ in range(4)]
+    states = [first] + [[t.clone() for t in first] for _ in range(2)]
     kernels._welford.cache_clear()
     for state in states:  # the JIT, then the kept kernel twice
         kernels.welford_update(g, *state[:4], count=5)

@@ -101,12 +101,12 @@ class Launches:
         self.names = _tail_names(fn)
         self.kept: dict = {}
 
-    def __call__(self, grid: tuple, args: tuple, constants: dict, options: tuple = ()) -> None:
+    def __call__(self, grid: tuple, args: tuple, constants: dict, options: tuple) -> None:
         """Launch on ``grid`` with runtime ``args`` (the kernel's leading parameters) and ``constants`` (its
         constexpr parameters by name and launch options such as ``num_warps``); ``options``: a hashable summary of
-        ``constants`` that identifies them among this object's launches (the constants themselves where empty)."""
+        ``constants`` that identifies them among this object's launches."""
         # (a compiled kernel is loaded on one device: the first argument's, current while it launches)
-        key = (options or tuple(sorted(constants.items())), args[0].device, _specialisation(args))
+        key = (options, args[0].device, _specialisation(args))
         kept = self.kept.get(key)
         if kept is not None:
             compiled, tail = kept
