@@ -347,7 +347,7 @@ def test_scaled_centring_is_exact_at_full_width_and_shrinks_every_residual(small
         torch.testing.assert_close(res.scores, exact.scores, rtol=1e-4, atol=scale)
     src = {c: r.context.source for c, r in runs.items()}
     scaled_any = False
-    for key in src["mean"].side_a.parts:
+    for key in src["mean"].side_a.keys():
         for side in ("side_a", "side_b"):
             mean, scaled = getattr(src["mean"], side).get(key), getattr(src["scaled"], side).get(key)
             assert mean.gamma is None and scaled.gamma is not None

@@ -94,11 +94,13 @@ class BatchFactors:
         left, right = (a, d) if self.transposed[module] else (d, a)
         low_dtype = self.source_dtype.get(module)
         if left.is_cuda and low_dtype in (torch.bfloat16, torch.float16):
-            if low and self.rounds(module):
+            left = left.transpose(1, 2)
+            left, right = (t if t.dtype == low_dtype else t.to(low_dtype) for t in (left, right))
+            if low and low_dtype == torch.bfloat16:  # (self.rounds(module): a bf16 model's, on CUDA)
                 with fp32_reductions():
-                    return torch.bmm(left.transpose(1, 2).to(low_dtype), right.to(low_dtype))
+                    return torch.bmm(left, right)
             try:
-                return torch.bmm(left.transpose(1, 2).to(low_dtype), right.to(low_dtype), out_dtype=torch.float32)
+                return torch.bmm(left, right, out_dtype=torch.float32)
             except TypeError:  # torch without bmm(out_dtype=): the fp32 product below
                 pass
         return torch.bmm(left.transpose(1, 2).float(), right.float())
@@ -197,6 +199,9 @@ def fp32_reductions() -> Iterator[None]:
     dimension and add the partial products in bf16), so that a bf16 result is rounded once."""
     matmul = torch.backends.cuda.matmul
     before = matmul.allow_bf16_reduced_precision_reduction
+    if not before:  # (already so: a caller that forms many products sets it once around them)
+        yield
+        return
     matmul.allow_bf16_reduced_precision_reduction = False
     try:
         yield

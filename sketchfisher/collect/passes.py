@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..capture import BatchFactors, FactorCapture, linear_modules, per_sample_gradients
+from ..capture.hooks import fp32_reductions
 from ..capture.oracle import LossFn, batch_size_of
 from ..errors import CaptureUnsupported, GradientError, InputError
 from ..fisher import FisherStats
@@ -155,8 +156,9 @@ def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str],
     """Fold a batch into ``stats``, one module's per-sample gradients at a time (bounded memory). ``low``: a bf16
     model's formed in bf16 on a GPU (:meth:`BatchFactors.grad <sketchfisher.capture.BatchFactors.grad>`), for
     sketch collections, whose side vectors read the same numbers (:func:`block_gradients`)."""
-    for weight in weights:
-        stats.update({weight: captured.grad(module_of(weight), low=low)})
+    with fp32_reductions():  # (bf16 products: set once for the batch's modules)
+        for weight in weights:
+            stats.update({weight: captured.grad(module_of(weight), low=low)})
 
 
 def block_gradients(captured: BatchFactors, module: str, blocks: list) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from ..capture.hooks import fp32_reductions
 from ..capture.oracle import LossFn
 from ..compress import SideCodec
 from ..compress.base import centres_b_from_a
@@ -193,35 +194,39 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
     weights = sorted({layout.param_of(*key) for key in keys})
     fused = codec.fused_sides(layout, cfg, side)
     check = LaggedFiniteCheck(desc, cfg)
+    # each (layer, block) once: its head blocks, module and weight (the loop below runs 224 times a batch at 7B)
+    where = [(key, hbs, hbs[0].module_name, layout.param_of(*key))
+             for key in keys for hbs in [layout.head_blocks(*key)]]
     for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
         folded = set()
         out = {}
         last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
-        for layer, block in keys:
-            hbs = layout.head_blocks(layer, block)
-            module = hbs[0].module_name
-            prep = preps[(layer, block)]
-            if prep.device != bf.A[module].device:  # statistics read from disk, or another card's
-                prep = preps[(layer, block)] = prep.to(bf.A[module].device)
-            if fused is not None and fused.applies(bf.A[module]):
-                if last[0] != module:
-                    last = (None, None)  # free the previous module's gradient first
-                    last = (module, bf.grad(module, low=True))  # (bf16 for a bf16 model)
-                    weight = layout.param_of(layer, block)
-                    if fold is not None and weight not in folded:  # the statistics from the same gradient
-                        fold.update({weight: last[1]})
-                        folded.add(weight)
-                # (scaled-centred in the kernel; the conflict scalars from the same read)
-                sk, norm2, cross, gamma, conflict = fused(last[1], layer, block, prep)
-            else:
+        with fp32_reductions():  # (bf16 products of the per-sample gradients: set once for the batch's modules)
+            for key, hbs, module, weight in where:
+                layer, block = key
+                prep = preps[key]
+                factor = bf.A[module]
+                if prep.device != factor.device:  # statistics read from disk, or another card's
+                    prep = preps[key] = prep.to(factor.device)
+                if fused is not None and fused.applies(factor):
+                    if last[0] != module:
+                        last = (None, None)  # free the previous module's gradient first
+                        last = (module, bf.grad(module, low=True))  # (bf16 for a bf16 model)
+                        if fold is not None and weight not in folded:  # the statistics from the same gradient
+                            fold.update({weight: last[1]})
+                            folded.add(weight)
+                    # (scaled-centred in the kernel; the conflict scalars from the same read)
+                    *sides, conflict = fused(last[1], layer, block, prep)
+                    out[key] = (*sides, conflict) if conflict is not None else tuple(sides)
+                    continue
                 g = block_gradients(bf, module, hbs)  # (what the statistics saw)
                 v = side_vector(g, prep, side, count, cfg)
                 sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block_index(block))
                 conflict = conflict_scalars(g, prep, side, cfg.dtype)
                 sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
-            out[(layer, block)] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
-        if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
-            fold_factors(fold, bf, [w for w in weights if w not in folded], low=True)
+                out[key] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
+            if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
+                fold_factors(fold, bf, [w for w in weights if w not in folded], low=True)
         bf.settle()  # finite factors before the consumer sees the batch (its work on the device is queued)
         check.submit(index, out)
         yield index, bf.batch_size, out

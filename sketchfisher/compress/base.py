@@ -179,12 +179,17 @@ def centres_b_from_a(codec: Any, passes: float) -> bool:
 
 class SketchSide:
     """One side's (i or j) pass-2 output of a side codec, for every (layer, block): encoded vectors, exact
-    norms ‖ṽ‖² and cross terms, batch by batch."""
+    norms ‖ṽ‖² and cross terms, batch by batch.
+
+    A batch is kept as it was encoded: all its blocks on one device side by side along the head axis. Blocks are cut
+    out when read (:meth:`get`, :meth:`conflict`), after the batches that share a layout are joined, so a pass does no
+    per-block work on the host for them (224 blocks a batch at 7B with MLP units)."""
 
     def __init__(self, codec: SideCodec):
         self.codec = codec
-        self.parts: dict[tuple[int, str], list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]] = {}
-        self.conflicts: dict[tuple[int, str], list[torch.Tensor]] = {}
+        # runs of batches: (layout {key: (start, width)}, encoded {name: [n, ΣH, ...]}, scalars [[n, ΣH], ...])
+        self._runs: list[tuple[dict, dict[str, torch.Tensor], list[torch.Tensor]]] = []
+        self._joined = 0  # how many of the runs are joined already (the batches after them are not)
         self.n = 0
 
     def add(self, key: tuple[int, str], vectors: torch.Tensor, norm2: torch.Tensor, cross: torch.Tensor,
@@ -197,32 +202,71 @@ class SketchSide:
     def add_batch(self, blocks: dict) -> None:
         """:meth:`add` for every (layer, block) of one batch, ``{key: (vectors, ‖·‖², cross, γ[, conflict])}``,
         encoded together: the blocks on one device are stacked along the head axis and encoded in one call
-        (a per-vector operation, so the same as block by block), then cut back into per-block views: a few
-        large operations per batch instead of a few per block."""
+        (a per-vector operation, so the same as block by block)."""
         by_device: dict = {}
         for key, value in blocks.items():
             by_device.setdefault((value[0].device, value[0].shape[-1], len(value)), []).append(key)
         for keys in by_device.values():
-            widths = [blocks[k][0].shape[1] for k in keys]
+            layout, start = {}, 0
+            for k in keys:
+                width = blocks[k][0].shape[1]
+                layout[k] = (start, width)
+                start += width
             encoded = self.codec.encode(torch.cat([blocks[k][0] for k in keys], 1))
             scalars = [torch.cat([blocks[k][i] for k in keys], 1).double() for i in range(1, len(blocks[keys[0]]))]
-            start = 0
-            for key, width in zip(keys, widths):
+            self._runs.append((layout, encoded, scalars))
+
+    def add_encoded(self, key: tuple[int, str], encoded: dict[str, torch.Tensor], norm2: torch.Tensor,
+                    cross: torch.Tensor, gamma: torch.Tensor, conflict: Optional[torch.Tensor] = None) -> None:
+        """Add one (layer, block)'s samples as stored: the codec's ``encoded`` tensors ``[n, H_b, ...]`` and the
+        fp64 scalars (a saved side read back)."""
+        width = norm2.shape[1]
+        scalars = [norm2, cross, gamma, *([] if conflict is None else [conflict])]
+        self._runs.append(({key: (0, width)}, encoded, scalars))
+
+    def _joined_runs(self) -> list[tuple[dict, dict[str, torch.Tensor], list[torch.Tensor]]]:
+        """The runs with consecutive batches of one layout joined along the sample axis (in order)."""
+        if self._joined < len(self._runs):
+            runs: list = []
+            for layout, encoded, scalars in self._runs:
+                if runs and runs[-1][0] == layout and len(runs[-1][2]) == len(scalars):
+                    runs[-1][1].append(encoded)
+                    runs[-1][2].append(scalars)
+                else:
+                    runs.append((layout, [encoded], [scalars]))
+            self._runs = [(layout, {name: torch.cat([e[name] for e in encs]) for name in encs[0]},
+                           [torch.cat(parts) for parts in zip(*scals)]) for layout, encs, scals in runs]
+            self._joined = len(self._runs)
+        return self._runs
+
+    def keys(self) -> list[tuple[int, str]]:
+        """The (layer, block)s this side holds, in the order they were first added."""
+        return list(dict.fromkeys(key for layout, _, _ in self._runs for key in layout))
+
+    def parts(self, key: tuple[int, str]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """One block's stored runs, in order: ``(encoded, ‖·‖², cross, γ)`` cut out of the runs that hold it."""
+        out = []
+        for layout, encoded, scalars in self._joined_runs():
+            if key in layout:
+                start, width = layout[key]
                 cut = lambda t: t.narrow(1, start, width)  # noqa: E731
-                self.parts.setdefault(key, []).append(({n: cut(t) for n, t in encoded.items()},
-                                                       *(cut(t) for t in scalars[:3])))
-                if len(scalars) > 3:
-                    self.conflicts.setdefault(key, []).append(cut(scalars[3]))
-                start += width
+                out.append(({n: cut(t) for n, t in encoded.items()}, *(cut(t) for t in scalars[:3])))
+        return out
 
     def conflict(self, key: tuple[int, str]) -> Optional[torch.Tensor]:
         """Every sample's conflict scalar ``[n, H_b]`` (fp64) of one (layer, block); None when not collected."""
-        parts = self.conflicts.get(key)
+        parts = []
+        for layout, _, scalars in self._joined_runs():
+            if key in layout:
+                if len(scalars) <= 3:
+                    return None
+                start, width = layout[key]
+                parts.append(scalars[3].narrow(1, start, width))
         return None if not parts else torch.cat(parts)
 
     def get(self, key: tuple[int, str]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(decoded vectors ``[n, H_b, width]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``); None when absent."""
-        return decode_side(self.codec, self.parts.get(key))
+        return decode_side(self.codec, self.parts(key))
 
 
 class DecodedSide(tuple):

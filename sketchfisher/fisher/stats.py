@@ -107,27 +107,30 @@ class FisherStats:
         if len(sizes) != 1:
             raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
         for name, g in grads.items():
-            if g.shape[0] == 0:
+            n, shape = g.shape[0], g.shape[1:]
+            if n == 0:
                 continue
             w, state = self._state(name, g)
-            if any(s is not None and s.shape != g.shape[1:] for s in state):
-                raise InputError(f"gradients of {name!r} have shape {tuple(g.shape[1:])}, its statistics "
-                                 f"{tuple(next(s for s in state if s is not None).shape)}")
-            if all(s is None for s in state):
+            kept = [s for s in state if s is not None]
+            if any(s.shape != shape for s in kept):
+                raise InputError(f"gradients of {name!r} have shape {tuple(shape)}, its statistics "
+                                 f"{tuple(kept[0].shape)}")
+            if not kept:
                 pass  # only the count is kept
-            elif self._kernel_applies(g, state):  # one Triton kernel, one pass over g
-                kernels.welford_update(g.reshape(g.shape[0], -1).contiguous(), *state[:4], count=w.count,
+            elif self._kernel_applies(g, kept):  # one Triton kernel, one pass over g
+                kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
                                        sum_half=state[4], dtype=self.dtype)
             else:
                 update_in_chunks(g, w.count, self.dtype, *state)
             if "half" in self.quantities:  # the samples at even positions of the stream
-                self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, g.shape[0], 2))
-            w.count += g.shape[0]
+                self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
+            w.count += n
 
     def _kernel_applies(self, g: torch.Tensor, state: tuple[Optional[torch.Tensor], ...]) -> bool:
         """Whether the Triton update takes this batch: CUDA gradients and state on its device, Triton present."""
+        device = g.device
         return (g.is_cuda and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
-                and all(s.device == g.device for s in state if s is not None) and kernels.available())
+                and all(s.device == device for s in state if s is not None) and kernels.available())
 
     def _state(self, name: str, g: torch.Tensor) -> tuple[Welford, tuple[Optional[torch.Tensor], ...]]:
         """The Welford state of ``name`` and its kept accumulators (mean, M2, Σ|g|, Σg; None where not kept),
@@ -138,12 +141,13 @@ class FisherStats:
         ready = lambda t: zeros() if t is None else _as(t, self.dtype)  # noqa: E731
         if w.count == 0:
             w.mean = w.m2 = None
-        w.mean = ready(w.mean) if self.moments >= 1 else None
-        w.m2 = ready(w.m2) if self.moments == 2 else None
+        moments, sum_dtype = self.moments, self.sum_dtype
+        w.mean = ready(w.mean) if moments >= 1 else None
+        w.m2 = ready(w.m2) if moments == 2 else None
         for q, acc in self.sums():
             if q in self.quantities:
                 t = acc.get(name) if w.count else None
-                dt = self.sum_dtype[q]
+                dt = sum_dtype[q]
                 acc[name] = torch.zeros(g.shape[1:], dtype=dt, device=g.device) if t is None else _as(t, dt)
         return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name), self.sum_half.get(name))
 

@@ -186,14 +186,15 @@ def _side_tensors(side: Any) -> dict[str, torch.Tensor]:
     """One side's per-block parts joined over its batches: ``layer.block.<encoded name>``, ``.norm2``, ``.cross``,
     ``.gamma``, ``.conflict``."""
     out = {}
-    for (layer, block), parts in side.parts.items():
-        p = f"{layer}.{block}"
+    for layer, block in side.keys():
+        parts, p = side.parts((layer, block)), f"{layer}.{block}"
         for name in parts[0][0]:
             out[f"{p}.enc.{name}"] = torch.cat([q[0][name] for q in parts])
         for i, name in ((1, "norm2"), (2, "cross"), (3, "gamma")):
             out[f"{p}.{name}"] = torch.cat([q[i] for q in parts])
-        if side.conflicts.get((layer, block)):
-            out[f"{p}.conflict"] = torch.cat(side.conflicts[(layer, block)])
+        conflict = side.conflict((layer, block))
+        if conflict is not None:
+            out[f"{p}.conflict"] = conflict
     return out
 
 
@@ -205,9 +206,7 @@ def _side_of(codec: Any, tensors: dict[str, torch.Tensor], n: int) -> SketchSide
         groups.setdefault((int(layer), block), {})[rest] = t
     for key, g in groups.items():
         enc = {name[4:]: t for name, t in g.items() if name.startswith("enc.")}
-        side.parts[key] = [(enc, g["norm2"], g["cross"], g["gamma"])]
-        if "conflict" in g:
-            side.conflicts[key] = [g["conflict"]]
+        side.add_encoded(key, enc, g["norm2"], g["cross"], g["gamma"], g.get("conflict"))
     side.n = n
     return side
 

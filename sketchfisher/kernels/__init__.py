@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -101,17 +101,21 @@ class Launches:
         self.names = _tail_names(fn)
         self.kept: dict = {}
 
-    def __call__(self, grid: tuple, args: tuple, constants: dict, options: tuple) -> None:
+    def __call__(self, grid: tuple, args: tuple, constants, options: tuple, spec: Optional[tuple] = None) -> None:
         """Launch on ``grid`` with runtime ``args`` (the kernel's leading parameters) and ``constants`` (its
-        constexpr parameters by name and launch options such as ``num_warps``); ``options``: a hashable summary of
-        ``constants`` that identifies them among this object's launches."""
+        constexpr parameters by name and launch options such as ``num_warps``, or a callable returning them, called
+        only where the JIT compiles or looks up); ``options``: a hashable summary of ``constants`` that identifies
+        them among this object's launches. ``spec``: :func:`_specialisation` of ``args`` where the caller knows it
+        (in any hashable form that differs wherever that would: a caller whose fixed arguments are the same tensors
+        call after call works theirs out once)."""
         # (a compiled kernel is loaded on one device: the first argument's, current while it launches)
-        key = (options, args[0].device, _specialisation(args))
+        key = (options, args[0].device, _specialisation(args) if spec is None else spec)
         kept = self.kept.get(key)
         if kept is not None:
             compiled, tail = kept
-            compiled[(*grid, 1, 1)[:3]](*args, *tail)  # (the compiled kernel's launcher takes all three axes)
+            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *tail)  # (its launcher takes 3 axes)
             return
+        constants = constants() if callable(constants) else constants
         compiled = self.fn[grid](*args, **constants)
         if compiled is not None and hasattr(compiled, "__getitem__") and len(self.kept) < 4096:
             self.kept[key] = (compiled, tuple(constants[name] for name in self.names[len(args):]))
@@ -216,7 +220,11 @@ class SketchHeads:
                                      U_SC=u_sc is not None)
         self.allowance = torch.finfo(torch.float32).eps * size ** 0.5
         self._shapes: dict = {}  # batch size -> (row block, row blocks, tiles a step, chunks, tiles a chunk)
+        self._plans: dict = {}  # batch size -> what its two launches need besides g (_Plan)
         self._kept: Optional[tuple[Launches, Launches]] = None  # (made on first use: Triton is imported then)
+        # what Triton specialises on in the arguments that are the same tensors and numbers call after call
+        self._fixed_spec = (_specialisation(self.args), _specialisation((H, size, self.tiles, row_stride)),
+                            _specialisation(self.finish_args))
 
     @property
     def _launches(self) -> tuple["Launches", "Launches"]:
@@ -241,37 +249,80 @@ class SketchHeads:
         """Column chunks the finishing launch adds per step: up to 16, at most 4096 partial sums in a step."""
         return max(1, min(16, _next_pow2(chunks), 4096 // (_next_pow2(self.s) * self.BM)))
 
+    def _plan(self, n: int) -> "_Plan":
+        plan = self._plans.get(n)
+        if plan is None:
+            BR, row_blocks, TT, chunks, per = self._shape(n)
+            constants = dict(TT=TT, BR=BR, **self.constants)
+            finish_constants = dict(CH=self._finish_step(chunks), **self.finish_constants)
+            plan = self._plans[n] = _Plan(
+                part=(chunks, n, self.H, self.s * self.BM + 3 + self.mu), chunks=chunks, per=per,
+                grid=(chunks, self.H, row_blocks), constants=constants, options=(TT, BR),
+                finish_grid=(n * self.H, 1, 1), finish_constants=finish_constants, finish_options=(chunks,),
+                finish_spec=(self._fixed_spec[2], chunks, n))  # (n: the scalars' rows start n·H apart)
+        return plan
+
     def __call__(self, g: torch.Tensor):
         if g.dtype not in DTYPES:
             raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
-        if g.device != self.device:
-            raise ValueError(f"this sketch was set up on {self.device}; the gradient is on {g.device}")
-        n, H, mu, dev = g.shape[0], self.H, self.mu, self.device
+        dev = self.device
+        if g.device != dev:
+            raise ValueError(f"this sketch was set up on {dev}; the gradient is on {g.device}")
+        n, H, mu = g.shape[0], self.H, self.mu
         if n == 0:
             z = torch.zeros(0, H, dtype=torch.float32, device=dev)
             dots = None if not mu else torch.zeros(0, H, mu, dtype=torch.float32, device=dev)
             return torch.zeros(0, H, self.k, dtype=torch.float32, device=dev), z, z.clone(), z.clone(), dots
         if g.ndim > 1 and not g.is_contiguous() and not g[0].is_contiguous():
             g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
-        sketch, finish = self._launches
-        BR, row_blocks, TT, chunks, per = self._shape(n)
-        part = torch.empty(chunks, n, H, self.s * self.BM + 3 + mu, dtype=torch.float32, device=dev)
+        sketch, finish = self._kept or self._launches
+        plan = self._plan(n)
+        part = torch.empty(plan.part, dtype=torch.float32, device=dev)
         sk, scalars = torch.empty(n, H, self.k, dtype=torch.float32, device=dev), torch.empty(3, n, H, device=dev)
         dots = torch.empty(n, H, mu, dtype=torch.float32, device=dev) if mu else self.dummy
+        stride = g.stride(0)
+        # (what Triton specialises on: the fixed arguments' once, here the gradient's, the scratch's and the stride's)
+        spec = (self._fixed_spec[:2], g.dtype, g.data_ptr() % 16 == 0, part.data_ptr() % 16 == 0,
+                _specialisation((n, stride, plan.per)))
         with _on(dev):  # Triton launches on the current device: make it the tensors' (layers on several cards)
-            sketch((chunks, H, row_blocks),
-                   (g, *self.args, part, n, H, self.size, self.tiles, g.stride(0), self.row_stride, per,
-                    self.s ** -0.5), dict(TT=TT, BR=BR, **self.constants), (TT, BR))
-            finish((n * H,), (part, *self.finish_args, sk, *scalars, dots, chunks, n, H, self.allowance),
-                   dict(CH=self._finish_step(chunks), **self.finish_constants), (chunks,))
+            sketch(plan.grid, (g, *self.args, part, n, H, self.size, self.tiles, stride, self.row_stride, plan.per,
+                               self.s ** -0.5), plan.constants, plan.options, spec)
+            finish(plan.finish_grid, (part, *self.finish_args, sk, *scalars, dots, plan.chunks, n, H, self.allowance),
+                   plan.finish_constants, plan.finish_options,
+                   (plan.finish_spec, sk.data_ptr() % 16 == 0, scalars.data_ptr() % 16 == 0,
+                    dots.data_ptr() % 16 == 0))
         return sk, scalars[0], scalars[1], scalars[2], dots if mu else None
+
+
+class _Plan(NamedTuple):
+    """What :class:`SketchHeads`'s two launches for one batch size need besides the gradient."""
+
+    part: tuple  # the partial sums' shape
+    chunks: int
+    per: int  # tiles a column chunk
+    grid: tuple
+    constants: dict
+    options: tuple
+    finish_grid: tuple
+    finish_constants: dict
+    finish_options: tuple
+    finish_spec: tuple
+
+
+_NO_SWITCH = contextlib.nullcontext()
 
 
 def _on(device: torch.device):
     """Make ``device`` current for Triton's launches where it is not already (a no-op context on one card)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
+    if device.type != "cuda" or device.index is None or _one_card() or device.index == torch.cuda.current_device():
+        return _NO_SWITCH
     return torch.cuda.device(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _one_card() -> bool:
+    """Whether this process sees one CUDA device (every CUDA tensor is on the current device then)."""
+    return torch.cuda.device_count() == 1
 
 
 def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
@@ -299,18 +350,31 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
     n, N = g.shape
     state = (mean, m2, sum_abs, sum_g, sum_half)
     dtype = dtype or next(t for t in state if t is not None).dtype
-    dummy = mean if mean is not None else torch.empty(1, dtype=dtype, device=g.device)  # (carries the dtype)
+    dummy = mean if mean is not None else _placeholder(dtype, g.device)  # (carries the dtype)
     slots = rounding_slots({"abs": sum_abs, "sum": sum_g, "half": sum_half}, dtype)  # (Σg, half sum: one dtype)
     key0, key1 = (_int32(count_key(count, slot)) for slot in (0, 2))
-    grid = (-(-N // block),)
-    constants = dict(BLOCK=block, HAS_MEAN=mean is not None, HAS_M2=m2 is not None, HAS_ABS=sum_abs is not None,
-                     HAS_SUM=sum_g is not None, HAS_HALF=sum_half is not None, ROUND_ABS="abs" in slots,
-                     ROUND_SIGNED="sum" in slots or "half" in slots, ABS_SLOT=slots.get("abs", 0),
-                     SUM_SLOT=slots.get("sum", 0), HALF_SLOT=slots.get("half", 0), WORDS=-(-len(slots) // 2),
-                     num_warps=num_warps)
+    options = (block, mean is not None, m2 is not None, sum_abs is not None, sum_g is not None, sum_half is not None,
+               tuple(slots.items()), num_warps)
     with _on(g.device):
-        welford(grid, (g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count, key0, key1),
-                constants, tuple(constants.values()))
+        welford((-(-N // block), 1, 1), (g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count,
+                                         key0, key1),
+                functools.partial(_welford_constants, *options), options)
+
+
+def _welford_constants(block: int, has_mean: bool, has_m2: bool, has_abs: bool, has_sum: bool, has_half: bool,
+                       slots: tuple, num_warps: int) -> dict:
+    """The Welford kernel's constants (what :func:`welford_update` keys its launches by, spelled out)."""
+    slots = dict(slots)
+    return dict(BLOCK=block, HAS_MEAN=has_mean, HAS_M2=has_m2, HAS_ABS=has_abs, HAS_SUM=has_sum, HAS_HALF=has_half,
+                ROUND_ABS="abs" in slots, ROUND_SIGNED="sum" in slots or "half" in slots,
+                ABS_SLOT=slots.get("abs", 0), SUM_SLOT=slots.get("sum", 0), HALF_SLOT=slots.get("half", 0),
+                WORDS=-(-len(slots) // 2), num_warps=num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element tensor that stands for a statistic not kept (the kernel reads its dtype, never its values)."""
+    return torch.empty(1, dtype=dtype, device=device)
 
 
 def _int32(word: int) -> int:
