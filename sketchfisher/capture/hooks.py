@@ -231,6 +231,7 @@ class FactorCapture:
         if missing:
             raise InputError(f"modules {missing[:3]} not found in {type(model).__name__}")
         self.modules = {n: named[n] for n in self.names}
+        self.transposed = {n: is_transposed(m) for n, m in self.modules.items()}
         bad = [n for n, m in self.modules.items() if getattr(m, "weight", None) is None or m.weight.ndim != 2]
         if bad:
             raise InputError(f"modules {bad[:3]} have no 2-D weight; only linear maps have gradient factors")
@@ -301,8 +302,8 @@ class FactorCapture:
             grads = torch.autograd.grad(losses.sum(), [y for _, _, y in calls] + list(check), allow_unused=True)
             batch_grads = list(grads[len(calls):])
             grads = grads[:len(calls)]
-            # the outputs themselves are not needed again (only their shape, where a gradient is None): let them go
-            calls = [(name, x, torch.empty((), dtype=y.dtype, device=y.device).expand(y.shape)) for name, x, y in calls]
+            # the outputs themselves are not needed again (only what a zero gradient in their place would be)
+            calls = [(name, x, (y.shape, y.dtype, y.device)) for name, x, y in calls]
         finally:
             self._records.clear()
         mask = token_mask if token_mask is not None else token_mask_of(batch)
@@ -312,8 +313,8 @@ class FactorCapture:
         seq_len = mask.shape[1] if mask is not None else batch_geometry_len(batch)
         for i, (name, x, y) in enumerate(calls):
             dy, grads[i] = grads[i], None  # (each output's gradient is let go once its factor is formed)
-            dy = torch.zeros_like(y) if dy is None else dy
-            a, d = _tokens(x, B, name, seq_len), _tokens(dy.detach(), B, name, seq_len)
+            dy = torch.zeros(y[0], dtype=y[1], device=y[2]) if dy is None else dy
+            a, d = _tokens(x, B, name, seq_len), _tokens(dy, B, name, seq_len)  # (not part of any graph)
             if mask is not None and a.shape[1] == mask.shape[1]:
                 keep = mask.to(device=a.device, dtype=a.dtype)[:, :, None]
                 # inputs read by several modules are views of one tensor (each alive in ``calls`` through the loop)
@@ -333,8 +334,8 @@ class FactorCapture:
         lengths = (mask.sum(1).to(torch.long) if mask is not None
                    else torch.full((B,), next(iter(out_a.values())).shape[1], dtype=torch.long))
         return BatchFactors(losses=losses.detach(), A=out_a, D=out_d, lengths=lengths,
-                            transposed={n: is_transposed(m) for n, m in self.modules.items()},
-                            source_dtype={name: y.dtype for name, _, y in calls}, batch_grads=batch_grads,
+                            transposed=self.transposed,
+                            source_dtype={name: y[1] for name, _, y in calls}, batch_grads=batch_grads,
                             screen=screen)
 
 

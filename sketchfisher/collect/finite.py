@@ -40,7 +40,8 @@ class LaggedFiniteCheck:
     def _screen(out: dict) -> list:
         by_device: dict = {}
         for triple in out.values():
-            for t in triple:
+            whole = _one_tensor(triple)
+            for t in (triple if whole is None else (whole,)):
                 by_device.setdefault(t.device, []).append(t)
         verdicts = []
         for device, ts in by_device.items():
@@ -63,6 +64,15 @@ class LaggedFiniteCheck:
             if not bool(host):
                 check_finite_sides(out, self.desc, index, self.cfg)
                 return
+
+
+def _one_tensor(views: tuple) -> torch.Tensor | None:
+    """The tensor that ``views`` cut up between them, where they are views of one tensor that cover it exactly (the
+    fused side kernel writes a block's outputs into one): screened once instead of one by one."""
+    base = views[0]._base
+    if base is None or any(t._base is not base for t in views) or sum(t.numel() for t in views) != base.numel():
+        return None
+    return base
 
 
 def finite_rows(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

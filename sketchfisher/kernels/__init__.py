@@ -153,7 +153,7 @@ class SketchHeads:
     """The sjlt side kernel of H head blocks set up once, launched for each batch's per-sample gradient.
 
     Called on ``g``, it returns ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H], own [n, H], dots [n, H, m] or
-    None)``. ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
+    None)``, views of one fp32 tensor ``[n, H, k + 3 + m]`` (its ``_base``) that the kernel writes row by row. ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
     entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
     elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
     hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
@@ -259,7 +259,7 @@ class SketchHeads:
                 part=(chunks, n, self.H, self.s * self.BM + 3 + self.mu), chunks=chunks, per=per,
                 grid=(chunks, self.H, row_blocks), constants=constants, options=(TT, BR),
                 finish_grid=(n * self.H, 1, 1), finish_constants=finish_constants, finish_options=(chunks,),
-                finish_spec=(self._fixed_spec[2], chunks, n))  # (n: the scalars' rows start n·H apart)
+                finish_spec=(self._fixed_spec[2], chunks, n))
         return plan
 
     def __call__(self, g: torch.Tensor):
@@ -278,8 +278,8 @@ class SketchHeads:
         sketch, finish = self._kept or self._launches
         plan = self._plan(n)
         part = torch.empty(plan.part, dtype=torch.float32, device=dev)
-        sk, scalars = torch.empty(n, H, self.k, dtype=torch.float32, device=dev), torch.empty(3, n, H, device=dev)
-        dots = torch.empty(n, H, mu, dtype=torch.float32, device=dev) if mu else self.dummy
+        k = self.k
+        res = torch.empty(n, H, k + 3 + mu, dtype=torch.float32, device=dev)  # (one tensor: one to screen, one alloc)
         stride = g.stride(0)
         # (what Triton specialises on: the fixed arguments' once, here the gradient's, the scratch's and the stride's)
         spec = (self._fixed_spec[:2], g.dtype, g.data_ptr() % 16 == 0, part.data_ptr() % 16 == 0,
@@ -287,11 +287,9 @@ class SketchHeads:
         with _on(dev):  # Triton launches on the current device: make it the tensors' (layers on several cards)
             sketch(plan.grid, (g, *self.args, part, n, H, self.size, self.tiles, stride, self.row_stride, plan.per,
                                self.s ** -0.5), plan.constants, plan.options, spec)
-            finish(plan.finish_grid, (part, *self.finish_args, sk, *scalars, dots, plan.chunks, n, H, self.allowance),
-                   plan.finish_constants, plan.finish_options,
-                   (plan.finish_spec, sk.data_ptr() % 16 == 0, scalars.data_ptr() % 16 == 0,
-                    dots.data_ptr() % 16 == 0))
-        return sk, scalars[0], scalars[1], scalars[2], dots if mu else None
+            finish(plan.finish_grid, (part, *self.finish_args, res, plan.chunks, n, H, self.allowance),
+                   plan.finish_constants, plan.finish_options, (plan.finish_spec, res.data_ptr() % 16 == 0))
+        return res[..., :k], res[..., k], res[..., k + 1], res[..., k + 2], res[..., k + 3:] if mu else None
 
 
 class _Plan(NamedTuple):

@@ -132,14 +132,15 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
 
 
 @triton.jit
-def finish_kernel(part_ptr, rc_ptr, c2_ptr, usc_ptr, sk_ptr, n2_ptr, cross_ptr, own_ptr, dots_ptr,
-                  chunks, n, H, allowance, M: tl.constexpr, BM: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+def finish_kernel(part_ptr, rc_ptr, c2_ptr, usc_ptr, res_ptr, chunks, n, H, allowance, M: tl.constexpr, BM: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
                   MU: tl.constexpr, CENTRING: tl.constexpr, U_SC: tl.constexpr, CH: tl.constexpr):
     # One program per (row, head block): the side kernel's partial sums over column chunks, CH chunks a step (the
     # loads of a step in flight together; one chunk a step waited for each load in turn), in a fixed order,
     # then (CENTRING) scaled centring, ṽ = (v − c) − γc with γ = ⟨v − c, c⟩/‖c‖², as
-    # sketch_scores.scale_centring computes it, and the conflict scalars times their block's scale.
+    # sketch_scores.scale_centring computes it, and the conflict scalars times their block's scale. Each (row, head
+    # block) writes one row of res [n, H, S·M + 3 + MU]: the sketch, ‖ṽ‖², cross, own (γ where centring), the dots.
     W: tl.constexpr = S * BM + 3 + MU
+    R: tl.constexpr = S * M + 3 + MU
     pid = tl.program_id(0)
     r = pid // H
     h = pid % H
@@ -173,19 +174,19 @@ def finish_kernel(part_ptr, rc_ptr, c2_ptr, usc_ptr, sk_ptr, n2_ptr, cross_ptr, 
         norm2 = tl.maximum(norm2 - gamma * own, 0.0) + extra
         vec = vec - gamma * tl.load(rc_ptr + h.to(tl.int64) * (S * M) + k_off, mask=ok, other=0.0)
         own = gamma
-    out = pid.to(tl.int64)
-    tl.store(sk_ptr + out * (S * M) + k_off, vec, mask=ok)
-    tl.store(n2_ptr + out, norm2)
-    tl.store(cross_ptr + out, cross)
-    tl.store(own_ptr + out, own)
+    row = res_ptr + pid.to(tl.int64) * R
+    tl.store(row + k_off, vec, mask=ok)
+    tl.store(row + S * M, norm2)
+    tl.store(row + S * M + 1, cross)
+    tl.store(row + S * M + 2, own)
     if MU >= 1:
         if U_SC:
             d0 = d0 * tl.load(usc_ptr + h)
-        tl.store(dots_ptr + out * MU, d0)
+        tl.store(row + S * M + 3, d0)
     if MU >= 2:
         if U_SC:
             d1 = d1 * tl.load(usc_ptr + H + h)
-        tl.store(dots_ptr + out * MU + 1, d1)
+        tl.store(row + S * M + 4, d1)
 
 
 @triton.jit
