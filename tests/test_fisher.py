@@ -50,6 +50,40 @@ def test_stats_update_in_slices_equals_whole_batch_formulas(monkeypatch, dtype, 
         assert value.dtype == dtype and stats.count == 11
         torch.testing.assert_close(value.double(), want[key], rtol=tol, atol=tol * float(want[key].abs().max()))
 
+def test_kernel_updates_of_the_same_state_skip_its_checks_and_see_a_replaced_tensor(monkeypatch):
+    """Where the Triton update takes a parameter's batches, a later update of the same state tensors launches it
+    straight away (no re-check); a state tensor replaced in between (moved, rounded, read back) is checked and
+    used. The kernel is stood in for by the in-place torch update it is tested against on a GPU."""
+    import sketchfisher.fisher.stats as stats_mod
+    from sketchfisher.fisher.welford import update_in_chunks
+
+    def kernel(g, mean, m2, sum_abs, sum_g, count, sum_half=None, dtype=None):
+        update_in_chunks(g, count, dtype, *(None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g,
+                                                                                          sum_half)))
+
+    monkeypatch.setattr(stats_mod.kernels, "welford_update", kernel)
+    monkeypatch.setattr(FisherStats, "_kernel_applies", lambda self, g, kept: True)
+    checked = []
+    monkeypatch.setattr(FisherStats, "_state", lambda self, name, g, inner=FisherStats._state: (
+        checked.append(name), inner(self, name, g))[1])
+    g = torch.randn(9, 6, 5, generator=torch.Generator().manual_seed(3))
+    fast, plain = FisherStats(dtype=torch.float64), FisherStats(dtype=torch.float64)
+    parts = g.split([2, 3, 1, 3])
+    for i, part in enumerate(parts):
+        fast.update({"w": part})
+        if i == 1:  # another tensor in place of Σg: the next update must fold into it
+            fast.sum_g["w"] = fast.sum_g["w"].clone()
+    assert checked == ["w", "w"]  # the first update and the one after the replacement
+    with monkeypatch.context() as m:
+        m.setattr(FisherStats, "_kernel_applies", lambda self, g, kept: False)
+        for part in parts:
+            plain.update({"w": part})
+    for got, want in ((fast.welford["w"].mean, plain.welford["w"].mean), (fast.welford["w"].m2, plain.welford["w"].m2),
+                      (fast.sum_abs["w"], plain.sum_abs["w"]), (fast.sum_g["w"], plain.sum_g["w"])):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fast.count == plain.count == 9
+
+
 def test_ema_constant_stream_returns_constant_every_step():
     ema = EMAFisher(beta=0.9)
     g = torch.full((1, 2, 3), 3.0)  # C = 9

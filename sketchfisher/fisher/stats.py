@@ -43,6 +43,9 @@ class FisherStats:
     half_counts: dict[str, int] = field(default_factory=dict)  # per parameter, the samples the ``half`` sums hold
     abs_dtype: Optional[torch.dtype] = None  # Σ|g|'s accumulator (None: ``dtype``; bf16: stochastic rounding)
     signed_dtype: Optional[torch.dtype] = None  # Σg's and the half sum's accumulator (as ``abs_dtype``)
+    # per parameter, the state the Triton update last took and what it was checked for (shape, device, dtypes): a
+    # later update of the same tensors skips the checks (224 updates a batch at 7B with MLP units)
+    _kernel_ready: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def accumulating(cls, dtype: torch.dtype, quantities: tuple[str, ...]) -> "FisherStats":
@@ -110,21 +113,35 @@ class FisherStats:
             n, shape = g.shape[0], g.shape[1:]
             if n == 0:
                 continue
-            w, state = self._state(name, g)
-            kept = [s for s in state if s is not None]
-            if any(s.shape != shape for s in kept):
-                raise InputError(f"gradients of {name!r} have shape {tuple(shape)}, its statistics "
-                                 f"{tuple(kept[0].shape)}")
-            if not kept:
-                pass  # only the count is kept
-            elif self._kernel_applies(g, kept):  # one Triton kernel, one pass over g
+            w = self.welford.get(name)
+            ready = self._kernel_ready.get(name)
+            checked = (shape, g.device, g.dtype, self.dtype)
+            if ready is not None and w is not None and w.count and ready[1] == checked and all(
+                    now is then for now, then in zip(self._held(name, w), ready[0])):
+                state = ready[0]  # (the tensors the last update took, as it checked them)
                 kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
                                        sum_half=state[4], dtype=self.dtype)
             else:
-                update_in_chunks(g, w.count, self.dtype, *state)
+                w, state = self._state(name, g)
+                kept = [s for s in state if s is not None]
+                if any(s.shape != shape for s in kept):
+                    raise InputError(f"gradients of {name!r} have shape {tuple(shape)}, its statistics "
+                                     f"{tuple(kept[0].shape)}")
+                if not kept:
+                    pass  # only the count is kept
+                elif self._kernel_applies(g, kept):  # one Triton kernel, one pass over g
+                    kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
+                                           sum_half=state[4], dtype=self.dtype)
+                    self._kernel_ready[name] = (state, checked)
+                else:
+                    update_in_chunks(g, w.count, self.dtype, *state)
             if "half" in self.quantities:  # the samples at even positions of the stream
                 self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
             w.count += n
+
+    def _held(self, name: str, w: Welford) -> tuple[Optional[torch.Tensor], ...]:
+        """The state tensors of ``name`` as held now (mean, M2, Σ|g|, Σg, half sum)."""
+        return w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name), self.sum_half.get(name)
 
     def _kernel_applies(self, g: torch.Tensor, state: tuple[Optional[torch.Tensor], ...]) -> bool:
         """Whether the Triton update takes this batch: CUDA gradients and state on its device, Triton present."""
@@ -149,7 +166,7 @@ class FisherStats:
                 t = acc.get(name) if w.count else None
                 dt = sum_dtype[q]
                 acc[name] = torch.zeros(g.shape[1:], dtype=dt, device=g.device) if t is None else _as(t, dt)
-        return w, (w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name), self.sum_half.get(name))
+        return w, self._held(name, w)
 
     def merge(self, other: "FisherStats") -> "FisherStats":
         """Statistics of the union of both sample sets (exact), over the quantities both keep."""
