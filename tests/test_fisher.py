@@ -82,6 +82,13 @@ def test_kernel_updates_of_the_same_state_skip_its_checks_and_see_a_replaced_ten
                       (fast.sum_abs["w"], plain.sum_abs["w"]), (fast.sum_g["w"], plain.sum_g["w"])):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert fast.count == plain.count == 9
+    import gc
+    import weakref
+
+    held = weakref.ref(fast.sum_abs["w"])  # statistics released (moved to the host) must not stay alive
+    del fast.sum_abs["w"]
+    gc.collect()
+    assert held() is None
 
 
 def test_ema_constant_stream_returns_constant_every_step():

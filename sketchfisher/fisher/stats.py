@@ -13,6 +13,7 @@ Each is a model-sized tensor, so a collection keeps only the ones its settings n
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -44,7 +45,8 @@ class FisherStats:
     abs_dtype: Optional[torch.dtype] = None  # Σ|g|'s accumulator (None: ``dtype``; bf16: stochastic rounding)
     signed_dtype: Optional[torch.dtype] = None  # Σg's and the half sum's accumulator (as ``abs_dtype``)
     # per parameter, the state the Triton update last took and what it was checked for (shape, device, dtypes): a
-    # later update of the same tensors skips the checks (224 updates a batch at 7B with MLP units)
+    # later update of the same tensors skips the checks (224 updates a batch at 7B with MLP units). Weak references:
+    # statistics moved to the host or released must leave the device
     _kernel_ready: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -116,9 +118,10 @@ class FisherStats:
             w = self.welford.get(name)
             ready = self._kernel_ready.get(name)
             checked = (shape, g.device, g.dtype, self.dtype)
-            if ready is not None and w is not None and w.count and ready[1] == checked and all(
-                    now is then for now, then in zip(self._held(name, w), ready[0])):
-                state = ready[0]  # (the tensors the last update took, as it checked them)
+            state = self._held(name, w) if ready is not None and w is not None and w.count else None
+            if state is not None and ready[1] == checked and all(
+                    now is (then if then is None else then()) for now, then in zip(state, ready[0])):
+                # (the tensors the last update took, as it checked them)
                 kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
                                        sum_half=state[4], dtype=self.dtype)
             else:
@@ -132,7 +135,7 @@ class FisherStats:
                 elif self._kernel_applies(g, kept):  # one Triton kernel, one pass over g
                     kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
                                            sum_half=state[4], dtype=self.dtype)
-                    self._kernel_ready[name] = (state, checked)
+                    self._kernel_ready[name] = (tuple(None if t is None else weakref.ref(t) for t in state), checked)
                 else:
                     update_in_chunks(g, w.count, self.dtype, *state)
             if "half" in self.quantities:  # the samples at even positions of the stream
