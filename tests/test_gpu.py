@@ -294,7 +294,15 @@ def test_statistics_move_to_host_once_consumed_and_scores_do_not_change():
     stats = [collect(model, generic_loss, t, layout, codec, quantities=needs[k])[1] for t, k in ((ta, "a"), (tb, "b"))]
     kept = prepare_all(layout, *stats, cfg, codec, offload=False)
     assert all(w.mean is None or w.mean.is_cuda for w in stats[0].welford.values())
+    import gc
+    import weakref
+
+    on_device = [weakref.ref(t) for s in stats for t in [*(w.mean for w in s.welford.values()),
+                                                         *(t for _, acc in s.sums() for t in acc.values())]
+                 if t is not None and t.is_cuda]
     moved = prepare_all(layout, *stats, cfg, codec, offload=True)
+    gc.collect()
+    assert on_device and all(ref() is None for ref in on_device)  # nothing keeps them on the card (the memory plan)
     assert all(w.mean.device.type == "cpu" for w in stats[0].welford.values())  # the Fisher, kept on the host
     assert not stats[0].sum_abs and not stats[1].sum_abs  # consumed by the preparations, freed
     assert stats[0].quantities == ("fisher",) and stats[1].quantities == ()
