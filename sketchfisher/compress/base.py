@@ -243,7 +243,7 @@ class SketchSide:
         """The (layer, block)s this side holds, in the order they were first added."""
         return list(dict.fromkeys(key for layout, _, _ in self._runs for key in layout))
 
-    def parts(self, key: tuple[int, str]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    def parts(self, key: tuple[int, str]) -> list[tuple]:
         """One block's stored runs, in order: ``(encoded, ‖·‖², cross, γ)`` cut out of the runs that hold it."""
         out = []
         for layout, encoded, scalars in self._joined_runs():

@@ -153,11 +153,12 @@ class SketchHeads:
     """The sjlt side kernel of H head blocks set up once, launched for each batch's per-sample gradient.
 
     Called on ``g``, it returns ``(sketch [n, H, k], ‖ṽ‖² [n, H], cross [n, H], own [n, H], dots [n, H, m] or
-    None)``, views of one fp32 tensor ``[n, H, k + 3 + m]`` (its ``_base``) that the kernel writes row by row. ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size``
-    entries, flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride``
-    elements apart, starting at element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks'
-    hash keys. The sketched vector is ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``,
-    ``centre``, ``other`` are ``[H, size]``, fp32, bf16 or fp8 codes, read as they are); cross is
+    None)``, views of one fp32 tensor ``[n, H, k + 3 + m]`` (their ``_base``) that the kernel writes row by row.
+    ``g`` is ``[n, ...]`` with rows ``g[r]`` at stride ``g.stride(0)``; head block ``h`` has ``size`` entries,
+    flattened row-major over a rectangle of ``cols`` columns whose rows are ``row_stride`` elements apart, starting at
+    element ``offsets[h]`` of ``g[r]``. ``keys [H, 2]`` are the blocks' hash keys. The sketched vector is
+    ``ṽ = transform(g)·weight − centre`` (each optional; ``weight``, ``centre``, ``other`` are ``[H, size]``, fp32,
+    bf16 or fp8 codes, read as they are); cross is
     ``Σ transform(g)·weight·other``. The sketch is scaled by 1/√s and returned in fp32. ``own`` is ``Σ ṽ·centre``
     (zero without a centre: what scaled centring needs,
     :func:`sketchfisher.compress.sketch_scores.scale_centring`). ``conflict [m, H, size]`` (m ≤ 2, any float
@@ -288,7 +289,8 @@ class SketchHeads:
             sketch(plan.grid, (g, *self.args, part, n, H, self.size, self.tiles, stride, self.row_stride, plan.per,
                                self.s ** -0.5), plan.constants, plan.options, spec)
             finish(plan.finish_grid, (part, *self.finish_args, res, plan.chunks, n, H, self.allowance),
-                   plan.finish_constants, plan.finish_options, (plan.finish_spec, res.data_ptr() % 16 == 0))
+                   plan.finish_constants, plan.finish_options,
+                   (plan.finish_spec, part.data_ptr() % 16 == 0, res.data_ptr() % 16 == 0))
         return res[..., :k], res[..., k], res[..., k + 1], res[..., k + 2], res[..., k + 3:] if mu else None
 
 
