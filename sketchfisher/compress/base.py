@@ -19,7 +19,7 @@ A new codec subclasses one of them as a frozen dataclass and is registered with
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Optional, Protocol
 
 import torch
 
@@ -243,26 +243,23 @@ class SketchSide:
         """The (layer, block)s this side holds, in the order they were first added."""
         return list(dict.fromkeys(key for layout, _, _ in self._runs for key in layout))
 
-    def parts(self, key: tuple[int, str]) -> list[tuple]:
-        """One block's stored runs, in order: ``(encoded, ‖·‖², cross, γ)`` cut out of the runs that hold it."""
-        out = []
+    def _cut(self, key: tuple[int, str]) -> Iterator[tuple[Callable[[torch.Tensor], torch.Tensor], dict, list]]:
+        """For each joined run that holds ``key``, in order: ``(cut, encoded, scalars)``, ``cut`` taking the block's
+        heads out of a run's tensor."""
         for layout, encoded, scalars in self._joined_runs():
             if key in layout:
                 start, width = layout[key]
-                cut = lambda t: t.narrow(1, start, width)  # noqa: E731
-                out.append(({n: cut(t) for n, t in encoded.items()}, *(cut(t) for t in scalars[:3])))
-        return out
+                yield (lambda t, s=start, w=width: t.narrow(1, s, w)), encoded, scalars
+
+    def parts(self, key: tuple[int, str]) -> list[tuple]:
+        """One block's stored runs, in order: ``(encoded, ‖·‖², cross, γ)`` cut out of the runs that hold it."""
+        return [({n: cut(t) for n, t in encoded.items()}, *(cut(t) for t in scalars[:3]))
+                for cut, encoded, scalars in self._cut(key)]
 
     def conflict(self, key: tuple[int, str]) -> Optional[torch.Tensor]:
         """Every sample's conflict scalar ``[n, H_b]`` (fp64) of one (layer, block); None when not collected."""
-        parts = []
-        for layout, _, scalars in self._joined_runs():
-            if key in layout:
-                if len(scalars) <= 3:
-                    return None
-                start, width = layout[key]
-                parts.append(scalars[3].narrow(1, start, width))
-        return None if not parts else torch.cat(parts)
+        parts = [cut(scalars[3]) if len(scalars) > 3 else None for cut, _, scalars in self._cut(key)]
+        return None if not parts or any(p is None for p in parts) else torch.cat(parts)
 
     def get(self, key: tuple[int, str]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(decoded vectors ``[n, H_b, width]`` fp64, norms² ``[n, H_b]``, cross ``[n, H_b]``); None when absent."""

@@ -115,32 +115,35 @@ class FisherStats:
             n, shape = g.shape[0], g.shape[1:]
             if n == 0:
                 continue
-            w = self.welford.get(name)
-            ready = self._kernel_ready.get(name)
             checked = (shape, g.device, g.dtype, self.dtype)
-            state = self._held(name, w) if ready is not None and w is not None and w.count else None
-            if state is not None and ready[1] == checked and all(
-                    now is (then if then is None else then()) for now, then in zip(state, ready[0])):
-                # (the tensors the last update took, as it checked them)
-                kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
-                                       sum_half=state[4], dtype=self.dtype)
-            else:
+            w, state = self.welford.get(name), self._checked_state(name, checked)
+            on_kernel = state is not None  # (the tensors the last kernel update took, as it checked them)
+            if not on_kernel:
                 w, state = self._state(name, g)
                 kept = [s for s in state if s is not None]
                 if any(s.shape != shape for s in kept):
                     raise InputError(f"gradients of {name!r} have shape {tuple(shape)}, its statistics "
                                      f"{tuple(kept[0].shape)}")
-                if not kept:
-                    pass  # only the count is kept
-                elif self._kernel_applies(g, kept):  # one Triton kernel, one pass over g
-                    kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
-                                           sum_half=state[4], dtype=self.dtype)
+                on_kernel = bool(kept) and self._kernel_applies(g, kept)  # (no state kept: only the count)
+                if on_kernel:
                     self._kernel_ready[name] = (tuple(None if t is None else weakref.ref(t) for t in state), checked)
-                else:
+                elif kept:
                     update_in_chunks(g, w.count, self.dtype, *state)
+            if on_kernel:  # one Triton kernel, one pass over g
+                kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
+                                       sum_half=state[4], dtype=self.dtype)
             if "half" in self.quantities:  # the samples at even positions of the stream
                 self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
             w.count += n
+
+    def _checked_state(self, name: str, checked: tuple) -> Optional[tuple[Optional[torch.Tensor], ...]]:
+        """The state of ``name`` where it is the same tensors the last kernel update took, for a gradient of the same
+        ``checked`` (shape, device, dtypes) after a first update; else None."""
+        ready, w = self._kernel_ready.get(name), self.welford.get(name)
+        if ready is None or w is None or not w.count or ready[1] != checked:
+            return None
+        state = self._held(name, w)
+        return state if all(now is (then if then is None else then()) for now, then in zip(state, ready[0])) else None
 
     def _held(self, name: str, w: Welford) -> tuple[Optional[torch.Tensor], ...]:
         """The state tensors of ``name`` as held now (mean, M2, Σ|g|, Σg, half sum)."""
