@@ -310,6 +310,34 @@ def test_statistics_move_to_host_once_consumed_and_scores_do_not_change():
         assert prep.w_a.is_cuda and torch.equal(prep.w_a, moved[key].w_a) and torch.equal(prep.e, moved[key].e)
 
 
+def test_overlapped_host_copies_are_complete_on_leaving_and_their_sources_are_not_reused_early(monkeypatch):
+    """Copies inside ``HostStaging.overlapped`` return before they are done: the device may free and reuse the
+    sources at once (queued work overwrites the freed memory), and the host copies hold the values as they were
+    when copied once the block is left, more copies than are kept in flight included."""
+    from sketchfisher.fisher import HostStaging, host
+
+    monkeypatch.setattr(host, "PIN", True)
+    n, count = 1 << 22, host.IN_FLIGHT + 5
+    with HostStaging([(n, torch.float32)] * count) as staging:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        sources = [torch.randn(n, device="cuda", generator=gen) for _ in range(count)]
+        expected = [t.cpu() for t in sources]
+        copies = []
+        with staging.overlapped():
+            for i in range(count):
+                slow = sources[i] @ torch.ones(1, device="cuda").expand(n).contiguous() * 0  # (device busy first)
+                t = sources[i] + slow
+                sources[i] = None
+                copies.append(staging.copy(t))
+                del t
+                torch.full((n,), float("nan"), device="cuda")  # (reuses freed memory where it may)
+        assert all(c.is_pinned() for c in copies)
+        for got, want in zip(copies, expected):
+            assert torch.equal(got, want)
+        assert staging._in_flight is None
+        assert torch.equal(staging.copy(torch.ones(3, device="cuda")), torch.ones(3))  # (outside: the ordinary copy)
+
+
 def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path, monkeypatch):
     """Statistics copied into host buffers made ready in the background, and a store whose pass-1 files and
     shards are written by a background thread (one transfer per shard), give the in-memory scores."""

@@ -11,6 +11,7 @@ plan's (:mod:`.plan`); :mod:`.runner` executes it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -116,14 +117,15 @@ def prepare_all(layout: Layout, stats_a: FisherStats, stats_b: Optional[FisherSt
     tasks = [(stats, keep) for stats in (stats_a, stats_b) if stats is not None]
     if stats_b is None and keep_a:
         tasks[0] = (stats_a, tuple(dict.fromkeys((*keep, *keep_a))))
-    for key in keys:
-        prep = preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec, balance_from_a)
-        if prep is not None and stats_b is None and prep.w_b is not None:  # B's single pass next: no w_a
-            prep.w_a = None
-        name = layout.param_of(*key)
-        if offload and last_use[name] == key:
-            for stats, kept in tasks:
-                stats.offload(name, keep=kept, copy=copy)
+    with overlapped(staging):  # (a parameter's statistics leave while the next one's preparation runs)
+        for key in keys:
+            prep = preps[key] = prepare(layout, *key, stats_a, stats_b, cfg, codec, balance_from_a)
+            if prep is not None and stats_b is None and prep.w_b is not None:  # B's single pass next: no w_a
+                prep.w_a = None
+            name = layout.param_of(*key)
+            if offload and last_use[name] == key:
+                for stats, kept in tasks:
+                    stats.offload(name, keep=kept, copy=copy)
     if offload:
         for stats, kept in tasks:
             stats.settle(kept)
@@ -303,29 +305,41 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
                           else stats_a.mean_grad(name, device))
         return layout.gather(*key, held[what].unsqueeze(0))[0]
 
-    for key in keys:
-        prep = preps[key]
-        if prep.w_a is None:
-            prep = rebuild_a_weight(prep, of_a(key, "fisher", prep.device), cfg)
-        during = prep.y_bar is not None  # centred during the pass by multiples of x̄' (scaled centring)
-        prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
-        if during:  # B's sketches are final: its mean residual is taken away when scoring
-            centres[key], residuals[key] = None, residual_centre(prep, codec, *key)
-        else:  # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
-            centres[key] = codec.apply_heads(key[0], block_index(key[1]), values(prep.y_bar, cfg.dtype)[None])
-        if "sum" in stats_b.quantities:
-            mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
-            weighted = mean_b * prep.inverse_denominator()
-            mean_a = of_a(key, "sum", prep.device) if prep.u_b is not None else None  # (T from the exact means)
-            moments = conflict_moments({"a": mean_a, "b": mean_b}, {"b": weighted}, prep.moments)
-            prep = dataclass_replace(prep, u_a=narrower(weighted[None], CONFLICT_WEIGHT_DTYPE), moments=moments)
-            del weighted, mean_a, mean_b
-        preps[key] = dataclass_replace(prep, w_b=None, u_b=None)  # (B's conflict weights: B's pass is over)
-        name = layout.param_of(*key)
-        if last_use[name] == key:
-            stats_b.offload(name, keep=keep, copy=staging.copy if staging is not None else host_copy)
+    with overlapped(staging):  # (B's statistics leave while task A's come back for the next parameter)
+        for key in keys:
+            _centre_block(key, preps, layout, codec, cfg, stats_b, of_a, centres, residuals)
+            name = layout.param_of(*key)
+            if last_use[name] == key:
+                stats_b.offload(name, keep=keep, copy=staging.copy if staging is not None else host_copy)
     stats_b.settle(keep)
     return centres, residuals
+
+
+def overlapped(staging: Optional[HostStaging]):
+    """``staging``'s overlapped copies (:meth:`~sketchfisher.fisher.HostStaging.overlapped`), or nothing."""
+    return staging.overlapped() if staging is not None else contextlib.nullcontext()
+
+
+def _centre_block(key, preps: Preps, layout: Layout, codec: SideCodec, cfg: ScoreConfig, stats_b: FisherStats,
+                  of_a: Callable, centres: dict, residuals: dict) -> None:
+    """:func:`centre_j_side` for one (layer, block)."""
+    prep = preps[key]
+    if prep.w_a is None:
+        prep = rebuild_a_weight(prep, of_a(key, "fisher", prep.device), cfg)
+    during = prep.y_bar is not None  # centred during the pass by multiples of x̄' (scaled centring)
+    prep = with_j_centre(prep, stats_b.block(layout, *key, MEAN_ACCESSOR[MEAN_OF[cfg.spec.j_side]]))
+    if during:  # B's sketches are final: its mean residual is taken away when scoring
+        centres[key], residuals[key] = None, residual_centre(prep, codec, *key)
+    else:  # ȳ' = mean_j f_j(g_j) · w_b, balanced as the pass was
+        centres[key] = codec.apply_heads(key[0], block_index(key[1]), values(prep.y_bar, cfg.dtype)[None])
+    if "sum" in stats_b.quantities:
+        mean_b = stats_b.block(layout, *key, "mean_grad").to(prep.device)
+        weighted = mean_b * prep.inverse_denominator()
+        mean_a = of_a(key, "sum", prep.device) if prep.u_b is not None else None  # (T from the exact means)
+        moments = conflict_moments({"a": mean_a, "b": mean_b}, {"b": weighted}, prep.moments)
+        prep = dataclass_replace(prep, u_a=narrower(weighted[None], CONFLICT_WEIGHT_DTYPE), moments=moments)
+        del weighted, mean_a, mean_b
+    preps[key] = dataclass_replace(prep, w_b=None, u_b=None)  # (B's conflict weights: B's pass is over)
 
 
 def centre_products(preps: Preps) -> dict[tuple[int, str], torch.Tensor]:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections import Counter
-from typing import Iterable
+from collections import Counter, deque
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 Key = tuple[int, torch.dtype]  # (number of elements, dtype): buffers are flat and take any shape
 PIN = True  # page-lock the staged buffers where CUDA is
+IN_FLIGHT = 8  # overlapped copies (:meth:`HostStaging.overlapped`) queued at most before the host waits for the oldest
 
 
 def touched_buffer(numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
@@ -62,10 +64,14 @@ class HostStaging:
 
     :meth:`copy` moves a device tensor into a matching buffer, waiting for the background thread if
     that buffer is not ready yet; a tensor for which no buffer was reserved is copied the ordinary way
-    (same result, slower). :meth:`close` stops the thread and drops the buffers not taken.
+    (same result, slower). Inside :meth:`overlapped` the copies from a GPU run on a stream of their own without
+    stopping the host, so that the device's next work (and its copies the other way) go on meanwhile.
+    :meth:`close` stops the thread and drops the buffers not taken.
     """
 
     def __init__(self, sizes: Iterable[Key]):
+        self._streams: dict = {}  # device -> the copy stream of overlapped copies
+        self._in_flight: deque | None = None  # (inside overlapped) the events of the copies not known to be done
         self._todo = list(sizes)
         self._pending = Counter(self._todo)
         self._ready: dict[Key, list[torch.Tensor]] = {}
@@ -112,8 +118,38 @@ class HostStaging:
         if buf is None:
             return t.to("cpu")
         out = buf.view(t.shape)
-        out.copy_(t)
+        if self._in_flight is None or not t.is_cuda:
+            out.copy_(t)
+            return out
+        stream = self._streams.get(t.device)
+        if stream is None:
+            stream = self._streams[t.device] = torch.cuda.Stream(t.device)
+        stream.wait_stream(torch.cuda.current_stream(t.device))  # (t as the work queued so far leaves it)
+        with torch.cuda.stream(stream):
+            out.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        t.record_stream(stream)  # (its memory is not reused before the copy has read it)
+        self._in_flight.append(done)
+        if len(self._in_flight) > IN_FLIGHT:  # (bounds the device memory freed but not yet reusable)
+            self._in_flight.popleft().synchronize()
         return out
+
+    @contextmanager
+    def overlapped(self) -> Iterator["HostStaging"]:
+        """Copies made inside run on a copy stream of their own and return before they are done (at most
+        :data:`IN_FLIGHT` at a time); leaving waits for every one of them, so that the host copies are complete
+        once the block is left (and not to be read inside it)."""
+        if self._in_flight is not None:  # (nested: the outer block waits)
+            yield self
+            return
+        self._in_flight = deque()
+        try:
+            yield self
+        finally:
+            pending, self._in_flight = self._in_flight, None
+            for event in pending:
+                event.synchronize()
 
     def close(self) -> None:
         with self._cond:
