@@ -207,16 +207,21 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     def fp32_signed(cls, dtype, quantities):  # Σg and the half sum in the statistics' own precision
         return replace(accumulating.__func__(cls, dtype, quantities), signed_dtype=None)
 
+    from sketchfisher.kernels import graphs
+
+    default_graphs = graphs.ENABLED
+    args.graphs = args.graphs or ["on" if default_graphs else "off"]
     settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums,
-                                      args.grads))
+                                      args.grads, args.graphs))
     runs = []  # (conflicts, the other settings, seconds) of every sf.analyze, in order
     for setting in settings:  # orders, conflicts, codecs, launches, pinning, sums, gradients side by side
-        passes, conflicts, spec, launch, pin, sums, grads = setting
+        passes, conflicts, spec, launch, pin, sums, grads, graphed = setting
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
         kernels.launch_shape = default_shape if launch == "default" else before_shape
         host.PIN = pin == "on"
         FisherStats.accumulating = accumulating if sums == "bf16" else classmethod(fp32_signed)
+        graphs.ENABLED = graphed == "on"
         retries = alloc_retries()
         try:
             with per_sample_gradients(grads):
@@ -224,13 +229,15 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                                                              conflicts=flag, units=args.units))
         finally:
             kernels.launch_shape, host.PIN, FisherStats.accumulating = default_shape, default_pin, accumulating
+            graphs.ENABLED = default_graphs
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
                      f"{'' if launch == 'default' else ', sjlt launch as before'}"
                      f"{'' if pin == 'on' else ', pageable host buffers'}"
                      f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}"
-                     f"{'' if grads == 'bf16' else ', fp32 per-sample gradients'}", sec, peaks))
+                     f"{'' if grads == 'bf16' else ', fp32 per-sample gradients'}"
+                     f"{'' if graphed == 'on' else ', side launches not recorded'}", sec, peaks))
         runs.append((conflicts, setting[:1] + setting[2:], sec))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
@@ -241,7 +248,8 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
         print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}, pinned host "
-              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}) | seconds | | peak GiB (max over devices) |")
+              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}, recorded side launches {graphed}) | seconds | | "
+              "peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
         print(f"allocator retries during sf.analyze (each frees cached blocks and waits for the device): "
@@ -313,6 +321,9 @@ def main() -> None:
     p.add_argument("--sjlt-launch", nargs="+", default=["default"], choices=["default", "before"],
                    help="the sjlt kernel's launch shapes to run side by side: today's default and/or the one before "
                         "(4096 elements a step, four programs per SM)")
+    p.add_argument("--graphs", nargs="+", default=None, choices=["on", "off"],
+                   help="each block's side launches recorded once as a CUDA graph and replayed, or launched call by "
+                        "call (default: the library's setting, SKETCHFISHER_GRAPHS); several run side by side")
     p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
                    help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
     p.add_argument("--signed-sums", nargs="+", default=["bf16"], choices=["bf16", "fp32"],

@@ -177,6 +177,60 @@ def test_fused_cuda_collection_matches_torch_path(monkeypatch, model_dtype, arch
                                        rtol=1e-3, atol=1e-4 * float(want[column].abs().max()))
 
 
+def test_replays_record_a_call_the_second_time_and_replay_it_where_its_inputs_lie(monkeypatch):
+    """``kernels.graphs.Replays``: the first call of a key runs directly (its kernels compile), the second records
+    and replays, later ones replay; a replay reads its input's current values at the recorded place, returns a copy
+    that the next replay does not touch, and an input elsewhere runs directly."""
+    from sketchfisher.kernels import graphs
+    from sketchfisher.kernels.graphs import Replays
+
+    monkeypatch.setattr(graphs, "ENABLED", True)
+    replays = Replays()
+    x = torch.randn(1000, device="cuda")
+    fn = lambda t: torch.exp(t) * 2 + t.sum()  # noqa: E731
+    outs = [replays("k", fn, x) for _ in range(3)]
+    assert replays.replayed == 2 and len(replays.graphs) == 1
+    for out in outs:
+        torch.testing.assert_close(out, fn(x), rtol=0, atol=0)
+    x.copy_(torch.randn(1000, device="cuda"))  # (new values, the same place)
+    again = replays("k", fn, x)
+    torch.testing.assert_close(again, fn(x), rtol=0, atol=0)
+    assert not torch.equal(outs[0], again)  # (the earlier copies are the caller's)
+    elsewhere = x.clone()
+    assert torch.equal(replays("k", fn, elsewhere), fn(elsewhere)) and replays.replayed == 3
+    replays.forget("k")
+    assert not replays.graphs
+
+
+def test_recorded_side_kernels_give_the_scores_of_direct_launches(monkeypatch):
+    """``sf.analyze`` on a bf16 model, whose side passes replay each block's recorded launches (the per-sample
+    gradients in one buffer per shape), gives bitwise the scores and conflict scalars of launching every call."""
+    from sketchfisher.compress import fused
+    from sketchfisher.kernels import graphs
+
+    made = []
+    init = fused.FusedSides.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(fused.FusedSides, "__init__", keep)
+    monkeypatch.setattr(graphs, "ENABLED", True)
+    model = make_model("llama_gqa").cuda().to(torch.bfloat16)
+    to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
+    ta, tb = to(make_batches(6, 2, seed=1)), to(make_batches(5, 2, seed=2) + make_batches(1, 1, seed=3))
+    kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3), units="all")
+    replayed = sf.analyze(model, generic_loss, ta, tb, **kw)
+    assert made and all(f.replays.replayed > 0 and not f.replays.broken for f in made)
+    monkeypatch.setattr(graphs, "ENABLED", False)
+    direct = sf.analyze(model, generic_loss, ta, tb, **kw)
+    for family in direct.families:
+        r, d = replayed.units(family), direct.units(family)
+        assert torch.equal(r.scores, d.scores) and torch.equal(r.stderr, d.stderr)
+        assert replayed.units(family).head_conflicts().equals(direct.units(family).head_conflicts())
+
+
 def test_kept_compiled_kernels_launch_as_the_jit_does():
     """After its first call, a specialisation's compiled kernel is launched directly (``kernels.Launches``): the side
     kernel (both launches) and the Welford update give bitwise what the JIT's launch gives, batch sizes changing

@@ -77,7 +77,7 @@ class BatchFactors:
         if self.screen is not None:
             self.screen.settle()
 
-    def grad(self, module: str, low: bool = False) -> torch.Tensor:
+    def grad(self, module: str, low: bool = False, into: Optional[dict] = None) -> torch.Tensor:
         """Per-sample weight gradients of one module in the weight's storage orientation ``[B, *weight.shape]``, fp32.
 
         On CUDA, factors that came from a bf16/fp16 model are exactly representable in that dtype, so
@@ -89,6 +89,10 @@ class BatchFactors:
         half the bytes to write and to read again. The collection's statistics and sketches read it (each sums
         over many entries, where independent roundings average out); stored exact gradients (``sf.Exact``) do
         not. fp16 models keep fp32: fp16's range would flush small per-sample gradients to zero.
+
+        ``into``: buffers by shape that the bf16 product is written into and kept in, so that a pass's gradients of
+        one shape lie at one place batch after batch (what :mod:`sketchfisher.kernels.graphs` replays need); a
+        product written there is valid until the next one of its shape.
         """
         a, d = self.A[module], self.D[module]
         left, right = (a, d) if self.transposed[module] else (d, a)
@@ -97,8 +101,14 @@ class BatchFactors:
             left = left.transpose(1, 2)
             left, right = (t if t.dtype == low_dtype else t.to(low_dtype) for t in (left, right))
             if low and low_dtype == torch.bfloat16:  # (self.rounds(module): a bf16 model's, on CUDA)
+                out = None
+                if into is not None:
+                    shape = (left.shape[0], left.shape[1], right.shape[2])
+                    out = into.get((shape, left.device))
+                    if out is None:
+                        out = into[(shape, left.device)] = torch.empty(shape, dtype=low_dtype, device=left.device)
                 with fp32_reductions():
-                    return torch.bmm(left, right)
+                    return torch.bmm(left, right, out=out)
             try:
                 return torch.bmm(left, right, out_dtype=torch.float32)
             except TypeError:  # torch without bmm(out_dtype=): the fp32 product below

@@ -199,7 +199,10 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
     # each (layer, block) once: its head blocks, module and weight (the loop below runs 224 times a batch at 7B)
     where = [(key, hbs, hbs[0].module_name, layout.param_of(*key))
              for key in keys for hbs in [layout.head_blocks(*key)]]
+    buffers: dict = {}  # the fused path's per-sample gradients, one buffer per shape (BatchFactors.grad's ``into``)
     for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
+        if buffers and next(iter(buffers))[0][0] != bf.batch_size:
+            buffers.clear()  # (another batch size: the last batch)
         folded = set()
         out = {}
         last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
@@ -213,7 +216,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 if fused is not None and fused.applies(factor):
                     if last[0] != module:
                         last = (None, None)  # free the previous module's gradient first
-                        last = (module, bf.grad(module, low=True))  # (bf16 for a bf16 model)
+                        last = (module, bf.grad(module, low=True, into=buffers))  # (bf16 for a bf16 model)
                         if fold is not None and weight not in folded:  # the statistics from the same gradient
                             fold.update({weight: last[1]})
                             folded.add(weight)

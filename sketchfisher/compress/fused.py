@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels.graphs import Replays
 from ..layout import Layout, block_index
 from .onebyte import OneByte
 from .sketch import Sketch
@@ -24,6 +25,7 @@ class FusedSides:
                         and not (side == "a" and cfg.normalizer == "loo"))
         self._geometry: dict = {}
         self._launchers: dict = {}  # (layer, block) -> (the preparation, its kernels.SketchHeads)
+        self.replays = Replays()  # (each block's two launches, recorded once per batch size and gradient buffer)
 
     def applies(self, factor: torch.Tensor) -> bool:
         return self.enabled and factor.is_cuda
@@ -50,6 +52,8 @@ class FusedSides:
         kept = self._launchers.get((layer, block))
         if kept is not None and kept[0] is prep and kept[1].device == device:
             return kept[1]
+        if kept is not None:
+            self.replays.forget(kept[1])
         keys, offsets, size, cols, row_stride = self.geometry(layer, block, device)
         given = {"weight": prep.weight(self.side), "centre": prep.centre(self.side), "other": prep.other(self.side),
                  "conflict": prep.u(self.side)}
@@ -68,5 +72,7 @@ class FusedSides:
         where the codec centres so (:func:`~sketchfisher.compress.sketch_scores.scale_centring`'s outputs; γ = 0
         where it does not)."""
         launch = self.launcher(layer, block, prep, grad.device)
-        sk, norm2, cross, gamma, dots = launch(grad)
+        # (keyed by the set-up, which holds what the launches read besides the gradient)
+        res = self.replays(launch, launch.run, grad) if launch.steady(grad) else launch.run(grad)
+        sk, norm2, cross, gamma, dots = launch.split(res)
         return sk, norm2, cross, gamma if launch.centring else torch.zeros_like(norm2), dots

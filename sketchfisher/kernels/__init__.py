@@ -264,6 +264,20 @@ class SketchHeads:
         return plan
 
     def __call__(self, g: torch.Tensor):
+        return self.split(self.run(g))
+
+    def split(self, res: torch.Tensor):
+        """The five outputs (views) of :meth:`run`'s tensor."""
+        k, mu = self.k, self.mu
+        return res[..., :k], res[..., k], res[..., k + 1], res[..., k + 2], res[..., k + 3:] if mu else None
+
+    def steady(self, g: torch.Tensor) -> bool:
+        """Whether :meth:`run` reads ``g`` where it lies (it copies a gradient whose rows are not dense): a call that
+        a CUDA graph may record and replay for a gradient at the same place (:mod:`.graphs`)."""
+        return g.ndim <= 1 or g.is_contiguous() or g[0].is_contiguous()
+
+    def run(self, g: torch.Tensor) -> torch.Tensor:
+        """The launches on ``g``: one fp32 tensor ``[n, H, k + 3 + m]`` (sketch, ‖ṽ‖², cross, γ or own, dots)."""
         if g.dtype not in DTYPES:
             raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
         dev = self.device
@@ -271,10 +285,8 @@ class SketchHeads:
             raise ValueError(f"this sketch was set up on {dev}; the gradient is on {g.device}")
         n, H, mu = g.shape[0], self.H, self.mu
         if n == 0:
-            z = torch.zeros(0, H, dtype=torch.float32, device=dev)
-            dots = None if not mu else torch.zeros(0, H, mu, dtype=torch.float32, device=dev)
-            return torch.zeros(0, H, self.k, dtype=torch.float32, device=dev), z, z.clone(), z.clone(), dots
-        if g.ndim > 1 and not g.is_contiguous() and not g[0].is_contiguous():
+            return torch.zeros(0, H, self.k + 3 + mu, dtype=torch.float32, device=dev)
+        if not self.steady(g):
             g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
         sketch, finish = self._kept or self._launches
         plan = self._plan(n)
@@ -291,7 +303,7 @@ class SketchHeads:
             finish(plan.finish_grid, (part, *self.finish_args, res, plan.chunks, n, H, self.allowance),
                    plan.finish_constants, plan.finish_options,
                    (plan.finish_spec, part.data_ptr() % 16 == 0, res.data_ptr() % 16 == 0))
-        return res[..., :k], res[..., k], res[..., k + 1], res[..., k + 2], res[..., k + 3:] if mu else None
+        return res
 
 
 class _Plan(NamedTuple):

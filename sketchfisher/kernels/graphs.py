@@ -1,0 +1,94 @@
+"""A block's launches recorded once as a CUDA graph and replayed batch after batch: one host call instead of many.
+
+At a 7B model's 224 (layer, block)s a batch, a pass's side kernels cost the host more than the device: each call
+checks its arguments, allocates its outputs and goes through Triton's launcher twice. What a call reads besides the
+per-sample gradient (the preparations, made once a pass) sits at the same addresses all pass long, and the pass
+writes each module's gradient into one buffer per shape (:meth:`~sketchfisher.capture.BatchFactors.grad`'s
+``into``), so the launches of one (block, batch size) read the same memory every batch. :class:`Replays` records
+them the second time they run (the first compiles the kernels) and afterwards replays the recording, returning a
+copy of its output.
+
+A recording is keyed by the caller's key and by each input's address, shape, strides and dtype: a replay reads the
+inputs where the recording read them, so it runs only where the inputs of this call are those very tensors' places.
+Anything else a recording reads must stay put while its key can come again (the callers key by the object that holds
+it). Recording needs CUDA graphs; where one cannot be made, the :class:`Replays` logs why once and runs every call
+directly from then on (the same numbers). Off unless ``SKETCHFISHER_GRAPHS=1`` (or :data:`ENABLED` = True) until
+its end-to-end gain is measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+ENABLED = os.environ.get("SKETCHFISHER_GRAPHS", "0") == "1"
+PER_KEY = 4  # recordings kept per caller key (inputs at other addresses: run directly)
+
+
+class Replays:
+    """Recordings of ``fn(*inputs) -> Tensor`` calls on one CUDA device, sharing one memory pool (see the module)."""
+
+    def __init__(self) -> None:
+        self.graphs: dict = {}  # full key -> (graph, its output)
+        self.seen: set = set()  # full keys run once directly (their kernels compiled)
+        self.count: dict = {}  # caller key -> recordings made
+        self.pool: Any = None
+        self.stream: Any = None
+        self.broken = False
+        self.replayed = 0
+
+    def __call__(self, key: Any, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        if not ENABLED or self.broken or not all(t.is_cuda for t in inputs):
+            return fn(*inputs)
+        full = (key, *((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
+        kept = self.graphs.get(full)
+        if kept is None:
+            if full not in self.seen or self.count.get(key, 0) >= PER_KEY:
+                self.seen.add(full)
+                return fn(*inputs)
+            kept = self._record(full, key, fn, inputs)
+            if kept is None:
+                return fn(*inputs)
+        graph, out = kept
+        graph.replay()
+        self.replayed += 1
+        return out.clone()  # (the recording's output is overwritten by its next replay)
+
+    def forget(self, key: Any) -> None:
+        """Drop the recordings of ``key`` (what they read is about to go)."""
+        self.graphs = {full: kept for full, kept in self.graphs.items() if full[0] is not key}
+        self.seen = {full for full in self.seen if full[0] is not key}
+        self.count.pop(key, None)
+
+    def _record(self, full: tuple, key: Any, fn: Callable[..., torch.Tensor], inputs: tuple) -> Any:
+        device = inputs[0].device
+        here = torch.cuda.current_stream(device)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(here)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(self.stream):
+                # (thread_local: the host-staging thread may page-lock memory meanwhile)
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    out = fn(*inputs)
+                finally:
+                    graph.capture_end()
+        except Exception as exc:  # noqa: BLE001  (any failure: every call runs directly, with the same numbers)
+            logger.warning("CUDA graphs are off for this pass (each block's launches run one by one): %s", exc)
+            self.broken = True
+            return None
+        here.wait_stream(self.stream)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.count[key] = self.count.get(key, 0) + 1
+        self.graphs[full] = (graph, out)
+        return self.graphs[full]
+
+
+__all__ = ["ENABLED", "Replays"]
