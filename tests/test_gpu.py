@@ -202,33 +202,42 @@ def test_replays_record_a_call_the_second_time_and_replay_it_where_its_inputs_li
     assert not replays.graphs
 
 
-def test_recorded_side_kernels_give_the_scores_of_direct_launches(monkeypatch):
-    """``sf.analyze`` on a bf16 model, whose side passes replay each block's recorded launches (the per-sample
-    gradients in one buffer per shape), gives bitwise the scores and conflict scalars of launching every call."""
-    from sketchfisher.compress import fused
+def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(monkeypatch):
+    """``sf.analyze`` on a bf16 model with recorded launches (``SKETCHFISHER_GRAPHS=1``: the statistics' Welford
+    updates in every pass and the side kernels, the per-sample gradients in one buffer per shape) gives bitwise the
+    statistics, scores and conflict table of launching every call, over batches of two sizes."""
     from sketchfisher.kernels import graphs
 
     made = []
-    init = fused.FusedSides.__init__
+    init = graphs.Replays.__init__
 
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
+    def keep(self):
+        init(self)
         made.append(self)
 
-    monkeypatch.setattr(fused.FusedSides, "__init__", keep)
+    monkeypatch.setattr(graphs.Replays, "__init__", keep)
     monkeypatch.setattr(graphs, "ENABLED", True)
     model = make_model("llama_gqa").cuda().to(torch.bfloat16)
     to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
     ta, tb = to(make_batches(6, 2, seed=1)), to(make_batches(5, 2, seed=2) + make_batches(1, 1, seed=3))
     kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3), units="all")
     replayed = sf.analyze(model, generic_loss, ta, tb, **kw)
-    assert made and all(f.replays.replayed > 0 and not f.replays.broken for f in made)
+    # pass 1 A's and pass B's statistics, pass B's and pass 2 A's side kernels
+    assert sum(r.replayed > 0 for r in made) >= 4 and not any(r.broken for r in made)
     monkeypatch.setattr(graphs, "ENABLED", False)
     direct = sf.analyze(model, generic_loss, ta, tb, **kw)
+    for task in ("a", "b"):
+        mine, theirs = (getattr(r.context, f"stats_{task}") for r in (replayed, direct))
+        assert mine.quantities == theirs.quantities and mine.count == theirs.count
+        for (_, acc), (_, other) in zip(mine.sums(), theirs.sums()):
+            assert acc.keys() == other.keys() and all(torch.equal(acc[k], other[k]) for k in acc)
+        for name, w in mine.welford.items():
+            assert (w.mean is None) == (theirs.welford[name].mean is None)
+            assert w.mean is None or torch.equal(w.mean, theirs.welford[name].mean)
     for family in direct.families:
         r, d = replayed.units(family), direct.units(family)
         assert torch.equal(r.scores, d.scores) and torch.equal(r.stderr, d.stderr)
-        assert replayed.units(family).head_conflicts().equals(direct.units(family).head_conflicts())
+        assert r.head_conflicts().equals(d.head_conflicts())
 
 
 def test_kept_compiled_kernels_launch_as_the_jit_does():

@@ -160,6 +160,25 @@ def test_welford_kernel_rounds_bf16_sums_as_the_torch_update(quantities):
         torch.testing.assert_close(state[0], ref.welford["w"].mean, rtol=1e-6, atol=1e-7)
 
 
+def test_welford_kernel_reads_its_count_from_memory_as_from_an_argument():
+    """``counts=`` (the count and its rounding keys in an int64 tensor, what a recorded launch reads batch after
+    batch) updates bitwise as the count passed by value, bf16 sums' random bits and the half sum's positions
+    included."""
+    kinds = [torch.float32, None, None, torch.bfloat16, torch.bfloat16]  # (Welford mean, Σg, half sum)
+    by_value, from_memory = ([None if d is None else torch.zeros(300, dtype=d) for d in kinds] for _ in range(2))
+    counts = torch.zeros(3, dtype=torch.int64)
+    count = 0
+    for step, n in enumerate((3, 2, 1, 3, 2)):
+        g = torch.randn(n, 300, generator=torch.Generator().manual_seed(step))
+        kernels.welford_update(g, *by_value[:4], count=count, sum_half=by_value[4], block=64, dtype=torch.float32)
+        counts.copy_(torch.tensor(kernels.update_counts(count)))
+        kernels.welford_update(g, *from_memory[:4], count=-1, sum_half=from_memory[4], block=64, dtype=torch.float32,
+                               counts=counts)
+        count += n
+    for got, want in zip(from_memory, by_value):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 def test_welford_kernel_reads_bf16_gradients_as_the_torch_update():
     """A bf16 model's per-sample gradients arrive in bf16 on a GPU (``BatchFactors.grad(low=True)``): the kernel
     reads them as the torch update does (each value widened exactly), bf16 sums rounded with the same bits."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from ..capture.hooks import fp32_reductions
 from ..capture.oracle import LossFn, batch_size_of
 from ..errors import CaptureUnsupported, GradientError, InputError
 from ..fisher import FisherStats
+from ..kernels.graphs import Replays
 from ..layout import Layout
 from ..layout.adapters import trains
 from ..progress import progress
@@ -152,13 +153,31 @@ def sized(batches: Iterable[Any]) -> int | None:
         return None
 
 
-def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str], low: bool = False) -> None:
+class PassBuffers:
+    """A pass's per-sample gradient buffers, one per shape (:meth:`BatchFactors.grad
+    <sketchfisher.capture.BatchFactors.grad>`'s ``into``), for the batch size at hand: a batch of another size (the
+    last) lets the others go."""
+
+    def __init__(self) -> None:
+        self.size: Optional[int] = None
+        self.buffers: dict = {}
+
+    def of(self, batch_size: int) -> dict:
+        if batch_size != self.size:
+            self.size, self.buffers = batch_size, {}
+        return self.buffers
+
+
+def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str], low: bool = False,
+                 into: Optional[dict] = None, replays: Optional[Replays] = None) -> None:
     """Fold a batch into ``stats``, one module's per-sample gradients at a time (bounded memory). ``low``: a bf16
     model's formed in bf16 on a GPU (:meth:`BatchFactors.grad <sketchfisher.capture.BatchFactors.grad>`), for
-    sketch collections, whose side vectors read the same numbers (:func:`block_gradients`)."""
+    sketch collections, whose side vectors read the same numbers (:func:`block_gradients`). ``into`` and
+    ``replays``: the pass's gradient buffers and recorded launches (:meth:`BatchFactors.grad`,
+    :mod:`sketchfisher.kernels.graphs`)."""
     with fp32_reductions():  # (bf16 products: set once for the batch's modules)
         for weight in weights:
-            stats.update({weight: captured.grad(module_of(weight), low=low)})
+            stats.update({weight: captured.grad(module_of(weight), low=low, into=into)}, replays=replays)
 
 
 def block_gradients(captured: BatchFactors, module: str, blocks: list) -> torch.Tensor:

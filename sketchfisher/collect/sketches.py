@@ -34,7 +34,8 @@ from ..fisher.host import host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from .finite import LaggedFiniteCheck
-from .passes import Skip, block_gradients, factor_pass, fold_factors, trainable_weights
+from ..kernels.graphs import Replays
+from .passes import PassBuffers, Skip, block_gradients, factor_pass, fold_factors, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
 CONFLICT_WEIGHT_DTYPE = "fp8"
@@ -199,10 +200,9 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
     # each (layer, block) once: its head blocks, module and weight (the loop below runs 224 times a batch at 7B)
     where = [(key, hbs, hbs[0].module_name, layout.param_of(*key))
              for key in keys for hbs in [layout.head_blocks(*key)]]
-    buffers: dict = {}  # the fused path's per-sample gradients, one buffer per shape (BatchFactors.grad's ``into``)
+    pass_buffers, replays = PassBuffers(), Replays()  # (the per-sample gradients' places; the statistics' launches)
     for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
-        if buffers and next(iter(buffers))[0][0] != bf.batch_size:
-            buffers.clear()  # (another batch size: the last batch)
+        buffers = pass_buffers.of(bf.batch_size)
         folded = set()
         out = {}
         last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
@@ -218,7 +218,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                         last = (None, None)  # free the previous module's gradient first
                         last = (module, bf.grad(module, low=True, into=buffers))  # (bf16 for a bf16 model)
                         if fold is not None and weight not in folded:  # the statistics from the same gradient
-                            fold.update({weight: last[1]})
+                            fold.update({weight: last[1]}, replays=replays)
                             folded.add(weight)
                     # (scaled-centred in the kernel; the conflict scalars from the same read)
                     *sides, conflict = fused(last[1], layer, block, prep)
@@ -231,7 +231,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
                 out[key] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
             if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
-                fold_factors(fold, bf, [w for w in weights if w not in folded], low=True)
+                fold_factors(fold, bf, [w for w in weights if w not in folded], low=True, into=buffers, replays=replays)
         bf.settle()  # finite factors before the consumer sees the batch (its work on the device is queued)
         check.submit(index, out)
         yield index, bf.batch_size, out

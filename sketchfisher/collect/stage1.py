@@ -12,7 +12,8 @@ from ..compress import Codec, check_codec
 from ..errors import InputError
 from ..fisher import QUANTITIES, FisherStats
 from ..layout import Layout
-from .passes import factor_pass, fold_factors, gradient_pass, trainable_weights
+from ..kernels.graphs import Replays
+from .passes import PassBuffers, factor_pass, fold_factors, gradient_pass, trainable_weights
 
 
 def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Codec, *,
@@ -37,8 +38,11 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
             rep.add(grads)
             stats.update(grads)
     else:
+        # (a sketch's sides read the same numbers: bf16 products, where the statistics' launches can be recorded)
+        buffers, replays = PassBuffers(), Replays()
         for _, captured in factor_pass(model, loss_fn, batches, weights, desc=desc, show_progress=show_progress):
-            fold_factors(stats, captured, weights, low=codec.two_pass)  # (a sketch's sides read the same numbers)
+            fold_factors(stats, captured, weights, low=codec.two_pass, into=buffers.of(captured.batch_size),
+                         replays=replays if codec.two_pass else None)
             if rep is not None:
                 rep.add(captured)
     if stats.count == 0:

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import kernels
+from ..kernels.graphs import Replays
 from ..errors import GradientError, InputError
 from ..layout import Layout
 from .host import host_copy
@@ -48,6 +49,7 @@ class FisherStats:
     # later update of the same tensors skips the checks (224 updates a batch at 7B with MLP units). Weak references:
     # statistics moved to the host or released must leave the device
     _kernel_ready: dict = field(default_factory=dict, repr=False, compare=False)
+    _counts: dict = field(default_factory=dict, repr=False, compare=False)  # device -> [counts tensor, its count]
 
     @classmethod
     def accumulating(cls, dtype: torch.dtype, quantities: tuple[str, ...]) -> "FisherStats":
@@ -106,8 +108,9 @@ class FisherStats:
         ts += [t for _, acc in self.sums() for t in acc.values()]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def update(self, grads: dict[str, torch.Tensor]) -> None:
-        """Add per-sample gradients ``{name: Tensor[B, *shape]}`` (storage orientation)."""
+    def update(self, grads: dict[str, torch.Tensor], replays: Optional[Replays] = None) -> None:
+        """Add per-sample gradients ``{name: Tensor[B, *shape]}`` (storage orientation). ``replays``: the pass's
+        recorded launches (:mod:`sketchfisher.kernels.graphs`), which the Welford kernel's launches go through."""
         sizes = {g.shape[0] for g in grads.values()}
         if len(sizes) != 1:
             raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
@@ -130,11 +133,38 @@ class FisherStats:
                 elif kept:
                     update_in_chunks(g, w.count, self.dtype, *state)
             if on_kernel:  # one Triton kernel, one pass over g
-                kernels.welford_update(g.reshape(n, -1).contiguous(), *state[:4], count=w.count,
-                                       sum_half=state[4], dtype=self.dtype)
+                self._kernel_update(g.reshape(n, -1).contiguous(), state, w.count, replays)
             if "half" in self.quantities:  # the samples at even positions of the stream
                 self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
             w.count += n
+
+    def _kernel_update(self, g: torch.Tensor, state: tuple, count: int, replays: Optional[Replays]) -> None:
+        """The Welford kernel on ``g [n, N]``; through ``replays`` it reads the count from a device tensor of these
+        statistics (set once per count), so that one recording serves every batch of a pass."""
+        if replays is None or not replays.active:
+            kernels.welford_update(g, *state[:4], count=count, sum_half=state[4], dtype=self.dtype)
+            return
+        kept = tuple(t is not None for t in state)
+
+        def launch(g: torch.Tensor, *tensors: torch.Tensor) -> None:
+            given = iter(tensors)
+            mean, m2, s_abs, s_g, half = (next(given) if k else None for k in kept)
+            kernels.welford_update(g, mean, m2, s_abs, s_g, count=0, sum_half=half, dtype=self.dtype,
+                                   counts=next(given))
+
+        replays(("welford", kept, self.dtype), launch, g, *(t for t in state if t is not None),
+                self._counts_on(g.device, count))
+
+    def _counts_on(self, device: torch.device, count: int) -> torch.Tensor:
+        """An int64 tensor on ``device`` holding :func:`~sketchfisher.kernels.update_counts` of ``count`` (written
+        in stream order where the count changed: the launches queued before read the one before)."""
+        held = self._counts.get(device)
+        if held is None:
+            held = self._counts[device] = [torch.zeros(3, dtype=torch.int64, device=device), None]
+        if held[1] != count:
+            held[0].copy_(torch.tensor(kernels.update_counts(count), dtype=torch.int64).pin_memory(), non_blocking=True)
+            held[1] = count
+        return held[0]
 
     def _checked_state(self, name: str, checked: tuple) -> Optional[tuple[Optional[torch.Tensor], ...]]:
         """The state of ``name`` where it is the same tensors the last kernel update took, for a gradient of the same

@@ -190,11 +190,17 @@ def finish_kernel(part_ptr, rc_ptr, c2_ptr, usc_ptr, res_ptr, chunks, n, H, allo
 
 
 @triton.jit
-def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stride_n, count, key0, key1,
+def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stride_n, count, key0, key1, counts_ptr,
                    BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_M2: tl.constexpr, HAS_ABS: tl.constexpr,
                    HAS_SUM: tl.constexpr, HAS_HALF: tl.constexpr, ROUND_ABS: tl.constexpr, ROUND_SIGNED: tl.constexpr,
-                   ABS_SLOT: tl.constexpr, SUM_SLOT: tl.constexpr, HALF_SLOT: tl.constexpr, WORDS: tl.constexpr):
-    # key0, key1: hashing.count_key of this update for the two random words (int32 bit patterns)
+                   ABS_SLOT: tl.constexpr, SUM_SLOT: tl.constexpr, HALF_SLOT: tl.constexpr, WORDS: tl.constexpr,
+                   FROM_MEMORY: tl.constexpr):
+    # key0, key1: hashing.count_key of this update for the two random words (int32 bit patterns); FROM_MEMORY: count,
+    # key0 and key1 are read from counts_ptr (int64 [3]) instead, so that a recorded launch serves every batch
+    if FROM_MEMORY:
+        count = tl.load(counts_ptr)
+        key0 = tl.load(counts_ptr + 1).to(tl.int32)
+        key1 = tl.load(counts_ptr + 2).to(tl.int32)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     dt = mean_ptr.dtype.element_ty  # the statistics' dtype (a placeholder of it where the mean is not kept)

@@ -30,7 +30,8 @@ PER_KEY = 4  # recordings kept per caller key (inputs at other addresses: run di
 
 
 class Replays:
-    """Recordings of ``fn(*inputs) -> Tensor`` calls on one CUDA device, sharing one memory pool (see the module)."""
+    """Recordings of ``fn(*inputs) -> Tensor or None`` calls on one CUDA device, sharing one memory pool (see the
+    module)."""
 
     def __init__(self) -> None:
         self.graphs: dict = {}  # full key -> (graph, its output)
@@ -41,8 +42,13 @@ class Replays:
         self.broken = False
         self.replayed = 0
 
+    @property
+    def active(self) -> bool:
+        """Whether calls may be recorded (graphs are on, and none has failed to record)."""
+        return ENABLED and not self.broken
+
     def __call__(self, key: Any, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-        if not ENABLED or self.broken or not all(t.is_cuda for t in inputs):
+        if not self.active or not all(t.is_cuda for t in inputs):
             return fn(*inputs)
         full = (key, *((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
         kept = self.graphs.get(full)
@@ -56,7 +62,7 @@ class Replays:
         graph, out = kept
         graph.replay()
         self.replayed += 1
-        return out.clone()  # (the recording's output is overwritten by its next replay)
+        return None if out is None else out.clone()  # (the recording's output is overwritten by its next replay)
 
     def forget(self, key: Any) -> None:
         """Drop the recordings of ``key`` (what they read is about to go)."""
