@@ -287,7 +287,7 @@ def test_bf16_per_sample_gradients_leave_the_estimates_as_accurate(llama, monkey
         with monkeypatch.context() as patch:
             if rounded:  # the GPU's bf16 path on the CPU
                 patch.setattr(BatchFactors, "rounds", lambda self, module: True)
-                patch.setattr(BatchFactors, "grad", lambda self, module, low=False: grad(self, module).to(
+                patch.setattr(BatchFactors, "grad", lambda self, module, low=False, into=None: grad(self, module).to(
                     torch.bfloat16 if low else torch.float32))
             return sf.analyze(model, generic_loss, ta, tb, codec=sf.Sketch(k=32, seed=2, dtype=dtype), units="all")
 
