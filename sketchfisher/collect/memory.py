@@ -20,7 +20,8 @@ the batch, and the number of devices the layers are spread over. Its terms:
   fp32 loss (fitted on Llama-7B and Llama-3-8B shapes on an H200; docs/benchmarks.md compares the
   prediction with every measured run);
 * one module's per-sample gradient: 2·B·out·in·4 bytes, or ·2 where it is formed in bf16 (a bf16 model's on a GPU,
-  in a sketch collection: ``grad_bytes=2``).
+  in a sketch collection: ``grad_bytes=2``), and then at least one buffer per distinct weight shape, B·out·in·2
+  bytes each, that the pass writes every gradient of that shape into.
 """
 
 from __future__ import annotations
@@ -134,6 +135,16 @@ class Shape:
         entries = self.num_layers * (self.attn_params_per_layer * heads + self.mlp_params_per_layer * mlp)
         return sizes, entries, self.num_layers * (4 * heads + self.mlp_matrices * mlp)
 
+    def gradient_buffer_entries(self, families: tuple[str, ...]) -> int:
+        """Entries of one sample's gradient buffers: one per distinct weight shape of the collected families."""
+        hd = self.head_dim
+        shapes = set()
+        if "heads" in families:
+            shapes |= {(self.heads * hd, self.hidden), (self.kv_heads * hd, self.hidden), (self.hidden, self.heads * hd)}
+        if "mlp" in families:
+            shapes |= {(self.intermediate, self.hidden), (self.hidden, self.intermediate)}
+        return sum(a * b for a, b in shapes)
+
     @property
     def mlp_params_per_layer(self) -> int:
         return self.mlp_matrices * self.hidden * self.intermediate
@@ -217,6 +228,8 @@ class _Terms:
         acts += tokens_b * s.vocab * LOGIT_BYTES
         grad32 = 2 * batch_size * max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden * 4
         grad = grad32 * grad_bytes / 4
+        if grad_bytes == 2:  # (bf16 gradients are written into one buffer per weight shape, kept through the pass)
+            grad = max(grad, batch_size * 2 * s.gradient_buffer_entries(families))
         width = s.num_layers * in_out
         per_task = samples / 2
         rep = sketches = raw = 0.0
