@@ -156,7 +156,7 @@ def per_sample_gradients(dtype: str):
 
     grad = BatchFactors.grad
     if dtype == "fp32":
-        BatchFactors.grad = lambda self, module, low=False: grad(self, module)
+        BatchFactors.grad = lambda self, module, low=False, into=None: grad(self, module)
     try:
         yield
     finally:

@@ -66,7 +66,7 @@ def rounded(statistics: bool):
     grad, rounds, blocks = BatchFactors.grad, BatchFactors.rounds, sketches.block_gradients
     if statistics:
         BatchFactors.rounds = lambda self, module: True
-        BatchFactors.grad = lambda self, module, low=False: grad(self, module).to(
+        BatchFactors.grad = lambda self, module, low=False, into=None: grad(self, module).to(
             torch.bfloat16 if low else torch.float32)
     else:
         sketches.block_gradients = lambda captured, module, hbs: blocks(captured, module, hbs).bfloat16().float()
