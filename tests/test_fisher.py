@@ -91,6 +91,33 @@ def test_kernel_updates_of_the_same_state_skip_its_checks_and_see_a_replaced_ten
     assert held() is None
 
 
+def test_recordable_welford_launches_read_the_count_from_the_statistics_tensor(monkeypatch):
+    """The Welford update as a recorded launch reads (``FisherStats.update(replays=...)``): the state tensors passed
+    as inputs in their order, the count and its rounding keys from the statistics' counts tensor, rewritten where the
+    count changes. Run through Triton's interpreter with a stand-in for the recordings that calls each launch once;
+    bitwise the by-value update, the bf16 sums' random bits and the half sum included."""
+    class Direct:  # (calls the launch as a replay would run it: the same inputs, the same order)
+        active, calls = True, 0
+
+        def __call__(self, key, fn, *inputs):
+            self.calls += 1
+            return fn(*inputs)
+
+    monkeypatch.setattr(FisherStats, "_kernel_applies", lambda self, g, kept: True)
+    quantities = ("fisher", "abs", "sum", "half")
+    recorded, by_value = (FisherStats.accumulating(torch.float32, quantities) for _ in range(2))
+    replays = Direct()
+    for step, n in enumerate((2, 3, 2, 1)):
+        g = torch.randn(n, 40, 3, generator=torch.Generator().manual_seed(step))
+        recorded.update({"w": g, "v": g[:, :5]}, replays=replays)
+        by_value.update({"w": g, "v": g[:, :5]})
+    assert replays.calls == 8 and recorded._counts[torch.device("cpu")][1] == 7  # (before the last batch)
+    for name in ("w", "v"):
+        assert torch.equal(recorded.welford[name].mean, by_value.welford[name].mean)
+        for (q, acc), (_, other) in zip(recorded.sums(), by_value.sums()):
+            assert acc[name].dtype == torch.bfloat16 and torch.equal(acc[name], other[name]), q
+
+
 def test_ema_constant_stream_returns_constant_every_step():
     ema = EMAFisher(beta=0.9)
     g = torch.full((1, 2, 3), 3.0)  # C = 9

@@ -162,7 +162,8 @@ class FisherStats:
         if held is None:
             held = self._counts[device] = [torch.zeros(3, dtype=torch.int64, device=device), None]
         if held[1] != count:
-            held[0].copy_(torch.tensor(kernels.update_counts(count), dtype=torch.int64).pin_memory(), non_blocking=True)
+            values = torch.tensor(kernels.update_counts(count), dtype=torch.int64)
+            held[0].copy_(values.pin_memory() if held[0].is_cuda else values, non_blocking=True)
             held[1] = count
         return held[0]
 
