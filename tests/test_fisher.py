@@ -99,8 +99,11 @@ def test_recordable_welford_launches_read_the_count_from_the_statistics_tensor(m
     class Direct:  # (calls the launch as a replay would run it: the same inputs, the same order)
         active, calls = True, 0
 
+        keys: set = set()
+
         def __call__(self, key, fn, *inputs):
             self.calls += 1
+            self.keys.add(key)
             return fn(*inputs)
 
     monkeypatch.setattr(FisherStats, "_kernel_applies", lambda self, g, kept: True)
@@ -112,6 +115,7 @@ def test_recordable_welford_launches_read_the_count_from_the_statistics_tensor(m
         recorded.update({"w": g, "v": g[:, :5]}, replays=replays)
         by_value.update({"w": g, "v": g[:, :5]})
     assert replays.calls == 8 and recorded._counts[torch.device("cpu")][1] == 7  # (before the last batch)
+    assert len(replays.keys) == 2  # (one recording per parameter: a key is kept to a few recordings)
     for name in ("w", "v"):
         assert torch.equal(recorded.welford[name].mean, by_value.welford[name].mean)
         for (q, acc), (_, other) in zip(recorded.sums(), by_value.sums()):

@@ -224,6 +224,8 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     replayed = sf.analyze(model, generic_loss, ta, tb, **kw)
     # pass 1 A's and pass B's statistics, pass B's and pass 2 A's side kernels
     assert sum(r.replayed > 0 for r in made) >= 4 and not any(r.broken for r in made)
+    # one key per block or parameter, recorded once per batch size (a shared key would stop at graphs.PER_KEY)
+    assert all(max(r.count.values(), default=0) <= 2 for r in made)
     monkeypatch.setattr(graphs, "ENABLED", False)
     direct = sf.analyze(model, generic_loss, ta, tb, **kw)
     for task in ("a", "b"):

@@ -133,14 +133,15 @@ class FisherStats:
                 elif kept:
                     update_in_chunks(g, w.count, self.dtype, *state)
             if on_kernel:  # one Triton kernel, one pass over g
-                self._kernel_update(g.reshape(n, -1).contiguous(), state, w.count, replays)
+                self._kernel_update(name, g.reshape(n, -1).contiguous(), state, w.count, replays)
             if "half" in self.quantities:  # the samples at even positions of the stream
                 self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
             w.count += n
 
-    def _kernel_update(self, g: torch.Tensor, state: tuple, count: int, replays: Optional[Replays]) -> None:
-        """The Welford kernel on ``g [n, N]``; through ``replays`` it reads the count from a device tensor of these
-        statistics (set once per count), so that one recording serves every batch of a pass."""
+    def _kernel_update(self, name: str, g: torch.Tensor, state: tuple, count: int, replays: Optional[Replays]) -> None:
+        """The Welford kernel on ``g [n, N]``; through ``replays`` (one recording per parameter) it reads the count from
+        a device tensor of these statistics (set once per count), so that one recording serves every batch of a
+        pass."""
         if replays is None or not replays.active:
             kernels.welford_update(g, *state[:4], count=count, sum_half=state[4], dtype=self.dtype)
             return
@@ -152,7 +153,7 @@ class FisherStats:
             kernels.welford_update(g, mean, m2, s_abs, s_g, count=0, sum_half=half, dtype=self.dtype,
                                    counts=next(given))
 
-        replays(("welford", kept, self.dtype), launch, g, *(t for t in state if t is not None),
+        replays(("welford", name, kept, self.dtype), launch, g, *(t for t in state if t is not None),
                 self._counts_on(g.device, count))
 
     def _counts_on(self, device: torch.device, count: int) -> torch.Tensor:
