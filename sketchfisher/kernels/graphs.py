@@ -30,15 +30,15 @@ PER_KEY = 4  # recordings kept per caller key (inputs at other addresses: run di
 
 
 class Replays:
-    """Recordings of ``fn(*inputs) -> Tensor or None`` calls on one CUDA device, sharing one memory pool (see the
-    module)."""
+    """Recordings of ``fn(*inputs) -> Tensor or None`` calls, those of one CUDA device sharing one memory pool and
+    recorded on one side stream (see the module); a call's device is its first input's."""
 
     def __init__(self) -> None:
         self.graphs: dict = {}  # full key -> (graph, its output)
         self.seen: set = set()  # full keys run once directly (their kernels compiled)
         self.count: dict = {}  # caller key -> recordings made
-        self.pool: Any = None
-        self.stream: Any = None
+        self.pools: dict = {}  # device -> the memory pool its recordings share
+        self.streams: dict = {}  # device -> the side stream recordings are made on
         self.broken = False
         self.replayed = 0
 
@@ -73,14 +73,15 @@ class Replays:
     def _record(self, full: tuple, key: Any, fn: Callable[..., torch.Tensor], inputs: tuple) -> Any:
         device = inputs[0].device
         here = torch.cuda.current_stream(device)
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device)
-        self.stream.wait_stream(here)
+        stream = self.streams.get(device)
+        if stream is None:
+            stream = self.streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(here)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(stream):
                 # (thread_local: the host-staging thread may page-lock memory meanwhile)
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                graph.capture_begin(pool=self.pools.get(device), capture_error_mode="thread_local")
                 try:
                     out = fn(*inputs)
                 finally:
@@ -89,9 +90,9 @@ class Replays:
             logger.warning("CUDA graphs are off for this pass (each block's launches run one by one): %s", exc)
             self.broken = True
             return None
-        here.wait_stream(self.stream)
-        if self.pool is None:
-            self.pool = graph.pool()
+        here.wait_stream(stream)
+        if device not in self.pools:
+            self.pools[device] = graph.pool()
         self.count[key] = self.count.get(key, 0) + 1
         self.graphs[full] = (graph, out)
         return self.graphs[full]
