@@ -73,6 +73,6 @@ class FusedSides:
         where it does not)."""
         launch = self.launcher(layer, block, prep, grad.device)
         # (keyed by the set-up, which holds what the launches read besides the gradient)
-        res = self.replays(launch, launch.run, grad) if launch.steady(grad) else launch.run(grad)
+        res = self.replays(launch, launch.run, grad)
         sk, norm2, cross, gamma, dots = launch.split(res)
         return sk, norm2, cross, gamma if launch.centring else torch.zeros_like(norm2), dots
