@@ -54,14 +54,14 @@ def test_kernel_updates_of_the_same_state_skip_its_checks_and_see_a_replaced_ten
     """Where the Triton update takes a parameter's batches, a later update of the same state tensors launches it
     straight away (no re-check); a state tensor replaced in between (moved, rounded, read back) is checked and
     used. The kernel is stood in for by the in-place torch update it is tested against on a GPU."""
-    import sketchfisher.fisher.stats as stats_mod
+    from sketchfisher import kernels
     from sketchfisher.fisher.welford import update_in_chunks
 
     def kernel(g, mean, m2, sum_abs, sum_g, count, sum_half=None, dtype=None):
         update_in_chunks(g, count, dtype, *(None if t is None else t.view(-1) for t in (mean, m2, sum_abs, sum_g,
                                                                                           sum_half)))
 
-    monkeypatch.setattr(stats_mod.kernels, "welford_update", kernel)
+    monkeypatch.setattr(kernels, "welford_update", kernel)
     monkeypatch.setattr(FisherStats, "_kernel_applies", lambda self, g, kept: True)
     checked = []
     monkeypatch.setattr(FisherStats, "_state", lambda self, name, g, inner=FisherStats._state: (

@@ -19,11 +19,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import kernels
 from ..kernels.graphs import Replays
 from ..errors import GradientError, InputError
 from ..layout import Layout
 from .host import host_copy
+from .kernel_updates import KernelUpdates
 from .precision import PLAIN_SUMS, accumulator_dtype
 from .welford import QUANTITIES, Welford, update_in_chunks
 
@@ -32,7 +32,7 @@ TENSOR_NAMES = dict(zip(PLAIN_SUMS, ("sum_abs", "sum_g", "sum_half")))
 
 
 @dataclass
-class FisherStats:
+class FisherStats(KernelUpdates):
     """Pass-1 statistics of one task: per parameter the sample count and the kept ``quantities``
     (:data:`QUANTITIES`), full shape, in ``dtype``."""
 
@@ -137,55 +137,6 @@ class FisherStats:
             if "half" in self.quantities:  # the samples at even positions of the stream
                 self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
             w.count += n
-
-    def _kernel_update(self, name: str, g: torch.Tensor, state: tuple, count: int, replays: Optional[Replays]) -> None:
-        """The Welford kernel on ``g [n, N]``; through ``replays`` (one recording per parameter) it reads the count from
-        a device tensor of these statistics (set once per count), so that one recording serves every batch of a
-        pass."""
-        if replays is None or not replays.active:
-            kernels.welford_update(g, *state[:4], count=count, sum_half=state[4], dtype=self.dtype)
-            return
-        kept = tuple(t is not None for t in state)
-
-        def launch(g: torch.Tensor, *tensors: torch.Tensor) -> None:
-            given = iter(tensors)
-            mean, m2, s_abs, s_g, half = (next(given) if k else None for k in kept)
-            kernels.welford_update(g, mean, m2, s_abs, s_g, count=0, sum_half=half, dtype=self.dtype,
-                                   counts=next(given))
-
-        replays(("welford", name, kept, self.dtype), launch, g, *(t for t in state if t is not None),
-                self._counts_on(g.device, count))
-
-    def _counts_on(self, device: torch.device, count: int) -> torch.Tensor:
-        """An int64 tensor on ``device`` holding :func:`~sketchfisher.kernels.update_counts` of ``count`` (written
-        in stream order where the count changed: the launches queued before read the one before)."""
-        held = self._counts.get(device)
-        if held is None:
-            held = self._counts[device] = [torch.zeros(3, dtype=torch.int64, device=device), None]
-        if held[1] != count:
-            values = torch.tensor(kernels.update_counts(count), dtype=torch.int64)
-            held[0].copy_(values.pin_memory() if held[0].is_cuda else values, non_blocking=True)
-            held[1] = count
-        return held[0]
-
-    def _checked_state(self, name: str, checked: tuple) -> Optional[tuple[Optional[torch.Tensor], ...]]:
-        """The state of ``name`` where it is the same tensors the last kernel update took, for a gradient of the same
-        ``checked`` (shape, device, dtypes) after a first update; else None."""
-        ready, w = self._kernel_ready.get(name), self.welford.get(name)
-        if ready is None or w is None or not w.count or ready[1] != checked:
-            return None
-        state = self._held(name, w)
-        return state if all(now is (then if then is None else then()) for now, then in zip(state, ready[0])) else None
-
-    def _held(self, name: str, w: Welford) -> tuple[Optional[torch.Tensor], ...]:
-        """The state tensors of ``name`` as held now (mean, M2, Σ|g|, Σg, half sum)."""
-        return w.mean, w.m2, self.sum_abs.get(name), self.sum_g.get(name), self.sum_half.get(name)
-
-    def _kernel_applies(self, g: torch.Tensor, state: tuple[Optional[torch.Tensor], ...]) -> bool:
-        """Whether the Triton update takes this batch: CUDA gradients and state on its device, Triton present."""
-        device = g.device
-        return (g.is_cuda and g.dtype in kernels.DTYPES and self.dtype in (torch.float32, torch.float64)
-                and all(s.device == device for s in state if s is not None) and kernels.available())
 
     def _state(self, name: str, g: torch.Tensor) -> tuple[Welford, tuple[Optional[torch.Tensor], ...]]:
         """The Welford state of ``name`` and its kept accumulators (mean, M2, Σ|g|, Σg; None where not kept),

@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .hashing import SHIFT_TWEAK, count_key, rounding_slots
+from .hashing import SHIFT_TWEAK
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w (metric.variants)
@@ -119,11 +119,6 @@ class Launches:
         compiled = self.fn[grid](*args, **constants)
         if compiled is not None and hasattr(compiled, "__getitem__") and len(self.kept) < 4096:
             self.kept[key] = (compiled, tuple(constants[name] for name in self.names[len(args):]))
-
-
-@functools.lru_cache(maxsize=1)
-def _welford() -> "Launches":
-    return Launches(_kernels()[1])
 
 
 def _next_pow2(v: int) -> int:
@@ -271,11 +266,6 @@ class SketchHeads:
         k, mu = self.k, self.mu
         return res[..., :k], res[..., k], res[..., k + 1], res[..., k + 2], res[..., k + 3:] if mu else None
 
-    def steady(self, g: torch.Tensor) -> bool:
-        """Whether :meth:`run` reads ``g`` where it lies (it copies a gradient whose rows are not dense): a call that
-        a CUDA graph may record and replay for a gradient at the same place (:mod:`.graphs`)."""
-        return g.ndim <= 1 or g.is_contiguous() or g[0].is_contiguous()
-
     def run(self, g: torch.Tensor) -> torch.Tensor:
         """The launches on ``g``: one fp32 tensor ``[n, H, k + 3 + m]`` (sketch, ‖ṽ‖², cross, γ or own, dots)."""
         if g.dtype not in DTYPES:
@@ -286,8 +276,8 @@ class SketchHeads:
         n, H, mu = g.shape[0], self.H, self.mu
         if n == 0:
             return torch.zeros(0, H, self.k + 3 + mu, dtype=torch.float32, device=dev)
-        if not self.steady(g):
-            g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense
+        if g.ndim > 1 and not g.is_contiguous() and not g[0].is_contiguous():
+            g = g.contiguous()  # rows may be strided (stride(0)), each row must be dense (a recording copies too)
         sketch, finish = self._kept or self._launches
         plan = self._plan(n)
         part = torch.empty(plan.part, dtype=torch.float32, device=dev)
@@ -345,60 +335,5 @@ def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
     return sk[:, 0].to(x.dtype)
 
 
-def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
-                   sum_abs: Optional[torch.Tensor], sum_g: Optional[torch.Tensor], count: int,
-                   sum_half: Optional[torch.Tensor] = None, block: int = 1024,
-                   dtype: Optional[torch.dtype] = None, num_warps: int = 4,
-                   counts: Optional[torch.Tensor] = None) -> None:
-    """Fold ``g [n, N]`` (rows at stride ``g.stride(0)``, each contiguous) into the state in place; ``count``
-    samples came before, and ``sum_half`` sums the rows at even positions of the whole stream (``count + r``).
-
-    Each state tensor may be None (not kept; ``m2`` needs ``mean``). One pass over the batch from
-    memory: each program reads its slice of the n rows once, and a second time from cache for M2. ``dtype``: the
-    statistics' precision (default: the first kept state's); a bf16 ``sum_abs``, ``sum_g`` or ``sum_half`` of wider
-    statistics is rounded stochastically, with the random bits of
-    :func:`~sketchfisher.kernels.hashing.round_bf16_stochastic` (one hash word for two sums,
-    :func:`~sketchfisher.kernels.hashing.rounding_slots`). ``counts``: an int64 device tensor holding
-    :func:`update_counts` of the update, read by the kernel in place of ``count`` (a launch that a CUDA graph records
-    once and replays for every batch, :mod:`.graphs`)."""
-    welford = _welford()
-    n, N = g.shape
-    state = (mean, m2, sum_abs, sum_g, sum_half)
-    dtype = dtype or next(t for t in state if t is not None).dtype
-    dummy = mean if mean is not None else _placeholder(dtype, g.device)  # (carries the dtype)
-    slots = rounding_slots({"abs": sum_abs, "sum": sum_g, "half": sum_half}, dtype)  # (Σg, half sum: one dtype)
-    from_memory = counts is not None
-    count, key0, key1 = (0, 0, 0) if from_memory else update_counts(count)
-    options = (block, mean is not None, m2 is not None, sum_abs is not None, sum_g is not None, sum_half is not None,
-               tuple(slots.items()), num_warps, from_memory)
-    with _on(g.device):
-        welford((-(-N // block), 1, 1), (g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count,
-                                         key0, key1, counts if from_memory else dummy),
-                functools.partial(_welford_constants, *options), options)
-
-
-def update_counts(count: int) -> tuple[int, int, int]:
-    """What the Welford kernel reads of an update after ``count`` samples: the count and its two hash words' keys
-    (int32 bit patterns)."""
-    return (count, *(_int32(count_key(count, slot)) for slot in (0, 2)))
-
-
-def _welford_constants(block: int, has_mean: bool, has_m2: bool, has_abs: bool, has_sum: bool, has_half: bool,
-                       slots: tuple, num_warps: int, from_memory: bool = False) -> dict:
-    """The Welford kernel's constants (what :func:`welford_update` keys its launches by, spelled out)."""
-    slots = dict(slots)
-    return dict(BLOCK=block, HAS_MEAN=has_mean, HAS_M2=has_m2, HAS_ABS=has_abs, HAS_SUM=has_sum, HAS_HALF=has_half,
-                ROUND_ABS="abs" in slots, ROUND_SIGNED="sum" in slots or "half" in slots,
-                ABS_SLOT=slots.get("abs", 0), SUM_SLOT=slots.get("sum", 0), HALF_SLOT=slots.get("half", 0),
-                WORDS=-(-len(slots) // 2), FROM_MEMORY=from_memory, num_warps=num_warps)
-
-
-@functools.lru_cache(maxsize=None)
-def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A one-element tensor that stands for a statistic not kept (the kernel reads its dtype, never its values)."""
-    return torch.empty(1, dtype=dtype, device=device)
-
-
-def _int32(word: int) -> int:
-    """A 32-bit word as the int32 with its bits (a kernel argument of one type whatever its value)."""
-    return word - (1 << 32) if word >= 1 << 31 else word
+# the statistics kernel (it builds on Launches and _on above)
+from .welford import _welford, update_counts, welford_update  # noqa: E402
