@@ -3,7 +3,7 @@
 Builds random Llama-7B-shaped attention statistics on the device (task A: Fisher and Σ|g|; task B: Σ|g|),
 times :func:`sketchfisher.collect.prepare_all` without and with moving the Fisher to host memory, then the
 host copy itself: into fresh pageable memory, into memory already touched, into pinned memory (and the
-pinning). With ``--disk DIR``: what a store's background writer can do there, sha256 over one core and a
+pinning), back from pinned memory, and both directions at once on two streams. With ``--disk DIR``: what a store's background writer can do there, sha256 over one core and a
 write with fsync. Measured on an H200 host (docs/benchmarks.md, "The user path at full size").
 
     python3 benchmarks/host_transfer.py                      # 32 layers of hidden 4096, on cuda
@@ -80,6 +80,24 @@ def main() -> None:
         print(f"| pin {gb:.1f} GB of host memory | {sec:.2f} |")
         sec, _ = clock(lambda: [q.copy_(t, non_blocking=True) for q, t in zip(pinned, tensors)])
         print(f"| copy into pinned memory | {sec:.2f} |")
+        back = [torch.empty_like(t) for t in tensors]
+        sec, _ = clock(lambda: [b.copy_(q, non_blocking=True) for b, q in zip(back, pinned)])
+        print(f"| copy from pinned memory back to the device | {sec:.2f} |")
+        other = torch.cuda.Stream(dev)  # (one direction each: what the preparation's copy stream overlaps)
+
+        def both_ways():
+            other.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(other):
+                for q, t in zip(pinned, tensors):
+                    q.copy_(t, non_blocking=True)
+            for b, q in zip(back, sources):
+                b.copy_(q, non_blocking=True)
+            torch.cuda.current_stream(dev).wait_stream(other)
+
+        sources = [torch.empty(t.shape, pin_memory=True) for t in tensors]  # (another pinned set: the way back)
+
+        sec, _ = clock(both_ways)
+        print(f"| both at once, {gb:.1f} GB each way on two streams | {sec:.2f} |")
     if args.disk:
         disk(args.disk, args.disk_gib)
 
