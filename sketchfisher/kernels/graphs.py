@@ -53,7 +53,9 @@ class Replays:
         full = (key, *((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
         kept = self.graphs.get(full)
         if kept is None:
-            if full not in self.seen or self.count.get(key, 0) >= PER_KEY:
+            if self.count.get(key, 0) >= PER_KEY:  # (enough recordings of this key: no more, nothing remembered)
+                return fn(*inputs)
+            if full not in self.seen:
                 self.seen.add(full)
                 return fn(*inputs)
             kept = self._record(full, key, fn, inputs)
