@@ -403,6 +403,30 @@ def test_overlapped_host_copies_are_complete_on_leaving_and_their_sources_are_no
         assert torch.equal(staging.copy(torch.ones(3, device="cuda")), torch.ones(3))  # (outside: the ordinary copy)
 
 
+def test_copies_ahead_reach_the_device_in_order_while_it_is_busy():
+    """``CopiesAhead`` on CUDA: each item's page-locked host tensor arrives on a copy stream, queued one item
+    ahead, and the current stream's work reads it only once it is there (the device kept busy before every read)."""
+    from sketchfisher.fisher.host import CopiesAhead
+
+    n, names = 1 << 22, [f"p{i}" for i in range(6)]
+    host = {name: torch.randn(n, generator=torch.Generator().manual_seed(i)).pin_memory()
+            for i, name in enumerate(names)}
+    ahead = CopiesAhead(names, lambda name, what: host[name])
+    dev = torch.device("cuda", torch.cuda.current_device())
+    busy = torch.randn(2048, 2048, device=dev)
+    got = []
+    for name in names:
+        for _ in range(20):
+            busy = (busy @ busy).tanh_()  # (the current stream is behind when the copy is asked for)
+        t = ahead.get(name, "fisher", dev)
+        assert t.is_cuda and t.device == dev
+        got.append((t * 1.0).cpu())  # (work on the current stream reads the copy)
+        del t
+    for name, g in zip(names, got):
+        assert torch.equal(g, host[name])
+    assert not ahead._queued  # (the last item has no next one)
+
+
 def test_staged_host_copies_and_background_store_writes_change_nothing(tmp_path, monkeypatch):
     """Statistics copied into host buffers made ready in the background, and a store whose pass-1 files and
     shards are written by a background thread (one transfer per shard), give the in-memory scores."""

@@ -253,6 +253,39 @@ def test_host_staging_that_cannot_lock_or_allocate_falls_back_to_ordinary_copies
         assert out.shape == (6,) and out.device.type == "cpu"
 
 
+def test_copies_ahead_bring_each_item_with_the_next_queued_and_drop_guesses_not_asked_for():
+    """``CopiesAhead`` returns each item's tensor of the kind asked for, having asked its source for the next item's
+    of the same kind while returning this one; a guess never asked for is dropped, and a source that fails for a
+    guess fails only where that item is asked for."""
+    from sketchfisher.errors import InputError
+    from sketchfisher.fisher.host import CopiesAhead
+
+    tensors = {(name, what): torch.full((3,), float(i), dtype=torch.float64)
+               for i, (name, what) in enumerate((n, w) for n in "abcd" for w in ("fisher", "sum"))}
+    asked = []
+
+    def source(name, what):
+        asked.append((name, what))
+        if name == "d" and what == "sum":
+            raise InputError("no sum of d")
+        return tensors[(name, what)]
+
+    ahead = CopiesAhead(["a", "a", "b", "c", "d"], source)
+    cpu = torch.device("cpu")
+    assert torch.equal(ahead.get("a", "fisher", cpu), tensors[("a", "fisher")])
+    assert asked == [("a", "fisher"), ("b", "fisher")]
+    assert torch.equal(ahead.get("a", "sum", cpu), tensors[("a", "sum")])
+    assert asked[2:] == [("a", "sum"), ("b", "sum")]
+    assert torch.equal(ahead.get("b", "sum", cpu), tensors[("b", "sum")])  # (queued: not asked again)
+    assert asked[4:] == [("c", "sum")] and set(ahead._queued) == {("b", "fisher"), ("c", "sum")}
+    assert torch.equal(ahead.get("c", "fisher", cpu), tensors[("c", "fisher")])  # (b's Fisher, never asked: dropped)
+    assert ("b", "fisher") not in ahead._queued and asked[5:] == [("c", "fisher"), ("d", "fisher")]
+    assert torch.equal(ahead.get("c", "sum", cpu), tensors[("c", "sum")])  # (d's sum fails as a guess: not queued)
+    assert ("d", "sum") not in ahead._queued
+    with pytest.raises(InputError, match="no sum of d"):
+        ahead.get("d", "sum", cpu)
+
+
 def test_mismatched_settings_and_model_are_refused(small, tmp_path):
     model, ta, tb = small
     sf.analyze(model, generic_loss, ta, tb, codec=CODEC, store=tmp_path / "s")

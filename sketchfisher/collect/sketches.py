@@ -30,7 +30,7 @@ from ..compress.sketch_scores import (BlockPrep, Side, balances_by_fisher, confl
 from ..errors import InputError
 from ..fisher import MEAN_ACCESSOR, FisherStats, HostStaging
 from ..fisher.precision import kept_dtypes
-from ..fisher.host import host_copy
+from ..fisher.host import CopiesAhead, host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from .finite import LaggedFiniteCheck
@@ -294,6 +294,9 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
     last_use = {layout.param_of(*key): key for key in keys}
     centres, residuals = {}, {}
     held: dict = {}  # task A's statistics of one parameter on the preparations' device (what: tensor)
+    # (each parameter's statistics of task A come over while the device finishes the parameter before)
+    ahead = CopiesAhead([layout.param_of(*key) for key in keys],
+                        lambda name, what: stats_a.fisher(name) if what == "fisher" else stats_a.sum_g[name])
 
     def of_a(key, what: str, device: torch.device) -> torch.Tensor:
         if stats_a is None or what not in stats_a.quantities:
@@ -304,8 +307,8 @@ def centre_j_side(layout: Layout, codec: SideCodec, cfg: ScoreConfig, preps: Pre
             held.clear()
             held["name"] = name
         if what not in held:
-            held[what] = (stats_a.fisher(name).to(device, non_blocking=True) if what == "fisher"
-                          else stats_a.mean_grad(name, device))
+            moved = ahead.get(name, what, device)
+            held[what] = moved if what == "fisher" else stats_a.mean_grad(name, moved=moved)
         return layout.gather(*key, held[what].unsqueeze(0))[0]
 
     with overlapped(staging):  # (B's statistics leave while task A's come back for the next parameter)

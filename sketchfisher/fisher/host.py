@@ -21,10 +21,12 @@ import threading
 import weakref
 from collections import Counter, deque
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 Key = tuple[int, torch.dtype]  # (number of elements, dtype): buffers are flat and take any shape
@@ -163,6 +165,56 @@ class HostStaging:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CopiesAhead:
+    """Host tensors brought to a GPU one item ahead of their use, so that each transfer runs while the device
+    works on the item before.
+
+    ``source(item, what)`` gives an item's host tensor of one kind (``what``); ``order`` is the order the items are
+    asked for in. :meth:`get` returns the device copy of ``(item, what)`` (on a copy stream of its own, waited for by
+    the current stream, not by the host) and queues the same kind of the next item in ``order``: the guess that the
+    next item needs what this one did. A copy queued but never asked for is dropped when a later item is asked for.
+    At most the next item's tensors wait on the device beside the ones in use. Off CUDA, a plain ``to``.
+    """
+
+    def __init__(self, order: Iterable[Hashable], source: Callable[[Hashable, str], torch.Tensor]):
+        self.order = list(dict.fromkeys(order))
+        self._after = dict(zip(self.order, self.order[1:]))
+        self.source = source
+        self._queued: dict = {}  # (item, what) -> (device tensor, its copy's event or None)
+        self._streams: dict = {}  # device -> copy stream
+
+    def get(self, item: Hashable, what: str, device: torch.device) -> torch.Tensor:
+        got = self._queued.pop((item, what), None)
+        if got is None or got[0].device != device:
+            got = self._copy(item, what, device)
+        t, event = got
+        if event is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(event)
+            t.record_stream(current)  # (its memory came from the copy stream; it is used and freed on this one)
+        following = self._after.get(item)
+        self._queued = {key: v for key, v in self._queued.items() if key[0] in (item, following)}
+        if following is not None and (following, what) not in self._queued:
+            try:
+                self._queued[(following, what)] = self._copy(following, what, device)
+            except (KeyError, InputError):  # (a guess only: asked for, the item's own call says what is missing)
+                pass
+        return t
+
+    def _copy(self, item: Hashable, what: str, device: torch.device) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+        src = self.source(item, what)
+        if device.type != "cuda" or src.device == device:
+            return src.to(device), None
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            t = src.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return t, event
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:

@@ -369,10 +369,14 @@ class FisherStats(KernelUpdates):
         formed from these means on whichever device reads the statistics)."""
         return self.sum_abs[name].to(self.dtype) * (1.0 / self._require("abs", name).count)
 
-    def mean_grad(self, name: str, device: Optional[torch.device] = None) -> torch.Tensor:
-        """Σg / n, formed on ``device`` where given (the sum moves there in its own, narrower dtype first)."""
+    def mean_grad(self, name: str, device: Optional[torch.device] = None,
+                  moved: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Σg / n, formed on ``device`` where given (the sum moves there in its own, narrower dtype first;
+        ``moved``: that sum, already moved)."""
         count = self._require("sum", name).count
-        return self.sum_g[name].to(device or self.sum_g[name].device, non_blocking=True).to(self.dtype) * (1.0 / count)
+        if moved is None:
+            moved = self.sum_g[name].to(device or self.sum_g[name].device, non_blocking=True)
+        return moved.to(self.dtype) * (1.0 / count)
 
     def mean_grad_half(self, name: str) -> torch.Tensor:
         """The mean gradient over the samples at even positions (the ``half`` split)."""
