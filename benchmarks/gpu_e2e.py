@@ -209,8 +209,9 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
 
     from sketchfisher.kernels import graphs
 
-    default_graphs = graphs.ENABLED
-    args.graphs = args.graphs or ["on" if default_graphs else "off"]
+    default_graphs = graphs.RECORDED
+    setting_of = {graphs.recorded_kinds(name): name for name in ("off", "statistics", "all")}
+    args.graphs = args.graphs or [setting_of[default_graphs]]
     settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums,
                                       args.grads, args.graphs))
     runs = []  # (conflicts, the other settings, seconds) of every sf.analyze, in order
@@ -221,7 +222,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         kernels.launch_shape = default_shape if launch == "default" else before_shape
         host.PIN = pin == "on"
         FisherStats.accumulating = accumulating if sums == "bf16" else classmethod(fp32_signed)
-        graphs.ENABLED = graphed == "on"
+        graphs.RECORDED = graphs.recorded_kinds(graphed)
         retries = alloc_retries()
         try:
             with per_sample_gradients(grads):
@@ -229,7 +230,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                                                              conflicts=flag, units=args.units))
         finally:
             kernels.launch_shape, host.PIN, FisherStats.accumulating = default_shape, default_pin, accumulating
-            graphs.ENABLED = default_graphs
+            graphs.RECORDED = default_graphs
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
@@ -237,7 +238,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                      f"{'' if pin == 'on' else ', pageable host buffers'}"
                      f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}"
                      f"{'' if grads == 'bf16' else ', fp32 per-sample gradients'}"
-                     f"{'' if graphed == 'on' else ', side launches not recorded'}", sec, peaks))
+                     f", launches recorded: {graphed}", sec, peaks))
         runs.append((conflicts, setting[:1] + setting[2:], sec))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
@@ -248,7 +249,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
         print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}, pinned host "
-              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}, recorded side launches {graphed}) | seconds | | "
+              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}, launches recorded: {graphed}) | seconds | | "
               "peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
@@ -321,9 +322,10 @@ def main() -> None:
     p.add_argument("--sjlt-launch", nargs="+", default=["default"], choices=["default", "before"],
                    help="the sjlt kernel's launch shapes to run side by side: today's default and/or the one before "
                         "(4096 elements a step, four programs per SM)")
-    p.add_argument("--graphs", nargs="+", default=None, choices=["on", "off"],
-                   help="each block's side launches recorded once as a CUDA graph and replayed, or launched call by "
-                        "call (default: the library's setting, SKETCHFISHER_GRAPHS); several run side by side")
+    p.add_argument("--graphs", nargs="+", default=None, choices=["off", "statistics", "all"],
+                   help="which launches are recorded once as CUDA graphs and replayed: none, the statistics' Welford "
+                        "updates, or those and each block's side kernels (default: the library's setting, "
+                        "SKETCHFISHER_GRAPHS); several run side by side")
     p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
                    help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
     p.add_argument("--signed-sums", nargs="+", default=["bf16"], choices=["bf16", "fp32"],

@@ -268,3 +268,16 @@ def test_a_pass_reads_each_verdict_after_its_consumer_and_before_the_next_batch(
     for index, _ in factor_pass(model, generic_loss, make_batches(6, 2), weights):
         log.append(f"consumer {index}")
     assert log == [step for i in range(3) for step in ("run", f"consumer {i}", "settle")]
+
+
+def test_the_recorded_launches_setting_is_read_or_refused():
+    """``SKETCHFISHER_GRAPHS`` names which launches are recorded as CUDA graphs; anything else is refused by name."""
+    from sketchfisher.kernels import graphs
+
+    assert graphs.recorded_kinds("statistics") == {"statistics"}
+    assert graphs.recorded_kinds("0") == graphs.recorded_kinds("off") == set()
+    assert graphs.recorded_kinds("1") == graphs.recorded_kinds("all") == {"statistics", "sides"}
+    with pytest.raises(ValueError, match="SKETCHFISHER_GRAPHS must be one of"):
+        graphs.recorded_kinds("yes")
+    with pytest.raises(ValueError, match="kind is one of"):
+        graphs.Replays("everything")

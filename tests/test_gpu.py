@@ -184,8 +184,8 @@ def test_replays_record_a_call_the_second_time_and_replay_it_where_its_inputs_li
     from sketchfisher.kernels import graphs
     from sketchfisher.kernels.graphs import Replays
 
-    monkeypatch.setattr(graphs, "ENABLED", True)
-    replays = Replays()
+    monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("statistics"))
+    replays = Replays("statistics")
     x = torch.randn(1000, device="cuda")
     fn = lambda t: torch.exp(t) * 2 + t.sum()  # noqa: E731
     outs = [replays("k", fn, x) for _ in range(3)]
@@ -198,12 +198,14 @@ def test_replays_record_a_call_the_second_time_and_replay_it_where_its_inputs_li
     assert not torch.equal(outs[0], again)  # (the earlier copies are the caller's)
     elsewhere = x.clone()
     assert torch.equal(replays("k", fn, elsewhere), fn(elsewhere)) and replays.replayed == 3
+    sides = Replays("sides")  # (a kind not recorded: every call runs directly)
+    assert all(torch.equal(sides("k", fn, x), fn(x)) for _ in range(3)) and sides.replayed == 0 and not sides.graphs
     replays.forget("k")
     assert not replays.graphs
 
 
 def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(monkeypatch):
-    """``sf.analyze`` on a bf16 model with recorded launches (``SKETCHFISHER_GRAPHS=1``: the statistics' Welford
+    """``sf.analyze`` on a bf16 model with recorded launches (``SKETCHFISHER_GRAPHS=all``: the statistics' Welford
     updates in every pass and the side kernels, the per-sample gradients in one buffer per shape) gives bitwise the
     statistics, scores and conflict table of launching every call, over batches of two sizes."""
     from sketchfisher.kernels import graphs
@@ -211,12 +213,12 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     made = []
     init = graphs.Replays.__init__
 
-    def keep(self):
-        init(self)
+    def keep(self, kind):
+        init(self, kind)
         made.append(self)
 
     monkeypatch.setattr(graphs.Replays, "__init__", keep)
-    monkeypatch.setattr(graphs, "ENABLED", True)
+    monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("all"))
     model = make_model("llama_gqa").cuda().to(torch.bfloat16)
     to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
     ta, tb = to(make_batches(6, 2, seed=1)), to(make_batches(5, 2, seed=2) + make_batches(1, 1, seed=3))
@@ -226,7 +228,7 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     assert sum(r.replayed > 0 for r in made) >= 4 and not any(r.broken for r in made)
     # one key per block or parameter, recorded once per batch size (a shared key would stop at graphs.PER_KEY)
     assert all(max(r.count.values(), default=0) <= 2 for r in made)
-    monkeypatch.setattr(graphs, "ENABLED", False)
+    monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("off"))
     direct = sf.analyze(model, generic_loss, ta, tb, **kw)
     for task in ("a", "b"):
         mine, theirs = (getattr(r.context, f"stats_{task}") for r in (replayed, direct))

@@ -200,7 +200,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
     # each (layer, block) once: its head blocks, module and weight (the loop below runs 224 times a batch at 7B)
     where = [(key, hbs, hbs[0].module_name, layout.param_of(*key))
              for key in keys for hbs in [layout.head_blocks(*key)]]
-    pass_buffers, replays = PassBuffers(), Replays()  # (the per-sample gradients' places; the statistics' launches)
+    pass_buffers, replays = PassBuffers(), Replays("statistics")  # (the per-sample gradients' places; the statistics' launches)
     for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
         buffers = pass_buffers.of(bf.batch_size)
         folded = set()

@@ -39,7 +39,7 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
             stats.update(grads)
     else:
         # (a sketch's sides read the same numbers: bf16 products, where the statistics' launches can be recorded)
-        buffers, replays = PassBuffers(), Replays()
+        buffers, replays = PassBuffers(), Replays("statistics")
         for _, captured in factor_pass(model, loss_fn, batches, weights, desc=desc, show_progress=show_progress):
             fold_factors(stats, captured, weights, low=codec.two_pass, into=buffers.of(captured.batch_size),
                          replays=replays if codec.two_pass else None)

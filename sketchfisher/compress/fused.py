@@ -25,7 +25,7 @@ class FusedSides:
                         and not (side == "a" and cfg.normalizer == "loo"))
         self._geometry: dict = {}
         self._launchers: dict = {}  # (layer, block) -> (the preparation, its kernels.SketchHeads)
-        self.replays = Replays()  # (each block's two launches, recorded once per batch size and gradient buffer)
+        self.replays = Replays("sides")  # (each block's two launches, recorded once per batch size and gradient buffer)
 
     def applies(self, factor: torch.Tensor) -> bool:
         return self.enabled and factor.is_cuda

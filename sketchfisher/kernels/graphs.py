@@ -12,8 +12,14 @@ A recording is keyed by the caller's key and by each input's address, shape, str
 inputs where the recording read them, so it runs only where the inputs of this call are those very tensors' places.
 Anything else a recording reads must stay put while its key can come again (the callers key by the object that holds
 it). Recording needs CUDA graphs; where one cannot be made, the :class:`Replays` logs why once and runs every call
-directly from then on (the same numbers). Off unless ``SKETCHFISHER_GRAPHS=1`` (or :data:`ENABLED` = True) until
-its end-to-end gain is measured on a GPU.
+directly from then on (the same numbers).
+
+Each :class:`Replays` serves one kind of launch, and :data:`RECORDED` says which kinds are recorded: ``"statistics"``
+(each parameter's Welford update, one launch of one long kernel a batch) and ``"sides"`` (each block's two side-kernel
+launches). Measured end to end on an H100 (docs/benchmarks.md), recorded statistics updates took task A's first pass
+1.4-1.8 s faster at a 7B shape, while recorded side kernels made task A's sketch pass 0.8-1.2 s slower; so the
+statistics are recorded by default and the sides are not. ``SKETCHFISHER_GRAPHS`` sets it: ``0`` (none),
+``statistics`` (the default), ``1`` or ``all`` (both).
 """
 
 from __future__ import annotations
@@ -25,15 +31,30 @@ from typing import Any, Callable
 import torch
 
 logger = logging.getLogger(__name__)
-ENABLED = os.environ.get("SKETCHFISHER_GRAPHS", "0") == "1"
+KINDS = ("statistics", "sides")
+_SETTINGS = {"0": (), "off": (), "statistics": ("statistics",), "1": KINDS, "all": KINDS}
+
+
+def recorded_kinds(setting: str) -> frozenset:
+    """The kinds of launch recorded for a ``SKETCHFISHER_GRAPHS`` setting."""
+    if setting not in _SETTINGS:
+        raise ValueError(f"SKETCHFISHER_GRAPHS must be one of {sorted(_SETTINGS)}, got {setting!r}")
+    return frozenset(_SETTINGS[setting])
+
+
+RECORDED = recorded_kinds(os.environ.get("SKETCHFISHER_GRAPHS", "statistics"))
 PER_KEY = 4  # recordings kept per caller key (inputs at other addresses: run directly)
 
 
 class Replays:
-    """Recordings of ``fn(*inputs) -> Tensor or None`` calls, those of one CUDA device sharing one memory pool and
-    recorded on one side stream (see the module); a call's device is its first input's."""
+    """Recordings of ``fn(*inputs) -> Tensor or None`` calls of one ``kind`` (:data:`KINDS`), those of one CUDA
+    device sharing one memory pool and recorded on one side stream (see the module); a call's device is its first
+    input's."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"a recorded launch's kind is one of {KINDS}, got {kind!r}")
+        self.kind = kind
         self.graphs: dict = {}  # full key -> (graph, its output)
         self.seen: set = set()  # full keys run once directly (their kernels compiled)
         self.count: dict = {}  # caller key -> recordings made
@@ -44,8 +65,8 @@ class Replays:
 
     @property
     def active(self) -> bool:
-        """Whether calls may be recorded (graphs are on, and none has failed to record)."""
-        return ENABLED and not self.broken
+        """Whether calls may be recorded (this kind is, and none has failed to record)."""
+        return self.kind in RECORDED and not self.broken
 
     def __call__(self, key: Any, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         if not self.active or not all(t.is_cuda for t in inputs):
@@ -100,4 +121,4 @@ class Replays:
         return self.graphs[full]
 
 
-__all__ = ["ENABLED", "Replays"]
+__all__ = ["KINDS", "RECORDED", "Replays", "recorded_kinds"]
