@@ -16,9 +16,10 @@ directly from then on (the same numbers).
 
 Each :class:`Replays` serves one kind of launch, and :data:`RECORDED` says which kinds are recorded: ``"statistics"``
 (each parameter's Welford update, one launch of one long kernel a batch) and ``"sides"`` (each block's two side-kernel
-launches). Measured end to end on an H100 (docs/benchmarks.md), recorded statistics updates took task A's first pass
-1.4-1.8 s faster at a 7B shape, while recorded side kernels made task A's sketch pass 0.8-1.2 s slower; so the
-statistics are recorded by default and the sides are not. ``SKETCHFISHER_GRAPHS`` sets it: ``0`` (none),
+launches). Measured end to end on three H100s at a 7B shape (docs/benchmarks.md), recorded statistics updates took
+task A's first pass 1.0 s shorter on average over five pairs (1.1-1.8 s in four, 0.5 s longer in one), while recorded
+side kernels made task A's sketch pass 0.8-1.2 s longer in three of four; so the statistics are recorded by default
+and the sides are not. ``SKETCHFISHER_GRAPHS`` sets it: ``0`` (none),
 ``statistics`` (the default), ``1`` or ``all`` (both).
 """
 
