@@ -61,6 +61,14 @@ def _lock(arr: np.ndarray, nbytes: int) -> bool:
         return False
 
 
+def copy_stream(streams: dict, device: torch.device) -> torch.cuda.Stream:
+    """The copy stream ``streams`` keeps for ``device`` (made on first use)."""
+    stream = streams.get(device)
+    if stream is None:
+        stream = streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
 class HostStaging:
     """Touched host buffers for the given ``(numel, dtype)`` sizes (one buffer per entry, in order).
 
@@ -123,9 +131,7 @@ class HostStaging:
         if self._in_flight is None or not t.is_cuda:
             out.copy_(t)
             return out
-        stream = self._streams.get(t.device)
-        if stream is None:
-            stream = self._streams[t.device] = torch.cuda.Stream(t.device)
+        stream = copy_stream(self._streams, t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))  # (t as the work queued so far leaves it)
         with torch.cuda.stream(stream):
             out.copy_(t, non_blocking=True)
@@ -207,9 +213,7 @@ class CopiesAhead:
         src = self.source(item, what)
         if device.type != "cuda" or src.device == device:
             return src.to(device), None
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream = copy_stream(self._streams, device)
         with torch.cuda.stream(stream):
             t = src.to(device, non_blocking=True)
             event = torch.cuda.Event()

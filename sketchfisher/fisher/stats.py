@@ -12,7 +12,6 @@ Each is a model-sized tensor, so a collection keeps only the ones its settings n
 
 from __future__ import annotations
 
-import json
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -23,16 +22,13 @@ from ..kernels.graphs import Replays
 from ..errors import GradientError, InputError
 from ..layout import Layout
 from .host import host_copy
+from .file_form import FileForm
 from .kernel_updates import KernelUpdates
-from .precision import PLAIN_SUMS, accumulator_dtype
+from .precision import accumulator_dtype
 from .welford import QUANTITIES, Welford, update_in_chunks
 
-TENSOR_NAMES = dict(zip(PLAIN_SUMS, ("sum_abs", "sum_g", "sum_half")))
-"""How each plain sum is named in a statistics file (``<param>::<name>``)."""
-
-
 @dataclass
-class FisherStats(KernelUpdates):
+class FisherStats(KernelUpdates, FileForm):
     """Pass-1 statistics of one task: per parameter the sample count and the kept ``quantities``
     (:data:`QUANTITIES`), full shape, in ``dtype``."""
 
@@ -308,47 +304,6 @@ class FisherStats(KernelUpdates):
             if t is not None:
                 return t
         return None
-
-    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Flat tensors and string metadata for safetensors (``name::mean`` etc., the kept ones)."""
-        tensors, counts = {}, {}
-        for name, w in self.welford.items():
-            if w.count == 0:
-                continue
-            for key, t in (("mean", w.mean), ("m2", w.m2), *((TENSOR_NAMES[q], acc.get(name)) for q, acc in self.sums())):
-                if t is not None:
-                    tensors[f"{name}::{key}"] = t
-            counts[name] = w.count
-        meta = {"counts": json.dumps(counts), "dtype": str(self.dtype), "quantities": json.dumps(self.quantities)}
-        for key in ("abs_dtype", "signed_dtype"):
-            if getattr(self, key) is not None:
-                meta[key] = str(getattr(self, key))
-        if "half" in self.quantities:
-            meta["half_counts"] = json.dumps({n: c for n, c in self.half_counts.items() if n in counts})
-        return {k: v.contiguous() for k, v in tensors.items()}, meta
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "FisherStats":
-        """Inverse of :meth:`to_tensors`; a missing tensor raises :class:`~sketchfisher.InputError`."""
-        counts = json.loads(metadata["counts"])
-        quantities = tuple(json.loads(metadata["quantities"])) if "quantities" in metadata else QUANTITIES
-        dtype = lambda key: getattr(torch, metadata[key].replace("torch.", ""))  # noqa: E731
-        if any(k in metadata and metadata[k].replace("torch.", "") not in ("float64", "float32", "bfloat16")
-               for k in ("dtype", "abs_dtype", "signed_dtype")):
-            raise InputError(f"statistics dtype {metadata['dtype']!r} / {metadata.get('abs_dtype')!r} / "
-                             f"{metadata.get('signed_dtype')!r} is not one this library writes")
-        out = cls(dtype=dtype("dtype"), quantities=quantities, half_counts=json.loads(metadata.get("half_counts", "{}")),
-                  **{k: dtype(k) for k in ("abs_dtype", "signed_dtype") if k in metadata})
-        need = {"fisher": "mean", "m2": "m2", **TENSOR_NAMES}
-        for name, count in counts.items():
-            missing = [f"{name}::{need[q]}" for q in out.quantities if f"{name}::{need[q]}" not in tensors]
-            if missing:
-                raise InputError(f"statistics lack tensors {missing[:3]}")
-            out.welford[name] = Welford(int(count), tensors.get(f"{name}::mean"), tensors.get(f"{name}::m2"))
-            for q, acc in out.sums():
-                if q in out.quantities:
-                    acc[name] = tensors[f"{name}::{TENSOR_NAMES[q]}"]
-        return out
 
     def _require(self, quantity: str, name: str) -> Welford:
         w = self.welford.get(name)
