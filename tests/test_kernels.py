@@ -196,6 +196,89 @@ def test_welford_kernel_reads_bf16_gradients_as_the_torch_update():
     torch.testing.assert_close(state[0], ref.welford["w"].mean, rtol=1e-6, atol=1e-7)
 
 
+def _integer_factors(n, M, K, N, seed, transposed_left=True):
+    """bf16 factors with small integer values: every product and sum is exact in fp32 and in bf16, so the gradient
+    is the same number whatever the order of summation (the kernel's and torch's)."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.randint(-2, 3, (n, K, M), generator=gen).bfloat16().transpose(1, 2) if transposed_left else \
+        torch.randint(-2, 3, (n, M, K), generator=gen).bfloat16()
+    return left, torch.randint(-2, 3, (n, K, N), generator=gen).bfloat16()
+
+
+SMALL_TILES = dict(BM=16, BN=32, BK=16, GROUP=2, num_warps=1, num_stages=1)
+
+
+@pytest.mark.parametrize("quantities", [("fisher", "abs", "sum", "half"), ("fisher", "sum", "half"), ("abs",),
+                                        ("sum", "half"), ("fisher",)])
+@pytest.mark.parametrize("transposed_left", [True, False])
+def test_product_kernel_folds_factors_as_the_welford_kernel_folds_their_product(quantities, transposed_left):
+    """``fold_product`` on the factors is ``welford_update`` on their bf16 product, bitwise: the Fisher mean, the bf16
+    sums' random bits, the half sum's positions across batches of odd sizes, edges of partial tiles, a strided
+    left factor (the capture's transposed view)."""
+    names = ("fisher", "abs", "sum", "half")
+    kinds = {"fisher": torch.float32, "abs": torch.bfloat16, "sum": torch.bfloat16, "half": torch.bfloat16}
+    M, K, N = 37, 21, 45
+    formed, fused = ([torch.zeros(M, N, dtype=kinds[q]) if q in quantities else None for q in names]
+                     for _ in range(2))
+    count = 0
+    for step, n in enumerate((3, 1, 2)):
+        left, right = _integer_factors(n, M, K, N, step, transposed_left)
+        g = torch.bmm(left.float(), right.float()).bfloat16()
+        kernels.welford_update(g.reshape(n, -1), formed[0], None, *formed[1:3], count=count, sum_half=formed[3],
+                               block=64, dtype=torch.float32)
+        kernels.fold_product(left, right, *fused[:3], count=count, sum_half=fused[3], dtype=torch.float32,
+                             tiles=SMALL_TILES)
+        count += n
+    for q, got, want in zip(names, fused, formed):
+        assert (got is None) == (q not in quantities)
+        assert got is None or torch.equal(got, want.view(M, N)), q
+
+
+def test_product_kernel_rounds_each_product_to_nearest_bf16_once():
+    """Gradients that are not exact in bf16: the kernel rounds each sample's fp32 product to the nearest bf16, as the
+    two-step path does (only a sum that falls on the other side of a rounding boundary, by summation order, may
+    differ: none here at this size)."""
+    gen = torch.Generator().manual_seed(0)
+    n, M, K, N = 2, 20, 24, 30
+    left, right = (torch.randn(*s, generator=gen).bfloat16() for s in ((n, M, K), (n, K, N)))
+    g = torch.bmm(left.double(), right.double()).float().bfloat16()
+    formed, fused = torch.zeros(M * N), torch.zeros(M, N)
+    kernels.welford_update(g.reshape(n, -1), formed, None, None, None, count=0, block=64)
+    kernels.fold_product(left, right, fused, None, None, count=0, tiles=SMALL_TILES)
+    assert torch.equal(fused.view(-1), formed)
+    with pytest.raises(ValueError, match="bf16"):
+        kernels.fold_product(left.float(), right, fused, None, None, count=0)
+
+
+@pytest.mark.parametrize("quantities", [("fisher", "sum", "half"), ("fisher", "m2", "abs")])
+def test_fisher_stats_fold_factor_gradients_as_formed_ones(monkeypatch, quantities):
+    """``FisherStats.update`` of :class:`~sketchfisher.kernels.FactorGradient` (what a pass hands over for a bf16
+    model on a GPU) gives the statistics of the formed gradients: through the product kernel, or (with M2 kept, or
+    the product fold switched off) through the Welford kernel on ``form()``."""
+    from sketchfisher.fisher import stats as stats_module
+    from sketchfisher.kernels import FactorGradient, welford
+
+    monkeypatch.setattr(stats_module.FisherStats, "_kernel_applies", lambda self, g, state: True)
+    monkeypatch.setattr(welford, "PRODUCT_TILES", {**welford.PRODUCT_TILES, **SMALL_TILES})
+    runs = {}
+    for way in ("formed", "factors", "factors, fold off"):
+        monkeypatch.setattr(welford, "FOLD_PRODUCTS", way != "factors, fold off")
+        stats, forms = FisherStats.accumulating(torch.float32, quantities), []
+        for step, n in enumerate((2, 3, 2)):
+            left, right = _integer_factors(n, 17, 9, 40, step)
+            form = (lambda le=left, r=right: forms.append(1) or torch.bmm(le.float(), r.float()).bfloat16())
+            stats.update({"w": form() if way == "formed" else FactorGradient(left, right, form)})
+        runs[way] = (stats, len(forms))
+    want = runs["formed"][0]
+    for way in ("factors", "factors, fold off"):
+        got, formed = runs[way]
+        assert formed == (0 if way == "factors" and "m2" not in quantities else 3), way
+        assert got.count == want.count == 7 and got.half_counts == want.half_counts
+        assert torch.equal(got.welford["w"].mean, want.welford["w"].mean)
+        for (q, acc), (_, ref) in zip(got.sums(), want.sums()):
+            assert set(acc) == set(ref) and all(torch.equal(acc[k], ref[k]) for k in acc), (way, q)
+
+
 @pytest.mark.parametrize("pair", [("sum", "half"), ("abs", "sum")])
 def test_stochastically_rounded_sums_are_unbiased_and_independent(pair):
     """Σg and the half sum (pass 1 of task A), Σ|g| and Σg (task B's pass) in bf16 (fp32 statistics): unbiased, and
