@@ -207,25 +207,22 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     def fp32_signed(cls, dtype, quantities):  # Σg and the half sum in the statistics' own precision
         return replace(accumulating.__func__(cls, dtype, quantities), signed_dtype=None)
 
-    from sketchfisher.kernels import graphs, welford
-
-    default_fold = welford.FOLD_PRODUCTS
+    from sketchfisher.kernels import graphs
 
     default_graphs = graphs.RECORDED
     setting_of = {graphs.recorded_kinds(name): name for name in ("off", "statistics", "all")}
     args.graphs = args.graphs or [setting_of[default_graphs]]
     settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums,
-                                      args.grads, args.graphs, args.fold))
+                                      args.grads, args.graphs))
     runs = []  # (conflicts, the other settings, seconds) of every sf.analyze, in order
     for setting in settings:  # orders, conflicts, codecs, launches, pinning, sums, gradients side by side
-        passes, conflicts, spec, launch, pin, sums, grads, graphed, fold = setting
+        passes, conflicts, spec, launch, pin, sums, grads, graphed = setting
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
         kernels.launch_shape = default_shape if launch == "default" else before_shape
         host.PIN = pin == "on"
         FisherStats.accumulating = accumulating if sums == "bf16" else classmethod(fp32_signed)
         graphs.RECORDED = graphs.recorded_kinds(graphed)
-        welford.FOLD_PRODUCTS = fold == "fused"
         retries = alloc_retries()
         try:
             with per_sample_gradients(grads):
@@ -234,7 +231,6 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         finally:
             kernels.launch_shape, host.PIN, FisherStats.accumulating = default_shape, default_pin, accumulating
             graphs.RECORDED = default_graphs
-            welford.FOLD_PRODUCTS = default_fold
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
@@ -242,7 +238,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                      f"{'' if pin == 'on' else ', pageable host buffers'}"
                      f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}"
                      f"{'' if grads == 'bf16' else ', fp32 per-sample gradients'}"
-                     f", launches recorded: {graphed}, pass-1 fold {fold}", sec, peaks))
+                     f", launches recorded: {graphed}", sec, peaks))
         runs.append((conflicts, setting[:1] + setting[2:], sec))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
@@ -253,7 +249,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
         print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}, pinned host "
-              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}, launches recorded: {graphed}, pass-1 fold {fold}) | seconds | | "
+              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}, launches recorded: {graphed}) | seconds | | "
               "peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
@@ -330,9 +326,6 @@ def main() -> None:
                    help="which launches are recorded once as CUDA graphs and replayed: none, the statistics' Welford "
                         "updates, or those and each block's side kernels (default: the library's setting, "
                         "SKETCHFISHER_GRAPHS); several run side by side")
-    p.add_argument("--fold", nargs="+", default=["fused"], choices=["fused", "formed"],
-                   help="pass-1 statistics folded straight from the gradients' factors (the library's default) and/or "
-                        "from each per-sample gradient formed first, side by side")
     p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
                    help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
     p.add_argument("--signed-sums", nargs="+", default=["bf16"], choices=["bf16", "fp32"],

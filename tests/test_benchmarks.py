@@ -34,7 +34,6 @@ TINY = {
     "host_transfer.py": ["--device", "cpu", "--layers", "1", "--hidden", "64", "--heads", "4", "--disk", "{tmp}",
                          "--disk-gib", "0.01"],
     "fingerprint_speed.py": ["--device", "cpu", "--layers", "1", "--hidden", "64", "--intermediate", "128"],
-    "fused_fold.py": ["--device", "cpu"],
     "gpu_collect.py": ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "4", "--kv", "4", "2",
                        "--intermediate", "64", "--vocab", "50", "--tokens", "6", "--batch", "2", "--steps", "1",
                        "--repeats", "1"],

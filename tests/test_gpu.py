@@ -279,49 +279,6 @@ def test_kept_compiled_kernels_launch_as_the_jit_does():
             assert torch.equal(mine, theirs)
 
 
-def test_statistics_folded_from_factors_match_those_of_formed_gradients(monkeypatch):
-    """A bf16 model's pass-1 statistics folded straight from the factors (``kernels.fold_product``, the default)
-    against folding each formed per-sample gradient, in ``sf.analyze`` over batches of two sizes: the same numbers
-    wherever an fp32 product rounds to the same bf16 (summation order may move a few entries by one step), the same
-    scores within that, and the product kernel taken for every weight of pass 1 A (no gradient formed there)."""
-    from sketchfisher.capture.hooks import BatchFactors
-    from sketchfisher.kernels import welford
-
-    formed = []
-    grad = BatchFactors.grad
-
-    def counting(self, module, low=False, into=None):
-        formed.append(module)
-        return grad(self, module, low=low, into=into)
-
-    model = make_model("llama_gqa").cuda().to(torch.bfloat16)
-    to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
-    ta, tb = to(make_batches(6, 2, seed=1) + make_batches(1, 3, seed=4)), to(make_batches(5, 2, seed=2))
-    kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3), units="all", passes=1.5)
-    runs = {}
-    for fold in (True, False):
-        monkeypatch.setattr(welford, "FOLD_PRODUCTS", fold)
-        formed.clear()
-        monkeypatch.setattr(BatchFactors, "grad", counting)
-        runs[fold] = (sf.analyze(model, generic_loss, ta, tb, **kw), len(formed))
-    (fused, formed_fused), (two_step, formed_two_step) = runs[True], runs[False]
-    stats, ref = fused.context.stats_a, two_step.context.stats_a
-    assert formed_two_step - formed_fused >= len(ta) * len(stats.welford)  # pass 1 A: each weight formed each batch
-    assert stats.quantities == ref.quantities and stats.count == ref.count
-    for name, w in stats.welford.items():
-        want = ref.welford[name].mean
-        torch.testing.assert_close(w.mean, want, rtol=2.0 ** -6, atol=1e-6 * float(want.abs().max()))
-        assert float((w.mean != want).float().mean()) < 0.05
-    for (_, acc), (_, other) in zip(stats.sums(), ref.sums()):
-        for k in acc:
-            scale = float(other[k].float().abs().max())
-            torch.testing.assert_close(acc[k].float(), other[k].float(), rtol=2.0 ** -5, atol=2.0 ** -6 * scale)
-    for family in two_step.families:
-        f, t = fused.units(family), two_step.units(family)
-        scale = float(t.scores.abs().max())
-        torch.testing.assert_close(f.scores, t.scores, rtol=1e-2, atol=1e-3 * scale)
-
-
 def test_fused_welford_matches_cpu():
     from sketchfisher.fisher import FisherStats
 

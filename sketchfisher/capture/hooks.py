@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..errors import CaptureUnsupported, GradientError, InputError
-from ..kernels import FactorGradient
 from .oracle import LossFn, batch_size_of, check_losses
 
 
@@ -115,17 +114,6 @@ class BatchFactors:
             except TypeError:  # torch without bmm(out_dtype=): the fp32 product below
                 pass
         return torch.bmm(left.transpose(1, 2).float(), right.float())
-
-    def product(self, module: str, into: Optional[dict] = None):
-        """What :meth:`grad(module, low=True, into=into) <grad>` gives, not yet formed where it would be a bf16
-        product (:meth:`rounds`): a :class:`~sketchfisher.kernels.FactorGradient` of the two factors in the orientation
-        ``grad`` multiplies them, which the statistics fold without writing the gradient, or form on demand."""
-        if not self.rounds(module):
-            return self.grad(module, low=True, into=into)
-        a, d = self.A[module], self.D[module]
-        left, right = (a, d) if self.transposed[module] else (d, a)
-        left, right = (t if t.dtype == torch.bfloat16 else t.to(torch.bfloat16) for t in (left.transpose(1, 2), right))
-        return FactorGradient(left, right, lambda: self.grad(module, low=True, into=into))
 
     def rounds(self, module: str) -> bool:
         """Whether ``grad(module, low=True)`` is rounded to bf16 (:func:`forms_bf16_gradients`)."""

@@ -172,16 +172,12 @@ def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str],
                  into: Optional[dict] = None, replays: Optional[Replays] = None) -> None:
     """Fold a batch into ``stats``, one module's per-sample gradients at a time (bounded memory). ``low``: a bf16
     model's formed in bf16 on a GPU (:meth:`BatchFactors.grad <sketchfisher.capture.BatchFactors.grad>`), for
-    sketch collections, whose side vectors read the same numbers (:func:`block_gradients`), handed over as their
-    factors (:meth:`BatchFactors.product <sketchfisher.capture.BatchFactors.product>`) so that the statistics can fold
-    them without forming them. ``into`` and
+    sketch collections, whose side vectors read the same numbers (:func:`block_gradients`). ``into`` and
     ``replays``: the pass's gradient buffers and recorded launches (:meth:`BatchFactors.grad`,
     :mod:`sketchfisher.kernels.graphs`)."""
     with fp32_reductions():  # (bf16 products: set once for the batch's modules)
         for weight in weights:
-            module = module_of(weight)
-            g = captured.product(module, into=into) if low else captured.grad(module)  # (bf16: folded from factors)
-            stats.update({weight: g}, replays=replays)
+            stats.update({weight: captured.grad(module_of(weight), low=low, into=into)}, replays=replays)
 
 
 def block_gradients(captured: BatchFactors, module: str, blocks: list) -> torch.Tensor:

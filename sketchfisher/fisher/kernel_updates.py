@@ -35,12 +35,6 @@ class KernelUpdates:
         replays(("welford", name, kept, self.dtype), launch, g, *(t for t in state if t is not None),
                 self._counts_on(g.device, count))
 
-    def _product_update(self, g: kernels.FactorGradient, state: tuple, count: int) -> None:
-        """The product kernel on ``g``'s factors (:func:`~sketchfisher.kernels.fold_product`; no M2 in ``state``), its
-        state viewed in the gradient's matrix shape."""
-        mean, _, s_abs, s_g, half = (None if t is None else t.view(g.shape[1], -1) for t in state)
-        kernels.fold_product(g.left, g.right, mean, s_abs, s_g, count=count, sum_half=half, dtype=self.dtype)
-
     def _counts_on(self, device: torch.device, count: int) -> torch.Tensor:
         """An int64 tensor on ``device`` holding :func:`~sketchfisher.kernels.update_counts` of ``count`` (written
         in stream order where the count changed: the launches queued before read the one before)."""

@@ -18,7 +18,6 @@ from typing import Callable, Optional
 
 import torch
 
-from ..kernels import FactorGradient, welford as welford_kernels
 from ..kernels.graphs import Replays
 from ..errors import GradientError, InputError
 from ..layout import Layout
@@ -105,11 +104,9 @@ class FisherStats(KernelUpdates, FileForm):
         ts += [t for _, acc in self.sums() for t in acc.values()]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def update(self, grads: dict[str, torch.Tensor | FactorGradient], replays: Optional[Replays] = None) -> None:
-        """Add per-sample gradients ``{name: Tensor[B, *shape]}`` (storage orientation), or their factors
-        (:class:`~sketchfisher.kernels.FactorGradient`: folded without forming them where the product kernel applies,
-        else formed first). ``replays``: the pass's recorded launches (:mod:`sketchfisher.kernels.graphs`), which the
-        Welford kernel's launches go through."""
+    def update(self, grads: dict[str, torch.Tensor], replays: Optional[Replays] = None) -> None:
+        """Add per-sample gradients ``{name: Tensor[B, *shape]}`` (storage orientation). ``replays``: the pass's
+        recorded launches (:mod:`sketchfisher.kernels.graphs`), which the Welford kernel's launches go through."""
         sizes = {g.shape[0] for g in grads.values()}
         if len(sizes) != 1:
             raise InputError(f"per-sample gradient batches disagree on batch size: {sorted(sizes)}")
@@ -130,11 +127,9 @@ class FisherStats(KernelUpdates, FileForm):
                 if on_kernel:
                     self._kernel_ready[name] = (tuple(None if t is None else weakref.ref(t) for t in state), checked)
                 elif kept:
-                    update_in_chunks(formed(g), w.count, self.dtype, *state)
-            if on_kernel and isinstance(g, FactorGradient) and state[1] is None and welford_kernels.FOLD_PRODUCTS:
-                self._product_update(g, state, w.count)  # (the gradient formed tile by tile, never written)
-            elif on_kernel:  # one Triton kernel, one pass over g
-                self._kernel_update(name, formed(g).reshape(n, -1).contiguous(), state, w.count, replays)
+                    update_in_chunks(g, w.count, self.dtype, *state)
+            if on_kernel:  # one Triton kernel, one pass over g
+                self._kernel_update(name, g.reshape(n, -1).contiguous(), state, w.count, replays)
             if "half" in self.quantities:  # the samples at even positions of the stream
                 self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
             w.count += n
@@ -361,8 +356,3 @@ class FisherStats(KernelUpdates, FileForm):
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` contiguous in ``dtype``: itself where it is already (each update of every weight asks)."""
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
-
-
-def formed(g: torch.Tensor | FactorGradient) -> torch.Tensor:
-    """A batch's per-sample gradients as a tensor (a :class:`~sketchfisher.kernels.FactorGradient` formed)."""
-    return g.form() if isinstance(g, FactorGradient) else g

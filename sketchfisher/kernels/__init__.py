@@ -61,7 +61,7 @@ def available() -> bool:
 def _kernels():
     from . import _triton
 
-    return _triton.sketch_kernel, _triton.welford_kernel, _triton.finish_kernel, _triton.product_fold_kernel
+    return _triton.sketch_kernel, _triton.welford_kernel, _triton.finish_kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,7 +226,7 @@ class SketchHeads:
     def _launches(self) -> tuple["Launches", "Launches"]:
         """This set-up's two kernels, each with its compiled specialisations (the constants are this object's)."""
         if self._kept is None:
-            sketch_kernel, _, finish_kernel, _ = _kernels()
+            sketch_kernel, _, finish_kernel = _kernels()
             self._kept = (Launches(sketch_kernel), Launches(finish_kernel))
         return self._kept
 
@@ -336,5 +336,4 @@ def sjlt(x: torch.Tensor, key: tuple[int, int], k: int, s: int) -> torch.Tensor:
 
 
 # the statistics kernel (it builds on Launches and _on above)
-from .welford import (PRODUCT_TILES, FactorGradient, _welford, fold_product, update_counts,  # noqa: E402
-                      welford_update)
+from .welford import _welford, update_counts, welford_update  # noqa: E402

@@ -221,7 +221,10 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stri
     nf = n + tl.zeros((BLOCK,), dtype=dt)  # n, count may arrive as constexpr ints (Triton specialises 1)
     cf = count + tl.zeros((BLOCK,), dtype=dt)
     if HAS_MEAN:
-        mb, delta = _merge_mean(mean_ptr, offs, ok, sx, nf, cf)
+        mb = sx / nf
+        mean = tl.load(mean_ptr + offs, mask=ok, other=0.0)
+        delta = mb - mean
+        tl.store(mean_ptr + offs, mean + delta * (nf / (cf + nf)), mask=ok)
         if HAS_M2:
             m2b = tl.zeros((BLOCK,), dtype=dt)
             for r in range(n):
@@ -230,35 +233,12 @@ def welford_kernel(g_ptr, mean_ptr, m2_ptr, sabs_ptr, sg_ptr, sh_ptr, n, N, stri
                 m2b += d * d
             m2 = tl.load(m2_ptr + offs, mask=ok, other=0.0)
             tl.store(m2_ptr + offs, m2 + m2b + delta * delta * (cf * nf / (cf + nf)), mask=ok)
-    _add_sums(sabs_ptr, sg_ptr, sh_ptr, offs, ok, sa, sg, sh, key0, key1, dt, HAS_ABS, HAS_SUM, HAS_HALF, ROUND_ABS,
-              ROUND_SIGNED, ABS_SLOT, SUM_SLOT, HALF_SLOT, WORDS)
-
-
-@triton.jit
-def _merge_mean(mean_ptr, offs, ok, sx, nf, cf):
-    """The batch's mean of g² (``sx / nf``) merged into the Welford mean after ``cf`` samples; returns the batch mean
-    and its difference from the mean before (what the M2 merge reads)."""
-    mb = sx / nf
-    mean = tl.load(mean_ptr + offs, mask=ok, other=0.0)
-    delta = mb - mean
-    tl.store(mean_ptr + offs, mean + delta * (nf / (cf + nf)), mask=ok)
-    return mb, delta
-
-
-@triton.jit
-def _add_sums(sabs_ptr, sg_ptr, sh_ptr, offs, ok, sa, sg, sh, key0, key1, dt: tl.constexpr, HAS_ABS: tl.constexpr,
-              HAS_SUM: tl.constexpr, HAS_HALF: tl.constexpr, ROUND_ABS: tl.constexpr, ROUND_SIGNED: tl.constexpr,
-              ABS_SLOT: tl.constexpr, SUM_SLOT: tl.constexpr, HALF_SLOT: tl.constexpr, WORDS: tl.constexpr):
-    """The batch's Σ|g|, Σg and half sum added to the plain sums at entries ``offs`` (the flat entry index, which keys
-    the stochastic rounding's bits)."""
-    w0 = offs.to(tl.uint32)  # (unused without rounded sums)
-    w1 = w0
     if WORDS >= 1:  # one word of random bits per entry for two rounded sums (hashing.rounding_slots)
         e = offs.to(tl.uint32)
-        w0 = _fmix32(e ^ (key0 + tl.zeros(offs.shape, tl.int32)).to(tl.uint32, bitcast=True))
+        w0 = _fmix32(e ^ (key0 + tl.zeros((BLOCK,), tl.int32)).to(tl.uint32, bitcast=True))
         w1 = w0
         if WORDS >= 2:
-            w1 = _fmix32(e ^ (key1 + tl.zeros(offs.shape, tl.int32)).to(tl.uint32, bitcast=True))
+            w1 = _fmix32(e ^ (key1 + tl.zeros((BLOCK,), tl.int32)).to(tl.uint32, bitcast=True))
     if HAS_ABS:
         va = tl.load(sabs_ptr + offs, mask=ok, other=0.0).to(dt) + sa
         if ROUND_ABS:  # a bf16 accumulator: stochastic rounding, the bits of hashing.round_bf16_stochastic
@@ -274,76 +254,6 @@ def _add_sums(sabs_ptr, sg_ptr, sh_ptr, offs, ok, sa, sg, sh, key0, key1, dt: tl
         if ROUND_SIGNED:
             vh = _round_bf16(vh, w0, w1, HALF_SLOT)
         tl.store(sh_ptr + offs, vh, mask=ok)
-
-
-@triton.jit
-def product_fold_kernel(l_ptr, r_ptr, mean_ptr, sabs_ptr, sg_ptr, sh_ptr, n, M, N, K, sl_n, sl_m, sl_k, sr_n, sr_k,
-                        sr_c, count, key0, key1, counts_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ABS: tl.constexpr, HAS_SUM: tl.constexpr,
-                        HAS_HALF: tl.constexpr, ROUND_ABS: tl.constexpr, ROUND_SIGNED: tl.constexpr,
-                        ABS_SLOT: tl.constexpr, SUM_SLOT: tl.constexpr, HALF_SLOT: tl.constexpr, WORDS: tl.constexpr,
-                        FROM_MEMORY: tl.constexpr, INTERPRETED: tl.constexpr):
-    # The per-sample gradients g_r = L_r R_r ([M, K] x [K, N], each sample's product accumulated in fp32 over K and
-    # rounded once to bf16, as BatchFactors.grad(low=True) forms them) folded into the statistics tile by tile: one
-    # program forms its [BM, BN] tile of every sample's gradient in registers and merges the batch into the state
-    # as welford_kernel does (the same formula, the same flat entry index for the rounding bits), so the gradient is
-    # never written. Programs run in groups of GROUP row tiles (neighbours share their factors in L2).
-    if FROM_MEMORY:
-        count = tl.load(counts_ptr)
-        key0 = tl.load(counts_ptr + 1).to(tl.int32)
-        key1 = tl.load(counts_ptr + 2).to(tl.int32)
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    width = GROUP * grid_n
-    first = (pid // width) * GROUP
-    rows_in_group = tl.minimum(grid_m - first, GROUP)
-    pid_m = first + (pid % width) % rows_in_group
-    pid_n = (pid % width) // rows_in_group
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    m_ok = rm < M
-    n_ok = rn < N
-    dt = mean_ptr.dtype.element_ty
-    sx = tl.zeros((BM, BN), dtype=dt)
-    sa = tl.zeros((BM, BN), dtype=dt)
-    sg = tl.zeros((BM, BN), dtype=dt)
-    sh = tl.zeros((BM, BN), dtype=dt)
-    l_rows = rm.to(tl.int64)[:, None] * sl_m
-    r_cols = rn.to(tl.int64)[None, :] * sr_c
-    for r in range(n):
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        lp = l_ptr + r * sl_n + l_rows + rk[None, :] * sl_k
-        rp = r_ptr + r * sr_n + rk[:, None] * sr_k + r_cols
-        for k0 in range(0, K, BK):
-            a = tl.load(lp, mask=m_ok[:, None] & (rk[None, :] < K - k0), other=0.0)
-            b = tl.load(rp, mask=(rk[:, None] < K - k0) & n_ok[None, :], other=0.0)
-            if INTERPRETED:  # (Triton's interpreter: its bf16 products are wrong; fp32 products of bf16 values are exact)
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            lp += BK * sl_k
-            rp += BK * sr_k
-        if INTERPRETED:  # (the interpreter's cast to bf16 truncates: round to nearest even by hand)
-            bits = acc.to(tl.uint32, bitcast=True)
-            g = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True).to(dt)
-        else:
-            g = acc.to(tl.bfloat16).to(dt)
-        if HAS_MEAN:
-            sx += g * g
-        if HAS_ABS:
-            sa += tl.abs(g)
-        if HAS_SUM:
-            sg += g
-        if HAS_HALF:  # the samples at even positions of the stream (count + r even)
-            sh += g * ((count + r + 1) % 2)
-    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_MEAN:
-        _merge_mean(mean_ptr, offs, ok, sx, n + tl.zeros((BM, BN), dtype=dt), count + tl.zeros((BM, BN), dtype=dt))
-    _add_sums(sabs_ptr, sg_ptr, sh_ptr, offs, ok, sa, sg, sh, key0, key1, dt, HAS_ABS, HAS_SUM, HAS_HALF, ROUND_ABS,
-              ROUND_SIGNED, ABS_SLOT, SUM_SLOT, HALF_SLOT, WORDS)
 
 
 @triton.jit

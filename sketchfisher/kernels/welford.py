@@ -1,18 +1,13 @@
-"""The fused pass-1 statistics kernels' launches: a batch of per-sample gradients folded into a Welford state of g²,
+"""The fused pass-1 statistics kernel's launch: a batch of per-sample gradients folded into a Welford state of g²,
 Σ|g|, Σg and the half sum in one pass (:func:`welford_update`; the kernel is
-:func:`sketchfisher.kernels._triton.welford_kernel`), or the same statistics folded straight from the gradients'
-factors, each gradient tile formed in registers and never written (:func:`fold_product`,
-:func:`sketchfisher.kernels._triton.product_fold_kernel`)."""
+:func:`sketchfisher.kernels._triton.welford_kernel`)."""
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
-
-from typing import Callable, NamedTuple
 
 from . import Launches, _kernels, _on
 from .hashing import count_key, rounding_slots
@@ -21,48 +16,6 @@ from .hashing import count_key, rounding_slots
 @functools.lru_cache(maxsize=1)
 def _welford() -> Launches:
     return Launches(_kernels()[1])
-
-
-@functools.lru_cache(maxsize=1)
-def _product() -> Launches:
-    return Launches(_kernels()[3])
-
-
-FOLD_PRODUCTS = True
-"""Whether :class:`~sketchfisher.fisher.FisherStats` folds a :class:`FactorGradient` with :func:`fold_product` where the
-Welford kernel would take its gradient (False: the gradient is formed, then folded; ``benchmarks/gpu_e2e.py --fold``)."""
-
-
-class FactorGradient(NamedTuple):
-    """A batch's per-sample bf16 gradients not yet formed: ``g_r = left_r @ right_r`` (``left [n, M, K]``,
-    ``right [n, K, N]``, bf16), and ``form()``, which forms them (``[n, M, N]`` bf16, fp32 accumulation rounded once).
-    The statistics fold it straight from the factors where the product kernel applies (:func:`fold_product`), else
-    from ``form()``."""
-
-    left: torch.Tensor
-    right: torch.Tensor
-    form: Callable[[], torch.Tensor]
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.left.shape[0], self.left.shape[1], self.right.shape[2]))
-
-    @property
-    def device(self) -> torch.device:
-        return self.left.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.left.is_cuda
-
-
-PRODUCT_TILES = dict(BM=128, BN=64, BK=64, GROUP=8, num_warps=8, num_stages=3)
-""":func:`fold_product`'s tile (rows x columns of the gradient, and the inner dimension's step), program grouping and
-launch options."""
 
 
 def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
@@ -95,45 +48,6 @@ def welford_update(g: torch.Tensor, mean: Optional[torch.Tensor], m2: Optional[t
         welford((-(-N // block), 1, 1), (g, *(dummy if t is None else t for t in state), n, N, g.stride(0), count,
                                          key0, key1, counts if from_memory else dummy),
                 functools.partial(_welford_constants, *options), options)
-
-
-def fold_product(left: torch.Tensor, right: torch.Tensor, mean: Optional[torch.Tensor], sum_abs: Optional[torch.Tensor],
-                 sum_g: Optional[torch.Tensor], count: int, sum_half: Optional[torch.Tensor] = None,
-                 dtype: Optional[torch.dtype] = None, counts: Optional[torch.Tensor] = None,
-                 tiles: Optional[dict] = None) -> None:
-    """Fold the per-sample gradients ``g_r = left_r @ right_r`` (``left [n, M, K]``, ``right [n, K, N]``, bf16, any
-    strides) into the state, as :func:`welford_update` would fold ``g [n, M·N]`` with each ``g_r`` accumulated in fp32
-    and rounded once to bf16 (:meth:`BatchFactors.grad(low=True) <sketchfisher.capture.BatchFactors.grad>`): the same
-    formula and rounding bits, without writing the gradients. No M2 (scores never need it). ``tiles``: overrides
-    :data:`PRODUCT_TILES`."""
-    n, M, K = left.shape
-    N = right.shape[2]
-    if right.shape[:2] != (n, K) or left.dtype != torch.bfloat16 or right.dtype != torch.bfloat16:
-        raise ValueError(f"fold_product takes bf16 left [n, M, K] and right [n, K, N]; got {tuple(left.shape)} "
-                         f"{left.dtype} and {tuple(right.shape)} {right.dtype}")
-    state = (mean, sum_abs, sum_g, sum_half)
-    dtype = dtype or next(t for t in state if t is not None).dtype
-    dummy = mean if mean is not None else _placeholder(dtype, left.device)
-    slots = rounding_slots({"abs": sum_abs, "sum": sum_g, "half": sum_half}, dtype)
-    from_memory = counts is not None
-    count, key0, key1 = (0, 0, 0) if from_memory else update_counts(count)
-    t = {**PRODUCT_TILES, **(tiles or {})}
-    options = (tuple(sorted(t.items())), mean is not None, sum_abs is not None, sum_g is not None,
-               sum_half is not None, tuple(slots.items()), from_memory)
-    grid = (-(-M // t["BM"]) * -(-N // t["BN"]), 1, 1)
-    with _on(left.device):
-        _product()(grid, (left, right, *(dummy if s is None else s for s in state), n, M, N, K, *left.stride(),
-                          *right.stride(), count, key0, key1, counts if from_memory else dummy),
-                   functools.partial(_product_constants, *options), options)
-
-
-def _product_constants(tiles: tuple, has_mean: bool, has_abs: bool, has_sum: bool, has_half: bool, slots: tuple,
-                       from_memory: bool) -> dict:
-    """The product kernel's constants (:func:`fold_product`'s launch key, spelled out)."""
-    rounding = _welford_constants(0, has_mean, False, has_abs, has_sum, has_half, slots, 0, from_memory)
-    drop = ("BLOCK", "HAS_M2", "num_warps")
-    return {**{k: v for k, v in rounding.items() if k not in drop}, **dict(tiles),
-            "INTERPRETED": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")}
 
 
 def update_counts(count: int) -> tuple[int, int, int]:
