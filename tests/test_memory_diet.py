@@ -144,8 +144,9 @@ def test_phase_plan_matches_hand_computation():
     # alone, w_b and x̄' (which also centres B), no w_a; B's sketches centred during its pass and kept as they come, no statistics of B's own; after
     # the pass w_a is back and w_b gone
     b_preps, a_preps = 2 * side + half, stat + 2 * side
+    ahead = 2 * h * h * 4  # B's centring: A's Fisher of the largest weight, and of the next one, coming back
     want = {"pass 1 A": weights + stat + running, "preparation": weights + max(stat, 2 * side),
-            "pass B": weights + b_preps + running + sketches / 2, "centring B": weights + b_preps + sketches / 2,
+            "pass B": weights + b_preps + running + sketches / 2, "centring B": weights + b_preps + sketches / 2 + ahead,
             "pass 2 A": weights + a_preps + running + sketches, "scoring": weights + sketches + 2 * B * h * h * 4}
     once = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, conflicts=False).set_index("phase")
     assert list(once.index) == list(want)
@@ -158,7 +159,7 @@ def test_phase_plan_matches_hand_computation():
     want.update({"pass 1 A": weights + stat + 2 * half + running,
                  "preparation": weights + max(stat + 2 * half, 2 * side + 2 * u),
                  "pass B": weights + b_preps + 2 * u + half + running + sketches / 2,
-                 "centring B": weights + b_preps + 2 * u + half + sketches / 2,
+                 "centring B": weights + b_preps + 2 * u + half + sketches / 2 + 2 * h * h * (4 + 2),  # (+ A's Σg)
                  "pass 2 A": weights + a_preps + u + running + sketches})
     default = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B).set_index("phase")
     for phase, value in want.items():

@@ -213,6 +213,7 @@ class _Terms:
     variance_reduction: bool
     centre_b_from_a: bool  # task B's single pass is centred by a direction from task A (scaled centring)
     conflict_tensor: float = 0.0  # one model-sized one-byte conflict weight (u), where the conflict test is collected
+    centring_copies: float = 0.0  # task A's statistics of two parameters on the device while B is centred
 
     @classmethod
     def of(cls, s: Shape, codec: Codec, plan: PassPlan, *, samples: int, tokens: int, batch_size: int, stats_bytes: int,
@@ -226,7 +227,8 @@ class _Terms:
         capture = per_layer(tokens_b * s.num_layers * in_out * (2 if model_bytes_per_param == 2 else 4))
         acts = per_layer(tokens_b * s.num_layers * (ACT_PER_HIDDEN * s.hidden + ACT_PER_INTERMEDIATE * s.intermediate))
         acts += tokens_b * s.vocab * LOGIT_BYTES
-        grad32 = 2 * batch_size * max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden * 4
+        largest = max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden  # (a weight's entries)
+        grad32 = 2 * batch_size * largest * 4
         grad = grad32 * grad_bytes / 4
         if grad_bytes == 2:  # (bf16 gradients are written into one buffer per weight shape, kept through the pass)
             grad = max(grad, batch_size * 2 * s.gradient_buffer_entries(families))
@@ -246,7 +248,10 @@ class _Terms:
                    side_tensor=per_layer(attn * (1 if stats_bytes == 4 else 4)),
                    variance_reduction=bool(codec.variance_reduction),
                    centre_b_from_a=centres_b_from_a(codec, plan.passes),
-                   conflict_tensor=per_layer(attn * 1) if "half" in plan.statistics["a"] else 0.0)
+                   conflict_tensor=per_layer(attn * 1) if "half" in plan.statistics["a"] else 0.0,
+                   # (B's centring brings A's Fisher and, for the test, A's bf16 Σg back from host memory one parameter
+                   # ahead: the current parameter's and the next one's, fisher.host.CopiesAhead)
+                   centring_copies=2 * largest * (stats_bytes + 2 * ("sum" in plan.statistics["a"])))
 
     def preparations(self, centre_b: bool) -> float:
         """Both tasks' centres known (two passes per task): w_a, and with variance reduction w_b, x̄' and ȳ'.
@@ -284,7 +289,7 @@ class _Terms:
                 extra = max(statistics, preps) - preps
                 held["preps"] = preps
             elif step.kind == "centre":
-                extra = 0.0 if self.centre_b_from_a else self.sketches
+                extra = (0.0 if self.centre_b_from_a else self.sketches) + self.centring_copies
             elif step.kind == "sketch":
                 held[f"sketches {t}"] = self.sketches
                 extra = self.running
