@@ -249,9 +249,11 @@ class _Terms:
                    variance_reduction=bool(codec.variance_reduction),
                    centre_b_from_a=centres_b_from_a(codec, plan.passes),
                    conflict_tensor=per_layer(attn * 1) if "half" in plan.statistics["a"] else 0.0,
-                   # (B's centring brings A's Fisher and, for the test, A's bf16 Σg back from host memory one parameter
+                   # (B's centring brings A's Fisher and, for the test, A's Σg back from host memory one parameter
                    # ahead: the current parameter's and the next one's, fisher.host.CopiesAhead)
-                   centring_copies=2 * largest * (stats_bytes + 2 * ("sum" in plan.statistics["a"])))
+                   centring_copies=2 * largest * sum(
+                       running.itemsize for running, _ in kept_dtypes(
+                           [q for q in ("fisher", "sum") if q in plan.statistics["a"]], STATS_DTYPES[stats_bytes])))
 
     def preparations(self, centre_b: bool) -> float:
         """Both tasks' centres known (two passes per task): w_a, and with variance reduction w_b, x̄' and ȳ'.
