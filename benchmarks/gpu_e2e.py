@@ -210,7 +210,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     from sketchfisher.kernels import graphs
 
     default_graphs = graphs.RECORDED
-    setting_of = {graphs.recorded_kinds(name): name for name in ("off", "statistics", "all")}
+    setting_of = {graphs.recorded_kinds(name): name for name in ("off", "statistics", "layers", "all")}
     args.graphs = args.graphs or [setting_of[default_graphs]]
     settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums,
                                       args.grads, args.graphs))
@@ -322,10 +322,10 @@ def main() -> None:
     p.add_argument("--sjlt-launch", nargs="+", default=["default"], choices=["default", "before"],
                    help="the sjlt kernel's launch shapes to run side by side: today's default and/or the one before "
                         "(4096 elements a step, four programs per SM)")
-    p.add_argument("--graphs", nargs="+", default=None, choices=["off", "statistics", "all"],
+    p.add_argument("--graphs", nargs="+", default=None, choices=["off", "statistics", "layers", "all"],
                    help="which launches are recorded once as CUDA graphs and replayed: none, the statistics' Welford "
-                        "updates, or those and each block's side kernels (default: the library's setting, "
-                        "SKETCHFISHER_GRAPHS); several run side by side")
+                        "updates one parameter a recording, whole layers' updates and side kernels, or every kind "
+                        "(default: the library's setting, SKETCHFISHER_GRAPHS); several run side by side")
     p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
                    help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
     p.add_argument("--signed-sums", nargs="+", default=["bf16"], choices=["bf16", "fp32"],

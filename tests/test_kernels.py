@@ -286,3 +286,69 @@ def test_the_one_multiply_32_bit_product_is_the_split_one():
     for c in (0x85EBCA6B, 0xC2B2AE35, 2**32 - 1, 1):
         split = (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
         assert torch.equal(_mul32(x, c), split)
+
+
+def test_a_recorded_layer_gives_what_its_launches_give_one_by_one(monkeypatch):
+    """A layer's statistics updates and side launches through a recording (:mod:`sketchfisher.collect.layers`) give
+    ``sf.analyze`` the statistics and scores that launching them one by one gives, in every pass (pass 1 A folds,
+    pass B folds and sketches, pass 2 A sketches), a last batch of another size included. A stand-in for the CUDA
+    graph runs the recorded work again on each replay while forbidding anything but device work in it: the counts
+    of a replayed batch are the host's, outside the recording."""
+    from sketchfisher.collect import layers
+    from sketchfisher.kernels import graphs
+
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(sketching.FusedSides, "applies", lambda self, factor: self.enabled)
+    monkeypatch.setattr(FisherStats, "_kernel_applies", lambda self, g, state: True)  # (the kernel, interpreted)
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(8, 2, seed=1), make_batches(6, 2, seed=2) + make_batches(1, 1, seed=3)
+    kw = dict(codec=sf.Sketch(k=32, kind="sjlt", seed=1, dtype="fp32", s=2), stats_dtype=torch.float32)
+    monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("off"))
+    want = sf.analyze(model, generic_loss, ta, tb, **kw)
+
+    replays, in_recording = [], []
+
+    class Recorder(graphs.Replays):  # the first call of a key runs directly, later ones "replay"
+        def __init__(self, kind):
+            super().__init__(kind)
+            replays.append(self)
+
+        def records(self, inputs):
+            return self.kind == "layers" and self.active
+
+        def __call__(self, key, fn, *inputs):
+            if not self.records(inputs):
+                return fn(*inputs)
+            if key not in self.seen:  # (on the CPU the gradients are not formed into buffers: keyed by key alone)
+                self.seen.add(key)
+                return fn(*inputs)
+            self.replayed += 1
+            in_recording.append(True)
+            try:
+                out = fn(*inputs)
+            finally:
+                in_recording.pop()
+            return None if out is None else out.clone()
+
+    advance = FisherStats.advance
+
+    def counted(self, name, n):
+        assert not in_recording, "a recording counted a batch: a replay would not"
+        advance(self, name, n)
+
+    monkeypatch.setattr(FisherStats, "advance", counted)
+    monkeypatch.setattr(layers, "Replays", Recorder)
+    monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("layers"))
+    got = sf.analyze(model, generic_loss, ta, tb, **kw)
+    assert sum(r.replayed > 0 for r in replays) == 3  # pass 1 A, pass B, pass 2 A
+    for task in ("a", "b"):
+        mine, theirs = (getattr(r.context, f"stats_{task}") for r in (got, want))
+        assert mine.count == theirs.count and mine.half_counts == theirs.half_counts
+        for (_, acc), (_, other) in zip(mine.sums(), theirs.sums()):
+            assert acc.keys() == other.keys() and all(torch.equal(acc[k], other[k]) for k in acc)
+        for name, w in mine.welford.items():
+            assert w.mean is None or torch.equal(w.mean, theirs.welford[name].mean)
+    for family in want.families:
+        r, d = got.units(family), want.units(family)
+        assert torch.equal(r.scores, d.scores) and torch.equal(r.stderr, d.stderr)
+        assert r.head_conflicts().equals(d.head_conflicts())

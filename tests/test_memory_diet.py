@@ -174,11 +174,12 @@ def test_phase_plan_matches_hand_computation():
     pooled = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, cfg=sf.ScoreConfig(normalizer="pooled"),
                          stats_bytes=8, conflicts=False).set_index("phase")  # (two passes: the default where B's pass needs its Fisher)
     assert pooled.loc["pass 1 B", "peak_device_bytes"] == pytest.approx(weights + 4 * 2 * stat + running)
-    # a bf16 model's per-sample gradient formed in bf16 (a sketch collection on a GPU): half of that term in every
-    # pass; scoring's working set is not a gradient and keeps its size
+    # a bf16 model's per-sample gradient formed in bf16 (a sketch collection on a GPU): in every pass, one bf16 buffer
+    # per module of a layer (Q, K, V, O) in place of one module's fp32 gradient; scoring's working set is not a
+    # gradient and keeps its size
     low = plan_phases("llama-7b", codec=k256, samples=n, tokens=T, batch_size=B, grad_bytes=2).set_index("phase")
     for phase, value in want.items():
-        lighter = grad / 2 if phase.startswith("pass") else 0
+        lighter = grad - B * 2 * 4 * h * h if phase.startswith("pass") else 0
         assert low.loc[phase, "peak_device_bytes"] == pytest.approx(value - lighter), phase
     with pytest.raises(sf.InputError, match="grad_bytes 2 or 4"):
         plan_phases("llama-7b", codec=k256, grad_bytes=1)

@@ -39,10 +39,8 @@ class LaggedFiniteCheck:
     @torch.no_grad()
     def _screen(out: dict) -> list:
         by_device: dict = {}
-        for triple in out.values():
-            whole = _one_tensor(triple)
-            for t in (triple if whole is None else (whole,)):
-                by_device.setdefault(t.device, []).append(t)
+        for t in _covering(out.values()):
+            by_device.setdefault(t.device, []).append(t)
         verdicts = []
         for device, ts in by_device.items():
             ok = torch.stack(torch._foreach_norm(ts)).isfinite().all()  # (stack promotes mixed dtypes)
@@ -66,13 +64,28 @@ class LaggedFiniteCheck:
                 return
 
 
-def _one_tensor(views: tuple) -> torch.Tensor | None:
-    """The tensor that ``views`` cut up between them, where they are views of one tensor that cover it exactly (the
-    fused side kernel writes a block's outputs into one): screened once instead of one by one."""
-    base = views[0]._base
-    if base is None or any(t._base is not base for t in views) or sum(t.numel() for t in views) != base.numel():
-        return None
-    return base
+def _covering(groups: Iterable[tuple]) -> list[torch.Tensor]:
+    """The tensors to screen for every view in ``groups``: a tensor that views cut up between them exactly is screened
+    once instead of view by view (the fused side kernel writes a block's outputs into one tensor, a recorded layer all
+    of its blocks'); any other view as it is. (A whole tensor holds at least what its views hold, so a screen of it
+    can only flag more, and a flagged batch is checked view by view.)"""
+    bases: dict = {}  # id -> [tensor, entries its views cover, the views]
+    loose = []
+    for views in groups:
+        for t in views:
+            base = t._base
+            if base is None:
+                loose.append(t)
+                continue
+            held = bases.setdefault(id(base), [base, 0, []])
+            held[1] += t.numel()
+            held[2].append(t)
+    for base, covered, views in bases.values():
+        if covered == base.numel():
+            loose.append(base)
+        else:
+            loose.extend(views)
+    return loose
 
 
 def finite_rows(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -20,8 +20,8 @@ the batch, and the number of devices the layers are spread over. Its terms:
   fp32 loss (fitted on Llama-7B and Llama-3-8B shapes on an H200; docs/benchmarks.md compares the
   prediction with every measured run);
 * one module's per-sample gradient: 2·B·out·in·4 bytes, or ·2 where it is formed in bf16 (a bf16 model's on a GPU,
-  in a sketch collection: ``grad_bytes=2``), and then at least one buffer per distinct weight shape, B·out·in·2
-  bytes each, that the pass writes every gradient of that shape into.
+  in a sketch collection: ``grad_bytes=2``), and then one buffer per collected module of a layer, B·out·in·2 bytes
+  each, that the pass writes every layer's gradient of that module into.
 """
 
 from __future__ import annotations
@@ -136,14 +136,9 @@ class Shape:
         return sizes, entries, self.num_layers * (4 * heads + self.mlp_matrices * mlp)
 
     def gradient_buffer_entries(self, families: tuple[str, ...]) -> int:
-        """Entries of one sample's gradient buffers: one per distinct weight shape of the collected families."""
-        hd = self.head_dim
-        shapes = set()
-        if "heads" in families:
-            shapes |= {(self.heads * hd, self.hidden), (self.kv_heads * hd, self.hidden), (self.hidden, self.heads * hd)}
-        if "mlp" in families:
-            shapes |= {(self.intermediate, self.hidden), (self.hidden, self.intermediate)}
-        return sum(a * b for a, b in shapes)
+        """Entries of one sample's gradient buffers: one per collected module of a layer (a layer's gradients are
+        alive together while its work is recorded or replayed, :mod:`sketchfisher.collect.layers`)."""
+        return self.attn_params_per_layer * ("heads" in families) + self.mlp_params_per_layer * ("mlp" in families)
 
     @property
     def mlp_params_per_layer(self) -> int:
@@ -230,7 +225,7 @@ class _Terms:
         largest = max(s.heads * s.head_dim, s.hidden, s.intermediate if mlp else 0) * s.hidden  # (a weight's entries)
         grad32 = 2 * batch_size * largest * 4
         grad = grad32 * grad_bytes / 4
-        if grad_bytes == 2:  # (bf16 gradients are written into one buffer per weight shape, kept through the pass)
+        if grad_bytes == 2:  # (bf16 gradients are written into one buffer per module of a layer, kept through the pass)
             grad = max(grad, batch_size * 2 * s.gradient_buffer_entries(families))
         width = s.num_layers * in_out
         per_task = samples / 2

@@ -154,18 +154,19 @@ def sized(batches: Iterable[Any]) -> int | None:
 
 
 class PassBuffers:
-    """A pass's per-sample gradient buffers, one per shape (:meth:`BatchFactors.grad
-    <sketchfisher.capture.BatchFactors.grad>`'s ``into``), for the batch size at hand: a batch of another size (the
-    last) lets the others go."""
+    """A pass's per-sample gradient buffers (:meth:`BatchFactors.grad <sketchfisher.capture.BatchFactors.grad>`'s
+    ``into``) for the batch size at hand, one set per slot (a module's position in its layer,
+    :mod:`sketchfisher.collect.layers`), each keyed by shape: every layer's gradient of that position is written
+    into the same place. A batch of another size (the last) lets the others go."""
 
     def __init__(self) -> None:
         self.size: Optional[int] = None
         self.buffers: dict = {}
 
-    def of(self, batch_size: int) -> dict:
+    def slot(self, batch_size: int, slot: int) -> dict:
         if batch_size != self.size:
             self.size, self.buffers = batch_size, {}
-        return self.buffers
+        return self.buffers.setdefault(slot, {})
 
 
 def fold_factors(stats: FisherStats, captured: BatchFactors, weights: list[str], low: bool = False,

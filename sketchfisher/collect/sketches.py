@@ -34,8 +34,8 @@ from ..fisher.host import CopiesAhead, host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from .finite import LaggedFiniteCheck
-from ..kernels.graphs import Replays
-from .passes import PassBuffers, Skip, block_gradients, factor_pass, fold_factors, trainable_weights
+from .layers import LayerWork, layer_parts
+from .passes import Skip, block_gradients, factor_pass, fold_factors, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
 CONFLICT_WEIGHT_DTYPE = "fp8"
@@ -197,41 +197,37 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
     weights = sorted({layout.param_of(*key) for key in keys})
     fused = codec.fused_sides(layout, cfg, side)
     check = LaggedFiniteCheck(desc, cfg)
-    # each (layer, block) once: its head blocks, module and weight (the loop below runs 224 times a batch at 7B)
+    # each (layer, block) once: its head blocks, module and weight (224 blocks a batch at 7B), grouped by layer
     where = [(key, hbs, hbs[0].module_name, layout.param_of(*key))
              for key in keys for hbs in [layout.head_blocks(*key)]]
-    pass_buffers, replays = PassBuffers(), Replays("statistics")  # (the per-sample gradients' places; the statistics' launches)
+    head_blocks = {key: hbs for key, hbs, _, _ in where}
+    layers = layer_parts(where)
+    work = LayerWork(fold, fused, preps)  # (the fused path: gradients in buffers, each layer's launches recorded)
     for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
-        buffers = pass_buffers.of(bf.batch_size)
         folded = set()
         out = {}
-        last = (None, None)  # (module, its per-sample gradient): blocks of one fused module share it
         with fp32_reductions():  # (bf16 products of the per-sample gradients: set once for the batch's modules)
-            for key, hbs, module, weight in where:
-                layer, block = key
-                prep = preps[key]
-                factor = bf.A[module]
-                if prep.device != factor.device:  # statistics read from disk, or another card's
-                    prep = preps[key] = prep.to(factor.device)
-                if fused is not None and fused.applies(factor):
-                    if last[0] != module:
-                        last = (None, None)  # free the previous module's gradient first
-                        last = (module, bf.grad(module, low=True, into=buffers))  # (bf16 for a bf16 model)
-                        if fold is not None and weight not in folded:  # the statistics from the same gradient
-                            fold.update({weight: last[1]}, replays=replays)
-                            folded.add(weight)
-                    # (scaled-centred in the kernel; the conflict scalars from the same read)
-                    *sides, conflict = fused(last[1], layer, block, prep)
-                    out[key] = (*sides, conflict) if conflict is not None else tuple(sides)
+            for parts in layers:
+                if fused is not None and fused.applies(bf.A[parts[0].module]):
+                    # (scaled-centred in the kernel; the conflict scalars and the statistics from the same read)
+                    out.update(work.run(bf, parts))
+                    folded.update(p.weight for p in parts if fold is not None)
                     continue
-                g = block_gradients(bf, module, hbs)  # (what the statistics saw)
-                v = side_vector(g, prep, side, count, cfg)
-                sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block_index(block))
-                conflict = conflict_scalars(g, prep, side, cfg.dtype)
-                sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
-                out[key] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
+                for part in parts:
+                    for key in part.blocks:
+                        layer, block = key
+                        prep = preps[key]
+                        if prep.device != bf.A[part.module].device:  # statistics read from disk, or another card's
+                            prep = preps[key] = prep.to(bf.A[part.module].device)
+                        g = block_gradients(bf, part.module, head_blocks[key])  # (what the statistics saw)
+                        v = side_vector(g, prep, side, count, cfg)
+                        sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block_index(block))
+                        conflict = conflict_scalars(g, prep, side, cfg.dtype)
+                        sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
+                        out[key] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
             if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
-                fold_factors(fold, bf, [w for w in weights if w not in folded], low=True, into=buffers, replays=replays)
+                fold_factors(fold, bf, [w for w in weights if w not in folded], low=True,
+                             into=work.buffers.slot(bf.batch_size, 0), replays=work.statistics)
         bf.settle()  # finite factors before the consumer sees the batch (its work on the device is queued)
         check.submit(index, out)
         yield index, bf.batch_size, out

@@ -12,8 +12,9 @@ from ..compress import Codec, check_codec
 from ..errors import InputError
 from ..fisher import QUANTITIES, FisherStats
 from ..layout import Layout
-from ..kernels.graphs import Replays
-from .passes import PassBuffers, factor_pass, fold_factors, gradient_pass, trainable_weights
+from ..capture.hooks import fp32_reductions
+from .layers import LayerWork, weight_groups
+from .passes import factor_pass, fold_factors, gradient_pass, trainable_weights
 
 
 def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: Layout, codec: Codec, *,
@@ -38,11 +39,16 @@ def collect(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], layout: L
             rep.add(grads)
             stats.update(grads)
     else:
-        # (a sketch's sides read the same numbers: bf16 products, where the statistics' launches can be recorded)
-        buffers, replays = PassBuffers(), Replays("statistics")
+        # (a sketch's sides read the same numbers: bf16 products, whose statistics updates are recorded layer by
+        # layer where they can be)
+        work, groups = (LayerWork(fold=stats), weight_groups(layout, weights)) if codec.two_pass else (None, [])
         for _, captured in factor_pass(model, loss_fn, batches, weights, desc=desc, show_progress=show_progress):
-            fold_factors(stats, captured, weights, low=codec.two_pass, into=buffers.of(captured.batch_size),
-                         replays=replays if codec.two_pass else None)
+            if work is None:
+                fold_factors(stats, captured, weights)
+            else:
+                with fp32_reductions():
+                    for parts in groups:
+                        work.run(captured, parts)
             if rep is not None:
                 rep.add(captured)
     if stats.count == 0:

@@ -73,6 +73,10 @@ class FusedSides:
         where it does not)."""
         launch = self.launcher(layer, block, prep, grad.device)
         # (keyed by the set-up, which holds what the launches read besides the gradient)
-        res = self.replays(launch, launch.run, grad)
+        return self.outputs(launch, self.replays(launch, launch.run, grad))
+
+    @staticmethod
+    def outputs(launch: kernels.SketchHeads, res: torch.Tensor):
+        """:meth:`__call__`'s outputs (views) of the tensor ``res`` that ``launch.run`` wrote."""
         sk, norm2, cross, gamma, dots = launch.split(res)
         return sk, norm2, cross, gamma if launch.centring else torch.zeros_like(norm2), dots

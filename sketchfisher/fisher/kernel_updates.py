@@ -28,14 +28,25 @@ class KernelUpdates:
 
         def launch(g: torch.Tensor, *tensors: torch.Tensor) -> None:
             given = iter(tensors)
-            mean, m2, s_abs, s_g, half = (next(given) if k else None for k in kept)
-            kernels.welford_update(g, mean, m2, s_abs, s_g, count=0, sum_half=half, dtype=self.dtype,
-                                   counts=next(given))
+            self.launch_update(g, tuple(next(given) if k else None for k in kept), next(given))
 
         replays(("welford", name, kept, self.dtype), launch, g, *(t for t in state if t is not None),
-                self._counts_on(g.device, count))
+                self.counts_on(g.device, count))
 
-    def _counts_on(self, device: torch.device, count: int) -> torch.Tensor:
+    def ready_state(self, name: str, g: torch.Tensor) -> Optional[tuple[Optional[torch.Tensor], ...]]:
+        """The state tensors (mean, M2, Σ|g|, Σg, half sum) that a batch ``g [n, *shape]`` of ``name`` folds into,
+        where its last update took the kernel path with these very tensors for gradients like ``g``; None where the
+        batch must go through :meth:`update` (a first update, moved or replaced state, another shape or device)."""
+        return self._checked_state(name, (g.shape[1:], g.device, g.dtype, self.dtype))
+
+    def launch_update(self, g: torch.Tensor, state: tuple, counts: torch.Tensor) -> None:
+        """The Welford kernel folding ``g [n, *shape]`` into ``state`` (:meth:`ready_state`), reading the count before
+        the batch from ``counts`` (:meth:`counts_on`): device work only, which a CUDA graph can record once for every
+        batch; the caller counts the batch (:meth:`advance`)."""
+        kernels.welford_update(g.reshape(g.shape[0], -1), *state[:4], count=0, sum_half=state[4], dtype=self.dtype,
+                               counts=counts)
+
+    def counts_on(self, device: torch.device, count: int) -> torch.Tensor:
         """An int64 tensor on ``device`` holding :func:`~sketchfisher.kernels.update_counts` of ``count`` (written
         in stream order where the count changed: the launches queued before read the one before)."""
         held = self._counts.get(device)

@@ -130,9 +130,15 @@ class FisherStats(KernelUpdates, FileForm):
                     update_in_chunks(g, w.count, self.dtype, *state)
             if on_kernel:  # one Triton kernel, one pass over g
                 self._kernel_update(name, g.reshape(n, -1).contiguous(), state, w.count, replays)
-            if "half" in self.quantities:  # the samples at even positions of the stream
-                self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
-            w.count += n
+            self.advance(name, n)
+
+    def advance(self, name: str, n: int) -> None:
+        """Count a batch of ``n`` samples of ``name`` whose values the state took already (what :meth:`update` does
+        after its kernel's launch; a recorded launch, :meth:`launch_update`, leaves it to the caller)."""
+        w = self.welford[name]
+        if "half" in self.quantities:  # the samples at even positions of the stream
+            self.half_counts[name] = self.half_counts.get(name, 0) + len(range(w.count % 2, n, 2))
+        w.count += n
 
     def _state(self, name: str, g: torch.Tensor) -> tuple[Welford, tuple[Optional[torch.Tensor], ...]]:
         """The Welford state of ``name`` and its kept accumulators (mean, M2, Σ|g|, Σg; None where not kept),

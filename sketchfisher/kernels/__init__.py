@@ -266,8 +266,13 @@ class SketchHeads:
         k, mu = self.k, self.mu
         return res[..., :k], res[..., k], res[..., k + 1], res[..., k + 2], res[..., k + 3:] if mu else None
 
-    def run(self, g: torch.Tensor) -> torch.Tensor:
-        """The launches on ``g``: one fp32 tensor ``[n, H, k + 3 + m]`` (sketch, ‖ṽ‖², cross, γ or own, dots)."""
+    def width(self) -> int:
+        """The last dimension of :meth:`run`'s tensor: ``k + 3 + m``."""
+        return self.k + 3 + self.mu
+
+    def run(self, g: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The launches on ``g``: one fp32 tensor ``[n, H, k + 3 + m]`` (sketch, ‖ṽ‖², cross, γ or own, dots), written
+        into ``out`` where given (contiguous, of that shape and dtype on this device)."""
         if g.dtype not in DTYPES:
             raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
         dev = self.device
@@ -282,7 +287,13 @@ class SketchHeads:
         plan = self._plan(n)
         part = torch.empty(plan.part, dtype=torch.float32, device=dev)
         k = self.k
-        res = torch.empty(n, H, k + 3 + mu, dtype=torch.float32, device=dev)  # (one tensor: one to screen, one alloc)
+        if out is None:
+            res = torch.empty(n, H, k + 3 + mu, dtype=torch.float32, device=dev)  # (one tensor: one to screen, one alloc)
+        elif out.shape != (n, H, k + 3 + mu) or out.dtype != torch.float32 or out.device != dev or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous fp32 tensor {[n, H, k + 3 + mu]} on {dev}, got "
+                             f"{out.dtype} {list(out.shape)} on {out.device}")
+        else:
+            res = out
         stride = g.stride(0)
         # (what Triton specialises on: the fixed arguments' once, here the gradient's, the scratch's and the stride's)
         spec = (self._fixed_spec[:2], g.dtype, g.data_ptr() % 16 == 0, part.data_ptr() % 16 == 0,

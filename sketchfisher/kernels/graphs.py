@@ -3,8 +3,8 @@
 At a 7B model's 224 (layer, block)s a batch, a pass's side kernels cost the host more than the device: each call
 checks its arguments, allocates its outputs and goes through Triton's launcher twice. What a call reads besides the
 per-sample gradient (the preparations, made once a pass) sits at the same addresses all pass long, and the pass
-writes each module's gradient into one buffer per shape (:meth:`~sketchfisher.capture.BatchFactors.grad`'s
-``into``), so the launches of one (block, batch size) read the same memory every batch. :class:`Replays` records
+writes each module's gradient into a buffer of its own position in the layer
+(:meth:`~sketchfisher.capture.BatchFactors.grad`'s ``into``), so the launches of one (block, batch size) read the same memory every batch. :class:`Replays` records
 them the second time they run (the first compiles the kernels) and afterwards replays the recording, returning a
 copy of its output.
 
@@ -14,13 +14,15 @@ Anything else a recording reads must stay put while its key can come again (the 
 it). Recording needs CUDA graphs; where one cannot be made, the :class:`Replays` logs why once and runs every call
 directly from then on (the same numbers).
 
-Each :class:`Replays` serves one kind of launch, and :data:`RECORDED` says which kinds are recorded: ``"statistics"``
-(each parameter's Welford update, one launch of one long kernel a batch) and ``"sides"`` (each block's two side-kernel
-launches). Measured end to end on three H100s at a 7B shape (docs/benchmarks.md), recorded statistics updates took
-task A's first pass 1.0 s shorter on average over five pairs (1.1-1.8 s in four, 0.5 s longer in one), while recorded
-side kernels made task A's sketch pass 0.8-1.2 s longer in three of four; so the statistics are recorded by default
-and the sides are not. ``SKETCHFISHER_GRAPHS`` sets it: ``0`` (none),
-``statistics`` (the default), ``1`` or ``all`` (both).
+Each :class:`Replays` serves one kind of launch, and :data:`RECORDED` says which kinds are recorded: ``"layers"``
+(every statistics update and side-kernel launch of one layer of a batch, :mod:`sketchfisher.collect.layers`),
+``"statistics"`` (one parameter's Welford update, where its layer is not recorded whole) and ``"sides"`` (one block's
+two side-kernel launches, likewise). Measured end to end on three H100s at a 7B shape (docs/benchmarks.md), recorded
+statistics updates took task A's first pass 1.0 s shorter on average over five pairs (1.1-1.8 s in four, 0.5 s
+longer in one), while recorded side kernels, one block a recording, made task A's sketch pass 0.8-1.2 s longer in three
+of four. ``SKETCHFISHER_GRAPHS`` sets it: ``0`` (none), ``statistics`` (the statistics one parameter a recording),
+``layers`` (the default: whole layers, and the statistics where a layer is not recorded), ``1`` or ``all`` (every
+kind).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from typing import Any, Callable
 import torch
 
 logger = logging.getLogger(__name__)
-KINDS = ("statistics", "sides")
-_SETTINGS = {"0": (), "off": (), "statistics": ("statistics",), "1": KINDS, "all": KINDS}
+KINDS = ("statistics", "sides", "layers")
+_SETTINGS = {"0": (), "off": (), "statistics": ("statistics",), "layers": ("statistics", "layers"), "1": KINDS,
+             "all": KINDS}
 
 
 def recorded_kinds(setting: str) -> frozenset:
@@ -43,7 +46,7 @@ def recorded_kinds(setting: str) -> frozenset:
     return frozenset(_SETTINGS[setting])
 
 
-RECORDED = recorded_kinds(os.environ.get("SKETCHFISHER_GRAPHS", "statistics"))
+RECORDED = recorded_kinds(os.environ.get("SKETCHFISHER_GRAPHS", "layers"))
 PER_KEY = 4  # recordings kept per caller key (inputs at other addresses: run directly)
 
 
@@ -69,8 +72,12 @@ class Replays:
         """Whether calls may be recorded (this kind is, and none has failed to record)."""
         return self.kind in RECORDED and not self.broken
 
+    def records(self, inputs) -> bool:
+        """Whether calls on ``inputs`` may be recorded (:attr:`active`, and every input on a CUDA device)."""
+        return self.active and all(t.is_cuda for t in inputs)
+
     def __call__(self, key: Any, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-        if not self.active or not all(t.is_cuda for t in inputs):
+        if not self.records(inputs):
             return fn(*inputs)
         full = (key, *((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs))
         kept = self.graphs.get(full)
