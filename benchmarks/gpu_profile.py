@@ -103,7 +103,8 @@ TIMED = ("sketchfisher.capture.hooks:FactorCapture.run", "sketchfisher.capture.h
          "sketchfisher.capture.hooks:BatchFactors.settle", "sketchfisher.fisher.stats:FisherStats.update",
          "sketchfisher.compress.fused:FusedSides.__call__", "sketchfisher.compress.fused:sketched_centre",
          "sketchfisher.kernels:sketch_heads", "sketchfisher.kernels:welford_update",
-         "sketchfisher.collect.finite:LaggedFiniteCheck.submit", "sketchfisher.kernels:Launches.__call__")
+         "sketchfisher.collect.finite:LaggedFiniteCheck.submit", "sketchfisher.kernels:Launches.__call__",
+         "sketchfisher.collect.layers:LayerWork.run", "sketchfisher.kernels.graphs:Replays.__call__")
 """What ``--timers`` times: ``module:attribute`` (a function, or a class's method)."""
 
 

@@ -204,10 +204,12 @@ def test_replays_record_a_call_the_second_time_and_replay_it_where_its_inputs_li
     assert not replays.graphs
 
 
-def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(monkeypatch):
-    """``sf.analyze`` on a bf16 model with recorded launches (``SKETCHFISHER_GRAPHS=all``: the statistics' Welford
-    updates in every pass and the side kernels, the per-sample gradients in one buffer per shape) gives bitwise the
-    statistics, scores and conflict table of launching every call, over batches of two sizes."""
+@pytest.mark.parametrize("kinds", [("statistics", "sides"), ("statistics", "layers")])
+def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(monkeypatch, kinds):
+    """``sf.analyze`` on a bf16 model with recorded launches gives bitwise the statistics, scores and conflict table of
+    launching every call, over batches of two sizes: one recording per parameter's Welford update and per block's
+    side kernels, or one per layer's updates and side kernels (the default, ``collect.layers``), the per-sample
+    gradients in one buffer per module of a layer."""
     from sketchfisher.kernels import graphs
 
     made = []
@@ -218,15 +220,16 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
         made.append(self)
 
     monkeypatch.setattr(graphs.Replays, "__init__", keep)
-    monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("all"))
+    monkeypatch.setattr(graphs, "RECORDED", frozenset(kinds))
     model = make_model("llama_gqa").cuda().to(torch.bfloat16)
     to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
-    ta, tb = to(make_batches(6, 2, seed=1)), to(make_batches(5, 2, seed=2) + make_batches(1, 1, seed=3))
+    ta, tb = to(make_batches(12, 2, seed=1)), to(make_batches(10, 2, seed=2) + make_batches(1, 1, seed=3))
     kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3), units="all")
     replayed = sf.analyze(model, generic_loss, ta, tb, **kw)
-    # pass 1 A's and pass B's statistics, pass B's and pass 2 A's side kernels
-    assert sum(r.replayed > 0 for r in made) >= 4 and not any(r.broken for r in made)
-    # one key per block or parameter, recorded once per batch size (a shared key would stop at graphs.PER_KEY)
+    # per parameter and block: pass 1 A's and pass B's statistics, pass B's and pass 2 A's side kernels; per layer:
+    # pass 1 A, pass B and pass 2 A
+    assert sum(r.replayed > 0 for r in made) == (4 if "sides" in kinds else 3) and not any(r.broken for r in made)
+    # one key per block, parameter or layer, recorded once per batch size (a shared key would stop at graphs.PER_KEY)
     assert all(max(r.count.values(), default=0) <= 2 for r in made)
     monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("off"))
     direct = sf.analyze(model, generic_loss, ta, tb, **kw)

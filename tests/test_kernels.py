@@ -237,15 +237,17 @@ def test_a_stochastically_rounded_abs_sum_is_unbiased():
             assert float(nearest.double().max()) <= 128 < 0.5 * float(exact.min())
 
 
-@pytest.mark.parametrize("arch,variant,normalizer,stats_dtype", [
-    ("gpt2", "paper", "a", torch.float64), ("llama_gqa", "signed", "pooled", torch.float64),
-    ("llama_gqa", "symmetric", "loo", torch.float64), ("llama_gqa", "paper", "a", torch.float32)])
-def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, normalizer, stats_dtype):
-    """The kernel reads the preparations as they are (fp32, or bf16 balance and centres with fp32 statistics)."""
+@pytest.mark.parametrize("arch,variant,normalizer,stats_dtype,conflicts", [
+    ("gpt2", "paper", "a", torch.float64, None), ("llama_gqa", "signed", "pooled", torch.float64, None),
+    ("llama_gqa", "symmetric", "loo", torch.float64, None), ("llama_gqa", "paper", "a", torch.float32, None),
+    ("gpt2", "paper", "a", torch.float32, False)])
+def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, normalizer, stats_dtype, conflicts):
+    """The kernel reads the preparations as they are (fp32, or bf16 balance and centres with fp32 statistics), with
+    and without the conflict test's scalars."""
     model = make_model(arch)
     ta, tb = make_batches(4, 2, seed=1), make_batches(3, 3, seed=2)
     codec = sf.Sketch(k=64, kind="sjlt", seed=1, dtype="fp32", s=2)
-    kw = dict(codec=codec, variant=variant, normalizer=normalizer, stats_dtype=stats_dtype)
+    kw = dict(codec=codec, variant=variant, normalizer=normalizer, stats_dtype=stats_dtype, conflicts=conflicts)
     want = sf.analyze(model, generic_loss, ta, tb, **kw)
     calls = []
     monkeypatch.setattr(kernels, "available", lambda: True)
@@ -255,6 +257,8 @@ def test_fused_pass2_gives_the_torch_path_scores(monkeypatch, arch, variant, nor
     scale = float(want.scores.abs().max())
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(got.stderr, want.stderr, rtol=1e-4, atol=1e-5 * scale)
+    if conflicts is False:
+        return
     cols = ["T", "stderr", "alignment", "p_value"]  # the conflict scalars, read by the kernel in the same pass
     key = ["layer", "head", "block"]
     t_got, t_want = (r.head_conflicts().sort_values(key)[cols].to_numpy() for r in (got, want))

@@ -68,9 +68,9 @@ class FusedSides:
         return launch
 
     def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
-        """``(sketches, ‖ṽ‖², cross, γ, conflict scalars [B, H_b, m] or None)`` of one (layer, block), scaled-centred
+        """``(sketches, ‖ṽ‖², cross, γ[, conflict scalars [B, H_b, m]])`` of one (layer, block), scaled-centred
         where the codec centres so (:func:`~sketchfisher.compress.sketch_scores.scale_centring`'s outputs; γ = 0
-        where it does not)."""
+        where it does not); the conflict scalars where the preparation has the other task's mean."""
         launch = self.launcher(layer, block, prep, grad.device)
         # (keyed by the set-up, which holds what the launches read besides the gradient)
         return self.outputs(launch, self.replays(launch, launch.run, grad))
@@ -79,4 +79,5 @@ class FusedSides:
     def outputs(launch: kernels.SketchHeads, res: torch.Tensor):
         """:meth:`__call__`'s outputs (views) of the tensor ``res`` that ``launch.run`` wrote."""
         sk, norm2, cross, gamma, dots = launch.split(res)
-        return sk, norm2, cross, gamma if launch.centring else torch.zeros_like(norm2), dots
+        sides = (sk, norm2, cross, gamma if launch.centring else torch.zeros_like(norm2))
+        return sides if dots is None else (*sides, dots)
