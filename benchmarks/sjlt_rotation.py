@@ -25,8 +25,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-EDITS = {  # (library source, variant source); ROTATE and NS are the variant's own constants
-    "O_SC: tl.constexpr):": "O_SC: tl.constexpr, ROTATE: tl.constexpr = True, NS: tl.constexpr = 1):",
+EDITS = {  # (library source, variant source); ROTATE, PREP and NS are the variant's own constants
+    "O_SC: tl.constexpr):": "O_SC: tl.constexpr, ROTATE: tl.constexpr = True, NS: tl.constexpr = 1, "
+                           "PREP: tl.constexpr = False):",
+    "        ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]\n":
+        "        ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]\n"
+        "        if PREP:\n"
+        "            ep = j3 + (t * M)[None, :, None]\n"
+        "            okp = (ep < size) & ((t < t1) & (band < S))[None, :, None]\n"
+        "        else:\n"
+        "            ep = e\n"
+        "            okp = ok\n",
     "    hoff = tl.load(hoff_ptr + h)\n": "    hoff = tl.load(hoff_ptr + h)\n    if not ROTATE:\n"
                                          "        hoff = tl.multiple_of(hoff, 16)\n",
     "        o = (j3 - c[None, :, None] + M) % M": "        o = (j3 - c[None, :, None] + M) % M if ROTATE else "
@@ -35,14 +44,24 @@ EDITS = {  # (library source, variant source); ROTATE and NS are the variant's o
 }
 
 
+EVERY = {"poff + e, mask=ok,": ("poff + ep, mask=okp,", 5)}
+"""Edits made wherever the text occurs (and how often it must): with ``PREP`` the preparations' loads (weight, centre,
+other, conflict weights) read each tile in memory order, as preparations stored already rotated would be read, while
+the gradient's stay rotated (timed only: the sums are another sketch's)."""
+
+
 def variant_kernel():
-    """The library's side kernel with the :data:`EDITS` applied, compiled from a temporary module."""
+    """The library's side kernel with the :data:`EDITS` and :data:`EVERY` applied, compiled from a temporary module."""
     from sketchfisher.kernels import _triton
 
     source = inspect.getsource(_triton)
     for old, new in EDITS.items():
         if source.count(old) != 1:
             raise SystemExit(f"the library kernel changed: {old!r} is not in kernels/_triton.py once; update EDITS")
+        source = source.replace(old, new)
+    for old, (new, times) in EVERY.items():
+        if source.count(old) != times:
+            raise SystemExit(f"the library kernel changed: {old!r} is not in kernels/_triton.py {times} times")
         source = source.replace(old, new)
     path = os.path.join(tempfile.mkdtemp(), "sjlt_variant.py")
     with open(path, "w") as f:
@@ -81,32 +100,37 @@ def check_on_cpu() -> None:
     for ns in (1, 2):
         assert torch.equal(partial_sums(kernel, sh, g, ROTATE=True, NS=ns), want), ns
     unrotated = partial_sums(kernel, sh, g, ROTATE=False)
+    aligned = partial_sums(kernel, sh, g, PREP=True)
+    other = lambda t: "another sketch" if not torch.equal(t, want) else "the same (unexpected)"  # noqa: E731
     print("| variant (interpreter, tiny shapes) | partial sums |\n| --- | --- |\n| rotated, NS 1 and 2 | the library's, "
-          f"bitwise |\n| unrotated | {'another sketch' if not torch.equal(unrotated, want) else 'the same (unexpected)'} |")
+          f"bitwise |\n| unrotated | {other(unrotated)} |\n| preparations in memory order | {other(aligned)} |")
 
 
-def sweep(repeats: int) -> None:
+def sweep(repeats: int, ns_list: tuple[int, ...] | None = None) -> None:
     from sketchfisher import kernels
     from sjlt_tune import graphed, module_blocks, side_pass_inputs
 
     kernel = variant_kernel()
-    stages = (1, 2, 3, 4)
+    stages = (1, 2, 3, 4) if ns_list is None else ns_list
+    kinds = (("rotated", dict(ROTATE=True)), ("preparations in memory order", dict(PREP=True)),
+             ("unrotated", dict(ROTATE=False)))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; ms per call (CUDA graphs), batch 2, k 256; "
-          "'both launches': the library's call, then its sketch launch alone rotated and unrotated at NS stages")
-    print("| module | pass | both launches | " + " | ".join(f"rotated, NS {ns}" for ns in stages) + " | "
-          + " | ".join(f"unrotated, NS {ns}" for ns in stages) + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in range(2 * len(stages))) + " |")
+          "'both launches': the library's call, then its sketch launch alone: rotated, with the preparations read in "
+          "memory order (the gradient rotated), and unrotated, at NS stages")
+    print("| module | pass | both launches | " + " | ".join(f"{kind}, NS {ns}" for kind, _ in kinds for ns in stages)
+          + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in range(len(kinds) * len(stages))) + " |")
     for label, g, keys, offsets, size, uc, cols, H in module_blocks(2):
         for name, transform, kw, scales in side_pass_inputs(H, size, one_byte=True):
             sh = kernels.SketchHeads(keys, offsets, size, uc, cols, 256, 1, device=g.device, transform=transform,
                                      scales=scales, **kw)
             want = partial_sums(kernels._kernels()[0], sh, g)
             cells = [f"{graphed(lambda: sh(g), repeats):.3f}"]
-            for rotate in (True, False):
+            for kind, options in kinds:
                 for ns in stages:
-                    if rotate:
-                        assert torch.equal(partial_sums(kernel, sh, g, ROTATE=True, NS=ns), want), (label, name, ns)
-                    cells.append(f"{graphed(lambda: partial_sums(kernel, sh, g, ROTATE=rotate, NS=ns), repeats):.3f}")
+                    if kind == "rotated":
+                        assert torch.equal(partial_sums(kernel, sh, g, NS=ns, **options), want), (label, name, ns)
+                    cells.append(f"{graphed(lambda: partial_sums(kernel, sh, g, NS=ns, **options), repeats):.3f}")
             print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -115,6 +139,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--grad-dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], help="pipeline depths NS to time")
     args = p.parse_args()
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
@@ -123,7 +148,7 @@ def main() -> None:
     import sjlt_tune
 
     sjlt_tune.GRAD_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.grad_dtype]
-    sweep(args.repeats)
+    sweep(args.repeats, tuple(args.stages))
 
 
 if __name__ == "__main__":
