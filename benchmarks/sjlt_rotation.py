@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 EDITS = {  # (library source, variant source); ROTATE, PREP and NS are the variant's own constants
-    "O_SC: tl.constexpr):": "O_SC: tl.constexpr, ROTATE: tl.constexpr = True, NS: tl.constexpr = 1, "
-                           "PREP: tl.constexpr = False):",
+    "O_IS_C: tl.constexpr = False):": "O_IS_C: tl.constexpr = False, ROTATE: tl.constexpr = True, "
+                                      "NS: tl.constexpr = 1, PREP: tl.constexpr = False):",
     "        ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]\n":
         "        ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]\n"
         "        if PREP:\n"

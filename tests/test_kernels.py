@@ -109,6 +109,25 @@ def test_a_side_kernel_set_up_once_gives_each_batch_what_a_fresh_one_gives():
         kept(torch.zeros(1, H * size, dtype=torch.int32))
 
 
+def test_a_centre_that_is_also_the_other_is_read_once_with_the_same_sums():
+    """Task B's single pass centres by x̄' and crosses with x̄' (one tensor, one scale): the kernel loads it once for
+    both, and the outputs are bitwise those of the same values held in two tensors."""
+    from sketchfisher.compress.onebyte import OneByte
+
+    H, size, k = 3, 700, 32
+    gen = torch.Generator().manual_seed(7)
+    keys, offsets = torch.randint(0, 2**31 - 1, (H, 2), generator=gen), torch.arange(H) * size
+    ob = OneByte.encode(torch.randn(H, size, generator=gen))
+    options = dict(transform="abs", weight=torch.rand(H, size, generator=gen), conflict=torch.randn(2, H, size))
+    once = kernels.SketchHeads(keys, offsets, size, size, size, k, 1, device=torch.device("cpu"), centre=ob.codes,
+                               other=ob.codes, scales={"centre": ob.scale, "other": ob.scale}, **options)
+    twice = kernels.SketchHeads(keys, offsets, size, size, size, k, 1, device=torch.device("cpu"), centre=ob.codes,
+                                other=ob.codes.clone(), scales={"centre": ob.scale, "other": ob.scale.clone()}, **options)
+    assert once.constants["O_IS_C"] and not twice.constants["O_IS_C"]
+    g = torch.randn(2, H * size, generator=gen).to(torch.bfloat16)
+    assert torch.equal(once.run(g), twice.run(g))
+
+
 @pytest.mark.parametrize("quantities", [("fisher", "m2", "abs", "sum", "half"), ("fisher", "abs"), ("abs",), ("sum",),
                                         ("fisher",), ("sum", "half")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -30,7 +30,7 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
                   S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
                   F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
                   MU: tl.constexpr, TWEAK: tl.constexpr, W_SC: tl.constexpr, C_SC: tl.constexpr,
-                  O_SC: tl.constexpr):
+                  O_SC: tl.constexpr, O_IS_C: tl.constexpr = False):
     # One program: rows [rb·BR, +BR) of head h over tiles [chunk·tiles_per_prog, +tiles_per_prog).
     # Each step handles TT tiles x S bands at once (axis q = tile·S + band) so that many loads are in flight.
     Q: tl.constexpr = TT * SP  # SP: S padded to a power of two
@@ -95,15 +95,19 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
             if W_SC:
                 wv = wv * wsc
             x = x * wv
-        if HAS_O:
-            ov = tl.load(o_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
-            if O_SC:
-                ov = ov * osc
-            cacc += x * ov
         if HAS_C:
             cen = tl.load(c_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
             if C_SC:
                 cen = cen * csc
+        if HAS_O:
+            if O_IS_C:  # (the same values: loaded once)
+                ov = cen
+            else:
+                ov = tl.load(o_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+                if O_SC:
+                    ov = ov * osc
+            cacc += x * ov
+        if HAS_C:
             x = x - cen
             sacc += x * cen
         nacc += x * x
