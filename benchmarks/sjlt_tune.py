@@ -135,14 +135,14 @@ def side_pass_inputs(H: int, size: int, one_byte: bool, conflicts: bool = True):
     w_a, w_b, x_bar, y_bar, u = vec(), vec(), vec() - 0.5, vec() - 0.5, vec(2) - 0.5
     for name, transform, given in (("B", "abs", dict(weight=w_b, centre=x_bar, other=x_bar, conflict=u)),
                                    ("A", "square", dict(weight=w_a, centre=x_bar, other=y_bar, conflict=u[:1]))):
-        kw, scales = {}, {}
+        kw, scales, coded = {}, {}, {}
         for key, t in given.items():
             if key == "conflict" and not conflicts:
                 continue
             if key == "weight" and name == "A":
                 kw[key] = t  # (w_a stays fp32)
-            elif one_byte:
-                ob = OneByte.encode(t)
+            elif one_byte:  # (pass B's centre and other are one tensor, as the library's: read once)
+                ob = coded[id(t)] = coded.get(id(t)) or OneByte.encode(t)
                 kw[key], scales[key] = ob.codes, ob.scale
             else:
                 kw[key] = t.to(torch.bfloat16)
