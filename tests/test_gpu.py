@@ -5,7 +5,7 @@ import torch
 
 import sketchfisher as sf
 from sketchfisher.compress.sketchmaps import SketchMap
-from tiny_models import generic_loss, make_batches, make_model
+from tiny_models import assert_same_analysis, generic_loss, make_batches, make_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -233,18 +233,7 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     assert all(max(r.count.values(), default=0) <= 2 for r in made)
     monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("off"))
     direct = sf.analyze(model, generic_loss, ta, tb, **kw)
-    for task in ("a", "b"):
-        mine, theirs = (getattr(r.context, f"stats_{task}") for r in (replayed, direct))
-        assert mine.quantities == theirs.quantities and mine.count == theirs.count
-        for (_, acc), (_, other) in zip(mine.sums(), theirs.sums()):
-            assert acc.keys() == other.keys() and all(torch.equal(acc[k], other[k]) for k in acc)
-        for name, w in mine.welford.items():
-            assert (w.mean is None) == (theirs.welford[name].mean is None)
-            assert w.mean is None or torch.equal(w.mean, theirs.welford[name].mean)
-    for family in direct.families:
-        r, d = replayed.units(family), direct.units(family)
-        assert torch.equal(r.scores, d.scores) and torch.equal(r.stderr, d.stderr)
-        assert r.head_conflicts().equals(d.head_conflicts())
+    assert_same_analysis(replayed, direct)
 
 
 def test_kept_compiled_kernels_launch_as_the_jit_does():

@@ -26,7 +26,7 @@ from sketchfisher.compress import fused as sketching  # noqa: E402
 from sketchfisher import kernels  # noqa: E402
 from sketchfisher.compress.sketchmaps import SketchMap  # noqa: E402
 from sketchfisher.fisher import FisherStats  # noqa: E402
-from tiny_models import generic_loss, make_batches, make_model  # noqa: E402
+from tiny_models import assert_same_analysis, generic_loss, make_batches, make_model  # noqa: E402
 
 
 @pytest.mark.parametrize("k,s,size,n", [(16, 1, 100, 3), (16, 4, 77, 2), (64, 2, 300, 5), (48, 1, 200, 2), (8, 8, 33, 1), (96, 3, 500, 3)])
@@ -364,14 +364,4 @@ def test_a_recorded_layer_gives_what_its_launches_give_one_by_one(monkeypatch):
     monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("layers"))
     got = sf.analyze(model, generic_loss, ta, tb, **kw)
     assert sum(r.replayed > 0 for r in replays) == 3  # pass 1 A, pass B, pass 2 A
-    for task in ("a", "b"):
-        mine, theirs = (getattr(r.context, f"stats_{task}") for r in (got, want))
-        assert mine.count == theirs.count and mine.half_counts == theirs.half_counts
-        for (_, acc), (_, other) in zip(mine.sums(), theirs.sums()):
-            assert acc.keys() == other.keys() and all(torch.equal(acc[k], other[k]) for k in acc)
-        for name, w in mine.welford.items():
-            assert w.mean is None or torch.equal(w.mean, theirs.welford[name].mean)
-    for family in want.families:
-        r, d = got.units(family), want.units(family)
-        assert torch.equal(r.scores, d.scores) and torch.equal(r.stderr, d.stderr)
-        assert r.head_conflicts().equals(d.head_conflicts())
+    assert_same_analysis(got, want)

@@ -198,3 +198,22 @@ def planted(res, factors: torch.Tensor):
     ctx = res.context
     grads = {k: [factors.view(-1, *[1] * (v[0].ndim - 1)).to(v[0]) * torch.cat(v)] for k, v in ctx.rep_b.grads.items()}
     return sf.InterferenceResult.from_context(replace(ctx, source=ExactSource(ctx.rep_a, ExactContributions(grads))))
+
+
+def assert_same_analysis(got, want) -> None:
+    """Two ``sf.analyze`` results are the same numbers: both tasks' statistics (counts, half counts, sums, Welford
+    means), and every unit family's scores, standard errors and conflict table, bitwise."""
+    for task in ("a", "b"):
+        mine, theirs = (getattr(r.context, f"stats_{task}") for r in (got, want))
+        assert mine.quantities == theirs.quantities and mine.count == theirs.count
+        assert mine.half_counts == theirs.half_counts
+        for (_, acc), (_, other) in zip(mine.sums(), theirs.sums()):
+            assert acc.keys() == other.keys() and all(torch.equal(acc[k], other[k]) for k in acc)
+        for name, w in mine.welford.items():
+            assert (w.mean is None) == (theirs.welford[name].mean is None)
+            assert w.mean is None or torch.equal(w.mean, theirs.welford[name].mean)
+    assert got.families == want.families
+    for family in want.families:
+        r, d = got.units(family), want.units(family)
+        assert torch.equal(r.scores, d.scores) and torch.equal(r.stderr, d.stderr)
+        assert r.head_conflicts().equals(d.head_conflicts())
