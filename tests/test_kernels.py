@@ -324,7 +324,7 @@ def test_a_recorded_layer_gives_what_its_launches_give_one_by_one(monkeypatch):
     monkeypatch.setattr(sketching.FusedSides, "applies", lambda self, factor: self.enabled)
     monkeypatch.setattr(FisherStats, "_kernel_applies", lambda self, g, state: True)  # (the kernel, interpreted)
     model = make_model("llama_gqa")
-    ta, tb = make_batches(8, 2, seed=1), make_batches(6, 2, seed=2) + make_batches(1, 1, seed=3)
+    ta, tb = make_batches(6, 2, seed=1), make_batches(4, 2, seed=2) + make_batches(1, 1, seed=3)
     kw = dict(codec=sf.Sketch(k=32, kind="sjlt", seed=1, dtype="fp32", s=2), stats_dtype=torch.float32)
     monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("off"))
     want = sf.analyze(model, generic_loss, ta, tb, **kw)

@@ -27,7 +27,7 @@ import torch
 from ..fisher import FisherStats
 from ..kernels.graphs import Replays
 from ..layout import Layout
-from .passes import PassBuffers
+from .passes import PassBuffers, module_of
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def weight_groups(layout: Layout, weights: Iterable[str]) -> list[tuple[Part, ..
     layer_of = {layout.param_of(*key): key[0] for key in layout.groups()}
     groups: dict[Any, list[Part]] = {}
     for w in weights:
-        groups.setdefault(layer_of.get(w, ("alone", w)), []).append(Part(w.rsplit(".", 1)[0], w))
+        groups.setdefault(layer_of.get(w, ("alone", w)), []).append(Part(module_of(w), w))
     return [tuple(parts) for parts in groups.values()]
 
 
@@ -94,10 +94,7 @@ class LayerWork:
 
     def _launcher(self, key: tuple, g: torch.Tensor):
         """The side kernel of ``key`` set up for its preparation on ``g``'s device (moved there first, once)."""
-        prep = self.preps[key]
-        if prep.device != g.device:  # statistics read from disk, or another card's
-            prep = self.preps[key] = prep.to(g.device)
-        return self.fused.launcher(*key, prep, g.device)
+        return self.fused.launcher(*key, prep_on(self.preps, key, g.device), g.device)
 
     def _recorded(self, parts: tuple[Part, ...], grads: list, launches: list, states: list) -> dict:
         """The layer's updates and launches through its recording (made the second time, replayed after)."""
@@ -118,7 +115,7 @@ class LayerWork:
                 if self.fold is not None:
                     self.fold.launch_update(g, states[i], counts)
                 for _, launch, offset, shape in places[i]:
-                    launch.run(g, out=flat[offset:offset + shape[0] * shape[1] * shape[2]].view(shape))
+                    launch.run(g, out=_block(flat, offset, shape))
             return flat
 
         key = ("layer", tuple(p.weight for p in parts), tuple(launch for blocks in launches for _, launch in blocks))
@@ -127,8 +124,22 @@ class LayerWork:
         if self.fold is not None:
             for p in parts:
                 self.fold.advance(p.weight, n)
-        return {key: self.fused.outputs(launch, flat[offset:offset + shape[0] * shape[1] * shape[2]].view(shape))
+        return {key: self.fused.outputs(launch, _block(flat, offset, shape))
                 for blocks in places for key, launch, offset, shape in blocks}
 
 
-__all__ = ["LayerWork", "Part", "layer_parts", "weight_groups"]
+def _block(flat: torch.Tensor, offset: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One block's outputs ``[n, H, k + 3 + m]`` in a layer's tensor, from ``offset`` on."""
+    return flat[offset:offset + shape[0] * shape[1] * shape[2]].view(shape)
+
+
+def prep_on(preps: dict, key: tuple, device: torch.device) -> Any:
+    """``preps[key]`` on ``device``, moved there (and kept so) the first time (statistics read from disk, or another
+    card's)."""
+    prep = preps[key]
+    if prep.device != device:
+        prep = preps[key] = prep.to(device)
+    return prep
+
+
+__all__ = ["LayerWork", "Part", "layer_parts", "prep_on", "weight_groups"]

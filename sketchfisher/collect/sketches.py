@@ -34,7 +34,7 @@ from ..fisher.host import CopiesAhead, host_copy
 from ..layout import Layout, block_index
 from ..metric import MEAN_OF, ScoreConfig
 from .finite import LaggedFiniteCheck
-from .layers import LayerWork, layer_parts
+from .layers import LayerWork, layer_parts, prep_on
 from .passes import Skip, block_gradients, factor_pass, fold_factors, trainable_weights
 
 Preps = dict[tuple[int, str], Optional[BlockPrep]]
@@ -216,9 +216,7 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
                 for part in parts:
                     for key in part.blocks:
                         layer, block = key
-                        prep = preps[key]
-                        if prep.device != bf.A[part.module].device:  # statistics read from disk, or another card's
-                            prep = preps[key] = prep.to(bf.A[part.module].device)
+                        prep = prep_on(preps, key, bf.A[part.module].device)
                         g = block_gradients(bf, part.module, head_blocks[key])  # (what the statistics saw)
                         v = side_vector(g, prep, side, count, cfg)
                         sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block_index(block))

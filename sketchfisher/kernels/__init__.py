@@ -205,8 +205,9 @@ class SketchHeads:
                               SP=_next_pow2(s), WORDS=-(-self.m // 32), BW=max(1, self.BM // 32),
                               F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None,
                               HAS_O=other is not None, MU=mu, TWEAK=SHIFT_TWEAK, W_SC="weight" in scales,
-                              C_SC="centre" in scales, O_SC="other" in scales, O_IS_C=_same(prep[1], prep[2])
-                              and scales.get("centre") is scales.get("other"), num_warps=num_warps)
+                              C_SC="centre" in scales, O_SC="other" in scales, O_IS_C=centre is not None and other
+                              is not None and _same(prep[1], prep[2]) and scales.get("centre") is scales.get("other"),
+                              num_warps=num_warps)
         self.row_stride = row_stride
         rc, c2 = centring if centring is not None else (dummy, dummy)
         self.centring = centring is not None
