@@ -82,7 +82,9 @@ class LayerWork:
         grads = self.gradients(captured, parts)
         launches = [[(key, self._launcher(key, g)) for key in p.blocks] for p, g in zip(parts, grads)]
         states = [self.fold.ready_state(p.weight, g) for p, g in zip(parts, grads)] if self.fold is not None else []
-        if self.layers.records(grads) and all(s is not None for s in states):
+        # (a recording reads one count for the layer's updates: every weight of it must have seen the same samples)
+        if (self.layers.records(grads) and all(s is not None for s in states)
+                and (self.fold is None or len({self.fold.welford[p.weight].count for p in parts}) == 1)):
             return self._recorded(parts, grads, launches, states)
         out = {}
         for p, g, blocks in zip(parts, grads, launches):
