@@ -365,3 +365,104 @@ def test_a_recorded_layer_gives_what_its_launches_give_one_by_one(monkeypatch):
     got = sf.analyze(model, generic_loss, ta, tb, **kw)
     assert sum(r.replayed > 0 for r in replays) == 3  # pass 1 A, pass B, pass 2 A
     assert_same_analysis(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_tile_order_stores_each_tile_as_the_kernel_reads_it(dtype):
+    """``tile_order`` puts entry e of tile t at the row the sjlt map sends it to (the map's own definition,
+    ``hashing.sjlt_codes``), for every head block and leading row, in place, and puts it back exactly."""
+    from sketchfisher.kernels.hashing import sjlt_codes
+
+    torch.manual_seed(0)
+    L, H, m, tiles = 2, 3, 48, 5  # (m not a power of two: the kernel's lanes past m are masked)
+    size = tiles * m
+    keys = torch.randint(0, 2**31 - 1, (H, 2))
+    x = torch.randn(L, H, size).to(dtype)
+    y = x.clone()
+    kernels.tile_order(y, keys, m)
+    for h in range(H):
+        rows, _ = sjlt_codes(tuple(keys[h].tolist()), size, 1, m)
+        e = torch.arange(size)
+        want = torch.empty_like(x[:, h])
+        want[:, e // m * m + rows[0]] = x[:, h]
+        assert torch.equal(y[:, h].view(torch.uint8), want.view(torch.uint8)), h
+    kernels.tile_order(y, keys, m, inverse=True)
+    assert torch.equal(y.view(torch.uint8), x.view(torch.uint8))
+    with pytest.raises(ValueError, match="multiple of 48"):
+        kernels.tile_order(torch.zeros(H, size + 1), keys, m)
+
+
+@pytest.mark.parametrize("same_centre", [True, False])
+@pytest.mark.parametrize("cols", [240, 40])
+def test_tiled_preparations_give_the_same_sums_bitwise_and_go_back(same_centre, cols):
+    """The side kernel with its preparations in tile order (``tiled=True``) gives the outputs of the rotated loads
+    bitwise, for whole and strided head blocks and a centre that is also the other; ``untile`` restores the caller's
+    tensors exactly and spends the set-up. Where the map has two bands or a tile is partial, nothing is rearranged."""
+    from sketchfisher.compress.onebyte import OneByte
+
+    torch.manual_seed(1)
+    H, m = 3, 48
+    size = 5 * m
+    keys = torch.randint(0, 2**31 - 1, (H, 2))
+    centre, other = OneByte.encode(torch.rand(H, size) - 0.5), OneByte.encode(torch.rand(H, size) - 0.5)
+    if same_centre:
+        other = centre
+    given = dict(weight=torch.rand(H, size), centre=centre.codes, other=other.codes, conflict=torch.randn(2, H, size))
+    scales = {"centre": centre.scale, "other": other.scale}
+    row_stride = cols if cols == size else 2 * cols  # (head blocks: rectangles of cols columns of a wider gradient)
+    offsets = torch.arange(H) * (size if cols == size else cols)
+    g = torch.randn(2, H * size * (1 if cols == size else 2)).to(torch.bfloat16)
+
+    def launch(tiled, tensors, k=m, s=1, size=size):
+        return kernels.SketchHeads(keys, offsets, size, cols, row_stride, k, s, device=torch.device("cpu"),
+                                   transform="abs", scales=scales, tiled=tiled, **tensors)
+
+    want = launch(False, given).run(g)
+    mine = {name: t.clone() for name, t in given.items()}
+    if same_centre:
+        mine["other"] = mine["centre"]
+    sh = launch(True, mine)
+    assert sh.tiled and sh.constants["O_IS_C"] == same_centre
+    assert not torch.equal(mine["weight"], given["weight"])
+    assert torch.equal(sh.run(g), want)
+    sh.untile()
+    for name, t in given.items():
+        assert torch.equal(mine[name].view(torch.uint8), t.view(torch.uint8)), name
+    with pytest.raises(RuntimeError, match="spent"):
+        sh.run(g)
+    partial = {name: t[..., :size - 8].clone() for name, t in given.items()}
+    for tensors, kw in ((mine, dict(k=2 * m, s=2)), (partial, dict(size=size - 8))):
+        before = {name: t.clone() for name, t in tensors.items()}
+        assert not launch(True, tensors, **kw).tiled
+        assert all(torch.equal(t.view(torch.uint8), before[name].view(torch.uint8)) for name, t in tensors.items())
+
+
+@pytest.mark.parametrize("passes", [1.5, 2])
+def test_a_pass_with_tiled_preparations_gives_the_same_analysis(monkeypatch, passes):
+    """``sf.analyze`` with each side pass's preparations in the kernel's tile order gives the statistics, scores,
+    standard errors and conflict tables of the rotated loads, bitwise: the preparations are back in their own order
+    before the centring and the scores read them (MLP channel groups in tile order, head blocks
+    that end in a partial tile not)."""
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(sketching.FusedSides, "applies", lambda self, factor: self.enabled)
+    model = make_model("llama_gqa")
+    ta, tb = make_batches(4, 2, seed=1), make_batches(3, 2, seed=2)
+    kw = dict(codec=sf.Sketch(k=48, kind="sjlt", seed=1, dtype="fp32"), stats_dtype=torch.float32, passes=passes,
+              units="all", conflicts=True)  # (k 48: head blocks of 128 entries end in a partial tile, MLP's of 192 not)
+    monkeypatch.setattr(sketching, "TILED", False)
+    want = sf.analyze(model, generic_loss, ta, tb, **kw)
+    tiled = []
+    untile = kernels.SketchHeads.untile
+    monkeypatch.setattr(kernels.SketchHeads, "untile",
+                        lambda self: tiled.append((self.size, self.tiled)) or untile(self))
+    monkeypatch.setattr(sketching, "TILED", True)
+    got = sf.analyze(model, generic_loss, ta, tb, **kw)
+    assert any(t for _, t in tiled) and not all(t for _, t in tiled)  # (some blocks rearranged, some not)
+    assert_same_analysis(got, want)
+
+
+def test_the_tiled_setting_is_read_strictly():
+    assert sketching.tiled_setting("1") and sketching.tiled_setting("on")
+    assert not sketching.tiled_setting("0") and not sketching.tiled_setting("off")
+    with pytest.raises(ValueError, match="SKETCHFISHER_TILED_PREPARATIONS"):
+        sketching.tiled_setting("yes")

@@ -203,33 +203,44 @@ def sketch_batches(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], la
     head_blocks = {key: hbs for key, hbs, _, _ in where}
     layers = layer_parts(where)
     work = LayerWork(fold, fused, preps)  # (the fused path: gradients in buffers, each layer's launches recorded)
-    for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc, show_progress=show_progress):
-        folded = set()
-        out = {}
-        with fp32_reductions():  # (bf16 products of the per-sample gradients: set once for the batch's modules)
-            for parts in layers:
-                if fused is not None and fused.applies(bf.A[parts[0].module]):
-                    # (scaled-centred in the kernel; the conflict scalars and the statistics from the same read)
-                    out.update(work.run(bf, parts))
-                    folded.update(p.weight for p in parts if fold is not None)
-                    continue
-                for part in parts:
-                    for key in part.blocks:
-                        layer, block = key
-                        prep = prep_on(preps, key, bf.A[part.module].device)
-                        g = block_gradients(bf, part.module, head_blocks[key])  # (what the statistics saw)
-                        v = side_vector(g, prep, side, count, cfg)
-                        sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block_index(block))
-                        conflict = conflict_scalars(g, prep, side, cfg.dtype)
-                        sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block_index(block))
-                        out[key] = (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
-            if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
-                fold_factors(fold, bf, [w for w in weights if w not in folded], low=True,
-                             into=work.buffers.slot(bf.batch_size, 0), replays=work.statistics)
-        bf.settle()  # finite factors before the consumer sees the batch (its work on the device is queued)
-        check.submit(index, out)
-        yield index, bf.batch_size, out
-    check.finish()
+    try:  # (on the fused path, the preparations go back to their own order however the pass ends)
+        for index, bf in factor_pass(model, loss_fn, batches, weights, skip=skip, desc=desc,
+                                     show_progress=show_progress):
+            folded = set()
+            out = {}
+            with fp32_reductions():  # (bf16 products of the per-sample gradients: set once for the batch's modules)
+                for parts in layers:
+                    if fused is not None and fused.applies(bf.A[parts[0].module]):
+                        # (scaled-centred in the kernel; the conflict scalars and the statistics from the same read)
+                        out.update(work.run(bf, parts))
+                        folded.update(p.weight for p in parts if fold is not None)
+                        continue
+                    for part in parts:
+                        for key in part.blocks:
+                            g = block_gradients(bf, part.module, head_blocks[key])  # (what the statistics saw)
+                            out[key] = _torch_sides(g, key, prep_on(preps, key, g.device), side, count, cfg, codec)
+                if fold is not None:  # (the torch path, and weights whose blocks were not sketched: from the factors)
+                    fold_factors(fold, bf, [w for w in weights if w not in folded], low=True,
+                                 into=work.buffers.slot(bf.batch_size, 0), replays=work.statistics)
+            bf.settle()  # finite factors before the consumer sees the batch (its work on the device is queued)
+            check.submit(index, out)
+            yield index, bf.batch_size, out
+        check.finish()
+    finally:
+        if fused is not None:
+            fused.close()
+
+
+def _torch_sides(g: torch.Tensor, key: tuple, prep, side: Side, count: int, cfg: ScoreConfig,
+                 codec: SideCodec) -> tuple:
+    """One (layer, block)'s sides on the torch path, from its head blocks' gradients ``g``: what the fused kernel
+    gives (:func:`sketch_batches`)."""
+    layer, block = key[0], block_index(key[1])
+    v = side_vector(g, prep, side, count, cfg)
+    sk, norm2, cross, own = sketch_sides(v, prep, side, codec, layer, block)
+    conflict = conflict_scalars(g, prep, side, cfg.dtype)
+    sk, norm2, gamma = scale_centring(sk, norm2, own, prep, side, codec, layer, block)
+    return (sk, norm2, cross, gamma, *([] if conflict is None else [conflict]))
 
 
 def check_reiterable(**tasks: Iterable[Any]) -> None:

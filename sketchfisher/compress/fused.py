@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import kernels
@@ -13,11 +15,28 @@ from .sketch import Sketch
 from .sketch_scores import BlockPrep, Side, sketched_centre
 
 
+def tiled_setting(value: str) -> bool:
+    """Whether a ``SKETCHFISHER_TILED_PREPARATIONS`` setting (``0``/``off``, ``1``/``on``) keeps a pass's preparations
+    in the side kernel's tile order (:class:`~sketchfisher.kernels.SketchHeads`' ``tiled``)."""
+    settings = {"0": False, "off": False, "1": True, "on": True}
+    if value not in settings:
+        raise ValueError(f"SKETCHFISHER_TILED_PREPARATIONS must be one of {sorted(settings)}, got {value!r}")
+    return settings[value]
+
+
+TILED = tiled_setting(os.environ.get("SKETCHFISHER_TILED_PREPARATIONS", "0"))
+"""Whether side passes rearrange their preparations into the kernel's tile order for the pass (off until measured on
+a GPU: the same numbers either way)."""
+
+
 class FusedSides:
     """The side vectors, their cross terms and norms and the sketches, read straight out of a module's
     per-sample gradient (:func:`sketchfisher.kernels.sketch_heads`). Computes what the torch path of
     :func:`sketchfisher.collect.sketches.sketch_batches` computes (``tests/test_gpu.py``); leave-one-out
-    task-A sides and non-fp32 score dtypes take the torch path."""
+    task-A sides and non-fp32 score dtypes take the torch path.
+
+    With :data:`TILED`, each block's preparation is rearranged in place into the order the kernel reads it when its
+    launcher is set up, and put back by :meth:`close` (the pass's end), before anything else reads it."""
 
     def __init__(self, layout: Layout, codec: Sketch, cfg, side: Side):
         self.layout, self.codec, self.cfg, self.side = layout, codec, cfg, side
@@ -25,6 +44,7 @@ class FusedSides:
                         and not (side == "a" and cfg.normalizer == "loo"))
         self._geometry: dict = {}
         self._launchers: dict = {}  # (layer, block) -> (the preparation, its kernels.SketchHeads)
+        self.tiled = TILED
         self.replays = Replays("sides")  # (each block's two launches, recorded once per batch size and gradient buffer)
 
     def applies(self, factor: torch.Tensor) -> bool:
@@ -54,6 +74,7 @@ class FusedSides:
             return kept[1]
         if kept is not None:
             self.replays.forget(kept[1])
+            kept[1].untile()
         keys, offsets, size, cols, row_stride = self.geometry(layer, block, device)
         given = {"weight": prep.weight(self.side), "centre": prep.centre(self.side), "other": prep.other(self.side),
                  "conflict": prep.u(self.side)}
@@ -63,9 +84,16 @@ class FusedSides:
                                    torch.float32, torch.float32)
         launch = kernels.SketchHeads(keys, offsets, size, cols, row_stride, self.codec.k, self.codec.s, device=device,
                                      transform=getattr(self.cfg.spec, "i_side" if self.side == "a" else "j_side"),
-                                     scales=scales, centring=centring, **tensors)
+                                     scales=scales, centring=centring, tiled=self.tiled, **tensors)
         self._launchers[(layer, block)] = (prep, launch)
         return launch
+
+    def close(self) -> None:
+        """Every preparation back in its own order and the launchers let go (the end of a pass)."""
+        for _, launch in self._launchers.values():
+            self.replays.forget(launch)
+            launch.untile()
+        self._launchers.clear()
 
     def __call__(self, grad: torch.Tensor, layer: int, block: str, prep: BlockPrep):
         """``(sketches, ‖ṽ‖², cross, γ[, conflict scalars [B, H_b, m]])`` of one (layer, block), scaled-centred

@@ -61,7 +61,7 @@ def available() -> bool:
 def _kernels():
     from . import _triton
 
-    return _triton.sketch_kernel, _triton.welford_kernel, _triton.finish_kernel
+    return _triton.sketch_kernel, _triton.welford_kernel, _triton.finish_kernel, _triton.tile_order_kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,6 +167,12 @@ class SketchHeads:
     is γ instead of ``own``. Two launches a call: the sketch, then one that adds the column chunks' partial sums
     and finishes each row.
 
+    ``tiled=True`` rearranges ``weight``, ``centre``, ``other`` and ``conflict`` in place (:func:`tile_order`: the
+    caller's own tensors where they are contiguous on ``device``) so that the kernel reads them contiguously rather
+    than rotated, for the same outputs bitwise; :meth:`untile` puts them back, and nothing else may read them in
+    between. It applies where the map has one band and every tile is whole (``s == 1``, ``size`` a multiple of
+    ``k``; :attr:`tiled` says whether it did).
+
     Everything but ``g`` is checked, converted and placed on ``device`` here, once: at a 7B model's 224 blocks a
     batch, the host's per-block work between launches is what a pass's batch costs where the host is the slower
     side (``benchmarks/gpu_profile.py --timers``).
@@ -178,7 +184,7 @@ class SketchHeads:
                  other: Optional[torch.Tensor] = None, conflict: Optional[torch.Tensor] = None,
                  scales: Optional[dict] = None, centring: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                  chunks: Optional[int] = None, block_rows: Optional[int] = None,
-                 tiles_per_step: Optional[int] = None, num_warps: int = 4):
+                 tiles_per_step: Optional[int] = None, num_warps: int = 4, tiled: bool = False):
         scales = scales or {}
         if size >= 2**31:
             raise ValueError(f"sketch_heads indexes a head block with int32; {size} entries is too many")
@@ -201,13 +207,17 @@ class SketchHeads:
               for name in names]  # [H] each
         self.args = (*prep, *sc, to_device(keys.to(torch.int64).contiguous(), device),
                      to_device(offsets.to(torch.int64).contiguous(), device))
+        self._tiled = _distinct(t for t in prep if t is not dummy) if tiled and s == 1 and size % self.m == 0 else None
+        for t in self._tiled or ():
+            tile_order(t.view(-1, H, size), self.args[-2], self.m)
+        self._spent = False
         self.constants = dict(COLS=cols, CONTIG=cols == size or row_stride == cols, M=self.m, BM=self.BM, S=s,
                               SP=_next_pow2(s), WORDS=-(-self.m // 32), BW=max(1, self.BM // 32),
                               F=TRANSFORMS[transform], HAS_W=weight is not None, HAS_C=centre is not None,
                               HAS_O=other is not None, MU=mu, TWEAK=SHIFT_TWEAK, W_SC="weight" in scales,
                               C_SC="centre" in scales, O_SC="other" in scales, O_IS_C=centre is not None and other
                               is not None and _same(prep[1], prep[2]) and scales.get("centre") is scales.get("other"),
-                              num_warps=num_warps)
+                              TILED=self.tiled, num_warps=num_warps)
         self.row_stride = row_stride
         rc, c2 = centring if centring is not None else (dummy, dummy)
         self.centring = centring is not None
@@ -225,10 +235,22 @@ class SketchHeads:
                             _specialisation(self.finish_args))
 
     @property
+    def tiled(self) -> bool:
+        """Whether the preparations are kept in the kernel's tile order (until :meth:`untile`)."""
+        return bool(self._tiled)
+
+    def untile(self) -> None:
+        """Put the preparations back in their own order (a no-op where they were not rearranged). The set-up is spent
+        then: its kernel reads the tile order, so a later call raises."""
+        for t in self._tiled or ():
+            tile_order(t.view(-1, self.H, self.size), self.args[-2], self.m, inverse=True)
+        self._tiled, self._spent = None, True
+
+    @property
     def _launches(self) -> tuple["Launches", "Launches"]:
         """This set-up's two kernels, each with its compiled specialisations (the constants are this object's)."""
         if self._kept is None:
-            sketch_kernel, _, finish_kernel = _kernels()
+            sketch_kernel, _, finish_kernel, _ = _kernels()
             self._kept = (Launches(sketch_kernel), Launches(finish_kernel))
         return self._kept
 
@@ -275,6 +297,8 @@ class SketchHeads:
     def run(self, g: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The launches on ``g``: one fp32 tensor ``[n, H, k + 3 + m]`` (sketch, ‖ṽ‖², cross, γ or own, dots), written
         into ``out`` where given (contiguous, of that shape and dtype on this device)."""
+        if self._spent:
+            raise RuntimeError("this sketch set-up was spent by untile(): its preparations are no longer where it reads")
         if g.dtype not in DTYPES:
             raise TypeError(f"sketch_heads takes {DTYPES}, got {g.dtype}")
         dev = self.device
@@ -307,6 +331,43 @@ class SketchHeads:
                    plan.finish_constants, plan.finish_options,
                    (plan.finish_spec, part.data_ptr() % 16 == 0, res.data_ptr() % 16 == 0))
         return res
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # (moved as bits, whatever the dtype)
+
+
+def tile_order(x: torch.Tensor, keys: torch.Tensor, m: int, inverse: bool = False) -> None:
+    """Rearrange ``x [H, size]`` or ``[L, H, size]`` (contiguous, ``size`` a multiple of ``m``) in place, tile by tile,
+    into the order in which the side kernel's rotated tiles read it: ``stored[h, t·m + j] = x[h, t·m + (j − c_{h,t})
+    mod m]`` with ``c`` band 0's shifts of head block ``h``'s key (``keys [H, 2]``, :mod:`.hashing`); ``inverse``
+    puts it back. One launch on any dtype (its bits are moved); Triton's interpreter on the CPU."""
+    H, size = x.shape[-2:]
+    if size % m or not x.is_contiguous() or keys.shape != (H, 2):
+        raise ValueError(f"tile_order needs a contiguous [..., {keys.shape[0]}, size] tensor with size a multiple of "
+                         f"{m}; got {list(x.shape)} (contiguous: {x.is_contiguous()})")
+    if x.numel() == 0:
+        return
+    tiles, BM = size // m, _next_pow2(m)
+    TP = max(1, min(_next_pow2(tiles), 4096 // BM))  # tiles a program
+    rows = x.numel() // (H * size)
+    kernel = _kernels()[3]
+    with _on(x.device):
+        kernel[(-(-tiles // TP), H, rows)](x.view(_BITS[x.element_size()]), to_device(keys.to(torch.int64), x.device),
+                                            size, tiles, M=m, BM=BM, TP=TP, TWEAK=SHIFT_TWEAK, INVERSE=inverse)
+
+
+def _distinct(tensors) -> Optional[list[torch.Tensor]]:
+    """Each tensor once (one read serves two that are :func:`_same`), or None where two others share memory (the
+    rearrangement of one would move the other's entries)."""
+    out: list[torch.Tensor] = []
+    for t in tensors:
+        if any(_same(t, u) for u in out):
+            continue
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        if any(lo < u.data_ptr() + u.numel() * u.element_size() and u.data_ptr() < hi for u in out):
+            return None
+        out.append(t)
+    return out
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -30,9 +30,11 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
                   S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
                   F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
                   MU: tl.constexpr, TWEAK: tl.constexpr, W_SC: tl.constexpr, C_SC: tl.constexpr,
-                  O_SC: tl.constexpr, O_IS_C: tl.constexpr = False):
+                  O_SC: tl.constexpr, O_IS_C: tl.constexpr = False, TILED: tl.constexpr = False):
     # One program: rows [rb·BR, +BR) of head h over tiles [chunk·tiles_per_prog, +tiles_per_prog).
     # Each step handles TT tiles x S bands at once (axis q = tile·S + band) so that many loads are in flight.
+    # TILED (S = 1, whole tiles): the preparations (w, c, o, u) are stored tile by tile in the order the rotated tile
+    # reads them (tile_order_kernel), so their loads are contiguous; the gradient's stay rotated.
     Q: tl.constexpr = TT * SP  # SP: S padded to a power of two
     chunk = tl.program_id(0)
     h = tl.program_id(1)
@@ -77,33 +79,39 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
         o = (j3 - c[None, :, None] + M) % M                                  # [1, Q, BM]
         e = o + (t * M)[None, :, None]  # the tile, loaded rotated; int32: a head block has < 2**31 entries
         ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]
+        if TILED:  # (a mask of its own: one made from the rotated e would hide the contiguity)
+            ep = j3 + (t * M)[None, :, None]
+            okp = (j3 < M) & (ep < size) & (t < t1)[None, :, None]
+        else:
+            ep = e
+            okp = ok
         if CONTIG:
             addr = hoff + e
         else:
             addr = hoff + (e // COLS) * row_stride + e % COLS
         x = tl.load(g_ptr + rows3 + addr, mask=rok3 & ok, other=0.0).to(tl.float32)
         if MU >= 1:
-            uacc0 += x * tl.load(u_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+            uacc0 += x * tl.load(u_ptr + poff + ep, mask=okp, other=0.0).to(tl.float32)
         if MU >= 2:
-            uacc1 += x * tl.load(u_ptr + usize + poff + e, mask=ok, other=0.0).to(tl.float32)
+            uacc1 += x * tl.load(u_ptr + usize + poff + ep, mask=okp, other=0.0).to(tl.float32)
         if F == 1:
             x = x * x
         elif F == 2:
             x = tl.abs(x)
         if HAS_W:
-            wv = tl.load(w_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + poff + ep, mask=okp, other=0.0).to(tl.float32)
             if W_SC:
                 wv = wv * wsc
             x = x * wv
         if HAS_C:
-            cen = tl.load(c_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+            cen = tl.load(c_ptr + poff + ep, mask=okp, other=0.0).to(tl.float32)
             if C_SC:
                 cen = cen * csc
         if HAS_O:
             if O_IS_C:  # (the same values: loaded once)
                 ov = cen
             else:
-                ov = tl.load(o_ptr + poff + e, mask=ok, other=0.0).to(tl.float32)
+                ov = tl.load(o_ptr + poff + ep, mask=okp, other=0.0).to(tl.float32)
                 if O_SC:
                     ov = ov * osc
             cacc += x * ov
@@ -133,6 +141,33 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
         tl.store(out_ptr + base + S * BM + 3, _total(uacc0) / S, mask=row_ok)
     if MU >= 2:
         tl.store(out_ptr + base + S * BM + 4, _total(uacc1) / S, mask=row_ok)
+
+
+@triton.jit
+def tile_order_kernel(x_ptr, keys_ptr, size, tiles, M: tl.constexpr, BM: tl.constexpr, TP: tl.constexpr,
+                      TWEAK: tl.constexpr, INVERSE: tl.constexpr):
+    # In place on x [L, H, size] (size = tiles·M, contiguous): program (chunk, h, l) moves tiles [chunk·TP, +TP) of
+    # row (l, h) into the order in which sketch_kernel's rotated tile reads them, stored[t·M + j] =
+    # x[t·M + (j − c_t) mod M] (band 0's shifts), or back (INVERSE). A tile is read whole before any of it is written.
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + h
+    lo = tl.load(keys_ptr + 2 * h).to(tl.uint32)
+    hi = tl.load(keys_ptr + 2 * h + 1).to(tl.uint32)
+    t = chunk * TP + tl.arange(0, TP)
+    j = tl.arange(0, BM)[None, :]
+    c = (_hash(t.to(tl.uint32), lo, hi ^ TWEAK) % M).to(tl.int32)[:, None]
+    ok = (j < M) & (t < tiles)[:, None]
+    stored = row * size + t[:, None] * M + j
+    natural = row * size + t[:, None] * M + (j - c + M) % M
+    if INVERSE:
+        v = tl.load(x_ptr + stored, mask=ok)
+        tl.debug_barrier()
+        tl.store(x_ptr + natural, v, mask=ok)
+    else:
+        v = tl.load(x_ptr + natural, mask=ok)
+        tl.debug_barrier()
+        tl.store(x_ptr + stored, v, mask=ok)
 
 
 @triton.jit
