@@ -212,17 +212,22 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     default_graphs = graphs.RECORDED
     setting_of = {graphs.recorded_kinds(name): name for name in ("off", "statistics", "layers", "all")}
     args.graphs = args.graphs or [setting_of[default_graphs]]
+    from sketchfisher.compress import fused
+
+    default_tiled = fused.TILED
+    args.tiled = args.tiled or ["on" if default_tiled else "off"]
     settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums,
-                                      args.grads, args.graphs))
+                                      args.grads, args.graphs, args.tiled))
     runs = []  # (conflicts, the other settings, seconds) of every sf.analyze, in order
     for setting in settings:  # orders, conflicts, codecs, launches, pinning, sums, gradients side by side
-        passes, conflicts, spec, launch, pin, sums, grads, graphed = setting
+        passes, conflicts, spec, launch, pin, sums, grads, graphed, tiled = setting
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
         kernels.launch_shape = default_shape if launch == "default" else before_shape
         host.PIN = pin == "on"
         FisherStats.accumulating = accumulating if sums == "bf16" else classmethod(fp32_signed)
         graphs.RECORDED = graphs.recorded_kinds(graphed)
+        fused.TILED = tiled == "on"
         retries = alloc_retries()
         try:
             with per_sample_gradients(grads):
@@ -230,7 +235,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                                                              conflicts=flag, units=args.units))
         finally:
             kernels.launch_shape, host.PIN, FisherStats.accumulating = default_shape, default_pin, accumulating
-            graphs.RECORDED = default_graphs
+            graphs.RECORDED, fused.TILED = default_graphs, default_tiled
         rows.append((("sf.analyze: both passes, both tasks" if passes == 2 else
                       "sf.analyze(passes=1.5): pass 1 A, task B once, pass 2 A") +
                      f", conflicts {conflicts}, Sketch(k={codec.k}, {codec.dtype}, {codec.centring}{', rotated' if codec.rotate else ''}), units {args.units}"
@@ -238,7 +243,8 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                      f"{'' if pin == 'on' else ', pageable host buffers'}"
                      f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}"
                      f"{'' if grads == 'bf16' else ', fp32 per-sample gradients'}"
-                     f", launches recorded: {graphed}", sec, peaks))
+                     f", launches recorded: {graphed}{', preparations in tile order' if tiled == 'on' else ''}", sec,
+                     peaks))
         runs.append((conflicts, setting[:1] + setting[2:], sec))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
@@ -249,7 +255,8 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
         for label, sec, peaks in rows[-3 if recorded else -2:]:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
         print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}, pinned host "
-              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}, launches recorded: {graphed}) | seconds | | "
+              f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}, launches recorded: {graphed}, "
+              f"preparations in tile order: {tiled}) | seconds | | "
               "peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
@@ -326,6 +333,9 @@ def main() -> None:
                    help="which launches are recorded once as CUDA graphs and replayed: none, the statistics' Welford "
                         "updates one parameter a recording, whole layers' updates and side kernels, or every kind "
                         "(default: the library's setting, SKETCHFISHER_GRAPHS); several run side by side")
+    p.add_argument("--tiled", nargs="+", default=None, choices=["on", "off"],
+                   help="the side passes' preparations in the side kernel's tile order (contiguous loads) or in their "
+                        "own (default: the library's setting, SKETCHFISHER_TILED_PREPARATIONS); several: side by side")
     p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
                    help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
     p.add_argument("--signed-sums", nargs="+", default=["bf16"], choices=["bf16", "fp32"],

@@ -1,12 +1,15 @@
 """What the side kernel's rotated loads cost: the library's sjlt side kernel beside variants of it that load each tile
-without its rotation (a wrong sketch, timed only) and that pipeline the loop's loads over NS stages.
+without its rotation (a wrong sketch, timed only), with the preparations in the kernel's tile order (the library's
+``tiled``: only the gradient's loads rotated), and that pipeline the loop's loads over NS stages.
 
 The sjlt map's tiled-shift structure has each program load tile t rotated by a hash c_t (``kernels/_triton.py``), so
 its addresses are not provably contiguous: Triton issues element-wise loads and cannot pipeline them (its pipeliner
 copies aligned vectors asynchronously). The variants are made from the library kernel's own source at run time
 (two edits: the rotation dropped, the loop given ``num_stages``), so they follow the library kernel as it changes.
-Rotated variants must give the library's partial sums bitwise at any NS (checked); unrotated ones bound what a
-sketch with contiguous tile loads could reach.
+Rotated variants, with the preparations in their own order or in tile order, must give the library's partial sums
+bitwise at any NS (checked); unrotated ones bound what a sketch with contiguous tile loads could reach. The table's
+"tiled" columns also include nothing of rearranging the preparations (once a pass): its own column times
+``tile_order`` there and back over the block's preparations.
 
     python benchmarks/sjlt_rotation.py --grad-dtype bf16          # every Llama-7B module shape, batch 2, k 256
     python benchmarks/sjlt_rotation.py --device cpu               # the edits checked on tiny shapes (interpreter)
@@ -25,17 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-EDITS = {  # (library source, variant source); ROTATE, PREP and NS are the variant's own constants
-    "O_IS_C: tl.constexpr = False):": "O_IS_C: tl.constexpr = False, ROTATE: tl.constexpr = True, "
-                                      "NS: tl.constexpr = 1, PREP: tl.constexpr = False):",
-    "        ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]\n":
-        "        ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]\n"
-        "        if PREP:\n"
-        "            ep = j3 + (t * M)[None, :, None]\n"
-        "            okp = (ep < size) & ((t < t1) & (band < S))[None, :, None]\n"
-        "        else:\n"
-        "            ep = e\n"
-        "            okp = ok\n",
+EDITS = {  # (library source, variant source); ROTATE and NS are the variant's own constants
+    "TILED: tl.constexpr = False):": "TILED: tl.constexpr = False, ROTATE: tl.constexpr = True, "
+                                     "NS: tl.constexpr = 1):",
     "    hoff = tl.load(hoff_ptr + h)\n": "    hoff = tl.load(hoff_ptr + h)\n    if not ROTATE:\n"
                                          "        hoff = tl.multiple_of(hoff, 16)\n",
     "        o = (j3 - c[None, :, None] + M) % M": "        o = (j3 - c[None, :, None] + M) % M if ROTATE else "
@@ -44,24 +39,14 @@ EDITS = {  # (library source, variant source); ROTATE, PREP and NS are the varia
 }
 
 
-EVERY = {"poff + e, mask=ok,": ("poff + ep, mask=okp,", 5)}
-"""Edits made wherever the text occurs (and how often it must): with ``PREP`` the preparations' loads (weight, centre,
-other, conflict weights) read each tile in memory order, as preparations stored already rotated would be read, while
-the gradient's stay rotated (timed only: the sums are another sketch's)."""
-
-
 def variant_kernel():
-    """The library's side kernel with the :data:`EDITS` and :data:`EVERY` applied, compiled from a temporary module."""
+    """The library's side kernel with the :data:`EDITS` applied, compiled from a temporary module."""
     from sketchfisher.kernels import _triton
 
     source = inspect.getsource(_triton)
     for old, new in EDITS.items():
         if source.count(old) != 1:
             raise SystemExit(f"the library kernel changed: {old!r} is not in kernels/_triton.py once; update EDITS")
-        source = source.replace(old, new)
-    for old, (new, times) in EVERY.items():
-        if source.count(old) != times:
-            raise SystemExit(f"the library kernel changed: {old!r} is not in kernels/_triton.py {times} times")
         source = source.replace(old, new)
     path = os.path.join(tempfile.mkdtemp(), "sjlt_variant.py")
     with open(path, "w") as f:
@@ -91,19 +76,38 @@ def check_on_cpu() -> None:
     torch.manual_seed(0)
     H, size = 3, 1000
     ob = OneByte.encode(torch.rand(H, size) - 0.5)
-    sh = kernels.SketchHeads(torch.randint(0, 2**31 - 1, (H, 2)), torch.arange(H) * size, size, size, size, 64, 1,
-                             device=torch.device("cpu"), transform="abs", weight=torch.rand(H, size), centre=ob.codes,
-                             other=ob.codes, scales={"centre": ob.scale, "other": ob.scale},
-                             conflict=torch.randn(2, H, size))
+    keys = torch.randint(0, 2**31 - 1, (H, 2))
+    kw = dict(weight=torch.rand(H, size), centre=ob.codes, other=ob.codes, conflict=torch.randn(2, H, size))
+    sh, tiled = (kernels.SketchHeads(keys, torch.arange(H) * size, size, size, size, 50, 1, device=torch.device("cpu"),
+                                     transform="abs", scales={"centre": ob.scale, "other": ob.scale}, tiled=tiled,
+                                     **(tiled_copies(kw) if tiled else kw)) for tiled in (False, True))
+    assert tiled.tiled
     g = torch.randn(2, H * size).to(torch.bfloat16)
     want = partial_sums(library, sh, g)
     for ns in (1, 2):
         assert torch.equal(partial_sums(kernel, sh, g, ROTATE=True, NS=ns), want), ns
+        assert torch.equal(partial_sums(kernel, tiled, g, ROTATE=True, NS=ns), want), ns
     unrotated = partial_sums(kernel, sh, g, ROTATE=False)
-    aligned = partial_sums(kernel, sh, g, PREP=True)
     other = lambda t: "another sketch" if not torch.equal(t, want) else "the same (unexpected)"  # noqa: E731
     print("| variant (interpreter, tiny shapes) | partial sums |\n| --- | --- |\n| rotated, NS 1 and 2 | the library's, "
-          f"bitwise |\n| unrotated | {other(unrotated)} |\n| preparations in memory order | {other(aligned)} |")
+          "bitwise |\n| preparations in tile order, NS 1 and 2 | the library's, bitwise |\n"
+          f"| unrotated | {other(unrotated)} |")
+
+
+def tiled_copies(kw: dict) -> dict:
+    """Copies of the preparations ``kw`` for a ``tiled=True`` set-up to rearrange (one copy where two names hold one
+    tensor, as task B's centre and other are one: the kernel reads it once)."""
+    copies: dict = {}
+    return {name: copies[id(t)] if id(t) in copies else copies.setdefault(id(t), t.clone()) for name, t in kw.items()}
+
+
+def there_and_back(sh) -> None:
+    """``tile_order`` of every preparation ``sh`` rearranged, back and forth again (what a pass adds, twice)."""
+    from sketchfisher import kernels
+
+    for t in sh._tiled:
+        kernels.tile_order(t.view(-1, sh.H, sh.size), sh.args[-2], sh.m, inverse=True)
+        kernels.tile_order(t.view(-1, sh.H, sh.size), sh.args[-2], sh.m)
 
 
 def sweep(repeats: int, ns_list: tuple[int, ...] | None = None) -> None:
@@ -112,25 +116,31 @@ def sweep(repeats: int, ns_list: tuple[int, ...] | None = None) -> None:
 
     kernel = variant_kernel()
     stages = (1, 2, 3, 4) if ns_list is None else ns_list
-    kinds = (("rotated", dict(ROTATE=True)), ("preparations in memory order", dict(PREP=True)),
-             ("unrotated", dict(ROTATE=False)))
+    kinds = ("rotated", "preparations in tile order", "unrotated")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; ms per call (CUDA graphs), batch 2, k 256; "
-          "'both launches': the library's call, then its sketch launch alone: rotated, with the preparations read in "
-          "memory order (the gradient rotated), and unrotated, at NS stages")
-    print("| module | pass | both launches | " + " | ".join(f"{kind}, NS {ns}" for kind, _ in kinds for ns in stages)
-          + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in range(len(kinds) * len(stages))) + " |")
+          "'both launches': the library's call, rotated and with its preparations in tile order (tiled=True), then "
+          "its sketch launch alone: rotated, with the preparations in tile order (the gradient's loads rotated), and "
+          "unrotated, at NS stages; 'tile order': rearranging the block's preparations there and back (a pass does it "
+          "once each way)")
+    print("| module | pass | both launches | both launches, tiled | tile order | "
+          + " | ".join(f"{kind}, NS {ns}" for kind in kinds for ns in stages) + " |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in range(len(kinds) * len(stages))) + " |")
     for label, g, keys, offsets, size, uc, cols, H in module_blocks(2):
         for name, transform, kw, scales in side_pass_inputs(H, size, one_byte=True):
-            sh = kernels.SketchHeads(keys, offsets, size, uc, cols, 256, 1, device=g.device, transform=transform,
-                                     scales=scales, **kw)
+            sh, tiled = (kernels.SketchHeads(keys, offsets, size, uc, cols, 256, 1, device=g.device, transform=transform,
+                                             scales=scales, tiled=tiled, **(tiled_copies(kw) if tiled else kw))
+                         for tiled in (False, True))
             want = partial_sums(kernels._kernels()[0], sh, g)
-            cells = [f"{graphed(lambda: sh(g), repeats):.3f}"]
-            for kind, options in kinds:
+            assert tiled.tiled and torch.equal(tiled.run(g), sh.run(g)), (label, name)
+            cells = [f"{graphed(lambda: sh(g), repeats):.3f}", f"{graphed(lambda: tiled(g), repeats):.3f}",
+                     f"{graphed(lambda: there_and_back(tiled), repeats):.3f}"]
+            for kind in kinds:
+                setup = tiled if kind == "preparations in tile order" else sh
+                options = dict(ROTATE=kind != "unrotated")
                 for ns in stages:
-                    if kind == "rotated":
-                        assert torch.equal(partial_sums(kernel, sh, g, NS=ns, **options), want), (label, name, ns)
-                    cells.append(f"{graphed(lambda: partial_sums(kernel, sh, g, NS=ns, **options), repeats):.3f}")
+                    if kind != "unrotated":
+                        assert torch.equal(partial_sums(kernel, setup, g, NS=ns, **options), want), (label, name, ns)
+                    cells.append(f"{graphed(lambda: partial_sums(kernel, setup, g, NS=ns, **options), repeats):.3f}")
             print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -204,12 +204,15 @@ def test_replays_record_a_call_the_second_time_and_replay_it_where_its_inputs_li
     assert not replays.graphs
 
 
-@pytest.mark.parametrize("kinds", [("statistics", "sides"), ("statistics", "layers")])
-def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(monkeypatch, kinds):
+@pytest.mark.parametrize("kinds,tiled", [(("statistics", "sides"), False), (("statistics", "layers"), False),
+                                         (("statistics", "layers"), True)])
+def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(monkeypatch, kinds, tiled):
     """``sf.analyze`` on a bf16 model with recorded launches gives bitwise the statistics, scores and conflict table of
     launching every call, over batches of two sizes: one recording per parameter's Welford update and per block's
     side kernels, or one per layer's updates and side kernels (the default, ``collect.layers``), the per-sample
-    gradients in one buffer per module of a layer."""
+    gradients in one buffer per module of a layer; and so with the preparations in the side kernel's tile order
+    (the direct launches read them in their own order)."""
+    from sketchfisher.compress import fused
     from sketchfisher.kernels import graphs
 
     made = []
@@ -225,6 +228,7 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     to = lambda bs: [{k: v.cuda() for k, v in b.items()} for b in bs]  # noqa: E731
     ta, tb = to(make_batches(12, 2, seed=1)), to(make_batches(10, 2, seed=2) + make_batches(1, 1, seed=3))
     kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3), units="all")
+    monkeypatch.setattr(fused, "TILED", tiled)
     replayed = sf.analyze(model, generic_loss, ta, tb, **kw)
     # per parameter and block: pass 1 A's and pass B's statistics, pass B's and pass 2 A's side kernels; per layer:
     # pass 1 A, pass B and pass 2 A
@@ -232,8 +236,46 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     # one key per block, parameter or layer, recorded once per batch size (a shared key would stop at graphs.PER_KEY)
     assert all(max(r.count.values(), default=0) <= 2 for r in made)
     monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("off"))
+    monkeypatch.setattr(fused, "TILED", False)
     direct = sf.analyze(model, generic_loss, ta, tb, **kw)
     assert_same_analysis(replayed, direct)
+
+
+@pytest.mark.parametrize("cols", [4096, 344])
+def test_tiled_preparations_on_cuda_give_the_rotated_loads_outputs_bitwise(cols):
+    """At 7B head-block sizes (a q block; a down_proj channel group, strided), one-byte centres and conflict weights,
+    the side kernel with its preparations in tile order (vectorised loads) gives the rotated loads' outputs bitwise,
+    ``tile_order`` stores each tile as the map reads it, and ``untile`` restores the tensors exactly."""
+    from sketchfisher import kernels
+    from sketchfisher.compress.onebyte import OneByte
+    from sketchfisher.kernels.hashing import sjlt_codes
+
+    torch.manual_seed(0)
+    H, k, rows = 4, 256, 128 if cols == 4096 else 256
+    size, dev = rows * cols, torch.device("cuda")
+    keys = torch.randint(0, 2**31 - 1, (H, 2))
+    centre = OneByte.encode((torch.rand(H, size, device=dev) - 0.5))
+    u = OneByte.encode(torch.randn(2, H, size, device=dev))
+    given = dict(weight=torch.rand(H, size, device=dev), centre=centre.codes, other=centre.codes, conflict=u.codes)
+    scales = {"centre": centre.scale, "other": centre.scale, "conflict": u.scale}
+    row_stride = 4096 if cols == 4096 else 11008
+    offsets = torch.arange(H) * (size if cols == 4096 else cols)
+    g = torch.randn(2, rows * row_stride if cols != 4096 else H * size, device=dev).to(torch.bfloat16)
+
+    def launch(tiled, tensors):
+        return kernels.SketchHeads(keys, offsets, size, cols, row_stride, k, 1, device=dev, transform="identity",
+                                   scales=scales, tiled=tiled, **tensors)
+
+    want = launch(False, given).run(g)
+    mine = {name: t.clone() for name, t in given.items() if name != "other"}
+    mine["other"] = mine["centre"]
+    sh = launch(True, mine)
+    assert sh.tiled and torch.equal(sh.run(g), want)
+    rows0, _ = sjlt_codes(tuple(keys[1].tolist()), size, 1, k, device=dev)
+    e = torch.arange(size, device=dev)
+    assert torch.equal(mine["weight"][1][e // k * k + rows0[0]], given["weight"][1])
+    sh.untile()
+    assert all(torch.equal(mine[n].view(torch.uint8), t.view(torch.uint8)) for n, t in given.items())
 
 
 def test_kept_compiled_kernels_launch_as_the_jit_does():
