@@ -210,7 +210,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     from sketchfisher.kernels import graphs
 
     default_graphs = graphs.RECORDED
-    setting_of = {graphs.recorded_kinds(name): name for name in ("off", "statistics", "layers", "all")}
+    setting_of = {graphs.recorded_kinds(name): name for name in ("off", "statistics", "layers")}
     args.graphs = args.graphs or [setting_of[default_graphs]]
     from sketchfisher.compress import fused
 
@@ -329,9 +329,9 @@ def main() -> None:
     p.add_argument("--sjlt-launch", nargs="+", default=["default"], choices=["default", "before"],
                    help="the sjlt kernel's launch shapes to run side by side: today's default and/or the one before "
                         "(4096 elements a step, four programs per SM)")
-    p.add_argument("--graphs", nargs="+", default=None, choices=["off", "statistics", "layers", "all"],
+    p.add_argument("--graphs", nargs="+", default=None, choices=["off", "statistics", "layers"],
                    help="which launches are recorded once as CUDA graphs and replayed: none, the statistics' Welford "
-                        "updates one parameter a recording, whole layers' updates and side kernels, or every kind "
+                        "updates one parameter a recording, or whole layers' updates and side kernels "
                         "(default: the library's setting, SKETCHFISHER_GRAPHS); several run side by side")
     p.add_argument("--tiled", nargs="+", default=None, choices=["on", "off"],
                    help="the side passes' preparations in the side kernel's tile order (contiguous loads) or in their "

@@ -277,7 +277,7 @@ def test_the_recorded_launches_setting_is_read_or_refused():
     assert graphs.recorded_kinds("statistics") == {"statistics"}
     assert graphs.recorded_kinds("0") == graphs.recorded_kinds("off") == set()
     assert graphs.recorded_kinds("layers") == {"statistics", "layers"}
-    assert graphs.recorded_kinds("1") == graphs.recorded_kinds("all") == {"statistics", "sides", "layers"}
+    assert graphs.recorded_kinds("1") == graphs.recorded_kinds("all") == {"statistics", "layers"}
     with pytest.raises(ValueError, match="SKETCHFISHER_GRAPHS must be one of"):
         graphs.recorded_kinds("yes")
     with pytest.raises(ValueError, match="kind is one of"):

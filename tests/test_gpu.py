@@ -198,18 +198,18 @@ def test_replays_record_a_call_the_second_time_and_replay_it_where_its_inputs_li
     assert not torch.equal(outs[0], again)  # (the earlier copies are the caller's)
     elsewhere = x.clone()
     assert torch.equal(replays("k", fn, elsewhere), fn(elsewhere)) and replays.replayed == 3
-    sides = Replays("sides")  # (a kind not recorded: every call runs directly)
-    assert all(torch.equal(sides("k", fn, x), fn(x)) for _ in range(3)) and sides.replayed == 0 and not sides.graphs
+    layers = Replays("layers")  # (a kind not recorded: every call runs directly)
+    assert all(torch.equal(layers("k", fn, x), fn(x)) for _ in range(3)) and layers.replayed == 0 and not layers.graphs
     replays.forget("k")
     assert not replays.graphs
 
 
-@pytest.mark.parametrize("kinds,tiled", [(("statistics", "sides"), False), (("statistics", "layers"), False),
+@pytest.mark.parametrize("kinds,tiled", [(("statistics",), False), (("statistics", "layers"), False),
                                          (("statistics", "layers"), True)])
 def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(monkeypatch, kinds, tiled):
     """``sf.analyze`` on a bf16 model with recorded launches gives bitwise the statistics, scores and conflict table of
-    launching every call, over batches of two sizes: one recording per parameter's Welford update and per block's
-    side kernels, or one per layer's updates and side kernels (the default, ``collect.layers``), the per-sample
+    launching every call, over batches of two sizes: one recording per parameter's Welford update (side kernels
+    launched), or one per layer's updates and side kernels (the default, ``collect.layers``), the per-sample
     gradients in one buffer per module of a layer; and so with the preparations in the side kernel's tile order
     (the direct launches read them in their own order)."""
     from sketchfisher.compress import fused
@@ -230,9 +230,9 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3), units="all")
     monkeypatch.setattr(fused, "TILED", tiled)
     replayed = sf.analyze(model, generic_loss, ta, tb, **kw)
-    # per parameter and block: pass 1 A's and pass B's statistics, pass B's and pass 2 A's side kernels; per layer:
-    # pass 1 A, pass B and pass 2 A
-    assert sum(r.replayed > 0 for r in made) == (4 if "sides" in kinds else 3) and not any(r.broken for r in made)
+    # per parameter: pass 1 A's and pass B's statistics; per layer: pass 1 A, pass B and pass 2 A
+    assert sum(r.replayed > 0 for r in made) == (2 if "layers" not in kinds else 3)
+    assert not any(r.broken for r in made)
     # one key per block, parameter or layer, recorded once per batch size (a shared key would stop at graphs.PER_KEY)
     assert all(max(r.count.values(), default=0) <= 2 for r in made)
     monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("off"))

@@ -8,7 +8,6 @@ import os
 import torch
 
 from .. import kernels
-from ..kernels.graphs import Replays
 from ..layout import Layout, block_index
 from .onebyte import OneByte
 from .sketch import Sketch
@@ -45,7 +44,6 @@ class FusedSides:
         self._geometry: dict = {}
         self._launchers: dict = {}  # (layer, block) -> (the preparation, its kernels.SketchHeads)
         self.tiled = TILED
-        self.replays = Replays("sides")  # (each block's two launches, recorded once per batch size and gradient buffer)
 
     def applies(self, factor: torch.Tensor) -> bool:
         return self.enabled and factor.is_cuda
@@ -73,7 +71,6 @@ class FusedSides:
         if kept is not None and kept[0] is prep and kept[1].device == device:
             return kept[1]
         if kept is not None:
-            self.replays.forget(kept[1])
             kept[1].untile()
         keys, offsets, size, cols, row_stride = self.geometry(layer, block, device)
         given = {"weight": prep.weight(self.side), "centre": prep.centre(self.side), "other": prep.other(self.side),
@@ -91,7 +88,6 @@ class FusedSides:
     def close(self) -> None:
         """Every preparation back in its own order and the launchers let go (the end of a pass)."""
         for _, launch in self._launchers.values():
-            self.replays.forget(launch)
             launch.untile()
         self._launchers.clear()
 
@@ -100,8 +96,7 @@ class FusedSides:
         where the codec centres so (:func:`~sketchfisher.compress.sketch_scores.scale_centring`'s outputs; γ = 0
         where it does not); the conflict scalars where the preparation has the other task's mean."""
         launch = self.launcher(layer, block, prep, grad.device)
-        # (keyed by the set-up, which holds what the launches read besides the gradient)
-        return self.outputs(launch, self.replays(launch, launch.run, grad))
+        return self.outputs(launch, launch.run(grad))
 
     @staticmethod
     def outputs(launch: kernels.SketchHeads, res: torch.Tensor):

@@ -15,14 +15,14 @@ it). Recording needs CUDA graphs; where one cannot be made, the :class:`Replays`
 directly from then on (the same numbers).
 
 Each :class:`Replays` serves one kind of launch, and :data:`RECORDED` says which kinds are recorded: ``"layers"``
-(every statistics update and side-kernel launch of one layer of a batch, :mod:`sketchfisher.collect.layers`),
-``"statistics"`` (one parameter's Welford update, where its layer is not recorded whole) and ``"sides"`` (one block's
-two side-kernel launches, likewise). Measured end to end on three H100s at a 7B shape (docs/benchmarks.md), recorded
-statistics updates took task A's first pass 1.0 s shorter on average over five pairs (1.1-1.8 s in four, 0.5 s
-longer in one), while recorded side kernels, one block a recording, made task A's sketch pass 0.8-1.2 s longer in three
-of four. ``SKETCHFISHER_GRAPHS`` sets it: ``0`` (none), ``statistics`` (the statistics one parameter a recording),
-``layers`` (the default: whole layers, and the statistics where a layer is not recorded), ``1`` or ``all`` (every
-kind).
+(every statistics update and side-kernel launch of one layer of a batch, :mod:`sketchfisher.collect.layers`) and
+``"statistics"`` (one parameter's Welford update, where its layer is not recorded whole). Measured end to end on
+three H100s at a 7B shape (docs/benchmarks.md), recorded statistics updates took task A's first pass 1.0 s shorter on
+average over five pairs (1.1-1.8 s in four, 0.5 s longer in one); recording each layer whole took a card from 2.91x to
+2.58x a plain pass. (Recording each block's side launches on their own made task A's sketch pass 0.8-1.2 s longer in
+three of four runs; layers replaced it.) ``SKETCHFISHER_GRAPHS`` sets it: ``0`` (none), ``statistics`` (the
+statistics one parameter a recording), ``layers`` (the default: whole layers, and the statistics where a layer is not
+recorded; ``1`` and ``all`` say the same).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 logger = logging.getLogger(__name__)
-KINDS = ("statistics", "sides", "layers")
+KINDS = ("statistics", "layers")
 _SETTINGS = {"0": (), "off": (), "statistics": ("statistics",), "layers": ("statistics", "layers"), "1": KINDS,
              "all": KINDS}
 
