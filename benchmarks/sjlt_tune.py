@@ -124,14 +124,14 @@ def module_sweep(batch: int, ks: list[int], repeats: int) -> None:
                   f"| {best[0] / t_def:.2f} | {best[1]} |", flush=True)
 
 
-def side_pass_inputs(H: int, size: int, one_byte: bool, conflicts: bool = True):
+def side_pass_inputs(H: int, size: int, one_byte: bool, conflicts: bool = True, device: str = "cuda"):
     """The side passes' kernel arguments per pass: ``(pass, transform, tensors, scales)`` as task B's single pass
     calls it (abs, balance w_b, centre x̄', the cross term, two conflict weights) and as task A's second pass does
     (square, fp32 w_a, centres x̄' and ȳ', one conflict weight); the preparations in bf16, or in one byte (fp8 codes
     and a scale per unit block)."""
     from sketchfisher.compress.onebyte import OneByte
 
-    vec = lambda *lead: torch.rand(*lead, H, size, device="cuda") + 0.1  # noqa: E731
+    vec = lambda *lead: torch.rand(*lead, H, size, device=device) + 0.1  # noqa: E731
     w_a, w_b, x_bar, y_bar, u = vec(), vec(), vec() - 0.5, vec() - 0.5, vec(2) - 0.5
     for name, transform, given in (("B", "abs", dict(weight=w_b, centre=x_bar, other=x_bar, conflict=u)),
                                    ("A", "square", dict(weight=w_a, centre=x_bar, other=y_bar, conflict=u[:1]))):
