@@ -5,7 +5,10 @@ preparations (task B's single pass and task A's second), and the global loads of
 loads by width (``b8``: one byte a thread, ``v2.b32``: eight bytes) and asynchronous copies into shared memory (what
 Triton's pipeliner makes of a load it can pipeline, by bytes a copy).
 
-It says what each variant changes in the instructions, not what it gains in time (``sjlt_rotation.py`` on a GPU).
+The prologue's loads count too: a variant that issues each step's loads a step ahead shows them twice (before the
+loop and in it). Registers a thread come from the compiled cubin (``cuobjdump``, shipped with Triton): with 128
+threads a program, they bound how many programs an SM holds at once. It says what each variant changes in the
+instructions, not what it gains in time (``sjlt_rotation.py`` on a GPU).
 
     python benchmarks/sjlt_ptx.py                     # rotated, preparations in tile order, unrotated; NS 1 and 3
 """
@@ -13,11 +16,14 @@ It says what each variant changes in the instructions, not what it gains in time
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import collections
 import inspect
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -41,8 +47,8 @@ def library_launch(transform: str, kw: dict, scales: dict, size: int, cols: int,
     return args, dict(plan.constants)
 
 
-def ptx_loads(kernel, args: tuple, constants: dict, target: tuple = ("cuda", 90, 32)) -> collections.Counter:
-    """The global loads of ``kernel``'s PTX for sm_90, by kind (see the module)."""
+def ptx_loads(kernel, args: tuple, constants: dict, target: tuple = ("cuda", 90, 32)) -> tuple:
+    """The global loads of ``kernel``'s PTX for sm_90, by kind (see the module), and the registers a thread uses."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,11 +72,27 @@ def ptx_loads(kernel, args: tuple, constants: dict, target: tuple = ("cuda", 90,
     for name in names[len(args):]:
         sig[name] = "constexpr"
     src = ASTSource(kernel, sig, constexprs={(names.index(c),): v for c, v in constants.items()}, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget(*target), options=dict(num_warps=warps)).asm["ptx"]
+    compiled = triton.compile(src, target=GPUTarget(*target), options=dict(num_warps=warps))
     kinds = collections.Counter()
-    for op, _ in _loads(ptx):
+    for op, _ in _loads(compiled.asm["ptx"]):
         kinds[op] += 1
-    return kinds
+    return kinds, registers(compiled.asm["cubin"])
+
+
+def registers(cubin: bytes) -> str:
+    """Registers a thread of the compiled kernel uses (``cuobjdump -res-usage``, shipped with Triton), or "?"."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+    found = re.search(r"REG:(\d+)", out)
+    return found.group(1) if found else "?"
 
 
 def _loads(ptx: str):
@@ -86,6 +108,11 @@ def _loads(ptx: str):
 
 
 def main() -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise SystemExit("this benchmark compiles or interprets the side kernel with Triton, which is not installed "
+                         "(pip install triton, or SKETCHFISHER_KERNEL_TESTS=1 bash scripts/test.sh)")
+    os.environ["TRITON_INTERPRET"] = "0"  # (compiled, not interpreted: read when Triton is first imported, below)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # (Triton's default up to 3.9, which launches use today)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, nargs="+", default=[1, 3], help="pipeline depths NS")
     p.add_argument("--size", type=int, default=128 * 4096, help="entries of a head block (a 7B q_proj block)")
@@ -94,19 +121,21 @@ def main() -> None:
     from sjlt_tune import side_pass_inputs
 
     kernel = variant_kernel()
-    variants = (("rotated (the library's)", dict(ROTATE=True)), ("preparations in tile order", dict(TILED=True)),
+    variants = (("rotated (the library's)", dict(ROTATE=True)), ("rotated, a step ahead", dict(PREFETCH=True)),
+                ("preparations in tile order", dict(TILED=True)),
+                ("tile order, a step ahead", dict(TILED=True, PREFETCH=True)),
                 ("unrotated (another sketch)", dict(ROTATE=False)))
     print("# global loads per tile step of the side kernel's PTX for sm_90 (compiled on the CPU), a 7B q_proj block, "
           "batch 2, k 256, bf16 gradient, one-byte preparations; b8/b16/b32/b64: a plain load of that many bits a "
           "thread, v2/v4: vectors, cp.async N B: a pipelined copy of N bytes a thread")
-    print("| pass | variant | NS | loads |\n| --- | --- | --- | --- |")
+    print("| pass | variant | NS | loads | registers a thread |\n| --- | --- | --- | --- | --- |")
     for name, transform, kw, scales in side_pass_inputs(1, args.size, one_byte=True, device="cpu"):
         launch, constants = library_launch(transform, kw, scales, args.size, 4096)
         for label, options in variants:
             for ns in args.stages:
-                kinds = ptx_loads(kernel, launch, {**constants, **options, "NS": ns})
+                kinds, regs = ptx_loads(kernel, launch, {**constants, **options, "NS": ns})
                 print(f"| {name} | {label} | {ns} | " + ", ".join(f"{kind} ×{count}" for kind, count in
-                                                                 sorted(kinds.items())) + " |", flush=True)
+                                                                 sorted(kinds.items())) + f" | {regs} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import inspect
 import os
 import sys
@@ -28,14 +29,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-EDITS = {  # (library source, variant source); ROTATE and NS are the variant's own constants
-    "TILED: tl.constexpr = False):": "TILED: tl.constexpr = False, ROTATE: tl.constexpr = True, "
-                                     "NS: tl.constexpr = 1):",
-    "    hoff = tl.load(hoff_ptr + h)\n": "    hoff = tl.load(hoff_ptr + h)\n    if not ROTATE:\n"
-                                         "        hoff = tl.multiple_of(hoff, 16)\n",
-    "        o = (j3 - c[None, :, None] + M) % M": "        o = (j3 - c[None, :, None] + M) % M if ROTATE else "
-                                                 "tl.broadcast_to(j3, (1, Q, BM))",
-    "    for tb in range(t0, t1, TT):": "    for tb in tl.range(t0, t1, TT, num_stages=NS):",
+EDITS = {  # (library source, variant source, how often it occurs); ROTATE and NS are the variant's own constants
+    "PREFETCH: tl.constexpr = False):": ("PREFETCH: tl.constexpr = False, ROTATE: tl.constexpr = True, "
+                                         "NS: tl.constexpr = 1):", 1),
+    "HAS_O: tl.constexpr, O_IS_C: tl.constexpr, MU: tl.constexpr):": (
+        "HAS_O: tl.constexpr, O_IS_C: tl.constexpr, MU: tl.constexpr, ROTATE: tl.constexpr = True):", 1),
+    "HAS_O, O_IS_C, MU)": ("HAS_O, O_IS_C, MU, ROTATE)", 3),
+    "    hoff = tl.load(hoff_ptr + h)\n": ("    hoff = tl.load(hoff_ptr + h)\n    if not ROTATE:\n"
+                                          "        hoff = tl.multiple_of(hoff, 16)\n", 1),
+    "    o = (j3 - c[None, :, None] + M) % M": ("    o = (j3 - c[None, :, None] + M) % M if ROTATE else "
+                                             "tl.broadcast_to(j3, (1, tq.shape[0], j3.shape[2]))", 1),
+    "    for tb in range(t0, t1, TT):": ("    for tb in tl.range(t0, t1, TT, num_stages=NS):", 1),
 }
 
 
@@ -44,9 +48,10 @@ def variant_kernel():
     from sketchfisher.kernels import _triton
 
     source = inspect.getsource(_triton)
-    for old, new in EDITS.items():
-        if source.count(old) != 1:
-            raise SystemExit(f"the library kernel changed: {old!r} is not in kernels/_triton.py once; update EDITS")
+    for old, (new, times) in EDITS.items():
+        if source.count(old) != times:
+            raise SystemExit(f"the library kernel changed: {old!r} is not in kernels/_triton.py {times} times; update "
+                             "EDITS")
         source = source.replace(old, new)
     path = os.path.join(tempfile.mkdtemp(), "sjlt_variant.py")
     with open(path, "w") as f:
@@ -58,12 +63,13 @@ def variant_kernel():
 
 
 def partial_sums(kernel, sh, g, **constants) -> torch.Tensor:
-    """The sketch launch of :class:`~sketchfisher.kernels.SketchHeads` ``sh`` with ``kernel``: its partial sums."""
+    """The sketch launch of :class:`~sketchfisher.kernels.SketchHeads` ``sh`` with ``kernel``: its partial sums
+    (``constants`` over the set-up's own)."""
     n = g.shape[0]
     BR, row_blocks, TT, chunks, per = sh._shape(n)
     part = torch.empty(chunks, n, sh.H, sh.s * sh.BM + 3 + sh.mu, dtype=torch.float32, device=g.device)
     kernel[(chunks, sh.H, row_blocks)](g, *sh.args, part, n, sh.H, sh.size, sh.tiles, g.stride(0), sh.row_stride, per,
-                                       sh.s ** -0.5, TT=TT, BR=BR, **sh.constants, **constants)
+                                       sh.s ** -0.5, TT=TT, BR=BR, **{**sh.constants, **constants})
     return part
 
 
@@ -85,13 +91,13 @@ def check_on_cpu() -> None:
     g = torch.randn(2, H * size).to(torch.bfloat16)
     want = partial_sums(library, sh, g)
     for ns in (1, 2):
-        assert torch.equal(partial_sums(kernel, sh, g, ROTATE=True, NS=ns), want), ns
-        assert torch.equal(partial_sums(kernel, tiled, g, ROTATE=True, NS=ns), want), ns
+        for setup, prefetch in itertools.product((sh, tiled), (False, True)):
+            assert torch.equal(partial_sums(kernel, setup, g, ROTATE=True, NS=ns, PREFETCH=prefetch), want), ns
     unrotated = partial_sums(kernel, sh, g, ROTATE=False)
     other = lambda t: "another sketch" if not torch.equal(t, want) else "the same (unexpected)"  # noqa: E731
-    print("| variant (interpreter, tiny shapes) | partial sums |\n| --- | --- |\n| rotated, NS 1 and 2 | the library's, "
-          "bitwise |\n| preparations in tile order, NS 1 and 2 | the library's, bitwise |\n"
-          f"| unrotated | {other(unrotated)} |")
+    print("| variant (interpreter, tiny shapes) | partial sums |\n| --- | --- |\n| rotated, NS 1 and 2, loads issued a "
+          "step ahead or not | the library's, bitwise |\n| preparations in tile order, likewise | the library's, "
+          f"bitwise |\n| unrotated | {other(unrotated)} |")
 
 
 def tiled_copies(kw: dict) -> dict:
@@ -116,35 +122,44 @@ def sweep(repeats: int, ns_list: tuple[int, ...] | None = None) -> None:
 
     kernel = variant_kernel()
     stages = (1, 2, 3, 4) if ns_list is None else ns_list
-    kinds = ("rotated", "preparations in tile order", "unrotated")
+    kinds = (("rotated", False, dict(ROTATE=True)), ("rotated, a step ahead", False, dict(ROTATE=True, PREFETCH=True)),
+             ("tile order", True, dict(ROTATE=True)), ("tile order, a step ahead", True, dict(ROTATE=True, PREFETCH=True)),
+             ("unrotated", False, dict(ROTATE=False)))
+    calls = (("library call", False, False), ("a step ahead", False, True), ("tiled", True, False),
+             ("tiled, a step ahead", True, True))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; ms per call (CUDA graphs), batch 2, k 256; "
-          "'both launches': the library's call, rotated and with its preparations in tile order (tiled=True), then "
-          "its sketch launch alone: rotated, with the preparations in tile order (the gradient's loads rotated), and "
-          "unrotated, at NS stages; 'tile order': rearranging the block's preparations there and back (a pass does it "
-          "once each way)")
-    print("| module | pass | both launches | both launches, tiled | tile order | "
-          + " | ".join(f"{kind}, NS {ns}" for kind in kinds for ns in stages) + " |")
-    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in range(len(kinds) * len(stages))) + " |")
+          "first the library's call (both launches) as it is, with each step's loads issued a step ahead (prefetch), "
+          "with its preparations in tile order (tiled) and both; 'tile order': rearranging the block's preparations "
+          "there and back (a pass does it once each way); then the sketch launch alone, rotated, a step ahead, in tile "
+          "order (the gradient's loads rotated) and unrotated, at NS stages")
+    print("| module | pass | " + " | ".join(label for label, _, _ in calls) + " | tile order | "
+          + " | ".join(f"{kind}, NS {ns}" for kind, _, _ in kinds for ns in stages) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in range(len(calls) + 1 + len(kinds) * len(stages))) + " |")
     for label, g, keys, offsets, size, uc, cols, H in module_blocks(2):
         for name, transform, kw, scales in side_pass_inputs(H, size, one_byte=True):
-            sh, tiled = (kernels.SketchHeads(keys, offsets, size, uc, cols, 256, 1, device=g.device, transform=transform,
-                                             scales=scales, tiled=tiled, **(tiled_copies(kw) if tiled else kw))
-                         for tiled in (False, True))
+            setups = {(tiled, prefetch): kernels.SketchHeads(keys, offsets, size, uc, cols, 256, 1, device=g.device,
+                                                             transform=transform, scales=scales, tiled=tiled,
+                                                             prefetch=prefetch, **(tiled_copies(kw) if tiled else kw))
+                      for _, tiled, prefetch in calls}
+            sh, tiled = setups[(False, False)], setups[(True, False)]
             want = partial_sums(kernels._kernels()[0], sh, g)
-            assert tiled.tiled and torch.equal(tiled.run(g), sh.run(g)), (label, name)
-            cells = [f"{graphed(lambda: sh(g), repeats):.3f}", f"{graphed(lambda: tiled(g), repeats):.3f}",
-                     f"{graphed(lambda: there_and_back(tiled), repeats):.3f}"]
-            for kind in kinds:
-                setup = tiled if kind == "preparations in tile order" else sh
-                options = dict(ROTATE=kind != "unrotated")
+            for setup in setups.values():
+                assert torch.equal(setup.run(g), sh.run(g)), (label, name)
+            cells = [f"{graphed(lambda: setups[(t, p)](g), repeats):.3f}" for _, t, p in calls]
+            cells.append(f"{graphed(lambda: there_and_back(tiled), repeats):.3f}")
+            for _, in_tiles, options in kinds:
+                setup = tiled if in_tiles else sh
                 for ns in stages:
-                    if kind != "unrotated":
+                    if options["ROTATE"]:
                         assert torch.equal(partial_sums(kernel, setup, g, NS=ns, **options), want), (label, name, ns)
                     cells.append(f"{graphed(lambda: partial_sums(kernel, setup, g, NS=ns, **options), repeats):.3f}")
             print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise SystemExit("this benchmark compiles or interprets the side kernel with Triton, which is not installed "
+                         "(pip install triton, or SKETCHFISHER_KERNEL_TESTS=1 bash scripts/test.sh)")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--grad-dtype", default="bf16", choices=["fp32", "bf16"])

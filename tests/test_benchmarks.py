@@ -7,6 +7,7 @@ CUDA graphs and events, which have no CPU form: it is imported and its ``--help`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ TINY = {
                           "--tokens", "16"],
     "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8",
                    "--cli", "{tmp}", "--passes", "1.5", "2", "--signed-sums", "bf16", "fp32", "--compare-stats-dtype",
-                   "--grads", "fp32", "--conflicts", "on", "off", "--tiled", "on"],
+                   "--grads", "fp32", "--conflicts", "on", "off", "--tiled", "on", "--prefetch", "on"],
     "gpu_profile.py": ["--device", "cpu", "--shape", "tiny", "--layers", "1", "--samples", "4", "--top", "3", "--grads", "fp32"],
     "gradient_rounding.py": ["--samples", "4", "3", "--tokens", "6", "--k", "16"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
@@ -51,6 +52,7 @@ TINY = {
     "one_byte_sides.py": ["--model", "llama", "--layers", "1", "--samples", "4", "--seeds", "1", "--k", "16",
                           "--balance", "abs,fisher"],
     "one_pass_b.py": ["--samples", "3", "--ks", "8", "--seeds", "1"],
+    "sjlt_ptx.py": ["--stages", "1"],
     "sjlt_rotation.py": ["--device", "cpu"],
     "sjlt_tune.py": ["--help"],
     "sketch_throughput.py": ["--device", "cpu", "--rows", "2", "--size", "4096", "--k", "32", "--repeats", "1"],
@@ -59,6 +61,8 @@ TINY = {
     "store_disk.py": ["--layers", "1", "--samples", "2", "--units", "heads,all", "--stats-dtypes", "fp32"],
     "store_open.py": ["--shape", "tiny", "--samples", "4", "--k", "8", "--readers", "open,top,means,summary,verify"],
 }
+
+NEEDS_TRITON = {"sjlt_ptx.py", "sjlt_rotation.py"}  # (the kernels' source compiled or interpreted: Triton, not a GPU)
 
 
 def test_every_benchmark_has_a_tiny_configuration():
@@ -76,6 +80,8 @@ def run_script(script: str, argv: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs_on_a_tiny_configuration(script, tmp_path):
+    if script in NEEDS_TRITON and importlib.util.find_spec("triton") is None:
+        pytest.skip("needs Triton (SKETCHFISHER_KERNEL_TESTS=1 bash scripts/test.sh installs it)")
     done = run_script(script, [a.replace("{tmp}", str(tmp_path)) for a in TINY[script]])
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert ("|" in done.stdout) or ("usage" in done.stdout), f"{script} printed no table:\n{done.stdout[-2000:]}"

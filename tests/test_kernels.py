@@ -88,6 +88,31 @@ def test_sketch_kernel_strided_heads_with_side_transform(axis, transform, k, s):
     torch.testing.assert_close(dots_c, dots * scales["conflict"].t()[None], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("axis,k,s,step,chunks", [(0, 16, 2, 1, 2), (1, 48, 1, 2, 3), (1, 96, 3, 1, 1),
+                                                   (0, 32, 1, 4, 2)])
+def test_prefetched_side_loads_give_the_same_outputs_bitwise(axis, k, s, step, chunks):
+    """Each step's loads issued one step ahead (``prefetch=True``) give every output of the side kernel bitwise, over
+    bands, tiles a step, column chunks (a program's last step prefetches past its tiles), strided head blocks, padded
+    tiles, two conflict weights and scaled centring."""
+    H, width, other_dim, B = 3, 4, 10, 3
+    gen = torch.Generator().manual_seed(k)
+    G = torch.randn(B, H * width, other_dim, generator=gen) if axis == 0 else torch.randn(B, other_dim, H * width,
+                                                                                         generator=gen)
+    size = width * other_dim
+    if axis == 0:
+        offsets, cols, row_stride = [h * width * other_dim for h in range(H)], other_dim, other_dim
+    else:
+        offsets, cols, row_stride = [h * width for h in range(H)], width, H * width
+    keys = torch.randint(0, 2**31 - 1, (H, 2), generator=gen)
+    kw = dict(transform="square", weight=torch.rand(H, size, generator=gen), centre=torch.randn(H, size, generator=gen),
+              other=torch.randn(H, size, generator=gen), conflict=torch.randn(2, H, size, generator=gen),
+              centring=(torch.randn(H, k, generator=gen), torch.rand(H, generator=gen)), chunks=chunks,
+              tiles_per_step=step)
+    out = [kernels.SketchHeads(keys, torch.tensor(offsets), size, cols, row_stride, k, s, device=torch.device("cpu"),
+                               prefetch=prefetch, **kw).run(G) for prefetch in (False, True)]
+    assert torch.equal(out[0], out[1])
+
+
 def test_a_side_kernel_set_up_once_gives_each_batch_what_a_fresh_one_gives():
     """``SketchHeads`` keeps everything but the gradient between calls: batches of different sizes and values, one
     after another, come out as a kernel set up for each batch alone gives them (bitwise)."""
@@ -392,12 +417,14 @@ def test_tile_order_stores_each_tile_as_the_kernel_reads_it(dtype):
         kernels.tile_order(torch.zeros(H, size + 1), keys, m)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("same_centre", [True, False])
 @pytest.mark.parametrize("cols", [240, 40])
-def test_tiled_preparations_give_the_same_sums_bitwise_and_go_back(same_centre, cols):
-    """The side kernel with its preparations in tile order (``tiled=True``) gives the outputs of the rotated loads
-    bitwise, for whole and strided head blocks and a centre that is also the other; ``untile`` restores the caller's
-    tensors exactly and spends the set-up. Where the map has two bands or a tile is partial, nothing is rearranged."""
+def test_tiled_preparations_give_the_same_sums_bitwise_and_go_back(same_centre, cols, prefetch):
+    """The side kernel with its preparations in tile order (``tiled=True``), with or without each step's loads issued a
+    step ahead (``prefetch``), gives the outputs of the rotated loads bitwise, for whole and strided head blocks and a
+    centre that is also the other; ``untile`` restores the caller's tensors exactly and spends the set-up. Where the
+    map has two bands or a tile is partial, nothing is rearranged."""
     from sketchfisher.compress.onebyte import OneByte
 
     torch.manual_seed(1)
@@ -413,11 +440,12 @@ def test_tiled_preparations_give_the_same_sums_bitwise_and_go_back(same_centre, 
     offsets = torch.arange(H) * (size if cols == size else cols)
     g = torch.randn(2, H * size * (1 if cols == size else 2)).to(torch.bfloat16)
 
-    def launch(tiled, tensors, k=m, s=1, size=size):
+    def launch(tiled, tensors, k=m, s=1, size=size, prefetch=prefetch):
         return kernels.SketchHeads(keys, offsets, size, cols, row_stride, k, s, device=torch.device("cpu"),
-                                   transform="abs", scales=scales, tiled=tiled, **tensors)
+                                   transform="abs", scales=scales, tiled=tiled, prefetch=prefetch, **tensors)
 
-    want = launch(False, given).run(g)
+    want = launch(False, given, prefetch=False).run(g)
+    assert torch.equal(launch(False, given).run(g), want)
     mine = {name: t.clone() for name, t in given.items()}
     if same_centre:
         mine["other"] = mine["centre"]
@@ -461,8 +489,11 @@ def test_a_pass_with_tiled_preparations_gives_the_same_analysis(monkeypatch, pas
     assert_same_analysis(got, want)
 
 
-def test_the_tiled_setting_is_read_strictly():
-    assert sketching.tiled_setting("1") and sketching.tiled_setting("on")
-    assert not sketching.tiled_setting("0") and not sketching.tiled_setting("off")
-    with pytest.raises(ValueError, match="SKETCHFISHER_TILED_PREPARATIONS"):
-        sketching.tiled_setting("yes")
+def test_the_side_kernel_switches_are_read_strictly(monkeypatch):
+    for name in ("SKETCHFISHER_TILED_PREPARATIONS", "SKETCHFISHER_SIDE_PREFETCH"):
+        for value, on in (("1", True), ("on", True), ("0", False), ("off", False)):
+            monkeypatch.setenv(name, value)
+            assert kernels.switch(name) is on
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(ValueError, match=name):
+            kernels.switch(name)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import kernels
@@ -14,16 +12,7 @@ from .sketch import Sketch
 from .sketch_scores import BlockPrep, Side, sketched_centre
 
 
-def tiled_setting(value: str) -> bool:
-    """Whether a ``SKETCHFISHER_TILED_PREPARATIONS`` setting (``0``/``off``, ``1``/``on``) keeps a pass's preparations
-    in the side kernel's tile order (:class:`~sketchfisher.kernels.SketchHeads`' ``tiled``)."""
-    settings = {"0": False, "off": False, "1": True, "on": True}
-    if value not in settings:
-        raise ValueError(f"SKETCHFISHER_TILED_PREPARATIONS must be one of {sorted(settings)}, got {value!r}")
-    return settings[value]
-
-
-TILED = tiled_setting(os.environ.get("SKETCHFISHER_TILED_PREPARATIONS", "0"))
+TILED = kernels.switch("SKETCHFISHER_TILED_PREPARATIONS")
 """Whether side passes rearrange their preparations into the kernel's tile order for the pass (off until measured on
 a GPU: the same numbers either way)."""
 

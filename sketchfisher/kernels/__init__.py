@@ -28,12 +28,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from typing import NamedTuple, Optional
 
 import torch
 
 from .hashing import SHIFT_TWEAK
 
+def switch(name: str, default: str = "0") -> bool:
+    """An on/off setting from the environment variable ``name`` (``0``/``off`` or ``1``/``on``; else refused by name)."""
+    value = os.environ.get(name, default)
+    settings = {"0": False, "off": False, "1": True, "on": True}
+    if value not in settings:
+        raise ValueError(f"{name} must be one of {sorted(settings)}, got {value!r}")
+    return settings[value]
+
+
+PREFETCH = switch("SKETCHFISHER_SIDE_PREFETCH")
+"""Whether the side kernel issues each step's loads one step ahead (:class:`SketchHeads`' ``prefetch``; off until
+measured on a GPU: the same numbers either way)."""
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRANSFORMS = {"identity": 0, "square": 1, "abs": 2}  # the kernel's codes for f in v = f(g)·w (metric.variants)
 
@@ -171,7 +184,8 @@ class SketchHeads:
     caller's own tensors where they are contiguous on ``device``) so that the kernel reads them contiguously rather
     than rotated, for the same outputs bitwise; :meth:`untile` puts them back, and nothing else may read them in
     between. It applies where the map has one band and every tile is whole (``s == 1``, ``size`` a multiple of
-    ``k``; :attr:`tiled` says whether it did).
+    ``k``; :attr:`tiled` says whether it did). ``prefetch`` (default :data:`PREFETCH`): each step of the kernel issues
+    the next step's loads before its own arithmetic, for the same outputs bitwise.
 
     Everything but ``g`` is checked, converted and placed on ``device`` here, once: at a 7B model's 224 blocks a
     batch, the host's per-block work between launches is what a pass's batch costs where the host is the slower
@@ -184,7 +198,8 @@ class SketchHeads:
                  other: Optional[torch.Tensor] = None, conflict: Optional[torch.Tensor] = None,
                  scales: Optional[dict] = None, centring: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                  chunks: Optional[int] = None, block_rows: Optional[int] = None,
-                 tiles_per_step: Optional[int] = None, num_warps: int = 4, tiled: bool = False):
+                 tiles_per_step: Optional[int] = None, num_warps: int = 4, tiled: bool = False,
+                 prefetch: Optional[bool] = None):
         scales = scales or {}
         if size >= 2**31:
             raise ValueError(f"sketch_heads indexes a head block with int32; {size} entries is too many")
@@ -217,7 +232,8 @@ class SketchHeads:
                               HAS_O=other is not None, MU=mu, TWEAK=SHIFT_TWEAK, W_SC="weight" in scales,
                               C_SC="centre" in scales, O_SC="other" in scales, O_IS_C=centre is not None and other
                               is not None and _same(prep[1], prep[2]) and scales.get("centre") is scales.get("other"),
-                              TILED=self.tiled, num_warps=num_warps)
+                              TILED=self.tiled, PREFETCH=PREFETCH if prefetch is None else prefetch,
+                              num_warps=num_warps)
         self.row_stride = row_stride
         rc, c2 = centring if centring is not None else (dummy, dummy)
         self.centring = centring is not None

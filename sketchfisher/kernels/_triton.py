@@ -30,11 +30,14 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
                   S: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, WORDS: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
                   F: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, HAS_O: tl.constexpr,
                   MU: tl.constexpr, TWEAK: tl.constexpr, W_SC: tl.constexpr, C_SC: tl.constexpr,
-                  O_SC: tl.constexpr, O_IS_C: tl.constexpr = False, TILED: tl.constexpr = False):
+                  O_SC: tl.constexpr, O_IS_C: tl.constexpr = False, TILED: tl.constexpr = False,
+                  PREFETCH: tl.constexpr = False):
     # One program: rows [rb·BR, +BR) of head h over tiles [chunk·tiles_per_prog, +tiles_per_prog).
     # Each step handles TT tiles x S bands at once (axis q = tile·S + band) so that many loads are in flight.
     # TILED (S = 1, whole tiles): the preparations (w, c, o, u) are stored tile by tile in the order the rotated tile
     # reads them (tile_order_kernel), so their loads are contiguous; the gradient's stay rotated.
+    # PREFETCH: each step issues the next step's loads before its own arithmetic (two steps' loads in flight a program;
+    # the rotated loads cannot be pipelined by Triton, which copies only aligned vectors asynchronously).
     Q: tl.constexpr = TT * SP  # SP: S padded to a power of two
     chunk = tl.program_id(0)
     h = tl.program_id(1)
@@ -72,46 +75,45 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
     usize = (h * 0 + H).to(tl.int64) * size  # (H may arrive as a constexpr int)
     t0 = chunk * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, tiles)
+    if PREFETCH:  # (the first step's loads; each step then issues the next one's before its own arithmetic)
+        xr, u0r, u1r, wr, cr, orr = _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, t0, t1, tq, band, j3, rows3, rok3,
+                                                lo, hi, hoff, poff, usize, size, tiles, row_stride, COLS, CONTIG, M, S,
+                                                TWEAK, TILED, HAS_W, HAS_C, HAS_O, O_IS_C, MU)
     for tb in range(t0, t1, TT):
         t = tb + tq                                                           # [Q]
         tile_ctr = (band * tiles + t).to(tl.uint32)
-        c = (_hash(tile_ctr, lo, hi ^ TWEAK) % M).to(tl.int32)
-        o = (j3 - c[None, :, None] + M) % M                                  # [1, Q, BM]
-        e = o + (t * M)[None, :, None]  # the tile, loaded rotated; int32: a head block has < 2**31 entries
-        ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]
-        if TILED:  # (a mask of its own: one made from the rotated e would hide the contiguity)
-            ep = j3 + (t * M)[None, :, None]
-            okp = (j3 < M) & (ep < size) & (t < t1)[None, :, None]
+        if PREFETCH:
+            x, u0, u1, wv, cen, ov = xr, u0r, u1r, wr, cr, orr
+            xr, u0r, u1r, wr, cr, orr = _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb + TT, t1, tq, band, j3, rows3,
+                                                    rok3, lo, hi, hoff, poff, usize, size, tiles, row_stride, COLS,
+                                                    CONTIG, M, S, TWEAK, TILED, HAS_W, HAS_C, HAS_O, O_IS_C, MU)
         else:
-            ep = e
-            okp = ok
-        if CONTIG:
-            addr = hoff + e
-        else:
-            addr = hoff + (e // COLS) * row_stride + e % COLS
-        x = tl.load(g_ptr + rows3 + addr, mask=rok3 & ok, other=0.0).to(tl.float32)
+            x, u0, u1, wv, cen, ov = _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb, t1, tq, band, j3, rows3, rok3,
+                                                 lo, hi, hoff, poff, usize, size, tiles, row_stride, COLS, CONTIG, M, S,
+                                                 TWEAK, TILED, HAS_W, HAS_C, HAS_O, O_IS_C, MU)
+        x = x.to(tl.float32)
         if MU >= 1:
-            uacc0 += x * tl.load(u_ptr + poff + ep, mask=okp, other=0.0).to(tl.float32)
+            uacc0 += x * u0.to(tl.float32)
         if MU >= 2:
-            uacc1 += x * tl.load(u_ptr + usize + poff + ep, mask=okp, other=0.0).to(tl.float32)
+            uacc1 += x * u1.to(tl.float32)
         if F == 1:
             x = x * x
         elif F == 2:
             x = tl.abs(x)
         if HAS_W:
-            wv = tl.load(w_ptr + poff + ep, mask=okp, other=0.0).to(tl.float32)
+            wv = wv.to(tl.float32)
             if W_SC:
                 wv = wv * wsc
             x = x * wv
         if HAS_C:
-            cen = tl.load(c_ptr + poff + ep, mask=okp, other=0.0).to(tl.float32)
+            cen = cen.to(tl.float32)
             if C_SC:
                 cen = cen * csc
         if HAS_O:
             if O_IS_C:  # (the same values: loaded once)
                 ov = cen
             else:
-                ov = tl.load(o_ptr + poff + ep, mask=okp, other=0.0).to(tl.float32)
+                ov = ov.to(tl.float32)
                 if O_SC:
                     ov = ov * osc
             cacc += x * ov
@@ -141,6 +143,48 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
         tl.store(out_ptr + base + S * BM + 3, _total(uacc0) / S, mask=row_ok)
     if MU >= 2:
         tl.store(out_ptr + base + S * BM + 4, _total(uacc1) / S, mask=row_ok)
+
+
+@triton.jit
+def _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb, t1, tq, band, j3, rows3, rok3, lo, hi, hoff, poff, usize, size,
+                tiles, row_stride, COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
+                TWEAK: tl.constexpr, TILED: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr,
+                HAS_O: tl.constexpr, O_IS_C: tl.constexpr, MU: tl.constexpr):
+    # One step's loads of sketch_kernel, as stored (the gradient [BR, Q, BM], the preparations [1, Q, BM]): tiles
+    # tb + tq, each rotated by its shift; masked past t1. What a step does not read comes back as the gradient (unused).
+    t = tb + tq
+    tile_ctr = (band * tiles + t).to(tl.uint32)
+    c = (_hash(tile_ctr, lo, hi ^ TWEAK) % M).to(tl.int32)
+    o = (j3 - c[None, :, None] + M) % M                                  # [1, Q, BM]
+    e = o + (t * M)[None, :, None]  # the tile, loaded rotated; int32: a head block has < 2**31 entries
+    ok = (j3 < M) & (e < size) & ((t < t1) & (band < S))[None, :, None]
+    if TILED:  # (a mask of its own: one made from the rotated e would hide the contiguity)
+        ep = j3 + (t * M)[None, :, None]
+        okp = (j3 < M) & (ep < size) & (t < t1)[None, :, None]
+    else:
+        ep = e
+        okp = ok
+    if CONTIG:
+        addr = hoff + e
+    else:
+        addr = hoff + (e // COLS) * row_stride + e % COLS
+    x = tl.load(g_ptr + rows3 + addr, mask=rok3 & ok, other=0.0)
+    u0 = x
+    u1 = x
+    wv = x
+    cen = x
+    ov = x
+    if MU >= 1:
+        u0 = tl.load(u_ptr + poff + ep, mask=okp, other=0.0)
+    if MU >= 2:
+        u1 = tl.load(u_ptr + usize + poff + ep, mask=okp, other=0.0)
+    if HAS_W:
+        wv = tl.load(w_ptr + poff + ep, mask=okp, other=0.0)
+    if HAS_C:
+        cen = tl.load(c_ptr + poff + ep, mask=okp, other=0.0)
+    if HAS_O and not O_IS_C:
+        ov = tl.load(o_ptr + poff + ep, mask=okp, other=0.0)
+    return x, u0, u1, wv, cen, ov
 
 
 @triton.jit
