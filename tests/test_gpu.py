@@ -210,8 +210,9 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     """``sf.analyze`` on a bf16 model with recorded launches gives bitwise the statistics, scores and conflict table of
     launching every call, over batches of two sizes: one recording per parameter's Welford update (side kernels
     launched), or one per layer's updates and side kernels (the default, ``collect.layers``), the per-sample
-    gradients in one buffer per module of a layer; and so with the preparations in the side kernel's tile order
-    (the direct launches read them in their own order)."""
+    gradients in one buffer per module of a layer; and so with the preparations in the side kernel's tile order and
+    each step's loads issued a step ahead (the direct launches read them in their own order, step by step)."""
+    from sketchfisher import kernels
     from sketchfisher.compress import fused
     from sketchfisher.kernels import graphs
 
@@ -229,6 +230,7 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     ta, tb = to(make_batches(12, 2, seed=1)), to(make_batches(10, 2, seed=2) + make_batches(1, 1, seed=3))
     kw = dict(codec=sf.Sketch(k=64, kind="sjlt", seed=3), units="all")
     monkeypatch.setattr(fused, "TILED", tiled)
+    monkeypatch.setattr(kernels, "PREFETCH", tiled)
     replayed = sf.analyze(model, generic_loss, ta, tb, **kw)
     # per parameter: pass 1 A's and pass B's statistics; per layer: pass 1 A, pass B and pass 2 A
     assert sum(r.replayed > 0 for r in made) == (2 if "layers" not in kinds else 3)
@@ -237,15 +239,18 @@ def test_recorded_launches_give_the_statistics_and_scores_of_direct_launches(mon
     assert all(max(r.count.values(), default=0) <= 2 for r in made)
     monkeypatch.setattr(graphs, "RECORDED", graphs.recorded_kinds("off"))
     monkeypatch.setattr(fused, "TILED", False)
+    monkeypatch.setattr(kernels, "PREFETCH", False)
     direct = sf.analyze(model, generic_loss, ta, tb, **kw)
     assert_same_analysis(replayed, direct)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("cols", [4096, 344])
-def test_tiled_preparations_on_cuda_give_the_rotated_loads_outputs_bitwise(cols):
+def test_tiled_preparations_on_cuda_give_the_rotated_loads_outputs_bitwise(cols, prefetch):
     """At 7B head-block sizes (a q block; a down_proj channel group, strided), one-byte centres and conflict weights,
-    the side kernel with its preparations in tile order (vectorised loads) gives the rotated loads' outputs bitwise,
-    ``tile_order`` stores each tile as the map reads it, and ``untile`` restores the tensors exactly."""
+    the side kernel with its preparations in tile order (vectorised loads), with or without each step's loads issued
+    a step ahead, gives the rotated loads' outputs bitwise, ``tile_order`` stores each tile as the map reads it, and
+    ``untile`` restores the tensors exactly."""
     from sketchfisher import kernels
     from sketchfisher.compress.onebyte import OneByte
     from sketchfisher.kernels.hashing import sjlt_codes
@@ -262,11 +267,12 @@ def test_tiled_preparations_on_cuda_give_the_rotated_loads_outputs_bitwise(cols)
     offsets = torch.arange(H) * (size if cols == 4096 else cols)
     g = torch.randn(2, rows * row_stride if cols != 4096 else H * size, device=dev).to(torch.bfloat16)
 
-    def launch(tiled, tensors):
+    def launch(tiled, tensors, prefetch=prefetch):
         return kernels.SketchHeads(keys, offsets, size, cols, row_stride, k, 1, device=dev, transform="identity",
-                                   scales=scales, tiled=tiled, **tensors)
+                                   scales=scales, tiled=tiled, prefetch=prefetch, **tensors)
 
-    want = launch(False, given).run(g)
+    want = launch(False, given, prefetch=False).run(g)
+    assert torch.equal(launch(False, given).run(g), want)
     mine = {name: t.clone() for name, t in given.items() if name != "other"}
     mine["other"] = mine["centre"]
     sh = launch(True, mine)
