@@ -34,7 +34,10 @@ EDITS = {  # (library source, variant source, how often it occurs); ROTATE and N
                                          "NS: tl.constexpr = 1):", 1),
     "HAS_O: tl.constexpr, O_IS_C: tl.constexpr, MU: tl.constexpr):": (
         "HAS_O: tl.constexpr, O_IS_C: tl.constexpr, MU: tl.constexpr, ROTATE: tl.constexpr = True):", 1),
-    "HAS_O, O_IS_C, MU)": ("HAS_O, O_IS_C, MU, ROTATE)", 3),
+    "HAS_O, O_IS_C, MU)": ("HAS_O, O_IS_C, MU, ROTATE)", 2),
+    "TWEAK: tl.constexpr, TILED: tl.constexpr):": ("TWEAK: tl.constexpr, TILED: tl.constexpr, "
+                                                    "ROTATE: tl.constexpr = True):", 1),
+    "TWEAK, TILED)": ("TWEAK, TILED, ROTATE)", 2),
     "    hoff = tl.load(hoff_ptr + h)\n": ("    hoff = tl.load(hoff_ptr + h)\n    if not ROTATE:\n"
                                           "        hoff = tl.multiple_of(hoff, 16)\n", 1),
     "    o = (j3 - c[None, :, None] + M) % M": ("    o = (j3 - c[None, :, None] + M) % M if ROTATE else "

@@ -82,38 +82,40 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
     for tb in range(t0, t1, TT):
         t = tb + tq                                                           # [Q]
         tile_ctr = (band * tiles + t).to(tl.uint32)
-        if PREFETCH:
+        if PREFETCH:  # (this step's values were loaded a step ago; the next step's loads go out now)
             x, u0, u1, wv, cen, ov = xr, u0r, u1r, wr, cr, orr
             xr, u0r, u1r, wr, cr, orr = _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb + TT, t1, tq, band, j3, rows3,
                                                     rok3, lo, hi, hoff, poff, usize, size, tiles, row_stride, COLS,
                                                     CONTIG, M, S, TWEAK, TILED, HAS_W, HAS_C, HAS_O, O_IS_C, MU)
-        else:
-            x, u0, u1, wv, cen, ov = _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb, t1, tq, band, j3, rows3, rok3,
-                                                 lo, hi, hoff, poff, usize, size, tiles, row_stride, COLS, CONTIG, M, S,
-                                                 TWEAK, TILED, HAS_W, HAS_C, HAS_O, O_IS_C, MU)
+            ep, okp = j3, j3 < 0  # (unused)
+        else:  # (each preparation loaded where it is used: fewer values live at once, fewer registers)
+            gptr, gok, ep, okp = _side_places(g_ptr, tb, t1, tq, band, j3, rows3, rok3, lo, hi, hoff, size, tiles,
+                                              row_stride, COLS, CONTIG, M, S, TWEAK, TILED)
+            x = tl.load(gptr, mask=gok, other=0.0)
+            u0, u1, wv, cen, ov = x, x, x, x, x  # (placeholders: _at loads them)
         x = x.to(tl.float32)
         if MU >= 1:
-            uacc0 += x * u0.to(tl.float32)
+            uacc0 += x * _at(u0, u_ptr + poff, ep, okp, PREFETCH).to(tl.float32)
         if MU >= 2:
-            uacc1 += x * u1.to(tl.float32)
+            uacc1 += x * _at(u1, u_ptr + usize + poff, ep, okp, PREFETCH).to(tl.float32)
         if F == 1:
             x = x * x
         elif F == 2:
             x = tl.abs(x)
         if HAS_W:
-            wv = wv.to(tl.float32)
+            wv = _at(wv, w_ptr + poff, ep, okp, PREFETCH).to(tl.float32)
             if W_SC:
                 wv = wv * wsc
             x = x * wv
         if HAS_C:
-            cen = cen.to(tl.float32)
+            cen = _at(cen, c_ptr + poff, ep, okp, PREFETCH).to(tl.float32)
             if C_SC:
                 cen = cen * csc
         if HAS_O:
             if O_IS_C:  # (the same values: loaded once)
                 ov = cen
             else:
-                ov = ov.to(tl.float32)
+                ov = _at(ov, o_ptr + poff, ep, okp, PREFETCH).to(tl.float32)
                 if O_SC:
                     ov = ov * osc
             cacc += x * ov
@@ -146,12 +148,11 @@ def sketch_kernel(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, wsc_ptr, csc_ptr, osc_ptr, 
 
 
 @triton.jit
-def _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb, t1, tq, band, j3, rows3, rok3, lo, hi, hoff, poff, usize, size,
-                tiles, row_stride, COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
-                TWEAK: tl.constexpr, TILED: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr,
-                HAS_O: tl.constexpr, O_IS_C: tl.constexpr, MU: tl.constexpr):
-    # One step's loads of sketch_kernel, as stored (the gradient [BR, Q, BM], the preparations [1, Q, BM]): tiles
-    # tb + tq, each rotated by its shift; masked past t1. What a step does not read comes back as the gradient (unused).
+def _side_places(g_ptr, tb, t1, tq, band, j3, rows3, rok3, lo, hi, hoff, size, tiles, row_stride, COLS: tl.constexpr,
+                 CONTIG: tl.constexpr, M: tl.constexpr, S: tl.constexpr, TWEAK: tl.constexpr, TILED: tl.constexpr):
+    # Where one step of sketch_kernel reads (tiles tb + tq, each rotated by its shift; masked past t1): the gradient's
+    # pointers and mask [BR, Q, BM], and the preparations' offsets and mask [1, Q, BM] (as stored: in tile order, ep
+    # is the tile in memory order).
     t = tb + tq
     tile_ctr = (band * tiles + t).to(tl.uint32)
     c = (_hash(tile_ctr, lo, hi ^ TWEAK) % M).to(tl.int32)
@@ -168,7 +169,27 @@ def _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb, t1, tq, band, j3, rows3, 
         addr = hoff + e
     else:
         addr = hoff + (e // COLS) * row_stride + e % COLS
-    x = tl.load(g_ptr + rows3 + addr, mask=rok3 & ok, other=0.0)
+    return g_ptr + rows3 + addr, rok3 & ok, ep, okp
+
+
+@triton.jit
+def _at(value, ptr, ep, okp, LOADED: tl.constexpr):
+    # A preparation's values of one step: ``value`` where it was LOADED already, else loaded from ptr + ep now.
+    if LOADED:
+        return value
+    return tl.load(ptr + ep, mask=okp, other=0.0)
+
+
+@triton.jit
+def _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb, t1, tq, band, j3, rows3, rok3, lo, hi, hoff, poff, usize, size,
+                tiles, row_stride, COLS: tl.constexpr, CONTIG: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
+                TWEAK: tl.constexpr, TILED: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr,
+                HAS_O: tl.constexpr, O_IS_C: tl.constexpr, MU: tl.constexpr):
+    # Every load of one step of sketch_kernel at once (PREFETCH): the gradient [BR, Q, BM] and the preparations
+    # [1, Q, BM], as _side_places places them. What a step does not read comes back as the gradient (unused).
+    gptr, gok, ep, okp = _side_places(g_ptr, tb, t1, tq, band, j3, rows3, rok3, lo, hi, hoff, size, tiles, row_stride,
+                                      COLS, CONTIG, M, S, TWEAK, TILED)
+    x = tl.load(gptr, mask=gok, other=0.0)
     u0 = x
     u1 = x
     wv = x
