@@ -10,14 +10,14 @@ loop and in it). Registers a thread come from the compiled cubin (``cuobjdump``,
 threads a program, they bound how many programs an SM holds at once. It says what each variant changes in the
 instructions, not what it gains in time (``sjlt_rotation.py`` on a GPU).
 
-    python benchmarks/sjlt_ptx.py                     # rotated, preparations in tile order, unrotated; NS 1 and 3
+    python benchmarks/sjlt_ptx.py     # rotated, a step ahead, in tile order (and both), unrotated; NS 1 and 3
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import collections
+import importlib.util
 import inspect
 import os
 import re
@@ -34,12 +34,13 @@ TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"
 
 
 def library_launch(transform: str, kw: dict, scales: dict, size: int, cols: int, n: int = 2, k: int = 256):
-    """``(runtime arguments, constants)`` of the library's sketch launch for one set-up on the CPU (no data moves)."""
+    """``(runtime arguments, constants)`` of the library's sketch launch for one set-up on the CPU (no data moves), its
+    loads as they are by default (not a step ahead, not in tile order)."""
     from sketchfisher import kernels
 
     H = kw["weight"].shape[0]
     sh = kernels.SketchHeads(torch.zeros(H, 2, dtype=torch.int64), torch.arange(H) * size, size, cols, cols, k, 1,
-                             device=torch.device("cpu"), transform=transform, scales=scales, **kw)
+                             device=torch.device("cpu"), transform=transform, scales=scales, prefetch=False, **kw)
     plan = sh._plan(n)
     g = torch.empty(n, H * size, dtype=torch.bfloat16)
     part = torch.empty(plan.part, dtype=torch.float32)
