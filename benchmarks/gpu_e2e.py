@@ -215,20 +215,20 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
     from sketchfisher.compress import fused
 
     default_tiled, default_prefetch = fused.TILED, kernels.PREFETCH
-    args.tiled = args.tiled or ["on" if default_tiled else "off"]
-    args.prefetch = args.prefetch or ["on" if default_prefetch else "off"]
+    args.side_loads = args.side_loads or ["+".join(name for name, on in (("tiled", default_tiled),
+                                                                          ("prefetch", default_prefetch)) if on) or "plain"]
     settings = list(itertools.product(args.passes, args.conflicts, codecs, args.sjlt_launch, args.pin, args.signed_sums,
-                                      args.grads, args.graphs, args.tiled, args.prefetch))
+                                      args.grads, args.graphs, args.side_loads))
     runs = []  # (conflicts, the other settings, seconds) of every sf.analyze, in order
     for setting in settings:  # orders, conflicts, codecs, launches, pinning, sums, gradients side by side
-        passes, conflicts, spec, launch, pin, sums, grads, graphed, tiled, prefetch = setting
+        passes, conflicts, spec, launch, pin, sums, grads, graphed, loads = setting
         flag = {"auto": None, "on": True, "off": False}[conflicts]
         codec = codecs[spec]
         kernels.launch_shape = default_shape if launch == "default" else before_shape
         host.PIN = pin == "on"
         FisherStats.accumulating = accumulating if sums == "bf16" else classmethod(fp32_signed)
         graphs.RECORDED = graphs.recorded_kinds(graphed)
-        fused.TILED, kernels.PREFETCH = tiled == "on", prefetch == "on"
+        fused.TILED, kernels.PREFETCH = "tiled" in loads, "prefetch" in loads
         retries = alloc_retries()
         try:
             with per_sample_gradients(grads):
@@ -244,8 +244,8 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
                      f"{'' if pin == 'on' else ', pageable host buffers'}"
                      f"{'' if sums == 'bf16' else ', fp32 Σg and half sum'}"
                      f"{'' if grads == 'bf16' else ', fp32 per-sample gradients'}"
-                     f", launches recorded: {graphed}{', preparations in tile order' if tiled == 'on' else ''}"
-                     f"{', side loads a step ahead' if prefetch == 'on' else ''}", sec, peaks))
+                     f", launches recorded: {graphed}{'' if loads == 'plain' else ', side loads: ' + loads}", sec,
+                     peaks))
         runs.append((conflicts, setting[:1] + setting[2:], sec))
         sec_s, peaks_s, means = measure(res.head_means)
         rows.append(("scoring: head means over all pairs", sec_s, peaks_s))
@@ -257,7 +257,7 @@ def analyze_rows(model, task_a, task_b, args, base, measure, rows) -> list:
             print(f"| {label} | {sec:.1f} | {sec / base:.2f} | {', '.join(f'{x:.1f}' for x in peaks)} |")
         print(f"| phase of sf.analyze(passes={passes:g}, conflicts {conflicts}, {spec}, sjlt launch {launch}, pinned host "
               f"buffers {pin}, Σg and half sum {sums}, per-sample gradients {grads}, launches recorded: {graphed}, "
-              f"preparations in tile order: {tiled}, side loads a step ahead: {prefetch}) | seconds | | "
+              f"side loads: {loads}) | seconds | | "
               "peak GiB (max over devices) |")
         for row in res.phases.rows():
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['seconds'] / base:.2f} | {row['peak_GiB']:.1f} |")
@@ -334,12 +334,10 @@ def main() -> None:
                    help="which launches are recorded once as CUDA graphs and replayed: none, the statistics' Welford "
                         "updates one parameter a recording, or whole layers' updates and side kernels "
                         "(default: the library's setting, SKETCHFISHER_GRAPHS); several run side by side")
-    p.add_argument("--tiled", nargs="+", default=None, choices=["on", "off"],
-                   help="the side passes' preparations in the side kernel's tile order (contiguous loads) or in their "
-                        "own (default: the library's setting, SKETCHFISHER_TILED_PREPARATIONS); several: side by side")
-    p.add_argument("--prefetch", nargs="+", default=None, choices=["on", "off"],
-                   help="the side kernel issuing each step's loads a step ahead, or not (default: the library's "
-                        "setting, SKETCHFISHER_SIDE_PREFETCH); several: side by side")
+    p.add_argument("--side-loads", nargs="+", default=None, choices=["plain", "prefetch", "tiled", "tiled+prefetch"],
+                   help="how the side kernel loads, side by side: as it does by default (plain), each step's loads a "
+                        "step ahead (SKETCHFISHER_SIDE_PREFETCH), the preparations in its tile order "
+                        "(SKETCHFISHER_TILED_PREPARATIONS), or both (default: the library's settings)")
     p.add_argument("--pin", nargs="+", default=["on"], choices=["on", "off"],
                    help="page-locked host buffers for the statistics that leave the GPU (the default), or pageable ones")
     p.add_argument("--signed-sums", nargs="+", default=["bf16"], choices=["bf16", "fp32"],

@@ -42,7 +42,7 @@ TINY = {
                           "--tokens", "16"],
     "gpu_e2e.py": ["--device", "cpu", "--shape", "tiny", "--samples", "3", "--tokens", "6", "--batch", "2", "--k", "8",
                    "--cli", "{tmp}", "--passes", "1.5", "2", "--signed-sums", "bf16", "fp32", "--compare-stats-dtype",
-                   "--grads", "fp32", "--conflicts", "on", "off", "--tiled", "on", "--prefetch", "on"],
+                   "--grads", "fp32", "--conflicts", "on", "off", "--side-loads", "tiled+prefetch"],
     "gpu_profile.py": ["--device", "cpu", "--shape", "tiny", "--layers", "1", "--samples", "4", "--top", "3", "--grads", "fp32"],
     "gradient_rounding.py": ["--samples", "4", "3", "--tokens", "6", "--k", "16"],
     "gpu_stage6.py": ["--device", "cpu", "--samples", "3", "--k", "8", "--exact-samples", "2"],
