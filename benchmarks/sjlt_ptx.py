@@ -49,7 +49,7 @@ def library_launch(transform: str, kw: dict, scales: dict, size: int, cols: int,
 
 
 def ptx_loads(kernel, args: tuple, constants: dict, target: tuple = ("cuda", 90, 32)) -> tuple:
-    """The global loads of ``kernel``'s PTX for sm_90, by kind (see the module), and the registers a thread uses."""
+    """The global loads of ``kernel``'s PTX for sm_90, by kind (see the module), and :func:`machine_code`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -77,11 +77,23 @@ def ptx_loads(kernel, args: tuple, constants: dict, target: tuple = ("cuda", 90,
     kinds = collections.Counter()
     for op, _ in _loads(compiled.asm["ptx"]):
         kinds[op] += 1
-    return kinds, registers(compiled.asm["cubin"])
+    return kinds, machine_code(compiled.asm["cubin"])
 
 
-def registers(cubin: bytes) -> str:
-    """Registers a thread of the compiled kernel uses (``cuobjdump -res-usage``, shipped with Triton), or "?"."""
+def machine_code(cubin: bytes) -> tuple[str, str, str]:
+    """``(registers a thread, SASS instructions, global loads placed among the floating-point arithmetic)`` of a
+    cubin, read with ``cuobjdump`` (shipped with Triton); "?" where it cannot be read. The last counts the loads that
+    come after the first floating-point add or multiply: 0 where every load of a step is issued before its
+    arithmetic."""
+    regs = re.search(r"REG:(\d+)", _cuobjdump(cubin, "-res-usage"))
+    ops = [m.group(1) for line in _cuobjdump(cubin, "-sass").splitlines()
+           for m in [re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)] if m]
+    first = next((i for i, op in enumerate(ops) if op.startswith(("FFMA", "FADD", "FMUL"))), len(ops))
+    among = sum(op.startswith("LDG") for op in ops[first:])
+    return (regs.group(1) if regs else "?", str(len(ops)) if ops else "?", str(among) if ops else "?")
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -89,11 +101,9 @@ def registers(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         try:
-            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+            return subprocess.run([tool, flag, f.name], capture_output=True, text=True, timeout=60).stdout
         except (OSError, subprocess.SubprocessError):
-            return "?"
-    found = re.search(r"REG:(\d+)", out)
-    return found.group(1) if found else "?"
+            return ""
 
 
 def _loads(ptx: str):
@@ -117,26 +127,42 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, nargs="+", default=[1, 3], help="pipeline depths NS")
     p.add_argument("--size", type=int, default=128 * 4096, help="entries of a head block (a 7B q_proj block)")
+    p.add_argument("--source", default=None, metavar="FILE",
+                   help="also compile the side kernel of another kernels/_triton.py (e.g. an older commit's, from git "
+                        "show) as the library launches it by default, in a row of its own")
     args = p.parse_args()
     from sjlt_rotation import variant_kernel
     from sjlt_tune import side_pass_inputs
 
-    kernel = variant_kernel()
+    kernels = [(None, variant_kernel())]
+    if args.source:
+        spec = importlib.util.spec_from_file_location("sjlt_other", args.source)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        kernels.append((args.source, module.sketch_kernel))
     variants = (("rotated (the library's)", dict(ROTATE=True)), ("rotated, a step ahead", dict(PREFETCH=True)),
                 ("preparations in tile order", dict(TILED=True)),
                 ("tile order, a step ahead", dict(TILED=True, PREFETCH=True)),
                 ("unrotated (another sketch)", dict(ROTATE=False)))
     print("# global loads per tile step of the side kernel's PTX for sm_90 (compiled on the CPU), a 7B q_proj block, "
           "batch 2, k 256, bf16 gradient, one-byte preparations; b8/b16/b32/b64: a plain load of that many bits a "
-          "thread, v2/v4: vectors, cp.async N B: a pipelined copy of N bytes a thread")
-    print("| pass | variant | NS | loads | registers a thread |\n| --- | --- | --- | --- | --- |")
+          "thread, v2/v4: vectors, cp.async N B: a pipelined copy of N bytes a thread; SASS: the cubin's instructions, "
+          "and how many of its global loads come after its first floating-point add or multiply")
+    print("| pass | variant | NS | loads | registers a thread | SASS instructions | loads among the arithmetic |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for name, transform, kw, scales in side_pass_inputs(1, args.size, one_byte=True, device="cpu"):
         launch, constants = library_launch(transform, kw, scales, args.size, 4096)
-        for label, options in variants:
-            for ns in args.stages:
-                kinds, regs = ptx_loads(kernel, launch, {**constants, **options, "NS": ns})
-                print(f"| {name} | {label} | {ns} | " + ", ".join(f"{kind} ×{count}" for kind, count in
-                                                                 sorted(kinds.items())) + f" | {regs} |", flush=True)
+        rows = [(label, kernel_of, {**constants, **options, "NS": ns}) for label, options in variants
+                for ns in args.stages for kernel_of in [kernels[0][1]]]
+        for source, other in kernels[1:]:  # (its own constants only: an older kernel may lack the newer ones)
+            params = inspect.signature(other.fn).parameters
+            rows.append((f"{source} (as launched by default)", other,
+                         {c: v for c, v in constants.items() if c in params or c == "num_warps"}))
+        for label, kernel, options in rows:
+            kinds, code = ptx_loads(kernel, launch, dict(options))
+            print(f"| {name} | {label} | {options.get('NS', 1)} | "
+                  + ", ".join(f"{kind} ×{count}" for kind, count in sorted(kinds.items())) + " | "
+                  + " | ".join(code) + " |", flush=True)
 
 
 if __name__ == "__main__":
