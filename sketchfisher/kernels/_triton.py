@@ -196,15 +196,15 @@ def _side_loads(g_ptr, w_ptr, c_ptr, o_ptr, u_ptr, tb, t1, tq, band, j3, rows3, 
     cen = x
     ov = x
     if MU >= 1:
-        u0 = tl.load(u_ptr + poff + ep, mask=okp, other=0.0)
+        u0 = _at(x, u_ptr + poff, ep, okp, False)
     if MU >= 2:
-        u1 = tl.load(u_ptr + usize + poff + ep, mask=okp, other=0.0)
+        u1 = _at(x, u_ptr + usize + poff, ep, okp, False)
     if HAS_W:
-        wv = tl.load(w_ptr + poff + ep, mask=okp, other=0.0)
+        wv = _at(x, w_ptr + poff, ep, okp, False)
     if HAS_C:
-        cen = tl.load(c_ptr + poff + ep, mask=okp, other=0.0)
+        cen = _at(x, c_ptr + poff, ep, okp, False)
     if HAS_O and not O_IS_C:
-        ov = tl.load(o_ptr + poff + ep, mask=okp, other=0.0)
+        ov = _at(x, o_ptr + poff, ep, okp, False)
     return x, u0, u1, wv, cen, ov
 
 
