@@ -96,6 +96,9 @@ def test_recordable_welford_launches_read_the_count_from_the_statistics_tensor(m
     as inputs in their order, the count and its rounding keys from the statistics' counts tensor, rewritten where the
     count changes. Run through Triton's interpreter with a stand-in for the recordings that calls each launch once;
     bitwise the by-value update, the bf16 sums' random bits and the half sum included."""
+    pytest.importorskip("triton", reason="the Welford kernel runs through Triton's interpreter "
+                        "(SKETCHFISHER_KERNEL_TESTS=1 bash scripts/test.sh installs it)")
+
     class Direct:  # (calls the launch as a replay would run it: the same inputs, the same order)
         active, calls = True, 0
 
